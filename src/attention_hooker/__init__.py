@@ -6,6 +6,7 @@ from .capture.sdpa import sdpa_attention_weights
 from .discovery import find_attention_modules
 from .errors import AttentionCaptureWarning, AttentionHookerError
 from .hooker import TransformerAttentionHooker
+from .plot import plot_attention_grid
 from .store import AttentionValues
 
 try:
@@ -19,6 +20,7 @@ __all__ = [
     "AttentionHookerError",
     "AttentionCaptureWarning",
     "find_attention_modules",
+    "plot_attention_grid",
     "sdpa_attention_weights",
     "__version__",
 ]

@@ -238,6 +238,8 @@ class TransformerAttentionHooker:
 
     def _root_post_hook(self, module, args, output):
         session = self._session
+        if output is None:  # the forward raised: its error says more than a warning would
+            return None
         ran_hooked = session.capture_scopes_entered > getattr(self, "_scopes_before", 0)
         if ran_hooked and session.records == getattr(self, "_records_before", 0) and not self._warned_empty:
             if self._store.policy.max_calls is None:

@@ -103,6 +103,8 @@ def sdpa_attention_weights(
         k = k.repeat_interleave(n_q_heads // n_k_heads, dim=1)  # (B, Hq, S, E)
 
     scale_factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return _differentiable_weights(q, k, mask, is_causal, scale_factor).to(query.dtype)
     scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, L, S), float32 for half inputs
 
     may_empty_rows = False
@@ -124,6 +126,20 @@ def sdpa_attention_weights(
     if may_empty_rows:
         weights = weights.nan_to_num_(nan=0.0)
     return weights.to(query.dtype) if weights.dtype != query.dtype else weights
+
+
+def _differentiable_weights(q, k, mask, is_causal: bool, scale: float) -> torch.Tensor:
+    """The same formula with out-of-place operations only, so autograd can follow it."""
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, L, S)
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril_()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = torch.softmax(scores, dim=-1)
+    return torch.where(torch.isnan(weights), torch.zeros_like(weights), weights)
 
 
 def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""Small helpers that turn user input into numpy arrays with checked shapes."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import AttentionHookerError
+
+__all__ = ["to_numpy", "as_heads", "check_tokens"]
+
+
+def to_numpy(x) -> np.ndarray:
+    """A float numpy array from a torch tensor (any device/dtype) or array-like."""
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            return x.detach().to("cpu", torch.float32).numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.number):
+        raise AttentionHookerError(f"expected attention weights as a tensor or array of numbers, got {arr.dtype}")
+    return arr.astype(np.float32, copy=False)
+
+
+def as_heads(attn, *, batch_index: int = 0, where: str = "attention") -> np.ndarray:
+    """``(batch, heads, query, key)``, ``(heads, query, key)`` or ``(query, key)`` -> ``(heads, query, key)``.
+
+    Raises:
+        AttentionHookerError: on another number of dims or a batch index out of range.
+    """
+    arr = to_numpy(attn)
+    if arr.ndim == 4:
+        if not -arr.shape[0] <= batch_index < arr.shape[0]:
+            raise AttentionHookerError(
+                f"batch_index={batch_index} is out of range for {where} with batch size {arr.shape[0]}"
+            )
+        return arr[batch_index]
+    if arr.ndim == 3:
+        return arr
+    if arr.ndim == 2:
+        return arr[None]
+    raise AttentionHookerError(
+        f"Wrong shape for {where}: expected (batch, heads, query, key) or (heads, query, key). "
+        f"Received {arr.ndim}-dim array of shape {tuple(arr.shape)}."
+    )
+
+
+def check_tokens(tokens: Optional[Sequence], n: int, axis: str, where: str = "attention") -> Optional[list]:
+    """Token labels for an axis of ``n`` positions, as strings.
+
+    Raises:
+        AttentionHookerError: when the count differs from ``n``.
+    """
+    if tokens is None:
+        return None
+    tokens = [str(t) for t in tokens]
+    if len(tokens) != n:
+        raise AttentionHookerError(f"{where} has {n} {axis} positions, while the number of {axis} tokens is {len(tokens)}")
+    return tokens

@@ -1,0 +1,370 @@
+"""The public contract: the seed's examples, hook lifetime, errors, storage, transparency."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from attention_hooker import (
+    AttentionCaptureWarning,
+    AttentionHookerError,
+    TransformerAttentionHooker,
+    plot_attention_grid,
+)
+
+
+def _encoder(layers=2, d_model=32, nhead=4):
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(d_model=d_model, nhead=nhead, batch_first=True), layers)
+
+
+def _no_trace_left(model):
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "a hook was left on the model"
+    assert torch._C._len_torch_function_stack() == 0, "a function mode was left on"
+    assert torch.backends.mha.get_fastpath_enabled(), "the fast path flag was left off"
+
+
+# ------------------------------------------------------------------ the seed's examples
+def test_seed_quick_start_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(d_model=32, nhead=4, batch_first=True), num_layers=2)
+    hooker = TransformerAttentionHooker(model, layer_regex=r"self_attn$").setup()
+    x = torch.randn(1, 10, 32)
+    model(x)
+    assert list(hooker.values.keys()) == ["layers.0.self_attn", "layers.1.self_attn"]
+    for name, attn_list in hooker.values.items():
+        assert attn_list[0].shape == (1, 4, 10, 10)
+    hooker.remove_hooks()
+    layer_name = "layers.0.self_attn"
+    attn_tensor = hooker.values[layer_name][0]
+    fig = plot_attention_grid(
+        attn_tensor, tokens=[f"Token_{i}" for i in range(10)], layer_name=layer_name, save_path=f"plots/{layer_name}.png"
+    )
+    assert (tmp_path / "plots" / f"{layer_name}.png").stat().st_size > 1000
+    assert fig is not None
+    _no_trace_left(model)
+
+
+def test_seed_custom_regex_and_loop_examples():
+    model = _encoder()
+    hooker = TransformerAttentionHooker(model, layer_regex=r".*attn.*").setup()
+    model(torch.randn(1, 6, 32))
+    model(torch.randn(1, 6, 32))
+    hooker.remove_hooks()
+    # out_proj matches the regex too but computes no attention: only the MHA records.
+    assert list(hooker.values) == ["layers.0.self_attn", "layers.1.self_attn"]
+    attn_calls = hooker.values["layers.0.self_attn"]
+    assert len(attn_calls) == 2 and attn_calls[0].shape == (1, 4, 6, 6)
+
+
+# ---------------------------------------------------------------------- hook lifetime
+def test_setup_twice_does_not_double_record_and_remove_twice_is_safe():
+    model = _encoder()
+    hooker = TransformerAttentionHooker(model)
+    assert hooker.setup() is hooker
+    hooker.setup()
+    model(torch.randn(2, 5, 32))
+    assert [len(v) for v in hooker.values.values()] == [1, 1]
+    hooker.remove_hooks()
+    hooker.remove_hooks()
+    _no_trace_left(model)
+    model(torch.randn(2, 5, 32))
+    assert [len(v) for v in hooker.values.values()] == [1, 1], "nothing recorded after removal"
+
+
+def test_context_manager_clear_repr_and_hooked_layers():
+    model = _encoder()
+    with TransformerAttentionHooker(model) as hooker:
+        assert hooker.is_setup
+        model(torch.randn(2, 5, 32))
+        text = repr(hooker)
+        assert "\n" not in text and "2 hooked layers" in text and "hooks on" in text
+        assert re.fullmatch(r"AttentionValues\(2 layers, 2 calls, [\d.]+ KB\)", repr(hooker.values))
+        hooker.clear()
+        assert dict(hooker.values) == {}
+        model(torch.randn(2, 5, 32))
+    assert not hooker.is_setup and "hooks off" in repr(hooker)
+    assert hooker.hooked_layers == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert len(hooker.values["layers.1.self_attn"]) == 1
+    _no_trace_left(model)
+
+
+class _Boom(Exception):
+    pass
+
+
+class _ExplodingAttention(nn.Module):
+    def __init__(self, exc):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.exc = exc
+
+    def forward(self, x):
+        y, _ = self.mha(x, x, x)
+        if self.exc is not None:
+            raise self.exc
+        return y
+
+
+@pytest.mark.parametrize("exc", [_Boom("inside forward"), KeyboardInterrupt()], ids=["exception", "keyboard_interrupt"])
+def test_no_trace_left_after_an_exception_in_forward(exc):
+    model = nn.Sequential(_ExplodingAttention(exc)).eval()
+    with pytest.raises(type(exc)):
+        with torch.no_grad(), TransformerAttentionHooker(model, r"^0$"):
+            model(torch.randn(1, 3, 8))
+    _no_trace_left(model)
+
+
+def test_keyboard_interrupt_with_setup_hooker_recovers_on_next_forward_and_removal():
+    inner = _ExplodingAttention(KeyboardInterrupt())
+    model = nn.Sequential(inner)
+    hooker = TransformerAttentionHooker(model, r"^0$").setup()
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(1, 3, 8))
+    inner.exc = None
+    model(torch.randn(1, 3, 8))  # the root's hook closes the scopes the interrupt left open
+    assert len(hooker.values["0"]) == 2
+    hooker.remove_hooks()
+    _no_trace_left(model)
+
+
+def test_hooker_leaves_other_models_and_the_flag_alone_between_forwards():
+    model, other = _encoder(), _encoder()
+    with TransformerAttentionHooker(model):
+        assert torch._C._len_torch_function_stack() == 0, "the mode is on only while a hooked module runs"
+        assert torch.backends.mha.get_fastpath_enabled()
+        other(torch.randn(1, 4, 32))
+    _no_trace_left(model)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_invalid_regex_names_the_pattern_and_the_regex_error():
+    with pytest.raises(AttentionHookerError, match=r"layer_regex 'self_attn\(' is not a valid regular expression: "):
+        TransformerAttentionHooker(_encoder(), layer_regex="self_attn(")
+    assert issubclass(AttentionHookerError, ValueError)
+
+
+def test_regex_matching_nothing_lists_attention_modules():
+    with pytest.raises(AttentionHookerError) as info:
+        TransformerAttentionHooker(_encoder(), layer_regex=r"^decoder")
+    message = str(info.value)
+    assert "'^decoder'" in message and "layers.0.self_attn" in message and "(2 in all)" in message
+
+
+def test_not_a_module_is_a_type_error():
+    with pytest.raises(TypeError, match="must be a torch.nn.Module, got dict"):
+        TransformerAttentionHooker({"not": "a model"})
+
+
+def test_model_without_attention_needs_a_regex():
+    with pytest.raises(AttentionHookerError, match="found no attention module in Sequential"):
+        TransformerAttentionHooker(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(dtype=torch.int64), "not a floating torch dtype"),
+        (dict(dtype="half"), "not a floating torch dtype"),
+        (dict(device="tpu9"), "is not a torch device"),
+        (dict(heads=[-1]), "non-negative"),
+        (dict(heads="all"), "not a sequence of head indices"),
+        (dict(max_calls=0), "positive int"),
+        (dict(keep="middle"), "keep='middle' must be one of"),
+        (dict(heads=[0], keep_grad=True), "cannot be combined"),
+    ],
+)
+def test_bad_options_are_refused_clearly(options, message):
+    with pytest.raises(AttentionHookerError, match=re.escape(message)):
+        TransformerAttentionHooker(_encoder(), **options)
+
+
+def test_head_index_beyond_the_layer_names_the_layer():
+    model = _encoder()
+    with TransformerAttentionHooker(model, heads=[1, 7]):
+        with pytest.raises(AttentionHookerError, match=r"head\(s\) \[7\], but layer 'layers.0.self_attn' has 4 heads"):
+            model(torch.randn(1, 3, 32))
+    _no_trace_left(model)
+
+
+class _HandNormalisedAttention(nn.Module):
+    """Attention whose probabilities come from exp / sum: no route can see them."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = nn.Linear(8, 16)
+
+    def forward(self, x):
+        q, k = self.qk(x).chunk(2, -1)
+        scores = (q @ k.transpose(-2, -1)).exp()
+        return (scores / scores.sum(-1, keepdim=True)) @ x
+
+
+class _Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = _HandNormalisedAttention()
+
+    def forward(self, x):
+        return self.attention(x)
+
+
+def test_a_forward_that_captured_nothing_warns_with_the_cause():
+    model = _Wrapper()
+    with TransformerAttentionHooker(model) as hooker:
+        with pytest.warns(AttentionCaptureWarning, match=r"ran \(attention\) but no attention weights were captured"):
+            model(torch.randn(1, 3, 8))
+    assert dict(hooker.values) == {}
+
+
+# ---------------------------------------------------------------------------- storage
+def _looped_mha():
+    class Looped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x):
+            for _ in range(4):
+                x = x + self.attn(x, x, x, need_weights=False)[0]
+            return x
+
+    return Looped().eval()
+
+
+def test_max_calls_keep_first_and_last():
+    model = _looped_mha()
+    x = torch.randn(1, 3, 16)
+    with TransformerAttentionHooker(model) as everything:
+        model(x)
+    with TransformerAttentionHooker(model, max_calls=2) as first:
+        model(x)
+    with TransformerAttentionHooker(model, max_calls=2, keep="last") as last:
+        model(x)
+    all_calls = everything.values["attn"]
+    assert len(all_calls) == 4
+    torch.testing.assert_close(first.values["attn"], all_calls[:2])
+    torch.testing.assert_close(last.values["attn"], all_calls[2:])
+
+
+@pytest.mark.parametrize("route", ["mha", "sdpa", "softmax"])
+def test_head_subset_dtype_and_exact_bytes(route, minilm_sdpa, minilm_eager, minilm_batch):
+    if route == "mha":
+        model, inputs, n_layers, n_heads = _encoder(layers=2).eval(), (torch.randn(3, 5, 32),), 2, 4
+        call = lambda: model(*inputs)  # noqa: E731
+        batch, length = 3, 5
+    else:
+        model = minilm_sdpa if route == "sdpa" else minilm_eager
+        call = lambda: model(**minilm_batch)  # noqa: E731
+        n_layers, n_heads = 6, 12
+        batch, length = minilm_batch["input_ids"].shape
+    with torch.no_grad():
+        with TransformerAttentionHooker(model) as full:
+            call()
+        with TransformerAttentionHooker(model, heads=[2, 0]) as part:
+            call()
+        with TransformerAttentionHooker(model, dtype=torch.float16) as half:
+            call()
+    minimum = n_layers * batch * n_heads * length * length * 4
+    assert full.values.nbytes == minimum
+    assert half.values.nbytes == minimum // 2
+    assert part.values.nbytes == minimum * 2 // n_heads
+    for name, calls in full.values.items():
+        torch.testing.assert_close(part.values[name][0], calls[0][:, [2, 0]])
+        assert part.values[name][0].is_contiguous()
+        assert half.values[name][0].dtype == torch.float16
+        torch.testing.assert_close(half.values[name][0].float(), calls[0], atol=1e-3, rtol=1e-3)
+        assert calls[0].device.type == "cpu" and not calls[0].requires_grad
+
+
+def test_cleared_buffers_are_reused_only_when_nobody_holds_them(minilm_sdpa, minilm_batch):
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as hooker:
+        minilm_sdpa(**minilm_batch)
+        kept = hooker.values["encoder.layer.0.attention.self"][0]
+        snapshot = kept.clone()
+        view = hooker.values["encoder.layer.1.attention.self"][0][0]
+        view_snapshot = view.clone()
+        hooker.clear()
+        minilm_sdpa(**minilm_batch)
+        second = hooker.values["encoder.layer.2.attention.self"][0]
+        hooker.clear()
+        minilm_sdpa(**minilm_batch)
+        third = hooker.values["encoder.layer.2.attention.self"][0]
+    torch.testing.assert_close(kept, snapshot, rtol=0, atol=0)  # a tensor the user holds is never reused
+    torch.testing.assert_close(view, view_snapshot, rtol=0, atol=0)  # nor one the user holds a view of
+    torch.testing.assert_close(second, third)
+
+
+# ----------------------------------------------------------------------- transparency
+def test_outputs_and_gradients_unchanged_on_an_hf_model_in_training():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                                     intermediate_size=64, vocab_size=100, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config, add_pooling_layer=False).train()
+    ids = torch.randint(0, 100, (2, 6))
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(input_ids=ids).last_hidden_state
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected_out, expected_grads = loss_and_grads()
+    with TransformerAttentionHooker(model) as hooker:
+        out, grads = loss_and_grads()
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0)
+    assert len(hooker.values) == 2
+    _no_trace_left(model)
+
+
+def test_keep_grad_gradients_agree_across_routes():
+    """d(loss)/d(weights) from the sdpa route equals the eager (softmax) route's."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                                     intermediate_size=64, vocab_size=100, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    sdpa = transformers.BertModel(copy.deepcopy(config), add_pooling_layer=False).eval()
+    sdpa.set_attn_implementation("sdpa")
+    eager = transformers.BertModel(copy.deepcopy(config), add_pooling_layer=False).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    eager.set_attn_implementation("eager")
+    ids = torch.randint(0, 100, (2, 6))
+    direction = torch.randn(32)  # a plain sum of a LayerNorm output would have zero gradient
+    results = {}
+    for name, model in (("sdpa", sdpa), ("eager", eager)):
+        plain = model(input_ids=ids).last_hidden_state
+        with TransformerAttentionHooker(model, keep_grad=True) as hooker:
+            out = model(input_ids=ids).last_hidden_state
+            (out[:, 0] @ direction).sum().backward()
+        torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
+        results[name] = hooker
+    for layer in results["sdpa"].values:
+        g_sdpa = results["sdpa"].gradients[layer][0]
+        g_eager = results["eager"].gradients[layer][0]
+        assert g_sdpa is not None and g_sdpa.shape == (2, 4, 6, 6) and g_sdpa.abs().sum() > 0
+        torch.testing.assert_close(g_sdpa, g_eager, atol=1e-5, rtol=1e-4)
+
+
+def test_keep_grad_on_the_mha_route():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(1, 4, 8, requires_grad=True)
+    with TransformerAttentionHooker(mha, keep_grad=True) as hooker:
+        out, _ = mha(x, x, x, need_weights=False)
+        out.sum().backward()
+    grad = hooker.gradients[""][0]
+    assert grad is not None and grad.shape == (1, 2, 4, 4) and grad.abs().sum() > 0
+    # Oracle: the gradient of sum(A @ V) w.r.t. A is V's row sums per head.
+    e = 8
+    v = (x @ mha.in_proj_weight[2 * e :].T + mha.in_proj_bias[2 * e :]).view(1, 4, 2, 4).transpose(1, 2)
+    w_o = mha.out_proj.weight  # out = concat_h(A_h V_h) W_o^T: d sum / d A_h = V_h (W_o^T summed) per head
+    col = w_o.sum(0).view(2, 4)  # (H, Dh)
+    expected = torch.einsum("bhsd,hd->bhs", v, col)[:, :, None, :].expand(1, 2, 4, 4)
+    torch.testing.assert_close(grad, expected.detach(), atol=1e-5, rtol=1e-4)

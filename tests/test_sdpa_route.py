@@ -1,0 +1,156 @@
+"""The sdpa route: recomputed weights against PyTorch's own kernel, and invariants.
+
+Oracle: ``weights @ value`` must equal what ``F.scaled_dot_product_attention``
+returns for the same call (the kernel is PyTorch's, not ours).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.functional import scaled_dot_product_attention as imported_sdpa
+
+from attention_hooker import TransformerAttentionHooker, sdpa_attention_weights
+
+B, H, L, S, E = 2, 4, 5, 7, 8
+
+
+def _qkv(heads_kv: int = H, length: int = L, source: int = S):
+    q = torch.randn(B, H, length, E, dtype=torch.float64)
+    k = torch.randn(B, heads_kv, source, E, dtype=torch.float64)
+    v = torch.randn(B, heads_kv, source, E, dtype=torch.float64)
+    return q, k, v
+
+
+def _expand_kv(w, v):
+    if v.shape[1] != w.shape[1]:
+        v = v.repeat_interleave(w.shape[1] // v.shape[1], dim=1)
+    return v
+
+
+CASES = {
+    "plain": dict(),
+    "scale": dict(scale=0.3),
+    "bool_mask": dict(attn_mask=torch.rand(B, 1, L, S) > 0.3),
+    "bool_mask_per_head": dict(attn_mask=torch.rand(B, H, L, S) > 0.4),
+    "float_mask": dict(attn_mask=torch.randn(L, S, dtype=torch.float64)),
+    "float_mask_neg_inf": dict(
+        attn_mask=torch.zeros(B, 1, 1, S, dtype=torch.float64).masked_fill(torch.arange(S) >= 4, float("-inf"))
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_weights_times_value_equal_the_kernel(case):
+    torch.manual_seed(1)
+    kwargs = dict(CASES[case])
+    if kwargs.get("attn_mask") is not None and kwargs["attn_mask"].dtype == torch.bool:
+        kwargs["attn_mask"][..., 0] = True  # every query keeps one key: the kernel is defined
+    q, k, v = _qkv()
+    expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    w = sdpa_attention_weights(q, k, kwargs.get("attn_mask"), False, kwargs.get("scale"))
+    assert w.shape == (B, H, L, S)
+    torch.testing.assert_close(w @ v, expected)
+    torch.testing.assert_close(w.sum(-1), torch.ones(B, H, L, dtype=w.dtype))
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.dtype == torch.bool:
+        assert (w.masked_select(~mask.expand_as(w)) == 0).all(), "masked keys must get 0"
+
+
+@pytest.mark.parametrize("length, source", [(5, 5), (3, 7), (7, 7)])
+def test_causal_matches_kernel_and_is_lower_triangular(length, source):
+    q, k, v = _qkv(length=length, source=source)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    w = sdpa_attention_weights(q, k, is_causal=True)
+    torch.testing.assert_close(w @ v, expected)
+    assert (w.triu(1) == 0).all()
+
+
+def test_grouped_query_attention_reports_every_query_head():
+    q, k, v = _qkv(heads_kv=2)
+    expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    w = sdpa_attention_weights(q, k, enable_gqa=True)
+    assert w.shape == (B, H, L, S)
+    torch.testing.assert_close(w @ _expand_kv(w, v), expected)
+
+
+def test_head_subset_equals_those_heads_of_the_full_weights():
+    q, k, _ = _qkv(heads_kv=2)
+    mask = torch.rand(B, H, L, S) > 0.2
+    mask[..., 0] = True
+    full = sdpa_attention_weights(q, k, mask)
+    part = sdpa_attention_weights(q, k, mask, heads=[3, 0])
+    torch.testing.assert_close(part, full[:, [3, 0]])
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    q, k, _ = _qkv()
+    mask = torch.ones(B, 1, L, S, dtype=torch.bool)
+    mask[:, :, 2] = False
+    w = sdpa_attention_weights(q, k, mask)
+    assert torch.isfinite(w).all()
+    assert (w[:, :, 2] == 0).all()
+    torch.testing.assert_close(w[:, :, 3].sum(-1), torch.ones(B, H, dtype=w.dtype))
+
+
+def test_unbatched_and_half_precision_inputs():
+    q, k = torch.randn(H, L, E), torch.randn(H, S, E)
+    assert sdpa_attention_weights(q, k).shape == (1, H, L, S)
+    qh, kh = q.half(), k.half()
+    wh = sdpa_attention_weights(qh, kh)
+    assert wh.dtype == torch.float16
+    torch.testing.assert_close(wh.float(), sdpa_attention_weights(q, k), atol=2e-3, rtol=1e-2)
+
+
+class _HandwrittenSdpaAttention(nn.Module):
+    """Custom attention calling sdpa through a name imported at module level."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None, causal=False):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        self.last_inputs = (q.detach(), k.detach())
+        y = imported_sdpa(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, N, Dh)
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class _TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_HandwrittenSdpaAttention(), _HandwrittenSdpaAttention()])
+
+    def forward(self, x, mask=None, causal=False):
+        for block in self.blocks:
+            x = x + block(x, mask, causal)
+        return x
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_imported_by_name_is_captured_and_output_unchanged(causal):
+    model = _TwoBlocks()
+    x = torch.randn(2, 6, 16)
+    mask = None if causal else torch.rand(2, 1, 6, 6) > 0.3
+    if mask is not None:
+        mask[..., 0] = True
+    expected = model(x, mask, causal)
+    with TransformerAttentionHooker(model) as hooker:
+        out = model(x, mask, causal)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert hooker.hooked_layers == ["blocks.0", "blocks.1"]
+    for i, block in enumerate(model.blocks):
+        q, k = block.last_inputs
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if causal:
+            scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+        else:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        torch.testing.assert_close(hooker.values[f"blocks.{i}"][0], scores.softmax(-1))
