@@ -2,10 +2,20 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .analysis import (
+    HeadStatsAccumulator,
+    attention_rollout,
+    gradient_weighted_rollout,
+    head_entropy,
+    mean_attention_distance,
+    sink_share,
+    stitch_steps,
+)
 from .capture.sdpa import sdpa_attention_weights
 from .discovery import find_attention_modules
 from .errors import AttentionCaptureWarning, AttentionHookerError
 from .hooker import TransformerAttentionHooker
+from .io import SavedAttention, load, to_bertviz, to_numpy
 from .plot import plot_attention_grid
 from .store import AttentionValues
 
@@ -22,5 +32,16 @@ __all__ = [
     "find_attention_modules",
     "plot_attention_grid",
     "sdpa_attention_weights",
+    "attention_rollout",
+    "gradient_weighted_rollout",
+    "head_entropy",
+    "mean_attention_distance",
+    "sink_share",
+    "HeadStatsAccumulator",
+    "stitch_steps",
+    "load",
+    "SavedAttention",
+    "to_bertviz",
+    "to_numpy",
     "__version__",
 ]

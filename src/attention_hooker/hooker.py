@@ -143,6 +143,20 @@ class TransformerAttentionHooker:
         """Forgets the captured values (the hooks stay)."""
         self._store.clear()
 
+    def save(self, path, *, tokens: Optional[Sequence[str]] = None) -> None:
+        """Writes the captured values to one safetensors file (read back with ``attention_hooker.load``).
+
+        Args:
+            path: the file; missing folders are created.
+            tokens: token labels to keep with the capture.
+
+        Raises:
+            AttentionHookerError: when nothing was captured yet.
+        """
+        from .io import save_values
+
+        save_values(self.values, path, tokens=tokens, model_class=type(self.model).__name__)
+
     def __enter__(self) -> "TransformerAttentionHooker":
         return self.setup()
 

@@ -1,0 +1,403 @@
+"""Analyses of captured attention: pure tensor functions.
+
+Shapes: attention is ``(batch, heads, query, key)``; a rollout is
+``(batch, tokens, tokens)``; head statistics are ``(batch, heads)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .errors import AttentionHookerError
+
+__all__ = [
+    "attention_rollout",
+    "gradient_weighted_rollout",
+    "head_entropy",
+    "mean_attention_distance",
+    "sink_share",
+    "HeadStatsAccumulator",
+    "stitch_steps",
+    "layer_sequence",
+]
+
+_FUSIONS = ("mean", "max", "min")
+
+
+def layer_sequence(
+    attentions, *, call: int = 0, where: str = "attentions", allow_missing: bool = False
+) -> List[Optional[torch.Tensor]]:
+    """Per-layer tensors in model order from a list, a ``values`` mapping, or a hooker.
+
+    Args:
+        attentions: a sequence of ``(batch, heads, query, key)`` tensors, a mapping
+            ``{layer_name: [tensor per call]}`` (``hooker.values``), or an object with
+            a ``values`` attribute holding one.
+        call: which call of each layer to take from a mapping.
+        allow_missing: keep ``None`` entries (gradients backward has not reached).
+
+    Raises:
+        AttentionHookerError: when empty, not 4-D, or a layer lacks that call.
+    """
+    if hasattr(attentions, "values") and isinstance(getattr(attentions, "values"), Mapping):
+        attentions = attentions.values
+    if isinstance(attentions, Mapping):
+        layers = []
+        for name, calls in attentions.items():
+            if isinstance(calls, torch.Tensor):
+                layers.append(calls)
+                continue
+            if not -len(calls) <= call < len(calls):
+                raise AttentionHookerError(f"layer {name!r} has {len(calls)} calls; call={call} is out of range")
+            layers.append(calls[call])
+        attentions = layers
+    attentions = [None if a is None and allow_missing else torch.as_tensor(a) for a in attentions]
+    if not attentions:
+        raise AttentionHookerError(f"{where} is empty: expected at least one (batch, heads, query, key) tensor")
+    for i, a in enumerate(attentions):
+        if a is not None and a.dim() != 4:
+            raise AttentionHookerError(
+                f"Wrong shape for {where}[{i}]: expected 4 dims (batch, heads, query, key). "
+                f"Received {a.dim()}-dim tensor of shape {tuple(a.shape)}."
+            )
+    return attentions
+
+
+def _fuse_heads(a: torch.Tensor, how: str) -> torch.Tensor:
+    """``(B, H, T, T)`` -> ``(B, T, T)``."""
+    if how == "mean":
+        return a.mean(dim=1)
+    if how == "max":
+        return a.amax(dim=1)
+    if how == "min":
+        return a.amin(dim=1)
+    raise AttentionHookerError(f"head_fusion={how!r} must be one of {_FUSIONS}")
+
+
+def _square_stack(attentions, where: str) -> List[torch.Tensor]:
+    layers = layer_sequence(attentions, where=where)
+    shape = layers[0].shape
+    for i, a in enumerate(layers):
+        if a.shape[-1] != a.shape[-2]:
+            raise AttentionHookerError(
+                f"{where}[{i}] is {tuple(a.shape)}: rollout needs square self-attention (query == key); "
+                "leave cross-attention layers out"
+            )
+        if a.shape[0] != shape[0] or a.shape[-1] != shape[-1]:
+            raise AttentionHookerError(
+                f"{where}[{i}] is {tuple(a.shape)} but {where}[0] is {tuple(shape)}: every layer must share "
+                "batch and token count"
+            )
+    return layers
+
+
+def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str = "mean") -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each token draws on each input token.
+
+    Per layer ``A~ = rownorm(fuse_heads(A) + I)`` (without ``+ I`` when
+    ``add_residual=False``), then ``R = A~_L @ ... @ A~_1``.
+
+    Args:
+        attentions: per-layer ``(batch, heads, tokens, tokens)`` in model order, or
+            ``hooker.values`` (first call of each layer).
+        add_residual: add the identity for the residual connection.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+
+    Returns:
+        ``(batch, tokens, tokens)``; row ``i`` sums to 1.
+
+    Example:
+        >>> a = torch.softmax(torch.randn(2, 1, 4, 3, 3), -1).unbind(0)
+        >>> r = attention_rollout(a)
+        >>> r.shape, bool(torch.allclose(r.sum(-1), torch.ones(1, 3)))
+        (torch.Size([1, 3, 3]), True)
+    """
+    if head_fusion not in _FUSIONS:
+        raise AttentionHookerError(f"head_fusion={head_fusion!r} must be one of {_FUSIONS}")
+    layers = _square_stack(attentions, "attentions")
+    rollout = None
+    for a in layers:
+        fused = _fuse_heads(a.double(), head_fusion)  # (B, T, T)
+        if add_residual:
+            fused = fused + torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+        fused = fused / fused.sum(dim=-1, keepdim=True)
+        rollout = fused if rollout is None else fused @ rollout
+    return rollout.to(layers[0].dtype)
+
+
+def gradient_weighted_rollout(attentions, gradients) -> torch.Tensor:
+    """Gradient-weighted relevance (Chefer, Gur & Wolf 2021, "Generic attention-model explainability").
+
+    ``R = I``; for each layer in model order ``R <- R + mean_heads(relu(grad(A) * A)) @ R``.
+
+    Args:
+        attentions: per-layer ``(batch, heads, tokens, tokens)``, or ``hooker.values``.
+        gradients: d(score)/d(A) of the same shapes, or ``hooker.gradients`` from a
+            hooker made with ``keep_grad=True`` after ``score.backward()``.
+
+    Returns:
+        ``(batch, tokens, tokens)`` relevance; row ``i`` says which tokens made token ``i``'s output.
+
+    Example:
+        >>> a = [torch.softmax(torch.randn(1, 2, 3, 3), -1)]
+        >>> gradient_weighted_rollout(a, [torch.ones(1, 2, 3, 3)]).shape
+        torch.Size([1, 3, 3])
+    """
+    layers = _square_stack(attentions, "attentions")
+    grads = layer_sequence(gradients, where="gradients", allow_missing=True)
+    if len(grads) != len(layers):
+        raise AttentionHookerError(f"{len(layers)} attention layers but {len(grads)} gradient layers")
+    relevance = None
+    for i, (a, g) in enumerate(zip(layers, grads)):
+        if g is None or g.shape != a.shape:
+            raise AttentionHookerError(
+                f"gradients[{i}] is {None if g is None else tuple(g.shape)}, expected {tuple(a.shape)}: "
+                "capture with keep_grad=True and call backward() on the score first"
+            )
+        cam = (g.double() * a.double()).clamp(min=0).mean(dim=1)  # (B, T, T)
+        if relevance is None:
+            relevance = torch.eye(cam.shape[-1], dtype=cam.dtype, device=cam.device).expand_as(cam).clone()
+        relevance = relevance + cam @ relevance
+    return relevance.to(layers[0].dtype)
+
+
+def _query_mask(attn: torch.Tensor, padding_mask) -> Optional[torch.Tensor]:
+    """``(B, Q)`` bool of real query positions, from an HF-style ``(B, T)`` mask (1 = real)."""
+    if padding_mask is None:
+        return None
+    mask = torch.as_tensor(padding_mask, device=attn.device).bool()
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    if mask.shape != (attn.shape[0], attn.shape[2]):
+        raise AttentionHookerError(
+            f"padding_mask is {tuple(mask.shape)}, expected (batch, query) = {(attn.shape[0], attn.shape[2])}"
+        )
+    return mask
+
+
+def _mean_over_queries(per_query: torch.Tensor, query_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(B, H, Q)`` -> ``(B, H)``, over real queries only."""
+    if query_mask is None:
+        return per_query.mean(dim=-1)
+    m = query_mask[:, None, :].to(per_query.dtype)  # (B, 1, Q)
+    return (per_query * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def _check_attention(attn, where: str) -> torch.Tensor:
+    a = torch.as_tensor(attn)
+    if a.dim() == 3:
+        a = a.unsqueeze(0)
+    if a.dim() != 4:
+        raise AttentionHookerError(
+            f"Wrong shape for {where}: expected (batch, heads, query, key). Received {a.dim()}-dim tensor."
+        )
+    return a.double()
+
+
+def head_entropy(attn, *, padding_mask=None) -> torch.Tensor:
+    """Mean entropy of each head's attention rows, in nats (``0 log 0 = 0``).
+
+    Args:
+        attn: ``(batch, heads, query, key)`` (or ``(heads, query, key)``).
+        padding_mask: ``(batch, query)``, 1/True for real tokens; padded queries are left out.
+
+    Returns:
+        ``(batch, heads)``: ``log(n)`` for uniform rows over ``n`` keys, ``0`` for one-hot rows.
+
+    Example:
+        >>> head_entropy(torch.full((1, 1, 2, 4), 0.25))
+        tensor([[1.3863]], dtype=torch.float64)
+    """
+    a = _check_attention(attn, "attn")
+    plogp = torch.where(a > 0, a * torch.log(a.clamp(min=1e-300)), torch.zeros_like(a))
+    return _mean_over_queries(-plogp.sum(-1), _query_mask(a, padding_mask))
+
+
+def _grid_positions(n: int, grid: Tuple[int, int], device) -> torch.Tensor:
+    rows, cols = grid
+    if rows * cols != n:
+        raise AttentionHookerError(f"grid={grid} has {rows * cols} patches but the attention has {n} patch tokens")
+    r = torch.arange(rows, device=device, dtype=torch.float64).repeat_interleave(cols)
+    c = torch.arange(cols, device=device, dtype=torch.float64).repeat(rows)
+    return torch.stack([r, c], dim=-1)  # (N, 2)
+
+
+def mean_attention_distance(
+    attn, *, padding_mask=None, grid: Optional[Tuple[int, int]] = None, prefix_tokens: int = 0
+) -> torch.Tensor:
+    """How far each head looks: ``sum_j p_ij * d(i, j)`` averaged over queries.
+
+    Args:
+        attn: self-attention ``(batch, heads, tokens, tokens)``.
+        padding_mask: ``(batch, tokens)``, 1/True for real tokens; padded queries are left out.
+        grid: ``(rows, cols)`` of a ViT's patches: distance is then Euclidean in
+            patches, between patch tokens only (rows renormalised over patches).
+        prefix_tokens: tokens before the patches (class, register tokens), with ``grid``.
+
+    Returns:
+        ``(batch, heads)`` distances in tokens (or patches).
+
+    Example:
+        >>> eye_shift = torch.eye(4).roll(1, dims=1)[None, None]  # each token looks one ahead
+        >>> mean_attention_distance(eye_shift)
+        tensor([[1.5000]], dtype=torch.float64)
+    """
+    a = _check_attention(attn, "attn")
+    if a.shape[-1] != a.shape[-2]:
+        raise AttentionHookerError(
+            f"attention is {tuple(a.shape)}: distance needs self-attention (query == key positions)"
+        )
+    query_mask = _query_mask(a, padding_mask)
+    if grid is not None:
+        a = a[..., prefix_tokens:, prefix_tokens:]
+        a = a / a.sum(-1, keepdim=True).clamp(min=1e-300)
+        pos = _grid_positions(a.shape[-1], grid, a.device)
+        dist = torch.cdist(pos, pos)  # (N, N)
+        if query_mask is not None:
+            query_mask = query_mask[:, prefix_tokens:]
+    else:
+        idx = torch.arange(a.shape[-1], device=a.device, dtype=torch.float64)
+        dist = (idx[:, None] - idx[None, :]).abs()  # (T, T)
+    return _mean_over_queries((a * dist).sum(-1), query_mask)
+
+
+def sink_share(attn, positions: Sequence[int] = (0,), *, padding_mask=None) -> torch.Tensor:
+    """Share of attention that lands on given key positions (first token, [CLS], [SEP], ...).
+
+    Args:
+        attn: ``(batch, heads, query, key)``.
+        positions: key indices; negative ones count from the end.
+        padding_mask: ``(batch, query)``, 1/True for real tokens; padded queries are left out.
+
+    Returns:
+        ``(batch, heads)`` in ``[0, 1]``.
+
+    Example:
+        >>> sink_share(torch.tensor([[[[0.7, 0.2, 0.1]]]]), positions=[0])
+        tensor([[0.7000]], dtype=torch.float64)
+    """
+    a = _check_attention(attn, "attn")
+    index = torch.as_tensor(list(positions), dtype=torch.long, device=a.device) % a.shape[-1]
+    return _mean_over_queries(a.index_select(-1, index).sum(-1), _query_mask(a, padding_mask))
+
+
+class HeadStatsAccumulator:
+    """Averages head statistics over many inputs without keeping the matrices.
+
+    Each input's statistics are weighted by its number of real queries, so
+    the result equals the statistic over all real queries of all inputs.
+
+    Example:
+        >>> acc = HeadStatsAccumulator()
+        >>> acc.update({"layer": [torch.full((1, 2, 3, 3), 1 / 3)]})
+        >>> acc.result()["entropy"].shape
+        (1, 2)
+    """
+
+    STATISTICS = ("entropy", "distance", "first_token_share", "last_token_share")
+
+    def __init__(self):
+        self.layers: List[str] = []
+        self._sums: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._counts: Dict[str, float] = {}
+        self.inputs = 0
+
+    def update(self, values: Mapping, *, padding_mask=None) -> None:
+        """Adds one forward's captures (``hooker.values``: first call of each layer).
+
+        ``padding_mask``: ``(batch, tokens)`` 1/True for real tokens; also used to
+        find each row's last real token.
+        """
+        self.inputs += 1
+        for name, calls in values.items():
+            a = _check_attention(calls[0] if not isinstance(calls, torch.Tensor) else calls, name)
+            batch, heads, n_query, n_key = a.shape
+            mask = padding_mask if padding_mask is not None and torch.as_tensor(padding_mask).shape[-1] == n_query else None
+            query_mask = _query_mask(a, mask)  # (B, Q) or None
+            stats = {
+                "entropy": head_entropy(a, padding_mask=mask),
+                "first_token_share": sink_share(a, [0], padding_mask=mask),
+                "distance": mean_attention_distance(a, padding_mask=mask)
+                if n_query == n_key
+                else torch.full((batch, heads), math.nan, dtype=torch.float64),
+            }
+            if query_mask is not None and n_query == n_key:
+                last = query_mask.sum(-1) - 1  # (B,) each row's last real token
+                onehot = torch.nn.functional.one_hot(last, n_key).to(a.dtype)[:, None, None, :]  # (B, 1, 1, K)
+                stats["last_token_share"] = _mean_over_queries((a * onehot).sum(-1), query_mask)
+            else:
+                stats["last_token_share"] = sink_share(a, [-1], padding_mask=mask)
+            if name not in self._sums:
+                self.layers.append(name)
+                self._sums[name] = {k: torch.zeros(heads, dtype=torch.float64) for k in self.STATISTICS}
+                self._counts[name] = 0.0
+            rows = (
+                query_mask.sum(-1).double() if query_mask is not None else torch.full((batch,), float(n_query), dtype=torch.float64)
+            )  # (B,) real queries per input row
+            for key in self.STATISTICS:
+                self._sums[name][key] += (stats[key] * rows[:, None]).sum(0)
+            self._counts[name] += float(rows.sum())
+
+    def result(self) -> Dict[str, "object"]:
+        """``{statistic: (layers, heads) numpy array}`` in the order layers were seen."""
+        import numpy as np
+
+        if not self.layers:
+            raise AttentionHookerError("no statistics yet: call update() with captured values first")
+        out = {}
+        for key in self.STATISTICS:
+            rows = [(self._sums[name][key] / max(self._counts[name], 1.0)).numpy() for name in self.layers]
+            width = max(len(r) for r in rows)
+            out[key] = np.stack([np.pad(r, (0, width - len(r)), constant_values=np.nan) for r in rows])
+        return out
+
+
+def stitch_steps(calls: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One causal matrix from the per-step captures of a KV-cache generation loop.
+
+    Call ``i`` is ``(batch, heads, q_i, k_i)``: the first is the prompt
+    (``q_0 == k_0``), each later one adds ``q_i`` new queries over a context
+    grown by ``q_i`` (``k_i == k_{i-1} + q_i``; ``q_i = 1`` for one token a step).
+
+    Args:
+        calls: one layer's calls in order (``hooker.values[layer]``).
+
+    Returns:
+        ``(batch, heads, T, T)`` with ``T = k_last``: the prompt block, then one
+        row per generated position; zeros above the diagonal.
+
+    Raises:
+        AttentionHookerError: when the calls are not such a sequence.
+
+    Example:
+        >>> steps = [torch.ones(1, 1, 2, 2) / 2, torch.ones(1, 1, 1, 3) / 3]
+        >>> stitch_steps(steps).shape
+        torch.Size([1, 1, 3, 3])
+    """
+    calls = layer_sequence(list(calls), where="calls")
+    first = calls[0]
+    batch, heads, q0, k0 = first.shape
+    if q0 != k0:
+        raise AttentionHookerError(
+            f"calls[0] is {tuple(first.shape)}: a generation sequence starts with the prompt, square (query == key)"
+        )
+    total = k0
+    for i, c in enumerate(calls[1:], start=1):
+        b, h, q, k = c.shape
+        if (b, h) != (batch, heads):
+            raise AttentionHookerError(f"calls[{i}] is {tuple(c.shape)}, but calls[0] has batch {batch} and {heads} heads")
+        if k != total + q:
+            raise AttentionHookerError(
+                f"calls[{i}] is {tuple(c.shape)}: after {total} positions a step of {q} new queries must see "
+                f"{total + q} keys, not {k}; these calls are not consecutive KV-cache generation steps"
+            )
+        total = k
+    out = first.new_zeros(batch, heads, total, total)  # (B, H, T, T)
+    out[..., :q0, :k0] = first
+    for c in calls[1:]:
+        q, k = c.shape[-2:]
+        out[..., k - q : k, :k] = c
+    return out

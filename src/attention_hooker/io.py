@@ -1,0 +1,210 @@
+"""Saving, loading and exporting captures.
+
+A capture is saved as one safetensors file: tensor ``"<layer index>.<call index>"``
+per call, and JSON metadata (layer order, calls per layer, tokens, model class,
+dtype, library version) under the key ``"attention_hooker"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .errors import AttentionHookerError
+from .store import AttentionValues
+
+__all__ = ["SavedAttention", "save_values", "load", "to_bertviz", "to_numpy"]
+
+_FORMAT = "attention-hooker/1"
+_META_KEY = "attention_hooker"
+
+
+def _safetensors():
+    try:
+        from safetensors.torch import load_file, save_file
+        from safetensors import safe_open
+    except ImportError:
+        raise ImportError(
+            "saving captures needs safetensors: pip install 'transformer-attention-hooker[io]' (or pip install safetensors)"
+        ) from None
+    return save_file, load_file, safe_open
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class SavedAttention:
+    """A loaded capture: ``values`` like a hooker's, plus what was saved with it.
+
+    Attributes:
+        values: ``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``.
+        tokens: the token labels saved with it, or ``None``.
+        metadata: the rest (model class, dtype, library version, ...).
+    """
+
+    def __init__(self, values: AttentionValues, tokens: Optional[list], metadata: dict):
+        self.values = values
+        self.tokens = tokens
+        self.metadata = metadata
+
+    def save(self, path, *, tokens: Optional[Sequence[str]] = None) -> None:
+        """Writes this capture again (see :func:`save_values`)."""
+        save_values(self.values, path, tokens=tokens if tokens is not None else self.tokens,
+                    model_class=self.metadata.get("model_class"))
+
+    def __repr__(self) -> str:
+        return f"SavedAttention({self.metadata.get('model_class') or 'model'}, {self.values!r})"
+
+
+def save_values(
+    values: Mapping[str, Sequence[torch.Tensor]],
+    path: Union[str, os.PathLike],
+    *,
+    tokens: Optional[Sequence[str]] = None,
+    model_class: Optional[str] = None,
+) -> None:
+    """Writes ``{layer_name: [tensor per call]}`` to one safetensors file.
+
+    Args:
+        values: ``hooker.values``.
+        path: the file; missing folders are created.
+        tokens: token labels to keep with it.
+        model_class: the model's class name, kept as metadata.
+
+    Raises:
+        AttentionHookerError: when there is nothing to save.
+    """
+    save_file, _, _ = _safetensors()
+    if not values or not any(len(calls) for calls in values.values()):
+        raise AttentionHookerError("nothing to save: the capture holds no attention (run the model with hooks on first)")
+    tensors: Dict[str, torch.Tensor] = {}
+    layers: List[str] = []
+    calls_per_layer: List[int] = []
+    dtypes = set()
+    for index, (name, calls) in enumerate(values.items()):
+        layers.append(name)
+        calls_per_layer.append(len(calls))
+        for call, tensor in enumerate(calls):
+            tensors[f"{index}.{call}"] = tensor.detach().to("cpu").contiguous()
+            dtypes.add(str(tensor.dtype).replace("torch.", ""))
+    meta = {
+        "format": _FORMAT,
+        "layers": layers,
+        "calls": calls_per_layer,
+        "tokens": None if tokens is None else [str(t) for t in tokens],
+        "model_class": model_class,
+        "dtype": sorted(dtypes),
+        "library_version": _version(),
+    }
+    folder = os.path.dirname(os.fspath(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta)})
+
+
+def load(path: Union[str, os.PathLike]) -> SavedAttention:
+    """Reads a file written by ``hooker.save(path)``.
+
+    Returns:
+        A :class:`SavedAttention` whose ``values`` equal the saved ones exactly.
+
+    Raises:
+        FileNotFoundError: when there is no such file.
+        AttentionHookerError: when the file is not a capture saved by this library.
+
+    Example:
+        >>> import tempfile, os
+        >>> v = {"layer": [torch.rand(1, 2, 3, 3)]}
+        >>> p = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+        >>> save_values(v, p, tokens=["a", "b", "c"])
+        >>> loaded = load(p)
+        >>> bool(torch.equal(loaded.values["layer"][0], v["layer"][0])), loaded.tokens
+        (True, ['a', 'b', 'c'])
+    """
+    _, load_file, safe_open = _safetensors()
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such capture file: {path}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            raw_meta = (handle.metadata() or {}).get(_META_KEY)
+    except Exception as err:  # safetensors raises its own error types for non-safetensors files
+        raise AttentionHookerError(f"{path} is not a safetensors file saved by attention_hooker ({err})") from None
+    if raw_meta is None:
+        raise AttentionHookerError(
+            f"{path} is a safetensors file but not an attention_hooker capture: its metadata has no {_META_KEY!r} entry"
+        )
+    try:
+        meta = json.loads(raw_meta)
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        layers, calls = meta["layers"], meta["calls"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise AttentionHookerError(f"{path}: unreadable attention_hooker metadata ({err}); expected {_FORMAT}") from None
+    tensors = load_file(path)
+    values = AttentionValues()
+    for index, (name, n_calls) in enumerate(zip(layers, calls)):
+        try:
+            values[name] = [tensors[f"{index}.{call}"] for call in range(n_calls)]
+        except KeyError as missing:
+            raise AttentionHookerError(f"{path} is damaged: tensor {missing} of layer {name!r} is missing") from None
+    tokens = meta.get("tokens")
+    extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "tokens")}
+    return SavedAttention(values, tokens, extra)
+
+
+def _values_of(source) -> Mapping[str, Sequence[torch.Tensor]]:
+    values = source if isinstance(source, Mapping) else getattr(source, "values", None)
+    if not isinstance(values, Mapping):
+        raise AttentionHookerError(f"expected a hooker, a loaded capture or a values mapping, got {type(source).__name__}")
+    return values
+
+
+def to_bertviz(source, *, call: int = 0, layers: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, ...]:
+    """BertViz's input: a tuple of per-layer ``(batch, heads, tokens, tokens)`` tensors in model order.
+
+    Args:
+        source: a hooker, a loaded capture, or ``{layer_name: [tensor per call]}``.
+        call: which call of each layer.
+        layers: the layer names to include (default: all, in their order).
+
+    Example:
+        >>> to_bertviz({"a": [torch.ones(1, 2, 3, 3)], "b": [torch.ones(1, 2, 3, 3)]})[1].shape
+        torch.Size([1, 2, 3, 3])
+    """
+    from .analysis import layer_sequence
+
+    values = _values_of(source)
+    if layers is not None:
+        unknown = [name for name in layers if name not in values]
+        if unknown:
+            raise AttentionHookerError(f"unknown layer(s) {unknown}; known layers: {list(values)}")
+        values = {name: values[name] for name in layers}
+    tensors = layer_sequence(values, call=call)
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise AttentionHookerError(
+            f"BertViz needs every layer to have one shape, got {sorted(shapes)}; pick layers of one kind with layers="
+        )
+    return tuple(t.detach().cpu().float() for t in tensors)
+
+
+def to_numpy(source) -> Dict[str, list]:
+    """``{layer_name: [numpy array per call]}``, each ``(batch, heads, query, key)`` (float32 for halves).
+
+    Example:
+        >>> to_numpy({"a": [torch.ones(1, 1, 2, 2)]})["a"][0].shape
+        (1, 1, 2, 2)
+    """
+    values = _values_of(source)
+    return {
+        name: [t.detach().cpu().float().numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.detach().cpu().numpy()
+               for t in calls]
+        for name, calls in values.items()
+    }
