@@ -16,7 +16,8 @@ from .discovery import find_attention_modules
 from .errors import AttentionCaptureWarning, AttentionHookerError
 from .hooker import TransformerAttentionHooker
 from .io import SavedAttention, load, to_bertviz, to_numpy
-from .plot import plot_attention_grid
+from .html import AttentionPage, render_html
+from .plot import plot_attention_grid, plot_attention_overview, plot_vit_attention, vit_attention_map
 from .store import AttentionValues
 
 try:
@@ -31,6 +32,11 @@ __all__ = [
     "AttentionCaptureWarning",
     "find_attention_modules",
     "plot_attention_grid",
+    "plot_attention_overview",
+    "plot_vit_attention",
+    "vit_attention_map",
+    "render_html",
+    "AttentionPage",
     "sdpa_attention_weights",
     "attention_rollout",
     "gradient_weighted_rollout",

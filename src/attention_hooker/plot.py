@@ -15,7 +15,7 @@ import numpy as np
 from ._tensor import as_heads, check_tokens
 from .errors import AttentionHookerError
 
-__all__ = ["plot_attention_grid"]
+__all__ = ["plot_attention_grid", "plot_attention_overview", "vit_attention_map", "plot_vit_attention"]
 
 
 def _matplotlib():
@@ -62,7 +62,7 @@ def resolve_tokens(tokens, query_tokens, key_tokens, n_query: int, n_key: int):
     """Query and key labels from ``tokens`` (one list for a square matrix, or the axis it fits)."""
     if tokens is not None:
         tokens = list(tokens)
-        if n_query == n_key:
+        if n_query == n_key and len(tokens) == n_query:
             query_tokens = query_tokens if query_tokens is not None else tokens
             key_tokens = key_tokens if key_tokens is not None else tokens
         elif len(tokens) == n_key and key_tokens is None:
@@ -160,6 +160,10 @@ def plot_attention_grid(
             title += " (non-finite in red)"
         ax.set_title(title, fontsize=9)
         _label_axes(ax, query_tokens, key_tokens, n_query, n_key, max_labels, show_query=slot % ncols == 0)
+        if slot % ncols == 0:
+            ax.set_ylabel("query", fontsize=8)
+        if slot // ncols == nrows - 1 or slot + ncols >= len(heads):
+            ax.set_xlabel("key", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
     fig.suptitle(
         f"{layer_name + ' - ' if layer_name else ''}{n_query} queries x {n_key} keys"
@@ -173,3 +177,261 @@ def _colormap(name: str):
     import matplotlib
 
     return matplotlib.colormaps[name].with_extremes(bad="red")
+
+
+def _values_of(source) -> Mapping:
+    values = source if isinstance(source, Mapping) else getattr(source, "values", None)
+    if not isinstance(values, Mapping):
+        raise AttentionHookerError(
+            f"expected a hooker, a loaded capture or {{layer_name: [tensor per call]}}, got {type(source).__name__}"
+        )
+    return values
+
+
+def plot_attention_overview(
+    source,
+    *,
+    call: int = 0,
+    batch_index: int = 0,
+    scale: str = "shared",
+    layers: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+    save_path: Union[str, os.PathLike, None] = None,
+    cmap: str = "viridis",
+    cell_size: float = 0.9,
+):
+    """Every head of every layer at a glance: rows are layers (model order), columns heads.
+
+    Args:
+        source: a hooker, a loaded capture, or ``{layer_name: [tensor per call]}``.
+        call: which call of each layer (a layer called fewer times shows its last call).
+        batch_index: which batch item.
+        scale: ``"shared"``: one colour scale for all panels (0 to the largest
+            weight anywhere); ``"row"``: each layer on its own scale (0 to that
+            layer's largest weight), so quiet layers stay readable.
+        layers: the layer names to include (default: all).
+        title: the figure title.
+        save_path: file to write (folders are created; format from the extension).
+        cmap: matplotlib colormap; non-finite weights are red.
+        cell_size: inches per panel.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        AttentionHookerError: on empty values, an unknown layer or scale, or a wrong shape.
+
+    Example:
+        >>> import torch
+        >>> v = {f"layer{i}": [torch.rand(1, 3, 4, 4).softmax(-1)] for i in range(2)}
+        >>> fig = plot_attention_overview(v)
+        >>> sum(1 for ax in fig.axes if ax.images)
+        6
+    """
+    Figure = _matplotlib()
+    if scale not in ("shared", "row"):
+        raise AttentionHookerError(f"scale={scale!r} must be 'shared' or 'row'")
+    values = _values_of(source)
+    if layers is not None:
+        unknown = [name for name in layers if name not in values]
+        if unknown:
+            raise AttentionHookerError(f"unknown layer(s) {unknown}; known layers: {list(values)}")
+        values = {name: values[name] for name in layers}
+    values = {name: calls for name, calls in values.items() if len(calls)}
+    if not values:
+        raise AttentionHookerError("nothing to show: the capture holds no attention (run the model with hooks on first)")
+    grids = {
+        name: as_heads(calls[min(call, len(calls) - 1)], batch_index=batch_index, where=f"layer {name!r}")
+        for name, calls in values.items()
+    }  # name -> (H, Q, K)
+    n_heads = max(g.shape[0] for g in grids.values())
+    colormap = _colormap(cmap)
+
+    def top(arr):
+        finite = arr[np.isfinite(arr)]
+        return float(finite.max()) if finite.size else 1.0
+
+    shared_max = max(top(g) for g in grids.values())
+    fig = Figure(figsize=(cell_size * n_heads + 2.6, cell_size * len(grids) + 1.0), layout="constrained")
+    axes = fig.subplots(len(grids), n_heads, squeeze=False)
+    image = None
+    for row, (name, grid) in enumerate(grids.items()):
+        vmax = shared_max if scale == "shared" else top(grid)
+        for head in range(n_heads):
+            ax = axes[row, head]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if head >= grid.shape[0]:
+                ax.set_axis_off()
+                continue
+            image = ax.imshow(np.ma.masked_invalid(grid[head]), cmap=colormap, vmin=0, vmax=vmax,
+                              aspect="auto", interpolation="nearest")
+            if row == 0:
+                ax.set_title(f"h{head}", fontsize=8)
+            if head == 0:
+                ax.set_ylabel(name if len(name) <= 28 else "..." + name[-25:], fontsize=7, rotation=0,
+                              ha="right", va="center")
+        if scale == "row":
+            fig.colorbar(image, ax=axes[row, :], shrink=0.9, aspect=8, pad=0.01)
+    if scale == "shared":
+        fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
+    fig.suptitle(title or f"{len(grids)} layers x {n_heads} heads (rows: layers, columns: heads; {scale} colour scale)")
+    _save(fig, save_path)
+    return fig
+
+
+def _patch_grid(n_patches: int, image_shape: Optional[Sequence[int]]) -> tuple:
+    """(rows, cols) of ``n_patches``: square, or the factorisation closest to the image's aspect."""
+    root = int(round(math.sqrt(n_patches)))
+    if image_shape is None:
+        if root * root != n_patches:
+            raise AttentionHookerError(
+                f"{n_patches} patch tokens do not form a square grid; pass grid=(rows, cols) or the image"
+            )
+        return root, root
+    height, width = image_shape[0], image_shape[1]
+    best = None
+    for rows in range(1, n_patches + 1):
+        if n_patches % rows:
+            continue
+        cols = n_patches // rows
+        error = abs(math.log((cols / rows) / (width / height)))
+        if best is None or error < best[0]:
+            best = (error, rows, cols)
+    return best[1], best[2]
+
+
+def _image_array(image) -> np.ndarray:
+    """``(H, W, 3)`` floats in [0, 1] from a tensor ``(3, H, W)``/``(H, W, 3)``, an array, or a PIL image."""
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    else:
+        from ._tensor import to_numpy
+
+        arr = to_numpy(image)
+        if arr.ndim == 4:
+            arr = arr[0]
+        if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+            arr = np.transpose(arr, (1, 2, 0))
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3:
+            raise AttentionHookerError(f"image must be (H, W, 3), (3, H, W) or a PIL image, got shape {arr.shape}")
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0 or hi > 1:  # normalised or 0..255 input: stretch to [0, 1] for display
+            arr = (arr - lo) / (hi - lo if hi > lo else 1.0)
+    return arr
+
+
+def vit_attention_map(
+    attn,
+    *,
+    query: int = 0,
+    prefix_tokens: int = 1,
+    grid: Optional[Sequence[int]] = None,
+    image_shape: Optional[Sequence[int]] = None,
+    heads="mean",
+    batch_index: int = 0,
+) -> np.ndarray:
+    """A ViT's attention from one query token laid out on the patch grid.
+
+    Args:
+        attn: ``(batch, heads, tokens, tokens)`` or ``(heads, tokens, tokens)``
+            attention, or a rollout ``(batch, tokens, tokens)`` / ``(tokens, tokens)``
+            (pass ``heads=None`` for those).
+        query: the query token (0: the class token).
+        prefix_tokens: tokens before the patches (class + register/distillation tokens).
+        grid: ``(rows, cols)`` of patches; default: square, or fitted to ``image_shape``.
+        image_shape: ``(height, width, ...)`` of the image, to fit a non-square grid.
+        heads: ``"mean"``, ``"max"``, a head index, or ``None`` for a rollout input.
+        batch_index: which batch item.
+
+    Returns:
+        ``(rows, cols)`` float array: the query's weights on the patches.
+
+    Example:
+        >>> import torch
+        >>> vit_attention_map(torch.rand(1, 2, 5, 5).softmax(-1)).shape
+        (2, 2)
+    """
+    from ._tensor import to_numpy
+
+    arr = to_numpy(attn)
+    if heads is None:
+        if arr.ndim == 3:
+            arr = arr[batch_index]
+        if arr.ndim != 2:
+            raise AttentionHookerError(
+                f"Wrong shape for a rollout map: expected (batch, tokens, tokens) or (tokens, tokens). Received {arr.shape}."
+            )
+        row = arr[query]
+    else:
+        per_head = as_heads(arr, batch_index=batch_index)[:, query, :]  # (H, K)
+        if heads == "mean":
+            row = per_head.mean(0)
+        elif heads == "max":
+            row = per_head.max(0)
+        elif isinstance(heads, int) and 0 <= heads < per_head.shape[0]:
+            row = per_head[heads]
+        else:
+            raise AttentionHookerError(f"heads={heads!r} must be 'mean', 'max', None or a head index < {per_head.shape[0]}")
+    patches = row[prefix_tokens:]
+    rows, cols = tuple(grid) if grid is not None else _patch_grid(patches.size, image_shape)
+    if rows * cols != patches.size:
+        raise AttentionHookerError(
+            f"grid=({rows}, {cols}) has {rows * cols} patches, but there are {patches.size} tokens after "
+            f"{prefix_tokens} prefix token(s)"
+        )
+    return patches.reshape(rows, cols)
+
+
+def plot_vit_attention(
+    attn,
+    image,
+    *,
+    query: int = 0,
+    prefix_tokens: int = 1,
+    grid: Optional[Sequence[int]] = None,
+    heads="mean",
+    batch_index: int = 0,
+    alpha: float = 0.55,
+    cmap: str = "inferno",
+    title: Optional[str] = None,
+    save_path: Union[str, os.PathLike, None] = None,
+):
+    """The image beside and under its attention map (see :func:`vit_attention_map`).
+
+    Args:
+        attn: attention ``(batch, heads, tokens, tokens)`` or a rollout map (with ``heads=None``).
+        image: ``(3, H, W)`` / ``(H, W, 3)`` tensor or array, or a PIL image.
+        query, prefix_tokens, grid, heads, batch_index: as in :func:`vit_attention_map`.
+        alpha: opacity of the overlay.
+        cmap: colormap of the map.
+        title: the figure title.
+        save_path: file to write (folders are created; format from the extension).
+
+    Returns:
+        The ``matplotlib.figure.Figure``: the image, and the image with the map over it.
+    """
+    Figure = _matplotlib()
+    picture = _image_array(image)
+    amap = vit_attention_map(attn, query=query, prefix_tokens=prefix_tokens, grid=grid,
+                             image_shape=picture.shape, heads=heads, batch_index=batch_index)
+    fig = Figure(figsize=(8, 4.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    height, width = picture.shape[:2]
+    for ax in (left, right):
+        ax.imshow(picture, extent=(0, width, height, 0))
+        ax.set_xticks([])
+        ax.set_yticks([])
+    left.set_title("image")
+    overlay = right.imshow(np.ma.masked_invalid(amap), cmap=_colormap(cmap), alpha=alpha,
+                           extent=(0, width, height, 0), interpolation="nearest")
+    right.set_title(f"attention from token {query} ({amap.shape[0]}x{amap.shape[1]} patches)")
+    fig.colorbar(overlay, ax=right, shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, save_path)
+    return fig

@@ -1,0 +1,235 @@
+"""The offline interactive page: one self-contained HTML file.
+
+The weights travel as one compressed binary payload (8-bit codes on a
+linear scale per head, zlib, base64); ``view.js`` and ``view.css`` are
+real files of this package, inlined when the page is rendered. Nothing is
+fetched: no CDN, no fonts, no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html as html_lib
+import json
+import os
+import re
+import zlib
+from importlib import resources
+from typing import List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from ..errors import AttentionHookerError
+
+__all__ = ["render_html", "AttentionPage", "encode_weights", "decode_weights"]
+
+_PLACEHOLDER = re.compile(r"__TITLE__|__META__|__PAYLOAD__|/\*__CSS__\*/|/\*__JS__\*/")
+NONFINITE_CODE = 255
+_TOP_CODE = 254
+
+
+def encode_weights(weights: torch.Tensor):
+    """``(batch, heads, query, key)`` -> ``(uint8 codes, per-(batch, head) scales)``.
+
+    ``code = round(254 * w / scale)`` with ``scale`` the largest finite weight of
+    that head; 255 marks a non-finite weight. ``decode_weights`` inverts it to
+    within ``scale / 508``. (A linear code compresses to well under half the size
+    of a square-root one on real attention, whose weights are mostly tiny.)
+    """
+    w = weights.detach().to("cpu", torch.float32)  # (B, H, Q, K)
+    finite = torch.isfinite(w)
+    clean = torch.where(finite, w, torch.zeros((), dtype=w.dtype))
+    scales = clean.abs().amax(dim=(-2, -1))  # (B, H)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))[..., None, None]
+    codes = (clean.clamp(min=0) / safe).mul_(_TOP_CODE).round_().to(torch.uint8)
+    codes[~finite] = NONFINITE_CODE
+    return codes, scales
+
+
+def decode_weights(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The page's decoding, in torch: ``scale * code / 254``; NaN for code 255."""
+    w = (codes.float() / _TOP_CODE) * scales[..., None, None]
+    return torch.where(codes == NONFINITE_CODE, torch.full_like(w, float("nan")), w)
+
+
+def _asset(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def _values_of(source) -> Mapping[str, Sequence[torch.Tensor]]:
+    values = source if isinstance(source, Mapping) else getattr(source, "values", None)
+    if not isinstance(values, Mapping):
+        raise AttentionHookerError(
+            f"render_html expects a hooker, a loaded capture or {{layer_name: [tensor per call]}}, got {type(source).__name__}"
+        )
+    return values
+
+
+class _TokenSets:
+    """Token label lists; each axis gets the first list of its length."""
+
+    def __init__(self, tokens, query_tokens, key_tokens):
+        self.sets: List[List[str]] = []
+        self._given = []
+        if tokens is not None:
+            lists = tokens if len(tokens) and not isinstance(tokens[0], str) and isinstance(tokens[0], Sequence) else [tokens]
+            self._given = [self._add(t) for t in lists]
+        self.query = None if query_tokens is None else self._add(query_tokens)
+        self.key = None if key_tokens is None else self._add(key_tokens)
+
+    def _add(self, tokens) -> int:
+        self.sets.append([str(t) for t in tokens])
+        return len(self.sets) - 1
+
+    def pick(self, n: int, axis: str, layer: str, shape) -> Optional[int]:
+        preferred = self.query if axis == "query" else self.key
+        if preferred is not None and len(self.sets[preferred]) == n:
+            return preferred
+        for index in self._given:
+            if len(self.sets[index]) == n:
+                return index
+        if not self.sets:
+            return None
+        counts = sorted({len(s) for s in self.sets})
+        raise AttentionHookerError(
+            f"layer {layer!r} has attention {tuple(shape)}: {shape[2]} query and {shape[3]} key positions, "
+            f"while the number of tokens is {' or '.join(map(str, counts))}; pass tokens of each length "
+            "(tokens=[source_tokens, target_tokens]) or query_tokens=/key_tokens="
+        )
+
+
+class AttentionPage:
+    """A rendered page: ``save(path)`` writes it; notebooks show it through ``_repr_html_``.
+
+    Attributes:
+        html: the whole page, one self-contained HTML document.
+    """
+
+    def __init__(self, html: str, title: str):
+        self.html = html
+        self.title = title
+
+    def save(self, path: Union[str, os.PathLike]) -> str:
+        """Writes the page (folders are created); returns the path."""
+        path = os.fspath(path)
+        folder = os.path.dirname(path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.html)
+        return path
+
+    def _repr_html_(self) -> str:
+        # An iframe keeps the page's script and styles apart from the notebook's.
+        return (
+            f'<iframe srcdoc="{html_lib.escape(self.html, quote=True)}" '
+            'style="width:100%;height:760px;border:1px solid #ddd" title="attention"></iframe>'
+        )
+
+    def __len__(self) -> int:
+        return len(self.html)
+
+    def __repr__(self) -> str:
+        return f"AttentionPage({self.title!r}, {len(self.html) / 1e6:.2f} MB)"
+
+
+def render_html(
+    source,
+    tokens: Optional[Sequence] = None,
+    *,
+    query_tokens: Optional[Sequence[str]] = None,
+    key_tokens: Optional[Sequence[str]] = None,
+    layers: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+    compression_level: int = 1,
+) -> AttentionPage:
+    """One offline, self-contained interactive page of captured attention.
+
+    Views: the layers x heads overview (a click selects a head), a head view
+    (query tokens on the left, key tokens on the right, lines from the selected
+    token weighted by attention, heads coloured and toggleable), and the matrix
+    of the selected layer and head with the value under the pointer. Selectors
+    for layer, call (for layers called several times), batch item and head.
+
+    Args:
+        source: a hooker, a loaded capture, or ``{layer_name: [tensor per call]}``
+            with tensors ``(batch, heads, query, key)``.
+        tokens: labels; a list of lists when axes differ in length (encoder and
+            decoder tokens): each axis takes the first list of its length.
+        query_tokens: labels of the query axis of cross-attention layers.
+        key_tokens: labels of the key axis of cross-attention layers.
+        layers: the layer names to include (default: all).
+        title: the page title.
+        compression_level: zlib level (1 fastest, 9 smallest).
+
+    Returns:
+        An :class:`AttentionPage`.
+
+    Raises:
+        AttentionHookerError: on empty values, a wrong shape, an unknown layer, or
+            tokens that fit neither axis.
+
+    Example:
+        >>> page = render_html({"layer": [torch.rand(1, 2, 3, 3).softmax(-1)]}, tokens=["a", "b", "c"])
+        >>> page.html.startswith("<!DOCTYPE html>") and "http://" not in page.html
+        True
+    """
+    values = _values_of(source)
+    if layers is not None:
+        unknown = [name for name in layers if name not in values]
+        if unknown:
+            raise AttentionHookerError(f"unknown layer(s) {unknown}; known layers: {list(values)}")
+        values = {name: values[name] for name in layers}
+    if not values or not any(len(calls) for calls in values.values()):
+        raise AttentionHookerError("nothing to show: the capture holds no attention (run the model with hooks on first)")
+    token_sets = _TokenSets(tokens, query_tokens, key_tokens)
+    chunks = []
+    offset = 0
+    layer_meta = []
+    for name, calls in values.items():
+        call_meta = []
+        for i, weights in enumerate(calls):
+            if not isinstance(weights, torch.Tensor):
+                weights = torch.as_tensor(weights)
+            if weights.dim() == 3:
+                weights = weights.unsqueeze(0)
+            if weights.dim() != 4:
+                raise AttentionHookerError(
+                    f"Wrong shape for layer {name!r} call {i}: expected 4 dims (batch, heads, query, key). "
+                    f"Received {weights.dim()}-dim tensor of shape {tuple(weights.shape)}."
+                )
+            shape = list(weights.shape)
+            codes, scales = encode_weights(weights)
+            chunks.append(codes.numpy().tobytes())
+            call_meta.append(
+                {
+                    "shape": shape,
+                    "offset": offset,
+                    "scales": [round(float(s), 7) for s in scales.flatten()],
+                    "queryTokens": token_sets.pick(shape[2], "query", name, shape),
+                    "keyTokens": token_sets.pick(shape[3], "key", name, shape),
+                    "nonfinite": bool((codes == NONFINITE_CODE).any()),
+                }
+            )
+            offset += codes.numel()
+        layer_meta.append({"name": name, "calls": call_meta})
+    title = title or "Attention"
+    meta = {
+        "title": title,
+        "layers": layer_meta,
+        "tokenSets": token_sets.sets,
+        "encoding": {"top": _TOP_CODE, "nonfinite": NONFINITE_CODE, "scale": "linear"},
+        "bytes": offset,
+    }
+    payload = base64.b64encode(zlib.compress(b"".join(chunks), compression_level)).decode("ascii")
+    parts = {
+        "__TITLE__": html_lib.escape(title),
+        "/*__CSS__*/": _asset("view.css"),
+        "/*__JS__*/": _asset("view.js"),
+        # Inside <script>, "<" is written as a JSON escape so no text can close the tag.
+        "__META__": json.dumps(meta, separators=(",", ":")).replace("<", "\\u003c"),
+        "__PAYLOAD__": payload,
+    }
+    # One pass: text put in (tokens, layer names) is never searched for placeholders again.
+    page = _PLACEHOLDER.sub(lambda m: parts[m.group(0)], _asset("template.html"))
+    return AttentionPage(page, title)

@@ -1,0 +1,268 @@
+// Offline attention viewer: decodes the inlined payload and draws three linked views.
+(function () {
+  "use strict";
+  const meta = JSON.parse(document.getElementById("ah-meta").textContent);
+  const $ = (id) => document.getElementById(id);
+  const status = $("ah-status");
+  const ROW = 16; // px per token row in the head view
+  const TOP = meta.encoding.top, BAD = meta.encoding.nonfinite;
+  const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, sqrt: false };
+  // Colour index of a code: linear in the weight, or its square root (small weights show).
+  const shade = (code) => Math.round((state.sqrt ? Math.sqrt(code / TOP) : code / TOP) * 255);
+
+  // Colour map: viridis anchors, interpolated to 256 entries.
+  const ANCHORS = [[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
+                   [31, 158, 137], [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37]];
+  const LUT = new Uint8ClampedArray(256 * 3);
+  for (let i = 0; i < 256; i++) {
+    const x = (i / 255) * (ANCHORS.length - 1), k = Math.min(Math.floor(x), ANCHORS.length - 2), f = x - k;
+    for (let c = 0; c < 3; c++) LUT[i * 3 + c] = ANCHORS[k][c] + f * (ANCHORS[k + 1][c] - ANCHORS[k][c]);
+  }
+  const headColor = (h, n) => `hsl(${Math.round((360 * h) / Math.max(n, 1))}, 70%, 45%)`;
+
+  async function decodePayload() {
+    const text = document.getElementById("ah-payload").textContent.trim();
+    const raw = atob(text);
+    const bytes = new Uint8Array(raw.length);
+    for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
+    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
+    return new Uint8Array(await new Response(stream).arrayBuffer());
+  }
+
+  const layerCall = (layer, call) => {
+    const calls = meta.layers[layer].calls;
+    return calls[Math.min(call, calls.length - 1)];
+  };
+  const tokensOf = (index, n) => (index === null || index === undefined ? Array.from({ length: n }, (_, i) => String(i)) : meta.tokenSets[index]);
+
+  // One head's matrix as codes (Uint8Array view, row-major query x key) and its scale.
+  function matrix(layer, call, batch, head) {
+    const c = layerCall(layer, call);
+    const [B, H, Q, K] = c.shape;
+    const b = Math.min(batch, B - 1), h = Math.min(head, H - 1);
+    const start = c.offset + (b * H + h) * Q * K;
+    return { codes: state.data.subarray(start, start + Q * K), scale: c.scales[b * H + h], Q, K, c };
+  }
+
+  const value = (code, scale) => (code === BAD ? NaN : (scale * code) / TOP);
+
+  function paint(canvas, codes, Q, K, outW, outH) {
+    // Downsamples by block maximum when the matrix is larger than the canvas.
+    canvas.width = outW; canvas.height = outH;
+    const ctx = canvas.getContext("2d");
+    const img = ctx.createImageData(outW, outH);
+    const px = img.data;
+    for (let y = 0; y < outH; y++) {
+      const q0 = Math.floor((y * Q) / outH), q1 = Math.max(q0 + 1, Math.floor(((y + 1) * Q) / outH));
+      for (let x = 0; x < outW; x++) {
+        const k0 = Math.floor((x * K) / outW), k1 = Math.max(k0 + 1, Math.floor(((x + 1) * K) / outW));
+        let best = 0, bad = false;
+        for (let q = q0; q < q1; q++) {
+          const row = q * K;
+          for (let k = k0; k < k1; k++) {
+            const v = codes[row + k];
+            if (v === BAD) bad = true; else if (v > best) best = v;
+          }
+        }
+        const o = (y * outW + x) * 4;
+        if (bad) { px[o] = 220; px[o + 1] = 20; px[o + 2] = 20; }
+        else { const l = shade(best) * 3; px[o] = LUT[l]; px[o + 1] = LUT[l + 1]; px[o + 2] = LUT[l + 2]; }
+        px[o + 3] = 255;
+      }
+    }
+    ctx.putImageData(img, 0, 0);
+  }
+
+  function fillSelect(select, n, label) {
+    select.innerHTML = "";
+    for (let i = 0; i < n; i++) {
+      const opt = document.createElement("option");
+      opt.value = String(i); opt.textContent = label(i);
+      select.appendChild(opt);
+    }
+  }
+
+  function syncSelectors() {
+    const c = layerCall(state.layer, state.call);
+    const calls = meta.layers[state.layer].calls.length;
+    state.call = Math.min(state.call, calls - 1);
+    fillSelect($("ah-call"), calls, (i) => `${i + 1} of ${calls}`);
+    $("ah-call").value = String(state.call);
+    $("ah-call-label").style.display = calls > 1 ? "" : "none";
+    const [B, H] = c.shape;
+    state.batch = Math.min(state.batch, B - 1);
+    state.head = Math.min(state.head, H - 1);
+    fillSelect($("ah-batch"), B, String);
+    $("ah-batch").value = String(state.batch);
+    $("ah-batch-label").style.display = B > 1 ? "" : "none";
+    fillSelect($("ah-head"), H, String);
+    $("ah-head").value = String(state.head);
+    $("ah-layer").value = String(state.layer);
+  }
+
+  function drawOverview() {
+    const box = $("ah-overview");
+    box.innerHTML = "";
+    const maxHeads = Math.max(...meta.layers.map((l, i) => layerCall(i, state.call).shape[1]));
+    box.style.gridTemplateColumns = `minmax(40px, 90px) repeat(${maxHeads}, minmax(18px, 1fr))`;
+    box.appendChild(document.createElement("div"));
+    for (let h = 0; h < maxHeads; h++) {
+      const lab = document.createElement("div");
+      lab.className = "ah-col-label"; lab.textContent = `h${h}`;
+      box.appendChild(lab);
+    }
+    meta.layers.forEach((layer, li) => {
+      const label = document.createElement("div");
+      label.className = "ah-row-label"; label.textContent = layer.name; label.title = layer.name;
+      box.appendChild(label);
+      const H = layerCall(li, state.call).shape[1];
+      for (let h = 0; h < maxHeads; h++) {
+        if (h >= H) { box.appendChild(document.createElement("div")); continue; }
+        const m = matrix(li, state.call, state.batch, h);
+        const cv = document.createElement("canvas");
+        cv.dataset.layer = String(li); cv.dataset.head = String(h);
+        cv.title = `${layer.name} head ${h}`;
+        if (li === state.layer && h === state.head) cv.className = "ah-selected";
+        paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 48), Math.min(m.Q, 48));
+        cv.addEventListener("click", () => { state.layer = li; state.head = h; state.query = 0; refresh(); });
+        box.appendChild(cv);
+      }
+    });
+  }
+
+  function drawMatrix() {
+    const m = matrix(state.layer, state.call, state.batch, state.head);
+    const cv = $("ah-matrix");
+    paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 1024), Math.min(m.Q, 1024));
+    $("ah-matrix-caption").textContent = `${meta.layers[state.layer].name}, head ${state.head}: ${m.Q} queries x ${m.K} keys`;
+    $("ah-legend-max").textContent = m.scale.toPrecision(3);
+  }
+
+  function readout(event) {
+    const m = matrix(state.layer, state.call, state.batch, state.head);
+    const cv = $("ah-matrix"), rect = cv.getBoundingClientRect();
+    const k = Math.floor(((event.clientX - rect.left) / rect.width) * m.K);
+    const q = Math.floor(((event.clientY - rect.top) / rect.height) * m.Q);
+    if (q < 0 || k < 0 || q >= m.Q || k >= m.K) return;
+    const qt = tokensOf(m.c.queryTokens, m.Q)[q], kt = tokensOf(m.c.keyTokens, m.K)[k];
+    const v = value(m.codes[q * m.K + k], m.scale);
+    $("ah-readout").textContent = `query ${q} "${qt}" -> key ${k} "${kt}": ${Number.isNaN(v) ? "non-finite" : "~" + v.toPrecision(3)}`;
+  }
+
+  function drawTokens() {
+    const c = layerCall(state.layer, state.call);
+    const [, , Q, K] = c.shape;
+    const left = $("ah-queries"), right = $("ah-keys");
+    left.innerHTML = ""; right.innerHTML = "";
+    tokensOf(c.queryTokens, Q).forEach((t, i) => {
+      const d = document.createElement("div");
+      d.textContent = t; d.title = `query ${i}: ${t}`; d.dataset.index = String(i);
+      if (i === state.query) d.className = "ah-active";
+      d.addEventListener("mouseenter", () => selectQuery(i));
+      d.addEventListener("click", () => selectQuery(i));
+      left.appendChild(d);
+    });
+    tokensOf(c.keyTokens, K).forEach((t, i) => {
+      const d = document.createElement("div");
+      d.textContent = t; d.title = `key ${i}: ${t}`;
+      right.appendChild(d);
+    });
+  }
+
+  function drawToggles() {
+    const H = layerCall(state.layer, state.call).shape[1];
+    const box = $("ah-head-toggles");
+    box.innerHTML = "";
+    for (let h = 0; h < H; h++) {
+      const b = document.createElement("button");
+      b.textContent = `h${h}`; b.style.color = headColor(h, H); b.dataset.head = String(h);
+      if (state.hidden.has(h)) b.className = "ah-off";
+      b.addEventListener("click", () => {
+        if (state.hidden.has(h)) state.hidden.delete(h); else state.hidden.add(h);
+        b.classList.toggle("ah-off");
+        drawLines();
+      });
+      box.appendChild(b);
+    }
+  }
+
+  function drawLines() {
+    const c = layerCall(state.layer, state.call);
+    const [, H, Q, K] = c.shape;
+    const cv = $("ah-lines");
+    cv.height = Math.max(Q, K) * ROW;
+    const ctx = cv.getContext("2d");
+    ctx.clearRect(0, 0, cv.width, cv.height);
+    const q = Math.min(state.query, Q - 1);
+    const y0 = q * ROW + ROW / 2;
+    const hot = new Float32Array(K);
+    for (let h = 0; h < H; h++) {
+      if (state.hidden.has(h)) continue;
+      const m = matrix(state.layer, state.call, state.batch, h);
+      const row = m.codes.subarray(q * K, q * K + K);
+      let top = 0;
+      for (let k = 0; k < K; k++) if (row[k] !== BAD && row[k] > top) top = row[k];
+      if (top === 0) continue;
+      ctx.strokeStyle = headColor(h, H);
+      for (let k = 0; k < K; k++) {
+        const code = row[k];
+        const w = code === BAD ? 1 : code / top; // relative to the row's largest weight
+        if (w < 0.05) continue;
+        hot[k] = Math.max(hot[k], w);
+        ctx.globalAlpha = Math.min(1, 0.05 + 0.95 * w);
+        ctx.lineWidth = 0.5 + 2.5 * w;
+        ctx.beginPath(); ctx.moveTo(0, y0); ctx.lineTo(cv.width, k * ROW + ROW / 2); ctx.stroke();
+      }
+    }
+    ctx.globalAlpha = 1;
+    Array.from($("ah-keys").children).forEach((d, k) => d.classList.toggle("ah-hot", hot[k] > 0.5));
+  }
+
+  function selectQuery(i) {
+    state.query = i;
+    Array.from($("ah-queries").children).forEach((d, k) => d.classList.toggle("ah-active", k === i));
+    drawLines();
+  }
+
+  function drawLegend() {
+    const cv = $("ah-legend"), ctx = cv.getContext("2d");
+    for (let x = 0; x < cv.width; x++) {
+      const l = shade(Math.round((x / (cv.width - 1)) * TOP)) * 3;
+      ctx.fillStyle = `rgb(${LUT[l]},${LUT[l + 1]},${LUT[l + 2]})`;
+      ctx.fillRect(x, 0, 1, cv.height);
+    }
+  }
+
+  function refresh() {
+    syncSelectors();
+    drawOverview();
+    drawMatrix();
+    drawTokens();
+    drawToggles();
+    drawLines();
+  }
+
+  async function main() {
+    $("ah-title").textContent = meta.title;
+    fillSelect($("ah-layer"), meta.layers.length, (i) => meta.layers[i].name);
+    $("ah-layer").addEventListener("change", (e) => { state.layer = Number(e.target.value); state.query = 0; refresh(); });
+    $("ah-call").addEventListener("change", (e) => { state.call = Number(e.target.value); refresh(); });
+    $("ah-batch").addEventListener("change", (e) => { state.batch = Number(e.target.value); refresh(); });
+    $("ah-head").addEventListener("change", (e) => { state.head = Number(e.target.value); refresh(); });
+    $("ah-matrix").addEventListener("mousemove", readout);
+    $("ah-scale").addEventListener("change", (e) => { state.sqrt = e.target.value === "sqrt"; drawLegend(); drawOverview(); drawMatrix(); });
+    drawLegend();
+    state.data = await decodePayload();
+    if (state.data.length !== meta.bytes) throw new Error(`payload holds ${state.data.length} bytes, expected ${meta.bytes}`);
+    refresh();
+    status.textContent = `${meta.layers.length} layers`;
+    document.body.dataset.ready = "true";
+  }
+
+  main().catch((err) => {
+    status.textContent = `could not draw: ${err.message}`;
+    status.classList.add("ah-error");
+    document.body.dataset.ready = "error";
+    console.error(err);
+  });
+})();

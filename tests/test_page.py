@@ -1,0 +1,201 @@
+"""The offline interactive page: its contents, and its behaviour in a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+from attention_hooker import AttentionHookerError, TransformerAttentionHooker, render_html
+from attention_hooker.html import decode_weights, encode_weights
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium for the browser tests (apt-get install chromium)")
+        pytest.skip("no chromium here: apt-get install chromium")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run"],
+        )
+        yield browser
+        browser.close()
+
+
+class _Page:
+    """An opened page that records console errors and any network request."""
+
+    def __init__(self, browser, path):
+        self.errors, self.requests = [], []
+        self.page = browser.new_page(viewport={"width": 1500, "height": 950})
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append(r.url) if not r.url.startswith(("file:", "data:", "blob:")) else None)
+        self.page.goto(f"file://{path}")
+        self.page.wait_for_selector("body[data-ready]", timeout=30_000)
+
+    def canvas(self, selector):
+        return self.page.eval_on_selector(selector, "c => c.toDataURL()")
+
+    def close(self):
+        self.page.close()
+
+
+@pytest.fixture(scope="module")
+def minilm_page(tmp_path_factory, minilm_sdpa, minilm_tokenizer):
+    enc = minilm_tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")
+    tokens = minilm_tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as hooker:
+        minilm_sdpa(**enc)
+    page = render_html(hooker, tokens=tokens, title="MiniLM test")
+    path = page.save(tmp_path_factory.mktemp("page") / "minilm.html")
+    return hooker, tokens, page, path
+
+
+def _payload(html):
+    meta = json.loads(re.search(r'<script type="application/json" id="ah-meta">(.*?)</script>', html, re.S).group(1))
+    raw = re.search(r'<script type="application/octet-stream" id="ah-payload">(.*?)</script>', html, re.S).group(1)
+    return meta, zlib.decompress(base64.b64decode(raw))
+
+
+def test_page_is_one_self_contained_file_without_network_references(minilm_page):
+    _, tokens, page, path = minilm_page
+    html = page.html
+    assert html.startswith("<!DOCTYPE html>")
+    assert not re.search(r"https?://", html), "no http(s) reference of any kind"
+    assert "<link" not in html and " src=" not in html and "@import" not in html
+    assert "function drawOverview" in html and ".ah-main" in html  # view.js and view.css inlined
+    assert os.path.getsize(path) == len(html.encode("utf-8"))
+    meta, blob = _payload(html)
+    assert meta["tokenSets"] == [tokens]
+    assert len(blob) == meta["bytes"] == 6 * 12 * len(tokens) ** 2
+
+
+def test_payload_decodes_to_the_weights_within_the_quantisation_step(minilm_page):
+    hooker, _, page, _ = minilm_page
+    meta, blob = _payload(page.html)
+    for layer_meta, (name, calls) in zip(meta["layers"], hooker.values.items()):
+        assert layer_meta["name"] == name
+        call = layer_meta["calls"][0]
+        b, h, q, k = call["shape"]
+        codes = torch.frombuffer(bytearray(blob[call["offset"] : call["offset"] + b * h * q * k]), dtype=torch.uint8)
+        scales = torch.tensor(call["scales"]).view(b, h)
+        decoded = decode_weights(codes.view(b, h, q, k), scales)
+        step = scales.max().item() / 254
+        torch.testing.assert_close(decoded, calls[0], atol=step / 2 + 1e-7, rtol=0)
+
+
+def test_encoding_marks_non_finite_weights():
+    w = torch.rand(1, 2, 3, 3)
+    w[0, 0, 1, 1] = float("inf")
+    codes, scales = encode_weights(w)
+    decoded = decode_weights(codes, scales)
+    assert torch.isnan(decoded[0, 0, 1, 1]) and torch.isfinite(decoded[0, 1]).all()
+
+
+def test_page_draws_and_reacts_in_headless_chromium(browser, minilm_page, tmp_path):
+    _, tokens, _, path = minilm_page
+    view = _Page(browser, path)
+    page = view.page
+    try:
+        assert page.evaluate("document.body.dataset.ready") == "true"
+        assert view.errors == [] and view.requests == []
+        shown = page.inner_text("#ah-queries")
+        for token in ("[CLS]", "quick", "fox", "[SEP]"):
+            assert token in shown
+        assert page.locator("#ah-overview canvas").count() == 72
+        matrix = view.canvas("#ah-matrix")
+        page.select_option("#ah-layer", "3")
+        assert view.canvas("#ah-matrix") != matrix, "choosing a layer redraws the matrix"
+        matrix = view.canvas("#ah-matrix")
+        page.select_option("#ah-head", "7")
+        assert view.canvas("#ah-matrix") != matrix, "choosing a head redraws the matrix"
+        lines = view.canvas("#ah-lines")
+        page.hover(f"#ah-queries div:nth-child({tokens.index('fox') + 1})")
+        assert view.canvas("#ah-lines") != lines, "hovering a token redraws its lines"
+        assert "ah-active" in page.get_attribute(f"#ah-queries div:nth-child({tokens.index('fox') + 1})", "class")
+        lines = view.canvas("#ah-lines")
+        page.click("#ah-head-toggles button[data-head='0']")
+        assert view.canvas("#ah-lines") != lines, "toggling a head redraws the lines"
+        page.click("#ah-overview canvas[data-layer='5'][data-head='2']")
+        assert page.input_value("#ah-layer") == "5" and page.input_value("#ah-head") == "2"
+        box = page.locator("#ah-matrix").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.1)
+        assert re.search(r'query \d+ ".*" -> key \d+ ".*": ~[\d.e-]+', page.inner_text("#ah-readout"))
+        page.select_option("#ah-scale", "sqrt")
+        shot = tmp_path / "page.png"
+        page.screenshot(path=str(shot))
+        assert shot.stat().st_size > 20_000
+        assert view.errors == [] and view.requests == []
+    finally:
+        view.close()
+
+
+def test_cross_attention_calls_and_batches_in_the_browser(browser, tmp_path):
+    model = nn.Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
+                           batch_first=True).eval()
+    src, tgt = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(src, tgt)
+        model(src, tgt)  # every layer called twice
+    source_tokens = ["s0", "s1", "s2", "s3", "s4"]
+    target_tokens = ["t0", "t1", "t2"]
+    page = render_html(hooker, tokens=[source_tokens, target_tokens])
+    path = page.save(tmp_path / "cross.html")
+    view = _Page(browser, path)
+    try:
+        assert view.errors == []
+        view.page.select_option("#ah-layer", "2")  # decoder.layers.0.multihead_attn: 3 queries x 5 keys
+        assert view.page.inner_text("#ah-queries").split() == target_tokens
+        assert view.page.inner_text("#ah-keys").split() == source_tokens
+        assert view.page.is_visible("#ah-call") and view.page.is_visible("#ah-batch")
+        matrix = view.canvas("#ah-matrix")
+        view.page.select_option("#ah-batch", "1")
+        assert view.canvas("#ah-matrix") != matrix
+        view.page.select_option("#ah-call", "1")
+        assert view.errors == []
+    finally:
+        view.close()
+
+
+def test_non_finite_weights_are_drawn_marked(browser, tmp_path):
+    w = torch.rand(1, 1, 4, 4)
+    w[0, 0, 0, 0] = float("nan")
+    path = render_html({"layer": [w]}).save(tmp_path / "nan.html")
+    view = _Page(browser, path)
+    try:
+        assert view.errors == []
+        red = view.page.eval_on_selector("#ah-matrix", "c => Array.from(c.getContext('2d').getImageData(0, 0, 1, 1).data)")
+        assert red[:3] == [220, 20, 20]
+    finally:
+        view.close()
+
+
+def test_page_errors_and_notebook_repr():
+    w = {"layer": [torch.rand(1, 2, 4, 4)]}
+    with pytest.raises(AttentionHookerError, match=r"4 query and 4 key positions, while the number of tokens is 3"):
+        render_html(w, tokens=["a", "b", "c"])
+    with pytest.raises(AttentionHookerError, match="nothing to show"):
+        render_html({})
+    with pytest.raises(AttentionHookerError, match=r"unknown layer\(s\) \['x'\]"):
+        render_html(w, layers=["x"])
+    with pytest.raises(AttentionHookerError, match="Received 5-dim tensor"):
+        render_html({"layer": [torch.rand(1, 1, 1, 2, 2)]})
+    page = render_html(w, title="</script><b>x</b>")
+    assert "</script><b>" not in page.html.split("<script>")[0].split("<title>")[1]
+    assert page._repr_html_().startswith("<iframe srcdoc=") and "&lt;!DOCTYPE html&gt;" in page._repr_html_()
+    assert re.fullmatch(r"AttentionPage\('.*', [\d.]+ MB\)", repr(page))

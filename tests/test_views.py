@@ -1,0 +1,149 @@
+"""Matplotlib views: head grids, the overview, ViT overlays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attention_hooker import (
+    AttentionHookerError,
+    TransformerAttentionHooker,
+    attention_rollout,
+    plot_attention_grid,
+    plot_attention_overview,
+    plot_vit_attention,
+    vit_attention_map,
+)
+
+matplotlib = pytest.importorskip("matplotlib")
+
+
+def _pixels(path):
+    import matplotlib.image
+
+    return matplotlib.image.imread(str(path))
+
+
+def _head_axes(fig):
+    return [ax for ax in fig.axes if ax.get_title().startswith("head")]
+
+
+@pytest.fixture(scope="module")
+def minilm_capture(minilm_sdpa, minilm_tokenizer):
+    enc = minilm_tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")
+    tokens = minilm_tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as hooker:
+        minilm_sdpa(**enc)
+    return hooker, tokens
+
+
+@pytest.mark.parametrize("ext, magic", [("png", b"\x89PNG"), ("svg", b"<?xml"), ("pdf", b"%PDF")])
+def test_grid_writes_valid_files_in_new_folders(tmp_path, minilm_capture, ext, magic):
+    hooker, tokens = minilm_capture
+    name = "encoder.layer.0.attention.self"
+    path = tmp_path / "a" / "b" / f"grid.{ext}"
+    fig = plot_attention_grid(hooker.values[name][0], tokens=tokens, layer_name=name, save_path=path)
+    assert path.read_bytes()[:5].startswith(magic)
+    assert len(_head_axes(fig)) == 12
+    first = _head_axes(fig)[0]
+    assert [t.get_text() for t in first.get_xticklabels()] == tokens
+    assert [t.get_text() for t in first.get_yticklabels()] == tokens
+    assert fig.axes[-1].get_ylabel() == "attention weight"  # one shared colour bar
+    if ext == "png":
+        assert _pixels(path).std() > 0.05, "the picture must not be blank"
+
+
+def test_grid_accepts_numpy_3d_half_and_head_subset(minilm_capture):
+    hooker, tokens = minilm_capture
+    weights = hooker.values["encoder.layer.1.attention.self"][0]
+    fig = plot_attention_grid(weights[0].half().numpy(), tokens=tokens, heads=[3, 5])
+    assert [ax.get_title() for ax in _head_axes(fig)] == ["head 3", "head 5"]
+    fig = plot_attention_grid(weights.repeat(2, 1, 1, 1), batch_index=1, heads=[0])
+    assert len(_head_axes(fig)) == 1
+
+
+def test_grid_long_sequences_thin_labels():
+    fig = plot_attention_grid(torch.rand(1, 1, 300, 300), tokens=[f"t{i}" for i in range(300)], max_labels=30)
+    labels = [t.get_text() for t in _head_axes(fig)[0].get_xticklabels()]
+    assert 10 <= len(labels) <= 30 and labels[0] == "t0"
+
+
+def test_grid_cross_attention_labels_each_axis(tmp_path):
+    attn = torch.rand(1, 2, 3, 5).softmax(-1)
+    q_tokens, k_tokens = ["a", "b", "c"], ["v", "w", "x", "y", "z"]
+    fig = plot_attention_grid(attn, query_tokens=q_tokens, key_tokens=k_tokens, save_path=tmp_path / "cross.png")
+    ax = _head_axes(fig)[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == k_tokens
+    assert [t.get_text() for t in ax.get_yticklabels()] == q_tokens
+    fig = plot_attention_grid(attn, tokens=k_tokens)  # one list: labels the axis it fits
+    assert [t.get_text() for t in _head_axes(fig)[0].get_xticklabels()] == k_tokens
+
+
+def test_grid_marks_non_finite_weights_instead_of_crashing(tmp_path):
+    attn = torch.rand(1, 2, 4, 4)
+    attn[0, 1, 2, 2] = float("nan")
+    fig = plot_attention_grid(attn, save_path=tmp_path / "nan.png")
+    assert [ax.get_title() for ax in _head_axes(fig)] == ["head 0", "head 1 (non-finite in red)"]
+
+
+def test_grid_errors_say_what_was_expected():
+    with pytest.raises(AttentionHookerError, match=r"12 query and 12 key positions, while the number of tokens is 10"):
+        plot_attention_grid(torch.rand(1, 2, 12, 12), tokens=[str(i) for i in range(10)])
+    with pytest.raises(AttentionHookerError, match=r"expected \(batch, heads, query, key\) or \(heads, query, key\). Received 5-dim"):
+        plot_attention_grid(torch.rand(1, 1, 2, 3, 3))
+    with pytest.raises(AttentionHookerError, match=r"heads=\[4\] must be indices in 0..1"):
+        plot_attention_grid(torch.rand(1, 2, 3, 3), heads=[4])
+    with pytest.raises(AttentionHookerError, match="batch_index=3 is out of range"):
+        plot_attention_grid(torch.rand(1, 2, 3, 3), batch_index=3)
+
+
+@pytest.mark.parametrize("scale", ["shared", "row"])
+def test_overview_has_a_panel_per_head_in_model_order(tmp_path, minilm_capture, scale):
+    hooker, _ = minilm_capture
+    path = tmp_path / f"overview_{scale}.png"
+    fig = plot_attention_overview(hooker, scale=scale, save_path=path)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 6 * 12
+    row_labels = [ax.get_ylabel() for ax in panels if ax.get_ylabel()]
+    assert len(row_labels) == 6 and row_labels[0].endswith("layer.0.attention.self")
+    colorbars = [ax for ax in fig.axes if not ax.images and ax.collections]
+    assert len(colorbars) == (1 if scale == "shared" else 6)
+    assert _pixels(path).std() > 0.05
+
+
+def test_overview_errors():
+    with pytest.raises(AttentionHookerError, match="nothing to show"):
+        plot_attention_overview({})
+    with pytest.raises(AttentionHookerError, match=r"unknown layer\(s\) \['x'\]; known layers: \['a'\]"):
+        plot_attention_overview({"a": [torch.rand(1, 1, 2, 2)]}, layers=["x"])
+    with pytest.raises(AttentionHookerError, match="scale='log' must be"):
+        plot_attention_overview({"a": [torch.rand(1, 1, 2, 2)]}, scale="log")
+
+
+def test_vit_map_handles_class_register_tokens_and_non_square_grids():
+    attn = torch.zeros(1, 2, 1 + 4 + 6, 1 + 4 + 6)
+    attn[0, :, 0, 5:] = torch.arange(6.0)  # the class token looks at the 6 patches, increasingly
+    amap = vit_attention_map(attn, prefix_tokens=5, grid=(2, 3))
+    np.testing.assert_allclose(amap, np.arange(6.0).reshape(2, 3))
+    assert vit_attention_map(attn, prefix_tokens=5, image_shape=(20, 30)).shape == (2, 3)
+    assert vit_attention_map(attn, prefix_tokens=5, image_shape=(30, 20)).shape == (3, 2)
+    with pytest.raises(AttentionHookerError, match="do not form a square grid"):
+        vit_attention_map(attn, prefix_tokens=5)
+
+
+def test_vit_overlay_on_a_timm_model_with_rollout(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(32, 48), patch_size=8, depth=2,
+                              reg_tokens=2).eval()
+    image = torch.rand(3, 32, 48)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(image[None])
+    rollout = attention_rollout(hooker.values)  # (1, 1 + 2 + 24, 27)
+    path = tmp_path / "vit.png"
+    fig = plot_vit_attention(rollout, image, heads=None, prefix_tokens=3, save_path=path)
+    assert "4x6 patches" in fig.axes[1].get_title()
+    assert _pixels(path).std() > 0.05
+    fig = plot_vit_attention(hooker.values["blocks.1.attn"][0], image.permute(1, 2, 0).numpy(), prefix_tokens=3, heads=1)
+    assert fig.axes[1].images
