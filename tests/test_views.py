@@ -46,9 +46,10 @@ def test_grid_writes_valid_files_in_new_folders(tmp_path, minilm_capture, ext, m
     fig = plot_attention_grid(hooker.values[name][0], tokens=tokens, layer_name=name, save_path=path)
     assert path.read_bytes()[:5].startswith(magic)
     assert len(_head_axes(fig)) == 12
-    first = _head_axes(fig)[0]
-    assert [t.get_text() for t in first.get_xticklabels()] == tokens
-    assert [t.get_text() for t in first.get_yticklabels()] == tokens
+    panels = _head_axes(fig)
+    assert [t.get_text() for t in panels[-1].get_xticklabels()] == tokens  # keys under the bottom row
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == tokens  # queries left of the first column
+    assert panels[-1].get_xlabel() == "key" and panels[0].get_ylabel() == "query"
     assert fig.axes[-1].get_ylabel() == "attention weight"  # one shared colour bar
     if ext == "png":
         assert _pixels(path).std() > 0.05, "the picture must not be blank"

@@ -35,7 +35,7 @@ def _save(fig, save_path) -> None:
     folder = os.path.dirname(os.fspath(save_path))
     if folder:
         os.makedirs(folder, exist_ok=True)
-    fig.savefig(save_path, bbox_inches="tight")
+    fig.savefig(save_path)  # constrained layout already fits everything: no second, "tight" pass
 
 
 def _tick_positions(n: int, max_labels: int) -> list:
@@ -43,8 +43,8 @@ def _tick_positions(n: int, max_labels: int) -> list:
     return list(range(0, n, step))
 
 
-def _label_axes(ax, query_tokens, key_tokens, n_query, n_key, max_labels, show_query):
-    if key_tokens is not None:
+def _label_axes(ax, query_tokens, key_tokens, n_query, n_key, max_labels, show_query, show_key=True):
+    if key_tokens is not None and show_key:
         ticks = _tick_positions(n_key, max_labels)
         ax.set_xticks(ticks)
         ax.set_xticklabels([key_tokens[i] for i in ticks], rotation=90, fontsize=7)
@@ -159,10 +159,12 @@ def plot_attention_grid(
         if not np.isfinite(weights[head]).all():
             title += " (non-finite in red)"
         ax.set_title(title, fontsize=9)
-        _label_axes(ax, query_tokens, key_tokens, n_query, n_key, max_labels, show_query=slot % ncols == 0)
+        bottom = slot + ncols >= len(heads)  # nothing drawn below this panel
+        _label_axes(ax, query_tokens, key_tokens, n_query, n_key, max_labels, show_query=slot % ncols == 0,
+                    show_key=bottom)
         if slot % ncols == 0:
             ax.set_ylabel("query", fontsize=8)
-        if slot // ncols == nrows - 1 or slot + ncols >= len(heads):
+        if bottom:
             ax.set_xlabel("key", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
     fig.suptitle(

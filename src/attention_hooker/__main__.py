@@ -1,0 +1,7 @@
+"""``python -m attention_hooker``: the same as the ``attention-hooker`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

