@@ -368,3 +368,16 @@ def test_keep_grad_on_the_mha_route():
     col = w_o.sum(0).view(2, 4)  # (H, Dh)
     expected = torch.einsum("bhsd,hd->bhs", v, col)[:, :, None, :].expand(1, 2, 4, 4)
     torch.testing.assert_close(grad, expected.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_readme_capture_example_runs_as_written(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Capture\n\n```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    exec(compile(block, "README.md", "exec"), {})
+    assert printed == ["AttentionValues(2 layers, 2 calls, 3.1 KB)", "torch.Size([1, 4, 10, 10])"]
+    assert (tmp_path / "plots" / "layers.0.self_attn.png").exists()
