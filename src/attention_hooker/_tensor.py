@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from .errors import AttentionHookerError
 
-__all__ = ["to_numpy", "as_heads", "check_tokens"]
+__all__ = ["to_numpy", "as_heads", "check_tokens", "values_of"]
 
 
 def to_numpy(x) -> np.ndarray:
@@ -61,3 +61,30 @@ def check_tokens(tokens: Optional[Sequence], n: int, axis: str, where: str = "at
     if len(tokens) != n:
         raise AttentionHookerError(f"{where} has {n} {axis} positions, while the number of {axis} tokens is {len(tokens)}")
     return tokens
+
+
+def values_of(source, *, layers: Optional[Sequence[str]] = None, require: bool = True) -> dict:
+    """``{layer_name: [tensor per call]}`` from a hooker, a loaded capture or a mapping.
+
+    Args:
+        source: an object with a ``values`` mapping, or the mapping itself.
+        layers: keep only these layer names, in this order.
+        require: raise when no layer holds any call.
+
+    Raises:
+        AttentionHookerError: on another type, an unknown layer, or nothing captured.
+    """
+    values = source if isinstance(source, Mapping) else getattr(source, "values", None)
+    if not isinstance(values, Mapping):
+        raise AttentionHookerError(
+            f"expected a hooker, a loaded capture or {{layer_name: [tensor per call]}}, got {type(source).__name__}"
+        )
+    if layers is not None:
+        unknown = [name for name in layers if name not in values]
+        if unknown:
+            raise AttentionHookerError(f"unknown layer(s) {unknown}; known layers: {list(values)}")
+        values = {name: values[name] for name in layers}
+    values = {name: calls for name, calls in values.items() if len(calls)}
+    if require and not values:
+        raise AttentionHookerError("nothing to show: the capture holds no attention (run the model with hooks on first)")
+    return values

@@ -7,7 +7,7 @@ Shapes: attention is ``(batch, heads, query, key)``; a rollout is
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 

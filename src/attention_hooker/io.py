@@ -13,6 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._tensor import values_of
 from .errors import AttentionHookerError
 from .store import AttentionValues
 
@@ -159,13 +160,6 @@ def load(path: Union[str, os.PathLike]) -> SavedAttention:
     return SavedAttention(values, tokens, extra)
 
 
-def _values_of(source) -> Mapping[str, Sequence[torch.Tensor]]:
-    values = source if isinstance(source, Mapping) else getattr(source, "values", None)
-    if not isinstance(values, Mapping):
-        raise AttentionHookerError(f"expected a hooker, a loaded capture or a values mapping, got {type(source).__name__}")
-    return values
-
-
 def to_bertviz(source, *, call: int = 0, layers: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, ...]:
     """BertViz's input: a tuple of per-layer ``(batch, heads, tokens, tokens)`` tensors in model order.
 
@@ -180,13 +174,7 @@ def to_bertviz(source, *, call: int = 0, layers: Optional[Sequence[str]] = None)
     """
     from .analysis import layer_sequence
 
-    values = _values_of(source)
-    if layers is not None:
-        unknown = [name for name in layers if name not in values]
-        if unknown:
-            raise AttentionHookerError(f"unknown layer(s) {unknown}; known layers: {list(values)}")
-        values = {name: values[name] for name in layers}
-    tensors = layer_sequence(values, call=call)
+    tensors = layer_sequence(values_of(source, layers=layers), call=call)
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:
         raise AttentionHookerError(
@@ -202,7 +190,7 @@ def to_numpy(source) -> Dict[str, list]:
         >>> to_numpy({"a": [torch.ones(1, 1, 2, 2)]})["a"][0].shape
         (1, 1, 2, 2)
     """
-    values = _values_of(source)
+    values = values_of(source, require=False)
     return {
         name: [t.detach().cpu().float().numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.detach().cpu().numpy()
                for t in calls]

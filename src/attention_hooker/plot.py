@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from ._tensor import as_heads, check_tokens
+from ._tensor import as_heads, check_tokens, values_of
 from .errors import AttentionHookerError
 
 __all__ = ["plot_attention_grid", "plot_attention_overview", "vit_attention_map", "plot_vit_attention"]
@@ -20,7 +20,6 @@ __all__ = ["plot_attention_grid", "plot_attention_overview", "vit_attention_map"
 
 def _matplotlib():
     try:
-        import matplotlib  # noqa: F401
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(
@@ -181,15 +180,6 @@ def _colormap(name: str):
     return matplotlib.colormaps[name].with_extremes(bad="red")
 
 
-def _values_of(source) -> Mapping:
-    values = source if isinstance(source, Mapping) else getattr(source, "values", None)
-    if not isinstance(values, Mapping):
-        raise AttentionHookerError(
-            f"expected a hooker, a loaded capture or {{layer_name: [tensor per call]}}, got {type(source).__name__}"
-        )
-    return values
-
-
 def plot_attention_overview(
     source,
     *,
@@ -233,15 +223,7 @@ def plot_attention_overview(
     Figure = _matplotlib()
     if scale not in ("shared", "row"):
         raise AttentionHookerError(f"scale={scale!r} must be 'shared' or 'row'")
-    values = _values_of(source)
-    if layers is not None:
-        unknown = [name for name in layers if name not in values]
-        if unknown:
-            raise AttentionHookerError(f"unknown layer(s) {unknown}; known layers: {list(values)}")
-        values = {name: values[name] for name in layers}
-    values = {name: calls for name, calls in values.items() if len(calls)}
-    if not values:
-        raise AttentionHookerError("nothing to show: the capture holds no attention (run the model with hooks on first)")
+    values = values_of(source, layers=layers)
     grids = {
         name: as_heads(calls[min(call, len(calls) - 1)], batch_index=batch_index, where=f"layer {name!r}")
         for name, calls in values.items()

@@ -10,13 +10,12 @@ import csv
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .errors import AttentionHookerError
 
 __all__ = ["CommandError", "Capture", "load_hf_model", "capture_text", "write_outputs", "notable_heads",
            "collect_statistics", "demo_model_path", "DEFAULT_DEMO_TEXT"]

@@ -15,10 +15,11 @@ import os
 import re
 import zlib
 from importlib import resources
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
+from .._tensor import values_of
 from ..errors import AttentionHookerError
 
 __all__ = ["render_html", "AttentionPage", "encode_weights", "decode_weights"]
@@ -54,15 +55,6 @@ def decode_weights(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def _asset(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
-
-
-def _values_of(source) -> Mapping[str, Sequence[torch.Tensor]]:
-    values = source if isinstance(source, Mapping) else getattr(source, "values", None)
-    if not isinstance(values, Mapping):
-        raise AttentionHookerError(
-            f"render_html expects a hooker, a loaded capture or {{layer_name: [tensor per call]}}, got {type(source).__name__}"
-        )
-    return values
 
 
 class _TokenSets:
@@ -174,14 +166,7 @@ def render_html(
         >>> page.html.startswith("<!DOCTYPE html>") and "http://" not in page.html
         True
     """
-    values = _values_of(source)
-    if layers is not None:
-        unknown = [name for name in layers if name not in values]
-        if unknown:
-            raise AttentionHookerError(f"unknown layer(s) {unknown}; known layers: {list(values)}")
-        values = {name: values[name] for name in layers}
-    if not values or not any(len(calls) for calls in values.values()):
-        raise AttentionHookerError("nothing to show: the capture holds no attention (run the model with hooks on first)")
+    values = values_of(source, layers=layers)
     token_sets = _TokenSets(tokens, query_tokens, key_tokens)
     chunks = []
     offset = 0
