@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -248,6 +249,11 @@ def test_max_calls_keep_first_and_last():
     assert len(all_calls) == 4
     torch.testing.assert_close(first.values["attn"], all_calls[:2])
     torch.testing.assert_close(last.values["attn"], all_calls[2:])
+    with TransformerAttentionHooker(model, max_calls=1) as once, warnings.catch_warnings():
+        warnings.simplefilter("error")  # calls skipped by max_calls are not "nothing captured"
+        model(x)
+        model(x)
+    torch.testing.assert_close(once.values["attn"], all_calls[:1])
 
 
 @pytest.mark.parametrize("route", ["mha", "sdpa", "softmax"])

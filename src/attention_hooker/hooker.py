@@ -90,6 +90,8 @@ class TransformerAttentionHooker:
         self._session = CaptureSession(self._store)
         self._handles: List = []
         self._warned_empty = False
+        self._events_before = 0  # attention events seen when the root forward began
+        self._scopes_before = 0
 
     # ------------------------------------------------------------------ public
     @property
@@ -247,18 +249,17 @@ class TransformerAttentionHooker:
         session = self._session
         if session.active and not session.is_open(module):
             session.reset()  # a forward was interrupted (KeyboardInterrupt) and left scopes open
-        self._records_before = session.records
+        self._events_before = session.events
         self._scopes_before = session.capture_scopes_entered
 
     def _root_post_hook(self, module, args, output):
         session = self._session
         if output is None:  # the forward raised: its error says more than a warning would
             return None
-        ran_hooked = session.capture_scopes_entered > getattr(self, "_scopes_before", 0)
-        if ran_hooked and session.records == getattr(self, "_records_before", 0) and not self._warned_empty:
-            if self._store.policy.max_calls is None:
-                self._warned_empty = True
-                warnings.warn(_nothing_captured_message(self.model, self.hooked_layers), AttentionCaptureWarning, stacklevel=2)
+        ran_hooked = session.capture_scopes_entered > self._scopes_before
+        if ran_hooked and session.events == self._events_before and not self._warned_empty:
+            self._warned_empty = True
+            warnings.warn(_nothing_captured_message(self.model, self.hooked_layers), AttentionCaptureWarning, stacklevel=2)
         return None
 
 

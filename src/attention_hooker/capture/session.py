@@ -71,7 +71,7 @@ class CaptureSession:
         self._mode_on = False
         self._use_flag = fastpath_flag_available() if use_fastpath_flag is None else use_fastpath_flag
         self._saved_flag: Optional[bool] = None
-        self.records = 0  # attention events recorded, for the "nothing captured" check
+        self.events = 0  # attention calls seen (kept or skipped), for the "nothing captured" check
         self.capture_scopes_entered = 0
 
     # ----------------------------------------------------------------- scopes
@@ -129,7 +129,7 @@ class CaptureSession:
             return func(*args, **kwargs)
         store = self.store
         if not store.wants(layer):
-            store.skip(layer)
+            self._skip(layer)
             return func(*args, **kwargs)
         call = parse_sdpa_call(args, kwargs)
         if store.policy.keep_grad and torch.is_grad_enabled():
@@ -174,19 +174,23 @@ class CaptureSession:
         if layer is None or not is_attention_softmax(result, args, kwargs):
             return
         if not self.store.wants(layer):
-            self.store.skip(layer)
+            self._skip(layer)
             return
         self._record(layer, result, heads_selected=False)
 
     def record_module_output(self, layer: str, weights: torch.Tensor, graph_tensor=None) -> None:
         """Records weights a module returned itself (the MHA route)."""
         if not self.store.wants(layer):
-            self.store.skip(layer)
+            self._skip(layer)
             return
         self._record(layer, weights, heads_selected=False, graph_tensor=graph_tensor)
 
+    def _skip(self, layer: str) -> None:
+        self.events += 1
+        self.store.skip(layer)
+
     def _record(self, layer: str, weights: torch.Tensor, *, heads_selected: bool, graph_tensor=None) -> None:
-        self.records += 1
+        self.events += 1
         self.store.record(layer, weights, heads_selected=heads_selected, graph_tensor=graph_tensor)
 
 
