@@ -387,3 +387,19 @@ def test_readme_capture_example_runs_as_written(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), {})
     assert printed == ["AttentionValues(2 layers, 2 calls, 3.1 KB)", "torch.Size([1, 4, 10, 10])"]
     assert (tmp_path / "plots" / "layers.0.self_attn.png").exists()
+
+
+def test_two_hookers_on_one_model_both_capture(minilm_sdpa, minilm_batch):
+    with torch.no_grad():
+        with TransformerAttentionHooker(minilm_sdpa) as everything, TransformerAttentionHooker(
+            minilm_sdpa, r"layer\.5\.attention\.self$", dtype=torch.float16
+        ) as last:
+            minilm_sdpa(**minilm_batch)
+    assert len(everything.values) == 6 and list(last.values) == ["encoder.layer.5.attention.self"]
+    torch.testing.assert_close(
+        last.values["encoder.layer.5.attention.self"][0].float(),
+        everything.values["encoder.layer.5.attention.self"][0],
+        atol=1e-3,
+        rtol=1e-3,
+    )
+    _no_trace_left(minilm_sdpa)

@@ -30,6 +30,36 @@ def fastpath_flag_available() -> bool:
     return mha is not None and hasattr(mha, "set_fastpath_enabled")
 
 
+class _FastPathSwitch:
+    """Keeps the MHA fast path off while any session needs it, across sessions.
+
+    Sessions of several hookers on one model open and close in interleaved
+    order, so each one saving and restoring the flag itself would restore the
+    wrong value; the first holder saves it and the last one restores it.
+    """
+
+    def __init__(self):
+        self._holders = 0
+        self._saved: Optional[bool] = None
+
+    def hold(self) -> None:
+        if self._holders == 0:
+            self._saved = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        self._holders += 1
+
+    def release(self) -> None:
+        if self._holders == 0:
+            return
+        self._holders -= 1
+        if self._holders == 0:
+            torch.backends.mha.set_fastpath_enabled(self._saved)
+            self._saved = None
+
+
+_FASTPATH = _FastPathSwitch()
+
+
 class _Scope:
     __slots__ = ("module", "layer")
 
@@ -70,7 +100,7 @@ class CaptureSession:
         self._mode = _CaptureMode(self)
         self._mode_on = False
         self._use_flag = fastpath_flag_available() if use_fastpath_flag is None else use_fastpath_flag
-        self._saved_flag: Optional[bool] = None
+        self._holds_flag = False
         self.events = 0  # attention calls seen (kept or skipped), for the "nothing captured" check
         self.capture_scopes_entered = 0
 
@@ -108,8 +138,8 @@ class CaptureSession:
     # ------------------------------------------------------------ global state
     def _switch_on(self) -> None:
         if self._use_flag:
-            self._saved_flag = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
+            _FASTPATH.hold()
+            self._holds_flag = True
         self._mode.__enter__()
         self._mode_on = True
 
@@ -117,9 +147,9 @@ class CaptureSession:
         if self._mode_on:
             self._mode_on = False
             _remove_mode(self._mode)
-        if self._saved_flag is not None:
-            torch.backends.mha.set_fastpath_enabled(self._saved_flag)
-            self._saved_flag = None
+        if self._holds_flag:
+            self._holds_flag = False
+            _FASTPATH.release()
 
     # ------------------------------------------------------------------ events
     def on_sdpa(self, func, args: tuple, kwargs: dict) -> Any:
