@@ -125,7 +125,7 @@ def test_accumulator_equals_statistics_over_all_inputs_at_once():
     np.testing.assert_allclose(result["entropy"][0], expected.numpy())
     expected_distance = (mean_attention_distance(both, padding_mask=mask) * rows).sum(0) / rows.sum()
     np.testing.assert_allclose(result["distance"][0], expected_distance.numpy())
-    assert result["entropy"].shape == (1, 2) and acc.inputs == 2
+    assert result["entropy"].shape == (1, 2) and acc.inputs == 2 and acc.sequences == 5
 
 
 # -------------------------------------------------------------------------- stitching

@@ -303,7 +303,8 @@ class HeadStatsAccumulator:
         self.layers: List[str] = []
         self._sums: Dict[str, Dict[str, torch.Tensor]] = {}
         self._counts: Dict[str, float] = {}
-        self.inputs = 0
+        self.inputs = 0  # update() calls (forwards)
+        self.sequences = 0  # batch items over all updates
 
     def update(self, values: Mapping, *, padding_mask=None) -> None:
         """Adds one forward's captures (``hooker.values``: first call of each layer).
@@ -312,9 +313,11 @@ class HeadStatsAccumulator:
         find each row's last real token.
         """
         self.inputs += 1
+        batch_sizes = set()
         for name, calls in values.items():
             a = _check_attention(calls[0] if not isinstance(calls, torch.Tensor) else calls, name)
             batch, heads, n_query, n_key = a.shape
+            batch_sizes.add(batch)
             mask = padding_mask if padding_mask is not None and torch.as_tensor(padding_mask).shape[-1] == n_query else None
             query_mask = _query_mask(a, mask)  # (B, Q) or None
             stats = {
@@ -340,6 +343,7 @@ class HeadStatsAccumulator:
             for key in self.STATISTICS:
                 self._sums[name][key] += (stats[key] * rows[:, None]).sum(0)
             self._counts[name] += float(rows.sum())
+        self.sequences += max(batch_sizes, default=0)
 
     def result(self) -> Dict[str, "object"]:
         """``{statistic: (layers, heads) numpy array}`` in the order layers were seen."""

@@ -121,7 +121,8 @@ def _command_stats(args) -> None:
     n = sum(1 for line in lines if line.strip())
     print(f"model:   {loaded.name} ({loaded.kind})")
     print(f"lines:   {n} in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
-    print(f"csv:     {files['csv']}  ({len(accumulator.layers)} layers x heads rows)")
+    table = accumulator.result()["entropy"]
+    print(f"csv:     {files['csv']}  ({table.size} rows: {table.shape[0]} layers x {table.shape[1]} heads)")
     print(f"heatmaps: {', '.join(str(p) for p in files['pictures'])}")
 
 

@@ -332,7 +332,7 @@ def write_statistics(accumulator, out) -> Dict[str, object]:
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(accumulator.layers)))
         ax.set_yticklabels([name if len(name) < 32 else "..." + name[-29:] for name in accumulator.layers], fontsize=7)
-        ax.set_title(f"{key.replace('_', ' ')} over {accumulator.inputs} batches")
+        ax.set_title(f"{key.replace('_', ' ')}, mean over {accumulator.sequences} inputs")
         fig.colorbar(image, ax=ax)
         path = out / f"{key}.png"
         _save(fig, path)
