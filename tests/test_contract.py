@@ -403,3 +403,16 @@ def test_two_hookers_on_one_model_both_capture(minilm_sdpa, minilm_batch):
         rtol=1e-3,
     )
     _no_trace_left(minilm_sdpa)
+
+
+def test_spare_buffers_never_grow_beyond_one_clear(minilm_eager, minilm_batch):
+    """An eager model produces its own tensors and never asks for buffers: spares must not pile up."""
+    with torch.no_grad(), TransformerAttentionHooker(minilm_eager) as hooker:
+        sizes = []
+        for _ in range(4):
+            minilm_eager(**minilm_batch)
+            one_call = hooker.values.nbytes
+            hooker.clear()
+            sizes.append(hooker._store.spare_bytes)
+    assert max(sizes) <= one_call
+    assert hooker._store.spare_bytes == 0, "remove_hooks() frees the spares"

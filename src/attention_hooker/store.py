@@ -134,17 +134,26 @@ class AttentionStore:
 
         Tensors that nothing outside the store still references (no variable,
         view, or numpy array of them) are kept as spare buffers for the next
-        calls, which then skip the cost of fresh memory; :meth:`release_spares`
-        frees them (the hooker does on ``remove_hooks()``).
+        calls, which then skip the cost of fresh memory. Spares left unused
+        since the previous ``clear()`` are freed, so they never hold more than
+        one clear's worth; :meth:`release_spares` frees them all (the hooker
+        does on ``remove_hooks()``).
         """
+        spares: Dict[tuple, List[torch.Tensor]] = {}
         for calls in self.values.values():
             for tensor in calls:
                 if _only_the_store_holds(tensor):
-                    self._spare.setdefault(_buffer_key(tensor.shape, tensor.dtype, tensor.device), []).append(tensor)
+                    spares.setdefault(_buffer_key(tensor.shape, tensor.dtype, tensor.device), []).append(tensor)
                 del tensor
+        self._spare = spares
         self.values.clear()
         self.gradients.clear()
         self.calls_seen.clear()
+
+    @property
+    def spare_bytes(self) -> int:
+        """Bytes held as spare buffers."""
+        return sum(t.numel() * t.element_size() for ts in self._spare.values() for t in ts)
 
     def release_spares(self) -> None:
         """Frees the spare buffers kept by :meth:`clear`."""
