@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 
@@ -305,13 +304,21 @@ def test_cleared_buffers_are_reused_only_when_nobody_holds_them(minilm_sdpa, min
 
 
 # ----------------------------------------------------------------------- transparency
-def test_outputs_and_gradients_unchanged_on_an_hf_model_in_training():
+def _tiny_bert(implementation="sdpa", state=None):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
                                      intermediate_size=64, vocab_size=100, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    model = transformers.BertModel(config, add_pooling_layer=False).train()
+    model = transformers.BertModel(config, add_pooling_layer=False)
+    if state is not None:
+        model.load_state_dict(state)
+    model.set_attn_implementation(implementation)
+    return model
+
+
+def test_outputs_and_gradients_unchanged_on_an_hf_model_in_training():
+    model = _tiny_bert().train()
     ids = torch.randint(0, 100, (2, 6))
 
     def loss_and_grads():
@@ -332,16 +339,8 @@ def test_outputs_and_gradients_unchanged_on_an_hf_model_in_training():
 
 def test_keep_grad_gradients_agree_across_routes():
     """d(loss)/d(weights) from the sdpa route equals the eager (softmax) route's."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
-                                     intermediate_size=64, vocab_size=100, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    sdpa = transformers.BertModel(copy.deepcopy(config), add_pooling_layer=False).eval()
-    sdpa.set_attn_implementation("sdpa")
-    eager = transformers.BertModel(copy.deepcopy(config), add_pooling_layer=False).eval()
-    eager.load_state_dict(sdpa.state_dict())
-    eager.set_attn_implementation("eager")
+    sdpa = _tiny_bert("sdpa").eval()
+    eager = _tiny_bert("eager", state=sdpa.state_dict()).eval()
     ids = torch.randint(0, 100, (2, 6))
     direction = torch.randn(32)  # a plain sum of a LayerNorm output would have zero gradient
     results = {}

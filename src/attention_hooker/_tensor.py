@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import AttentionHookerError
 
-__all__ = ["to_numpy", "as_heads", "check_tokens", "values_of"]
+__all__ = ["to_numpy", "as_heads", "as_batched", "check_tokens", "values_of"]
 
 
 def to_numpy(x) -> np.ndarray:
@@ -88,3 +88,22 @@ def values_of(source, *, layers: Optional[Sequence[str]] = None, require: bool =
     if require and not values:
         raise AttentionHookerError("nothing to show: the capture holds no attention (run the model with hooks on first)")
     return values
+
+
+def as_batched(attn, where: str = "attention"):
+    """A torch tensor ``(batch, heads, query, key)``; ``(heads, query, key)`` gets batch 1.
+
+    Raises:
+        AttentionHookerError: on another number of dims, naming ``where`` and the shape.
+    """
+    import torch
+
+    a = attn if isinstance(attn, torch.Tensor) else torch.as_tensor(attn)
+    if a.dim() == 3:
+        a = a.unsqueeze(0)
+    if a.dim() != 4:
+        raise AttentionHookerError(
+            f"Wrong shape for {where}: expected 4 dims (batch, heads, query, key). "
+            f"Received {a.dim()}-dim tensor of shape {tuple(a.shape)}."
+        )
+    return a

@@ -11,6 +11,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ._tensor import as_batched
 from .errors import AttentionHookerError
 
 __all__ = [
@@ -187,14 +188,7 @@ def _mean_over_queries(per_query: torch.Tensor, query_mask: Optional[torch.Tenso
 
 
 def _check_attention(attn, where: str) -> torch.Tensor:
-    a = torch.as_tensor(attn)
-    if a.dim() == 3:
-        a = a.unsqueeze(0)
-    if a.dim() != 4:
-        raise AttentionHookerError(
-            f"Wrong shape for {where}: expected (batch, heads, query, key). Received {a.dim()}-dim tensor."
-        )
-    return a.double()
+    return as_batched(attn, where).double()
 
 
 def head_entropy(attn, *, padding_mask=None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from .._tensor import values_of
+from .._tensor import as_batched, values_of
 from ..errors import AttentionHookerError
 
 __all__ = ["render_html", "AttentionPage", "encode_weights", "decode_weights"]
@@ -174,15 +174,7 @@ def render_html(
     for name, calls in values.items():
         call_meta = []
         for i, weights in enumerate(calls):
-            if not isinstance(weights, torch.Tensor):
-                weights = torch.as_tensor(weights)
-            if weights.dim() == 3:
-                weights = weights.unsqueeze(0)
-            if weights.dim() != 4:
-                raise AttentionHookerError(
-                    f"Wrong shape for layer {name!r} call {i}: expected 4 dims (batch, heads, query, key). "
-                    f"Received {weights.dim()}-dim tensor of shape {tuple(weights.shape)}."
-                )
+            weights = as_batched(weights, f"layer {name!r} call {i}")
             shape = list(weights.shape)
             codes, scales = encode_weights(weights)
             chunks.append(codes.numpy().tobytes())
