@@ -415,3 +415,29 @@ def test_spare_buffers_never_grow_beyond_one_clear(minilm_eager, minilm_batch):
             sizes.append(hooker._store.spare_bytes)
     assert max(sizes) <= one_call
     assert hooker._store.spare_bytes == 0, "remove_hooks() frees the spares"
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recompute_is_not_recorded_twice(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    encoder = _encoder(layers=2, d_model=16, nhead=2).train()
+    for layer in encoder.layers:
+        layer.dropout.p = layer.dropout1.p = layer.dropout2.p = layer.self_attn.dropout = 0.0
+
+    def forward(x, use_checkpoint):
+        for layer in encoder.layers:
+            x = checkpoint(layer, x, use_reentrant=reentrant) if use_checkpoint else layer(x)
+        return x
+
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    forward(x, False).square().sum().backward()
+    expected = {n: p.grad.clone() for n, p in encoder.named_parameters()}
+    encoder.zero_grad()
+    with TransformerAttentionHooker(encoder) as hooker:
+        out = forward(x, True)
+        out.square().sum().backward()
+    assert [len(calls) for calls in hooker.values.values()] == [1, 1]
+    for n, p in encoder.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], atol=1e-5, rtol=1e-4)

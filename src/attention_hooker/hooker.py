@@ -220,7 +220,10 @@ class TransformerAttentionHooker:
         session = self._session
 
         def pre_hook(module, args, kwargs):
-            session.enter(module, name)
+            # Inside backward, a forward is activation checkpointing recomputing one that was
+            # captured already: it runs exactly as before (MHA still asked for weights, so the
+            # recomputed graph matches) but records nothing.
+            session.enter(module, None if _in_backward() else name)
             if route is not None:
                 return route.before(args, kwargs)
             return None
@@ -236,7 +239,7 @@ class TransformerAttentionHooker:
             try:
                 if route is not None and output is not None:
                     weights, graph_tensor, output = route.after(output)
-                    if weights is not None:
+                    if weights is not None and session.current_layer() is not None:
                         session.record_module_output(name, weights, graph_tensor)
                     return output
                 return None
@@ -261,6 +264,12 @@ class TransformerAttentionHooker:
             self._warned_empty = True
             warnings.warn(_nothing_captured_message(self.model, self.hooked_layers), AttentionCaptureWarning, stacklevel=2)
         return None
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread right now."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    return current is not None and current() is not None
 
 
 def _hf_implementations(model: nn.Module) -> Dict[str, str]:
