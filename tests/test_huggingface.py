@@ -161,3 +161,19 @@ def test_flash_attention_is_refused_with_the_fix(monkeypatch):
     with pytest.raises(AttentionHookerError, match=r"flash_attention_2.*set_attn_implementation\('sdpa'\)"):
         TransformerAttentionHooker(model).setup()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 4e-2), (torch.float16, 5e-3)])
+def test_half_precision_minilm_matches_eager_within_its_precision(dtype, atol, minilm_path, minilm_batch):
+    from transformers import AutoModel
+
+    sdpa = AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa", dtype=dtype).eval()
+    eager = AutoModel.from_pretrained(minilm_path, attn_implementation="eager", dtype=dtype).eval()
+    with torch.no_grad():
+        reference = eager(**minilm_batch, output_attentions=True).attentions
+        with TransformerAttentionHooker(sdpa) as hooker:
+            sdpa(**minilm_batch)
+    for calls, expected in zip(hooker.values.values(), reference):
+        assert calls[0].dtype == dtype
+        torch.testing.assert_close(calls[0].float(), expected.float(), atol=atol, rtol=0)
+        torch.testing.assert_close(calls[0].float().sum(-1), torch.ones(calls[0].shape[:-1]), atol=atol, rtol=0)
