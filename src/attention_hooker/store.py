@@ -202,8 +202,9 @@ class AttentionStore:
             AttentionHookerError: when ``policy.heads`` names a head the layer lacks.
         """
         p = self.policy
+        kept = self.wants(name)
         self.calls_seen[name] = self.calls_seen.get(name, 0) + 1
-        if not self.wants_stored(name):
+        if not kept:
             return
         if p.heads is not None and not heads_selected:
             weights = select_heads(weights, p.heads, name)
@@ -241,10 +242,6 @@ class AttentionStore:
             slot[0] = self._place(grad.detach().reshape(stored.shape))
 
         graph_tensor.register_hook(keep)
-
-    def wants_stored(self, name: str) -> bool:
-        p = self.policy
-        return p.max_calls is None or p.keep == "last" or self.calls_seen[name] <= p.max_calls
 
     def _insert_layer(self, name: str) -> list:
         """Adds a layer to ``values`` so that the dict stays in model order."""
