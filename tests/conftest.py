@@ -52,13 +52,3 @@ def minilm_batch(minilm_tokenizer):
         padding=True,
     )
 
-
-def hf_pair(model_cls, config, **kwargs):
-    """The same random weights loaded as an ``sdpa`` and an ``eager`` model, in eval mode."""
-    torch.manual_seed(0)
-    sdpa = model_cls(config, **kwargs) if kwargs else model_cls(config)
-    sdpa.set_attn_implementation("sdpa")
-    eager = model_cls(config)
-    eager.load_state_dict(sdpa.state_dict())
-    eager.set_attn_implementation("eager")
-    return sdpa.eval(), eager.eval()

@@ -85,7 +85,6 @@ class TransformerAttentionHooker:
         self.model = model
         self.layer_regex = layer_regex
         self._selected = select_modules(model, layer_regex)
-        self._names: Dict[int, str] = {id(m): name for name, m in self._selected}
         self._store = AttentionStore(policy, [name for name, _ in self._selected])
         self._session = CaptureSession(self._store)
         self._handles: List = []
