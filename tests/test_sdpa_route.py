@@ -97,6 +97,55 @@ def test_fully_masked_rows_are_zero_not_nan():
     torch.testing.assert_close(w[:, :, 3].sum(-1), torch.ones(B, H, dtype=w.dtype))
 
 
+@pytest.mark.parametrize("kind", ["bool", "float_neg_inf", "bool_and_causal"])
+def test_rows_left_without_keys_are_zero_and_others_sum_to_one(kind):
+    q, k, v = _qkv(length=S, source=S)
+    if kind == "float_neg_inf":
+        mask = torch.zeros(B, 1, S, S, dtype=torch.float64)
+        mask[0, :, 1] = float("-inf")  # batch 0, query 1: every key
+        empty = (0, 1)
+    else:
+        mask = torch.ones(B, 1, S, S, dtype=torch.bool)
+        if kind == "bool":
+            mask[1, :, 4] = False
+            empty = (1, 4)
+        else:
+            mask[1, :, :, 0] = False  # with the causal mask, query 0 of batch 1 keeps no key
+            empty = (1, 0)
+    w = sdpa_attention_weights(q, k, mask, is_causal=kind == "bool_and_causal")
+    assert torch.isfinite(w).all()
+    assert (w[empty[0], :, empty[1]] == 0).all()
+    sums = w.sum(-1)
+    sums[empty[0], :, empty[1]] = 1.0
+    torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+def test_no_mask_and_no_keys_masked_needs_no_cleanup_pass():
+    from attention_hooker.capture.sdpa import _may_have_empty_rows
+
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    assert not _may_have_empty_rows(None, True, 9, 3, "cpu")
+    assert not _may_have_empty_rows(mask, False, L, S, "cpu")
+    assert not _may_have_empty_rows(torch.zeros(1, 1, L, S), True, L, S, "cpu")
+    mask[0, 0, 0, 0] = False
+    assert _may_have_empty_rows(mask, True, L, S, "cpu")  # causal query 0 had only key 0
+
+
+@pytest.mark.parametrize("batch", [3, 70])  # one product per batch item; beyond 64 items, one copy
+def test_projections_seen_through_a_transpose_give_the_same_weights(batch):
+    # Hugging Face layout: (B, L, H, E) projections transposed to (B, H, L, E), not flattenable.
+    projected = torch.randn(batch, L, 2, H, E, dtype=torch.float64)
+    q, k = projected[:, :, 0].transpose(1, 2), projected[:, :, 1].transpose(1, 2)
+    assert not q.is_contiguous()
+    w = sdpa_attention_weights(q, k, scale=0.3)
+    torch.testing.assert_close(w, torch.softmax(0.3 * q.contiguous() @ k.contiguous().transpose(-2, -1), -1))
+
+
+def test_empty_sequences_give_empty_weights():
+    q, k = torch.randn(B, H, 0, E), torch.randn(B, H, S, E)
+    assert sdpa_attention_weights(q, k).shape == (B, H, 0, S)
+
+
 def test_unbatched_and_half_precision_inputs():
     q, k = torch.randn(H, L, E), torch.randn(H, S, E)
     assert sdpa_attention_weights(q, k).shape == (1, H, L, S)

@@ -107,25 +107,36 @@ def sdpa_attention_weights(
         return _differentiable_weights(q, k, mask, is_causal, scale_factor).to(query.dtype)
     scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, L, S), float32 for half inputs
 
-    may_empty_rows = False
     if is_causal:
         causal = torch.ones(length, source, dtype=torch.bool, device=q.device).tril_()
         scores.masked_fill_(~causal, float("-inf"))
-        may_empty_rows = length > source
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = _in_place_if_fits(scores, mask, lambda s, m: s.masked_fill_(~m, float("-inf")),
                                        lambda s, m: s.masked_fill(~m, float("-inf")))
-            may_empty_rows = True
         else:
             mask = mask.to(scores.dtype)
             scores = _in_place_if_fits(scores, mask, torch.Tensor.add_, torch.add)
-            may_empty_rows = may_empty_rows or bool(torch.isneginf(mask).any())
 
     weights = _softmax_last_dim(scores)  # (B, H, L, S)
-    if may_empty_rows:
+    if _may_have_empty_rows(mask, is_causal, length, source, q.device):
         weights = weights.nan_to_num_(nan=0.0)
     return weights.to(query.dtype) if weights.dtype != query.dtype else weights
+
+
+def _may_have_empty_rows(mask, is_causal: bool, length: int, source: int, device) -> bool:
+    """Whether some query row may have every key masked (its softmax is NaN).
+
+    Decided on the mask, which is at most ``(B, H, L, S)`` booleans and usually
+    far smaller than the weights, so that the common case skips a pass over them.
+    """
+    if mask is None:
+        return False  # a top-left causal mask leaves key 0 to every query
+    blocked = ~mask if mask.dtype == torch.bool else torch.isneginf(mask)  # (B|1, H|1, L|1, S)
+    if not is_causal:
+        return bool(blocked.all(-1).any())
+    above_diagonal = torch.ones(length, source, dtype=torch.bool, device=device).triu_(1)
+    return bool((blocked | above_diagonal).all(-1).any())
 
 
 def _differentiable_weights(q, k, mask, is_causal: bool, scale: float) -> torch.Tensor:
@@ -143,12 +154,41 @@ def _differentiable_weights(q, k, mask, is_causal: bool, scale: float) -> torch.
 
 
 def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> torch.Tensor:
-    """``(q * scale) @ k^T`` written into one tensor ``(B, H, L, S)``: the only large allocation."""
+    """``scale * q @ k^T`` written into one tensor ``(B, H, L, S)``: the only large allocation.
+
+    The scale is applied by the matrix product itself (``baddbmm``'s ``alpha``),
+    so no scaled copy of ``q`` is made. Where ``(batch, heads)`` of ``q`` or ``k``
+    cannot be flattened without a copy (Hugging Face's ``(B, L, H, E)`` projections
+    seen through a transpose, with batch > 1), the product is taken one batch
+    item at a time instead: copying them would cost fresh memory larger than ``q``.
+    """
     if q.dtype in (torch.float16, torch.bfloat16):
         return torch.matmul(q * scale, k.transpose(-2, -1)).float()
     shape = torch.broadcast_shapes(q.shape[:2], k.shape[:2]) + (q.shape[2], k.shape[2])
     scores = buffer(shape, q.dtype, q.device) if buffer is not None else torch.empty(shape, dtype=q.dtype, device=q.device)
-    return torch.matmul(q * scale, k.transpose(-2, -1), out=scores)
+    if scores.numel() == 0 or q.shape[:2] != shape[:2] or k.shape[:2] != shape[:2]:  # empty, or broadcast
+        return torch.matmul(q * scale, k.transpose(-2, -1), out=scores)
+    q3, k3 = _flat_view(q), _flat_view(k)  # (B*H, L, E), (B*H, S, E) or None
+    if q3 is not None and k3 is not None or shape[0] > _MAX_BATCH_LOOP:
+        flat = scores.view(-1, shape[2], shape[3])  # (B*H, L, S)
+        q3 = q3 if q3 is not None else q.reshape(flat.shape[0], shape[2], -1)
+        k3 = k3 if k3 is not None else k.reshape(flat.shape[0], shape[3], -1)
+        torch.baddbmm(flat, q3, k3.transpose(1, 2), beta=0, alpha=scale, out=flat)  # beta=0 ignores flat's contents
+        return scores
+    for item in range(shape[0]):  # (H, L, E) @ (H, E, S) -> (H, L, S)
+        torch.baddbmm(scores[item], q[item], k[item].transpose(1, 2), beta=0, alpha=scale, out=scores[item])
+    return scores
+
+
+_MAX_BATCH_LOOP = 64  # beyond this many items, one copy costs less than the per-item calls
+
+
+def _flat_view(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """``(B, H, N, E)`` as a ``(B*H, N, E)`` view, or ``None`` where that needs a copy."""
+    try:
+        return t.view(-1, t.shape[2], t.shape[3])
+    except RuntimeError:
+        return None
 
 
 def _in_place_if_fits(scores, mask, in_place, out_of_place):
