@@ -404,6 +404,28 @@ def test_two_hookers_on_one_model_both_capture(minilm_sdpa, minilm_batch):
     _no_trace_left(minilm_sdpa)
 
 
+def test_weights_stored_in_another_dtype_share_one_scratch_freed_after_the_forward(minilm_sdpa, minilm_batch):
+    """fp32 weights stored as float16 are computed in one working tensor that every layer
+    reuses; each stored call is its own copy and the working tensor is gone afterwards."""
+    store_scratch_sizes = []
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa, dtype=torch.float16) as half:
+        store = half._store
+        original = store.scratch
+
+        def counting_scratch(*args):
+            tensor = original(*args)
+            store_scratch_sizes.append((tensor.data_ptr(), len(store._scratch)))
+            return tensor
+
+        store.scratch = counting_scratch
+        minilm_sdpa(**minilm_batch)
+        assert not store._scratch, "the scratch tensor outlived the forward"
+    assert len(store_scratch_sizes) == 6 and len({ptr for ptr, _ in store_scratch_sizes}) == 1
+    stored = [calls[0] for calls in half.values.values()]
+    assert len({t.data_ptr() for t in stored}) == 6
+    assert not torch.equal(stored[0], stored[5])
+
+
 def test_spare_buffers_never_grow_beyond_one_clear(minilm_eager, minilm_batch):
     """An eager model produces its own tensors and never asks for buffers: spares must not pile up."""
     with torch.no_grad(), TransformerAttentionHooker(minilm_eager) as hooker:

@@ -256,6 +256,7 @@ class TransformerAttentionHooker:
 
     def _root_post_hook(self, module, args, output):
         session = self._session
+        self._store.release_scratch()
         if output is None:  # the forward raised: its error says more than a warning would
             return None
         ran_hooked = session.capture_scopes_entered > self._scopes_before

@@ -128,6 +128,7 @@ class AttentionStore:
         self.gradients: dict = {}  # with keep_grad: {name: [[grad or None] per call]}
         self.calls_seen: dict = {}
         self._spare: Dict[tuple, List[torch.Tensor]] = {}  # cleared buffers nobody else holds
+        self._scratch: Dict[tuple, torch.Tensor] = {}  # working tensors, copied from before reuse
 
     def clear(self) -> None:
         """Forgets every stored tensor and call count.
@@ -146,6 +147,7 @@ class AttentionStore:
                     spares.setdefault(_buffer_key(tensor.shape, tensor.dtype, tensor.device), []).append(tensor)
                 del tensor
         self._spare = spares
+        self._scratch.clear()
         self.values.clear()
         self.gradients.clear()
         self.calls_seen.clear()
@@ -156,8 +158,26 @@ class AttentionStore:
         return sum(t.numel() * t.element_size() for ts in self._spare.values() for t in ts)
 
     def release_spares(self) -> None:
-        """Frees the spare buffers kept by :meth:`clear`."""
+        """Frees the spare buffers kept by :meth:`clear` and the scratch tensors."""
         self._spare.clear()
+        self._scratch.clear()
+
+    def scratch(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A working tensor for weights that :meth:`record` copies (into another dtype
+        or device) before the next call needs it: one per shape, reused by every
+        layer instead of fresh memory per call; freed by :meth:`release_scratch`."""
+        key = _buffer_key(shape, dtype, device)
+        tensor = self._scratch.get(key)
+        if tensor is None:
+            tensor = self._scratch[key] = torch.empty(shape, dtype=dtype, device=device)
+        return tensor
+
+    def _is_scratch(self, tensor: torch.Tensor) -> bool:
+        return any(tensor.data_ptr() == t.data_ptr() for t in self._scratch.values())
+
+    def release_scratch(self) -> None:
+        """Frees the scratch tensors (the hooker does at the end of each model forward)."""
+        self._scratch.clear()
 
     def buffer(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor to store into: a spare one when there is one."""
@@ -222,7 +242,7 @@ class AttentionStore:
 
     def _place(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor on the policy's device and dtype: itself, or a copy into a buffer."""
-        if self.stores_as_computed(tensor.dtype, tensor.device):
+        if self.stores_as_computed(tensor.dtype, tensor.device) and not self._is_scratch(tensor):
             return tensor
         p = self.policy
         out = self.buffer(

@@ -166,7 +166,9 @@ class CaptureSession:
             return self._sdpa_with_grad(call, layer)
         output = func(*args, **kwargs)
         query = call["query"]
-        buffer = store.buffer if store.stores_as_computed(query.dtype, query.device) else None
+        # Stored as computed: written straight into the stored tensor. Otherwise into a
+        # scratch tensor that record() copies to the policy's dtype/device at once.
+        buffer = store.buffer if store.stores_as_computed(query.dtype, query.device) else store.scratch
         with torch.no_grad():
             weights = sdpa_attention_weights(
                 call["query"],
