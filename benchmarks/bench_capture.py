@@ -17,11 +17,23 @@ over rounds is shown:
 - after_remove: the model after remove_hooks()
 
 Bytes stored are compared with the minimum layers x batch x heads x L^2 x itemsize.
+ours/peer is also shown as its quartiles over rounds, to show the noise.
+
+``--allocator steady`` is a control experiment: it sets glibc's malloc thresholds
+(``mallopt``) so that freed memory is reused instead of being returned to the
+system and faulted in again. The default allocator is what a user's process
+has; under it, attention matrices that a caller keeps (as HF eager's returned
+attentions are) come back as fresh pages on the next call, and that is most
+of the peer's cost over the plain forward. Under the steady allocator the peer
+costs about what the plain forward costs, while capture still pays for
+recomputing the weights next to the real kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import random
 import statistics
 import time
@@ -101,17 +113,39 @@ def bench_size(plain_model, sdpa_model, eager_model, batch: int, length: int, ro
                 samples[name].append(timers[name]())
     # Ratios are taken within each round (the same machine state), then the median over rounds.
     ratios = {name: statistics.median(a / b for a, b in zip(v, samples["plain"])) for name, v in samples.items()}
-    ratios["ours/peer"] = statistics.median(a / b for a, b in zip(samples["full_fp32"], samples["hf_eager"]))
+    ours_per_peer = sorted(a / b for a, b in zip(samples["full_fp32"], samples["hf_eager"]))
+    ratios["ours/peer"] = statistics.median(ours_per_peer)
+    ratios["ours/peer quartiles"] = statistics.quantiles(ours_per_peer, n=4)[::2] if rounds > 1 else ours_per_peer * 2
     plain_ms = statistics.median(samples["plain"]) * 1e3
     minimum32 = n_layers * batch * n_heads * length * length * 4
     return plain_ms, ratios, stored, minimum32
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's largest allowed on 64-bit
+
+
+def _steady_allocator() -> None:
+    """Makes glibc keep freed memory for reuse (no trimming, no mmap below 32 MB)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt"):
+        raise SystemExit("--allocator steady needs glibc's mallopt")
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    if not ok:
+        raise SystemExit("mallopt refused the thresholds")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--allocator", choices=["default", "steady"], default="default",
+        help="steady: a control run in which freed memory is reused (see the module docstring)",
+    )
     args = parser.parse_args()
+    if args.allocator == "steady":
+        _steady_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", AttentionCaptureWarning)
@@ -119,9 +153,12 @@ def main() -> None:
     plain_model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
     sdpa_model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
     eager_model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, medians")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, medians, "
+        f"{args.allocator} allocator"
+    )
     header = (
-        f"{'(batch, L)':>10} | {'plain ms':>8} | {'hf_eager':>8} | {'full32':>7} | {'ours/peer':>9} | "
+        f"{'(batch, L)':>10} | {'plain ms':>8} | {'hf_eager':>8} | {'full32':>7} | {'ours/peer':>9} | {'quartiles':>11} | "
         f"{'full16':>7} | {'1 layer':>7} | {'no match':>8} | {'removed':>7} | stored32/min | stored16/min"
     )
     print(header)
@@ -131,6 +168,7 @@ def main() -> None:
         print(
             f"{str((batch, length)):>10} | {plain_ms:8.2f} | {r['hf_eager']:7.3f}x | "
             f"{r['full_fp32']:6.3f}x | {r['ours/peer']:9.3f} | "
+            f"{r['ours/peer quartiles'][0]:.3f}-{r['ours/peer quartiles'][1]:.3f} | "
             f"{r['full_fp16']:6.3f}x | {r['one_layer']:6.3f}x | {r['no_match']:7.3f}x | "
             f"{r['after_remove']:6.3f}x | {stored['full_fp32'] / minimum32:12.3f} | "
             f"{stored['full_fp16'] / (minimum32 / 2):12.3f}"
