@@ -123,12 +123,15 @@ def test_rows_left_without_keys_are_zero_and_others_sum_to_one(kind):
 def test_no_mask_and_no_keys_masked_needs_no_cleanup_pass():
     from attention_hooker.capture.sdpa import _may_have_empty_rows
 
+    def causal(length, source):
+        return torch.ones(length, source, dtype=torch.bool).triu_(1)
+
     mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
-    assert not _may_have_empty_rows(None, True, 9, 3, "cpu")
-    assert not _may_have_empty_rows(mask, False, L, S, "cpu")
-    assert not _may_have_empty_rows(torch.zeros(1, 1, L, S), True, L, S, "cpu")
+    assert not _may_have_empty_rows(None, causal(9, 3))
+    assert not _may_have_empty_rows(mask, None)
+    assert not _may_have_empty_rows(torch.zeros(1, 1, L, S), causal(L, S))
     mask[0, 0, 0, 0] = False
-    assert _may_have_empty_rows(mask, True, L, S, "cpu")  # causal query 0 had only key 0
+    assert _may_have_empty_rows(mask, causal(L, S))  # causal query 0 had only key 0
 
 
 @pytest.mark.parametrize("batch", [3, 70])  # one product per batch item; beyond 64 items, one copy

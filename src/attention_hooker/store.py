@@ -147,7 +147,7 @@ class AttentionStore:
                     spares.setdefault(_buffer_key(tensor.shape, tensor.dtype, tensor.device), []).append(tensor)
                 del tensor
         self._spare = spares
-        self._scratch.clear()
+        self.release_scratch()
         self.values.clear()
         self.gradients.clear()
         self.calls_seen.clear()
@@ -160,7 +160,7 @@ class AttentionStore:
     def release_spares(self) -> None:
         """Frees the spare buffers kept by :meth:`clear` and the scratch tensors."""
         self._spare.clear()
-        self._scratch.clear()
+        self.release_scratch()
 
     def scratch(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A working tensor for weights that :meth:`record` copies (into another dtype
@@ -171,9 +171,6 @@ class AttentionStore:
         if tensor is None:
             tensor = self._scratch[key] = torch.empty(shape, dtype=dtype, device=device)
         return tensor
-
-    def _is_scratch(self, tensor: torch.Tensor) -> bool:
-        return any(tensor.data_ptr() == t.data_ptr() for t in self._scratch.values())
 
     def release_scratch(self) -> None:
         """Frees the scratch tensors (the hooker does at the end of each model forward)."""
@@ -242,7 +239,7 @@ class AttentionStore:
 
     def _place(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor on the policy's device and dtype: itself, or a copy into a buffer."""
-        if self.stores_as_computed(tensor.dtype, tensor.device) and not self._is_scratch(tensor):
+        if self.stores_as_computed(tensor.dtype, tensor.device):
             return tensor
         p = self.policy
         out = self.buffer(

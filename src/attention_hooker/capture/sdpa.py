@@ -107,9 +107,10 @@ def sdpa_attention_weights(
         return _differentiable_weights(q, k, mask, is_causal, scale_factor).to(query.dtype)
     scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, L, S), float32 for half inputs
 
+    above_diagonal = None  # (L, S): keys a top-left causal mask hides
     if is_causal:
-        causal = torch.ones(length, source, dtype=torch.bool, device=q.device).tril_()
-        scores.masked_fill_(~causal, float("-inf"))
+        above_diagonal = torch.ones(length, source, dtype=torch.bool, device=q.device).triu_(1)
+        scores.masked_fill_(above_diagonal, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = _in_place_if_fits(scores, mask, lambda s, m: s.masked_fill_(~m, float("-inf")),
@@ -119,24 +120,24 @@ def sdpa_attention_weights(
             scores = _in_place_if_fits(scores, mask, torch.Tensor.add_, torch.add)
 
     weights = _softmax_last_dim(scores)  # (B, H, L, S)
-    if _may_have_empty_rows(mask, is_causal, length, source, q.device):
+    if _may_have_empty_rows(mask, above_diagonal):
         weights = weights.nan_to_num_(nan=0.0)
     return weights.to(query.dtype) if weights.dtype != query.dtype else weights
 
 
-def _may_have_empty_rows(mask, is_causal: bool, length: int, source: int, device) -> bool:
+def _may_have_empty_rows(mask, above_diagonal) -> bool:
     """Whether some query row may have every key masked (its softmax is NaN).
 
     Decided on the mask, which is at most ``(B, H, L, S)`` booleans and usually
     far smaller than the weights, so that the common case skips a pass over them.
+    ``above_diagonal`` is the causal mask's hidden ``(L, S)`` part, or ``None``.
     """
     if mask is None:
         return False  # a top-left causal mask leaves key 0 to every query
     blocked = ~mask if mask.dtype == torch.bool else torch.isneginf(mask)  # (B|1, H|1, L|1, S)
-    if not is_causal:
-        return bool(blocked.all(-1).any())
-    above_diagonal = torch.ones(length, source, dtype=torch.bool, device=device).triu_(1)
-    return bool((blocked | above_diagonal).all(-1).any())
+    if above_diagonal is not None:
+        blocked = blocked | above_diagonal
+    return bool(blocked.all(-1).any())
 
 
 def _differentiable_weights(q, k, mask, is_causal: bool, scale: float) -> torch.Tensor:
@@ -169,7 +170,7 @@ def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> to
     if scores.numel() == 0 or q.shape[:2] != shape[:2] or k.shape[:2] != shape[:2]:  # empty, or broadcast
         return torch.matmul(q * scale, k.transpose(-2, -1), out=scores)
     q3, k3 = _flat_view(q), _flat_view(k)  # (B*H, L, E), (B*H, S, E) or None
-    if q3 is not None and k3 is not None or shape[0] > _MAX_BATCH_LOOP:
+    if (q3 is not None and k3 is not None) or shape[0] > _MAX_BATCH_LOOP:
         flat = scores.view(-1, shape[2], shape[3])  # (B*H, L, S)
         q3 = q3 if q3 is not None else q.reshape(flat.shape[0], shape[2], -1)
         k3 = k3 if k3 is not None else k.reshape(flat.shape[0], shape[3], -1)
