@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention_hooker import TransformerAttentionHooker
-from attention_hooker.capture import session as session_module
 
 
 def manual_mha_weights(mha: nn.MultiheadAttention, query, key, attn_mask=None, key_padding_mask=None):
@@ -68,10 +67,12 @@ GRAD_MODES = {
 
 
 @pytest.mark.parametrize("mode", sorted(GRAD_MODES))
-@pytest.mark.parametrize("use_flag", [True, False], ids=["fastpath_flag", "mode_guard_only"])
-def test_transformer_encoder_with_padding_mask(mode, use_flag, monkeypatch):
-    if not use_flag:  # what torch < 2.3 (no torch.backends.mha flag) gets
-        monkeypatch.setattr(session_module, "fastpath_flag_available", lambda: False)
+def test_transformer_encoder_with_padding_mask(mode, monkeypatch):
+    """The fast paths are kept off by the hooker's function mode alone (per thread): the
+    process-wide ``torch.backends.mha`` flag is never touched."""
+    flag_calls = []
+    real_set = torch.backends.mha.set_fastpath_enabled
+    monkeypatch.setattr(torch.backends.mha, "set_fastpath_enabled", lambda value: flag_calls.append(value) or real_set(value))
     training, context = GRAD_MODES[mode]
     layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).train(training)
@@ -84,6 +85,7 @@ def test_transformer_encoder_with_padding_mask(mode, use_flag, monkeypatch):
         expected = model(x, src_key_padding_mask=pad)
         with TransformerAttentionHooker(model, r"self_attn$") as hooker:
             out = model(x, src_key_padding_mask=pad)
+    assert flag_calls == [], "the process-wide fast-path flag was switched"
     for _, handle in inputs:
         handle.remove()
     # Padded positions hold no meaning (the fast path writes zeros there); real ones match.

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .capture.mha import MultiheadAttentionRoute
-from .capture.session import CaptureSession
+from .capture.mha import MultiheadAttentionRoute, mha_weights
+from .capture.session import CaptureSession, module_call_frame
 from .discovery import select_modules
 from .errors import AttentionCaptureWarning, AttentionHookerError
 from .store import AttentionStore, AttentionValues, StoragePolicy
@@ -86,11 +87,11 @@ class TransformerAttentionHooker:
         self.layer_regex = layer_regex
         self._selected = select_modules(model, layer_regex)
         self._store = AttentionStore(policy, [name for name, _ in self._selected])
-        self._session = CaptureSession(self._store)
-        self._handles: List = []
-        self._warned_empty = False
-        self._events_before = 0  # attention events seen when the root forward began
-        self._scopes_before = 0
+        self._session = CaptureSession(self._store)  # a new one at each setup()
+        self._entry_handles: List = []  # pre-hooks: removed at once by remove_hooks()
+        self._exit_handles: List[Callable[[], None]] = []  # post-hooks: once no thread is inside
+        self._local = threading.local()  # each thread's (events, scopes) when its root forward began
+        self._warned: set = set()
 
     # ------------------------------------------------------------------ public
     @property
@@ -115,13 +116,19 @@ class TransformerAttentionHooker:
     @property
     def is_setup(self) -> bool:
         """Whether the hooks are on the model."""
-        return bool(self._handles)
+        return bool(self._entry_handles)
 
     def setup(self) -> "TransformerAttentionHooker":
-        """Puts the hooks on the model; calling it again does nothing. Returns ``self``."""
-        if self._handles:
+        """Puts the hooks on the model; calling it again does nothing. Returns ``self``.
+
+        Raises:
+            AttentionHookerError: on a Hugging Face model whose attention kernel
+                hides the weights.
+        """
+        if self._entry_handles:
             return self
         _check_hf_implementation(self.model)
+        self._session = CaptureSession(self._store)
         try:
             self._register_all()
         except BaseException:
@@ -130,18 +137,26 @@ class TransformerAttentionHooker:
         return self
 
     def remove_hooks(self) -> None:
-        """Takes every hook off and undoes any global state; safe to call twice.
+        """Takes every hook off and undoes any state of ours; safe to call twice.
 
-        The captured ``values`` stay.
+        The captured ``values`` stay. Forwards of this model still running on
+        other threads record nothing more; the hooks that close their scopes
+        (and hand the caller of an ``nn.MultiheadAttention`` back what it asked
+        for) leave when the last of those forwards ends.
         """
-        handles, self._handles = self._handles, []
-        for handle in handles:
+        entry, self._entry_handles = self._entry_handles, []
+        for handle in entry:
             handle.remove()
-        self._session.reset()
-        self._store.release_spares()
+        exits, self._exit_handles = self._exit_handles, []
+
+        def remove_exit_hooks() -> None:
+            for release in exits:
+                release()
+
+        self._session.close(remove_exit_hooks)
 
     def clear(self) -> None:
-        """Forgets the captured values (the hooks stay)."""
+        """Forgets the captured values (the hooks stay). Tensors already handed out are left as they are."""
         self._store.clear()
 
     def save(self, path, *, tokens: Optional[Sequence[str]] = None) -> None:
@@ -149,10 +164,12 @@ class TransformerAttentionHooker:
 
         Args:
             path: the file; missing folders are created.
-            tokens: token labels to keep with the capture.
+            tokens: token labels to keep with the capture; their number must
+                match the query or key positions of every captured call.
 
         Raises:
-            AttentionHookerError: when nothing was captured yet.
+            AttentionHookerError: when nothing was captured yet, or the tokens
+                or the path do not fit.
         """
         from .io import save_values
 
@@ -165,7 +182,7 @@ class TransformerAttentionHooker:
         self.remove_hooks()
 
     def __repr__(self) -> str:
-        state = "hooks on" if self._handles else "hooks off"
+        state = "hooks on" if self._entry_handles else "hooks off"
         calls = sum(len(v) for v in self.values.values())
         return (
             f"TransformerAttentionHooker({type(self.model).__name__}, {len(self._selected)} hooked layers, "
@@ -188,23 +205,33 @@ class TransformerAttentionHooker:
                 targets.append((module, max(owners, key=len)))
         return targets
 
+    def _hook(self, module: nn.Module, pre, post, *, with_kwargs: bool = False, prepend_pre: bool = False,
+              prepend_post: bool = False) -> None:
+        self._entry_handles.append(module.register_forward_pre_hook(pre, with_kwargs=with_kwargs, prepend=prepend_pre))
+        handle = module.register_forward_hook(post, with_kwargs=with_kwargs, always_call=True, prepend=prepend_post)
+        self._exit_handles.append(handle.remove)
+
     def _register_all(self) -> None:
         session = self._session
         for module, name in self._capture_targets():
-            route = MultiheadAttentionRoute(module) if isinstance(module, nn.MultiheadAttention) else None
-            self._handles.append(
-                module.register_forward_pre_hook(self._make_pre_hook(name, route), with_kwargs=True)
-            )
-            self._handles.append(
-                module.register_forward_hook(self._make_post_hook(name, route), with_kwargs=True, always_call=True)
-            )
+            if isinstance(module, nn.MultiheadAttention):
+                route = MultiheadAttentionRoute.subscribe(module)
+                self._exit_handles.append(route.unsubscribe)
+                # prepend: this hooker's recording runs before the shared route hands the
+                # caller back what it asked for (which may hide the weights).
+                self._hook(module, self._make_pre_hook(name), self._make_mha_post_hook(name), with_kwargs=True,
+                           prepend_post=True)
+            else:
+                self._hook(module, self._make_pre_hook(name), self._make_post_hook(), with_kwargs=True)
         for module in self._fastpath_guards():
-            self._handles.append(module.register_forward_pre_hook(lambda m, args: session.enter(m, None)))
-            self._handles.append(
-                module.register_forward_hook(lambda m, args, out: session.exit(m), always_call=True)
+            self._hook(
+                module,
+                lambda m, args: None if _being_traced() else session.enter(m, None, module_call_frame()),
+                lambda m, args, out: session.exit(m),
             )
-        self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
-        self._handles.append(self.model.register_forward_hook(self._root_post_hook, always_call=True))
+        # The root's pre-hook runs before every other hook of ours (it clears what an interrupted
+        # forward left before a scope opens), its post-hook after all of them (it judges the forward).
+        self._hook(self.model, self._root_pre_hook, self._root_post_hook, prepend_pre=True)
 
     def _fastpath_guards(self) -> List[nn.Module]:
         """Encoder (layer) modules that hold or are a hooked module: their fast path must stay off."""
@@ -215,55 +242,109 @@ class TransformerAttentionHooker:
             if isinstance(m, _FASTPATH_CONTAINERS) and id(m) not in selected and any(id(s) in selected for s in m.modules())
         ]
 
-    def _make_pre_hook(self, name: str, route: Optional[MultiheadAttentionRoute]):
+    def _make_pre_hook(self, name: str):
         session = self._session
 
         def pre_hook(module, args, kwargs):
+            if _being_traced():
+                return None
             # Inside backward, a forward is activation checkpointing recomputing one that was
             # captured already: it runs exactly as before (MHA still asked for weights, so the
             # recomputed graph matches) but records nothing.
-            session.enter(module, None if _in_backward() else name)
-            if route is not None:
-                return route.before(args, kwargs)
+            session.enter(module, None if _in_backward() else name, module_call_frame())
             return None
 
         return pre_hook
 
-    def _make_post_hook(self, name: str, route: Optional[MultiheadAttentionRoute]):
+    def _make_post_hook(self):
         session = self._session
 
         def post_hook(module, args, kwargs, output):
-            if output is None and route is not None:  # the forward raised
-                route.abandon()
-            try:
-                if route is not None and output is not None:
-                    weights, graph_tensor, output = route.after(output)
-                    if weights is not None and session.current_layer() is not None:
-                        session.record_module_output(name, weights, graph_tensor)
-                    return output
-                return None
-            finally:
-                session.exit(module)
+            session.exit(module)
+            return None
 
         return post_hook
 
-    def _root_pre_hook(self, module, args):
+    def _make_mha_post_hook(self, name: str):
         session = self._session
-        if session.active and not session.is_open(module):
-            session.reset()  # a forward was interrupted (KeyboardInterrupt) and left scopes open
-        self._events_before = session.events
-        self._scopes_before = session.capture_scopes_entered
+
+        def post_hook(module, args, kwargs, output):
+            try:
+                if output is not None and session.current_layer() is not None:
+                    weights, graph_tensor = mha_weights(output)
+                    if weights is not None:
+                        session.record_module_output(name, weights, graph_tensor)
+            finally:
+                session.exit(module)
+            return None
+
+        return post_hook
+
+    def _root_counters(self) -> list:
+        stack = getattr(self._local, "root", None)
+        if stack is None:
+            stack = self._local.root = []
+        return stack
+
+    def _root_pre_hook(self, module, args):
+        if _being_traced():
+            self._warn_once(
+                "traced",
+                f"{type(self.model).__name__} is being traced (torch.export / torch.jit.trace) with hooks on: "
+                "nothing is captured while tracing, and the traced program is the model's own; capture by "
+                "running the model itself",
+            )
+            return
+        session = self._session
+        session.drop_stale_scopes()  # scopes a KeyboardInterrupt left open are closed here
+        self._root_counters().append(session.counters())
 
     def _root_post_hook(self, module, args, output):
+        stack = self._root_counters()
+        if not stack:
+            return None  # traced, or entered before the hooks were put on
+        events_before, scopes_before = stack.pop()
         session = self._session
-        self._store.release_scratch()
+        if stack:
+            return None  # the root called itself: the outer call judges
+        session.release_scratch()
         if output is None:  # the forward raised: its error says more than a warning would
             return None
-        ran_hooked = session.capture_scopes_entered > self._scopes_before
-        if ran_hooked and session.events == self._events_before and not self._warned_empty:
-            self._warned_empty = True
-            warnings.warn(_nothing_captured_message(self.model, self.hooked_layers), AttentionCaptureWarning, stacklevel=2)
+        events, scopes = session.counters()
+        if scopes > scopes_before and events == events_before:
+            self._warn_once("empty", _nothing_captured_message(self.model, self.hooked_layers))
+        elif scopes == scopes_before and _is_compiled(self.model):
+            self._warn_once(
+                "compiled",
+                f"{type(self.model).__name__} ran code that torch.compile built before the hooks were put on, "
+                "and compiled code does not run them: nothing was captured. Capture on the uncompiled module "
+                "(TransformerAttentionHooker(model._orig_mod) and call model._orig_mod(...)), or hook the "
+                "model before its first compiled call",
+            )
         return None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(message, AttentionCaptureWarning, stacklevel=3)
+
+
+def _being_traced() -> bool:
+    """Whether the running forward is being traced rather than run: ``torch.export``
+    (strict or not) or ``torch.jit.trace``. Tracing sees fake or symbolic tensors,
+    and what the hooks would compute would land in the traced program.
+
+    ``torch.compiler.is_exporting`` is public (torch >= 2.5); ``torch._C._get_tracing_state``
+    is private (checked on torch 2.1-2.14, pinned by a test).
+    """
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return (exporting is not None and exporting()) or torch._C._get_tracing_state() is not None
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (whose ``_orig_mod`` is the model)."""
+    return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
 
 
 def _in_backward() -> bool:

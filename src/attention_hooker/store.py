@@ -5,12 +5,13 @@ Every stored tensor has shape ``(batch, heads, query, key)``.
 
 from __future__ import annotations
 
-import sys
+import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ._checks import check_device, check_flag, check_heads, index_list, one_of, positive_int
 from .errors import AttentionHookerError
 
 __all__ = ["StoragePolicy", "AttentionValues", "AttentionStore"]
@@ -58,35 +59,17 @@ class StoragePolicy:
         Raises:
             AttentionHookerError: when an option has the wrong type or value.
         """
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError) as err:
-                raise AttentionHookerError(
-                    f"device={device!r} is not a torch device: {err}; expected e.g. 'cpu', 'cuda:0' or None"
-                ) from None
+        device = check_device(device)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise AttentionHookerError(
                 f"dtype={dtype!r} is not a floating torch dtype; expected e.g. torch.float16, torch.float32 or None"
             )
         if heads is not None:
-            if isinstance(heads, int):
-                heads = (heads,)
-            try:
-                heads = tuple(int(h) for h in heads)
-            except (TypeError, ValueError):
-                raise AttentionHookerError(
-                    f"heads={heads!r} is not a sequence of head indices; expected e.g. [0, 3] or None"
-                ) from None
-            if not heads or any(h < 0 for h in heads):
-                raise AttentionHookerError(
-                    f"heads={heads!r} must be a non-empty sequence of non-negative head indices"
-                )
-        if max_calls is not None and (isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1):
-            raise AttentionHookerError(f"max_calls={max_calls!r} must be a positive int or None")
-        if keep not in _KEEP_CHOICES:
-            raise AttentionHookerError(f"keep={keep!r} must be one of {_KEEP_CHOICES}")
-        return cls(device, dtype, heads, max_calls, keep, bool(keep_grad))
+            heads = index_list(heads, "heads", noun="head")
+        max_calls = positive_int(max_calls, "max_calls", allow_none=True)
+        keep = one_of(keep, "keep", _KEEP_CHOICES)
+        keep_grad = check_flag(keep_grad, "keep_grad")
+        return cls(device, dtype, heads, max_calls, keep, keep_grad)
 
 
 class AttentionValues(dict):
@@ -127,61 +110,19 @@ class AttentionStore:
         self.values = AttentionValues()
         self.gradients: dict = {}  # with keep_grad: {name: [[grad or None] per call]}
         self.calls_seen: dict = {}
-        self._spare: Dict[tuple, List[torch.Tensor]] = {}  # cleared buffers nobody else holds
-        self._scratch: Dict[tuple, torch.Tensor] = {}  # working tensors, copied from before reuse
+        self._lock = threading.RLock()  # forwards on several threads record into one store
 
     def clear(self) -> None:
         """Forgets every stored tensor and call count.
 
-        Tensors that nothing outside the store still references (no variable,
-        view, or numpy array of them) are kept as spare buffers for the next
-        calls, which then skip the cost of fresh memory. Spares left unused
-        since the previous ``clear()`` are freed, so they never hold more than
-        one clear's worth; :meth:`release_spares` frees them all (the hooker
-        does on ``remove_hooks()``).
+        The tensors themselves are left alone: a user who kept the dict, a call
+        list, a tensor, a view or a numpy array of them keeps those values, and
+        no later call writes into them (their memory is never reused).
         """
-        spares: Dict[tuple, List[torch.Tensor]] = {}
-        for calls in self.values.values():
-            for tensor in calls:
-                if _only_the_store_holds(tensor):
-                    spares.setdefault(_buffer_key(tensor.shape, tensor.dtype, tensor.device), []).append(tensor)
-                del tensor
-        self._spare = spares
-        self.release_scratch()
-        self.values.clear()
-        self.gradients.clear()
-        self.calls_seen.clear()
-
-    @property
-    def spare_bytes(self) -> int:
-        """Bytes held as spare buffers."""
-        return sum(t.numel() * t.element_size() for ts in self._spare.values() for t in ts)
-
-    def release_spares(self) -> None:
-        """Frees the spare buffers kept by :meth:`clear` and the scratch tensors."""
-        self._spare.clear()
-        self.release_scratch()
-
-    def scratch(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A working tensor for weights that :meth:`record` copies (into another dtype
-        or device) before the next call needs it: one per shape, reused by every
-        layer instead of fresh memory per call; freed by :meth:`release_scratch`."""
-        key = _buffer_key(shape, dtype, device)
-        tensor = self._scratch.get(key)
-        if tensor is None:
-            tensor = self._scratch[key] = torch.empty(shape, dtype=dtype, device=device)
-        return tensor
-
-    def release_scratch(self) -> None:
-        """Frees the scratch tensors (the hooker does at the end of each model forward)."""
-        self._scratch.clear()
-
-    def buffer(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialised tensor to store into: a spare one when there is one."""
-        spares = self._spare.get(_buffer_key(shape, dtype, device))
-        if spares:
-            return spares.pop()
-        return torch.empty(shape, dtype=dtype, device=device)
+        with self._lock:
+            self.values.clear()
+            self.gradients.clear()
+            self.calls_seen.clear()
 
     def stores_as_computed(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether weights computed with this dtype and device are stored as they are."""
@@ -195,7 +136,8 @@ class AttentionStore:
 
     def skip(self, name: str) -> None:
         """Counts a call that was not computed because :meth:`wants` said no."""
-        self.calls_seen[name] = self.calls_seen.get(name, 0) + 1
+        with self._lock:
+            self.calls_seen[name] = self.calls_seen.get(name, 0) + 1
 
     def record(
         self,
@@ -219,33 +161,39 @@ class AttentionStore:
             AttentionHookerError: when ``policy.heads`` names a head the layer lacks.
         """
         p = self.policy
+        if p.heads is not None and not heads_selected:
+            weights = select_heads(weights, p.heads, name)
+        stored = self._place(weights.detach())
+        with self._lock:
+            self._append(name, stored, weights if graph_tensor is None else graph_tensor)
+
+    def _append(self, name: str, stored: torch.Tensor, graph_tensor: torch.Tensor) -> None:
+        p = self.policy
         kept = self.wants(name)
         self.calls_seen[name] = self.calls_seen.get(name, 0) + 1
         if not kept:
             return
-        if p.heads is not None and not heads_selected:
-            weights = select_heads(weights, p.heads, name)
-        stored = self._place(weights.detach())
         calls = self.values.get(name)
         if calls is None:
             calls = self._insert_layer(name)
         calls.append(stored)
         if p.keep_grad:
-            self._watch_gradient(name, stored, graph_tensor if graph_tensor is not None else weights)
+            self._watch_gradient(name, stored, graph_tensor)
         if p.max_calls is not None and len(calls) > p.max_calls:
             del calls[0]  # keep == "last"
             if p.keep_grad:
                 del self.gradients[name][0]
 
     def _place(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The tensor on the policy's device and dtype: itself, or a copy into a buffer."""
+        """The tensor on the policy's device and dtype: itself, or a copy."""
         if self.stores_as_computed(tensor.dtype, tensor.device):
             return tensor
         p = self.policy
-        out = self.buffer(
-            tensor.shape, p.dtype if p.dtype is not None else tensor.dtype, p.device if p.device is not None else tensor.device
+        return tensor.to(
+            device=p.device if p.device is not None else tensor.device,
+            dtype=p.dtype if p.dtype is not None else tensor.dtype,
+            copy=True,
         )
-        return out.copy_(tensor)
 
     def _watch_gradient(self, name: str, stored: torch.Tensor, graph_tensor: torch.Tensor) -> None:
         """Fills ``gradients[name][i]`` when backward reaches ``graph_tensor``."""
@@ -271,43 +219,11 @@ class AttentionStore:
         return self.values[name]
 
 
-def _buffer_key(shape, dtype: torch.dtype, device: torch.device) -> tuple:
-    return tuple(shape), dtype, torch.device(device)
-
-
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def _only_the_store_holds(tensor: torch.Tensor) -> bool:
-    """True when the store's list holds the only reference to ``tensor`` and its memory.
-
-    Counts Python references (the list, the caller's loop variable, and this
-    call's argument) and the storage's own use count (the tensor, plus the
-    temporary storage object made to ask), so a view or a numpy array of it
-    also counts as a holder. Where torch lacks the counter, nothing is reused.
-    """
-    if _storage_use_count is None or tensor.requires_grad or tensor._base is not None:
-        return False
-    if sys.getrefcount(tensor) > 4:  # list + loop variable + argument + getrefcount's own
-        return False
-    try:
-        return _storage_use_count(tensor.untyped_storage()._cdata) <= 2
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def select_heads(weights: torch.Tensor, heads: Sequence[int], layer: str) -> torch.Tensor:
     """Keeps the given heads of ``(batch, heads, query, key)`` weights, as a compact copy.
 
     Raises:
         AttentionHookerError: when a head index is out of range.
     """
-    n_heads = weights.shape[1]
-    bad = [h for h in heads if h >= n_heads]
-    if bad:
-        raise AttentionHookerError(
-            f"heads={list(heads)} names head(s) {bad}, but layer {layer!r} has {n_heads} heads "
-            f"(indices 0..{n_heads - 1})"
-        )
-    index = torch.tensor(heads, device=weights.device)
+    index = torch.tensor(check_heads(heads, weights.shape[1], f"layer {layer!r}"), device=weights.device)
     return weights.index_select(1, index)

@@ -2,20 +2,32 @@
 
 A forward pre-hook binds the call to the module's signature (so a positional
 ``need_weights`` is seen too) and forces ``need_weights=True,
-average_attn_weights=False``; the forward hook records the per-head weights and
-hands the caller back exactly what it asked for.
+average_attn_weights=False``; every hooker's own forward hook records the
+per-head weights; one last hook hands the caller back exactly what it asked for.
+
+The forcing and the restoring are done once per module, however many hookers
+capture it (nested or overlapping hookers): the module's route is shared and
+counts its subscribers, and its hooks leave with the last one. Were each hooker
+to force and restore on its own, the first to restore would hide the weights
+from the others, and the second to force would take the first one's forcing for
+the caller's request.
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["MultiheadAttentionRoute"]
+__all__ = ["MultiheadAttentionRoute", "mha_weights"]
+
+_ROUTES: "weakref.WeakKeyDictionary[nn.Module, MultiheadAttentionRoute]" = weakref.WeakKeyDictionary()
+_ROUTES_LOCK = threading.Lock()
 
 
 @dataclass
@@ -24,8 +36,29 @@ class _Request:
     average_attn_weights: bool
 
 
+def mha_weights(output: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The per-head weights in an ``nn.MultiheadAttention`` output forced to return them.
+
+    Returns:
+        ``(weights, graph_tensor)``: ``weights`` ``(batch, heads, query, key)`` (in
+        training with dropout: after dropout, the weights the module multiplied
+        the values by), or ``None`` when the output holds none; ``graph_tensor``
+        the tensor of the autograd graph they are a view of (gradients reach it).
+    """
+    if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], torch.Tensor)):
+        return None, None
+    weights = output[1]  # (B, H, L, S), or unbatched (H, L, S)
+    if weights.dim() not in (3, 4):
+        return None, None  # averaged over heads: the forcing did not reach this call
+    batched = weights if weights.dim() == 4 else weights.unsqueeze(0)  # (B, H, L, S)
+    graph_tensor = weights._base if weights._base is not None else weights  # (B * H, L, S) used by bmm
+    return batched, graph_tensor
+
+
 class MultiheadAttentionRoute:
-    """Rewrites the arguments of one ``nn.MultiheadAttention`` and restores its output.
+    """Forces per-head weights on one ``nn.MultiheadAttention`` and restores the caller's output.
+
+    Get one with :meth:`subscribe`; every subscriber calls :meth:`unsubscribe` once.
 
     Args:
         module: the attention module; its ``forward`` signature is read once.
@@ -35,9 +68,51 @@ class MultiheadAttentionRoute:
         self._signature = inspect.signature(module.forward)
         params = self._signature.parameters
         self._can_force = "need_weights" in params and "average_attn_weights" in params
-        self._requests: List[_Request] = []
+        self._local = threading.local()  # each thread's pending requests
+        self._module = weakref.ref(module)
+        self._subscribers = 0
+        self._handles: List = []
 
-    def before(self, args: tuple, kwargs: dict) -> Optional[Tuple[tuple, dict]]:
+    @classmethod
+    def subscribe(cls, module: nn.Module) -> "MultiheadAttentionRoute":
+        """The module's shared route, its hooks put on by the first subscriber.
+
+        Its restoring hook is put first among the module's forward hooks; a
+        subscriber's own recording hook goes in front of it (``prepend=True``),
+        so that every recorder sees the weights and the user's own hooks see
+        what the caller asked for.
+        """
+        with _ROUTES_LOCK:
+            route = _ROUTES.get(module)
+            if route is None:
+                route = _ROUTES[module] = cls(module)
+                route._handles = [
+                    module.register_forward_pre_hook(route._before, with_kwargs=True),
+                    module.register_forward_hook(route._after, prepend=True, with_kwargs=True, always_call=True),
+                ]
+            route._subscribers += 1
+            return route
+
+    def unsubscribe(self) -> None:
+        """Leaves the route; the last subscriber takes its hooks off."""
+        with _ROUTES_LOCK:
+            self._subscribers -= 1
+            if self._subscribers > 0:
+                return
+            handles, self._handles = self._handles, []
+            module = self._module()
+            if module is not None and _ROUTES.get(module) is self:
+                del _ROUTES[module]
+        for handle in handles:
+            handle.remove()
+
+    def _requests(self) -> List[_Request]:
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = []
+        return requests
+
+    def _before(self, module, args: tuple, kwargs: dict) -> Optional[Tuple[tuple, dict]]:
         """Forces per-head weights; returns the new ``(args, kwargs)`` or ``None``."""
         if not self._can_force:
             return None
@@ -46,7 +121,7 @@ class MultiheadAttentionRoute:
         except TypeError:
             return None  # let the module itself report the bad call
         given = bound.arguments
-        self._requests.append(
+        self._requests().append(
             _Request(
                 need_weights=bool(given.get("need_weights", self._default("need_weights"))),
                 average_attn_weights=bool(given.get("average_attn_weights", self._default("average_attn_weights"))),
@@ -56,24 +131,17 @@ class MultiheadAttentionRoute:
         given["average_attn_weights"] = False
         return bound.args, bound.kwargs
 
-    def after(self, output: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Any]:
-        """Splits the module's output into the weights to record and the caller's output.
-
-        Returns:
-            ``(weights, graph_tensor, output)``: ``weights`` is
-            ``(batch, heads, query, key)`` as the module returns them (in training
-            with dropout: after dropout, the weights it multiplied the values
-            by), or ``None``; ``graph_tensor`` the tensor of the autograd graph
-            they are a view of (gradients reach it, not the view); ``output``
-            what the caller asked for (weights ``None`` where it asked
-            ``need_weights=False``, averaged over heads where it asked
-            ``average_attn_weights=True``).
-        """
-        if not self._requests:
-            return None, None, output
-        request = self._requests.pop()
-        if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], torch.Tensor)):
-            return None, None, output
+    def _after(self, module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Hands the caller what it asked for: weights ``None`` where it asked
+        ``need_weights=False``, averaged over heads where it asked
+        ``average_attn_weights=True``. On a forward that raised (``output`` is
+        ``None``) the pending request is dropped."""
+        requests = self._requests()
+        if not requests:
+            return None
+        request = requests.pop()
+        if output is None or not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], torch.Tensor)):
+            return None
         attn_output, weights = output  # weights (B, H, L, S) or unbatched (H, L, S)
         if not request.need_weights:
             returned = None
@@ -81,14 +149,7 @@ class MultiheadAttentionRoute:
             returned = weights.mean(dim=-3)  # what the module computes when asked to average
         else:
             returned = weights
-        batched = weights if weights.dim() == 4 else weights.unsqueeze(0)  # (B, H, L, S)
-        graph_tensor = weights._base if weights._base is not None else weights  # (B * H, L, S) used by bmm
-        return batched, graph_tensor, (attn_output, returned)
-
-    def abandon(self) -> None:
-        """Drops the pending request of a call that raised."""
-        if self._requests:
-            self._requests.pop()
+        return attn_output, returned
 
     def _default(self, name: str) -> Any:
         return self._signature.parameters[name].default

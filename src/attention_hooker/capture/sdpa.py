@@ -13,6 +13,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .._checks import check_heads
+
 __all__ = ["SDPA_FUNCTIONS", "sdpa_attention_weights", "parse_sdpa_call", "as_4d"]
 
 SDPA_FUNCTIONS = frozenset({torch.nn.functional.scaled_dot_product_attention})
@@ -48,6 +50,7 @@ def sdpa_attention_weights(
     *,
     heads: Optional[Sequence[int]] = None,
     buffer: Optional[Callable[..., torch.Tensor]] = None,
+    where: str = "the attention",
 ) -> torch.Tensor:
     """Attention probabilities of one ``scaled_dot_product_attention`` call.
 
@@ -72,10 +75,14 @@ def sdpa_attention_weights(
         heads: query-head indices to compute; ``None`` computes all.
         buffer: ``buffer(shape, dtype, device)`` gives the tensor the weights are
             written into (float32/float64 queries); ``None`` allocates one.
+        where: names the call in error messages (e.g. ``"layer 'h.0.attn'"``).
 
     Returns:
         ``(batch, heads, query, key)`` probabilities, in the query's dtype
         (computed in float32 when the query is half precision).
+
+    Raises:
+        AttentionHookerError: when ``heads`` names a head the query lacks.
 
     Example:
         >>> q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8)
@@ -91,7 +98,7 @@ def sdpa_attention_weights(
     mask = None if attn_mask is None else as_4d(attn_mask)  # (B|1, Hq|1, L|1, S)
 
     if heads is not None:
-        index = torch.as_tensor(list(heads), device=q.device)
+        index = torch.as_tensor(check_heads(heads, n_q_heads, where), device=q.device)
         q = q.index_select(1, index)
         if n_k_heads == n_q_heads:
             k = k.index_select(1, index)

@@ -1,18 +1,25 @@
-"""The live part of a capture: which hooked module is running, and the function mode.
+"""The live part of a capture: which hooked module is running, on which thread, and the function mode.
 
-While at least one hooked module (or a fast-path guard) is running, a
-``TorchFunctionMode`` is on torch's mode stack; it sees every
+While at least one hooked module (or a fast-path guard) is running on a thread, a
+``TorchFunctionMode`` is on *that thread's* function-mode stack; it sees every
 ``scaled_dot_product_attention`` and softmax call however it was imported, and
-gives each to the innermost hooked module that is running. While scopes are
-open the ``nn.MultiheadAttention`` fast path is off, so that
-``nn.TransformerEncoderLayer`` cannot skip the hooked module. Both are undone
-when the last scope closes, and by :meth:`CaptureSession.reset` after an
-interrupted forward.
+gives each to the innermost hooked module running on that thread. The same mode
+keeps every ``nn.MultiheadAttention`` / ``nn.TransformerEncoder(Layer)`` fast
+path off on that thread (they check ``torch.overrides.has_torch_function``, which
+is true while a mode is on), so no process-wide switch is touched: other threads
+and other models run exactly as before.
+
+Everything here is per thread: the scope stack, the mode, the scratch tensor.
+A scope remembers the Python frame of the module call that opened it, so scopes
+that an interrupted forward (``KeyboardInterrupt``) left open are recognised as
+stale at the next attention event and never receive another model's attention.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+import sys
+import threading
+from typing import Any, Callable, List, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -21,51 +28,47 @@ from ..store import AttentionStore
 from .sdpa import SDPA_FUNCTIONS, as_4d, parse_sdpa_call, sdpa_attention_weights
 from .softmax import SOFTMAX_FUNCTIONS, is_attention_softmax
 
-__all__ = ["CaptureSession", "fastpath_flag_available"]
+__all__ = ["CaptureSession", "module_call_frame"]
 
 
-def fastpath_flag_available() -> bool:
-    """Whether this torch has ``torch.backends.mha.set_fastpath_enabled`` (2.3 and newer)."""
-    mha = getattr(torch.backends, "mha", None)
-    return mha is not None and hasattr(mha, "set_fastpath_enabled")
+def module_call_frame():
+    """The frame of the ``nn.Module`` call that is running the hook calling this.
 
-
-class _FastPathSwitch:
-    """Keeps the MHA fast path off while any session needs it, across sessions.
-
-    Sessions of several hookers on one model open and close in interleaved
-    order, so each one saving and restoring the flag itself would restore the
-    wrong value; the first holder saves it and the last one restores it.
+    Called from a forward pre-hook: frame 0 is this function, 1 the hook, 2 the
+    module's ``_call_impl``, which lives exactly as long as that module call.
     """
-
-    def __init__(self):
-        self._holders = 0
-        self._saved: Optional[bool] = None
-
-    def hold(self) -> None:
-        if self._holders == 0:
-            self._saved = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
-        self._holders += 1
-
-    def release(self) -> None:
-        if self._holders == 0:
-            return
-        self._holders -= 1
-        if self._holders == 0:
-            torch.backends.mha.set_fastpath_enabled(self._saved)
-            self._saved = None
+    return sys._getframe(2)
 
 
-_FASTPATH = _FastPathSwitch()
+def _frame_is_live(frame) -> bool:
+    """Whether ``frame`` is on this thread's call stack right now."""
+    current = sys._getframe(1)
+    while current is not None:
+        if current is frame:
+            return True
+        current = current.f_back
+    return False
 
 
 class _Scope:
-    __slots__ = ("module", "layer")
+    __slots__ = ("module", "layer", "frame")
 
-    def __init__(self, module, layer: Optional[str]):
+    def __init__(self, module, layer: Optional[str], frame):
         self.module = module
         self.layer = layer  # None for a fast-path guard, which captures nothing
+        self.frame = frame  # the module call's frame: the scope is stale once it is gone
+
+
+class _ThreadState:
+    """What one thread's forwards of one hooker hold."""
+
+    def __init__(self, session: "CaptureSession"):
+        self.scopes: List[_Scope] = []
+        self.mode = _CaptureMode(session)
+        self.mode_on = False
+        self.scratch: dict = {}
+        self.events = 0  # attention calls seen (kept or skipped), for the "nothing captured" check
+        self.capture_scopes_entered = 0
 
 
 class _CaptureMode(TorchFunctionMode):
@@ -86,70 +89,138 @@ class _CaptureMode(TorchFunctionMode):
 
 
 class CaptureSession:
-    """Scope stack, function mode and fast-path flag for one hooker.
+    """Per-thread scope stacks, function modes and scratch tensors for one hooker.
 
     Args:
         store: where captured weights go.
-        use_fastpath_flag: switch the MHA fast path off with torch's flag; where
-            torch lacks it, the active function mode alone keeps the fast path off.
     """
 
-    def __init__(self, store: AttentionStore, *, use_fastpath_flag: Optional[bool] = None):
+    def __init__(self, store: AttentionStore):
         self.store = store
-        self._scopes: List[_Scope] = []
-        self._mode = _CaptureMode(self)
-        self._mode_on = False
-        self._use_flag = fastpath_flag_available() if use_fastpath_flag is None else use_fastpath_flag
-        self._holds_flag = False
-        self.events = 0  # attention calls seen (kept or skipped), for the "nothing captured" check
-        self.capture_scopes_entered = 0
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._busy: set = set()  # idents of threads with open scopes
+        self._on_idle: List[Callable[[], None]] = []
+        self.closed = False
+
+    def _state(self) -> _ThreadState:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _ThreadState(self)
+        return state
 
     # ----------------------------------------------------------------- scopes
-    def enter(self, module, layer: Optional[str]) -> None:
-        """Opens a scope: ``layer`` names a hooked module, ``None`` a fast-path guard."""
-        if not self._scopes:
-            self._switch_on()
-        self._scopes.append(_Scope(module, layer))
+    def enter(self, module, layer: Optional[str], frame) -> None:
+        """Opens a scope on this thread: ``layer`` names a hooked module, ``None`` a
+        fast-path guard; ``frame`` is the module call's (:func:`module_call_frame`)."""
+        if self.closed:
+            return
+        state = self._state()
+        if not state.scopes:
+            self._switch_on(state)
+        state.scopes.append(_Scope(module, layer, frame))
         if layer is not None:
-            self.capture_scopes_entered += 1
+            state.capture_scopes_entered += 1
 
     def exit(self, module) -> None:
-        """Closes the innermost scope if it is ``module``'s (a scope never opened is ignored)."""
-        if self._scopes and self._scopes[-1].module is module:
-            self._scopes.pop()
-            if not self._scopes:
-                self._switch_off()
+        """Closes this thread's innermost scope if it is ``module``'s (a scope never opened is ignored)."""
+        state = self._state()
+        if state.scopes and state.scopes[-1].module is module:
+            state.scopes.pop()
+            if not state.scopes:
+                self._switch_off(state)
 
-    def is_open(self, module) -> bool:
-        return any(scope.module is module for scope in self._scopes)
+    def drop_stale_scopes(self, *, switch_off: bool = True) -> None:
+        """Closes the scopes of module calls that are no longer running on this thread
+        (left open by an interrupted forward); undoes the mode when none is left.
 
-    @property
-    def active(self) -> bool:
-        return bool(self._scopes)
+        ``switch_off=False`` from inside the mode's own handler, where torch has
+        taken the mode off the stack for the call and puts it back afterwards: the
+        mode then stays until this thread's next scope closes.
+        """
+        state = self._state()
+        while state.scopes and not _frame_is_live(state.scopes[-1].frame):
+            state.scopes.pop()
+        if not state.scopes and switch_off:
+            self._switch_off(state)
 
     def reset(self) -> None:
-        """Closes every scope and undoes the mode and the flag (after an interrupt)."""
-        self._scopes.clear()
-        self._switch_off()
+        """Closes every scope of this thread and undoes its mode."""
+        state = self._state()
+        state.scopes.clear()
+        state.scratch.clear()
+        self._switch_off(state)
+
+    def close(self, on_idle: Callable[[], None]) -> bool:
+        """Stops capturing. This thread's scopes are closed at once; ``on_idle`` runs now
+        if no other thread is inside a hooked forward, or else when the last one
+        leaves it (so that its scopes, and its mode, are still closed by its hooks).
+
+        Returns:
+            Whether ``on_idle`` ran now.
+        """
+        self.closed = True
+        self.reset()
+        with self._lock:
+            if self._busy:
+                self._on_idle.append(on_idle)
+                return False
+        on_idle()
+        return True
 
     def current_layer(self) -> Optional[str]:
-        return self._scopes[-1].layer if self._scopes else None
+        """The innermost hooked layer running on this thread, or ``None`` (stale scopes are dropped)."""
+        if self.closed:
+            return None
+        state = self._state()
+        if not state.scopes:
+            return None
+        if not _frame_is_live(state.scopes[-1].frame):
+            self.drop_stale_scopes(switch_off=False)  # called from inside the mode's handler
+            if not state.scopes:
+                return None
+        return state.scopes[-1].layer
+
+    def counters(self):
+        """``(attention events, capture scopes entered)`` on this thread so far."""
+        state = self._state()
+        return state.events, state.capture_scopes_entered
 
     # ------------------------------------------------------------ global state
-    def _switch_on(self) -> None:
-        if self._use_flag:
-            _FASTPATH.hold()
-            self._holds_flag = True
-        self._mode.__enter__()
-        self._mode_on = True
+    def _switch_on(self, state: _ThreadState) -> None:
+        with self._lock:
+            self._busy.add(threading.get_ident())
+        if not state.mode_on:
+            state.mode.__enter__()
+            state.mode_on = True
 
-    def _switch_off(self) -> None:
-        if self._mode_on:
-            self._mode_on = False
-            _remove_mode(self._mode)
-        if self._holds_flag:
-            self._holds_flag = False
-            _FASTPATH.release()
+    def _switch_off(self, state: _ThreadState) -> None:
+        if state.mode_on:
+            state.mode_on = False
+            _remove_mode(state.mode)
+        with self._lock:
+            self._busy.discard(threading.get_ident())
+            callbacks = self._on_idle if not self._busy else []
+            if callbacks:
+                self._on_idle = []
+        for callback in callbacks:
+            callback()
+
+    # ----------------------------------------------------------------- scratch
+    def scratch(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A working tensor for weights that the store copies (into another dtype or
+        device) before the next call needs it: one per shape and thread, reused by
+        every layer instead of fresh memory per call; freed by :meth:`release_scratch`."""
+        cache = self._state().scratch
+        key = (tuple(shape), dtype, torch.device(device))
+        tensor = cache.get(key)
+        if tensor is None:
+            tensor = cache[key] = torch.empty(shape, dtype=dtype, device=device)
+        return tensor
+
+    def release_scratch(self) -> None:
+        """Frees this thread's scratch tensors (the hooker does at the end of each model forward)."""
+        self._state().scratch.clear()
 
     # ------------------------------------------------------------------ events
     def on_sdpa(self, func, args: tuple, kwargs: dict) -> Any:
@@ -166,9 +237,9 @@ class CaptureSession:
             return self._sdpa_with_grad(call, layer)
         output = func(*args, **kwargs)
         query = call["query"]
-        # Stored as computed: written straight into the stored tensor. Otherwise into a
-        # scratch tensor that record() copies to the policy's dtype/device at once.
-        buffer = store.buffer if store.stores_as_computed(query.dtype, query.device) else store.scratch
+        # Stored as computed: written straight into a fresh tensor that is stored. Otherwise
+        # into this thread's scratch tensor, which record() copies to the policy's dtype/device.
+        buffer = None if store.stores_as_computed(query.dtype, query.device) else self.scratch
         with torch.no_grad():
             weights = sdpa_attention_weights(
                 call["query"],
@@ -179,6 +250,7 @@ class CaptureSession:
                 bool(call["enable_gqa"]),
                 heads=store.policy.heads,
                 buffer=buffer,
+                where=f"layer {layer!r}",
             )  # (B, H, L, S)
         self._record(layer, weights, heads_selected=True)
         return output
@@ -202,8 +274,10 @@ class CaptureSession:
         return output.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
 
     def on_softmax(self, result, args: tuple, kwargs: dict) -> None:
+        if not is_attention_softmax(result, args, kwargs):
+            return
         layer = self.current_layer()
-        if layer is None or not is_attention_softmax(result, args, kwargs):
+        if layer is None:
             return
         if not self.store.wants(layer):
             self._skip(layer)
@@ -212,22 +286,30 @@ class CaptureSession:
 
     def record_module_output(self, layer: str, weights: torch.Tensor, graph_tensor=None) -> None:
         """Records weights a module returned itself (the MHA route)."""
+        if self.closed:
+            return
         if not self.store.wants(layer):
             self._skip(layer)
             return
         self._record(layer, weights, heads_selected=False, graph_tensor=graph_tensor)
 
     def _skip(self, layer: str) -> None:
-        self.events += 1
+        self._state().events += 1
         self.store.skip(layer)
 
     def _record(self, layer: str, weights: torch.Tensor, *, heads_selected: bool, graph_tensor=None) -> None:
-        self.events += 1
+        self._state().events += 1
         self.store.record(layer, weights, heads_selected=heads_selected, graph_tensor=graph_tensor)
 
 
 def _remove_mode(mode: TorchFunctionMode) -> None:
-    """Takes ``mode`` off torch's function-mode stack, wherever it stands on it."""
+    """Takes ``mode`` off this thread's function-mode stack, wherever it stands on it.
+
+    Uses ``torch._C._pop_torch_function_stack`` / ``_push_on_torch_function_stack``
+    (private; checked on torch 2.1-2.14) when other modes were pushed above ours
+    and are still on (a mode a user entered inside a hooked module and kept).
+    ``tests/test_contract.py::test_private_torch_apis_still_exist`` fails if they go.
+    """
     stack = torch.overrides._get_current_function_mode_stack()
     if not any(m is mode for m in stack):
         return
