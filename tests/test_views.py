@@ -93,7 +93,7 @@ def test_grid_errors_say_what_was_expected():
         plot_attention_grid(torch.rand(1, 2, 12, 12), tokens=[str(i) for i in range(10)])
     with pytest.raises(AttentionHookerError, match=r"expected \(batch, heads, query, key\) or \(heads, query, key\). Received 5-dim"):
         plot_attention_grid(torch.rand(1, 1, 2, 3, 3))
-    with pytest.raises(AttentionHookerError, match=r"heads=\[4\] must be indices in 0..1"):
+    with pytest.raises(AttentionHookerError, match=r"heads=\[4\] names head\(s\) \[4\], but the attention has 2 heads \(indices 0..1\)"):
         plot_attention_grid(torch.rand(1, 2, 3, 3), heads=[4])
     with pytest.raises(AttentionHookerError, match="batch_index=3 is out of range"):
         plot_attention_grid(torch.rand(1, 2, 3, 3), batch_index=3)

@@ -13,7 +13,7 @@ from .analysis import (
 )
 from .capture.sdpa import sdpa_attention_weights
 from .discovery import find_attention_modules
-from .errors import AttentionCaptureWarning, AttentionHookerError
+from .errors import AttentionCaptureWarning, AttentionHookerError, AttentionHookerTypeError
 from .hooker import TransformerAttentionHooker
 from .io import SavedAttention, load, to_bertviz, to_numpy
 from .html import AttentionPage, render_html
@@ -29,6 +29,7 @@ __all__ = [
     "TransformerAttentionHooker",
     "AttentionValues",
     "AttentionHookerError",
+    "AttentionHookerTypeError",
     "AttentionCaptureWarning",
     "find_attention_modules",
     "plot_attention_grid",

@@ -23,6 +23,7 @@ __all__ = [
     "check_device",
     "prepare_output_path",
     "check_probabilities",
+    "token_lists",
 ]
 
 
@@ -197,6 +198,34 @@ def prepare_output_path(path, *, what: str = "file") -> str:
         except OSError as err:
             raise AttentionHookerError(f"cannot create the folder {folder!r} for the {what}: {err.strerror}") from None
     return path
+
+
+def token_lists(tokens, name: str = "tokens") -> Optional[list]:
+    """Token labels as a list of string lists: one list (``["a", "b"]``), or several
+    (``[source_tokens, target_tokens]``) for axes of different lengths. ``None`` passes.
+
+    Raises:
+        AttentionHookerError: for a string (``"abc"`` is not three tokens), a number,
+            or anything that is not a sequence of labels.
+
+    Example:
+        >>> token_lists(["a", "b"]), token_lists([["a"], ["b", "c"]])
+        ([['a', 'b']], [['a'], ['b', 'c']])
+    """
+    if tokens is None:
+        return None
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__") or not hasattr(tokens, "__iter__"):
+        raise AttentionHookerError(
+            f"{name} must be a list of token strings (or a list of such lists), got {type(tokens).__name__}"
+            + (f" {tokens[:20]!r}" if isinstance(tokens, str) else "")
+        )
+    items = list(tokens)
+    nested = [t for t in items if not isinstance(t, (str, bytes)) and hasattr(t, "__iter__") and hasattr(t, "__len__")]
+    if items and len(nested) == len(items):
+        return [token_lists(t, name)[0] for t in items]
+    if nested:
+        raise AttentionHookerError(f"{name} mixes labels and lists of labels; expected one list of strings, or a list of lists")
+    return [[str(t) for t in items]]
 
 
 def check_probabilities(attn, where: str, *, atol: Optional[float] = None) -> None:

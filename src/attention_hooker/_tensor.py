@@ -32,6 +32,8 @@ def as_heads(attn, *, batch_index: int = 0, where: str = "attention") -> np.ndar
     Raises:
         AttentionHookerError: on another number of dims or a batch index out of range.
     """
+    if isinstance(batch_index, bool) or not isinstance(batch_index, (int, np.integer)):
+        raise AttentionHookerError(f"batch_index={batch_index!r} must be an int (which batch item)")
     arr = to_numpy(attn)
     if arr.ndim == 4:
         if not -arr.shape[0] <= batch_index < arr.shape[0]:

@@ -11,6 +11,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ._checks import check_flag, check_probabilities, index_list, non_negative_int, one_of
 from ._tensor import as_batched
 from .errors import AttentionHookerError
 
@@ -55,7 +56,7 @@ def layer_sequence(
                 raise AttentionHookerError(f"layer {name!r} has {len(calls)} calls; call={call} is out of range")
             layers.append(calls[call])
         attentions = layers
-    attentions = [None if a is None and allow_missing else torch.as_tensor(a) for a in attentions]
+    attentions = [None if a is None and allow_missing else _as_tensor(a, f"{where}[{i}]") for i, a in enumerate(attentions)]
     if not attentions:
         raise AttentionHookerError(f"{where} is empty: expected at least one (batch, heads, query, key) tensor")
     for i, a in enumerate(attentions):
@@ -65,6 +66,17 @@ def layer_sequence(
                 f"Received {a.dim()}-dim tensor of shape {tuple(a.shape)}."
             )
     return attentions
+
+
+def _as_tensor(a, where: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    try:
+        return torch.as_tensor(a)
+    except (TypeError, ValueError, RuntimeError):
+        raise AttentionHookerError(
+            f"{where} is a {type(a).__name__}; expected a (batch, heads, query, key) tensor or array of numbers"
+        ) from None
 
 
 def _fuse_heads(a: torch.Tensor, how: str) -> torch.Tensor:
@@ -92,6 +104,8 @@ def _square_stack(attentions, where: str) -> List[torch.Tensor]:
                 f"{where}[{i}] is {tuple(a.shape)} but {where}[0] is {tuple(shape)}: every layer must share "
                 "batch and token count"
             )
+    for i, a in enumerate(layers):
+        check_probabilities(a, f"{where}[{i}]")
     return layers
 
 
@@ -110,20 +124,34 @@ def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str
     Returns:
         ``(batch, tokens, tokens)``; row ``i`` sums to 1.
 
+    Raises:
+        AttentionHookerError: on layers that are not square attention
+            probabilities of one shape, or, with ``add_residual=False``, a query
+            row with no weight (all its keys masked): it cannot be renormalised.
+
     Example:
         >>> a = torch.softmax(torch.randn(2, 1, 4, 3, 3), -1).unbind(0)
         >>> r = attention_rollout(a)
         >>> r.shape, bool(torch.allclose(r.sum(-1), torch.ones(1, 3)))
         (torch.Size([1, 3, 3]), True)
     """
-    if head_fusion not in _FUSIONS:
-        raise AttentionHookerError(f"head_fusion={head_fusion!r} must be one of {_FUSIONS}")
+    one_of(head_fusion, "head_fusion", _FUSIONS)
+    add_residual = check_flag(add_residual, "add_residual")
     layers = _square_stack(attentions, "attentions")
     rollout = None
-    for a in layers:
+    for i, a in enumerate(layers):
         fused = _fuse_heads(a.double(), head_fusion)  # (B, T, T)
         if add_residual:
             fused = fused + torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+        else:
+            empty = (fused.sum(dim=-1) <= 0).nonzero()
+            if len(empty):
+                batch, row = (int(v) for v in empty[0])
+                raise AttentionHookerError(
+                    f"row {row} of attentions[{i}] (batch item {batch}) sums to 0 over every head: a query whose keys "
+                    "are all masked cannot be renormalised with add_residual=False; keep add_residual=True, or "
+                    "leave such queries out"
+                )
         fused = fused / fused.sum(dim=-1, keepdim=True)
         rollout = fused if rollout is None else fused @ rollout
     return rollout.to(layers[0].dtype)
@@ -169,7 +197,10 @@ def _query_mask(attn: torch.Tensor, padding_mask) -> Optional[torch.Tensor]:
     """``(B, Q)`` bool of real query positions, from an HF-style ``(B, T)`` mask (1 = real)."""
     if padding_mask is None:
         return None
-    mask = torch.as_tensor(padding_mask, device=attn.device).bool()
+    raw = _as_tensor(padding_mask, "padding_mask").to(attn.device)
+    if raw.dtype != torch.bool and not ((raw == 0) | (raw == 1)).all():
+        raise AttentionHookerError("padding_mask must hold 0/1 or True/False (1 for real tokens, 0 for padding)")
+    mask = raw.bool()
     if mask.dim() == 1:
         mask = mask.unsqueeze(0)
     if mask.shape != (attn.shape[0], attn.shape[2]):
@@ -188,7 +219,10 @@ def _mean_over_queries(per_query: torch.Tensor, query_mask: Optional[torch.Tenso
 
 
 def _check_attention(attn, where: str) -> torch.Tensor:
-    return as_batched(attn, where).double()
+    """``(batch, heads, query, key)`` probabilities as float64, or the library's error."""
+    a = as_batched(_as_tensor(attn, where), where)
+    check_probabilities(a, where)
+    return a.double()
 
 
 def head_entropy(attn, *, padding_mask=None) -> torch.Tensor:
@@ -244,6 +278,7 @@ def mean_attention_distance(
         raise AttentionHookerError(
             f"attention is {tuple(a.shape)}: distance needs self-attention (query == key positions)"
         )
+    prefix_tokens = non_negative_int(prefix_tokens, "prefix_tokens")
     query_mask = _query_mask(a, padding_mask)
     if grid is not None:
         a = a[..., prefix_tokens:, prefix_tokens:]
@@ -269,12 +304,17 @@ def sink_share(attn, positions: Sequence[int] = (0,), *, padding_mask=None) -> t
     Returns:
         ``(batch, heads)`` in ``[0, 1]``.
 
+    Raises:
+        AttentionHookerError: on a position outside ``-keys..keys-1`` (no wrap-around), or
+            input that is not attention probabilities.
+
     Example:
         >>> sink_share(torch.tensor([[[[0.7, 0.2, 0.1]]]]), positions=[0])
         tensor([[0.7000]], dtype=torch.float64)
     """
     a = _check_attention(attn, "attn")
-    index = torch.as_tensor(list(positions), dtype=torch.long, device=a.device) % a.shape[-1]
+    chosen = index_list(positions, "positions", length=a.shape[-1], where="the keys", allow_negative=True, noun="position")
+    index = torch.as_tensor(chosen, dtype=torch.long, device=a.device)
     return _mean_over_queries(a.index_select(-1, index).sum(-1), _query_mask(a, padding_mask))
 
 
@@ -304,15 +344,37 @@ class HeadStatsAccumulator:
         """Adds one forward's captures (``hooker.values``: first call of each layer).
 
         ``padding_mask``: ``(batch, tokens)`` 1/True for real tokens; also used to
-        find each row's last real token.
+        find each row's last real token. It must fit every self-attention layer
+        (query == key); a cross-attention layer uses it where its query count is
+        ``tokens``, and all its queries otherwise.
+
+        Raises:
+            AttentionHookerError: on values that are not ``{layer: [tensor per call]}``
+                attention probabilities, a layer with no call, a layer whose head
+                count differs from earlier updates, or a mask that fits no layer.
         """
+        if not isinstance(values, Mapping):
+            raise AttentionHookerError(f"expected {{layer_name: [tensor per call]}} (hooker.values), got {type(values).__name__}")
+        checked = {}
+        for name, calls in values.items():
+            if not isinstance(calls, torch.Tensor) and not len(calls):
+                raise AttentionHookerError(f"layer {name!r} has no call to take statistics of")
+            a = _check_attention(calls[0] if not isinstance(calls, torch.Tensor) else calls, f"layer {name!r}")
+            if name in self._sums and a.shape[1] != len(self._sums[name]["entropy"]):
+                raise AttentionHookerError(
+                    f"layer {name!r} has {a.shape[1]} heads in this update but {len(self._sums[name]['entropy'])} "
+                    "before: statistics of different models or head selections cannot be averaged together"
+                )
+            if padding_mask is not None and a.shape[-1] == a.shape[-2]:
+                _query_mask(a, padding_mask)  # a self-attention layer: the mask must fit it
+            checked[name] = a
         self.inputs += 1
         batch_sizes = set()
-        for name, calls in values.items():
-            a = _check_attention(calls[0] if not isinstance(calls, torch.Tensor) else calls, name)
+        for name, a in checked.items():
             batch, heads, n_query, n_key = a.shape
             batch_sizes.add(batch)
-            mask = padding_mask if padding_mask is not None and torch.as_tensor(padding_mask).shape[-1] == n_query else None
+            fits = padding_mask is not None and tuple(_as_tensor(padding_mask, "padding_mask").shape)[-1:] == (n_query,)
+            mask = padding_mask if fits else None
             query_mask = _query_mask(a, mask)  # (B, Q) or None
             stats = {
                 "entropy": head_entropy(a, padding_mask=mask),

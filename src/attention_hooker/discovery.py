@@ -7,9 +7,15 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from .errors import AttentionHookerError
+from .errors import AttentionHookerError, AttentionHookerTypeError
 
-__all__ = ["find_attention_modules", "select_modules"]
+__all__ = ["find_attention_modules", "select_modules", "check_module"]
+
+
+def check_module(model) -> None:
+    """Raises :class:`AttentionHookerTypeError` unless ``model`` is an ``nn.Module`` instance."""
+    if not isinstance(model, nn.Module):
+        raise AttentionHookerTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 _ATTENTION_CLASS = re.compile(r"att(n|ention)", re.IGNORECASE)
 _NOT_ATTENTION_CLASS = re.compile(r"(Output|Dropout|Norm|Embeddings?|Linear)$")
@@ -42,6 +48,7 @@ def find_attention_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         >>> [name for name, _ in find_attention_modules(layer)]
         ['self_attn']
     """
+    check_module(model)
     candidates = [(name, m) for name, m in model.named_modules() if _looks_like_attention(m)]
     ids = {id(m) for _, m in candidates}
     return [

@@ -1,6 +1,6 @@
 """The library's exception and warning types."""
 
-__all__ = ["AttentionHookerError", "AttentionCaptureWarning"]
+__all__ = ["AttentionHookerError", "AttentionHookerTypeError", "AttentionCaptureWarning"]
 
 
 class AttentionHookerError(ValueError):
@@ -8,6 +8,11 @@ class AttentionHookerError(ValueError):
 
     The message says what was expected, what came, and where.
     """
+
+
+class AttentionHookerTypeError(AttentionHookerError, TypeError):
+    """An input of the wrong type (a model that is not an ``nn.Module``): the library's
+    error, and a ``TypeError`` too, as Python code expects for a wrong type."""
 
 
 class AttentionCaptureWarning(UserWarning):

@@ -11,7 +11,7 @@ from torch import nn
 
 from .capture.mha import MultiheadAttentionRoute, mha_weights
 from .capture.session import CaptureSession, module_call_frame
-from .discovery import select_modules
+from .discovery import check_module, select_modules
 from .errors import AttentionCaptureWarning, AttentionHookerError
 from .store import AttentionStore, AttentionValues, StoragePolicy
 
@@ -50,7 +50,7 @@ class TransformerAttentionHooker:
             layers in model order, calls in call order.
 
     Raises:
-        TypeError: when ``model`` is not an ``nn.Module``.
+        AttentionHookerTypeError: when ``model`` is not an ``nn.Module`` (also a ``TypeError``).
         AttentionHookerError: on an invalid or unmatched ``layer_regex``, a bad
             option, or a Hugging Face model whose attention implementation hides
             the weights (``flash_attention_*``).
@@ -76,8 +76,7 @@ class TransformerAttentionHooker:
         keep: str = "first",
         keep_grad: bool = False,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_module(model)
         policy = StoragePolicy.build(
             device=device, dtype=dtype, heads=heads, max_calls=max_calls, keep=keep, keep_grad=keep_grad
         )

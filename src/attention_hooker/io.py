@@ -13,7 +13,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._tensor import values_of
+from ._checks import prepare_output_path, token_lists
+from ._tensor import as_batched, values_of
 from .errors import AttentionHookerError
 from .store import AttentionValues
 
@@ -79,11 +80,24 @@ def save_values(
         model_class: the model's class name, kept as metadata.
 
     Raises:
-        AttentionHookerError: when there is nothing to save.
+        AttentionHookerError: when there is nothing to save, a call is not
+            ``(batch, heads, query, key)``, the tokens fit no axis of any call, or
+            the path cannot be written.
     """
     save_file, _, _ = _safetensors()
+    if not isinstance(values, Mapping):
+        raise AttentionHookerError(f"expected {{layer_name: [tensor per call]}} to save, got {type(values).__name__}")
     if not values or not any(len(calls) for calls in values.values()):
         raise AttentionHookerError("nothing to save: the capture holds no attention (run the model with hooks on first)")
+    values = {
+        name: [as_batched(tensor, f"layer {name!r} call {call}") for call, tensor in enumerate(calls)]
+        for name, calls in values.items()
+    }  # each (batch, heads, query, key)
+    token_sets = token_lists(tokens)
+    for token_set in token_sets or []:
+        _check_tokens_fit(token_set, values)
+    tokens = None if token_sets is None else (token_sets[0] if len(token_sets) == 1 else token_sets)
+    path = prepare_output_path(path, what="capture")
     tensors: Dict[str, torch.Tensor] = {}
     layers: List[str] = []
     calls_per_layer: List[int] = []
@@ -98,15 +112,24 @@ def save_values(
         "format": _FORMAT,
         "layers": layers,
         "calls": calls_per_layer,
-        "tokens": None if tokens is None else [str(t) for t in tokens],
+        "tokens": tokens,
         "model_class": model_class,
         "dtype": sorted(dtypes),
         "library_version": _version(),
     }
-    folder = os.path.dirname(os.fspath(path))
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta)})
+    save_file(tensors, path, metadata={_META_KEY: json.dumps(meta)})
+
+
+def _check_tokens_fit(tokens: List[str], values: Mapping) -> None:
+    """Tokens must label the query or key axis of at least one call."""
+    lengths = {n for calls in values.values() for t in calls for n in tuple(t.shape)[-2:]}
+    if len(tokens) not in lengths:
+        name, calls = next((n, c) for n, c in values.items() if len(c))
+        q, k = tuple(calls[0].shape)[-2:]
+        raise AttentionHookerError(
+            f"{len(tokens)} tokens label no axis of the capture: layer {name!r} has {q} query and {k} key positions "
+            f"(axis lengths in the capture: {sorted(lengths)})"
+        )
 
 
 def load(path: Union[str, os.PathLike]) -> SavedAttention:
@@ -129,9 +152,13 @@ def load(path: Union[str, os.PathLike]) -> SavedAttention:
         (True, ['a', 'b', 'c'])
     """
     _, load_file, safe_open = _safetensors()
+    if not isinstance(path, (str, os.PathLike)):
+        raise AttentionHookerError(f"the capture path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such capture file: {path}")
+    if os.path.isdir(path):
+        raise AttentionHookerError(f"the capture path {path!r} is a folder; expected a .safetensors file")
     try:
         with safe_open(path, framework="pt") as handle:
             raw_meta = (handle.metadata() or {}).get(_META_KEY)

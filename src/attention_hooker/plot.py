@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from ._checks import (check_heads, non_negative_int, positive_int, positive_number, prepare_output_path,
+                      token_lists)
 from ._tensor import as_heads, check_tokens, values_of
 from .errors import AttentionHookerError
 
@@ -29,12 +31,18 @@ def _matplotlib():
 
 
 def _save(fig, save_path) -> None:
+    """Writes ``fig`` to ``save_path`` (folders created, format from the extension), if given."""
     if save_path is None:
         return
-    folder = os.path.dirname(os.fspath(save_path))
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fig.savefig(save_path)  # constrained layout already fits everything: no second, "tight" pass
+    path = prepare_output_path(save_path, what="picture")
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    supported = fig.canvas.get_supported_filetypes()
+    if extension and extension not in supported:
+        raise AttentionHookerError(
+            f"cannot write {path!r}: the format {extension!r} is not one matplotlib writes; "
+            f"use one of {', '.join(sorted(supported))}"
+        )
+    fig.savefig(path)  # constrained layout already fits everything: no second, "tight" pass
 
 
 def _tick_positions(n: int, max_labels: int) -> list:
@@ -59,8 +67,10 @@ def _label_axes(ax, query_tokens, key_tokens, n_query, n_key, max_labels, show_q
 
 def resolve_tokens(tokens, query_tokens, key_tokens, n_query: int, n_key: int):
     """Query and key labels from ``tokens`` (one list for a square matrix, or the axis it fits)."""
+    query_tokens = None if query_tokens is None else token_lists(query_tokens, "query_tokens")[0]
+    key_tokens = None if key_tokens is None else token_lists(key_tokens, "key_tokens")[0]
     if tokens is not None:
-        tokens = list(tokens)
+        tokens = token_lists(tokens)[0]
         if n_query == n_key and len(tokens) == n_query:
             query_tokens = query_tokens if query_tokens is not None else tokens
             key_tokens = key_tokens if key_tokens is not None else tokens
@@ -128,13 +138,11 @@ def plot_attention_grid(
     Figure = _matplotlib()
     weights = as_heads(attn, batch_index=batch_index)  # (H, Q, K)
     n_heads, n_query, n_key = weights.shape
-    if heads is None:
-        heads = list(range(n_heads))
-    else:
-        heads = [int(h) for h in heads]
-        bad = [h for h in heads if not 0 <= h < n_heads]
-        if bad or not heads:
-            raise AttentionHookerError(f"heads={heads} must be indices in 0..{n_heads - 1} (the attention has {n_heads} heads)")
+    heads = list(range(n_heads)) if heads is None else list(check_heads(heads, n_heads, "the attention"))
+    max_labels = positive_int(max_labels, "max_labels")
+    ncols = positive_int(ncols, "ncols", allow_none=True)
+    panel_size = positive_number(panel_size, "panel_size")
+    colormap = _colormap(cmap)
     query_tokens, key_tokens = resolve_tokens(tokens, query_tokens, key_tokens, n_query, n_key)
 
     shown = weights[heads]
@@ -145,7 +153,6 @@ def plot_attention_grid(
     nrows = math.ceil(len(heads) / ncols)
     fig = Figure(figsize=(panel_size * ncols + 1.2, panel_size * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    colormap = _colormap(cmap)
     image = None
     for slot, ax in enumerate(axes.flat):
         if slot >= len(heads):
@@ -175,8 +182,13 @@ def plot_attention_grid(
 
 
 def _colormap(name: str):
+    """The matplotlib colormap ``name``, drawing non-finite values in red."""
     import matplotlib
 
+    if not isinstance(name, str) or name not in matplotlib.colormaps:
+        raise AttentionHookerError(
+            f"cmap={name!r} is not a matplotlib colormap; expected a name such as 'viridis', 'magma' or 'Blues'"
+        )
     return matplotlib.colormaps[name].with_extremes(bad="red")
 
 
@@ -221,8 +233,10 @@ def plot_attention_overview(
         6
     """
     Figure = _matplotlib()
-    if scale not in ("shared", "row"):
+    if not isinstance(scale, str) or scale not in ("shared", "row"):
         raise AttentionHookerError(f"scale={scale!r} must be 'shared' or 'row'")
+    call = non_negative_int(call, "call")
+    cell_size = positive_number(cell_size, "cell_size")
     values = values_of(source, layers=layers)
     grids = {
         name: as_heads(calls[min(call, len(calls) - 1)], batch_index=batch_index, where=f"layer {name!r}")
@@ -309,6 +323,11 @@ def _image_array(image) -> np.ndarray:
     return arr
 
 
+def _check_query(query: int, n_tokens: int) -> None:
+    if query >= n_tokens:
+        raise AttentionHookerError(f"query={query} is out of range for attention with {n_tokens} tokens")
+
+
 def vit_attention_map(
     attn,
     *,
@@ -343,6 +362,8 @@ def vit_attention_map(
     from ._tensor import to_numpy
 
     arr = to_numpy(attn)
+    prefix_tokens = non_negative_int(prefix_tokens, "prefix_tokens")
+    query = non_negative_int(query, "query")
     if heads is None:
         if arr.ndim == 3:
             arr = arr[batch_index]
@@ -350,17 +371,24 @@ def vit_attention_map(
             raise AttentionHookerError(
                 f"Wrong shape for a rollout map: expected (batch, tokens, tokens) or (tokens, tokens). Received {arr.shape}."
             )
+        _check_query(query, arr.shape[0])
         row = arr[query]
     else:
-        per_head = as_heads(arr, batch_index=batch_index)[:, query, :]  # (H, K)
+        per_head = as_heads(arr, batch_index=batch_index)
+        _check_query(query, per_head.shape[1])
+        per_head = per_head[:, query, :]  # (H, K)
         if heads == "mean":
             row = per_head.mean(0)
         elif heads == "max":
             row = per_head.max(0)
-        elif isinstance(heads, int) and 0 <= heads < per_head.shape[0]:
+        elif isinstance(heads, int) and not isinstance(heads, bool) and 0 <= heads < per_head.shape[0]:
             row = per_head[heads]
         else:
             raise AttentionHookerError(f"heads={heads!r} must be 'mean', 'max', None or a head index < {per_head.shape[0]}")
+    if prefix_tokens >= row.size:
+        raise AttentionHookerError(
+            f"prefix_tokens={prefix_tokens} leaves no patch tokens of the {row.size} tokens; expected fewer prefix tokens"
+        )
     patches = row[prefix_tokens:]
     rows, cols = tuple(grid) if grid is not None else _patch_grid(patches.size, image_shape)
     if rows * cols != patches.size:
@@ -400,6 +428,8 @@ def plot_vit_attention(
         The ``matplotlib.figure.Figure``: the image, and the image with the map over it.
     """
     Figure = _matplotlib()
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise AttentionHookerError(f"alpha={alpha!r} must be a number in [0, 1] (the overlay's opacity)")
     picture = _image_array(image)
     amap = vit_attention_map(attn, query=query, prefix_tokens=prefix_tokens, grid=grid,
                              image_shape=picture.shape, heads=heads, batch_index=batch_index)

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .._checks import check_heads
+from ..errors import AttentionHookerError
 
 __all__ = ["SDPA_FUNCTIONS", "sdpa_attention_weights", "parse_sdpa_call", "as_4d"]
 
@@ -91,11 +92,20 @@ def sdpa_attention_weights(
         (torch.Size([2, 4, 5, 7]), True)
     """
     del enable_gqa  # fewer kv heads are handled from the shapes alone
+    _check_inputs(query, key, attn_mask)
     q = as_4d(query)  # (B, Hq, L, E)
     k = as_4d(key)  # (B, Hk, S, E)
     n_q_heads, n_k_heads = q.shape[1], k.shape[1]
     length, source = q.shape[2], k.shape[2]
     mask = None if attn_mask is None else as_4d(attn_mask)  # (B|1, Hq|1, L|1, S)
+    if mask is not None:
+        try:
+            torch.broadcast_shapes(mask.shape, (max(q.shape[0], k.shape[0]), n_q_heads, length, source))
+        except RuntimeError:
+            raise AttentionHookerError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, query, key) = "
+                f"{(max(q.shape[0], k.shape[0]), n_q_heads, length, source)}"
+            ) from None
 
     if heads is not None:
         index = torch.as_tensor(check_heads(heads, n_q_heads, where), device=q.device)
@@ -130,6 +140,28 @@ def sdpa_attention_weights(
     if _may_have_empty_rows(mask, above_diagonal):
         weights = weights.nan_to_num_(nan=0.0)
     return weights.to(query.dtype) if weights.dtype != query.dtype else weights
+
+
+def _check_inputs(query, key, attn_mask) -> None:
+    """Shapes and dtypes the reference formula needs, checked before any work."""
+    for name, t in (("query", query), ("key", key)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = type(t).__name__ if not isinstance(t, torch.Tensor) else str(t.dtype)
+            raise AttentionHookerError(f"{name} must be a floating tensor, got {got}; expected (..., heads, positions, dim)")
+        if t.dim() < 2:
+            raise AttentionHookerError(f"{name} must have at least 2 dims (positions, dim), got shape {tuple(t.shape)}")
+    if query.shape[-1] != key.shape[-1]:
+        raise AttentionHookerError(
+            f"query {tuple(query.shape)} and key {tuple(key.shape)} must share the last dim (the head dim)"
+        )
+    n_q = query.shape[-3] if query.dim() >= 3 else 1
+    n_k = key.shape[-3] if key.dim() >= 3 else 1
+    if n_q % n_k:
+        raise AttentionHookerError(
+            f"{n_q} query heads cannot share {n_k} key heads: grouped-query attention needs a divisor"
+        )
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise AttentionHookerError(f"attn_mask must be a bool or float tensor or None, got {type(attn_mask).__name__}")
 
 
 def _may_have_empty_rows(mask, above_diagonal) -> bool:

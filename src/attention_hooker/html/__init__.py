@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from .._checks import prepare_output_path, token_lists
 from .._tensor import as_batched, values_of
 from ..errors import AttentionHookerError
 
@@ -62,12 +63,9 @@ class _TokenSets:
 
     def __init__(self, tokens, query_tokens, key_tokens):
         self.sets: List[List[str]] = []
-        self._given = []
-        if tokens is not None:
-            lists = tokens if len(tokens) and not isinstance(tokens[0], str) and isinstance(tokens[0], Sequence) else [tokens]
-            self._given = [self._add(t) for t in lists]
-        self.query = None if query_tokens is None else self._add(query_tokens)
-        self.key = None if key_tokens is None else self._add(key_tokens)
+        self._given = [self._add(t) for t in token_lists(tokens) or []]
+        self.query = None if query_tokens is None else self._add(_one_list(query_tokens, "query_tokens"))
+        self.key = None if key_tokens is None else self._add(_one_list(key_tokens, "key_tokens"))
 
     def _add(self, tokens) -> int:
         self.sets.append([str(t) for t in tokens])
@@ -90,6 +88,13 @@ class _TokenSets:
         )
 
 
+def _one_list(tokens, name: str) -> List[str]:
+    lists = token_lists(tokens, name)
+    if len(lists) != 1:
+        raise AttentionHookerError(f"{name} must be one list of token strings, got {len(lists)} lists")
+    return lists[0]
+
+
 class AttentionPage:
     """A rendered page: ``save(path)`` writes it; notebooks show it through ``_repr_html_``.
 
@@ -102,11 +107,12 @@ class AttentionPage:
         self.title = title
 
     def save(self, path: Union[str, os.PathLike]) -> str:
-        """Writes the page (folders are created); returns the path."""
-        path = os.fspath(path)
-        folder = os.path.dirname(path)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
+        """Writes the page (folders are created); returns the path.
+
+        Raises:
+            AttentionHookerError: when the path cannot be written.
+        """
+        path = prepare_output_path(path, what="page")
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(self.html)
         return path
@@ -158,8 +164,9 @@ def render_html(
         An :class:`AttentionPage`.
 
     Raises:
-        AttentionHookerError: on empty values, a wrong shape, an unknown layer, or
-            tokens that fit neither axis.
+        AttentionHookerError: on empty values, a wrong shape, an unknown layer,
+            tokens that fit neither axis or are not a list of strings, a title
+            that is not a string, or a compression level outside 0..9.
 
     Example:
         >>> page = render_html({"layer": [torch.rand(1, 2, 3, 3).softmax(-1)]}, tokens=["a", "b", "c"])
@@ -167,6 +174,10 @@ def render_html(
         True
     """
     values = values_of(source, layers=layers)
+    if title is not None and not isinstance(title, str):
+        raise AttentionHookerError(f"title must be a str or None, got {type(title).__name__}")
+    if isinstance(compression_level, bool) or not isinstance(compression_level, int) or not 0 <= compression_level <= 9:
+        raise AttentionHookerError(f"compression_level={compression_level!r} must be an int in 0..9 (zlib's levels)")
     token_sets = _TokenSets(tokens, query_tokens, key_tokens)
     chunks = []
     offset = 0
