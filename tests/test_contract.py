@@ -432,3 +432,38 @@ def test_activation_checkpointing_recompute_is_not_recorded_twice(reentrant):
     assert [len(calls) for calls in hooker.values.values()] == [1, 1]
     for n, p in encoder.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], atol=1e-5, rtol=1e-4)
+
+
+def test_private_torch_apis_still_exist():
+    """The private torch functions the capture relies on (each behind one small function
+    with a comment): this fails loudly when a torch release moves one."""
+    from torch.overrides import TorchFunctionMode
+
+    assert callable(torch._C._current_autograd_node)  # hooker._in_backward: checkpoint recompute
+    assert torch._C._get_tracing_state() is None  # hooker._being_traced: torch.jit.trace
+    assert callable(torch.ops.aten._softmax.out)  # sdpa._softmax_last_dim: in-place CPU softmax
+    mode = TorchFunctionMode()
+    with mode:  # session._remove_mode: taking our mode out from under another one
+        other = TorchFunctionMode()
+        other.__enter__()
+        stack = torch.overrides._get_current_function_mode_stack()
+        assert stack[-2:] == [mode, other]
+        assert torch._C._pop_torch_function_stack() is other
+        torch._C._push_on_torch_function_stack(other)
+        other.__exit__(None, None, None)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_the_module_call_frame_is_the_one_running_the_hooks():
+    """session.module_call_frame() counts frames up from a hook to nn.Module's call
+    (CPython's sys._getframe): the frame must be the module call's, alive while the
+    forward runs and gone after it, or stale scopes would not be recognised."""
+    from attention_hooker.capture.session import _frame_is_live, module_call_frame
+
+    seen = []
+    layer = nn.Linear(2, 2)
+    layer.register_forward_pre_hook(lambda m, args: seen.append(module_call_frame()))
+    layer.register_forward_hook(lambda m, args, out: seen.append(_frame_is_live(seen[0])))
+    layer(torch.randn(1, 2))
+    assert seen[0].f_code.co_name in ("inner", "_call_impl") and seen[0].f_code.co_filename.endswith("module.py")
+    assert seen[1] is True and not _frame_is_live(seen[0])

@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import AttentionHookerError
 
-__all__ = ["to_numpy", "as_heads", "as_batched", "check_tokens", "values_of"]
+__all__ = ["to_numpy", "as_heads", "as_batched", "check_tokens", "values_of", "require_positions"]
 
 
 def to_numpy(x) -> np.ndarray:
@@ -49,6 +49,19 @@ def as_heads(attn, *, batch_index: int = 0, where: str = "attention") -> np.ndar
         f"Wrong shape for {where}: expected (batch, heads, query, key) or (heads, query, key). "
         f"Received {arr.ndim}-dim array of shape {tuple(arr.shape)}."
     )
+
+
+def require_positions(shape, where: str) -> None:
+    """Views need at least one query and one key position to draw.
+
+    Raises:
+        AttentionHookerError: naming ``where`` and the empty shape.
+    """
+    if 0 in tuple(shape)[-2:]:
+        raise AttentionHookerError(
+            f"{where} has no query or key positions (shape {tuple(shape)}): nothing to draw; "
+            "was the input empty, or did it tokenize to nothing?"
+        )
 
 
 def check_tokens(tokens: Optional[Sequence], n: int, axis: str, where: str = "attention") -> Optional[list]:

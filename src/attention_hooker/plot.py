@@ -14,7 +14,7 @@ import numpy as np
 
 from ._checks import (check_heads, non_negative_int, positive_int, positive_number, prepare_output_path,
                       token_lists)
-from ._tensor import as_heads, check_tokens, values_of
+from ._tensor import as_heads, check_tokens, require_positions, values_of
 from .errors import AttentionHookerError
 
 __all__ = ["plot_attention_grid", "plot_attention_overview", "vit_attention_map", "plot_vit_attention"]
@@ -137,6 +137,7 @@ def plot_attention_grid(
     """
     Figure = _matplotlib()
     weights = as_heads(attn, batch_index=batch_index)  # (H, Q, K)
+    require_positions(weights.shape, "the attention")
     n_heads, n_query, n_key = weights.shape
     heads = list(range(n_heads)) if heads is None else list(check_heads(heads, n_heads, "the attention"))
     max_labels = positive_int(max_labels, "max_labels")
@@ -242,6 +243,8 @@ def plot_attention_overview(
         name: as_heads(calls[min(call, len(calls) - 1)], batch_index=batch_index, where=f"layer {name!r}")
         for name, calls in values.items()
     }  # name -> (H, Q, K)
+    for name, grid in grids.items():
+        require_positions(grid.shape, f"layer {name!r}")
     n_heads = max(g.shape[0] for g in grids.values())
     colormap = _colormap(cmap)
 

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .._checks import prepare_output_path, token_lists
-from .._tensor import as_batched, values_of
+from .._tensor import as_batched, require_positions, values_of
 from ..errors import AttentionHookerError
 
 __all__ = ["render_html", "AttentionPage", "encode_weights", "decode_weights"]
@@ -186,6 +186,7 @@ def render_html(
         call_meta = []
         for i, weights in enumerate(calls):
             weights = as_batched(weights, f"layer {name!r} call {i}")
+            require_positions(weights.shape, f"layer {name!r} call {i}")
             shape = list(weights.shape)
             codes, scales = encode_weights(weights)
             chunks.append(codes.numpy().tobytes())
