@@ -3,8 +3,10 @@ user's data; nested hookers, interrupts, compile, export and jit each have a cle
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -140,16 +142,42 @@ def _kept_by(way, values):
         return values[layer][0][0, 1:]
     if way == "numpy":
         return values[layer][0].numpy()
-    if way == "values_object":
-        return values
+    if way == "all_call_lists":
+        return list(values.values())
+    if way == "shallow_copy":
+        return copy.copy(values)
+    if way == "storage":
+        return values[layer][0].untyped_storage()
+    if way == "dlpack":
+        return torch.utils.dlpack.to_dlpack(values[layer][0])
+    if way == "weakref":
+        return weakref.ref(values[layer][0])
+    if way == "autograd":  # only the graph holds it: backward needs it unchanged
+        weight = torch.ones((), requires_grad=True)
+        with torch.enable_grad():
+            return (values[layer][0] * weight).sum()
     raise AssertionError(way)
+
+
+def _read_back(kept, way, like):
+    """What the user can read through ``kept`` (``like``: the tensor it was taken from)."""
+    if way == "storage":
+        return torch.tensor([], dtype=like.dtype).set_(kept).view(like.shape)
+    if way == "dlpack":
+        return torch.utils.dlpack.from_dlpack(kept)
+    if way == "weakref":
+        return kept  # dereferenced after the first clear(): None if the tensor was gone
+    if way == "autograd":
+        kept.backward()  # autograd's version check raises if the saved tensor was written
+        return None
+    return kept
 
 
 def _snapshot(kept):
     if isinstance(kept, dict):
-        return {k: [t.clone() for t in v] for k, v in kept.items()}
+        return {k: _snapshot(v) for k, v in kept.items()}
     if isinstance(kept, list):
-        return [t.clone() for t in kept]
+        return [_snapshot(v) for v in kept]
     if isinstance(kept, np.ndarray):
         return kept.copy()
     return kept.clone()
@@ -163,28 +191,55 @@ def _assert_same(kept, snapshot):
     elif isinstance(kept, list):
         assert len(kept) == len(snapshot)
         for a, b in zip(kept, snapshot):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            _assert_same(a, b)
     elif isinstance(kept, np.ndarray):
         np.testing.assert_array_equal(kept, snapshot)
     else:
         torch.testing.assert_close(kept, snapshot, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("way", ["dict", "call_list", "tensor", "view", "numpy"])
+WAYS_TO_KEEP = ["dict", "call_list", "all_call_lists", "shallow_copy", "tensor", "view", "numpy", "storage",
+                "dlpack", "weakref", "autograd"]
+
+
+@pytest.mark.parametrize("way", WAYS_TO_KEEP)
 @pytest.mark.parametrize("dtype", [None, torch.float16], ids=["as_computed", "float16"])
 def test_clear_never_writes_into_values_the_user_kept(way, dtype):
     """Finding 2: `kept = dict(h.values); h.clear(); model(x)` overwrote kept."""
     model = Stack().eval()
     with torch.no_grad(), TransformerAttentionHooker(model, dtype=dtype) as hooker:
         model(torch.randn(2, 5, 16))
+        original = hooker.values["blocks.0"][0].clone()
         kept = _kept_by(way, hooker.values)
-        snapshot = _snapshot(kept)
+        snapshot = None if way in ("storage", "dlpack", "weakref", "autograd") else _snapshot(kept)
         for _ in range(3):
             hooker.clear()
+            if way == "weakref" and isinstance(kept, weakref.ref):
+                kept = kept()  # the user dereferences it after clear(): a strong reference, or None
             model(torch.randn(2, 5, 16) * 3)
-        assert not torch.equal(hooker.values["blocks.0"][0], snapshot["blocks.0"][0] if way == "dict" else
-                               (snapshot[0] if way == "call_list" else hooker.values["blocks.0"][0] + 1))
-    _assert_same(kept, snapshot)
+        assert not torch.equal(hooker.values["blocks.0"][0], original)
+    if snapshot is not None:
+        _assert_same(kept, snapshot)
+        return
+    got = _read_back(kept, way, original)
+    if got is not None:
+        torch.testing.assert_close(got, original, rtol=0, atol=0)
+
+
+def test_memory_nobody_can_reach_is_reused_after_clear():
+    """What makes clear() worth calling in a loop: cleared weights nobody holds take the
+    next call's weights instead of fresh memory (on the route that writes them itself)."""
+    model = Stack().eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(torch.randn(2, 5, 16))
+        before = {t.data_ptr() for calls in hooker.values.values() for t in calls}
+        hooker.clear()
+        model(torch.randn(2, 5, 16))
+        after = {t.data_ptr() for calls in hooker.values.values() for t in calls}
+        assert after == before
+        hooker.clear()
+        assert hooker._session.spares.nbytes > 0
+    assert hooker._session.spares.nbytes == 0, "remove_hooks() frees the spares"
 
 
 def test_clear_empties_the_values_object_the_user_holds_and_keeps_the_tensors_intact():

@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .capture.buffers import unreachable_tensors
 from .capture.mha import MultiheadAttentionRoute, mha_weights
 from .capture.session import CaptureSession, module_call_frame
 from .discovery import check_module, select_modules
@@ -155,8 +156,15 @@ class TransformerAttentionHooker:
         self._session.close(remove_exit_hooks)
 
     def clear(self) -> None:
-        """Forgets the captured values (the hooks stay). Tensors already handed out are left as they are."""
-        self._store.clear()
+        """Forgets the captured values (the hooks stay).
+
+        A tensor you kept (the dict, a call list, the tensor, a view, a numpy array,
+        a DLPack capsule) keeps its numbers. The memory of those that nothing can
+        reach any more takes the next calls' weights while the hooks are on,
+        skipping the cost of fresh memory (see ``capture/buffers.py``).
+        """
+        salvage = unreachable_tensors if self._entry_handles else None
+        self._session.spares.offer(self._store.clear(salvage=salvage))
 
     def save(self, path, *, tokens: Optional[Sequence[str]] = None) -> None:
         """Writes the captured values to one safetensors file (read back with ``attention_hooker.load``).

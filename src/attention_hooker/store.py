@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -112,17 +112,24 @@ class AttentionStore:
         self.calls_seen: dict = {}
         self._lock = threading.RLock()  # forwards on several threads record into one store
 
-    def clear(self) -> None:
+    def clear(self, *, salvage: Optional[Callable[[dict], list]] = None) -> list:
         """Forgets every stored tensor and call count.
 
-        The tensors themselves are left alone: a user who kept the dict, a call
-        list, a tensor, a view or a numpy array of them keeps those values, and
-        no later call writes into them (their memory is never reused).
+        Args:
+            salvage: called with ``values`` just before they are forgotten (under
+                the store's lock, so no call is recorded in between); its result
+                is returned. The capture passes one that picks the tensors nobody
+                else can reach, to reuse their memory.
+
+        Returns:
+            What ``salvage`` returned, or ``[]``.
         """
         with self._lock:
+            salvaged = salvage(self.values) if salvage is not None else []
             self.values.clear()
             self.gradients.clear()
             self.calls_seen.clear()
+        return salvaged
 
     def stores_as_computed(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether weights computed with this dtype and device are stored as they are."""

@@ -25,6 +25,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..store import AttentionStore
+from .buffers import SpareBuffers
 from .sdpa import SDPA_FUNCTIONS, as_4d, parse_sdpa_call, sdpa_attention_weights
 from .softmax import SOFTMAX_FUNCTIONS, is_attention_softmax
 
@@ -102,6 +103,7 @@ class CaptureSession:
         self._busy: set = set()  # idents of threads with open scopes
         self._on_idle: List[Callable[[], None]] = []
         self.closed = False
+        self.spares = SpareBuffers()  # cleared weights nobody can reach, for the next calls
 
     def _state(self) -> _ThreadState:
         state = getattr(self._local, "state", None)
@@ -160,6 +162,7 @@ class CaptureSession:
             Whether ``on_idle`` ran now.
         """
         self.closed = True
+        self.spares.release()
         self.reset()
         with self._lock:
             if self._busy:
@@ -237,9 +240,10 @@ class CaptureSession:
             return self._sdpa_with_grad(call, layer)
         output = func(*args, **kwargs)
         query = call["query"]
-        # Stored as computed: written straight into a fresh tensor that is stored. Otherwise
-        # into this thread's scratch tensor, which record() copies to the policy's dtype/device.
-        buffer = None if store.stores_as_computed(query.dtype, query.device) else self.scratch
+        # Stored as computed: written straight into the tensor that is stored (a spare one when
+        # there is one). Otherwise into this thread's scratch tensor, which record() copies to
+        # the policy's dtype/device.
+        buffer = self.spares.take if store.stores_as_computed(query.dtype, query.device) else self.scratch
         with torch.no_grad():
             weights = sdpa_attention_weights(
                 call["query"],

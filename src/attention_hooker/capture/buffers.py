@@ -1,0 +1,130 @@
+"""Spare buffers: the memory of cleared weights that nobody can reach any more, reused.
+
+Fresh memory for large attention matrices costs page faults on every call; the
+weights of a call that was cleared, and that nothing outside the store can
+reach, can take the next call's weights instead. This must never write into a
+tensor a user still holds, so a tensor is reused only when every way to its
+memory is held by the store alone:
+
+- its Python object: referenced by the store's call list only (``sys.getrefcount``),
+  and no weak reference to it;
+- that call list: referenced by the store's dict only (a user's ``dict(values)``,
+  ``values[name]`` or ``list(values.values())`` holds the list, not the tensor);
+- its ``TensorImpl``: held by that Python object only (``Tensor._use_count``; a
+  DLPack capsule or an autograd graph holds it from C++);
+- its storage: held by that ``TensorImpl`` only (``torch._C._storage_Use_Count``; a
+  view or a numpy array hold it), and its Python object by nobody (a user's
+  ``untyped_storage()``).
+
+The reference counts are compared with a baseline measured the same way on a
+tensor nobody else holds, so the rule does not depend on how an interpreter
+version counts temporary references. Where torch lacks either counter, nothing
+is reused. (Private APIs, checked on torch 2.1-2.14; pinned by
+``tests/test_contract.py::test_private_torch_apis_still_exist``.)
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+
+__all__ = ["SpareBuffers", "unreachable_tensors"]
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _counts(values: Mapping) -> List[Tuple[int, int, torch.Tensor]]:
+    """``(call list refs, tensor refs, tensor)`` of every stored tensor, counted alike each time."""
+    counted = []
+    for calls in values.values():
+        list_refs = sys.getrefcount(calls)
+        for tensor in calls:
+            counted.append((list_refs, sys.getrefcount(tensor), tensor))
+    return counted
+
+
+def _storage_refs(tensor: torch.Tensor) -> Tuple[int, int]:
+    """``(StorageImpl use count, Python refs to its storage object)``: the storage's Python
+    object is kept with the storage, so a user holding ``untyped_storage()`` shows in
+    its Python count, not in the use count."""
+    storage = tensor.untyped_storage()
+    return _storage_use_count(storage._cdata), sys.getrefcount(storage)
+
+
+def _baseline() -> Tuple[int, int, Tuple[int, int]]:
+    alone = {"layer": [torch.empty(1)]}
+    list_refs, tensor_refs, tensor = _counts(alone)[0]
+    return list_refs, tensor_refs, _storage_refs(tensor)
+
+
+_SUPPORTED = _storage_use_count is not None and hasattr(torch.Tensor, "_use_count")
+_BASELINE = _baseline() if _SUPPORTED else None
+
+
+def unreachable_tensors(values: Mapping) -> List[torch.Tensor]:
+    """The tensors of ``values`` (``{name: [tensor per call]}``, held by its owner alone)
+    that nothing else can reach: their memory may be written again once ``values``
+    drops them. See the module docstring for the rule."""
+    if _BASELINE is None:
+        return []
+    list_base, tensor_base, storage_base = _BASELINE
+    found = []
+    for list_refs, tensor_refs, tensor in _counts(values):
+        if (
+            list_refs == list_base
+            and tensor_refs == tensor_base
+            and not weakref.getweakrefcount(tensor)
+            and tensor._use_count() == 1
+            and _storage_refs(tensor) == storage_base
+            and tensor._base is None
+            and not tensor.requires_grad
+            and not tensor.is_shared()
+            and tensor.is_contiguous()
+        ):
+            found.append(tensor)
+    return found
+
+
+class SpareBuffers:
+    """A pool of unreachable tensors by ``(shape, dtype, device)``, taken by the next calls.
+
+    Each :meth:`offer` replaces the pool, so spares never hold more than one
+    clear's worth of memory.
+    """
+
+    def __init__(self):
+        self._spare: Dict[tuple, List[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def offer(self, tensors: List[torch.Tensor]) -> None:
+        spare: Dict[tuple, List[torch.Tensor]] = {}
+        for tensor in tensors:
+            spare.setdefault(_key(tensor.shape, tensor.dtype, tensor.device), []).append(tensor)
+        with self._lock:
+            self._spare = spare
+
+    def take(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised tensor: a spare one when there is one."""
+        with self._lock:
+            spares = self._spare.get(_key(shape, dtype, device))
+            if spares:
+                return spares.pop()
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def release(self) -> None:
+        with self._lock:
+            self._spare = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held as spares."""
+        with self._lock:
+            return sum(t.numel() * t.element_size() for ts in self._spare.values() for t in ts)
+
+
+def _key(shape, dtype: torch.dtype, device) -> tuple:
+    return tuple(shape), dtype, torch.device(device)
