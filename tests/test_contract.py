@@ -458,12 +458,12 @@ def test_the_module_call_frame_is_the_one_running_the_hooks():
     """session.module_call_frame() counts frames up from a hook to nn.Module's call
     (CPython's sys._getframe): the frame must be the module call's, alive while the
     forward runs and gone after it, or stale scopes would not be recognised."""
-    from attention_hooker.capture.session import _frame_is_live, module_call_frame
+    from attention_hooker.capture.session import frame_is_live, module_call_frame
 
     seen = []
     layer = nn.Linear(2, 2)
     layer.register_forward_pre_hook(lambda m, args: seen.append(module_call_frame()))
-    layer.register_forward_hook(lambda m, args, out: seen.append(_frame_is_live(seen[0])))
+    layer.register_forward_hook(lambda m, args, out: seen.append(frame_is_live(seen[0])))
     layer(torch.randn(1, 2))
     assert seen[0].f_code.co_name in ("inner", "_call_impl") and seen[0].f_code.co_filename.endswith("module.py")
-    assert seen[1] is True and not _frame_is_live(seen[0])
+    assert seen[1] is True and not frame_is_live(seen[0])

@@ -544,3 +544,43 @@ def test_remove_hooks_while_a_thread_is_inside_a_hooked_module_defers_the_exit_h
     assert seen["stack"] == 0, "the worker's mode must be gone when its forward ends"
     assert dict(hooker.values) == {}, "nothing is recorded after remove_hooks()"
     _no_trace_left(model)
+
+
+class _ExpOverSumAttention(nn.Module):
+    """Attention normalised by hand (exp / sum): no route can see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = nn.Linear(16, 32)
+
+    def forward(self, x):
+        q, k = self.qk(x).chunk(2, -1)
+        scores = (q @ k.transpose(-2, -1)).exp()
+        return (scores / scores.sum(-1, keepdim=True)) @ x
+
+
+def test_after_an_interrupted_forward_the_next_one_still_warns_when_nothing_is_captured():
+    model = nn.Sequential(_ExpOverSumAttention()).eval()
+    interrupt = model[0].qk.register_forward_hook(_InterruptOnce())
+    hooker = TransformerAttentionHooker(model).setup()
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(1, 4, 16))
+    with pytest.warns(AttentionCaptureWarning, match="no attention weights were captured"):
+        model(torch.randn(1, 4, 16))
+    hooker.remove_hooks()
+    interrupt.remove()
+    _no_trace_left(model)
+
+
+def test_after_an_interrupted_forward_the_next_one_frees_its_scratch_tensor():
+    model = Stack().eval()
+    interrupt = model.blocks[1].register_forward_hook(_InterruptOnce())
+    hooker = TransformerAttentionHooker(model, dtype=torch.float16).setup()
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(1, 4, 16))
+    model(torch.randn(1, 4, 16))
+    assert not hooker._session._state().scratch, "the scratch tensor outlived the forward"
+    assert [len(c) for c in hooker.values.values()] == [2, 2]  # the interrupt came after block 1 had run
+    hooker.remove_hooks()
+    interrupt.remove()
+    _no_trace_left(model)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .capture.buffers import unreachable_tensors
 from .capture.mha import MultiheadAttentionRoute, mha_weights
-from .capture.session import CaptureSession, module_call_frame
+from .capture.session import CaptureSession, frame_is_live, module_call_frame
 from .discovery import check_module, select_modules
 from .errors import AttentionCaptureWarning, AttentionHookerError
 from .store import AttentionStore, AttentionValues, StoragePolicy
@@ -172,7 +172,7 @@ class TransformerAttentionHooker:
         Args:
             path: the file; missing folders are created.
             tokens: token labels to keep with the capture; their number must
-                match the query or key positions of every captured call.
+                match the query or key positions of a captured call.
 
         Raises:
             AttentionHookerError: when nothing was captured yet, or the tokens
@@ -288,6 +288,7 @@ class TransformerAttentionHooker:
         return post_hook
 
     def _root_counters(self) -> list:
+        """This thread's open root forwards: ``(frame, events, scopes)`` when each began."""
         stack = getattr(self._local, "root", None)
         if stack is None:
             stack = self._local.root = []
@@ -304,13 +305,16 @@ class TransformerAttentionHooker:
             return
         session = self._session
         session.drop_stale_scopes()  # scopes a KeyboardInterrupt left open are closed here
-        self._root_counters().append(session.counters())
+        stack = self._root_counters()
+        while stack and not frame_is_live(stack[-1][0]):
+            stack.pop()  # a root forward that was interrupted
+        stack.append((module_call_frame(), *session.counters()))
 
     def _root_post_hook(self, module, args, output):
         stack = self._root_counters()
         if not stack:
             return None  # traced, or entered before the hooks were put on
-        events_before, scopes_before = stack.pop()
+        _, events_before, scopes_before = stack.pop()
         session = self._session
         if stack:
             return None  # the root called itself: the outer call judges

@@ -100,8 +100,8 @@ def sdpa_attention_weights(
     mask = None if attn_mask is None else as_4d(attn_mask)  # (B|1, Hq|1, L|1, S)
     if mask is not None:
         try:
-            torch.broadcast_shapes(mask.shape, (max(q.shape[0], k.shape[0]), n_q_heads, length, source))
-        except RuntimeError:
+            _broadcast(tuple(mask.shape), (max(q.shape[0], k.shape[0]), n_q_heads, length, source))
+        except ValueError:
             raise AttentionHookerError(
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, query, key) = "
                 f"{(max(q.shape[0], k.shape[0]), n_q_heads, length, source)}"
@@ -164,6 +164,23 @@ def _check_inputs(query, key, attn_mask) -> None:
         raise AttentionHookerError(f"attn_mask must be a bool or float tensor or None, got {type(attn_mask).__name__}")
 
 
+def _broadcast(a: tuple, b: tuple) -> tuple:
+    """Broadcasts two shapes (as ``torch.broadcast_shapes``, which costs ~30 us a call
+    through its Python reference implementation: this runs on every captured call).
+
+    Raises:
+        ValueError: when they do not broadcast.
+    """
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    out = []
+    for x, y in zip(a, b):
+        if x != y and x != 1 and y != 1:
+            raise ValueError(f"shapes {a} and {b} do not broadcast")
+        out.append(y if x == 1 else x)
+    return tuple(out)
+
+
 def _may_have_empty_rows(mask, above_diagonal) -> bool:
     """Whether some query row may have every key masked (its softmax is NaN).
 
@@ -204,7 +221,7 @@ def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> to
     """
     if q.dtype in (torch.float16, torch.bfloat16):
         return torch.matmul(q * scale, k.transpose(-2, -1)).float()
-    shape = torch.broadcast_shapes(q.shape[:2], k.shape[:2]) + (q.shape[2], k.shape[2])
+    shape = _broadcast(tuple(q.shape[:2]), tuple(k.shape[:2])) + (q.shape[2], k.shape[2])
     scores = buffer(shape, q.dtype, q.device) if buffer is not None else torch.empty(shape, dtype=q.dtype, device=q.device)
     if scores.numel() == 0 or q.shape[:2] != shape[:2] or k.shape[:2] != shape[:2]:  # empty, or broadcast
         return torch.matmul(q * scale, k.transpose(-2, -1), out=scores)
@@ -232,7 +249,7 @@ def _flat_view(t: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _in_place_if_fits(scores, mask, in_place, out_of_place):
-    if torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape:
+    if _broadcast(tuple(scores.shape), tuple(mask.shape)) == tuple(scores.shape):
         in_place(scores, mask)
         return scores
     return out_of_place(scores, mask)

@@ -29,7 +29,7 @@ from .buffers import SpareBuffers
 from .sdpa import SDPA_FUNCTIONS, as_4d, parse_sdpa_call, sdpa_attention_weights
 from .softmax import SOFTMAX_FUNCTIONS, is_attention_softmax
 
-__all__ = ["CaptureSession", "module_call_frame"]
+__all__ = ["CaptureSession", "module_call_frame", "frame_is_live"]
 
 
 def module_call_frame():
@@ -41,7 +41,7 @@ def module_call_frame():
     return sys._getframe(2)
 
 
-def _frame_is_live(frame) -> bool:
+def frame_is_live(frame) -> bool:
     """Whether ``frame`` is on this thread's call stack right now."""
     current = sys._getframe(1)
     while current is not None:
@@ -141,7 +141,7 @@ class CaptureSession:
         mode then stays until this thread's next scope closes.
         """
         state = self._state()
-        while state.scopes and not _frame_is_live(state.scopes[-1].frame):
+        while state.scopes and not frame_is_live(state.scopes[-1].frame):
             state.scopes.pop()
         if not state.scopes and switch_off:
             self._switch_off(state)
@@ -178,7 +178,7 @@ class CaptureSession:
         state = self._state()
         if not state.scopes:
             return None
-        if not _frame_is_live(state.scopes[-1].frame):
+        if not frame_is_live(state.scopes[-1].frame):
             self.drop_stale_scopes(switch_off=False)  # called from inside the mode's handler
             if not state.scopes:
                 return None
