@@ -584,3 +584,20 @@ def test_after_an_interrupted_forward_the_next_one_frees_its_scratch_tensor():
     hooker.remove_hooks()
     interrupt.remove()
     _no_trace_left(model)
+
+
+def test_jit_script_of_a_hooked_model_fails_in_torchscript_and_leaves_nothing_and_script_modules_are_refused():
+    from attention_hooker import AttentionHookerError
+
+    model = _encoder()
+    x = torch.randn(1, 4, 16)
+    hooker = TransformerAttentionHooker(model).setup()
+    with pytest.raises(RuntimeError):  # TorchScript cannot compile Python hooks
+        torch.jit.script(model)
+    hooker.remove_hooks()
+    _no_trace_left(model)
+    scripted = torch.jit.script(model)  # after remove_hooks() it scripts as usual
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+    with pytest.raises(AttentionHookerError, match="TorchScript module .* runs no Python hooks"):
+        TransformerAttentionHooker(scripted)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from .errors import AttentionHookerError, AttentionHookerTypeError
@@ -16,6 +17,11 @@ def check_module(model) -> None:
     """Raises :class:`AttentionHookerTypeError` unless ``model`` is an ``nn.Module`` instance."""
     if not isinstance(model, nn.Module):
         raise AttentionHookerTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise AttentionHookerError(
+            f"model is a TorchScript module ({type(model).__name__}): its compiled code runs no Python hooks, so "
+            "no attention can be captured from it; capture on the nn.Module it was scripted from"
+        )
 
 _ATTENTION_CLASS = re.compile(r"att(n|ention)", re.IGNORECASE)
 _NOT_ATTENTION_CLASS = re.compile(r"(Output|Dropout|Norm|Embeddings?|Linear)$")
