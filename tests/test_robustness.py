@@ -601,3 +601,34 @@ def test_jit_script_of_a_hooked_model_fails_in_torchscript_and_leaves_nothing_an
         torch.testing.assert_close(scripted(x), model(x))
     with pytest.raises(AttentionHookerError, match="TorchScript module .* runs no Python hooks"):
         TransformerAttentionHooker(scripted)
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_nested_keep_grad_hookers_each_get_the_weights_and_gradients_they_get_alone(route):
+    torch.manual_seed(0)
+    model = ROUTES[route]().train()
+    inner_module, inner_name, outer_name = (
+        (model.layers[0], "self_attn", "layers.0.self_attn") if route == "mha" else (model.blocks[0], "", "blocks.0")
+    )
+    x = torch.randn(2, 5, 16)
+
+    def run(*hookers):
+        model.zero_grad()
+        for h in hookers:
+            h.setup()
+        try:
+            model(x).square().sum().backward()
+        finally:
+            for h in reversed(hookers):
+                h.remove_hooks()
+        return hookers
+
+    (alone,) = run(TransformerAttentionHooker(model, keep_grad=True))
+    outer, inner = run(TransformerAttentionHooker(model, keep_grad=True),
+                       TransformerAttentionHooker(inner_module, keep_grad=True))
+    for name in alone.values:
+        torch.testing.assert_close(outer.values[name][0], alone.values[name][0])
+        torch.testing.assert_close(outer.gradients[name][0], alone.gradients[name][0])
+    torch.testing.assert_close(inner.values[inner_name][0], alone.values[outer_name][0])
+    torch.testing.assert_close(inner.gradients[inner_name][0], alone.gradients[outer_name][0])
+    _no_trace_left(model)
