@@ -177,3 +177,50 @@ def test_half_precision_minilm_matches_eager_within_its_precision(dtype, atol, m
         assert calls[0].dtype == dtype
         torch.testing.assert_close(calls[0].float(), expected.float(), atol=atol, rtol=0)
         torch.testing.assert_close(calls[0].float().sum(-1), torch.ones(calls[0].shape[:-1]), atol=atol, rtol=0)
+
+
+def _llama_gqa_pair():
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                                   intermediate_size=64, vocab_size=100, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _pair(transformers.LlamaForCausalLM, cfg)
+
+
+@pytest.mark.parametrize("heads", [None, [3, 0]], ids=["all_heads", "heads_3_0"])
+def test_grouped_query_generate_on_sdpa_with_left_padding_is_labelled_per_query_head(heads):
+    """Issue 9: transformers packs the single decode query of GQA as (batch, kv_heads, groups,
+    dim) for the sdpa kernel; each step was stored as (2, 2, 2, S) instead of (2, 4, 1, S)."""
+    sdpa, eager = _llama_gqa_pair()
+    ids = torch.randint(3, 100, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        reference = eager.generate(**kwargs, output_attentions=True, return_dict_in_generate=True)
+        with TransformerAttentionHooker(sdpa, r"self_attn$", heads=heads) as hooker:
+            sdpa.generate(**kwargs)
+    chosen = list(range(4)) if heads is None else heads
+    layers = list(hooker.values.values())
+    assert [len(calls) for calls in layers] == [3, 3]
+    for step, expected_layers in enumerate(reference.attentions):
+        real = torch.cat([mask, torch.ones(2, step, dtype=torch.long)], 1)[:, -expected_layers[0].shape[2]:].bool()
+        for calls, expected in zip(layers, expected_layers):
+            got, want = calls[step], expected[:, chosen]
+            assert got.shape == want.shape, f"step {step}: {tuple(got.shape)} != {tuple(want.shape)}"
+            # padded query rows mean nothing (HF eager spreads them uniformly, the sdpa kernel zeroes them)
+            torch.testing.assert_close(got[real[:, None, :, None].expand_as(got)],
+                                       want[real[:, None, :, None].expand_as(want)], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_query_groups_are_read_from_what_the_module_declares():
+    from attention_hooker.capture.sdpa import packed_query_groups
+
+    class Declared(torch.nn.Module):
+        num_key_value_groups = 2
+        num_heads = 4
+
+    module = Declared()
+    packed_q, packed_k = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 5, 8)  # (B, kv_heads, groups, E)
+    assert packed_query_groups([module], packed_q, packed_k) == 2
+    repeated_q, repeated_k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 5, 8)  # kv repeated: 2 real positions
+    assert packed_query_groups([module], repeated_q, repeated_k) == 1
+    assert packed_query_groups([torch.nn.Linear(2, 2)], packed_q, packed_k) == 1  # nothing declared: shapes as they are

@@ -16,7 +16,8 @@ import torch
 from .._checks import check_heads
 from ..errors import AttentionHookerError
 
-__all__ = ["SDPA_FUNCTIONS", "sdpa_attention_weights", "parse_sdpa_call", "as_4d"]
+__all__ = ["SDPA_FUNCTIONS", "sdpa_attention_weights", "parse_sdpa_call", "as_4d", "packed_query_groups",
+           "unpack_query_groups"]
 
 SDPA_FUNCTIONS = frozenset({torch.nn.functional.scaled_dot_product_attention})
 
@@ -30,6 +31,52 @@ def parse_sdpa_call(args: tuple, kwargs: dict) -> dict:
     call.update(zip(_SDPA_PARAMS, args))
     call.update(kwargs)
     return call
+
+
+def declared_heads(module) -> Optional[int]:
+    """The number of query heads an attention module declares, or ``None``."""
+    for owner, name in ((module, "num_heads"), (module, "num_attention_heads"),
+                        (getattr(module, "config", None), "num_attention_heads")):
+        value = getattr(owner, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def packed_query_groups(modules, query: torch.Tensor, key: torch.Tensor) -> int:
+    """How many query heads each query row of this call stands for (1: none packed).
+
+    Hugging Face's sdpa path packs the single decode query of grouped-query
+    attention as ``(batch, kv_heads, groups, dim)``, so that the kernel runs on the
+    key/value heads without repeating them: the rows of one kv head are its
+    ``groups`` query heads, at one position. Shapes alone cannot tell this from
+    ``groups`` query positions, so it is decided from what the attention module
+    declares: ``num_key_value_groups`` > 1 and a head count that equals
+    ``kv_heads * groups``, while the call's query has as many heads as its key.
+
+    Args:
+        modules: candidate attention modules, innermost first (the hooked module,
+            the modules whose code is calling the kernel).
+        query: the call's ``(batch, heads, query, dim)``.
+        key: the call's ``(batch, kv_heads, key, dim)``.
+    """
+    if query.dim() < 3 or key.dim() < 3:
+        return 1
+    heads, rows = query.shape[-3], query.shape[-2]
+    if heads != key.shape[-3] or rows < 2:
+        return 1
+    for module in modules:
+        groups = getattr(module, "num_key_value_groups", None)
+        if isinstance(groups, int) and groups > 1:
+            return groups if rows == groups and declared_heads(module) == heads * groups else 1
+    return 1
+
+
+def unpack_query_groups(weights: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(batch, kv_heads, groups, key)`` of a packed call -> ``(batch, kv_heads * groups, 1, key)``:
+    query head ``h * groups + r`` is row ``r`` of kv head ``h`` (the order ``repeat_kv`` uses)."""
+    batch, kv_heads, _, keys = weights.shape
+    return weights.reshape(batch, kv_heads * groups, 1, keys)  # (B, H, 1, S)
 
 
 def as_4d(t: torch.Tensor) -> torch.Tensor:

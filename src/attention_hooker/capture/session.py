@@ -26,7 +26,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..store import AttentionStore
 from .buffers import SpareBuffers
-from .sdpa import SDPA_FUNCTIONS, as_4d, parse_sdpa_call, sdpa_attention_weights
+from .sdpa import (SDPA_FUNCTIONS, as_4d, packed_query_groups, parse_sdpa_call, sdpa_attention_weights,
+                   unpack_query_groups)
 from .softmax import SOFTMAX_FUNCTIONS, is_attention_softmax
 
 __all__ = ["CaptureSession", "module_call_frame", "frame_is_live"]
@@ -171,8 +172,8 @@ class CaptureSession:
         on_idle()
         return True
 
-    def current_layer(self) -> Optional[str]:
-        """The innermost hooked layer running on this thread, or ``None`` (stale scopes are dropped)."""
+    def current_scope(self) -> Optional[_Scope]:
+        """The innermost scope running on this thread, or ``None`` (stale scopes are dropped)."""
         if self.closed:
             return None
         state = self._state()
@@ -182,7 +183,12 @@ class CaptureSession:
             self.drop_stale_scopes(switch_off=False)  # called from inside the mode's handler
             if not state.scopes:
                 return None
-        return state.scopes[-1].layer
+        return state.scopes[-1]
+
+    def current_layer(self) -> Optional[str]:
+        """The innermost hooked layer running on this thread, or ``None``."""
+        scope = self.current_scope()
+        return None if scope is None else scope.layer
 
     def counters(self):
         """``(attention events, capture scopes entered)`` on this thread so far."""
@@ -227,8 +233,9 @@ class CaptureSession:
 
     # ------------------------------------------------------------------ events
     def on_sdpa(self, func, args: tuple, kwargs: dict) -> Any:
-        """Runs the real kernel and records the weights it used."""
-        layer = self.current_layer()
+        """Runs the real kernel and records the weights it used, labelled ``(batch, heads, query, key)``."""
+        scope = self.current_scope()
+        layer = None if scope is None else scope.layer
         if layer is None:
             return func(*args, **kwargs)
         store = self.store
@@ -240,6 +247,7 @@ class CaptureSession:
             return self._sdpa_with_grad(call, layer)
         output = func(*args, **kwargs)
         query = call["query"]
+        groups = packed_query_groups(_calling_modules(scope), query, call["key"])
         # Stored as computed: written straight into the tensor that is stored (a spare one when
         # there is one). Otherwise into this thread's scratch tensor, which record() copies to
         # the policy's dtype/device.
@@ -252,11 +260,13 @@ class CaptureSession:
                 bool(call["is_causal"]),
                 call["scale"],
                 bool(call["enable_gqa"]),
-                heads=store.policy.heads,
+                heads=store.policy.heads if groups == 1 else None,
                 buffer=buffer,
                 where=f"layer {layer!r}",
-            )  # (B, H, L, S)
-        self._record(layer, weights, heads_selected=True)
+            )  # (B, H, L, S); packed: (B, Hk, groups, S)
+        if groups > 1:
+            weights = unpack_query_groups(weights, groups)  # (B, H, 1, S)
+        self._record(layer, weights, heads_selected=groups == 1)
         return output
 
     def _sdpa_with_grad(self, call: dict, layer: str) -> torch.Tensor:
@@ -304,6 +314,21 @@ class CaptureSession:
     def _record(self, layer: str, weights: torch.Tensor, *, heads_selected: bool, graph_tensor=None) -> None:
         self._state().events += 1
         self.store.record(layer, weights, heads_selected=heads_selected, graph_tensor=graph_tensor)
+
+
+def _calling_modules(scope: _Scope):
+    """The hooked module, then the modules whose code is calling the kernel right now
+    (``self`` or ``module`` of the frames between the call and the hooked module's:
+    Hugging Face passes the attention module to ``sdpa_attention_forward`` as
+    ``module``), innermost first: what they declare labels the call's axes."""
+    yield scope.module
+    frame = sys._getframe(2)
+    while frame is not None and frame is not scope.frame:
+        for name in ("module", "self"):
+            candidate = frame.f_locals.get(name)
+            if isinstance(candidate, torch.nn.Module) and candidate is not scope.module:
+                yield candidate
+        frame = frame.f_back
 
 
 def _remove_mode(mode: TorchFunctionMode) -> None:
