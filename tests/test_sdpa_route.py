@@ -206,3 +206,24 @@ def test_sdpa_imported_by_name_is_captured_and_output_unchanged(causal):
         else:
             scores = scores.masked_fill(~mask, float("-inf"))
         torch.testing.assert_close(hooker.values[f"blocks.{i}"][0], scores.softmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [None, 1.0, 0.5])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "keep_grad_path"])
+def test_half_precision_weights_are_computed_in_float32_like_the_kernel(dtype, scale, grad):
+    """Issue 9: scores were rounded to bf16/fp16 before the softmax (error up to 0.09 at
+    scale 1.0); the kernels accumulate in float32. Oracle: float64 from the same inputs;
+    what remains is the final rounding to the half dtype."""
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 4, 16, 64) * 3).to(dtype), (torch.randn(2, 4, 24, 64) * 3).to(dtype)
+    mask = torch.rand(2, 1, 16, 24) > 0.2
+    factor = 1 / 8 if scale is None else scale
+    scores = q.double() @ k.double().transpose(-2, -1) * factor
+    oracle = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+    if grad:
+        q = q.clone().requires_grad_()
+    with torch.set_grad_enabled(grad):
+        got = sdpa_attention_weights(q, k, mask, scale=scale)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.detach().double(), oracle, atol=torch.finfo(dtype).eps / 2, rtol=0)

@@ -245,9 +245,9 @@ def _may_have_empty_rows(mask, above_diagonal) -> bool:
 
 def _differentiable_weights(q, k, mask, is_causal: bool, scale: float) -> torch.Tensor:
     """The same formula with out-of-place operations only, so autograd can follow it."""
-    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, L, S)
-    if scores.dtype in (torch.float16, torch.bfloat16):
-        scores = scores.float()
+    if q.dtype in _HALF:  # float32 scores and softmax, as the kernels compute them
+        q, k = q.float(), k.float()
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, L, S)
     if is_causal:
         causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril_()
         scores = scores.masked_fill(~causal, float("-inf"))
@@ -266,8 +266,9 @@ def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> to
     seen through a transpose, with batch > 1), the product is taken one batch
     item at a time instead: copying them would cost fresh memory larger than ``q``.
     """
-    if q.dtype in (torch.float16, torch.bfloat16):
-        return torch.matmul(q * scale, k.transpose(-2, -1)).float()
+    if q.dtype in _HALF:  # as the kernels do: scores and softmax in float32, not rounded to half first
+        q, k = q.float(), k.float()
+        buffer = None
     shape = _broadcast(tuple(q.shape[:2]), tuple(k.shape[:2])) + (q.shape[2], k.shape[2])
     scores = buffer(shape, q.dtype, q.device) if buffer is not None else torch.empty(shape, dtype=q.dtype, device=q.device)
     if scores.numel() == 0 or q.shape[:2] != shape[:2] or k.shape[:2] != shape[:2]:  # empty, or broadcast
@@ -284,6 +285,7 @@ def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> to
     return scores
 
 
+_HALF = (torch.float16, torch.bfloat16)
 _MAX_BATCH_LOOP = 64  # beyond this many items, one copy costs less than the per-item calls
 
 
