@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .capture.buffers import unreachable_tensors
+from .capture.coverage import Coverage, CoverageReport
 from .capture.mha import MultiheadAttentionRoute, mha_weights
 from .capture.session import CaptureSession, frame_is_live, module_call_frame
 from .discovery import check_module, select_modules
@@ -87,7 +88,8 @@ class TransformerAttentionHooker:
         self.layer_regex = layer_regex
         self._selected = select_modules(model, layer_regex)
         self._store = AttentionStore(policy, [name for name, _ in self._selected])
-        self._session = CaptureSession(self._store)  # a new one at each setup()
+        self._coverage = Coverage(self.hooked_layers)
+        self._session = CaptureSession(self._store, self._coverage)  # a new one at each setup()
         self._entry_handles: List = []  # pre-hooks: removed at once by remove_hooks()
         self._exit_handles: List[Callable[[], None]] = []  # post-hooks: once no thread is inside
         self._local = threading.local()  # each thread's (events, scopes) when its root forward began
@@ -128,7 +130,7 @@ class TransformerAttentionHooker:
         if self._entry_handles:
             return self
         _check_hf_implementation(self.model)
-        self._session = CaptureSession(self._store)
+        self._session = CaptureSession(self._store, self._coverage)
         try:
             self._register_all()
         except BaseException:
@@ -165,6 +167,26 @@ class TransformerAttentionHooker:
         """
         salvage = unreachable_tensors if self._entry_handles else None
         self._session.spares.offer(self._store.clear(salvage=salvage))
+        self._coverage.reset()
+
+    def report(self) -> CoverageReport:
+        """What each hooked layer gave since setup (or the last ``clear()``), in model order.
+
+        Returns:
+            ``{layer_name: LayerCoverage}``; each has ``runs``, ``captured``,
+            ``refused``, ``reason`` (why a call was refused) and ``status``
+            (``"captured"``, ``"refused"``, ``"nothing captured"``, ``"did not run"``).
+            ``report().missing`` lists the layers that ran and gave nothing.
+
+        Example:
+            >>> model = nn.TransformerEncoder(
+            ...     nn.TransformerEncoderLayer(d_model=16, nhead=4, batch_first=True), num_layers=2)
+            >>> with TransformerAttentionHooker(model) as hooker:
+            ...     _ = model(torch.randn(1, 5, 16))
+            >>> hooker.report()
+            CoverageReport(2 layers: 2 captured)
+        """
+        return self._coverage.report()
 
     def save(self, path, *, tokens: Optional[Sequence[str]] = None) -> None:
         """Writes the captured values to one safetensors file (read back with ``attention_hooker.load``).
@@ -323,7 +345,9 @@ class TransformerAttentionHooker:
             return None
         events, scopes = session.counters()
         if scopes > scopes_before and events == events_before:
-            self._warn_once("empty", _nothing_captured_message(self.model, self.hooked_layers))
+            self._warn_once("empty", _nothing_captured_message(self.model, self.hooked_layers, self.report()))
+        elif scopes > scopes_before and self.report().missing:
+            self._warn_once("missing", _missing_layers_message(self.model, self.report()))
         elif scopes == scopes_before and _is_compiled(self.model):
             self._warn_once(
                 "compiled",
@@ -394,7 +418,27 @@ def _check_hf_implementation(model: nn.Module) -> None:
             )
 
 
-def _nothing_captured_message(model: nn.Module, layers: List[str]) -> str:
+def _missing_layers_message(model: nn.Module, report: CoverageReport) -> str:
+    missing = report.missing
+    shown = "; ".join(
+        f"{name} ({report[name].reason})" if report[name].reason else name for name in missing[:4]
+    ) + ("; ..." if len(missing) > 4 else "")
+    ran = sum(1 for c in report.values() if c.runs)
+    return (
+        f"{len(missing)} of the {ran} hooked layers of {type(model).__name__} that ran gave no attention: {shown}. "
+        "Their values are missing, not zero: the rest computes attention in a way no route sees (a bmm over "
+        "(batch * heads, query, key) in a module that declares no head count, blocked or windowed attention, "
+        "a hand-written exp / sum). hooker.report() lists every layer"
+    )
+
+
+def _nothing_captured_message(model: nn.Module, layers: List[str], report: CoverageReport) -> str:
+    reasons = {c.reason for c in report.values() if c.reason}
+    if reasons:
+        return (
+            f"the hooked modules of {type(model).__name__} ran but every attention call was refused: "
+            f"{sorted(reasons)[0]}; hooker.report() lists every layer"
+        )
     shown = ", ".join(layers[:3]) + (", ..." if len(layers) > 3 else "")
     impls = _hf_implementations(model)
     hint = (

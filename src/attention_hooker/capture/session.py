@@ -26,9 +26,10 @@ from torch.overrides import TorchFunctionMode
 
 from ..store import AttentionStore
 from .buffers import SpareBuffers
-from .sdpa import (SDPA_FUNCTIONS, as_4d, packed_query_groups, parse_sdpa_call, sdpa_attention_weights,
-                   unpack_query_groups)
-from .softmax import SOFTMAX_FUNCTIONS, is_attention_softmax
+from .coverage import Coverage
+from .sdpa import (SDPA_FUNCTIONS, as_4d, declared_heads, packed_query_groups, parse_sdpa_call,
+                   sdpa_attention_weights, unpack_query_groups)
+from .softmax import SOFTMAX_FUNCTIONS, is_attention_softmax, label_softmax
 
 __all__ = ["CaptureSession", "module_call_frame", "frame_is_live"]
 
@@ -95,10 +96,12 @@ class CaptureSession:
 
     Args:
         store: where captured weights go.
+        coverage: where each layer's runs, captures and refusals are counted.
     """
 
-    def __init__(self, store: AttentionStore):
+    def __init__(self, store: AttentionStore, coverage: Coverage):
         self.store = store
+        self.coverage = coverage
         self._local = threading.local()
         self._lock = threading.Lock()
         self._busy: set = set()  # idents of threads with open scopes
@@ -124,6 +127,7 @@ class CaptureSession:
         state.scopes.append(_Scope(module, layer, frame))
         if layer is not None:
             state.capture_scopes_entered += 1
+            self.coverage.ran(layer)
 
     def exit(self, module) -> None:
         """Closes this thread's innermost scope if it is ``module``'s (a scope never opened is ignored)."""
@@ -248,6 +252,13 @@ class CaptureSession:
         output = func(*args, **kwargs)
         query = call["query"]
         groups = packed_query_groups(_calling_modules(scope), query, call["key"])
+        expected = declared_heads(scope.module)
+        heads = (query.shape[-3] if query.dim() >= 3 else 1) * groups
+        if expected is not None and heads != expected:
+            self.coverage.refused(layer, (
+                f"a scaled_dot_product_attention call with {heads} query heads, while the layer declares "
+                f"{expected}: its axes are not (batch, heads, query, key), so it is not stored"))
+            return output
         # Stored as computed: written straight into the tensor that is stored (a spare one when
         # there is one). Otherwise into this thread's scratch tensor, which record() copies to
         # the policy's dtype/device.
@@ -290,13 +301,19 @@ class CaptureSession:
     def on_softmax(self, result, args: tuple, kwargs: dict) -> None:
         if not is_attention_softmax(result, args, kwargs):
             return
-        layer = self.current_layer()
-        if layer is None:
+        scope = self.current_scope()
+        if scope is None or scope.layer is None or isinstance(scope.module, torch.nn.MultiheadAttention):
+            return  # nn.MultiheadAttention hands its weights back itself (route 1)
+        layer = scope.layer
+        weights, reason = label_softmax(result, declared_heads(scope.module))
+        if weights is None:
+            if reason is not None:
+                self.coverage.refused(layer, reason)
             return
         if not self.store.wants(layer):
             self._skip(layer)
             return
-        self._record(layer, result, heads_selected=False)
+        self._record(layer, weights, heads_selected=False)
 
     def record_module_output(self, layer: str, weights: torch.Tensor, graph_tensor=None) -> None:
         """Records weights a module returned itself (the MHA route)."""
@@ -309,10 +326,12 @@ class CaptureSession:
 
     def _skip(self, layer: str) -> None:
         self._state().events += 1
+        self.coverage.captured(layer)
         self.store.skip(layer)
 
     def _record(self, layer: str, weights: torch.Tensor, *, heads_selected: bool, graph_tensor=None) -> None:
         self._state().events += 1
+        self.coverage.captured(layer)
         self.store.record(layer, weights, heads_selected=heads_selected, graph_tensor=graph_tensor)
 
 

@@ -3,14 +3,20 @@
 Inside a hooked attention module, the result of a softmax over the last
 dimension of a 4-D tensor is taken as the attention probabilities
 ``(batch, heads, query, key)`` (Hugging Face ``eager``, nanoGPT-style code,
-timm without fused attention).
+timm without fused attention), and a 3-D ``(batch * heads, query, key)`` one
+(``bmm``-style code: XGLM, FSMT, SAM) where the module declares its head count.
+What the module declares also refuses layouts that are not these: a 4-D
+softmax whose second dim is not the declared head count (Longformer's
+``(batch, seq, heads, window)``) is refused with that reason, never stored.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-__all__ = ["SOFTMAX_FUNCTIONS", "is_attention_softmax"]
+__all__ = ["SOFTMAX_FUNCTIONS", "is_attention_softmax", "label_softmax"]
 
 SOFTMAX_FUNCTIONS = frozenset(
     {
@@ -23,12 +29,41 @@ SOFTMAX_FUNCTIONS = frozenset(
 
 
 def is_attention_softmax(result, args: tuple, kwargs: dict) -> bool:
-    """Whether one softmax call computed attention probabilities.
+    """Whether one softmax call may have computed attention probabilities.
 
-    True when ``result`` is a 4-D floating tensor and the softmax ran over its
-    last dimension (``dim=-1`` or ``dim=3``), given by position or keyword.
+    True when ``result`` is a 3-D or 4-D floating tensor and the softmax ran over
+    its last dimension (``dim=-1`` or the last index), given by position or keyword.
     """
-    if not isinstance(result, torch.Tensor) or result.dim() != 4 or not result.is_floating_point():
+    if not isinstance(result, torch.Tensor) or result.dim() not in (3, 4) or not result.is_floating_point():
         return False
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-    return dim in (-1, 3)
+    return dim in (-1, result.dim() - 1)
+
+
+def label_softmax(result: torch.Tensor, heads: Optional[int]):
+    """``(weights, reason)``: the softmax as ``(batch, heads, query, key)``, or ``None`` and why not.
+
+    Args:
+        result: a softmax over the last dim, 3-D or 4-D.
+        heads: the head count the attention module declares, or ``None``.
+
+    Returns:
+        ``(weights, None)`` for a labelled call; ``(None, reason)`` for one that
+        contradicts the declared heads; ``(None, None)`` for a 3-D softmax of a
+        module that declares no heads (not attention as far as can be told).
+    """
+    if result.dim() == 4:
+        if heads is not None and result.shape[1] != heads:
+            return None, (
+                f"a softmax over a {tuple(result.shape)} tensor whose 2nd dim is not the layer's {heads} heads: "
+                "its axes are not (batch, heads, query, key) (a windowed or blocked layout), so it is not stored"
+            )
+        return result, None
+    if heads is None:
+        return None, None
+    if result.shape[0] % heads:
+        return None, (
+            f"a softmax over a {tuple(result.shape)} tensor whose 1st dim is not a multiple of the layer's "
+            f"{heads} heads: it cannot be read as (batch * heads, query, key), so it is not stored"
+        )
+    return result.view(result.shape[0] // heads, heads, result.shape[1], result.shape[2]), None  # (B, H, Q, K)

@@ -1,0 +1,97 @@
+"""Which hooked layers ran, which captured, and which were refused and why.
+
+A layer that ran without any route seeing its attention (a ``bmm`` over
+``(batch * heads, query, key)``, blocked 5-D attention, a hand-written
+``exp / sum``) must not pass unnoticed because other layers of the same model
+did capture; and a call whose axes cannot be labelled ``(batch, heads, query,
+key)`` is refused, not stored with another meaning. Both are kept here, per
+layer, for :meth:`TransformerAttentionHooker.report` and its one warning.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["Coverage", "LayerCoverage", "CoverageReport"]
+
+
+@dataclass(frozen=True)
+class LayerCoverage:
+    """One hooked layer's account.
+
+    Attributes:
+        runs: forwards of the layer (its hooked module) while the hooks were on.
+        captured: attention calls seen in it (kept, or skipped by ``max_calls``).
+        refused: calls seen but refused because their layout could not be labelled.
+        reason: why the first refused call was refused, or ``None``.
+    """
+
+    runs: int
+    captured: int
+    refused: int
+    reason: Optional[str]
+
+    @property
+    def status(self) -> str:
+        """``"captured"``, ``"refused"``, ``"nothing captured"`` or ``"did not run"``."""
+        if self.captured:
+            return "captured"
+        if self.refused:
+            return "refused"
+        return "nothing captured" if self.runs else "did not run"
+
+
+class CoverageReport(dict):
+    """``{layer_name: LayerCoverage}`` in model order, with the layers that need a look."""
+
+    @property
+    def missing(self) -> List[str]:
+        """Layers that ran and gave nothing: refused, or unseen by every route."""
+        return [name for name, c in self.items() if c.status in ("refused", "nothing captured")]
+
+    def __repr__(self) -> str:
+        counts: Dict[str, int] = {}
+        for c in self.values():
+            counts[c.status] = counts.get(c.status, 0) + 1
+        parts = ", ".join(f"{n} {status}" for status, n in counts.items())
+        return f"CoverageReport({len(self)} layers: {parts or 'none'})"
+
+
+class Coverage:
+    """Counts per layer, shared by the threads of one hooker."""
+
+    def __init__(self, layers: Sequence[str]):
+        self._layers = list(layers)
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._runs: Dict[str, int] = {}
+            self._captured: Dict[str, int] = {}
+            self._refused: Dict[str, int] = {}
+            self._reasons: Dict[str, str] = {}
+
+    def ran(self, layer: str) -> None:
+        with self._lock:
+            self._runs[layer] = self._runs.get(layer, 0) + 1
+
+    def captured(self, layer: str) -> None:
+        with self._lock:
+            self._captured[layer] = self._captured.get(layer, 0) + 1
+
+    def refused(self, layer: str, reason: str) -> None:
+        with self._lock:
+            self._refused[layer] = self._refused.get(layer, 0) + 1
+            self._reasons.setdefault(layer, reason)
+
+    def report(self) -> CoverageReport:
+        with self._lock:
+            names = self._layers + [n for n in self._runs if n not in self._layers]
+            return CoverageReport(
+                (name, LayerCoverage(self._runs.get(name, 0), self._captured.get(name, 0),
+                                     self._refused.get(name, 0), self._reasons.get(name)))
+                for name in names
+            )

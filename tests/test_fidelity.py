@@ -1,0 +1,122 @@
+"""Exact weights or a named refusal, never a plausible tensor with another meaning (issue 9)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from attention_hooker import AttentionCaptureWarning, TransformerAttentionHooker
+
+transformers = pytest.importorskip("transformers")
+
+
+def _eager_reference(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, output_attentions=True)
+
+
+def test_bmm_style_attention_on_batch_times_heads_is_captured_per_head_xglm():
+    """XGLM's eager attention is a softmax over (batch * heads, query, key): nothing was
+    captured; the module declares its head count, so the rows are (batch, heads, query, key)."""
+    config = transformers.XGLMConfig(num_layers=2, attention_heads=4, d_model=32, ffn_dim=64, vocab_size=100,
+                                     max_position_embeddings=64, pad_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.XGLMModel(config).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, -2:] = 0
+    reference = _eager_reference(model, dict(input_ids=ids, attention_mask=mask))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AttentionCaptureWarning)
+        with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+            model(input_ids=ids, attention_mask=mask)
+    calls = list(hooker.values.values())
+    assert len(calls) == len(reference.attentions) == 2
+    for (got,), expected in zip(calls, reference.attentions):
+        assert got.shape == expected.shape == (2, 4, 7, 7)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert hooker.report().missing == []
+
+
+def test_longformer_local_softmax_is_refused_with_the_reason_not_stored_as_heads():
+    """Longformer's local softmax is (batch, seq, heads, window): it was stored as if it
+    were (batch, heads, query, key). The module declares 4 heads; a softmax whose 2nd dim
+    is 16 tokens is refused, named in one warning and in report()."""
+    config = transformers.LongformerConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32,
+                                           intermediate_size=64, vocab_size=100, attention_window=4,
+                                           max_position_embeddings=64, pad_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.LongformerModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(3, 100, (1, 16))
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        with pytest.warns(AttentionCaptureWarning, match=r"refused: a softmax over a \(1, 16, 4, 5\) tensor"):
+            model(input_ids=ids)
+    assert dict(hooker.values) == {}, "nothing may be stored under (batch, heads, query, key) with another meaning"
+    (name,) = hooker.report().missing
+    coverage = hooker.report()[name]
+    assert coverage.status == "refused" and coverage.runs == 1 and "2nd dim is not the layer's 4 heads" in coverage.reason
+
+
+class _SdpaAttention(nn.Module):
+    num_heads = 2
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 8)
+
+
+class _ExpOverSumAttention(nn.Module):
+    """Attention that no route can see: probabilities from exp / sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = nn.Linear(8, 16)
+
+    def forward(self, x):
+        q, k = self.qk(x).chunk(2, -1)
+        scores = (q @ k.transpose(-2, -1)).exp()
+        return (scores / scores.sum(-1, keepdim=True)) @ x
+
+
+def test_layers_that_ran_without_capture_are_named_once_even_when_others_captured():
+    """Issue 9: when other layers of the same model captured, no warning named the missing ones."""
+    model = nn.Sequential(_SdpaAttention(), _ExpOverSumAttention(), _SdpaAttention()).eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        with pytest.warns(AttentionCaptureWarning, match=r"1 of the 3 hooked layers of Sequential that ran gave no attention: 1\b"):
+            model(torch.randn(1, 5, 8))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AttentionCaptureWarning)
+            model(torch.randn(1, 5, 8))  # once per hooker, not per call
+    report = hooker.report()
+    assert report.missing == ["1"]
+    assert [report[n].status for n in ("0", "1", "2")] == ["captured", "nothing captured", "captured"]
+    assert [report[n].runs for n in ("0", "1", "2")] == [2, 2, 2]
+    assert repr(report) == "CoverageReport(3 layers: 2 captured, 1 nothing captured)"
+    hooker.clear()
+    assert hooker.report().missing == []
+
+
+def test_an_sdpa_call_whose_heads_contradict_the_module_is_refused():
+    class FlattenedAttention(_SdpaAttention):
+        num_heads = 2
+
+        def forward(self, x):  # heads folded into the batch: (B * H, T, E) given to the kernel as 3-D
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4).reshape(3, b * 2, t, 4)
+            return nn.functional.scaled_dot_product_attention(q, k, v).view(b, 2, t, 4).transpose(1, 2).reshape(b, t, 8)
+
+    model = FlattenedAttention().eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        with pytest.warns(AttentionCaptureWarning, match="every attention call was refused: a scaled_dot_product_attention call with 6 query heads, while the layer declares 2"):
+            model(torch.randn(3, 5, 8))
+    assert dict(hooker.values) == {}
