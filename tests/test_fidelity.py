@@ -120,3 +120,49 @@ def test_an_sdpa_call_whose_heads_contradict_the_module_is_refused():
         with pytest.warns(AttentionCaptureWarning, match="every attention call was refused: a scaled_dot_product_attention call with 6 query heads, while the layer declares 2"):
             model(torch.randn(3, 5, 8))
     assert dict(hooker.values) == {}
+
+
+def test_learned_attention_sinks_are_dropped_as_the_model_drops_them_gpt_oss():
+    """gpt-oss: softmax(cat([scores, sinks]))[..., :-1]; the sink column was stored, so
+    rows did not match what multiplied the values. Oracle: gpt-oss's output_attentions."""
+    from attention_hooker import head_entropy
+
+    config = transformers.GptOssConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       hidden_size=32, head_dim=8, intermediate_size=32, num_local_experts=2,
+                                       num_experts_per_tok=1, vocab_size=100, sliding_window=4,
+                                       layer_types=["sliding_attention", "full_attention"], pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GptOssModel(config).eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "sinks"):
+                module.sinks.normal_(0, 2)  # sinks that take a visible share
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    reference = _eager_reference(model, dict(input_ids=ids, attention_mask=mask))
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(input_ids=ids, attention_mask=mask)
+    for (got,), expected in zip(hooker.values.values(), reference.attentions):
+        assert got.shape == expected.shape == (2, 4, 7, 7)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        assert float(got[0].sum(-1).max()) < 0.999, "the sinks' share is on no key"
+        assert head_entropy(got).shape == (2, 4)  # the analyses take rows that sum to less than 1
+
+
+def test_a_softmax_used_whole_is_recorded_whole():
+    """Only a slice that keeps (batch, heads, query) and drops key columns replaces the record."""
+
+    class RowSliceAttention(_SdpaAttention):
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            probs = torch.softmax(q @ k.transpose(-2, -1), -1)  # (B, H, T, T)
+            first_rows = probs[:, :, :1]  # a slice of queries, not of keys: not a sink
+            return (probs @ v).transpose(1, 2).reshape(b, t, 8) + first_rows.sum()
+
+    model = RowSliceAttention().eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(torch.randn(1, 5, 8))
+    assert hooker.values[""][0].shape == (1, 2, 5, 5)

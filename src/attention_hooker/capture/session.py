@@ -67,8 +67,11 @@ class _ThreadState:
 
     def __init__(self, session: "CaptureSession"):
         self.scopes: List[_Scope] = []
-        self.mode = _CaptureMode(session)
+        self.mode = _CaptureMode(session, self)
         self.mode_on = False
+        # A softmax's weights wait for their first use: if that use drops columns (a learned
+        # sink, probs[..., :-1]), what is kept is what multiplies the values.
+        self.pending: Optional[tuple] = None  # (layer, softmax result, its (B, H, Q, K) labelling)
         self.scratch: dict = {}
         self.events = 0  # attention calls seen (kept or skipped), for the "nothing captured" check
         self.capture_scopes_entered = 0
@@ -77,15 +80,18 @@ class _ThreadState:
 class _CaptureMode(TorchFunctionMode):
     """Routes attention calls to the session; every other call passes straight through."""
 
-    def __init__(self, session: "CaptureSession"):
+    def __init__(self, session: "CaptureSession", state: _ThreadState):
         super().__init__()
         self._session = session
+        self._state = state
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in SDPA_FUNCTIONS:
             return self._session.on_sdpa(func, args, kwargs)
         result = func(*args, **kwargs)
+        if self._state.pending is not None:
+            self._session.on_use(func, args, result)
         if func in SOFTMAX_FUNCTIONS:
             self._session.on_softmax(result, args, kwargs)
         return result
@@ -133,6 +139,8 @@ class CaptureSession:
         """Closes this thread's innermost scope if it is ``module``'s (a scope never opened is ignored)."""
         state = self._state()
         if state.scopes and state.scopes[-1].module is module:
+            if state.pending is not None:
+                self._commit_pending(state)
             state.scopes.pop()
             if not state.scopes:
                 self._switch_off(state)
@@ -156,6 +164,7 @@ class CaptureSession:
         state = self._state()
         state.scopes.clear()
         state.scratch.clear()
+        state.pending = None
         self._switch_off(state)
 
     def close(self, on_idle: Callable[[], None]) -> bool:
@@ -313,6 +322,34 @@ class CaptureSession:
         if not self.store.wants(layer):
             self._skip(layer)
             return
+        state = self._state()
+        if state.pending is not None:
+            self._commit_pending(state)
+        state.pending = (layer, result, weights)
+
+    def on_use(self, func, args: tuple, out) -> None:
+        """The first use of a pending softmax result: a slice that keeps its leading dims
+        and drops key columns (``probs[..., :-1]``: a learned attention sink) is what
+        multiplies the values, so the slice is recorded; any other use records the softmax."""
+        state = self._state()
+        layer, result, weights = state.pending
+        if not any(a is result or (isinstance(a, (list, tuple)) and any(b is result for b in a)) for a in args):
+            return
+        if (
+            func is torch.Tensor.__getitem__
+            and args[0] is result
+            and result.dim() == 4
+            and isinstance(out, torch.Tensor)
+            and out.dim() == 4
+            and out.shape[:3] == result.shape[:3]
+            and out.shape[3] < result.shape[3]
+        ):
+            state.pending = (layer, out, out)  # (B, H, Q, K) without the sink columns
+        self._commit_pending(state)
+
+    def _commit_pending(self, state: _ThreadState) -> None:
+        layer, _, weights = state.pending
+        state.pending = None
         self._record(layer, weights, heads_selected=False)
 
     def record_module_output(self, layer: str, weights: torch.Tensor, graph_tensor=None) -> None:
