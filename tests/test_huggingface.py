@@ -220,7 +220,7 @@ def test_packed_query_groups_are_read_from_what_the_module_declares():
 
     module = Declared()
     packed_q, packed_k = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 5, 8)  # (B, kv_heads, groups, E)
-    assert packed_query_groups([module], packed_q, packed_k) == 2
+    assert packed_query_groups(lambda: [module], packed_q, packed_k) == 2
     repeated_q, repeated_k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 5, 8)  # kv repeated: 2 real positions
-    assert packed_query_groups([module], repeated_q, repeated_k) == 1
-    assert packed_query_groups([torch.nn.Linear(2, 2)], packed_q, packed_k) == 1  # nothing declared: shapes as they are
+    assert packed_query_groups(lambda: [module], repeated_q, repeated_k) == 1
+    assert packed_query_groups(lambda: [torch.nn.Linear(2, 2)], packed_q, packed_k) == 1  # nothing declared: shapes as they are

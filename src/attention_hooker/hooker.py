@@ -346,7 +346,7 @@ class TransformerAttentionHooker:
         events, scopes = session.counters()
         if scopes > scopes_before and events == events_before:
             self._warn_once("empty", _nothing_captured_message(self.model, self.hooked_layers, self.report()))
-        elif scopes > scopes_before and self.report().missing:
+        elif scopes > scopes_before and "missing" not in self._warned and self.report().missing:
             self._warn_once("missing", _missing_layers_message(self.model, self.report()))
         elif scopes == scopes_before and _is_compiled(self.model):
             self._warn_once(

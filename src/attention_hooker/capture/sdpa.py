@@ -9,7 +9,8 @@ for the function. The real kernel still produces the model's output.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+import weakref
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -33,17 +34,31 @@ def parse_sdpa_call(args: tuple, kwargs: dict) -> dict:
     return call
 
 
+_DECLARED_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def declared_heads(module) -> Optional[int]:
-    """The number of query heads an attention module declares, or ``None``."""
+    """The number of query heads an attention module declares, or ``None``.
+
+    Read once per module (``nn.Module`` attribute misses cost an exception each):
+    a module's head count does not change between calls.
+    """
+    try:
+        return _DECLARED_HEADS[module]
+    except KeyError:
+        pass
+    heads = None
     for owner, name in ((module, "num_heads"), (module, "num_attention_heads"),
                         (getattr(module, "config", None), "num_attention_heads")):
         value = getattr(owner, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            heads = value
+            break
+    _DECLARED_HEADS[module] = heads
+    return heads
 
 
-def packed_query_groups(modules, query: torch.Tensor, key: torch.Tensor) -> int:
+def packed_query_groups(modules: Callable[[], Iterable], query: torch.Tensor, key: torch.Tensor) -> int:
     """How many query heads each query row of this call stands for (1: none packed).
 
     Hugging Face's sdpa path packs the single decode query of grouped-query
@@ -55,8 +70,9 @@ def packed_query_groups(modules, query: torch.Tensor, key: torch.Tensor) -> int:
     ``kv_heads * groups``, while the call's query has as many heads as its key.
 
     Args:
-        modules: candidate attention modules, innermost first (the hooked module,
-            the modules whose code is calling the kernel).
+        modules: gives the attention modules that may declare the grouping (the
+            hooked module, or the one whose code calls the kernel); called only when
+            the shapes allow packing.
         query: the call's ``(batch, heads, query, dim)``.
         key: the call's ``(batch, kv_heads, key, dim)``.
     """
@@ -65,7 +81,7 @@ def packed_query_groups(modules, query: torch.Tensor, key: torch.Tensor) -> int:
     heads, rows = query.shape[-3], query.shape[-2]
     if heads != key.shape[-3] or rows < 2:
         return 1
-    for module in modules:
+    for module in modules():
         groups = getattr(module, "num_key_value_groups", None)
         if isinstance(groups, int) and groups > 1:
             return groups if rows == groups and declared_heads(module) == heads * groups else 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -260,7 +261,7 @@ class CaptureSession:
             return self._sdpa_with_grad(call, layer)
         output = func(*args, **kwargs)
         query = call["query"]
-        groups = packed_query_groups(_calling_modules(scope), query, call["key"])
+        groups = packed_query_groups(lambda: _calling_modules(scope), query, call["key"])
         expected = declared_heads(scope.module)
         heads = (query.shape[-3] if query.dim() >= 3 else 1) * groups
         if expected is not None and heads != expected:
@@ -372,19 +373,31 @@ class CaptureSession:
         self.store.record(layer, weights, heads_selected=heads_selected, graph_tensor=graph_tensor)
 
 
-def _calling_modules(scope: _Scope):
-    """The hooked module, then the modules whose code is calling the kernel right now
-    (``self`` or ``module`` of the frames between the call and the hooked module's:
-    Hugging Face passes the attention module to ``sdpa_attention_forward`` as
-    ``module``), innermost first: what they declare labels the call's axes."""
-    yield scope.module
-    frame = sys._getframe(2)
-    while frame is not None and frame is not scope.frame:
-        for name in ("module", "self"):
-            candidate = frame.f_locals.get(name)
-            if isinstance(candidate, torch.nn.Module) and candidate is not scope.module:
-                yield candidate
-        frame = frame.f_back
+_GROUPING_MODULES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _calling_modules(scope: _Scope) -> List[torch.nn.Module]:
+    """The module that declares grouped-query heads (``num_key_value_groups``), as a
+    list of one, or ``[]``: the hooked module itself, or else the first among those
+    whose code is calling the kernel (``self`` or ``module`` of the frames between the
+    call and the hooked module's: Hugging Face passes the attention module to
+    ``sdpa_attention_forward`` as ``module``). Found once per hooked module (reading
+    frames' locals costs ~15 us), then remembered."""
+    try:
+        found = _GROUPING_MODULES[scope.module]
+    except KeyError:
+        found = scope.module if getattr(scope.module, "num_key_value_groups", None) is not None else None
+        if found is None:
+            frame = sys._getframe(3)
+            while found is None and frame is not None and frame is not scope.frame:
+                for name in ("module", "self"):
+                    candidate = frame.f_locals.get(name)
+                    if isinstance(candidate, torch.nn.Module) and getattr(candidate, "num_key_value_groups", None):
+                        found = candidate
+                        break
+                frame = frame.f_back
+        _GROUPING_MODULES[scope.module] = found
+    return [] if found is None else [found]
 
 
 def _remove_mode(mode: TorchFunctionMode) -> None:
