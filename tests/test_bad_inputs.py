@@ -18,6 +18,7 @@ from torch import nn
 
 import attention_hooker as ah
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker
+from tiny_models import SdpaAttention
 
 torch.manual_seed(0)
 P = torch.rand(2, 4, 5, 5).softmax(-1)  # (batch, heads, query, key): valid probabilities
@@ -26,30 +27,10 @@ TOKENS = list("abcde")
 VALUES = {"l0": [P], "l1": [P.flip(-1)]}
 
 
-class _SdpaAttention(nn.Module):
-    """4 heads through F.scaled_dot_product_attention."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(16, 48)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, 4, 4).permute(2, 0, 3, 1, 4)
-        return nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 16)
-
-
-class _EagerAttention(_SdpaAttention):
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, 4, 4).permute(2, 0, 3, 1, 4)
-        return (torch.softmax(q @ k.transpose(-2, -1), -1) @ v).transpose(1, 2).reshape(b, t, 16)
-
-
 class _Net(nn.Module):
     def __init__(self, kind):
         super().__init__()
-        self.attn = {"sdpa": _SdpaAttention, "eager": _EagerAttention}[kind]()
+        self.attn = SdpaAttention(16, 4, use_softmax=kind == "eager")
 
     def forward(self, x):
         return self.attn(x)
@@ -115,7 +96,7 @@ CASES = {
     "regex_int": (lambda t: TransformerAttentionHooker(_Net("sdpa"), 5), r"layer_regex must be a str"),
     "regex_list": (lambda t: TransformerAttentionHooker(_Net("sdpa"), ["attn"]), r"layer_regex must be a str"),
     "regex_invalid": (lambda t: TransformerAttentionHooker(_Net("sdpa"), "attn("), r"not a valid regular expression"),
-    "regex_no_match": (lambda t: TransformerAttentionHooker(_Net("sdpa"), "decoder"), r"matched none of the 3 module names"),
+    "regex_no_match": (lambda t: TransformerAttentionHooker(_Net("sdpa"), "decoder"), r"matched none of the 4 module names"),
     "no_attention_module": (lambda t: TransformerAttentionHooker(nn.Linear(2, 2)), r"found no attention module in Linear"),
     "device_unknown": (lambda t: _hooker(device="tpu9"), r"is not a torch device"),
     "device_cuda_without_gpu": (lambda t: _hooker(device="cuda:7"), r"device='cuda:7' is not available on this machine"),

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from tiny_models import ExpOverSumAttention
+
 from attention_hooker import (
     AttentionCaptureWarning,
     AttentionHookerError,
@@ -190,23 +192,10 @@ def test_head_index_beyond_the_layer_names_the_layer():
     _no_trace_left(model)
 
 
-class _HandNormalisedAttention(nn.Module):
-    """Attention whose probabilities come from exp / sum: no route can see them."""
-
-    def __init__(self):
-        super().__init__()
-        self.qk = nn.Linear(8, 16)
-
-    def forward(self, x):
-        q, k = self.qk(x).chunk(2, -1)
-        scores = (q @ k.transpose(-2, -1)).exp()
-        return (scores / scores.sum(-1, keepdim=True)) @ x
-
-
 class _Wrapper(nn.Module):
     def __init__(self):
         super().__init__()
-        self.attention = _HandNormalisedAttention()
+        self.attention = ExpOverSumAttention(8)
 
     def forward(self, x):
         return self.attention(x)

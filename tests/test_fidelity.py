@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from attention_hooker import AttentionCaptureWarning, TransformerAttentionHooker
+from tiny_models import ExpOverSumAttention, SdpaAttention
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,35 +63,9 @@ def test_longformer_local_softmax_is_refused_with_the_reason_not_stored_as_heads
     assert coverage.status == "refused" and coverage.runs == 1 and "2nd dim is not the layer's 4 heads" in coverage.reason
 
 
-class _SdpaAttention(nn.Module):
-    num_heads = 2
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(8, 24)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)
-        return nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 8)
-
-
-class _ExpOverSumAttention(nn.Module):
-    """Attention that no route can see: probabilities from exp / sum."""
-
-    def __init__(self):
-        super().__init__()
-        self.qk = nn.Linear(8, 16)
-
-    def forward(self, x):
-        q, k = self.qk(x).chunk(2, -1)
-        scores = (q @ k.transpose(-2, -1)).exp()
-        return (scores / scores.sum(-1, keepdim=True)) @ x
-
-
 def test_layers_that_ran_without_capture_are_named_once_even_when_others_captured():
     """Issue 9: when other layers of the same model captured, no warning named the missing ones."""
-    model = nn.Sequential(_SdpaAttention(), _ExpOverSumAttention(), _SdpaAttention()).eval()
+    model = nn.Sequential(SdpaAttention(8, 2), ExpOverSumAttention(8), SdpaAttention(8, 2)).eval()
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
         with pytest.warns(AttentionCaptureWarning, match=r"1 of the 3 hooked layers of Sequential that ran gave no attention: 1\b"):
             model(torch.randn(1, 5, 8))
@@ -107,15 +82,13 @@ def test_layers_that_ran_without_capture_are_named_once_even_when_others_capture
 
 
 def test_an_sdpa_call_whose_heads_contradict_the_module_is_refused():
-    class FlattenedAttention(_SdpaAttention):
-        num_heads = 2
-
+    class FlattenedAttention(SdpaAttention):
         def forward(self, x):  # heads folded into the batch: (B * H, T, E) given to the kernel as 3-D
             b, t, _ = x.shape
             q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4).reshape(3, b * 2, t, 4)
             return nn.functional.scaled_dot_product_attention(q, k, v).view(b, 2, t, 4).transpose(1, 2).reshape(b, t, 8)
 
-    model = FlattenedAttention().eval()
+    model = FlattenedAttention(8, 2).eval()
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
         with pytest.warns(AttentionCaptureWarning, match="every attention call was refused: a scaled_dot_product_attention call with 6 query heads, while the layer declares 2"):
             model(torch.randn(3, 5, 8))
@@ -154,7 +127,7 @@ def test_learned_attention_sinks_are_dropped_as_the_model_drops_them_gpt_oss():
 def test_a_softmax_used_whole_is_recorded_whole():
     """Only a slice that keeps (batch, heads, query) and drops key columns replaces the record."""
 
-    class RowSliceAttention(_SdpaAttention):
+    class RowSliceAttention(SdpaAttention):
         def forward(self, x):
             b, t, _ = x.shape
             q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)
@@ -162,7 +135,7 @@ def test_a_softmax_used_whole_is_recorded_whole():
             first_rows = probs[:, :, :1]  # a slice of queries, not of keys: not a sink
             return (probs @ v).transpose(1, 2).reshape(b, t, 8) + first_rows.sum()
 
-    model = RowSliceAttention().eval()
+    model = RowSliceAttention(8, 2).eval()
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
         model(torch.randn(1, 5, 8))
     assert hooker.values[""][0].shape == (1, 2, 5, 5)

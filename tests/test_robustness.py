@@ -14,53 +14,13 @@ import torch
 from torch import nn
 
 from attention_hooker import AttentionCaptureWarning, TransformerAttentionHooker
-
-
-class SdpaAttention(nn.Module):
-    """Handwritten multi-head attention through F.scaled_dot_product_attention."""
-
-    def __init__(self, dim=16, heads=4, *, use_softmax=False):
-        super().__init__()
-        self.heads, self.use_softmax = heads, use_softmax
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-        self.pause = None  # a threading.Event to wait on inside the forward, for thread tests
-        self.entered = threading.Event()
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, E) each
-        if self.pause is not None:
-            self.entered.set()
-            self.pause.wait(10)
-        if self.use_softmax:
-            weights = torch.softmax(q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5), dim=-1)  # (B, H, T, T)
-            y = weights @ v
-        else:
-            y = nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
-
-
-class Stack(nn.Module):
-    def __init__(self, layers=2, **kwargs):
-        super().__init__()
-        self.blocks = nn.ModuleList(SdpaAttention(**kwargs) for _ in range(layers))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return x
-
-
-def _encoder(layers=2, d_model=16, nhead=4):
-    layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=32, dropout=0.0, batch_first=True)
-    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=True).eval()
+from tiny_models import ExpOverSumAttention, Stack, encoder
 
 
 ROUTES = {
     "sdpa": lambda: Stack().eval(),
     "softmax": lambda: Stack(use_softmax=True).eval(),
-    "mha": lambda: _encoder(),
+    "mha": lambda: encoder(),
 }
 
 
@@ -80,7 +40,7 @@ def test_an_unhooked_encoder_in_another_thread_keeps_its_fast_path_while_a_hooke
     """Finding 1: the fast-path switch was process-wide; now the hooker's thread alone is affected."""
     busy_model = Stack().eval()
     busy_model.blocks[0].pause = threading.Event()
-    other = _encoder()
+    other = encoder()
     x = torch.randn(3, 6, 16)
     pad = torch.zeros(3, 6, dtype=torch.bool)
     pad[1, 4:] = True
@@ -119,7 +79,7 @@ def test_an_unhooked_encoder_in_another_thread_keeps_its_fast_path_while_a_hooke
 def test_the_hooked_model_itself_still_skips_the_fast_path_and_the_flag_is_never_set(monkeypatch):
     set_calls = []
     monkeypatch.setattr(torch.backends.mha, "set_fastpath_enabled", lambda value: set_calls.append(value))
-    model = _encoder()
+    model = encoder()
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         expected = model(x)
@@ -315,7 +275,7 @@ class _InterruptOnce:
 def test_keyboard_interrupt_on_an_encoder_root_is_undone_by_the_next_forward_and_records_no_other_model():
     """Finding 4: on an nn.TransformerEncoder root, mode and flag stayed after further
     forwards, and an unrelated model's attention was recorded in the meantime."""
-    model = _encoder()
+    model = encoder()
     interrupt = model.layers[1].linear1.register_forward_hook(_InterruptOnce())
     hooker = TransformerAttentionHooker(model).setup()
     x = torch.randn(1, 4, 16)
@@ -406,7 +366,7 @@ def _tiny_bert():
 def test_torch_export_of_a_hooked_model_traces_the_model_alone_and_leaves_nothing(which, strict):
     """Finding 6: export failed with an uncaught fake-tensor error (or stored FakeTensors)
     and left export's function mode on torch's stack after remove_hooks()."""
-    model = {"stack": lambda: Stack().eval(), "encoder": _encoder, "bert": _tiny_bert}[which]()
+    model = {"stack": lambda: Stack().eval(), "encoder": encoder, "bert": _tiny_bert}[which]()
     if which == "bert":
         inputs = (torch.randint(0, 100, (2, 6)), torch.ones(2, 6, dtype=torch.long))
     else:
@@ -546,21 +506,8 @@ def test_remove_hooks_while_a_thread_is_inside_a_hooked_module_defers_the_exit_h
     _no_trace_left(model)
 
 
-class _ExpOverSumAttention(nn.Module):
-    """Attention normalised by hand (exp / sum): no route can see it."""
-
-    def __init__(self):
-        super().__init__()
-        self.qk = nn.Linear(16, 32)
-
-    def forward(self, x):
-        q, k = self.qk(x).chunk(2, -1)
-        scores = (q @ k.transpose(-2, -1)).exp()
-        return (scores / scores.sum(-1, keepdim=True)) @ x
-
-
 def test_after_an_interrupted_forward_the_next_one_still_warns_when_nothing_is_captured():
-    model = nn.Sequential(_ExpOverSumAttention()).eval()
+    model = nn.Sequential(ExpOverSumAttention(16)).eval()
     interrupt = model[0].qk.register_forward_hook(_InterruptOnce())
     hooker = TransformerAttentionHooker(model).setup()
     with pytest.raises(KeyboardInterrupt):
@@ -589,7 +536,7 @@ def test_after_an_interrupted_forward_the_next_one_frees_its_scratch_tensor():
 def test_jit_script_of_a_hooked_model_fails_in_torchscript_and_leaves_nothing_and_script_modules_are_refused():
     from attention_hooker import AttentionHookerError
 
-    model = _encoder()
+    model = encoder()
     x = torch.randn(1, 4, 16)
     hooker = TransformerAttentionHooker(model).setup()
     with pytest.raises(RuntimeError):  # TorchScript cannot compile Python hooks
