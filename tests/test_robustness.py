@@ -482,9 +482,15 @@ def test_remove_hooks_while_another_thread_is_inside_a_forward_leaves_nothing_on
     assert not model[1]._forward_hooks and not model[1]._forward_pre_hooks
 
 
-def test_remove_hooks_while_a_thread_is_inside_a_hooked_module_defers_the_exit_hooks():
-    model = Stack().eval()
+@pytest.mark.parametrize(
+    "use_softmax, where",
+    [(False, "before_weights"), (True, "before_weights"), (True, "after_weights")],
+    ids=["sdpa", "softmax", "softmax_weights_computed_before_removal"],
+)
+def test_remove_hooks_while_a_thread_is_inside_a_hooked_module_defers_the_exit_hooks(use_softmax, where):
+    model = Stack(use_softmax=use_softmax).eval()
     model.blocks[0].pause = threading.Event()
+    model.blocks[0].pause_after_weights = where == "after_weights"
     seen = {}
 
     def work():

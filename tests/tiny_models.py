@@ -13,7 +13,8 @@ class SdpaAttention(nn.Module):
     ``use_softmax``, an explicit softmax); declares ``num_heads`` as HF modules do.
 
     ``pause``: set to a ``threading.Event`` to make the forward wait on it (after
-    setting ``entered``), for tests of other threads.
+    setting ``entered``), for tests of other threads; ``pause_after_weights``: wait
+    between computing the weights and using them (with ``use_softmax``).
     """
 
     def __init__(self, dim: int = 16, heads: int = 4, *, use_softmax: bool = False):
@@ -22,20 +23,26 @@ class SdpaAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.pause = None
+        self.pause_after_weights = False
         self.entered = threading.Event()
 
     def forward(self, x):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, E)
-        if self.pause is not None:
-            self.entered.set()
-            self.pause.wait(10)
+        if self.pause is not None and not self.pause_after_weights:
+            self._wait()
         if self.use_softmax:
             weights = torch.softmax(q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5), dim=-1)  # (B, H, T, T)
+            if self.pause is not None and self.pause_after_weights:
+                self._wait()
             y = weights @ v
         else:
             y = nn.functional.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+    def _wait(self):
+        self.entered.set()
+        self.pause.wait(10)
 
 
 class Stack(nn.Module):

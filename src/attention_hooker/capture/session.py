@@ -351,7 +351,8 @@ class CaptureSession:
     def _commit_pending(self, state: _ThreadState) -> None:
         layer, _, weights = state.pending
         state.pending = None
-        self._record(layer, weights, heads_selected=False)
+        if not self.closed:  # remove_hooks() came from another thread meanwhile: record nothing more
+            self._record(layer, weights, heads_selected=False)
 
     def record_module_output(self, layer: str, weights: torch.Tensor, graph_tensor=None) -> None:
         """Records weights a module returned itself (the MHA route)."""
