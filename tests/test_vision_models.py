@@ -89,3 +89,36 @@ def test_torchvision_vit_hidden_need_weights_false_is_captured():
         k = (x_in @ mha.in_proj_weight[e : 2 * e].T + mha.in_proj_bias[e : 2 * e]).view(2, -1, h, e // h).transpose(1, 2)
         oracle = (q @ k.transpose(-2, -1) / math.sqrt(e // h)).softmax(-1)  # (B, H, N, N)
         torch.testing.assert_close(hooker.values[name][0], oracle, atol=1e-5, rtol=1e-5)
+
+
+def test_cait_talking_heads_record_the_mixed_map_that_multiplies_the_values():
+    """Issue 9: CaiT mixes heads after the softmax (proj_w); the softmax was stored, which
+    is not what multiplies V. Oracle: the map recomputed from the module's own weights."""
+    from timm.models.cait import Cait, TalkingHeadAttn
+
+    torch.manual_seed(0)
+    model = Cait(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, depth_token_only=1,
+                 num_classes=5).eval()
+    inputs = {}
+    talking = {name: m for name, m in model.named_modules() if isinstance(m, TalkingHeadAttn)}
+    handles = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+               for name, m in talking.items()]
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected_out = model(image)
+        with TransformerAttentionHooker(model) as hooker:
+            out = model(image)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    assert len(talking) == 2
+    for name, m in talking.items():
+        x = inputs[name]
+        b, n, c = x.shape
+        with torch.no_grad():
+            q, k, _ = m.qkv(x).reshape(b, n, 3, m.num_heads, c // m.num_heads).permute(2, 0, 3, 1, 4)
+            scores = m.proj_l(((q * m.scale) @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            mixed = m.proj_w(scores.softmax(-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, H, N, N)
+        (got,) = hooker.values[name]
+        torch.testing.assert_close(got, mixed, atol=1e-6, rtol=1e-5)
+    assert not hooker.report().missing

@@ -72,7 +72,7 @@ class _ThreadState:
         self.mode_on = False
         # A softmax's weights wait for their first use: if that use drops columns (a learned
         # sink, probs[..., :-1]), what is kept is what multiplies the values.
-        self.pending: Optional[tuple] = None  # (layer, softmax result, its (B, H, Q, K) labelling)
+        self.pending: Optional[tuple] = None  # (layer, followed tensor, (B, H, Q, K) weights, mixed across heads)
         self.scratch: dict = {}
         self.events = 0  # attention calls seen (kept or skipped), for the "nothing captured" check
         self.capture_scopes_entered = 0
@@ -326,33 +326,55 @@ class CaptureSession:
         state = self._state()
         if state.pending is not None:
             self._commit_pending(state)
-        state.pending = (layer, result, weights)
+        state.pending = (layer, result, weights, False)
 
     def on_use(self, func, args: tuple, out) -> None:
-        """The first use of a pending softmax result: a slice that keeps its leading dims
-        and drops key columns (``probs[..., :-1]``: a learned attention sink) is what
-        multiplies the values, so the slice is recorded; any other use records the softmax."""
+        """A use of a pending softmax result (or of what it became).
+
+        Following it to the product with the values: layout operations (views,
+        permutes, dtype casts) are followed; a slice that keeps ``(batch, heads,
+        query)`` and drops key columns (``probs[..., :-1]``: a learned attention sink)
+        becomes the weights; a ``linear`` over it mixes the heads (CaiT's talking
+        heads), and then the tensor that reaches the product with the values, back in
+        the softmax's ``(batch, heads, query, key)`` shape, is what is recorded. Any
+        other use (the product itself, dropout, a mask) records what was followed.
+        """
         state = self._state()
-        layer, result, weights = state.pending
-        if not any(a is result or (isinstance(a, (list, tuple)) and any(b is result for b in a)) for a in args):
+        layer, tracked, weights, mixed = state.pending
+        if not any(a is tracked or (isinstance(a, (list, tuple)) and any(b is tracked for b in a)) for a in args):
             return
-        if (
-            func is torch.Tensor.__getitem__
-            and args[0] is result
-            and result.dim() == 4
-            and isinstance(out, torch.Tensor)
-            and out.dim() == 4
-            and out.shape[:3] == result.shape[:3]
-            and out.shape[3] < result.shape[3]
-        ):
-            state.pending = (layer, out, out)  # (B, H, Q, K) without the sink columns
+        if isinstance(out, torch.Tensor) and args[0] is tracked:
+            if func in _LAYOUT_FUNCTIONS:
+                state.pending = (layer, out, weights, mixed)
+                return
+            if func is torch.nn.functional.linear:
+                state.pending = (layer, out, weights, True)
+                return
+            if (
+                func is torch.Tensor.__getitem__
+                and not mixed
+                and tracked is weights
+                and out.dim() == 4
+                and out.shape[:3] == weights.shape[:3]
+                and out.shape[3] < weights.shape[3]
+            ):
+                state.pending = (layer, out, out, False)  # (B, H, Q, K) without the sink columns
+                return
         self._commit_pending(state)
 
     def _commit_pending(self, state: _ThreadState) -> None:
-        layer, _, weights = state.pending
+        layer, tracked, weights, mixed = state.pending
         state.pending = None
-        if not self.closed:  # remove_hooks() came from another thread meanwhile: record nothing more
-            self._record(layer, weights, heads_selected=False)
+        if self.closed:  # remove_hooks() came from another thread meanwhile: record nothing more
+            return
+        if mixed:
+            if tracked.shape != weights.shape:
+                self.coverage.refused(layer, (
+                    f"the softmax output is mixed across heads (a linear layer) and what reaches the values has "
+                    f"shape {tuple(tracked.shape)}, not (batch, heads, query, key) {tuple(weights.shape)}"))
+                return
+            weights = tracked  # (B, H, Q, K): the mixed map that multiplies the values
+        self._record(layer, weights, heads_selected=False)
 
     def record_module_output(self, layer: str, weights: torch.Tensor, graph_tensor=None) -> None:
         """Records weights a module returned itself (the MHA route)."""
@@ -375,6 +397,13 @@ class CaptureSession:
 
 
 _GROUPING_MODULES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+# Operations that move a softmax's numbers around without changing them.
+_LAYOUT_FUNCTIONS = frozenset({
+    torch.Tensor.permute, torch.Tensor.transpose, torch.transpose, torch.permute, torch.Tensor.view,
+    torch.Tensor.reshape, torch.reshape, torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float,
+    torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type_as, torch.Tensor.unsqueeze, torch.Tensor.squeeze,
+})
 
 
 def _calling_modules(scope: _Scope) -> List[torch.nn.Module]:
