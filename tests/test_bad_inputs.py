@@ -8,8 +8,6 @@ traceback or a silently wrong result.
 
 from __future__ import annotations
 
-import math
-import os
 
 import numpy as np
 import pytest
