@@ -99,3 +99,45 @@ def test_zoo_family_is_captured_exactly_on_every_implementation(family):
                      if e.shape == got.shape and torch.allclose(got[keep], e[keep], atol=1e-5, rtol=1e-4)]
             assert match, f"{family}/{implementation}: a {tuple(got.shape)} call equals none of HF's attentions"
             unmatched.pop(match[0])
+
+
+DECODERS = ["bloom", "falcon", "gemma", "gemma2", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "mixtral",
+            "opt", "phi", "phi3", "qwen2", "qwen3", "xglm"]
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_zoo_generate_with_left_padding_is_captured_step_by_step(family):
+    """Every decode step of every layer, on eager and sdpa, equals the eager model's own
+    per-step output_attentions (grouped-query families pack the decode query on sdpa)."""
+    config = _config(family)
+    torch.manual_seed(0)
+    eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    models = {"eager": eager}
+    try:
+        models["sdpa"] = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config),
+                                                                       attn_implementation="sdpa").eval()
+        models["sdpa"].load_state_dict(eager.state_dict())
+    except (ValueError, ImportError):
+        pass
+    ids = torch.randint(3, 100, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                  pad_token_id=0)
+    with torch.no_grad():
+        reference = eager.generate(**kwargs, output_attentions=True, return_dict_in_generate=True)
+    steps = reference.attentions  # (steps) x (layers) x (B, H, q, k)
+    for implementation, model in models.items():
+        with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+            model.generate(**kwargs)
+        assert hooker.report().missing == [], f"{family}/{implementation}"
+        layers = list(hooker.values.values())
+        assert [len(calls) for calls in layers] == [len(steps)] * len(steps[0]), f"{family}/{implementation}"
+        for step, expected_layers in enumerate(steps):
+            real = torch.cat([mask, torch.ones(2, step, dtype=torch.long)], 1).bool()
+            for calls, expected in zip(layers, expected_layers):
+                got = calls[step]
+                assert got.shape == expected.shape, f"{family}/{implementation} step {step}: {tuple(got.shape)}"
+                rows = real[:, -got.shape[2]:][:, None, :, None].expand_as(got)
+                torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=1e-4,
+                                           msg=lambda m: f"{family}/{implementation} step {step}: {m}")
