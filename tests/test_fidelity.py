@@ -138,3 +138,21 @@ def test_a_softmax_used_whole_is_recorded_whole():
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
         model(torch.randn(1, 5, 8))
     assert hooker.values[""][0].shape == (1, 2, 5, 5)
+
+
+def test_blocked_sdpa_on_a_5d_query_is_refused_not_folded_into_the_batch():
+    """Windowed attention as (batch, windows, heads, query, dim) (timm Twins, NesT) was
+    flattened into a batch of batch * windows: refused with the reason instead."""
+
+    class WindowedAttention(SdpaAttention):
+        def forward(self, x):  # (B, T, C) -> 2 windows of T/2 tokens each, attention inside a window
+            b, t, c = x.shape
+            q, k, v = self.qkv(x).view(b, 2, t // 2, 3, 2, 4).permute(3, 0, 1, 4, 2, 5)  # (B, W, H, T/W, E)
+            y = nn.functional.scaled_dot_product_attention(q, k, v)
+            return y.permute(0, 1, 3, 2, 4).reshape(b, t, c)
+
+    model = WindowedAttention(8, 2).eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        with pytest.warns(AttentionCaptureWarning, match=r"5-D query \(1, 2, 2, 3, 4\): blocked or windowed"):
+            model(torch.randn(1, 6, 8))
+    assert dict(hooker.values) == {} and hooker.report()[""].status == "refused"

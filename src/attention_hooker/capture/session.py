@@ -262,6 +262,12 @@ class CaptureSession:
         output = func(*args, **kwargs)
         query = call["query"]
         groups = packed_query_groups(lambda: _calling_modules(scope), query, call["key"])
+        if query.dim() > 4:
+            self.coverage.refused(layer, (
+                f"a scaled_dot_product_attention call on a {query.dim()}-D query {tuple(query.shape)}: blocked or "
+                "windowed attention (batch, blocks, heads, query, dim) is not (batch, heads, query, key), so it is "
+                "not stored"))
+            return output
         expected = declared_heads(scope.module)
         heads = (query.shape[-3] if query.dim() >= 3 else 1) * groups
         if expected is not None and heads != expected:
