@@ -156,3 +156,40 @@ def test_blocked_sdpa_on_a_5d_query_is_refused_not_folded_into_the_batch():
         with pytest.warns(AttentionCaptureWarning, match=r"5-D query \(1, 2, 2, 3, 4\): blocked or windowed"):
             model(torch.randn(1, 6, 8))
     assert dict(hooker.values) == {} and hooker.report()[""].status == "refused"
+
+
+class _PackedDecodeAttention(nn.Module):
+    """One decode step of grouped-query attention, packed as transformers packs it for sdpa:
+    4 query heads over 2 kv heads, the single query given as (batch, kv_heads, groups, dim)."""
+
+    num_heads, num_key_value_groups = 4, 2
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(8, 16)
+        self.kv = nn.Linear(8, 16)
+
+    def forward(self, token, context):
+        b = token.shape[0]
+        q = self.q(token).view(b, 4, 1, 4).reshape(b, 2, 2, 4)  # (B, Hk, groups, E): packed
+        k, v = self.kv(context).view(b, -1, 2, 2, 4).permute(2, 0, 3, 1, 4)  # (B, Hk, S, E) each
+        return nn.functional.scaled_dot_product_attention(q, k, v).reshape(b, 16)
+
+
+@pytest.mark.parametrize("keep_grad", [False, True])
+def test_packed_decode_queries_are_labelled_per_query_head_on_the_gradient_path_too(keep_grad):
+    torch.manual_seed(0)
+    model = _PackedDecodeAttention()
+    token, context = torch.randn(2, 1, 8), torch.randn(2, 5, 8)
+    with TransformerAttentionHooker(model, keep_grad=keep_grad) as hooker:
+        model(token, context).square().sum().backward()
+    (weights,) = hooker.values[""]
+    assert weights.shape == (2, 4, 1, 5)
+    q = model.q(token).view(2, 4, 1, 4)  # (B, H, 1, E)
+    k = model.kv(context).view(2, 5, 2, 2, 4)[:, :, 0].transpose(1, 2).repeat_interleave(2, dim=1)  # (B, H, S, E)
+    torch.testing.assert_close(weights, torch.softmax(q @ k.transpose(-2, -1) / 2, -1).detach(), atol=1e-6, rtol=1e-5)
+    if keep_grad:  # oracle: d loss / d P with out = P @ V computed by hand, per query head
+        p = weights.clone().requires_grad_()
+        v = model.kv(context).view(2, 5, 2, 2, 4)[:, :, 1].transpose(1, 2).repeat_interleave(2, dim=1)  # (B, H, S, E)
+        (p @ v.detach()).reshape(2, 16).square().sum().backward()
+        torch.testing.assert_close(hooker.gradients[""][0], p.grad, atol=1e-5, rtol=1e-5)

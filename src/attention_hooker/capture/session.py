@@ -257,24 +257,15 @@ class CaptureSession:
             self._skip(layer)
             return func(*args, **kwargs)
         call = parse_sdpa_call(args, kwargs)
-        if store.policy.keep_grad and torch.is_grad_enabled():
-            return self._sdpa_with_grad(call, layer)
-        output = func(*args, **kwargs)
         query = call["query"]
         groups = packed_query_groups(lambda: _calling_modules(scope), query, call["key"])
-        if query.dim() > 4:
-            self.coverage.refused(layer, (
-                f"a scaled_dot_product_attention call on a {query.dim()}-D query {tuple(query.shape)}: blocked or "
-                "windowed attention (batch, blocks, heads, query, dim) is not (batch, heads, query, key), so it is "
-                "not stored"))
-            return output
-        expected = declared_heads(scope.module)
-        heads = (query.shape[-3] if query.dim() >= 3 else 1) * groups
-        if expected is not None and heads != expected:
-            self.coverage.refused(layer, (
-                f"a scaled_dot_product_attention call with {heads} query heads, while the layer declares "
-                f"{expected}: its axes are not (batch, heads, query, key), so it is not stored"))
-            return output
+        refusal = _layout_refusal(query, groups, declared_heads(scope.module))
+        if refusal is not None:
+            self.coverage.refused(layer, refusal)
+            return func(*args, **kwargs)
+        if store.policy.keep_grad and torch.is_grad_enabled():
+            return self._sdpa_with_grad(call, layer, groups)
+        output = func(*args, **kwargs)
         # Stored as computed: written straight into the tensor that is stored (a spare one when
         # there is one). Otherwise into this thread's scratch tensor, which record() copies to
         # the policy's dtype/device.
@@ -296,7 +287,7 @@ class CaptureSession:
         self._record(layer, weights, heads_selected=groups == 1)
         return output
 
-    def _sdpa_with_grad(self, call: dict, layer: str) -> torch.Tensor:
+    def _sdpa_with_grad(self, call: dict, layer: str, groups: int) -> torch.Tensor:
         """With ``keep_grad``: the output is computed as ``weights @ value`` so that
         gradients reach the recorded weights (equal to the kernel's within float
         tolerance; dropout, when asked for, is applied to a copy of the weights)."""
@@ -311,7 +302,9 @@ class CaptureSession:
         if call["dropout_p"]:
             used = torch.nn.functional.dropout(weights, p=float(call["dropout_p"]))
         output = torch.matmul(used, v)  # (B, H, L, Ev)
-        self._record(layer, weights, heads_selected=False)
+        # Gradients reach the packed tensor the output was computed from; stored unpacked (the same order).
+        self._record(layer, unpack_query_groups(weights, groups) if groups > 1 else weights, heads_selected=False,
+                     graph_tensor=weights)
         return output.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
 
     def on_softmax(self, result, args: tuple, kwargs: dict) -> None:
@@ -400,6 +393,23 @@ class CaptureSession:
         self._state().events += 1
         self.coverage.captured(layer)
         self.store.record(layer, weights, heads_selected=heads_selected, graph_tensor=graph_tensor)
+
+
+def _layout_refusal(query: torch.Tensor, groups: int, expected_heads: Optional[int]) -> Optional[str]:
+    """Why an sdpa call's weights cannot be labelled ``(batch, heads, query, key)``, or ``None``."""
+    if query.dim() > 4:
+        return (
+            f"a scaled_dot_product_attention call on a {query.dim()}-D query {tuple(query.shape)}: blocked or "
+            "windowed attention (batch, blocks, heads, query, dim) is not (batch, heads, query, key), so it is "
+            "not stored"
+        )
+    heads = (query.shape[-3] if query.dim() >= 3 else 1) * groups
+    if expected_heads is not None and heads != expected_heads:
+        return (
+            f"a scaled_dot_product_attention call with {heads} query heads, while the layer declares "
+            f"{expected_heads}: its axes are not (batch, heads, query, key), so it is not stored"
+        )
+    return None
 
 
 _GROUPING_MODULES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
