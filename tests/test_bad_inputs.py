@@ -187,6 +187,8 @@ CASES = {
     "grid_strings": (lambda t: ah.plot_attention_grid(np.array([["a"]])), r"tensor or array of numbers"),
     "grid_tokens_wrong": (lambda t: ah.plot_attention_grid(P, tokens=TOKENS[:3]), r"5 query and 5 key positions, while the number of tokens is 3"),
     "grid_tokens_a_string": (lambda t: ah.plot_attention_grid(P, tokens="abcde"), r"tokens must be a list"),
+    "grid_tokens_two_lists": (lambda t: ah.plot_attention_grid(CROSS, tokens=[list("abc"), list("uvwxyz")]),
+                              r"tokens holds 2 lists; a plot takes one list"),
     "grid_batch_index": (lambda t: ah.plot_attention_grid(P, batch_index=2), r"batch_index=2 is out of range .* batch size 2"),
     "grid_batch_index_float": (lambda t: ah.plot_attention_grid(P, batch_index=0.5), r"batch_index=0\.5 must be an int"),
     "grid_heads_beyond": (lambda t: ah.plot_attention_grid(P, heads=[9]), r"names head\(s\) \[9\], but the attention has 4 heads"),

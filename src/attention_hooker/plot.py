@@ -70,7 +70,13 @@ def resolve_tokens(tokens, query_tokens, key_tokens, n_query: int, n_key: int):
     query_tokens = None if query_tokens is None else token_lists(query_tokens, "query_tokens")[0]
     key_tokens = None if key_tokens is None else token_lists(key_tokens, "key_tokens")[0]
     if tokens is not None:
-        tokens = token_lists(tokens)[0]
+        lists = token_lists(tokens)
+        if len(lists) != 1:
+            raise AttentionHookerError(
+                f"tokens holds {len(lists)} lists; a plot takes one list of labels, or query_tokens= and "
+                "key_tokens= for cross-attention"
+            )
+        tokens = lists[0]
         if n_query == n_key and len(tokens) == n_query:
             query_tokens = query_tokens if query_tokens is not None else tokens
             key_tokens = key_tokens if key_tokens is not None else tokens
