@@ -85,9 +85,7 @@ def _fuse_heads(a: torch.Tensor, how: str) -> torch.Tensor:
         return a.mean(dim=1)
     if how == "max":
         return a.amax(dim=1)
-    if how == "min":
-        return a.amin(dim=1)
-    raise AttentionHookerError(f"head_fusion={how!r} must be one of {_FUSIONS}")
+    return a.amin(dim=1)  # "min": callers check head_fusion against _FUSIONS first
 
 
 def _square_stack(attentions, where: str) -> List[torch.Tensor]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -63,6 +63,15 @@ class _Scope:
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
 
 
+class _Pending(NamedTuple):
+    """A softmax waiting for its first use (see :meth:`CaptureSession.on_use`)."""
+
+    layer: str
+    tracked: torch.Tensor  # the softmax result, or what layout operations made of it
+    weights: torch.Tensor  # its (B, H, Q, K) labelling
+    mixed: bool  # a linear over it mixed the heads
+
+
 class _ThreadState:
     """What one thread's forwards of one hooker hold."""
 
@@ -72,7 +81,7 @@ class _ThreadState:
         self.mode_on = False
         # A softmax's weights wait for their first use: if that use drops columns (a learned
         # sink, probs[..., :-1]), what is kept is what multiplies the values.
-        self.pending: Optional[tuple] = None  # (layer, followed tensor, (B, H, Q, K) weights, mixed across heads)
+        self.pending: Optional[_Pending] = None
         self.scratch: dict = {}
         self.events = 0  # attention calls seen (kept or skipped), for the "nothing captured" check
         self.capture_scopes_entered = 0
@@ -325,7 +334,7 @@ class CaptureSession:
         state = self._state()
         if state.pending is not None:
             self._commit_pending(state)
-        state.pending = (layer, result, weights, False)
+        state.pending = _Pending(layer, result, weights, False)
 
     def on_use(self, func, args: tuple, out) -> None:
         """A use of a pending softmax result (or of what it became).
@@ -339,25 +348,27 @@ class CaptureSession:
         other use (the product itself, dropout, a mask) records what was followed.
         """
         state = self._state()
-        layer, tracked, weights, mixed = state.pending
+        pending = state.pending
+        tracked = pending.tracked
         if not any(a is tracked or (isinstance(a, (list, tuple)) and any(b is tracked for b in a)) for a in args):
             return
         if isinstance(out, torch.Tensor) and args[0] is tracked:
             if func in _LAYOUT_FUNCTIONS:
-                state.pending = (layer, out, weights, mixed)
+                state.pending = pending._replace(tracked=out)
                 return
             if func is torch.nn.functional.linear:
-                state.pending = (layer, out, weights, True)
+                state.pending = pending._replace(tracked=out, mixed=True)
                 return
+            weights = pending.weights
             if (
                 func is torch.Tensor.__getitem__
-                and not mixed
+                and not pending.mixed
                 and tracked is weights
                 and out.dim() == 4
                 and out.shape[:3] == weights.shape[:3]
                 and out.shape[3] < weights.shape[3]
             ):
-                state.pending = (layer, out, out, False)  # (B, H, Q, K) without the sink columns
+                state.pending = pending._replace(tracked=out, weights=out)  # (B, H, Q, K) without the sinks
                 return
         self._commit_pending(state)
 
