@@ -30,8 +30,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(b, t, self.heads, c // self.heads).transpose(1, 2)
         if self.flash:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            self.own = (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(k.size(-1)))).masked_fill(
-                self.bias[:, :, :t, :t] == 0, float("-inf")).softmax(-1).detach()
+            # The oracle, written without a softmax call: one forward of an attention layer that
+            # makes two attention calls is refused as attention computed in pieces.
+            s = (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(k.size(-1)))).masked_fill(
+                self.bias[:, :, :t, :t] == 0, float("-inf")).detach()
+            self.own = torch.exp(s - s.logsumexp(-1, keepdim=True))
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))

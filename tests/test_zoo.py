@@ -1,12 +1,19 @@
-"""A first architecture zoo (issue 9): Hugging Face families built from shrunk configs,
-each on eager and sdpa (where transformers offers it), captured and compared with the
-eager model's own ``output_attentions`` (padded batch of 2; padded query rows, which
-carry no meaning, left out). Every hooked layer must capture, none may be refused.
+"""The architecture zoo (issue 9): every model type transformers builds from a shrunk
+config, each on eager and sdpa (where transformers offers it), captured and judged
+against the eager model's own ``output_attentions`` by ``tests/zoo_harness.py``
+(exact, or refused with the family's recorded reason; never a wrong tensor).
+
+``ATTENTION_HOOKER_ZOO=full`` (CI sets it) walks transformers' whole auto mapping;
+by default a quick list of families runs. Types the generic harness cannot build
+or run offline are skipped with the stage and the error as the reason.
+``ATTENTION_HOOKER_ZOO_REPORT=path`` writes the closing table there.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
+import os
 
 import pytest
 import torch
@@ -14,91 +21,76 @@ import torch
 from attention_hooker import TransformerAttentionHooker
 
 transformers = pytest.importorskip("transformers")
+import zoo_harness  # noqa: E402  (needs transformers)
 
-_SHRINK = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=128,
-               num_key_value_heads=2, n_layer=2, n_head=4, n_embd=32, d_model=32, num_layers=2, num_heads=4,
-               d_kv=8, d_ff=64, num_decoder_layers=2, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, ffn_dim=64,
-               max_position_embeddings=64, n_positions=64, num_local_experts=2, num_experts_per_tok=1,
-               image_size=32, patch_size=8, rotary_dim=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-               decoder_start_token_id=1, num_mel_bins=8, max_source_positions=16, max_target_positions=16)
-
-FAMILIES = ["albert", "bart", "beit", "bert", "bloom", "deit", "dinov2", "distilbert", "electra", "falcon", "gemma",
-            "gemma2", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "mixtral", "mvp", "opt", "phi", "phi3",
-            "qwen2", "qwen3", "roberta", "t5", "vit", "whisper", "xglm"]
-
-_REFERENCE_FIELDS = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
+QUICK = ["albert", "bart", "beit", "bert", "bloom", "clip", "cpmant", "deit", "diffllama", "dinov2", "distilbert",
+         "electra", "falcon", "gemma", "gemma2", "gpt2", "gpt_neo", "gpt_neox", "gpt_oss", "gptj", "led", "llama",
+         "longformer", "longt5", "minimax", "mistral", "mixtral", "mvp", "opt", "pegasus_x", "phi", "phi3",
+         "prophetnet", "qwen2", "qwen3", "roberta", "sam_vision_model", "siglip_vision_model", "t5", "t5gemma2",
+         "vit", "vit_mae", "whisper", "xglm", "yoso"]
 
 
-def _config(family: str):
-    config = transformers.AutoConfig.for_model(family)
-    for key, value in _SHRINK.items():
-        if key in vars(config) or hasattr(type(config), key) and not isinstance(getattr(type(config), key), property):
-            setattr(config, key, value)
-    if getattr(config, "head_dim", None) is not None and "head_dim" in vars(config):
-        config.head_dim = 8
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = config.layer_types[:2]
-    return config
+def _zoo_types():
+    if os.environ.get("ATTENTION_HOOKER_ZOO") == "full":
+        from transformers.models.auto import modeling_auto
+
+        return list(modeling_auto.MODEL_MAPPING_NAMES)
+    return QUICK
 
 
-def _inputs(model, config):
-    torch.manual_seed(1)
-    if model.main_input_name == "pixel_values":
-        return dict(pixel_values=torch.randn(2, 3, 32, 32)), None
-    if model.main_input_name == "input_features":
-        inputs = dict(input_features=torch.randn(2, 8, 32))
-        return dict(inputs, decoder_input_ids=torch.randint(3, 100, (2, 5))), None
-    ids = torch.randint(3, 100, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, -2:] = 0
-    inputs = dict(input_ids=ids, attention_mask=mask)
-    if config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = torch.randint(3, 100, (2, 5))
-    return inputs, mask
+_RESULTS: dict = {}
 
 
-def _implementations(family):
-    config = _config(family)
-    torch.manual_seed(0)
-    eager = transformers.AutoModel.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
-    models = {"eager": eager}
-    try:
-        sdpa = transformers.AutoModel.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
-    except (ValueError, ImportError):  # transformers offers no sdpa for this family
-        sdpa = None
-    if sdpa is not None:
-        sdpa.load_state_dict(eager.state_dict())
-        models["sdpa"] = sdpa
-    return config, models
+@pytest.mark.parametrize("model_type", _zoo_types())
+def test_zoo_model_type_is_captured_exactly_or_refused_with_its_reason(model_type):
+    verdicts, unbuildable, seconds = zoo_harness.run(model_type)
+    _RESULTS[model_type] = (verdicts, unbuildable, seconds)
+    if unbuildable is not None:
+        if model_type in QUICK:
+            pytest.fail(f"{model_type} no longer builds: {unbuildable}")
+        pytest.skip(f"the generic harness cannot build it offline: {unbuildable}")
+    failed = [f"{v.implementation}: {v.detail}" for v in verdicts if v.outcome == "failed"]
+    assert not failed, f"{model_type}: " + " | ".join(failed)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_zoo_family_is_captured_exactly_on_every_implementation(family):
-    config, models = _implementations(family)
-    eager = models["eager"]
-    inputs, mask = _inputs(eager, config)
-    with torch.no_grad():
-        output = eager(**inputs, output_attentions=True)
-    references = [a for field in _REFERENCE_FIELDS for a in (getattr(output, field, None) or ())]
-    assert references, f"{family}: transformers returned no attentions to compare with"
-    for implementation, model in models.items():
-        with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
-            model(**inputs)
-        report = hooker.report()
-        assert report.missing == [], f"{family}/{implementation}: {[(n, report[n].reason) for n in report.missing]}"
-        calls = [c for calls in hooker.values.values() for c in calls]
-        assert len(calls) == len(references), f"{family}/{implementation}: {len(calls)} calls, {len(references)} in HF's output"
-        unmatched = list(references)  # HF groups encoder / decoder / cross; values keep model order
-        for got in calls:
-            rows = torch.ones(got.shape[0], got.shape[2], dtype=torch.bool)
-            if mask is not None and got.shape[2] == mask.shape[1]:
-                rows = mask.bool()  # padded query rows carry no meaning
-            keep = rows[:, None, :, None].expand_as(got)
-            match = [i for i, e in enumerate(unmatched)
-                     if e.shape == got.shape and torch.allclose(got[keep], e[keep], atol=1e-5, rtol=1e-4)]
-            assert match, f"{family}/{implementation}: a {tuple(got.shape)} call equals none of HF's attentions"
-            unmatched.pop(match[0])
+def _shrunk_config(family: str):
+    return zoo_harness.shrink(transformers.AutoConfig.for_model(family))
+
+
+def test_zoo_summary_has_no_failure_and_at_least_97_percent_exact():
+    """The closing table: cases exact / refused with a reason / failed, and the types the
+    harness could not build (by stage). Runs after the zoo (file order)."""
+    if not _RESULTS:
+        pytest.skip("the zoo did not run in this session (selected out)")
+    outcomes = collections.Counter(v.outcome for verdicts, _, _ in _RESULTS.values() for v in verdicts)
+    stages = collections.Counter(u.stage for _, u, _ in _RESULTS.values() if u is not None)
+    ran = sum(outcomes.values())
+    seconds = sum(s for _, _, s in _RESULTS.values())
+    lines = [
+        f"model types walked: {len(_RESULTS)}; built and run: {len(_RESULTS) - sum(stages.values())} "
+        f"({ran} cases: eager + sdpa where offered); {seconds:.0f} s",
+        "",
+        "| outcome | cases | share |",
+        "|---|---|---|",
+        *(f"| {o} | {outcomes.get(o, 0)} | {outcomes.get(o, 0) / max(ran, 1):.1%} |" for o in ("exact", "refused", "failed")),
+        "",
+        "| not built by the generic harness, at stage | types |",
+        "|---|---|",
+        *(f"| {stage} | {n} |" for stage, n in stages.most_common()),
+        "",
+        "| refused family | implementation | reason |",
+        "|---|---|---|",
+        *(f"| {v.model_type} | {v.implementation} | {v.detail} |"
+          for verdicts, _, _ in _RESULTS.values() for v in verdicts if v.outcome == "refused"),
+    ]
+    table = "\n".join(lines)
+    path = os.environ.get("ATTENTION_HOOKER_ZOO_REPORT")
+    if path:
+        with open(path, "w") as f:
+            f.write(table + "\n")
+    assert outcomes.get("failed", 0) == 0, table
+    if os.environ.get("ATTENTION_HOOKER_ZOO") == "full":  # the quick list is chosen for its refusals
+        assert outcomes.get("exact", 0) >= 0.97 * ran, table
 
 
 DECODERS = ["bloom", "falcon", "gemma", "gemma2", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "mixtral",
@@ -109,7 +101,7 @@ DECODERS = ["bloom", "falcon", "gemma", "gemma2", "gpt2", "gpt_neo", "gpt_neox",
 def test_zoo_generate_with_left_padding_is_captured_step_by_step(family):
     """Every decode step of every layer, on eager and sdpa, equals the eager model's own
     per-step output_attentions (grouped-query families pack the decode query on sdpa)."""
-    config = _config(family)
+    config = _shrunk_config(family)
     torch.manual_seed(0)
     eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
     models = {"eager": eager}
@@ -141,3 +133,60 @@ def test_zoo_generate_with_left_padding_is_captured_step_by_step(family):
                 rows = real[:, -got.shape[2]:][:, None, :, None].expand_as(got)
                 torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=1e-4,
                                            msg=lambda m: f"{family}/{implementation} step {step}: {m}")
+
+
+ENCODER_DECODERS = ["bart", "blenderbot", "m2m_100", "marian", "mbart", "mvp", "pegasus", "t5", "whisper"]
+
+
+@pytest.mark.parametrize("family", ENCODER_DECODERS)
+def test_zoo_encoder_decoder_generate_is_captured_step_by_step(family):
+    """Encoder-decoder generate() on a padded batch: the encoder once, every decoder
+    step's self- and cross-attention, on eager and sdpa, equal to the eager model's
+    own per-step attentions (greedy, fixed length)."""
+    config = _shrunk_config(family)
+    if getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = config.pad_token_id
+    auto = transformers.AutoModelForSpeechSeq2Seq if family == "whisper" else transformers.AutoModelForSeq2SeqLM
+    torch.manual_seed(0)
+    make = lambda impl: auto.from_config(copy.deepcopy(config), attn_implementation=impl).eval()  # noqa: E731
+    models = {"eager": make("eager")}
+    try:
+        models["sdpa"] = make("sdpa")
+        models["sdpa"].load_state_dict(models["eager"].state_dict())
+    except (ValueError, ImportError):
+        pass
+    torch.manual_seed(1)
+    if family == "whisper":
+        inputs, mask = dict(input_features=torch.randn(2, config.num_mel_bins, 32)), None
+    else:
+        ids = torch.randint(3, 100, (2, 7))
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, -2:] = 0
+        inputs = dict(input_ids=ids, attention_mask=mask)
+    kwargs = dict(inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=1)
+    with torch.no_grad():
+        reference = models["eager"].generate(**kwargs, output_attentions=True, return_dict_in_generate=True)
+    steps = len(reference.decoder_attentions)
+    for implementation, model in models.items():
+        with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+            tokens = model.generate(**kwargs)
+        # (whisper leaves its start token out of what generate() returns without return_dict_in_generate)
+        assert torch.equal(tokens[:, -3:], reference.sequences[:, -3:]), f"{family}/{implementation}: generation changed"
+        assert hooker.report().missing == [], f"{family}/{implementation}: {hooker.report()}"
+        encoder = {n: c for n, c in hooker.values.items() if n.split(".")[0] in ("encoder", "model") and ".encoder." in f".{n}"}
+        decoder = {n: c for n, c in hooker.values.items() if n not in encoder}
+        assert [len(c) for c in encoder.values()] == [1] * len(reference.encoder_attentions), f"{family}/{implementation}"
+        for got, expected in zip((c[0] for c in encoder.values()), reference.encoder_attentions):
+            rows = torch.ones(got.shape[0], got.shape[2], dtype=torch.bool) if mask is None else mask.bool()
+            keep = rows[:, None, :, None].expand_as(got)
+            torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-4)
+        assert all(len(c) == steps for c in decoder.values()), f"{family}/{implementation}: {[len(c) for c in decoder.values()]}"
+        for step in range(steps):
+            unmatched = list(reference.decoder_attentions[step]) + list(reference.cross_attentions[step])
+            assert len(decoder) == len(unmatched), f"{family}/{implementation} step {step}"
+            for name, calls in decoder.items():
+                got = calls[step]
+                match = [i for i, e in enumerate(unmatched)
+                         if e.shape == got.shape and torch.allclose(got, e, atol=1e-5, rtol=1e-4)]
+                assert match, f"{family}/{implementation} step {step}: {name} {tuple(got.shape)} equals none"
+                unmatched.pop(match[0])

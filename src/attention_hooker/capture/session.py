@@ -55,12 +55,17 @@ def frame_is_live(frame) -> bool:
 
 
 class _Scope:
-    __slots__ = ("module", "layer", "frame")
+    __slots__ = ("module", "layer", "frame", "calls", "refusal")
 
     def __init__(self, module, layer: Optional[str], frame):
         self.module = module
         self.layer = layer  # None for a fast-path guard, which captures nothing
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
+        # What this call of the layer computed, kept until it returns: (weights, heads_selected,
+        # graph_tensor) per attention call, and why a call was refused. One forward of an
+        # attention layer stores one map, or nothing (see CaptureSession._flush).
+        self.calls: list = []
+        self.refusal: Optional[str] = None
 
 
 class _Pending(NamedTuple):
@@ -151,7 +156,9 @@ class CaptureSession:
         if state.scopes and state.scopes[-1].module is module:
             if state.pending is not None:
                 self._commit_pending(state)
-            state.scopes.pop()
+            scope = state.scopes.pop()
+            if scope.layer is not None and (scope.calls or scope.refusal is not None):
+                self._flush(scope)
             if not state.scopes:
                 self._switch_off(state)
 
@@ -165,7 +172,9 @@ class CaptureSession:
         """
         state = self._state()
         while state.scopes and not frame_is_live(state.scopes[-1].frame):
-            state.scopes.pop()
+            scope = state.scopes.pop()
+            if scope.layer is not None and (scope.calls or scope.refusal is not None):
+                self._flush(scope)  # what the interrupted call computed before it stopped
         if not state.scopes and switch_off:
             self._switch_off(state)
 
@@ -270,7 +279,7 @@ class CaptureSession:
         groups = packed_query_groups(lambda: _calling_modules(scope), query, call["key"])
         refusal = _layout_refusal(query, groups, declared_heads(scope.module))
         if refusal is not None:
-            self.coverage.refused(layer, refusal)
+            self._refuse(scope, refusal)
             return func(*args, **kwargs)
         if store.policy.keep_grad and torch.is_grad_enabled():
             return self._sdpa_with_grad(call, layer, groups)
@@ -326,7 +335,7 @@ class CaptureSession:
         weights, reason = label_softmax(result, declared_heads(scope.module))
         if weights is None:
             if reason is not None:
-                self.coverage.refused(layer, reason)
+                self._refuse(scope, reason)
             return
         if not self.store.wants(layer):
             self._skip(layer)
@@ -379,7 +388,7 @@ class CaptureSession:
             return
         if mixed:
             if tracked.shape != weights.shape:
-                self.coverage.refused(layer, (
+                self._refuse_layer(layer, (
                     f"the softmax output is mixed across heads (a linear layer) and what reaches the values has "
                     f"shape {tuple(tracked.shape)}, not (batch, heads, query, key) {tuple(weights.shape)}"))
                 return
@@ -393,7 +402,7 @@ class CaptureSession:
         if not self.store.wants(layer):
             self._skip(layer)
             return
-        self._record(layer, weights, heads_selected=False, graph_tensor=graph_tensor)
+        self._store(layer, weights, False, graph_tensor)  # nn.MultiheadAttention returns one map per call
 
     def _skip(self, layer: str) -> None:
         self._state().events += 1
@@ -401,9 +410,86 @@ class CaptureSession:
         self.store.skip(layer)
 
     def _record(self, layer: str, weights: torch.Tensor, *, heads_selected: bool, graph_tensor=None) -> None:
+        """Keeps one attention call's weights with the running call of ``layer``; they are
+        stored when it returns (:meth:`_flush`)."""
+        scope = self._scope_of(layer)
+        if scope is None:  # its call is over (closed meanwhile): store at once
+            self._store(layer, weights, heads_selected, graph_tensor)
+            return
+        # Weights in this thread's scratch tensor belong to this call until it is stored: the
+        # next attention call (of a nested layer) gets another one meanwhile.
+        lent = self._lend_scratch(weights)
+        scope.calls.append((weights, heads_selected, graph_tensor, lent))
+
+    def _lend_scratch(self, weights: torch.Tensor):
+        cache = self._state().scratch
+        for key, tensor in cache.items():
+            if tensor.data_ptr() == weights.data_ptr():
+                return key, cache.pop(key)
+        return None
+
+    def _return_scratch(self, lent) -> None:
+        if lent is not None:
+            self._state().scratch.setdefault(*lent)
+
+    def _refuse(self, scope: _Scope, reason: str) -> None:
+        if scope.refusal is None:
+            scope.refusal = reason
+
+    def _refuse_layer(self, layer: str, reason: str) -> None:
+        scope = self._scope_of(layer)
+        if scope is None:
+            self.coverage.refused(layer, reason)
+        else:
+            self._refuse(scope, reason)
+
+    @torch.compiler.disable  # storing is bookkeeping: a model compiled after hooking runs it as it is
+    def _flush(self, scope: _Scope) -> None:
+        """Stores what one call of an attention layer computed: its one attention map, or nothing.
+
+        A layer call that made several attention calls computed its attention in
+        pieces (block-sparse, global + local, landmark or differential attention, a
+        loop over heads or chunks), and none of the pieces is the ``(batch, heads,
+        query, key)`` map that multiplied the values; one of them refused makes the
+        others a partial picture. Both are refused for the whole call, with the reason.
+        """
+        layer, calls, refusal = scope.layer, scope.calls, scope.refusal
+        scope.calls = []
+        for call in calls[1:]:
+            self._return_scratch(call[3])
+        if self.closed:
+            self._return_scratch(calls[0][3] if calls else None)
+            return
+        if refusal is None and len(calls) > 1:
+            shapes = ", ".join(str(tuple(c[0].shape)) for c in calls[:4]) + (", ..." if len(calls) > 4 else "")
+            refusal = (
+                f"one call of the layer made {len(calls)} attention calls ({shapes}): its attention is computed in "
+                "pieces (block-sparse, global + local, landmark or differential attention, or a loop over heads or "
+                "chunks), none of which is the (batch, heads, query, key) map that multiplied the values, so none "
+                "is stored"
+            )
+        elif refusal is not None and calls:
+            refusal = (f"{refusal}; the layer's other {len(calls)} attention call(s) in the same forward are a "
+                       "partial picture without it, and are not stored either")
+        if refusal is not None:
+            self._return_scratch(calls[0][3] if calls else None)
+            self.coverage.refused(layer, refusal)
+            return
+        weights, heads_selected, graph_tensor, lent = calls[0]
+        self._store(layer, weights, heads_selected, graph_tensor)
+        self._return_scratch(lent)
+
+    def _store(self, layer: str, weights: torch.Tensor, heads_selected: bool, graph_tensor) -> None:
         self._state().events += 1
         self.coverage.captured(layer)
         self.store.record(layer, weights, heads_selected=heads_selected, graph_tensor=graph_tensor)
+
+    def _scope_of(self, layer: str) -> Optional[_Scope]:
+        """The innermost open scope of ``layer`` on this thread."""
+        for scope in reversed(self._state().scopes):
+            if scope.layer == layer:
+                return scope
+        return None
 
 
 def _layout_refusal(query: torch.Tensor, groups: int, expected_heads: Optional[int]) -> Optional[str]:

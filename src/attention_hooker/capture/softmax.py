@@ -31,10 +31,11 @@ SOFTMAX_FUNCTIONS = frozenset(
 def is_attention_softmax(result, args: tuple, kwargs: dict) -> bool:
     """Whether one softmax call may have computed attention probabilities.
 
-    True when ``result`` is a 3-D or 4-D floating tensor and the softmax ran over
-    its last dimension (``dim=-1`` or the last index), given by position or keyword.
+    True when ``result`` is a floating tensor of 3 or more dims and the softmax ran
+    over its last dimension (``dim=-1`` or the last index), given by position or
+    keyword. (5-D and more are blocked or windowed layouts, refused by :func:`label_softmax`.)
     """
-    if not isinstance(result, torch.Tensor) or result.dim() not in (3, 4) or not result.is_floating_point():
+    if not isinstance(result, torch.Tensor) or result.dim() < 3 or not result.is_floating_point():
         return False
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     return dim in (-1, result.dim() - 1)
@@ -44,7 +45,7 @@ def label_softmax(result: torch.Tensor, heads: Optional[int]):
     """``(weights, reason)``: the softmax as ``(batch, heads, query, key)``, or ``None`` and why not.
 
     Args:
-        result: a softmax over the last dim, 3-D or 4-D.
+        result: a softmax over the last dim, 3-D or more.
         heads: the head count the attention module declares, or ``None``.
 
     Returns:
@@ -52,6 +53,11 @@ def label_softmax(result: torch.Tensor, heads: Optional[int]):
         contradicts the declared heads; ``(None, None)`` for a 3-D softmax of a
         module that declares no heads (not attention as far as can be told).
     """
+    if result.dim() > 4:
+        return None, (
+            f"a softmax over a {result.dim()}-D tensor {tuple(result.shape)}: blocked or windowed attention "
+            "(batch, blocks, heads, query, key) is not (batch, heads, query, key), so it is not stored"
+        )
     if result.dim() == 4:
         if heads is not None and result.shape[1] != heads:
             return None, (
