@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -193,3 +194,106 @@ def test_packed_decode_queries_are_labelled_per_query_head_on_the_gradient_path_
         v = model.kv(context).view(2, 5, 2, 2, 4)[:, :, 1].transpose(1, 2).repeat_interleave(2, dim=1)  # (B, H, S, E)
         (p @ v.detach()).reshape(2, 16).square().sum().backward()
         torch.testing.assert_close(hooker.gradients[""][0], p.grad, atol=1e-5, rtol=1e-5)
+
+
+class _PiecesAttention(nn.Module):
+    """Attention computed in pieces inside one layer call, as PEGASUS-X (global + blocked
+    local), DiffLlama (two softmaxes, mixed after the product with V) and BigBird do."""
+
+    def __init__(self, kind: str, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.kind, self.num_heads = kind, heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.kind == "differential":  # (softmax(q1 k1) - 0.5 softmax(q2 k2)) v, two sdpa calls
+            y = nn.functional.scaled_dot_product_attention(q, k, v) - 0.5 * nn.functional.scaled_dot_product_attention(
+                q.flip(-1), k, v)
+        elif self.kind == "global_and_blocked":  # one 4-D softmax for the first token, a 5-D one per block
+            scores = q @ k.transpose(-1, -2)
+            first = scores[:, :, :1].softmax(-1) @ v  # (B, H, 1, E): labelled alone
+            blocks = scores.view(b, self.num_heads, 1, t, t).softmax(-1)  # (B, H, blocks, T, T)
+            y = torch.cat([first, (blocks @ v.unsqueeze(2)).squeeze(2)[:, :, 1:]], 2)
+        else:  # a loop over heads, each a 3-D softmax
+            y = torch.stack([(q[:, h] @ k[:, h].transpose(-1, -2)).softmax(-1) @ v[:, h]
+                             for h in range(self.num_heads)], 1)
+        return y.transpose(1, 2).reshape(b, t, c)
+
+
+@pytest.mark.parametrize("kind", ["differential", "global_and_blocked", "loop_over_heads"])
+def test_attention_computed_in_pieces_is_refused_for_the_whole_layer_call(kind):
+    """Each piece used to be stored as if it were a call of the layer (two 'calls' per forward
+    for DiffLlama, the labellable half of PEGASUS-X's global + local attention alone): one
+    forward of an attention layer now stores its one map, or nothing, with the reason."""
+    model = _PiecesAttention(kind).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        expected = model(x)
+        with TransformerAttentionHooker(model) as hooker, pytest.warns(AttentionCaptureWarning, match="refused"):
+            out = model(x)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    coverage = hooker.report()[""]
+    assert dict(hooker.values) == {} and coverage.status == "refused", coverage
+    assert re.search(r"attention calls|5-D tensor|1st dim", coverage.reason), coverage.reason
+
+
+def test_a_5d_softmax_is_refused_by_name_not_passed_over_in_silence_longt5():
+    """LongT5's local attention (a softmax over (batch, blocks, heads, block, 3 * block)) was
+    seen by no route: the layer was "nothing captured" with no reason. Now refused, named."""
+    config = transformers.LongT5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                                       local_radius=2, encoder_attention_type="local")
+    model = transformers.LongT5EncoderModel(config).eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, pytest.warns(AttentionCaptureWarning):
+        model(input_ids=torch.randint(0, 64, (1, 9)))
+    (layer,) = [name for name in hooker.report().missing]
+    assert "LocalSelfAttention" in layer
+    assert hooker.report()[layer].status == "refused"
+    assert "5-D tensor" in hooker.report()[layer].reason and "(batch, blocks, heads, query, key)" in hooker.report()[layer].reason
+
+
+@pytest.mark.parametrize("then", ["remove_hooks", "next_forward"])
+def test_a_layer_call_that_raised_after_its_attention_still_stores_it(then):
+    """Calls are kept with the running layer call until it returns. One that raises after
+    its attention never returns: what it computed is stored when its scope is found stale
+    (at the next forward, or when the hooks come off), as it was stored before."""
+
+    class FailsOnceAttention(SdpaAttention):
+        fail = True
+
+        def forward(self, x):
+            y = super().forward(x)
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("after the attention")
+            return y
+
+    model = FailsOnceAttention(8, 2).eval()
+    x = torch.randn(1, 3, 8)
+    hooker = TransformerAttentionHooker(model).setup()
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="after the attention"):
+            model(x)
+        if then == "next_forward":
+            model(x)
+    hooker.remove_hooks()
+    calls = hooker.values[""]
+    assert len(calls) == (2 if then == "next_forward" else 1)
+    q, k, _ = model.qkv(x).view(1, 3, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(calls[0], (q @ k.transpose(-1, -2) / 2).softmax(-1).detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_bigbird_block_sparse_attention_is_refused_for_the_whole_layer_call():
+    """BigBird's block-sparse layer makes five softmaxes per call (global rows, sliding
+    blocks as a 5-D tensor, ...): the 4-D ones used to be stored as separate 'calls'."""
+    config = transformers.BigBirdConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=32, attention_type="block_sparse", block_size=2,
+                                        num_random_blocks=1, max_position_embeddings=64, sep_token_id=3)
+    model = transformers.BigBirdModel(config).eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, pytest.warns(AttentionCaptureWarning):
+        model(input_ids=torch.randint(0, 64, (1, 32)))
+    assert model.config.attention_type == "block_sparse"  # long enough not to fall back to full attention
+    coverage = hooker.report()["encoder.layer.0.attention.self"]
+    assert dict(hooker.values) == {} and coverage.status == "refused"
+    assert "5-D tensor" in coverage.reason and "other 4 attention call(s)" in coverage.reason

@@ -194,6 +194,7 @@ class CaptureSession:
         Returns:
             Whether ``on_idle`` ran now.
         """
+        self.drop_stale_scopes(switch_off=False)  # stores what a call that raised had computed
         self.closed = True
         self.spares.release()
         self.reset()
