@@ -441,10 +441,12 @@ def _nothing_captured_message(model: nn.Module, layers: List[str], report: Cover
         )
     shown = ", ".join(layers[:3]) + (", ..." if len(layers) > 3 else "")
     impls = _hf_implementations(model)
+    used = sorted(set(impls.values()))
     hint = (
-        f" (attn_implementation: {', '.join(sorted(set(impls.values())))}; try model.set_attn_implementation('eager'))"
-        if impls
-        else ""
+        f" (attn_implementation: {', '.join(used)}; try model.set_attn_implementation('eager'))"
+        if used and used != ["eager"]
+        else " (attn_implementation: eager already: the architecture may compute no weights at all, as linear "
+        "or hashed attention does)" if used else ""
     )
     return (
         f"the hooked modules of {type(model).__name__} ran ({shown}) but no attention weights were captured: "
