@@ -122,3 +122,67 @@ def test_cait_talking_heads_record_the_mixed_map_that_multiplies_the_values():
         (got,) = hooker.values[name]
         torch.testing.assert_close(got, mixed, atol=1e-6, rtol=1e-5)
     assert not hooker.report().missing
+
+
+# ------------------------------------------------------------------ timm zoo (issue 9)
+# name: (layers that must be refused, with why; extra layers AttentionExtract's default
+# pattern does not see, checked as probabilities instead). Swin's and MaxViT's window
+# attention are per window (batch * windows, heads, N, N), as timm computes and reports it.
+TIMM_ZOO = {
+    "vit_tiny_patch16_224": (None, None),
+    "swin_tiny_patch4_window7_224": (None, None),
+    "maxvit_nano_rw_256": (None, None),
+    "levit_128s": (None, r"attn_downsample"),
+    "volo_d1_224": (r"network\.0\.\d+\.attn", None),  # outlook attention: a 5-D softmax, (B, H, N, k*k, k*k)
+    "deit_tiny_patch16_224": (None, None),
+    "eva02_tiny_patch14_224": (None, None),
+    "twins_pcpvt_small": (None, None),
+    "pvt_v2_b0": (None, None),
+    "crossvit_tiny_240": (None, None),
+    "mvitv2_tiny": (None, None),
+}
+_TIMM_QUICK = ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_nano_rw_256", "levit_128s", "volo_d1_224"]
+
+
+def _timm_zoo():
+    import os
+
+    return list(TIMM_ZOO) if os.environ.get("ATTENTION_HOOKER_ZOO") == "full" else _TIMM_QUICK
+
+
+@pytest.mark.parametrize("name", _timm_zoo())
+def test_timm_zoo_fused_capture_equals_attention_extract_of_an_unfused_copy(name):
+    import re
+
+    from timm.utils import AttentionExtract
+
+    refused, extra = TIMM_ZOO[name]
+    torch.manual_seed(0)
+    fused = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    unfused = copy.deepcopy(fused)
+    for module in unfused.modules():
+        if getattr(module, "fused_attn", None):
+            module.fused_attn = False
+    x = torch.randn(2, *fused.pretrained_cfg["input_size"])
+    with torch.no_grad():
+        references = list(AttentionExtract(unfused, method="fx")(x).values())
+        expected = fused(x)
+        with TransformerAttentionHooker(fused) as hooker:
+            out = fused(x)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    report = hooker.report()
+    assert all(refused and re.search(refused, n) for n in report.missing), report
+    if refused:
+        assert report.missing, f"{name}: the layers expected to be refused were captured"
+    modules = dict(fused.named_modules())
+    for layer, calls in hooker.values.items():
+        for got in calls:
+            if extra and re.search(extra, layer):
+                assert got.shape[1] == modules[layer].num_heads
+                torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), atol=1e-5, rtol=0)
+                continue
+            match = [i for i, r in enumerate(references) if r.shape == got.shape
+                     and torch.allclose(r, got, atol=1e-5, rtol=1e-4)]
+            assert match, f"{name}: {layer} {tuple(got.shape)} equals none of AttentionExtract's maps"
+            references.pop(match[0])
+    assert not references or refused, f"{name}: {len(references)} of AttentionExtract's maps were not captured"
