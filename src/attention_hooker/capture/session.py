@@ -62,7 +62,7 @@ class _Scope:
         self.layer = layer  # None for a fast-path guard, which captures nothing
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
         # What this call of the layer computed, kept until it returns: (weights, heads_selected,
-        # graph_tensor) per attention call, and why a call was refused. One forward of an
+        # graph_tensor, lent scratch) per attention call, and why a call was refused. One forward of an
         # attention layer stores one map, or nothing (see CaptureSession._flush).
         self.calls: list = []
         self.refusal: Optional[str] = None
@@ -156,9 +156,7 @@ class CaptureSession:
         if state.scopes and state.scopes[-1].module is module:
             if state.pending is not None:
                 self._commit_pending(state)
-            scope = state.scopes.pop()
-            if scope.layer is not None and (scope.calls or scope.refusal is not None):
-                self._flush(scope)
+            self._finish(state.scopes.pop())
             if not state.scopes:
                 self._switch_off(state)
 
@@ -172,9 +170,7 @@ class CaptureSession:
         """
         state = self._state()
         while state.scopes and not frame_is_live(state.scopes[-1].frame):
-            scope = state.scopes.pop()
-            if scope.layer is not None and (scope.calls or scope.refusal is not None):
-                self._flush(scope)  # what the interrupted call computed before it stopped
+            self._finish(state.scopes.pop())  # what the interrupted call computed before it stopped
         if not state.scopes and switch_off:
             self._switch_off(state)
 
@@ -444,6 +440,10 @@ class CaptureSession:
         else:
             self._refuse(scope, reason)
 
+    def _finish(self, scope: _Scope) -> None:
+        if scope.layer is not None and (scope.calls or scope.refusal is not None):
+            self._flush(scope)
+
     @torch.compiler.disable  # storing is bookkeeping: a model compiled after hooking runs it as it is
     def _flush(self, scope: _Scope) -> None:
         """Stores what one call of an attention layer computed: its one attention map, or nothing.
@@ -456,29 +456,28 @@ class CaptureSession:
         """
         layer, calls, refusal = scope.layer, scope.calls, scope.refusal
         scope.calls = []
-        for call in calls[1:]:
-            self._return_scratch(call[3])
-        if self.closed:
-            self._return_scratch(calls[0][3] if calls else None)
-            return
-        if refusal is None and len(calls) > 1:
-            shapes = ", ".join(str(tuple(c[0].shape)) for c in calls[:4]) + (", ..." if len(calls) > 4 else "")
-            refusal = (
-                f"one call of the layer made {len(calls)} attention calls ({shapes}): its attention is computed in "
-                "pieces (block-sparse, global + local, landmark or differential attention, or a loop over heads or "
-                "chunks), none of which is the (batch, heads, query, key) map that multiplied the values, so none "
-                "is stored"
-            )
-        elif refusal is not None and calls:
-            refusal = (f"{refusal}; the layer's other {len(calls)} attention call(s) in the same forward are a "
-                       "partial picture without it, and are not stored either")
-        if refusal is not None:
-            self._return_scratch(calls[0][3] if calls else None)
-            self.coverage.refused(layer, refusal)
-            return
-        weights, heads_selected, graph_tensor, lent = calls[0]
-        self._store(layer, weights, heads_selected, graph_tensor)
-        self._return_scratch(lent)
+        try:
+            if self.closed:
+                return
+            if refusal is None and len(calls) > 1:
+                shapes = ", ".join(str(tuple(c[0].shape)) for c in calls[:4]) + (", ..." if len(calls) > 4 else "")
+                refusal = (
+                    f"one call of the layer made {len(calls)} attention calls ({shapes}): its attention is computed "
+                    "in pieces (block-sparse, global + local, landmark or differential attention, or a loop over "
+                    "heads or chunks), none of which is the (batch, heads, query, key) map that multiplied the "
+                    "values, so none is stored"
+                )
+            elif refusal is not None and calls:
+                refusal = (f"{refusal}; the layer's other {len(calls)} attention call(s) in the same forward are a "
+                           "partial picture without it, and are not stored either")
+            if refusal is not None:
+                self.coverage.refused(layer, refusal)
+                return
+            weights, heads_selected, graph_tensor, _ = calls[0]
+            self._store(layer, weights, heads_selected, graph_tensor)  # copies out of scratch where it must
+        finally:
+            for call in calls:
+                self._return_scratch(call[3])
 
     def _store(self, layer: str, weights: torch.Tensor, heads_selected: bool, graph_tensor) -> None:
         self._state().events += 1
