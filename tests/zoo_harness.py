@@ -40,7 +40,11 @@ SHRINK = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, interm
               max_position_embeddings=64, n_positions=64, num_local_experts=2, num_experts_per_tok=1,
               image_size=32, patch_size=8, rotary_dim=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
               decoder_start_token_id=1, num_mel_bins=8, max_source_positions=16, max_target_positions=16,
-              dim=32, hidden_dim=64, n_layers=2, n_heads=4)  # the last four: DistilBERT's names
+              dim=32, hidden_dim=64, n_layers=2, n_heads=4,  # DistilBERT's names
+              # mixtures of experts, and other names for the sizes above (XLM, LUKE, Perceiver, vision towers)
+              num_experts=4, n_routed_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+              emb_dim=32, entity_vocab_size=16, entity_emb_size=16, d_latents=32, num_latents=8,
+              num_self_attends_per_block=1, depth=2, embed_dim=32)
 
 REFERENCE_FIELDS = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
 MAX_PARAMETERS = 20_000_000  # after shrinking; larger ones are too slow to build in CI
@@ -59,6 +63,9 @@ EXPECTED_REFUSALS: Dict[str, Tuple[str, str]] = {
     "jetmoe": (r"self_attention", "mixture of attention heads: each token's experts run their own heads"),
     "minimax": (r"layers\.1\.self_attn", "lightning (linear) attention layers compute no weights"),
     "yoso": (r"attention\.self", "LSH-sampled (YOSO) attention computes no softmax"),
+    **{family: (r"(attention|mlp|final|message)_input$",
+                "attention residuals: each token's softmax over earlier blocks' outputs, not over keys")
+       for family in ("inkling2_text", "inkling2_loop", "inkling2_loop_text")},
     "groupvit": (r"downsample\.assign", "the grouping assignment (a softmax over the groups, made hard), not attention "
                                        "over keys"),
 }
