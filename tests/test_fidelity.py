@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from attention_hooker import AttentionCaptureWarning, TransformerAttentionHooker
 from tiny_models import ExpOverSumAttention, SdpaAttention
@@ -297,3 +298,50 @@ def test_bigbird_block_sparse_attention_is_refused_for_the_whole_layer_call():
     coverage = hooker.report()["encoder.layer.0.attention.self"]
     assert dict(hooker.values) == {} and coverage.status == "refused"
     assert "5-D tensor" in coverage.reason and "other 4 attention call(s)" in coverage.reason
+
+
+class _SoftmaxDropoutAttention(nn.Module):
+    """Eager attention with dropout on the probabilities (Hugging Face ``eager`` style)."""
+
+    def __init__(self, dim=16, heads=2, p=0.5, fused=False):
+        super().__init__()
+        self.num_heads, self.p, self.fused = heads, p, fused
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
+        else:
+            out = self.drop((q @ k.transpose(-1, -2) / (d // self.num_heads) ** 0.5).softmax(-1)) @ v
+        return out.transpose(1, 2).reshape(b, n, d)
+
+
+class _MhaDropoutAttention(nn.Module):
+    def __init__(self, dim=16, heads=2, p=0.5):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=p, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("route", ["nn.MultiheadAttention", "scaled_dot_product_attention", "softmax"])
+def test_in_training_every_route_records_the_weights_before_dropout(route):
+    """One statement for every route: in training with dropout the weights are the
+    probabilities before dropout, equal to the same call's weights in eval mode."""
+    torch.manual_seed(0)
+    model = {"nn.MultiheadAttention": lambda: _MhaDropoutAttention(),
+             "scaled_dot_product_attention": lambda: _SoftmaxDropoutAttention(fused=True),
+             "softmax": lambda: _SoftmaxDropoutAttention(fused=False)}[route]()
+    x = torch.randn(2, 6, 16)
+    with TransformerAttentionHooker(model) as hooker:
+        model.eval()(x)
+        trained = model.train()(x)
+    assert not torch.equal(trained, model.eval()(x)), "dropout ran"
+    (name,) = hooker.values
+    evaluated, training = hooker.values[name]
+    torch.testing.assert_close(training, evaluated, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(training.sum(-1), torch.ones(2, 2, 6))

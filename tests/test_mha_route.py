@@ -276,3 +276,59 @@ def test_training_with_dropout_records_what_the_module_used_and_gradients_match(
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], atol=1e-5, rtol=1e-4)
     assert not hooker.values["layers.0.self_attn"][0].requires_grad
+
+
+def test_training_with_dropout_records_weights_before_dropout_as_every_route_does():
+    """In training with dropout the module returns its weights after dropout (zeros, and
+    rows scaled by 1/(1-p)); the sdpa and softmax routes record them before dropout, so
+    this route does too: the probabilities of the call, rows summing to one."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.5, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    layer.train()
+    with TransformerAttentionHooker(layer) as hooker:
+        out = layer(x, src_key_padding_mask=mask)
+        out.sum().backward()
+    weights = hooker.values["self_attn"][0]  # (2, 2, 5, 5)
+    expected = manual_mha_weights(layer.self_attn, x, x, key_padding_mask=mask)
+    torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 5))
+    assert len(hooker.values["self_attn"]) == 1
+
+
+def test_training_with_dropout_returns_the_caller_what_it_asked_for():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, dropout=0.5, batch_first=True).train()
+    x = torch.randn(2, 5, 16)
+    with TransformerAttentionHooker(mha) as hooker:
+        torch.manual_seed(3)
+        out, averaged = mha(x, x, x)
+    torch.manual_seed(3)
+    plain_out, plain_averaged = mha(x, x, x)
+    torch.testing.assert_close(out, plain_out)
+    torch.testing.assert_close(averaged, plain_averaged)
+    torch.testing.assert_close(hooker.values[""][0].sum(-1), torch.ones(2, 2, 5))
+
+
+def test_training_with_dropout_keep_grad_gives_the_gradient_with_respect_to_weights_before_dropout():
+    """The weights after dropout are ``mask * w / (1 - p)``; the gradient with respect to
+    ``w`` is the one reaching them times ``mask / (1 - p)``."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, dropout=0.5, batch_first=True).train()
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(3)
+    out, dropped = mha(x, x, x, average_attn_weights=False)  # (2, 2, 5, 5) after dropout
+    used = dropped._base  # (2 * 2, 5, 5): what multiplied the values
+    used.retain_grad()
+    out.square().sum().backward()
+    before = manual_mha_weights(mha, x, x)
+    expected = used.grad.view(2, 2, 5, 5) * torch.where(before > 0, dropped.detach() / before, torch.zeros_like(before))
+    mha.zero_grad()
+    with TransformerAttentionHooker(mha, keep_grad=True) as hooker:
+        torch.manual_seed(3)
+        out2, _ = mha(x, x, x, need_weights=False)
+        out2.square().sum().backward()
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(hooker.values[""][0], before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hooker.gradients[""][0], expected, atol=1e-5, rtol=1e-4)

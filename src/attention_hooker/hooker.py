@@ -11,7 +11,7 @@ from torch import nn
 
 from .capture.buffers import unreachable_tensors
 from .capture.coverage import Coverage, CoverageReport
-from .capture.mha import MultiheadAttentionRoute, mha_weights
+from .capture.mha import MultiheadAttentionRoute, drops_weights, mha_weights
 from .capture.session import CaptureSession, frame_is_live, module_call_frame
 from .discovery import check_module, select_modules
 from .errors import AttentionCaptureWarning, AttentionHookerError
@@ -299,7 +299,7 @@ class TransformerAttentionHooker:
 
         def post_hook(module, args, kwargs, output):
             try:
-                if output is not None and session.current_layer() is not None:
+                if output is not None and session.current_layer() is not None and not drops_weights(module):
                     weights, graph_tensor = mha_weights(output)
                     if weights is not None:
                         session.record_module_output(name, weights, graph_tensor)

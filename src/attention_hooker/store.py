@@ -153,6 +153,7 @@ class AttentionStore:
         *,
         heads_selected: bool = False,
         graph_tensor: Optional[torch.Tensor] = None,
+        gradient_scale: Optional[torch.Tensor] = None,
     ) -> None:
         """Stores one call's weights for ``name``.
 
@@ -163,6 +164,9 @@ class AttentionStore:
             graph_tensor: with ``keep_grad``, the tensor of the autograd graph
                 that holds these weights (``weights`` itself or its base); its
                 gradient lands in ``gradients[name]`` at the same call index.
+            gradient_scale: the gradient with respect to ``weights`` is
+                ``graph_tensor``'s times this (same shape as ``graph_tensor``):
+                weights before dropout, ``graph_tensor`` the ones after it.
 
         Raises:
             AttentionHookerError: when ``policy.heads`` names a head the layer lacks.
@@ -172,9 +176,9 @@ class AttentionStore:
             weights = select_heads(weights, p.heads, name)
         stored = self._place(weights.detach())
         with self._lock:
-            self._append(name, stored, weights if graph_tensor is None else graph_tensor)
+            self._append(name, stored, weights if graph_tensor is None else graph_tensor, gradient_scale)
 
-    def _append(self, name: str, stored: torch.Tensor, graph_tensor: torch.Tensor) -> None:
+    def _append(self, name: str, stored: torch.Tensor, graph_tensor: torch.Tensor, gradient_scale=None) -> None:
         p = self.policy
         kept = self.wants(name)
         self.calls_seen[name] = self.calls_seen.get(name, 0) + 1
@@ -185,7 +189,7 @@ class AttentionStore:
             calls = self._insert_layer(name)
         calls.append(stored)
         if p.keep_grad:
-            self._watch_gradient(name, stored, graph_tensor)
+            self._watch_gradient(name, stored, graph_tensor, gradient_scale)
         if p.max_calls is not None and len(calls) > p.max_calls:
             del calls[0]  # keep == "last"
             if p.keep_grad:
@@ -202,7 +206,7 @@ class AttentionStore:
             copy=True,
         )
 
-    def _watch_gradient(self, name: str, stored: torch.Tensor, graph_tensor: torch.Tensor) -> None:
+    def _watch_gradient(self, name: str, stored: torch.Tensor, graph_tensor: torch.Tensor, scale=None) -> None:
         """Fills ``gradients[name][i]`` when backward reaches ``graph_tensor``."""
         slots = self.gradients.setdefault(name, [])
         slot = [None]
@@ -211,7 +215,8 @@ class AttentionStore:
             return
 
         def keep(grad: torch.Tensor) -> None:
-            slot[0] = self._place(grad.detach().reshape(stored.shape))
+            grad = grad.detach() if scale is None else grad.detach() * scale
+            slot[0] = self._place(grad.reshape(stored.shape))
 
         graph_tensor.register_hook(keep)
 

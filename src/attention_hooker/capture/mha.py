@@ -41,8 +41,8 @@ def mha_weights(output: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Ten
 
     Returns:
         ``(weights, graph_tensor)``: ``weights`` ``(batch, heads, query, key)`` (in
-        training with dropout: after dropout, the weights the module multiplied
-        the values by), or ``None`` when the output holds none; ``graph_tensor``
+        training with dropout: after dropout; see :func:`drops_weights`), or
+        ``None`` when the output holds none; ``graph_tensor``
         the tensor of the autograd graph they are a view of (gradients reach it).
     """
     if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], torch.Tensor)):
@@ -53,6 +53,13 @@ def mha_weights(output: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Ten
     batched = weights if weights.dim() == 4 else weights.unsqueeze(0)  # (B, H, L, S)
     graph_tensor = weights._base if weights._base is not None else weights  # (B * H, L, S) used by bmm
     return batched, graph_tensor
+
+
+def drops_weights(module: nn.Module) -> bool:
+    """Whether this ``nn.MultiheadAttention`` call applies dropout to its weights (training
+    with ``dropout > 0``): the weights it returns are then after dropout, so the weights
+    are taken from the softmax it computes instead, before dropout, as on every route."""
+    return module.training and module.dropout > 0.0
 
 
 class MultiheadAttentionRoute:

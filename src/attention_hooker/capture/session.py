@@ -17,6 +17,7 @@ stale at the next attention event and never receive another model's attention.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import weakref
@@ -28,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from ..store import AttentionStore
 from .buffers import SpareBuffers
 from .coverage import Coverage
+from .mha import drops_weights, mha_weights
 from .sdpa import (SDPA_FUNCTIONS, as_4d, declared_heads, packed_query_groups, parse_sdpa_call,
                    sdpa_attention_weights, unpack_query_groups)
 from .softmax import SOFTMAX_FUNCTIONS, is_attention_softmax, label_softmax
@@ -92,6 +94,9 @@ class _ThreadState:
         self.capture_scopes_entered = 0
 
 
+_MHA_FORWARD_SIGNATURE = inspect.signature(torch.nn.functional.multi_head_attention_forward)
+
+
 class _CaptureMode(TorchFunctionMode):
     """Routes attention calls to the session; every other call passes straight through."""
 
@@ -104,6 +109,8 @@ class _CaptureMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in SDPA_FUNCTIONS:
             return self._session.on_sdpa(func, args, kwargs)
+        if func is torch.nn.functional.multi_head_attention_forward:
+            return self._session.on_mha_forward(func, args, kwargs)
         result = func(*args, **kwargs)
         if self._state.pending is not None:
             self._session.on_use(func, args, result)
@@ -392,14 +399,48 @@ class CaptureSession:
             weights = tracked  # (B, H, Q, K): the mixed map that multiplies the values
         self._record(layer, weights, heads_selected=False)
 
-    def record_module_output(self, layer: str, weights: torch.Tensor, graph_tensor=None) -> None:
+    def on_mha_forward(self, func, args: tuple, kwargs: dict):
+        """``F.multi_head_attention_forward`` of a hooked ``nn.MultiheadAttention`` that
+        applies dropout to its weights (training): the weights it returns are after
+        dropout, and the softmax before it runs where no function mode sees it. The
+        call runs as it is (the same output, the same random numbers drawn); its
+        weights before dropout, as every other route records them, come from the same
+        call again without dropout, which draws no random numbers.
+
+        With ``keep_grad``, the gradient kept is the one with respect to these weights
+        before dropout: the gradient reaching the module's dropped-out weights times
+        ``mask / (1 - p)`` (= dropped-out / before).
+        """
+        output = func(*args, **kwargs)
+        scope = self.current_scope()
+        module = None if scope is None else scope.module
+        if (self.closed or scope.layer is None or not isinstance(module, torch.nn.MultiheadAttention)
+                or not drops_weights(module)):
+            return output
+        dropped = mha_weights(output)[1]  # (B * H, L, S) that multiplied the values, or None
+        if dropped is None:
+            return output
+        bound = _MHA_FORWARD_SIGNATURE.bind(*args, **kwargs)
+        bound.arguments.update(dropout_p=0.0, training=False, need_weights=True, average_attn_weights=False)
+        with torch.no_grad():
+            _, weights = func(*bound.args, **bound.kwargs)  # (B, H, L, S), or unbatched (H, L, S)
+        if weights.dim() == 3:
+            weights = weights.unsqueeze(0)
+        scale = None
+        if self.store.policy.keep_grad and dropped.requires_grad:
+            before = weights.reshape(dropped.shape)
+            scale = torch.where(before > 0, dropped.detach() / before, torch.zeros_like(before))
+        self.record_module_output(scope.layer, weights, dropped, gradient_scale=scale)
+        return output
+
+    def record_module_output(self, layer: str, weights: torch.Tensor, graph_tensor=None, gradient_scale=None) -> None:
         """Records weights a module returned itself (the MHA route)."""
         if self.closed:
             return
         if not self.store.wants(layer):
             self._skip(layer)
             return
-        self._store(layer, weights, False, graph_tensor)  # nn.MultiheadAttention returns one map per call
+        self._store(layer, weights, False, graph_tensor, gradient_scale)  # one map per nn.MultiheadAttention call
 
     def _skip(self, layer: str) -> None:
         self._state().events += 1
@@ -479,10 +520,12 @@ class CaptureSession:
             for call in calls:
                 self._return_scratch(call[3])
 
-    def _store(self, layer: str, weights: torch.Tensor, heads_selected: bool, graph_tensor) -> None:
+    def _store(self, layer: str, weights: torch.Tensor, heads_selected: bool, graph_tensor,
+               gradient_scale=None) -> None:
         self._state().events += 1
         self.coverage.captured(layer)
-        self.store.record(layer, weights, heads_selected=heads_selected, graph_tensor=graph_tensor)
+        self.store.record(layer, weights, heads_selected=heads_selected, graph_tensor=graph_tensor,
+                          gradient_scale=gradient_scale)
 
     def _scope_of(self, layer: str) -> Optional[_Scope]:
         """The innermost open scope of ``layer`` on this thread."""
