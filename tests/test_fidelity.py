@@ -345,3 +345,71 @@ def test_in_training_every_route_records_the_weights_before_dropout(route):
     evaluated, training = hooker.values[name]
     torch.testing.assert_close(training, evaluated, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(training.sum(-1), torch.ones(2, 2, 6))
+
+
+class _TokenMixer(nn.Module):
+    """Ordinary attention in a class whose name says nothing about attention."""
+
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-1, -2) * (d // self.num_heads) ** -0.5).softmax(-1)  # (B, H, N, N)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+def test_modules_are_found_by_what_they_declare_not_only_by_class_name():
+    from attention_hooker.discovery import find_attention_modules
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_TokenMixer(), nn.LayerNorm(16), _TokenMixer())
+    assert [name for name, _ in find_attention_modules(model)] == ["0", "2"]
+    x = torch.randn(2, 5, 16)
+    with TransformerAttentionHooker(model) as hooker:
+        with torch.no_grad():
+            model(x)
+    mixer = model[0]
+    q, k, _ = mixer.qkv(x).detach().view(2, 5, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    oracle = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)
+    torch.testing.assert_close(hooker.values["0"][0], oracle, atol=1e-6, rtol=1e-5)
+    assert hooker.report().missing == []
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "softmax"])
+def test_cross_covariance_attention_over_channels_is_refused_not_stored_as_tokens(fused):
+    """timm's XCA (XCiT) softmaxes a (batch, heads, channels, channels) map: found by
+    what it declares, it must be refused, not stored as (batch, heads, query, key)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=2, img_size=64).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    with TransformerAttentionHooker(model) as hooker:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", AttentionCaptureWarning)
+            model(torch.randn(2, 3, 64, 64))
+    report = hooker.report()
+    assert report.missing == ["blocks.0.attn", "blocks.1.attn"]
+    assert "channels" in report["blocks.0.attn"].reason and report["blocks.0.attn"].status == "refused"
+    assert [tuple(v[0].shape) for v in hooker.values.values()] == [(2, 4, 1, 17)] * 2  # the class-attention blocks
+
+
+def test_a_softmax_whose_first_dim_is_not_batch_times_heads_is_refused():
+    """A lambda layer softmaxes its keys, (batch, key_dim, positions); with a batch of 4
+    and 4 heads it would read as (batch * heads, query, key) by shape alone."""
+    pytest.importorskip("timm")
+    from timm.layers.lambda_layer import LambdaLayer
+
+    torch.manual_seed(0)
+    layer = LambdaLayer(dim=32, num_heads=4, dim_head=4, r=3).eval()
+    with TransformerAttentionHooker(layer, layer_regex="^$") as hooker:  # the user names it
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", AttentionCaptureWarning)
+            layer(torch.randn(4, 32, 8, 8))
+    assert hooker.values == {}
+    assert "batch times its 4 heads" in hooker.report()[""].reason

@@ -140,8 +140,14 @@ TIMM_ZOO = {
     "pvt_v2_b0": (None, None),
     "crossvit_tiny_240": (None, None),
     "mvitv2_tiny": (None, None),
+    # Found by what they declare (a head count and a qkv projection), not by class name:
+    "xcit_nano_12_p16_224": (r"^blocks\.\d+\.attn$", None),  # XCA: a softmax over channels, not tokens
+    "convit_tiny": (r"^blocks\.\d\.attn$", None),  # GPSA: patch and positional softmaxes mixed (two pieces)
+    # SelfAttnBlock holds a lambda layer, whose softmax is over its keys: no attention map ("nothing captured")
+    "lambda_resnet26rpt_256": (r"^stages\.\d\.\d$", None),
 }
-_TIMM_QUICK = ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_nano_rw_256", "levit_128s", "volo_d1_224"]
+_TIMM_QUICK = ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_nano_rw_256", "levit_128s", "volo_d1_224",
+               "xcit_nano_12_p16_224"]
 
 
 def _timm_zoo():
@@ -165,7 +171,11 @@ def test_timm_zoo_fused_capture_equals_attention_extract_of_an_unfused_copy(name
             module.fused_attn = False
     x = torch.randn(2, *fused.pretrained_cfg["input_size"])
     with torch.no_grad():
-        references = list(AttentionExtract(unfused, method="fx")(x).values())
+        try:
+            references = list(AttentionExtract(unfused, method="fx")(x).values())
+        except RuntimeError as err:  # timm finds no attention softmax either (a lambda layer's is over keys)
+            assert "No node names found" in str(err) and refused
+            references = []
         expected = fused(x)
         with TransformerAttentionHooker(fused) as hooker:
             out = fused(x)

@@ -27,19 +27,51 @@ _ATTENTION_CLASS = re.compile(r"att(n|ention)", re.IGNORECASE)
 _NOT_ATTENTION_CLASS = re.compile(r"(Output|Dropout|Norm|Embeddings?|Linear)$")
 
 
-def _looks_like_attention(module: nn.Module) -> bool:
+# What an attention module declares and holds, whatever its class is called (timm's XCA, GPSA):
+# a head count, a projection that makes queries or keys, and an output projection. (A module
+# holding only the q/k/v projections is a part of one; `in_proj` alone is also a Mamba mixer's.)
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+_QUERY_KEY_PROJECTIONS = frozenset({
+    "qkv", "qk", "q", "k", "query", "key", "q_proj", "k_proj", "query_key_value", "to_qkv", "to_q", "to_k",
+    "c_attn", "Wqkv", "wqkv", "wq", "wk",
+})
+_OUTPUT_PROJECTIONS = frozenset({"proj", "o_proj", "out_proj", "o", "c_proj", "dense", "wo", "to_out", "out"})
+
+
+def _declares_attention(module: nn.Module) -> bool:
+    """A head count (a positive int attribute), a child that projects queries or keys,
+    and one that projects the output."""
+    attributes = vars(module)
+    if not any(isinstance(attributes.get(n), int) and not isinstance(attributes.get(n), bool)
+               and attributes[n] > 0 for n in _HEAD_COUNTS):
+        return False
+    children = module._modules
+    return any(n in _QUERY_KEY_PROJECTIONS for n in children) and any(n in _OUTPUT_PROJECTIONS for n in children)
+
+
+def _named_attention(module: nn.Module) -> bool:
     if isinstance(module, nn.MultiheadAttention):
         return True
     name = type(module).__name__
     return bool(_ATTENTION_CLASS.search(name)) and not _NOT_ATTENTION_CLASS.search(name)
 
 
+def _leaves(candidates: List[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
+    """The candidates that hold no other candidate."""
+    ids = {id(m) for _, m in candidates}
+    return [(name, m) for name, m in candidates if not any(id(sub) in ids for sub in m.modules() if sub is not m)]
+
+
 def find_attention_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """The modules in which attention happens, in model order.
 
-    Every ``nn.MultiheadAttention``, and every module whose class name says
-    attention (``...Attention``, ``...Attn``) and that holds no such module
-    itself: ``BertSelfAttention`` rather than ``BertAttention``, ``T5Attention``
+    Every ``nn.MultiheadAttention``; every module whose class name says
+    attention (``...Attention``, ``...Attn``), or that declares a head count
+    (``num_heads``, ``num_attention_heads``, ``n_head``, ``n_heads``) and holds a
+    query or key projection (``qkv``, ``q_proj``, ``query``, ``c_attn``, ...)
+    and an output projection (``proj``, ``o_proj``, ``out_proj``, ...), whatever
+    its class is called (timm's ``XCA``, ``GPSA``), where no module around or
+    inside it has an attention class name; of these, those that hold no other one: ``BertSelfAttention`` rather than ``BertAttention``, ``T5Attention``
     rather than ``T5LayerSelfAttention``, ``nn.MultiheadAttention`` rather than
     a wrapper class around it.
 
@@ -55,13 +87,15 @@ def find_attention_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         ['self_attn']
     """
     check_module(model)
-    candidates = [(name, m) for name, m in model.named_modules() if _looks_like_attention(m)]
-    ids = {id(m) for _, m in candidates}
-    return [
-        (name, m)
-        for name, m in candidates
-        if not any(id(sub) in ids for sub in m.modules() if sub is not m)
-    ]
+    modules = list(model.named_modules())
+    named = _leaves([(name, m) for name, m in modules if _named_attention(m)])
+    # A module found by what it declares counts where no class says attention around or inside it.
+    inside_named = {id(sub) for _, m in named for sub in m.modules()}
+    around_named = {id(m) for name, m in modules if any(id(sub) in inside_named for sub in m.modules())}
+    declared = _leaves([(name, m) for name, m in modules
+                        if id(m) not in inside_named and id(m) not in around_named and _declares_attention(m)])
+    chosen = {id(m) for _, m in named + declared}
+    return [(name, m) for name, m in modules if id(m) in chosen]
 
 
 def select_modules(model: nn.Module, layer_regex: Optional[str]) -> List[Tuple[str, nn.Module]]:
@@ -76,8 +110,9 @@ def select_modules(model: nn.Module, layer_regex: Optional[str]) -> List[Tuple[s
         found = find_attention_modules(model)
         if not found:
             raise AttentionHookerError(
-                f"found no attention module in {type(model).__name__}: no nn.MultiheadAttention and no "
-                "module whose class name contains 'Attention' or 'Attn'; pass layer_regex= naming the "
+                f"found no attention module in {type(model).__name__}: no nn.MultiheadAttention, no "
+                "module whose class name contains 'Attention' or 'Attn', and none that declares a head count "
+                "and holds a query/key projection; pass layer_regex= naming the "
                 "modules whose forward computes attention"
             )
         return found

@@ -11,6 +11,7 @@ from torch import nn
 
 from .capture.buffers import unreachable_tensors
 from .capture.coverage import Coverage, CoverageReport
+from .capture.inputs import input_shape
 from .capture.mha import MultiheadAttentionRoute, drops_weights, mha_weights
 from .capture.session import CaptureSession, frame_is_live, module_call_frame
 from .discovery import check_module, select_modules
@@ -280,7 +281,7 @@ class TransformerAttentionHooker:
             # Inside backward, a forward is activation checkpointing recomputing one that was
             # captured already: it runs exactly as before (MHA still asked for weights, so the
             # recomputed graph matches) but records nothing.
-            session.enter(module, None if _in_backward() else name, module_call_frame())
+            session.enter(module, None if _in_backward() else name, module_call_frame(), input_shape(args, kwargs))
             return None
 
         return pre_hook

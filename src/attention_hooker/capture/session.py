@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from ..store import AttentionStore
 from .buffers import SpareBuffers
 from .coverage import Coverage
+from .inputs import channel_attention_refusal, folded_batch_refusal
 from .mha import drops_weights, mha_weights
 from .sdpa import (SDPA_FUNCTIONS, as_4d, declared_heads, packed_query_groups, parse_sdpa_call,
                    sdpa_attention_weights, unpack_query_groups)
@@ -57,12 +58,13 @@ def frame_is_live(frame) -> bool:
 
 
 class _Scope:
-    __slots__ = ("module", "layer", "frame", "calls", "refusal")
+    __slots__ = ("module", "layer", "frame", "input_shape", "calls", "refusal")
 
-    def __init__(self, module, layer: Optional[str], frame):
+    def __init__(self, module, layer: Optional[str], frame, input_shape=None):
         self.module = module
         self.layer = layer  # None for a fast-path guard, which captures nothing
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
+        self.input_shape = input_shape  # of the call's hidden states (capture.inputs), or None
         # What this call of the layer computed, kept until it returns: (weights, heads_selected,
         # graph_tensor, lent scratch) per attention call, and why a call was refused. One forward of an
         # attention layer stores one map, or nothing (see CaptureSession._flush).
@@ -144,15 +146,16 @@ class CaptureSession:
         return state
 
     # ----------------------------------------------------------------- scopes
-    def enter(self, module, layer: Optional[str], frame) -> None:
+    def enter(self, module, layer: Optional[str], frame, input_shape=None) -> None:
         """Opens a scope on this thread: ``layer`` names a hooked module, ``None`` a
-        fast-path guard; ``frame`` is the module call's (:func:`module_call_frame`)."""
+        fast-path guard; ``frame`` is the module call's (:func:`module_call_frame`);
+        ``input_shape`` its hidden states' (:func:`~.inputs.input_shape`)."""
         if self.closed:
             return
         state = self._state()
         if not state.scopes:
             self._switch_on(state)
-        state.scopes.append(_Scope(module, layer, frame))
+        state.scopes.append(_Scope(module, layer, frame, input_shape))
         if layer is not None:
             state.capture_scopes_entered += 1
             self.coverage.ran(layer)
@@ -282,6 +285,9 @@ class CaptureSession:
         query = call["query"]
         groups = packed_query_groups(lambda: _calling_modules(scope), query, call["key"])
         refusal = _layout_refusal(query, groups, declared_heads(scope.module))
+        if refusal is None and groups == 1 and query.dim() == 4:
+            refusal = channel_attention_refusal(scope.input_shape, query.shape[1], query.shape[-2],
+                                                call["key"].shape[-2])
         if refusal is not None:
             self._refuse(scope, refusal)
             return func(*args, **kwargs)
@@ -336,7 +342,14 @@ class CaptureSession:
         if scope is None or scope.layer is None or isinstance(scope.module, torch.nn.MultiheadAttention):
             return  # nn.MultiheadAttention hands its weights back itself (route 1)
         layer = scope.layer
-        weights, reason = label_softmax(result, declared_heads(scope.module))
+        heads = declared_heads(scope.module)
+        weights, reason = label_softmax(result, heads)
+        if weights is not None and result.dim() == 3:
+            reason = folded_batch_refusal(scope.input_shape, heads, result.shape[0])
+        elif weights is not None:
+            reason = channel_attention_refusal(scope.input_shape, weights.shape[1], weights.shape[2], weights.shape[3])
+        if reason is not None:
+            weights = None
         if weights is None:
             if reason is not None:
                 self._refuse(scope, reason)
