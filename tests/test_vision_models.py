@@ -196,3 +196,77 @@ def test_timm_zoo_fused_capture_equals_attention_extract_of_an_unfused_copy(name
             assert match, f"{name}: {layer} {tuple(got.shape)} equals none of AttentionExtract's maps"
             references.pop(match[0])
     assert not references or refused, f"{name}: {len(references)} of AttentionExtract's maps were not captured"
+
+
+# ------------------------------------------------------------------ torchvision Swin and MaxViT (issue 9)
+def _swin_window_attention_by_hand(module, x):
+    """``(batch * windows, heads, N, N)`` of a torchvision ``ShiftedWindowAttention`` from its
+    own weights: windows of the (cyclically shifted) map, scaled q.kᵀ plus the relative
+    position bias, keys from another region of the shifted map masked by -100 (the paper's
+    constant), softmax."""
+    b, h, w, c = x.shape
+    ws, shift = module.window_size, [s if module.window_size[i] < (h, w)[i] else 0
+                                     for i, s in enumerate(module.shift_size)]
+    if any(shift):
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    windows = x.view(b, h // ws[0], ws[0], w // ws[1], ws[1], c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws[0] * ws[1], c)
+    heads = module.num_heads
+    q, k, _ = (windows @ module.qkv.weight.T + module.qkv.bias).view(
+        windows.shape[0], -1, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # (B*nW, H, N, d)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(c // heads) + module.get_relative_position_bias()
+    if any(shift):
+        def regions(size, window, s):  # which of the shifted map's three bands each row/column is in
+            index = torch.arange(size)
+            return (index >= size - window).long() + (index >= size - s).long()
+
+        label = regions(h, ws[0], shift[0])[:, None] * 3 + regions(w, ws[1], shift[1])[None, :]  # (H, W)
+        label = label.view(h // ws[0], ws[0], w // ws[1], ws[1]).permute(0, 2, 1, 3).reshape(-1, ws[0] * ws[1])
+        blocked = (label[:, :, None] != label[:, None, :]).float() * -100.0  # (nW, N, N)
+        scores = (scores.view(b, -1, heads, *scores.shape[-2:]) + blocked[None, :, None]).view_as(scores)
+    return scores.softmax(-1)
+
+
+def test_torchvision_swin_window_attention_equals_its_own_weights_by_hand():
+    from torchvision.models import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                            num_classes=5).eval()
+    inputs = {}
+    attention = {n: m for n, m in model.named_modules() if type(m).__name__ == "ShiftedWindowAttention"}
+    handles = [m.register_forward_pre_hook(lambda m, args, n=n: inputs.__setitem__(n, args[0]))
+               for n, m in attention.items()]
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(image)
+        with TransformerAttentionHooker(model) as hooker:
+            out = model(image)
+        for h in handles:
+            h.remove()
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        assert list(hooker.values) == list(attention) and len(attention) == 4
+        assert any(m.shift_size[0] and m.window_size[0] < inputs[n].shape[1] for n, m in attention.items())
+        for name, module in attention.items():
+            (got,) = hooker.values[name]
+            oracle = _swin_window_attention_by_hand(module, inputs[name])
+            assert got.shape == oracle.shape  # (batch * windows, heads, 16, 16)
+            torch.testing.assert_close(got, oracle, atol=1e-5, rtol=1e-4)
+
+
+def test_torchvision_maxvit_block_and_grid_attention_is_refused_with_its_5d_layout():
+    from torchvision.models import MaxVit
+
+    torch.manual_seed(0)
+    model = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16], block_layers=[1],
+                   head_dim=8, stochastic_depth_prob=0.0, num_classes=5).eval()
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(image)
+        with pytest.warns(Warning, match="every attention call was refused"):
+            with TransformerAttentionHooker(model) as hooker:
+                out = model(image)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    report = hooker.report()
+    assert len(report.missing) == 2 and hooker.values == {}
+    for name in report.missing:
+        assert report[name].status == "refused" and "5-D" in report[name].reason, report[name]
