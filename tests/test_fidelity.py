@@ -413,3 +413,36 @@ def test_a_softmax_whose_first_dim_is_not_batch_times_heads_is_refused():
             layer(torch.randn(4, 32, 8, 8))
     assert hooker.values == {}
     assert "batch times its 4 heads" in hooker.report()[""].reason
+
+
+class _DeformableSampling(nn.Module):
+    """Deformable attention's shape of work: per query and head, a softmax over sampled
+    points ``(batch, query, heads, levels * points)``, then a weighted sum of samples."""
+
+    def __init__(self, dim=16, n_heads=4, points=3):
+        super().__init__()
+        self.n_heads, self.points = n_heads, points
+        self.sampling_offsets = nn.Linear(dim, n_heads * points * 2)
+        self.attention_weights = nn.Linear(dim, n_heads * points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states):
+        b, q, d = hidden_states.shape
+        weights = self.attention_weights(hidden_states).view(b, q, self.n_heads, self.points).softmax(-1)
+        offsets = self.sampling_offsets(hidden_states).view(b, q, self.n_heads, self.points, 2)
+        samples = self.value_proj(hidden_states).view(b, q, self.n_heads, 1, d // self.n_heads) * offsets[..., :1]
+        return self.output_proj((weights.unsqueeze(-1) * samples).sum(3).reshape(b, q, d))
+
+
+def test_deformable_attention_weights_over_sampled_points_are_refused():
+    """Mask2Former's pixel decoder stored its (batch, query, heads, points) softmax as
+    (batch, heads, query, key) whenever the queries happened to equal the heads' count."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"self_attn": _DeformableSampling()})
+    with TransformerAttentionHooker(model, layer_regex=r"self_attn$") as hooker:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", AttentionCaptureWarning)
+            model["self_attn"](torch.randn(2, 4, 16))  # 4 queries, 4 heads
+    assert hooker.values == {}
+    assert "deformable" in hooker.report()["self_attn"].reason

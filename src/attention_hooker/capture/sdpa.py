@@ -48,8 +48,8 @@ def declared_heads(module) -> Optional[int]:
     except KeyError:
         pass
     heads = None
-    for owner, name in ((module, "num_heads"), (module, "num_attention_heads"),
-                        (getattr(module, "config", None), "num_attention_heads")):
+    for owner, name in ((module, "num_heads"), (module, "num_attention_heads"), (module, "n_heads"),
+                        (module, "n_head"), (getattr(module, "config", None), "num_attention_heads")):
         value = getattr(owner, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             heads = value

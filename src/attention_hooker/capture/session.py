@@ -33,7 +33,7 @@ from .inputs import channel_attention_refusal, folded_batch_refusal
 from .mha import drops_weights, mha_weights
 from .sdpa import (SDPA_FUNCTIONS, as_4d, declared_heads, packed_query_groups, parse_sdpa_call,
                    sdpa_attention_weights, unpack_query_groups)
-from .softmax import SOFTMAX_FUNCTIONS, is_attention_softmax, label_softmax
+from .softmax import SOFTMAX_FUNCTIONS, is_attention_softmax, label_softmax, sampled_attention_refusal
 
 __all__ = ["CaptureSession", "module_call_frame", "frame_is_live"]
 
@@ -344,7 +344,10 @@ class CaptureSession:
         layer = scope.layer
         heads = declared_heads(scope.module)
         weights, reason = label_softmax(result, heads)
-        if weights is not None and result.dim() == 3:
+        sampled = sampled_attention_refusal(scope.module)
+        if sampled is not None:
+            weights, reason = None, sampled
+        elif weights is not None and result.dim() == 3:
             reason = folded_batch_refusal(scope.input_shape, heads, result.shape[0])
         elif weights is not None:
             reason = channel_attention_refusal(scope.input_shape, weights.shape[1], weights.shape[2], weights.shape[3])

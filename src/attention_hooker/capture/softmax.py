@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SOFTMAX_FUNCTIONS", "is_attention_softmax", "label_softmax"]
+__all__ = ["SOFTMAX_FUNCTIONS", "is_attention_softmax", "label_softmax", "sampled_attention_refusal"]
 
 SOFTMAX_FUNCTIONS = frozenset(
     {
@@ -73,3 +73,20 @@ def label_softmax(result: torch.Tensor, heads: Optional[int]):
             f"{heads} heads: it cannot be read as (batch * heads, query, key), so it is not stored"
         )
     return result.view(result.shape[0] // heads, heads, result.shape[1], result.shape[2]), None  # (B, H, Q, K)
+
+
+def sampled_attention_refusal(module) -> Optional[str]:
+    """Why the softmaxes of ``module`` are not attention over keys, or ``None``.
+
+    Multi-scale deformable attention (Deformable DETR, Mask2Former's pixel decoder,
+    RT-DETR, Grounding DINO) predicts, per query and head, sampling offsets and a
+    softmax over the sampled points, ``(batch, query, heads, levels * points)``:
+    weights over bilinearly sampled locations, not over the keys, and with the query
+    axis where the heads would be.
+    """
+    if isinstance(getattr(module, "sampling_offsets", None), torch.nn.Module):
+        return (
+            "multi-scale deformable attention: its softmax weighs sampled points, (batch, query, heads, "
+            "levels x points), not keys, so there is no (batch, heads, query, key) map to store"
+        )
+    return None
