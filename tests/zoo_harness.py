@@ -47,7 +47,7 @@ SHRINK = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, interm
               num_self_attends_per_block=1, depth=2, embed_dim=32)
 
 REFERENCE_FIELDS = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
-MAX_PARAMETERS = 20_000_000  # after shrinking; larger ones are too slow to build in CI
+MAX_PARAMETERS = 150_000_000  # after shrinking; larger ones take too long to build in CI
 SECONDS_PER_CASE = 45
 
 # Families whose attention has no single (batch, heads, query, key) map that multiplied the
@@ -65,7 +65,7 @@ EXPECTED_REFUSALS: Dict[str, Tuple[str, str]] = {
     "yoso": (r"attention\.self", "LSH-sampled (YOSO) attention computes no softmax"),
     **{family: (r"(attention|mlp|final|message)_input$",
                 "attention residuals: each token's softmax over earlier blocks' outputs, not over keys")
-       for family in ("inkling2_text", "inkling2_loop", "inkling2_loop_text")},
+       for family in ("inkling2", "inkling2_text", "inkling2_loop", "inkling2_loop_text")},
     "deformable_detr": (r"(self_attn|encoder_attn)\.attn$", "multi-scale deformable attention: a softmax over "
                                                               "sampled points, not keys"),
     "mask2former": (r"pixel_level_module\.decoder\.encoder\.layers\.\d+\.self_attn$",
@@ -74,6 +74,13 @@ EXPECTED_REFUSALS: Dict[str, Tuple[str, str]] = {
     "groupvit": (r"downsample\.assign", "the grouping assignment (a softmax over the groups, made hard), not attention "
                                        "over keys"),
 }
+
+# Of those, the families whose refused layers compute no (batch, heads, query, key) map over keys at
+# all (linear or hashed attention, weights over sampled points, a softmax over blocks or groups):
+# nothing exact can exist there. The others have a map that is not assembled (a band, blocks, two
+# streams): those refusals count against the exact share.
+NO_ATTENTION_MAP = {"minimax", "yoso", "deformable_detr", "mask2former", "groupvit", "inkling2", "inkling2_text",
+                    "inkling2_loop", "inkling2_loop_text"}
 
 # Layers no oracle reaches (transformers returns neither their attentions nor a sub-model's):
 # checked as probabilities over the keys, with the heads the module declares.
@@ -324,7 +331,8 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
         return verdict("failed", f"{type(err).__name__}: {err}"[:300])
     problems = []
     first = lambda out: out if isinstance(out, torch.Tensor) else out[0]  # noqa: E731
-    if isinstance(first(plain), torch.Tensor) and not torch.equal(first(plain), first(hooked)):
+    if isinstance(first(plain), torch.Tensor) and not torch.allclose(first(plain), first(hooked), rtol=0, atol=0,
+                                                                     equal_nan=True):  # ALIGN: NaN logits
         problems.append("the model's output changed")
     report = hooker.report()
     modules = dict(model.named_modules())
@@ -467,6 +475,8 @@ def run(model_type: str):
     try:
         case = build(model_type)
     except Unbuildable as err:
+        # Kept by the summary: without its traceback, whose frames would keep the models alive.
+        err.__traceback__ = err.__context__ = err.__cause__ = None
         return [], err, time.perf_counter() - start
     try:
         verdicts = judge(case)
