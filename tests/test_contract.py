@@ -375,26 +375,33 @@ def test_two_hookers_on_one_model_both_capture(minilm_sdpa, minilm_batch):
     _no_trace_left(minilm_sdpa)
 
 
-def test_weights_stored_in_another_dtype_share_one_scratch_freed_after_the_forward(minilm_sdpa, minilm_batch):
-    """fp32 weights stored as float16 are computed in one working tensor that every layer
-    reuses; each stored call is its own copy and the working tensor is gone afterwards."""
-    store_scratch_sizes = []
-    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa, dtype=torch.float16) as half:
-        session = half._session
-        original = session.scratch
+def test_weights_stored_in_another_dtype_are_computed_in_tiles_never_a_whole_float32_layer(
+        minilm_sdpa, minilm_batch, monkeypatch):
+    """fp32 weights stored as float16 are computed a tile of query rows at a time and
+    written into their float16 tensor: no float32 (batch, heads, query, key) tensor is
+    made, and each stored call is its own tensor."""
+    from attention_hooker.capture import sdpa
 
-        def counting_scratch(*args):
-            tensor = original(*args)
-            store_scratch_sizes.append((tensor.data_ptr(), len(session._state().scratch)))
-            return tensor
-
-        session.scratch = counting_scratch
+    length = minilm_batch["input_ids"].shape[1]
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as full:
         minilm_sdpa(**minilm_batch)
-        assert not session._state().scratch, "the scratch tensor outlived the forward"
-    assert len(store_scratch_sizes) == 6 and len({ptr for ptr, _ in store_scratch_sizes}) == 1
+    tiles = []
+    original = sdpa._weights
+
+    def counting(q, k, *args):
+        result = original(q, k, *args)
+        tiles.append(tuple(result.shape))
+        return result
+
+    monkeypatch.setattr(sdpa, "_weights", counting)
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 3 * 2 * 12 * length * 4)  # 3 rows of (batch 2, 12 heads, keys) float32
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa, dtype=torch.float16) as half:
+        minilm_sdpa(**minilm_batch)
+    assert len(tiles) == 6 * -(-length // 3) and all(shape[2] <= 3 for shape in tiles), tiles
     stored = [calls[0] for calls in half.values.values()]
-    assert len({t.data_ptr() for t in stored}) == 6
-    assert not torch.equal(stored[0], stored[5])
+    assert len({t.data_ptr() for t in stored}) == 6 and all(t.dtype == torch.float16 for t in stored)
+    for name, calls in full.values.items():
+        torch.testing.assert_close(half.values[name][0].float(), calls[0], atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -227,3 +227,36 @@ def test_half_precision_weights_are_computed_in_float32_like_the_kernel(dtype, s
         got = sdpa_attention_weights(q, k, mask, scale=scale)
     assert got.dtype == dtype
     torch.testing.assert_close(got.detach().double(), oracle, atol=torch.finfo(dtype).eps / 2, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask_rows", "gqa_heads", "half", "empty_rows"])
+@pytest.mark.parametrize("tile_rows", [1, 3, 7, 100])
+def test_weights_computed_in_tiles_equal_the_whole_computation(case, tile_rows):
+    """Issue 11: tiles of query rows, written into the stored dtype, give the same
+    weights as the whole (batch, heads, query, key) computation (fp32 1e-6)."""
+    from attention_hooker.capture.sdpa import sdpa_attention_weights
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 13, 8)
+    kwargs = {}
+    if case == "causal":
+        kwargs["is_causal"] = True
+    elif case == "bool_mask":
+        kwargs["attn_mask"] = torch.rand(2, 1, 1, 13) > 0.3
+    elif case == "float_mask_rows":
+        kwargs["attn_mask"] = torch.randn(2, 4, 10, 13)
+    elif case == "gqa_heads":
+        k = torch.randn(2, 2, 13, 8)
+        kwargs["heads"] = [3, 0]
+    elif case == "half":
+        q, k = q.half(), k.half()
+    elif case == "empty_rows":
+        mask = torch.rand(2, 1, 10, 13) > 0.5
+        mask[:, :, 4] = False  # a row with every key masked gets zeros
+        kwargs["attn_mask"] = mask
+    whole = sdpa_attention_weights(q, k, **kwargs)
+    row_bytes = 2 * whole.shape[1] * 13 * 4
+    tiled = sdpa_attention_weights(q, k, **kwargs, store_as=(torch.float64, torch.device("cpu")),
+                                   tile_bytes=tile_rows * row_bytes)
+    assert tiled.dtype == torch.float64 and tiled.shape == whole.shape
+    torch.testing.assert_close(tiled, whole.double(), atol=1e-6 if case != "half" else 1e-3, rtol=0)

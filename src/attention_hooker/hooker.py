@@ -341,7 +341,6 @@ class TransformerAttentionHooker:
         session = self._session
         if stack:
             return None  # the root called itself: the outer call judges
-        session.release_scratch()
         if output is None:  # the forward raised: its error says more than a warning would
             return None
         events, scopes = session.counters()

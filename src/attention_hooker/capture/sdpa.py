@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -115,6 +115,8 @@ def sdpa_attention_weights(
     heads: Optional[Sequence[int]] = None,
     buffer: Optional[Callable[..., torch.Tensor]] = None,
     where: str = "the attention",
+    store_as: Optional[Tuple[torch.dtype, torch.device]] = None,
+    tile_bytes: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention probabilities of one ``scaled_dot_product_attention`` call.
 
@@ -140,6 +142,14 @@ def sdpa_attention_weights(
         buffer: ``buffer(shape, dtype, device)`` gives the tensor the weights are
             written into (float32/float64 queries); ``None`` allocates one.
         where: names the call in error messages (e.g. ``"layer 'h.0.attn'"``).
+        store_as: ``(dtype, device)`` of the tensor to return. The weights are then
+            computed in tiles of query rows, each at most about ``tile_bytes`` of
+            working scores, and written into it tile by tile: no whole ``(batch,
+            heads, query, key)`` tensor exists in the working dtype or on the working
+            device (float16 storage of a float32 or half model, CPU storage of a GPU
+            model). ``buffer`` is then unused.
+        tile_bytes: the working memory of one tile, with ``store_as``
+            (:data:`TILE_BYTES` when ``None``).
 
     Returns:
         ``(batch, heads, query, key)`` probabilities, in the query's dtype
@@ -185,11 +195,20 @@ def sdpa_attention_weights(
     scale_factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return _differentiable_weights(q, k, mask, is_causal, scale_factor).to(query.dtype)
+    if store_as is not None:
+        return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or TILE_BYTES)
+    return _weights(q, k, mask, is_causal, scale_factor, buffer, query.dtype)
+
+
+def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, first_row: int = 0) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias)`` for the query rows ``first_row ..`` of the call:
+    ``(B, H, rows, S)`` in ``dtype``; ``mask`` already holds only these rows."""
+    length, source = q.shape[2], k.shape[2]
     scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, L, S), float32 for half inputs
 
     above_diagonal = None  # (L, S): keys a top-left causal mask hides
     if is_causal:
-        above_diagonal = torch.ones(length, source, dtype=torch.bool, device=q.device).triu_(1)
+        above_diagonal = torch.ones(length, source, dtype=torch.bool, device=q.device).triu_(1 + first_row)
         scores.masked_fill_(above_diagonal, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -202,7 +221,26 @@ def sdpa_attention_weights(
     weights = _softmax_last_dim(scores)  # (B, H, L, S)
     if _may_have_empty_rows(mask, above_diagonal):
         weights = weights.nan_to_num_(nan=0.0)
-    return weights.to(query.dtype) if weights.dtype != query.dtype else weights
+    return weights.to(dtype) if weights.dtype != dtype else weights
+
+
+def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as, tile_bytes: int) -> torch.Tensor:
+    """The weights ``(B, H, L, S)`` in ``store_as = (dtype, device)``, computed a block of
+    query rows at a time: each row's softmax only needs its own scores, so a tile of
+    rows is exact on its own. Working memory: one tile of float32 (or float64) scores."""
+    dtype, device = store_as
+    batch = max(q.shape[0], k.shape[0], 1 if mask is None else mask.shape[0])
+    length, source = q.shape[2], k.shape[2]
+    out = torch.empty((batch, q.shape[1], length, source), dtype=dtype, device=device)  # (B, H, L, S)
+    work = torch.float32 if q.dtype in _HALF else q.dtype
+    row_bytes = max(1, batch * q.shape[1] * source * torch.finfo(work).bits // 8)
+    rows = max(1, min(length, tile_bytes // row_bytes))
+    for first in range(0, length, rows):
+        last = min(length, first + rows)
+        tile_mask = mask if mask is None or mask.shape[2] == 1 else mask[:, :, first:last]
+        tile = _weights(q[:, :, first:last], k, tile_mask, is_causal, scale_factor, None, dtype, first)
+        out[:, :, first:last].copy_(tile)  # (B, H, rows, S)
+    return out
 
 
 def _check_inputs(query, key, attn_mask) -> None:
@@ -302,6 +340,7 @@ def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> to
 
 
 _HALF = (torch.float16, torch.bfloat16)
+TILE_BYTES = 64 * 2**20  # working scores of one tile of query rows (store_as)
 _MAX_BATCH_LOOP = 64  # beyond this many items, one copy costs less than the per-item calls
 
 

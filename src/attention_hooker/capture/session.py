@@ -9,7 +9,7 @@ path off on that thread (they check ``torch.overrides.has_torch_function``, whic
 is true while a mode is on), so no process-wide switch is touched: other threads
 and other models run exactly as before.
 
-Everything here is per thread: the scope stack, the mode, the scratch tensor.
+Everything here is per thread: the scope stack, the mode, the pending softmax.
 A scope remembers the Python frame of the module call that opened it, so scopes
 that an interrupted forward (``KeyboardInterrupt``) left open are recognised as
 stale at the next attention event and never receive another model's attention.
@@ -66,7 +66,7 @@ class _Scope:
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
         self.input_shape = input_shape  # of the call's hidden states (capture.inputs), or None
         # What this call of the layer computed, kept until it returns: (weights, heads_selected,
-        # graph_tensor, lent scratch) per attention call, and why a call was refused. One forward of an
+        # graph_tensor) per attention call, and why a call was refused. One forward of an
         # attention layer stores one map, or nothing (see CaptureSession._flush).
         self.calls: list = []
         self.refusal: Optional[str] = None
@@ -91,7 +91,6 @@ class _ThreadState:
         # A softmax's weights wait for their first use: if that use drops columns (a learned
         # sink, probs[..., :-1]), what is kept is what multiplies the values.
         self.pending: Optional[_Pending] = None
-        self.scratch: dict = {}
         self.events = 0  # attention calls seen (kept or skipped), for the "nothing captured" check
         self.capture_scopes_entered = 0
 
@@ -122,7 +121,7 @@ class _CaptureMode(TorchFunctionMode):
 
 
 class CaptureSession:
-    """Per-thread scope stacks, function modes and scratch tensors for one hooker.
+    """Per-thread scope stacks, function modes and spare tensors for one hooker.
 
     Args:
         store: where captured weights go.
@@ -188,7 +187,6 @@ class CaptureSession:
         """Closes every scope of this thread and undoes its mode."""
         state = self._state()
         state.scopes.clear()
-        state.scratch.clear()
         state.pending = None
         self._switch_off(state)
 
@@ -254,22 +252,6 @@ class CaptureSession:
         for callback in callbacks:
             callback()
 
-    # ----------------------------------------------------------------- scratch
-    def scratch(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A working tensor for weights that the store copies (into another dtype or
-        device) before the next call needs it: one per shape and thread, reused by
-        every layer instead of fresh memory per call; freed by :meth:`release_scratch`."""
-        cache = self._state().scratch
-        key = (tuple(shape), dtype, torch.device(device))
-        tensor = cache.get(key)
-        if tensor is None:
-            tensor = cache[key] = torch.empty(shape, dtype=dtype, device=device)
-        return tensor
-
-    def release_scratch(self) -> None:
-        """Frees this thread's scratch tensors (the hooker does at the end of each model forward)."""
-        self._state().scratch.clear()
-
     # ------------------------------------------------------------------ events
     def on_sdpa(self, func, args: tuple, kwargs: dict) -> Any:
         """Runs the real kernel and records the weights it used, labelled ``(batch, heads, query, key)``."""
@@ -295,9 +277,11 @@ class CaptureSession:
             return self._sdpa_with_grad(call, layer, groups)
         output = func(*args, **kwargs)
         # Stored as computed: written straight into the tensor that is stored (a spare one when
-        # there is one). Otherwise into this thread's scratch tensor, which record() copies to
-        # the policy's dtype/device.
-        buffer = self.spares.take if store.stores_as_computed(query.dtype, query.device) else self.scratch
+        # there is one). Otherwise computed in tiles of query rows, each written into a tensor of
+        # the policy's dtype/device: no whole layer in the working dtype or device.
+        as_computed = store.stores_as_computed(query.dtype, query.device)
+        policy = store.policy
+        store_as = None if as_computed else (policy.dtype or query.dtype, policy.device or query.device)
         with torch.no_grad():
             weights = sdpa_attention_weights(
                 call["query"],
@@ -307,8 +291,9 @@ class CaptureSession:
                 call["scale"],
                 bool(call["enable_gqa"]),
                 heads=store.policy.heads if groups == 1 else None,
-                buffer=buffer,
+                buffer=self.spares.take if as_computed else None,
                 where=f"layer {layer!r}",
+                store_as=store_as,
             )  # (B, H, L, S); packed: (B, Hk, groups, S)
         if groups > 1:
             weights = unpack_query_groups(weights, groups)  # (B, H, 1, S)
@@ -470,21 +455,7 @@ class CaptureSession:
         if scope is None:  # its call is over (closed meanwhile): store at once
             self._store(layer, weights, heads_selected, graph_tensor)
             return
-        # Weights in this thread's scratch tensor belong to this call until it is stored: the
-        # next attention call (of a nested layer) gets another one meanwhile.
-        lent = self._lend_scratch(weights)
-        scope.calls.append((weights, heads_selected, graph_tensor, lent))
-
-    def _lend_scratch(self, weights: torch.Tensor):
-        cache = self._state().scratch
-        for key, tensor in cache.items():
-            if tensor.data_ptr() == weights.data_ptr():
-                return key, cache.pop(key)
-        return None
-
-    def _return_scratch(self, lent) -> None:
-        if lent is not None:
-            self._state().scratch.setdefault(*lent)
+        scope.calls.append((weights, heads_selected, graph_tensor))
 
     def _refuse(self, scope: _Scope, reason: str) -> None:
         if scope.refusal is None:
@@ -513,28 +484,24 @@ class CaptureSession:
         """
         layer, calls, refusal = scope.layer, scope.calls, scope.refusal
         scope.calls = []
-        try:
-            if self.closed:
-                return
-            if refusal is None and len(calls) > 1:
-                shapes = ", ".join(str(tuple(c[0].shape)) for c in calls[:4]) + (", ..." if len(calls) > 4 else "")
-                refusal = (
-                    f"one call of the layer made {len(calls)} attention calls ({shapes}): its attention is computed "
-                    "in pieces (block-sparse, global + local, landmark or differential attention, or a loop over "
-                    "heads or chunks), none of which is the (batch, heads, query, key) map that multiplied the "
-                    "values, so none is stored"
-                )
-            elif refusal is not None and calls:
-                refusal = (f"{refusal}; the layer's other {len(calls)} attention call(s) in the same forward are a "
-                           "partial picture without it, and are not stored either")
-            if refusal is not None:
-                self.coverage.refused(layer, refusal)
-                return
-            weights, heads_selected, graph_tensor, _ = calls[0]
-            self._store(layer, weights, heads_selected, graph_tensor)  # copies out of scratch where it must
-        finally:
-            for call in calls:
-                self._return_scratch(call[3])
+        if self.closed:
+            return
+        if refusal is None and len(calls) > 1:
+            shapes = ", ".join(str(tuple(c[0].shape)) for c in calls[:4]) + (", ..." if len(calls) > 4 else "")
+            refusal = (
+                f"one call of the layer made {len(calls)} attention calls ({shapes}): its attention is computed "
+                "in pieces (block-sparse, global + local, landmark or differential attention, or a loop over "
+                "heads or chunks), none of which is the (batch, heads, query, key) map that multiplied the "
+                "values, so none is stored"
+            )
+        elif refusal is not None and calls:
+            refusal = (f"{refusal}; the layer's other {len(calls)} attention call(s) in the same forward are a "
+                       "partial picture without it, and are not stored either")
+        if refusal is not None:
+            self.coverage.refused(layer, refusal)
+            return
+        weights, heads_selected, graph_tensor = calls[0]
+        self._store(layer, weights, heads_selected, graph_tensor)
 
     def _store(self, layer: str, weights: torch.Tensor, heads_selected: bool, graph_tensor,
                gradient_scale=None) -> None:
