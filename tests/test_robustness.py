@@ -584,3 +584,25 @@ def test_nested_keep_grad_hookers_each_get_the_weights_and_gradients_they_get_al
     torch.testing.assert_close(inner.values[inner_name][0], alone.values[outer_name][0])
     torch.testing.assert_close(inner.gradients[inner_name][0], alone.gradients[outer_name][0])
     _no_trace_left(model)
+
+
+@pytest.mark.parametrize("model_kind", ["sdpa", "mha"])
+def test_captured_tensors_die_with_the_hooker_without_waiting_for_the_garbage_collector(model_kind):
+    """A loop that makes a hooker per input must not hold every capture until gc runs:
+    the function mode's references back to its session made a cycle (session -> thread
+    state -> mode -> session) that kept the store and its tensors alive (issue 11:
+    full capture peaked at 4x what it kept over a few forwards)."""
+    import gc
+
+    model = Stack().eval() if model_kind == "sdpa" else nn.TransformerEncoderLayer(16, 2, batch_first=True).eval()
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+            model(torch.randn(1, 4, 16))
+        refs = [weakref.ref(t) for calls in hooker.values.values() for t in calls]
+        assert refs
+        del hooker
+        assert all(r() is None for r in refs), "captured tensors outlived their hooker"
+    finally:
+        gc.enable()

@@ -103,20 +103,26 @@ class _CaptureMode(TorchFunctionMode):
 
     def __init__(self, session: "CaptureSession", state: _ThreadState):
         super().__init__()
-        self._session = session
-        self._state = state
+        # Weak: the thread state holds this mode, and the session holds the state. Strong
+        # references would make a cycle that keeps the session, its store and every captured
+        # tensor alive after the hooker is dropped, until the garbage collector runs.
+        self._session = weakref.ref(session)
+        self._state = weakref.ref(state)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        session, state = self._session(), self._state()
+        if session is None or state is None:  # the hooker is gone: nothing to record
+            return func(*args, **kwargs)
         if func in SDPA_FUNCTIONS:
-            return self._session.on_sdpa(func, args, kwargs)
+            return session.on_sdpa(func, args, kwargs)
         if func is torch.nn.functional.multi_head_attention_forward:
-            return self._session.on_mha_forward(func, args, kwargs)
+            return session.on_mha_forward(func, args, kwargs)
         result = func(*args, **kwargs)
-        if self._state.pending is not None:
-            self._session.on_use(func, args, result)
+        if state.pending is not None:
+            session.on_use(func, args, result)
         if func in SOFTMAX_FUNCTIONS:
-            self._session.on_softmax(result, args, kwargs)
+            session.on_softmax(result, args, kwargs)
         return result
 
 

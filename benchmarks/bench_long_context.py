@@ -1,0 +1,111 @@
+"""Capture at long context on a tiny LLaMA (rope, grouped-query attention), each mode in its own process.
+
+Run by hand (not part of the test suite):
+
+    python benchmarks/bench_long_context.py [--lengths 4096 8192] [--modes plain full_fp32 ...] [--rounds 3]
+
+Modes, for one forward of batch 1 on the sdpa model (2 layers, 4 query heads, 2 kv heads):
+
+- plain:       the model alone (the reference)
+- hf_eager:    the peer: the eager model with output_attentions=True
+- full_fp32:   our capture of every layer and head, stored as computed (float32)
+- full_fp16:   the same, stored as float16
+- head0:       our capture of head 0 only
+
+Each (mode, length) runs in a fresh process, so that its peak resident memory
+(``ru_maxrss``) is its own: shown as the peak over the plain forward's peak, next
+to the bytes the capture keeps. Time is the median of ``--rounds`` forwards after
+one warm-up, shown as a ratio to plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "head0")
+
+
+def _model(implementation: str):
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
+
+
+def child(mode: str, length: int, rounds: int) -> dict:
+    """One mode at one length, in this process: seconds per forward, peak RSS, bytes kept."""
+    import torch
+
+    from attention_hooker import AttentionCaptureWarning, TransformerAttentionHooker
+
+    warnings.simplefilter("ignore", AttentionCaptureWarning)
+    torch.set_grad_enabled(False)
+    model = _model("eager" if mode == "hf_eager" else "sdpa")
+    ids = torch.randint(3, 250, (1, length))
+    options = {"full_fp32": {}, "full_fp16": {"dtype": torch.float16}, "head0": {"heads": [0]}}.get(mode)
+    kept = 0
+
+    def forward():
+        nonlocal kept
+        if mode == "hf_eager":
+            out = model(ids, output_attentions=True)
+            kept = sum(a.numel() * a.element_size() for a in out.attentions)
+            return out
+        if options is None:
+            return model(ids)
+        with TransformerAttentionHooker(model, **options) as hooker:
+            out = model(ids)
+        kept = hooker.values.nbytes
+        return out
+
+    seconds = []
+    for i in range(rounds + 1):
+        start = time.perf_counter()
+        out = forward()
+        if i:
+            seconds.append(time.perf_counter() - start)
+        del out
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
+    return {"mode": mode, "length": length, "seconds": statistics.median(seconds), "peak_mb": peak_kb / 1024,
+            "kept_mb": kept / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.rounds)))
+        return
+    modes = ["plain"] + [m for m in args.modes if m != "plain"]
+    print("| tokens | mode | time / plain | peak over plain | kept |")
+    print("|---|---|---|---|---|")
+    for length in args.lengths:
+        plain = None
+        for mode in modes:
+            run = subprocess.run([sys.executable, __file__, "--child", mode, str(length), "--rounds", str(args.rounds)],
+                                 capture_output=True, text=True)
+            if run.returncode != 0:
+                print(f"| {length} | {mode} | failed: {run.stderr.strip().splitlines()[-1][:80]} | | |")
+                continue
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            plain = plain or result
+            print(f"| {length} | {mode} | {result['seconds'] / plain['seconds']:.2f}x ({result['seconds']:.2f} s) | "
+                  f"+{result['peak_mb'] - plain['peak_mb']:.0f} MB | {result['kept_mb']:.0f} MB |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
