@@ -232,14 +232,22 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     batch = max(q.shape[0], k.shape[0], 1 if mask is None else mask.shape[0])
     length, source = q.shape[2], k.shape[2]
     out = torch.empty((batch, q.shape[1], length, source), dtype=dtype, device=device)  # (B, H, L, S)
-    work = torch.float32 if q.dtype in _HALF else q.dtype
+    if q.dtype in _HALF:  # scores and softmax in float32, as the kernels compute them
+        q, k = q.float(), k.float()
+    work = q.dtype
     row_bytes = max(1, batch * q.shape[1] * source * torch.finfo(work).bits // 8)
     rows = max(1, min(length, tile_bytes // row_bytes))
+    # One working tensor for every tile (fresh memory per tile costs page faults on each).
+    scratch = torch.empty(batch * q.shape[1] * rows * source, dtype=work, device=q.device)
+
+    def tile_buffer(shape, tile_dtype, tile_device):
+        return scratch[: math.prod(shape)].view(shape)
+
     for first in range(0, length, rows):
         last = min(length, first + rows)
         tile_mask = mask if mask is None or mask.shape[2] == 1 else mask[:, :, first:last]
-        tile = _weights(q[:, :, first:last], k, tile_mask, is_causal, scale_factor, None, dtype, first)
-        out[:, :, first:last].copy_(tile)  # (B, H, rows, S)
+        tile = _weights(q[:, :, first:last], k, tile_mask, is_causal, scale_factor, tile_buffer, work, first)
+        out[:, :, first:last].copy_(tile)  # (B, H, rows, S), converted to the stored dtype on the way
     return out
 
 
