@@ -11,6 +11,7 @@ Modes, for one forward of batch 1 on the sdpa model (2 layers, 4 query heads, 2 
 - full_fp32:   our capture of every layer and head, stored as computed (float32)
 - full_fp16:   the same, stored as float16
 - head0:       our capture of head 0 only
+- last_row:    our capture of the last query row only (``rows="last"``)
 
 Each (mode, length) runs in a fresh process, so that its peak resident memory
 (``ru_maxrss``) is its own: shown as the peak over the plain forward's peak, next
@@ -29,7 +30,7 @@ import sys
 import time
 import warnings
 
-MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "head0")
+MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "head0", "last_row")
 
 
 def _model(implementation: str):
@@ -52,7 +53,8 @@ def child(mode: str, length: int, rounds: int) -> dict:
     torch.set_grad_enabled(False)
     model = _model("eager" if mode == "hf_eager" else "sdpa")
     ids = torch.randint(3, 250, (1, length))
-    options = {"full_fp32": {}, "full_fp16": {"dtype": torch.float16}, "head0": {"heads": [0]}}.get(mode)
+    options = {"full_fp32": {}, "full_fp16": {"dtype": torch.float16}, "head0": {"heads": [0]},
+               "last_row": {"rows": "last"}}.get(mode)
     kept = 0
 
     def forward():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 from .errors import AttentionHookerError
 
@@ -263,3 +263,46 @@ def check_probabilities(attn, where: str, *, atol: Optional[float] = None) -> No
             f"{where} is not attention probabilities: row {index} sums to {float(sums[index]):.4g}, "
             "expected at most 1 (1 for a softmax over the keys); pass softmax output, not scores"
         )
+
+
+def row_selection(value) -> Union[None, slice, Tuple[int, ...]]:
+    """The query rows a capture keeps: ``None`` (all), a ``slice``, or a tuple of
+    indices (negative ones count from the end of each call's rows); ``"last"`` is
+    ``(-1,)``.
+
+    Example:
+        >>> row_selection("last"), row_selection([0, -1]), row_selection(slice(None, None, 4))
+        ((-1,), (0, -1), slice(None, None, 4))
+    """
+    if value is None or isinstance(value, slice):
+        if isinstance(value, slice) and not all(v is None or _is_int(v) for v in (value.start, value.stop, value.step)):
+            raise AttentionHookerError(f"rows={value!r}: a slice of rows needs whole-number bounds")
+        if isinstance(value, slice) and value.step is not None and int(value.step) < 1:
+            raise AttentionHookerError(f"rows={value!r}: the step of a slice of rows must be 1 or more")
+        return value
+    if isinstance(value, str):
+        if value != "last":
+            raise AttentionHookerError(f"rows={value!r} is not a selection of query rows; expected 'last', an index, "
+                                       "a list of indices or a slice")
+        return (-1,)
+    return index_list(value, "rows", allow_negative=True, noun="query row")
+
+
+def resolve_rows(rows: Union[slice, Tuple[int, ...]], length: int, where: str) -> Tuple[int, ...]:
+    """The absolute query-row indices a selection keeps of a call with ``length`` rows.
+
+    Raises:
+        AttentionHookerError: when an index is outside the call's rows, or a slice keeps none.
+    """
+    if isinstance(rows, slice):
+        kept = tuple(range(length)[rows])
+        if not kept:
+            raise AttentionHookerError(f"rows={rows!r} keeps no row of {where}, which has {length} query rows")
+        return kept
+    bad = [r for r in rows if not -length <= r < length]
+    if bad:
+        raise AttentionHookerError(
+            f"rows={list(rows)} names row(s) {bad}, but {where} has {length} query rows (indices 0..{length - 1}, "
+            f"or -{length}..-1 from the end)"
+        )
+    return tuple(dict.fromkeys(r % length for r in rows))  # [0, -1] of a one-row call is that row once

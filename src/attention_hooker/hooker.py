@@ -47,6 +47,11 @@ class TransformerAttentionHooker:
         keep_grad: also keep ``gradients``: d(loss)/d(weights) per stored call,
             filled by ``backward()`` (on the sdpa route the output is then
             computed as ``weights @ value`` so that the weights are in the graph).
+        rows: the query rows kept of each call: ``"last"``, an index, a list of
+            indices (negative ones count from the end of each call's rows) or a
+            slice; stored ``(batch, heads, len(rows), key)``. On the sdpa route
+            only those rows are computed, so the cost follows the selection
+            ("what did the last token look at" at long context).
 
     Attributes:
         values: ``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``,
@@ -78,13 +83,16 @@ class TransformerAttentionHooker:
         max_calls: Optional[int] = None,
         keep: str = "first",
         keep_grad: bool = False,
+        rows=None,
     ):
         check_module(model)
         policy = StoragePolicy.build(
-            device=device, dtype=dtype, heads=heads, max_calls=max_calls, keep=keep, keep_grad=keep_grad
+            device=device, dtype=dtype, heads=heads, max_calls=max_calls, keep=keep, keep_grad=keep_grad, rows=rows
         )
         if policy.keep_grad and policy.heads is not None:
             raise AttentionHookerError("heads= and keep_grad=True cannot be combined: gradients need every head")
+        if policy.keep_grad and policy.rows is not None:
+            raise AttentionHookerError("rows= and keep_grad=True cannot be combined: gradients need every query row")
         self.model = model
         self.layer_regex = layer_regex
         self._selected = select_modules(model, layer_regex)
@@ -203,7 +211,22 @@ class TransformerAttentionHooker:
         """
         from .io import save_values
 
-        save_values(self.values, path, tokens=tokens, model_class=type(self.model).__name__)
+        save_values(self.values, path, tokens=tokens, model_class=type(self.model).__name__, selection=self.selection)
+
+    @property
+    def selection(self) -> dict:
+        """Which heads and query rows each stored call holds: ``{"heads": [...] or None,
+        "rows": "last" / [indices] / {"start", "stop", "step"} or None}`` (saved with
+        the capture). Stored calls are ``(batch, len(heads), len(rows), key)``."""
+        p = self._store.policy
+        rows = p.rows
+        if isinstance(rows, slice):
+            rows = {"start": rows.start, "stop": rows.stop, "step": rows.step}
+        elif rows == (-1,):
+            rows = "last"
+        elif rows is not None:
+            rows = list(rows)
+        return {"heads": None if p.heads is None else list(p.heads), "rows": rows}
 
     def __enter__(self) -> "TransformerAttentionHooker":
         return self.setup()

@@ -58,7 +58,7 @@ class SavedAttention:
     def save(self, path, *, tokens: Optional[Sequence[str]] = None) -> None:
         """Writes this capture again (see :func:`save_values`)."""
         save_values(self.values, path, tokens=tokens if tokens is not None else self.tokens,
-                    model_class=self.metadata.get("model_class"))
+                    model_class=self.metadata.get("model_class"), selection=self.metadata.get("selection"))
 
     def __repr__(self) -> str:
         return f"SavedAttention({self.metadata.get('model_class') or 'model'}, {self.values!r})"
@@ -70,6 +70,7 @@ def save_values(
     *,
     tokens: Optional[Sequence[str]] = None,
     model_class: Optional[str] = None,
+    selection: Optional[Mapping] = None,
 ) -> None:
     """Writes ``{layer_name: [tensor per call]}`` to one safetensors file.
 
@@ -78,6 +79,8 @@ def save_values(
         path: the file; missing folders are created.
         tokens: token labels to keep with it.
         model_class: the model's class name, kept as metadata.
+        selection: which heads and query rows the capture kept
+            (``hooker.selection``), kept as metadata so that views label the axes.
 
     Raises:
         AttentionHookerError: when there is nothing to save, a call is not
@@ -114,6 +117,7 @@ def save_values(
         "calls": calls_per_layer,
         "tokens": tokens,
         "model_class": model_class,
+        "selection": dict(selection) if selection else None,
         "dtype": sorted(dtypes),
         "library_version": _version(),
     }

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import check_device, check_flag, check_heads, index_list, one_of, positive_int
+from ._checks import (check_device, check_flag, check_heads, index_list, one_of, positive_int, resolve_rows,
+                      row_selection)
 from .errors import AttentionHookerError
 
 __all__ = ["StoragePolicy", "AttentionValues", "AttentionStore"]
@@ -34,6 +35,8 @@ class StoragePolicy:
             not computed at all) and ``"last"`` keeps the most recent ones.
         keep_grad: also keep the gradient of the loss with respect to each stored
             call's weights, filled in by ``backward()``.
+        rows: the query rows to keep of each call (a tuple of indices, negative
+            ones from the end, or a slice); ``None`` keeps every row.
     """
 
     device: Optional[torch.device] = torch.device("cpu")
@@ -42,6 +45,7 @@ class StoragePolicy:
     max_calls: Optional[int] = None
     keep: str = "first"
     keep_grad: bool = False
+    rows: Union[None, slice, Tuple[int, ...]] = None
 
     @classmethod
     def build(
@@ -53,6 +57,7 @@ class StoragePolicy:
         max_calls: Optional[int],
         keep: str,
         keep_grad: bool,
+        rows=None,
     ) -> "StoragePolicy":
         """Validates user options and returns a policy.
 
@@ -69,7 +74,7 @@ class StoragePolicy:
         max_calls = positive_int(max_calls, "max_calls", allow_none=True)
         keep = one_of(keep, "keep", _KEEP_CHOICES)
         keep_grad = check_flag(keep_grad, "keep_grad")
-        return cls(device, dtype, heads, max_calls, keep, keep_grad)
+        return cls(device, dtype, heads, max_calls, keep, keep_grad, row_selection(rows))
 
 
 class AttentionValues(dict):
@@ -151,7 +156,7 @@ class AttentionStore:
         name: str,
         weights: torch.Tensor,
         *,
-        heads_selected: bool = False,
+        selected: bool = False,
         graph_tensor: Optional[torch.Tensor] = None,
         gradient_scale: Optional[torch.Tensor] = None,
     ) -> None:
@@ -160,7 +165,7 @@ class AttentionStore:
         Args:
             name: the layer name.
             weights: ``(batch, heads, query, key)``.
-            heads_selected: the route already kept only ``policy.heads``.
+            selected: the route already kept only ``policy.heads`` and ``policy.rows``.
             graph_tensor: with ``keep_grad``, the tensor of the autograd graph
                 that holds these weights (``weights`` itself or its base); its
                 gradient lands in ``gradients[name]`` at the same call index.
@@ -172,8 +177,11 @@ class AttentionStore:
             AttentionHookerError: when ``policy.heads`` names a head the layer lacks.
         """
         p = self.policy
-        if p.heads is not None and not heads_selected:
+        if p.heads is not None and not selected:
             weights = select_heads(weights, p.heads, name)
+        if p.rows is not None and not selected:
+            index = resolve_rows(p.rows, weights.shape[2], f"layer {name!r}")
+            weights = weights.index_select(2, torch.tensor(index, device=weights.device))  # (B, H, rows, K)
         stored = self._place(weights.detach())
         with self._lock:
             self._append(name, stored, weights if graph_tensor is None else graph_tensor, gradient_scale)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from .._checks import check_heads
+from .._checks import check_heads, resolve_rows
 from ..errors import AttentionHookerError
 
 __all__ = ["SDPA_FUNCTIONS", "sdpa_attention_weights", "parse_sdpa_call", "as_4d", "packed_query_groups",
@@ -113,6 +113,7 @@ def sdpa_attention_weights(
     enable_gqa: bool = False,
     *,
     heads: Optional[Sequence[int]] = None,
+    rows=None,
     buffer: Optional[Callable[..., torch.Tensor]] = None,
     where: str = "the attention",
     store_as: Optional[Tuple[torch.dtype, torch.device]] = None,
@@ -139,6 +140,11 @@ def sdpa_attention_weights(
         enable_gqa: accepted for symmetry with the kernel; fewer kv heads that
             divide the query heads are always shared this way.
         heads: query-head indices to compute; ``None`` computes all.
+        rows: query rows to compute (indices, negative from the end, or a slice;
+            see :func:`~attention_hooker._checks.row_selection`); ``None`` computes
+            all. Only those rows of ``q`` enter the product with the keys, so the
+            cost follows the selection; a causal mask still hides keys after each
+            row's own position.
         buffer: ``buffer(shape, dtype, device)`` gives the tensor the weights are
             written into (float32/float64 queries); ``None`` allocates one.
         where: names the call in error messages (e.g. ``"layer 'h.0.attn'"``).
@@ -192,23 +198,32 @@ def sdpa_attention_weights(
     elif 1 < n_k_heads < n_q_heads:
         k = k.repeat_interleave(n_q_heads // n_k_heads, dim=1)  # (B, Hq, S, E)
 
+    row_index = None  # (rows,): the absolute query rows computed, when not all of them
+    if rows is not None:
+        row_index = torch.tensor(resolve_rows(rows, length, where), device=q.device)
+        q = q.index_select(2, row_index)  # (B, H, rows, E)
+        if mask is not None and mask.shape[2] > 1:
+            mask = mask.index_select(2, row_index)
+    if row_index is None:
+        row_index = torch.arange(length, device=q.device)
     scale_factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _differentiable_weights(q, k, mask, is_causal, scale_factor).to(query.dtype)
+        return _differentiable_weights(q, k, mask, is_causal, scale_factor, row_index).to(query.dtype)
     if store_as is not None:
-        return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or TILE_BYTES)
-    return _weights(q, k, mask, is_causal, scale_factor, buffer, query.dtype)
+        return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or TILE_BYTES, row_index)
+    return _weights(q, k, mask, is_causal, scale_factor, buffer, query.dtype, row_index)
 
 
-def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, first_row: int = 0) -> torch.Tensor:
-    """``softmax(q k^T * scale + bias)`` for the query rows ``first_row ..`` of the call:
-    ``(B, H, rows, S)`` in ``dtype``; ``mask`` already holds only these rows."""
-    length, source = q.shape[2], k.shape[2]
-    scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, L, S), float32 for half inputs
+def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, row_index) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias)`` for the query rows ``row_index`` (absolute, one
+    per row of ``q``) of the call: ``(B, H, rows, S)`` in ``dtype``; ``mask`` already
+    holds only these rows."""
+    source = k.shape[2]
+    scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, rows, S), float32 for half inputs
 
-    above_diagonal = None  # (L, S): keys a top-left causal mask hides
+    above_diagonal = None  # (rows, S): keys a top-left causal mask hides
     if is_causal:
-        above_diagonal = torch.ones(length, source, dtype=torch.bool, device=q.device).triu_(1 + first_row)
+        above_diagonal = torch.arange(source, device=q.device)[None, :] > row_index[:, None]
         scores.masked_fill_(above_diagonal, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -224,7 +239,8 @@ def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, fi
     return weights.to(dtype) if weights.dtype != dtype else weights
 
 
-def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as, tile_bytes: int) -> torch.Tensor:
+def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as, tile_bytes: int,
+                      row_index) -> torch.Tensor:
     """The weights ``(B, H, L, S)`` in ``store_as = (dtype, device)``, computed a block of
     query rows at a time: each row's softmax only needs its own scores, so a tile of
     rows is exact on its own. Working memory: one tile of float32 (or float64) scores."""
@@ -246,7 +262,8 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     for first in range(0, length, rows):
         last = min(length, first + rows)
         tile_mask = mask if mask is None or mask.shape[2] == 1 else mask[:, :, first:last]
-        tile = _weights(q[:, :, first:last], k, tile_mask, is_causal, scale_factor, tile_buffer, work, first)
+        tile = _weights(q[:, :, first:last], k, tile_mask, is_causal, scale_factor, tile_buffer, work,
+                        row_index[first:last])
         out[:, :, first:last].copy_(tile)  # (B, H, rows, S), converted to the stored dtype on the way
     return out
 
@@ -305,14 +322,14 @@ def _may_have_empty_rows(mask, above_diagonal) -> bool:
     return bool(blocked.all(-1).any())
 
 
-def _differentiable_weights(q, k, mask, is_causal: bool, scale: float) -> torch.Tensor:
+def _differentiable_weights(q, k, mask, is_causal: bool, scale: float, row_index) -> torch.Tensor:
     """The same formula with out-of-place operations only, so autograd can follow it."""
     if q.dtype in _HALF:  # float32 scores and softmax, as the kernels compute them
         q, k = q.float(), k.float()
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, L, S)
     if is_causal:
-        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril_()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        above_diagonal = torch.arange(k.shape[2], device=q.device)[None, :] > row_index[:, None]  # (rows, S)
+        scores = scores.masked_fill(above_diagonal, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = torch.softmax(scores, dim=-1)

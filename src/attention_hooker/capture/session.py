@@ -65,7 +65,7 @@ class _Scope:
         self.layer = layer  # None for a fast-path guard, which captures nothing
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
         self.input_shape = input_shape  # of the call's hidden states (capture.inputs), or None
-        # What this call of the layer computed, kept until it returns: (weights, heads_selected,
+        # What this call of the layer computed, kept until it returns: (weights, selected,
         # graph_tensor) per attention call, and why a call was refused. One forward of an
         # attention layer stores one map, or nothing (see CaptureSession._flush).
         self.calls: list = []
@@ -297,13 +297,14 @@ class CaptureSession:
                 call["scale"],
                 bool(call["enable_gqa"]),
                 heads=store.policy.heads if groups == 1 else None,
+                rows=store.policy.rows if groups == 1 else None,
                 buffer=self.spares.take if as_computed else None,
                 where=f"layer {layer!r}",
                 store_as=store_as,
             )  # (B, H, L, S); packed: (B, Hk, groups, S)
         if groups > 1:
             weights = unpack_query_groups(weights, groups)  # (B, H, 1, S)
-        self._record(layer, weights, heads_selected=groups == 1)
+        self._record(layer, weights, selected=groups == 1)
         return output
 
     def _sdpa_with_grad(self, call: dict, layer: str, groups: int) -> torch.Tensor:
@@ -322,7 +323,7 @@ class CaptureSession:
             used = torch.nn.functional.dropout(weights, p=float(call["dropout_p"]))
         output = torch.matmul(used, v)  # (B, H, L, Ev)
         # Gradients reach the packed tensor the output was computed from; stored unpacked (the same order).
-        self._record(layer, unpack_query_groups(weights, groups) if groups > 1 else weights, heads_selected=False,
+        self._record(layer, unpack_query_groups(weights, groups) if groups > 1 else weights, selected=False,
                      graph_tensor=weights)
         return output.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
 
@@ -404,7 +405,7 @@ class CaptureSession:
                     f"shape {tuple(tracked.shape)}, not (batch, heads, query, key) {tuple(weights.shape)}"))
                 return
             weights = tracked  # (B, H, Q, K): the mixed map that multiplies the values
-        self._record(layer, weights, heads_selected=False)
+        self._record(layer, weights, selected=False)
 
     def on_mha_forward(self, func, args: tuple, kwargs: dict):
         """``F.multi_head_attention_forward`` of a hooked ``nn.MultiheadAttention`` that
@@ -454,14 +455,14 @@ class CaptureSession:
         self.coverage.captured(layer)
         self.store.skip(layer)
 
-    def _record(self, layer: str, weights: torch.Tensor, *, heads_selected: bool, graph_tensor=None) -> None:
+    def _record(self, layer: str, weights: torch.Tensor, *, selected: bool, graph_tensor=None) -> None:
         """Keeps one attention call's weights with the running call of ``layer``; they are
         stored when it returns (:meth:`_flush`)."""
         scope = self._scope_of(layer)
         if scope is None:  # its call is over (closed meanwhile): store at once
-            self._store(layer, weights, heads_selected, graph_tensor)
+            self._store(layer, weights, selected, graph_tensor)
             return
-        scope.calls.append((weights, heads_selected, graph_tensor))
+        scope.calls.append((weights, selected, graph_tensor))
 
     def _refuse(self, scope: _Scope, reason: str) -> None:
         if scope.refusal is None:
@@ -506,14 +507,14 @@ class CaptureSession:
         if refusal is not None:
             self.coverage.refused(layer, refusal)
             return
-        weights, heads_selected, graph_tensor = calls[0]
-        self._store(layer, weights, heads_selected, graph_tensor)
+        weights, selected, graph_tensor = calls[0]
+        self._store(layer, weights, selected, graph_tensor)
 
-    def _store(self, layer: str, weights: torch.Tensor, heads_selected: bool, graph_tensor,
+    def _store(self, layer: str, weights: torch.Tensor, selected: bool, graph_tensor,
                gradient_scale=None) -> None:
         self._state().events += 1
         self.coverage.captured(layer)
-        self.store.record(layer, weights, heads_selected=heads_selected, graph_tensor=graph_tensor,
+        self.store.record(layer, weights, selected=selected, graph_tensor=graph_tensor,
                           gradient_scale=gradient_scale)
 
     def _scope_of(self, layer: str) -> Optional[_Scope]:

@@ -1,0 +1,149 @@
+"""Issue 11: query rows selected before q.kᵀ (``rows=``), on every route, against the full capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attention_hooker import AttentionHookerError, TransformerAttentionHooker
+from attention_hooker.capture import sdpa
+from tiny_models import Stack
+
+transformers = pytest.importorskip("transformers")
+
+SELECTIONS = {"last": "last", "first_and_last": [0, -1], "every_other": slice(None, None, 2), "middle": 3}
+
+
+class _CausalSdpaAttention(nn.Module):
+    def __init__(self, dim=16, num_heads=4, kv_heads=2, causal=True):
+        super().__init__()
+        self.num_heads, self.kv_heads, self.causal = num_heads, kv_heads, causal
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * (dim // num_heads))
+
+    def forward(self, x, mask=None):
+        b, t, d = x.shape
+        e = d // self.num_heads
+        q = self.q(x).view(b, t, self.num_heads, e).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, self.kv_heads, e).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+                                                         enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, t, d)
+
+
+def _expected(full: torch.Tensor, rows) -> torch.Tensor:
+    length = full.shape[2]
+    if rows == "last":
+        index = [length - 1]
+    elif isinstance(rows, slice):
+        index = list(range(length))[rows]
+    else:
+        index = [r % length for r in ([rows] if isinstance(rows, int) else rows)]
+    return full[:, :, index]
+
+
+def _models():
+    torch.manual_seed(0)
+    return {
+        "sdpa_causal_gqa": (_CausalSdpaAttention(), {}),
+        "sdpa_bool_mask": (_CausalSdpaAttention(causal=False), {"mask": torch.rand(2, 1, 9, 9) > 0.3}),
+        "softmax": (Stack(use_softmax=True), {}),
+        "mha": (nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True), {}),
+    }
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16], ids=["as_computed", "float16_tiles"])
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+@pytest.mark.parametrize("route", list(_models()))
+def test_selected_rows_equal_those_rows_of_the_full_capture(route, selection, dtype):
+    model, kwargs = _models()[route]
+    model.eval()
+    x = torch.randn(2, 9, 16)
+    rows = SELECTIONS[selection]
+    with torch.no_grad():
+        with TransformerAttentionHooker(model) as full:
+            out = model(x, **kwargs)
+        with TransformerAttentionHooker(model, rows=rows, dtype=dtype) as some:
+            out_selected = model(x, **kwargs)
+    torch.testing.assert_close(out_selected, out, rtol=0, atol=0)
+    assert list(some.values) == list(full.values)
+    for name, calls in full.values.items():
+        got, expected = some.values[name][0], _expected(calls[0], rows)
+        assert got.shape == expected.shape, (name, got.shape, expected.shape)
+        torch.testing.assert_close(got.float(), expected, atol=1e-3 if dtype else 1e-6, rtol=0)
+
+
+def test_on_the_sdpa_route_only_the_selected_rows_enter_the_product_with_the_keys(monkeypatch):
+    computed = []
+    original = sdpa._scaled_scores
+
+    def spy(q, k, *args):
+        computed.append(q.shape[2])
+        return original(q, k, *args)
+
+    monkeypatch.setattr(sdpa, "_scaled_scores", spy)
+    model = _CausalSdpaAttention().eval()
+    with torch.no_grad(), TransformerAttentionHooker(model, rows="last"):
+        model(torch.randn(1, 50, 16))
+    assert computed == [1]
+
+
+def test_last_row_of_a_llama_generating_with_left_padding_equals_the_full_capture():
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 60, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with TransformerAttentionHooker(model) as full:
+            tokens = model.generate(**kwargs)
+        with TransformerAttentionHooker(model, rows="last") as last:
+            tokens_last = model.generate(**kwargs)
+    assert torch.equal(tokens, tokens_last)
+    for name, calls in full.values.items():
+        assert len(last.values[name]) == len(calls) == 3
+        for got, whole in zip(last.values[name], calls):
+            assert got.shape[2] == 1
+            torch.testing.assert_close(got, whole[:, :, -1:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("first", "not a selection of query rows"),
+    ([0.5], "non-integer"),
+    ([1, 1], "more than once"),
+    (slice(0, 4, -1), "step"),
+])
+def test_a_bad_row_selection_is_refused_when_the_hooker_is_made(rows, message):
+    with pytest.raises(AttentionHookerError, match=message):
+        TransformerAttentionHooker(Stack(), rows=rows)
+
+
+def test_rows_outside_a_call_name_the_layer_and_its_rows():
+    model = Stack().eval()
+    with pytest.raises(AttentionHookerError, match=r"rows=\[7\] names row\(s\) \[7\], but layer 'blocks.0' has 5"):
+        with torch.no_grad(), TransformerAttentionHooker(model, rows=[7]):
+            model(torch.randn(1, 5, 16))
+
+
+def test_rows_and_keep_grad_cannot_be_combined():
+    with pytest.raises(AttentionHookerError, match="rows= and keep_grad=True"):
+        TransformerAttentionHooker(Stack(), rows="last", keep_grad=True)
+
+
+def test_the_selection_is_saved_with_the_capture(tmp_path):
+    from attention_hooker import load
+
+    model = Stack().eval()
+    with torch.no_grad(), TransformerAttentionHooker(model, rows=slice(1, None, 2), heads=[0, 2]) as hooker:
+        model(torch.randn(1, 5, 16))
+    assert hooker.selection == {"heads": [0, 2], "rows": {"start": 1, "stop": None, "step": 2}}
+    assert hooker.values["blocks.0"][0].shape == (1, 2, 2, 5)
+    hooker.save(tmp_path / "capture.safetensors")
+    loaded = load(tmp_path / "capture.safetensors")
+    assert loaded.metadata["selection"] == hooker.selection
+    loaded.save(tmp_path / "again.safetensors")
+    assert load(tmp_path / "again.safetensors").metadata["selection"] == hooker.selection
