@@ -12,6 +12,7 @@ Modes, for one forward of batch 1 on the sdpa model (2 layers, 4 query heads, 2 
 - full_fp16:   the same, stored as float16
 - head0:       our capture of head 0 only
 - last_row:    our capture of the last query row only (``rows="last"``)
+- stats:       per-head statistics reduced tile by tile (``hooker.reduce_into``), no matrix kept
 
 Each (mode, length) runs in a fresh process, so that its peak resident memory
 (``ru_maxrss``) is its own: shown as the peak over the plain forward's peak, next
@@ -30,7 +31,7 @@ import sys
 import time
 import warnings
 
-MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "head0", "last_row")
+MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "head0", "last_row", "stats")
 
 
 def _model(implementation: str):
@@ -62,6 +63,14 @@ def child(mode: str, length: int, rounds: int) -> dict:
         if mode == "hf_eager":
             out = model(ids, output_attentions=True)
             kept = sum(a.numel() * a.element_size() for a in out.attentions)
+            return out
+        if mode == "stats":
+            from attention_hooker import HeadStatsAccumulator
+
+            accumulator = HeadStatsAccumulator()
+            with TransformerAttentionHooker(model) as hooker:
+                hooker.reduce_into(accumulator)
+                out = model(ids)
             return out
         if options is None:
             return model(ids)

@@ -369,35 +369,37 @@ class HeadStatsAccumulator:
         self.inputs += 1
         batch_sizes = set()
         for name, a in checked.items():
-            batch, heads, n_query, n_key = a.shape
-            batch_sizes.add(batch)
-            fits = padding_mask is not None and tuple(_as_tensor(padding_mask, "padding_mask").shape)[-1:] == (n_query,)
-            mask = padding_mask if fits else None
-            query_mask = _query_mask(a, mask)  # (B, Q) or None
-            stats = {
-                "entropy": head_entropy(a, padding_mask=mask),
-                "first_token_share": sink_share(a, [0], padding_mask=mask),
-                "distance": mean_attention_distance(a, padding_mask=mask)
-                if n_query == n_key
-                else torch.full((batch, heads), math.nan, dtype=torch.float64),
-            }
-            if query_mask is not None and n_query == n_key:
-                last = query_mask.sum(-1) - 1  # (B,) each row's last real token
-                onehot = torch.nn.functional.one_hot(last, n_key).to(a.dtype)[:, None, None, :]  # (B, 1, 1, K)
-                stats["last_token_share"] = _mean_over_queries((a * onehot).sum(-1), query_mask)
-            else:
-                stats["last_token_share"] = sink_share(a, [-1], padding_mask=mask)
-            if name not in self._sums:
-                self.layers.append(name)
-                self._sums[name] = {k: torch.zeros(heads, dtype=torch.float64) for k in self.STATISTICS}
-                self._counts[name] = 0.0
-            rows = (
-                query_mask.sum(-1).double() if query_mask is not None else torch.full((batch,), float(n_query), dtype=torch.float64)
-            )  # (B,) real queries per input row
-            for key in self.STATISTICS:
-                self._sums[name][key] += (stats[key] * rows[:, None]).sum(0)
-            self._counts[name] += float(rows.sum())
+            batch_sizes.add(a.shape[0])
+            partial = self.partial(name, padding_mask)
+            partial.add(a, torch.arange(a.shape[2]), a.shape[2])
+            partial.commit()
         self.sequences += max(batch_sizes, default=0)
+
+    def add_input(self, batch: int) -> None:
+        """Counts one forward of ``batch`` sequences whose calls came through
+        :meth:`partial` (``hooker.reduce_into``) rather than :meth:`update`."""
+        self.inputs += 1
+        self.sequences += batch
+
+    def partial(self, name: str, padding_mask=None) -> "_PartialStats":
+        """Statistics of one call of layer ``name`` added a block of query rows at a
+        time (:meth:`_PartialStats.add`), and merged by :meth:`_PartialStats.commit`:
+        what a capture that keeps no matrices feeds, tile by tile."""
+        return _PartialStats(self, name, padding_mask)
+
+    def _merge(self, name: str, sums: Dict[str, torch.Tensor], count: float) -> None:
+        if name not in self._sums:
+            self.layers.append(name)
+            self._sums[name] = {k: torch.zeros_like(sums["entropy"]) for k in self.STATISTICS}
+            self._counts[name] = 0.0
+        if len(self._sums[name]["entropy"]) != len(sums["entropy"]):
+            raise AttentionHookerError(
+                f"layer {name!r} has {len(sums['entropy'])} heads in this update but {len(self._sums[name]['entropy'])} "
+                "before: statistics of different models or head selections cannot be averaged together"
+            )
+        for key in self.STATISTICS:
+            self._sums[name][key] += sums[key]
+        self._counts[name] += count
 
     def result(self) -> Dict[str, "object"]:
         """``{statistic: (layers, heads) numpy array}`` in the order layers were seen."""
@@ -411,6 +413,59 @@ class HeadStatsAccumulator:
             width = max(len(r) for r in rows)
             out[key] = np.stack([np.pad(r, (0, width - len(r)), constant_values=np.nan) for r in rows])
         return out
+
+
+class _PartialStats:
+    """Row sums of the head statistics of one layer call, from blocks of its query rows.
+
+    Every statistic is a mean over real query rows of a per-row quantity, so the
+    sums over any split of the rows into blocks add up to the whole call's: tiles
+    are exact. Nothing of the attention itself is kept.
+    """
+
+    def __init__(self, owner: HeadStatsAccumulator, name: str, padding_mask=None):
+        self._owner, self._name = owner, name
+        self._mask = None if padding_mask is None else _as_tensor(padding_mask, "padding_mask").bool()
+        if self._mask is not None and self._mask.dim() == 1:
+            self._mask = self._mask.unsqueeze(0)
+        self._sums: Optional[Dict[str, torch.Tensor]] = None
+        self._count = 0.0
+
+    def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
+        """Adds the query rows ``rows`` (absolute, ``(r,)``) of a call with ``n_query``
+        query rows: ``block`` is ``(batch, heads, r, key)`` probabilities."""
+        a = block.double()
+        batch, heads, _, n_key = a.shape
+        rows = rows.to(a.device)
+        mask = self._mask if self._mask is not None and self._mask.shape[-1] == n_query else None
+        real = (mask.to(a.device)[:, rows] if mask is not None
+                else torch.ones(batch, len(rows), dtype=torch.bool, device=a.device)).double()  # (B, r)
+        plogp = torch.where(a > 0, a * torch.log(a.clamp(min=1e-300)), torch.zeros_like(a))
+        per_row = {"entropy": -plogp.sum(-1), "first_token_share": a[..., 0]}  # each (B, H, r)
+        if n_query == n_key:
+            keys = torch.arange(n_key, device=a.device, dtype=torch.float64)
+            per_row["distance"] = (a * (rows.double()[:, None] - keys[None, :]).abs()).sum(-1)
+        else:
+            per_row["distance"] = torch.full(a.shape[:3], math.nan, dtype=torch.float64, device=a.device)
+        if mask is not None and n_query == n_key:
+            last = mask.to(a.device).sum(-1) - 1  # (B,) each row's last real token
+            per_row["last_token_share"] = a.gather(-1, last[:, None, None, None].expand(batch, heads, len(rows), 1))[..., 0]
+        else:
+            per_row["last_token_share"] = a[..., -1]
+        weights = real[:, None, :]  # (B, 1, r)
+        sums = {k: (v * weights).sum((0, 2)).cpu() for k, v in per_row.items()}  # (H,)
+        if self._sums is None:
+            self._sums = sums
+        else:
+            for k in sums:
+                self._sums[k] += sums[k]
+        self._count += float(real.sum())
+
+    def commit(self) -> None:
+        """Merges this call into the accumulator (a call refused after its tiles is dropped instead)."""
+        if self._sums is not None:
+            self._owner._merge(self._name, self._sums, self._count)
+            self._sums = None
 
 
 def stitch_steps(calls: Sequence[torch.Tensor]) -> torch.Tensor:

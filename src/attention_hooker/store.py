@@ -115,6 +115,9 @@ class AttentionStore:
         self.values = AttentionValues()
         self.gradients: dict = {}  # with keep_grad: {name: [[grad or None] per call]}
         self.calls_seen: dict = {}
+        # When set, calls are reduced instead of kept: reducer(layer) gives a partial
+        # result that takes blocks of query rows (add) and is merged by commit().
+        self.reducer: Optional[Callable[[str], object]] = None
         self._lock = threading.RLock()  # forwards on several threads record into one store
 
     def clear(self, *, salvage: Optional[Callable[[dict], list]] = None) -> list:
@@ -182,9 +185,20 @@ class AttentionStore:
         if p.rows is not None and not selected:
             index = resolve_rows(p.rows, weights.shape[2], f"layer {name!r}")
             weights = weights.index_select(2, torch.tensor(index, device=weights.device))  # (B, H, rows, K)
+        if self.reducer is not None:
+            partial = self.reducer(name)
+            partial.add(weights.detach(), torch.arange(weights.shape[2]), weights.shape[2])
+            self.commit_partial(name, partial)
+            return
         stored = self._place(weights.detach())
         with self._lock:
             self._append(name, stored, weights if graph_tensor is None else graph_tensor, gradient_scale)
+
+    def commit_partial(self, name: str, partial) -> None:
+        """Merges a reduced call of ``name`` (see ``reducer``); nothing is kept in ``values``."""
+        with self._lock:
+            self.calls_seen[name] = self.calls_seen.get(name, 0) + 1
+            partial.commit()
 
     def _append(self, name: str, stored: torch.Tensor, graph_tensor: torch.Tensor, gradient_scale=None) -> None:
         p = self.policy

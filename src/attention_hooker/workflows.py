@@ -278,7 +278,8 @@ class _Progress:
 
 def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Optional[str] = None,
                        batch_size: int = 16, progress_stream=None):
-    """Streams per-head statistics over ``lines``; the matrices of a batch are dropped after it.
+    """Streams per-head statistics over ``lines``; no attention matrix is kept (on the sdpa
+    route none of a whole layer is even held: each call is reduced a tile of rows at a time).
 
     Returns:
         ``(accumulator, seconds)``.
@@ -299,12 +300,12 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
         for i in range(0, len(lines), batch_size):
             batch = lines[i : i + batch_size]
             enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True)
+            hooker.reduce_into(accumulator, padding_mask=enc["attention_mask"])  # reduced tile by tile, none kept
             if loaded.kind == "encoder-decoder":  # the line is both the source and the target
                 model(**enc, decoder_input_ids=enc["input_ids"], decoder_attention_mask=enc["attention_mask"])
             else:
                 model(**enc)
-            accumulator.update(hooker.values, padding_mask=enc["attention_mask"])
-            hooker.clear()
+            accumulator.add_input(len(batch))
             progress.advance(len(batch))
     return accumulator, time.perf_counter() - start
 

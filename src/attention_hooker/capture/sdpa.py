@@ -118,7 +118,8 @@ def sdpa_attention_weights(
     where: str = "the attention",
     store_as: Optional[Tuple[torch.dtype, torch.device]] = None,
     tile_bytes: Optional[int] = None,
-) -> torch.Tensor:
+    tile_sink: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+) -> Optional[torch.Tensor]:
     """Attention probabilities of one ``scaled_dot_product_attention`` call.
 
     Follows the reference implementation in PyTorch's documentation of
@@ -156,6 +157,10 @@ def sdpa_attention_weights(
             model). ``buffer`` is then unused.
         tile_bytes: the working memory of one tile, with ``store_as``
             (:data:`TILE_BYTES` when ``None``).
+        tile_sink: instead of returning the weights, hand each tile to
+            ``tile_sink(tile, rows)`` (``(batch, heads, r, key)`` in the working
+            dtype, valid during the call only, and its absolute query rows ``(r,)``)
+            and return ``None``: nothing larger than a tile is ever held.
 
     Returns:
         ``(batch, heads, query, key)`` probabilities, in the query's dtype
@@ -209,8 +214,9 @@ def sdpa_attention_weights(
     scale_factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return _differentiable_weights(q, k, mask, is_causal, scale_factor, row_index).to(query.dtype)
-    if store_as is not None:
-        return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or TILE_BYTES, row_index)
+    if store_as is not None or tile_sink is not None:
+        return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or TILE_BYTES, row_index,
+                                 tile_sink)
     return _weights(q, k, mask, is_causal, scale_factor, buffer, query.dtype, row_index)
 
 
@@ -240,14 +246,16 @@ def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, ro
 
 
 def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as, tile_bytes: int,
-                      row_index) -> torch.Tensor:
+                      row_index, tile_sink=None) -> Optional[torch.Tensor]:
     """The weights ``(B, H, L, S)`` in ``store_as = (dtype, device)``, computed a block of
     query rows at a time: each row's softmax only needs its own scores, so a tile of
     rows is exact on its own. Working memory: one tile of float32 (or float64) scores."""
-    dtype, device = store_as
     batch = max(q.shape[0], k.shape[0], 1 if mask is None else mask.shape[0])
     length, source = q.shape[2], k.shape[2]
-    out = torch.empty((batch, q.shape[1], length, source), dtype=dtype, device=device)  # (B, H, L, S)
+    out = None
+    if tile_sink is None:
+        dtype, device = store_as
+        out = torch.empty((batch, q.shape[1], length, source), dtype=dtype, device=device)  # (B, H, L, S)
     if q.dtype in _HALF:  # scores and softmax in float32, as the kernels compute them
         q, k = q.float(), k.float()
     work = q.dtype
@@ -264,7 +272,10 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
         tile_mask = mask if mask is None or mask.shape[2] == 1 else mask[:, :, first:last]
         tile = _weights(q[:, :, first:last], k, tile_mask, is_causal, scale_factor, tile_buffer, work,
                         row_index[first:last])
-        out[:, :, first:last].copy_(tile)  # (B, H, rows, S), converted to the stored dtype on the way
+        if tile_sink is not None:
+            tile_sink(tile, row_index[first:last])
+        else:
+            out[:, :, first:last].copy_(tile)  # (B, H, rows, S), converted to the stored dtype on the way
     return out
 
 

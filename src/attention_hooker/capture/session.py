@@ -285,8 +285,19 @@ class CaptureSession:
         # Stored as computed: written straight into the tensor that is stored (a spare one when
         # there is one). Otherwise computed in tiles of query rows, each written into a tensor of
         # the policy's dtype/device: no whole layer in the working dtype or device.
-        as_computed = store.stores_as_computed(query.dtype, query.device)
         policy = store.policy
+        if store.reducer is not None and groups == 1:  # reduced tile by tile: no layer is ever held
+            partial = store.reducer(layer)
+            n_query = as_4d(query).shape[2]
+            with torch.no_grad():
+                sdpa_attention_weights(
+                    call["query"], call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"],
+                    bool(call["enable_gqa"]), heads=policy.heads, where=f"layer {layer!r}",
+                    tile_sink=lambda tile, rows: partial.add(tile, rows, n_query),
+                )
+            self._record(layer, partial, selected=True)
+            return output
+        as_computed = store.stores_as_computed(query.dtype, query.device)
         store_as = None if as_computed else (policy.dtype or query.dtype, policy.device or query.device)
         with torch.no_grad():
             weights = sdpa_attention_weights(
@@ -494,7 +505,8 @@ class CaptureSession:
         if self.closed:
             return
         if refusal is None and len(calls) > 1:
-            shapes = ", ".join(str(tuple(c[0].shape)) for c in calls[:4]) + (", ..." if len(calls) > 4 else "")
+            shapes = ", ".join(str(tuple(getattr(c[0], "shape", ()))) for c in calls[:4]) + (
+                ", ..." if len(calls) > 4 else "")
             refusal = (
                 f"one call of the layer made {len(calls)} attention calls ({shapes}): its attention is computed "
                 "in pieces (block-sparse, global + local, landmark or differential attention, or a loop over "
@@ -514,6 +526,9 @@ class CaptureSession:
                gradient_scale=None) -> None:
         self._state().events += 1
         self.coverage.captured(layer)
+        if not isinstance(weights, torch.Tensor):  # a call reduced tile by tile (store.reducer)
+            self.store.commit_partial(layer, weights)
+            return
         self.store.record(layer, weights, selected=selected, graph_tensor=graph_tensor,
                           gradient_scale=gradient_scale)
 

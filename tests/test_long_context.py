@@ -1,4 +1,4 @@
-"""Issue 11: query rows selected before q.kᵀ (``rows=``), on every route, against the full capture."""
+"""Issue 11: long contexts: query rows selected before q.kᵀ (``rows=``), and statistics reduced tile by tile."""
 
 from __future__ import annotations
 
@@ -147,3 +147,97 @@ def test_the_selection_is_saved_with_the_capture(tmp_path):
     assert loaded.metadata["selection"] == hooker.selection
     loaded.save(tmp_path / "again.safetensors")
     assert load(tmp_path / "again.safetensors").metadata["selection"] == hooker.selection
+
+
+# ------------------------------------------------------------------ reductions that keep no matrices
+def _stats_both_ways(model, inputs, padding_mask, monkeypatch, tile_rows=2):
+    from attention_hooker import HeadStatsAccumulator
+
+    with torch.no_grad(), TransformerAttentionHooker(model) as full:
+        model(**inputs)
+    expected = HeadStatsAccumulator()
+    expected.update({n: c[:1] for n, c in full.values.items()}, padding_mask=padding_mask)
+    tiles = []
+    original = sdpa._weights
+
+    def counting(q, k, *args):
+        tiles.append(q.shape[2])
+        return original(q, k, *args)
+
+    monkeypatch.setattr(sdpa, "_weights", counting)
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)  # one query row per tile
+    reduced = HeadStatsAccumulator()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        hooker.reduce_into(reduced, padding_mask=padding_mask)
+        model(**inputs)
+        reduced.add_input(len(padding_mask) if padding_mask is not None else 1)
+    assert hooker.values == {}
+    return expected, reduced, tiles
+
+
+def _assert_same_statistics(expected, reduced):
+    import numpy as np
+
+    assert reduced.layers == expected.layers
+    want, got = expected.result(), reduced.result()
+    for key in expected.STATISTICS:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)  # fp32 tiles
+
+
+def test_statistics_reduced_row_by_row_on_a_padded_minilm_equal_those_of_the_full_matrices(
+        minilm_sdpa, minilm_batch, monkeypatch):
+    expected, reduced, tiles = _stats_both_ways(minilm_sdpa, minilm_batch, minilm_batch["attention_mask"], monkeypatch)
+    assert tiles and set(tiles) == {1}, "the sdpa route reduced one query row at a time"
+    _assert_same_statistics(expected, reduced)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_statistics_reduced_on_a_causal_llama_equal_those_of_the_full_matrices(implementation, monkeypatch):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
+    ids = torch.randint(3, 60, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, -3:] = 0
+    expected, reduced, tiles = _stats_both_ways(model, dict(input_ids=ids, attention_mask=mask), mask, monkeypatch)
+    assert bool(tiles) == (implementation == "sdpa")
+    _assert_same_statistics(expected, reduced)
+
+
+def test_a_layer_computed_in_pieces_adds_nothing_to_the_statistics():
+    from attention_hooker import HeadStatsAccumulator
+
+    class TwoCallsAttention(nn.Module):
+        num_heads = 2
+
+        def forward(self, x):
+            q = x.view(1, -1, 2, 8).transpose(1, 2)
+            half = q.shape[2] // 2
+            a = nn.functional.scaled_dot_product_attention(q[:, :, :half], q[:, :, :half], q[:, :, :half])
+            b = nn.functional.scaled_dot_product_attention(q[:, :, half:], q[:, :, half:], q[:, :, half:])
+            return torch.cat([a, b], 2).transpose(1, 2).reshape(x.shape)
+
+    model = nn.Sequential(TwoCallsAttention())
+    accumulator = HeadStatsAccumulator()
+    with pytest.warns(Warning), torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        hooker.reduce_into(accumulator)
+        model(torch.randn(1, 6, 16))
+    assert accumulator.layers == [] and "pieces" in hooker.report()["0"].reason
+
+
+def test_reduce_into_refuses_what_it_cannot_take():
+    from attention_hooker import HeadStatsAccumulator
+
+    with pytest.raises(AttentionHookerError, match="reduce_into"):
+        TransformerAttentionHooker(Stack(), rows="last").reduce_into(HeadStatsAccumulator())
+    with pytest.raises(AttentionHookerError, match="HeadStatsAccumulator"):
+        TransformerAttentionHooker(Stack()).reduce_into({})
+    model = Stack().eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        hooker.reduce_into(HeadStatsAccumulator())
+        model(torch.randn(1, 4, 16))
+        assert hooker.values == {}
+        hooker.reduce_into(None)
+        model(torch.randn(1, 4, 16))
+    assert [len(c) for c in hooker.values.values()] == [1, 1]
