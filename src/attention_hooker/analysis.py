@@ -434,26 +434,28 @@ class _PartialStats:
     def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
         """Adds the query rows ``rows`` (absolute, ``(r,)``) of a call with ``n_query``
         query rows: ``block`` is ``(batch, heads, r, key)`` probabilities."""
-        a = block.double()
+        # Per-row quantities in the block's own dtype (one fused pass each over the block);
+        # only the (batch, heads, rows) results are summed in float64.
+        a = block if block.is_floating_point() and block.dtype not in (torch.float16, torch.bfloat16) else block.float()
         batch, heads, _, n_key = a.shape
         rows = rows.to(a.device)
         mask = self._mask if self._mask is not None and self._mask.shape[-1] == n_query else None
         real = (mask.to(a.device)[:, rows] if mask is not None
                 else torch.ones(batch, len(rows), dtype=torch.bool, device=a.device)).double()  # (B, r)
-        plogp = torch.where(a > 0, a * torch.log(a.clamp(min=1e-300)), torch.zeros_like(a))
-        per_row = {"entropy": -plogp.sum(-1), "first_token_share": a[..., 0]}  # each (B, H, r)
+        per_row = {"entropy": torch.special.entr(a).sum(-1), "first_token_share": a[..., 0]}  # each (B, H, r)
         if n_query == n_key:
-            keys = torch.arange(n_key, device=a.device, dtype=torch.float64)
-            per_row["distance"] = (a * (rows.double()[:, None] - keys[None, :]).abs()).sum(-1)
+            keys = torch.arange(n_key, device=a.device, dtype=a.dtype)
+            distance = (rows.to(a.dtype)[:, None] - keys[None, :]).abs()  # (r, K)
+            per_row["distance"] = torch.einsum("bhrk,rk->bhr", a, distance)
         else:
-            per_row["distance"] = torch.full(a.shape[:3], math.nan, dtype=torch.float64, device=a.device)
+            per_row["distance"] = torch.full(a.shape[:3], math.nan, dtype=a.dtype, device=a.device)
         if mask is not None and n_query == n_key:
             last = mask.to(a.device).sum(-1) - 1  # (B,) each row's last real token
             per_row["last_token_share"] = a.gather(-1, last[:, None, None, None].expand(batch, heads, len(rows), 1))[..., 0]
         else:
             per_row["last_token_share"] = a[..., -1]
         weights = real[:, None, :]  # (B, 1, r)
-        sums = {k: (v * weights).sum((0, 2)).cpu() for k, v in per_row.items()}  # (H,)
+        sums = {k: (v.double() * weights).sum((0, 2)).cpu() for k, v in per_row.items()}  # (H,)
         if self._sums is None:
             self._sums = sums
         else:

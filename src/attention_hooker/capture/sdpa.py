@@ -376,7 +376,7 @@ def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> to
 
 
 _HALF = (torch.float16, torch.bfloat16)
-TILE_BYTES = 64 * 2**20  # working scores of one tile of query rows (store_as)
+TILE_BYTES = 16 * 2**20  # working scores of one tile of query rows (store_as, tile_sink)
 _MAX_BATCH_LOOP = 64  # beyond this many items, one copy costs less than the per-item calls
 
 
