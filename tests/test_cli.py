@@ -123,6 +123,23 @@ def test_stats_over_200_lines_streams_and_writes_csv_and_heatmaps(tmp_path, save
     assert "200 in" in result.stdout
 
 
+def test_stats_says_which_lines_it_cut_and_takes_a_token_limit_up_to_the_models_positions(tmp_path, saved_models):
+    text_file = tmp_path / "long.txt"
+    text_file.write_text("short line\n" + " ".join(["word"] * 700) + "\n")
+    model = str(saved_models["bert"])  # 512 positions, a tokenizer cutting at 512
+    result = _cli("stats", "--model", model, "--text-file", str(text_file), "--out", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    assert "cut:     1 line(s) longer than 512 tokens" in result.stdout
+    result = _cli("stats", "--model", model, "--text-file", str(text_file), "--out", str(tmp_path / "b"),
+                  "--max-tokens", "40")
+    assert result.returncode == 0, result.stderr
+    assert "longer than 40 tokens" in result.stdout
+    result = _cli("stats", "--model", model, "--text-file", str(text_file), "--out", str(tmp_path / "c"),
+                  "--max-tokens", "600")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--max-tokens 600 is more than the 512 positions" in result.stderr.splitlines()[0]
+
+
 def test_help_reads_well():
     result = _cli("--help")
     assert result.returncode == 0

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
     stats.add_argument("--batch-size", type=_positive_int, default=16, help="lines per forward (default: %(default)s)")
     stats.add_argument("--out", default="attention-stats", help="output folder (default: %(default)s)")
+    stats.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+                       help="cut longer lines at N tokens (default: the tokenizer's limit; up to the model's "
+                            "positions: statistics are reduced tile by tile, so long lines fit in memory)")
     return parser
 
 
@@ -116,11 +119,15 @@ def _command_stats(args) -> None:
     except UnicodeDecodeError:
         raise workflows.CommandError(f"{path} is not UTF-8 text") from None
     loaded = workflows.load_hf_model(args.model)
-    accumulator, seconds = workflows.collect_statistics(loaded, lines, layers=args.layers, batch_size=args.batch_size)
+    accumulator, seconds, (cut, limit) = workflows.collect_statistics(
+        loaded, lines, layers=args.layers, batch_size=args.batch_size, max_tokens=args.max_tokens)
     files = workflows.write_statistics(accumulator, args.out)
     n = sum(1 for line in lines if line.strip())
     print(f"model:   {loaded.name} ({loaded.kind})")
     print(f"lines:   {n} in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
+    if cut:
+        print(f"cut:     {cut} line(s) longer than {limit} tokens were cut there "
+              "(--max-tokens N takes more, up to the model's positions)")
     table = accumulator.result()["entropy"]
     print(f"csv:     {files['csv']}  ({table.size} rows: {table.shape[0]} layers x {table.shape[1]} heads)")
     print(f"heatmaps: {', '.join(str(p) for p in files['pictures'])}")

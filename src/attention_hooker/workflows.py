@@ -276,13 +276,31 @@ class _Progress:
         self.stream.flush()
 
 
+def _token_limit(loaded: LoadedModel, max_tokens: Optional[int]) -> int:
+    """Tokens per line: ``max_tokens``, checked against the model's positions, or the tokenizer's limit."""
+    config = getattr(loaded.model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if max_tokens is None:
+        limit = getattr(loaded.tokenizer, "model_max_length", None)
+        limit = limit if isinstance(limit, int) and limit < 10**8 else positions
+        return limit or 512
+    if isinstance(positions, int) and max_tokens > positions:
+        raise CommandError(f"--max-tokens {max_tokens} is more than the {positions} positions {loaded.name} has; "
+                           f"give at most {positions}")
+    return max_tokens
+
+
 def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Optional[str] = None,
-                       batch_size: int = 16, progress_stream=None):
+                       batch_size: int = 16, progress_stream=None, max_tokens: Optional[int] = None):
     """Streams per-head statistics over ``lines``; no attention matrix is kept (on the sdpa
     route none of a whole layer is even held: each call is reduced a tile of rows at a time).
 
+    Args:
+        max_tokens: lines longer than this many tokens are cut there (``None``: the
+            tokenizer's limit); at most the model's positions.
+
     Returns:
-        ``(accumulator, seconds)``.
+        ``(accumulator, seconds, (lines cut, token limit))``.
     """
     from .analysis import HeadStatsAccumulator
     from .hooker import TransformerAttentionHooker
@@ -294,12 +312,16 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     accumulator = HeadStatsAccumulator()
+    limit = _token_limit(loaded, max_tokens)
+    cut = 0
     progress = _Progress(len(lines), progress_stream)
     start = time.perf_counter()
     with torch.no_grad(), TransformerAttentionHooker(model, layers) as hooker:
         for i in range(0, len(lines), batch_size):
             batch = lines[i : i + batch_size]
-            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True)
+            lengths = [len(ids) for ids in tokenizer(batch)["input_ids"]]
+            cut += sum(n > limit for n in lengths)
+            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=limit)
             hooker.reduce_into(accumulator, padding_mask=enc["attention_mask"])  # reduced tile by tile, none kept
             if loaded.kind == "encoder-decoder":  # the line is both the source and the target
                 model(**enc, decoder_input_ids=enc["input_ids"], decoder_attention_mask=enc["attention_mask"])
@@ -307,7 +329,7 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
                 model(**enc)
             accumulator.add_input(len(batch))
             progress.advance(len(batch))
-    return accumulator, time.perf_counter() - start
+    return accumulator, time.perf_counter() - start, (cut, limit)
 
 
 def write_statistics(accumulator, out) -> Dict[str, object]:
