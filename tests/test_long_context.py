@@ -74,15 +74,20 @@ def test_selected_rows_equal_those_rows_of_the_full_capture(route, selection, dt
         torch.testing.assert_close(got.float(), expected, atol=1e-3 if dtype else 1e-6, rtol=0)
 
 
-def test_on_the_sdpa_route_only_the_selected_rows_enter_the_product_with_the_keys(monkeypatch):
-    computed = []
-    original = sdpa._scaled_scores
+def _count_query_rows(monkeypatch, function: str) -> list:
+    """The query rows of every call of ``sdpa.<function>(q, k, ...)`` from now on."""
+    rows, original = [], getattr(sdpa, function)
 
     def spy(q, k, *args):
-        computed.append(q.shape[2])
+        rows.append(q.shape[2])
         return original(q, k, *args)
 
-    monkeypatch.setattr(sdpa, "_scaled_scores", spy)
+    monkeypatch.setattr(sdpa, function, spy)
+    return rows
+
+
+def test_on_the_sdpa_route_only_the_selected_rows_enter_the_product_with_the_keys(monkeypatch):
+    computed = _count_query_rows(monkeypatch, "_scaled_scores")
     model = _CausalSdpaAttention().eval()
     with torch.no_grad(), TransformerAttentionHooker(model, rows="last"):
         model(torch.randn(1, 50, 16))
@@ -157,14 +162,7 @@ def _stats_both_ways(model, inputs, padding_mask, monkeypatch, tile_rows=2):
         model(**inputs)
     expected = HeadStatsAccumulator()
     expected.update({n: c[:1] for n, c in full.values.items()}, padding_mask=padding_mask)
-    tiles = []
-    original = sdpa._weights
-
-    def counting(q, k, *args):
-        tiles.append(q.shape[2])
-        return original(q, k, *args)
-
-    monkeypatch.setattr(sdpa, "_weights", counting)
+    tiles = _count_query_rows(monkeypatch, "_weights")
     monkeypatch.setattr(sdpa, "TILE_BYTES", 1)  # one query row per tile
     reduced = HeadStatsAccumulator()
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:

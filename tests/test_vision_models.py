@@ -91,6 +91,24 @@ def test_torchvision_vit_hidden_need_weights_false_is_captured():
         torch.testing.assert_close(hooker.values[name][0], oracle, atol=1e-5, rtol=1e-5)
 
 
+def _capture_with_inputs(model, modules: dict, x):
+    """Captures one forward of ``model`` on ``x`` (its output checked unchanged) and
+    returns ``(hooker, {name: first input of that module's call})`` for ``modules``."""
+    inputs = {}
+    handles = [m.register_forward_pre_hook(lambda m, args, n=n: inputs.__setitem__(n, args[0]))
+               for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            expected = model(x)
+            with TransformerAttentionHooker(model) as hooker:
+                out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    return hooker, inputs
+
+
 def test_cait_talking_heads_record_the_mixed_map_that_multiplies_the_values():
     """Issue 9: CaiT mixes heads after the softmax (proj_w); the softmax was stored, which
     is not what multiplies V. Oracle: the map recomputed from the module's own weights."""
@@ -99,18 +117,8 @@ def test_cait_talking_heads_record_the_mixed_map_that_multiplies_the_values():
     torch.manual_seed(0)
     model = Cait(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, depth_token_only=1,
                  num_classes=5).eval()
-    inputs = {}
     talking = {name: m for name, m in model.named_modules() if isinstance(m, TalkingHeadAttn)}
-    handles = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
-               for name, m in talking.items()]
-    image = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected_out = model(image)
-        with TransformerAttentionHooker(model) as hooker:
-            out = model(image)
-    for h in handles:
-        h.remove()
-    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    hooker, inputs = _capture_with_inputs(model, talking, torch.randn(2, 3, 32, 32))
     assert len(talking) == 2
     for name, m in talking.items():
         x = inputs[name]
@@ -232,25 +240,16 @@ def test_torchvision_swin_window_attention_equals_its_own_weights_by_hand():
     torch.manual_seed(0)
     model = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
                             num_classes=5).eval()
-    inputs = {}
     attention = {n: m for n, m in model.named_modules() if type(m).__name__ == "ShiftedWindowAttention"}
-    handles = [m.register_forward_pre_hook(lambda m, args, n=n: inputs.__setitem__(n, args[0]))
-               for n, m in attention.items()]
-    image = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = model(image)
-        with TransformerAttentionHooker(model) as hooker:
-            out = model(image)
-        for h in handles:
-            h.remove()
-        torch.testing.assert_close(out, expected, atol=0, rtol=0)
-        assert list(hooker.values) == list(attention) and len(attention) == 4
-        assert any(m.shift_size[0] and m.window_size[0] < inputs[n].shape[1] for n, m in attention.items())
-        for name, module in attention.items():
-            (got,) = hooker.values[name]
+    hooker, inputs = _capture_with_inputs(model, attention, torch.randn(2, 3, 32, 32))
+    assert list(hooker.values) == list(attention) and len(attention) == 4
+    assert any(m.shift_size[0] and m.window_size[0] < inputs[n].shape[1] for n, m in attention.items())
+    for name, module in attention.items():
+        (got,) = hooker.values[name]
+        with torch.no_grad():
             oracle = _swin_window_attention_by_hand(module, inputs[name])
-            assert got.shape == oracle.shape  # (batch * windows, heads, 16, 16)
-            torch.testing.assert_close(got, oracle, atol=1e-5, rtol=1e-4)
+        assert got.shape == oracle.shape  # (batch * windows, heads, 16, 16)
+        torch.testing.assert_close(got, oracle, atol=1e-5, rtol=1e-4)
 
 
 def test_torchvision_maxvit_block_and_grid_attention_is_refused_with_its_5d_layout():
