@@ -13,6 +13,7 @@ Modes, for one forward of batch 1 on the sdpa model (2 layers, 4 query heads, 2 
 - head0:       our capture of head 0 only
 - last_row:    our capture of the last query row only (``rows="last"``)
 - stats:       per-head statistics reduced tile by tile (``hooker.reduce_into``), no matrix kept
+- pooled:      each map pooled to 512 x 512 blocks tile by tile (``PooledAttention``)
 
 Each (mode, length) runs in a fresh process, so that its peak resident memory
 (``ru_maxrss``) is its own: shown as the peak over the plain forward's peak, next
@@ -31,7 +32,7 @@ import sys
 import time
 import warnings
 
-MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "head0", "last_row", "stats")
+MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "head0", "last_row", "stats", "pooled")
 
 
 def _model(implementation: str):
@@ -64,13 +65,15 @@ def child(mode: str, length: int, rounds: int) -> dict:
             out = model(ids, output_attentions=True)
             kept = sum(a.numel() * a.element_size() for a in out.attentions)
             return out
-        if mode == "stats":
-            from attention_hooker import HeadStatsAccumulator
+        if mode in ("stats", "pooled"):
+            from attention_hooker import HeadStatsAccumulator, PooledAttention
 
-            accumulator = HeadStatsAccumulator()
+            reducer = HeadStatsAccumulator() if mode == "stats" else PooledAttention(size=512)
             with TransformerAttentionHooker(model) as hooker:
-                hooker.reduce_into(accumulator)
+                hooker.reduce_into(reducer)
                 out = model(ids)
+            if mode == "pooled":
+                kept = reducer.values.nbytes
             return out
         if options is None:
             return model(ids)

@@ -239,3 +239,63 @@ def test_reduce_into_refuses_what_it_cannot_take():
         hooker.reduce_into(None)
         model(torch.randn(1, 4, 16))
     assert [len(c) for c in hooker.values.values()] == [1, 1]
+
+
+# ------------------------------------------------------------------ pooled maps for pictures of long contexts
+def _pooled_both_ways(model, inputs, size, how, monkeypatch):
+    from attention_hooker import PooledAttention
+
+    with torch.no_grad(), TransformerAttentionHooker(model) as full:
+        model(**inputs)
+    tiles = _count_query_rows(monkeypatch, "_weights")
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)  # one query row per tile
+    pooled = PooledAttention(size=size, how=how)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        hooker.reduce_into(pooled)
+        model(**inputs)
+    assert hooker.values == {}
+    return full.values, pooled.values, tiles
+
+
+@pytest.mark.parametrize("how", ["mean", "max"])
+def test_pooled_maps_equal_torch_pooling_of_the_full_maps(how, monkeypatch):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    full, pooled, tiles = _pooled_both_ways(model, dict(input_ids=torch.randint(3, 60, (2, 24))), 6, how, monkeypatch)
+    assert tiles and set(tiles) == {1}
+    pool = torch.nn.functional.avg_pool2d if how == "mean" else torch.nn.functional.max_pool2d
+    for name, calls in full.items():
+        expected = pool(calls[0].view(8, 24, 24), kernel_size=4).view(2, 4, 6, 6)  # (B, H, 6, 6)
+        torch.testing.assert_close(pooled[name][0], expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["mean", "max"])
+def test_pooled_maps_of_uneven_lengths_equal_block_by_block_pooling_by_hand(how, monkeypatch):
+    model = Stack().eval()
+    full, pooled, _ = _pooled_both_ways(model, dict(x=torch.randn(2, 10, 16)), 4, how, monkeypatch)
+    blocks = [[i for i in range(10) if i * 4 // 10 == b] for b in range(4)]  # sizes 3, 2, 3, 2
+    for name, calls in full.items():
+        w = calls[0]
+        expected = torch.empty(2, 4, 4, 4)
+        for bq, qs in enumerate(blocks):
+            for bk, ks in enumerate(blocks):
+                cell = w[:, :, qs][:, :, :, ks]
+                expected[:, :, bq, bk] = cell.mean((-1, -2)) if how == "mean" else cell.amax((-1, -2))
+        torch.testing.assert_close(pooled[name][0], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_pooling_keeps_short_axes_whole():
+    from attention_hooker import PooledAttention
+
+    model = Stack().eval()
+    pooled = PooledAttention(size=512)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        full = model(torch.randn(1, 7, 16))
+        hooker.reduce_into(pooled)
+        model(torch.randn(1, 7, 16))
+    assert [tuple(c[0].shape) for c in pooled.values.values()] == [(1, 4, 7, 7)] * 2
+    assert full is not None
+    with pytest.raises(AttentionHookerError, match="how"):
+        PooledAttention(how="median")

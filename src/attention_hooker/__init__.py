@@ -17,6 +17,7 @@ from .errors import AttentionCaptureWarning, AttentionHookerError, AttentionHook
 from .hooker import TransformerAttentionHooker
 from .io import SavedAttention, load, to_bertviz, to_numpy
 from .html import AttentionPage, render_html
+from .pooling import PooledAttention
 from .plot import plot_attention_grid, plot_attention_overview, plot_vit_attention, vit_attention_map
 from .store import AttentionValues
 
@@ -45,6 +46,7 @@ __all__ = [
     "mean_attention_distance",
     "sink_share",
     "HeadStatsAccumulator",
+    "PooledAttention",
     "stitch_steps",
     "load",
     "SavedAttention",

@@ -1,0 +1,94 @@
+"""Long attention maps pooled down to pictures, block by block, without keeping the full map.
+
+``hooker.reduce_into(PooledAttention(size=512))`` hands each call's weights to a
+partial result a tile of query rows at a time (on the sdpa route the full
+``(batch, heads, L, L)`` map is never held), and keeps, per call, the map pooled
+to at most ``size x size`` blocks: ``(batch, heads, query blocks, key blocks)``.
+Query row ``i`` of ``L`` falls in block ``i * P // L`` (likewise for keys), so the
+blocks do not overlap and, when ``P`` divides ``L``, equal ``avg_pool2d`` /
+``max_pool2d`` with an ``L / P`` kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import one_of, positive_int
+from .store import AttentionValues
+
+__all__ = ["PooledAttention"]
+
+
+class PooledAttention:
+    """Keeps each call's attention pooled to at most ``size x size`` blocks.
+
+    Args:
+        size: the most blocks along each axis (a shorter axis keeps its length).
+        how: ``"mean"`` (the block's average weight) or ``"max"`` (its largest).
+
+    Attributes:
+        values: ``{layer_name: [pooled map per call]}``, each ``(batch, heads,
+            min(size, query), min(size, key))`` in float32.
+
+    Example:
+        >>> pooled = PooledAttention(size=2)
+        >>> partial = pooled.partial("layer")
+        >>> partial.add(torch.full((1, 1, 4, 4), 0.25), torch.arange(4), 4)
+        >>> partial.commit()
+        >>> pooled.values["layer"][0]
+        tensor([[[[0.2500, 0.2500],
+                  [0.2500, 0.2500]]]])
+    """
+
+    def __init__(self, size: int = 512, how: str = "mean"):
+        self.size = positive_int(size, "size")
+        self.how = one_of(how, "how", ("mean", "max"))
+        self.values = AttentionValues()
+
+    def partial(self, name: str, padding_mask=None) -> "_PooledCall":
+        """The pooled map of one call of layer ``name``, filled a block of query rows at a
+        time (``padding_mask`` is accepted for symmetry with the statistics and unused)."""
+        del padding_mask
+        return _PooledCall(self, name)
+
+
+class _PooledCall:
+    def __init__(self, owner: PooledAttention, name: str):
+        self._owner, self._name = owner, name
+        self._pooled: Optional[torch.Tensor] = None  # (B, H, Pq, Pk): sums or maxima
+        self._counts: Optional[torch.Tensor] = None  # (Pq, Pk) cells per block (mean)
+
+    def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
+        """Adds query rows ``rows`` (absolute, ``(r,)``) of a call with ``n_query`` rows:
+        ``block`` is ``(batch, heads, r, key)``."""
+        a = block.float()
+        batch, heads, _, n_key = a.shape
+        p_query, p_key = min(self._owner.size, n_query), min(self._owner.size, n_key)
+        rows = rows.to(a.device)
+        key_block = torch.arange(n_key, device=a.device) * p_key // n_key  # (K,)
+        row_block = rows * p_query // n_query  # (r,)
+        mean = self._owner.how == "mean"
+        if self._pooled is None:
+            fill = 0.0 if mean else float("-inf")
+            self._pooled = torch.full((batch, heads, p_query, p_key), fill, dtype=torch.float32, device=a.device)
+            self._counts = torch.zeros(p_query, p_key, dtype=torch.float32, device=a.device)
+        by_key = torch.full((batch, heads, a.shape[2], p_key), 0.0 if mean else float("-inf"), device=a.device)
+        if mean:
+            by_key.index_add_(3, key_block, a)  # (B, H, r, Pk)
+            self._pooled.index_add_(2, row_block, by_key)
+            key_sizes = torch.bincount(key_block, minlength=p_key).float()  # (Pk,)
+            row_sizes = torch.bincount(row_block, minlength=p_query).float()  # (Pq,)
+            self._counts += row_sizes[:, None] * key_sizes[None, :]
+        else:
+            by_key.scatter_reduce_(3, key_block.expand_as(a), a, "amax")
+            index = row_block[None, None, :, None].expand(batch, heads, len(rows), p_key)
+            self._pooled.scatter_reduce_(2, index, by_key, "amax")
+
+    def commit(self) -> None:
+        if self._pooled is None:
+            return
+        pooled = self._pooled / self._counts.clamp(min=1) if self._owner.how == "mean" else self._pooled
+        self._owner.values.setdefault(self._name, []).append(pooled.cpu())
+        self._pooled = None
