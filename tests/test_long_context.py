@@ -299,3 +299,26 @@ def test_pooling_keeps_short_axes_whole():
     assert full is not None
     with pytest.raises(AttentionHookerError, match="how"):
         PooledAttention(how="median")
+
+
+def test_attention_received_per_key_and_top_keys_equal_those_of_the_full_maps(minilm_sdpa, minilm_batch, monkeypatch):
+    from attention_hooker import KeyReductions
+
+    mask = minilm_batch["attention_mask"]
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as full:
+        minilm_sdpa(**minilm_batch)
+    tiles = _count_query_rows(monkeypatch, "_weights")
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
+    keys = KeyReductions(top=3)
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as hooker:
+        hooker.reduce_into(keys, padding_mask=mask)
+        minilm_sdpa(**minilm_batch)
+    assert tiles and set(tiles) == {1} and hooker.values == {}
+    for name, calls in full.values.items():
+        w = calls[0]  # (B, H, Q, K)
+        expected = (w * mask[:, None, :, None]).sum(2)  # padded query rows receive nothing
+        torch.testing.assert_close(keys.received[name][0], expected, atol=1e-5, rtol=1e-5)
+        indices, weights = keys.top_keys[name][0]
+        want_weights, want_indices = w.topk(3, dim=-1)
+        torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-5)
+        assert (indices == want_indices).float().mean() > 0.99  # ties may order differently

@@ -17,7 +17,7 @@ from .errors import AttentionCaptureWarning, AttentionHookerError, AttentionHook
 from .hooker import TransformerAttentionHooker
 from .io import SavedAttention, load, to_bertviz, to_numpy
 from .html import AttentionPage, render_html
-from .pooling import PooledAttention
+from .pooling import KeyReductions, PooledAttention
 from .plot import plot_attention_grid, plot_attention_overview, plot_vit_attention, vit_attention_map
 from .store import AttentionValues
 
@@ -47,6 +47,7 @@ __all__ = [
     "sink_share",
     "HeadStatsAccumulator",
     "PooledAttention",
+    "KeyReductions",
     "stitch_steps",
     "load",
     "SavedAttention",

@@ -215,7 +215,9 @@ class TransformerAttentionHooker:
 
     def reduce_into(self, accumulator, *, padding_mask=None) -> "TransformerAttentionHooker":
         """Sends the following calls to ``accumulator`` (a :class:`~attention_hooker.analysis.HeadStatsAccumulator`,
-        or a :class:`~attention_hooker.pooling.PooledAttention` for pictures of long maps) instead of keeping them: on the sdpa route each call is computed and reduced a
+        a :class:`~attention_hooker.pooling.PooledAttention` for pictures of long maps, or a
+        :class:`~attention_hooker.pooling.KeyReductions` for attention received per key and
+        top keys per query) instead of keeping them: on the sdpa route each call is computed and reduced a
         tile of query rows at a time, so no ``(batch, heads, query, key)`` tensor of a
         whole layer is ever held; other routes reduce the map the model made anyway.
         ``values`` stays empty. Call again with each batch's ``padding_mask``
@@ -229,7 +231,8 @@ class TransformerAttentionHooker:
             return self
         if not callable(getattr(accumulator, "partial", None)):
             raise AttentionHookerError(
-                f"reduce_into() takes a HeadStatsAccumulator or a PooledAttention, got {type(accumulator).__name__}")
+                f"reduce_into() takes a HeadStatsAccumulator, PooledAttention or KeyReductions, "
+                f"got {type(accumulator).__name__}")
         p = self._store.policy
         if p.keep_grad or p.rows is not None:
             raise AttentionHookerError("reduce_into() cannot be combined with keep_grad=True or rows=: "

@@ -18,7 +18,7 @@ import torch
 from ._checks import one_of, positive_int
 from .store import AttentionValues
 
-__all__ = ["PooledAttention"]
+__all__ = ["PooledAttention", "KeyReductions"]
 
 
 class PooledAttention:
@@ -92,3 +92,66 @@ class _PooledCall:
         pooled = self._pooled / self._counts.clamp(min=1) if self._owner.how == "mean" else self._pooled
         self._owner.values.setdefault(self._name, []).append(pooled.cpu())
         self._pooled = None
+
+
+class KeyReductions:
+    """Per call, what each key receives and which keys each query looks at most, from tiles.
+
+    Args:
+        top: how many keys to keep per query row (their indices and weights).
+
+    Attributes:
+        received: ``{layer_name: [per call (batch, heads, key)]}``: the attention each key
+            receives, summed over the real query rows (``padding_mask``) of the call.
+        top_keys: ``{layer_name: [per call (indices, weights)]}``, each ``(batch, heads,
+            query, top)``, largest first.
+
+    Example:
+        >>> keys = KeyReductions(top=1)
+        >>> partial = keys.partial("layer")
+        >>> partial.add(torch.tensor([[[[0.9, 0.1], [0.3, 0.7]]]]), torch.arange(2), 2)
+        >>> partial.commit()
+        >>> keys.received["layer"][0], keys.top_keys["layer"][0][0]
+        (tensor([[[1.2000, 0.8000]]]), tensor([[[[0],
+                  [1]]]]))
+    """
+
+    def __init__(self, top: int = 5):
+        self.top = positive_int(top, "top")
+        self.received = AttentionValues()
+        self.top_keys: dict = {}
+
+    def partial(self, name: str, padding_mask=None) -> "_KeysCall":
+        """The reductions of one call of layer ``name``, filled a block of query rows at a time."""
+        return _KeysCall(self, name, padding_mask)
+
+
+class _KeysCall:
+    def __init__(self, owner: KeyReductions, name: str, padding_mask):
+        self._owner, self._name = owner, name
+        self._mask = None if padding_mask is None else torch.as_tensor(padding_mask).bool()
+        if self._mask is not None and self._mask.dim() == 1:
+            self._mask = self._mask.unsqueeze(0)
+        self._received: Optional[torch.Tensor] = None  # (B, H, K)
+        self._top: list = []  # [(first row, indices, weights)] per block
+
+    def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
+        a = block.float()
+        if self._mask is not None and self._mask.shape[-1] == n_query:
+            a_real = a * self._mask.to(a.device)[:, rows.to(a.device)][:, None, :, None].float()
+        else:
+            a_real = a
+        column = a_real.sum(2)  # (B, H, K)
+        self._received = column if self._received is None else self._received + column
+        weights, indices = a.topk(min(self._owner.top, a.shape[-1]), dim=-1)  # (B, H, r, top)
+        self._top.append((int(rows[0]), indices.cpu(), weights.cpu()))
+
+    def commit(self) -> None:
+        if self._received is None:
+            return
+        self._owner.received.setdefault(self._name, []).append(self._received.cpu())
+        blocks = sorted(self._top, key=lambda block: block[0])
+        indices = torch.cat([b[1] for b in blocks], 2)
+        weights = torch.cat([b[2] for b in blocks], 2)
+        self._owner.top_keys.setdefault(self._name, []).append((indices, weights))
+        self._received, self._top = None, []
