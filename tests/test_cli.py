@@ -131,9 +131,13 @@ def test_stats_says_which_lines_it_cut_and_takes_a_token_limit_up_to_the_models_
     assert result.returncode == 0, result.stderr
     assert "cut:     1 line(s) longer than 512 tokens" in result.stdout
     result = _cli("stats", "--model", model, "--text-file", str(text_file), "--out", str(tmp_path / "b"),
-                  "--max-tokens", "40")
+                  "--max-tokens", "40", "--sinks", "0", "1")
     assert result.returncode == 0, result.stderr
     assert "longer than 40 tokens" in result.stdout
+    with open(tmp_path / "b" / "head_stats.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(0 < float(row["sink_share"]) <= 1 for row in rows)
+    assert _png_ok(tmp_path / "b" / "sink_share.png")
     result = _cli("stats", "--model", model, "--text-file", str(text_file), "--out", str(tmp_path / "c"),
                   "--max-tokens", "600")
     assert result.returncode == 2 and "Traceback" not in result.stderr

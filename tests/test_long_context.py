@@ -322,3 +322,26 @@ def test_attention_received_per_key_and_top_keys_equal_those_of_the_full_maps(mi
         want_weights, want_indices = w.topk(3, dim=-1)
         torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-5)
         assert (indices == want_indices).float().mean() > 0.99  # ties may order differently
+
+
+def test_sink_share_on_given_positions_equals_the_share_computed_on_the_full_maps(minilm_sdpa, minilm_batch,
+                                                                                 monkeypatch):
+    from attention_hooker import HeadStatsAccumulator, sink_share
+
+    mask = minilm_batch["attention_mask"]
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as full:
+        minilm_sdpa(**minilm_batch)
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
+    reduced = HeadStatsAccumulator(sink_positions=[0, 1, -1])
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as hooker:
+        hooker.reduce_into(reduced, padding_mask=mask)
+        minilm_sdpa(**minilm_batch)
+    table = reduced.result()
+    assert reduced.STATISTICS[-1] == "sink_share" and HeadStatsAccumulator.STATISTICS[-1] == "last_token_share"
+    rows = mask.sum(-1).double()  # real queries per sequence weigh each sequence's share
+    for index, (name, calls) in enumerate(full.values.items()):
+        per_sequence = sink_share(calls[0], [0, 1, -1], padding_mask=mask)  # (B, H)
+        expected = (per_sequence * rows[:, None]).sum(0) / rows.sum()
+        torch.testing.assert_close(torch.as_tensor(table["sink_share"][index]), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(AttentionHookerError, match="sink_positions"):
+        HeadStatsAccumulator(sink_positions="0")

@@ -322,6 +322,11 @@ class HeadStatsAccumulator:
     Each input's statistics are weighted by its number of real queries, so
     the result equals the statistic over all real queries of all inputs.
 
+    Args:
+        sink_positions: key positions whose summed share is also kept, as
+            ``"sink_share"`` (e.g. ``[0, 1, 2, 3]``: the four attention sinks of
+            StreamingLLM); negative ones count from the end of each layer's keys.
+
     Example:
         >>> acc = HeadStatsAccumulator()
         >>> acc.update({"layer": [torch.full((1, 2, 3, 3), 1 / 3)]})
@@ -331,7 +336,11 @@ class HeadStatsAccumulator:
 
     STATISTICS = ("entropy", "distance", "first_token_share", "last_token_share")
 
-    def __init__(self):
+    def __init__(self, *, sink_positions: Optional[Sequence[int]] = None):
+        self.sink_positions = None if sink_positions is None else index_list(
+            sink_positions, "sink_positions", allow_negative=True, noun="key position")
+        if self.sink_positions is not None:
+            self.STATISTICS = HeadStatsAccumulator.STATISTICS + ("sink_share",)
         self.layers: List[str] = []
         self._sums: Dict[str, Dict[str, torch.Tensor]] = {}
         self._counts: Dict[str, float] = {}
@@ -449,6 +458,11 @@ class _PartialStats:
             per_row["distance"] = torch.einsum("bhrk,rk->bhr", a, distance)
         else:
             per_row["distance"] = torch.full(a.shape[:3], math.nan, dtype=a.dtype, device=a.device)
+        sinks = self._owner.sink_positions
+        if sinks is not None:
+            chosen = index_list(sinks, "sink_positions", length=n_key, where=f"the keys of layer {self._name!r}",
+                                allow_negative=True, noun="key position")
+            per_row["sink_share"] = a[..., list(chosen)].sum(-1)
         if mask is not None and n_query == n_key:
             last = mask.to(a.device).sum(-1) - 1  # (B,) each row's last real token
             per_row["last_token_share"] = a.gather(-1, last[:, None, None, None].expand(batch, heads, len(rows), 1))[..., 0]

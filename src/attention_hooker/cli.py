@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
                        help="cut longer lines at N tokens (default: the tokenizer's limit; up to the model's "
                             "positions: statistics are reduced tile by tile, so long lines fit in memory)")
+    stats.add_argument("--sinks", type=int, nargs="+", default=None, metavar="POSITION",
+                       help="also report the share of attention on these key positions (e.g. --sinks 0 1 2 3)")
     return parser
 
 
@@ -120,7 +122,8 @@ def _command_stats(args) -> None:
         raise workflows.CommandError(f"{path} is not UTF-8 text") from None
     loaded = workflows.load_hf_model(args.model)
     accumulator, seconds, (cut, limit) = workflows.collect_statistics(
-        loaded, lines, layers=args.layers, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        loaded, lines, layers=args.layers, batch_size=args.batch_size, max_tokens=args.max_tokens,
+        sink_positions=args.sinks)
     files = workflows.write_statistics(accumulator, args.out)
     n = sum(1 for line in lines if line.strip())
     print(f"model:   {loaded.name} ({loaded.kind})")

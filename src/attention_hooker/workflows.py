@@ -291,13 +291,15 @@ def _token_limit(loaded: LoadedModel, max_tokens: Optional[int]) -> int:
 
 
 def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Optional[str] = None,
-                       batch_size: int = 16, progress_stream=None, max_tokens: Optional[int] = None):
+                       batch_size: int = 16, progress_stream=None, max_tokens: Optional[int] = None,
+                       sink_positions: Optional[Sequence[int]] = None):
     """Streams per-head statistics over ``lines``; no attention matrix is kept (on the sdpa
     route none of a whole layer is even held: each call is reduced a tile of rows at a time).
 
     Args:
         max_tokens: lines longer than this many tokens are cut there (``None``: the
             tokenizer's limit); at most the model's positions.
+        sink_positions: key positions whose summed share is also reported (``sink_share``).
 
     Returns:
         ``(accumulator, seconds, (lines cut, token limit))``.
@@ -311,7 +313,7 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
     tokenizer, model = loaded.tokenizer, loaded.model
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    accumulator = HeadStatsAccumulator()
+    accumulator = HeadStatsAccumulator(sink_positions=sink_positions)  # a bad position: AttentionHookerError
     limit = _token_limit(loaded, max_tokens)
     cut = 0
     progress = _Progress(len(lines), progress_stream)
