@@ -216,6 +216,22 @@ def _mean_over_queries(per_query: torch.Tensor, query_mask: Optional[torch.Tenso
     return (per_query * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 
+def _row_mask(padding_mask) -> Optional[torch.Tensor]:
+    """An HF-style padding mask as ``(batch, tokens)`` bool (True for real tokens), or ``None``."""
+    if padding_mask is None:
+        return None
+    mask = _as_tensor(padding_mask, "padding_mask").bool()
+    return mask.unsqueeze(0) if mask.dim() == 1 else mask
+
+
+def _real_rows(mask: Optional[torch.Tensor], rows: torch.Tensor, n_query: int, batch: int, device) -> torch.Tensor:
+    """``(batch, r)`` float64, 1 for the real ones among query rows ``rows`` of a call with
+    ``n_query`` rows: ``mask`` applies where it has one entry per query row, else all count."""
+    if mask is None or mask.shape[-1] != n_query:
+        return torch.ones(batch, len(rows), dtype=torch.float64, device=device)
+    return mask.to(device)[:, rows.to(device)].double()
+
+
 def _check_attention(attn, where: str) -> torch.Tensor:
     """``(batch, heads, query, key)`` probabilities as float64, or the library's error."""
     a = as_batched(_as_tensor(attn, where), where)
@@ -367,11 +383,7 @@ class HeadStatsAccumulator:
             if not isinstance(calls, torch.Tensor) and not len(calls):
                 raise AttentionHookerError(f"layer {name!r} has no call to take statistics of")
             a = _check_attention(calls[0] if not isinstance(calls, torch.Tensor) else calls, f"layer {name!r}")
-            if name in self._sums and a.shape[1] != len(self._sums[name]["entropy"]):
-                raise AttentionHookerError(
-                    f"layer {name!r} has {a.shape[1]} heads in this update but {len(self._sums[name]['entropy'])} "
-                    "before: statistics of different models or head selections cannot be averaged together"
-                )
+            self._check_heads(name, a.shape[1])
             if padding_mask is not None and a.shape[-1] == a.shape[-2]:
                 _query_mask(a, padding_mask)  # a self-attention layer: the mask must fit it
             checked[name] = a
@@ -396,16 +408,19 @@ class HeadStatsAccumulator:
         what a capture that keeps no matrices feeds, tile by tile."""
         return _PartialStats(self, name, padding_mask)
 
+    def _check_heads(self, name: str, heads: int) -> None:
+        if name in self._sums and heads != len(self._sums[name]["entropy"]):
+            raise AttentionHookerError(
+                f"layer {name!r} has {heads} heads in this update but {len(self._sums[name]['entropy'])} "
+                "before: statistics of different models or head selections cannot be averaged together"
+            )
+
     def _merge(self, name: str, sums: Dict[str, torch.Tensor], count: float) -> None:
+        self._check_heads(name, len(sums["entropy"]))
         if name not in self._sums:
             self.layers.append(name)
             self._sums[name] = {k: torch.zeros_like(sums["entropy"]) for k in self.STATISTICS}
             self._counts[name] = 0.0
-        if len(self._sums[name]["entropy"]) != len(sums["entropy"]):
-            raise AttentionHookerError(
-                f"layer {name!r} has {len(sums['entropy'])} heads in this update but {len(self._sums[name]['entropy'])} "
-                "before: statistics of different models or head selections cannot be averaged together"
-            )
         for key in self.STATISTICS:
             self._sums[name][key] += sums[key]
         self._counts[name] += count
@@ -434,11 +449,10 @@ class _PartialStats:
 
     def __init__(self, owner: HeadStatsAccumulator, name: str, padding_mask=None):
         self._owner, self._name = owner, name
-        self._mask = None if padding_mask is None else _as_tensor(padding_mask, "padding_mask").bool()
-        if self._mask is not None and self._mask.dim() == 1:
-            self._mask = self._mask.unsqueeze(0)
+        self._mask = _row_mask(padding_mask)  # (B, T) or None
         self._sums: Optional[Dict[str, torch.Tensor]] = None
         self._count = 0.0
+        self._sinks: Optional[list] = None  # the sink key positions, resolved against this call's keys once
 
     def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
         """Adds the query rows ``rows`` (absolute, ``(r,)``) of a call with ``n_query``
@@ -449,8 +463,7 @@ class _PartialStats:
         batch, heads, _, n_key = a.shape
         rows = rows.to(a.device)
         mask = self._mask if self._mask is not None and self._mask.shape[-1] == n_query else None
-        real = (mask.to(a.device)[:, rows] if mask is not None
-                else torch.ones(batch, len(rows), dtype=torch.bool, device=a.device)).double()  # (B, r)
+        real = _real_rows(mask, rows, n_query, batch, a.device)  # (B, r)
         per_row = {"entropy": torch.special.entr(a).sum(-1), "first_token_share": a[..., 0]}  # each (B, H, r)
         if n_query == n_key:
             keys = torch.arange(n_key, device=a.device, dtype=a.dtype)
@@ -458,11 +471,12 @@ class _PartialStats:
             per_row["distance"] = torch.einsum("bhrk,rk->bhr", a, distance)
         else:
             per_row["distance"] = torch.full(a.shape[:3], math.nan, dtype=a.dtype, device=a.device)
-        sinks = self._owner.sink_positions
-        if sinks is not None:
-            chosen = index_list(sinks, "sink_positions", length=n_key, where=f"the keys of layer {self._name!r}",
-                                allow_negative=True, noun="key position")
-            per_row["sink_share"] = a[..., list(chosen)].sum(-1)
+        if self._owner.sink_positions is not None:
+            if self._sinks is None:
+                self._sinks = list(index_list(self._owner.sink_positions, "sink_positions", length=n_key,
+                                              where=f"the keys of layer {self._name!r}", allow_negative=True,
+                                              noun="key position"))
+            per_row["sink_share"] = a[..., self._sinks].sum(-1)
         if mask is not None and n_query == n_key:
             last = mask.to(a.device).sum(-1) - 1  # (B,) each row's last real token
             per_row["last_token_share"] = a.gather(-1, last[:, None, None, None].expand(batch, heads, len(rows), 1))[..., 0]

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ._checks import one_of, positive_int
+from .analysis import _real_rows, _row_mask
 from .store import AttentionValues
 
 __all__ = ["PooledAttention", "KeyReductions"]
@@ -129,19 +130,14 @@ class KeyReductions:
 class _KeysCall:
     def __init__(self, owner: KeyReductions, name: str, padding_mask):
         self._owner, self._name = owner, name
-        self._mask = None if padding_mask is None else torch.as_tensor(padding_mask).bool()
-        if self._mask is not None and self._mask.dim() == 1:
-            self._mask = self._mask.unsqueeze(0)
+        self._mask = _row_mask(padding_mask)  # (B, T) or None
         self._received: Optional[torch.Tensor] = None  # (B, H, K)
         self._top: list = []  # [(first row, indices, weights)] per block
 
     def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
         a = block.float()
-        if self._mask is not None and self._mask.shape[-1] == n_query:
-            a_real = a * self._mask.to(a.device)[:, rows.to(a.device)][:, None, :, None].float()
-        else:
-            a_real = a
-        column = a_real.sum(2)  # (B, H, K)
+        real = _real_rows(self._mask, rows, n_query, a.shape[0], a.device)  # (B, r)
+        column = torch.einsum("bhrk,br->bhk", a, real.float())  # (B, H, K): over the real rows
         self._received = column if self._received is None else self._received + column
         weights, indices = a.topk(min(self._owner.top, a.shape[-1]), dim=-1)  # (B, H, r, top)
         self._top.append((int(rows[0]), indices.cpu(), weights.cpu()))

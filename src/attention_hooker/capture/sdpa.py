@@ -203,14 +203,13 @@ def sdpa_attention_weights(
     elif 1 < n_k_heads < n_q_heads:
         k = k.repeat_interleave(n_q_heads // n_k_heads, dim=1)  # (B, Hq, S, E)
 
-    row_index = None  # (rows,): the absolute query rows computed, when not all of them
-    if rows is not None:
+    if rows is None:
+        row_index = torch.arange(length, device=q.device)  # (L,): the absolute query rows computed
+    else:
         row_index = torch.tensor(resolve_rows(rows, length, where), device=q.device)
         q = q.index_select(2, row_index)  # (B, H, rows, E)
         if mask is not None and mask.shape[2] > 1:
             mask = mask.index_select(2, row_index)
-    if row_index is None:
-        row_index = torch.arange(length, device=q.device)
     scale_factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return _differentiable_weights(q, k, mask, is_causal, scale_factor, row_index).to(query.dtype)
