@@ -14,6 +14,8 @@ Modes, for one forward of batch 1 on the sdpa model (2 layers, 4 query heads, 2 
 - last_row:    our capture of the last query row only (``rows="last"``)
 - stats:       per-head statistics reduced tile by tile (``hooker.reduce_into``), no matrix kept
 - pooled:      each map pooled to 512 x 512 blocks tile by tile (``PooledAttention``)
+- stream:      the full capture written to disk as it is computed (``hooker.stream_to``), float32;
+               the folder (``--stream-dir``, default a temporary one) is emptied after each round
 
 Each (mode, length) runs in a fresh process, so that its peak resident memory
 (``ru_maxrss``) is its own: shown as the peak over the plain forward's peak, next
@@ -32,7 +34,7 @@ import sys
 import time
 import warnings
 
-MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "head0", "last_row", "stats", "pooled")
+MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "head0", "last_row", "stats", "pooled", "stream")
 
 
 def _model(implementation: str):
@@ -45,7 +47,7 @@ def _model(implementation: str):
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
 
 
-def child(mode: str, length: int, rounds: int) -> dict:
+def child(mode: str, length: int, rounds: int, stream_dir=None) -> dict:
     """One mode at one length, in this process: seconds per forward, peak RSS, bytes kept."""
     import torch
 
@@ -75,6 +77,18 @@ def child(mode: str, length: int, rounds: int) -> dict:
             if mode == "pooled":
                 kept = reducer.values.nbytes
             return out
+        if mode == "stream":
+            import shutil
+            import tempfile
+
+            folder = tempfile.mkdtemp(dir=stream_dir)
+            try:
+                with TransformerAttentionHooker(model) as hooker, hooker.stream_to(folder, overwrite=True) as stream:
+                    out = model(ids)
+                kept = stream.written
+            finally:
+                shutil.rmtree(folder)
+            return out
         if options is None:
             return model(ids)
         with TransformerAttentionHooker(model, **options) as hooker:
@@ -99,19 +113,22 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stream-dir", default=None, help="where the stream mode writes (default: a temporary folder)")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.rounds)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.rounds, args.stream_dir)))
         return
     modes = ["plain"] + [m for m in args.modes if m != "plain"]
-    print("| tokens | mode | time / plain | peak over plain | kept |")
+    print("| tokens | mode | time / plain | peak over plain | kept (stream: written) |")
     print("|---|---|---|---|---|")
     for length in args.lengths:
         plain = None
         for mode in modes:
-            run = subprocess.run([sys.executable, __file__, "--child", mode, str(length), "--rounds", str(args.rounds)],
-                                 capture_output=True, text=True)
+            command = [sys.executable, __file__, "--child", mode, str(length), "--rounds", str(args.rounds)]
+            if args.stream_dir:
+                command += ["--stream-dir", args.stream_dir]
+            run = subprocess.run(command, capture_output=True, text=True)
             if run.returncode != 0:
                 print(f"| {length} | {mode} | failed: {run.stderr.strip().splitlines()[-1][:80]} | | |")
                 continue

@@ -364,7 +364,7 @@ class HeadStatsAccumulator:
         self.sequences = 0  # batch items over all updates
 
     def update(self, values: Mapping, *, padding_mask=None) -> None:
-        """Adds one forward's captures (``hooker.values``: first call of each layer).
+        """Adds one forward's captures (``hooker.values``, a hooker or a loaded capture: first call of each layer).
 
         ``padding_mask``: ``(batch, tokens)`` 1/True for real tokens; also used to
         find each row's last real token. It must fit every self-attention layer
@@ -377,7 +377,10 @@ class HeadStatsAccumulator:
                 count differs from earlier updates, or a mask that fits no layer.
         """
         if not isinstance(values, Mapping):
-            raise AttentionHookerError(f"expected {{layer_name: [tensor per call]}} (hooker.values), got {type(values).__name__}")
+            if not isinstance(getattr(values, "values", None), Mapping):
+                raise AttentionHookerError(
+                    f"expected {{layer_name: [tensor per call]}} (hooker.values), got {type(values).__name__}")
+            values = values.values  # a hooker or a loaded capture
         checked = {}
         for name, calls in values.items():
             if not isinstance(calls, torch.Tensor) and not len(calls):

@@ -103,6 +103,7 @@ class TransformerAttentionHooker:
         self._exit_handles: List[Callable[[], None]] = []  # post-hooks: once no thread is inside
         self._local = threading.local()  # each thread's (events, scopes) when its root forward began
         self._warned: set = set()
+        self._stream = None  # the StreamedCapture calls go to (stream_to), until it is closed
 
     # ------------------------------------------------------------------ public
     @property
@@ -165,6 +166,8 @@ class TransformerAttentionHooker:
                 release()
 
         self._session.close(remove_exit_hooks)
+        if self._stream is not None:  # what waits for its shard is written; capture.json is final
+            self._stream.close()
 
     def clear(self) -> None:
         """Forgets the captured values (the hooks stay).
@@ -239,6 +242,70 @@ class TransformerAttentionHooker:
                                        "statistics are taken over every query row, without gradients")
         self._store.reducer = lambda layer: accumulator.partial(layer, padding_mask)
         return self
+
+    def stream_to(self, folder, *, overwrite: bool = False, expected_bytes: Optional[int] = None,
+                  shard_bytes: Optional[int] = None):
+        """Writes the following calls to ``folder`` as sharded safetensors instead of keeping them.
+
+        On the sdpa route a call larger than ``shard_bytes`` is computed a tile of query
+        rows at a time and each tile is written as it comes, so memory holds one tile,
+        not the call; smaller calls are gathered into shards. ``heads=``, ``rows=``,
+        ``dtype=`` and ``max_calls=`` apply as they do in memory. Before the first byte
+        is written, the size of the capture (the first call's size x the hooked layers x
+        ``max_calls``, or ``expected_bytes`` when given, checked at once) is weighed
+        against the disk's free space, and the capture is refused when it does not fit.
+        ``values`` stays empty; :func:`attention_hooker.load` opens the folder lazily.
+
+        Args:
+            folder: where the capture goes (created).
+            overwrite: replace a capture already in ``folder``.
+            expected_bytes: the bytes the capture will write, when known (checked now).
+            shard_bytes: calls smaller than this are gathered into shards of about
+                this size (256 MiB by default).
+
+        Returns:
+            The :class:`~attention_hooker.streaming.StreamedCapture`; ``close(tokens=...)``
+            it (or leave its ``with`` block, or remove the hooks) to write what is waiting.
+
+        Raises:
+            AttentionHookerError: with ``keep_grad`` or ``keep="last"``, when the folder
+                holds another capture, or when the plan does not fit the free space.
+
+        Example:
+            >>> import tempfile
+            >>> model = nn.TransformerEncoder(
+            ...     nn.TransformerEncoderLayer(d_model=16, nhead=4, batch_first=True), num_layers=2)
+            >>> folder = tempfile.mkdtemp()
+            >>> with TransformerAttentionHooker(model) as hooker, hooker.stream_to(folder) as stream:
+            ...     _ = model(torch.randn(1, 5, 16))
+            >>> from attention_hooker import load
+            >>> load(folder).values["layers.1.self_attn"][0].shape
+            torch.Size([1, 4, 5, 5])
+        """
+        from .streaming import SHARD_BYTES, StreamedCapture
+
+        p = self._store.policy
+        if p.keep_grad:
+            raise AttentionHookerError("stream_to() cannot be combined with keep_grad=True: gradients arrive "
+                                       "after the calls are written")
+        if p.max_calls is not None and p.keep == "last":
+            raise AttentionHookerError('stream_to() cannot keep the last calls (keep="last"): written calls stay '
+                                       'written; use keep="first" with max_calls=')
+        stream = StreamedCapture(
+            folder, layer_order=self.hooked_layers, hooked_layers=len(self._selected),
+            calls_per_layer=p.max_calls or 1, shard_bytes=SHARD_BYTES if shard_bytes is None else shard_bytes,
+            expected_bytes=expected_bytes, overwrite=overwrite,
+            metadata={"model_class": type(self.model).__name__, "selection": self.selection},
+            on_close=self._stream_closed)
+        self._store.reducer = stream.partial
+        self._stream = stream
+        return stream
+
+    def _stream_closed(self, stream) -> None:
+        if getattr(self._store.reducer, "__self__", None) is stream:
+            self._store.reducer = None
+        if self._stream is stream:
+            self._stream = None
 
     @property
     def selection(self) -> dict:

@@ -17,6 +17,7 @@ from ._checks import prepare_output_path, token_lists
 from ._tensor import as_batched, values_of
 from .errors import AttentionHookerError
 from .store import AttentionValues
+from .streaming import INDEX_NAME, STREAM_FORMAT, mapped_tensors
 
 __all__ = ["SavedAttention", "save_values", "load", "to_bertviz", "to_numpy"]
 
@@ -136,15 +137,24 @@ def _check_tokens_fit(tokens: List[str], values: Mapping) -> None:
         )
 
 
-def load(path: Union[str, os.PathLike]) -> SavedAttention:
-    """Reads a file written by ``hooker.save(path)``.
+def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None) -> SavedAttention:
+    """Reads a capture: a file written by ``hooker.save(path)``, or a folder written by
+    ``hooker.stream_to(folder)``.
+
+    Args:
+        path: the ``.safetensors`` file, or the streamed capture's folder (or its
+            ``capture.json``).
+        lazy: map each call from its file instead of reading it (a tensor whose
+            pages are read when touched: one layer or head costs only its bytes).
+            Default: lazy for a streamed folder, read for a file.
 
     Returns:
         A :class:`SavedAttention` whose ``values`` equal the saved ones exactly.
 
     Raises:
-        FileNotFoundError: when there is no such file.
-        AttentionHookerError: when the file is not a capture saved by this library.
+        FileNotFoundError: when there is no such file or folder.
+        AttentionHookerError: when it is not a capture saved by this library, or
+            a streamed capture misses a file.
 
     Example:
         >>> import tempfile, os
@@ -161,8 +171,8 @@ def load(path: Union[str, os.PathLike]) -> SavedAttention:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such capture file: {path}")
-    if os.path.isdir(path):
-        raise AttentionHookerError(f"the capture path {path!r} is a folder; expected a .safetensors file")
+    if os.path.isdir(path) or os.path.basename(path) == INDEX_NAME:
+        return _load_streamed(path if os.path.isdir(path) else os.path.dirname(path) or ".", lazy is not False)
     try:
         with safe_open(path, framework="pt") as handle:
             raw_meta = (handle.metadata() or {}).get(_META_KEY)
@@ -179,7 +189,7 @@ def load(path: Union[str, os.PathLike]) -> SavedAttention:
         layers, calls = meta["layers"], meta["calls"]
     except (ValueError, KeyError, TypeError) as err:
         raise AttentionHookerError(f"{path}: unreadable attention_hooker metadata ({err}); expected {_FORMAT}") from None
-    tensors = load_file(path)
+    tensors = mapped_tensors(path) if lazy else load_file(path)
     values = AttentionValues()
     for index, (name, n_calls) in enumerate(zip(layers, calls)):
         try:
@@ -189,6 +199,40 @@ def load(path: Union[str, os.PathLike]) -> SavedAttention:
     tokens = meta.get("tokens")
     extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "tokens")}
     return SavedAttention(values, tokens, extra)
+
+
+def _load_streamed(folder: str, lazy: bool) -> SavedAttention:
+    """A capture written by ``hooker.stream_to(folder)`` (see ``streaming.py``)."""
+    index_path = os.path.join(folder, INDEX_NAME)
+    if not os.path.exists(index_path):
+        raise AttentionHookerError(
+            f"the capture path {folder!r} is a folder without {INDEX_NAME}; expected a .safetensors file "
+            "or a folder written by hooker.stream_to()")
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+        if meta.get("format") != STREAM_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        layers, files = meta["layers"], meta["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise AttentionHookerError(f"{index_path}: unreadable capture index ({err}); expected {STREAM_FORMAT}") from None
+    opened: Dict[str, dict] = {}
+    values = AttentionValues()
+    for name, calls in zip(layers, files):
+        values[name] = []
+        for file_name, tensor_name in calls:
+            if file_name not in opened:
+                file_path = os.path.join(folder, file_name)
+                if not os.path.exists(file_path):
+                    raise AttentionHookerError(f"{folder} is damaged: {file_name} (layer {name!r}) is missing")
+                opened[file_name] = mapped_tensors(file_path)
+            tensor = opened[file_name].get(tensor_name)
+            if tensor is None:
+                raise AttentionHookerError(f"{folder} is damaged: {file_name} lacks tensor {tensor_name!r} of {name!r}")
+            values[name].append(tensor if lazy else tensor.clone())
+    extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "files", "tokens")}
+    extra["streamed"] = folder
+    return SavedAttention(values, meta.get("tokens"), extra)
 
 
 def to_bertviz(source, *, call: int = 0, layers: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, ...]:

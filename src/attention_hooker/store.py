@@ -15,7 +15,7 @@ from ._checks import (check_device, check_flag, check_heads, index_list, one_of,
                       row_selection)
 from .errors import AttentionHookerError
 
-__all__ = ["StoragePolicy", "AttentionValues", "AttentionStore"]
+__all__ = ["StoragePolicy", "AttentionValues", "AttentionStore", "begin_partial"]
 
 _KEEP_CHOICES = ("first", "last")
 
@@ -187,6 +187,7 @@ class AttentionStore:
             weights = weights.index_select(2, torch.tensor(index, device=weights.device))  # (B, H, rows, K)
         if self.reducer is not None:
             partial = self.reducer(name)
+            begin_partial(partial, weights.shape, p.dtype or weights.dtype)
             partial.add(weights.detach(), torch.arange(weights.shape[2]), weights.shape[2])
             self.commit_partial(name, partial)
             return
@@ -251,6 +252,15 @@ class AttentionStore:
             self.values.clear()
             self.values.update(ordered)
         return self.values[name]
+
+
+def begin_partial(partial, shape, dtype: torch.dtype) -> None:
+    """Tells a keeper's partial call its whole stored ``(batch, heads, rows, key)`` and
+    dtype before its first block, when it asks (a streamed call needs them to lay out
+    its file); reductions do not."""
+    begin = getattr(partial, "begin", None)
+    if begin is not None:
+        begin(tuple(shape), dtype)
 
 
 def select_heads(weights: torch.Tensor, heads: Sequence[int], layer: str) -> torch.Tensor:

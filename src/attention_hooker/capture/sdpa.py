@@ -158,9 +158,10 @@ def sdpa_attention_weights(
         tile_bytes: the working memory of one tile, with ``store_as``
             (:data:`TILE_BYTES` when ``None``).
         tile_sink: instead of returning the weights, hand each tile to
-            ``tile_sink(tile, rows)`` (``(batch, heads, r, key)`` in the working
-            dtype, valid during the call only, and its absolute query rows ``(r,)``)
-            and return ``None``: nothing larger than a tile is ever held.
+            ``tile_sink(tile, rows, shape)`` (``(batch, heads, r, key)`` in the working
+            dtype, valid during the call only; its absolute query rows ``(r,)``; and the
+            whole call's ``(batch, heads, rows, key)``) and return ``None``: nothing
+            larger than a tile is ever held.
 
     Returns:
         ``(batch, heads, query, key)`` probabilities, in the query's dtype
@@ -272,7 +273,7 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
         tile = _weights(q[:, :, first:last], k, tile_mask, is_causal, scale_factor, tile_buffer, work,
                         row_index[first:last])
         if tile_sink is not None:
-            tile_sink(tile, row_index[first:last])
+            tile_sink(tile, row_index[first:last], (batch, q.shape[1], length, source))
         else:
             out[:, :, first:last].copy_(tile)  # (B, H, rows, S), converted to the stored dtype on the way
     return out

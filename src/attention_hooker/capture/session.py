@@ -26,7 +26,7 @@ from typing import Any, Callable, List, NamedTuple, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..store import AttentionStore
+from ..store import AttentionStore, begin_partial
 from .buffers import SpareBuffers
 from .coverage import Coverage
 from .inputs import channel_attention_refusal, folded_batch_refusal
@@ -286,14 +286,25 @@ class CaptureSession:
         # there is one). Otherwise computed in tiles of query rows, each written into a tensor of
         # the policy's dtype/device: no whole layer in the working dtype or device.
         policy = store.policy
-        if store.reducer is not None and groups == 1:  # reduced tile by tile: no layer is ever held
+        if store.reducer is not None and groups == 1:  # kept tile by tile: no layer is ever held
             partial = store.reducer(layer)
             n_query = as_4d(query).shape[2]
+            stored_dtype = policy.dtype or query.dtype
+
+            started = False
+
+            def tile_sink(tile, rows, shape):
+                nonlocal started
+                if not started:  # a keeper that writes the call may need its whole shape first
+                    started = True
+                    begin_partial(partial, shape, stored_dtype)
+                partial.add(tile, rows, n_query)
+
             with torch.no_grad():
                 sdpa_attention_weights(
                     call["query"], call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"],
-                    bool(call["enable_gqa"]), heads=policy.heads, where=f"layer {layer!r}",
-                    tile_sink=lambda tile, rows: partial.add(tile, rows, n_query),
+                    bool(call["enable_gqa"]), heads=policy.heads, rows=policy.rows, where=f"layer {layer!r}",
+                    tile_sink=tile_sink,
                 )
             self._record(layer, partial, selected=True)
             return output
@@ -517,6 +528,8 @@ class CaptureSession:
             refusal = (f"{refusal}; the layer's other {len(calls)} attention call(s) in the same forward are a "
                        "partial picture without it, and are not stored either")
         if refusal is not None:
+            for weights, _, _ in calls:
+                getattr(weights, "discard", lambda: None)()  # a streamed call's file goes too
             self.coverage.refused(layer, refusal)
             return
         weights, selected, graph_tensor = calls[0]
