@@ -259,3 +259,25 @@ def test_load_names_a_folder_that_is_not_a_capture_and_a_missing_file(tmp_path):
     os.remove(tmp_path / "c" / victim)
     with pytest.raises(AttentionHookerError, match=f"damaged: {victim}"):
         load(tmp_path / "c")
+
+
+def test_a_call_can_be_streamed_and_pooled_in_one_pass(tmp_path, monkeypatch):
+    from attention_hooker import PooledAttention
+
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
+    model, inputs = _llama(), _batch()
+    with torch.no_grad(), TransformerAttentionHooker(model) as memory:
+        model(**inputs)
+    pooled = PooledAttention(size=4)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        hooker.stream_to(tmp_path / "c", shard_bytes=1)
+        hooker.reduce_into(pooled)
+        model(**inputs)
+        assert hooker.values == {}
+    _assert_equal_captures(memory.values, tmp_path / "c")
+    for name, calls in memory.values.items():
+        full = calls[0]  # (2, 4, 13, 13): blocks of 4, 3, 3, 3 positions
+        bounds = [0, 4, 7, 10, 13]
+        by_hand = torch.stack([torch.stack([full[..., bounds[i]:bounds[i + 1], bounds[j]:bounds[j + 1]].mean((-2, -1))
+                                            for j in range(4)], -1) for i in range(4)], -2)
+        torch.testing.assert_close(pooled.values[name][0], by_hand, rtol=1e-5, atol=1e-6)

@@ -225,6 +225,8 @@ class TransformerAttentionHooker:
         whole layer is ever held; other routes reduce the map the model made anyway.
         ``values`` stays empty. Call again with each batch's ``padding_mask``
         (``(batch, tokens)``, 1 for real tokens); ``reduce_into(None)`` keeps calls again.
+        With :meth:`stream_to` as well, each call is both written and reduced, in one pass
+        (a capture on disk and a pooled map to draw it).
 
         Raises:
             AttentionHookerError: with ``keep_grad`` or ``rows``, which reductions do not take.
@@ -255,6 +257,7 @@ class TransformerAttentionHooker:
         ``max_calls``, or ``expected_bytes`` when given, checked at once) is weighed
         against the disk's free space, and the capture is refused when it does not fit.
         ``values`` stays empty; :func:`attention_hooker.load` opens the folder lazily.
+        With :meth:`reduce_into` as well, each call is both written and reduced.
 
         Args:
             folder: where the capture goes (created).
@@ -297,13 +300,13 @@ class TransformerAttentionHooker:
             expected_bytes=expected_bytes, overwrite=overwrite,
             metadata={"model_class": type(self.model).__name__, "selection": self.selection},
             on_close=self._stream_closed)
-        self._store.reducer = stream.partial
+        self._store.stream = stream.partial
         self._stream = stream
         return stream
 
     def _stream_closed(self, stream) -> None:
-        if getattr(self._store.reducer, "__self__", None) is stream:
-            self._store.reducer = None
+        if getattr(self._store.stream, "__self__", None) is stream:
+            self._store.stream = None
         if self._stream is stream:
             self._stream = None
 

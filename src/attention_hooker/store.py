@@ -115,9 +115,11 @@ class AttentionStore:
         self.values = AttentionValues()
         self.gradients: dict = {}  # with keep_grad: {name: [[grad or None] per call]}
         self.calls_seen: dict = {}
-        # When set, calls are reduced instead of kept: reducer(layer) gives a partial
-        # result that takes blocks of query rows (add) and is merged by commit().
+        # Keepers other than ``values``: each gives, per layer call, a partial that takes
+        # blocks of query rows (add) and is merged by commit(). ``reducer`` reduces calls
+        # (statistics, pooled maps); ``stream`` writes them to disk. Either one, or both.
         self.reducer: Optional[Callable[[str], object]] = None
+        self.stream: Optional[Callable[[str], object]] = None
         self._lock = threading.RLock()  # forwards on several threads record into one store
 
     def clear(self, *, salvage: Optional[Callable[[dict], list]] = None) -> list:
@@ -185,8 +187,8 @@ class AttentionStore:
         if p.rows is not None and not selected:
             index = resolve_rows(p.rows, weights.shape[2], f"layer {name!r}")
             weights = weights.index_select(2, torch.tensor(index, device=weights.device))  # (B, H, rows, K)
-        if self.reducer is not None:
-            partial = self.reducer(name)
+        if self.keeps_elsewhere:
+            partial = self.partial(name)
             begin_partial(partial, weights.shape, p.dtype or weights.dtype)
             partial.add(weights.detach(), torch.arange(weights.shape[2]), weights.shape[2])
             self.commit_partial(name, partial)
@@ -194,6 +196,16 @@ class AttentionStore:
         stored = self._place(weights.detach())
         with self._lock:
             self._append(name, stored, weights if graph_tensor is None else graph_tensor, gradient_scale)
+
+    @property
+    def keeps_elsewhere(self) -> bool:
+        """Whether calls go to a reducer or a stream instead of ``values``."""
+        return self.reducer is not None or self.stream is not None
+
+    def partial(self, name: str):
+        """The partial call of ``name`` for the keepers in use (one, or both through a fan-out)."""
+        parts = [make(name) for make in (self.reducer, self.stream) if make is not None]
+        return parts[0] if len(parts) == 1 else _Fanout(parts)
 
     def commit_partial(self, name: str, partial) -> None:
         """Merges a reduced call of ``name`` (see ``reducer``); nothing is kept in ``values``."""
@@ -252,6 +264,29 @@ class AttentionStore:
             self.values.clear()
             self.values.update(ordered)
         return self.values[name]
+
+
+class _Fanout:
+    """One call handed to several keepers at once (a stream to disk and a pooled map for pictures)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def begin(self, shape, dtype) -> None:
+        for part in self.parts:
+            begin_partial(part, shape, dtype)
+
+    def add(self, block, rows, n_query) -> None:
+        for part in self.parts:
+            part.add(block, rows, n_query)
+
+    def commit(self) -> None:
+        for part in self.parts:
+            part.commit()
+
+    def discard(self) -> None:
+        for part in self.parts:
+            getattr(part, "discard", lambda: None)()
 
 
 def begin_partial(partial, shape, dtype: torch.dtype) -> None:

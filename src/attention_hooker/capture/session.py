@@ -286,8 +286,8 @@ class CaptureSession:
         # there is one). Otherwise computed in tiles of query rows, each written into a tensor of
         # the policy's dtype/device: no whole layer in the working dtype or device.
         policy = store.policy
-        if store.reducer is not None and groups == 1:  # kept tile by tile: no layer is ever held
-            partial = store.reducer(layer)
+        if store.keeps_elsewhere and groups == 1:  # kept tile by tile: no layer is ever held
+            partial = store.partial(layer)
             n_query = as_4d(query).shape[2]
             stored_dtype = policy.dtype or query.dtype
 
@@ -539,7 +539,7 @@ class CaptureSession:
                gradient_scale=None) -> None:
         self._state().events += 1
         self.coverage.captured(layer)
-        if not isinstance(weights, torch.Tensor):  # a call reduced tile by tile (store.reducer)
+        if not isinstance(weights, torch.Tensor):  # a call kept tile by tile (store.partial)
             self.store.commit_partial(layer, weights)
             return
         self.store.record(layer, weights, selected=selected, graph_tensor=graph_tensor,
