@@ -345,3 +345,25 @@ def test_sink_share_on_given_positions_equals_the_share_computed_on_the_full_map
         torch.testing.assert_close(torch.as_tensor(table["sink_share"][index]), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(AttentionHookerError, match="sink_positions"):
         HeadStatsAccumulator(sink_positions="0")
+
+
+@pytest.mark.parametrize("selection, expected", [("last", ["e"]), (slice(1, None, 2), ["b", "d"]),
+                                                 ([0, -2], ["a", "d"])])
+def test_the_page_labels_the_kept_rows_with_their_tokens_from_the_hooker_and_from_the_file(selection, expected,
+                                                                                            tmp_path):
+    import json
+    import re
+
+    from attention_hooker import load, render_html
+
+    tokens = ["a", "b", "c", "d", "e"]
+    model = Stack().eval()
+    with torch.no_grad(), TransformerAttentionHooker(model, rows=selection) as hooker:
+        model(torch.randn(1, 5, 16))
+    hooker.save(tmp_path / "rows.safetensors", tokens=tokens)
+    for page in (render_html(hooker, tokens=tokens), render_html(load(tmp_path / "rows.safetensors"))):
+        meta = json.loads(re.search(r'id="ah-meta">(.*?)</script>', page.html, re.S).group(1))
+        for layer in meta["layers"]:
+            call = layer["calls"][0]
+            assert meta["tokenSets"][call["queryTokens"]] == expected
+            assert meta["tokenSets"][call["keyTokens"]] == tokens

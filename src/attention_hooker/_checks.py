@@ -306,3 +306,21 @@ def resolve_rows(rows: Union[slice, Tuple[int, ...]], length: int, where: str) -
             f"or -{length}..-1 from the end)"
         )
     return tuple(dict.fromkeys(r % length for r in rows))  # [0, -1] of a one-row call is that row once
+
+
+def selected_rows(source) -> Union[None, slice, Tuple[int, ...]]:
+    """The query rows a capture kept, from a hooker's ``selection`` or a loaded
+    capture's saved one (``None``: every row, or a plain mapping that does not say).
+
+    Example:
+        >>> class Loaded: metadata = {"selection": {"heads": None, "rows": {"start": 2, "stop": None, "step": 3}}}
+        >>> selected_rows(Loaded()), selected_rows({"layer": []})
+        (slice(2, None, 3), None)
+    """
+    selection = getattr(source, "selection", None)
+    if selection is None and isinstance(getattr(source, "metadata", None), dict):
+        selection = source.metadata.get("selection")
+    rows = (selection or {}).get("rows") if isinstance(selection, dict) else None
+    if isinstance(rows, dict):
+        return slice(rows.get("start"), rows.get("stop"), rows.get("step"))
+    return row_selection(rows)

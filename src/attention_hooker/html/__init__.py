@@ -15,11 +15,11 @@ import os
 import re
 import zlib
 from importlib import resources
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .._checks import prepare_output_path, token_lists
+from .._checks import prepare_output_path, resolve_rows, selected_rows, token_lists
 from .._tensor import as_batched, require_positions, values_of
 from ..errors import AttentionHookerError
 
@@ -59,13 +59,30 @@ def _asset(name: str) -> str:
 
 
 class _TokenSets:
-    """Token label lists; each axis gets the first list of its length."""
+    """Token label lists; each axis gets the first list of its length. With ``rows`` (the
+    query rows a capture kept), the query axis of a layer whose keys are the tokens takes
+    the tokens of those rows."""
 
-    def __init__(self, tokens, query_tokens, key_tokens):
+    def __init__(self, tokens, query_tokens, key_tokens, rows=None):
         self.sets: List[List[str]] = []
         self._given = [self._add(t) for t in token_lists(tokens) or []]
         self.query = None if query_tokens is None else self._add(_one_list(query_tokens, "query_tokens"))
         self.key = None if key_tokens is None else self._add(_one_list(key_tokens, "key_tokens"))
+        self._rows = rows
+        self._row_sets: Dict[int, int] = {}  # given list -> the list of its selected rows
+
+    def pick_query(self, layer: str, shape) -> Optional[int]:
+        if self._rows is not None and not (self.query is not None and len(self.sets[self.query]) == shape[2]):
+            for index in self._given:
+                tokens = self.sets[index]
+                if len(tokens) != shape[3]:
+                    continue
+                kept = resolve_rows(self._rows, len(tokens), f"layer {layer!r}")
+                if len(kept) == shape[2]:
+                    if index not in self._row_sets:
+                        self._row_sets[index] = self._add([tokens[i] for i in kept])
+                    return self._row_sets[index]
+        return self.pick(shape[2], "query", layer, shape)
 
     def _add(self, tokens) -> int:
         self.sets.append([str(t) for t in tokens])
@@ -153,7 +170,9 @@ def render_html(
         source: a hooker, a loaded capture, or ``{layer_name: [tensor per call]}``
             with tensors ``(batch, heads, query, key)``.
         tokens: labels; a list of lists when axes differ in length (encoder and
-            decoder tokens): each axis takes the first list of its length.
+            decoder tokens): each axis takes the first list of its length. A
+            loaded capture's own tokens by default. When the capture kept some
+            query rows (``rows=``), their tokens label the query axis.
         query_tokens: labels of the query axis of cross-attention layers.
         key_tokens: labels of the key axis of cross-attention layers.
         layers: the layer names to include (default: all).
@@ -178,7 +197,9 @@ def render_html(
         raise AttentionHookerError(f"title must be a str or None, got {type(title).__name__}")
     if isinstance(compression_level, bool) or not isinstance(compression_level, int) or not 0 <= compression_level <= 9:
         raise AttentionHookerError(f"compression_level={compression_level!r} must be an int in 0..9 (zlib's levels)")
-    token_sets = _TokenSets(tokens, query_tokens, key_tokens)
+    if tokens is None and query_tokens is None and key_tokens is None:
+        tokens = getattr(source, "tokens", None)  # a loaded capture's own
+    token_sets = _TokenSets(tokens, query_tokens, key_tokens, rows=selected_rows(source))
     chunks = []
     offset = 0
     layer_meta = []
@@ -195,7 +216,7 @@ def render_html(
                     "shape": shape,
                     "offset": offset,
                     "scales": [round(float(s), 7) for s in scales.flatten()],
-                    "queryTokens": token_sets.pick(shape[2], "query", name, shape),
+                    "queryTokens": token_sets.pick_query(name, shape),
                     "keyTokens": token_sets.pick(shape[3], "key", name, shape),
                     "nonfinite": bool((codes == NONFINITE_CODE).any()),
                 }
