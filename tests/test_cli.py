@@ -40,6 +40,9 @@ def saved_models(tmp_path_factory, minilm_tokenizer):
         "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
             n_layer=2, n_head=4, n_embd=32, vocab_size=vocab, n_positions=128, bos_token_id=101, eos_token_id=102,
             pad_token_id=0)),
+        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=64,
+            vocab_size=vocab, max_position_embeddings=4096, bos_token_id=101, eos_token_id=102, pad_token_id=0)),
         "t5": transformers.T5ForConditionalGeneration(transformers.T5Config(
             num_layers=2, num_decoder_layers=2, num_heads=4, d_model=32, d_kv=8, d_ff=64, vocab_size=vocab,
             decoder_start_token_id=0, pad_token_id=0, eos_token_id=102)),
@@ -210,3 +213,121 @@ def test_run_and_stats_on_the_real_minilm(tmp_path, minilm_path):
     with open(tmp_path / "s" / "head_stats.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 6 * 12
     assert "3/3 lines" in result.stderr and "(72 rows: 6 layers x 12 heads)" in result.stdout
+
+
+# ------------------------------------------------------------------ long inputs: --max-tokens, --rows, --pool, --stream
+def _long_text(words):
+    return " ".join(f"w{i % 50}" for i in range(words))
+
+
+def _llama_capture(saved_models, text, **options):
+    """The library's capture of the same text, the oracle of the command line's files."""
+    from attention_hooker import TransformerAttentionHooker
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(saved_models["llama"])
+    model = transformers.AutoModel.from_pretrained(saved_models["llama"], attn_implementation="sdpa").eval()
+    enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=options.pop("max_length", 512))
+    with torch.no_grad(), TransformerAttentionHooker(model, **options) as hooker:
+        model(**enc)
+    return hooker.values, tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+
+
+def test_run_says_when_it_cut_the_text_and_takes_more_tokens_up_to_the_models_positions(tmp_path, saved_models,
+                                                                                       capsys):
+    llama = str(saved_models["llama"])
+    text = _long_text(700)  # 700 words: 1,400 BERT tokens or so, past the tokenizer's 512
+    assert main(["run", "--model", llama, "--text", text, "--out", str(tmp_path / "a"), "--pool", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "only the first 512 were run (--max-tokens N takes more" in out
+    assert main(["run", "--model", llama, "--text", text, "--out", str(tmp_path / "b"), "--pool", "32",
+                 "--max-tokens", "1200"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens:  1200" in out and "only the first 1200 were run" in out
+    assert "is more than the 4096 positions" in _error(capsys, "run", "--model", llama, "--text", "x",
+                                                        "--max-tokens", "5000")
+
+
+def test_run_rows_keeps_the_last_row_labels_it_and_saves_the_selection(tmp_path, saved_models, capsys):
+    import json
+    import re
+
+    text = _long_text(30)
+    assert main(["run", "--model", str(saved_models["llama"]), "--text", text, "--rows", "last",
+                 "--out", str(tmp_path / "o"), "--save", str(tmp_path / "last.safetensors")]) == 0
+    assert "1 query row(s) kept" in capsys.readouterr().out
+    expected, tokens = _llama_capture(saved_models, text, rows="last")
+    saved = load(tmp_path / "last.safetensors")
+    assert saved.metadata["selection"]["rows"] == "last"
+    for name, calls in expected.items():
+        torch.testing.assert_close(saved.values[name][0], calls[0])
+    html = (tmp_path / "o" / "attention.html").read_text()
+    meta = json.loads(re.search(r'id="ah-meta">(.*?)</script>', html, re.S).group(1))
+    call = meta["layers"][0]["calls"][0]
+    assert call["shape"][2] == 1 and meta["tokenSets"][call["queryTokens"]] == [tokens[-1]]
+    assert meta["tokenSets"][call["keyTokens"]] == tokens
+
+
+def test_run_pool_draws_block_means_of_the_maps(tmp_path, saved_models, capsys):
+    import json
+    import re
+
+    text = _long_text(100)
+    assert main(["run", "--model", str(saved_models["llama"]), "--text", text, "--pool", "16",
+                 "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "pooled to 16 x 16 blocks" in out and "notable heads" not in out
+    html = (tmp_path / "o" / "attention.html").read_text()
+    meta = json.loads(re.search(r'id="ah-meta">(.*?)</script>', html, re.S).group(1))
+    call = meta["layers"][0]["calls"][0]
+    assert call["shape"][2:] == [16, 16]
+    labels = meta["tokenSets"][call["queryTokens"]]
+    assert len(labels) == 16 and labels[0].startswith("0-") and labels[-1].endswith(f"-{_token_count(saved_models, text) - 1}")
+    assert all(_png_ok(p) for p in (tmp_path / "o" / "grids").iterdir())
+
+
+def _token_count(saved_models, text):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(saved_models["llama"])
+    return len(tokenizer(text)["input_ids"])
+
+
+def test_run_stream_writes_the_whole_capture_and_refuses_a_second_one_without_overwrite(tmp_path, saved_models,
+                                                                                      capsys):
+    text = _long_text(60)
+    folder = tmp_path / "capture"
+    args = ["run", "--model", str(saved_models["llama"]), "--text", text, "--out", str(tmp_path / "o"),
+            "--stream", str(folder)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"went to {folder}" in out
+    expected, tokens = _llama_capture(saved_models, text)
+    streamed = load(folder)
+    assert streamed.tokens == tokens and list(streamed.values) == list(expected)
+    for name, calls in expected.items():
+        torch.testing.assert_close(streamed.values[name][0], calls[0], rtol=1e-5, atol=1e-6)
+    assert "already holds a capture" in _error(capsys, *args)
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_long_input_options_refuse_what_they_cannot_do(tmp_path, saved_models, capsys, monkeypatch):
+    from collections import namedtuple
+
+    from attention_hooker import streaming
+
+    llama, t5 = str(saved_models["llama"]), str(saved_models["t5"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--model", llama, "--text", "x", "--rows", "first"])
+    assert exit_info.value.code == 2 and "is not a selection of rows" in capsys.readouterr().err
+    assert "work with encoders and decoders" in _error(capsys, "run", "--model", t5, "--text", "x", "--target", "y",
+                                                        "--rows", "last")
+    assert "--save keeps a capture held in memory" in _error(capsys, "run", "--model", llama, "--text", "x",
+                                                             "--pool", "8", "--save", str(tmp_path / "a.safetensors"))
+    assert "--overwrite goes with --stream" in _error(capsys, "run", "--model", llama, "--text", "x", "--overwrite")
+    assert "drop --rows" in _error(capsys, "run", "--model", llama, "--text", "x", "--rows", "last", "--generate", "2")
+    assert "keeps no row of the text" in _error(capsys, "run", "--model", llama, "--text", "x", "--rows", "50:60")
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 2**20, 2**20))
+    ran = []
+    monkeypatch.setattr(transformers.LlamaModel, "forward", lambda *a, **k: ran.append(1))
+    message = _error(capsys, "run", "--model", llama, "--text", _long_text(400), "--stream", str(tmp_path / "s"))
+    assert "this capture writes about" in message and "1.0 MiB free" in message
+    assert ran == [], "refused before the model ran"

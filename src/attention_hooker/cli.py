@@ -51,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
     run.add_argument("--out", default="attention-run", help="output folder (default: %(default)s)")
     run.add_argument("--save", default=None, metavar="FILE", help="also keep the captured weights (.safetensors)")
+    run.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+                     help="cut a longer text at N tokens (default: the tokenizer's limit; up to the model's positions)")
+    run.add_argument("--rows", type=_rows, default=None, metavar="ROWS",
+                     help="keep only these query rows: last, an index, a list (0,5,-1) or a slice (100:200, ::8); "
+                          "only they are computed")
+    run.add_argument("--pool", type=_positive_int, default=None, metavar="SIZE",
+                     help="keep each map pooled to at most SIZE x SIZE blocks (block means), computed tile by tile: "
+                          "pictures of long inputs in little memory")
+    run.add_argument("--stream", default=None, metavar="FOLDER",
+                     help="write the whole capture to FOLDER as it is computed (sharded safetensors, checked against "
+                          "the free space first); pictures come from pooled maps (--pool, default 256)")
+    run.add_argument("--overwrite", action="store_true", help="with --stream: replace a capture already in FOLDER")
 
     stats = commands.add_parser(
         "stats",
@@ -81,18 +93,43 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title) -> None:
+def _rows(text: str):
+    """``--rows``: ``last``, an index, a comma-separated list, or a ``start:stop:step`` slice."""
+    text = text.strip()
+    try:
+        if text == "last":
+            return "last"
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            return slice(*parts)
+        if "," in text:
+            return [int(p) for p in text.split(",") if p.strip()]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a selection of rows; expected last, an index (-1), a list (0,5,-1) or a slice "
+            "(100:200, ::8)") from None
+
+
+def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title,
+                 long_context=None) -> None:
     from . import workflows
 
+    long_context = long_context or {}
+    if save and (long_context.get("pool") or long_context.get("stream")):
+        raise workflows.CommandError("--save keeps a capture held in memory; with --pool or --stream there is none "
+                                     "(--stream FOLDER already writes the whole capture)")
     start = time.perf_counter()
     loaded = workflows.load_hf_model(model_path, causal=bool(generate))
-    capture = workflows.capture_text(loaded, text, layers=layers, target=target, generate=generate)
+    capture = workflows.capture_text(loaded, text, layers=layers, target=target, generate=generate, **long_context)
     files = workflows.write_outputs(capture, out, title=title)
     if save:
         raw = capture.raw_values or capture.values
         from .io import save_values
 
-        save_values(raw, save, tokens=capture.tokens[-1], model_class=loaded.name)
+        save_values(raw, save, tokens=capture.tokens[-1], model_class=loaded.name, selection=capture.hooker.selection)
         files["saved"] = save
     print(workflows.summary(loaded, capture, files, time.perf_counter() - start))
 
@@ -106,8 +143,14 @@ def _command_demo(args) -> None:
 
 
 def _command_run(args) -> None:
+    if args.overwrite and args.stream is None:
+        from .workflows import CommandError
+
+        raise CommandError("--overwrite goes with --stream FOLDER")
     _run_capture(args.model, args.text, out=args.out, layers=args.layers, target=args.target,
-                 generate=args.generate, save=args.save, title=Path(args.model).name or "model")
+                 generate=args.generate, save=args.save, title=Path(args.model).name or "model",
+                 long_context=dict(max_tokens=args.max_tokens, rows=args.rows, pool=args.pool, stream=args.stream,
+                                   overwrite=args.overwrite))
 
 
 def _command_stats(args) -> None:

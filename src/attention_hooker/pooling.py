@@ -11,7 +11,7 @@ blocks do not overlap and, when ``P`` divides ``L``, equal ``avg_pool2d`` /
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from ._checks import one_of, positive_int
 from .analysis import _real_rows, _row_mask
 from .store import AttentionValues
 
-__all__ = ["PooledAttention", "KeyReductions"]
+__all__ = ["PooledAttention", "KeyReductions", "block_labels"]
 
 
 class PooledAttention:
@@ -53,6 +53,21 @@ class PooledAttention:
         time (``padding_mask`` is accepted for symmetry with the statistics and unused)."""
         del padding_mask
         return _PooledCall(self, name)
+
+
+def block_labels(tokens: Sequence[str], size: int) -> List[str]:
+    """Labels of the blocks a pooled axis of ``len(tokens)`` positions has: the token
+    itself for a block of one position, ``"first-last"`` positions for a longer one
+    (blocks laid out as :class:`PooledAttention` lays them out).
+
+    Example:
+        >>> block_labels(["a", "b", "c", "d", "e"], 2), block_labels(["a", "b"], 4)
+        (['0-2', '3-4'], ['a', 'b'])
+    """
+    n = len(tokens)
+    blocks = min(size, n)
+    first = [(b * n + blocks - 1) // blocks for b in range(blocks + 1)]  # the first position p with p*blocks//n == b
+    return [str(tokens[a]) if b - a == 1 else f"{a}-{b - 1}" for a, b in zip(first, first[1:])]
 
 
 class _PooledCall:

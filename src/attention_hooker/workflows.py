@@ -113,6 +113,10 @@ class Capture:
     hooker: object
     generated_text: Optional[str] = None
     raw_values: Optional[Dict[str, List[torch.Tensor]]] = None
+    query_tokens: Optional[List[str]] = None  # the kept rows' tokens (--rows)
+    notes: Optional[List[str]] = None  # lines for the summary: what was cut, pooled, streamed
+    stream: object = None  # the StreamedCapture written with --stream
+    pooled_from: Optional[int] = None  # with --pool/--stream: the tokens the pooled maps cover
 
 
 def _tokens(tokenizer, ids) -> List[str]:
@@ -126,17 +130,51 @@ def capture_text(
     layers: Optional[str] = None,
     target: Optional[str] = None,
     generate: int = 0,
+    max_tokens: Optional[int] = None,
+    rows=None,
+    pool: Optional[int] = None,
+    stream=None,
+    overwrite: bool = False,
 ) -> Capture:
-    """Runs ``text`` through the model with every attention layer (or ``layers``) hooked."""
+    """Runs ``text`` through the model with every attention layer (or ``layers``) hooked.
+
+    Args:
+        max_tokens: a longer text is cut there (``None``: the tokenizer's limit), and
+            the summary says so; at most the model's positions.
+        rows: keep only these query rows (``"last"``, an index, a list, a slice).
+        pool: keep each map pooled to at most ``pool x pool`` blocks (block means),
+            computed tile by tile: pictures of long inputs without their memory.
+        stream: write the whole capture to this folder as it is computed
+            (pictures then come from pooled maps, ``pool`` or 256).
+        overwrite: with ``stream``, replace a capture already in that folder.
+    """
     from .analysis import stitch_steps
     from .hooker import TransformerAttentionHooker
 
     if not text or not text.strip():
         raise CommandError("the text is empty: pass --text with some words")
     tokenizer, model = loaded.tokenizer, loaded.model
-    enc = tokenizer(text, return_tensors="pt", truncation=True)
+    long_context = [option for option, value in (("--rows", rows), ("--pool", pool), ("--stream", stream))
+                    if value is not None]
+    if long_context and loaded.kind == "encoder-decoder":
+        raise CommandError(f"{'/'.join(long_context)} work with encoders and decoders; {loaded.name} is an "
+                           "encoder-decoder")
+    if long_context and generate:
+        raise CommandError(f"--generate keeps every step to stitch them; drop {'/'.join(long_context)}")
+    if rows is not None and pool is not None:
+        raise CommandError("--rows and --pool do not combine: a pooled map covers every row")
+    limit = _token_limit(loaded, max_tokens)
+    length = len(tokenizer(text)["input_ids"])
+    enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit)
     source = _tokens(tokenizer, enc["input_ids"][0])
-    hooker = TransformerAttentionHooker(model, layers)
+    notes = []
+    if length > limit:
+        notes.append(f"the text is {length} tokens; only the first {limit} were run (--max-tokens N takes more, "
+                     "up to the model's positions)")
+    hooker = TransformerAttentionHooker(model, layers, rows=rows)
+    if long_context:
+        return _capture_long(loaded, hooker, enc, source, rows=rows, pool=pool, stream=stream, overwrite=overwrite,
+                             notes=notes)
     if loaded.kind == "encoder-decoder":
         if target is None or not target.strip():
             raise CommandError(f"{loaded.name} is an encoder-decoder: pass the decoder's text with --target")
@@ -161,7 +199,59 @@ def capture_text(
         return Capture(stitched, [tokens], hooker, generated_text=text_out, raw_values=dict(hooker.values))
     with torch.no_grad(), hooker:
         model(**enc)
-    return Capture(dict(hooker.values), [source], hooker)
+    return Capture(dict(hooker.values), [source], hooker, notes=notes)
+
+
+def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, pool, stream, overwrite,
+                  notes: List[str]) -> Capture:
+    """One forward kept as selected rows, pooled maps, or streamed to disk (with pooled maps to draw)."""
+    from ._checks import resolve_rows, selected_rows
+    from .pooling import PooledAttention, block_labels
+
+    length = len(source)
+    query_tokens = None
+    if rows is not None:
+        query_tokens = [source[i] for i in resolve_rows(selected_rows(hooker), length, "the text")]
+    pooled = None
+    if pool is not None or stream is not None:
+        pooled = PooledAttention(size=pool or 256)
+        hooker.reduce_into(pooled, padding_mask=enc["attention_mask"])
+    written = None
+    with torch.no_grad(), hooker:
+        if stream is not None:
+            rows_kept = length if query_tokens is None else len(query_tokens)
+            written = hooker.stream_to(stream, overwrite=overwrite,
+                                       expected_bytes=_planned_bytes(loaded, hooker, rows_kept, length))
+        loaded.model(**enc)
+    if written is not None:
+        written.close(tokens=source)
+        notes.append(f"the whole capture ({_bytes(written.written)}) went to {written.folder}: "
+                     "attention_hooker.load() opens it lazily")
+    if pooled is not None:
+        size = pooled.size
+        labels = block_labels(source, size)
+        if length > size:
+            notes.append(f"pictures show each map pooled to {len(labels)} x {len(labels)} blocks (block means)")
+        return Capture(dict(pooled.values), [labels], hooker, notes=notes, stream=written, pooled_from=length)
+    return Capture(dict(hooker.values), [source], hooker, query_tokens=query_tokens, notes=notes)
+
+
+def _bytes(n: float) -> str:
+    from .streaming import format_bytes
+
+    return format_bytes(n)
+
+
+def _planned_bytes(loaded: LoadedModel, hooker, rows: int, keys: int) -> Optional[int]:
+    """What a streamed capture of one forward will write, from the model's configuration
+    (hooked layers x heads x rows x keys); ``None`` when the configuration does not say."""
+    config = getattr(loaded.model, "config", None)
+    heads = next((getattr(config, name) for name in ("num_attention_heads", "n_head", "num_heads")
+                  if isinstance(getattr(config, name, None), int)), None)
+    if heads is None:
+        return None
+    itemsize = next(loaded.model.parameters()).element_size() if any(True for _ in loaded.model.parameters()) else 4
+    return len(hooker.hooked_layers) * heads * rows * keys * itemsize
 
 
 def _prepare_out(out) -> Path:
@@ -192,7 +282,8 @@ def write_outputs(capture: Capture, out, *, title: str) -> Dict[str, object]:
     for name, calls in capture.values.items():
         weights = calls[0]
         n_query, n_key = weights.shape[-2:]
-        q_tokens = next((t for t in token_lists if len(t) == n_query), None)
+        q_tokens = next((t for t in ([capture.query_tokens] if capture.query_tokens else []) + token_lists
+                         if len(t) == n_query), None)
         k_tokens = next((t for t in token_lists if len(t) == n_key), None)
         path = grids_dir / f"{_safe_name(name)}.png"
         fig = plot_attention_grid(weights, query_tokens=q_tokens, key_tokens=k_tokens, layer_name=name, save_path=path)
@@ -200,7 +291,8 @@ def write_outputs(capture: Capture, out, *, title: str) -> Dict[str, object]:
         grids.append(path)
     overview = out / "overview.png"
     plot_attention_overview(capture.values, title=f"{title}: layers x heads", save_path=overview).clear()
-    page = render_html(capture.values, tokens=token_lists, title=title).save(out / "attention.html")
+    page = render_html(capture.values, tokens=token_lists, query_tokens=capture.query_tokens,
+                       title=title).save(out / "attention.html")
     return {"grids": grids, "overview": overview, "page": Path(page)}
 
 
@@ -231,7 +323,9 @@ def summary(loaded: LoadedModel, capture: Capture, files: Dict[str, object], sec
     lines = [
         f"model:   {loaded.name} ({loaded.kind})",
         f"layers:  {len(capture.values)} captured, {'/'.join(map(str, heads))} heads each",
-        f"tokens:  {len(capture.tokens[0])}" + (f" source, {len(capture.tokens[1])} target" if len(capture.tokens) > 1 else ""),
+        f"tokens:  {capture.pooled_from or len(capture.tokens[0])}"
+        + (f" source, {len(capture.tokens[1])} target" if len(capture.tokens) > 1 else "")
+        + (f"; {first.shape[-2]} query row(s) kept" if capture.query_tokens else ""),
     ]
     if capture.generated_text is not None:
         lines.append(f"text:    {capture.generated_text!r}")
@@ -242,7 +336,9 @@ def summary(loaded: LoadedModel, capture: Capture, files: Dict[str, object], sec
     ]
     if files.get("saved"):
         lines.append(f"saved:   {files['saved']}")
-    notes = notable_heads(capture.values, capture.tokens[-1] if first.shape[-1] == len(capture.tokens[-1]) else capture.tokens[0])
+    lines += [f"note:    {note}" for note in capture.notes or []]
+    notes = [] if capture.pooled_from else notable_heads(  # a pooled block is not a token
+        capture.values, capture.tokens[-1] if first.shape[-1] == len(capture.tokens[-1]) else capture.tokens[0])
     if notes:
         lines.append("notable heads:")
         lines += [f"  - {n}" for n in notes]
