@@ -367,3 +367,36 @@ def test_the_page_labels_the_kept_rows_with_their_tokens_from_the_hooker_and_fro
             call = layer["calls"][0]
             assert meta["tokenSets"][call["queryTokens"]] == expected
             assert meta["tokenSets"][call["keyTokens"]] == tokens
+
+
+# ------------------------------------------------------------------ generation: memory held close to what is stored
+def test_generation_steps_lie_side_by_side_and_save_and_clear_as_before(tmp_path):
+    from attention_hooker import load
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 60, (1, 5))
+    generate = dict(max_new_tokens=200, min_new_tokens=200, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), TransformerAttentionHooker(model, dtype=torch.float16) as hooker:
+        model.generate(ids, **generate)
+    steps = [t for calls in hooker.values.values() for t in calls]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in steps}
+    assert len(steps) == 400 and len(storages) < 20, "the steps share a few chunks, not one allocation each"
+    assert sum(storages.values()) <= 1.2 * hooker.values.nbytes + 2**20, "the chunks hold little beyond the steps"
+    assert all(t._base is None and t.is_contiguous() for t in steps)
+    before = [t.clone() for t in steps]
+    steps[0].fill_(7.0)  # one step written: no other step changes
+    assert all(torch.equal(t, b) for t, b in zip(steps[1:], before[1:]))
+    steps[0].copy_(before[0])
+    with torch.no_grad(), TransformerAttentionHooker(model, dtype=torch.float16) as unchunked:
+        unchunked._session.arena.MAX_CHUNK = 0  # every tensor allocated on its own, as before
+        model.generate(ids, **generate)
+    for name, calls in unchunked.values.items():
+        assert all(torch.equal(a, b) for a, b in zip(calls, hooker.values[name]))
+    hooker.save(tmp_path / "steps.safetensors")
+    loaded = load(tmp_path / "steps.safetensors")
+    assert all(torch.equal(a, b) for name in hooker.values for a, b in zip(loaded.values[name], hooker.values[name]))
+    kept = hooker.values[next(iter(hooker.values))][-1]
+    hooker.clear()
+    assert torch.equal(kept, before[199]), "a tensor the user kept keeps its numbers after clear()"

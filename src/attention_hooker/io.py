@@ -110,7 +110,7 @@ def save_values(
         layers.append(name)
         calls_per_layer.append(len(calls))
         for call, tensor in enumerate(calls):
-            tensors[f"{index}.{call}"] = tensor.detach().to("cpu").contiguous()
+            tensors[f"{index}.{call}"] = _own_memory(tensor.detach().to("cpu").contiguous())
             dtypes.add(str(tensor.dtype).replace("torch.", ""))
     meta = {
         "format": _FORMAT,
@@ -123,6 +123,14 @@ def save_values(
         "library_version": _version(),
     }
     save_file(tensors, path, metadata={_META_KEY: json.dumps(meta)})
+
+
+def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor, or a copy where it shares its memory (small calls lie side by side in
+    one chunk, see ``capture/buffers.py``; safetensors refuses tensors that share)."""
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 def _check_tokens_fit(tokens: List[str], values: Mapping) -> None:

@@ -121,6 +121,9 @@ class AttentionStore:
         self.reducer: Optional[Callable[[str], object]] = None
         self.stream: Optional[Callable[[str], object]] = None
         self._lock = threading.RLock()  # forwards on several threads record into one store
+        # Where stored copies come from: ``allocate(shape, dtype, device)``; the capture
+        # plugs in its arena, so that small calls lie side by side (see capture/buffers.py).
+        self.allocate: Callable = lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)
 
     def clear(self, *, salvage: Optional[Callable[[dict], list]] = None) -> list:
         """Forgets every stored tensor and call count.
@@ -235,11 +238,9 @@ class AttentionStore:
         if self.stores_as_computed(tensor.dtype, tensor.device):
             return tensor
         p = self.policy
-        return tensor.to(
-            device=p.device if p.device is not None else tensor.device,
-            dtype=p.dtype if p.dtype is not None else tensor.dtype,
-            copy=True,
-        )
+        placed = self.allocate(tensor.shape, p.dtype if p.dtype is not None else tensor.dtype,
+                               p.device if p.device is not None else tensor.device)
+        return placed.copy_(tensor)
 
     def _watch_gradient(self, name: str, stored: torch.Tensor, graph_tensor: torch.Tensor, scale=None) -> None:
         """Fills ``gradients[name][i]`` when backward reaches ``graph_tensor``."""

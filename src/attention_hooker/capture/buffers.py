@@ -25,6 +25,7 @@ is reused. (Private APIs, checked on torch 2.1-2.14; pinned by
 
 from __future__ import annotations
 
+import mmap
 import sys
 import threading
 import weakref
@@ -32,7 +33,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
-__all__ = ["SpareBuffers", "unreachable_tensors"]
+__all__ = ["SpareBuffers", "unreachable_tensors", "Arena"]
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -96,10 +97,6 @@ class SpareBuffers:
     clear's worth of memory.
     """
 
-    def __init__(self):
-        self._spare: Dict[tuple, List[torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
     def offer(self, tensors: List[torch.Tensor]) -> None:
         spare: Dict[tuple, List[torch.Tensor]] = {}
         for tensor in tensors:
@@ -107,13 +104,18 @@ class SpareBuffers:
         with self._lock:
             self._spare = spare
 
+    def __init__(self, fresh=None):
+        self._spare: Dict[tuple, List[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._fresh = fresh or _empty  # where a tensor comes from when no spare fits
+
     def take(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor: a spare one when there is one."""
         with self._lock:
             spares = self._spare.get(_key(shape, dtype, device))
             if spares:
                 return spares.pop()
-        return torch.empty(shape, dtype=dtype, device=device)
+        return self._fresh(shape, dtype, device)
 
     def release(self) -> None:
         with self._lock:
@@ -128,3 +130,65 @@ class SpareBuffers:
 
 def _key(shape, dtype: torch.dtype, device) -> tuple:
     return tuple(shape), dtype, torch.device(device)
+
+
+def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class Arena:
+    """Stored tensors of small calls, laid side by side in large chunks of CPU memory.
+
+    Generating keeps one small ``(batch, heads, 1, key)`` tensor per layer and step,
+    one column longer each time, while the capture's transient tensors (keys repeated
+    for grouped heads, float32 scores for float16 storage) come and go between them.
+    Allocated one by one, the kept tensors pin the C heap around the holes the
+    transients leave, and the process holds 2-4x what is stored. Carved from chunks,
+    they lie densely: memory held stays close to the bytes stored.
+
+    A chunk is a tensor of its own: it is freed when the last tensor cut from it is.
+    A chunk holds about 64 tensors of the size asked for (256 KiB to 4 MiB), so its
+    unused tail stays small next to what is stored, and a capture that keeps only the
+    newest calls (``keep="last"``) pins at most a chunk or two. Tensors larger than a
+    quarter of the largest chunk, and tensors on other devices, are allocated as usual.
+    """
+
+    MIN_CHUNK = 256 * 2**10
+    MAX_CHUNK = 4 * 2**20
+    TENSORS_PER_CHUNK = 64
+
+    def __init__(self):
+        self._chunks: Dict[torch.dtype, Tuple[torch.Tensor, int]] = {}  # dtype -> (chunk, bytes used)
+        self._lock = threading.Lock()
+
+    def empty(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """An uninitialised contiguous tensor; from a chunk when it is small and on the CPU."""
+        device = torch.device(device)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = itemsize
+        for n in shape:
+            nbytes *= int(n)
+        if device.type != "cpu" or nbytes == 0 or nbytes > self.MAX_CHUNK // 4:
+            return torch.empty(shape, dtype=dtype, device=device)
+        step = -nbytes % 64 + nbytes  # each tensor starts 64-byte aligned, as the allocator's would
+        with self._lock:
+            chunk, used = self._chunks.get(dtype, (None, 0))
+            if chunk is None or used + step > chunk.numel():
+                chunk_bytes = min(self.MAX_CHUNK, max(self.MIN_CHUNK, step * self.TENSORS_PER_CHUNK))
+                chunk, used = _mapped_chunk(chunk_bytes), 0
+            self._chunks[dtype] = (chunk, used + step)
+        # A tensor on the chunk's storage, not a view of the chunk: no view bookkeeping
+        # (a third of the bytes per tensor), and no ``_base`` to keep the chunk's object.
+        return torch.empty(0, dtype=dtype).set_(chunk.untyped_storage(), used // itemsize, tuple(shape))
+
+    def release(self) -> None:
+        """Forgets the chunks being filled (each is freed with the last tensor cut from it)."""
+        with self._lock:
+            self._chunks.clear()
+
+
+def _mapped_chunk(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of fresh anonymous pages as a uint8 tensor: outside the C heap, so a
+    chunk neither pins the heap nor is pinned by it, and its pages go back to the
+    system as soon as the last tensor cut from it is freed."""
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)

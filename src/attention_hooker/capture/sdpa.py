@@ -154,7 +154,7 @@ def sdpa_attention_weights(
             working scores, and written into it tile by tile: no whole ``(batch,
             heads, query, key)`` tensor exists in the working dtype or on the working
             device (float16 storage of a float32 or half model, CPU storage of a GPU
-            model). ``buffer`` is then unused.
+            model). ``buffer``, when given, then gives the tensor returned.
         tile_bytes: the working memory of one tile, with ``store_as``
             (:data:`TILE_BYTES` when ``None``).
         tile_sink: instead of returning the weights, hand each tile to
@@ -216,7 +216,7 @@ def sdpa_attention_weights(
         return _differentiable_weights(q, k, mask, is_causal, scale_factor, row_index).to(query.dtype)
     if store_as is not None or tile_sink is not None:
         return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or TILE_BYTES, row_index,
-                                 tile_sink)
+                                 tile_sink, buffer)
     return _weights(q, k, mask, is_causal, scale_factor, buffer, query.dtype, row_index)
 
 
@@ -246,7 +246,7 @@ def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, ro
 
 
 def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as, tile_bytes: int,
-                      row_index, tile_sink=None) -> Optional[torch.Tensor]:
+                      row_index, tile_sink=None, buffer=None) -> Optional[torch.Tensor]:
     """The weights ``(B, H, L, S)`` in ``store_as = (dtype, device)``, computed a block of
     query rows at a time: each row's softmax only needs its own scores, so a tile of
     rows is exact on its own. Working memory: one tile of float32 (or float64) scores."""
@@ -255,7 +255,8 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     out = None
     if tile_sink is None:
         dtype, device = store_as
-        out = torch.empty((batch, q.shape[1], length, source), dtype=dtype, device=device)  # (B, H, L, S)
+        shape = (batch, q.shape[1], length, source)  # (B, H, L, S)
+        out = buffer(shape, dtype, device) if buffer is not None else torch.empty(shape, dtype=dtype, device=device)
     if q.dtype in _HALF:  # scores and softmax in float32, as the kernels compute them
         q, k = q.float(), k.float()
     work = q.dtype

@@ -27,7 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..store import AttentionStore, begin_partial
-from .buffers import SpareBuffers
+from .buffers import Arena, SpareBuffers
 from .coverage import Coverage
 from .inputs import channel_attention_refusal, folded_batch_refusal
 from .mha import drops_weights, mha_weights
@@ -142,7 +142,9 @@ class CaptureSession:
         self._busy: set = set()  # idents of threads with open scopes
         self._on_idle: List[Callable[[], None]] = []
         self.closed = False
-        self.spares = SpareBuffers()  # cleared weights nobody can reach, for the next calls
+        self.arena = Arena()  # small stored tensors side by side (generation steps)
+        self.spares = SpareBuffers(self.arena.empty)  # cleared weights nobody can reach, for the next calls
+        store.allocate = self.arena.empty
 
     def _state(self) -> _ThreadState:
         state = getattr(self._local, "state", None)
@@ -207,6 +209,7 @@ class CaptureSession:
         self.drop_stale_scopes(switch_off=False)  # stores what a call that raised had computed
         self.closed = True
         self.spares.release()
+        self.arena.release()
         self.reset()
         with self._lock:
             if self._busy:
@@ -320,7 +323,7 @@ class CaptureSession:
                 bool(call["enable_gqa"]),
                 heads=store.policy.heads if groups == 1 else None,
                 rows=store.policy.rows if groups == 1 else None,
-                buffer=self.spares.take if as_computed else None,
+                buffer=self.spares.take,
                 where=f"layer {layer!r}",
                 store_as=store_as,
             )  # (B, H, L, S); packed: (B, Hk, groups, S)
