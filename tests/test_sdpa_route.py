@@ -260,3 +260,46 @@ def test_weights_computed_in_tiles_equal_the_whole_computation(case, tile_rows):
                                    tile_bytes=tile_rows * row_bytes)
     assert tiled.dtype == torch.float64 and tiled.shape == whole.shape
     torch.testing.assert_close(tiled, whole.double(), atol=1e-6 if case != "half" else 1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed_projections", "one_row_decoding", "bfloat16",
+                                    "causal_tiles", "mask_and_rows"])
+def test_grouped_query_weights_equal_the_kernels_without_repeating_the_keys(layout, monkeypatch):
+    """Issue 11: each kv head serves its group of query heads inside the product; the keys are
+    never copied once per query head (at long context that copy was the call's largest tensor)."""
+    from attention_hooker.capture import sdpa
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, width = 2, 8, 2, 9, 16
+    if layout == "transposed_projections":  # Hugging Face's (B, L, H, E) seen through a transpose
+        q = torch.randn(batch, length, heads, width).transpose(1, 2)
+        k = torch.randn(batch, length, kv_heads, width).transpose(1, 2)
+    else:
+        q, k = torch.randn(batch, heads, length, width), torch.randn(batch, kv_heads, length, width)
+    if layout == "one_row_decoding":
+        q = q[:, :, -1:]
+    v = torch.randn(batch, kv_heads, k.shape[2], width)
+    if layout == "bfloat16":
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    kwargs, options = {}, {}
+    if layout == "causal_tiles":
+        kwargs["is_causal"] = True
+        options = {"store_as": (torch.float32, torch.device("cpu")), "tile_bytes": 1}
+    if layout == "mask_and_rows":
+        kwargs["attn_mask"] = torch.rand(batch, 1, length, length) > 0.3
+        kwargs["attn_mask"][..., 0] = True
+        options = {"rows": [0, -1]}
+    repeated = []
+    real = torch.Tensor.repeat_interleave
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", lambda *a, **kw: repeated.append(1) or real(*a, **kw))
+    w = sdpa_attention_weights(q, k, **kwargs, enable_gqa=True, **options)
+    assert not repeated, "the keys were repeated per query head"
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", real)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs, enable_gqa=True)
+    if "rows" in options:
+        expected = expected[:, :, [0, length - 1]]
+    out = w.float() @ v.float().repeat_interleave(heads // kv_heads, dim=1)
+    tolerance = 1e-5 if w.dtype == torch.float32 else 2e-2  # bfloat16 weights: rounded to 8 bits
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+    by_repeat = sdpa.sdpa_attention_weights(q, k.repeat_interleave(heads // kv_heads, dim=1), **kwargs, **options)
+    torch.testing.assert_close(w, by_repeat, atol=1e-6, rtol=1e-5)

@@ -201,8 +201,8 @@ def sdpa_attention_weights(
             k = k.index_select(1, torch.div(index, n_q_heads // n_k_heads, rounding_mode="floor"))
         if mask is not None and mask.shape[1] == n_q_heads and n_q_heads > 1:
             mask = mask.index_select(1, index)
-    elif 1 < n_k_heads < n_q_heads:
-        k = k.repeat_interleave(n_q_heads // n_k_heads, dim=1)  # (B, Hq, S, E)
+    # Otherwise fewer kv heads stay as they are: each serves its group of query heads in
+    # the product itself (_scaled_scores), without a repeated copy of the keys.
 
     if rows is None:
         row_index = torch.arange(length, device=q.device)  # (L,): the absolute query rows computed
@@ -338,6 +338,8 @@ def _differentiable_weights(q, k, mask, is_causal: bool, scale: float, row_index
     """The same formula with out-of-place operations only, so autograd can follow it."""
     if q.dtype in _HALF:  # float32 scores and softmax, as the kernels compute them
         q, k = q.float(), k.float()
+    if 1 < k.shape[1] < q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, S, E)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, L, S)
     if is_causal:
         above_diagonal = torch.arange(k.shape[2], device=q.device)[None, :] > row_index[:, None]  # (rows, S)
@@ -360,6 +362,8 @@ def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> to
     if q.dtype in _HALF:  # as the kernels do: scores and softmax in float32, not rounded to half first
         q, k = q.float(), k.float()
         buffer = None
+    if 1 < k.shape[1] < q.shape[1]:
+        return _grouped_scores(q, k, scale, buffer)
     shape = _broadcast(tuple(q.shape[:2]), tuple(k.shape[:2])) + (q.shape[2], k.shape[2])
     scores = buffer(shape, q.dtype, q.device) if buffer is not None else torch.empty(shape, dtype=q.dtype, device=q.device)
     if scores.numel() == 0 or q.shape[:2] != shape[:2] or k.shape[:2] != shape[:2]:  # empty, or broadcast
@@ -373,6 +377,28 @@ def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> to
         return scores
     for item in range(shape[0]):  # (H, L, E) @ (H, E, S) -> (H, L, S)
         torch.baddbmm(scores[item], q[item], k[item].transpose(1, 2), beta=0, alpha=scale, out=scores[item])
+    return scores
+
+
+def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> torch.Tensor:
+    """``scale * q @ k^T`` ``(B, Hq, L, S)`` for grouped-query attention: kv head ``h``
+    serves query heads ``h*g .. h*g+g-1`` (``g = Hq / Hk``, as ``enable_gqa`` and
+    ``repeat_interleave`` pair them). The ``g`` query heads of a group are stacked as
+    ``g*L`` rows of one product with their kv head's keys, so the keys are never
+    copied ``g`` times (at long context that copy is the largest tensor of the call)."""
+    batch = max(q.shape[0], k.shape[0])
+    groups, n_k_heads = q.shape[1] // k.shape[1], k.shape[1]
+    length, source, width = q.shape[2], k.shape[2], q.shape[3]
+    if q.shape[0] != k.shape[0]:  # broadcast batch: rare; pair the heads by a copy
+        return _scaled_scores(q, k.repeat_interleave(groups, dim=1), scale, buffer)
+    shape = (batch, q.shape[1], length, source)
+    scores = buffer(shape, q.dtype, q.device) if buffer is not None else torch.empty(shape, dtype=q.dtype, device=q.device)
+    if scores.numel() == 0:
+        return scores
+    flat = scores.view(batch * n_k_heads, groups * length, source)  # (B*Hk, g*L, S) = (B, Hq, L, S)
+    q3 = q.reshape(batch * n_k_heads, groups * length, width)  # a copy only where q is not laid out so
+    k3 = k.reshape(batch * n_k_heads, source, width)
+    torch.baddbmm(flat, q3, k3.transpose(1, 2), beta=0, alpha=scale, out=flat)
     return scores
 
 
