@@ -53,6 +53,48 @@ def _models():
     }
 
 
+KEY_SELECTIONS = {"sinks": slice(0, 4), "first_and_last": [0, -1], "last": "last", "every_third": slice(None, None, 3)}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16], ids=["as_computed", "float16_tiles"])
+@pytest.mark.parametrize("keys", list(KEY_SELECTIONS))
+@pytest.mark.parametrize("route", list(_models()))
+def test_selected_keys_equal_those_columns_of_the_full_capture_normalised_over_every_key(route, keys, dtype,
+                                                                                        monkeypatch):
+    model, kwargs = _models()[route]
+    model.eval()
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        with TransformerAttentionHooker(model) as full:
+            out = model(x, **kwargs)
+        monkeypatch.setattr(sdpa, "TILE_BYTES", 1)  # one query row per tile
+        with TransformerAttentionHooker(model, rows=[0, -1], keys=KEY_SELECTIONS[keys], dtype=dtype) as some:
+            out_selected = model(x, **kwargs)
+    torch.testing.assert_close(out_selected, out, rtol=0, atol=0)
+    assert some.selection["keys"] == {"sinks": {"start": 0, "stop": 4, "step": None}, "first_and_last": [0, -1],
+                                      "last": "last", "every_third": {"start": None, "stop": None, "step": 3}}[keys]
+    for name, calls in full.values.items():
+        expected = _expected(_expected(calls[0], [0, -1]).transpose(2, 3), KEY_SELECTIONS[keys]).transpose(2, 3)
+        got = some.values[name][0]
+        assert got.shape == expected.shape, (name, got.shape, expected.shape)
+        torch.testing.assert_close(got.float(), expected, atol=1e-3 if dtype else 1e-6, rtol=0)
+
+
+def test_keys_outside_a_call_and_with_reductions_or_gradients_are_refused():
+    from attention_hooker import HeadStatsAccumulator
+
+    model = Stack().eval()
+    with pytest.raises(AttentionHookerError, match=r"keys=\[7\] names key\(s\) \[7\], but layer 'blocks.0' has 4 keys"):
+        with torch.no_grad(), TransformerAttentionHooker(model, keys=[7]):
+            model(torch.randn(1, 4, 16))
+    with pytest.raises(AttentionHookerError, match="keys= and keep_grad=True"):
+        TransformerAttentionHooker(model, keys=[0], keep_grad=True)
+    with pytest.raises(AttentionHookerError, match="reduce_into"):
+        TransformerAttentionHooker(model, keys=[0]).reduce_into(HeadStatsAccumulator())
+    with pytest.raises(AttentionHookerError, match="keys='first' is not a selection of keys"):
+        TransformerAttentionHooker(model, keys="first")
+
+
 @pytest.mark.parametrize("dtype", [None, torch.float16], ids=["as_computed", "float16_tiles"])
 @pytest.mark.parametrize("selection", list(SELECTIONS))
 @pytest.mark.parametrize("route", list(_models()))
@@ -145,7 +187,7 @@ def test_the_selection_is_saved_with_the_capture(tmp_path):
     model = Stack().eval()
     with torch.no_grad(), TransformerAttentionHooker(model, rows=slice(1, None, 2), heads=[0, 2]) as hooker:
         model(torch.randn(1, 5, 16))
-    assert hooker.selection == {"heads": [0, 2], "rows": {"start": 1, "stop": None, "step": 2}}
+    assert hooker.selection == {"heads": [0, 2], "rows": {"start": 1, "stop": None, "step": 2}, "keys": None}
     assert hooker.values["blocks.0"][0].shape == (1, 2, 2, 5)
     hooker.save(tmp_path / "capture.safetensors")
     loaded = load(tmp_path / "capture.safetensors")
@@ -347,10 +389,11 @@ def test_sink_share_on_given_positions_equals_the_share_computed_on_the_full_map
         HeadStatsAccumulator(sink_positions="0")
 
 
-@pytest.mark.parametrize("selection, expected", [("last", ["e"]), (slice(1, None, 2), ["b", "d"]),
-                                                 ([0, -2], ["a", "d"])])
-def test_the_page_labels_the_kept_rows_with_their_tokens_from_the_hooker_and_from_the_file(selection, expected,
-                                                                                            tmp_path):
+@pytest.mark.parametrize("selection, expected, keys, expected_keys", [
+    ("last", ["e"], None, None), (slice(1, None, 2), ["b", "d"], None, None), ([0, -2], ["a", "d"], None, None),
+    (None, None, slice(0, 2), ["a", "b"]), ("last", ["e"], [0, -1], ["a", "e"])])
+def test_the_page_labels_the_kept_rows_with_their_tokens_from_the_hooker_and_from_the_file(
+        selection, expected, keys, expected_keys, tmp_path):
     import json
     import re
 
@@ -358,15 +401,16 @@ def test_the_page_labels_the_kept_rows_with_their_tokens_from_the_hooker_and_fro
 
     tokens = ["a", "b", "c", "d", "e"]
     model = Stack().eval()
-    with torch.no_grad(), TransformerAttentionHooker(model, rows=selection) as hooker:
+    with torch.no_grad(), TransformerAttentionHooker(model, rows=selection, keys=keys) as hooker:
         model(torch.randn(1, 5, 16))
     hooker.save(tmp_path / "rows.safetensors", tokens=tokens)
+    expected, expected_keys = expected or tokens, expected_keys or tokens
     for page in (render_html(hooker, tokens=tokens), render_html(load(tmp_path / "rows.safetensors"))):
         meta = json.loads(re.search(r'id="ah-meta">(.*?)</script>', page.html, re.S).group(1))
         for layer in meta["layers"]:
             call = layer["calls"][0]
             assert meta["tokenSets"][call["queryTokens"]] == expected
-            assert meta["tokenSets"][call["keyTokens"]] == tokens
+            assert meta["tokenSets"][call["keyTokens"]] == expected_keys
 
 
 # ------------------------------------------------------------------ generation: memory held close to what is stored

@@ -265,7 +265,7 @@ def check_probabilities(attn, where: str, *, atol: Optional[float] = None) -> No
         )
 
 
-def row_selection(value) -> Union[None, slice, Tuple[int, ...]]:
+def row_selection(value, name: str = "rows") -> Union[None, slice, Tuple[int, ...]]:
     """The query rows a capture keeps: ``None`` (all), a ``slice``, or a tuple of
     indices (negative ones count from the end of each call's rows); ``"last"`` is
     ``(-1,)``.
@@ -276,51 +276,69 @@ def row_selection(value) -> Union[None, slice, Tuple[int, ...]]:
     """
     if value is None or isinstance(value, slice):
         if isinstance(value, slice) and not all(v is None or _is_int(v) for v in (value.start, value.stop, value.step)):
-            raise AttentionHookerError(f"rows={value!r}: a slice of rows needs whole-number bounds")
+            raise AttentionHookerError(f"{name}={value!r}: a slice of rows needs whole-number bounds")
         if isinstance(value, slice) and value.step is not None and int(value.step) < 1:
-            raise AttentionHookerError(f"rows={value!r}: the step of a slice of rows must be 1 or more")
+            raise AttentionHookerError(f"{name}={value!r}: the step of a slice of rows must be 1 or more")
         return value
     if isinstance(value, str):
         if value != "last":
-            raise AttentionHookerError(f"rows={value!r} is not a selection of query rows; expected 'last', an index, "
+            what = "query rows" if name == "rows" else "keys"
+            raise AttentionHookerError(f"{name}={value!r} is not a selection of {what}; expected 'last', an index, "
                                        "a list of indices or a slice")
         return (-1,)
-    return index_list(value, "rows", allow_negative=True, noun="query row")
+    return index_list(value, name, allow_negative=True, noun="query row" if name == "rows" else "key")
 
 
-def resolve_rows(rows: Union[slice, Tuple[int, ...]], length: int, where: str) -> Tuple[int, ...]:
-    """The absolute query-row indices a selection keeps of a call with ``length`` rows.
+def resolve_rows(rows: Union[slice, Tuple[int, ...]], length: int, where: str, name: str = "rows") -> Tuple[int, ...]:
+    """The absolute indices a selection (of query rows, or of keys with ``name="keys"``)
+    keeps of a call with ``length`` of them.
 
     Raises:
         AttentionHookerError: when an index is outside the call's rows, or a slice keeps none.
     """
+    noun, nouns = ("row", "query rows") if name == "rows" else ("key", "keys")
     if isinstance(rows, slice):
         kept = tuple(range(length)[rows])
         if not kept:
-            raise AttentionHookerError(f"rows={rows!r} keeps no row of {where}, which has {length} query rows")
+            raise AttentionHookerError(f"{name}={rows!r} keeps no {noun} of {where}, which has {length} {nouns}")
         return kept
     bad = [r for r in rows if not -length <= r < length]
     if bad:
         raise AttentionHookerError(
-            f"rows={list(rows)} names row(s) {bad}, but {where} has {length} query rows (indices 0..{length - 1}, "
+            f"{name}={list(rows)} names {noun}(s) {bad}, but {where} has {length} {nouns} (indices 0..{length - 1}, "
             f"or -{length}..-1 from the end)"
         )
     return tuple(dict.fromkeys(r % length for r in rows))  # [0, -1] of a one-row call is that row once
 
 
-def selected_rows(source) -> Union[None, slice, Tuple[int, ...]]:
-    """The query rows a capture kept, from a hooker's ``selection`` or a loaded
-    capture's saved one (``None``: every row, or a plain mapping that does not say).
+def describe_positions(selection: Union[None, slice, Tuple[int, ...]]):
+    """A row or key selection as JSON: ``"last"``, a list, ``{"start", "stop", "step"}`` or ``None``.
+
+    Example:
+        >>> describe_positions((-1,)), describe_positions(slice(0, 4)), describe_positions((0, 2))
+        ('last', {'start': 0, 'stop': 4, 'step': None}, [0, 2])
+    """
+    if isinstance(selection, slice):
+        return {"start": selection.start, "stop": selection.stop, "step": selection.step}
+    if selection == (-1,):
+        return "last"
+    return None if selection is None else list(selection)
+
+
+def selected_rows(source, axis: str = "rows") -> Union[None, slice, Tuple[int, ...]]:
+    """The query rows (or, with ``axis="keys"``, the keys) a capture kept, from a
+    hooker's ``selection`` or a loaded capture's saved one (``None``: all of them, or a
+    plain mapping that does not say).
 
     Example:
         >>> class Loaded: metadata = {"selection": {"heads": None, "rows": {"start": 2, "stop": None, "step": 3}}}
-        >>> selected_rows(Loaded()), selected_rows({"layer": []})
-        (slice(2, None, 3), None)
+        >>> selected_rows(Loaded()), selected_rows({"layer": []}), selected_rows(Loaded(), "keys")
+        (slice(2, None, 3), None, None)
     """
     selection = getattr(source, "selection", None)
     if selection is None and isinstance(getattr(source, "metadata", None), dict):
         selection = source.metadata.get("selection")
-    rows = (selection or {}).get("rows") if isinstance(selection, dict) else None
-    if isinstance(rows, dict):
-        return slice(rows.get("start"), rows.get("stop"), rows.get("step"))
-    return row_selection(rows)
+    kept = (selection or {}).get(axis) if isinstance(selection, dict) else None
+    if isinstance(kept, dict):
+        return slice(kept.get("start"), kept.get("stop"), kept.get("step"))
+    return row_selection(kept, axis)

@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._checks import describe_positions
 from .capture.buffers import unreachable_tensors
 from .capture.coverage import Coverage, CoverageReport
 from .capture.inputs import input_shape
@@ -52,6 +53,11 @@ class TransformerAttentionHooker:
             slice; stored ``(batch, heads, len(rows), key)``. On the sdpa route
             only those rows are computed, so the cost follows the selection
             ("what did the last token look at" at long context).
+        keys: the keys kept of each row, in the same forms (``slice(0, 4)``: the
+            first four, the usual attention sinks); stored ``(batch, heads, rows,
+            len(keys))``. Each row is still normalised over all its keys; on the
+            sdpa route a tile of rows at a time, so no row of all keys is held for
+            the whole call.
 
     Attributes:
         values: ``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``,
@@ -84,15 +90,19 @@ class TransformerAttentionHooker:
         keep: str = "first",
         keep_grad: bool = False,
         rows=None,
+        keys=None,
     ):
         check_module(model)
         policy = StoragePolicy.build(
-            device=device, dtype=dtype, heads=heads, max_calls=max_calls, keep=keep, keep_grad=keep_grad, rows=rows
+            device=device, dtype=dtype, heads=heads, max_calls=max_calls, keep=keep, keep_grad=keep_grad, rows=rows,
+            keys=keys,
         )
         if policy.keep_grad and policy.heads is not None:
             raise AttentionHookerError("heads= and keep_grad=True cannot be combined: gradients need every head")
         if policy.keep_grad and policy.rows is not None:
             raise AttentionHookerError("rows= and keep_grad=True cannot be combined: gradients need every query row")
+        if policy.keep_grad and policy.keys is not None:
+            raise AttentionHookerError("keys= and keep_grad=True cannot be combined: gradients need every key")
         self.model = model
         self.layer_regex = layer_regex
         self._selected = select_modules(model, layer_regex)
@@ -239,9 +249,9 @@ class TransformerAttentionHooker:
                 f"reduce_into() takes a HeadStatsAccumulator, PooledAttention or KeyReductions, "
                 f"got {type(accumulator).__name__}")
         p = self._store.policy
-        if p.keep_grad or p.rows is not None:
-            raise AttentionHookerError("reduce_into() cannot be combined with keep_grad=True or rows=: "
-                                       "statistics are taken over every query row, without gradients")
+        if p.keep_grad or p.rows is not None or p.keys is not None:
+            raise AttentionHookerError("reduce_into() cannot be combined with keep_grad=True, rows= or keys=: "
+                                       "statistics are taken over every query row and key, without gradients")
         self._store.reducer = lambda layer: accumulator.partial(layer, padding_mask)
         return self
 
@@ -312,18 +322,13 @@ class TransformerAttentionHooker:
 
     @property
     def selection(self) -> dict:
-        """Which heads and query rows each stored call holds: ``{"heads": [...] or None,
-        "rows": "last" / [indices] / {"start", "stop", "step"} or None}`` (saved with
-        the capture). Stored calls are ``(batch, len(heads), len(rows), key)``."""
+        """Which heads, query rows and keys each stored call holds: ``{"heads": [...] or
+        None, "rows": "last" / [indices] / {"start", "stop", "step"} or None, "keys":
+        the same forms}`` (saved with the capture). Stored calls are ``(batch,
+        len(heads), len(rows), len(keys))``."""
         p = self._store.policy
-        rows = p.rows
-        if isinstance(rows, slice):
-            rows = {"start": rows.start, "stop": rows.stop, "step": rows.step}
-        elif rows == (-1,):
-            rows = "last"
-        elif rows is not None:
-            rows = list(rows)
-        return {"heads": None if p.heads is None else list(p.heads), "rows": rows}
+        return {"heads": None if p.heads is None else list(p.heads), "rows": describe_positions(p.rows),
+                "keys": describe_positions(p.keys)}
 
     def __enter__(self) -> "TransformerAttentionHooker":
         return self.setup()

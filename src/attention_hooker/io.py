@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import prepare_output_path, token_lists
+from ._checks import prepare_output_path, resolve_rows, selected_rows, token_lists
 from ._tensor import as_batched, values_of
 from .errors import AttentionHookerError
 from .store import AttentionValues
@@ -99,7 +100,7 @@ def save_values(
     }  # each (batch, heads, query, key)
     token_sets = token_lists(tokens)
     for token_set in token_sets or []:
-        _check_tokens_fit(token_set, values)
+        _check_tokens_fit(token_set, values, selection)
     tokens = None if token_sets is None else (token_sets[0] if len(token_sets) == 1 else token_sets)
     path = prepare_output_path(path, what="capture")
     tensors: Dict[str, torch.Tensor] = {}
@@ -133,9 +134,20 @@ def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _check_tokens_fit(tokens: List[str], values: Mapping) -> None:
-    """Tokens must label the query or key axis of at least one call."""
+def _check_tokens_fit(tokens: List[str], values: Mapping, selection: Optional[Mapping] = None) -> None:
+    """Tokens must label the query or key axis of at least one call (or, where the capture
+    kept some rows or keys, both axes of a call through that selection)."""
     lengths = {n for calls in values.values() for t in calls for n in tuple(t.shape)[-2:]}
+    selected = SimpleNamespace(metadata={"selection": dict(selection or {})})
+    rows, keys = selected_rows(selected), selected_rows(selected, "keys")
+    if rows is not None or keys is not None:
+        try:
+            kept = tuple(n if sel is None else len(resolve_rows(sel, n, "the tokens", axis))
+                         for sel, axis, n in ((rows, "rows", len(tokens)), (keys, "keys", len(tokens))))
+        except AttentionHookerError:
+            kept = None
+        if kept in {tuple(t.shape)[-2:] for calls in values.values() for t in calls}:
+            return
     if len(tokens) not in lengths:
         name, calls = next((n, c) for n, c in values.items() if len(c))
         q, k = tuple(calls[0].shape)[-2:]

@@ -37,6 +37,8 @@ class StoragePolicy:
             call's weights, filled in by ``backward()``.
         rows: the query rows to keep of each call (a tuple of indices, negative
             ones from the end, or a slice); ``None`` keeps every row.
+        keys: the keys to keep of each kept row (the same forms); ``None`` keeps
+            every key. Each row is still normalised over all of its keys.
     """
 
     device: Optional[torch.device] = torch.device("cpu")
@@ -46,6 +48,7 @@ class StoragePolicy:
     keep: str = "first"
     keep_grad: bool = False
     rows: Union[None, slice, Tuple[int, ...]] = None
+    keys: Union[None, slice, Tuple[int, ...]] = None
 
     @classmethod
     def build(
@@ -58,6 +61,7 @@ class StoragePolicy:
         keep: str,
         keep_grad: bool,
         rows=None,
+        keys=None,
     ) -> "StoragePolicy":
         """Validates user options and returns a policy.
 
@@ -74,7 +78,7 @@ class StoragePolicy:
         max_calls = positive_int(max_calls, "max_calls", allow_none=True)
         keep = one_of(keep, "keep", _KEEP_CHOICES)
         keep_grad = check_flag(keep_grad, "keep_grad")
-        return cls(device, dtype, heads, max_calls, keep, keep_grad, row_selection(rows))
+        return cls(device, dtype, heads, max_calls, keep, keep_grad, row_selection(rows), row_selection(keys, "keys"))
 
 
 class AttentionValues(dict):
@@ -173,7 +177,7 @@ class AttentionStore:
         Args:
             name: the layer name.
             weights: ``(batch, heads, query, key)``.
-            selected: the route already kept only ``policy.heads`` and ``policy.rows``.
+            selected: the route already kept only ``policy.heads``, ``policy.rows`` and ``policy.keys``.
             graph_tensor: with ``keep_grad``, the tensor of the autograd graph
                 that holds these weights (``weights`` itself or its base); its
                 gradient lands in ``gradients[name]`` at the same call index.
@@ -190,6 +194,9 @@ class AttentionStore:
         if p.rows is not None and not selected:
             index = resolve_rows(p.rows, weights.shape[2], f"layer {name!r}")
             weights = weights.index_select(2, torch.tensor(index, device=weights.device))  # (B, H, rows, K)
+        if p.keys is not None and not selected:
+            index = resolve_rows(p.keys, weights.shape[3], f"layer {name!r}", "keys")
+            weights = weights.index_select(3, torch.tensor(index, device=weights.device))  # (B, H, rows, keys)
         if self.keeps_elsewhere:
             partial = self.partial(name)
             begin_partial(partial, weights.shape, p.dtype or weights.dtype)

@@ -114,6 +114,7 @@ def sdpa_attention_weights(
     *,
     heads: Optional[Sequence[int]] = None,
     rows=None,
+    keys=None,
     buffer: Optional[Callable[..., torch.Tensor]] = None,
     where: str = "the attention",
     store_as: Optional[Tuple[torch.dtype, torch.device]] = None,
@@ -146,6 +147,9 @@ def sdpa_attention_weights(
             all. Only those rows of ``q`` enter the product with the keys, so the
             cost follows the selection; a causal mask still hides keys after each
             row's own position.
+        keys: keys to keep of each row (the same forms); ``None`` keeps all. Each
+            row is normalised over all its keys, then only these are kept, a tile
+            of rows at a time: no ``(rows, all keys)`` tensor of the call is held.
         buffer: ``buffer(shape, dtype, device)`` gives the tensor the weights are
             written into (float32/float64 queries); ``None`` allocates one.
         where: names the call in error messages (e.g. ``"layer 'h.0.attn'"``).
@@ -212,11 +216,15 @@ def sdpa_attention_weights(
         if mask is not None and mask.shape[2] > 1:
             mask = mask.index_select(2, row_index)
     scale_factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    key_index = None if keys is None else torch.tensor(resolve_rows(keys, source, where, "keys"), device=q.device)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _differentiable_weights(q, k, mask, is_causal, scale_factor, row_index).to(query.dtype)
+        weights = _differentiable_weights(q, k, mask, is_causal, scale_factor, row_index).to(query.dtype)
+        return weights if key_index is None else weights.index_select(3, key_index)
+    if key_index is not None and store_as is None and tile_sink is None:
+        store_as = (query.dtype, q.device)  # the kept keys of each tile, written as they come
     if store_as is not None or tile_sink is not None:
         return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or TILE_BYTES, row_index,
-                                 tile_sink, buffer)
+                                 tile_sink, buffer, key_index)
     return _weights(q, k, mask, is_causal, scale_factor, buffer, query.dtype, row_index)
 
 
@@ -246,16 +254,17 @@ def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, ro
 
 
 def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as, tile_bytes: int,
-                      row_index, tile_sink=None, buffer=None) -> Optional[torch.Tensor]:
+                      row_index, tile_sink=None, buffer=None, key_index=None) -> Optional[torch.Tensor]:
     """The weights ``(B, H, L, S)`` in ``store_as = (dtype, device)``, computed a block of
     query rows at a time: each row's softmax only needs its own scores, so a tile of
     rows is exact on its own. Working memory: one tile of float32 (or float64) scores."""
     batch = max(q.shape[0], k.shape[0], 1 if mask is None else mask.shape[0])
     length, source = q.shape[2], k.shape[2]
+    kept = source if key_index is None else len(key_index)
     out = None
     if tile_sink is None:
         dtype, device = store_as
-        shape = (batch, q.shape[1], length, source)  # (B, H, L, S)
+        shape = (batch, q.shape[1], length, kept)  # (B, H, L, S or the kept keys)
         out = buffer(shape, dtype, device) if buffer is not None else torch.empty(shape, dtype=dtype, device=device)
     if q.dtype in _HALF:  # scores and softmax in float32, as the kernels compute them
         q, k = q.float(), k.float()
@@ -273,8 +282,10 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
         tile_mask = mask if mask is None or mask.shape[2] == 1 else mask[:, :, first:last]
         tile = _weights(q[:, :, first:last], k, tile_mask, is_causal, scale_factor, tile_buffer, work,
                         row_index[first:last])
+        if key_index is not None:
+            tile = tile.index_select(3, key_index)  # (B, H, rows, kept keys)
         if tile_sink is not None:
-            tile_sink(tile, row_index[first:last], (batch, q.shape[1], length, source))
+            tile_sink(tile, row_index[first:last], (batch, q.shape[1], length, kept))
         else:
             out[:, :, first:last].copy_(tile)  # (B, H, rows, S), converted to the stored dtype on the way
     return out

@@ -306,7 +306,8 @@ class CaptureSession:
             with torch.no_grad():
                 sdpa_attention_weights(
                     call["query"], call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"],
-                    bool(call["enable_gqa"]), heads=policy.heads, rows=policy.rows, where=f"layer {layer!r}",
+                    bool(call["enable_gqa"]), heads=policy.heads, rows=policy.rows, keys=policy.keys,
+                    where=f"layer {layer!r}",
                     tile_sink=tile_sink,
                 )
             self._record(layer, partial, selected=True)
@@ -323,6 +324,7 @@ class CaptureSession:
                 bool(call["enable_gqa"]),
                 heads=store.policy.heads if groups == 1 else None,
                 rows=store.policy.rows if groups == 1 else None,
+                keys=store.policy.keys if groups == 1 else None,
                 buffer=self.spares.take,
                 where=f"layer {layer!r}",
                 store_as=store_as,

@@ -59,34 +59,45 @@ def _asset(name: str) -> str:
 
 
 class _TokenSets:
-    """Token label lists; each axis gets the first list of its length. With ``rows`` (the
-    query rows a capture kept), the query axis of a layer whose keys are the tokens takes
-    the tokens of those rows."""
+    """Token label lists; each axis gets the first list of its length. With ``rows`` and
+    ``keys`` (the query rows and keys a capture kept), a layer whose axes both come from
+    one list of tokens takes the tokens of the kept rows and keys."""
 
-    def __init__(self, tokens, query_tokens, key_tokens, rows=None):
+    def __init__(self, tokens, query_tokens, key_tokens, rows=None, keys=None):
         self.sets: List[List[str]] = []
         self._given = [self._add(t) for t in token_lists(tokens) or []]
         self.query = None if query_tokens is None else self._add(_one_list(query_tokens, "query_tokens"))
         self.key = None if key_tokens is None else self._add(_one_list(key_tokens, "key_tokens"))
-        self._rows = rows
-        self._row_sets: Dict[int, int] = {}  # given list -> the list of its selected rows
-
-    def pick_query(self, layer: str, shape) -> Optional[int]:
-        if self._rows is not None and not (self.query is not None and len(self.sets[self.query]) == shape[2]):
-            for index in self._given:
-                tokens = self.sets[index]
-                if len(tokens) != shape[3]:
-                    continue
-                kept = resolve_rows(self._rows, len(tokens), f"layer {layer!r}")
-                if len(kept) == shape[2]:
-                    if index not in self._row_sets:
-                        self._row_sets[index] = self._add([tokens[i] for i in kept])
-                    return self._row_sets[index]
-        return self.pick(shape[2], "query", layer, shape)
+        self._selection = {"rows": rows, "keys": keys}
+        self._subsets: Dict[tuple, int] = {}  # (given list, "rows" or "keys") -> the list of the kept ones
 
     def _add(self, tokens) -> int:
         self.sets.append([str(t) for t in tokens])
         return len(self.sets) - 1
+
+    def pick_axes(self, layer: str, shape) -> tuple:
+        """``(query labels, key labels)`` indices for a call of ``shape`` ``(B, H, Q, K)``."""
+        if any(v is not None for v in self._selection.values()):
+            for index in self._given:
+                query = self._kept(index, "rows", shape[2], layer)
+                key = self._kept(index, "keys", shape[3], layer)
+                if query is not None and key is not None:
+                    return query, key
+        return self.pick(shape[2], "query", layer, shape), self.pick(shape[3], "key", layer, shape)
+
+    def _kept(self, index: int, axis: str, length: int, layer: str) -> Optional[int]:
+        tokens, selection = self.sets[index], self._selection[axis]
+        if selection is None:
+            return index if len(tokens) == length else None
+        try:
+            kept = resolve_rows(selection, len(tokens), f"layer {layer!r}", axis)
+        except AttentionHookerError:
+            return None
+        if len(kept) != length:
+            return None
+        if (index, axis) not in self._subsets:
+            self._subsets[(index, axis)] = self._add([tokens[i] for i in kept])
+        return self._subsets[(index, axis)]
 
     def pick(self, n: int, axis: str, layer: str, shape) -> Optional[int]:
         preferred = self.query if axis == "query" else self.key
@@ -172,7 +183,7 @@ def render_html(
         tokens: labels; a list of lists when axes differ in length (encoder and
             decoder tokens): each axis takes the first list of its length. A
             loaded capture's own tokens by default. When the capture kept some
-            query rows (``rows=``), their tokens label the query axis.
+            query rows or keys (``rows=``, ``keys=``), their tokens label the axes.
         query_tokens: labels of the query axis of cross-attention layers.
         key_tokens: labels of the key axis of cross-attention layers.
         layers: the layer names to include (default: all).
@@ -199,7 +210,8 @@ def render_html(
         raise AttentionHookerError(f"compression_level={compression_level!r} must be an int in 0..9 (zlib's levels)")
     if tokens is None and query_tokens is None and key_tokens is None:
         tokens = getattr(source, "tokens", None)  # a loaded capture's own
-    token_sets = _TokenSets(tokens, query_tokens, key_tokens, rows=selected_rows(source))
+    token_sets = _TokenSets(tokens, query_tokens, key_tokens, rows=selected_rows(source),
+                            keys=selected_rows(source, "keys"))
     chunks = []
     offset = 0
     layer_meta = []
@@ -216,8 +228,7 @@ def render_html(
                     "shape": shape,
                     "offset": offset,
                     "scales": [round(float(s), 7) for s in scales.flatten()],
-                    "queryTokens": token_sets.pick_query(name, shape),
-                    "keyTokens": token_sets.pick(shape[3], "key", name, shape),
+                    **dict(zip(("queryTokens", "keyTokens"), token_sets.pick_axes(name, shape))),
                     "nonfinite": bool((codes == NONFINITE_CODE).any()),
                 }
             )
