@@ -106,8 +106,8 @@ def _kept_by(way, values):
         return list(values.values())
     if way == "shallow_copy":
         return copy.copy(values)
-    if way == "storage":
-        return values[layer][0].untyped_storage()
+    if way == "storage":  # with where the call lies in it (small calls share a chunk of memory)
+        return values[layer][0].untyped_storage(), values[layer][0].storage_offset()
     if way == "dlpack":
         return torch.utils.dlpack.to_dlpack(values[layer][0])
     if way == "weakref":
@@ -122,7 +122,8 @@ def _kept_by(way, values):
 def _read_back(kept, way, like):
     """What the user can read through ``kept`` (``like``: the tensor it was taken from)."""
     if way == "storage":
-        return torch.tensor([], dtype=like.dtype).set_(kept).view(like.shape)
+        storage, offset = kept
+        return torch.tensor([], dtype=like.dtype).set_(storage, offset, like.shape)
     if way == "dlpack":
         return torch.utils.dlpack.from_dlpack(kept)
     if way == "weakref":
@@ -186,20 +187,28 @@ def test_clear_never_writes_into_values_the_user_kept(way, dtype):
         torch.testing.assert_close(got, original, rtol=0, atol=0)
 
 
-def test_memory_nobody_can_reach_is_reused_after_clear():
+@pytest.mark.parametrize("tokens", [5, 300], ids=["small_calls_in_a_chunk", "large_calls_as_spares"])
+def test_memory_nobody_can_reach_is_reused_after_clear(tokens):
     """What makes clear() worth calling in a loop: cleared weights nobody holds take the
-    next call's weights instead of fresh memory (on the route that writes them itself)."""
+    next call's weights instead of fresh memory (on the route that writes them itself):
+    first calls and large calls as spare buffers, small repeated calls from their chunk
+    filled again."""
     model = Stack().eval()
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
-        model(torch.randn(2, 5, 16))
+        model(torch.randn(2, tokens, 16))
+        model(torch.randn(2, tokens, 16))
         before = {t.data_ptr() for calls in hooker.values.values() for t in calls}
+        in_chunks = sum(t.untyped_storage().nbytes() > t.nbytes for calls in hooker.values.values() for t in calls)
+        assert in_chunks == (2 if tokens == 5 else 0), "the second calls of small layers lie in a chunk"
         hooker.clear()
-        model(torch.randn(2, 5, 16))
+        model(torch.randn(2, tokens, 16))
+        model(torch.randn(2, tokens, 16))
         after = {t.data_ptr() for calls in hooker.values.values() for t in calls}
         assert after == before
         hooker.clear()
         assert hooker._session.spares.nbytes > 0
     assert hooker._session.spares.nbytes == 0, "remove_hooks() frees the spares"
+    assert not hooker._session.arena._chunks, "and the chunks being filled"
 
 
 def test_clear_empties_the_values_object_the_user_holds_and_keeps_the_tensors_intact():

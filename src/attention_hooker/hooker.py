@@ -189,6 +189,8 @@ class TransformerAttentionHooker:
         """
         salvage = unreachable_tensors if self._entry_handles else None
         self._session.spares.offer(self._store.clear(salvage=salvage))
+        if self._entry_handles:
+            self._session.arena.rewind()  # small calls: their chunk, when nothing reaches it
         self._coverage.reset()
 
     def report(self) -> CoverageReport:

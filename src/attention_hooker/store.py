@@ -125,9 +125,10 @@ class AttentionStore:
         self.reducer: Optional[Callable[[str], object]] = None
         self.stream: Optional[Callable[[str], object]] = None
         self._lock = threading.RLock()  # forwards on several threads record into one store
-        # Where stored copies come from: ``allocate(shape, dtype, device)``; the capture
-        # plugs in its arena, so that small calls lie side by side (see capture/buffers.py).
-        self.allocate: Callable = lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)
+        # Where a stored copy of a call of a layer comes from: ``allocator(layer)`` gives an
+        # ``allocate(shape, dtype, device)``; the capture plugs in its arena for the repeated
+        # calls of a layer, so that generation steps lie side by side (see capture/buffers.py).
+        self.allocator: Callable[[str], Callable] = lambda layer: empty
 
     def clear(self, *, salvage: Optional[Callable[[dict], list]] = None) -> list:
         """Forgets every stored tensor and call count.
@@ -203,7 +204,7 @@ class AttentionStore:
             partial.add(weights.detach(), torch.arange(weights.shape[2]), weights.shape[2])
             self.commit_partial(name, partial)
             return
-        stored = self._place(weights.detach())
+        stored = self._place(weights.detach(), self.allocator(name))
         with self._lock:
             self._append(name, stored, weights if graph_tensor is None else graph_tensor, gradient_scale)
 
@@ -240,12 +241,12 @@ class AttentionStore:
             if p.keep_grad:
                 del self.gradients[name][0]
 
-    def _place(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The tensor on the policy's device and dtype: itself, or a copy."""
+    def _place(self, tensor: torch.Tensor, allocate: Callable = None) -> torch.Tensor:
+        """The tensor on the policy's device and dtype: itself, or a copy (from ``allocate``)."""
         if self.stores_as_computed(tensor.dtype, tensor.device):
             return tensor
         p = self.policy
-        placed = self.allocate(tensor.shape, p.dtype if p.dtype is not None else tensor.dtype,
+        placed = (allocate or empty)(tensor.shape, p.dtype if p.dtype is not None else tensor.dtype,
                                p.device if p.device is not None else tensor.device)
         return placed.copy_(tensor)
 
@@ -295,6 +296,11 @@ class _Fanout:
     def discard(self) -> None:
         for part in self.parts:
             getattr(part, "discard", lambda: None)()
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty`` in the ``allocate(shape, dtype, device)`` form the store takes."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def begin_partial(partial, shape, dtype: torch.dtype) -> None:

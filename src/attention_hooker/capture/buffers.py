@@ -56,6 +56,11 @@ def _storage_refs(tensor: torch.Tensor) -> Tuple[int, int]:
     return _storage_use_count(storage._cdata), sys.getrefcount(storage)
 
 
+def _storage_refs_of(storage) -> Tuple[int, int]:
+    """:func:`_storage_refs` of a storage object at hand (counted alike: one local name)."""
+    return _storage_use_count(storage._cdata), sys.getrefcount(storage) - 1
+
+
 def _baseline() -> Tuple[int, int, Tuple[int, int]]:
     alone = {"layer": [torch.empty(1)]}
     list_refs, tensor_refs, tensor = _counts(alone)[0]
@@ -104,18 +109,18 @@ class SpareBuffers:
         with self._lock:
             self._spare = spare
 
-    def __init__(self, fresh=None):
+    def __init__(self):
         self._spare: Dict[tuple, List[torch.Tensor]] = {}
         self._lock = threading.Lock()
-        self._fresh = fresh or _empty  # where a tensor comes from when no spare fits
 
-    def take(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialised tensor: a spare one when there is one."""
+    def take(self, shape, dtype: torch.dtype, device: torch.device, fresh=None) -> torch.Tensor:
+        """An uninitialised tensor: a spare one when there is one, else from ``fresh``
+        (``fresh(shape, dtype, device)``, ``torch.empty`` by default)."""
         with self._lock:
             spares = self._spare.get(_key(shape, dtype, device))
             if spares:
                 return spares.pop()
-        return self._fresh(shape, dtype, device)
+        return (fresh or _empty)(shape, dtype, device)
 
     def release(self) -> None:
         with self._lock:
@@ -137,14 +142,16 @@ def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 class Arena:
-    """Stored tensors of small calls, laid side by side in large chunks of CPU memory.
+    """Stored tensors of small repeated calls, laid side by side in large chunks of CPU memory.
 
     Generating keeps one small ``(batch, heads, 1, key)`` tensor per layer and step,
     one column longer each time, while the capture's transient tensors (keys repeated
     for grouped heads, float32 scores for float16 storage) come and go between them.
     Allocated one by one, the kept tensors pin the C heap around the holes the
     transients leave, and the process holds 2-4x what is stored. Carved from chunks,
-    they lie densely: memory held stays close to the bytes stored.
+    they lie densely: memory held stays close to the bytes stored. The capture takes
+    from the arena only for a layer's second call onward: the calls of one forward each
+    own their memory (``torch.save`` of one of them writes its bytes, not a chunk).
 
     A chunk is a tensor of its own: it is freed when the last tensor cut from it is.
     A chunk holds about 64 tensors of the size asked for (256 KiB to 4 MiB), so its
@@ -177,9 +184,24 @@ class Arena:
                 chunk_bytes = min(self.MAX_CHUNK, max(self.MIN_CHUNK, step * self.TENSORS_PER_CHUNK))
                 chunk, used = _mapped_chunk(chunk_bytes), 0
             self._chunks[dtype] = (chunk, used + step)
-        # A tensor on the chunk's storage, not a view of the chunk: no view bookkeeping
-        # (a third of the bytes per tensor), and no ``_base`` to keep the chunk's object.
-        return torch.empty(0, dtype=dtype).set_(chunk.untyped_storage(), used // itemsize, tuple(shape))
+            # A tensor on the chunk's storage, not a view of the chunk: no view bookkeeping
+            # (a third of the bytes per tensor), and no ``_base`` to keep the chunk's object.
+            # Made under the lock, so that rewind() sees it hold the chunk.
+            return torch.empty(0, dtype=dtype).set_(chunk.untyped_storage(), used // itemsize, tuple(shape))
+
+    def rewind(self) -> None:
+        """After a ``clear()``: a chunk being filled that nothing but the arena reaches any
+        more (every tensor cut from it is gone, and nobody holds its storage) is filled
+        again from its start, as spare buffers are reused (same rule, see the module)."""
+        if _BASELINE is None:
+            return
+        with self._lock:
+            for dtype, (chunk, used) in list(self._chunks.items()):
+                storage = chunk.untyped_storage()
+                if (chunk._use_count() == 1 and _storage_refs_of(storage) == _BASELINE[2]
+                        and not weakref.getweakrefcount(chunk)):
+                    self._chunks[dtype] = (chunk, 0)
+                del storage
 
     def release(self) -> None:
         """Forgets the chunks being filled (each is freed with the last tensor cut from it)."""

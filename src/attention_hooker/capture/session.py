@@ -17,6 +17,7 @@ stale at the next attention event and never receive another model's attention.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import threading
@@ -26,7 +27,7 @@ from typing import Any, Callable, List, NamedTuple, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..store import AttentionStore, begin_partial
+from ..store import AttentionStore, begin_partial, empty
 from .buffers import Arena, SpareBuffers
 from .coverage import Coverage
 from .inputs import channel_attention_refusal, folded_batch_refusal
@@ -142,9 +143,10 @@ class CaptureSession:
         self._busy: set = set()  # idents of threads with open scopes
         self._on_idle: List[Callable[[], None]] = []
         self.closed = False
-        self.arena = Arena()  # small stored tensors side by side (generation steps)
-        self.spares = SpareBuffers(self.arena.empty)  # cleared weights nobody can reach, for the next calls
-        store.allocate = self.arena.empty
+        self.arena = Arena()  # small stored tensors of repeated calls side by side (generation steps)
+        self.spares = SpareBuffers()  # cleared weights nobody can reach, for the next calls
+        session = weakref.ref(self)  # the store must not keep its session (and itself) alive
+        store.allocator = lambda layer: empty if session() is None else session().allocator(layer)
 
     def _state(self) -> _ThreadState:
         state = getattr(self._local, "state", None)
@@ -261,6 +263,11 @@ class CaptureSession:
         for callback in callbacks:
             callback()
 
+    def allocator(self, layer: str) -> Callable:
+        """Where a stored call of ``layer`` comes from: the arena for a layer's repeated
+        calls (generation steps), ``torch.empty`` for its first."""
+        return self.arena.empty if self.store.calls_seen.get(layer, 0) else empty
+
     # ------------------------------------------------------------------ events
     def on_sdpa(self, func, args: tuple, kwargs: dict) -> Any:
         """Runs the real kernel and records the weights it used, labelled ``(batch, heads, query, key)``."""
@@ -325,7 +332,7 @@ class CaptureSession:
                 heads=store.policy.heads if groups == 1 else None,
                 rows=store.policy.rows if groups == 1 else None,
                 keys=store.policy.keys if groups == 1 else None,
-                buffer=self.spares.take,
+                buffer=functools.partial(self.spares.take, fresh=self.allocator(layer)),
                 where=f"layer {layer!r}",
                 store_as=store_as,
             )  # (B, H, L, S); packed: (B, Hk, groups, S)
