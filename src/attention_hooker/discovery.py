@@ -138,3 +138,38 @@ def select_modules(model: nn.Module, layer_regex: Optional[str]) -> List[Tuple[s
             f"{type(model).__name__}; {hint}"
         )
     return chosen
+
+
+# Children that wrappers put between a model and its own modules: FSDP (1), activation
+# checkpointing, torch.compile. DDP and DataParallel put ``module`` at the root.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def display_names(names: List[str], model: nn.Module, *, keep_wrappers: bool = False) -> dict:
+    """``{module name: the name to report}``: the names a model has unwrapped.
+
+    ``DistributedDataParallel`` / ``DataParallel`` add ``module.`` in front of every
+    name, FSDP adds ``_fsdp_wrapped_module.`` to each wrapped unit, activation
+    checkpointing ``_checkpoint_wrapped_module.``: a layer is reported under the name
+    it has in the model the user wrote, the same on every rank and with or without the
+    wrapper. Names that would then coincide keep their full form.
+
+    Example:
+        >>> display_names(["_fsdp_wrapped_module.layers.0._fsdp_wrapped_module.attn"], nn.Module())
+        {'_fsdp_wrapped_module.layers.0._fsdp_wrapped_module.attn': 'layers.0.attn'}
+    """
+    if keep_wrappers:
+        return {name: name for name in names}
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    root_wrapper = isinstance(model, (DataParallel, DistributedDataParallel))
+    shown = {}
+    for name in names:
+        parts = name.split(".") if name else []
+        if root_wrapper and parts[:1] == ["module"]:
+            parts = parts[1:]
+        shown[name] = ".".join(p for p in parts if p not in _WRAPPER_PARTS)
+    counts: dict = {}
+    for short in shown.values():
+        counts[short] = counts.get(short, 0) + 1
+    return {name: short if counts[short] == 1 else name for name, short in shown.items()}
