@@ -428,6 +428,31 @@ class HeadStatsAccumulator:
             self._sums[name][key] += sums[key]
         self._counts[name] += count
 
+    def state(self) -> dict:
+        """Everything this accumulator holds, as plain data (float64 sums per layer and
+        statistic, counts): what other processes need to merge it (:meth:`merge_state`)."""
+        return {"statistics": list(self.STATISTICS), "layers": list(self.layers),
+                "sums": {name: {k: v.tolist() for k, v in sums.items()} for name, sums in self._sums.items()},
+                "counts": dict(self._counts), "inputs": self.inputs, "sequences": self.sequences}
+
+    def merge_state(self, state: dict) -> None:
+        """Adds another accumulator's :meth:`state` (another process's share of the inputs):
+        sums and counts are added, so the result equals one accumulator over all inputs.
+
+        Raises:
+            AttentionHookerError: when the two keep different statistics, or a layer's
+                head count differs.
+        """
+        if list(state["statistics"]) != list(self.STATISTICS):
+            raise AttentionHookerError(
+                f"cannot merge statistics {state['statistics']} into {list(self.STATISTICS)}: "
+                "give every process the same sink_positions")
+        for name in state["layers"]:
+            sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in state["sums"][name].items()}
+            self._merge(name, sums, float(state["counts"][name]))
+        self.inputs += state["inputs"]
+        self.sequences += state["sequences"]
+
     def result(self) -> Dict[str, "object"]:
         """``{statistic: (layers, heads) numpy array}`` in the order layers were seen."""
         import numpy as np

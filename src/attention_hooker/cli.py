@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 import traceback
@@ -154,22 +155,40 @@ def _command_run(args) -> None:
 
 
 def _command_stats(args) -> None:
-    from . import workflows
+    from . import distributed, workflows
 
+    launch = distributed.launch_from_environment()  # under torchrun: this process's rank
     path = Path(args.text_file)
     if not path.is_file():
         raise workflows.CommandError(f"text file {path} does not exist")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise workflows.CommandError(f"{path} is not UTF-8 text") from None
-    loaded = workflows.load_hf_model(args.model)
-    accumulator, seconds, (cut, limit) = workflows.collect_statistics(
-        loaded, lines, layers=args.layers, batch_size=args.batch_size, max_tokens=args.max_tokens,
-        sink_positions=args.sinks)
+    if not lines:
+        raise workflows.CommandError("the text file has no non-empty line: put one text per line")
+    with distributed.process_group(launch) as backend:
+        loaded = workflows.load_hf_model(args.model)
+        mine, progress = lines, None
+        if launch is not None:  # each rank its contiguous share of the lines; rank 0 shows its progress
+            mine = distributed.share(lines, launch.rank, launch.world_size)
+            progress = sys.stderr if launch.is_main else io.StringIO()
+            if backend == "nccl":
+                loaded.model.to(f"cuda:{launch.local_rank}")
+        accumulator, seconds, (cut, limit) = workflows.collect_statistics(
+            loaded, mine, layers=args.layers, batch_size=args.batch_size, max_tokens=args.max_tokens,
+            sink_positions=args.sinks, progress_stream=progress, allow_empty=launch is not None)
+        if launch is not None:  # sums and counts of every rank added: the same numbers as one process
+            accumulator = distributed.merge_statistics(accumulator)
+            per_rank = distributed.gather_objects((cut, seconds))
+            cut, seconds = sum(c for c, _ in per_rank), max(s for _, s in per_rank)
+            if not launch.is_main:
+                return
     files = workflows.write_statistics(accumulator, args.out)
-    n = sum(1 for line in lines if line.strip())
+    n = len(lines)
     print(f"model:   {loaded.name} ({loaded.kind})")
+    if launch is not None:
+        print(f"ranks:   {launch.world_size} ({backend}), each with its share of the lines")
     print(f"lines:   {n} in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
     if cut:
         print(f"cut:     {cut} line(s) longer than {limit} tokens were cut there "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -14,8 +15,9 @@ from .capture.buffers import unreachable_tensors
 from .capture.coverage import Coverage, CoverageReport
 from .capture.inputs import input_shape
 from .capture.mha import MultiheadAttentionRoute, drops_weights, mha_weights
+from .capture.parallel import head_shard
 from .capture.session import CaptureSession, frame_is_live, module_call_frame
-from .discovery import check_module, select_modules
+from .discovery import check_module, display_names, select_modules
 from .errors import AttentionCaptureWarning, AttentionHookerError
 from .store import AttentionStore, AttentionValues, StoragePolicy
 
@@ -58,6 +60,10 @@ class TransformerAttentionHooker:
             len(keys))``. Each row is still normalised over all its keys; on the
             sdpa route a tile of rows at a time, so no row of all keys is held for
             the whole call.
+        wrapper_names: report layers under their full names in a wrapped model
+            (``module.`` of DDP/DataParallel, FSDP's ``_fsdp_wrapped_module.``,
+            ``_checkpoint_wrapped_module.``); by default they are reported as in the
+            unwrapped model, the same on every rank.
 
     Attributes:
         values: ``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``,
@@ -91,6 +97,7 @@ class TransformerAttentionHooker:
         keep_grad: bool = False,
         rows=None,
         keys=None,
+        wrapper_names: bool = False,
     ):
         check_module(model)
         policy = StoragePolicy.build(
@@ -105,8 +112,9 @@ class TransformerAttentionHooker:
             raise AttentionHookerError("keys= and keep_grad=True cannot be combined: gradients need every key")
         self.model = model
         self.layer_regex = layer_regex
-        self._selected = select_modules(model, layer_regex)
-        self._store = AttentionStore(policy, [name for name, _ in self._selected])
+        self._selected = select_modules(model, layer_regex)  # (name in model.named_modules(), module)
+        self._shown = display_names([name for name, _ in self._selected], model, keep_wrappers=wrapper_names)
+        self._store = AttentionStore(policy, self.hooked_layers)
         self._coverage = Coverage(self.hooked_layers)
         self._session = CaptureSession(self._store, self._coverage)  # a new one at each setup()
         self._entry_handles: List = []  # pre-hooks: removed at once by remove_hooks()
@@ -114,6 +122,7 @@ class TransformerAttentionHooker:
         self._local = threading.local()  # each thread's (events, scopes) when its root forward began
         self._warned: set = set()
         self._stream = None  # the StreamedCapture calls go to (stream_to), until it is closed
+        self._head_shards: Dict[str, tuple] = {}  # tensor parallelism: {layer: (this rank's block, blocks)}
 
     # ------------------------------------------------------------------ public
     @property
@@ -133,7 +142,7 @@ class TransformerAttentionHooker:
     @property
     def hooked_layers(self) -> List[str]:
         """Names of the hooked modules, in model order."""
-        return [name for name, _ in self._selected]
+        return [self._shown[name] for name, _ in self._selected]
 
     @property
     def is_setup(self) -> bool:
@@ -258,7 +267,7 @@ class TransformerAttentionHooker:
         return self
 
     def stream_to(self, folder, *, overwrite: bool = False, expected_bytes: Optional[int] = None,
-                  shard_bytes: Optional[int] = None):
+                  shard_bytes: Optional[int] = None, per_rank: Optional[bool] = None):
         """Writes the following calls to ``folder`` as sharded safetensors instead of keeping them.
 
         On the sdpa route a call larger than ``shard_bytes`` is computed a tile of query
@@ -277,6 +286,9 @@ class TransformerAttentionHooker:
             expected_bytes: the bytes the capture will write, when known (checked now).
             shard_bytes: calls smaller than this are gathered into shards of about
                 this size (256 MiB by default).
+            per_rank: each process of a ``torch.distributed`` job writes its calls
+                into ``folder/rank-NNNNN`` (by default when a job of several ranks is
+                running); ``load(folder)`` reads them back as one capture.
 
         Returns:
             The :class:`~attention_hooker.streaming.StreamedCapture`; ``close(tokens=...)``
@@ -306,6 +318,9 @@ class TransformerAttentionHooker:
         if p.max_calls is not None and p.keep == "last":
             raise AttentionHookerError('stream_to() cannot keep the last calls (keep="last"): written calls stay '
                                        'written; use keep="first" with max_calls=')
+        rank = _job_rank()
+        if per_rank or (per_rank is None and rank is not None):
+            folder = os.path.join(os.fspath(folder), f"rank-{rank or 0:05d}")
         stream = StreamedCapture(
             folder, layer_order=self.hooked_layers, hooked_layers=len(self._selected),
             calls_per_layer=p.max_calls or 1, shard_bytes=SHARD_BYTES if shard_bytes is None else shard_bytes,
@@ -321,6 +336,24 @@ class TransformerAttentionHooker:
             self._store.stream = None
         if self._stream is stream:
             self._stream = None
+
+    @property
+    def head_indices(self) -> Dict[str, List[int]]:
+        """``{layer_name: [the global index of each stored head]}``: ``heads=`` when given;
+        under tensor parallelism, the block of heads this rank computes (rank ``r`` of
+        ``n`` with ``h`` local heads holds ``r*h .. r*h + h - 1``); else ``0 .. heads-1``."""
+        indices = {}
+        for name, calls in self.values.items():
+            if not calls:
+                continue
+            local = calls[0].shape[1]
+            if name in self._head_shards:
+                block, _ = self._head_shards[name]
+                indices[name] = list(range(block * local, block * local + local))
+            else:
+                heads = self._store.policy.heads
+                indices[name] = list(heads) if heads is not None else list(range(local))
+        return indices
 
     @property
     def selection(self) -> dict:
@@ -352,14 +385,14 @@ class TransformerAttentionHooker:
         ``nn.MultiheadAttention`` inside a selected module that is not selected
         itself, recorded under its innermost selected ancestor's name (its
         weights are out of reach of the function mode: MHA must be asked)."""
-        targets = [(module, name) for name, module in self._selected]
+        targets = [(module, self._shown[name]) for name, module in self._selected]
         selected_ids = {id(m) for _, m in self._selected}
         for name, module in self.model.named_modules():
             if not isinstance(module, nn.MultiheadAttention) or id(module) in selected_ids:
                 continue
             owners = [sel for sel, _ in self._selected if sel == "" or name.startswith(sel + ".")]
             if owners:
-                targets.append((module, max(owners, key=len)))
+                targets.append((module, self._shown[max(owners, key=len)]))
         return targets
 
     def _hook(self, module: nn.Module, pre, post, *, with_kwargs: bool = False, prepend_pre: bool = False,
@@ -370,6 +403,12 @@ class TransformerAttentionHooker:
 
     def _register_all(self) -> None:
         session = self._session
+        self._head_shards = {self._shown[name]: shard for name, module in self._selected
+                             if (shard := head_shard(module)) is not None}
+        if self._head_shards and self._store.policy.heads is not None:
+            raise AttentionHookerError(
+                "heads= cannot be combined with tensor-parallel heads: each rank computes only its own block of "
+                "heads; capture them all and pick heads after attention_hooker.distributed.assemble_heads()")
         for module, name in self._capture_targets():
             if isinstance(module, nn.MultiheadAttention):
                 route = MultiheadAttentionRoute.subscribe(module)
@@ -533,6 +572,15 @@ def _hf_implementations(model: nn.Module) -> Dict[str, str]:
             if type(value).__name__.endswith("Config") and hasattr(value, "_attn_implementation"):
                 stack.append(value)
     return found
+
+
+def _job_rank() -> Optional[int]:
+    """This process's rank in a running ``torch.distributed`` job of several ranks, else ``None``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank()
+    return None
 
 
 def _check_hf_implementation(model: nn.Module) -> None:

@@ -224,6 +224,10 @@ def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None) -> Saved
 def _load_streamed(folder: str, lazy: bool) -> SavedAttention:
     """A capture written by ``hooker.stream_to(folder)`` (see ``streaming.py``)."""
     index_path = os.path.join(folder, INDEX_NAME)
+    ranks = sorted(name for name in os.listdir(folder)
+                   if name.startswith("rank-") and os.path.exists(os.path.join(folder, name, INDEX_NAME)))
+    if not os.path.exists(index_path) and ranks:
+        return _merge_ranks(folder, [_load_streamed(os.path.join(folder, name), lazy) for name in ranks], ranks)
     if not os.path.exists(index_path):
         raise AttentionHookerError(
             f"the capture path {folder!r} is a folder without {INDEX_NAME}; expected a .safetensors file "
@@ -253,6 +257,23 @@ def _load_streamed(folder: str, lazy: bool) -> SavedAttention:
     extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "files", "tokens")}
     extra["streamed"] = folder
     return SavedAttention(values, meta.get("tokens"), extra)
+
+
+def _merge_ranks(folder: str, parts: List[SavedAttention], ranks: List[str]) -> SavedAttention:
+    """The captures the ranks of one job streamed, as one: each layer's calls of rank 0,
+    then of rank 1, ...; ``metadata["ranks"]`` says how many calls each rank gave."""
+    values = AttentionValues()
+    for part in parts:
+        for name, calls in part.values.items():
+            values.setdefault(name, []).extend(calls)
+    order = {name: i for part in reversed(parts) for i, name in enumerate(part.values)}
+    values = AttentionValues(sorted(values.items(), key=lambda kv: order[kv[0]]))
+    metadata = dict(parts[0].metadata)
+    metadata["streamed"] = folder
+    metadata["ranks"] = {rank: {name: len(calls) for name, calls in part.values.items()}
+                         for rank, part in zip(ranks, parts)}
+    tokens = [part.tokens for part in parts]
+    return SavedAttention(values, tokens if any(t is not None for t in tokens) else None, metadata)
 
 
 def to_bertviz(source, *, call: int = 0, layers: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, ...]:

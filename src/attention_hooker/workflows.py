@@ -388,7 +388,7 @@ def _token_limit(loaded: LoadedModel, max_tokens: Optional[int]) -> int:
 
 def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Optional[str] = None,
                        batch_size: int = 16, progress_stream=None, max_tokens: Optional[int] = None,
-                       sink_positions: Optional[Sequence[int]] = None):
+                       sink_positions: Optional[Sequence[int]] = None, allow_empty: bool = False):
     """Streams per-head statistics over ``lines``; no attention matrix is kept (on the sdpa
     route none of a whole layer is even held: each call is reduced a tile of rows at a time).
 
@@ -396,6 +396,7 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
         max_tokens: lines longer than this many tokens are cut there (``None``: the
             tokenizer's limit); at most the model's positions.
         sink_positions: key positions whose summed share is also reported (``sink_share``).
+        allow_empty: no line is no error (a rank whose share of a small file is empty).
 
     Returns:
         ``(accumulator, seconds, (lines cut, token limit))``.
@@ -404,7 +405,7 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
     from .hooker import TransformerAttentionHooker
 
     lines = [line for line in lines if line.strip()]
-    if not lines:
+    if not lines and not allow_empty:
         raise CommandError("the text file has no non-empty line: put one text per line")
     tokenizer, model = loaded.tokenizer, loaded.model
     if tokenizer.pad_token is None:
@@ -412,7 +413,7 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
     accumulator = HeadStatsAccumulator(sink_positions=sink_positions)  # a bad position: AttentionHookerError
     limit = _token_limit(loaded, max_tokens)
     cut = 0
-    progress = _Progress(len(lines), progress_stream)
+    progress = _Progress(max(len(lines), 1), progress_stream)
     start = time.perf_counter()
     with torch.no_grad(), TransformerAttentionHooker(model, layers) as hooker:
         for i in range(0, len(lines), batch_size):
@@ -420,6 +421,8 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
             lengths = [len(ids) for ids in tokenizer(batch)["input_ids"]]
             cut += sum(n > limit for n in lengths)
             enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=limit)
+            first = next(model.parameters(), None)
+            enc = enc.to(first.device) if first is not None else enc  # a model moved to its rank's GPU
             hooker.reduce_into(accumulator, padding_mask=enc["attention_mask"])  # reduced tile by tile, none kept
             if loaded.kind == "encoder-decoder":  # the line is both the source and the target
                 model(**enc, decoder_input_ids=enc["input_ids"], decoder_attention_mask=enc["attention_mask"])
@@ -442,7 +445,7 @@ def write_statistics(accumulator, out) -> Dict[str, object]:
         writer.writerow(["layer", "head", *accumulator.STATISTICS])
         for li, layer in enumerate(accumulator.layers):
             for head in range(table["entropy"].shape[1]):
-                writer.writerow([layer, head, *(f"{table[k][li, head]:.6g}" for k in accumulator.STATISTICS)])
+                writer.writerow([layer, head, *(f"{table[k][li, head]:.9g}" for k in accumulator.STATISTICS)])
     Figure = _matplotlib()
     pictures = []
     for key in accumulator.STATISTICS:

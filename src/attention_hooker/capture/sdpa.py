@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from .parallel import head_shard
 from .._checks import check_heads, resolve_rows
 from ..errors import AttentionHookerError
 
@@ -38,23 +39,26 @@ _DECLARED_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def declared_heads(module) -> Optional[int]:
-    """The number of query heads an attention module declares, or ``None``.
+    """The number of query heads an attention module declares (on a tensor-parallel rank:
+    its share of them), or ``None``.
 
     Read once per module (``nn.Module`` attribute misses cost an exception each):
     a module's head count does not change between calls.
     """
     try:
-        return _DECLARED_HEADS[module]
+        heads = _DECLARED_HEADS[module]
     except KeyError:
-        pass
-    heads = None
-    for owner, name in ((module, "num_heads"), (module, "num_attention_heads"), (module, "n_heads"),
-                        (module, "n_head"), (getattr(module, "config", None), "num_attention_heads")):
-        value = getattr(owner, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            heads = value
-            break
-    _DECLARED_HEADS[module] = heads
+        heads = None
+        for owner, name in ((module, "num_heads"), (module, "num_attention_heads"), (module, "n_heads"),
+                            (module, "n_head"), (getattr(module, "config", None), "num_attention_heads")):
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                heads = value
+                break
+        _DECLARED_HEADS[module] = heads
+    shard = head_shard(module) if heads is not None else None  # not cached: a model may be parallelised later
+    if shard is not None and heads % shard[1] == 0:
+        heads //= shard[1]  # tensor parallelism: this rank computes its block of the heads
     return heads
 
 
