@@ -157,3 +157,30 @@ def tensor_parallel(rank: int, world_size: int, port: int, path: str, route: str
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def transformers_tp_plan(rank: int, world_size: int, port: int, path: str) -> None:
+    """A LLaMA loaded with transformers' own tensor-parallel plan (tp_plan="auto")."""
+    import transformers
+
+    from attention_hooker import TransformerAttentionHooker
+    from attention_hooker.distributed import assemble_heads
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", attn_implementation="sdpa").eval()
+    try:
+        ids = torch.arange(3, 14)[None]
+        with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+            logits = model(ids).logits
+        assembled = assemble_heads(hooker)
+        reference = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+        with torch.no_grad(), TransformerAttentionHooker(reference) as whole:
+            expected = reference(ids).logits
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        for name, calls in whole.values.items():
+            assert hooker.head_indices[name] == list(range(rank * 4, rank * 4 + 4))
+            torch.testing.assert_close(assembled[name][0], calls[0], rtol=1e-5, atol=1e-5)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -218,3 +218,15 @@ def test_torchrun_stats_on_two_nccl_ranks_writes_the_csv_of_one_process(minilm_p
         for column, value in row.items():
             if column not in ("layer", "head"):
                 assert abs(float(merged[key][column]) - float(value)) <= 1e-4, (key, column)  # GPU kernels vs CPU
+
+
+def test_transformers_tp_plan_heads_assemble_to_the_unsharded_capture(tmp_path):
+    import torch.multiprocessing as mp
+    import transformers
+
+    import dist_workers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    mp.spawn(dist_workers.transformers_tp_plan, args=(2, _free_port(), str(tmp_path / "llama")), nprocs=2, join=True)
