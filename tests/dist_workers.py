@@ -8,10 +8,22 @@ raises, and torch.multiprocessing.spawn hands the error to the test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
+
+
+@contextlib.contextmanager
+def _gloo_group(rank: int, world_size: int, port: int):
+    """This process as rank ``rank`` of a gloo group on this machine, for the block."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _bert(path):
@@ -42,9 +54,7 @@ def _assert_same_capture(wrapped, plain, what):
 
 
 def wrapped_models(rank: int, world_size: int, port: int, path: str, wrapper: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with _gloo_group(rank, world_size, port):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -86,8 +96,6 @@ def wrapped_models(rank: int, world_size: int, port: int, path: str, wrapper: st
             full = TransformerAttentionHooker(wrapped, wrapper_names=True).hooked_layers
             assert all(n.startswith("module.") or "_fsdp_wrapped_module" in n for n in full), full[:2]
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def streamed_ranks(rank: int, world_size: int, port: int, path: str, folder: str) -> None:
@@ -96,9 +104,7 @@ def streamed_ranks(rank: int, world_size: int, port: int, path: str, folder: str
 
     from attention_hooker import TransformerAttentionHooker, load
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with _gloo_group(rank, world_size, port):
         tokenizer = AutoTokenizer.from_pretrained(path)
         texts = [["Rank zero reads this sentence."], ["Rank one reads another, longer text than that."]]
         model = _bert(path)
@@ -115,8 +121,6 @@ def streamed_ranks(rank: int, world_size: int, port: int, path: str, folder: str
                 for name, calls in expected.values.items():
                     torch.testing.assert_close(loaded.values[name][r], calls[0], rtol=1e-5, atol=1e-6)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def tensor_parallel(rank: int, world_size: int, port: int, path: str, route: str) -> None:
@@ -128,9 +132,7 @@ def tensor_parallel(rank: int, world_size: int, port: int, path: str, route: str
     from attention_hooker import TransformerAttentionHooker
     from attention_hooker.distributed import assemble_heads
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with _gloo_group(rank, world_size, port):
         config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64)
         torch.manual_seed(0)
@@ -155,8 +157,6 @@ def tensor_parallel(rank: int, world_size: int, port: int, path: str, route: str
         for name, calls in whole.values.items():
             torch.testing.assert_close(assembled[name][0], calls[0], rtol=1e-5, atol=1e-5)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def transformers_tp_plan(rank: int, world_size: int, port: int, path: str) -> None:

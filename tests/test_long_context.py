@@ -8,7 +8,7 @@ from torch import nn
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker
 from attention_hooker.capture import sdpa
-from tiny_models import Stack
+from tiny_models import Stack, TwoCallsAttention
 
 transformers = pytest.importorskip("transformers")
 
@@ -247,16 +247,6 @@ def test_statistics_reduced_on_a_causal_llama_equal_those_of_the_full_matrices(i
 
 def test_a_layer_computed_in_pieces_adds_nothing_to_the_statistics():
     from attention_hooker import HeadStatsAccumulator
-
-    class TwoCallsAttention(nn.Module):
-        num_heads = 2
-
-        def forward(self, x):
-            q = x.view(1, -1, 2, 8).transpose(1, 2)
-            half = q.shape[2] // 2
-            a = nn.functional.scaled_dot_product_attention(q[:, :, :half], q[:, :, :half], q[:, :, :half])
-            b = nn.functional.scaled_dot_product_attention(q[:, :, half:], q[:, :, half:], q[:, :, half:])
-            return torch.cat([a, b], 2).transpose(1, 2).reshape(x.shape)
 
     model = nn.Sequential(TwoCallsAttention())
     accumulator = HeadStatsAccumulator()

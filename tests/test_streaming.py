@@ -13,7 +13,7 @@ from torch import nn
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker, load
 from attention_hooker.capture import sdpa
 from attention_hooker import streaming
-from tiny_models import Stack
+from tiny_models import Stack, TwoCallsAttention
 
 transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
@@ -210,16 +210,6 @@ def test_a_forward_cut_short_leaves_a_readable_capture_of_the_calls_that_finishe
 
 
 def test_a_layer_call_refused_for_its_pieces_leaves_no_file(tmp_path):
-    class TwoCallsAttention(nn.Module):
-        num_heads = 2
-
-        def forward(self, x):
-            q = x.view(1, -1, 2, 8).transpose(1, 2)
-            half = q.shape[2] // 2
-            a = nn.functional.scaled_dot_product_attention(q[:, :, :half], q[:, :, :half], q[:, :, :half])
-            b = nn.functional.scaled_dot_product_attention(q[:, :, half:], q[:, :, half:], q[:, :, half:])
-            return torch.cat([a, b], 2).transpose(1, 2).reshape(x.shape)
-
     model = nn.Sequential(TwoCallsAttention())
     with pytest.warns(Warning), torch.no_grad(), TransformerAttentionHooker(model) as hooker:
         stream = hooker.stream_to(tmp_path / "c", shard_bytes=1)
@@ -281,3 +271,21 @@ def test_a_call_can_be_streamed_and_pooled_in_one_pass(tmp_path, monkeypatch):
         by_hand = torch.stack([torch.stack([full[..., bounds[i]:bounds[i + 1], bounds[j]:bounds[j + 1]].mean((-2, -1))
                                             for j in range(4)], -1) for i in range(4)], -2)
         torch.testing.assert_close(pooled.values[name][0], by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_load_names_unreadable_metadata_of_a_file_and_of_a_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"0.0": torch.rand(1, 1, 2, 2)}, tmp_path / "other.safetensors",
+              metadata={"attention_hooker": json.dumps({"format": "attention-hooker/0"})})
+    with pytest.raises(AttentionHookerError, match=r"unreadable attention_hooker metadata \(format "
+                                                   r"'attention-hooker/0'\); expected attention-hooker/1"):
+        load(tmp_path / "other.safetensors")
+    model = Stack().eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, hooker.stream_to(tmp_path / "c"):
+        model(torch.randn(1, 4, 16))
+    index = json.loads((tmp_path / "c" / "capture.json").read_text())
+    del index["files"]
+    (tmp_path / "c" / "capture.json").write_text(json.dumps(index))
+    with pytest.raises(AttentionHookerError, match=r"unreadable capture index \('files'\); expected attention-hooker-stream/1"):
+        load(tmp_path / "c")

@@ -71,6 +71,20 @@ class ExpOverSumAttention(nn.Module):
         return (scores / scores.sum(-1, keepdim=True)) @ x
 
 
+class TwoCallsAttention(nn.Module):
+    """Attention computed in two pieces (two sdpa calls over halves of the tokens): a layer
+    call that is refused as a whole, since neither piece is the layer's map."""
+
+    num_heads = 2
+
+    def forward(self, x):
+        q = x.view(1, -1, 2, 8).transpose(1, 2)
+        half = q.shape[2] // 2
+        a = nn.functional.scaled_dot_product_attention(q[:, :, :half], q[:, :, :half], q[:, :, :half])
+        b = nn.functional.scaled_dot_product_attention(q[:, :, half:], q[:, :, half:], q[:, :, half:])
+        return torch.cat([a, b], 2).transpose(1, 2).reshape(x.shape)
+
+
 def encoder(layers: int = 2, d_model: int = 16, nhead: int = 4) -> nn.TransformerEncoder:
     """An eval ``nn.TransformerEncoder`` (MHA route; its fast path is on when unhooked)."""
     layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=32, dropout=0.0, batch_first=True)

@@ -202,13 +202,8 @@ def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None) -> Saved
         raise AttentionHookerError(
             f"{path} is a safetensors file but not an attention_hooker capture: its metadata has no {_META_KEY!r} entry"
         )
-    try:
-        meta = json.loads(raw_meta)
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
-        layers, calls = meta["layers"], meta["calls"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise AttentionHookerError(f"{path}: unreadable attention_hooker metadata ({err}); expected {_FORMAT}") from None
+    meta = _read_metadata(raw_meta, _FORMAT, ("layers", "calls"), f"{path}: unreadable attention_hooker metadata")
+    layers, calls = meta["layers"], meta["calls"]
     tensors = mapped_tensors(path) if lazy else load_file(path)
     values = AttentionValues()
     for index, (name, n_calls) in enumerate(zip(layers, calls)):
@@ -219,6 +214,24 @@ def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None) -> Saved
     tokens = meta.get("tokens")
     extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "tokens")}
     return SavedAttention(values, tokens, extra)
+
+
+def _read_metadata(raw: str, expected_format: str, keys: Sequence[str], what: str) -> dict:
+    """The JSON metadata of a capture, checked for its format and ``keys``.
+
+    Raises:
+        AttentionHookerError: ``what``, why, and the format expected.
+    """
+    try:
+        meta = json.loads(raw)
+        if not isinstance(meta, dict) or meta.get("format") != expected_format:
+            raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else None!r}")
+        missing = [key for key in keys if key not in meta]
+        if missing:
+            raise KeyError(missing[0])
+    except (ValueError, KeyError, TypeError) as err:
+        raise AttentionHookerError(f"{what} ({err}); expected {expected_format}") from None
+    return meta
 
 
 def _load_streamed(folder: str, lazy: bool) -> SavedAttention:
@@ -232,14 +245,9 @@ def _load_streamed(folder: str, lazy: bool) -> SavedAttention:
         raise AttentionHookerError(
             f"the capture path {folder!r} is a folder without {INDEX_NAME}; expected a .safetensors file "
             "or a folder written by hooker.stream_to()")
-    try:
-        with open(index_path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-        if meta.get("format") != STREAM_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
-        layers, files = meta["layers"], meta["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise AttentionHookerError(f"{index_path}: unreadable capture index ({err}); expected {STREAM_FORMAT}") from None
+    with open(index_path, encoding="utf-8") as handle:
+        meta = _read_metadata(handle.read(), STREAM_FORMAT, ("layers", "files"), f"{index_path}: unreadable capture index")
+    layers, files = meta["layers"], meta["files"]
     opened: Dict[str, dict] = {}
     values = AttentionValues()
     for name, calls in zip(layers, files):
