@@ -9,10 +9,28 @@ raises, and torch.multiprocessing.spawn hands the error to the test.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import sys
 
 import torch
 import torch.distributed as dist
+
+
+def _exits_at_once(worker):
+    """A worker that passed leaves without the interpreter's teardown: under load, gloo's
+    threads were once torn down mid-flight there ("terminate called without an active
+    exception", SIGABRT) after every check had passed. A failure still raises, and
+    torch.multiprocessing.spawn reports it."""
+
+    @functools.wraps(worker)
+    def run(*args):
+        worker(*args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    return run
 
 
 @contextlib.contextmanager
@@ -53,6 +71,7 @@ def _assert_same_capture(wrapped, plain, what):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7, msg=f"{what}: gradient of {name}")
 
 
+@_exits_at_once
 def wrapped_models(rank: int, world_size: int, port: int, path: str, wrapper: str) -> None:
     with _gloo_group(rank, world_size, port):
         from transformers import AutoTokenizer
@@ -98,6 +117,7 @@ def wrapped_models(rank: int, world_size: int, port: int, path: str, wrapper: st
         dist.barrier()
 
 
+@_exits_at_once
 def streamed_ranks(rank: int, world_size: int, port: int, path: str, folder: str) -> None:
     """Each rank streams the capture of its own input; rank 0 loads the folder as one capture."""
     from transformers import AutoTokenizer
@@ -123,6 +143,7 @@ def streamed_ranks(rank: int, world_size: int, port: int, path: str, folder: str
         dist.barrier()
 
 
+@_exits_at_once
 def tensor_parallel(rank: int, world_size: int, port: int, path: str, route: str) -> None:
     """A LLaMA whose attention is split by heads over the ranks (colwise q/k/v, rowwise o)."""
     import transformers
@@ -159,6 +180,7 @@ def tensor_parallel(rank: int, world_size: int, port: int, path: str, route: str
         dist.barrier()
 
 
+@_exits_at_once
 def transformers_tp_plan(rank: int, world_size: int, port: int, path: str) -> None:
     """A LLaMA loaded with transformers' own tensor-parallel plan (tp_plan="auto")."""
     import transformers

