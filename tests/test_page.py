@@ -199,3 +199,21 @@ def test_page_errors_and_notebook_repr():
     assert "</script><b>" not in page.html.split("<script>")[0].split("<title>")[1]
     assert page._repr_html_().startswith("<iframe srcdoc=") and "&lt;!DOCTYPE html&gt;" in page._repr_html_()
     assert re.fullmatch(r"AttentionPage\('.*', [\d.]+ MB\)", repr(page))
+
+
+def test_layer_rows_read_the_part_of_the_names_that_differs(browser, tmp_path):
+    """Issue 13: rows read "…ntion.self" (BERT) and BART's encoder and decoder rows looked alike."""
+    names = ["model.encoder.layers.0.self_attn", "model.encoder.layers.1.self_attn",
+             "model.decoder.layers.0.self_attn", "model.decoder.layers.0.encoder_attn"]
+    values = {name: [torch.rand(1, 2, 3, 3).softmax(-1)] for name in names}
+    path = render_html(values, tokens=["a", "b", "c"]).save(tmp_path / "bart.html")
+    page = _Page(browser, path)
+    try:
+        rows = page.page.eval_on_selector_all(".ah-row-label", "els => els.map(e => [e.textContent, e.title])")
+        options = page.page.eval_on_selector_all("#ah-layer option", "els => els.map(e => e.textContent)")
+    finally:
+        page.close()
+    short = ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "decoder.layers.0.self_attn",
+             "decoder.layers.0.encoder_attn"]
+    assert rows == [[s, n] for s, n in zip(short, names)], "the part that differs, the full name on hover"
+    assert options == short

@@ -107,7 +107,7 @@ def test_overview_has_a_panel_per_head_in_model_order(tmp_path, minilm_capture, 
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 6 * 12
     row_labels = [ax.get_ylabel() for ax in panels if ax.get_ylabel()]
-    assert len(row_labels) == 6 and row_labels[0].endswith("layer.0.attention.self")
+    assert row_labels == [f"layer.{i}" for i in range(6)], "the part of the names that differs"
     colorbars = [ax for ax in fig.axes if not ax.images and ax.collections]
     assert len(colorbars) == (1 if scale == "shared" else 6)
     assert _pixels(path).std() > 0.05
@@ -148,3 +148,12 @@ def test_vit_overlay_on_a_timm_model_with_rollout(tmp_path):
     assert _pixels(path).std() > 0.05
     fig = plot_vit_attention(hooker.values["blocks.1.attn"][0], image.permute(1, 2, 0).numpy(), prefix_tokens=3, heads=1)
     assert fig.axes[1].images
+
+
+def test_overview_rows_are_labelled_by_the_part_of_the_layer_names_that_differs():
+    from attention_hooker import plot_attention_overview
+
+    names = [f"encoder.layer.{i}.attention.self" for i in range(3)]
+    fig = plot_attention_overview({name: [torch.rand(1, 2, 4, 4).softmax(-1)] for name in names})
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.images and ax.get_ylabel()]
+    assert labels == ["layer.0", "layer.1", "layer.2"]

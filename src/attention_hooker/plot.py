@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from .naming import short_layer_names
 from ._checks import (check_heads, non_negative_int, positive_int, positive_number, prepare_output_path,
                       token_lists)
 from ._tensor import as_heads, check_tokens, require_positions, values_of
@@ -262,6 +263,7 @@ def plot_attention_overview(
     fig = Figure(figsize=(cell_size * n_heads + 2.6, cell_size * len(grids) + 1.0), layout="constrained")
     axes = fig.subplots(len(grids), n_heads, squeeze=False)
     image = None
+    labels = dict(zip(grids, short_layer_names(list(grids))))
     for row, (name, grid) in enumerate(grids.items()):
         vmax = shared_max if scale == "shared" else top(grid)
         for head in range(n_heads):
@@ -276,8 +278,7 @@ def plot_attention_overview(
             if row == 0:
                 ax.set_title(f"h{head}", fontsize=8)
             if head == 0:
-                ax.set_ylabel(name if len(name) <= 28 else "..." + name[-25:], fontsize=7, rotation=0,
-                              ha="right", va="center")
+                ax.set_ylabel(labels[name], fontsize=7, rotation=0, ha="right", va="center")
         if scale == "row":
             fig.colorbar(image, ax=axes[row, :], shrink=0.9, aspect=8, pad=0.01)
     if scale == "shared":

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .naming import short_layer_names
 from .errors import CommandError  # noqa: F401  (raised here; lives in errors so that --help stays light)
 
 __all__ = ["CommandError", "Capture", "load_hf_model", "capture_text", "write_outputs", "notable_heads",
@@ -528,7 +529,7 @@ def write_statistics(accumulator, out) -> Dict[str, object]:
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(accumulator.layers)))
-        ax.set_yticklabels([name if len(name) < 32 else "..." + name[-29:] for name in accumulator.layers], fontsize=7)
+        ax.set_yticklabels(short_layer_names(accumulator.layers), fontsize=7)
         ax.set_title(f"{key.replace('_', ' ')}, mean over {accumulator.sequences} inputs")
         fig.colorbar(image, ax=ax)
         path = out / f"{key}.png"

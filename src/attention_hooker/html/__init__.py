@@ -22,6 +22,7 @@ import torch
 from .._checks import prepare_output_path, resolve_rows, selected_rows, token_lists
 from .._tensor import as_batched, require_positions, values_of
 from ..errors import AttentionHookerError
+from ..naming import short_layer_names
 
 __all__ = ["render_html", "AttentionPage", "encode_weights", "decode_weights"]
 
@@ -234,6 +235,8 @@ def render_html(
             )
             offset += codes.numel()
         layer_meta.append({"name": name, "calls": call_meta})
+    for layer, short in zip(layer_meta, short_layer_names([layer["name"] for layer in layer_meta])):
+        layer["short"] = short  # row labels and the layer selector; the full name on hover
     title = title or "Attention"
     meta = {
         "title": title,

@@ -113,7 +113,7 @@
     }
     meta.layers.forEach((layer, li) => {
       const label = document.createElement("div");
-      label.className = "ah-row-label"; label.textContent = layer.name; label.title = layer.name;
+      label.className = "ah-row-label"; label.textContent = layer.short || layer.name; label.title = layer.name;
       box.appendChild(label);
       const H = layerCall(li, state.call).shape[1];
       for (let h = 0; h < maxHeads; h++) {
@@ -244,7 +244,7 @@
 
   async function main() {
     $("ah-title").textContent = meta.title;
-    fillSelect($("ah-layer"), meta.layers.length, (i) => meta.layers[i].name);
+    fillSelect($("ah-layer"), meta.layers.length, (i) => meta.layers[i].short || meta.layers[i].name);
     $("ah-layer").addEventListener("change", (e) => { state.layer = Number(e.target.value); state.query = 0; refresh(); });
     $("ah-call").addEventListener("change", (e) => { state.call = Number(e.target.value); refresh(); });
     $("ah-batch").addEventListener("change", (e) => { state.batch = Number(e.target.value); refresh(); });
