@@ -157,3 +157,30 @@ def test_overview_rows_are_labelled_by_the_part_of_the_layer_names_that_differs(
     fig = plot_attention_overview({name: [torch.rand(1, 2, 4, 4).softmax(-1)] for name in names})
     labels = [ax.get_ylabel() for ax in fig.axes if ax.images and ax.get_ylabel()]
     assert labels == ["layer.0", "layer.1", "layer.2"]
+
+
+@pytest.mark.parametrize("heads", [4, 64])
+def test_stats_heatmaps_read_well_with_few_heads_and_with_many(heads, tmp_path, monkeypatch):
+    """Issue 13: with few heads the title was cut, ticks read "0.0 2.5", an offset sat over the
+    title and the colour bar had no unit."""
+    from attention_hooker import HeadStatsAccumulator, plot, workflows
+
+    accumulator = HeadStatsAccumulator()
+    accumulator.update({f"encoder.layer.{i}.attention.self": [(torch.randn(1, heads, 5, 5) * 1e-3).softmax(-1)]
+                        for i in range(2)})
+    figures = []
+    real_save = plot._save
+    monkeypatch.setattr(plot, "_save", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    workflows.write_statistics(accumulator, tmp_path)
+    assert len(figures) == 4
+    for fig in figures:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert all(t.isdigit() for t in ticks) and ticks[0] == "0", ticks
+        assert len(ticks) <= 32
+        title = ax.title.get_window_extent()
+        assert title.x0 >= 0 and title.x1 <= fig.bbox.x1, "the title fits the picture"
+        bar = fig.axes[1]
+        assert bar.get_ylabel() in ("entropy (nats)", "mean distance (tokens)", "share of attention (0-1)")
+        assert bar.yaxis.get_offset_text().get_text() == "", "no offset written over the title"

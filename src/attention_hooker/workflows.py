@@ -7,6 +7,7 @@ Every user mistake raises :class:`CommandError` with one readable sentence.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 import time
@@ -507,6 +508,15 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
     return accumulator, time.perf_counter() - start, (cut, limit)
 
 
+_STATISTIC_UNITS = {
+    "entropy": "entropy (nats)",
+    "distance": "mean distance (tokens)",
+    "first_token_share": "share of attention (0-1)",
+    "last_token_share": "share of attention (0-1)",
+    "sink_share": "share of attention (0-1)",
+}
+
+
 def write_statistics(accumulator, out) -> Dict[str, object]:
     """``head_stats.csv`` (one row per layer and head) and one layers x heads heatmap per statistic."""
     from .plot import _matplotlib, _save
@@ -522,16 +532,23 @@ def write_statistics(accumulator, out) -> Dict[str, object]:
                 writer.writerow([layer, head, *(f"{table[k][li, head]:.9g}" for k in accumulator.STATISTICS)])
     Figure = _matplotlib()
     pictures = []
+    n_layers, n_heads = len(accumulator.layers), table["entropy"].shape[1]
     for key in accumulator.STATISTICS:
-        fig = Figure(figsize=(1 + 0.45 * table[key].shape[1], 1 + 0.4 * len(accumulator.layers)), layout="constrained")
+        # Wide enough for the title and the colour bar even with few heads (4 heads used to cut the title).
+        fig = Figure(figsize=(max(5.5, 2.5 + 0.45 * n_heads), 1.6 + 0.4 * n_layers), layout="constrained")
         ax = fig.subplots()
-        image = ax.imshow(table[key], cmap="viridis", aspect="auto")
+        image = ax.imshow(table[key], cmap="viridis", aspect="auto", interpolation="nearest")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_yticks(range(len(accumulator.layers)))
+        step = max(1, math.ceil(n_heads / 32))  # whole-number head ticks, thinned when there are many
+        ax.set_xticks(range(0, n_heads, step))
+        ax.set_yticks(range(n_layers))
         ax.set_yticklabels(short_layer_names(accumulator.layers), fontsize=7)
-        ax.set_title(f"{key.replace('_', ' ')}, mean over {accumulator.sequences} inputs")
-        fig.colorbar(image, ax=ax)
+        ax.set_title(f"{key.replace('_', ' ')}, mean over {accumulator.sequences} inputs", fontsize=10)
+        bar = fig.colorbar(image, ax=ax)
+        bar.set_label(_STATISTIC_UNITS.get(key, key))
+        bar.formatter.set_useOffset(False)  # no "+1e-3" offset written over the title
+        bar.update_ticks()
         path = out / f"{key}.png"
         _save(fig, path)
         pictures.append(path)
