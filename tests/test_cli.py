@@ -472,3 +472,14 @@ def test_run_in_bfloat16_captures_bfloat16_weights(saved_models, tmp_path, capsy
     capsys.readouterr()
     saved = load(tmp_path / "b.safetensors")
     assert {t.dtype for calls in saved.values.values() for t in calls} == {torch.bfloat16}
+
+
+def test_pictures_show_progress_and_can_be_skipped(saved_models, tmp_path, capsys):
+    bert = str(saved_models["bert"])
+    assert main(["run", "--model", bert, "--text", "progress over pictures", "--out", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert "pictures" in captured.err and "2/2" in captured.err, captured.err
+    assert main(["run", "--model", bert, "--text", "no grids", "--out", str(tmp_path / "a"), "--no-grids"]) == 0
+    assert "grids:   skipped (--no-grids)" in capsys.readouterr().out
+    assert not list((tmp_path / "a" / "grids").glob("*.png")), "none written, none left from the first run"
+    assert (tmp_path / "a" / "overview.png").exists() and (tmp_path / "a" / "attention.html").exists()

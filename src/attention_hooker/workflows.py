@@ -358,8 +358,11 @@ def _safe_name(layer: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in layer) or "model"
 
 
-def write_outputs(capture: Capture, out, *, title: str) -> Dict[str, object]:
-    """Writes per-layer head grids, the overview and the page into ``out``; returns the paths."""
+def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, progress_stream=None) -> Dict[str, object]:
+    """Writes per-layer head grids (unless ``grids=False``), the overview and the page into
+    ``out``, showing progress over the grids on ``progress_stream`` (stderr); returns the paths."""
+    from tqdm.auto import tqdm
+
     from .html import render_html
     from .plot import plot_attention_grid, plot_attention_overview
 
@@ -368,9 +371,11 @@ def write_outputs(capture: Capture, out, *, title: str) -> Dict[str, object]:
     if grids_dir.is_dir():  # pictures of an earlier run would pass for this one's
         for stale in grids_dir.glob("*.png"):
             stale.unlink()
-    grids = []
+    written = []
     token_lists = capture.tokens
-    for name, calls in capture.values.items():
+    layers = list(capture.values.items()) if grids else []
+    for name, calls in tqdm(layers, desc="pictures", unit=" layers", file=progress_stream or sys.stderr,
+                            disable=len(layers) < 2, leave=False):
         weights = calls[0]
         n_query, n_key = weights.shape[-2:]
         q_tokens = next((t for t in ([capture.query_tokens] if capture.query_tokens else []) + token_lists
@@ -379,12 +384,12 @@ def write_outputs(capture: Capture, out, *, title: str) -> Dict[str, object]:
         path = grids_dir / f"{_safe_name(name)}.png"
         fig = plot_attention_grid(weights, query_tokens=q_tokens, key_tokens=k_tokens, layer_name=name, save_path=path)
         fig.clear()
-        grids.append(path)
+        written.append(path)
     overview = out / "overview.png"
     plot_attention_overview(capture.values, title=f"{title}: layers x heads", save_path=overview).clear()
     page = render_html(capture.values, tokens=token_lists, query_tokens=capture.query_tokens,
                        title=title).save(out / "attention.html")
-    return {"grids": grids, "overview": overview, "page": Path(page)}
+    return {"grids": written, "overview": overview, "page": Path(page), "grids_skipped": not grids}
 
 
 def notable_heads(values, tokens: Sequence[str]) -> List[str]:
@@ -421,7 +426,8 @@ def summary(loaded: LoadedModel, capture: Capture, files: Dict[str, object], sec
     if capture.generated_text is not None:
         lines.append(f"text:    {capture.generated_text!r}")
     lines += [
-        f"grids:   {len(files['grids'])} PNGs in {Path(files['grids'][0]).parent}" if files["grids"] else "grids: none",
+        (f"grids:   {len(files['grids'])} PNGs in {Path(files['grids'][0]).parent}" if files["grids"]
+         else "grids:   skipped (--no-grids)" if files.get("grids_skipped") else "grids:   none"),
         f"overview: {files['overview']}",
         f"page:    {files['page']}  (open it in a browser; works offline)",
     ]
