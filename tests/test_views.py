@@ -184,3 +184,23 @@ def test_stats_heatmaps_read_well_with_few_heads_and_with_many(heads, tmp_path, 
         bar = fig.axes[1]
         assert bar.get_ylabel() in ("entropy (nats)", "mean distance (tokens)", "share of attention (0-1)")
         assert bar.yaxis.get_offset_text().get_text() == "", "no offset written over the title"
+
+
+@pytest.mark.parametrize("tokens", [10, 512, 2000])
+def test_grids_of_long_inputs_can_brighten_small_weights_and_thin_their_labels(tokens):
+    """Issue 13: grids at 512 tokens were almost black, with no sqrt/log/vmax choice."""
+    weights = torch.randn(1, 2, tokens, tokens).softmax(-1)  # most weights near 1/tokens
+    labels = [f"t{i}" for i in range(tokens)]
+    brightness = {}
+    for scale in ("linear", "sqrt", "log"):
+        fig = plot_attention_grid(weights, labels, color_scale=scale)
+        image = fig.axes[0].images[0]
+        brightness[scale] = float(np.asarray(image.norm(image.get_array())).mean())
+        assert scale == "linear" or f"({scale} scale)" in fig.axes[-1].get_ylabel()
+        assert len([t for t in fig.axes[0].get_xticklabels() if t.get_text()]) <= 40
+    if tokens >= 512:
+        assert brightness["sqrt"] > 3 * brightness["linear"] and brightness["log"] > brightness["sqrt"]
+    fig = plot_attention_grid(weights, color_scale="linear", vmax=0.01)
+    assert fig.axes[0].images[0].norm.vmax == 0.01
+    with pytest.raises(AttentionHookerError, match="color_scale='gamma' must be one of linear, sqrt, log"):
+        plot_attention_grid(weights, color_scale="gamma")

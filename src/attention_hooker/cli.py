@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_device_options(sub)
         sub.add_argument("--no-grids", action="store_true",
                          help="skip the per-layer head grids (the overview and the page are still written)")
+        sub.add_argument("--color-scale", default="linear", choices=("linear", "sqrt", "log"),
+                         help="colour scale of the pictures: sqrt or log brighten small weights (long inputs) "
+                              "(default: %(default)s)")
 
     layers = commands.add_parser(
         "layers",
@@ -138,7 +141,7 @@ def _rows(text: str):
 
 
 def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title,
-                 long_context=None, device=None, dtype=None, grids=True) -> None:
+                 long_context=None, device=None, dtype=None, grids=True, color_scale="linear") -> None:
     from . import workflows
 
     long_context = long_context or {}
@@ -151,7 +154,7 @@ def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0,
     start = time.perf_counter()
     loaded = workflows.load_hf_model(model_path, device=device, dtype=dtype)
     capture = workflows.capture_text(loaded, text, layers=layers, target=target, generate=generate, **long_context)
-    files = workflows.write_outputs(capture, out, title=title, grids=grids)
+    files = workflows.write_outputs(capture, out, title=title, grids=grids, color_scale=color_scale)
     if save:
         raw = capture.raw_values or capture.values
         from .io import save_values
@@ -166,7 +169,8 @@ def _command_demo(args) -> None:
 
     path = workflows.demo_model_path()
     _run_capture(path, args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT, out=args.out,
-                 title="all-MiniLM-L6-v2", device=args.device, dtype=args.dtype, grids=not args.no_grids)
+                 title="all-MiniLM-L6-v2", device=args.device, dtype=args.dtype, grids=not args.no_grids,
+                 color_scale=args.color_scale)
 
 
 def _command_layers(args) -> None:
@@ -188,7 +192,7 @@ def _command_run(args) -> None:
         raise CommandError("--overwrite goes with --stream FOLDER")
     _run_capture(args.model, args.text, out=args.out, layers=args.layers, target=args.target,
                  generate=args.generate, save=args.save, title=Path(args.model).name or "model",
-                 device=args.device, dtype=args.dtype, grids=not args.no_grids,
+                 device=args.device, dtype=args.dtype, grids=not args.no_grids, color_scale=args.color_scale,
                  long_context=dict(max_tokens=args.max_tokens, rows=args.rows, pool=args.pool, stream=args.stream,
                                    overwrite=args.overwrite))
 

@@ -110,6 +110,8 @@ def plot_attention_grid(
     ncols: Optional[int] = None,
     cmap: str = "viridis",
     panel_size: float = 2.8,
+    color_scale: str = "linear",
+    vmax: Optional[float] = None,
 ):
     """One heatmap per head of one layer, on one shared colour scale.
 
@@ -129,12 +131,17 @@ def plot_attention_grid(
         ncols: panels per row (default: about square).
         cmap: matplotlib colormap; non-finite weights are drawn in red.
         panel_size: inches per panel.
+        color_scale: ``"linear"``, ``"sqrt"`` (small weights brighter: long inputs,
+            where most weights are near 0, stop being a black square) or ``"log"``
+            (down to 1e-4 of the largest weight); the colour bar says which.
+        vmax: the weight drawn brightest (default: the largest one shown).
 
     Returns:
         The ``matplotlib.figure.Figure``.
 
     Raises:
-        AttentionHookerError: on a wrong shape, token count, or head index.
+        AttentionHookerError: on a wrong shape, token count, head index, colour scale
+            or vmax.
 
     Example:
         >>> import torch
@@ -155,8 +162,12 @@ def plot_attention_grid(
 
     shown = weights[heads]
     finite = np.isfinite(shown)
-    vmax = float(shown[finite].max()) if finite.any() else 1.0
+    if vmax is None:
+        vmax = float(shown[finite].max()) if finite.any() else 1.0
+    else:
+        vmax = positive_number(vmax, "vmax")
     vmin = min(0.0, float(shown[finite].min())) if finite.any() else 0.0
+    norm = color_norm(color_scale, vmin, vmax)
     ncols = ncols or max(1, math.ceil(math.sqrt(len(heads))))
     nrows = math.ceil(len(heads) / ncols)
     fig = Figure(figsize=(panel_size * ncols + 1.2, panel_size * nrows + 0.8), layout="constrained")
@@ -168,7 +179,7 @@ def plot_attention_grid(
             continue
         head = heads[slot]
         panel = np.ma.masked_invalid(weights[head])
-        image = ax.imshow(panel, cmap=colormap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+        image = ax.imshow(panel, cmap=colormap, norm=norm, aspect="auto", interpolation="nearest")
         title = f"head {head}"
         if not np.isfinite(weights[head]).all():
             title += " (non-finite in red)"
@@ -180,13 +191,38 @@ def plot_attention_grid(
             ax.set_ylabel("query", fontsize=8)
         if bottom:
             ax.set_xlabel("key", fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
+    fig.colorbar(image, ax=axes, shrink=0.8, label=_weight_label(color_scale))
     fig.suptitle(
         f"{layer_name + ' - ' if layer_name else ''}{n_query} queries x {n_key} keys"
         + (f", batch {batch_index}" if np.ndim(attn) == 4 else "")
     )
     _save(fig, save_path)
     return fig
+
+
+_COLOR_SCALES = ("linear", "sqrt", "log")
+
+
+def color_norm(color_scale: str, vmin: float, vmax: float):
+    """The matplotlib norm of a colour scale: linear, square root, or log down to 1e-4 of ``vmax``.
+
+    Raises:
+        AttentionHookerError: on another scale.
+    """
+    from matplotlib import colors
+
+    if color_scale not in _COLOR_SCALES:
+        raise AttentionHookerError(f"color_scale={color_scale!r} must be one of {', '.join(_COLOR_SCALES)}")
+    vmax = vmax if vmax > 0 else 1.0
+    if color_scale == "sqrt":
+        return colors.PowerNorm(gamma=0.5, vmin=max(vmin, 0.0), vmax=vmax, clip=True)
+    if color_scale == "log":
+        return colors.LogNorm(vmin=vmax * 1e-4, vmax=vmax, clip=True)
+    return colors.Normalize(vmin=vmin, vmax=vmax)
+
+
+def _weight_label(color_scale: str) -> str:
+    return "attention weight" + ("" if color_scale == "linear" else f" ({color_scale} scale)")
 
 
 def _colormap(name: str):
@@ -211,6 +247,7 @@ def plot_attention_overview(
     save_path: Union[str, os.PathLike, None] = None,
     cmap: str = "viridis",
     cell_size: float = 0.9,
+    color_scale: str = "linear",
 ):
     """Every head of every layer at a glance: rows are layers (model order), columns heads.
 
@@ -226,6 +263,7 @@ def plot_attention_overview(
         save_path: file to write (folders are created; format from the extension).
         cmap: matplotlib colormap; non-finite weights are red.
         cell_size: inches per panel.
+        color_scale: ``"linear"``, ``"sqrt"`` or ``"log"`` (see :func:`plot_attention_grid`).
 
     Returns:
         The ``matplotlib.figure.Figure``.
@@ -273,16 +311,16 @@ def plot_attention_overview(
             if head >= grid.shape[0]:
                 ax.set_axis_off()
                 continue
-            image = ax.imshow(np.ma.masked_invalid(grid[head]), cmap=colormap, vmin=0, vmax=vmax,
+            image = ax.imshow(np.ma.masked_invalid(grid[head]), cmap=colormap, norm=color_norm(color_scale, 0.0, vmax),
                               aspect="auto", interpolation="nearest")
             if row == 0:
                 ax.set_title(f"h{head}", fontsize=8)
             if head == 0:
                 ax.set_ylabel(labels[name], fontsize=7, rotation=0, ha="right", va="center")
         if scale == "row":
-            fig.colorbar(image, ax=axes[row, :], shrink=0.9, aspect=8, pad=0.01)
+            fig.colorbar(image, ax=axes[row, :], shrink=0.9, aspect=8, pad=0.01, label=_weight_label(color_scale))
     if scale == "shared":
-        fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
+        fig.colorbar(image, ax=axes, shrink=0.8, label=_weight_label(color_scale))
     fig.suptitle(title or f"{len(grids)} layers x {n_heads} heads (rows: layers, columns: heads; {scale} colour scale)")
     _save(fig, save_path)
     return fig

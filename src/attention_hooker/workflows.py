@@ -358,7 +358,8 @@ def _safe_name(layer: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in layer) or "model"
 
 
-def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, progress_stream=None) -> Dict[str, object]:
+def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, progress_stream=None,
+                  color_scale: str = "linear") -> Dict[str, object]:
     """Writes per-layer head grids (unless ``grids=False``), the overview and the page into
     ``out``, showing progress over the grids on ``progress_stream`` (stderr); returns the paths."""
     from tqdm.auto import tqdm
@@ -382,11 +383,13 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
                          if len(t) == n_query), None)
         k_tokens = next((t for t in token_lists if len(t) == n_key), None)
         path = grids_dir / f"{_safe_name(name)}.png"
-        fig = plot_attention_grid(weights, query_tokens=q_tokens, key_tokens=k_tokens, layer_name=name, save_path=path)
+        fig = plot_attention_grid(weights, query_tokens=q_tokens, key_tokens=k_tokens, layer_name=name, save_path=path,
+                                  color_scale=color_scale)
         fig.clear()
         written.append(path)
     overview = out / "overview.png"
-    plot_attention_overview(capture.values, title=f"{title}: layers x heads", save_path=overview).clear()
+    plot_attention_overview(capture.values, title=f"{title}: layers x heads", save_path=overview,
+                            color_scale=color_scale).clear()
     page = render_html(capture.values, tokens=token_lists, query_tokens=capture.query_tokens,
                        title=title).save(out / "attention.html")
     return {"grids": written, "overview": overview, "page": Path(page), "grids_skipped": not grids}
