@@ -217,3 +217,26 @@ def test_layer_rows_read_the_part_of_the_names_that_differs(browser, tmp_path):
              "decoder.layers.0.encoder_attn"]
     assert rows == [[s, n] for s, n in zip(short, names)], "the part that differs, the full name on hover"
     assert options == short
+
+
+@pytest.mark.parametrize("size", ["small", "minilm"])
+def test_the_page_in_a_notebook_takes_the_height_of_what_it_shows(browser, minilm_page, tmp_path, size):
+    """Issue 13: the notebook's iframe had a fixed 760 px height, whatever the page held."""
+    if size == "small":
+        page = render_html({"layer": [torch.rand(1, 1, 3, 3).softmax(-1)]}, tokens=["a", "b", "c"])
+    else:
+        page = minilm_page[2]
+    host = tmp_path / "notebook.html"
+    host.write_text(f"<!DOCTYPE html><html><body>{page._repr_html_()}</body></html>")
+    view = browser.new_page(viewport={"width": 1200, "height": 800})
+    try:
+        view.goto(f"file://{host}")
+        view.wait_for_function("() => { const f = document.querySelector('iframe'); "
+                               "return f.contentDocument && f.contentDocument.body.dataset.ready; }", timeout=30_000)
+        view.wait_for_timeout(300)
+        height, content = view.evaluate("() => { const f = document.querySelector('iframe'); "
+                                        "return [f.getBoundingClientRect().height, "
+                                        "f.contentDocument.body.getBoundingClientRect().height]; }")
+    finally:
+        view.close()
+    assert abs(height - content) <= 16, (height, content)  # the body's own height (and its margins)

@@ -21,14 +21,34 @@ from .errors import AttentionHookerError
 __all__ = ["plot_attention_grid", "plot_attention_overview", "vit_attention_map", "plot_vit_attention"]
 
 
+_FIGURE = None
+
+
 def _matplotlib():
+    """The figure class our pictures are made with: matplotlib's ``Figure``, shown inline by
+    notebooks on its own (as a PNG), without ``%matplotlib inline`` or pyplot."""
+    global _FIGURE
+    if _FIGURE is not None:
+        return _FIGURE
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(
             "plotting needs matplotlib: pip install 'transformer-attention-hooker[plot]' (or pip install matplotlib)"
         ) from None
-    return Figure
+
+    class AttentionFigure(Figure):
+        """A ``matplotlib.figure.Figure`` that a notebook draws when it is a cell's value."""
+
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png")
+            return buffer.getvalue()
+
+    _FIGURE = AttentionFigure
+    return _FIGURE
 
 
 def _save(fig, save_path) -> None:

@@ -147,10 +147,14 @@ class AttentionPage:
         return path
 
     def _repr_html_(self) -> str:
-        # An iframe keeps the page's script and styles apart from the notebook's.
+        # An iframe keeps the page's script and styles apart from the notebook's. It takes
+        # the height of what it shows once drawn (and again when that changes), instead
+        # of a fixed 760 px that cut large pages and left small ones half empty.
+        fit = ("var f=this,d=f.contentDocument;function s(){f.style.height=(d.documentElement.scrollHeight+4)+'px'}"
+               "s();if(window.ResizeObserver){new ResizeObserver(s).observe(d.body)}")
         return (
-            f'<iframe srcdoc="{html_lib.escape(self.html, quote=True)}" '
-            'style="width:100%;height:760px;border:1px solid #ddd" title="attention"></iframe>'
+            f'<iframe srcdoc="{html_lib.escape(self.html, quote=True)}" onload="{html_lib.escape(fit, quote=True)}" '
+            'style="width:100%;height:480px;border:1px solid #ddd" title="attention"></iframe>'
         )
 
     def __len__(self) -> int:
