@@ -240,3 +240,33 @@ def test_the_page_in_a_notebook_takes_the_height_of_what_it_shows(browser, minil
     finally:
         view.close()
     assert abs(height - content) <= 16, (height, content)  # the body's own height (and its margins)
+
+
+def test_the_lines_of_a_uniform_head_are_thin_and_a_peaked_head_draws_one_bold_line(browser, tmp_path):
+    """Issue 13: widths were relative to each head's largest weight for the query, so a
+    diffuse head drew thick lines to every key (15 of 20 keys bold on the demo)."""
+    uniform = torch.full((1, 1, 20, 20), 1 / 20)
+    peaked = torch.full((1, 1, 20, 20), 0.01 / 19)
+    peaked[..., 3] = 0.99
+    tokens = [f"t{i}" for i in range(20)]
+    widths = {}
+    for name, weights in (("uniform", uniform), ("peaked", peaked)):
+        path = render_html({"layer": [weights]}, tokens=tokens).save(tmp_path / f"{name}.html")
+        view = _Page(browser, path)
+        try:
+            keys = view.page.eval_on_selector_all("#ah-keys div", "els => els.map(e => [Number(e.dataset.width), "
+                                                                  "e.classList.contains('ah-hot'), e.title])")
+            view.page.select_option("#ah-lines-scale", "relative")
+            relative = view.page.eval_on_selector_all("#ah-keys div", "els => els.map(e => Number(e.dataset.width))")
+            view.page.hover("#ah-keys div:nth-child(4)")
+            readout = view.page.inner_text("#ah-readout")
+        finally:
+            view.close()
+        widths[name] = (keys, relative, readout)
+    keys, relative, _ = widths["uniform"]
+    assert all(w < 1.0 for w, _, _ in keys) and not any(hot for _, hot, _ in keys), "thin, none bold"
+    assert all(w == 3.0 for w in relative), "the relative option, chosen, draws them all at full width"
+    assert "weight 0.05" in keys[0][2]
+    keys, _, readout = widths["peaked"]
+    assert keys[3][0] > 2.9 and keys[3][1] and sum(w > 0 for w, _, _ in keys) == 1
+    assert readout.startswith("key 3: t3, weight 0.99"), "hovering a key reads its weight"

@@ -6,7 +6,8 @@
   const status = $("ah-status");
   const ROW = 16; // px per token row in the head view
   const TOP = meta.encoding.top, BAD = meta.encoding.nonfinite;
-  const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, sqrt: false };
+  const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, sqrt: false,
+                  relative: false };
   // Colour index of a code: linear in the weight, or its square root (small weights show).
   const shade = (code) => Math.round((state.sqrt ? Math.sqrt(code / TOP) : code / TOP) * 255);
 
@@ -164,7 +165,8 @@
     });
     tokensOf(c.keyTokens, K).forEach((t, i) => {
       const d = document.createElement("div");
-      d.textContent = t; d.title = `key ${i}: ${t}`;
+      d.textContent = t; d.title = `key ${i}: ${t}`; d.dataset.index = String(i);
+      d.addEventListener("mouseenter", () => { $("ah-readout").textContent = d.title; });
       right.appendChild(d);
     });
   }
@@ -195,7 +197,7 @@
     ctx.clearRect(0, 0, cv.width, cv.height);
     const q = Math.min(state.query, Q - 1);
     const y0 = q * ROW + ROW / 2;
-    const hot = new Float32Array(K);
+    const hot = new Float32Array(K), width = new Float32Array(K), best = new Float32Array(K), bestHead = new Int32Array(K).fill(-1);
     for (let h = 0; h < H; h++) {
       if (state.hidden.has(h)) continue;
       const m = matrix(state.layer, state.call, state.batch, h);
@@ -206,16 +208,27 @@
       ctx.strokeStyle = headColor(h, H);
       for (let k = 0; k < K; k++) {
         const code = row[k];
-        const w = code === BAD ? 1 : code / top; // relative to the row's largest weight
-        if (w < 0.05) continue;
+        const weight = value(code, m.scale);
+        if (code !== BAD && weight > best[k]) { best[k] = weight; bestHead[k] = h; }
+        // Absolute: the weight itself, as BertViz draws it (a uniform head draws thin lines);
+        // relative: to this head's largest weight for the query (labelled as such in the bar).
+        const w = code === BAD ? 1 : state.relative ? code / top : weight;
+        if (w < 0.02) continue;
         hot[k] = Math.max(hot[k], w);
         ctx.globalAlpha = Math.min(1, 0.05 + 0.95 * w);
         ctx.lineWidth = 0.5 + 2.5 * w;
+        width[k] = Math.max(width[k], ctx.lineWidth);
         ctx.beginPath(); ctx.moveTo(0, y0); ctx.lineTo(cv.width, k * ROW + ROW / 2); ctx.stroke();
       }
     }
     ctx.globalAlpha = 1;
-    Array.from($("ah-keys").children).forEach((d, k) => d.classList.toggle("ah-hot", hot[k] > 0.5));
+    const keys = tokensOf(c.keyTokens, K);
+    Array.from($("ah-keys").children).forEach((d, k) => {
+      d.classList.toggle("ah-hot", hot[k] > 0.5);
+      d.dataset.width = width[k].toFixed(2);
+      d.title = bestHead[k] < 0 ? `key ${k}: ${keys[k]}`
+        : `key ${k}: ${keys[k]}, weight ${best[k].toPrecision(3)} from query ${q} (largest in head ${bestHead[k]})`;
+    });
   }
 
   function selectQuery(i) {
@@ -251,6 +264,7 @@
     $("ah-head").addEventListener("change", (e) => { state.head = Number(e.target.value); refresh(); });
     $("ah-matrix").addEventListener("mousemove", readout);
     $("ah-scale").addEventListener("change", (e) => { state.sqrt = e.target.value === "sqrt"; drawLegend(); drawOverview(); drawMatrix(); });
+    $("ah-lines-scale").addEventListener("change", (e) => { state.relative = e.target.value === "relative"; drawLines(); });
     drawLegend();
     state.data = await decodePayload();
     if (state.data.length !== meta.bytes) throw new Error(`payload holds ${state.data.length} bytes, expected ${meta.bytes}`);
