@@ -49,6 +49,14 @@ def encode_weights(weights: torch.Tensor):
     return codes, scales
 
 
+def _masked_keys(weights: torch.Tensor) -> List[List[int]]:
+    """Per batch item, the keys no query of any head gives any weight (exactly 0: padding,
+    or masked keys), so that the page marks them instead of drawing them as tiny weights."""
+    w = weights.detach()
+    zero = (w == 0).all(dim=1).all(dim=1)  # (B, K)
+    return [torch.nonzero(row).flatten().tolist() for row in zero]
+
+
 def decode_weights(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The page's decoding, in torch: ``scale * code / 254``; NaN for code 255."""
     w = (codes.float() / _TOP_CODE) * scales[..., None, None]
@@ -150,7 +158,8 @@ class AttentionPage:
         # An iframe keeps the page's script and styles apart from the notebook's. It takes
         # the height of what it shows once drawn (and again when that changes), instead
         # of a fixed 760 px that cut large pages and left small ones half empty.
-        fit = ("var f=this,d=f.contentDocument;function s(){f.style.height=(d.documentElement.scrollHeight+4)+'px'}"
+        fit = ("var f=this,d=f.contentDocument;function s(){f.style.height="
+               "Math.ceil(d.documentElement.getBoundingClientRect().height+4)+'px'}"
                "s();if(window.ResizeObserver){new ResizeObserver(s).observe(d.body)}")
         return (
             f'<iframe srcdoc="{html_lib.escape(self.html, quote=True)}" onload="{html_lib.escape(fit, quote=True)}" '
@@ -235,6 +244,7 @@ def render_html(
                     "scales": [round(float(s), 7) for s in scales.flatten()],
                     **dict(zip(("queryTokens", "keyTokens"), token_sets.pick_axes(name, shape))),
                     "nonfinite": bool((codes == NONFINITE_CODE).any()),
+                    "maskedKeys": _masked_keys(weights),
                 }
             )
             offset += codes.numel()

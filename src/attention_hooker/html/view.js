@@ -7,7 +7,7 @@
   const ROW = 16; // px per token row in the head view
   const TOP = meta.encoding.top, BAD = meta.encoding.nonfinite;
   const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, sqrt: false,
-                  relative: false };
+                  relative: false, oneHead: false };
   // Colour index of a code: linear in the weight, or its square root (small weights show).
   const shade = (code) => Math.round((state.sqrt ? Math.sqrt(code / TOP) : code / TOP) * 255);
 
@@ -125,7 +125,11 @@
         cv.title = `${layer.name} head ${h}`;
         if (li === state.layer && h === state.head) cv.className = "ah-selected";
         paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 48), Math.min(m.Q, 48));
-        cv.addEventListener("click", () => { state.layer = li; state.head = h; state.query = 0; refresh(); });
+        cv.addEventListener("click", () => {  // the head view follows the head picked here
+          state.layer = li; state.head = h; state.query = 0; state.oneHead = true;
+          $("ah-lines-heads").value = "one";
+          refresh();
+        });
         box.appendChild(cv);
       }
     });
@@ -179,6 +183,7 @@
       const b = document.createElement("button");
       b.textContent = `h${h}`; b.style.color = headColor(h, H); b.dataset.head = String(h);
       if (state.hidden.has(h)) b.className = "ah-off";
+      if (state.oneHead && h !== state.head) b.classList.add("ah-dim");
       b.addEventListener("click", () => {
         if (state.hidden.has(h)) state.hidden.delete(h); else state.hidden.add(h);
         b.classList.toggle("ah-off");
@@ -199,7 +204,7 @@
     const y0 = q * ROW + ROW / 2;
     const hot = new Float32Array(K), width = new Float32Array(K), best = new Float32Array(K), bestHead = new Int32Array(K).fill(-1);
     for (let h = 0; h < H; h++) {
-      if (state.hidden.has(h)) continue;
+      if (state.hidden.has(h) || (state.oneHead && h !== state.head)) continue;
       const m = matrix(state.layer, state.call, state.batch, h);
       const row = m.codes.subarray(q * K, q * K + K);
       let top = 0;
@@ -223,11 +228,14 @@
     }
     ctx.globalAlpha = 1;
     const keys = tokensOf(c.keyTokens, K);
+    const masked = maskedKeys(c);
     Array.from($("ah-keys").children).forEach((d, k) => {
       d.classList.toggle("ah-hot", hot[k] > 0.5);
+      d.classList.toggle("ah-masked", masked.has(k));
       d.dataset.width = width[k].toFixed(2);
       d.title = bestHead[k] < 0 ? `key ${k}: ${keys[k]}`
         : `key ${k}: ${keys[k]}, weight ${best[k].toPrecision(3)} from query ${q} (largest in head ${bestHead[k]})`;
+      if (masked.has(k)) d.title = `key ${k}: ${keys[k]}, masked (weight exactly 0 from every query and head)`;
     });
   }
 
@@ -246,10 +254,33 @@
     }
   }
 
+  const maskedKeys = (c) => new Set((c.maskedKeys || [])[Math.min(state.batch, c.shape[0] - 1)] || []);
+
+  // Token labels along the matrix's axes, thinned to about one per 14 px so they never overlap.
+  function drawMatrixLabels() {
+    const c = layerCall(state.layer, state.call);
+    const [, , Q, K] = c.shape;
+    const size = $("ah-matrix").getBoundingClientRect();
+    const place = (box, tokens, n, along, extent) => {
+      box.innerHTML = "";
+      const step = Math.max(1, Math.ceil(n / Math.max(1, Math.floor(extent / 14))));
+      for (let i = 0; i < n; i += step) {
+        const s = document.createElement("span");
+        s.textContent = tokens[i]; s.title = `${i}: ${tokens[i]}`;
+        s.style[along] = `${((i + 0.5) / n) * 100}%`;
+        box.appendChild(s);
+      }
+    };
+    place($("ah-matrix-cols"), tokensOf(c.keyTokens, K), K, "left", size.width || 520);
+    place($("ah-matrix-rows"), tokensOf(c.queryTokens, Q), Q, "top", size.height || 520);
+  }
+
   function refresh() {
+    $("ah-readout").textContent = "point at a cell";  // not the value of a head no longer shown
     syncSelectors();
     drawOverview();
     drawMatrix();
+    drawMatrixLabels();
     drawTokens();
     drawToggles();
     drawLines();
@@ -265,6 +296,7 @@
     $("ah-matrix").addEventListener("mousemove", readout);
     $("ah-scale").addEventListener("change", (e) => { state.sqrt = e.target.value === "sqrt"; drawLegend(); drawOverview(); drawMatrix(); });
     $("ah-lines-scale").addEventListener("change", (e) => { state.relative = e.target.value === "relative"; drawLines(); });
+    $("ah-lines-heads").addEventListener("change", (e) => { state.oneHead = e.target.value === "one"; drawToggles(); drawLines(); });
     drawLegend();
     state.data = await decodePayload();
     if (state.data.length !== meta.bytes) throw new Error(`payload holds ${state.data.length} bytes, expected ${meta.bytes}`);
