@@ -136,6 +136,11 @@ def test_page_draws_and_reacts_in_headless_chromium(browser, minilm_page, tmp_pa
         box = page.locator("#ah-matrix").bounding_box()
         page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.1)
         assert re.search(r'query \d+ ".*" -> key \d+ ".*": ~[\d.e-]+', page.inner_text("#ah-readout"))
+        drawn = {}
+        for scale in ("linear", "sqrt", "log"):  # each colour scale draws the matrix differently
+            page.select_option("#ah-scale", scale)
+            drawn[scale] = view.canvas("#ah-matrix")
+        assert len(set(drawn.values())) == 3
         page.select_option("#ah-scale", "sqrt")
         shot = tmp_path / "page.png"
         page.screenshot(path=str(shot))

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
     run.add_argument("--out", default="attention-run", help="output folder (default: %(default)s)")
     run.add_argument("--save", default=None, metavar="FILE", help="also keep the captured weights (.safetensors)")
-    run.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+    run.add_argument("--max-tokens", "--max-length", type=_positive_int, default=None, metavar="N",
                      help="cut a longer text at N tokens (default: the tokenizer's limit; up to the model's positions)")
     run.add_argument("--rows", type=_rows, default=None, metavar="ROWS",
                      help="keep only these query rows: last, an index, a list (0,5,-1) or a slice (100:200, ::8); "
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
     stats.add_argument("--batch-size", type=_positive_int, default=16, help="lines per forward (default: %(default)s)")
     stats.add_argument("--out", default="attention-stats", help="output folder (default: %(default)s)")
-    stats.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+    stats.add_argument("--max-tokens", "--max-length", type=_positive_int, default=None, metavar="N",
                        help="cut longer lines at N tokens (default: the tokenizer's limit; up to the model's "
                             "positions: statistics are reduced tile by tile, so long lines fit in memory)")
     stats.add_argument("--sinks", type=int, nargs="+", default=None, metavar="POSITION",

@@ -6,10 +6,13 @@
   const status = $("ah-status");
   const ROW = 16; // px per token row in the head view
   const TOP = meta.encoding.top, BAD = meta.encoding.nonfinite;
-  const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, sqrt: false,
+  const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, scale: "linear",
                   relative: false, oneHead: false };
   // Colour index of a code: linear in the weight, or its square root (small weights show).
-  const shade = (code) => Math.round((state.sqrt ? Math.sqrt(code / TOP) : code / TOP) * 255);
+  // Log: down to 1e-4 of the head's largest weight (smaller ones, and zeros, are the darkest colour).
+  const scaled = (x) => (state.scale === "sqrt" ? Math.sqrt(x) : state.scale === "log"
+    ? (x > 0 ? Math.max(0, 1 + Math.log10(x) / 4) : 0) : x);
+  const shade = (code) => Math.round(scaled(code / TOP) * 255);
 
   // Colour map: viridis anchors, interpolated to 256 entries.
   const ANCHORS = [[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
@@ -294,7 +297,7 @@
     $("ah-batch").addEventListener("change", (e) => { state.batch = Number(e.target.value); refresh(); });
     $("ah-head").addEventListener("change", (e) => { state.head = Number(e.target.value); refresh(); });
     $("ah-matrix").addEventListener("mousemove", readout);
-    $("ah-scale").addEventListener("change", (e) => { state.sqrt = e.target.value === "sqrt"; drawLegend(); drawOverview(); drawMatrix(); });
+    $("ah-scale").addEventListener("change", (e) => { state.scale = e.target.value; drawLegend(); drawOverview(); drawMatrix(); });
     $("ah-lines-scale").addEventListener("change", (e) => { state.relative = e.target.value === "relative"; drawLines(); });
     $("ah-lines-heads").addEventListener("change", (e) => { state.oneHead = e.target.value === "one"; drawToggles(); drawLines(); });
     drawLegend();
