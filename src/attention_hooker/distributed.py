@@ -126,10 +126,13 @@ def merge_statistics(accumulator, group=None):
         group: the process group (default: the whole job).
 
     Returns:
-        A new accumulator holding the whole job's statistics.
+        A new accumulator holding the whole job's statistics; ``accumulator`` itself
+        when no process group is running (one process is the whole job).
     """
     import torch.distributed as dist
 
+    if not (dist.is_available() and dist.is_initialized()):
+        return accumulator
     states = [None] * dist.get_world_size(group)
     dist.all_gather_object(states, accumulator.state(), group=group)
     merged = type(accumulator)(sink_positions=accumulator.sink_positions)
