@@ -270,6 +270,7 @@ def test_the_lines_of_a_uniform_head_are_thin_and_a_peaked_head_draws_one_bold_l
             view.close()
         widths[name] = (keys, relative, readout)
     keys, relative, _ = widths["uniform"]
+    assert all(w > 0 for w, _, _ in keys), "1/20 each: thin lines, drawn"
     assert all(w < 1.0 for w, _, _ in keys) and not any(hot for _, hot, _ in keys), "thin, none bold"
     assert all(w == 3.0 for w in relative), "the relative option, chosen, draws them all at full width"
     assert "weight 0.05" in keys[0][2]
@@ -317,3 +318,15 @@ def test_matrix_labels_padding_marks_head_focus_and_a_fresh_readout(browser, tmp
     finally:
         view.close()
     assert 10 <= len(cols) <= 40 and cols[0] == "w0", "thinned when dense"
+
+
+def test_a_diffuse_head_at_long_context_says_why_no_line_is_drawn(browser, tmp_path):
+    path = render_html({"layer": [torch.full((1, 1, 100, 100), 0.01)]}).save(tmp_path / "diffuse.html")
+    view = _Page(browser, path)
+    try:
+        note = view.page.inner_text("#ah-lines-note")
+        view.page.select_option("#ah-lines-scale", "relative")
+        after = view.page.inner_text("#ah-lines-note")
+    finally:
+        view.close()
+    assert note.startswith("no key gets 2% of this query's attention") and after == ""

@@ -230,6 +230,9 @@
       }
     }
     ctx.globalAlpha = 1;
+    const drawn = width.some((x) => x > 0);
+    $("ah-lines-note").textContent = drawn ? "" : (state.relative ? "no head shown"
+      : "no key gets 2% of this query's attention from a shown head: try lines: relative");
     const keys = tokensOf(c.keyTokens, K);
     const masked = maskedKeys(c);
     Array.from($("ah-keys").children).forEach((d, k) => {
