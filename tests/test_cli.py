@@ -483,3 +483,54 @@ def test_pictures_show_progress_and_can_be_skipped(saved_models, tmp_path, capsy
     assert "grids:   skipped (--no-grids)" in capsys.readouterr().out
     assert not list((tmp_path / "a" / "grids").glob("*.png")), "none written, none left from the first run"
     assert (tmp_path / "a" / "overview.png").exists() and (tmp_path / "a" / "attention.html").exists()
+
+
+@pytest.fixture(scope="module")
+def vit_folder(tmp_path_factory):
+    """A small ViT saved with its image processor (no tokenizer), and an image file."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("vit")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                    hidden_size=32, intermediate_size=64)
+    torch.manual_seed(0)
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(root / "vit")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "vit")
+    image = root / "cat.png"
+    Image.fromarray((torch.rand(48, 40, 3) * 255).byte().numpy()).save(image)
+    return root / "vit", image
+
+
+def test_run_on_a_vision_folder_takes_an_image_and_draws_the_rollout_over_it(vit_folder, tmp_path, capsys):
+    from PIL import Image
+
+    folder, image = vit_folder
+    assert main(["run", "--model", str(folder), "--image", str(image), "--out", str(tmp_path / "o"),
+                 "--save", str(tmp_path / "vit.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "rollout: " in out and _png_ok(tmp_path / "o" / "rollout.png")
+    saved = load(tmp_path / "vit.safetensors")
+    assert saved.tokens[:3] == ["CLS", "r0c0", "r0c1"] and len(saved.tokens) == 17
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder, attn_implementation="sdpa").eval()
+    from attention_hooker import TransformerAttentionHooker
+
+    with torch.no_grad(), TransformerAttentionHooker(model) as expected:
+        model(**processor(images=Image.open(image).convert("RGB"), return_tensors="pt"))
+    for name, calls in expected.values.items():
+        torch.testing.assert_close(saved.values[name][0], calls[0])
+
+
+def test_vision_and_text_mistakes_are_one_line(vit_folder, saved_models, tmp_path, capsys):
+    folder, image = vit_folder
+    assert "is a vision model: pass an image with --image FILE" in _error(
+        capsys, "run", "--model", str(folder), "--text", "a cat", "--out", str(tmp_path / "a"))
+    assert "--image is for vision models; BertModel is an encoder" in _error(
+        capsys, "run", "--model", str(saved_models["bert"]), "--image", str(image), "--out", str(tmp_path / "b"))
+    assert "cannot read the image" in _error(capsys, "run", "--model", str(folder), "--image",
+                                             str(tmp_path / "missing.png"), "--out", str(tmp_path / "c"))
+    assert "run needs --text (or --image" in _error(capsys, "run", "--model", str(folder))
+    lines = tmp_path / "l.txt"
+    lines.write_text("x\n")
+    assert "is a vision model" in _error(capsys, "stats", "--model", str(folder), "--text-file", str(lines),
+                                         "--out", str(tmp_path / "d"))

@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and writes the same outputs as the demo.",
     )
     run.add_argument("--model", required=True, help="a folder written by save_pretrained() (model + tokenizer)")
-    run.add_argument("--text", required=True, help="the input text (for encoder-decoders: the source)")
+    run.add_argument("--text", default=None, help="the input text (for encoder-decoders: the source)")
+    run.add_argument("--image", default=None, metavar="FILE",
+                     help="vision models (a folder with an image processor): the image to look at; writes an "
+                          "attention-rollout overlay too")
     run.add_argument("--target", default=None, help="encoder-decoders: the decoder's text")
     run.add_argument("--generate", type=_positive_int, default=0, metavar="N",
                      help="causal LMs: generate N tokens, capture every step and show the stitched causal matrix")
@@ -141,19 +144,25 @@ def _rows(text: str):
 
 
 def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title,
-                 long_context=None, device=None, dtype=None, grids=True, color_scale="linear") -> None:
+                 long_context=None, device=None, dtype=None, grids=True, color_scale="linear", image=None) -> None:
     from . import workflows
 
     long_context = long_context or {}
     if save and (long_context.get("pool") or long_context.get("stream")):
-        raise workflows.CommandError("--save keeps a capture held in memory; with --pool or --stream there is none "
+        raise CommandError("--save keeps a capture held in memory; with --pool or --stream there is none "
                                      "(--stream FOLDER already writes the whole capture)")
     workflows.prepare_out(out)  # mistakes in where things go are found before any work
     if save:
         workflows.check_save_path(save)
     start = time.perf_counter()
     loaded = workflows.load_hf_model(model_path, device=device, dtype=dtype)
-    capture = workflows.capture_text(loaded, text, layers=layers, target=target, generate=generate, **long_context)
+    if image is not None:
+        capture = workflows.capture_image(loaded, image, layers=layers)
+    elif loaded.kind == "vision":
+        raise CommandError(f"{loaded.name} is a vision model: pass an image with --image FILE")
+    else:
+        capture = workflows.capture_text(loaded, text, layers=layers, target=target, generate=generate,
+                                         **long_context)
     files = workflows.write_outputs(capture, out, title=title, grids=grids, color_scale=color_scale)
     if save:
         raw = capture.raw_values or capture.values
@@ -187,10 +196,12 @@ def _command_layers(args) -> None:
 
 def _command_run(args) -> None:
     if args.overwrite and args.stream is None:
-        from .workflows import CommandError
-
         raise CommandError("--overwrite goes with --stream FOLDER")
-    _run_capture(args.model, args.text, out=args.out, layers=args.layers, target=args.target,
+    if args.text is None and args.image is None:
+        raise CommandError("run needs --text (or --image for a vision model)")
+    if args.text is not None and args.image is not None:
+        raise CommandError("give --text or --image, not both")
+    _run_capture(args.model, args.text, out=args.out, layers=args.layers, target=args.target, image=args.image,
                  generate=args.generate, save=args.save, title=Path(args.model).name or "model",
                  device=args.device, dtype=args.dtype, grids=not args.no_grids, color_scale=args.color_scale,
                  long_context=dict(max_tokens=args.max_tokens, rows=args.rows, pool=args.pool, stream=args.stream,
@@ -203,17 +214,19 @@ def _command_stats(args) -> None:
     launch = distributed.launch_from_environment()  # under torchrun: this process's rank
     path = Path(args.text_file)
     if not path.is_file():
-        raise workflows.CommandError(f"text file {path} does not exist")
+        raise CommandError(f"text file {path} does not exist")
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
-        raise workflows.CommandError(f"{path} is not UTF-8 text") from None
+        raise CommandError(f"{path} is not UTF-8 text") from None
     if not lines:
-        raise workflows.CommandError("the text file has no non-empty line: put one text per line")
+        raise CommandError("the text file has no non-empty line: put one text per line")
     if launch is None or launch.is_main:
         workflows.prepare_out(args.out)  # before any work: a folder that cannot be written is said at once
     with distributed.process_group(launch) as backend:
         loaded = workflows.load_hf_model(args.model, device=args.device, dtype=args.dtype)
+        if loaded.kind == "vision":
+            raise CommandError(f"stats reads lines of text; {loaded.name} is a vision model (run --image FILE)")
         mine, progress = lines, None
         if launch is not None:  # each rank its contiguous share of the lines; rank 0 shows its progress
             mine = distributed.share(lines, launch.rank, launch.world_size)

@@ -62,7 +62,8 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     name: str
-    kind: str  # "encoder", "decoder" or "encoder-decoder"
+    kind: str  # "encoder", "decoder", "encoder-decoder" or "vision"
+    processor: object = None  # vision models: the image processor saved beside them
 
 
 def load_hf_model(path, *, causal: bool = False, device: Optional[str] = None,
@@ -89,6 +90,8 @@ def load_hf_model(path, *, causal: bool = False, device: Optional[str] = None,
         f"no tokenizer in {path}: save one beside the model with tokenizer.save_pretrained('{path}')"
     )
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        if (path / "preprocessor_config.json").is_file():  # a vision model: images, not text
+            return _load_vision_model(transformers, path, target, dtype)
         raise no_tokenizer  # transformers would quietly build an empty one
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -112,6 +115,55 @@ def load_hf_model(path, *, causal: bool = False, device: Optional[str] = None,
             except Exception as err:  # an architecture without sdpa, or without this head
                 last_error = err
     raise CommandError(f"could not load the model in {path}: {last_error}")
+
+
+def _load_vision_model(transformers, path: Path, target, dtype) -> LoadedModel:
+    """A vision model folder (an image processor beside the model, no tokenizer)."""
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(path)
+    except Exception as err:
+        raise CommandError(f"{path}/preprocessor_config.json could not be read: {err}") from None
+    last_error = None
+    for implementation in ("sdpa", "eager"):
+        try:
+            model = transformers.AutoModel.from_pretrained(path, attn_implementation=implementation)
+            model = model.to(device=target, dtype=getattr(torch, dtype) if dtype else None)
+            return LoadedModel(model.eval(), None, type(model).__name__, "vision", processor)
+        except Exception as err:
+            last_error = err
+    raise CommandError(f"could not load the model in {path}: {last_error}")
+
+
+def capture_image(loaded: LoadedModel, image_path, *, layers: Optional[str] = None) -> Capture:
+    """Runs one image through a vision model with its attention layers hooked; the tokens
+    are the prefix tokens (``CLS``, ...) and the patches by row and column."""
+    from .hooker import TransformerAttentionHooker
+
+    if loaded.kind != "vision":
+        raise CommandError(f"--image is for vision models; {loaded.name} is {_a(loaded.kind)}: pass --text")
+    try:
+        from PIL import Image
+
+        image = Image.open(image_path).convert("RGB")
+    except (OSError, ValueError) as err:
+        raise CommandError(f"cannot read the image {image_path}: {err}") from None
+    pixels = _to_model(loaded, loaded.processor(images=image, return_tensors="pt"))
+    hooker = TransformerAttentionHooker(loaded.model, layers)
+    with torch.no_grad(), hooker:
+        loaded.model(**pixels)
+    values = dict(hooker.values)
+    first = next(iter(values.values()))[0]
+    n_tokens = first.shape[-1]
+    config = loaded.model.config
+    side = getattr(config, "image_size", 0) // max(getattr(config, "patch_size", 1), 1)
+    prefix = n_tokens - side * side if 0 < side * side <= n_tokens else 0
+    grid = side if prefix or side * side == n_tokens else 0
+    tokens = ([f"prefix{i}" if i else "CLS" for i in range(prefix)]
+              + ([f"r{i // grid}c{i % grid}" for i in range(n_tokens - prefix)] if grid else
+                 [f"p{i}" for i in range(n_tokens - prefix)]))
+    shown = pixels["pixel_values"][0].float().cpu()
+    shown = (shown - shown.min()) / (shown.max() - shown.min() + 1e-12)  # (3, H, W) in 0..1
+    return Capture(values, [tokens], hooker, image=(shown.permute(1, 2, 0).numpy(), prefix))
 
 
 def _check_device(device: Optional[str]) -> Optional[torch.device]:
@@ -148,6 +200,7 @@ class Capture:
     notes: Optional[List[str]] = None  # lines for the summary: what was cut, pooled, streamed
     stream: object = None  # the StreamedCapture written with --stream
     pooled_from: Optional[int] = None  # with --pool/--stream: the tokens the pooled maps cover
+    image: object = None  # vision models: (the image as the model saw it (H, W, 3), prefix tokens)
 
 
 def _tokens(tokenizer, ids) -> List[str]:
@@ -390,9 +443,19 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
     overview = out / "overview.png"
     plot_attention_overview(capture.values, title=f"{title}: layers x heads", save_path=overview,
                             color_scale=color_scale).clear()
+    rollout_path = None
+    if capture.image is not None:  # vision: what the CLS token attends to, through every layer, on the image
+        from .analysis import attention_rollout
+        from .plot import plot_vit_attention
+
+        image, prefix = capture.image
+        rollout_path = out / "rollout.png"
+        plot_vit_attention(attention_rollout(capture.values), image, prefix_tokens=prefix, heads=None,
+                           title=f"{title}: attention rollout from CLS", save_path=rollout_path).clear()
     page = render_html(capture.values, tokens=token_lists, query_tokens=capture.query_tokens,
                        title=title).save(out / "attention.html")
-    return {"grids": written, "overview": overview, "page": Path(page), "grids_skipped": not grids}
+    return {"grids": written, "overview": overview, "page": Path(page), "grids_skipped": not grids,
+            "rollout": rollout_path}
 
 
 def notable_heads(values, tokens: Sequence[str]) -> List[str]:
@@ -434,6 +497,8 @@ def summary(loaded: LoadedModel, capture: Capture, files: Dict[str, object], sec
         f"overview: {files['overview']}",
         f"page:    {files['page']}  (open it in a browser; works offline)",
     ]
+    if files.get("rollout"):
+        lines.append(f"rollout: {files['rollout']}  (attention rollout from CLS over the image)")
     if files.get("saved"):
         lines.append(f"saved:   {files['saved']}")
     lines += [f"note:    {note}" for note in capture.notes or []]
