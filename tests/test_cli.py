@@ -534,3 +534,10 @@ def test_vision_and_text_mistakes_are_one_line(vit_folder, saved_models, tmp_pat
     lines.write_text("x\n")
     assert "is a vision model" in _error(capsys, "stats", "--model", str(folder), "--text-file", str(lines),
                                          "--out", str(tmp_path / "d"))
+
+
+def test_generation_shows_its_progress(saved_models, tmp_path, capsys):
+    assert main(["run", "--model", str(saved_models["gpt2"]), "--text", "once upon", "--generate", "5",
+                 "--out", str(tmp_path / "g")]) == 0
+    err = capsys.readouterr().err
+    assert "generating:" in err and "/5 [" in err, err

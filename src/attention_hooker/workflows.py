@@ -6,6 +6,7 @@ Every user mistake raises :class:`CommandError` with one readable sentence.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -233,6 +234,30 @@ def _positions(loaded: LoadedModel) -> Optional[int]:
     return None
 
 
+@contextlib.contextmanager
+def _generation_progress(new_tokens: int, stream=None):
+    """A tqdm bar over the generated tokens, fed by ``generate()``'s streamer hook (one
+    ``put`` for the prompt, then one per new token)."""
+    from tqdm.auto import tqdm
+    from transformers.generation.streamers import BaseStreamer
+
+    bar = tqdm(total=new_tokens, desc="generating", unit=" tokens", file=stream or sys.stderr, leave=False)
+
+    class Progress(BaseStreamer):
+        prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                bar.update(1)
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    with bar:
+        yield Progress()
+
+
 def _check_generation_length(loaded: LoadedModel, prompt: int, new_tokens: int) -> None:
     """``--generate N`` must fit the model's positions with the prompt (checked before any work)."""
     positions = _positions(loaded)
@@ -316,7 +341,9 @@ def capture_text(
             raise CommandError(f"--generate needs a causal language model; {loaded.name} is {_a(loaded.kind)}")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         with torch.no_grad(), hooker:
-            out = model.generate(**enc, max_new_tokens=generate, do_sample=False, pad_token_id=pad)
+            with _generation_progress(generate) as streamer:
+                out = model.generate(**enc, max_new_tokens=generate, do_sample=False, pad_token_id=pad,
+                                     streamer=streamer)
         stitched = {name: [stitch_steps(calls)] for name, calls in hooker.values.items()}
         length = next(iter(stitched.values()))[0].shape[-1]
         tokens = _tokens(tokenizer, out[0][:length])
