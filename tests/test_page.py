@@ -301,6 +301,11 @@ def test_matrix_labels_padding_marks_head_focus_and_a_fresh_readout(browser, tmp
         marked = page.eval_on_selector_all("#ah-keys div", "els => els.flatMap((e, i) => "
                                                            "e.classList.contains('ah-masked') ? [i] : [])")
         assert padded and marked == padded, "the padded keys are marked"
+        colour = page.evaluate("""k => { const c = document.getElementById('ah-matrix');
+            const x = Math.floor((k + 0.5) * c.width / %d);
+            return Array.from(c.getContext('2d').getImageData(x, 0, 1, 1).data.slice(0, 3)); }""" % ids.shape[1],
+                               padded[0])
+        assert colour == [215, 215, 215], "their column of the matrix is grey, not the darkest weight"
         box = page.locator("#ah-matrix").bounding_box()
         page.mouse.move(box["x"] + 5, box["y"] + 5)
         assert page.inner_text("#ah-readout").startswith("query 0")

@@ -50,8 +50,9 @@
 
   const value = (code, scale) => (code === BAD ? NaN : (scale * code) / TOP);
 
-  function paint(canvas, codes, Q, K, outW, outH) {
-    // Downsamples by block maximum when the matrix is larger than the canvas.
+  function paint(canvas, codes, Q, K, outW, outH, masked) {
+    // Downsamples by block maximum when the matrix is larger than the canvas. Columns of
+    // masked keys (no weight from any query or head) are light grey, not the darkest colour.
     canvas.width = outW; canvas.height = outH;
     const ctx = canvas.getContext("2d");
     const img = ctx.createImageData(outW, outH);
@@ -69,7 +70,10 @@
           }
         }
         const o = (y * outW + x) * 4;
+        let hidden = masked !== undefined && masked.size > 0;
+        for (let k = k0; hidden && k < k1; k++) hidden = masked.has(k);
         if (bad) { px[o] = 220; px[o + 1] = 20; px[o + 2] = 20; }
+        else if (hidden) { px[o] = 215; px[o + 1] = 215; px[o + 2] = 215; }
         else { const l = shade(best) * 3; px[o] = LUT[l]; px[o + 1] = LUT[l + 1]; px[o + 2] = LUT[l + 2]; }
         px[o + 3] = 255;
       }
@@ -141,7 +145,7 @@
   function drawMatrix() {
     const m = matrix(state.layer, state.call, state.batch, state.head);
     const cv = $("ah-matrix");
-    paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 1024), Math.min(m.Q, 1024));
+    paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 1024), Math.min(m.Q, 1024), maskedKeys(m.c));
     $("ah-matrix-caption").textContent = `${meta.layers[state.layer].name}, head ${state.head}: ${m.Q} queries x ${m.K} keys`;
     $("ah-legend-max").textContent = m.scale.toPrecision(3);
   }
