@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Captures a text through a local Hugging Face model folder (encoder, decoder or encoder-decoder) "
         "and writes the same outputs as the demo.",
     )
-    run.add_argument("--model", required=True, help="a folder written by save_pretrained() (model + tokenizer)")
+    _add_model_options(run)
     run.add_argument("--text", default=None, help="the input text (for encoder-decoders: the source)")
     run.add_argument("--image", default=None, metavar="FILE",
                      help="vision models (a folder with an image processor): the image to look at; writes an "
@@ -52,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--target", default=None, help="encoder-decoders: the decoder's text")
     run.add_argument("--generate", type=_positive_int, default=0, metavar="N",
                      help="causal LMs: generate N tokens, capture every step and show the stitched causal matrix")
-    run.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
     run.add_argument("--out", default="attention-run", help="output folder (default: %(default)s)")
     run.add_argument("--save", default=None, metavar="FILE", help="also keep the captured weights (.safetensors)")
     run.add_argument("--max-tokens", "--max-length", type=_positive_int, default=None, metavar="N",
@@ -82,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Loads the model folder and lists, in model order, each module a capture hooks (what --layers "
         "selects), with its class: the names to use in --layers and that the outputs carry.",
     )
-    layers.add_argument("--model", required=True, help="a folder written by save_pretrained() (model + tokenizer)")
-    layers.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
+    _add_model_options(layers)
 
     stats = commands.add_parser(
         "stats",
@@ -91,9 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs every line of a text file, streams per-head statistics (entropy, attention distance, "
         "share on the first and last token) without keeping the matrices, and writes a CSV and heatmaps.",
     )
-    stats.add_argument("--model", required=True, help="a folder written by save_pretrained() (model + tokenizer)")
+    _add_model_options(stats)
     stats.add_argument("--text-file", required=True, help="UTF-8 text, one input per line")
-    stats.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
     stats.add_argument("--batch-size", type=_positive_int, default=16, help="lines per forward (default: %(default)s)")
     stats.add_argument("--out", default="attention-stats", help="output folder (default: %(default)s)")
     stats.add_argument("--max-tokens", "--max-length", type=_positive_int, default=None, metavar="N",
@@ -103,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also report the share of attention on these key positions (e.g. --sinks 0 1 2 3)")
     _add_device_options(stats)
     return parser
+
+
+def _add_model_options(parser) -> None:
+    parser.add_argument("--model", required=True, help="a folder written by save_pretrained() (model + tokenizer)")
+    parser.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
 
 
 def _add_device_options(parser) -> None:
