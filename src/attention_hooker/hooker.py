@@ -48,8 +48,10 @@ class TransformerAttentionHooker:
         max_calls: at most this many calls kept per layer.
         keep: with ``max_calls``: ``"first"`` (later calls are not computed) or ``"last"``.
         keep_grad: also keep ``gradients``: d(loss)/d(weights) per stored call,
-            filled by ``backward()`` (on the sdpa route the output is then
-            computed as ``weights @ value`` so that the weights are in the graph).
+            filled by ``backward()``. On the sdpa route the real kernel still computes
+            the output, bitwise unchanged, and the gradient comes from the output's:
+            ``dL/dP = dL/dO @ V^T`` (with dropout in a training call, whose mask is out of
+            reach, the output is computed as ``dropout(weights) @ value`` instead).
         rows: the query rows kept of each call: ``"last"``, an index, a list of
             indices (negative ones count from the end of each call's rows) or a
             slice; stored ``(batch, heads, len(rows), key)``. On the sdpa route

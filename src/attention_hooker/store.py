@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -15,7 +15,7 @@ from ._checks import (check_device, check_flag, check_heads, index_list, one_of,
                       row_selection)
 from .errors import AttentionHookerError
 
-__all__ = ["StoragePolicy", "AttentionValues", "AttentionStore", "begin_partial"]
+__all__ = ["StoragePolicy", "AttentionValues", "AttentionStore", "GradientSource", "begin_partial"]
 
 _KEEP_CHOICES = ("first", "last")
 
@@ -79,6 +79,16 @@ class StoragePolicy:
         keep = one_of(keep, "keep", _KEEP_CHOICES)
         keep_grad = check_flag(keep_grad, "keep_grad")
         return cls(device, dtype, heads, max_calls, keep, keep_grad, row_selection(rows), row_selection(keys, "keys"))
+
+
+class GradientSource(NamedTuple):
+    """Where the gradient of a stored call's weights comes from when the weights are not in
+    the autograd graph themselves: ``tensor`` is, and ``to_weights(d(loss)/d(tensor))`` is
+    d(loss)/d(weights) ``(batch, heads, query, key)`` (the sdpa route: ``tensor`` is the real
+    kernel's output ``O = P V``, so ``d(loss)/d(P) = d(loss)/d(O) @ V^T``)."""
+
+    tensor: torch.Tensor
+    to_weights: Callable[[torch.Tensor], torch.Tensor]
 
 
 class AttentionValues(dict):
@@ -250,16 +260,24 @@ class AttentionStore:
                                p.device if p.device is not None else tensor.device)
         return placed.copy_(tensor)
 
-    def _watch_gradient(self, name: str, stored: torch.Tensor, graph_tensor: torch.Tensor, scale=None) -> None:
-        """Fills ``gradients[name][i]`` when backward reaches ``graph_tensor``."""
+    def _watch_gradient(self, name: str, stored: torch.Tensor, graph_tensor, scale=None) -> None:
+        """Fills ``gradients[name][i]`` when backward reaches ``graph_tensor`` (a tensor, or a
+        :class:`GradientSource`)."""
         slots = self.gradients.setdefault(name, [])
         slot = [None]
         slots.append(slot)
+        to_weights = None
+        if isinstance(graph_tensor, GradientSource):
+            graph_tensor, to_weights = graph_tensor
         if not graph_tensor.requires_grad:
             return
 
         def keep(grad: torch.Tensor) -> None:
-            grad = grad.detach() if scale is None else grad.detach() * scale
+            grad = grad.detach()
+            if to_weights is not None:
+                grad = to_weights(grad)
+            if scale is not None:
+                grad = grad * scale
             slot[0] = self._place(grad.reshape(stored.shape))
 
         graph_tensor.register_hook(keep)

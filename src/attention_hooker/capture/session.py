@@ -27,7 +27,7 @@ from typing import Any, Callable, List, NamedTuple, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..store import AttentionStore, begin_partial, empty
+from ..store import AttentionStore, GradientSource, begin_partial, empty
 from .buffers import Arena, SpareBuffers
 from .coverage import Coverage
 from .inputs import channel_attention_refusal, folded_batch_refusal
@@ -290,7 +290,7 @@ class CaptureSession:
             self._refuse(scope, refusal)
             return func(*args, **kwargs)
         if store.policy.keep_grad and torch.is_grad_enabled():
-            return self._sdpa_with_grad(call, layer, groups)
+            return self._sdpa_with_grad(func, args, kwargs, call, layer, groups)
         output = func(*args, **kwargs)
         # Stored as computed: written straight into the tensor that is stored (a spare one when
         # there is one). Otherwise computed in tiles of query rows, each written into a tensor of
@@ -341,10 +341,32 @@ class CaptureSession:
         self._record(layer, weights, selected=groups == 1)
         return output
 
-    def _sdpa_with_grad(self, call: dict, layer: str, groups: int) -> torch.Tensor:
-        """With ``keep_grad``: the output is computed as ``weights @ value`` so that
-        gradients reach the recorded weights (equal to the kernel's within float
-        tolerance; dropout, when asked for, is applied to a copy of the weights)."""
+    def _sdpa_with_grad(self, func, args: tuple, kwargs: dict, call: dict, layer: str, groups: int) -> torch.Tensor:
+        """With ``keep_grad``: the real kernel computes the output, unchanged (and a call it
+        rejects fails as it would); the gradient with respect to the weights comes from the
+        output's, ``dL/dP = dL/dO @ V^T`` (since ``O = P V``), with V as the call gave it.
+
+        With dropout in the call (training), the kernel's dropout mask is out of reach: the
+        output is then computed as ``dropout(weights) @ value`` so that gradients reach the
+        weights (equal to the kernel's within float tolerance). Packed decode queries too.
+        """
+        if not call["dropout_p"] and groups == 1:
+            output = func(*args, **kwargs)
+            with torch.no_grad():
+                weights = sdpa_attention_weights(
+                    call["query"], call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"],
+                    bool(call["enable_gqa"]))  # (B, H, L, S)
+            value = as_4d(call["value"]).detach()  # (B, Hk, S, Ev)
+
+            def to_weights(d_output: torch.Tensor) -> torch.Tensor:
+                d = as_4d(d_output).float()  # (B, H, L, Ev)
+                v = value.float()
+                if 1 < v.shape[1] < d.shape[1]:
+                    v = v.repeat_interleave(d.shape[1] // v.shape[1], dim=1)  # (B, H, S, Ev)
+                return torch.matmul(d, v.transpose(-2, -1))  # (B, H, L, S)
+
+            self._record(layer, weights, selected=False, graph_tensor=GradientSource(output, to_weights))
+            return output
         query, value = call["query"], call["value"]
         weights = sdpa_attention_weights(
             query, call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"], bool(call["enable_gqa"])
