@@ -14,6 +14,8 @@ _EXPORTS = {
     "to_numpy": "io", "AttentionPage": "html", "render_html": "html", "KeyReductions": "pooling",
     "PooledAttention": "pooling", "plot_attention_grid": "plot", "plot_attention_overview": "plot",
     "plot_vit_attention": "plot", "vit_attention_map": "plot", "AttentionValues": "store",
+    "previous_token_score": "roles", "duplicate_token_score": "roles", "induction_score": "roles",
+    "head_confidence": "roles",
 }
 
 
@@ -58,6 +60,10 @@ __all__ = [
     "PooledAttention",
     "KeyReductions",
     "stitch_steps",
+    "previous_token_score",
+    "duplicate_token_score",
+    "induction_score",
+    "head_confidence",
     "load",
     "SavedAttention",
     "to_bertviz",
