@@ -541,3 +541,30 @@ def test_generation_shows_its_progress(saved_models, tmp_path, capsys):
                  "--out", str(tmp_path / "g")]) == 0
     err = capsys.readouterr().err
     assert "generating:" in err and "/5 [" in err, err
+
+
+def test_heads_scores_every_head_of_the_real_minilm(minilm_path, tmp_path, capsys):
+    from attention_hooker import TransformerAttentionHooker
+    from attention_hooker.roles import previous_token_score
+    from attention_hooker.workflows import DEFAULT_DEMO_TEXT
+
+    assert main(["heads", "--model", str(minilm_path), "--out", str(tmp_path / "h")]) == 0
+    out = capsys.readouterr().out
+    assert "previous_token:    encoder.layer.0.attention.self head 2 (1.00)" in out
+    with open(tmp_path / "h" / "head_roles.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 * 12 and set(rows[0]) == {"layer", "head", "previous_token", "duplicate_token", "induction",
+                                                    "first_token_share", "confidence"}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    model = transformers.AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa").eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(**tokenizer(DEFAULT_DEMO_TEXT, return_tensors="pt"))
+    expected = previous_token_score(hooker.values["encoder.layer.3.attention.self"][0])[0]
+    got = [float(r["previous_token"]) for r in rows if r["layer"] == "encoder.layer.3.attention.self"]
+    assert got == pytest.approx(expected.tolist(), rel=1e-6)
+
+
+def test_heads_mistakes_are_one_line(vit_folder, minilm_path, tmp_path, capsys):
+    assert "is a vision model" in _error(capsys, "heads", "--model", str(vit_folder[0]), "--out", str(tmp_path / "a"))
+    assert "the text is empty" in _error(capsys, "heads", "--model", str(minilm_path), "--text", " ",
+                                         "--out", str(tmp_path / "b"))

@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(layers)
 
+    heads = commands.add_parser(
+        "heads",
+        help="what each head does: previous-token, duplicate-token, induction, first-token and confidence scores",
+        description="Scores every self-attention head on a text (previous-token, duplicate-token, share on the "
+        "first token, confidence) and on a random sequence seen twice (induction), prints the strongest heads of "
+        "each role and writes head_roles.csv. Scores are evidence of a pattern, not an explanation.",
+    )
+    _add_model_options(heads)
+    heads.add_argument("--text", default=None, help="the text to score on (default: the demo's sentence)")
+    heads.add_argument("--repeat-length", type=_positive_int, default=50, metavar="N",
+                       help="tokens of the random sequence seen twice, for induction (default: %(default)s)")
+    heads.add_argument("--out", default="attention-heads", help="output folder (default: %(default)s)")
+
     stats = commands.add_parser(
         "stats",
         help="per-head statistics over a text file, one text per line",
@@ -184,6 +197,25 @@ def _command_demo(args) -> None:
                  color_scale=args.color_scale)
 
 
+def _command_heads(args) -> None:
+    import torch
+
+    from . import workflows
+
+    workflows.prepare_out(args.out)
+    loaded = workflows.load_hf_model(args.model)
+    text = args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT
+    roles = workflows.head_roles(loaded, text, layers=args.layers, repeat_length=args.repeat_length)
+    path = workflows.write_head_roles(roles, args.out)
+    names = list(roles)
+    print(f"model:   {loaded.name} ({loaded.kind}), {len(names)} self-attention layers")
+    for column in workflows.ROLE_COLUMNS:
+        table = torch.stack([roles[name][column] for name in names])  # (layers, heads)
+        layer, head = divmod(int(table.argmax()), table.shape[1])
+        print(f"{column + ':':<19}{names[layer]} head {head} ({float(table.max()):.2f})")
+    print(f"csv:     {path}")
+
+
 def _command_layers(args) -> None:
     from . import workflows
     from .hooker import TransformerAttentionHooker
@@ -259,7 +291,8 @@ def _command_stats(args) -> None:
     print(f"heatmaps: {', '.join(str(p) for p in files['pictures'])}")
 
 
-COMMANDS = {"demo": _command_demo, "run": _command_run, "stats": _command_stats, "layers": _command_layers}
+COMMANDS = {"demo": _command_demo, "run": _command_run, "stats": _command_stats, "layers": _command_layers,
+            "heads": _command_heads}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -185,7 +185,11 @@ def _check_device(device: Optional[str]) -> Optional[torch.device]:
 def _to_model(loaded: "LoadedModel", encoding):
     """The tokenizer's tensors on the model's device."""
     first = next(loaded.model.parameters(), None)
-    return encoding.to(first.device) if first is not None else encoding
+    if first is None:
+        return encoding
+    if isinstance(encoding, dict) and not hasattr(encoding, "to"):
+        return {key: value.to(first.device) for key, value in encoding.items()}
+    return encoding.to(first.device)
 
 
 @dataclass
@@ -654,3 +658,68 @@ def write_statistics(accumulator, out) -> Dict[str, object]:
         _save(fig, path)
         pictures.append(path)
     return {"csv": csv_path, "pictures": pictures}
+
+
+ROLE_COLUMNS = ("previous_token", "duplicate_token", "induction", "first_token_share", "confidence")
+
+
+def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, repeat_length: int = 50,
+               seed: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Each self-attention head's role scores: previous-token, duplicate-token, first-token
+    share and confidence on ``text``; induction on a random sequence of ``repeat_length``
+    tokens seen twice (where every second-half token has one induction target).
+
+    Returns:
+        ``{layer: {column: (heads,) float64}}`` in model order (columns: :data:`ROLE_COLUMNS`).
+    """
+    from .analysis import sink_share
+    from .hooker import TransformerAttentionHooker
+    from .roles import duplicate_token_score, head_confidence, induction_score, previous_token_score
+
+    if loaded.kind == "vision":
+        raise CommandError(f"heads reads text; {loaded.name} is a vision model")
+    if not text or not text.strip():
+        raise CommandError("the text is empty: pass --text with some words")
+    tokenizer, model = loaded.tokenizer, loaded.model
+    enc = _to_model(loaded, tokenizer(text, return_tensors="pt", truncation=True))
+    generator = torch.Generator().manual_seed(seed)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    vocab = [i for i in range(min(len(tokenizer), 30000)) if i not in special]
+    pick = torch.randint(0, len(vocab), (repeat_length,), generator=generator)
+    half = torch.tensor([vocab[i] for i in pick.tolist()])[None]
+    repeated = _to_model(loaded, {"input_ids": torch.cat([half, half], dim=1)})
+    forward = ((lambda ids, **kw: model(input_ids=ids, decoder_input_ids=ids, **kw))
+               if loaded.kind == "encoder-decoder" else (lambda ids, **kw: model(input_ids=ids, **kw)))
+    with torch.no_grad(), TransformerAttentionHooker(model, layers) as on_text:
+        forward(enc["input_ids"], attention_mask=enc.get("attention_mask"))
+    with torch.no_grad(), TransformerAttentionHooker(model, layers) as on_repeat:
+        forward(repeated["input_ids"])
+    roles = {}
+    for name, calls in on_text.values.items():
+        w = calls[0]
+        if w.shape[-1] != w.shape[-2] or name not in on_repeat.values:
+            continue  # cross-attention: no token-to-token roles
+        ids = enc["input_ids"]
+        roles[name] = {
+            "previous_token": previous_token_score(w)[0],
+            "duplicate_token": duplicate_token_score(w, ids)[0],
+            "induction": induction_score(on_repeat.values[name][0], repeated["input_ids"])[0],
+            "first_token_share": sink_share(w, [0])[0].double(),
+            "confidence": head_confidence(w)[0],
+        }
+    if not roles:
+        raise CommandError(f"{loaded.name} has no self-attention layer to score (query == key)")
+    return roles
+
+
+def write_head_roles(roles: Dict[str, Dict[str, torch.Tensor]], out) -> Path:
+    """``head_roles.csv``: one row per layer and head, one column per role score."""
+    out = prepare_out(out)
+    path = out / "head_roles.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["layer", "head", *ROLE_COLUMNS])
+        for layer, scores in roles.items():
+            for head in range(len(scores["confidence"])):
+                writer.writerow([layer, head, *(f"{float(scores[c][head]):.9g}" for c in ROLE_COLUMNS)])
+    return path
