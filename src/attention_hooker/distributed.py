@@ -133,10 +133,8 @@ def merge_statistics(accumulator, group=None):
 
     if not (dist.is_available() and dist.is_initialized()):
         return accumulator
-    states = [None] * dist.get_world_size(group)
-    dist.all_gather_object(states, accumulator.state(), group=group)
     merged = type(accumulator)(sink_positions=accumulator.sink_positions)
-    for state in states:  # in rank order: the same sums on every rank
+    for state in gather_objects(accumulator.state(), group):  # in rank order: the same sums on every rank
         merged.merge_state(state)
     return merged
 

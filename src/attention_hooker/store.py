@@ -107,10 +107,11 @@ class AttentionValues(dict):
         return sum(t.numel() * t.element_size() for v in self.values() for t in v if t is not None)
 
 
-def _format_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _format_bytes(n: float, units: Sequence[str] = ("B", "KB", "MB", "GB")) -> str:
+    """``3.1 KB``-style size, in steps of 1024 up to the last of ``units``."""
+    for unit in units:
+        if n < 1024 or unit == units[-1]:
+            return f"{n:.0f} {unit}" if unit == units[0] else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"  # unreachable
 
@@ -202,12 +203,9 @@ class AttentionStore:
         p = self.policy
         if p.heads is not None and not selected:
             weights = select_heads(weights, p.heads, name)
-        if p.rows is not None and not selected:
-            index = resolve_rows(p.rows, weights.shape[2], f"layer {name!r}")
-            weights = weights.index_select(2, torch.tensor(index, device=weights.device))  # (B, H, rows, K)
-        if p.keys is not None and not selected:
-            index = resolve_rows(p.keys, weights.shape[3], f"layer {name!r}", "keys")
-            weights = weights.index_select(3, torch.tensor(index, device=weights.device))  # (B, H, rows, keys)
+        if not selected:
+            weights = _select_positions(weights, 2, p.rows, name, "rows")  # (B, H, rows, K)
+            weights = _select_positions(weights, 3, p.keys, name, "keys")  # (B, H, rows, keys)
         if self.keeps_elsewhere:
             partial = self.partial(name)
             begin_partial(partial, weights.shape, p.dtype or weights.dtype)
@@ -328,6 +326,14 @@ def begin_partial(partial, shape, dtype: torch.dtype) -> None:
     begin = getattr(partial, "begin", None)
     if begin is not None:
         begin(tuple(shape), dtype)
+
+
+def _select_positions(weights: torch.Tensor, dim: int, selection, layer: str, axis: str) -> torch.Tensor:
+    """``weights`` keeping the query rows (``dim`` 2) or keys (``dim`` 3) of ``selection``."""
+    if selection is None:
+        return weights
+    index = resolve_rows(selection, weights.shape[dim], f"layer {layer!r}", axis)
+    return weights.index_select(dim, torch.tensor(index, device=weights.device))
 
 
 def select_heads(weights: torch.Tensor, heads: Sequence[int], layer: str) -> torch.Tensor:

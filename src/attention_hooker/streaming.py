@@ -31,6 +31,7 @@ import torch
 
 from ._checks import positive_int, prepare_output_path
 from .errors import AttentionHookerError
+from .store import _format_bytes
 
 __all__ = ["StreamedCapture", "INDEX_NAME", "mapped_tensors", "format_bytes"]
 
@@ -46,11 +47,7 @@ _OUR_FILE_PREFIXES = ("calls-", "call-")
 
 def format_bytes(n: float) -> str:
     """``12.4 GiB``-style size."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # unreachable
+    return _format_bytes(n, ("B", "KiB", "MiB", "GiB", "TiB"))
 
 
 class StreamedCapture:

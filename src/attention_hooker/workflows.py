@@ -106,13 +106,19 @@ def load_hf_model(path, *, causal: bool = False, device: Optional[str] = None,
         kind, loaders = "decoder", (transformers.AutoModelForCausalLM, transformers.AutoModel)
     else:
         kind, loaders = "encoder", (transformers.AutoModel,)
+    model = _load_first(loaders, path, target, dtype)
+    return LoadedModel(model, tokenizer, type(model).__name__, kind)
+
+
+def _load_first(loaders, path: Path, target, dtype) -> torch.nn.Module:
+    """The model of the first loader that takes the folder, sdpa before eager, on ``target``
+    in ``dtype``, in eval mode."""
     last_error = None
     for loader in loaders:
         for implementation in ("sdpa", "eager"):
             try:
                 model = loader.from_pretrained(path, attn_implementation=implementation)
-                model = model.to(device=target, dtype=getattr(torch, dtype) if dtype else None)
-                return LoadedModel(model.eval(), tokenizer, type(model).__name__, kind)
+                return model.to(device=target, dtype=getattr(torch, dtype) if dtype else None).eval()
             except Exception as err:  # an architecture without sdpa, or without this head
                 last_error = err
     raise CommandError(f"could not load the model in {path}: {last_error}")
@@ -124,15 +130,8 @@ def _load_vision_model(transformers, path: Path, target, dtype) -> LoadedModel:
         processor = transformers.AutoImageProcessor.from_pretrained(path)
     except Exception as err:
         raise CommandError(f"{path}/preprocessor_config.json could not be read: {err}") from None
-    last_error = None
-    for implementation in ("sdpa", "eager"):
-        try:
-            model = transformers.AutoModel.from_pretrained(path, attn_implementation=implementation)
-            model = model.to(device=target, dtype=getattr(torch, dtype) if dtype else None)
-            return LoadedModel(model.eval(), None, type(model).__name__, "vision", processor)
-        except Exception as err:
-            last_error = err
-    raise CommandError(f"could not load the model in {path}: {last_error}")
+    model = _load_first((transformers.AutoModel,), path, target, dtype)
+    return LoadedModel(model, None, type(model).__name__, "vision", processor)
 
 
 def capture_image(loaded: LoadedModel, image_path, *, layers: Optional[str] = None) -> Capture:
@@ -363,6 +362,7 @@ def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, 
     """One forward kept as selected rows, pooled maps, or streamed to disk (with pooled maps to draw)."""
     from ._checks import resolve_rows, selected_rows
     from .pooling import PooledAttention, block_labels
+    from .streaming import format_bytes
 
     length = len(source)
     query_tokens = None
@@ -381,7 +381,7 @@ def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, 
         loaded.model(**enc)
     if written is not None:
         written.close(tokens=source)
-        notes.append(f"the whole capture ({_bytes(written.written)}) went to {written.folder}: "
+        notes.append(f"the whole capture ({format_bytes(written.written)}) went to {written.folder}: "
                      "attention_hooker.load() opens it lazily")
     if pooled is not None:
         size = pooled.size
@@ -390,12 +390,6 @@ def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, 
             notes.append(f"pictures show each map pooled to {len(labels)} x {len(labels)} blocks (block means)")
         return Capture(dict(pooled.values), [labels], hooker, notes=notes, stream=written, pooled_from=length)
     return Capture(dict(hooker.values), [source], hooker, query_tokens=query_tokens, notes=notes)
-
-
-def _bytes(n: float) -> str:
-    from .streaming import format_bytes
-
-    return format_bytes(n)
 
 
 def _planned_bytes(loaded: LoadedModel, hooker, rows: int, keys: int) -> Optional[int]:
@@ -553,13 +547,12 @@ def _progress(total: int, stream=None, label: str = "lines"):
 
 def _token_limit(loaded: LoadedModel, max_tokens: Optional[int]) -> int:
     """Tokens per line: ``max_tokens``, checked against the model's positions, or the tokenizer's limit."""
-    config = getattr(loaded.model, "config", None)
-    positions = getattr(config, "max_position_embeddings", None)
+    positions = _positions(loaded)
     if max_tokens is None:
         limit = getattr(loaded.tokenizer, "model_max_length", None)
         limit = limit if isinstance(limit, int) and limit < 10**8 else positions
         return limit or 512
-    if isinstance(positions, int) and max_tokens > positions:
+    if positions is not None and max_tokens > positions:
         raise CommandError(f"--max-tokens {max_tokens} is more than the {positions} positions {loaded.name} has; "
                            f"give at most {positions}")
     return max_tokens

@@ -28,8 +28,10 @@ def head_shard(module: nn.Module) -> Optional[Tuple[int, int]]:
     if DTensor is None:  # pragma: no cover - torch without distributed tensors
         return None
     for name, parameter in module.named_parameters():
-        if not isinstance(parameter, DTensor) or not name.endswith("weight"):
+        if not name.endswith("weight"):
             continue
+        if not isinstance(parameter, DTensor):  # runs on every sdpa call: one look at the first projection
+            return None
         for mesh_dim, placement in enumerate(parameter.placements):
             if isinstance(placement, Shard) and placement.dim == 0:
                 coordinate = parameter.device_mesh.get_coordinate()
