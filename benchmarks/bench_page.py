@@ -1,12 +1,16 @@
-"""Size, build time and time until drawn of the interactive page, real MiniLM 6 x 12.
+"""Size, build time and time until drawn of the interactive page.
 
 Run by hand (needs Debian's chromium and playwright):
 
     python benchmarks/bench_page.py [--runs 5]
 
-For each length (128 and 512 tokens): page size, median build time of
-``render_html`` and median time from navigation until the page reports it has
-drawn all views (``body[data-ready]``) in headless Chromium.
+Pages: the real MiniLM (6 layers x 12 heads) at 128 and 512 tokens, which travel whole, the
+512-token one also as a long call travels (``pool_above=256``: blocks of 4 x 4 tokens), and a
+2,000-token input of a 2-layer LLaMA with 8 heads (random weights), once whole
+(``pool_above=10_000``, what every page did before) and once as the page carries a long
+call by default (its pooled map and each query's largest weights). For each: page size,
+median build time of ``render_html`` and median time from navigation until the page
+reports it has drawn all views (``body[data-ready]``) in headless Chromium.
 """
 
 from __future__ import annotations
@@ -29,6 +33,29 @@ TEXT = (
 )
 
 
+def _pages(tokenizer, model):
+    """(label, values, tokens, render options) of each page measured."""
+    for length in (128, 512):
+        enc = tokenizer(TEXT * 40, return_tensors="pt", truncation=True, max_length=length)
+        tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+        with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+            model(**enc)
+        yield f"MiniLM {length} tokens", hooker.values, tokens, {}
+    yield "MiniLM 512 tokens, pooled", hooker.values, tokens, {"pool_above": 256, "pool_size": 128}
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    llama = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 250, (1, 2000))
+    with torch.no_grad(), TransformerAttentionHooker(llama) as hooker:
+        llama(ids)
+    tokens = [f"t{i}" for i in range(2000)]
+    yield "LLaMA 2000 tokens, whole", hooker.values, tokens, {"pool_above": 10_000}
+    yield "LLaMA 2000 tokens, pooled", hooker.values, tokens, {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -39,23 +66,19 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
     out = Path(tempfile.mkdtemp())
-    print(f"{'tokens':>6} | {'page MB':>7} | {'build s':>7} | {'drawn s':>7}")
+    print(f"{'page':>28} | {'page MB':>7} | {'build s':>7} | {'drawn s':>7}")
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path="/usr/bin/chromium",
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
         )
-        for length in (128, 512):
-            enc = tokenizer(TEXT * 40, return_tensors="pt", truncation=True, max_length=length)
-            tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
-            with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
-                model(**enc)
+        for label, values, tokens, options in _pages(tokenizer, model):
             builds, draws = [], []
             for _ in range(args.runs):
                 start = time.perf_counter()
-                page = render_html(hooker, tokens=tokens)
+                page = render_html(values, tokens=tokens, **options)
                 builds.append(time.perf_counter() - start)
-            file = page.save(out / f"page{length}.html")
+            file = page.save(out / f"page{len(builds)}-{len(tokens)}-{len(options)}.html")
             for _ in range(args.runs):
                 tab = browser.new_page(viewport={"width": 1500, "height": 950})
                 start = time.perf_counter()
@@ -63,7 +86,7 @@ def main() -> None:
                 tab.wait_for_selector("body[data-ready='true']", timeout=60_000)
                 draws.append(time.perf_counter() - start)
                 tab.close()
-            print(f"{len(tokens):>6} | {len(page.html) / 1e6:7.2f} | {statistics.median(builds):7.3f} | "
+            print(f"{label:>28} | {len(page.html) / 1e6:7.2f} | {statistics.median(builds):7.3f} | "
                   f"{statistics.median(draws):7.3f}")
         browser.close()
 

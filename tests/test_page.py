@@ -335,3 +335,119 @@ def test_a_diffuse_head_at_long_context_says_why_no_line_is_drawn(browser, tmp_p
     finally:
         view.close()
     assert note.startswith("no key gets 2% of this query's attention") and after == ""
+
+
+# ------------------------------------------------------------------ long inputs: pooled map, each query's largest weights
+def _long_arrays(meta_call, blob):
+    b, h, q, k = meta_call["shape"]
+    pooled, top = meta_call["pooled"], meta_call["top"]
+    pb, ph, pq, pk = pooled["shape"]
+    o = pooled["offset"]
+    pooled_codes = torch.frombuffer(bytearray(blob[o: o + pb * ph * pq * pk]), dtype=torch.uint8).view(pb, ph, pq, pk)
+    n = b * h * q * top["k"]
+    top_codes = torch.frombuffer(bytearray(blob[top["codes"]: top["codes"] + n]), dtype=torch.uint8)
+    width = top["indexBytes"]
+    raw = bytearray(blob[top["index"]: top["index"] + n * width])
+    index = torch.frombuffer(raw, dtype=torch.int32 if width == 4 else torch.int16).long()
+    if width == 2:
+        index = index % 65536  # the page reads them as uint16
+    cover = torch.frombuffer(bytearray(blob[top["cover"]: top["cover"] + b * h * q]), dtype=torch.uint8)
+    assert all(offset % 4 == 0 for offset in (o, top["codes"], top["index"], top["cover"])), "aligned for typed arrays"
+    return pooled_codes, top_codes.view(b, h, q, -1), index.view(b, h, q, -1), cover.view(b, h, q)
+
+
+def test_a_long_call_travels_as_its_pooled_map_and_each_querys_largest_weights():
+    """Issue 13: a 2,000-token page held every weight (22 MB). A call longer than pool_above now carries
+    its block-maximum map and each query's top keys; oracles: torch's max_pool2d and topk."""
+    torch.manual_seed(0)
+    weights = (torch.randn(2, 3, 600, 700) * 3).softmax(-1)
+    weights[1, :, :, 650:] = 0  # padded keys
+    weights[1] = weights[1] / weights[1].sum(-1, keepdim=True)
+    page = render_html({"layer": [weights]}, pool_above=512, pool_size=256, top_keys=8)
+    meta, blob = _payload(page.html)
+    call = meta["layers"][0]["calls"][0]
+    assert "offset" not in call, "the whole map does not travel"
+    assert call["pooled"]["block"] == [3, 3] and call["pooled"]["shape"] == [2, 3, 200, 234]
+    pooled, top_codes, index, cover = _long_arrays(call, blob)
+    codes, scales = encode_weights(weights)
+    expected = torch.nn.functional.max_pool2d(codes.float().flatten(0, 1), 3, ceil_mode=True).view(2, 3, 200, 234)
+    assert torch.equal(pooled, expected.to(torch.uint8))
+    values, want_index = torch.topk(weights, 8, dim=-1)
+    assert torch.equal(index, want_index)
+    assert torch.equal(top_codes, codes.gather(-1, want_index))
+    torch.testing.assert_close(cover.float(), (values.sum(-1) * 100).round(), atol=1, rtol=0)
+    assert call["maskedKeys"][1] == list(range(650, 700))
+    whole = render_html({"layer": [weights]}, pool_above=10_000)
+    assert len(page.html) < len(whole.html) / 1.5, (len(page.html), len(whole.html))
+    short = render_html({"layer": [weights[:, :, :500, :500]]})
+    assert "pooled" not in _payload(short.html)[0]["layers"][0]["calls"][0], "512 tokens and fewer travel whole"
+
+
+def test_a_long_call_past_65536_keys_keeps_32_bit_key_indices():
+    weights = torch.zeros(1, 1, 2, 70_000)
+    weights[0, 0, 0, 69_999] = 1.0
+    weights[0, 0, 1, 40_000] = 1.0
+    call = _payload(render_html({"layer": [weights]}, top_keys=2).html)
+    pooled, top_codes, index, cover = _long_arrays(call[0]["layers"][0]["calls"][0], call[1])
+    assert call[0]["layers"][0]["calls"][0]["top"]["indexBytes"] == 4
+    assert index[0, 0, :, 0].tolist() == [69_999, 40_000] and top_codes[0, 0, :, 0].tolist() == [254, 254]
+    assert cover.flatten().tolist() == [100, 100]
+
+
+@pytest.mark.parametrize("option, value", [("pool_above", 0), ("pool_size", -1), ("top_keys", "8"), ("top_keys", True)])
+def test_page_pooling_options_are_checked(option, value):
+    with pytest.raises(AttentionHookerError, match=f"{option}={value!r} must be a positive int"):
+        render_html({"layer": [torch.rand(1, 1, 4, 4)]}, **{option: value})
+
+
+def test_a_2000_token_page_shows_the_pooled_map_and_the_tokens_of_a_clicked_block(browser, tmp_path):
+    torch.manual_seed(0)
+    n = 2000
+    weights = (torch.randn(1, 2, n, n) * 4).softmax(-1)
+    tokens = [f"w{i}" for i in range(n)]
+    page = render_html({"model.layers.0.attn": [weights]}, tokens=tokens)
+    assert len(page.html) < 3_000_000, "the whole map was 22 MB at 2,000 tokens"
+    codes, scales = encode_weights(weights)
+    view = _Page(browser, page.save(tmp_path / "long.html"))
+    p = view.page
+    try:
+        caption = p.inner_text("#ah-matrix-caption")
+        assert "2000 queries x 2000 keys, pooled" in caption and "block of 8 x 8 tokens" in caption
+        box = p.locator("#ah-matrix").bounding_box()
+        blocks = 250  # 2000 / 8
+        cell = (100, 37)  # (query block, key block) under the pointer
+        at = lambda q, k, n_: (box["x"] + (k + 0.5) * box["width"] / n_, box["y"] + (q + 0.5) * box["height"] / n_)
+        p.mouse.move(*at(*cell, blocks))
+        readout = p.inner_text("#ah-readout")
+        block = weights[0, 0, 800:808, 296:304]
+        assert readout.startswith('queries 800-807 "w800"... -> keys 296-303 "w296"...: largest ~')
+        assert abs(float(readout.split("~")[1]) - block.max().item()) <= scales[0, 0].item() / 254
+        p.mouse.click(*at(*cell, blocks))
+        caption = p.inner_text("#ah-matrix-caption")
+        q0, k0 = 800 + 4 - 32, 296 + 4 - 32
+        assert caption.startswith(f"model.layers.0.attn, head 0: queries {q0}-{q0 + 63} x keys {k0}-{k0 + 63}")
+        assert "each query's 8 largest weights" in caption
+        # the detail of a cell that holds one of its query's largest weights reads that weight
+        values, index = torch.topk(weights[0, 0, q0 + 10], 8)
+        inside = [(v.item(), i.item()) for v, i in zip(values, index) if k0 <= i < k0 + 64]
+        if inside:
+            value, key = inside[0]
+            p.mouse.move(*at(10, key - k0, 64))
+            assert p.inner_text("#ah-readout").startswith(f'query {q0 + 10} "w{q0 + 10}" -> key {key} "w{key}": ~')
+        p.mouse.move(*at(10, 0 if 0 not in index - k0 else 1, 64))
+        assert "not among its 8 largest" in p.inner_text("#ah-readout")
+        # the head view lists the clicked query's largest weights, per head, largest first
+        rows = p.eval_on_selector_all("#ah-keys .ah-top", "els => els.map(e => e.textContent)")
+        assert len(rows) == 2
+        for h, row in enumerate(rows):
+            values, index = torch.topk(weights[0, h, 800], 8)
+            assert row.startswith(f"h{h}: w{index[0].item()} ({index[0].item()}) ~")
+            assert [int(x) for x in re.findall(r"\((\d+)\)", row)] == index.tolist()
+        assert p.inner_text("#ah-lines-note").startswith("long input (2000 x 2000 tokens)")
+        labels = p.eval_on_selector_all("#ah-matrix-cols span", "els => els.map(e => e.textContent)")
+        assert labels[0] == f"w{k0}"
+        p.click("#ah-matrix-back")
+        assert "pooled" in p.inner_text("#ah-matrix-caption")
+        assert view.errors == [] and view.requests == []
+    finally:
+        view.close()

@@ -7,7 +7,8 @@
   const ROW = 16; // px per token row in the head view
   const TOP = meta.encoding.top, BAD = meta.encoding.nonfinite;
   const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, scale: "linear",
-                  relative: false, oneHead: false };
+                  relative: false, oneHead: false, detail: null };
+  const WINDOW = 64; // tokens a side of a long call's detail (a click on its pooled map)
   // Colour index of a code: linear in the weight, or its square root (small weights show).
   // Log: down to 1e-4 of the head's largest weight (smaller ones, and zeros, are the darkest colour).
   const scaled = (x) => (state.scale === "sqrt" ? Math.sqrt(x) : state.scale === "log"
@@ -39,13 +40,48 @@
   };
   const tokensOf = (index, n) => (index === null || index === undefined ? Array.from({ length: n }, (_, i) => String(i)) : meta.tokenSets[index]);
 
-  // One head's matrix as codes (Uint8Array view, row-major query x key) and its scale.
+  // One head's matrix as codes (Uint8Array view, row-major query x key) and its scale. A long
+  // call gives its pooled map: Q x K blocks of c.pooled.block tokens, each its largest code.
   function matrix(layer, call, batch, head) {
     const c = layerCall(layer, call);
     const [B, H, Q, K] = c.shape;
     const b = Math.min(batch, B - 1), h = Math.min(head, H - 1);
+    if (c.pooled) {
+      const [, , PQ, PK] = c.pooled.shape;
+      const start = c.pooled.offset + (b * H + h) * PQ * PK;
+      return { codes: state.data.subarray(start, start + PQ * PK), scale: c.scales[b * H + h], Q: PQ, K: PK, c,
+               b, h, pooled: true };
+    }
     const start = c.offset + (b * H + h) * Q * K;
-    return { codes: state.data.subarray(start, start + Q * K), scale: c.scales[b * H + h], Q, K, c };
+    return { codes: state.data.subarray(start, start + Q * K), scale: c.scales[b * H + h], Q, K, c, b, h };
+  }
+
+  // A long call's query q of head h: its k largest weights' keys and codes, largest first, and
+  // the percent of the row's weight they hold.
+  function topKeys(c, b, h, q) {
+    const t = c.top, [, H, Q] = c.shape, row = (b * H + h) * Q + q;
+    const Index = t.indexBytes === 2 ? Uint16Array : Uint32Array;
+    const keys = new Index(state.data.buffer, state.data.byteOffset + t.index + row * t.k * t.indexBytes, t.k);
+    return { keys, codes: state.data.subarray(t.codes + row * t.k, t.codes + (row + 1) * t.k),
+             cover: state.data[t.cover + row] };
+  }
+
+  // The detail of a long call: WINDOW x WINDOW tokens from (q0, k0), each query's top keys
+  // inside it as codes (other weights, smaller than the row's k-th, are 0), and the mean cover.
+  function detailCodes(m) {
+    const [, , Q, K] = m.c.shape, d = state.detail;
+    const nq = Math.min(WINDOW, Q), nk = Math.min(WINDOW, K);
+    const codes = new Uint8Array(nq * nk);
+    let cover = 0;
+    for (let i = 0; i < nq; i++) {
+      const t = topKeys(m.c, m.b, m.h, d.q0 + i);
+      cover += t.cover;
+      for (let j = 0; j < t.keys.length; j++) {
+        const k = t.keys[j] - d.k0;
+        if (k >= 0 && k < nk) codes[i * nk + k] = t.codes[j];
+      }
+    }
+    return { codes, nq, nk, cover: cover / nq };
   }
 
   const value = (code, scale) => (code === BAD ? NaN : (scale * code) / TOP);
@@ -133,6 +169,7 @@
         if (li === state.layer && h === state.head) cv.className = "ah-selected";
         paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 48), Math.min(m.Q, 48));
         cv.addEventListener("click", () => {  // the head view follows the head picked here
+          if (li !== state.layer) state.detail = null;
           state.layer = li; state.head = h; state.query = 0; state.oneHead = true;
           $("ah-lines-heads").value = "one";
           refresh();
@@ -142,23 +179,97 @@
     });
   }
 
+  // Masked keys of a pooled map: the blocks whose every key is masked.
+  function maskedBlocks(m) {
+    const masked = maskedKeys(m.c), [, bk] = m.c.pooled.block, K = m.c.shape[3], out = new Set();
+    if (masked.size === 0) return out;
+    for (let j = 0; j < m.K; j++) {
+      let all = true;
+      for (let k = j * bk; all && k < Math.min(K, (j + 1) * bk); k++) all = masked.has(k);
+      if (all) out.add(j);
+    }
+    return out;
+  }
+
   function drawMatrix() {
     const m = matrix(state.layer, state.call, state.batch, state.head);
-    const cv = $("ah-matrix");
-    paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 1024), Math.min(m.Q, 1024), maskedKeys(m.c));
-    $("ah-matrix-caption").textContent = `${meta.layers[state.layer].name}, head ${state.head}: ${m.Q} queries x ${m.K} keys`;
+    const cv = $("ah-matrix"), name = meta.layers[state.layer].name;
+    const [, , Q, K] = m.c.shape;
+    $("ah-matrix-back").hidden = !(m.pooled && state.detail);
     $("ah-legend-max").textContent = m.scale.toPrecision(3);
+    if (!m.pooled) {
+      paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 1024), Math.min(m.Q, 1024), maskedKeys(m.c));
+      $("ah-matrix-caption").textContent = `${name}, head ${state.head}: ${m.Q} queries x ${m.K} keys`;
+      return;
+    }
+    const [bq, bk] = m.c.pooled.block, k = m.c.top.k;
+    if (state.detail) {
+      const d = detailCodes(m), masked = maskedKeys(m.c), window = new Set();
+      for (let j = 0; j < d.nk; j++) if (masked.has(state.detail.k0 + j)) window.add(j);
+      paint(cv, d.codes, d.nq, d.nk, d.nk, d.nq, window);
+      $("ah-matrix-caption").textContent = `${name}, head ${state.head}: queries ${state.detail.q0}-${state.detail.q0 + d.nq - 1}`
+        + ` x keys ${state.detail.k0}-${state.detail.k0 + d.nk - 1} of ${Q} x ${K}: each query's ${k} largest weights`
+        + ` (on average ${d.cover.toFixed(0)}% of its attention); smaller ones are drawn as 0`;
+      return;
+    }
+    paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 1024), Math.min(m.Q, 1024), maskedBlocks(m));
+    $("ah-matrix-caption").textContent = `${name}, head ${state.head}: ${Q} queries x ${K} keys, pooled: each cell is`
+      + ` the largest weight of a block of ${bq} x ${bk} tokens; click a block for its tokens`;
   }
+
+  // The (query, key) cell under the pointer, in the units of what the matrix shows.
+  function cellAt(event, rows, cols) {
+    const rect = $("ah-matrix").getBoundingClientRect();
+    const k = Math.floor(((event.clientX - rect.left) / rect.width) * cols);
+    const q = Math.floor(((event.clientY - rect.top) / rect.height) * rows);
+    return q < 0 || k < 0 || q >= rows || k >= cols ? null : [q, k];
+  }
+
+  const shown = (v) => (Number.isNaN(v) ? "non-finite" : "~" + v.toPrecision(3));
 
   function readout(event) {
     const m = matrix(state.layer, state.call, state.batch, state.head);
-    const cv = $("ah-matrix"), rect = cv.getBoundingClientRect();
-    const k = Math.floor(((event.clientX - rect.left) / rect.width) * m.K);
-    const q = Math.floor(((event.clientY - rect.top) / rect.height) * m.Q);
-    if (q < 0 || k < 0 || q >= m.Q || k >= m.K) return;
-    const qt = tokensOf(m.c.queryTokens, m.Q)[q], kt = tokensOf(m.c.keyTokens, m.K)[k];
-    const v = value(m.codes[q * m.K + k], m.scale);
-    $("ah-readout").textContent = `query ${q} "${qt}" -> key ${k} "${kt}": ${Number.isNaN(v) ? "non-finite" : "~" + v.toPrecision(3)}`;
+    const [, , Q, K] = m.c.shape;
+    const queries = tokensOf(m.c.queryTokens, Q), keys = tokensOf(m.c.keyTokens, K);
+    if (m.pooled && state.detail) {
+      const d = detailCodes(m), cell = cellAt(event, d.nq, d.nk);
+      if (!cell) return;
+      const q = state.detail.q0 + cell[0], k = state.detail.k0 + cell[1], t = topKeys(m.c, m.b, m.h, q);
+      const j = Array.from(t.keys).indexOf(k);
+      const last = value(t.codes[t.codes.length - 1], m.scale);
+      $("ah-readout").textContent = `query ${q} "${queries[q]}" -> key ${k} "${keys[k]}": ` + (j >= 0
+        ? shown(value(t.codes[j], m.scale)) : `not among its ${t.keys.length} largest (at most ~${last.toPrecision(3)})`);
+      return;
+    }
+    const cell = cellAt(event, m.Q, m.K);
+    if (!cell) return;
+    const [q, k] = cell, v = value(m.codes[q * m.K + k], m.scale);
+    if (m.pooled) {
+      const [bq, bk] = m.c.pooled.block;
+      const q1 = Math.min(Q, (q + 1) * bq) - 1, k1 = Math.min(K, (k + 1) * bk) - 1;
+      $("ah-readout").textContent = `queries ${q * bq}-${q1} "${queries[q * bq]}"... -> keys ${k * bk}-${k1}`
+        + ` "${keys[k * bk]}"...: largest ${shown(v)}`;
+      return;
+    }
+    $("ah-readout").textContent = `query ${q} "${queries[q]}" -> key ${k} "${keys[k]}": ${shown(v)}`;
+  }
+
+  // A click on a long call's pooled map opens the tokens around the block; the head view follows its query.
+  function zoom(event) {
+    const m = matrix(state.layer, state.call, state.batch, state.head);
+    if (!m.pooled || state.detail) return;
+    const cell = cellAt(event, m.Q, m.K);
+    if (!cell) return;
+    const [, , Q, K] = m.c.shape, [bq, bk] = m.c.pooled.block;
+    const clamp = (x, n) => Math.max(0, Math.min(n - Math.min(WINDOW, n), x));
+    state.detail = { q0: clamp(cell[0] * bq + Math.floor(bq / 2) - WINDOW / 2, Q),
+                     k0: clamp(cell[1] * bk + Math.floor(bk / 2) - WINDOW / 2, K) };
+    drawMatrix();
+    drawMatrixLabels();
+    const q = Math.min(Q - 1, cell[0] * bq);
+    selectQuery(q);
+    const item = $("ah-queries").children[q];
+    if (item) item.scrollIntoView({ block: "center" });
   }
 
   function drawTokens() {
@@ -166,6 +277,8 @@
     const [, , Q, K] = c.shape;
     const left = $("ah-queries"), right = $("ah-keys");
     left.innerHTML = ""; right.innerHTML = "";
+    $("ah-lines").hidden = !!c.pooled;
+    $("ah-headview").classList.toggle("ah-long", !!c.pooled);
     tokensOf(c.queryTokens, Q).forEach((t, i) => {
       const d = document.createElement("div");
       d.textContent = t; d.title = `query ${i}: ${t}`; d.dataset.index = String(i);
@@ -174,6 +287,7 @@
       d.addEventListener("click", () => selectQuery(i));
       left.appendChild(d);
     });
+    if (c.pooled) return;  // a long call lists each query's largest weights instead (drawTopKeys)
     tokensOf(c.keyTokens, K).forEach((t, i) => {
       const d = document.createElement("div");
       d.textContent = t; d.title = `key ${i}: ${t}`; d.dataset.index = String(i);
@@ -200,8 +314,34 @@
     }
   }
 
+  // A long call's head view: for the selected query, each shown head's largest weights.
+  function drawTopKeys(c) {
+    const [B, H, Q, K] = c.shape, q = Math.min(state.query, Q - 1), b = Math.min(state.batch, B - 1);
+    const keys = tokensOf(c.keyTokens, K), masked = maskedKeys(c), box = $("ah-keys");
+    box.innerHTML = "";
+    const heading = document.createElement("div");
+    heading.className = "ah-top-heading";
+    heading.textContent = `query ${q}: each head's ${c.top.k} largest weights`;
+    box.appendChild(heading);
+    for (let h = 0; h < H; h++) {
+      if (state.hidden.has(h) || (state.oneHead && h !== state.head)) continue;
+      const t = topKeys(c, b, h, q), scale = c.scales[b * H + h];
+      const row = document.createElement("div");
+      row.className = "ah-top"; row.dataset.head = String(h);
+      row.style.color = headColor(h, H);
+      const parts = Array.from(t.keys, (k, j) => `${keys[k]} (${k}) ${shown(value(t.codes[j], scale))}`);
+      row.textContent = `h${h}: ` + parts.join(", ");
+      row.title = `head ${h}, query ${q}: these ${t.keys.length} keys hold ${t.cover}% of its attention`
+        + (masked.size ? `; ${masked.size} masked keys get none` : "");
+      box.appendChild(row);
+    }
+    $("ah-lines-note").textContent = `long input (${Q} x ${K} tokens): the heads' largest weights for query ${q},`
+      + " instead of lines";
+  }
+
   function drawLines() {
     const c = layerCall(state.layer, state.call);
+    if (c.pooled) { drawTopKeys(c); return; }
     const [, H, Q, K] = c.shape;
     const cv = $("ah-lines");
     cv.height = Math.max(Q, K) * ROW;
@@ -281,8 +421,19 @@
         box.appendChild(s);
       }
     };
-    place($("ah-matrix-cols"), tokensOf(c.keyTokens, K), K, "left", size.width || 520);
-    place($("ah-matrix-rows"), tokensOf(c.queryTokens, Q), Q, "top", size.height || 520);
+    let queries = tokensOf(c.queryTokens, Q), keys = tokensOf(c.keyTokens, K), nq = Q, nk = K;
+    if (c.pooled && state.detail) {  // the tokens of the window
+      nq = Math.min(WINDOW, Q); nk = Math.min(WINDOW, K);
+      queries = queries.slice(state.detail.q0, state.detail.q0 + nq);
+      keys = keys.slice(state.detail.k0, state.detail.k0 + nk);
+    } else if (c.pooled) {  // each block by its first token
+      const [bq, bk] = c.pooled.block;
+      [nq, nk] = c.pooled.shape.slice(2);
+      queries = Array.from({ length: nq }, (_, i) => queries[i * bq]);
+      keys = Array.from({ length: nk }, (_, i) => keys[i * bk]);
+    }
+    place($("ah-matrix-cols"), keys, nk, "left", size.width || 520);
+    place($("ah-matrix-rows"), queries, nq, "top", size.height || 520);
   }
 
   function refresh() {
@@ -299,9 +450,11 @@
   async function main() {
     $("ah-title").textContent = meta.title;
     fillSelect($("ah-layer"), meta.layers.length, (i) => meta.layers[i].short || meta.layers[i].name);
-    $("ah-layer").addEventListener("change", (e) => { state.layer = Number(e.target.value); state.query = 0; refresh(); });
-    $("ah-call").addEventListener("change", (e) => { state.call = Number(e.target.value); refresh(); });
+    $("ah-layer").addEventListener("change", (e) => { state.layer = Number(e.target.value); state.query = 0; state.detail = null; refresh(); });
+    $("ah-call").addEventListener("change", (e) => { state.call = Number(e.target.value); state.detail = null; refresh(); });
     $("ah-batch").addEventListener("change", (e) => { state.batch = Number(e.target.value); refresh(); });
+    $("ah-matrix").addEventListener("click", zoom);
+    $("ah-matrix-back").addEventListener("click", () => { state.detail = null; drawMatrix(); drawMatrixLabels(); });
     $("ah-head").addEventListener("change", (e) => { state.head = Number(e.target.value); refresh(); });
     $("ah-matrix").addEventListener("mousemove", readout);
     $("ah-scale").addEventListener("change", (e) => { state.scale = e.target.value; drawLegend(); drawOverview(); drawMatrix(); });

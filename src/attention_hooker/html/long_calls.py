@@ -1,0 +1,74 @@
+"""How the page carries a long call: a pooled map to look at, each query's largest weights for detail.
+
+A call of 2,000 x 2,000 tokens is 4 million weights per head: a page holding them all weighs tens of
+megabytes, and no screen shows them at once. A call longer than the page's limit on either axis
+travels instead as
+
+- the **pooled map**: each head's ``(query, key)`` map cut into blocks of ``block_q x block_k``
+  tokens, each block's largest weight (the same block maximum the page uses whenever a map is
+  larger than its canvas), at most ``size x size`` blocks; and
+- **each query's largest weights**: the ``top`` keys of every query row of every head with their
+  weights, and the share of the row's attention they hold, so that a click on a block shows the
+  tokens inside it, and the head view lists where each query looks.
+
+All are 8-bit codes on the head's own linear scale (:func:`attention_hooker.html.encode_weights`),
+so a weight read back is within ``scale / 508`` of the captured one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+
+__all__ = ["is_long", "encode_long_call"]
+
+
+def is_long(shape, pool_above: int) -> bool:
+    """Whether a call of ``(batch, heads, query, key)`` ``shape`` is carried pooled."""
+    return shape[2] > pool_above or shape[3] > pool_above
+
+
+def encode_long_call(weights: torch.Tensor, codes: torch.Tensor, size: int, top: int) -> Tuple[Dict, Dict]:
+    """The pooled map and each query's largest weights of one call.
+
+    Args:
+        weights: ``(batch, heads, query, key)`` as captured.
+        codes: ``(batch, heads, query, key)`` uint8, their codes (``encode_weights``).
+        size: the most blocks along each axis of the pooled map.
+        top: how many keys of each query row to keep (at most the number of keys).
+
+    Returns:
+        ``(arrays, meta)``: ``arrays`` are uint8 byte strings ``"pooled"`` ``(batch, heads,
+        query blocks, key blocks)``, ``"top_codes"`` ``(batch, heads, query, top)``,
+        ``"top_index"`` ``(batch, heads, query, top)`` little-endian uint16 (uint32 past 65,536
+        keys), keys in decreasing weight, and ``"cover"`` ``(batch, heads, query)``: the percent
+        (0-100, rounded) of each row's weight that its ``top`` keys hold. ``meta`` gives the
+        pooled shape, the block sizes, ``top`` and the index width in bytes.
+    """
+    batch, heads, n_query, n_key = codes.shape
+    block_q, block_k = math.ceil(n_query / size), math.ceil(n_key / size)
+    blocks_q, blocks_k = math.ceil(n_query / block_q), math.ceil(n_key / block_k)
+    padded = torch.zeros((batch, heads, blocks_q * block_q, blocks_k * block_k), dtype=torch.uint8)
+    padded[:, :, :n_query, :n_key] = codes
+    # The block maximum; 255 (a non-finite weight) wins, so a block holding one is marked.
+    pooled = padded.view(batch, heads, blocks_q, block_q, blocks_k, block_k).amax(dim=(3, 5))
+    top = min(top, n_key)
+    w = weights.detach().to("cpu", torch.float32)
+    clean = torch.where(torch.isfinite(w), w, torch.zeros((), dtype=w.dtype)).clamp_(min=0)
+    values, index = torch.topk(clean, top, dim=-1)  # (B, H, Q, top), largest first
+    top_codes = codes.gather(-1, index)
+    totals = clean.sum(-1)
+    cover = torch.where(totals > 0, values.sum(-1) / torch.where(totals > 0, totals, 1.0), 0.0)
+    index_dtype = torch.int32 if n_key > 65536 else torch.int16  # bit patterns: uint16 / uint32 in the page
+    index_bytes = 4 if n_key > 65536 else 2
+    arrays = {
+        "pooled": pooled.contiguous().numpy().tobytes(),
+        "top_codes": top_codes.contiguous().numpy().tobytes(),
+        "top_index": index.to(index_dtype).contiguous().numpy().astype(f"<i{index_bytes}").tobytes(),
+        "cover": cover.mul(100).round().clamp(0, 100).to(torch.uint8).numpy().tobytes(),
+    }
+    meta = {"shape": [batch, heads, blocks_q, blocks_k], "block": [block_q, block_k], "k": top,
+            "indexBytes": index_bytes}
+    return arrays, meta
