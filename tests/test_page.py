@@ -352,7 +352,7 @@ def _long_arrays(meta_call, blob):
     if width == 2:
         index = index % 65536  # the page reads them as uint16
     cover = torch.frombuffer(bytearray(blob[top["cover"]: top["cover"] + b * h * q]), dtype=torch.uint8)
-    assert all(offset % 4 == 0 for offset in (o, top["codes"], top["index"], top["cover"])), "aligned for typed arrays"
+    assert all(offset % 4 == 0 for offset in (o, top["codes"], top["index"], top["values"], top["cover"])), "aligned"
     return pooled_codes, top_codes.view(b, h, q, -1), index.view(b, h, q, -1), cover.view(b, h, q)
 
 
@@ -451,3 +451,27 @@ def test_a_2000_token_page_shows_the_pooled_map_and_the_tokens_of_a_clicked_bloc
         assert view.errors == [] and view.requests == []
     finally:
         view.close()
+
+
+def test_the_largest_weights_of_a_long_causal_row_read_as_themselves_not_as_zero(browser, tmp_path):
+    """A causal head's largest weight is 1.0 (its first row), so at row 1,000 every weight is
+    ~0.001: 8-bit codes on the head's scale read them all as 0.00; they travel as float16."""
+    n = 1200
+    scores = torch.randn(1, 1, n, n).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    weights = scores.softmax(-1)
+    page = render_html({"layer": [weights]}, tokens=[f"w{i}" for i in range(n)])
+    meta, blob = _payload(page.html)
+    top = meta["layers"][0]["calls"][0]["top"]
+    values = torch.frombuffer(bytearray(blob[top["values"]: top["values"] + n * 8 * 2]), dtype=torch.float16).view(n, 8)
+    want, index = torch.topk(weights[0, 0], 8)
+    torch.testing.assert_close(values.float(), want, rtol=1e-3, atol=1e-7)
+    view = _Page(browser, page.save(tmp_path / "causal.html"))
+    try:
+        view.page.click("#ah-queries div:nth-child(1001)")
+        row = view.page.inner_text("#ah-keys .ah-top")
+    finally:
+        view.close()
+    shown = [float(x) for x in re.findall(r"~([0-9.e-]+)", row)]
+    assert len(shown) == 8 and shown[0] > 0, row
+    torch.testing.assert_close(torch.tensor(shown), want[1000], rtol=5e-3, atol=0)
+    assert view.errors == []

@@ -291,6 +291,7 @@ def render_html(
                                    "offset": payload.add(arrays["pooled"])}
                 entry["top"] = {"k": long_meta["k"], "indexBytes": long_meta["indexBytes"],
                                 "codes": payload.add(arrays["top_codes"]), "index": payload.add(arrays["top_index"]),
+                                "values": payload.add(arrays["top_values"]),
                                 "cover": payload.add(arrays["cover"])}
             else:
                 entry["offset"] = payload.add(codes.numpy().tobytes())

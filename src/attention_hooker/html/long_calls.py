@@ -11,8 +11,11 @@ travels instead as
   weights, and the share of the row's attention they hold, so that a click on a block shows the
   tokens inside it, and the head view lists where each query looks.
 
-All are 8-bit codes on the head's own linear scale (:func:`attention_hooker.html.encode_weights`),
-so a weight read back is within ``scale / 508`` of the captured one.
+The pooled map and the colours are 8-bit codes on the head's own linear scale
+(:func:`attention_hooker.html.encode_weights`: within ``scale / 508`` of the captured weight). The
+largest weights also travel as float16 (3 significant digits): at long context a row's weights are
+small next to the head's largest (1.0 on the first row of a causal head), and 8 bits would read
+them all as 0.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def encode_long_call(weights: torch.Tensor, codes: torch.Tensor, size: int, top:
         ``(arrays, meta)``: ``arrays`` are uint8 byte strings ``"pooled"`` ``(batch, heads,
         query blocks, key blocks)``, ``"top_codes"`` ``(batch, heads, query, top)``,
         ``"top_index"`` ``(batch, heads, query, top)`` little-endian uint16 (uint32 past 65,536
-        keys), keys in decreasing weight, and ``"cover"`` ``(batch, heads, query)``: the percent
+        keys), keys in decreasing weight, ``"top_values"`` their weights as little-endian float16,
+        and ``"cover"`` ``(batch, heads, query)``: the percent
         (0-100, rounded) of each row's weight that its ``top`` keys hold. ``meta`` gives the
         pooled shape, the block sizes, ``top`` and the index width in bytes.
     """
@@ -67,6 +71,7 @@ def encode_long_call(weights: torch.Tensor, codes: torch.Tensor, size: int, top:
         "pooled": pooled.contiguous().numpy().tobytes(),
         "top_codes": top_codes.contiguous().numpy().tobytes(),
         "top_index": index.to(index_dtype).contiguous().numpy().astype(f"<i{index_bytes}").tobytes(),
+        "top_values": values.to(torch.float16).contiguous().numpy().astype("<f2").tobytes(),
         "cover": cover.mul(100).round().clamp(0, 100).to(torch.uint8).numpy().tobytes(),
     }
     meta = {"shape": [batch, heads, blocks_q, blocks_k], "block": [block_q, block_k], "k": top,

@@ -56,14 +56,23 @@
     return { codes: state.data.subarray(start, start + Q * K), scale: c.scales[b * H + h], Q, K, c, b, h };
   }
 
-  // A long call's query q of head h: its k largest weights' keys and codes, largest first, and
-  // the percent of the row's weight they hold.
+  // IEEE half precision bits -> number (the largest weights of long calls travel as float16).
+  function half(bits) {
+    const sign = bits & 0x8000 ? -1 : 1, exponent = (bits >> 10) & 0x1f, fraction = bits & 0x3ff;
+    if (exponent === 0) return sign * fraction * 2 ** -24;
+    if (exponent === 31) return fraction ? NaN : sign * Infinity;
+    return sign * (1 + fraction / 1024) * 2 ** (exponent - 15);
+  }
+
+  // A long call's query q of head h: its k largest weights' keys, codes (colours) and values,
+  // largest first, and the percent of the row's weight they hold.
   function topKeys(c, b, h, q) {
     const t = c.top, [, H, Q] = c.shape, row = (b * H + h) * Q + q;
     const Index = t.indexBytes === 2 ? Uint16Array : Uint32Array;
     const keys = new Index(state.data.buffer, state.data.byteOffset + t.index + row * t.k * t.indexBytes, t.k);
+    const bits = new Uint16Array(state.data.buffer, state.data.byteOffset + t.values + row * t.k * 2, t.k);
     return { keys, codes: state.data.subarray(t.codes + row * t.k, t.codes + (row + 1) * t.k),
-             cover: state.data[t.cover + row] };
+             values: Array.from(bits, half), cover: state.data[t.cover + row] };
   }
 
   // The detail of a long call: WINDOW x WINDOW tokens from (q0, k0), each query's top keys
@@ -236,9 +245,9 @@
       if (!cell) return;
       const q = state.detail.q0 + cell[0], k = state.detail.k0 + cell[1], t = topKeys(m.c, m.b, m.h, q);
       const j = Array.from(t.keys).indexOf(k);
-      const last = value(t.codes[t.codes.length - 1], m.scale);
+      const last = t.values[t.values.length - 1];
       $("ah-readout").textContent = `query ${q} "${queries[q]}" -> key ${k} "${keys[k]}": ` + (j >= 0
-        ? shown(value(t.codes[j], m.scale)) : `not among its ${t.keys.length} largest (at most ~${last.toPrecision(3)})`);
+        ? shown(t.values[j]) : `not among its ${t.keys.length} largest (at most ~${last.toPrecision(3)})`);
       return;
     }
     const cell = cellAt(event, m.Q, m.K);
@@ -325,11 +334,11 @@
     box.appendChild(heading);
     for (let h = 0; h < H; h++) {
       if (state.hidden.has(h) || (state.oneHead && h !== state.head)) continue;
-      const t = topKeys(c, b, h, q), scale = c.scales[b * H + h];
+      const t = topKeys(c, b, h, q);
       const row = document.createElement("div");
       row.className = "ah-top"; row.dataset.head = String(h);
       row.style.color = headColor(h, H);
-      const parts = Array.from(t.keys, (k, j) => `${keys[k]} (${k}) ${shown(value(t.codes[j], scale))}`);
+      const parts = Array.from(t.keys, (k, j) => `${keys[k]} (${k}) ${shown(t.values[j])}`);
       row.textContent = `h${h}: ` + parts.join(", ");
       row.title = `head ${h}, query ${q}: these ${t.keys.length} keys hold ${t.cover}% of its attention`
         + (masked.size ? `; ${masked.size} masked keys get none` : "");
