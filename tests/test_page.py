@@ -135,7 +135,7 @@ def test_page_draws_and_reacts_in_headless_chromium(browser, minilm_page, tmp_pa
         assert page.input_value("#ah-layer") == "5" and page.input_value("#ah-head") == "2"
         box = page.locator("#ah-matrix").bounding_box()
         page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.1)
-        assert re.search(r'query \d+ ".*" -> key \d+ ".*": ~[\d.e-]+', page.inner_text("#ah-readout"))
+        assert re.search(r'query \d+ ".*" -> key \d+ ".*": (~[\d.e-]+|below [\d.e-]+)$', page.inner_text("#ah-readout"))
         drawn = {}
         for scale in ("linear", "sqrt", "log"):  # each colour scale draws the matrix differently
             page.select_option("#ah-scale", scale)
@@ -475,3 +475,19 @@ def test_the_largest_weights_of_a_long_causal_row_read_as_themselves_not_as_zero
     assert len(shown) == 8 and shown[0] > 0, row
     torch.testing.assert_close(torch.tensor(shown), want[1000], rtol=5e-3, atol=0)
     assert view.errors == []
+
+
+def test_a_weight_below_the_heads_quantisation_step_reads_as_below_it_not_as_zero(browser, tmp_path):
+    weights = torch.full((1, 1, 4, 4), 0.001)
+    weights[..., 0] = 0.997
+    view = _Page(browser, render_html({"layer": [weights]}).save(tmp_path / "small.html"))
+    try:
+        box = view.page.locator("#ah-matrix").bounding_box()
+        view.page.mouse.move(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.1)
+        small = view.page.inner_text("#ah-readout")
+        view.page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.1)
+        large = view.page.inner_text("#ah-readout")
+    finally:
+        view.close()
+    assert small == 'query 0 "0" -> key 3 "3": below 0.0020', "0.001 is under half a step (0.997 / 508)"
+    assert large == 'query 0 "0" -> key 0 "0": ~0.997'

@@ -252,15 +252,17 @@
     }
     const cell = cellAt(event, m.Q, m.K);
     if (!cell) return;
-    const [q, k] = cell, v = value(m.codes[q * m.K + k], m.scale);
+    const [q, k] = cell, code = m.codes[q * m.K + k], v = value(code, m.scale);
+    // Code 0 is any weight below half a step of the head's scale: say so rather than "~0.00".
+    const read = code === 0 && m.scale > 0 ? `below ${(m.scale / (2 * TOP)).toPrecision(2)}` : shown(v);
     if (m.pooled) {
       const [bq, bk] = m.c.pooled.block;
       const q1 = Math.min(Q, (q + 1) * bq) - 1, k1 = Math.min(K, (k + 1) * bk) - 1;
       $("ah-readout").textContent = `queries ${q * bq}-${q1} "${queries[q * bq]}"... -> keys ${k * bk}-${k1}`
-        + ` "${keys[k * bk]}"...: largest ${shown(v)}`;
+        + ` "${keys[k * bk]}"...: largest ${read}`;
       return;
     }
-    $("ah-readout").textContent = `query ${q} "${queries[q]}" -> key ${k} "${keys[k]}": ${shown(v)}`;
+    $("ah-readout").textContent = `query ${q} "${queries[q]}" -> key ${k} "${keys[k]}": ${read}`;
   }
 
   // A click on a long call's pooled map opens the tokens around the block; the head view follows its query.
