@@ -15,7 +15,7 @@ _EXPORTS = {
     "PooledAttention": "pooling", "plot_attention_grid": "plot", "plot_attention_overview": "plot",
     "plot_vit_attention": "plot", "vit_attention_map": "plot", "AttentionValues": "store",
     "previous_token_score": "roles", "duplicate_token_score": "roles", "induction_score": "roles",
-    "head_confidence": "roles",
+    "head_confidence": "roles", "head_importance": "attribution", "value_weighted_norms": "attribution",
 }
 
 
@@ -64,6 +64,8 @@ __all__ = [
     "duplicate_token_score",
     "induction_score",
     "head_confidence",
+    "head_importance",
+    "value_weighted_norms",
     "load",
     "SavedAttention",
     "to_bertviz",
