@@ -16,6 +16,7 @@ _EXPORTS = {
     "plot_vit_attention": "plot", "vit_attention_map": "plot", "AttentionValues": "store",
     "previous_token_score": "roles", "duplicate_token_score": "roles", "induction_score": "roles",
     "head_confidence": "roles", "head_importance": "attribution", "value_weighted_norms": "attribution",
+    "attention_flow": "flow",
 }
 
 
@@ -66,6 +67,7 @@ __all__ = [
     "head_confidence",
     "head_importance",
     "value_weighted_norms",
+    "attention_flow",
     "load",
     "SavedAttention",
     "to_bertviz",

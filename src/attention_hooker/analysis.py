@@ -137,6 +137,15 @@ def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str
     add_residual = check_flag(add_residual, "add_residual")
     layers = _square_stack(attentions, "attentions")
     rollout = None
+    for fused in layer_graphs(layers, add_residual, head_fusion):
+        rollout = fused if rollout is None else fused @ rollout
+    return rollout.to(layers[0].dtype)
+
+
+def layer_graphs(layers: List[torch.Tensor], add_residual: bool, head_fusion: str) -> List[torch.Tensor]:
+    """Each layer's ``rownorm(fuse_heads(A) + I)`` ``(B, T, T)`` float64: the edges of rollout's and
+    flow's layered graph (Abnar & Zuidema 2020), token ``i`` of a layer drawing on token ``j`` below."""
+    graphs = []
     for i, a in enumerate(layers):
         fused = _fuse_heads(a.double(), head_fusion)  # (B, T, T)
         if add_residual:
@@ -150,9 +159,8 @@ def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str
                     "are all masked cannot be renormalised with add_residual=False; keep add_residual=True, or "
                     "leave such queries out"
                 )
-        fused = fused / fused.sum(dim=-1, keepdim=True)
-        rollout = fused if rollout is None else fused @ rollout
-    return rollout.to(layers[0].dtype)
+        graphs.append(fused / fused.sum(dim=-1, keepdim=True))
+    return graphs
 
 
 def gradient_weighted_rollout(attentions, gradients) -> torch.Tensor:
