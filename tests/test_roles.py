@@ -59,3 +59,81 @@ def test_the_real_minilm_has_a_previous_token_head(minilm_sdpa, minilm_tokenizer
     assert scores.max() > 0.9 and (layer, head) == (0, 2), scores
     by_hand = hooker.values["encoder.layer.0.attention.self"][0][0, 2].diagonal(-1).double().mean()
     assert scores[0, 2].item() == pytest.approx(by_hand.item())
+
+
+# ------------------------------------------------------------------ sink heads (Gu et al. 2024)
+def test_sink_heads_are_those_whose_mean_attention_on_the_first_token_passes_the_threshold():
+    from attention_hooker.roles import sink_heads
+
+    a = torch.zeros(1, 3, 4, 4)
+    a[0, 0, :, 0] = 1.0  # all on the first token: a sink head
+    a[0, 1] = torch.eye(4)  # on itself: first-token share 1/4
+    a[0, 2, :, 0], a[0, 2, :, 1] = 0.25, 0.75
+    assert sink_heads(a).tolist() == [[True, False, False]]
+    assert sink_heads(a, threshold=0.25).tolist() == [[True, False, False]], "exactly the threshold is not above it"
+    assert sink_heads(a, threshold=0.2).tolist() == [[True, True, True]]
+    assert sink_heads(a, position=1, threshold=0.5).tolist() == [[False, False, True]]
+    with pytest.raises(AttentionHookerError, match=r"threshold=1.5 must be a number in \[0, 1\)"):
+        sink_heads(a, threshold=1.5)
+
+
+# ------------------------------------------------------------------ retrieval heads (Wu et al. 2024)
+def _retrieval_by_loops(attn, ids, needle, generated_from):
+    """Wu et al.'s definition written out: for each generated token, each head's top key; the set
+    of needle positions whose token was the one generated; its size over the needle's length."""
+    batch, heads, tokens, _ = attn.shape
+    out = torch.zeros(batch, heads, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            copied = set()
+            for t in range(generated_from, tokens):
+                j = int(attn[b, h, t - 1].argmax())
+                if needle[0] <= j < needle[1] and int(ids[b, j]) == int(ids[b, t]):
+                    copied.add(j)
+            out[b, h] = len(copied) / (needle[1] - needle[0])
+    return out
+
+
+def test_retrieval_score_by_hand():
+    from attention_hooker.roles import retrieval_score
+
+    ids = torch.tensor([[5, 6, 7, 8, 1, 2, 6, 7, 8, 6]])  # needle 5 6 7 8 at 0..3; generated from 6: 6 7 8 6
+    a = torch.zeros(1, 3, 10, 10)
+    a[0, :, :, 0] = 1.0
+    for t, j in zip(range(6, 10), (1, 2, 3, 1)):  # head 0 looks at the copy of each generated token
+        a[0, 0, t - 1] = 0
+        a[0, 0, t - 1, j] = 1.0
+    for t in range(6, 10):  # head 1 looks at the needle, at the wrong token (5)
+        a[0, 1, t - 1] = 0
+        a[0, 1, t - 1, 0] = 1.0
+    a[0, 2, 5] = 0  # head 2's first step looks mostly outside the needle (position 4); then at its start
+    a[0, 2, 5, 1] = 0.4
+    a[0, 2, 5, 4] = 0.6
+    got = retrieval_score(a, ids, needle=(0, 4), generated_from=6)
+    assert got.tolist() == [[0.75, 0.0, 0.0]], "head 0 copied positions 1, 2, 3 (1 twice): 3 of 4"
+    torch.testing.assert_close(got, _retrieval_by_loops(a, ids, (0, 4), 6))
+    with pytest.raises(AttentionHookerError, match=r"needle=\(3, 2\) must be \(start, stop\)"):
+        retrieval_score(a, ids, needle=(3, 2), generated_from=6)
+    with pytest.raises(AttentionHookerError, match="generated_from=0 must be a position in 1..10"):
+        retrieval_score(a, ids, needle=(0, 4), generated_from=0)
+
+
+def test_retrieval_score_of_greedy_generation_steps_equals_the_definition_written_out():
+    from attention_hooker import stitch_steps
+    from attention_hooker.roles import retrieval_score
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    half = torch.randint(3, 60, (2, 12))
+    prompt = torch.cat([half, half[:, :4]], dim=1)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        ids = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for name, calls in hooker.values.items():
+        attn = stitch_steps(calls)[:, :, : ids.shape[1] - 1, : ids.shape[1] - 1]
+        sequence = ids[:, :-1]
+        got = retrieval_score(attn, sequence, needle=(0, 12), generated_from=16)
+        assert got.shape == (2, 4)
+        torch.testing.assert_close(got, _retrieval_by_loops(attn, sequence, (0, 12), 16))

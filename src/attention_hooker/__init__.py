@@ -16,7 +16,7 @@ _EXPORTS = {
     "plot_vit_attention": "plot", "vit_attention_map": "plot", "AttentionValues": "store",
     "previous_token_score": "roles", "duplicate_token_score": "roles", "induction_score": "roles",
     "head_confidence": "roles", "head_importance": "attribution", "value_weighted_norms": "attribution",
-    "attention_flow": "flow",
+    "attention_flow": "flow", "sink_heads": "roles", "retrieval_score": "roles",
 }
 
 
@@ -68,6 +68,8 @@ __all__ = [
     "head_importance",
     "value_weighted_norms",
     "attention_flow",
+    "sink_heads",
+    "retrieval_score",
     "load",
     "SavedAttention",
     "to_bertviz",

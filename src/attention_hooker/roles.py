@@ -1,5 +1,6 @@
-"""What a head does, as a score per head: previous-token, duplicate-token and induction heads,
-and how confident a head is. Pure functions of captured weights (and the input's token ids).
+"""What a head does, as a score per head: previous-token, duplicate-token, induction, sink and
+retrieval heads, and how confident a head is. Pure functions of captured weights (and the
+input's token ids).
 
 Each returns ``(batch, heads)``: the mean, over the query rows where the role can show, of
 the attention the role predicts. Read them as evidence of a pattern, not as an explanation
@@ -12,10 +13,11 @@ from typing import Optional
 
 import torch
 
-from .analysis import _check_attention, _mean_over_queries, _query_mask
+from .analysis import _check_attention, _mean_over_queries, _query_mask, sink_share
 from .errors import AttentionHookerError
 
-__all__ = ["previous_token_score", "duplicate_token_score", "induction_score", "head_confidence"]
+__all__ = ["previous_token_score", "duplicate_token_score", "induction_score", "head_confidence", "sink_heads",
+           "retrieval_score"]
 
 
 def previous_token_score(attn, *, padding_mask=None) -> torch.Tensor:
@@ -82,6 +84,70 @@ def head_confidence(attn, *, padding_mask=None) -> torch.Tensor:
     """
     a = _check_attention(attn, "head_confidence")
     return _mean_over_queries(a.amax(dim=-1), _query_mask(a, padding_mask))
+
+
+def sink_heads(attn, *, threshold: float = 0.3, position: int = 0, padding_mask=None) -> torch.Tensor:
+    """Attention-sink heads (Gu et al. 2024, "When attention sink emerges in language models"):
+    a head whose attention on the first token (``position``), averaged over the queries, is
+    above ``threshold`` (their epsilon, 0.3).
+
+    Returns:
+        ``(batch, heads)`` bool. The share itself is :func:`attention_hooker.sink_share`.
+
+    Example:
+        >>> a = torch.tensor([[[[1.0, 0.0], [0.9, 0.1]], [[1.0, 0.0], [0.0, 1.0]]]])  # shares 0.95, 0.5
+        >>> sink_heads(a, threshold=0.6)
+        tensor([[ True, False]])
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+        raise AttentionHookerError(f"threshold={threshold!r} must be a number in [0, 1)")
+    return sink_share(attn, positions=[position], padding_mask=padding_mask) > threshold
+
+
+def retrieval_score(attn, input_ids, *, needle, generated_from: int) -> torch.Tensor:
+    """Retrieval heads (Wu et al. 2024, "Retrieval head mechanistically explains long-context
+    factuality"): how much of a needle each head copies while the model generates.
+
+    At each generated token ``t`` (from ``generated_from`` on), the query that produced it sits at
+    ``t - 1``. A head copies the needle's position ``j`` when its most attended key for that query is
+    ``j``, inside ``needle``, and the token there is the token generated. The score is the share
+    of the needle's positions copied at least once.
+
+    Args:
+        attn: causal self-attention ``(batch, heads, tokens, tokens)`` over the prompt and the
+            generated tokens (:func:`attention_hooker.stitch_steps` of a layer's generation calls,
+            or one forward over the whole sequence).
+        input_ids: ``(batch, tokens)``: the prompt's ids, then the generated ones.
+        needle: ``(start, stop)``: the needle's positions in the prompt (``stop`` excluded).
+        generated_from: the position of the first generated token.
+
+    Returns:
+        ``(batch, heads)`` float64 in ``[0, 1]``.
+
+    Example:
+        >>> ids = torch.tensor([[7, 8, 9, 7, 8, 9]])  # needle 7 8 9, then the model wrote 8 9
+        >>> a = torch.zeros(1, 1, 6, 6); a[0, 0, :, 0] = 1; a[0, 0, 3, 1] = 1; a[0, 0, 3, 0] = 0
+        >>> retrieval_score(a, ids, needle=(0, 3), generated_from=4)  # copied position 1 of 3
+        tensor([[0.3333]], dtype=torch.float64)
+    """
+    a = _self_attention(attn, "retrieval_score")
+    ids = _ids(input_ids, a)
+    tokens = a.shape[-1]
+    if (not isinstance(needle, (tuple, list)) or len(needle) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in needle)
+            or not 0 <= needle[0] < needle[1] <= tokens):
+        raise AttentionHookerError(f"needle={needle!r} must be (start, stop) positions with 0 <= start < stop <= {tokens}")
+    if isinstance(generated_from, bool) or not isinstance(generated_from, int) or not 1 <= generated_from <= tokens:
+        raise AttentionHookerError(f"generated_from={generated_from!r} must be a position in 1..{tokens}")
+    start, stop = needle
+    looked_at = a[:, :, generated_from - 1: tokens - 1].argmax(dim=-1)  # (B, H, steps): each step's top key
+    written = ids[:, generated_from:]  # (B, steps): the token each step generated
+    copied_token = torch.gather(ids[:, None].expand(-1, a.shape[1], -1), 2, looked_at) == written[:, None]
+    in_needle = (looked_at >= start) & (looked_at < stop)
+    hits = copied_token & in_needle  # (B, H, steps)
+    positions = torch.zeros(a.shape[0], a.shape[1], tokens, dtype=torch.float64, device=a.device)
+    positions.scatter_add_(2, looked_at, hits.to(torch.float64))  # times each position was copied
+    return (positions[:, :, start:stop] > 0).sum(-1).to(torch.float64) / (stop - start)
 
 
 def _self_attention(attn, where: str) -> torch.Tensor:
