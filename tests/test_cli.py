@@ -554,7 +554,11 @@ def test_heads_scores_every_head_of_the_real_minilm(minilm_path, tmp_path, capsy
     with open(tmp_path / "h" / "head_roles.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 * 12 and set(rows[0]) == {"layer", "head", "previous_token", "duplicate_token", "induction",
-                                                    "first_token_share", "confidence"}
+                                                    "first_token_share", "sink_head", "confidence", "importance",
+                                                    "retrieval"}
+    assert all(r["importance"] == "" and r["retrieval"] == "" for r in rows), "an encoder has neither: empty, not 0"
+    assert "importance:        n/a: needs a language-model loss" in out
+    assert all(r["sink_head"] == ("1" if float(r["first_token_share"]) > 0.3 else "0") for r in rows)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
     model = transformers.AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa").eval()
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
@@ -568,3 +572,56 @@ def test_heads_mistakes_are_one_line(vit_folder, minilm_path, tmp_path, capsys):
     assert "is a vision model" in _error(capsys, "heads", "--model", str(vit_folder[0]), "--out", str(tmp_path / "a"))
     assert "the text is empty" in _error(capsys, "heads", "--model", str(minilm_path), "--text", " ",
                                          "--out", str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
+def test_heads_importance_and_retrieval_of_language_models(saved_models, name, tmp_path, capsys):
+    """Issue 14: importance (Michel) from the language-model loss's gradients and retrieval (Wu)
+    while a decoder writes the repeat of a random sequence, each equal to the library's functions."""
+    from attention_hooker import TransformerAttentionHooker, stitch_steps
+    from attention_hooker.attribution import head_importance
+    from attention_hooker.roles import retrieval_score
+    from attention_hooker.workflows import DEFAULT_DEMO_TEXT, load_hf_model
+
+    assert main(["heads", "--model", str(saved_models[name]), "--repeat-length", "10", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    with open(tmp_path / "head_roles.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    loaded = load_hf_model(saved_models[name])
+    model = loaded.model
+    full = loaded.tokenizer(DEFAULT_DEMO_TEXT, return_tensors="pt")
+    enc = {"input_ids": full["input_ids"], "attention_mask": full["attention_mask"]}  # as the CLI passes them
+    extra = {"decoder_input_ids": enc["input_ids"]} if name == "t5" else {}
+    with TransformerAttentionHooker(model, keep_grad=True) as hooker:
+        model(**enc, **extra, labels=enc["input_ids"]).loss.backward()
+    for layer in {r["layer"] for r in rows}:
+        got = [float(r["importance"]) for r in rows if r["layer"] == layer]
+        want = head_importance(hooker.values[layer][0], hooker.gradients[layer][0])[0]
+        assert got == pytest.approx(want.tolist(), rel=1e-5, abs=1e-12), layer
+    assert "importance:        n/a" not in out
+    if name == "t5":
+        assert all(r["retrieval"] == "" for r in rows) and "retrieval:         n/a" in out
+        return
+    from attention_hooker.workflows import _to_model  # the CLI's own random sequence, seen twice
+
+    generator = torch.Generator().manual_seed(0)
+    special = set(loaded.tokenizer.all_special_ids)
+    vocab = [i for i in range(min(len(loaded.tokenizer), 30000)) if i not in special]
+    half = torch.tensor([vocab[i] for i in torch.randint(0, len(vocab), (10,), generator=generator).tolist()])[None]
+    prompt = _to_model(loaded, {"input_ids": torch.cat([half, half[:, :5]], dim=1)})["input_ids"]
+    with torch.no_grad(), TransformerAttentionHooker(model) as generated:
+        ids = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    for layer, calls in generated.values.items():
+        attn = stitch_steps(calls)
+        want = retrieval_score(attn, ids[:, : attn.shape[-1] + 1], needle=(0, 10), generated_from=15)[0]
+        got = [float(r["retrieval"]) for r in rows if r["layer"] == layer]
+        assert got == pytest.approx(want.tolist()), layer
+
+
+def test_head_roles_leave_no_gradient_on_the_models_parameters(saved_models):
+    from attention_hooker.workflows import head_roles, load_hf_model
+
+    loaded = load_hf_model(saved_models["llama"])
+    roles = head_roles(loaded, "the cat sat on the mat", repeat_length=8)
+    assert all(not torch.isnan(scores["importance"]).any() for scores in roles.values())
+    assert all(p.grad is None for p in loaded.model.parameters())

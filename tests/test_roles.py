@@ -132,8 +132,12 @@ def test_retrieval_score_of_greedy_generation_steps_equals_the_definition_writte
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
         ids = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     for name, calls in hooker.values.items():
-        attn = stitch_steps(calls)[:, :, : ids.shape[1] - 1, : ids.shape[1] - 1]
-        sequence = ids[:, :-1]
-        got = retrieval_score(attn, sequence, needle=(0, 12), generated_from=16)
+        attn = stitch_steps(calls)  # the last generated token's query never ran: one row fewer than ids
+        assert attn.shape[-1] == ids.shape[1] - 1
+        got = retrieval_score(attn, ids, needle=(0, 12), generated_from=16)
         assert got.shape == (2, 4)
-        torch.testing.assert_close(got, _retrieval_by_loops(attn, sequence, (0, 12), 16))
+        square = torch.zeros(2, 4, ids.shape[1], ids.shape[1])
+        square[:, :, :-1, :-1] = attn
+        torch.testing.assert_close(got, _retrieval_by_loops(square, ids, (0, 12), 16))
+        assert torch.equal(retrieval_score(attn, ids[:, :-1], needle=(0, 12), generated_from=16),
+                           _retrieval_by_loops(attn, ids[:, :-1], (0, 12), 16)), "without the last token: one step less"

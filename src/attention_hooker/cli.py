@@ -85,10 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     heads = commands.add_parser(
         "heads",
-        help="what each head does: previous-token, duplicate-token, induction, first-token and confidence scores",
+        help="what each head does: previous-token, duplicate-token, induction, sink, confidence, importance and "
+        "retrieval scores",
         description="Scores every self-attention head on a text (previous-token, duplicate-token, share on the "
-        "first token, confidence) and on a random sequence seen twice (induction), prints the strongest heads of "
-        "each role and writes head_roles.csv. Scores are evidence of a pattern, not an explanation.",
+        "first token and sink heads, confidence, and importance from the language-model loss's gradients where "
+        "the model has that head) and on a random sequence seen twice (induction; for decoders also retrieval, "
+        "while the model writes the repeat), prints the strongest heads of each role and writes head_roles.csv. "
+        "Scores are evidence of a pattern, not an explanation.",
     )
     _add_model_options(heads)
     heads.add_argument("--text", default=None, help="the text to score on (default: the demo's sentence)")
@@ -198,6 +201,8 @@ def _command_demo(args) -> None:
 
 
 def _command_heads(args) -> None:
+    import math
+
     import torch
 
     from . import workflows
@@ -209,8 +214,18 @@ def _command_heads(args) -> None:
     path = workflows.write_head_roles(roles, args.out)
     names = list(roles)
     print(f"model:   {loaded.name} ({loaded.kind}), {len(names)} self-attention layers")
+    reasons = {"importance": "needs a language-model loss (an encoder without its head has none)",
+               "retrieval": "measured while a decoder generates"}
     for column in workflows.ROLE_COLUMNS:
         table = torch.stack([roles[name][column] for name in names])  # (layers, heads)
+        if column == "sink_head":
+            print(f"{'sink heads:':<19}{int(table.sum())} of {table.numel()} "
+                  f"(first-token share above {workflows.SINK_THRESHOLD})")
+            continue
+        if torch.isnan(table).all():
+            print(f"{column + ':':<19}n/a: {reasons.get(column, 'does not apply')}")
+            continue
+        table = torch.nan_to_num(table, nan=-math.inf)
         layer, head = divmod(int(table.argmax()), table.shape[1])
         print(f"{column + ':':<19}{names[layer]} head {head} ({float(table.max()):.2f})")
     print(f"csv:     {path}")

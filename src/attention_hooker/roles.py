@@ -117,7 +117,9 @@ def retrieval_score(attn, input_ids, *, needle, generated_from: int) -> torch.Te
         attn: causal self-attention ``(batch, heads, tokens, tokens)`` over the prompt and the
             generated tokens (:func:`attention_hooker.stitch_steps` of a layer's generation calls,
             or one forward over the whole sequence).
-        input_ids: ``(batch, tokens)``: the prompt's ids, then the generated ones.
+        input_ids: ``(batch, tokens)``: the prompt's ids, then the generated ones; or
+            ``(batch, tokens + 1)`` with the last generated token too (whose own query a
+            generation loop never runs).
         needle: ``(start, stop)``: the needle's positions in the prompt (``stop`` excluded).
         generated_from: the position of the first generated token.
 
@@ -131,18 +133,23 @@ def retrieval_score(attn, input_ids, *, needle, generated_from: int) -> torch.Te
         tensor([[0.3333]], dtype=torch.float64)
     """
     a = _self_attention(attn, "retrieval_score")
-    ids = _ids(input_ids, a)
+    raw = torch.as_tensor(input_ids)
+    last_too = raw.dim() == 2 and raw.shape[-1] == a.shape[-1] + 1
+    ids = _ids(raw[:, :-1] if last_too else raw, a)
+    if last_too:
+        ids = torch.cat([ids, raw[:, -1:].to(ids.device)], dim=1)  # (B, tokens + 1)
     tokens = a.shape[-1]
     if (not isinstance(needle, (tuple, list)) or len(needle) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in needle)
             or not 0 <= needle[0] < needle[1] <= tokens):
         raise AttentionHookerError(f"needle={needle!r} must be (start, stop) positions with 0 <= start < stop <= {tokens}")
-    if isinstance(generated_from, bool) or not isinstance(generated_from, int) or not 1 <= generated_from <= tokens:
-        raise AttentionHookerError(f"generated_from={generated_from!r} must be a position in 1..{tokens}")
+    n_ids = ids.shape[-1]
+    if isinstance(generated_from, bool) or not isinstance(generated_from, int) or not 1 <= generated_from <= n_ids:
+        raise AttentionHookerError(f"generated_from={generated_from!r} must be a position in 1..{n_ids}")
     start, stop = needle
-    looked_at = a[:, :, generated_from - 1: tokens - 1].argmax(dim=-1)  # (B, H, steps): each step's top key
+    looked_at = a[:, :, generated_from - 1: n_ids - 1].argmax(dim=-1)  # (B, H, steps): each step's top key
     written = ids[:, generated_from:]  # (B, steps): the token each step generated
-    copied_token = torch.gather(ids[:, None].expand(-1, a.shape[1], -1), 2, looked_at) == written[:, None]
+    copied_token = torch.gather(ids[:, None, :tokens].expand(-1, a.shape[1], -1), 2, looked_at) == written[:, None]
     in_needle = (looked_at >= start) & (looked_at < stop)
     hits = copied_token & in_needle  # (B, H, steps)
     positions = torch.zeros(a.shape[0], a.shape[1], tokens, dtype=torch.float64, device=a.device)

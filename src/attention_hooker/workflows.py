@@ -653,17 +653,24 @@ def write_statistics(accumulator, out) -> Dict[str, object]:
     return {"csv": csv_path, "pictures": pictures}
 
 
-ROLE_COLUMNS = ("previous_token", "duplicate_token", "induction", "first_token_share", "confidence")
+ROLE_COLUMNS = ("previous_token", "duplicate_token", "induction", "first_token_share", "sink_head", "confidence",
+                "importance", "retrieval")
+SINK_THRESHOLD = 0.3  # Gu et al. (2024)'s epsilon
 
 
 def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, repeat_length: int = 50,
                seed: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
     """Each self-attention head's role scores: previous-token, duplicate-token, first-token
-    share and confidence on ``text``; induction on a random sequence of ``repeat_length``
-    tokens seen twice (where every second-half token has one induction target).
+    share, sink head (share above 0.3) and confidence on ``text``; induction on a random
+    sequence of ``repeat_length`` tokens seen twice (where every second-half token has one
+    induction target); importance (Michel et al. 2019) from the gradients of the language-model
+    loss on ``text`` (models with a language-model head); retrieval (Wu et al. 2024) while a
+    decoder, prompted with the random sequence and the first half of its repeat, writes the rest.
 
     Returns:
-        ``{layer: {column: (heads,) float64}}`` in model order (columns: :data:`ROLE_COLUMNS`).
+        ``{layer: {column: (heads,) float64}}`` in model order (columns: :data:`ROLE_COLUMNS`);
+        NaN where a score does not apply to the model (importance without a language-model
+        loss, retrieval outside decoders).
     """
     from .analysis import sink_share
     from .hooker import TransformerAttentionHooker
@@ -687,22 +694,79 @@ def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, 
         forward(enc["input_ids"], attention_mask=enc.get("attention_mask"))
     with torch.no_grad(), TransformerAttentionHooker(model, layers) as on_repeat:
         forward(repeated["input_ids"])
+    importance = _head_importance(loaded, enc, layers, forward)
+    retrieval = _retrieval(loaded, repeated["input_ids"], repeat_length, layers)
     roles = {}
     for name, calls in on_text.values.items():
         w = calls[0]
         if w.shape[-1] != w.shape[-2] or name not in on_repeat.values:
             continue  # cross-attention: no token-to-token roles
         ids = enc["input_ids"]
+        share = sink_share(w, [0])[0].double()
+        missing = torch.full((w.shape[1],), float("nan"), dtype=torch.float64)
         roles[name] = {
             "previous_token": previous_token_score(w)[0],
             "duplicate_token": duplicate_token_score(w, ids)[0],
             "induction": induction_score(on_repeat.values[name][0], repeated["input_ids"])[0],
-            "first_token_share": sink_share(w, [0])[0].double(),
+            "first_token_share": share,
+            "sink_head": (share > SINK_THRESHOLD).double(),
             "confidence": head_confidence(w)[0],
+            "importance": importance.get(name, missing).cpu(),
+            "retrieval": retrieval.get(name, missing).cpu(),
         }
     if not roles:
         raise CommandError(f"{loaded.name} has no self-attention layer to score (query == key)")
     return roles
+
+
+def _head_importance(loaded: LoadedModel, enc, layers, forward) -> Dict[str, torch.Tensor]:
+    """Michel et al.'s importance of each head on the language-model loss of the text, from the
+    weights and their gradients (the model's own kernel); ``{}`` without a language-model loss."""
+    from .attribution import head_importance
+    from .hooker import TransformerAttentionHooker
+
+    if loaded.kind == "encoder":
+        return {}  # no language-model head: no loss to differentiate
+    model, ids = loaded.model, enc["input_ids"]
+    try:
+        with torch.enable_grad(), TransformerAttentionHooker(model, layers, keep_grad=True) as hooker:
+            out = forward(ids, attention_mask=enc.get("attention_mask"), labels=ids)
+            if getattr(out, "loss", None) is None:
+                return {}
+            out.loss.backward()
+        return {name: head_importance(calls[0], hooker.gradients[name][0])[0]
+                for name, calls in hooker.values.items()
+                if calls[0].shape[-1] == calls[0].shape[-2] and hooker.gradients.get(name)}
+    finally:
+        model.zero_grad(set_to_none=True)  # the model's parameters keep no gradient of ours
+
+
+def _retrieval(loaded: LoadedModel, repeated: torch.Tensor, length: int, layers) -> Dict[str, torch.Tensor]:
+    """Wu et al.'s retrieval score of each decoder head: prompted with a random sequence and the
+    first half of its repeat, the model writes the rest (greedy); the needle is the first copy."""
+    from .analysis import stitch_steps
+    from .hooker import TransformerAttentionHooker
+    from .roles import retrieval_score
+
+    if loaded.kind != "decoder" or not hasattr(loaded.model, "generate"):
+        return {}
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompt = repeated[:, : length + length // 2]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+    with torch.no_grad(), TransformerAttentionHooker(model, layers) as hooker:
+        ids = model.generate(prompt, max_new_tokens=length - length // 2, do_sample=False, pad_token_id=pad)
+    scores = {}
+    for name, calls in hooker.values.items():
+        attn = stitch_steps(calls)  # (1, H, T, T): the last generated token's query never ran
+        scores[name] = retrieval_score(attn, ids[:, : attn.shape[-1] + 1], needle=(0, length),
+                                       generated_from=prompt.shape[1])[0]
+    return scores
+
+
+def _cell(value: float) -> str:
+    """A CSV cell: 9 significant digits, empty where the score does not apply (NaN)."""
+    return "" if math.isnan(value) else f"{value:.9g}"
 
 
 def write_head_roles(roles: Dict[str, Dict[str, torch.Tensor]], out) -> Path:
@@ -714,5 +778,5 @@ def write_head_roles(roles: Dict[str, Dict[str, torch.Tensor]], out) -> Path:
         writer.writerow(["layer", "head", *ROLE_COLUMNS])
         for layer, scores in roles.items():
             for head in range(len(scores["confidence"])):
-                writer.writerow([layer, head, *(f"{float(scores[c][head]):.9g}" for c in ROLE_COLUMNS)])
+                writer.writerow([layer, head, *(_cell(float(scores[c][head])) for c in ROLE_COLUMNS)])
     return path
