@@ -120,3 +120,103 @@ def test_value_weighted_norms_with_grouped_kv_heads_and_their_checks():
         value_weighted_norms(attn, torch.randn(2, 3, 5, 3), weight)
     with pytest.raises(AttentionHookerError, match=r"out_weight is \(12, 6\), expected \(model_dim, heads \* head_dim\)"):
         value_weighted_norms(attn, value, weight.T)
+
+
+# ------------------------------------------------------------------ keep_values: the value vectors each call used
+def _rebuilt_output(weights, value, heads):
+    v = value.repeat_interleave(heads // value.shape[1], dim=1)  # grouped kv heads serve their query heads
+    return (weights @ v).transpose(1, 2).flatten(2)  # (B, Q, H * Dh)
+
+
+def test_keep_values_gives_the_value_vectors_each_route_multiplied_its_weights_with(minilm_sdpa, minilm_batch):
+    """Oracle: the weights times the kept value vectors, through the module's own output projection,
+    give back what the module computed (sdpa: MiniLM and a grouped-query LLaMA; nn.MultiheadAttention
+    with bias_kv and a zero key)."""
+    transformers = pytest.importorskip("transformers")
+    outputs = {}
+    dense = minilm_sdpa.encoder.layer[1].attention.output.dense
+    handle = dense.register_forward_hook(lambda m, a, o: outputs.update(dense=(a[0], o)) and None)
+    try:
+        with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa, keep_values=True) as hooker:
+            minilm_sdpa(**minilm_batch)
+    finally:
+        handle.remove()
+    name = "encoder.layer.1.attention.self"
+    weights, value = hooker.values[name][0], hooker.value_vectors[name][0]
+    assert value.shape == (2, HEADS, weights.shape[-1], HEAD_DIM)
+    assert list(hooker.value_vectors) == list(hooker.values)
+    torch.testing.assert_close(_rebuilt_output(weights, value, HEADS), outputs["dense"][0], rtol=1e-4, atol=1e-5)
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    llama = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    o_proj_in = {}
+    attention = llama.model.layers[0].self_attn
+    handle = attention.o_proj.register_forward_hook(lambda m, a, o: o_proj_in.update(x=a[0]) and None)
+    try:
+        with torch.no_grad(), TransformerAttentionHooker(llama, keep_values=True) as hooker:
+            llama(torch.randint(3, 60, (1, 9)))
+    finally:
+        handle.remove()
+    weights, value = hooker.values["model.layers.0.self_attn"][0], hooker.value_vectors["model.layers.0.self_attn"][0]
+    assert value.shape == (1, 2, 9, 8), "two kv heads, kept as the kernel took them"
+    torch.testing.assert_close(_rebuilt_output(weights, value, 4), o_proj_in["x"], rtol=1e-5, atol=1e-6)
+    norms = value_weighted_norms(weights, value, attention.o_proj.weight)
+    assert norms.shape == (1, 4, 9, 9)
+
+    mha = torch.nn.MultiheadAttention(16, 4, add_bias_kv=True, add_zero_attn=True).eval()  # (L, B, E) layout
+    x = torch.randn(5, 2, 16)
+    with TransformerAttentionHooker(mha, keep_values=True) as hooker:
+        out, _ = mha(x, x, x, need_weights=False)
+    ((weights,),), ((value,),) = hooker.values.values(), hooker.value_vectors.values()
+    assert weights.shape == (2, 4, 5, 7) and value.shape == (2, 4, 7, 4), "bias_v and the zero key: 2 more keys"
+    torch.testing.assert_close(mha.out_proj(_rebuilt_output(weights, value, 4)).transpose(0, 1), out)
+
+
+def test_keep_values_is_none_where_the_route_never_sees_them_and_refuses_what_it_cannot_serve(minilm_eager,
+                                                                                              minilm_batch):
+    with torch.no_grad(), TransformerAttentionHooker(minilm_eager, keep_values=True) as hooker:
+        minilm_eager(**minilm_batch)
+    assert all(calls == [None] for calls in hooker.value_vectors.values()) and len(hooker.value_vectors) == 6
+    with pytest.raises(AttentionHookerError, match="keep_values=True cannot be combined with heads="):
+        TransformerAttentionHooker(minilm_eager, keep_values=True, heads=[0])
+    with pytest.raises(AttentionHookerError, match="keep_values='yes' must be True or False"):
+        TransformerAttentionHooker(minilm_eager, keep_values="yes")
+    hooker = TransformerAttentionHooker(minilm_eager, keep_values=True)
+    with pytest.raises(AttentionHookerError, match="reduce_into\\(\\) cannot be combined with keep_grad=True, "
+                                                   "keep_values=True"):
+        from attention_hooker import HeadStatsAccumulator
+
+        hooker.reduce_into(HeadStatsAccumulator())
+    with pytest.raises(AttentionHookerError, match="stream_to\\(\\) cannot be combined with keep_values=True"):
+        hooker.stream_to("/tmp/never-written")
+
+
+def test_keep_values_follows_max_calls_and_clear():
+    layer = torch.nn.TransformerEncoderLayer(d_model=16, nhead=4, batch_first=True).eval()
+    with TransformerAttentionHooker(layer, keep_values=True, max_calls=2, keep="last") as hooker:
+        for n in (3, 4, 5):
+            layer(torch.randn(1, n, 16))
+        assert [v.shape[2] for v in hooker.value_vectors["self_attn"]] == [4, 5], "the last two calls, as values"
+        hooker.clear()
+        assert hooker.value_vectors == {}
+
+
+def test_find_output_projection_in_or_beside_the_attention_module(minilm_sdpa):
+    from attention_hooker.attribution import find_output_projection
+
+    transformers = pytest.importorskip("transformers")
+    bert = find_output_projection(minilm_sdpa, "encoder.layer.2.attention.self", 384)
+    assert bert is minilm_sdpa.encoder.layer[2].attention.output.dense.weight, "beside it: attention.output.dense"
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=4, n_embd=32))
+    conv = gpt2.transformer.h[0].attn.c_proj
+    assert torch.equal(find_output_projection(gpt2, "transformer.h.0.attn", 32), conv.weight.T), "Conv1D: (in, out)"
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=64,
+        vocab_size=64))
+    assert find_output_projection(llama, "model.layers.0.self_attn", 32) is llama.model.layers[0].self_attn.o_proj.weight
+    with pytest.raises(AttentionHookerError, match=r"found no output projection taking 31 features"):
+        find_output_projection(llama, "model.layers.0.self_attn", 31)
+    with pytest.raises(AttentionHookerError, match="has no module 'nope'"):
+        find_output_projection(llama, "nope", 32)

@@ -550,14 +550,18 @@ def test_heads_scores_every_head_of_the_real_minilm(minilm_path, tmp_path, capsy
 
     assert main(["heads", "--model", str(minilm_path), "--out", str(tmp_path / "h")]) == 0
     out = capsys.readouterr().out
-    assert "previous_token:    encoder.layer.0.attention.self head 2 (1.00)" in out
+    assert "previous_token:         encoder.layer.0.attention.self head 2 (1.00)" in out
     with open(tmp_path / "h" / "head_roles.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 * 12 and set(rows[0]) == {"layer", "head", "previous_token", "duplicate_token", "induction",
-                                                    "first_token_share", "sink_head", "confidence", "importance",
-                                                    "retrieval"}
+                                                    "first_token_share", "first_token_norm_share", "sink_head",
+                                                    "confidence", "importance", "retrieval"}
     assert all(r["importance"] == "" and r["retrieval"] == "" for r in rows), "an encoder has neither: empty, not 0"
-    assert "importance:        n/a: needs a language-model loss" in out
+    # Kobayashi et al.'s finding, on the real MiniLM: [CLS] takes much of the weight, little of the norm.
+    weight = sum(float(r["first_token_share"]) for r in rows) / len(rows)
+    norm = sum(float(r["first_token_norm_share"]) for r in rows) / len(rows)
+    assert weight > 0.35 and norm < weight / 3, (weight, norm)
+    assert "importance:             n/a: needs a language-model loss" in out
     assert all(r["sink_head"] == ("1" if float(r["first_token_share"]) > 0.3 else "0") for r in rows)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
     model = transformers.AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa").eval()
@@ -565,6 +569,16 @@ def test_heads_scores_every_head_of_the_real_minilm(minilm_path, tmp_path, capsy
         model(**tokenizer(DEFAULT_DEMO_TEXT, return_tensors="pt"))
     expected = previous_token_score(hooker.values["encoder.layer.3.attention.self"][0])[0]
     got = [float(r["previous_token"]) for r in rows if r["layer"] == "encoder.layer.3.attention.self"]
+    assert got == pytest.approx(expected.tolist(), rel=1e-6)
+    from attention_hooker.attribution import value_weighted_norms
+
+    with torch.no_grad(), TransformerAttentionHooker(model, keep_values=True) as hooker:
+        model(**tokenizer(DEFAULT_DEMO_TEXT, return_tensors="pt"))
+    layer = "encoder.layer.3.attention.self"
+    norms = value_weighted_norms(hooker.values[layer][0], hooker.value_vectors[layer][0],
+                                 model.encoder.layer[3].attention.output.dense.weight)[0]
+    expected = (norms[..., 0] / norms.sum(-1)).mean(-1)
+    got = [float(r["first_token_norm_share"]) for r in rows if r["layer"] == layer]
     assert got == pytest.approx(expected.tolist(), rel=1e-6)
 
 
@@ -598,9 +612,9 @@ def test_heads_importance_and_retrieval_of_language_models(saved_models, name, t
         got = [float(r["importance"]) for r in rows if r["layer"] == layer]
         want = head_importance(hooker.values[layer][0], hooker.gradients[layer][0])[0]
         assert got == pytest.approx(want.tolist(), rel=1e-5, abs=1e-12), layer
-    assert "importance:        n/a" not in out
+    assert "importance:             n/a" not in out
     if name == "t5":
-        assert all(r["retrieval"] == "" for r in rows) and "retrieval:         n/a" in out
+        assert all(r["retrieval"] == "" for r in rows) and "retrieval:              n/a" in out
         return
     from attention_hooker.workflows import _to_model  # the CLI's own random sequence, seen twice
 

@@ -17,6 +17,7 @@ _EXPORTS = {
     "previous_token_score": "roles", "duplicate_token_score": "roles", "induction_score": "roles",
     "head_confidence": "roles", "head_importance": "attribution", "value_weighted_norms": "attribution",
     "attention_flow": "flow", "sink_heads": "roles", "retrieval_score": "roles",
+    "find_output_projection": "attribution",
 }
 
 
@@ -70,6 +71,7 @@ __all__ = [
     "attention_flow",
     "sink_heads",
     "retrieval_score",
+    "find_output_projection",
     "load",
     "SavedAttention",
     "to_bertviz",

@@ -15,7 +15,7 @@ from ._tensor import as_batched
 from .analysis import _as_tensor, _check_attention
 from .errors import AttentionHookerError
 
-__all__ = ["head_importance", "value_weighted_norms"]
+__all__ = ["head_importance", "value_weighted_norms", "find_output_projection"]
 
 
 def head_importance(attn, grad) -> torch.Tensor:
@@ -110,3 +110,55 @@ def value_weighted_norms(attn, value, out_weight, *, summed: bool = False) -> to
     mixed = torch.einsum("bgqk,bkhg->bhqk", a, gram)  # sum_g a_g <f_h, f_g>, (B, H, Q, K)
     squared = (a * mixed).sum(dim=1)  # (B, Q, K)
     return squared.clamp(min=0).sqrt()
+
+
+_OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "proj", "out_lin", "o", "wo", "out")
+
+
+def find_output_projection(model: torch.nn.Module, layer: str, width: int) -> torch.Tensor:
+    """The output projection weight ``(model_dim, width)`` of an attention layer, as
+    :func:`value_weighted_norms` takes it: the layer's own (``o_proj``, ``out_proj``, ``c_proj``,
+    ``proj``...) or, where the model keeps it beside the layer (BERT and ViT: ``attention.output.dense``
+    next to ``attention.self``), the one next to it.
+
+    Args:
+        model: the model.
+        layer: the attention module's name in ``model.named_modules()``.
+        width: ``heads * head_dim``, the projection's input features.
+
+    Raises:
+        AttentionHookerError: when no such projection, or more than one, is found; pass the
+            weight to :func:`value_weighted_norms` yourself then.
+    """
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        raise AttentionHookerError(f"{type(model).__name__} has no module {layer!r}") from None
+    found = _projections(module, width, skip=None)
+    parent_name = layer.rpartition(".")[0]
+    if not found and parent_name:
+        found = _projections(model.get_submodule(parent_name), width, skip=module)
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({', '.join(n for n, _ in found)})"
+        raise AttentionHookerError(
+            f"found {what} output projection taking {width} features in or beside {layer!r}; pass its weight "
+            "(model_dim, heads * head_dim) to value_weighted_norms yourself")
+    return found[0][1]
+
+
+def _projections(root: torch.nn.Module, width: int, skip) -> list:
+    """``[(name, weight (out, width))]``: linear maps named like an output projection under ``root``
+    (not inside ``skip``) that take ``width`` features."""
+    inside = set() if skip is None else {id(m) for m in skip.modules()}
+    found = []
+    for name, child in root.named_modules():
+        if id(child) in inside or name.rpartition(".")[2] not in _OUTPUT_NAMES:
+            continue
+        weight = getattr(child, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        if isinstance(child, torch.nn.Linear) and weight.shape[1] == width:
+            found.append((name, weight))
+        elif type(child).__name__ == "Conv1D" and weight.shape[0] == width:  # GPT-2's: (in, out)
+            found.append((name, weight.T))
+    return found

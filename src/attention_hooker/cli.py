@@ -215,19 +215,20 @@ def _command_heads(args) -> None:
     names = list(roles)
     print(f"model:   {loaded.name} ({loaded.kind}), {len(names)} self-attention layers")
     reasons = {"importance": "needs a language-model loss (an encoder without its head has none)",
-               "retrieval": "measured while a decoder generates"}
+               "retrieval": "measured while a decoder generates",
+               "first_token_norm_share": "needs the value vectors (sdpa attention) and the output projection"}
     for column in workflows.ROLE_COLUMNS:
         table = torch.stack([roles[name][column] for name in names])  # (layers, heads)
         if column == "sink_head":
-            print(f"{'sink heads:':<19}{int(table.sum())} of {table.numel()} "
+            print(f"{'sink heads:':<24}{int(table.sum())} of {table.numel()} "
                   f"(first-token share above {workflows.SINK_THRESHOLD})")
             continue
         if torch.isnan(table).all():
-            print(f"{column + ':':<19}n/a: {reasons.get(column, 'does not apply')}")
+            print(f"{column + ':':<24}n/a: {reasons.get(column, 'does not apply')}")
             continue
         table = torch.nan_to_num(table, nan=-math.inf)
         layer, head = divmod(int(table.argmax()), table.shape[1])
-        print(f"{column + ':':<19}{names[layer]} head {head} ({float(table.max()):.2f})")
+        print(f"{column + ':':<24}{names[layer]} head {head} ({float(table.max()):.2f})")
     print(f"csv:     {path}")
 
 

@@ -14,7 +14,7 @@ from ._checks import describe_positions
 from .capture.buffers import unreachable_tensors
 from .capture.coverage import Coverage, CoverageReport
 from .capture.inputs import input_shape
-from .capture.mha import MultiheadAttentionRoute, drops_weights, mha_weights
+from .capture.mha import MultiheadAttentionRoute, drops_weights, mha_value_vectors, mha_weights
 from .capture.parallel import head_shard
 from .capture.session import CaptureSession, frame_is_live, module_call_frame
 from .discovery import check_module, display_names, select_modules
@@ -66,6 +66,9 @@ class TransformerAttentionHooker:
             (``module.`` of DDP/DataParallel, FSDP's ``_fsdp_wrapped_module.``,
             ``_checkpoint_wrapped_module.``); by default they are reported as in the
             unwrapped model, the same on every rank.
+        keep_values: also keep ``value_vectors``: each call's value vectors ``(batch,
+            kv_heads, key, head_dim)``, for value-weighted norms (sdpa and
+            ``nn.MultiheadAttention`` routes).
 
     Attributes:
         values: ``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``,
@@ -100,12 +103,16 @@ class TransformerAttentionHooker:
         rows=None,
         keys=None,
         wrapper_names: bool = False,
+        keep_values: bool = False,
     ):
         check_module(model)
         policy = StoragePolicy.build(
             device=device, dtype=dtype, heads=heads, max_calls=max_calls, keep=keep, keep_grad=keep_grad, rows=rows,
-            keys=keys,
+            keys=keys, keep_values=keep_values,
         )
+        if policy.keep_values and (policy.heads is not None or policy.rows is not None or policy.keys is not None):
+            raise AttentionHookerError("keep_values=True cannot be combined with heads=, rows= or keys=: the value "
+                                       "vectors serve every head, query and key")
         if policy.keep_grad and policy.heads is not None:
             raise AttentionHookerError("heads= and keep_grad=True cannot be combined: gradients need every head")
         if policy.keep_grad and policy.rows is not None:
@@ -140,6 +147,17 @@ class TransformerAttentionHooker:
         return AttentionValues(
             (name, [slot[0] for slot in slots]) for name, slots in self._store.gradients.items()
         )
+
+    @property
+    def value_vectors(self) -> AttentionValues:
+        """With ``keep_values=True``: ``{layer_name: [value vectors per call]}`` matching
+        ``values``, each ``(batch, kv_heads, key, head_dim)`` as the attention multiplied
+        its weights with (grouped-query attention: fewer kv heads, each serving
+        ``heads / kv_heads`` consecutive query heads). Seen on the sdpa and
+        ``nn.MultiheadAttention`` routes; ``None`` for a call of a route that never hands
+        them over (eager softmax code): load such a model with ``attn_implementation="sdpa"``.
+        For :func:`attention_hooker.value_weighted_norms`."""
+        return AttentionValues((name, list(calls)) for name, calls in self._store.value_vectors.items())
 
     @property
     def hooked_layers(self) -> List[str]:
@@ -262,9 +280,10 @@ class TransformerAttentionHooker:
                 f"reduce_into() takes a HeadStatsAccumulator, PooledAttention or KeyReductions, "
                 f"got {type(accumulator).__name__}")
         p = self._store.policy
-        if p.keep_grad or p.rows is not None or p.keys is not None:
-            raise AttentionHookerError("reduce_into() cannot be combined with keep_grad=True, rows= or keys=: "
-                                       "statistics are taken over every query row and key, without gradients")
+        if p.keep_grad or p.rows is not None or p.keys is not None or p.keep_values:
+            raise AttentionHookerError("reduce_into() cannot be combined with keep_grad=True, keep_values=True, rows= "
+                                       "or keys=: statistics are taken over every query row and key, and keep nothing "
+                                       "else")
         self._store.reducer = lambda layer: accumulator.partial(layer, padding_mask)
         return self
 
@@ -317,6 +336,9 @@ class TransformerAttentionHooker:
         if p.keep_grad:
             raise AttentionHookerError("stream_to() cannot be combined with keep_grad=True: gradients arrive "
                                        "after the calls are written")
+        if p.keep_values:
+            raise AttentionHookerError("stream_to() cannot be combined with keep_values=True: streamed captures "
+                                       "hold the weights only")
         if p.max_calls is not None and p.keep == "last":
             raise AttentionHookerError('stream_to() cannot keep the last calls (keep="last"): written calls stay '
                                        'written; use keep="first" with max_calls=')
@@ -471,7 +493,8 @@ class TransformerAttentionHooker:
                 if output is not None and session.current_layer() is not None and not drops_weights(module):
                     weights, graph_tensor = mha_weights(output)
                     if weights is not None:
-                        session.record_module_output(name, weights, graph_tensor)
+                        session.record_module_output(name, weights, graph_tensor,
+                                                     value=lambda: mha_value_vectors(module, args, kwargs))
             finally:
                 session.exit(module)
             return None

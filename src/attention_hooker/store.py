@@ -39,6 +39,8 @@ class StoragePolicy:
             ones from the end, or a slice); ``None`` keeps every row.
         keys: the keys to keep of each kept row (the same forms); ``None`` keeps
             every key. Each row is still normalised over all of its keys.
+        keep_values: also keep each call's value vectors ``(batch, kv_heads, key,
+            head_dim)``, where the route sees them (sdpa, ``nn.MultiheadAttention``).
     """
 
     device: Optional[torch.device] = torch.device("cpu")
@@ -49,6 +51,7 @@ class StoragePolicy:
     keep_grad: bool = False
     rows: Union[None, slice, Tuple[int, ...]] = None
     keys: Union[None, slice, Tuple[int, ...]] = None
+    keep_values: bool = False
 
     @classmethod
     def build(
@@ -62,6 +65,7 @@ class StoragePolicy:
         keep_grad: bool,
         rows=None,
         keys=None,
+        keep_values: bool = False,
     ) -> "StoragePolicy":
         """Validates user options and returns a policy.
 
@@ -78,7 +82,9 @@ class StoragePolicy:
         max_calls = positive_int(max_calls, "max_calls", allow_none=True)
         keep = one_of(keep, "keep", _KEEP_CHOICES)
         keep_grad = check_flag(keep_grad, "keep_grad")
-        return cls(device, dtype, heads, max_calls, keep, keep_grad, row_selection(rows), row_selection(keys, "keys"))
+        keep_values = check_flag(keep_values, "keep_values")
+        return cls(device, dtype, heads, max_calls, keep, keep_grad, row_selection(rows), row_selection(keys, "keys"),
+                   keep_values)
 
 
 class GradientSource(NamedTuple):
@@ -129,6 +135,7 @@ class AttentionStore:
         self._rank = {name: i for i, name in enumerate(layer_order)}
         self.values = AttentionValues()
         self.gradients: dict = {}  # with keep_grad: {name: [[grad or None] per call]}
+        self.value_vectors = AttentionValues()  # with keep_values: {name: [value or None per call]}
         self.calls_seen: dict = {}
         # Keepers other than ``values``: each gives, per layer call, a partial that takes
         # blocks of query rows (add) and is merged by commit(). ``reducer`` reduces calls
@@ -157,6 +164,7 @@ class AttentionStore:
             salvaged = salvage(self.values) if salvage is not None else []
             self.values.clear()
             self.gradients.clear()
+            self.value_vectors.clear()
             self.calls_seen.clear()
         return salvaged
 
@@ -183,6 +191,7 @@ class AttentionStore:
         selected: bool = False,
         graph_tensor: Optional[torch.Tensor] = None,
         gradient_scale: Optional[torch.Tensor] = None,
+        value: Optional[torch.Tensor] = None,
     ) -> None:
         """Stores one call's weights for ``name``.
 
@@ -196,6 +205,8 @@ class AttentionStore:
             gradient_scale: the gradient with respect to ``weights`` is
                 ``graph_tensor``'s times this (same shape as ``graph_tensor``):
                 weights before dropout, ``graph_tensor`` the ones after it.
+            value: with ``keep_values``, the call's value vectors ``(batch, kv_heads,
+                key, head_dim)``, or ``None`` where the route does not see them.
 
         Raises:
             AttentionHookerError: when ``policy.heads`` names a head the layer lacks.
@@ -214,7 +225,7 @@ class AttentionStore:
             return
         stored = self._place(weights.detach(), self.allocator(name))
         with self._lock:
-            self._append(name, stored, weights if graph_tensor is None else graph_tensor, gradient_scale)
+            self._append(name, stored, weights if graph_tensor is None else graph_tensor, gradient_scale, value)
 
     @property
     def keeps_elsewhere(self) -> bool:
@@ -232,7 +243,8 @@ class AttentionStore:
             self.calls_seen[name] = self.calls_seen.get(name, 0) + 1
             partial.commit()
 
-    def _append(self, name: str, stored: torch.Tensor, graph_tensor: torch.Tensor, gradient_scale=None) -> None:
+    def _append(self, name: str, stored: torch.Tensor, graph_tensor: torch.Tensor, gradient_scale=None,
+                value=None) -> None:
         p = self.policy
         kept = self.wants(name)
         self.calls_seen[name] = self.calls_seen.get(name, 0) + 1
@@ -244,10 +256,19 @@ class AttentionStore:
         calls.append(stored)
         if p.keep_grad:
             self._watch_gradient(name, stored, graph_tensor, gradient_scale)
+        if p.keep_values:
+            if name not in self.value_vectors:
+                self.value_vectors[name] = []
+                order = [n for n in self.values if n in self.value_vectors]  # model order, as values
+                for n in order:
+                    self.value_vectors[n] = self.value_vectors.pop(n)
+            self.value_vectors[name].append(None if value is None else self._place(value.detach()))
         if p.max_calls is not None and len(calls) > p.max_calls:
             del calls[0]  # keep == "last"
             if p.keep_grad:
                 del self.gradients[name][0]
+            if p.keep_values:
+                del self.value_vectors[name][0]
 
     def _place(self, tensor: torch.Tensor, allocate: Callable = None) -> torch.Tensor:
         """The tensor on the policy's device and dtype: itself, or a copy (from ``allocate``)."""

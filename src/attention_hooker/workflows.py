@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .naming import short_layer_names
-from .errors import CommandError  # noqa: F401  (raised here; lives in errors so that --help stays light)
+from .errors import AttentionHookerError, CommandError  # noqa: F401  (CommandError lives in errors: --help stays light)
 
 __all__ = ["CommandError", "Capture", "load_hf_model", "capture_text", "write_outputs", "notable_heads",
            "collect_statistics", "demo_model_path", "DEFAULT_DEMO_TEXT", "prepare_out", "check_save_path"]
@@ -653,15 +653,16 @@ def write_statistics(accumulator, out) -> Dict[str, object]:
     return {"csv": csv_path, "pictures": pictures}
 
 
-ROLE_COLUMNS = ("previous_token", "duplicate_token", "induction", "first_token_share", "sink_head", "confidence",
-                "importance", "retrieval")
+ROLE_COLUMNS = ("previous_token", "duplicate_token", "induction", "first_token_share", "first_token_norm_share",
+                "sink_head", "confidence", "importance", "retrieval")
 SINK_THRESHOLD = 0.3  # Gu et al. (2024)'s epsilon
 
 
 def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, repeat_length: int = 50,
                seed: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
     """Each self-attention head's role scores: previous-token, duplicate-token, first-token
-    share, sink head (share above 0.3) and confidence on ``text``; induction on a random
+    share, the first token's share of the value-weighted norms (Kobayashi et al. 2020), sink head
+    (share above 0.3) and confidence on ``text``; induction on a random
     sequence of ``repeat_length`` tokens seen twice (where every second-half token has one
     induction target); importance (Michel et al. 2019) from the gradients of the language-model
     loss on ``text`` (models with a language-model head); retrieval (Wu et al. 2024) while a
@@ -670,7 +671,8 @@ def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, 
     Returns:
         ``{layer: {column: (heads,) float64}}`` in model order (columns: :data:`ROLE_COLUMNS`);
         NaN where a score does not apply to the model (importance without a language-model
-        loss, retrieval outside decoders).
+        loss, retrieval outside decoders, norms where the value vectors or the output projection
+        are out of reach).
     """
     from .analysis import sink_share
     from .hooker import TransformerAttentionHooker
@@ -690,7 +692,7 @@ def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, 
     repeated = _to_model(loaded, {"input_ids": torch.cat([half, half], dim=1)})
     forward = ((lambda ids, **kw: model(input_ids=ids, decoder_input_ids=ids, **kw))
                if loaded.kind == "encoder-decoder" else (lambda ids, **kw: model(input_ids=ids, **kw)))
-    with torch.no_grad(), TransformerAttentionHooker(model, layers) as on_text:
+    with torch.no_grad(), TransformerAttentionHooker(model, layers, keep_values=True) as on_text:
         forward(enc["input_ids"], attention_mask=enc.get("attention_mask"))
     with torch.no_grad(), TransformerAttentionHooker(model, layers) as on_repeat:
         forward(repeated["input_ids"])
@@ -709,6 +711,7 @@ def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, 
             "duplicate_token": duplicate_token_score(w, ids)[0],
             "induction": induction_score(on_repeat.values[name][0], repeated["input_ids"])[0],
             "first_token_share": share,
+            "first_token_norm_share": _first_token_norm_share(model, name, w, on_text.value_vectors.get(name)),
             "sink_head": (share > SINK_THRESHOLD).double(),
             "confidence": head_confidence(w)[0],
             "importance": importance.get(name, missing).cpu(),
@@ -717,6 +720,24 @@ def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, 
     if not roles:
         raise CommandError(f"{loaded.name} has no self-attention layer to score (query == key)")
     return roles
+
+
+def _first_token_norm_share(model, name: str, weights: torch.Tensor, values) -> torch.Tensor:
+    """Per head, the first key's share of each query's value-weighted norms (Kobayashi et al.
+    2020), averaged over the queries; NaN where the value vectors or the output projection are
+    out of reach (eager attention code; a projection found nowhere or twice)."""
+    from .attribution import find_output_projection, value_weighted_norms
+
+    missing = torch.full((weights.shape[1],), float("nan"), dtype=torch.float64)
+    value = values[0] if values else None
+    if value is None:
+        return missing
+    try:
+        out_weight = find_output_projection(model, name, weights.shape[1] * value.shape[-1])
+    except AttentionHookerError:
+        return missing
+    norms = value_weighted_norms(weights, value, out_weight)[0]  # (H, Q, K)
+    return (norms[..., 0] / norms.sum(-1).clamp(min=1e-30)).mean(-1).cpu()
 
 
 def _head_importance(loaded: LoadedModel, enc, layers, forward) -> Dict[str, torch.Tensor]:

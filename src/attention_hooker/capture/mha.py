@@ -24,7 +24,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["MultiheadAttentionRoute", "mha_weights"]
+__all__ = ["MultiheadAttentionRoute", "mha_weights", "mha_value_vectors"]
 
 _ROUTES: "weakref.WeakKeyDictionary[nn.Module, MultiheadAttentionRoute]" = weakref.WeakKeyDictionary()
 _ROUTES_LOCK = threading.Lock()
@@ -53,6 +53,39 @@ def mha_weights(output: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Ten
     batched = weights if weights.dim() == 4 else weights.unsqueeze(0)  # (B, H, L, S)
     graph_tensor = weights._base if weights._base is not None else weights  # (B * H, L, S) used by bmm
     return batched, graph_tensor
+
+
+def mha_value_vectors(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The value vectors an ``nn.MultiheadAttention`` call multiplied its weights with,
+    ``(batch, heads, key, head_dim)``: its ``value`` input through the value part of its input
+    projection (bias included), then ``bias_v`` and the zero key where the module adds them
+    (as ``F.multi_head_attention_forward`` appends them after the keys); ``None`` when the call
+    cannot be read."""
+    signature = inspect.signature(type(module).forward)
+    try:
+        bound = signature.bind(module, *args, **kwargs)
+    except TypeError:
+        return None
+    value = bound.arguments.get("value")
+    if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3):
+        return None
+    width, heads = module.embed_dim, module.num_heads
+    if module._qkv_same_embed_dim:
+        weight = module.in_proj_weight[2 * width:]
+    else:
+        weight = module.v_proj_weight
+    bias = None if module.in_proj_bias is None else module.in_proj_bias[2 * width:]
+    with torch.no_grad():
+        v = torch.nn.functional.linear(value, weight, bias)  # (S, B, E), (B, S, E) or unbatched (S, E)
+        if v.dim() == 2:
+            v = v.unsqueeze(0)  # (1, S, E)
+        elif not module.batch_first:
+            v = v.transpose(0, 1)  # (B, S, E)
+        if module.bias_v is not None:
+            v = torch.cat([v, module.bias_v.reshape(1, 1, width).expand(v.shape[0], 1, width)], dim=1)
+        if module.add_zero_attn:
+            v = torch.cat([v, v.new_zeros(v.shape[0], 1, width)], dim=1)
+        return v.reshape(v.shape[0], v.shape[1], heads, width // heads).transpose(1, 2)  # (B, H, S, Dh)
 
 
 def drops_weights(module: nn.Module) -> bool:

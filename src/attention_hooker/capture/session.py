@@ -338,7 +338,7 @@ class CaptureSession:
             )  # (B, H, L, S); packed: (B, Hk, groups, S)
         if groups > 1:
             weights = unpack_query_groups(weights, groups)  # (B, H, 1, S)
-        self._record(layer, weights, selected=groups == 1)
+        self._record(layer, weights, selected=groups == 1, value=call["value"])
         return output
 
     def _sdpa_with_grad(self, func, args: tuple, kwargs: dict, call: dict, layer: str, groups: int) -> torch.Tensor:
@@ -365,7 +365,8 @@ class CaptureSession:
                     v = v.repeat_interleave(d.shape[1] // v.shape[1], dim=1)  # (B, H, S, Ev)
                 return torch.matmul(d, v.transpose(-2, -1))  # (B, H, L, S)
 
-            self._record(layer, weights, selected=False, graph_tensor=GradientSource(output, to_weights))
+            self._record(layer, weights, selected=False, graph_tensor=GradientSource(output, to_weights),
+                         value=call["value"])
             return output
         query, value = call["query"], call["value"]
         weights = sdpa_attention_weights(
@@ -380,7 +381,7 @@ class CaptureSession:
         output = torch.matmul(used, v)  # (B, H, L, Ev)
         # Gradients reach the packed tensor the output was computed from; stored unpacked (the same order).
         self._record(layer, unpack_query_groups(weights, groups) if groups > 1 else weights, selected=False,
-                     graph_tensor=weights)
+                     graph_tensor=weights, value=call["value"])
         return output.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
 
     def on_softmax(self, result, args: tuple, kwargs: dict) -> None:
@@ -497,28 +498,34 @@ class CaptureSession:
         self.record_module_output(scope.layer, weights, dropped, gradient_scale=scale)
         return output
 
-    def record_module_output(self, layer: str, weights: torch.Tensor, graph_tensor=None, gradient_scale=None) -> None:
-        """Records weights a module returned itself (the MHA route)."""
+    def record_module_output(self, layer: str, weights: torch.Tensor, graph_tensor=None, gradient_scale=None,
+                             value=None) -> None:
+        """Records weights a module returned itself (the MHA route); ``value``: a function giving
+        its value vectors, called only when they are kept."""
         if self.closed:
             return
         if not self.store.wants(layer):
             self._skip(layer)
             return
-        self._store(layer, weights, False, graph_tensor, gradient_scale)  # one map per nn.MultiheadAttention call
+        value = value() if value is not None and self.store.policy.keep_values else None
+        self._store(layer, weights, False, graph_tensor, gradient_scale, value)  # one map per MHA call
 
     def _skip(self, layer: str) -> None:
         self._state().events += 1
         self.coverage.captured(layer)
         self.store.skip(layer)
 
-    def _record(self, layer: str, weights: torch.Tensor, *, selected: bool, graph_tensor=None) -> None:
-        """Keeps one attention call's weights with the running call of ``layer``; they are
-        stored when it returns (:meth:`_flush`)."""
+    def _record(self, layer: str, weights: torch.Tensor, *, selected: bool, graph_tensor=None, value=None) -> None:
+        """Keeps one attention call's weights (and its value vectors ``(batch, kv_heads, key, head_dim)``
+        where the route sees them) with the running call of ``layer``; they are stored when it
+        returns (:meth:`_flush`)."""
+        if value is not None:
+            value = as_4d(value) if self.store.policy.keep_values else None
         scope = self._scope_of(layer)
         if scope is None:  # its call is over (closed meanwhile): store at once
-            self._store(layer, weights, selected, graph_tensor)
+            self._store(layer, weights, selected, graph_tensor, value=value)
             return
-        scope.calls.append((weights, selected, graph_tensor))
+        scope.calls.append((weights, selected, graph_tensor, value))
 
     def _refuse(self, scope: _Scope, reason: str) -> None:
         if scope.refusal is None:
@@ -562,22 +569,22 @@ class CaptureSession:
             refusal = (f"{refusal}; the layer's other {len(calls)} attention call(s) in the same forward are a "
                        "partial picture without it, and are not stored either")
         if refusal is not None:
-            for weights, _, _ in calls:
+            for weights, *_ in calls:
                 getattr(weights, "discard", lambda: None)()  # a streamed call's file goes too
             self.coverage.refused(layer, refusal)
             return
-        weights, selected, graph_tensor = calls[0]
-        self._store(layer, weights, selected, graph_tensor)
+        weights, selected, graph_tensor, value = calls[0]
+        self._store(layer, weights, selected, graph_tensor, value=value)
 
     def _store(self, layer: str, weights: torch.Tensor, selected: bool, graph_tensor,
-               gradient_scale=None) -> None:
+               gradient_scale=None, value=None) -> None:
         self._state().events += 1
         self.coverage.captured(layer)
         if not isinstance(weights, torch.Tensor):  # a call kept tile by tile (store.partial)
             self.store.commit_partial(layer, weights)
             return
         self.store.record(layer, weights, selected=selected, graph_tensor=graph_tensor,
-                          gradient_scale=gradient_scale)
+                          gradient_scale=gradient_scale, value=value)
 
     def _scope_of(self, layer: str) -> Optional[_Scope]:
         """The innermost open scope of ``layer`` on this thread."""
