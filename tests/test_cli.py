@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -562,6 +563,12 @@ def test_heads_scores_every_head_of_the_real_minilm(minilm_path, tmp_path, capsy
     norm = sum(float(r["first_token_norm_share"]) for r in rows) / len(rows)
     assert weight > 0.35 and norm < weight / 3, (weight, norm)
     assert "importance:             n/a: needs a language-model loss" in out
+    page = (tmp_path / "h" / "head_roles.html").read_text()  # its overview coloured by any role
+    meta = json.loads(page.split('id="ah-meta">')[1].split("</script>")[0])
+    layer0 = meta["layers"][0]["scores"]
+    assert set(layer0) == {"previous token", "duplicate token", "induction", "first token norm share", "sink head",
+                           "importance", "retrieval"} and layer0["importance"] == [None] * 12
+    assert layer0["previous token"][2] == pytest.approx(1.0, abs=1e-3)
     assert all(r["sink_head"] == ("1" if float(r["first_token_share"]) > 0.3 else "0") for r in rows)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
     model = transformers.AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa").eval()

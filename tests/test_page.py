@@ -491,3 +491,49 @@ def test_a_weight_below_the_heads_quantisation_step_reads_as_below_it_not_as_zer
         view.close()
     assert small == 'query 0 "0" -> key 3 "3": below 0.0020', "0.001 is under half a step (0.997 / 508)"
     assert large == 'query 0 "0" -> key 0 "0": ~0.997'
+
+
+# ------------------------------------------------------------------ the overview coloured by a score per head
+def test_the_overview_colours_each_head_by_a_chosen_score(browser, minilm_page, tmp_path):
+    """Issue 14: the layers x heads grid coloured by a score (its own, or ones given) instead of the maps."""
+    from attention_hooker.roles import previous_token_score
+
+    hooker, tokens, _, _ = minilm_page
+    names = list(hooker.values)
+    importance = {name: [float(h) for h in range(12)] for name in names}
+    importance[names[0]] = [float("nan")] * 12  # a layer where the score does not apply
+    page = render_html(hooker, tokens=tokens, head_scores={"importance": importance})
+    view = _Page(browser, page.save(tmp_path / "scores.html"))
+    p = view.page
+    try:
+        options = p.eval_on_selector_all("#ah-overview-colour option", "els => els.map(e => e.value)")
+        assert options == ["", "first-token share", "confidence", "entropy (nats)", "previous token", "importance"]
+        maps = view.canvas("#ah-overview canvas[data-layer='0'][data-head='2']")
+        p.select_option("#ah-overview-colour", "previous token")
+        score = float(p.get_attribute("#ah-overview canvas[data-layer='0'][data-head='2']", "data-score"))
+        title = p.get_attribute("#ah-overview canvas[data-layer='0'][data-head='2']", "title")
+        assert view.canvas("#ah-overview canvas[data-layer='0'][data-head='2']") != maps
+        assert p.inner_text("#ah-overview-legend").startswith("colour: previous token, 0.00 (dark) to 1.00 (bright)")
+        p.select_option("#ah-overview-colour", "importance")
+        grey = p.evaluate("""() => Array.from(document.querySelector("#ah-overview canvas[data-layer='0']")
+            .getContext('2d').getImageData(0, 0, 1, 1).data.slice(0, 3))""")
+        given = p.get_attribute("#ah-overview canvas[data-layer='1'][data-head='7']", "data-score")
+        p.select_option("#ah-overview-colour", "")
+        back = view.canvas("#ah-overview canvas[data-layer='0'][data-head='2']")
+        assert view.errors == []
+    finally:
+        view.close()
+    want = previous_token_score(hooker.values[names[0]][0])[0, 2].item()
+    assert score == pytest.approx(want, abs=1e-6) and title.endswith(f"previous token {want:.2f}")  # toPrecision(3)
+    assert grey == [215, 215, 215], "a head the score does not apply to is grey"
+    assert given == "7" and back == maps
+
+
+def test_head_scores_are_checked_against_the_layers_shown():
+    w = {"layer": [torch.full((1, 2, 3, 3), 1 / 3)]}
+    with pytest.raises(AttentionHookerError, match=r"head_scores\['x'\] names layer 'other', which the page does not"):
+        render_html(w, head_scores={"x": {"other": [1, 2]}})
+    with pytest.raises(AttentionHookerError, match=r"head_scores\['x'\]\['layer'\] has 3 numbers; the layer has 2 heads"):
+        render_html(w, head_scores={"x": {"layer": [1, 2, 3]}})
+    with pytest.raises(AttentionHookerError, match="head_scores must be"):
+        render_html(w, head_scores=[1, 2])

@@ -212,6 +212,7 @@ def _command_heads(args) -> None:
     text = args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT
     roles = workflows.head_roles(loaded, text, layers=args.layers, repeat_length=args.repeat_length)
     path = workflows.write_head_roles(roles, args.out)
+    page = workflows.write_head_roles_page(loaded, text, roles, args.out, layers=args.layers)
     names = list(roles)
     print(f"model:   {loaded.name} ({loaded.kind}), {len(names)} self-attention layers")
     reasons = {"importance": "needs a language-model loss (an encoder without its head has none)",
@@ -230,6 +231,7 @@ def _command_heads(args) -> None:
         layer, head = divmod(int(table.argmax()), table.shape[1])
         print(f"{column + ':':<24}{names[layer]} head {head} ({float(table.max()):.2f})")
     print(f"csv:     {path}")
+    print(f"page:    {page}  (its overview coloured by any of these scores: 'colour by')")
 
 
 def _command_layers(args) -> None:

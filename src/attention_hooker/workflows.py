@@ -785,6 +785,25 @@ def _retrieval(loaded: LoadedModel, repeated: torch.Tensor, length: int, layers)
     return scores
 
 
+def write_head_roles_page(loaded: LoadedModel, text: str, roles: Dict[str, Dict[str, torch.Tensor]], out, *,
+                          layers: Optional[str] = None) -> Path:
+    """``head_roles.html``: the page of ``text``'s attention, its overview coloured by any role score."""
+    from .hooker import TransformerAttentionHooker
+    from .html import render_html
+
+    out = prepare_out(out)
+    enc = _to_model(loaded, loaded.tokenizer(text, return_tensors="pt", truncation=True))
+    extra = {"decoder_input_ids": enc["input_ids"]} if loaded.kind == "encoder-decoder" else {}
+    with torch.no_grad(), TransformerAttentionHooker(loaded.model, layers) as hooker:
+        loaded.model(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"), **extra)
+    values = {name: calls for name, calls in hooker.values.items() if name in roles}
+    scores = {column.replace("_", " "): {name: roles[name][column].tolist() for name in values}
+              for column in ROLE_COLUMNS if column not in ("first_token_share", "confidence")}  # the page has those
+    page = render_html(values, tokens=_tokens(loaded.tokenizer, enc["input_ids"][0].tolist()),
+                       title=f"{loaded.name}: head roles", head_scores=scores)
+    return Path(page.save(out / "head_roles.html"))
+
+
 def _cell(value: float) -> str:
     """A CSV cell: 9 significant digits, empty where the score does not apply (NaN)."""
     return "" if math.isnan(value) else f"{value:.9g}"

@@ -87,6 +87,49 @@ class _Payload:
         return b"".join(self.chunks)
 
 
+def _builtin_scores(weights: torch.Tensor) -> Dict[str, list]:
+    """Per-head scores the page can colour the overview by: ``{name: [[score per head] per batch item]}``."""
+    from ..analysis import head_entropy, sink_share
+    from ..roles import head_confidence, previous_token_score
+
+    functions = {"first-token share": lambda w: sink_share(w, [0]), "confidence": head_confidence,
+                 "entropy (nats)": head_entropy}
+    if weights.shape[-1] == weights.shape[-2] and weights.shape[-1] > 1:
+        functions["previous token"] = previous_token_score
+    tables = {name: [] for name in functions}
+    try:
+        for head in range(weights.shape[1]):  # one head at a time: a long call's float64 copy stays small
+            w = weights[:, head: head + 1].detach().to("cpu", torch.float64)
+            w = torch.where(torch.isfinite(w), w, torch.zeros((), dtype=w.dtype))
+            for name, function in functions.items():
+                tables[name].append(function(w)[:, 0])  # (B,)
+    except AttentionHookerError:  # not attention probabilities (a test's random numbers): no scores
+        return {}
+    return {name: [[round(float(x), 6) for x in row] for row in torch.stack(columns, dim=1)]
+            for name, columns in tables.items()}
+
+
+def _add_head_scores(layer_meta: list, head_scores) -> None:
+    """Puts the caller's ``{score: {layer: per head}}`` on each layer (checked against its heads)."""
+    if head_scores is None:
+        return
+    if not isinstance(head_scores, dict) or not all(isinstance(k, str) for k in head_scores):
+        raise AttentionHookerError("head_scores must be {score name: {layer name: one number per head}}")
+    layers = {layer["name"]: layer for layer in layer_meta}
+    for score, per_layer in head_scores.items():
+        if not isinstance(per_layer, dict):
+            raise AttentionHookerError(f"head_scores[{score!r}] must be {{layer name: one number per head}}")
+        for name, numbers in per_layer.items():
+            if name not in layers:
+                raise AttentionHookerError(f"head_scores[{score!r}] names layer {name!r}, which the page does not show")
+            heads = layers[name]["calls"][0]["shape"][1]
+            values = [float(x) for x in (numbers.tolist() if hasattr(numbers, "tolist") else numbers)]
+            if len(values) != heads:
+                raise AttentionHookerError(
+                    f"head_scores[{score!r}][{name!r}] has {len(values)} numbers; the layer has {heads} heads")
+            layers[name].setdefault("scores", {})[score] = [None if x != x else round(x, 9) for x in values]
+
+
 def _asset(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
@@ -209,6 +252,7 @@ def render_html(
     pool_above: int = 512,
     pool_size: int = 256,
     top_keys: int = 8,
+    head_scores: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
 ) -> AttentionPage:
     """One offline, self-contained interactive page of captured attention.
 
@@ -227,6 +271,11 @@ def render_html(
     (Measured: MiniLM's 512-token page weighs 5.9 MB whole and 1.4 MB with
     ``pool_above=256``; ``benchmarks/bench_page.py``.)
 
+    The overview can be coloured by a score per head instead of the maps: the
+    page computes first-token share, confidence, entropy and (self-attention)
+    previous-token score of every call and batch item; ``head_scores`` adds
+    others (importance, retrieval, ... from ``attention-hooker heads``).
+
     Args:
         source: a hooker, a loaded capture, or ``{layer_name: [tensor per call]}``
             with tensors ``(batch, heads, query, key)``.
@@ -242,6 +291,8 @@ def render_html(
         pool_above: the longest axis, in tokens, carried whole (default 512).
         pool_size: the most blocks a side of a long call's pooled map (default 256).
         top_keys: the keys kept of each query row of a long call (default 8).
+        head_scores: more scores to colour the overview by: ``{score name: {layer
+            name: one number per head}}`` (NaN where a score does not apply).
 
     Returns:
         An :class:`AttentionPage`.
@@ -250,7 +301,9 @@ def render_html(
         AttentionHookerError: on empty values, a wrong shape, an unknown layer,
             tokens that fit neither axis or are not a list of strings, a title
             that is not a string, a compression level outside 0..9, or a
-            ``pool_above``, ``pool_size`` or ``top_keys`` that is not a positive int.
+            ``pool_above``, ``pool_size`` or ``top_keys`` that is not a positive int,
+            or ``head_scores`` naming an unknown layer or giving a layer the wrong
+            number of heads.
 
     Example:
         >>> page = render_html({"layer": [torch.rand(1, 2, 3, 3).softmax(-1)]}, tokens=["a", "b", "c"])
@@ -280,6 +333,7 @@ def render_html(
             codes, scales = encode_weights(weights)
             entry = {
                 "shape": shape,
+                "scores": _builtin_scores(weights),
                 "scales": [round(float(s), 7) for s in scales.flatten()],
                 **dict(zip(("queryTokens", "keyTokens"), token_sets.pick_axes(name, shape))),
                 "nonfinite": bool((codes == NONFINITE_CODE).any()),
@@ -297,6 +351,7 @@ def render_html(
                 entry["offset"] = payload.add(codes.numpy().tobytes())
             call_meta.append(entry)
         layer_meta.append({"name": name, "calls": call_meta})
+    _add_head_scores(layer_meta, head_scores)
     for layer, short in zip(layer_meta, short_layer_names([layer["name"] for layer in layer_meta])):
         layer["short"] = short  # row labels and the layer selector; the full name on hover
     title = title or "Attention"

@@ -7,7 +7,7 @@
   const ROW = 16; // px per token row in the head view
   const TOP = meta.encoding.top, BAD = meta.encoding.nonfinite;
   const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, scale: "linear",
-                  relative: false, oneHead: false, detail: null };
+                  relative: false, oneHead: false, detail: null, colourBy: "" };
   const WINDOW = 64; // tokens a side of a long call's detail (a click on its pooled map)
   // Colour index of a code: linear in the weight, or its square root (small weights show).
   // Log: down to 1e-4 of the head's largest weight (smaller ones, and zeros, are the darkest colour).
@@ -153,9 +153,40 @@
     $("ah-layer").value = String(state.layer);
   }
 
+  // A head's score (the overview's colour): the layer's given scores, else the call's own per batch item.
+  function scoreOf(li, h, name) {
+    const layer = meta.layers[li];
+    if (layer.scores && name in layer.scores) return layer.scores[name][h];
+    const c = layerCall(li, state.call), per = c.scores && c.scores[name];
+    if (!per) return null;
+    const row = per[Math.min(state.batch, per.length - 1)];
+    return h < row.length ? row[h] : null;
+  }
+
+  function scoreNames() {
+    const names = new Set();
+    meta.layers.forEach((layer, li) => {
+      Object.keys(layerCall(li, state.call).scores || {}).forEach((n) => names.add(n));
+      Object.keys(layer.scores || {}).forEach((n) => names.add(n));
+    });
+    return Array.from(names);
+  }
+
   function drawOverview() {
     const box = $("ah-overview");
     box.innerHTML = "";
+    const by = state.colourBy;
+    let low = Infinity, high = -Infinity;
+    if (by) meta.layers.forEach((l, li) => {
+      for (let h = 0; h < layerCall(li, state.call).shape[1]; h++) {
+        const v = scoreOf(li, h, by);
+        if (v !== null && v !== undefined && Number.isFinite(v)) { low = Math.min(low, v); high = Math.max(high, v); }
+      }
+    });
+    if (low > 0) low = 0;  // scores of 0 and up read from 0
+    $("ah-overview-legend").textContent = !by ? "" : Number.isFinite(high)
+      ? `colour: ${by}, ${low.toPrecision(3)} (dark) to ${high.toPrecision(3)} (bright); grey: does not apply`
+      : `colour: ${by}: no head has this score`;
     const maxHeads = Math.max(...meta.layers.map((l, i) => layerCall(i, state.call).shape[1]));
     box.style.gridTemplateColumns = `minmax(40px, 90px) repeat(${maxHeads}, minmax(18px, 1fr))`;
     box.appendChild(document.createElement("div"));
@@ -176,7 +207,23 @@
         cv.dataset.layer = String(li); cv.dataset.head = String(h);
         cv.title = `${layer.name} head ${h}`;
         if (li === state.layer && h === state.head) cv.className = "ah-selected";
-        paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 48), Math.min(m.Q, 48));
+        if (by) {  // one flat colour: the head's score
+          const v = scoreOf(li, h, by);
+          cv.width = 1; cv.height = 1;
+          const ctx = cv.getContext("2d");
+          if (v === null || v === undefined || !Number.isFinite(v)) {
+            ctx.fillStyle = "rgb(215,215,215)";
+            cv.title += `: ${by} does not apply`;
+          } else {
+            const l = Math.round(((v - low) / Math.max(high - low, 1e-12)) * 255) * 3;
+            ctx.fillStyle = `rgb(${LUT[l]},${LUT[l + 1]},${LUT[l + 2]})`;
+            cv.title += `: ${by} ${v.toPrecision(3)}`;
+            cv.dataset.score = String(v);
+          }
+          ctx.fillRect(0, 0, 1, 1);
+        } else {
+          paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 48), Math.min(m.Q, 48));
+        }
         cv.addEventListener("click", () => {  // the head view follows the head picked here
           if (li !== state.layer) state.detail = null;
           state.layer = li; state.head = h; state.query = 0; state.oneHead = true;
@@ -465,6 +512,12 @@
     $("ah-call").addEventListener("change", (e) => { state.call = Number(e.target.value); state.detail = null; refresh(); });
     $("ah-batch").addEventListener("change", (e) => { state.batch = Number(e.target.value); refresh(); });
     $("ah-matrix").addEventListener("click", zoom);
+    scoreNames().forEach((n) => {
+      const opt = document.createElement("option");
+      opt.value = n; opt.textContent = n;
+      $("ah-overview-colour").appendChild(opt);
+    });
+    $("ah-overview-colour").addEventListener("change", (e) => { state.colourBy = e.target.value; drawOverview(); });
     $("ah-matrix-back").addEventListener("click", () => { state.detail = null; drawMatrix(); drawMatrixLabels(); });
     $("ah-head").addEventListener("change", (e) => { state.head = Number(e.target.value); refresh(); });
     $("ah-matrix").addEventListener("mousemove", readout);
