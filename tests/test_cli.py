@@ -646,3 +646,36 @@ def test_head_roles_leave_no_gradient_on_the_models_parameters(saved_models):
     roles = head_roles(loaded, "the cat sat on the mat", repeat_length=8)
     assert all(not torch.isnan(scores["importance"]).any() for scores in roles.values())
     assert all(p.grad is None for p in loaded.model.parameters())
+
+
+def test_flow_writes_the_flow_and_rollout_of_every_token_of_the_real_minilm(minilm_path, tmp_path, capsys):
+    """Issue 14: attention flow from the command line, equal to the library's on the same capture."""
+    from attention_hooker import TransformerAttentionHooker, attention_flow, attention_rollout
+    from attention_hooker.workflows import DEFAULT_DEMO_TEXT
+
+    assert main(["flow", "--model", str(minilm_path), "--into", "0", "-1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "into [CLS] (0): " in out and "into [SEP] (19): " in out
+    with open(tmp_path / "flow.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 20 and rows[0]["token"] == "[CLS]"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    model = transformers.AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa").eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(**tokenizer(DEFAULT_DEMO_TEXT, return_tensors="pt"))
+    flow = attention_flow(hooker.values, output_positions=[0, 19])[0]
+    rollout = attention_rollout(hooker.values)[0]
+    assert [float(r["flow_into_0"]) for r in rows] == pytest.approx(flow[0].tolist(), rel=1e-6)
+    assert [float(r["flow_into_19"]) for r in rows] == pytest.approx(flow[1].tolist(), rel=1e-6)
+    assert [float(r["rollout_into_19"]) for r in rows] == pytest.approx(rollout[19].tolist(), rel=1e-5)
+
+
+def test_flow_mistakes_are_one_line(minilm_path, vit_folder, tmp_path, capsys, monkeypatch):
+    from attention_hooker import workflows
+
+    assert "--into 40: the text has 20 tokens" in _error(capsys, "flow", "--model", str(minilm_path), "--into", "40",
+                                                         "--out", str(tmp_path / "a"))
+    assert "is a vision model" in _error(capsys, "flow", "--model", str(vit_folder[0]), "--out", str(tmp_path / "b"))
+    monkeypatch.setattr(workflows, "FLOW_MAX_TOKENS", 5)
+    assert "the text is 20 tokens; attention flow takes one maximum flow per token and is offered up to 5" in _error(
+        capsys, "flow", "--model", str(minilm_path), "--out", str(tmp_path / "c"))

@@ -99,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens of the random sequence seen twice, for induction (default: %(default)s)")
     heads.add_argument("--out", default="attention-heads", help="output folder (default: %(default)s)")
 
+    flow = commands.add_parser(
+        "flow",
+        help="how much each input token reaches chosen tokens at the top: attention flow and rollout",
+        description="Runs a text, then computes attention flow (Abnar & Zuidema 2020: the maximum flow through "
+        "the layers' attention, residual included) and attention rollout into chosen tokens of the last layer, "
+        "writes flow.csv and prints the input tokens that reach them most. One maximum flow per input token: "
+        "up to 512 tokens.",
+    )
+    _add_model_options(flow)
+    flow.add_argument("--text", default=None, help="the text (default: the demo's sentence)")
+    flow.add_argument("--into", type=int, nargs="+", default=[0, -1], metavar="POSITION",
+                      help="token positions of the last layer to compute the flow into (default: 0 -1, the first "
+                           "and the last token)")
+    flow.add_argument("--out", default="attention-flow", help="output folder (default: %(default)s)")
+
     stats = commands.add_parser(
         "stats",
         help="per-head statistics over a text file, one text per line",
@@ -309,8 +324,28 @@ def _command_stats(args) -> None:
     print(f"heatmaps: {', '.join(str(p) for p in files['pictures'])}")
 
 
+def _command_flow(args) -> None:
+    from . import workflows
+
+    workflows.prepare_out(args.out)
+    loaded = workflows.load_hf_model(args.model)
+    text = args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT
+    start = time.perf_counter()
+    result = workflows.token_flow(loaded, text, into=args.into, layers=args.layers)
+    path = workflows.write_token_flow(result, args.out)
+    print(f"model:   {loaded.name} ({loaded.kind}), {len(result['layers'])} self-attention layers, "
+          f"{len(result['tokens'])} tokens")
+    for o, position in enumerate(result["into"]):
+        flows = result["flow"][o]
+        top = sorted(range(len(flows)), key=lambda j: -float(flows[j]))[:5]
+        shown = ", ".join(f"{result['tokens'][j]} ({j}) {float(flows[j]):.2f}" for j in top)
+        print(f"into {result['tokens'][position]} ({position}): {shown}")
+    print(f"csv:     {path}  (flow and rollout of every input token, each column summing to 1)")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+
+
 COMMANDS = {"demo": _command_demo, "run": _command_run, "stats": _command_stats, "layers": _command_layers,
-            "heads": _command_heads}
+            "heads": _command_heads, "flow": _command_flow}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
