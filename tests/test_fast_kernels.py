@@ -1,9 +1,12 @@
-"""On a CUDA device: capture under each of torch's fast sdpa kernels (flash, memory-efficient, cuDNN, math).
+"""Capture under each of torch's fast sdpa kernels: flash, memory-efficient, cuDNN and math on a CUDA
+device; on a machine without one (CI), the same checks under the kernels torch has on the CPU (flash
+and math) and with a shorter long input.
 
 Oracles: Hugging Face's eager model with ``output_attentions=True`` (same weights, same dtype), the
 plain sdpa model's own output (bitwise), and, for gradients, autograd through the eager model's
-returned attentions. These tests need a GPU; CI has none, so they skip there and are run by hand on
-a GPU machine (``python -m pytest tests/test_gpu.py``); the closing notes of issues give the results.
+returned attentions. On a GPU machine: ``python -m pytest tests/test_fast_kernels.py`` (a kernel that refuses
+a dtype or a mask on that card is skipped with its reason); ``ATTENTION_HOOKER_TEST_DEVICE`` picks
+the device.
 """
 
 from __future__ import annotations
@@ -24,11 +27,9 @@ from attention_hooker import (  # noqa: E402
 
 import os  # noqa: E402
 
-# ATTENTION_HOOKER_TEST_DEVICE=cpu runs the same checks on the CPU (the math kernel; a shorter long input),
-# to try the tests themselves where no GPU is lent.
-DEVICE = os.environ.get("ATTENTION_HOOKER_TEST_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
-LONG = 32768 if DEVICE == "cuda" else 1024
+DEVICE = os.environ.get("ATTENTION_HOOKER_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.startswith("cuda")
+LONG = 32768 if ON_GPU else 1024
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -36,6 +37,8 @@ BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "math": SDPBackend.MATH,
 }
+if not ON_GPU:
+    BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}  # the CPU's kernels
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Eager softmaxes in float32 and casts to the model's dtype; we recompute from q and k in float32 too.
 # The tolerance is the storage dtype's rounding, plus q/k rounding differences between kernels' inputs.
@@ -157,7 +160,7 @@ def test_last_row_of_a_long_input_under_flash_equals_a_hand_softmax_of_q_and_k()
     handle = attention.q_proj.register_forward_hook(lambda m, a, o: queries.setdefault("q", o))
     handle_k = attention.k_proj.register_forward_hook(lambda m, a, o: queries.setdefault("k", o))
     try:
-        with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION if DEVICE == "cuda" else SDPBackend.MATH]), \
+        with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]), \
                 TransformerAttentionHooker(model, rows="last") as hooker:
             model(input_ids=ids)
     finally:
