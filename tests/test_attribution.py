@@ -174,11 +174,50 @@ def test_keep_values_gives_the_value_vectors_each_route_multiplied_its_weights_w
     torch.testing.assert_close(mha.out_proj(_rebuilt_output(weights, value, 4)).transpose(0, 1), out)
 
 
-def test_keep_values_is_none_where_the_route_never_sees_them_and_refuses_what_it_cannot_serve(minilm_eager,
-                                                                                              minilm_batch):
-    with torch.no_grad(), TransformerAttentionHooker(minilm_eager, keep_values=True) as hooker:
+def test_keep_values_on_the_softmax_route_come_from_the_product_with_the_weights(minilm_eager, minilm_sdpa,
+                                                                                 minilm_batch):
+    """Eager code: the value vectors are the other operand of the product the weights reach
+    (HF's matmul, nanoGPT's ``@``, ``bmm``-style code), equal to what the sdpa route sees; code
+    whose product the capture does not follow (einsum) gives None, not a guess."""
+    with torch.no_grad(), TransformerAttentionHooker(minilm_eager, keep_values=True) as eager:
         minilm_eager(**minilm_batch)
-    assert all(calls == [None] for calls in hooker.value_vectors.values()) and len(hooker.value_vectors) == 6
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa, keep_values=True) as sdpa:
+        minilm_sdpa(**minilm_batch)
+    assert len(eager.value_vectors) == 6
+    for name in eager.values:
+        torch.testing.assert_close(eager.value_vectors[name][0], sdpa.value_vectors[name][0], rtol=1e-4, atol=1e-5)
+
+    class Handwritten(torch.nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.how, self.qkv = how, torch.nn.Linear(8, 24)
+
+        def forward(self, x):  # (B, T, 8), 2 heads of 4
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
+            att = (q @ k.transpose(-2, -1) / 2).softmax(-1)
+            att = torch.nn.functional.dropout(att, 0.1, training=False)
+            if self.how == "matmul":
+                return att @ v, v
+            if self.how == "bmm":
+                flat = torch.bmm(att.reshape(b * 2, t, t), v.reshape(b * 2, t, 4))
+                return flat, v
+            return torch.einsum("bhqk,bhkd->bhqd", att, v), v
+
+    x = torch.randn(3, 5, 8)
+    for how in ("matmul", "bmm", "einsum"):
+        module = Handwritten(how)
+        with torch.no_grad(), TransformerAttentionHooker(module, r"^$", keep_values=True) as hooker:
+            _, v = module(x)
+        (value,) = next(iter(hooker.value_vectors.values()))
+        if how == "einsum":
+            assert value is None, "a product the capture does not follow: no value vectors"
+        else:
+            torch.testing.assert_close(value, v)
+            assert next(iter(hooker.values.values()))[0].shape == (3, 2, 5, 5)
+
+
+def test_keep_values_refuses_what_it_cannot_serve(minilm_eager):
     with pytest.raises(AttentionHookerError, match="keep_values=True cannot be combined with heads="):
         TransformerAttentionHooker(minilm_eager, keep_values=True, heads=[0])
     with pytest.raises(AttentionHookerError, match="keep_values='yes' must be True or False"):

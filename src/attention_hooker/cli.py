@@ -232,7 +232,7 @@ def _command_heads(args) -> None:
     print(f"model:   {loaded.name} ({loaded.kind}), {len(names)} self-attention layers")
     reasons = {"importance": "needs a language-model loss (an encoder without its head has none)",
                "retrieval": "measured while a decoder generates",
-               "first_token_norm_share": "needs the value vectors (sdpa attention) and the output projection"}
+               "first_token_norm_share": "needs the value vectors and the output projection (found in no layer)"}
     for column in workflows.ROLE_COLUMNS:
         table = torch.stack([roles[name][column] for name in names])  # (layers, heads)
         if column == "sink_head":

@@ -67,8 +67,8 @@ class TransformerAttentionHooker:
             ``_checkpoint_wrapped_module.``); by default they are reported as in the
             unwrapped model, the same on every rank.
         keep_values: also keep ``value_vectors``: each call's value vectors ``(batch,
-            kv_heads, key, head_dim)``, for value-weighted norms (sdpa and
-            ``nn.MultiheadAttention`` routes).
+            kv_heads, key, head_dim)``, for value-weighted norms (every route; see
+            :attr:`value_vectors`).
 
     Attributes:
         values: ``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``,
@@ -153,9 +153,11 @@ class TransformerAttentionHooker:
         """With ``keep_values=True``: ``{layer_name: [value vectors per call]}`` matching
         ``values``, each ``(batch, kv_heads, key, head_dim)`` as the attention multiplied
         its weights with (grouped-query attention: fewer kv heads, each serving
-        ``heads / kv_heads`` consecutive query heads). Seen on the sdpa and
-        ``nn.MultiheadAttention`` routes; ``None`` for a call of a route that never hands
-        them over (eager softmax code): load such a model with ``attn_implementation="sdpa"``.
+        ``heads / kv_heads`` consecutive query heads). The sdpa route keeps the kernel's
+        ``value``; ``nn.MultiheadAttention`` its value input through its value projection;
+        eager code the other operand of the product its weights reach (``matmul``, ``@``,
+        ``bmm``). ``None`` for a call whose product the capture does not follow (an
+        ``einsum``, a hand-written loop): never a guess.
         For :func:`attention_hooker.value_weighted_norms`."""
         return AttentionValues((name, list(calls)) for name, calls in self._store.value_vectors.items())
 

@@ -40,7 +40,8 @@ class StoragePolicy:
         keys: the keys to keep of each kept row (the same forms); ``None`` keeps
             every key. Each row is still normalised over all of its keys.
         keep_values: also keep each call's value vectors ``(batch, kv_heads, key,
-            head_dim)``, where the route sees them (sdpa, ``nn.MultiheadAttention``).
+            head_dim)``, where the route sees them (sdpa, ``nn.MultiheadAttention``, the
+            product of eager code).
     """
 
     device: Optional[torch.device] = torch.device("cpu")

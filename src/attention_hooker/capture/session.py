@@ -422,8 +422,11 @@ class CaptureSession:
         query)`` and drops key columns (``probs[..., :-1]``: a learned attention sink)
         becomes the weights; a ``linear`` over it mixes the heads (CaiT's talking
         heads), and then the tensor that reaches the product with the values, back in
-        the softmax's ``(batch, heads, query, key)`` shape, is what is recorded. Any
-        other use (the product itself, dropout, a mask) records what was followed.
+        the softmax's ``(batch, heads, query, key)`` shape, is what is recorded. A call
+        that hands the tensor itself back (dropout in eval) is followed too. Any other use
+        (the product itself, dropout in training, a mask) records what was followed; the
+        product (``matmul``, ``@``, ``bmm``) also gives the value vectors, for
+        ``keep_values``.
         """
         state = self._state()
         pending = state.pending
@@ -431,7 +434,7 @@ class CaptureSession:
         if not any(a is tracked or (isinstance(a, (list, tuple)) and any(b is tracked for b in a)) for a in args):
             return
         if isinstance(out, torch.Tensor) and args[0] is tracked:
-            if func in _LAYOUT_FUNCTIONS:
+            if func in _LAYOUT_FUNCTIONS or out is tracked:  # out is tracked: an identity (dropout in eval)
                 state.pending = pending._replace(tracked=out)
                 return
             if func is torch.nn.functional.linear:
@@ -448,9 +451,12 @@ class CaptureSession:
             ):
                 state.pending = pending._replace(tracked=out, weights=out)  # (B, H, Q, K) without the sinks
                 return
-        self._commit_pending(state)
+        value = None
+        if func in _PRODUCT_FUNCTIONS and len(args) > 1 and args[0] is tracked and self.store.policy.keep_values:
+            value = _value_operand(args[1], pending.weights.shape)
+        self._commit_pending(state, value)
 
-    def _commit_pending(self, state: _ThreadState) -> None:
+    def _commit_pending(self, state: _ThreadState, value: Optional[torch.Tensor] = None) -> None:
         layer, tracked, weights, mixed = state.pending
         state.pending = None
         if self.closed:  # remove_hooks() came from another thread meanwhile: record nothing more
@@ -462,7 +468,7 @@ class CaptureSession:
                     f"shape {tuple(tracked.shape)}, not (batch, heads, query, key) {tuple(weights.shape)}"))
                 return
             weights = tracked  # (B, H, Q, K): the mixed map that multiplies the values
-        self._record(layer, weights, selected=False)
+        self._record(layer, weights, selected=False, value=value)
 
     def on_mha_forward(self, func, args: tuple, kwargs: dict):
         """``F.multi_head_attention_forward`` of a hooked ``nn.MultiheadAttention`` that
@@ -619,6 +625,24 @@ _LAYOUT_FUNCTIONS = frozenset({
     torch.Tensor.reshape, torch.reshape, torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float,
     torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type_as, torch.Tensor.unsqueeze, torch.Tensor.squeeze,
 })
+
+
+_PRODUCT_FUNCTIONS = frozenset({torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.bmm,
+                                torch.Tensor.bmm})
+
+
+def _value_operand(value, weights_shape) -> Optional[torch.Tensor]:
+    """The value vectors ``(batch, heads, key, head_dim)`` a softmax's weights ``(B, H, Q, K)``
+    multiply, from the product's other operand: ``(B, H, K, Dh)`` as it is, or ``(B * H, K,
+    Dh)`` (``bmm``-style code) unfolded; ``None`` for any other layout."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    batch, heads, _, keys = weights_shape
+    if value.dim() == 4 and value.shape[0] == batch and value.shape[2] == keys and value.shape[1] in (heads, 1):
+        return value
+    if value.dim() == 3 and value.shape[0] == batch * heads and value.shape[1] == keys:
+        return value.reshape(batch, heads, keys, value.shape[2])
+    return None
 
 
 def _calling_modules(scope: _Scope) -> List[torch.nn.Module]:
