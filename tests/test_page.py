@@ -537,3 +537,22 @@ def test_head_scores_are_checked_against_the_layers_shown():
         render_html(w, head_scores={"x": {"layer": [1, 2, 3]}})
     with pytest.raises(AttentionHookerError, match="head_scores must be"):
         render_html(w, head_scores=[1, 2])
+
+
+def test_a_masked_key_in_the_detail_of_a_long_call_reads_as_masked(browser, tmp_path):
+    torch.manual_seed(0)
+    weights = (torch.randn(1, 1, 600, 1200) * 3).softmax(-1)
+    weights[..., 1100:] = 0
+    weights = weights / weights.sum(-1, keepdim=True)
+    page = render_html({"cross": [weights]}, query_tokens=[f"q{i}" for i in range(600)],
+                       key_tokens=[f"k{i}" for i in range(1200)])
+    view = _Page(browser, page.save(tmp_path / "masked.html"))
+    try:
+        box = view.page.locator("#ah-matrix").bounding_box()
+        view.page.mouse.click(box["x"] + box["width"] * 0.99, box["y"] + box["height"] * 0.99)
+        view.page.mouse.move(box["x"] + box["width"] * 0.99, box["y"] + box["height"] * 0.5)
+        readout = view.page.inner_text("#ah-readout")
+    finally:
+        view.close()
+    assert readout.endswith('-> key 1199 "k1199": masked (weight exactly 0 from every query and head)'), readout
+    assert view.errors == []

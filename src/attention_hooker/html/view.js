@@ -294,7 +294,8 @@
       const j = Array.from(t.keys).indexOf(k);
       const last = t.values[t.values.length - 1];
       $("ah-readout").textContent = `query ${q} "${queries[q]}" -> key ${k} "${keys[k]}": ` + (j >= 0
-        ? shown(t.values[j]) : `not among its ${t.keys.length} largest (at most ~${last.toPrecision(3)})`);
+        ? shown(t.values[j]) : maskedKeys(m.c).has(k) ? "masked (weight exactly 0 from every query and head)"
+        : `not among its ${t.keys.length} largest (at most ~${last.toPrecision(3)})`);
       return;
     }
     const cell = cellAt(event, m.Q, m.K);
