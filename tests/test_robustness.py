@@ -360,6 +360,26 @@ def test_a_model_compiled_after_hooking_gives_correct_values(fresh_dynamo):
     _no_trace_left(compiled)
 
 
+def test_a_compiled_model_never_compiles_the_captures_own_handlers(fresh_dynamo):
+    """CI failure: dynamo compiled ``on_sdpa`` as a frame of the user's compiled model, guarded on the
+    n-th key of a weak cache it reads, and failed to build that guard once a key was collected
+    ("list index out of range"). The handlers now always run as plain Python."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from attention_hooker.capture.session import CaptureSession
+
+    model = Stack().eval()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad(), TransformerAttentionHooker(compiled) as hooker:
+        compiled(torch.randn(1, 5, 16))
+        compiled(torch.randn(1, 5, 16))
+    assert sum(len(calls) for calls in hooker.values.values()) == 4
+    for name in ("on_sdpa", "on_softmax", "on_use", "on_mha_forward"):
+        function = getattr(CaptureSession, name)
+        code = getattr(function, "__wrapped__", function).__code__
+        assert _debug_get_cache_entry_list(code) == [], f"{name} was compiled by dynamo"
+
+
 # ------------------------------------------------------------------ 6. export and jit
 def _tiny_bert():
     transformers = pytest.importorskip("transformers")

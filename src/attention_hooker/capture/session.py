@@ -269,6 +269,7 @@ class CaptureSession:
         return self.arena.empty if self.store.calls_seen.get(layer, 0) else empty
 
     # ------------------------------------------------------------------ events
+    @torch.compiler.disable  # bookkeeping: never compiled (see _NO_COMPILE below)
     def on_sdpa(self, func, args: tuple, kwargs: dict) -> Any:
         """Runs the real kernel and records the weights it used, labelled ``(batch, heads, query, key)``."""
         scope = self.current_scope()
@@ -384,6 +385,7 @@ class CaptureSession:
                      graph_tensor=weights, value=call["value"])
         return output.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
 
+    @torch.compiler.disable  # bookkeeping: never compiled (see _NO_COMPILE below)
     def on_softmax(self, result, args: tuple, kwargs: dict) -> None:
         if not is_attention_softmax(result, args, kwargs):
             return
@@ -414,6 +416,7 @@ class CaptureSession:
             self._commit_pending(state)
         state.pending = _Pending(layer, result, weights, False)
 
+    @torch.compiler.disable  # bookkeeping: never compiled (see _NO_COMPILE below)
     def on_use(self, func, args: tuple, out) -> None:
         """A use of a pending softmax result (or of what it became).
 
@@ -470,6 +473,7 @@ class CaptureSession:
             weights = tracked  # (B, H, Q, K): the mixed map that multiplies the values
         self._record(layer, weights, selected=False, value=value)
 
+    @torch.compiler.disable  # bookkeeping: never compiled (see _NO_COMPILE below)
     def on_mha_forward(self, func, args: tuple, kwargs: dict):
         """``F.multi_head_attention_forward`` of a hooked ``nn.MultiheadAttention`` that
         applies dropout to its weights (training): the weights it returns are after
@@ -627,6 +631,10 @@ _LAYOUT_FUNCTIONS = frozenset({
 })
 
 
+# _NO_COMPILE: the session's handlers run as plain Python, never as frames torch.compile traces.
+# Traced, dynamo guarded on the n-th key of the weak caches they read (``_DECLARED_HEADS``), and a
+# key collected meanwhile failed the guard's creation ("list index out of range") inside the
+# user's compiled model.
 _PRODUCT_FUNCTIONS = frozenset({torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.bmm,
                                 torch.Tensor.bmm})
 
