@@ -133,12 +133,12 @@ def retrieval_score(attn, input_ids, *, needle, generated_from: int) -> torch.Te
         tensor([[0.3333]], dtype=torch.float64)
     """
     a = _self_attention(attn, "retrieval_score")
-    raw = torch.as_tensor(input_ids)
-    last_too = raw.dim() == 2 and raw.shape[-1] == a.shape[-1] + 1
-    ids = _ids(raw[:, :-1] if last_too else raw, a)
-    if last_too:
-        ids = torch.cat([ids, raw[:, -1:].to(ids.device)], dim=1)  # (B, tokens + 1)
     tokens = a.shape[-1]
+    ids = torch.as_tensor(input_ids).to(a.device)
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.shape not in ((a.shape[0], tokens), (a.shape[0], tokens + 1)):
+        raise AttentionHookerError(f"input_ids is {tuple(ids.shape)}, expected (batch, tokens) = {(a.shape[0], tokens)} "
+                                   "or (batch, tokens + 1) with the last generated token")
     if (not isinstance(needle, (tuple, list)) or len(needle) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in needle)
             or not 0 <= needle[0] < needle[1] <= tokens):

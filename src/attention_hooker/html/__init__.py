@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .._checks import prepare_output_path, resolve_rows, selected_rows, token_lists
+from .._checks import positive_int, prepare_output_path, resolve_rows, selected_rows, token_lists
 from .._tensor import as_batched, require_positions, values_of
 from ..errors import AttentionHookerError
 from ..naming import short_layer_names
@@ -315,9 +315,8 @@ def render_html(
         raise AttentionHookerError(f"title must be a str or None, got {type(title).__name__}")
     if isinstance(compression_level, bool) or not isinstance(compression_level, int) or not 0 <= compression_level <= 9:
         raise AttentionHookerError(f"compression_level={compression_level!r} must be an int in 0..9 (zlib's levels)")
-    for name, number in (("pool_above", pool_above), ("pool_size", pool_size), ("top_keys", top_keys)):
-        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-            raise AttentionHookerError(f"{name}={number!r} must be a positive int")
+    pool_above, pool_size = positive_int(pool_above, "pool_above"), positive_int(pool_size, "pool_size")
+    top_keys = positive_int(top_keys, "top_keys")
     if tokens is None and query_tokens is None and key_tokens is None:
         tokens = getattr(source, "tokens", None)  # a loaded capture's own
     token_sets = _TokenSets(tokens, query_tokens, key_tokens, rows=selected_rows(source),
