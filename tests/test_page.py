@@ -556,3 +556,71 @@ def test_a_masked_key_in_the_detail_of_a_long_call_reads_as_masked(browser, tmp_
         view.close()
     assert readout.endswith('-> key 1199 "k1199": masked (weight exactly 0 from every query and head)'), readout
     assert view.errors == []
+
+
+# ------------------------------------------------------------------ text the page cannot write or show whole
+def test_a_lone_surrogate_in_the_title_a_token_or_a_name_is_saved_as_the_replacement_character(tmp_path):
+    """A title or token holding a lone surrogate (``os.fsdecode`` of undecodable bytes) rendered, but
+    ``save`` raised UnicodeEncodeError: each becomes U+FFFD (a surrogate pair, its character)."""
+    weights = {"layer.\udcff": [torch.rand(1, 2, 3, 3).softmax(-1)]}
+    page = render_html(weights, tokens=["a", "b\udc80", "\ud83d\ude00"], title="bad \ud800 title",
+                       head_scores={"score \udc80": {"layer.\udcff": [1.0, 2.0]}})
+    path = page.save(tmp_path / "surrogates.html")
+    with open(path, encoding="utf-8") as handle:  # strict: it is UTF-8
+        text = handle.read()
+    assert "<title>bad \ufffd title</title>" in text and not re.search("[\ud800-\udfff]", text)
+    meta, _ = _payload(text)
+    assert meta["title"] == page.title == "bad \ufffd title"
+    assert meta["tokenSets"] == [["a", "b\ufffd", "\U0001f600"]]
+    layer = meta["layers"][0]
+    assert layer["name"] == "layer.\ufffd" and list(layer["scores"]) == ["score \ufffd"]
+    assert "bad \ufffd title" in page._repr_html_().encode("utf-8").decode("utf-8")
+
+
+def test_a_100_kb_token_title_and_layer_name_travel_shortened():
+    """A 100 KB token, title or layer name grew the page by 100 KB each time it was written."""
+    weights = torch.rand(1, 2, 3, 3).softmax(-1)
+    page = render_html({"L" * 100_000: [weights]}, tokens=["a", "x" * 100_000, "c"], title="T" * 100_000)
+    plain = render_html({"L": [weights]}, tokens=["a", "x", "c"], title="T")
+    meta, _ = _payload(page.html)
+    texts = [meta["tokenSets"][0][1], meta["title"], meta["layers"][0]["name"], meta["layers"][0]["short"]]
+    for text, letter in zip(texts, "xTLL"):
+        assert 64 < len(text) <= 1000 and text == letter * (len(text) - 1) + "…", (len(text), text[-3:])
+    assert len(page.html.encode("utf-8")) < len(plain.html.encode("utf-8")) + 6_000
+
+
+@pytest.mark.parametrize("n", [20, 600])  # lines between tokens; a long call's lists of largest weights
+def test_a_100_kb_token_is_shortened_on_screen_and_the_head_view_still_draws(browser, tmp_path, n):
+    """A 100 KB token made its token column 100 KB wide (``1fr`` grows to its longest label):
+    the head view showed a slice of that label, its lines and other tokens far off to the side."""
+    weights = torch.full((1, 1, n, n), 0.5 / (n - 1))
+    weights[..., 3] = 0.5  # every query looks at the long token
+    tokens = [f"t{i}" for i in range(n)]
+    tokens[3] = "x" * 100_000
+    parts = ["ah-queries", "ah-lines", "ah-keys"] if n == 20 else ["ah-queries", "ah-keys"]  # a long call: no lines
+    view = _Page(browser, render_html({"layer": [weights]}, tokens=tokens).save(tmp_path / f"long-token-{n}.html"))
+    p = view.page
+    try:
+        boxes = p.evaluate("""ids => ids.map(id => {
+            const r = document.getElementById(id).getBoundingClientRect(); return [r.left, r.right]; })""",
+                           ["ah-headview"] + parts)
+        shown = p.eval_on_selector("#ah-queries div:nth-child(4)", "e => [e.textContent, e.title]")
+        wide = p.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        if n == 20:
+            ink = p.eval_on_selector("#ah-lines", """c => { let drawn = 0;
+                const pixels = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                for (let i = 3; i < pixels.length; i += 4) drawn += pixels[i] > 0; return drawn; }""")
+            key = p.eval_on_selector("#ah-keys div:nth-child(4)", "e => [e.textContent, Number(e.dataset.width)]")
+        else:
+            key = p.eval_on_selector("#ah-keys .ah-top", "e => [e.textContent, 1]")
+        assert view.errors == []
+    finally:
+        view.close()
+    (left, right), *columns = boxes
+    for part, (start, end) in zip(parts, columns):
+        assert left <= start < end <= right + 1, (part, boxes, "each part of the head view is inside it")
+    assert wide <= 0, "nothing wider than the window (the matrix's column labels)"
+    assert shown[0] == "x" * 63 + "…" and shown[1].startswith("query 3: xxx") and len(shown[1]) > 900
+    assert "x" * 63 + "…" in key[0] and "x" * 64 not in key[0] and key[1] > 0
+    if n == 20:
+        assert ink > 0, "lines drawn"

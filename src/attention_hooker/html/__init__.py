@@ -30,6 +30,26 @@ __all__ = ["render_html", "AttentionPage", "encode_weights", "decode_weights"]
 _PLACEHOLDER = re.compile(r"__TITLE__|__META__|__PAYLOAD__|/\*__CSS__\*/|/\*__JS__\*/")
 NONFINITE_CODE = 255
 _TOP_CODE = 254
+_TEXT_LIMIT = 1000  # the most characters of any one text the page carries (a label, a name, the title)
+
+
+def _page_text(text: str) -> str:
+    """``text`` as the page carries it: always encodable as UTF-8, and at most 1,000 characters.
+
+    A lone surrogate (from ``os.fsdecode`` of undecodable bytes, or ``errors="surrogateescape"``)
+    cannot be written as UTF-8: it becomes U+FFFD, the replacement character (a pair of them
+    becomes the character it encodes). A longer text is cut, its end marked with "…": a 100 KB
+    token travels as its first 999 characters, of which the page shows 64 (``view.js``) and
+    the rest on hover.
+
+    Example:
+        >>> _page_text("bad \\ud800 name")
+        'bad \ufffd name'
+        >>> len(_page_text("x" * 100_000)), _page_text("x" * 100_000)[-1]
+        (1000, '…')
+    """
+    text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 1] + "…"
 
 
 def encode_weights(weights: torch.Tensor):
@@ -127,7 +147,7 @@ def _add_head_scores(layer_meta: list, head_scores) -> None:
             if len(values) != heads:
                 raise AttentionHookerError(
                     f"head_scores[{score!r}][{name!r}] has {len(values)} numbers; the layer has {heads} heads")
-            layers[name].setdefault("scores", {})[score] = [None if x != x else round(x, 9) for x in values]
+            layers[name].setdefault("scores", {})[_page_text(score)] = [None if x != x else round(x, 9) for x in values]
 
 
 def _asset(name: str) -> str:
@@ -148,7 +168,7 @@ class _TokenSets:
         self._subsets: Dict[tuple, int] = {}  # (given list, "rows" or "keys") -> the list of the kept ones
 
     def _add(self, tokens) -> int:
-        self.sets.append([str(t) for t in tokens])
+        self.sets.append([_page_text(str(t)) for t in tokens])
         return len(self.sets) - 1
 
     def pick_axes(self, layer: str, shape) -> tuple:
@@ -276,6 +296,10 @@ def render_html(
     previous-token score of every call and batch item; ``head_scores`` adds
     others (importance, retrieval, ... from ``attention-hooker heads``).
 
+    Text the page carries (title, tokens, layer and score names) can always be
+    saved: a lone surrogate becomes U+FFFD, and a text past 1,000 characters is
+    cut (a label shows its first 64, the rest on hover).
+
     Args:
         source: a hooker, a loaded capture, or ``{layer_name: [tensor per call]}``
             with tensors ``(batch, heads, query, key)``.
@@ -352,8 +376,9 @@ def render_html(
         layer_meta.append({"name": name, "calls": call_meta})
     _add_head_scores(layer_meta, head_scores)
     for layer, short in zip(layer_meta, short_layer_names([layer["name"] for layer in layer_meta])):
-        layer["short"] = short  # row labels and the layer selector; the full name on hover
-    title = title or "Attention"
+        layer["short"] = _page_text(short)  # row labels and the layer selector; the full name on hover
+        layer["name"] = _page_text(layer["name"])
+    title = _page_text(title or "Attention")
     meta = {
         "title": title,
         "layers": layer_meta,

@@ -5,6 +5,12 @@
   const $ = (id) => document.getElementById(id);
   const status = $("ah-status");
   const ROW = 16; // px per token row in the head view
+  const LABEL = 64; // the most characters a label shows; the whole text (up to 1,000) is on hover
+  const shortLabel = (text) => {
+    if (text.length <= LABEL) return text;
+    const chars = Array.from(text); // characters, so that a cut never splits a surrogate pair
+    return chars.length <= LABEL ? text : chars.slice(0, LABEL - 1).join("") + "…";
+  };
   const TOP = meta.encoding.top, BAD = meta.encoding.nonfinite;
   const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, scale: "linear",
                   relative: false, oneHead: false, detail: null, colourBy: "" };
@@ -197,7 +203,7 @@
     }
     meta.layers.forEach((layer, li) => {
       const label = document.createElement("div");
-      label.className = "ah-row-label"; label.textContent = layer.short || layer.name; label.title = layer.name;
+      label.className = "ah-row-label"; label.textContent = shortLabel(layer.short || layer.name); label.title = layer.name;
       box.appendChild(label);
       const H = layerCall(li, state.call).shape[1];
       for (let h = 0; h < maxHeads; h++) {
@@ -249,7 +255,7 @@
 
   function drawMatrix() {
     const m = matrix(state.layer, state.call, state.batch, state.head);
-    const cv = $("ah-matrix"), name = meta.layers[state.layer].name;
+    const cv = $("ah-matrix"), name = shortLabel(meta.layers[state.layer].name);
     const [, , Q, K] = m.c.shape;
     $("ah-matrix-back").hidden = !(m.pooled && state.detail);
     $("ah-legend-max").textContent = m.scale.toPrecision(3);
@@ -293,7 +299,7 @@
       const q = state.detail.q0 + cell[0], k = state.detail.k0 + cell[1], t = topKeys(m.c, m.b, m.h, q);
       const j = Array.from(t.keys).indexOf(k);
       const last = t.values[t.values.length - 1];
-      $("ah-readout").textContent = `query ${q} "${queries[q]}" -> key ${k} "${keys[k]}": ` + (j >= 0
+      $("ah-readout").textContent = `query ${q} "${shortLabel(queries[q])}" -> key ${k} "${shortLabel(keys[k])}": ` + (j >= 0
         ? shown(t.values[j]) : maskedKeys(m.c).has(k) ? "masked (weight exactly 0 from every query and head)"
         : `not among its ${t.keys.length} largest (at most ~${last.toPrecision(3)})`);
       return;
@@ -306,11 +312,11 @@
     if (m.pooled) {
       const [bq, bk] = m.c.pooled.block;
       const q1 = Math.min(Q, (q + 1) * bq) - 1, k1 = Math.min(K, (k + 1) * bk) - 1;
-      $("ah-readout").textContent = `queries ${q * bq}-${q1} "${queries[q * bq]}"... -> keys ${k * bk}-${k1}`
-        + ` "${keys[k * bk]}"...: largest ${read}`;
+      $("ah-readout").textContent = `queries ${q * bq}-${q1} "${shortLabel(queries[q * bq])}"... -> keys ${k * bk}-${k1}`
+        + ` "${shortLabel(keys[k * bk])}"...: largest ${read}`;
       return;
     }
-    $("ah-readout").textContent = `query ${q} "${queries[q]}" -> key ${k} "${keys[k]}": ${read}`;
+    $("ah-readout").textContent = `query ${q} "${shortLabel(queries[q])}" -> key ${k} "${shortLabel(keys[k])}": ${read}`;
   }
 
   // A click on a long call's pooled map opens the tokens around the block; the head view follows its query.
@@ -340,7 +346,7 @@
     $("ah-headview").classList.toggle("ah-long", !!c.pooled);
     tokensOf(c.queryTokens, Q).forEach((t, i) => {
       const d = document.createElement("div");
-      d.textContent = t; d.title = `query ${i}: ${t}`; d.dataset.index = String(i);
+      d.textContent = shortLabel(t); d.title = `query ${i}: ${t}`; d.dataset.index = String(i);
       if (i === state.query) d.className = "ah-active";
       d.addEventListener("mouseenter", () => selectQuery(i));
       d.addEventListener("click", () => selectQuery(i));
@@ -349,7 +355,7 @@
     if (c.pooled) return;  // a long call lists each query's largest weights instead (drawTopKeys)
     tokensOf(c.keyTokens, K).forEach((t, i) => {
       const d = document.createElement("div");
-      d.textContent = t; d.title = `key ${i}: ${t}`; d.dataset.index = String(i);
+      d.textContent = shortLabel(t); d.title = `key ${i}: ${t}`; d.dataset.index = String(i);
       d.addEventListener("mouseenter", () => { $("ah-readout").textContent = d.title; });
       right.appendChild(d);
     });
@@ -388,7 +394,7 @@
       const row = document.createElement("div");
       row.className = "ah-top"; row.dataset.head = String(h);
       row.style.color = headColor(h, H);
-      const parts = Array.from(t.keys, (k, j) => `${keys[k]} (${k}) ${shown(t.values[j])}`);
+      const parts = Array.from(t.keys, (k, j) => `${shortLabel(keys[k])} (${k}) ${shown(t.values[j])}`);
       row.textContent = `h${h}: ` + parts.join(", ");
       row.title = `head ${h}, query ${q}: these ${t.keys.length} keys hold ${t.cover}% of its attention`
         + (masked.size ? `; ${masked.size} masked keys get none` : "");
@@ -475,7 +481,7 @@
       const step = Math.max(1, Math.ceil(n / Math.max(1, Math.floor(extent / 14))));
       for (let i = 0; i < n; i += step) {
         const s = document.createElement("span");
-        s.textContent = tokens[i]; s.title = `${i}: ${tokens[i]}`;
+        s.textContent = shortLabel(tokens[i]); s.title = `${i}: ${tokens[i]}`;
         s.style[along] = `${((i + 0.5) / n) * 100}%`;
         box.appendChild(s);
       }
@@ -507,15 +513,15 @@
   }
 
   async function main() {
-    $("ah-title").textContent = meta.title;
-    fillSelect($("ah-layer"), meta.layers.length, (i) => meta.layers[i].short || meta.layers[i].name);
+    $("ah-title").textContent = shortLabel(meta.title); $("ah-title").title = meta.title;
+    fillSelect($("ah-layer"), meta.layers.length, (i) => shortLabel(meta.layers[i].short || meta.layers[i].name));
     $("ah-layer").addEventListener("change", (e) => { state.layer = Number(e.target.value); state.query = 0; state.detail = null; refresh(); });
     $("ah-call").addEventListener("change", (e) => { state.call = Number(e.target.value); state.detail = null; refresh(); });
     $("ah-batch").addEventListener("change", (e) => { state.batch = Number(e.target.value); refresh(); });
     $("ah-matrix").addEventListener("click", zoom);
     scoreNames().forEach((n) => {
       const opt = document.createElement("option");
-      opt.value = n; opt.textContent = n;
+      opt.value = n; opt.textContent = shortLabel(n);
       $("ah-overview-colour").appendChild(opt);
     });
     $("ah-overview-colour").addEventListener("change", (e) => { state.colourBy = e.target.value; drawOverview(); });
