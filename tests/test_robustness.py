@@ -211,7 +211,9 @@ def test_memory_nobody_can_reach_is_reused_after_clear(tokens):
     assert not hooker._session.arena._chunks, "and the chunks being filled"
 
 
-def test_clear_empties_the_values_object_the_user_holds_and_keeps_the_tensors_intact():
+def test_clear_leaves_the_values_object_the_user_holds_with_its_calls():
+    """Issue 28: ``d = hooker.values; hooker.clear()`` used to empty ``d`` (the live object),
+    while the README says a dict of the values you kept still holds its numbers."""
     model = Stack().eval()
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
         model(torch.randn(1, 4, 16))
@@ -219,8 +221,10 @@ def test_clear_empties_the_values_object_the_user_holds_and_keeps_the_tensors_in
         first = values["blocks.1"][0]
         snapshot = first.clone()
         hooker.clear()
-        assert len(values) == 0 and values is hooker.values
+        assert list(values) == ["blocks.0", "blocks.1"] and values["blocks.1"] == [first], "the kept dict keeps its calls"
+        assert hooker.values == {} and values is not hooker.values
         model(torch.randn(1, 4, 16))
+        assert [len(c) for c in values.values()] == [1, 1], "the next calls go to the new dict"
     torch.testing.assert_close(first, snapshot, rtol=0, atol=0)
     assert hooker.values["blocks.1"][0].data_ptr() != first.data_ptr()
 

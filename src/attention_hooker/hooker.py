@@ -522,8 +522,13 @@ class TransformerAttentionHooker:
         session = self._session
         session.drop_stale_scopes()  # scopes a KeyboardInterrupt left open are closed here
         stack = self._root_counters()
+        stream = self._stream
         while stack and not frame_is_live(stack[-1][0]):
             stack.pop()  # a root forward that was interrupted
+            if not stack and stream is not None:
+                stream.end_forward(returned=False, reason="interrupted (KeyboardInterrupt or another BaseException)")
+        if not stack and stream is not None:
+            stream.begin_forward()  # what this forward writes is kept whole or not at all
         stack.append((module_call_frame(), *session.counters()))
 
     def _root_post_hook(self, module, args, output):
@@ -534,6 +539,8 @@ class TransformerAttentionHooker:
         session = self._session
         if stack:
             return None  # the root called itself: the outer call judges
+        if self._stream is not None:  # raises when a forward that returned could not be written whole
+            self._stream.end_forward(returned=output is not None)
         if output is None:  # the forward raised: its error says more than a warning would
             return None
         events, scopes = session.counters()

@@ -5,6 +5,7 @@ Every stored tensor has shape ``(batch, heads, query, key)``.
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
@@ -101,8 +102,55 @@ class GradientSource(NamedTuple):
 class AttentionValues(dict):
     """``{layer_name: [tensor per call]}``, each tensor ``(batch, heads, query, key)``.
 
-    A plain ``dict`` with a one-line ``repr`` that says how much it holds.
+    A plain ``dict`` with a one-line ``repr`` that says how much it holds. The one a
+    hooker fills can be read while other threads record into it: iterating it
+    (``for name in values``, ``items()``, ``keys()``, ``values()``) goes over a snapshot
+    taken under the store's lock, never "dictionary changed size during iteration".
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._guard = None  # the store's lock, for the dict a hooker fills
+
+    def _snapshot(self) -> list:
+        """``[(layer_name, calls)]`` as they are now (dict views of a copy are handed out)."""
+        guard = self._guard
+        if guard is None:
+            return list(dict.items(self))
+        with guard:
+            return list(dict.items(self))
+
+    def __iter__(self):
+        return iter([name for name, _ in self._snapshot()])
+
+    def keys(self):
+        return dict(self._snapshot()).keys()
+
+    def values(self):
+        return dict(self._snapshot()).values()
+
+    def items(self):
+        return dict(self._snapshot()).items()
+
+    def __getitem__(self, name):
+        guard = self._guard
+        if guard is None:
+            return dict.__getitem__(self, name)
+        with guard:
+            return dict.__getitem__(self, name)
+
+    def get(self, name, default=None):
+        guard = self._guard
+        if guard is None:
+            return dict.get(self, name, default)
+        with guard:
+            return dict.get(self, name, default)
+
+    def __reduce__(self):
+        return type(self), (self._snapshot(),)
+
+    def copy(self) -> "AttentionValues":
+        return AttentionValues(self._snapshot())
 
     def __repr__(self) -> str:
         calls = sum(len(v) for v in self.values())
@@ -134,7 +182,8 @@ class AttentionStore:
     def __init__(self, policy: StoragePolicy, layer_order: Sequence[str]):
         self.policy = policy
         self._rank = {name: i for i, name in enumerate(layer_order)}
-        self.values = AttentionValues()
+        self._lock = threading.RLock()  # forwards on several threads record into one store
+        self.values = self._new_values()
         self.gradients: dict = {}  # with keep_grad: {name: [[grad or None] per call]}
         self.value_vectors = AttentionValues()  # with keep_values: {name: [value or None per call]}
         self.calls_seen: dict = {}
@@ -143,31 +192,36 @@ class AttentionStore:
         # (statistics, pooled maps); ``stream`` writes them to disk. Either one, or both.
         self.reducer: Optional[Callable[[str], object]] = None
         self.stream: Optional[Callable[[str], object]] = None
-        self._lock = threading.RLock()  # forwards on several threads record into one store
         # Where a stored copy of a call of a layer comes from: ``allocator(layer)`` gives an
         # ``allocate(shape, dtype, device)``; the capture plugs in its arena for the repeated
         # calls of a layer, so that generation steps lie side by side (see capture/buffers.py).
         self.allocator: Callable[[str], Callable] = lambda layer: empty
 
+    def _new_values(self) -> AttentionValues:
+        values = AttentionValues()
+        values._guard = self._lock
+        return values
+
     def clear(self, *, salvage: Optional[Callable[[dict], list]] = None) -> list:
-        """Forgets every stored tensor and call count.
+        """Forgets every stored tensor and call count: ``values`` (and the gradients and
+        value vectors) start anew as new objects, so a dict of them a user kept keeps its
+        calls.
 
         Args:
-            salvage: called with ``values`` just before they are forgotten (under
-                the store's lock, so no call is recorded in between); its result
-                is returned. The capture passes one that picks the tensors nobody
-                else can reach, to reuse their memory.
+            salvage: called with the old ``values`` when nobody else holds that dict (under
+                the store's lock, so no call is recorded in between); its result is
+                returned. The capture passes one that picks the tensors nobody else can
+                reach, to reuse their memory.
 
         Returns:
             What ``salvage`` returned, or ``[]``.
         """
         with self._lock:
-            salvaged = salvage(self.values) if salvage is not None else []
-            self.values.clear()
-            self.gradients.clear()
-            self.value_vectors.clear()
-            self.calls_seen.clear()
-        return salvaged
+            old, self.values = self.values, self._new_values()
+            self.gradients, self.value_vectors, self.calls_seen = {}, AttentionValues(), {}
+            probe = AttentionValues()  # counted as ``old`` is: one local name
+            alone = sys.getrefcount(old) == sys.getrefcount(probe)
+            return salvage(old) if salvage is not None and alone else []
 
     def stores_as_computed(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether weights computed with this dtype and device are stored as they are."""

@@ -41,7 +41,7 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 def _counts(values: Mapping) -> List[Tuple[int, int, torch.Tensor]]:
     """``(call list refs, tensor refs, tensor)`` of every stored tensor, counted alike each time."""
     counted = []
-    for calls in values.values():
+    for calls in dict.values(values):  # the dict's own lists, not a snapshot's (AttentionValues)
         list_refs = sys.getrefcount(calls)
         for tensor in calls:
             counted.append((list_refs, sys.getrefcount(tensor), tensor))
