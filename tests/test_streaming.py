@@ -178,35 +178,46 @@ def test_the_plan_refuses_before_anything_is_written_when_the_disk_is_too_small(
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 2**20, 2**20))
     model = _llama()
-    with pytest.raises(AttentionHookerError, match=r"writes about 1\.5 GiB; 1\.0 MiB free on .*keep less"):
+    with pytest.raises(AttentionHookerError, match=r"writes about 1\.5 GiB, and 64\.0 MiB are kept free for everything "
+                                                   r"else; 1\.0 MiB free on .*keep less"):
         TransformerAttentionHooker(model).stream_to(tmp_path / "a", expected_bytes=int(1.5 * 2**30))
     ran = []
     model.model.layers[0].register_forward_pre_hook(lambda *a: ran.append(1))
     with TransformerAttentionHooker(model) as hooker:
         hooker.stream_to(tmp_path / "b", shard_bytes=1)
-        with pytest.raises(AttentionHookerError, match=r"per call x 2 hooked layers x 1 call\(s\) each\); 1\.0 MiB free"):
+        with pytest.raises(AttentionHookerError, match=r"per call x 2 hooked layers x 1 call\(s\) each\), and "):
             with torch.no_grad():
                 model(input_ids=torch.randint(3, 60, (1, 200)))
     assert not [n for n in os.listdir(tmp_path / "b") if "safetensors" in n], "nothing was written"
-    assert load(tmp_path / "b").values == {}
+    # issue 28: a refused capture is not "complete"; what it holds (nothing) is read only when asked
+    with pytest.raises(AttentionHookerError, match="is partial: a write failed .*per call x 2 hooked layers.*0 forward"):
+        load(tmp_path / "b")
+    assert load(tmp_path / "b", partial=True).values == {}
 
 
-def test_a_forward_cut_short_leaves_a_readable_capture_of_the_calls_that_finished(tmp_path):
-    model = _llama()
+def test_a_forward_cut_short_is_rolled_back_and_the_forwards_that_returned_stay(tmp_path):
+    model, first, second = _llama(), _batch(), _batch()
+    with torch.no_grad(), TransformerAttentionHooker(model) as memory:
+        model(**first)
 
     def fail(module, args, output):
         raise KeyboardInterrupt
 
-    handle = model.model.layers[1].mlp.register_forward_hook(fail)
     with TransformerAttentionHooker(model) as hooker:
         hooker.stream_to(tmp_path / "c", shard_bytes=1)
+        with torch.no_grad():
+            model(**first)
+        handle = model.model.layers[1].mlp.register_forward_hook(fail)
         with pytest.raises(KeyboardInterrupt), torch.no_grad():
-            model(**_batch())
+            model(**second)  # layer 0's call of this forward was written, then the forward stopped
     handle.remove()
     assert not [n for n in os.listdir(tmp_path / "c") if n.endswith(".partial")]
-    loaded = load(tmp_path / "c")
-    assert [len(c) for c in loaded.values.values()] == [1, 1]
-    assert json.loads((tmp_path / "c" / "capture.json").read_text())["complete"] is True
+    loaded = _assert_equal_captures(memory.values, tmp_path / "c")
+    assert [len(c) for c in loaded.values.values()] == [1, 1], "the interrupted forward is not half there"
+    index = json.loads((tmp_path / "c" / "capture.json").read_text())
+    assert index["complete"] is True and index["state"] == "complete", "every forward that returned is whole"
+    assert index["failures"][0]["forward"] == 1 and "closed" in index["failures"][0]["reason"]
+    assert len([n for n in os.listdir(tmp_path / "c") if "safetensors" in n]) == 2, "its files were removed"
 
 
 def test_a_layer_call_refused_for_its_pieces_leaves_no_file(tmp_path):

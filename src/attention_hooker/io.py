@@ -18,7 +18,7 @@ from ._checks import prepare_output_path, resolve_rows, selected_rows, token_lis
 from ._tensor import as_batched, values_of
 from .errors import AttentionHookerError
 from .store import AttentionValues
-from .streaming import INDEX_NAME, STREAM_FORMAT, mapped_tensors
+from .disk_format import INDEX_NAME, CheckedCalls, checked_file, mapped_tensors, parse_json, read_index
 
 __all__ = ["SavedAttention", "save_values", "load", "to_bertviz", "to_numpy"]
 
@@ -157,24 +157,31 @@ def _check_tokens_fit(tokens: List[str], values: Mapping, selection: Optional[Ma
         )
 
 
-def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None) -> SavedAttention:
+def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None, partial: bool = False) -> SavedAttention:
     """Reads a capture: a file written by ``hooker.save(path)``, or a folder written by
     ``hooker.stream_to(folder)``.
+
+    Nothing on disk is trusted: a streamed folder's index, file names and every tensor's
+    dtype, shape and bytes are checked before a tensor is made (see ``disk_format.py``).
 
     Args:
         path: the ``.safetensors`` file, or the streamed capture's folder (or its
             ``capture.json``).
         lazy: map each call from its file instead of reading it (a tensor whose
-            pages are read when touched: one layer or head costs only its bytes).
+            pages are read when touched: one layer or head costs only its bytes; each
+            access through ``values`` checks first that the file was not cut or replaced).
             Default: lazy for a streamed folder, read for a file.
+        partial: also read a streamed capture that is not complete (a write failed, or
+            it is still being written, or its writer stopped): the forwards written
+            whole, as ``metadata["state"]`` and ``metadata["failures"]`` say.
 
     Returns:
         A :class:`SavedAttention` whose ``values`` equal the saved ones exactly.
 
     Raises:
         FileNotFoundError: when there is no such file or folder.
-        AttentionHookerError: when it is not a capture saved by this library, or
-            a streamed capture misses a file.
+        AttentionHookerError: when it is not a capture saved by this library, a file is
+            missing or damaged, or a streamed capture is partial and ``partial`` is not set.
 
     Example:
         >>> import tempfile, os
@@ -192,7 +199,8 @@ def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None) -> Saved
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such capture file: {path}")
     if os.path.isdir(path) or os.path.basename(path) == INDEX_NAME:
-        return _load_streamed(path if os.path.isdir(path) else os.path.dirname(path) or ".", lazy is not False)
+        folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        return _load_streamed(folder, lazy is not False, partial)
     try:
         with safe_open(path, framework="pt") as handle:
             raw_meta = (handle.metadata() or {}).get(_META_KEY)
@@ -202,13 +210,18 @@ def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None) -> Saved
         raise AttentionHookerError(
             f"{path} is a safetensors file but not an attention_hooker capture: its metadata has no {_META_KEY!r} entry"
         )
-    meta = _read_metadata(raw_meta, _FORMAT, ("layers", "calls"), f"{path}: unreadable attention_hooker metadata")
+    meta = parse_json(raw_meta, f"{path}: unreadable attention_hooker metadata", _FORMAT, ("layers", "calls"))
     layers, calls = meta["layers"], meta["calls"]
+    if (not isinstance(layers, list) or not isinstance(calls, list) or len(layers) != len(calls)
+            or not all(isinstance(n, str) for n in layers)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in calls)):
+        raise AttentionHookerError(f"{path} is damaged: its metadata's layers {layers!r} and calls {calls!r} are not "
+                                   "a list of names and a list of call counts of one length")
     tensors = mapped_tensors(path) if lazy else load_file(path)
     values = AttentionValues()
     for index, (name, n_calls) in enumerate(zip(layers, calls)):
         try:
-            values[name] = [tensors[f"{index}.{call}"] for call in range(n_calls)]
+            values[name] = [_attention(tensors[f"{index}.{call}"], path, name) for call in range(n_calls)]
         except KeyError as missing:
             raise AttentionHookerError(f"{path} is damaged: tensor {missing} of layer {name!r} is missing") from None
     tokens = meta.get("tokens")
@@ -216,55 +229,58 @@ def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None) -> Saved
     return SavedAttention(values, tokens, extra)
 
 
-def _read_metadata(raw: str, expected_format: str, keys: Sequence[str], what: str) -> dict:
-    """The JSON metadata of a capture, checked for its format and ``keys``.
-
-    Raises:
-        AttentionHookerError: ``what``, why, and the format expected.
-    """
-    try:
-        meta = json.loads(raw)
-        if not isinstance(meta, dict) or meta.get("format") != expected_format:
-            raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else None!r}")
-        missing = [key for key in keys if key not in meta]
-        if missing:
-            raise KeyError(missing[0])
-    except (ValueError, KeyError, TypeError) as err:
-        raise AttentionHookerError(f"{what} ({err}); expected {expected_format}") from None
-    return meta
+def _attention(tensor: torch.Tensor, where: str, layer: str) -> torch.Tensor:
+    """``tensor``, checked to be one call's ``(batch, heads, query, key)``."""
+    if tensor.dim() != 4:
+        raise AttentionHookerError(f"{where} is damaged: a call of layer {layer!r} has shape {tuple(tensor.shape)}; "
+                                   "expected (batch, heads, query, key)")
+    return tensor
 
 
-def _load_streamed(folder: str, lazy: bool) -> SavedAttention:
-    """A capture written by ``hooker.stream_to(folder)`` (see ``streaming.py``)."""
+def _load_streamed(folder: str, lazy: bool, partial: bool) -> SavedAttention:
+    """A capture written by ``hooker.stream_to(folder)`` (see ``streaming.py`` and ``disk_format.py``)."""
     index_path = os.path.join(folder, INDEX_NAME)
     ranks = sorted(name for name in os.listdir(folder)
                    if name.startswith("rank-") and os.path.exists(os.path.join(folder, name, INDEX_NAME)))
-    if not os.path.exists(index_path) and ranks:
-        return _merge_ranks(folder, [_load_streamed(os.path.join(folder, name), lazy) for name in ranks], ranks)
-    if not os.path.exists(index_path):
+    if not os.path.lexists(index_path) and ranks:
+        return _merge_ranks(folder, [_load_streamed(os.path.join(folder, name), lazy, partial) for name in ranks],
+                            ranks)
+    if not os.path.lexists(index_path):
         raise AttentionHookerError(
             f"the capture path {folder!r} is a folder without {INDEX_NAME}; expected a .safetensors file "
             "or a folder written by hooker.stream_to()")
-    with open(index_path, encoding="utf-8") as handle:
-        meta = _read_metadata(handle.read(), STREAM_FORMAT, ("layers", "files"), f"{index_path}: unreadable capture index")
-    layers, files = meta["layers"], meta["files"]
-    opened: Dict[str, dict] = {}
+    meta = read_index(folder)
+    if meta["state"] != "complete" and not partial:
+        raise AttentionHookerError(_partial_message(folder, meta))
+    opened: Dict[str, tuple] = {}
     values = AttentionValues()
-    for name, calls in zip(layers, files):
-        values[name] = []
+    for name, calls in zip(meta["layers"], meta["files"]):
+        tensors, files = [], []
         for file_name, tensor_name in calls:
             if file_name not in opened:
-                file_path = os.path.join(folder, file_name)
-                if not os.path.exists(file_path):
-                    raise AttentionHookerError(f"{folder} is damaged: {file_name} (layer {name!r}) is missing")
-                opened[file_name] = mapped_tensors(file_path)
-            tensor = opened[file_name].get(tensor_name)
+                checked = checked_file(folder, file_name, index_path)
+                opened[file_name] = (checked, checked.tensors(lazy=lazy))
+            checked, in_file = opened[file_name]
+            tensor = in_file.get(tensor_name)
             if tensor is None:
                 raise AttentionHookerError(f"{folder} is damaged: {file_name} lacks tensor {tensor_name!r} of {name!r}")
-            values[name].append(tensor if lazy else tensor.clone())
+            tensors.append(_attention(tensor, os.path.join(folder, file_name), name))
+            files.append(checked)
+        values[name] = CheckedCalls(tensors, files) if lazy else tensors
     extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "files", "tokens")}
     extra["streamed"] = folder
     return SavedAttention(values, meta.get("tokens"), extra)
+
+
+def _partial_message(folder: str, meta: dict) -> str:
+    """Why a streamed capture is not complete, and how to read what of it is whole."""
+    whole = len({k for forwards in meta["forwards"] for k in forwards})
+    failures = meta.get("failures") if isinstance(meta.get("failures"), list) else []
+    why = next((f.get("reason") for f in failures if isinstance(f, dict) and f.get("write_error")), None)
+    state = {"writing": "is being written, or its writer stopped before closing it",
+             "partial": "is partial: a write failed"}[meta["state"]]
+    return (f"the capture in {folder} {state}{f' ({why})' if why else ''}; it lists {whole} forward(s) written "
+            "whole; load(path, partial=True) reads those")
 
 
 def _merge_ranks(folder: str, parts: List[SavedAttention], ranks: List[str]) -> SavedAttention:
@@ -273,7 +289,7 @@ def _merge_ranks(folder: str, parts: List[SavedAttention], ranks: List[str]) -> 
     values = AttentionValues()
     for part in parts:
         for name, calls in part.values.items():
-            values.setdefault(name, []).extend(calls)
+            values[name] = CheckedCalls.joined(values.get(name), calls)
     order = {name: i for part in reversed(parts) for i, name in enumerate(part.values)}
     values = AttentionValues(sorted(values.items(), key=lambda kv: order[kv[0]]))
     metadata = dict(parts[0].metadata)

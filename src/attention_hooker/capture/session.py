@@ -173,11 +173,16 @@ class CaptureSession:
         """Closes this thread's innermost scope if it is ``module``'s (a scope never opened is ignored)."""
         state = self._state()
         if state.scopes and state.scopes[-1].module is module:
-            if state.pending is not None:
-                self._commit_pending(state)
-            self._finish(state.scopes.pop())
-            if not state.scopes:
-                self._switch_off(state)
+            try:
+                if state.pending is not None:
+                    self._commit_pending(state)
+            finally:
+                scope = state.scopes.pop()
+                try:
+                    self._finish(scope)  # may raise (a keeper's write failed): the mode still goes
+                finally:
+                    if not state.scopes:
+                        self._switch_off(state)
 
     def drop_stale_scopes(self, *, switch_off: bool = True) -> None:
         """Closes the scopes of module calls that are no longer running on this thread
@@ -489,7 +494,7 @@ class CaptureSession:
         output = func(*args, **kwargs)
         scope = self.current_scope()
         module = None if scope is None else scope.module
-        if (self.closed or scope.layer is None or not isinstance(module, torch.nn.MultiheadAttention)
+        if (self.closed or scope is None or scope.layer is None or not isinstance(module, torch.nn.MultiheadAttention)
                 or not drops_weights(module)):
             return output
         dropped = mha_weights(output)[1]  # (B * H, L, S) that multiplied the values, or None
