@@ -529,13 +529,13 @@ class TransformerAttentionHooker:
                 stream.end_forward(returned=False, reason="interrupted (KeyboardInterrupt or another BaseException)")
         if not stack and stream is not None:
             stream.begin_forward()  # what this forward writes is kept whole or not at all
-        stack.append((module_call_frame(), *session.counters()))
+        stack.append((module_call_frame(), *session.counters(), self._coverage.generation))
 
     def _root_post_hook(self, module, args, output):
         stack = self._root_counters()
         if not stack:
             return None  # traced, or entered before the hooks were put on
-        _, events_before, scopes_before = stack.pop()
+        _, events_before, scopes_before, generation = stack.pop()
         session = self._session
         if stack:
             return None  # the root called itself: the outer call judges
@@ -546,7 +546,8 @@ class TransformerAttentionHooker:
         events, scopes = session.counters()
         if scopes > scopes_before and events == events_before:
             self._warn_once("empty", _nothing_captured_message(self.model, self.hooked_layers, self.report()))
-        elif scopes > scopes_before and "missing" not in self._warned and self.report().missing:
+        elif (scopes > scopes_before and "missing" not in self._warned and generation == self._coverage.generation
+              and self.report().missing):  # a clear() on another thread meanwhile leaves nothing to judge by
             self._warn_once("missing", _missing_layers_message(self.model, self.report()))
         elif scopes == scopes_before and _is_compiled(self.model):
             self._warn_once(

@@ -33,7 +33,6 @@ import os
 import secrets
 import shutil
 import threading
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -48,7 +47,6 @@ __all__ = ["StreamedCapture", "INDEX_NAME", "format_bytes"]
 
 SHARD_BYTES = 256 * 2**20
 _MARGIN_BYTES = 64 * 2**20  # left free on the disk for everything else writing there (a tenth of a small disk)
-_INDEX_EVERY_S = 0.25  # capture.json is rewritten at most this often while writing (and always at close)
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 _FAILURES_LISTED = 100
 
@@ -138,7 +136,6 @@ class StreamedCapture:
         self._open: set = set()  # descriptors of large calls being written
         self._planned = False
         self._dtypes: set = set()
-        self._index_written = 0.0
         self.written = 0
         self.closed = False
         self.tokens = None
@@ -257,7 +254,7 @@ class StreamedCapture:
             self.closed = True
             try:
                 self._remove_temporary_files()
-                self._write_index(final=True)
+                self._write_index()
             finally:
                 self._lock_file.release()
         if self._on_close is not None:
@@ -277,7 +274,7 @@ class StreamedCapture:
             if on_disk != self._suffix:
                 raise AttentionHookerError(f"{self.folder} no longer holds the capture this writer closed: another "
                                            "writer replaced it; the tokens were not written")
-            self._write_index(final=True)
+            self._write_index()
         finally:
             lock.release()
 
@@ -327,11 +324,19 @@ class StreamedCapture:
                 self._list(unit)
 
     def _list(self, unit: _Unit) -> None:
+        """Lists a unit written whole, in the index on disk too; rolled back if that fails."""
         for call in unit.calls:
             call.data = None
             self._listed.setdefault(call.layer, []).append(call)
         self._whole += 1
-        self._write_index()
+        try:
+            self._write_index()
+        except AttentionHookerError as err:
+            for call in unit.calls:
+                self._listed[call.layer].remove(call)
+            self._whole -= 1
+            self._roll_back(unit, str(err), write_error=True)
+            raise
 
     def _roll_back(self, unit: _Unit, reason: str, *, write_error: bool) -> None:
         """Forgets every call of ``unit``: out of the waiting shard, its own files removed."""
@@ -443,12 +448,9 @@ class StreamedCapture:
     def _ordered_layers(self) -> List[str]:
         return sorted(self._listed, key=lambda name: self._rank.get(name, len(self._rank)))
 
-    def _write_index(self, *, final: bool = False) -> None:
-        """``capture.json``: the calls of every unit written whole, and the state; while
-        writing, at most every ``_INDEX_EVERY_S`` (always when ``final``)."""
-        now = time.monotonic()
-        if not final and now - self._index_written < _INDEX_EVERY_S and self._index_written:
-            return
+    def _write_index(self) -> None:
+        """``capture.json``: the calls of every unit written whole, and the state (written
+        aside, then renamed: a reader sees the old index or the new one, never half)."""
         layers = self._ordered_layers()
         from . import __version__
 
@@ -461,8 +463,7 @@ class StreamedCapture:
                  "failures": self._failed[:_FAILURES_LISTED],
                  "writer": self._suffix, "tokens": self.tokens, "dtype": sorted(self._dtypes), "library_version": __version__,
                  **self._metadata}
-        self._write_file(INDEX_NAME, json.dumps(index).encode(), f"writing {INDEX_NAME}")
-        self._index_written = now
+        self._write_file(INDEX_NAME, json.dumps(index, separators=(",", ":")).encode(), f"writing {INDEX_NAME}")
 
 
 class _StreamedCall:

@@ -69,6 +69,9 @@ class Coverage:
 
     def reset(self) -> None:
         with self._lock:
+            # Counts a forward that is running on another thread meanwhile cannot judge by:
+            # its "layers that gave nothing" check is skipped when this changed under it.
+            self.generation = getattr(self, "generation", 0) + 1
             self._runs: Dict[str, int] = {}
             self._captured: Dict[str, int] = {}
             self._refused: Dict[str, int] = {}
