@@ -238,7 +238,7 @@ def _check_tensor(info, tensor: str, data_size: int, name: str, where: str) -> t
     if not isinstance(info, dict):
         raise _damaged(where, f"tensor {tensor!r} has no dtype, shape and offsets")
     code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if code not in _DTYPES:
+    if not isinstance(code, str) or code not in _DTYPES:
         raise _damaged(where, f"tensor {tensor!r} has dtype {code!r}; expected one of {sorted(_DTYPES)}")
     if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
         raise _damaged(where, f"tensor {tensor!r} has shape {shape!r}; expected a list of sizes")
