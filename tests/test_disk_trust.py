@@ -188,6 +188,24 @@ def test_a_write_error_names_the_folder_the_call_and_the_cause(tmp_path, monkeyp
     assert load(tmp_path / "c", partial=True).metadata["state"] == "partial"
 
 
+def test_a_folder_removed_while_streaming_is_a_library_error_at_the_forward_and_at_close(tmp_path):
+    import shutil
+
+    model, inputs = Stack().eval(), _inputs(2)
+    hooker = TransformerAttentionHooker(model).setup()
+    stream = hooker.stream_to(tmp_path / "c")
+    with torch.no_grad():
+        model(inputs[0])
+        shutil.rmtree(tmp_path / "c")
+        with pytest.raises(AttentionHookerError, match=r"streamed to .*/c: .* failed: No such file or directory") as info:
+            model(inputs[1])
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    assert not torch.overrides._get_current_function_mode_stack()
+    with pytest.raises(AttentionHookerError, match=r"streamed to .*/c: writing capture.json failed"):
+        hooker.remove_hooks()
+    assert stream.closed and not hooker.is_setup
+
+
 def test_a_failed_write_with_a_hooker_kept_on_leaves_no_mode_behind(tmp_path, monkeypatch):
     """Before: the function mode stayed on the thread, and an unhooked TransformerEncoderLayer
     then raised AttributeError: 'NoneType' object has no attribute 'layer'."""

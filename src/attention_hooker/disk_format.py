@@ -30,7 +30,7 @@ import torch
 from .errors import AttentionHookerError
 
 __all__ = ["INDEX_NAME", "STREAM_FORMAT", "STATES", "CheckedFile", "read_index", "mapped_tensors", "CheckedCalls",
-           "is_our_file_name"]
+           "is_our_file_name", "checked_file", "checked_path", "parse_json", "open_regular"]
 
 INDEX_NAME = "capture.json"
 STREAM_FORMAT = "attention-hooker-stream/1"
@@ -261,9 +261,8 @@ def checked_file(folder: str, name: str, where: str) -> CheckedFile:
         os.close(fd)
 
 
-def mapped_tensors(path: str) -> Dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, memory-mapped (nothing is read until touched),
-    after its header was checked against its size.
+def checked_path(path: str) -> CheckedFile:
+    """:class:`CheckedFile` of a safetensors file named by its path (a regular file).
 
     Raises:
         AttentionHookerError: when the file is not a well-formed safetensors file of float tensors.
@@ -275,9 +274,19 @@ def mapped_tensors(path: str) -> Dict[str, torch.Tensor]:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise AttentionHookerError(f"{path} is not a regular file")
-        return CheckedFile(path, fd, path).tensors(lazy=True)
+        return CheckedFile(path, fd, path)
     finally:
         os.close(fd)
+
+
+def mapped_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, memory-mapped (nothing is read until touched),
+    after its header was checked against its size.
+
+    Raises:
+        AttentionHookerError: when the file is not a well-formed safetensors file of float tensors.
+    """
+    return checked_path(path).tensors(lazy=True)
 
 
 class CheckedCalls(list):

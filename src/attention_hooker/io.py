@@ -18,7 +18,7 @@ from ._checks import prepare_output_path, resolve_rows, selected_rows, token_lis
 from ._tensor import as_batched, values_of
 from .errors import AttentionHookerError
 from .store import AttentionValues
-from .disk_format import INDEX_NAME, CheckedCalls, checked_file, mapped_tensors, parse_json, read_index
+from .disk_format import INDEX_NAME, CheckedCalls, checked_file, checked_path, parse_json, read_index
 
 __all__ = ["SavedAttention", "save_values", "load", "to_bertviz", "to_numpy"]
 
@@ -217,13 +217,15 @@ def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None, partial:
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in calls)):
         raise AttentionHookerError(f"{path} is damaged: its metadata's layers {layers!r} and calls {calls!r} are not "
                                    "a list of names and a list of call counts of one length")
-    tensors = mapped_tensors(path) if lazy else load_file(path)
+    checked = checked_path(path) if lazy else None
+    tensors = checked.tensors(lazy=True) if lazy else load_file(path)
     values = AttentionValues()
     for index, (name, n_calls) in enumerate(zip(layers, calls)):
         try:
-            values[name] = [_attention(tensors[f"{index}.{call}"], path, name) for call in range(n_calls)]
+            layer_calls = [_attention(tensors[f"{index}.{call}"], path, name) for call in range(n_calls)]
         except KeyError as missing:
             raise AttentionHookerError(f"{path} is damaged: tensor {missing} of layer {name!r} is missing") from None
+        values[name] = CheckedCalls(layer_calls, [checked] * n_calls) if lazy else layer_calls
     tokens = meta.get("tokens")
     extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "tokens")}
     return SavedAttention(values, tokens, extra)

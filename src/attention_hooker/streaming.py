@@ -38,12 +38,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._checks import positive_int, prepare_output_path
-from .disk_format import INDEX_NAME, STREAM_FORMAT, is_our_file_name, read_index
+from .disk_format import INDEX_NAME, STREAM_FORMAT, is_our_file_name, mapped_tensors, read_index
 from .errors import AttentionHookerError
 from .folder_lock import FolderLock
 from .store import _format_bytes
 
-__all__ = ["StreamedCapture", "INDEX_NAME", "format_bytes"]
+__all__ = ["StreamedCapture", "INDEX_NAME", "mapped_tensors", "format_bytes"]  # mapped_tensors: moved to disk_format
 
 SHARD_BYTES = 256 * 2**20
 _MARGIN_BYTES = 64 * 2**20  # left free on the disk for everything else writing there (a tenth of a small disk)
@@ -60,12 +60,13 @@ class _Unit:
     """What is written whole or not at all: one forward of the model, or one call made
     outside any forward of it."""
 
-    __slots__ = ("number", "calls", "error", "in_forward")
+    __slots__ = ("number", "calls", "error", "cause", "in_forward")
 
     def __init__(self, number: int, in_forward: bool):
         self.number = number
         self.calls: List["_Written"] = []
         self.error: Optional[str] = None  # why it cannot be whole: a write of one of its calls failed
+        self.cause: Optional[BaseException] = None  # the OS error behind it
         self.in_forward = in_forward
 
 
@@ -197,7 +198,7 @@ class StreamedCapture:
                 self._roll_back(unit, unit.error or reason, write_error=unit.error is not None)
                 self._write_index()
                 if unit.error is not None and returned:
-                    raise AttentionHookerError(unit.error)
+                    raise AttentionHookerError(unit.error) from unit.cause
                 return
             try:
                 self._flush_pending()
@@ -214,7 +215,10 @@ class StreamedCapture:
         Raises:
             AttentionHookerError: with both figures, the margin, and the ways out.
         """
-        usage = shutil.disk_usage(self.folder)
+        try:
+            usage = shutil.disk_usage(self.folder)
+        except OSError as err:
+            raise self._error(f"measuring the free space for {format_bytes(planned)}{how}", err) from err
         margin = min(_MARGIN_BYTES, usage.total // 10)
         if planned + margin > usage.free:
             raise AttentionHookerError(
@@ -257,8 +261,8 @@ class StreamedCapture:
                 self._write_index()
             finally:
                 self._lock_file.release()
-        if self._on_close is not None:
-            self._on_close(self)
+                if self._on_close is not None:  # the hooker lets go of this capture, whatever failed
+                    self._on_close(self)
         if failure is not None:
             raise failure
 
@@ -302,12 +306,16 @@ class StreamedCapture:
                 with self._lock:
                     self._failed.append({"forward": None, "call_unit": None, "reason": str(err), "write_error": True})
             elif unit.error is None:
-                unit.error = str(err)
+                unit.error, unit.cause = str(err), err.__cause__
             raise
 
     def _commit(self, layer: str, data: Optional[torch.Tensor], own_file: Optional[str], nbytes: int) -> None:
         """A finished call of this thread's forward (or a unit of its own outside any forward)."""
         with self._lock:
+            if self.closed:  # a forward still running on another thread when the capture was closed
+                if own_file is not None:
+                    _remove_quietly(os.path.join(self.folder, own_file))
+                return
             unit = getattr(self._local, "unit", None)
             if unit is None:
                 unit = _Unit(self._units, in_forward=False)
@@ -366,7 +374,8 @@ class StreamedCapture:
         except AttentionHookerError as err:
             for unit in {id(c.unit): c.unit for c in pending}.values():
                 if unit.in_forward:
-                    unit.error = unit.error or str(err)
+                    if unit.error is None:
+                        unit.error, unit.cause = str(err), err.__cause__
                 else:
                     self._roll_back(unit, str(err), write_error=True)
             raise
@@ -441,7 +450,11 @@ class StreamedCapture:
                 os.close(fd)
 
     def _remove_temporary_files(self) -> None:
-        for name in os.listdir(self.folder):
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return  # the folder is gone: writing the index says so
+        for name in names:
             if name.endswith(self._suffix):  # calls cut short (an exception, a refused layer call)
                 _remove_quietly(os.path.join(self.folder, name))
 
