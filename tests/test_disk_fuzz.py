@@ -123,3 +123,23 @@ def test_any_shard_header_gives_an_error_or_the_data(pristine, which, key, value
     claimed = len(encoded) if length is None else length % 2**64
     path.write_bytes(claimed.to_bytes(8, "little") + encoded + raw[8 + size:])
     _check(folder, written)
+
+
+@_SETTINGS
+@given(lines=st.lists(st.binary(max_size=40) | _JSON.map(lambda v: json.dumps(v).encode())
+                      | st.builds(lambda u, c: json.dumps({"unit": u, "calls": c}).encode(), _INT,
+                                  st.lists(st.lists(_NAMES, min_size=3, max_size=3), max_size=3)),
+                      max_size=4),
+       keep=st.integers(0, 4), ending=st.booleans())
+def test_any_log_of_a_capture_being_written_gives_an_error_or_the_data(pristine, lines, keep, ending):
+    """A capture whose writer stopped: the index lists some calls, ``capture.log`` the rest."""
+    root, written = pristine
+    folder = _fresh(root, "log")
+    index = json.loads((folder / "capture.json").read_text())
+    real = [json.dumps({"unit": u, "calls": [[layer, *index["files"][i][u]] for i, layer in enumerate(index["layers"])]})
+            .encode() for u in range(2)]
+    index.update(state="writing", complete=False, log="capture.log", layers=[], files=[], forwards=[], calls=[])
+    (folder / "capture.json").write_text(json.dumps(index))
+    body = b"\n".join(real[:keep] + [line.replace(b"\n", b" ") for line in lines])
+    (folder / "capture.log").write_bytes(body + (b"\n" if ending else b""))
+    _check(folder, written)

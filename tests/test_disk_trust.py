@@ -257,6 +257,62 @@ def test_the_plan_states_its_margin_and_fits_a_small_disk(small_disk):
     assert not os.path.exists(disk / "d" / "capture.json") and not os.path.exists(disk / "d" / "capture.lock")
 
 
+_KILLED = textwrap.dedent("""
+    import sys, torch
+    from attention_hooker import TransformerAttentionHooker
+    sys.path.insert(0, sys.argv[2])
+    from tiny_models import Stack
+    torch.manual_seed(0)
+    model = Stack().eval()
+    torch.manual_seed(1)
+    inputs = [torch.randn(1, 6, 16) for _ in range(50)]
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, hooker.stream_to(sys.argv[1]):
+        for i, x in enumerate(inputs):
+            model(x)
+            print(i, flush=True)
+            if i == 2:
+                sys.stdin.readline()  # killed here
+""")
+
+
+def test_a_writer_killed_leaves_every_forward_that_returned_readable(tmp_path):
+    """SIGKILL after forward 2 returned: no close() ran. The capture reads 'writing'; with
+    partial=True it gives forwards 0-2 exactly (from capture.log), and the next writer takes
+    the dead one's lock over with a warning."""
+    torch.manual_seed(0)
+    model = Stack().eval()
+    memory = _in_memory(model, _inputs(50)[:3])  # the same weights and inputs as the writer's
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED, str(tmp_path / "c"), os.path.dirname(__file__)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert [writer.stdout.readline().strip() for _ in range(3)] == ["0", "1", "2"]
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
+    finally:
+        writer.kill()
+    with open(tmp_path / "c" / "capture.log", "ab") as log:
+        log.write(b'{"unit": 3, "calls": [["blocks.0", "calls-0')  # a line being written when it died
+    with pytest.raises(AttentionHookerError, match="is being written, or its writer stopped before closing it"):
+        load(tmp_path / "c")
+    _assert_forwards(load(tmp_path / "c", partial=True), memory, [0, 1, 2])
+    with pytest.warns(AttentionCaptureWarning, match=f"left by pid {writer.pid}"):
+        TransformerAttentionHooker(model).stream_to(tmp_path / "c", overwrite=True).close()
+    assert load(tmp_path / "c").values == {} and "capture.log" not in os.listdir(tmp_path / "c")
+
+
+def test_a_damaged_line_in_the_middle_of_the_log_is_refused(tmp_path):
+    model = Stack().eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, hooker.stream_to(tmp_path / "c"):
+        model(torch.randn(1, 4, 16))
+        model(torch.randn(1, 4, 16))
+        log = (tmp_path / "c" / "capture.log").read_bytes().split(b"\n")
+        (tmp_path / "c" / "capture.log").write_bytes(b"\n".join([log[0][:-5]] + log[1:]))
+        with pytest.raises(AttentionHookerError, match=r"capture.json is damaged: line 1 of capture.log is unreadable"):
+            load(tmp_path / "c", partial=True)
+        (tmp_path / "c" / "capture.log").write_bytes(b"\n".join(log))
+        assert [len(c) for c in load(tmp_path / "c", partial=True).values.values()] == [2, 2]
+
+
 # ------------------------------------------------------------------ 2. one writer per folder
 _HOLDER = textwrap.dedent("""
     import sys, time, torch

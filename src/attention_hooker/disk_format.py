@@ -4,6 +4,8 @@ A streamed capture is a folder (written by ``streaming.py``)::
 
     capture.json                  the index: layers, calls, tokens, selection, where each call lies,
                                   and its state: "writing", "complete" or "partial"
+    capture.log                   while "writing": a line per forward written whole since the index
+                                  (its calls' layer, file and tensor); a last line cut short is ignored
     capture.lock                  held while a writer streams into the folder (``folder_lock.py``)
     calls-00001.safetensors       small calls, one shard per forward
     call-00002.safetensors        a call of its own, written a tile of query rows at a time
@@ -29,16 +31,17 @@ import torch
 
 from .errors import AttentionHookerError
 
-__all__ = ["INDEX_NAME", "STREAM_FORMAT", "STATES", "CheckedFile", "read_index", "mapped_tensors", "CheckedCalls",
+__all__ = ["INDEX_NAME", "LOG_NAME", "STREAM_FORMAT", "STATES", "CheckedFile", "read_index", "mapped_tensors", "CheckedCalls",
            "is_our_file_name", "checked_file", "checked_path", "parse_json", "open_regular"]
 
 INDEX_NAME = "capture.json"
+LOG_NAME = "capture.log"  # while writing: one line per forward written whole, after the index's calls
 STREAM_FORMAT = "attention-hooker-stream/1"
 STATES = ("writing", "complete", "partial")
 MAX_INDEX_BYTES = 256 * 2**20
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own bound on a header
 _FILE_NAME = re.compile(r"calls?-[0-9]{5,}\.safetensors")
-_OUR_NAMES = re.compile(r"(calls?-[0-9]{5,}\.safetensors|capture\.json)(\.[0-9a-z-]+\.partial|\.partial)?")
+_OUR_NAMES = re.compile(r"(calls?-[0-9]{5,}\.safetensors|capture\.json|capture\.log)(\.[0-9a-z-]+\.partial|\.partial)?")
 _DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "F64": (np.float64, None),
            "BF16": (np.int16, torch.bfloat16)}  # numpy has no bfloat16: mapped as int16, viewed back
 _ITEM_BYTES = {"F32": 4, "F16": 2, "F64": 8, "BF16": 2}
@@ -98,8 +101,46 @@ def read_index(folder: str) -> dict:
                                        f"{MAX_INDEX_BYTES} bytes); expected {STREAM_FORMAT}")
         raw = handle.read(MAX_INDEX_BYTES + 1)
     index = parse_json(raw, f"{path}: unreadable capture index", STREAM_FORMAT, ("layers", "files"))
+    if index.get("state") == "writing" and index.get("log") is not None:
+        _replay_log(folder, index, path)
     _check_index(index, path)
     return index
+
+
+def _replay_log(folder: str, index: dict, where: str) -> None:
+    """Adds the units ``capture.log`` lists to ``index`` (a capture being written, or whose
+    writer stopped): every whole line; a last line without its end is one being written."""
+    log = os.path.join(folder, LOG_NAME)
+    try:
+        fd = os.open(log, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise _damaged(where, f"its {LOG_NAME} cannot be opened as a plain file ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _damaged(where, f"{LOG_NAME} is not a regular file")
+        raw = handle.read(MAX_INDEX_BYTES + 1)
+    if len(raw) > MAX_INDEX_BYTES or not all(isinstance(index.get(k), list) for k in ("layers", "files")):
+        raise _damaged(where, f"{LOG_NAME} is over {MAX_INDEX_BYTES} bytes, or the index lists no calls to add to")
+    order = index.get("layer_order") if isinstance(index.get("layer_order"), list) else []
+    calls_of = {name: list(zip(files, forwards)) for name, files, forwards in zip(
+        index["layers"], index["files"], index.get("forwards", [[None] * len(f) for f in index["files"]]))}
+    for number, line in enumerate(raw.split(b"\n")[:-1]):
+        try:
+            unit = json.loads(line)
+            calls = unit["calls"]
+            if not _is_int(unit["unit"]) or not all(
+                    isinstance(c, list) and len(c) == 3 and all(isinstance(s, str) for s in c) for c in calls):
+                raise ValueError("not a unit of [layer, file, tensor] calls")
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
+            raise _damaged(where, f"line {number + 1} of {LOG_NAME} is unreadable ({err})") from None
+        for layer, file, tensor in calls:
+            calls_of.setdefault(layer, []).append(([file, tensor], unit["unit"]))
+    rank = {name: i for i, name in enumerate(order) if isinstance(name, str)}
+    layers = sorted(calls_of, key=lambda name: rank.get(name, len(rank)))
+    index.update(layers=layers, files=[[f for f, _ in calls_of[n]] for n in layers],
+                 forwards=[[k for _, k in calls_of[n]] for n in layers], calls=[len(calls_of[n]) for n in layers])
 
 
 def parse_json(raw, what: str, expected_format: str, keys: Sequence[str]) -> dict:

@@ -27,6 +27,7 @@ naming the folder, the call and the cause, chained to the OS error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._checks import positive_int, prepare_output_path
-from .disk_format import INDEX_NAME, STREAM_FORMAT, is_our_file_name, mapped_tensors, read_index
+from .disk_format import INDEX_NAME, LOG_NAME, STREAM_FORMAT, is_our_file_name, mapped_tensors, read_index
 from .errors import AttentionHookerError
 from .folder_lock import FolderLock
 from .store import _format_bytes
@@ -140,11 +141,16 @@ class StreamedCapture:
         self.written = 0
         self.closed = False
         self.tokens = None
+        self._log_fd: Optional[int] = None  # capture.log, where each unit written whole is appended
+        self._log_size = 0
         try:
             if expected_bytes is not None:
                 self.check_plan(int(expected_bytes), "")
+            self._open_log()
             self._write_index()
         except BaseException:
+            if self._log_fd is not None:
+                os.close(self._log_fd)
             self._lock_file.release()
             raise
 
@@ -196,7 +202,6 @@ class StreamedCapture:
                 return
             if not returned or unit.error is not None:
                 self._roll_back(unit, unit.error or reason, write_error=unit.error is not None)
-                self._write_index()
                 if unit.error is not None and returned:
                     raise AttentionHookerError(unit.error) from unit.cause
                 return
@@ -205,7 +210,6 @@ class StreamedCapture:
             except AttentionHookerError:
                 if unit.error is not None:  # a call of this forward was in the shard that failed
                     self._roll_back(unit, unit.error, write_error=True)
-                    self._write_index()
                     raise
             self._list(unit)
 
@@ -258,8 +262,10 @@ class StreamedCapture:
             self.closed = True
             try:
                 self._remove_temporary_files()
-                self._write_index()
+                self._write_index()  # final: lists everything, so the log is no longer needed
+                self._close_log(remove=True)
             finally:
+                self._close_log(remove=False)
                 self._lock_file.release()
                 if self._on_close is not None:  # the hooker lets go of this capture, whatever failed
                     self._on_close(self)
@@ -338,7 +344,7 @@ class StreamedCapture:
             self._listed.setdefault(call.layer, []).append(call)
         self._whole += 1
         try:
-            self._write_index()
+            self._append_log(unit)
         except AttentionHookerError as err:
             for call in unit.calls:
                 self._listed[call.layer].remove(call)
@@ -361,16 +367,13 @@ class StreamedCapture:
         in it is marked (a forward) or rolled back (a lone call), and the error raised."""
         if not self._pending:
             return
-        from safetensors.torch import save
-
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         self._files += 1
         name = f"calls-{self._files:05d}.safetensors"
         what = f"the shard {name} ({len(pending)} calls, the first of layer {pending[0].layer!r})"
         try:
             self.check_plan(sum(c.data.numel() * c.data.element_size() for c in pending), " more (a shard of small calls)")
-            tensors = {str(i): c.data for i, c in enumerate(pending)}
-            self._write_file(name, save(tensors), what)
+            self._write_shard(name, [c.data for c in pending], what)
         except AttentionHookerError as err:
             for unit in {id(c.unit): c.unit for c in pending}.values():
                 if unit.in_forward:
@@ -394,6 +397,29 @@ class StreamedCapture:
             planned = nbytes * self._hooked_layers * self._calls_per_layer
         self.check_plan(planned, f" ({format_bytes(nbytes)} per call x {self._hooked_layers} hooked layers"
                                  f" x {self._calls_per_layer} call(s) each)")
+
+    def _write_shard(self, name: str, tensors: List[torch.Tensor], what: str) -> None:
+        """A safetensors file of ``tensors`` (named ``"0"``, ``"1"``, ...), written at its final
+        name: no index lists it before it is whole, and it is removed when a write fails."""
+        header, offset = {}, 0
+        for i, tensor in enumerate(tensors):
+            nbytes = tensor.numel() * tensor.element_size()
+            header[str(i)] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        path = os.path.join(self.folder, name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as err:
+            raise self._error(what, err) from err
+        try:
+            parts = [_header_bytes(header)] + [_raw_bytes(t.contiguous().reshape(-1)) for t in tensors]
+            _write_all(fd, parts)
+        except OSError as err:
+            _remove_quietly(path)
+            raise self._error(what, err) from err
+        finally:
+            os.close(fd)
 
     def _write_file(self, name: str, data: bytes, what: str) -> None:
         """``data`` into ``name`` whole: written aside under this writer's temporary name, then renamed."""
@@ -422,17 +448,16 @@ class StreamedCapture:
             self._files += 1
             name = f"call-{self._files:05d}.safetensors"
         self.check_plan(nbytes, f" more (a {tuple(shape)} call)")
-        header = json.dumps({"attention": {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                                           "data_offsets": [0, nbytes]}}).encode()
-        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        header = _header_bytes({"attention": {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                                              "data_offsets": [0, nbytes]}})
         path = os.path.join(self.folder, name + self._suffix)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as err:
             raise self._error(f"creating {name} for a {tuple(shape)} call of layer {layer!r}", err) from err
         try:
-            os.write(fd, len(header).to_bytes(8, "little") + header)
-            data_offset = 8 + len(header)
+            os.write(fd, header)
+            data_offset = len(header)
             if hasattr(os, "posix_fallocate") and nbytes:
                 os.posix_fallocate(fd, data_offset, nbytes)  # no "disk full" halfway through the call
         except OSError as err:
@@ -461,6 +486,43 @@ class StreamedCapture:
     def _ordered_layers(self) -> List[str]:
         return sorted(self._listed, key=lambda name: self._rank.get(name, len(self._rank)))
 
+    def _open_log(self) -> None:
+        path = os.path.join(self.folder, LOG_NAME)
+        try:
+            self._log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        except OSError as err:
+            raise self._error(f"creating {LOG_NAME}", err) from err
+
+    def _close_log(self, *, remove: bool) -> None:
+        fd, self._log_fd = self._log_fd, None
+        if fd is not None:
+            os.close(fd)
+        if remove:
+            _remove_quietly(os.path.join(self.folder, LOG_NAME))
+
+    def _append_log(self, unit: _Unit) -> None:
+        """One line in ``capture.log`` for a unit written whole (cheap whatever the capture's
+        size; ``capture.json`` is written whole at close). A line that cannot be written
+        whole is cut off again; if even that fails, the log is dropped and ``capture.json``
+        is rewritten for each unit instead."""
+        if self._log_fd is None:
+            self._write_index()
+            return
+        line = (json.dumps({"unit": unit.number, "calls": [[c.layer, c.file, c.tensor] for c in unit.calls]},
+                           separators=(",", ":")) + "\n").encode()
+        try:
+            written = os.write(self._log_fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"wrote {written} of {len(line)} bytes")
+        except OSError as err:
+            try:
+                os.ftruncate(self._log_fd, self._log_size)
+            except OSError:
+                self._close_log(remove=False)
+                self._write_index()  # lists every unit so far, and tells readers to ignore the log
+            raise self._error(f"appending forward {unit.number} to {LOG_NAME}", err) from err
+        self._log_size += written
+
     def _write_index(self) -> None:
         """``capture.json``: the calls of every unit written whole, and the state (written
         aside, then renamed: a reader sees the old index or the new one, never half)."""
@@ -474,6 +536,7 @@ class StreamedCapture:
                  "forwards": [[c.unit.number for c in self._listed[n]] for n in layers],
                  "whole_units": self._whole, "failed_units": len(self._failed),
                  "failures": self._failed[:_FAILURES_LISTED],
+                 "layer_order": list(self._rank), "log": LOG_NAME if self._log_fd is not None else None,
                  "writer": self._suffix, "tokens": self.tokens, "dtype": sorted(self._dtypes), "library_version": __version__,
                  **self._metadata}
         self._write_file(INDEX_NAME, json.dumps(index, separators=(",", ":")).encode(), f"writing {INDEX_NAME}")
@@ -574,6 +637,26 @@ class _StreamedCall:
             _remove_quietly(os.path.join(self._owner.folder, name + self._owner._suffix))
             self._file = None
         self._buffer = None
+
+
+def _header_bytes(header: dict) -> bytes:
+    """A safetensors header: its length (8 bytes, little-endian), then the JSON padded with
+    spaces so that the data starts 8-byte aligned, as safetensors writes it."""
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def _write_all(fd: int, parts: List) -> None:
+    """Every byte of ``parts`` (bytes or memoryviews) to ``fd``, as few system calls as it takes."""
+    parts = [memoryview(p).cast("B") for p in parts if len(p)]
+    while parts:
+        written = os.writev(fd, parts[:1024])
+        while parts and written >= len(parts[0]):
+            written -= len(parts[0])
+            parts.pop(0)
+        if written:
+            parts[0] = parts[0][written:]
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
