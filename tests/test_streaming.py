@@ -12,7 +12,7 @@ from torch import nn
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker, load
 from attention_hooker.capture import sdpa
-from attention_hooker import streaming
+from attention_hooker import stream_folder, streaming
 from tiny_models import Stack, TwoCallsAttention
 
 transformers = pytest.importorskip("transformers")
@@ -176,7 +176,7 @@ def test_views_and_analyses_take_a_streamed_capture(tmp_path, minilm_sdpa, minil
 
 def test_the_plan_refuses_before_anything_is_written_when_the_disk_is_too_small(tmp_path, monkeypatch):
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 2**20, 2**20))
+    monkeypatch.setattr(stream_folder.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 2**20, 2**20))
     model = _llama()
     with pytest.raises(AttentionHookerError, match=r"writes about 1\.5 GiB, and 64\.0 MiB are kept free for everything "
                                                    r"else; 1\.0 MiB free on .*keep less"):

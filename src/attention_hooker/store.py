@@ -16,7 +16,7 @@ from ._checks import (check_device, check_flag, check_heads, index_list, one_of,
                       row_selection)
 from .errors import AttentionHookerError
 
-__all__ = ["StoragePolicy", "AttentionValues", "AttentionStore", "GradientSource", "begin_partial"]
+__all__ = ["StoragePolicy", "AttentionValues", "AttentionStore", "GradientSource", "begin_partial", "format_size"]
 
 _KEEP_CHOICES = ("first", "last")
 
@@ -154,7 +154,7 @@ class AttentionValues(dict):
 
     def __repr__(self) -> str:
         calls = sum(len(v) for v in self.values())
-        return f"AttentionValues({len(self)} layers, {calls} calls, {_format_bytes(self.nbytes)})"
+        return f"AttentionValues({len(self)} layers, {calls} calls, {format_size(self.nbytes)})"
 
     @property
     def nbytes(self) -> int:
@@ -162,7 +162,7 @@ class AttentionValues(dict):
         return sum(t.numel() * t.element_size() for v in self.values() for t in v if t is not None)
 
 
-def _format_bytes(n: float, units: Sequence[str] = ("B", "KB", "MB", "GB")) -> str:
+def format_size(n: float, units: Sequence[str] = ("B", "KB", "MB", "GB")) -> str:
     """``3.1 KB``-style size, in steps of 1024 up to the last of ``units``."""
     for unit in units:
         if n < 1024 or unit == units[-1]:

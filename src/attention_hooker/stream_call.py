@@ -1,0 +1,118 @@
+"""One call of a streamed capture being written, a block of query rows at a time.
+
+Small calls gather in a buffer ``(batch, heads, rows, key)`` and go to their forward's
+shard when committed; a call of ``shard_bytes`` or more gets a file of its own, reserved
+before its first row and written tile by tile as the rows are computed (memory holds a
+tile, never the call). Every failure marks the forward it belongs to (see
+``streaming.py``) and is raised as the library's error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .errors import AttentionHookerError
+from .stream_folder import SAFETENSORS_DTYPES, raw_bytes
+
+__all__ = ["StreamedCall"]
+
+
+class StreamedCall:
+    """One call being written: its rows arrive in order, a block at a time.
+
+    Args:
+        owner: the :class:`~attention_hooker.streaming.StreamedCapture` it belongs to.
+        layer: the layer whose call it is.
+    """
+
+    def __init__(self, owner, layer: str):
+        self._owner, self._layer = owner, layer
+        self._shape: Optional[Tuple[int, ...]] = None
+        self._dtype: Optional[torch.dtype] = None
+        self._buffer: Optional[torch.Tensor] = None  # small calls: (B, H, R, K) on the CPU
+        self._file: Optional[Tuple[str, int, int]] = None  # large calls: (file name, data offset, fd)
+        self._row = 0
+
+    def begin(self, shape: Sequence[int], dtype: torch.dtype) -> None:
+        """Told before the first block: the stored ``(batch, heads, rows, key)`` and dtype."""
+        with self._owner.failing_forward():
+            self._begin(shape, dtype)
+
+    def _begin(self, shape: Sequence[int], dtype: torch.dtype) -> None:
+        self._shape = tuple(int(n) for n in shape)
+        self._dtype = dtype if dtype in SAFETENSORS_DTYPES else torch.float32
+        nbytes = math.prod(self._shape) * torch.empty((), dtype=self._dtype).element_size()
+        self._owner.plan_first_call(nbytes)
+        self._owner.dtypes.add(str(self._dtype).replace("torch.", ""))
+        if nbytes >= self._owner.shard_bytes:
+            self._file = self._owner.open_call_file(self._layer, self._shape, self._dtype)
+        else:
+            self._buffer = torch.empty(self._shape, dtype=self._dtype)
+
+    def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
+        """Writes the next ``block`` ``(batch, heads, r, key)`` of query rows."""
+        del rows, n_query  # rows arrive in order; the stored shape was given to begin()
+        with self._owner.failing_forward():
+            self._add(block)
+
+    def _add(self, block: torch.Tensor) -> None:
+        if self._shape is None:
+            self._begin(block.shape, block.dtype)
+        block = block.detach().to("cpu", self._dtype)
+        first, last = self._row, self._row + block.shape[2]
+        if last > self._shape[2] or tuple(block.shape[:2]) != self._shape[:2] or block.shape[3] != self._shape[3]:
+            raise AttentionHookerError(
+                f"a block {tuple(block.shape)} at row {first} does not fit the call {self._shape} of {self._layer!r}")
+        if self._buffer is not None:
+            self._buffer[:, :, first:last].copy_(block)
+        else:
+            self._write_rows(block, first)
+        self._row = last
+
+    def _write_rows(self, block: torch.Tensor, first: int) -> None:
+        name, data_offset, fd = self._file
+        _, heads, n_rows, n_key = self._shape
+        row_bytes = n_key * block.element_size()
+        block = block.contiguous()
+        try:
+            for b in range(block.shape[0]):
+                for h in range(block.shape[1]):
+                    os.pwrite(fd, raw_bytes(block[b, h]), data_offset + ((b * heads + h) * n_rows + first) * row_bytes)
+        except OSError as err:
+            self.discard()
+            raise self._owner.disk.error(f"writing rows {first}-{first + block.shape[2] - 1} of a call of layer "
+                                     f"{self._layer!r} into {name}", err) from err
+
+    def commit(self) -> None:
+        """Hands the finished call to the capture (under the store's lock, in call order)."""
+        with self._owner.failing_forward():
+            self._commit()
+
+    def _commit(self) -> None:
+        if self._shape is None:
+            return
+        if self._row != self._shape[2]:
+            self.discard()
+            raise AttentionHookerError(f"a call of {self._layer!r} ended after {self._row} of {self._shape[2]} rows")
+        nbytes = math.prod(self._shape) * torch.empty((), dtype=self._dtype).element_size()
+        name = None
+        if self._file is not None:
+            name, _, fd = self._file
+            self._owner.release_file(fd)
+            self._file = None
+            self._owner.disk.finish_call_file(name, f"a call of layer {self._layer!r}")
+        self._owner.commit_call(self._layer, self._buffer, name, nbytes)
+        self._buffer = None
+
+    def discard(self) -> None:
+        """Drops a call that will not be kept (its layer call was refused, or cut short)."""
+        if self._file is not None:
+            name, _, fd = self._file
+            self._owner.release_file(fd)
+            self._owner.disk.remove(name, temporary=True)
+            self._file = None
+        self._buffer = None
