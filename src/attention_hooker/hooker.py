@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ._checks import describe_positions
+from ._torch_private import in_backward, tracing_state_active
 from .capture.buffers import unreachable_tensors
 from .capture.coverage import Coverage, CoverageReport
 from .capture.inputs import input_shape
@@ -575,7 +576,7 @@ def _being_traced() -> bool:
     is private (checked on torch 2.1-2.14, pinned by a test).
     """
     exporting = getattr(torch.compiler, "is_exporting", None)
-    return (exporting is not None and exporting()) or torch._C._get_tracing_state() is not None
+    return (exporting is not None and exporting()) or tracing_state_active()
 
 
 def _is_compiled(model: nn.Module) -> bool:
@@ -585,8 +586,7 @@ def _is_compiled(model: nn.Module) -> bool:
 
 def _in_backward() -> bool:
     """Whether autograd is running a backward pass on this thread right now."""
-    current = getattr(torch._C, "_current_autograd_node", None)
-    return current is not None and current() is not None
+    return in_backward()
 
 
 def _hf_implementations(model: nn.Module) -> Dict[str, str]:

@@ -5,7 +5,6 @@ Every stored tensor has shape ``(batch, heads, query, key)``.
 
 from __future__ import annotations
 
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
@@ -14,6 +13,7 @@ import torch
 
 from ._checks import (check_device, check_flag, check_heads, index_list, one_of, positive_int, resolve_rows,
                       row_selection)
+from ._torch_private import refcount
 from .errors import AttentionHookerError
 
 __all__ = ["StoragePolicy", "AttentionValues", "AttentionStore", "GradientSource", "begin_partial", "format_size"]
@@ -220,7 +220,7 @@ class AttentionStore:
             old, self.values = self.values, self._new_values()
             self.gradients, self.value_vectors, self.calls_seen = {}, AttentionValues(), {}
             probe = AttentionValues()  # counted as ``old`` is: one local name
-            alone = sys.getrefcount(old) == sys.getrefcount(probe)
+            alone = refcount(old) == refcount(probe)
             return salvage(old) if salvage is not None and alone else []
 
     def stores_as_computed(self, dtype: torch.dtype, device: torch.device) -> bool:

@@ -19,32 +19,32 @@ memory is held by the store alone:
 The reference counts are compared with a baseline measured the same way on a
 tensor nobody else holds, so the rule does not depend on how an interpreter
 version counts temporary references. Where torch lacks either counter, nothing
-is reused. (Private APIs, checked on torch 2.1-2.14; pinned by
-``tests/test_contract.py::test_private_torch_apis_still_exist``.)
+is reused. (The counters are private APIs, each behind one function of
+``_torch_private.py``.)
 """
 
 from __future__ import annotations
 
 import mmap
-import sys
 import threading
 import weakref
 from typing import Dict, List, Mapping, Tuple
 
 import torch
 
+from .._torch_private import REFCOUNTS_SUPPORTED, refcount, storage_use_count, tensor_use_count
+
 __all__ = ["SpareBuffers", "unreachable_tensors", "Arena"]
 
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def _counts(values: Mapping) -> List[Tuple[int, int, torch.Tensor]]:
     """``(call list refs, tensor refs, tensor)`` of every stored tensor, counted alike each time."""
     counted = []
     for calls in dict.values(values):  # the dict's own lists, not a snapshot's (AttentionValues)
-        list_refs = sys.getrefcount(calls)
+        list_refs = refcount(calls)
         for tensor in calls:
-            counted.append((list_refs, sys.getrefcount(tensor), tensor))
+            counted.append((list_refs, refcount(tensor), tensor))
     return counted
 
 
@@ -53,12 +53,12 @@ def _storage_refs(tensor: torch.Tensor) -> Tuple[int, int]:
     object is kept with the storage, so a user holding ``untyped_storage()`` shows in
     its Python count, not in the use count."""
     storage = tensor.untyped_storage()
-    return _storage_use_count(storage._cdata), sys.getrefcount(storage)
+    return storage_use_count(storage), refcount(storage)
 
 
 def _storage_refs_of(storage) -> Tuple[int, int]:
     """:func:`_storage_refs` of a storage object at hand (counted alike: one local name)."""
-    return _storage_use_count(storage._cdata), sys.getrefcount(storage) - 1
+    return storage_use_count(storage), refcount(storage) - 1
 
 
 def _baseline() -> Tuple[int, int, Tuple[int, int]]:
@@ -67,8 +67,7 @@ def _baseline() -> Tuple[int, int, Tuple[int, int]]:
     return list_refs, tensor_refs, _storage_refs(tensor)
 
 
-_SUPPORTED = _storage_use_count is not None and hasattr(torch.Tensor, "_use_count")
-_BASELINE = _baseline() if _SUPPORTED else None
+_BASELINE = _baseline() if REFCOUNTS_SUPPORTED else None
 
 
 def unreachable_tensors(values: Mapping) -> List[torch.Tensor]:
@@ -84,7 +83,7 @@ def unreachable_tensors(values: Mapping) -> List[torch.Tensor]:
             list_refs == list_base
             and tensor_refs == tensor_base
             and not weakref.getweakrefcount(tensor)
-            and tensor._use_count() == 1
+            and tensor_use_count(tensor) == 1
             and _storage_refs(tensor) == storage_base
             and tensor._base is None
             and not tensor.requires_grad
@@ -198,7 +197,7 @@ class Arena:
         with self._lock:
             for dtype, (chunk, used) in list(self._chunks.items()):
                 storage = chunk.untyped_storage()
-                if (chunk._use_count() == 1 and _storage_refs_of(storage) == _BASELINE[2]
+                if (tensor_use_count(chunk) == 1 and _storage_refs_of(storage) == _BASELINE[2]
                         and not weakref.getweakrefcount(chunk)):
                     self._chunks[dtype] = (chunk, 0)
                 del storage

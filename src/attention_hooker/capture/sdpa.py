@@ -16,6 +16,7 @@ import torch
 
 from .parallel import head_shard
 from .._checks import check_heads, resolve_rows
+from .._torch_private import softmax_last_dim_into
 from ..errors import AttentionHookerError
 
 __all__ = ["SDPA_FUNCTIONS", "sdpa_attention_weights", "parse_sdpa_call", "as_4d", "packed_query_groups",
@@ -444,5 +445,5 @@ def _softmax_last_dim(scores: torch.Tensor) -> torch.Tensor:
     so the in-place form gives the same numbers as ``torch.softmax``.
     """
     if scores.device.type == "cpu" and scores.is_contiguous():
-        return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+        return softmax_last_dim_into(scores)
     return torch.softmax(scores, dim=-1)
