@@ -169,8 +169,8 @@ def test_stats_heatmaps_read_well_with_few_heads_and_with_many(heads, tmp_path, 
     accumulator.update({f"encoder.layer.{i}.attention.self": [(torch.randn(1, heads, 5, 5) * 1e-3).softmax(-1)]
                         for i in range(2)})
     figures = []
-    real_save = plot._save
-    monkeypatch.setattr(plot, "_save", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    real_save = plot.save_figure
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path: figures.append(fig) or real_save(fig, path))
     workflows.write_statistics(accumulator, tmp_path)
     assert len(figures) == 4
     for fig in figures:

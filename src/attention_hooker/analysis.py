@@ -26,7 +26,7 @@ __all__ = [
     "layer_sequence",
 ]
 
-_FUSIONS = ("mean", "max", "min")
+FUSIONS = ("mean", "max", "min")
 
 
 def layer_sequence(
@@ -56,7 +56,7 @@ def layer_sequence(
                 raise AttentionHookerError(f"layer {name!r} has {len(calls)} calls; call={call} is out of range")
             layers.append(calls[call])
         attentions = layers
-    attentions = [None if a is None and allow_missing else _as_tensor(a, f"{where}[{i}]") for i, a in enumerate(attentions)]
+    attentions = [None if a is None and allow_missing else to_tensor(a, f"{where}[{i}]") for i, a in enumerate(attentions)]
     if not attentions:
         raise AttentionHookerError(f"{where} is empty: expected at least one (batch, heads, query, key) tensor")
     for i, a in enumerate(attentions):
@@ -68,7 +68,7 @@ def layer_sequence(
     return attentions
 
 
-def _as_tensor(a, where: str) -> torch.Tensor:
+def to_tensor(a, where: str) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
         return a
     try:
@@ -85,10 +85,10 @@ def _fuse_heads(a: torch.Tensor, how: str) -> torch.Tensor:
         return a.mean(dim=1)
     if how == "max":
         return a.amax(dim=1)
-    return a.amin(dim=1)  # "min": callers check head_fusion against _FUSIONS first
+    return a.amin(dim=1)  # "min": callers check head_fusion against FUSIONS first
 
 
-def _square_stack(attentions, where: str) -> List[torch.Tensor]:
+def square_stack(attentions, where: str) -> List[torch.Tensor]:
     layers = layer_sequence(attentions, where=where)
     shape = layers[0].shape
     for i, a in enumerate(layers):
@@ -133,9 +133,9 @@ def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str
         >>> r.shape, bool(torch.allclose(r.sum(-1), torch.ones(1, 3)))
         (torch.Size([1, 3, 3]), True)
     """
-    one_of(head_fusion, "head_fusion", _FUSIONS)
+    one_of(head_fusion, "head_fusion", FUSIONS)
     add_residual = check_flag(add_residual, "add_residual")
-    layers = _square_stack(attentions, "attentions")
+    layers = square_stack(attentions, "attentions")
     rollout = None
     for fused in layer_graphs(layers, add_residual, head_fusion):
         rollout = fused if rollout is None else fused @ rollout
@@ -181,7 +181,7 @@ def gradient_weighted_rollout(attentions, gradients) -> torch.Tensor:
         >>> gradient_weighted_rollout(a, [torch.ones(1, 2, 3, 3)]).shape
         torch.Size([1, 3, 3])
     """
-    layers = _square_stack(attentions, "attentions")
+    layers = square_stack(attentions, "attentions")
     grads = layer_sequence(gradients, where="gradients", allow_missing=True)
     if len(grads) != len(layers):
         raise AttentionHookerError(f"{len(layers)} attention layers but {len(grads)} gradient layers")
@@ -199,11 +199,11 @@ def gradient_weighted_rollout(attentions, gradients) -> torch.Tensor:
     return relevance.to(layers[0].dtype)
 
 
-def _query_mask(attn: torch.Tensor, padding_mask) -> Optional[torch.Tensor]:
+def query_mask_of(attn: torch.Tensor, padding_mask) -> Optional[torch.Tensor]:
     """``(B, Q)`` bool of real query positions, from an HF-style ``(B, T)`` mask (1 = real)."""
     if padding_mask is None:
         return None
-    raw = _as_tensor(padding_mask, "padding_mask").to(attn.device)
+    raw = to_tensor(padding_mask, "padding_mask").to(attn.device)
     if raw.dtype != torch.bool and not ((raw == 0) | (raw == 1)).all():
         raise AttentionHookerError("padding_mask must hold 0/1 or True/False (1 for real tokens, 0 for padding)")
     mask = raw.bool()
@@ -216,7 +216,7 @@ def _query_mask(attn: torch.Tensor, padding_mask) -> Optional[torch.Tensor]:
     return mask
 
 
-def _mean_over_queries(per_query: torch.Tensor, query_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def mean_over_queries(per_query: torch.Tensor, query_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """``(B, H, Q)`` -> ``(B, H)``, over real queries only."""
     if query_mask is None:
         return per_query.mean(dim=-1)
@@ -224,15 +224,15 @@ def _mean_over_queries(per_query: torch.Tensor, query_mask: Optional[torch.Tenso
     return (per_query * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 
-def _row_mask(padding_mask) -> Optional[torch.Tensor]:
+def row_mask(padding_mask) -> Optional[torch.Tensor]:
     """An HF-style padding mask as ``(batch, tokens)`` bool (True for real tokens), or ``None``."""
     if padding_mask is None:
         return None
-    mask = _as_tensor(padding_mask, "padding_mask").bool()
+    mask = to_tensor(padding_mask, "padding_mask").bool()
     return mask.unsqueeze(0) if mask.dim() == 1 else mask
 
 
-def _real_rows(mask: Optional[torch.Tensor], rows: torch.Tensor, n_query: int, batch: int, device) -> torch.Tensor:
+def real_rows(mask: Optional[torch.Tensor], rows: torch.Tensor, n_query: int, batch: int, device) -> torch.Tensor:
     """``(batch, r)`` float64, 1 for the real ones among query rows ``rows`` of a call with
     ``n_query`` rows: ``mask`` applies where it has one entry per query row, else all count."""
     if mask is None or mask.shape[-1] != n_query:
@@ -240,9 +240,9 @@ def _real_rows(mask: Optional[torch.Tensor], rows: torch.Tensor, n_query: int, b
     return mask.to(device)[:, rows.to(device)].double()
 
 
-def _check_attention(attn, where: str) -> torch.Tensor:
+def check_attention(attn, where: str) -> torch.Tensor:
     """``(batch, heads, query, key)`` probabilities as float64, or the library's error."""
-    a = as_batched(_as_tensor(attn, where), where)
+    a = as_batched(to_tensor(attn, where), where)
     check_probabilities(a, where)
     return a.double()
 
@@ -261,9 +261,9 @@ def head_entropy(attn, *, padding_mask=None) -> torch.Tensor:
         >>> head_entropy(torch.full((1, 1, 2, 4), 0.25))
         tensor([[1.3863]], dtype=torch.float64)
     """
-    a = _check_attention(attn, "attn")
+    a = check_attention(attn, "attn")
     plogp = torch.where(a > 0, a * torch.log(a.clamp(min=1e-300)), torch.zeros_like(a))
-    return _mean_over_queries(-plogp.sum(-1), _query_mask(a, padding_mask))
+    return mean_over_queries(-plogp.sum(-1), query_mask_of(a, padding_mask))
 
 
 def _grid_positions(n: int, grid: Tuple[int, int], device) -> torch.Tensor:
@@ -295,13 +295,13 @@ def mean_attention_distance(
         >>> mean_attention_distance(eye_shift)
         tensor([[1.5000]], dtype=torch.float64)
     """
-    a = _check_attention(attn, "attn")
+    a = check_attention(attn, "attn")
     if a.shape[-1] != a.shape[-2]:
         raise AttentionHookerError(
             f"attention is {tuple(a.shape)}: distance needs self-attention (query == key positions)"
         )
     prefix_tokens = non_negative_int(prefix_tokens, "prefix_tokens")
-    query_mask = _query_mask(a, padding_mask)
+    query_mask = query_mask_of(a, padding_mask)
     if grid is not None:
         a = a[..., prefix_tokens:, prefix_tokens:]
         a = a / a.sum(-1, keepdim=True).clamp(min=1e-300)
@@ -312,7 +312,7 @@ def mean_attention_distance(
     else:
         idx = torch.arange(a.shape[-1], device=a.device, dtype=torch.float64)
         dist = (idx[:, None] - idx[None, :]).abs()  # (T, T)
-    return _mean_over_queries((a * dist).sum(-1), query_mask)
+    return mean_over_queries((a * dist).sum(-1), query_mask)
 
 
 def sink_share(attn, positions: Sequence[int] = (0,), *, padding_mask=None) -> torch.Tensor:
@@ -334,10 +334,10 @@ def sink_share(attn, positions: Sequence[int] = (0,), *, padding_mask=None) -> t
         >>> sink_share(torch.tensor([[[[0.7, 0.2, 0.1]]]]), positions=[0])
         tensor([[0.7000]], dtype=torch.float64)
     """
-    a = _check_attention(attn, "attn")
+    a = check_attention(attn, "attn")
     chosen = index_list(positions, "positions", length=a.shape[-1], where="the keys", allow_negative=True, noun="position")
     index = torch.as_tensor(chosen, dtype=torch.long, device=a.device)
-    return _mean_over_queries(a.index_select(-1, index).sum(-1), _query_mask(a, padding_mask))
+    return mean_over_queries(a.index_select(-1, index).sum(-1), query_mask_of(a, padding_mask))
 
 
 class HeadStatsAccumulator:
@@ -393,10 +393,10 @@ class HeadStatsAccumulator:
         for name, calls in values.items():
             if not isinstance(calls, torch.Tensor) and not len(calls):
                 raise AttentionHookerError(f"layer {name!r} has no call to take statistics of")
-            a = _check_attention(calls[0] if not isinstance(calls, torch.Tensor) else calls, f"layer {name!r}")
+            a = check_attention(calls[0] if not isinstance(calls, torch.Tensor) else calls, f"layer {name!r}")
             self._check_heads(name, a.shape[1])
             if padding_mask is not None and a.shape[-1] == a.shape[-2]:
-                _query_mask(a, padding_mask)  # a self-attention layer: the mask must fit it
+                query_mask_of(a, padding_mask)  # a self-attention layer: the mask must fit it
             checked[name] = a
         self.inputs += 1
         batch_sizes = set()
@@ -485,7 +485,7 @@ class _PartialStats:
 
     def __init__(self, owner: HeadStatsAccumulator, name: str, padding_mask=None):
         self._owner, self._name = owner, name
-        self._mask = _row_mask(padding_mask)  # (B, T) or None
+        self._mask = row_mask(padding_mask)  # (B, T) or None
         self._sums: Optional[Dict[str, torch.Tensor]] = None
         self._count = 0.0
         self._sinks: Optional[list] = None  # the sink key positions, resolved against this call's keys once
@@ -499,7 +499,7 @@ class _PartialStats:
         batch, heads, _, n_key = a.shape
         rows = rows.to(a.device)
         mask = self._mask if self._mask is not None and self._mask.shape[-1] == n_query else None
-        real = _real_rows(mask, rows, n_query, batch, a.device)  # (B, r)
+        real = real_rows(mask, rows, n_query, batch, a.device)  # (B, r)
         per_row = {"entropy": torch.special.entr(a).sum(-1), "first_token_share": a[..., 0]}  # each (B, H, r)
         if n_query == n_key:
             keys = torch.arange(n_key, device=a.device, dtype=a.dtype)

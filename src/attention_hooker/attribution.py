@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._tensor import as_batched
-from .analysis import _as_tensor, _check_attention
+from .analysis import to_tensor, check_attention
 from .errors import AttentionHookerError
 
 __all__ = ["head_importance", "value_weighted_norms", "find_output_projection"]
@@ -44,8 +44,8 @@ def head_importance(attn, grad) -> torch.Tensor:
         >>> head_importance(a, torch.tensor([[[[2.0, -4.0]], [[3.0, 7.0]]]]))
         tensor([[1., 3.]], dtype=torch.float64)
     """
-    a = _check_attention(attn, "head_importance")
-    g = as_batched(_as_tensor(grad, "grad"), "grad").to(device=a.device, dtype=torch.float64)
+    a = check_attention(attn, "head_importance")
+    g = as_batched(to_tensor(grad, "grad"), "grad").to(device=a.device, dtype=torch.float64)
     if g.shape != a.shape:
         raise AttentionHookerError(f"grad is {tuple(g.shape)}, expected the weights' shape {tuple(a.shape)}")
     return (a * g).sum(dim=(-2, -1)).abs()
@@ -85,9 +85,9 @@ def value_weighted_norms(attn, value, out_weight, *, summed: bool = False) -> to
         >>> value_weighted_norms(a, v, torch.eye(2))
         tensor([[[[1.2500, 0.7500]]]], dtype=torch.float64)
     """
-    a = _check_attention(attn, "value_weighted_norms")
-    v = as_batched(_as_tensor(value, "value"), "value").to(device=a.device, dtype=torch.float64)
-    w = _as_tensor(out_weight, "out_weight").detach().to(device=a.device, dtype=torch.float64)
+    a = check_attention(attn, "value_weighted_norms")
+    v = as_batched(to_tensor(value, "value"), "value").to(device=a.device, dtype=torch.float64)
+    w = to_tensor(out_weight, "out_weight").detach().to(device=a.device, dtype=torch.float64)
     batch, heads, _, keys = a.shape
     if v.shape[0] != batch or v.shape[2] != keys or heads % max(v.shape[1], 1):
         raise AttentionHookerError(

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ._checks import check_flag, index_list, one_of
-from .analysis import _FUSIONS, _square_stack, layer_graphs
+from .analysis import FUSIONS, square_stack, layer_graphs
 from .errors import AttentionHookerError
 
 __all__ = ["attention_flow"]
@@ -70,10 +70,10 @@ def attention_flow(
         from scipy.sparse.csgraph import maximum_flow
     except ImportError:  # pragma: no cover - scipy comes with the "analysis" extra
         raise AttentionHookerError("attention_flow needs scipy: pip install scipy") from None
-    one_of(head_fusion, "head_fusion", _FUSIONS)
+    one_of(head_fusion, "head_fusion", FUSIONS)
     add_residual = check_flag(add_residual, "add_residual")
     normalize = check_flag(normalize, "normalize")
-    layers = _square_stack(attentions, "attentions")
+    layers = square_stack(attentions, "attentions")
     graphs = layer_graphs(layers, add_residual, head_fusion)  # each (B, T, T)
     batch, tokens = graphs[0].shape[0], graphs[0].shape[-1]
     outputs = range(tokens) if output_positions is None else index_list(

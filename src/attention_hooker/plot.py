@@ -24,7 +24,7 @@ __all__ = ["plot_attention_grid", "plot_attention_overview", "vit_attention_map"
 _FIGURE = None
 
 
-def _matplotlib():
+def figure_class():
     """The figure class our pictures are made with: matplotlib's ``Figure``, shown inline by
     notebooks on its own (as a PNG), without ``%matplotlib inline`` or pyplot."""
     global _FIGURE
@@ -51,7 +51,7 @@ def _matplotlib():
     return _FIGURE
 
 
-def _save(fig, save_path) -> None:
+def save_figure(fig, save_path) -> None:
     """Writes ``fig`` to ``save_path`` (folders created, format from the extension), if given."""
     if save_path is None:
         return
@@ -169,7 +169,7 @@ def plot_attention_grid(
         >>> len([ax for ax in fig.axes if ax.get_title().startswith("head")])
         2
     """
-    Figure = _matplotlib()
+    Figure = figure_class()
     weights = as_heads(attn, batch_index=batch_index)  # (H, Q, K)
     require_positions(weights.shape, "the attention")
     n_heads, n_query, n_key = weights.shape
@@ -216,7 +216,7 @@ def plot_attention_grid(
         f"{layer_name + ' - ' if layer_name else ''}{n_query} queries x {n_key} keys"
         + (f", batch {batch_index}" if np.ndim(attn) == 4 else "")
     )
-    _save(fig, save_path)
+    save_figure(fig, save_path)
     return fig
 
 
@@ -298,7 +298,7 @@ def plot_attention_overview(
         >>> sum(1 for ax in fig.axes if ax.images)
         6
     """
-    Figure = _matplotlib()
+    Figure = figure_class()
     if not isinstance(scale, str) or scale not in ("shared", "row"):
         raise AttentionHookerError(f"scale={scale!r} must be 'shared' or 'row'")
     call = non_negative_int(call, "call")
@@ -342,7 +342,7 @@ def plot_attention_overview(
     if scale == "shared":
         fig.colorbar(image, ax=axes, shrink=0.8, label=_weight_label(color_scale))
     fig.suptitle(title or f"{len(grids)} layers x {n_heads} heads (rows: layers, columns: heads; {scale} colour scale)")
-    _save(fig, save_path)
+    save_figure(fig, save_path)
     return fig
 
 
@@ -495,7 +495,7 @@ def plot_vit_attention(
     Returns:
         The ``matplotlib.figure.Figure``: the image, and the image with the map over it.
     """
-    Figure = _matplotlib()
+    Figure = figure_class()
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise AttentionHookerError(f"alpha={alpha!r} must be a number in [0, 1] (the overlay's opacity)")
     picture = _image_array(image)
@@ -515,5 +515,5 @@ def plot_vit_attention(
     fig.colorbar(overlay, ax=right, shrink=0.8)
     if title:
         fig.suptitle(title)
-    _save(fig, save_path)
+    save_figure(fig, save_path)
     return fig

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ._checks import one_of, positive_int
-from .analysis import _real_rows, _row_mask
+from .analysis import real_rows, row_mask
 from .store import AttentionValues
 
 __all__ = ["PooledAttention", "KeyReductions", "block_labels"]
@@ -145,13 +145,13 @@ class KeyReductions:
 class _KeysCall:
     def __init__(self, owner: KeyReductions, name: str, padding_mask):
         self._owner, self._name = owner, name
-        self._mask = _row_mask(padding_mask)  # (B, T) or None
+        self._mask = row_mask(padding_mask)  # (B, T) or None
         self._received: Optional[torch.Tensor] = None  # (B, H, K)
         self._top: list = []  # [(first row, indices, weights)] per block
 
     def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
         a = block.float()
-        real = _real_rows(self._mask, rows, n_query, a.shape[0], a.device)  # (B, r)
+        real = real_rows(self._mask, rows, n_query, a.shape[0], a.device)  # (B, r)
         column = torch.einsum("bhrk,br->bhk", a, real.float())  # (B, H, K): over the real rows
         self._received = column if self._received is None else self._received + column
         weights, indices = a.topk(min(self._owner.top, a.shape[-1]), dim=-1)  # (B, H, r, top)

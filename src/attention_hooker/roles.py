@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .analysis import _check_attention, _mean_over_queries, _query_mask, sink_share
+from .analysis import check_attention, mean_over_queries, query_mask_of, sink_share
 from .errors import AttentionHookerError
 
 __all__ = ["previous_token_score", "duplicate_token_score", "induction_score", "head_confidence", "sink_heads",
@@ -36,8 +36,8 @@ def previous_token_score(attn, *, padding_mask=None) -> torch.Tensor:
     """
     a = _self_attention(attn, "previous_token_score")
     per_query = a.diagonal(offset=-1, dim1=-2, dim2=-1)  # (B, H, T-1): query i+1 -> key i
-    mask = _query_mask(a, padding_mask)
-    return _mean_over_queries(per_query, None if mask is None else mask[:, 1:])
+    mask = query_mask_of(a, padding_mask)
+    return mean_over_queries(per_query, None if mask is None else mask[:, 1:])
 
 
 def duplicate_token_score(attn, input_ids, *, padding_mask=None) -> torch.Tensor:
@@ -82,8 +82,8 @@ def head_confidence(attn, *, padding_mask=None) -> torch.Tensor:
         >>> head_confidence(torch.full((1, 2, 3, 4), 0.25))
         tensor([[0.2500, 0.2500]], dtype=torch.float64)
     """
-    a = _check_attention(attn, "head_confidence")
-    return _mean_over_queries(a.amax(dim=-1), _query_mask(a, padding_mask))
+    a = check_attention(attn, "head_confidence")
+    return mean_over_queries(a.amax(dim=-1), query_mask_of(a, padding_mask))
 
 
 def sink_heads(attn, *, threshold: float = 0.3, position: int = 0, padding_mask=None) -> torch.Tensor:
@@ -158,7 +158,7 @@ def retrieval_score(attn, input_ids, *, needle, generated_from: int) -> torch.Te
 
 
 def _self_attention(attn, where: str) -> torch.Tensor:
-    a = _check_attention(attn, where)
+    a = check_attention(attn, where)
     if a.shape[-1] != a.shape[-2]:
         raise AttentionHookerError(f"{where} needs self-attention (query == key), got {tuple(a.shape)}")
     return a
@@ -178,7 +178,7 @@ def _role(a: torch.Tensor, targets: torch.Tensor, padding_mask: Optional[object]
     """Mean over the queries with at least one target of the attention on their targets."""
     on_targets = (a * targets[:, None].to(a.dtype)).sum(-1)  # (B, H, Q)
     has = targets.any(-1)  # (B, Q)
-    mask = _query_mask(a, padding_mask)
+    mask = query_mask_of(a, padding_mask)
     if mask is not None:
         has = has & mask
     counts = has.sum(-1).clamp(min=1)[:, None].to(a.dtype)  # (B, 1)

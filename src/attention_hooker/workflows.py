@@ -617,7 +617,7 @@ _STATISTIC_UNITS = {
 
 def write_statistics(accumulator, out) -> Dict[str, object]:
     """``head_stats.csv`` (one row per layer and head) and one layers x heads heatmap per statistic."""
-    from .plot import _matplotlib, _save
+    from .plot import figure_class, save_figure
 
     out = prepare_out(out)
     table = accumulator.result()
@@ -628,7 +628,7 @@ def write_statistics(accumulator, out) -> Dict[str, object]:
         for li, layer in enumerate(accumulator.layers):
             for head in range(table["entropy"].shape[1]):
                 writer.writerow([layer, head, *(f"{table[k][li, head]:.9g}" for k in accumulator.STATISTICS)])
-    Figure = _matplotlib()
+    Figure = figure_class()
     pictures = []
     n_layers, n_heads = len(accumulator.layers), table["entropy"].shape[1]
     for key in accumulator.STATISTICS:
@@ -648,7 +648,7 @@ def write_statistics(accumulator, out) -> Dict[str, object]:
         bar.formatter.set_useOffset(False)  # no "+1e-3" offset written over the title
         bar.update_ticks()
         path = out / f"{key}.png"
-        _save(fig, path)
+        save_figure(fig, path)
         pictures.append(path)
     return {"csv": csv_path, "pictures": pictures}
 
