@@ -314,7 +314,7 @@ def test_run_stream_writes_the_whole_capture_and_refuses_a_second_one_without_ov
 def test_long_input_options_refuse_what_they_cannot_do(tmp_path, saved_models, capsys, monkeypatch):
     from collections import namedtuple
 
-    from attention_hooker import streaming
+    from attention_hooker import stream_folder
 
     llama, t5 = str(saved_models["llama"]), str(saved_models["t5"])
     with pytest.raises(SystemExit) as exit_info:
@@ -328,7 +328,7 @@ def test_long_input_options_refuse_what_they_cannot_do(tmp_path, saved_models, c
     assert "drop --rows" in _error(capsys, "run", "--model", llama, "--text", "x", "--rows", "last", "--generate", "2")
     assert "keeps no row of the text" in _error(capsys, "run", "--model", llama, "--text", "x", "--rows", "50:60")
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 2**20, 2**20))
+    monkeypatch.setattr(stream_folder.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 2**20, 2**20))
     ran = []
     monkeypatch.setattr(transformers.LlamaModel, "forward", lambda *a, **k: ran.append(1))
     message = _error(capsys, "run", "--model", llama, "--text", _long_text(400), "--stream", str(tmp_path / "s"))

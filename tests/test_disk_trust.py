@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker, load
-from attention_hooker import streaming
+from attention_hooker import stream_call
 from attention_hooker.errors import AttentionCaptureWarning
 from tiny_models import Stack
 
@@ -175,7 +175,7 @@ def test_a_write_error_names_the_folder_the_call_and_the_cause(tmp_path, monkeyp
             raise OSError(errno.EIO, "Input/output error")
         return real(fd, data, offset)
 
-    monkeypatch.setattr(streaming.os, "pwrite", failing)
+    monkeypatch.setattr(stream_call.os, "pwrite", failing)
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
         hooker.stream_to(tmp_path / "c", shard_bytes=1)
         with pytest.raises(AttentionHookerError, match=r"streamed to .*/c: writing rows 0-39 of a call of layer "
@@ -212,7 +212,7 @@ def test_a_failed_write_with_a_hooker_kept_on_leaves_no_mode_behind(tmp_path, mo
     model = Stack().eval()
     hooker = TransformerAttentionHooker(model).setup()
     hooker.stream_to(tmp_path / "c", shard_bytes=1)
-    monkeypatch.setattr(streaming.os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only")))
+    monkeypatch.setattr(stream_call.os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only")))
     with pytest.raises(AttentionHookerError, match="Read-only"), torch.no_grad():
         model(torch.randn(1, 5, 16))
     assert not torch.overrides._get_current_function_mode_stack()

@@ -12,7 +12,7 @@ from torch import nn
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker, load
 from attention_hooker.capture import sdpa
-from attention_hooker import stream_folder, streaming
+from attention_hooker import stream_call, stream_folder
 from tiny_models import Stack, TwoCallsAttention
 
 transformers = pytest.importorskip("transformers")
@@ -81,7 +81,7 @@ OPTIONS = {
 def test_a_capture_streamed_tile_by_tile_equals_the_capture_in_memory(options, tmp_path, monkeypatch):
     written = []
     real_pwrite = os.pwrite
-    monkeypatch.setattr(streaming.os, "pwrite", lambda fd, data, offset: written.append(len(data)) or
+    monkeypatch.setattr(stream_call.os, "pwrite", lambda fd, data, offset: written.append(len(data)) or
                         real_pwrite(fd, data, offset))
     monkeypatch.setattr(sdpa, "TILE_BYTES", 1)  # one query row per tile
     expected, stream = _capture_both_ways(_llama(), _batch(), tmp_path / "capture", **OPTIONS[options])

@@ -353,7 +353,8 @@ class TransformerAttentionHooker:
             calls_per_layer=p.max_calls or 1, shard_bytes=SHARD_BYTES if shard_bytes is None else shard_bytes,
             expected_bytes=expected_bytes, overwrite=overwrite,
             metadata={"model_class": type(self.model).__name__, "selection": self.selection},
-            on_close=self._stream_closed)
+            on_close=self._stream_closed, forward_running=lambda: bool(self._root_counters()),
+            on_roll_back=self._store.uncount)
         self._store.stream = stream.partial
         self._stream = stream
         return stream
@@ -454,7 +455,10 @@ class TransformerAttentionHooker:
             )
         # The root's pre-hook runs before every other hook of ours (it clears what an interrupted
         # forward left before a scope opens), its post-hook after all of them (it judges the forward).
+        # A plain forward hook, run only when the forward returned, marks that it did (its output
+        # may be None).
         self._hook(self.model, self._root_pre_hook, self._root_post_hook, prepend_pre=True)
+        self._entry_handles.append(self.model.register_forward_hook(self._root_returned_hook, prepend=True))
 
     def _fastpath_guards(self) -> List[nn.Module]:
         """Encoder (layer) modules that hold or are a hooked module: their fast path must stay off."""
@@ -530,18 +534,24 @@ class TransformerAttentionHooker:
                 stream.end_forward(returned=False, reason="interrupted (KeyboardInterrupt or another BaseException)")
         if not stack and stream is not None:
             stream.begin_forward()  # what this forward writes is kept whole or not at all
-        stack.append((module_call_frame(), *session.counters(), self._coverage.generation))
+        stack.append([module_call_frame(), *session.counters(), self._coverage.generation, False])
+
+    def _root_returned_hook(self, module, args, output):
+        stack = self._root_counters()
+        if stack:
+            stack[-1][-1] = True  # this root call returned (hooks of nested root calls popped theirs)
+        return None
 
     def _root_post_hook(self, module, args, output):
         stack = self._root_counters()
         if not stack:
             return None  # traced, or entered before the hooks were put on
-        _, events_before, scopes_before, generation = stack.pop()
+        _, events_before, scopes_before, generation, returned = stack.pop()
         session = self._session
         if stack:
             return None  # the root called itself: the outer call judges
         if self._stream is not None:  # raises when a forward that returned could not be written whole
-            self._stream.end_forward(returned=output is not None)
+            self._stream.end_forward(returned=returned)
         if output is None:  # the forward raised: its error says more than a warning would
             return None
         events, scopes = session.counters()

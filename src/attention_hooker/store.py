@@ -108,9 +108,11 @@ class AttentionValues(dict):
     taken under the store's lock, never "dictionary changed size during iteration".
     """
 
+    _guard = None  # the store's lock, for the dict a hooker fills (a class default: unpickled ones have none)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._guard = None  # the store's lock, for the dict a hooker fills
+        self._guard = None
 
     def _snapshot(self) -> list:
         """``[(layer_name, calls)]`` as they are now (dict views of a copy are handed out)."""
@@ -232,6 +234,13 @@ class AttentionStore:
         """Whether the next call of ``name`` would be kept (lets routes skip work)."""
         p = self.policy
         return p.max_calls is None or p.keep == "last" or self.calls_seen.get(name, 0) < p.max_calls
+
+    def uncount(self, name: str) -> None:
+        """Counts out a call of ``name`` that a keeper rolled back (its forward was not written
+        whole): it no longer takes a place of ``max_calls``."""
+        with self._lock:
+            if self.calls_seen.get(name, 0) > 0:
+                self.calls_seen[name] -= 1
 
     def skip(self, name: str) -> None:
         """Counts a call that was not computed because :meth:`wants` said no."""

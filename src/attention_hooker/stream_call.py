@@ -24,6 +24,10 @@ __all__ = ["StreamedCall"]
 class StreamedCall:
     """One call being written: its rows arrive in order, a block at a time.
 
+    A call with a file of its own owns that file's descriptor: it closes it when committed
+    or discarded, and nothing else does (a capture closed from another thread meanwhile
+    leaves it to finish; its file then goes, under this writer's temporary name only).
+
     Args:
         owner: the :class:`~attention_hooker.streaming.StreamedCapture` it belongs to.
         layer: the layer whose call it is.
@@ -35,6 +39,7 @@ class StreamedCall:
         self._dtype: Optional[torch.dtype] = None
         self._buffer: Optional[torch.Tensor] = None  # small calls: (B, H, R, K) on the CPU
         self._file: Optional[Tuple[str, int, int]] = None  # large calls: (file name, data offset, fd)
+        self._unit = None  # the forward it belongs to, which discards it when rolled back
         self._row = 0
 
     def begin(self, shape: Sequence[int], dtype: torch.dtype) -> None:
@@ -45,11 +50,16 @@ class StreamedCall:
     def _begin(self, shape: Sequence[int], dtype: torch.dtype) -> None:
         self._shape = tuple(int(n) for n in shape)
         self._dtype = dtype if dtype in SAFETENSORS_DTYPES else torch.float32
+        if self._owner.closed:  # closed from another thread: this call is dropped as it comes
+            return
         nbytes = math.prod(self._shape) * torch.empty((), dtype=self._dtype).element_size()
         self._owner.plan_first_call(nbytes)
         self._owner.dtypes.add(str(self._dtype).replace("torch.", ""))
         if nbytes >= self._owner.shard_bytes:
             self._file = self._owner.open_call_file(self._layer, self._shape, self._dtype)
+            self._unit = self._owner.current_unit()
+            if self._unit is not None:
+                self._unit.open_calls.add(self)
         else:
             self._buffer = torch.empty(self._shape, dtype=self._dtype)
 
@@ -62,15 +72,15 @@ class StreamedCall:
     def _add(self, block: torch.Tensor) -> None:
         if self._shape is None:
             self._begin(block.shape, block.dtype)
-        block = block.detach().to("cpu", self._dtype)
         first, last = self._row, self._row + block.shape[2]
         if last > self._shape[2] or tuple(block.shape[:2]) != self._shape[:2] or block.shape[3] != self._shape[3]:
+            self.discard()
             raise AttentionHookerError(
                 f"a block {tuple(block.shape)} at row {first} does not fit the call {self._shape} of {self._layer!r}")
         if self._buffer is not None:
-            self._buffer[:, :, first:last].copy_(block)
-        else:
-            self._write_rows(block, first)
+            self._buffer[:, :, first:last].copy_(block.detach())
+        elif self._file is not None:
+            self._write_rows(block.detach().to("cpu", self._dtype), first)
         self._row = last
 
     def _write_rows(self, block: torch.Tensor, first: int) -> None:
@@ -85,7 +95,7 @@ class StreamedCall:
         except OSError as err:
             self.discard()
             raise self._owner.disk.error(f"writing rows {first}-{first + block.shape[2] - 1} of a call of layer "
-                                     f"{self._layer!r} into {name}", err) from err
+                                         f"{self._layer!r} into {name}", err) from err
 
     def commit(self) -> None:
         """Hands the finished call to the capture (under the store's lock, in call order)."""
@@ -102,17 +112,25 @@ class StreamedCall:
         name = None
         if self._file is not None:
             name, _, fd = self._file
-            self._owner.release_file(fd)
-            self._file = None
-            self._owner.disk.finish_call_file(name, f"a call of layer {self._layer!r}")
+            self._close_file()
+            if not self._owner.finish_call_file(name, self._layer):
+                return  # the capture was closed meanwhile
+        elif self._buffer is None:
+            return  # begun after the capture was closed
         self._owner.commit_call(self._layer, self._buffer, name, nbytes)
         self._buffer = None
 
     def discard(self) -> None:
-        """Drops a call that will not be kept (its layer call was refused, or cut short)."""
+        """Drops a call that will not be kept (its layer call was refused, or cut short); safe twice."""
         if self._file is not None:
-            name, _, fd = self._file
-            self._owner.release_file(fd)
+            name = self._file[0]
+            self._close_file()
             self._owner.disk.remove(name, temporary=True)
-            self._file = None
         self._buffer = None
+
+    def _close_file(self) -> None:
+        _, _, fd = self._file
+        self._file = None
+        if self._unit is not None:
+            self._unit.open_calls.discard(self)
+        os.close(fd)

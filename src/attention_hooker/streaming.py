@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -52,7 +51,7 @@ class _Unit:
     """What is written whole or not at all: one forward of the model, or one call made
     outside any forward of it."""
 
-    __slots__ = ("number", "calls", "error", "cause", "in_forward")
+    __slots__ = ("number", "calls", "error", "cause", "in_forward", "open_calls")
 
     def __init__(self, number: int, in_forward: bool):
         self.number = number
@@ -60,6 +59,7 @@ class _Unit:
         self.error: Optional[str] = None  # why it cannot be whole: a write of one of its calls failed
         self.cause: Optional[BaseException] = None  # the OS error behind it
         self.in_forward = in_forward
+        self.open_calls: set = set()  # its calls whose own file is still being written (stream_call)
 
 
 class _Written:
@@ -107,7 +107,7 @@ class StreamedCapture:
 
     def __init__(self, folder, *, layer_order: Sequence[str], hooked_layers: int, calls_per_layer: int = 1,
                  shard_bytes: int = SHARD_BYTES, expected_bytes: Optional[int] = None, overwrite: bool = False,
-                 metadata: Optional[dict] = None, on_close=None):
+                 metadata: Optional[dict] = None, on_close=None, forward_running=None, on_roll_back=None):
         self.shard_bytes = positive_int(shard_bytes, "shard_bytes")
         self.disk = CaptureFolder(folder, overwrite=overwrite)  # its files, written whole or removed
         self.folder = self.disk.path
@@ -116,6 +116,11 @@ class StreamedCapture:
         self._calls_per_layer = max(1, calls_per_layer)
         self._metadata = dict(metadata or {})
         self._on_close = on_close
+        # forward_running(): whether a forward of the model is running on this thread (one that began
+        # before this capture, whose calls are not kept); on_roll_back(layer): a call of a forward
+        # rolled back (the hooker counts it out of max_calls again).
+        self._forward_running = forward_running or (lambda: False)
+        self._on_roll_back = on_roll_back
         self._lock = threading.RLock()
         self._local = threading.local()  # this thread's open forward (a _Unit)
         self._listed: Dict[str, List[_Written]] = {}  # per layer: the calls of whole units, in order
@@ -125,8 +130,8 @@ class StreamedCapture:
         self._units = 0
         self._whole = 0
         self._failed: List[dict] = []
+        self._rolled_back: List[str] = []  # layers of calls rolled back, for on_roll_back
         self._files = 0
-        self._open: set = set()  # descriptors of large calls being written
         self._planned = False
         self.dtypes: set = set()  # of the calls written, for the index
         self.written = 0
@@ -183,22 +188,25 @@ class StreamedCapture:
         self._local.unit = None
         if unit is None:
             return
-        with self._lock:
-            self._open_units.discard(unit)
-            if self.closed:
-                return
-            if not returned or unit.error is not None:
-                self._roll_back(unit, unit.error or reason, write_error=unit.error is not None)
-                if unit.error is not None and returned:
-                    raise AttentionHookerError(unit.error) from unit.cause
-                return
-            try:
-                self._flush_pending()
-            except AttentionHookerError:
-                if unit.error is not None:  # a call of this forward was in the shard that failed
-                    self._roll_back(unit, unit.error, write_error=True)
-                    raise
-            self._list(unit)
+        try:
+            with self._lock:
+                self._open_units.discard(unit)
+                if self.closed:
+                    return
+                if not returned or unit.error is not None:
+                    self._roll_back(unit, unit.error or reason, write_error=unit.error is not None)
+                    if unit.error is not None and returned:
+                        raise AttentionHookerError(unit.error) from unit.cause
+                    return
+                try:
+                    self._flush_pending()
+                except AttentionHookerError:
+                    if unit.error is not None:  # a call of this forward was in the shard that failed
+                        self._roll_back(unit, unit.error, write_error=True)
+                        raise
+                self._list(unit)
+        finally:
+            self._count_out_rolled_back()
 
     def check_plan(self, planned: int, how: str) -> None:
         """Refuses when ``planned`` bytes (plus a margin) do not fit the folder's free space.
@@ -234,18 +242,20 @@ class StreamedCapture:
                 self._flush_pending()
             except AttentionHookerError as err:
                 failure = err
-            for fd in self._open:
-                os.close(fd)
-            self._open.clear()
-            self.closed = True
+            self.closed = True  # calls still being written on other threads close their own files
             try:
                 self.disk.remove_temporary_files()
-                self._write_index()  # final: lists everything, so the log is no longer needed
+                try:
+                    self._write_index()  # final: lists everything, so the log is no longer needed
+                except AttentionHookerError as err:
+                    self._failed.append({"forward": None, "call_unit": None, "reason": str(err), "write_error": True})
+                    raise
                 self.disk.drop_log(remove=True)
             finally:
                 self.disk.release()
                 if self._on_close is not None:  # the hooker lets go of this capture, whatever failed
                     self._on_close(self)
+        self._count_out_rolled_back()
         if failure is not None:
             raise failure
 
@@ -296,11 +306,13 @@ class StreamedCapture:
     def commit_call(self, layer: str, data: Optional[torch.Tensor], own_file: Optional[str], nbytes: int) -> None:
         """A finished call of this thread's forward (or a unit of its own outside any forward)."""
         with self._lock:
-            if self.closed:  # a forward still running on another thread when the capture was closed
+            unit = getattr(self._local, "unit", None)
+            if unit is None and self._forward_running():  # a forward that began before this capture
                 if own_file is not None:
                     self.disk.remove(own_file)
+                self._failed.append({"forward": None, "call_unit": None, "write_error": False,
+                                     "reason": f"a call of {layer!r} in a forward that began before stream_to()"})
                 return
-            unit = getattr(self._local, "unit", None)
             if unit is None:
                 unit = _Unit(self._units, in_forward=False)
                 self._units += 1
@@ -328,23 +340,36 @@ class StreamedCapture:
             else:  # the log was dropped after a failure: the whole index, each time
                 self._write_index()
         except AttentionHookerError as err:
-            if not self.disk.logging:
-                self._write_index_quietly()
             for call in unit.calls:
                 self._listed[call.layer].remove(call)
             self._whole -= 1
             self._roll_back(unit, str(err), write_error=True)
+            if not self.disk.logging:  # the log was dropped: the index alone tells readers what is whole
+                self._write_index_quietly()
             raise
 
     def _roll_back(self, unit: _Unit, reason: str, *, write_error: bool) -> None:
-        """Forgets every call of ``unit``: out of the waiting shard, its own files removed."""
+        """Forgets every call of ``unit``: out of the waiting shard, its own files removed, the
+        calls it was still writing (on this thread) discarded; counted out of ``max_calls``."""
         self._pending = [c for c in self._pending if c.unit is not unit]
         self._pending_bytes = sum(c.data.numel() * c.data.element_size() for c in self._pending)
+        for open_call in list(unit.open_calls):
+            open_call.discard()
         for call in unit.calls:
             if call.own_file is not None:
                 self.disk.remove(call.own_file)
+        self._rolled_back.extend(call.layer for call in unit.calls)
         self._failed.append({"forward": unit.number if unit.in_forward else None, "call_unit": unit.number,
                              "reason": reason, "write_error": write_error})
+
+    def _count_out_rolled_back(self) -> None:
+        """Tells the hooker which calls were rolled back, outside this capture's lock (the
+        hooker's store takes its own lock, and calls into this capture under it)."""
+        with self._lock:
+            layers, self._rolled_back = self._rolled_back, []
+        if self._on_roll_back is not None:
+            for layer in layers:
+                self._on_roll_back(layer)
 
     def _flush_pending(self) -> None:
         """Writes the waiting small calls as one shard; after a failure, every unit with a call
@@ -399,15 +424,26 @@ class StreamedCapture:
         self.check_plan(nbytes, f" more (a {tuple(shape)} call)")
         header = {"attention": {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}}
         fd, data_offset = self.disk.open_call_file(name, header, nbytes, f"a {tuple(shape)} call of layer {layer!r}")
-        with self._lock:
-            self._open.add(fd)
         return name, data_offset, fd
 
-    def release_file(self, fd: int) -> None:
+    def current_unit(self) -> Optional[_Unit]:
+        """This thread's open forward, or ``None``."""
+        return getattr(self._local, "unit", None)
+
+    def finish_call_file(self, name: str, layer: str) -> bool:
+        """Gives a finished call's own file its final name, unless the capture was closed
+        meanwhile (then only this writer's temporary name is touched, and removed).
+
+        Returns:
+            Whether the file was kept.
+        """
         with self._lock:
-            if fd in self._open:
-                self._open.discard(fd)
-                os.close(fd)
+            if self.closed:
+                self.disk.remove(name, temporary=True)
+                return False
+            self.disk.finish_call_file(name, f"a call of layer {layer!r}")
+            return True
+
 
     def _ordered_layers(self) -> List[str]:
         return sorted(self._listed, key=lambda name: self._rank.get(name, len(self._rank)))

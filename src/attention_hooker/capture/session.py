@@ -316,13 +316,17 @@ class CaptureSession:
                     begin_partial(partial, shape, stored_dtype)
                 partial.add(tile, rows, n_query)
 
-            with torch.no_grad():
-                sdpa_attention_weights(
-                    call["query"], call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"],
-                    bool(call["enable_gqa"]), heads=policy.heads, rows=policy.rows, keys=policy.keys,
-                    where=f"layer {layer!r}",
-                    tile_sink=tile_sink,
-                )
+            try:
+                with torch.no_grad():
+                    sdpa_attention_weights(
+                        call["query"], call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"],
+                        bool(call["enable_gqa"]), heads=policy.heads, rows=policy.rows, keys=policy.keys,
+                        where=f"layer {layer!r}",
+                        tile_sink=tile_sink,
+                    )
+            except BaseException:
+                getattr(partial, "discard", lambda: None)()  # a keeper's file of the call goes too
+                raise
             self._record(layer, partial, selected=True)
             return output
         as_computed = store.stores_as_computed(query.dtype, query.device)
