@@ -101,9 +101,10 @@ def read_index(folder: str) -> dict:
                                        f"{MAX_INDEX_BYTES} bytes); expected {STREAM_FORMAT}")
         raw = handle.read(MAX_INDEX_BYTES + 1)
     index = parse_json(raw, f"{path}: unreadable capture index", STREAM_FORMAT, ("layers", "files"))
-    if index.get("state") == "writing" and index.get("log") is not None:
-        _replay_log(folder, index, path)
     _check_index(index, path)
+    if index["state"] == "writing" and index.get("log") is not None:
+        _replay_log(folder, index, path)
+        _check_index(index, path)
     return index
 
 
@@ -224,24 +225,53 @@ class CheckedFile:
                                        f"cut to {info.st_size} of {self.size} bytes); load it again")
 
     def tensors(self, *, lazy: bool) -> Dict[str, torch.Tensor]:
-        """Every tensor of the file: memory-mapped (``lazy``, pages read when touched) or read."""
+        """Every tensor of the file: mapped (``lazy``: one private mapping of the file, no
+        descriptor kept, pages read when touched) or read from it.
+
+        Raises:
+            AttentionHookerError: when the file changed since it was checked.
+        """
+        data = self._mapped() if lazy else self._read()
         tensors = {}
         for name, (code, shape, begin, end) in self.header.items():
             np_dtype, torch_view = _DTYPES[code]
-            if end == begin:
-                tensor = torch.from_numpy(np.empty(shape, np_dtype))
-            elif lazy:  # copy-on-write: a writable array (torch needs one), changes never reach the file
-                tensor = torch.from_numpy(np.memmap(self.path, dtype=np_dtype, mode="c", offset=self.data_start + begin,
-                                                    shape=shape))
-            else:
-                with open(self.path, "rb") as handle:
-                    handle.seek(self.data_start + begin)
-                    data = bytearray(handle.read(end - begin))
-                if len(data) != end - begin:
-                    raise AttentionHookerError(f"{self.path} changed on disk while it was read; load it again")
-                tensor = torch.from_numpy(np.frombuffer(data, dtype=np_dtype).reshape(shape))
-            tensors[name] = tensor.view(torch_view) if torch_view is not None else tensor
+            dtype = torch_view or torch.from_numpy(np.empty(0, np_dtype)).dtype
+            itemsize = _ITEM_BYTES[code]
+            start = (self.data_start if lazy else 0) + begin
+            if start % itemsize == 0:  # a tensor on the file's bytes (memory-mapped or read)
+                tensor = torch.empty(0, dtype=dtype).set_(data, start // itemsize, shape)
+            else:  # an unaligned tensor (a header not padded as safetensors pads it): copied out
+                raw = torch.empty(0, dtype=torch.uint8).set_(data, start, (end - begin,)).clone()
+                tensor = raw.view(dtype).reshape(shape)
+            tensors[name] = tensor
         return tensors
+
+    def _mapped(self) -> torch.UntypedStorage:
+        self.check()
+        try:
+            storage = torch.UntypedStorage.from_file(self.path, shared=False, nbytes=self.size)
+        except (RuntimeError, OSError) as err:
+            raise AttentionHookerError(f"{self.path} cannot be mapped ({err}); load it again") from None
+        self.check()  # the file mapped is the file checked (not replaced meanwhile)
+        return storage
+
+    def _read(self) -> torch.UntypedStorage:
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) != self._identity or not stat.S_ISREG(info.st_mode):
+                raise AttentionHookerError(f"{self.path} changed on disk while it was loaded; load it again")
+            size = self.size - self.data_start
+            data = bytearray(size)
+            view, done = memoryview(data), 0
+            while done < size:
+                got = os.preadv(fd, [view[done:]], self.data_start + done)
+                if got == 0:
+                    raise AttentionHookerError(f"{self.path} was cut while it was read; load it again")
+                done += got
+        finally:
+            os.close(fd)
+        return torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if size else torch.UntypedStorage(0)
 
 
 def _read_header(fd: int, size: int, where: str) -> Tuple[Dict[str, tuple], int]:
@@ -281,8 +311,8 @@ def _check_tensor(info, tensor: str, data_size: int, name: str, where: str) -> t
     code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(code, str) or code not in _DTYPES:
         raise _damaged(where, f"tensor {tensor!r} has dtype {code!r}; expected one of {sorted(_DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
-        raise _damaged(where, f"tensor {tensor!r} has shape {shape!r}; expected a list of sizes")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(n) and 0 <= n < 2**40 for n in shape):
+        raise _damaged(where, f"tensor {tensor!r} has shape {shape!r}; expected a list of at most 8 sizes")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(n) for n in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_size):
         raise _damaged(where, f"tensor {tensor!r} has offsets {offsets!r}; expected [begin, end] within the "
@@ -332,11 +362,13 @@ def mapped_tensors(path: str) -> Dict[str, torch.Tensor]:
 
 class CheckedCalls(list):
     """A layer's calls from files on disk: each access checks first that the call's file
-    is still the one that was loaded (:meth:`CheckedFile.check`)."""
+    is still the one that was loaded (:meth:`CheckedFile.check`). A list in every way (the
+    mutators keep each call with its file; calls added by hand have none to check); torch
+    functions that read a list in C (``torch.stack(calls)``) see the tensors unchecked."""
 
     def __init__(self, calls: List[torch.Tensor], files: List[Optional[CheckedFile]]):
         super().__init__(calls)
-        self._files = files
+        self._files = list(files)
 
     def __getitem__(self, index):
         files = self._files[index]
@@ -350,7 +382,55 @@ class CheckedCalls(list):
             yield self[i]
 
     def __reduce__(self):
-        return list, (list(self),)
+        return list, (list(list.__iter__(self)),)
+
+    # The mutators keep ``_files`` in step with the calls.
+    def append(self, call) -> None:
+        super().append(call)
+        self._files.append(None)
+
+    def extend(self, calls) -> None:
+        calls = list(calls)
+        super().extend(calls)
+        self._files.extend([None] * len(calls))
+
+    def __iadd__(self, calls):
+        self.extend(calls)
+        return self
+
+    def insert(self, index, call) -> None:
+        super().insert(index, call)
+        self._files.insert(index, None)
+
+    def __setitem__(self, index, value) -> None:
+        super().__setitem__(index, value)
+        if isinstance(index, slice):
+            self._files[index] = [None] * len(range(*index.indices(len(self._files)))) \
+                if index.step not in (None, 1) else [None] * len(list(value))
+        else:
+            self._files[index] = None
+
+    def __delitem__(self, index) -> None:
+        super().__delitem__(index)
+        del self._files[index]
+
+    def pop(self, index=-1):
+        self._files.pop(index)
+        return super().pop(index)
+
+    def remove(self, call) -> None:
+        del self[next(i for i, c in enumerate(list.__iter__(self)) if c is call or c == call)]
+
+    def clear(self) -> None:
+        super().clear()
+        self._files.clear()
+
+    def reverse(self) -> None:
+        super().reverse()
+        self._files.reverse()
+
+    def sort(self, *args, **kwargs) -> None:
+        raise TypeError("a capture's calls are in call order; sorted(calls, key=...) gives a sorted copy")
 
     @staticmethod
     def joined(first: Optional[list], second: list) -> list:

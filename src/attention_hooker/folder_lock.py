@@ -69,8 +69,8 @@ class FolderLock:
             os.close(fd)
         previous = _read_owner(fd, default=None)
         if previous is not None:
-            warnings.warn(f"took over the lock of {folder} left by {previous}: that writer is no longer running "
-                          "(what it wrote without finishing is replaced)", AttentionCaptureWarning, stacklevel=3)
+            warnings.warn(f"took over the lock of {folder} left by {previous}: that writer is no longer running",
+                          AttentionCaptureWarning, stacklevel=3)
         owner = {"pid": os.getpid(), "host": socket.gethostname(),
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 from types import SimpleNamespace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -242,8 +244,9 @@ def _attention(tensor: torch.Tensor, where: str, layer: str) -> torch.Tensor:
 def _load_streamed(folder: str, lazy: bool, partial: bool) -> SavedAttention:
     """A capture written by ``hooker.stream_to(folder)`` (see ``streaming.py`` and ``disk_format.py``)."""
     index_path = os.path.join(folder, INDEX_NAME)
-    ranks = sorted(name for name in os.listdir(folder)
-                   if name.startswith("rank-") and os.path.exists(os.path.join(folder, name, INDEX_NAME)))
+    ranks = sorted(name for name in os.listdir(folder)  # real folders only: a link could lead anywhere
+                   if re.fullmatch(r"rank-[0-9]{5,}", name) and stat.S_ISDIR(os.lstat(os.path.join(folder, name)).st_mode)
+                   and os.path.lexists(os.path.join(folder, name, INDEX_NAME)))
     if not os.path.lexists(index_path) and ranks:
         return _merge_ranks(folder, [_load_streamed(os.path.join(folder, name), lazy, partial) for name in ranks],
                             ranks)
@@ -295,6 +298,9 @@ def _merge_ranks(folder: str, parts: List[SavedAttention], ranks: List[str]) -> 
     order = {name: i for part in reversed(parts) for i, name in enumerate(part.values)}
     values = AttentionValues(sorted(values.items(), key=lambda kv: order[kv[0]]))
     metadata = dict(parts[0].metadata)
+    states = [part.metadata.get("state", "complete") for part in parts]
+    metadata["state"] = next((state for state in ("partial", "writing") if state in states), "complete")  # the worst
+    metadata["failures"] = {rank: part.metadata.get("failures", []) for rank, part in zip(ranks, parts)}
     metadata["streamed"] = folder
     metadata["ranks"] = {rank: {name: len(calls) for name, calls in part.values.items()}
                          for rank, part in zip(ranks, parts)}
