@@ -63,17 +63,20 @@ def _check(folder, written):
     """A library error, or exactly the data written (call k of a layer is one of the calls written)."""
     previous = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("load() hung"))
     signal.alarm(20)
+    everything = [t for calls in written.values() for t in calls]
     try:
-        loaded = load(folder, partial=True, lazy=False)
-    except AttentionHookerError:
-        return
+        for lazy in (False, True):
+            try:
+                loaded = load(folder, partial=True, lazy=lazy)
+            except AttentionHookerError:
+                continue
+            for calls in loaded.values.values():
+                for tensor in calls:
+                    assert any(tensor.shape == t.shape and torch.equal(tensor, t) for t in everything), \
+                        "a tensor of other bytes"
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    everything = [t for calls in written.values() for t in calls]
-    for calls in loaded.values.values():
-        for tensor in calls:
-            assert any(tensor.shape == t.shape and torch.equal(tensor, t) for t in everything), "a tensor of other bytes"
 
 
 _SETTINGS = settings(max_examples=400, deadline=None, derandomize=True,
@@ -81,12 +84,18 @@ _SETTINGS = settings(max_examples=400, deadline=None, derandomize=True,
 
 
 @_SETTINGS
-@given(field=st.sampled_from(["layers", "files", "calls", "forwards", "state", "tokens", "format", "complete"]),
-       value=_JSON)
-def test_any_index_field_gives_an_error_or_the_data(pristine, field, value):
+@given(field=st.sampled_from(["layers", "files", "calls", "forwards", "state", "tokens", "format", "complete",
+                              "layer_order", "log"]),
+       value=_JSON, writing=st.booleans())
+def test_any_index_field_gives_an_error_or_the_data(pristine, field, value, writing):
+    """Also of a capture being written, whose log is replayed onto the index."""
     root, written = pristine
     folder = _fresh(root, "field")
     index = json.loads((folder / "capture.json").read_text())
+    if writing:
+        index.update(state="writing", log="capture.log")
+        (folder / "capture.log").write_text(json.dumps({"unit": 9, "calls": [[index["layers"][0], *index["files"][0][0]]]})
+                                            + "\n")
     index[field] = value
     (folder / "capture.json").write_text(json.dumps(index))
     _check(folder, written)
@@ -142,4 +151,30 @@ def test_any_log_of_a_capture_being_written_gives_an_error_or_the_data(pristine,
     (folder / "capture.json").write_text(json.dumps(index))
     body = b"\n".join(real[:keep] + [line.replace(b"\n", b" ") for line in lines])
     (folder / "capture.log").write_bytes(body + (b"\n" if ending else b""))
+    _check(folder, written)
+
+
+@_SETTINGS
+@given(which=st.integers(0, 10), shape=st.lists(st.integers(0, 2**66) | st.sampled_from([0, 1, 2**62, 2**64]),
+                                                max_size=70),
+       code=st.sampled_from(["F32", "F16", "BF16", "F64"]))
+def test_a_shape_that_agrees_with_its_offsets_but_not_with_numpy_gives_an_error_or_the_data(pristine, which, shape,
+                                                                                             code):
+    """Shape and offsets changed together, so that only the shape itself can be wrong."""
+    root, written = pristine
+    folder = _fresh(root, "shape")
+    files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    path = folder / files[which % len(files)]
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    names = sorted(k for k in header if k != "__metadata__")
+    name = names[which % len(names)]
+    nbytes = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}[code]
+    for n in shape:
+        nbytes *= n
+    begin = header[name]["data_offsets"][0]
+    header[name].update(dtype=code, shape=shape, data_offsets=[begin, begin + nbytes])
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + size:])
     _check(folder, written)

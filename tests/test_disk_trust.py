@@ -313,6 +313,195 @@ def test_a_damaged_line_in_the_middle_of_the_log_is_refused(tmp_path):
         assert [len(c) for c in load(tmp_path / "c", partial=True).values.values()] == [2, 2]
 
 
+def test_closing_from_another_thread_never_writes_through_a_descriptor_reused_meanwhile(tmp_path, monkeypatch):
+    """Review finding: close() closed the descriptor a forward on another thread was about to
+    write rows into; the next file the program opened got that number, and the rows."""
+    model = Stack().eval()
+    hooker = TransformerAttentionHooker(model).setup()
+    hooker.stream_to(tmp_path / "c", shard_bytes=1)
+    real, inside, go, seen = os.pwrite, threading.Event(), threading.Event(), {}
+
+    def slow(fd, data, offset):
+        if threading.current_thread().name == "forward" and not seen:
+            seen["fd"] = fd
+            inside.set()
+            go.wait(10)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(stream_call.os, "pwrite", slow)
+    errors = []
+
+    def forward():
+        try:
+            with torch.no_grad():
+                model(torch.randn(1, 64, 16))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=forward, name="forward")
+    thread.start()
+    assert inside.wait(10)
+    hooker.remove_hooks()
+    mine = [os.open(tmp_path / f"mine{i}", os.O_RDWR | os.O_CREAT) for i in range(8)]
+    go.set()
+    thread.join(30)
+    try:
+        assert not errors, errors
+        assert all(os.fstat(fd).st_size == 0 for fd in mine), "rows went into a file of the program's own"
+    finally:
+        for fd in mine:
+            os.close(fd)
+    assert not [n for n in os.listdir(tmp_path / "c") if n.endswith(".partial")], "the straggler removed its file"
+    assert load(tmp_path / "c").values == {}, "the forward closed under was not listed"
+
+
+def test_a_closed_writer_never_removes_the_next_writers_file(tmp_path, monkeypatch):
+    """Review finding: a straggler call of writer A, committed after A closed and B took the
+    folder, removed B's call-00002.safetensors by its final name."""
+    model = Stack().eval()
+    hooker = TransformerAttentionHooker(model).setup()
+    hooker.stream_to(tmp_path / "c", shard_bytes=1)
+    real, inside, go = stream_call.StreamedCall._commit, threading.Event(), threading.Event()
+
+    def slow_commit(self):
+        if threading.current_thread().name == "a":
+            inside.set()
+            go.wait(10)
+        return real(self)
+
+    monkeypatch.setattr(stream_call.StreamedCall, "_commit", slow_commit)
+    thread = threading.Thread(target=lambda: model(torch.randn(1, 8, 16)), name="a")
+    with torch.no_grad():
+        thread.start()
+        assert inside.wait(10)
+        hooker.remove_hooks()  # A closes while its call waits to be committed
+        with TransformerAttentionHooker(model) as other, other.stream_to(tmp_path / "c", overwrite=True,
+                                                                           shard_bytes=1):
+            model(torch.randn(1, 8, 16))
+        go.set()
+        thread.join(30)
+    assert [len(c) for c in load(tmp_path / "c").values.values()] == [1, 1], "B's capture is whole"
+
+
+def test_a_forward_that_began_before_stream_to_is_not_half_listed(tmp_path):
+    """Review finding: stream_to() called while another thread was inside a forward listed that
+    forward's later calls as lone calls: layers out of step, and 'complete'."""
+    model = Stack().eval()
+    started, go = threading.Event(), threading.Event()
+
+    def pause(module, args):
+        if threading.current_thread().name == "early":
+            started.set()
+            go.wait(10)
+
+    handle = model.blocks[1].register_forward_pre_hook(pause)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        thread = threading.Thread(target=lambda: model(torch.randn(1, 5, 16)), name="early")
+        thread.start()
+        assert started.wait(10)
+        with hooker.stream_to(tmp_path / "c"):
+            go.set()
+            thread.join(30)
+            model(torch.randn(1, 5, 16))
+    handle.remove()
+    loaded = load(tmp_path / "c")
+    assert [len(c) for c in loaded.values.values()] == [1, 1]
+    assert loaded.metadata["forwards"] == [[0], [0]]
+
+
+def test_a_rolled_back_forward_gives_its_place_of_max_calls_back(tmp_path):
+    """Review finding: with max_calls=1, a forward that raised after layer 0 used up layer 0's
+    place, and the next forward, which returned, was listed without layer 0."""
+    model, inputs = Stack().eval(), _inputs(2)
+    memory = _in_memory(model, inputs[1:])
+    fail = {"on": True}
+
+    def maybe_fail(module, args):
+        if fail["on"]:
+            raise RuntimeError("the model failed")
+
+    handle = model.blocks[1].register_forward_pre_hook(maybe_fail)
+    with torch.no_grad(), TransformerAttentionHooker(model, max_calls=1) as hooker, hooker.stream_to(tmp_path / "c"):
+        with pytest.raises(RuntimeError, match="the model failed"):
+            model(inputs[0])
+        fail["on"] = False
+        model(inputs[1])
+    handle.remove()
+    _assert_forwards(load(tmp_path / "c"), memory, [0])
+
+
+def test_a_model_returning_none_has_its_forwards_written(tmp_path):
+    """Review finding: a forward that returned None was taken for one that raised, and every
+    forward was rolled back from a capture that said 'complete'."""
+
+    class Sink(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.out = Stack(), []
+
+        def forward(self, x):
+            self.out.append(self.inner(x))
+
+    model, inputs = Sink().eval(), _inputs(2)
+    memory = _in_memory(model, inputs)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, hooker.stream_to(tmp_path / "c"):
+        for x in inputs:
+            model(x)
+    _assert_forwards(load(tmp_path / "c"), memory, [0, 1])
+
+
+def test_forwards_that_raise_mid_call_leave_no_descriptor_nor_reserved_file(tmp_path, monkeypatch):
+    """Review finding: each forward raising inside a large call (an OOM-retry loop) kept a
+    descriptor and a file of the call's size until close()."""
+    from attention_hooker.capture import sdpa
+
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
+    model = Stack().eval()
+    calls = {"n": 0}
+    real = stream_call.StreamedCall.add
+
+    def failing_add(self, block, rows, n_query):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise MemoryError("out of memory")
+        return real(self, block, rows, n_query)
+
+    monkeypatch.setattr(stream_call.StreamedCall, "add", failing_add)
+    before = len(os.listdir("/proc/self/fd"))
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, hooker.stream_to(tmp_path / "c",
+                                                                                      shard_bytes=1):
+        for _ in range(10):
+            with pytest.raises(MemoryError):
+                model(torch.randn(1, 16, 16))
+        assert len(os.listdir("/proc/self/fd")) == before + 2, "only the lock and capture.log stay open"
+        assert not [n for n in os.listdir(tmp_path / "c") if n.endswith(".partial")]
+
+
+def test_several_threads_stream_into_one_capture_each_forward_whole(tmp_path):
+    model = Stack().eval()
+    torch.manual_seed(3)
+    inputs = {n: torch.randn(1, n, 16) for n in range(3, 27)}  # each forward its own length: its calls tell it apart
+    memory = {n: _in_memory(model, [x]) for n, x in inputs.items()}
+
+    def run(lengths):
+        with torch.no_grad():
+            for n in lengths:
+                model(inputs[n])
+
+    with TransformerAttentionHooker(model) as hooker, hooker.stream_to(tmp_path / "c"):
+        threads = [threading.Thread(target=run, args=(list(inputs)[i::4],)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    loaded = load(tmp_path / "c")
+    assert [len(c) for c in loaded.values.values()] == [24, 24]
+    for k in range(24):
+        n = loaded.values["blocks.0"][k].shape[-1]
+        for name in ("blocks.0", "blocks.1"):
+            assert torch.equal(loaded.values[name][k], memory[n][name][0]), (name, k)
+
+
 # ------------------------------------------------------------------ 2. one writer per folder
 _HOLDER = textwrap.dedent("""
     import sys, time, torch

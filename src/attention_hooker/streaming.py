@@ -235,7 +235,8 @@ class StreamedCapture:
                     self._relabel()
                 return
             for unit in sorted(self._open_units, key=lambda u: u.number):  # forwards that never returned
-                self._roll_back(unit, "still running (or interrupted) when the capture was closed", write_error=False)
+                self._roll_back(unit, "still running (or interrupted) when the capture was closed", write_error=False,
+                                on_its_thread=unit is getattr(self._local, "unit", None))
             self._open_units.clear()
             failure = None
             try:
@@ -348,12 +349,13 @@ class StreamedCapture:
                 self._write_index_quietly()
             raise
 
-    def _roll_back(self, unit: _Unit, reason: str, *, write_error: bool) -> None:
+    def _roll_back(self, unit: _Unit, reason: str, *, write_error: bool, on_its_thread: bool = True) -> None:
         """Forgets every call of ``unit``: out of the waiting shard, its own files removed, the
-        calls it was still writing (on this thread) discarded; counted out of ``max_calls``."""
+        calls it was still writing discarded (``on_its_thread``: else they are being written on
+        another thread, and clean up after themselves); counted out of ``max_calls``."""
         self._pending = [c for c in self._pending if c.unit is not unit]
         self._pending_bytes = sum(c.data.numel() * c.data.element_size() for c in self._pending)
-        for open_call in list(unit.open_calls):
+        for open_call in list(unit.open_calls) if on_its_thread else []:
             open_call.discard()
         for call in unit.calls:
             if call.own_file is not None:
