@@ -52,7 +52,7 @@ def child(mode: str, folder: str, line: str, tokens: int, out: str) -> dict:
 
     start = time.perf_counter()
     if mode == "plain":
-        from attention_hooker import workflows
+        from attention_hooker.cli import workflows
 
         loaded = workflows.load_hf_model(folder)
         text = open(line, encoding="utf-8").read().strip()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker
-from attention_hooker.attribution import head_importance, value_weighted_norms
+from attention_hooker.analysis.attribution import head_importance, value_weighted_norms
 
 HEADS, HEAD_DIM = 12, 32
 
@@ -243,7 +243,7 @@ def test_keep_values_follows_max_calls_and_clear():
 
 
 def test_find_output_projection_in_or_beside_the_attention_module(minilm_sdpa):
-    from attention_hooker.attribution import find_output_projection
+    from attention_hooker.analysis.attribution import find_output_projection
 
     transformers = pytest.importorskip("transformers")
     bert = find_output_projection(minilm_sdpa, "encoder.layer.2.attention.self", 384)

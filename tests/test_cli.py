@@ -225,7 +225,7 @@ def _llama_capture(saved_models, text, **options):
     """The library's capture of the same text, the oracle of the command line's files."""
     from attention_hooker import TransformerAttentionHooker
 
-    from attention_hooker.workflows import _tokens
+    from attention_hooker.cli.workflows import _tokens
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(saved_models["llama"])
     model = transformers.AutoModelForCausalLM.from_pretrained(saved_models["llama"], attn_implementation="sdpa").eval()
@@ -314,7 +314,7 @@ def test_run_stream_writes_the_whole_capture_and_refuses_a_second_one_without_ov
 def test_long_input_options_refuse_what_they_cannot_do(tmp_path, saved_models, capsys, monkeypatch):
     from collections import namedtuple
 
-    from attention_hooker import stream_folder
+    from attention_hooker.keep import stream_folder
 
     llama, t5 = str(saved_models["llama"]), str(saved_models["t5"])
     with pytest.raises(SystemExit) as exit_info:
@@ -338,7 +338,7 @@ def test_long_input_options_refuse_what_they_cannot_do(tmp_path, saved_models, c
 
 # ------------------------------------------------------------------ issue 13: mistakes found before any work
 def _no_model_loading(monkeypatch):
-    from attention_hooker import workflows
+    from attention_hooker.cli import workflows
 
     loaded = []
     real = workflows.load_hf_model
@@ -428,7 +428,7 @@ def test_token_labels_are_the_tokenizers_own_decoding(tmp_path, capsys):
 
 
 def test_a_text_that_tokenizes_to_nothing_is_one_clear_line(saved_models):
-    from attention_hooker import workflows
+    from attention_hooker.cli import workflows
 
     loaded = workflows.load_hf_model(saved_models["gpt2"])
 
@@ -444,7 +444,7 @@ def test_a_text_that_tokenizes_to_nothing_is_one_clear_line(saved_models):
 
 def test_help_does_not_import_torch_so_it_answers_at_once():
     code = ("import sys\nfrom attention_hooker.cli import main\ntry:\n    main(['run', '--help'])\nexcept SystemExit:\n"
-            "    pass\nprint('torch' in sys.modules, 'attention_hooker.workflows' in sys.modules)")
+            "    pass\nprint('torch' in sys.modules, 'attention_hooker.cli.workflows' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().splitlines()[-1] == "False False", result.stdout + result.stderr
     import attention_hooker
@@ -546,8 +546,8 @@ def test_generation_shows_its_progress(saved_models, tmp_path, capsys):
 
 def test_heads_scores_every_head_of_the_real_minilm(minilm_path, tmp_path, capsys):
     from attention_hooker import TransformerAttentionHooker
-    from attention_hooker.roles import previous_token_score
-    from attention_hooker.workflows import DEFAULT_DEMO_TEXT
+    from attention_hooker.analysis.roles import previous_token_score
+    from attention_hooker.cli.workflows import DEFAULT_DEMO_TEXT
 
     assert main(["heads", "--model", str(minilm_path), "--out", str(tmp_path / "h")]) == 0
     out = capsys.readouterr().out
@@ -577,7 +577,7 @@ def test_heads_scores_every_head_of_the_real_minilm(minilm_path, tmp_path, capsy
     expected = previous_token_score(hooker.values["encoder.layer.3.attention.self"][0])[0]
     got = [float(r["previous_token"]) for r in rows if r["layer"] == "encoder.layer.3.attention.self"]
     assert got == pytest.approx(expected.tolist(), rel=1e-6)
-    from attention_hooker.attribution import value_weighted_norms
+    from attention_hooker.analysis.attribution import value_weighted_norms
 
     with torch.no_grad(), TransformerAttentionHooker(model, keep_values=True) as hooker:
         model(**tokenizer(DEFAULT_DEMO_TEXT, return_tensors="pt"))
@@ -600,9 +600,9 @@ def test_heads_importance_and_retrieval_of_language_models(saved_models, name, t
     """Issue 14: importance (Michel) from the language-model loss's gradients and retrieval (Wu)
     while a decoder writes the repeat of a random sequence, each equal to the library's functions."""
     from attention_hooker import TransformerAttentionHooker, stitch_steps
-    from attention_hooker.attribution import head_importance
-    from attention_hooker.roles import retrieval_score
-    from attention_hooker.workflows import DEFAULT_DEMO_TEXT, load_hf_model
+    from attention_hooker.analysis.attribution import head_importance
+    from attention_hooker.analysis.roles import retrieval_score
+    from attention_hooker.cli.workflows import DEFAULT_DEMO_TEXT, load_hf_model
 
     assert main(["heads", "--model", str(saved_models[name]), "--repeat-length", "10", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -623,7 +623,7 @@ def test_heads_importance_and_retrieval_of_language_models(saved_models, name, t
     if name == "t5":
         assert all(r["retrieval"] == "" for r in rows) and "retrieval:              n/a" in out
         return
-    from attention_hooker.workflows import _to_model  # the CLI's own random sequence, seen twice
+    from attention_hooker.cli.workflows import _to_model  # the CLI's own random sequence, seen twice
 
     generator = torch.Generator().manual_seed(0)
     special = set(loaded.tokenizer.all_special_ids)
@@ -640,7 +640,7 @@ def test_heads_importance_and_retrieval_of_language_models(saved_models, name, t
 
 
 def test_head_roles_leave_no_gradient_on_the_models_parameters(saved_models):
-    from attention_hooker.workflows import head_roles, load_hf_model
+    from attention_hooker.cli.workflows import head_roles, load_hf_model
 
     loaded = load_hf_model(saved_models["llama"])
     roles = head_roles(loaded, "the cat sat on the mat", repeat_length=8)
@@ -651,7 +651,7 @@ def test_head_roles_leave_no_gradient_on_the_models_parameters(saved_models):
 def test_flow_writes_the_flow_and_rollout_of_every_token_of_the_real_minilm(minilm_path, tmp_path, capsys):
     """Issue 14: attention flow from the command line, equal to the library's on the same capture."""
     from attention_hooker import TransformerAttentionHooker, attention_flow, attention_rollout
-    from attention_hooker.workflows import DEFAULT_DEMO_TEXT
+    from attention_hooker.cli.workflows import DEFAULT_DEMO_TEXT
 
     assert main(["flow", "--model", str(minilm_path), "--into", "0", "-1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -671,7 +671,7 @@ def test_flow_writes_the_flow_and_rollout_of_every_token_of_the_real_minilm(mini
 
 
 def test_flow_mistakes_are_one_line(minilm_path, vit_folder, tmp_path, capsys, monkeypatch):
-    from attention_hooker import workflows
+    from attention_hooker.cli import workflows
 
     assert "--into 40: the text has 20 tokens" in _error(capsys, "flow", "--model", str(minilm_path), "--into", "40",
                                                          "--out", str(tmp_path / "a"))

@@ -380,7 +380,7 @@ def test_weights_stored_in_another_dtype_are_computed_in_tiles_never_a_whole_flo
     """fp32 weights stored as float16 are computed a tile of query rows at a time and
     written into their float16 tensor: no float32 (batch, heads, query, key) tensor is
     made, and each stored call is its own tensor."""
-    from attention_hooker.capture import sdpa
+    from attention_hooker.capture.routes import sdpa
 
     length = minilm_batch["input_ids"].shape[1]
     with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as full:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker, load
-from attention_hooker import stream_call
+from attention_hooker.keep import stream_call
 from attention_hooker.errors import AttentionCaptureWarning
 from tiny_models import Stack
 
@@ -453,7 +453,7 @@ def test_a_model_returning_none_has_its_forwards_written(tmp_path):
 def test_forwards_that_raise_mid_call_leave_no_descriptor_nor_reserved_file(tmp_path, monkeypatch):
     """Review finding: each forward raising inside a large call (an OOM-retry loop) kept a
     descriptor and a file of the call's size until close()."""
-    from attention_hooker.capture import sdpa
+    from attention_hooker.capture.routes import sdpa
 
     monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
     model = Stack().eval()

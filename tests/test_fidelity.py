@@ -364,7 +364,7 @@ class _TokenMixer(nn.Module):
 
 
 def test_modules_are_found_by_what_they_declare_not_only_by_class_name():
-    from attention_hooker.discovery import find_attention_modules
+    from attention_hooker.capture.discovery import find_attention_modules
 
     torch.manual_seed(0)
     model = nn.Sequential(_TokenMixer(), nn.LayerNorm(16), _TokenMixer())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker, attention_rollout
-from attention_hooker.flow import attention_flow
+from attention_hooker.analysis.flow import attention_flow
 
 nx = pytest.importorskip("networkx")
 

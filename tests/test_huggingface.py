@@ -212,7 +212,7 @@ def test_grouped_query_generate_on_sdpa_with_left_padding_is_labelled_per_query_
 
 
 def test_packed_query_groups_are_read_from_what_the_module_declares():
-    from attention_hooker.capture.sdpa import packed_query_groups
+    from attention_hooker.capture.routes.sdpa import packed_query_groups
 
     class Declared(torch.nn.Module):
         num_key_value_groups = 2

@@ -36,11 +36,11 @@ def test_a_deliberate_violation_breaks_them(tmp_path):
     """capture importing the streamer (a keeper) is caught."""
     shutil.copytree(PACKAGE, tmp_path / "attention_hooker", ignore=shutil.ignore_patterns("__pycache__"))
     coverage = tmp_path / "attention_hooker" / "capture" / "coverage.py"
-    coverage.write_text(coverage.read_text() + "\nfrom .. import streaming  # a deliberate violation\n")
+    coverage.write_text(coverage.read_text() + "\nfrom ..keep import stream  # a deliberate violation\n")
     done = _lint(tmp_path)
     assert done.returncode != 0
     assert "Capture does not import the streamer or the reductions BROKEN" in done.stdout
-    assert "attention_hooker.capture.coverage -> attention_hooker.streaming" in done.stdout
+    assert "attention_hooker.capture.coverage -> attention_hooker.keep.stream" in done.stdout
 
 
 def _modules():
@@ -68,3 +68,26 @@ def test_no_module_imports_another_modules_private_names():
                 found += [f"{name}:{node.lineno} imports {alias.name} from {'.' * node.level}{node.module or ''}"
                           for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
     assert not found, found
+
+
+def test_the_old_module_paths_are_the_moved_modules_for_one_release():
+    """The flat modules moved into capture/ keep/ analysis/ io/ views/ cli/; their old paths
+    import the same module objects (what is set on one is seen through the other)."""
+    import importlib
+
+    from attention_hooker.moved_modules import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from attention_hooker import store, workflows
+    from attention_hooker.html import render_html
+    from attention_hooker.keep import memory
+    from attention_hooker.views.page import render_html as moved_render_html
+
+    assert store is memory and workflows.__name__ == "attention_hooker.cli.workflows"
+    assert render_html is moved_render_html
+    for new in MOVED.values():  # each keeps its own spec: its package's files stay readable
+        assert importlib.import_module(new).__spec__.name == new, new
+    from importlib import resources
+
+    assert "function" in resources.files("attention_hooker.views.page").joinpath("view.js").read_text()

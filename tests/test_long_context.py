@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker
-from attention_hooker.capture import sdpa
+from attention_hooker.capture.routes import sdpa
 from tiny_models import Stack, TwoCallsAttention
 
 transformers = pytest.importorskip("transformers")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker, render_html
-from attention_hooker.html import decode_weights, encode_weights
+from attention_hooker.views.page import decode_weights, encode_weights
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -496,7 +496,7 @@ def test_a_weight_below_the_heads_quantisation_step_reads_as_below_it_not_as_zer
 # ------------------------------------------------------------------ the overview coloured by a score per head
 def test_the_overview_colours_each_head_by_a_chosen_score(browser, minilm_page, tmp_path):
     """Issue 14: the layers x heads grid coloured by a score (its own, or ones given) instead of the maps."""
-    from attention_hooker.roles import previous_token_score
+    from attention_hooker.analysis.roles import previous_token_score
 
     hooker, tokens, _, _ = minilm_page
     names = list(hooker.values)

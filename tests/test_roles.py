@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker
-from attention_hooker.roles import duplicate_token_score, head_confidence, induction_score, previous_token_score
+from attention_hooker.analysis.roles import duplicate_token_score, head_confidence, induction_score, previous_token_score
 
 
 def _causal(rows):
@@ -63,7 +63,7 @@ def test_the_real_minilm_has_a_previous_token_head(minilm_sdpa, minilm_tokenizer
 
 # ------------------------------------------------------------------ sink heads (Gu et al. 2024)
 def test_sink_heads_are_those_whose_mean_attention_on_the_first_token_passes_the_threshold():
-    from attention_hooker.roles import sink_heads
+    from attention_hooker.analysis.roles import sink_heads
 
     a = torch.zeros(1, 3, 4, 4)
     a[0, 0, :, 0] = 1.0  # all on the first token: a sink head
@@ -95,7 +95,7 @@ def _retrieval_by_loops(attn, ids, needle, generated_from):
 
 
 def test_retrieval_score_by_hand():
-    from attention_hooker.roles import retrieval_score
+    from attention_hooker.analysis.roles import retrieval_score
 
     ids = torch.tensor([[5, 6, 7, 8, 1, 2, 6, 7, 8, 6]])  # needle 5 6 7 8 at 0..3; generated from 6: 6 7 8 6
     a = torch.zeros(1, 3, 10, 10)
@@ -120,7 +120,7 @@ def test_retrieval_score_by_hand():
 
 def test_retrieval_score_of_greedy_generation_steps_equals_the_definition_written_out():
     from attention_hooker import stitch_steps
-    from attention_hooker.roles import retrieval_score
+    from attention_hooker.analysis.roles import retrieval_score
 
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

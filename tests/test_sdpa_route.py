@@ -121,7 +121,7 @@ def test_rows_left_without_keys_are_zero_and_others_sum_to_one(kind):
 
 
 def test_no_mask_and_no_keys_masked_needs_no_cleanup_pass():
-    from attention_hooker.capture.sdpa import _may_have_empty_rows
+    from attention_hooker.capture.routes.sdpa import _may_have_empty_rows
 
     def causal(length, source):
         return torch.ones(length, source, dtype=torch.bool).triu_(1)
@@ -234,7 +234,7 @@ def test_half_precision_weights_are_computed_in_float32_like_the_kernel(dtype, s
 def test_weights_computed_in_tiles_equal_the_whole_computation(case, tile_rows):
     """Issue 11: tiles of query rows, written into the stored dtype, give the same
     weights as the whole (batch, heads, query, key) computation (fp32 1e-6)."""
-    from attention_hooker.capture.sdpa import sdpa_attention_weights
+    from attention_hooker.capture.routes.sdpa import sdpa_attention_weights
 
     torch.manual_seed(0)
     q, k = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 13, 8)
@@ -267,7 +267,7 @@ def test_weights_computed_in_tiles_equal_the_whole_computation(case, tile_rows):
 def test_grouped_query_weights_equal_the_kernels_without_repeating_the_keys(layout, monkeypatch):
     """Issue 11: each kv head serves its group of query heads inside the product; the keys are
     never copied once per query head (at long context that copy was the call's largest tensor)."""
-    from attention_hooker.capture import sdpa
+    from attention_hooker.capture.routes import sdpa
 
     torch.manual_seed(0)
     batch, heads, kv_heads, length, width = 2, 8, 2, 9, 16

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker, load
-from attention_hooker.capture import sdpa
-from attention_hooker import stream_call, stream_folder
+from attention_hooker.capture.routes import sdpa
+from attention_hooker.keep import stream_call, stream_folder
 from tiny_models import Stack, TwoCallsAttention
 
 transformers = pytest.importorskip("transformers")

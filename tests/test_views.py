@@ -163,7 +163,9 @@ def test_overview_rows_are_labelled_by_the_part_of_the_layer_names_that_differs(
 def test_stats_heatmaps_read_well_with_few_heads_and_with_many(heads, tmp_path, monkeypatch):
     """Issue 13: with few heads the title was cut, ticks read "0.0 2.5", an offset sat over the
     title and the colour bar had no unit."""
-    from attention_hooker import HeadStatsAccumulator, plot, workflows
+    from attention_hooker import HeadStatsAccumulator
+    from attention_hooker.cli import workflows
+    from attention_hooker.views import plot
 
     accumulator = HeadStatsAccumulator()
     accumulator.update({f"encoder.layer.{i}.attention.self": [(torch.randn(1, heads, 5, 5) * 1e-3).softmax(-1)]

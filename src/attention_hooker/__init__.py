@@ -1,23 +1,25 @@
 """Transformer Attention Hooker: capture per-head attention from any PyTorch transformer, and show it."""
 
 import importlib
+
+from . import moved_modules  # noqa: F401 - old module paths, for one release
 from importlib.metadata import PackageNotFoundError, version
 
 # Names are imported when first used (PEP 562), so that `attention-hooker --help` and
 # `import attention_hooker` do not pay for importing torch until something needs it.
 _EXPORTS = {
-    "HeadStatsAccumulator": "analysis", "attention_rollout": "analysis", "gradient_weighted_rollout": "analysis",
-    "head_entropy": "analysis", "mean_attention_distance": "analysis", "sink_share": "analysis",
-    "stitch_steps": "analysis", "sdpa_attention_weights": "capture.sdpa", "find_attention_modules": "discovery",
+    "HeadStatsAccumulator": "analysis.stats", "attention_rollout": "analysis.rollout", "gradient_weighted_rollout": "analysis.rollout",
+    "head_entropy": "analysis.stats", "mean_attention_distance": "analysis.stats", "sink_share": "analysis.stats",
+    "stitch_steps": "analysis.core", "sdpa_attention_weights": "capture.routes.sdpa", "find_attention_modules": "capture.discovery",
     "AttentionCaptureWarning": "errors", "AttentionHookerError": "errors", "AttentionHookerTypeError": "errors",
-    "TransformerAttentionHooker": "hooker", "SavedAttention": "io", "load": "io", "to_bertviz": "io",
-    "to_numpy": "io", "AttentionPage": "html", "render_html": "html", "KeyReductions": "pooling",
-    "PooledAttention": "pooling", "plot_attention_grid": "plot", "plot_attention_overview": "plot",
-    "plot_vit_attention": "plot", "vit_attention_map": "plot", "AttentionValues": "store",
-    "previous_token_score": "roles", "duplicate_token_score": "roles", "induction_score": "roles",
-    "head_confidence": "roles", "head_importance": "attribution", "value_weighted_norms": "attribution",
-    "attention_flow": "flow", "sink_heads": "roles", "retrieval_score": "roles",
-    "find_output_projection": "attribution",
+    "TransformerAttentionHooker": "capture.hooker", "SavedAttention": "io.saved", "load": "io.saved", "to_bertviz": "io.saved",
+    "to_numpy": "io.saved", "AttentionPage": "views.page", "render_html": "views.page", "KeyReductions": "keep.pooling",
+    "PooledAttention": "keep.pooling", "plot_attention_grid": "views.plot", "plot_attention_overview": "views.plot",
+    "plot_vit_attention": "views.plot", "vit_attention_map": "views.plot", "AttentionValues": "values",
+    "previous_token_score": "analysis.roles", "duplicate_token_score": "analysis.roles", "induction_score": "analysis.roles",
+    "head_confidence": "analysis.roles", "head_importance": "analysis.attribution", "value_weighted_norms": "analysis.attribution",
+    "attention_flow": "analysis.flow", "sink_heads": "analysis.roles", "retrieval_score": "analysis.roles",
+    "find_output_projection": "analysis.attribution",
 }
 
 

@@ -118,7 +118,7 @@ def share(items: Sequence, rank: int, world_size: int) -> list:
 
 
 def merge_statistics(accumulator, group=None):
-    """Every rank's :class:`~attention_hooker.analysis.HeadStatsAccumulator`, merged exactly
+    """Every rank's :class:`~attention_hooker.analysis.stats.HeadStatsAccumulator`, merged exactly
     (the sums and counts of all ranks added, not averages of averages), on every rank.
 
     Args:
@@ -168,7 +168,7 @@ def assemble_heads(hooker, group=None):
     """
     import torch.distributed as dist
 
-    from .store import AttentionValues
+    from .values import AttentionValues
 
     indices = hooker.head_indices
     layout = {name: [tuple(t.shape) for t in calls] for name, calls in hooker.values.items()}

@@ -1,5 +1,5 @@
 """Capture routes: one module each (mha, sdpa, softmax) and the live session."""
 
-from .sdpa import sdpa_attention_weights
+from .routes.sdpa import sdpa_attention_weights
 
 __all__ = ["sdpa_attention_weights"]

@@ -27,14 +27,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .._torch_private import caller_frame, frame_local, function_mode_stack, take_mode_out
-from ..store import AttentionStore, GradientSource, begin_partial, empty
-from .buffers import Arena, SpareBuffers
+from ..keep.memory import AttentionStore, GradientSource, begin_partial, empty
+from ..keep.allocator import Arena, SpareBuffers
 from .coverage import Coverage
 from .inputs import channel_attention_refusal, folded_batch_refusal
-from .mha import drops_weights, mha_weights
-from .sdpa import (SDPA_FUNCTIONS, as_4d, declared_heads, packed_query_groups, parse_sdpa_call,
+from .routes.mha import drops_weights, mha_weights
+from .routes.sdpa import (SDPA_FUNCTIONS, as_4d, declared_heads, packed_query_groups, parse_sdpa_call,
                    sdpa_attention_weights, unpack_query_groups)
-from .softmax import SOFTMAX_FUNCTIONS, is_attention_softmax, label_softmax, sampled_attention_refusal
+from .routes.softmax import SOFTMAX_FUNCTIONS, is_attention_softmax, label_softmax, sampled_attention_refusal
 
 __all__ = ["CaptureSession", "module_call_frame", "frame_is_live"]
 

@@ -14,10 +14,10 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from .parallel import head_shard
-from .._checks import check_heads, resolve_rows
-from .._torch_private import softmax_last_dim_into
-from ..errors import AttentionHookerError
+from ..parallel import head_shard
+from ..._checks import check_heads, resolve_rows
+from ..._torch_private import softmax_last_dim_into
+from ...errors import AttentionHookerError
 
 __all__ = ["SDPA_FUNCTIONS", "sdpa_attention_weights", "parse_sdpa_call", "as_4d", "packed_query_groups",
            "unpack_query_groups"]

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .naming import short_layer_names
-from .errors import AttentionHookerError, CommandError  # noqa: F401  (CommandError lives in errors: --help stays light)
+from ..views.labels import short_layer_names
+from ..errors import AttentionHookerError, CommandError  # noqa: F401  (CommandError lives in errors: --help stays light)
 
 __all__ = ["CommandError", "Capture", "load_hf_model", "capture_text", "write_outputs", "notable_heads",
            "collect_statistics", "demo_model_path", "DEFAULT_DEMO_TEXT", "prepare_out", "check_save_path"]
@@ -137,7 +137,7 @@ def _load_vision_model(transformers, path: Path, target, dtype) -> LoadedModel:
 def capture_image(loaded: LoadedModel, image_path, *, layers: Optional[str] = None) -> Capture:
     """Runs one image through a vision model with its attention layers hooked; the tokens
     are the prefix tokens (``CLS``, ...) and the patches by row and column."""
-    from .hooker import TransformerAttentionHooker
+    from ..capture.hooker import TransformerAttentionHooker
 
     if loaded.kind != "vision":
         raise CommandError(f"--image is for vision models; {loaded.name} is {_a(loaded.kind)}: pass --text")
@@ -295,8 +295,8 @@ def capture_text(
             (pictures then come from pooled maps, ``pool`` or 256).
         overwrite: with ``stream``, replace a capture already in that folder.
     """
-    from .analysis import stitch_steps
-    from .hooker import TransformerAttentionHooker
+    from ..analysis.core import stitch_steps
+    from ..capture.hooker import TransformerAttentionHooker
 
     if not text or not text.strip():
         raise CommandError("the text is empty: pass --text with some words")
@@ -360,9 +360,9 @@ def capture_text(
 def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, pool, stream, overwrite,
                   notes: List[str]) -> Capture:
     """One forward kept as selected rows, pooled maps, or streamed to disk (with pooled maps to draw)."""
-    from ._checks import resolve_rows, selected_rows
-    from .pooling import PooledAttention, block_labels
-    from .streaming import format_bytes
+    from .._checks import resolve_rows, selected_rows
+    from ..keep.pooling import PooledAttention, block_labels
+    from ..keep.stream import format_bytes
 
     length = len(source)
     query_tokens = None
@@ -442,8 +442,8 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
     ``out``, showing progress over the grids on ``progress_stream`` (stderr); returns the paths."""
     from tqdm.auto import tqdm
 
-    from .html import render_html
-    from .plot import plot_attention_grid, plot_attention_overview
+    from ..views.page import render_html
+    from ..views.plot import plot_attention_grid, plot_attention_overview
 
     out = prepare_out(out)
     grids_dir = out / "grids"
@@ -470,8 +470,8 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
                             color_scale=color_scale).clear()
     rollout_path = None
     if capture.image is not None:  # vision: what the CLS token attends to, through every layer, on the image
-        from .analysis import attention_rollout
-        from .plot import plot_vit_attention
+        from ..analysis.rollout import attention_rollout
+        from ..views.plot import plot_vit_attention
 
         image, prefix = capture.image
         rollout_path = out / "rollout.png"
@@ -485,7 +485,7 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
 
 def notable_heads(values, tokens: Sequence[str]) -> List[str]:
     """A few sentences about heads that stand out: most on the first/last token, most on the previous token."""
-    from .analysis import sink_share
+    from ..analysis.stats import sink_share
 
     square = {name: calls[0] for name, calls in values.items() if calls[0].shape[-1] == calls[0].shape[-2]}
     if not square:
@@ -575,8 +575,8 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
     Returns:
         ``(accumulator, seconds, (lines cut, token limit))``.
     """
-    from .analysis import HeadStatsAccumulator
-    from .hooker import TransformerAttentionHooker
+    from ..analysis.stats import HeadStatsAccumulator
+    from ..capture.hooker import TransformerAttentionHooker
 
     lines = [line for line in lines if line.strip()]
     if not lines and not allow_empty:
@@ -617,7 +617,7 @@ _STATISTIC_UNITS = {
 
 def write_statistics(accumulator, out) -> Dict[str, object]:
     """``head_stats.csv`` (one row per layer and head) and one layers x heads heatmap per statistic."""
-    from .plot import figure_class, save_figure
+    from ..views.plot import figure_class, save_figure
 
     out = prepare_out(out)
     table = accumulator.result()
@@ -674,9 +674,9 @@ def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, 
         loss, retrieval outside decoders, norms where the value vectors or the output projection
         are out of reach).
     """
-    from .analysis import sink_share
-    from .hooker import TransformerAttentionHooker
-    from .roles import duplicate_token_score, head_confidence, induction_score, previous_token_score
+    from ..analysis.stats import sink_share
+    from ..capture.hooker import TransformerAttentionHooker
+    from ..analysis.roles import duplicate_token_score, head_confidence, induction_score, previous_token_score
 
     if loaded.kind == "vision":
         raise CommandError(f"heads reads text; {loaded.name} is a vision model")
@@ -726,7 +726,7 @@ def _first_token_norm_share(model, name: str, weights: torch.Tensor, values) -> 
     """Per head, the first key's share of each query's value-weighted norms (Kobayashi et al.
     2020), averaged over the queries; NaN where the value vectors or the output projection are
     out of reach (eager attention code; a projection found nowhere or twice)."""
-    from .attribution import find_output_projection, value_weighted_norms
+    from ..analysis.attribution import find_output_projection, value_weighted_norms
 
     missing = torch.full((weights.shape[1],), float("nan"), dtype=torch.float64)
     value = values[0] if values else None
@@ -743,8 +743,8 @@ def _first_token_norm_share(model, name: str, weights: torch.Tensor, values) -> 
 def _head_importance(loaded: LoadedModel, enc, layers, forward) -> Dict[str, torch.Tensor]:
     """Michel et al.'s importance of each head on the language-model loss of the text, from the
     weights and their gradients (the model's own kernel); ``{}`` without a language-model loss."""
-    from .attribution import head_importance
-    from .hooker import TransformerAttentionHooker
+    from ..analysis.attribution import head_importance
+    from ..capture.hooker import TransformerAttentionHooker
 
     if loaded.kind == "encoder":
         return {}  # no language-model head: no loss to differentiate
@@ -765,9 +765,9 @@ def _head_importance(loaded: LoadedModel, enc, layers, forward) -> Dict[str, tor
 def _retrieval(loaded: LoadedModel, repeated: torch.Tensor, length: int, layers) -> Dict[str, torch.Tensor]:
     """Wu et al.'s retrieval score of each decoder head: prompted with a random sequence and the
     first half of its repeat, the model writes the rest (greedy); the needle is the first copy."""
-    from .analysis import stitch_steps
-    from .hooker import TransformerAttentionHooker
-    from .roles import retrieval_score
+    from ..analysis.core import stitch_steps
+    from ..capture.hooker import TransformerAttentionHooker
+    from ..analysis.roles import retrieval_score
 
     if loaded.kind != "decoder" or not hasattr(loaded.model, "generate"):
         return {}
@@ -788,8 +788,8 @@ def _retrieval(loaded: LoadedModel, repeated: torch.Tensor, length: int, layers)
 def write_head_roles_page(loaded: LoadedModel, text: str, roles: Dict[str, Dict[str, torch.Tensor]], out, *,
                           layers: Optional[str] = None) -> Path:
     """``head_roles.html``: the page of ``text``'s attention, its overview coloured by any role score."""
-    from .hooker import TransformerAttentionHooker
-    from .html import render_html
+    from ..capture.hooker import TransformerAttentionHooker
+    from ..views.page import render_html
 
     out = prepare_out(out)
     enc = _to_model(loaded, loaded.tokenizer(text, return_tensors="pt", truncation=True))
@@ -815,9 +815,9 @@ def token_flow(loaded: LoadedModel, text: str, *, into: Sequence[int] = (0, -1),
         ``{"tokens", "into" (non-negative positions), "layers", "flow" (outputs, tokens),
         "rollout" (outputs, tokens)}``, each row summing to 1.
     """
-    from .analysis import attention_rollout
-    from .flow import attention_flow
-    from .hooker import TransformerAttentionHooker
+    from ..analysis.rollout import attention_rollout
+    from ..analysis.flow import attention_flow
+    from ..capture.hooker import TransformerAttentionHooker
 
     if loaded.kind == "vision":
         raise CommandError(f"flow reads text; {loaded.name} is a vision model")

@@ -12,7 +12,7 @@ travels instead as
   tokens inside it, and the head view lists where each query looks.
 
 The pooled map and the colours are 8-bit codes on the head's own linear scale
-(:func:`attention_hooker.html.encode_weights`: within ``scale / 508`` of the captured weight). The
+(:func:`attention_hooker.views.page.encode_weights`: within ``scale / 508`` of the captured weight). The
 largest weights also travel as float16 (3 significant digits): at long context a row's weights are
 small next to the head's largest (1.0 on the first row of a causal head), and 8 bits would read
 them all as 0.

@@ -13,8 +13,9 @@ from typing import Optional
 
 import torch
 
-from .analysis import check_attention, mean_over_queries, query_mask_of, sink_share
-from .errors import AttentionHookerError
+from .core import check_attention, mean_over_queries, query_mask_of
+from .stats import sink_share
+from ..errors import AttentionHookerError
 
 __all__ = ["previous_token_score", "duplicate_token_score", "induction_score", "head_confidence", "sink_heads",
            "retrieval_score"]

@@ -21,9 +21,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ._checks import check_flag, index_list, one_of
-from .analysis import FUSIONS, square_stack, layer_graphs
-from .errors import AttentionHookerError
+from .._checks import check_flag, index_list, one_of
+from .core import FUSIONS, square_stack
+from .rollout import layer_graphs
+from ..errors import AttentionHookerError
 
 __all__ = ["attention_flow"]
 

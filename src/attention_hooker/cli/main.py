@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import AttentionHookerError, CommandError
+from ..errors import AttentionHookerError, CommandError
 
 __all__ = ["main", "build_parser"]
 
@@ -18,7 +18,7 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="attention-hooker",
@@ -199,7 +199,7 @@ def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0,
     files = workflows.write_outputs(capture, out, title=title, grids=grids, color_scale=color_scale)
     if save:
         raw = capture.raw_values or capture.values
-        from .io import save_values
+        from ..io.saved import save_values
 
         save_values(raw, save, tokens=capture.tokens[-1], model_class=loaded.name, selection=capture.hooker.selection)
         files["saved"] = save
@@ -251,7 +251,7 @@ def _command_heads(args) -> None:
 
 def _command_layers(args) -> None:
     from . import workflows
-    from .hooker import TransformerAttentionHooker
+    from ..capture.hooker import TransformerAttentionHooker
 
     loaded = workflows.load_hf_model(args.model)
     hooker = TransformerAttentionHooker(loaded.model, args.layers)
@@ -276,7 +276,8 @@ def _command_run(args) -> None:
 
 
 def _command_stats(args) -> None:
-    from . import distributed, workflows
+    from .. import distributed
+    from . import workflows
 
     launch = distributed.launch_from_environment()  # under torchrun: this process's rank
     path = Path(args.text_file)

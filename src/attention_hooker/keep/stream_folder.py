@@ -2,8 +2,8 @@
 
 One job: bytes to disk, and every failure as an :class:`AttentionHookerError` naming the
 folder, what was written and the cause, chained to the OS error. The folder is locked for
-as long as a :class:`CaptureFolder` holds it (``folder_lock.py``); what the files mean is
-``streaming.py``'s, how they are laid out ``disk_format.py``'s.
+as long as a :class:`CaptureFolder` holds it (``keep/folder_lock.py``); what the files mean is
+``keep/stream.py``'s, how they are laid out ``io/format.py``'s.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ._checks import prepare_output_path
-from .disk_format import INDEX_NAME, LOG_NAME, is_our_file_name
-from .errors import AttentionHookerError
+from .._checks import prepare_output_path
+from ..io.format import INDEX_NAME, LOG_NAME, is_our_file_name
+from ..errors import AttentionHookerError
 from .folder_lock import FolderLock
-from .store import format_size
+from ..values import format_size
 
 __all__ = ["CaptureFolder", "SAFETENSORS_DTYPES", "format_bytes"]
 

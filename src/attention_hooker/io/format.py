@@ -1,12 +1,12 @@
 """The files of a capture on disk, read without trusting them.
 
-A streamed capture is a folder (written by ``streaming.py``)::
+A streamed capture is a folder (written by ``keep/stream.py``)::
 
     capture.json                  the index: layers, calls, tokens, selection, where each call lies,
                                   and its state: "writing", "complete" or "partial"
     capture.log                   while "writing": a line per forward written whole since the index
                                   (its calls' layer, file and tensor); a last line cut short is ignored
-    capture.lock                  held while a writer streams into the folder (``folder_lock.py``)
+    capture.lock                  held while a writer streams into the folder (``keep/folder_lock.py``)
     calls-00001.safetensors       small calls, one shard per forward
     call-00002.safetensors        a call of its own, written a tile of query rows at a time
 
@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .errors import AttentionHookerError
+from ..errors import AttentionHookerError
 
 __all__ = ["INDEX_NAME", "LOG_NAME", "STREAM_FORMAT", "STATES", "CheckedFile", "read_index", "mapped_tensors", "CheckedCalls",
            "is_our_file_name", "checked_file", "checked_path", "parse_json", "open_regular"]

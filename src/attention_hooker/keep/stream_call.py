@@ -4,7 +4,7 @@ Small calls gather in a buffer ``(batch, heads, rows, key)`` and go to their for
 shard when committed; a call of ``shard_bytes`` or more gets a file of its own, reserved
 before its first row and written tile by tile as the rows are computed (memory holds a
 tile, never the call). Every failure marks the forward it belongs to (see
-``streaming.py``) and is raised as the library's error.
+``keep/stream.py``) and is raised as the library's error.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .errors import AttentionHookerError
+from ..errors import AttentionHookerError
 from .stream_folder import SAFETENSORS_DTYPES, raw_bytes
 
 __all__ = ["StreamedCall"]
@@ -29,7 +29,7 @@ class StreamedCall:
     leaves it to finish; its file then goes, under this writer's temporary name only).
 
     Args:
-        owner: the :class:`~attention_hooker.streaming.StreamedCapture` it belongs to.
+        owner: the :class:`~attention_hooker.keep.stream.StreamedCapture` it belongs to.
         layer: the layer whose call it is.
     """
 

@@ -15,9 +15,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ._checks import one_of, positive_int
-from .analysis import real_rows, row_mask
-from .store import AttentionValues
+from .._checks import one_of, positive_int
+from ..analysis.core import real_rows, row_mask
+from ..values import AttentionValues
 
 __all__ = ["PooledAttention", "KeyReductions", "block_labels"]
 

@@ -19,10 +19,10 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .._checks import positive_int, prepare_output_path, resolve_rows, selected_rows, token_lists
-from .._tensor import as_batched, require_positions, values_of
-from ..errors import AttentionHookerError
-from ..naming import short_layer_names
+from ..._checks import positive_int, prepare_output_path, resolve_rows, selected_rows, token_lists
+from ..._tensor import as_batched, require_positions, values_of
+from ...errors import AttentionHookerError
+from ..labels import short_layer_names
 from .long_calls import encode_long_call, is_long
 
 __all__ = ["render_html", "AttentionPage", "encode_weights", "decode_weights"]
@@ -109,8 +109,8 @@ class _Payload:
 
 def _builtin_scores(weights: torch.Tensor) -> Dict[str, list]:
     """Per-head scores the page can colour the overview by: ``{name: [[score per head] per batch item]}``."""
-    from ..analysis import head_entropy, sink_share
-    from ..roles import head_confidence, previous_token_score
+    from ...analysis.stats import head_entropy, sink_share
+    from ...analysis.roles import head_confidence, previous_token_score
 
     functions = {"first-token share": lambda w: sink_share(w, [0]), "confidence": head_confidence,
                  "entropy (nats)": head_entropy}
@@ -285,7 +285,7 @@ def render_html(
     A call longer than ``pool_above`` tokens on either axis is carried as its
     pooled map (blocks of tokens, each block's largest weight, at most
     ``pool_size`` blocks a side) and each query's ``top_keys`` largest weights
-    (see :mod:`attention_hooker.html.long_calls`): the matrix shows the pooled
+    (see :mod:`attention_hooker.views.page.long_calls`): the matrix shows the pooled
     map, a click on a block shows the tokens inside it, and the head view lists
     each query's largest weights with the share of its attention they hold.
     (Measured: MiniLM's 512-token page weighs 5.9 MB whole and 1.4 MB with

@@ -16,11 +16,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import prepare_output_path, resolve_rows, selected_rows, token_lists
-from ._tensor import as_batched, values_of
-from .errors import AttentionHookerError
-from .store import AttentionValues
-from .disk_format import INDEX_NAME, CheckedCalls, checked_file, checked_path, parse_json, read_index
+from .._checks import prepare_output_path, resolve_rows, selected_rows, token_lists
+from .._tensor import as_batched, values_of
+from ..errors import AttentionHookerError
+from ..values import AttentionValues
+from .format import INDEX_NAME, CheckedCalls, checked_file, checked_path, parse_json, read_index
 
 __all__ = ["SavedAttention", "save_values", "load", "to_bertviz", "to_numpy"]
 
@@ -40,7 +40,7 @@ def _safetensors():
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -130,7 +130,7 @@ def save_values(
 
 def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor, or a copy where it shares its memory (small calls lie side by side in
-    one chunk, see ``capture/buffers.py``; safetensors refuses tensors that share)."""
+    one chunk, see ``keep/allocator.py``; safetensors refuses tensors that share)."""
     if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
         return tensor.clone()
     return tensor
@@ -164,7 +164,7 @@ def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None, partial:
     ``hooker.stream_to(folder)``.
 
     Nothing on disk is trusted: a streamed folder's index, file names and every tensor's
-    dtype, shape and bytes are checked before a tensor is made (see ``disk_format.py``).
+    dtype, shape and bytes are checked before a tensor is made (see ``io/format.py``).
 
     Args:
         path: the ``.safetensors`` file, or the streamed capture's folder (or its
@@ -242,7 +242,7 @@ def _attention(tensor: torch.Tensor, where: str, layer: str) -> torch.Tensor:
 
 
 def _load_streamed(folder: str, lazy: bool, partial: bool) -> SavedAttention:
-    """A capture written by ``hooker.stream_to(folder)`` (see ``streaming.py`` and ``disk_format.py``)."""
+    """A capture written by ``hooker.stream_to(folder)`` (see ``keep/stream.py`` and ``io/format.py``)."""
     index_path = os.path.join(folder, INDEX_NAME)
     ranks = sorted(name for name in os.listdir(folder)  # real folders only: a link could lead anywhere
                    if re.fullmatch(r"rank-[0-9]{5,}", name) and stat.S_ISDIR(os.lstat(os.path.join(folder, name)).st_mode)
@@ -320,7 +320,7 @@ def to_bertviz(source, *, call: int = 0, layers: Optional[Sequence[str]] = None)
         >>> to_bertviz({"a": [torch.ones(1, 2, 3, 3)], "b": [torch.ones(1, 2, 3, 3)]})[1].shape
         torch.Size([1, 2, 3, 3])
     """
-    from .analysis import layer_sequence
+    from ..analysis.core import layer_sequence
 
     tensors = layer_sequence(values_of(source, layers=layers), call=call)
     shapes = {tuple(t.shape) for t in tensors}

@@ -1,4 +1,4 @@
-"""What the hooker keeps: per-layer call lists and the storage policy.
+"""The in-memory keeper: per-layer call lists (values, gradients, value vectors), in model order.
 
 Every stored tensor has shape ``(batch, heads, query, key)``.
 """
@@ -6,88 +6,17 @@ Every stored tensor has shape ``(batch, heads, query, key)``.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from ._checks import (check_device, check_flag, check_heads, index_list, one_of, positive_int, resolve_rows,
-                      row_selection)
-from ._torch_private import refcount
-from .errors import AttentionHookerError
+from .._checks import check_heads, resolve_rows
+from .._torch_private import refcount
+from ..values import AttentionValues, format_size
+from .policy import StoragePolicy
+from .router import Fanout, begin_partial
 
 __all__ = ["StoragePolicy", "AttentionValues", "AttentionStore", "GradientSource", "begin_partial", "format_size"]
-
-_KEEP_CHOICES = ("first", "last")
-
-
-@dataclass(frozen=True)
-class StoragePolicy:
-    """How captured weights are stored.
-
-    Attributes:
-        device: where stored tensors go (``"cpu"`` by default); ``None`` keeps them
-            on the device they were computed on.
-        dtype: stored floating dtype (``torch.float16`` halves memory); ``None``
-            keeps the dtype the weights were computed in.
-        heads: indices of the heads to keep; ``None`` keeps every head.
-        max_calls: how many calls to keep per layer; ``None`` keeps all.
-        keep: with ``max_calls``, ``"first"`` keeps the first calls (later ones are
-            not computed at all) and ``"last"`` keeps the most recent ones.
-        keep_grad: also keep the gradient of the loss with respect to each stored
-            call's weights, filled in by ``backward()``.
-        rows: the query rows to keep of each call (a tuple of indices, negative
-            ones from the end, or a slice); ``None`` keeps every row.
-        keys: the keys to keep of each kept row (the same forms); ``None`` keeps
-            every key. Each row is still normalised over all of its keys.
-        keep_values: also keep each call's value vectors ``(batch, kv_heads, key,
-            head_dim)``, where the route sees them (sdpa, ``nn.MultiheadAttention``, the
-            product of eager code).
-    """
-
-    device: Optional[torch.device] = torch.device("cpu")
-    dtype: Optional[torch.dtype] = None
-    heads: Optional[Tuple[int, ...]] = None
-    max_calls: Optional[int] = None
-    keep: str = "first"
-    keep_grad: bool = False
-    rows: Union[None, slice, Tuple[int, ...]] = None
-    keys: Union[None, slice, Tuple[int, ...]] = None
-    keep_values: bool = False
-
-    @classmethod
-    def build(
-        cls,
-        *,
-        device,
-        dtype,
-        heads: Optional[Sequence[int]],
-        max_calls: Optional[int],
-        keep: str,
-        keep_grad: bool,
-        rows=None,
-        keys=None,
-        keep_values: bool = False,
-    ) -> "StoragePolicy":
-        """Validates user options and returns a policy.
-
-        Raises:
-            AttentionHookerError: when an option has the wrong type or value.
-        """
-        device = check_device(device)
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise AttentionHookerError(
-                f"dtype={dtype!r} is not a floating torch dtype; expected e.g. torch.float16, torch.float32 or None"
-            )
-        if heads is not None:
-            heads = index_list(heads, "heads", noun="head")
-        max_calls = positive_int(max_calls, "max_calls", allow_none=True)
-        keep = one_of(keep, "keep", _KEEP_CHOICES)
-        keep_grad = check_flag(keep_grad, "keep_grad")
-        keep_values = check_flag(keep_values, "keep_values")
-        return cls(device, dtype, heads, max_calls, keep, keep_grad, row_selection(rows), row_selection(keys, "keys"),
-                   keep_values)
-
 
 class GradientSource(NamedTuple):
     """Where the gradient of a stored call's weights comes from when the weights are not in
@@ -97,80 +26,6 @@ class GradientSource(NamedTuple):
 
     tensor: torch.Tensor
     to_weights: Callable[[torch.Tensor], torch.Tensor]
-
-
-class AttentionValues(dict):
-    """``{layer_name: [tensor per call]}``, each tensor ``(batch, heads, query, key)``.
-
-    A plain ``dict`` with a one-line ``repr`` that says how much it holds. The one a
-    hooker fills can be read while other threads record into it: iterating it
-    (``for name in values``, ``items()``, ``keys()``, ``values()``) goes over a snapshot
-    taken under the store's lock, never "dictionary changed size during iteration".
-    """
-
-    _guard = None  # the store's lock, for the dict a hooker fills (a class default: unpickled ones have none)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._guard = None
-
-    def _snapshot(self) -> list:
-        """``[(layer_name, calls)]`` as they are now (dict views of a copy are handed out)."""
-        guard = self._guard
-        if guard is None:
-            return list(dict.items(self))
-        with guard:
-            return list(dict.items(self))
-
-    def __iter__(self):
-        return iter([name for name, _ in self._snapshot()])
-
-    def keys(self):
-        return dict(self._snapshot()).keys()
-
-    def values(self):
-        return dict(self._snapshot()).values()
-
-    def items(self):
-        return dict(self._snapshot()).items()
-
-    def __getitem__(self, name):
-        guard = self._guard
-        if guard is None:
-            return dict.__getitem__(self, name)
-        with guard:
-            return dict.__getitem__(self, name)
-
-    def get(self, name, default=None):
-        guard = self._guard
-        if guard is None:
-            return dict.get(self, name, default)
-        with guard:
-            return dict.get(self, name, default)
-
-    def __reduce__(self):
-        return type(self), (self._snapshot(),)
-
-    def copy(self) -> "AttentionValues":
-        return AttentionValues(self._snapshot())
-
-    def __repr__(self) -> str:
-        calls = sum(len(v) for v in self.values())
-        return f"AttentionValues({len(self)} layers, {calls} calls, {format_size(self.nbytes)})"
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by all stored tensors."""
-        return sum(t.numel() * t.element_size() for v in self.values() for t in v if t is not None)
-
-
-def format_size(n: float, units: Sequence[str] = ("B", "KB", "MB", "GB")) -> str:
-    """``3.1 KB``-style size, in steps of 1024 up to the last of ``units``."""
-    for unit in units:
-        if n < 1024 or unit == units[-1]:
-            return f"{n:.0f} {unit}" if unit == units[0] else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # unreachable
 
 
 class AttentionStore:
@@ -196,7 +51,7 @@ class AttentionStore:
         self.stream: Optional[Callable[[str], object]] = None
         # Where a stored copy of a call of a layer comes from: ``allocator(layer)`` gives an
         # ``allocate(shape, dtype, device)``; the capture plugs in its arena for the repeated
-        # calls of a layer, so that generation steps lie side by side (see capture/buffers.py).
+        # calls of a layer, so that generation steps lie side by side (see keep/allocator.py).
         self.allocator: Callable[[str], Callable] = lambda layer: empty
 
     def _new_values(self) -> AttentionValues:
@@ -299,7 +154,7 @@ class AttentionStore:
     def partial(self, name: str):
         """The partial call of ``name`` for the keepers in use (one, or both through a fan-out)."""
         parts = [make(name) for make in (self.reducer, self.stream) if make is not None]
-        return parts[0] if len(parts) == 1 else _Fanout(parts)
+        return parts[0] if len(parts) == 1 else Fanout(parts)
 
     def commit_partial(self, name: str, partial) -> None:
         """Merges a reduced call of ``name`` (see ``reducer``); nothing is kept in ``values``."""
@@ -376,41 +231,9 @@ class AttentionStore:
         return self.values[name]
 
 
-class _Fanout:
-    """One call handed to several keepers at once (a stream to disk and a pooled map for pictures)."""
-
-    def __init__(self, parts: list):
-        self.parts = parts
-
-    def begin(self, shape, dtype) -> None:
-        for part in self.parts:
-            begin_partial(part, shape, dtype)
-
-    def add(self, block, rows, n_query) -> None:
-        for part in self.parts:
-            part.add(block, rows, n_query)
-
-    def commit(self) -> None:
-        for part in self.parts:
-            part.commit()
-
-    def discard(self) -> None:
-        for part in self.parts:
-            getattr(part, "discard", lambda: None)()
-
-
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """``torch.empty`` in the ``allocate(shape, dtype, device)`` form the store takes."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def begin_partial(partial, shape, dtype: torch.dtype) -> None:
-    """Tells a keeper's partial call its whole stored ``(batch, heads, rows, key)`` and
-    dtype before its first block, when it asks (a streamed call needs them to lay out
-    its file); reductions do not."""
-    begin = getattr(partial, "begin", None)
-    if begin is not None:
-        begin(tuple(shape), dtype)
 
 
 def _select_positions(weights: torch.Tensor, dim: int, selection, layer: str, axis: str) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """A keeper that writes a capture to disk as its calls arrive: sharded safetensors.
 
-The folder's layout is in ``disk_format.py``. Every tensor is one call's weights
+The folder's layout is in ``io/format.py``. Every tensor is one call's weights
 ``(batch, heads, query, key)`` (query: the rows kept).
 
 What a reader may rely on:
@@ -16,7 +16,7 @@ What a reader may rely on:
   (the index names the forwards rolled back, and why), and :func:`attention_hooker.load`
   reads it only when asked (``partial=True``). While it is written it reads "writing".
 - **One writer per folder**: ``capture.lock`` is held from before the first byte to the
-  last (``folder_lock.py``); a second writer is refused with who holds it.
+  last (``keep/folder_lock.py``); a second writer is refused with who holds it.
 
 A plan comes first: before a byte is written, the bytes the capture will write are
 weighed against the free space of the folder's disk, and the capture is refused with
@@ -34,9 +34,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import positive_int
-from .disk_format import INDEX_NAME, LOG_NAME, STREAM_FORMAT, mapped_tensors, read_index
-from .errors import AttentionHookerError
+from .._checks import positive_int
+from ..io.format import INDEX_NAME, LOG_NAME, STREAM_FORMAT, mapped_tensors, read_index
+from ..errors import AttentionHookerError
 from .folder_lock import FolderLock
 from .stream_call import StreamedCall
 from .stream_folder import SAFETENSORS_DTYPES, CaptureFolder, format_bytes
@@ -288,7 +288,7 @@ class StreamedCapture:
                 f"{format_bytes(self.written)} written, {self.state})")
 
     # ------------------------------------------------------------ the units
-    # The methods below are for this capture's own calls (``stream_call.StreamedCall``).
+    # The methods below are for this capture's own calls (``keep/stream_call.py``).
     @contextlib.contextmanager
     def failing_forward(self):
         """An error of this capture inside a forward makes that forward fail to be whole
@@ -462,7 +462,7 @@ class StreamedCapture:
         """``capture.json``: the calls of every unit written whole, and the state (written
         aside, then renamed: a reader sees the old index or the new one, never half)."""
         layers = self._ordered_layers()
-        from . import __version__
+        from .. import __version__
 
         state = self.state
         index = {"format": STREAM_FORMAT, "state": state, "complete": state == "complete", "layers": layers,

@@ -26,7 +26,7 @@ import time
 import warnings
 from typing import Optional
 
-from .errors import AttentionCaptureWarning, AttentionHookerError
+from ..errors import AttentionCaptureWarning, AttentionHookerError
 
 __all__ = ["FolderLock", "LOCK_NAME"]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ._tensor import as_batched
-from .analysis import to_tensor, check_attention
-from .errors import AttentionHookerError
+from .._tensor import as_batched
+from .core import to_tensor, check_attention
+from ..errors import AttentionHookerError
 
 __all__ = ["head_importance", "value_weighted_norms", "find_output_projection"]
 

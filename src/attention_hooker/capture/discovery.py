@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import AttentionHookerError, AttentionHookerTypeError
+from ..errors import AttentionHookerError, AttentionHookerTypeError
 
 __all__ = ["find_attention_modules", "select_modules", "check_module"]
 

@@ -12,11 +12,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .naming import short_layer_names
-from ._checks import (check_heads, non_negative_int, positive_int, positive_number, prepare_output_path,
+from .labels import short_layer_names
+from .._checks import (check_heads, non_negative_int, positive_int, positive_number, prepare_output_path,
                       token_lists)
-from ._tensor import as_heads, check_tokens, require_positions, values_of
-from .errors import AttentionHookerError
+from .._tensor import as_heads, check_tokens, require_positions, values_of
+from ..errors import AttentionHookerError
 
 __all__ = ["plot_attention_grid", "plot_attention_overview", "vit_attention_map", "plot_vit_attention"]
 
@@ -372,7 +372,7 @@ def _image_array(image) -> np.ndarray:
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
         arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     else:
-        from ._tensor import to_numpy
+        from .._tensor import to_numpy
 
         arr = to_numpy(image)
         if arr.ndim == 4:
@@ -427,7 +427,7 @@ def vit_attention_map(
         >>> vit_attention_map(torch.rand(1, 2, 5, 5).softmax(-1)).shape
         (2, 2)
     """
-    from ._tensor import to_numpy
+    from .._tensor import to_numpy
 
     arr = to_numpy(attn)
     prefix_tokens = non_negative_int(prefix_tokens, "prefix_tokens")

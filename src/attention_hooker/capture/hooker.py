@@ -10,17 +10,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._checks import describe_positions
-from ._torch_private import in_backward, tracing_state_active
-from .capture.buffers import unreachable_tensors
-from .capture.coverage import Coverage, CoverageReport
-from .capture.inputs import input_shape
-from .capture.mha import MultiheadAttentionRoute, drops_weights, mha_value_vectors, mha_weights
-from .capture.parallel import head_shard
-from .capture.session import CaptureSession, frame_is_live, module_call_frame
+from .._checks import describe_positions
+from .._torch_private import in_backward, tracing_state_active
+from ..keep.allocator import unreachable_tensors
+from .coverage import Coverage, CoverageReport
+from .inputs import input_shape
+from .routes.mha import MultiheadAttentionRoute, drops_weights, mha_value_vectors, mha_weights
+from .parallel import head_shard
+from .session import CaptureSession, frame_is_live, module_call_frame
 from .discovery import check_module, display_names, select_modules
-from .errors import AttentionCaptureWarning, AttentionHookerError
-from .store import AttentionStore, AttentionValues, StoragePolicy
+from ..errors import AttentionCaptureWarning, AttentionHookerError
+from ..keep.memory import AttentionStore
+from ..keep.policy import StoragePolicy
+from ..values import AttentionValues
 
 __all__ = ["TransformerAttentionHooker"]
 
@@ -111,15 +113,6 @@ class TransformerAttentionHooker:
             device=device, dtype=dtype, heads=heads, max_calls=max_calls, keep=keep, keep_grad=keep_grad, rows=rows,
             keys=keys, keep_values=keep_values,
         )
-        if policy.keep_values and (policy.heads is not None or policy.rows is not None or policy.keys is not None):
-            raise AttentionHookerError("keep_values=True cannot be combined with heads=, rows= or keys=: the value "
-                                       "vectors serve every head, query and key")
-        if policy.keep_grad and policy.heads is not None:
-            raise AttentionHookerError("heads= and keep_grad=True cannot be combined: gradients need every head")
-        if policy.keep_grad and policy.rows is not None:
-            raise AttentionHookerError("rows= and keep_grad=True cannot be combined: gradients need every query row")
-        if policy.keep_grad and policy.keys is not None:
-            raise AttentionHookerError("keys= and keep_grad=True cannot be combined: gradients need every key")
         self.model = model
         self.layer_regex = layer_regex
         self._selected = select_modules(model, layer_regex)  # (name in model.named_modules(), module)
@@ -217,7 +210,7 @@ class TransformerAttentionHooker:
         A tensor you kept (the dict, a call list, the tensor, a view, a numpy array,
         a DLPack capsule) keeps its numbers. The memory of those that nothing can
         reach any more takes the next calls' weights while the hooks are on,
-        skipping the cost of fresh memory (see ``capture/buffers.py``).
+        skipping the cost of fresh memory (see ``keep/allocator.py``).
         """
         salvage = unreachable_tensors if self._entry_handles else None
         self._session.spares.offer(self._store.clear(salvage=salvage))
@@ -256,14 +249,14 @@ class TransformerAttentionHooker:
             AttentionHookerError: when nothing was captured yet, or the tokens
                 or the path do not fit.
         """
-        from .io import save_values
+        from ..io.saved import save_values
 
         save_values(self.values, path, tokens=tokens, model_class=type(self.model).__name__, selection=self.selection)
 
     def reduce_into(self, accumulator, *, padding_mask=None) -> "TransformerAttentionHooker":
-        """Sends the following calls to ``accumulator`` (a :class:`~attention_hooker.analysis.HeadStatsAccumulator`,
-        a :class:`~attention_hooker.pooling.PooledAttention` for pictures of long maps, or a
-        :class:`~attention_hooker.pooling.KeyReductions` for attention received per key and
+        """Sends the following calls to ``accumulator`` (a :class:`~attention_hooker.analysis.stats.HeadStatsAccumulator`,
+        a :class:`~attention_hooker.keep.pooling.PooledAttention` for pictures of long maps, or a
+        :class:`~attention_hooker.keep.pooling.KeyReductions` for attention received per key and
         top keys per query) instead of keeping them: on the sdpa route each call is computed and reduced a
         tile of query rows at a time, so no ``(batch, heads, query, key)`` tensor of a
         whole layer is ever held; other routes reduce the map the model made anyway.
@@ -282,11 +275,7 @@ class TransformerAttentionHooker:
             raise AttentionHookerError(
                 f"reduce_into() takes a HeadStatsAccumulator, PooledAttention or KeyReductions, "
                 f"got {type(accumulator).__name__}")
-        p = self._store.policy
-        if p.keep_grad or p.rows is not None or p.keys is not None or p.keep_values:
-            raise AttentionHookerError("reduce_into() cannot be combined with keep_grad=True, keep_values=True, rows= "
-                                       "or keys=: statistics are taken over every query row and key, and keep nothing "
-                                       "else")
+        self._store.policy.check_reductions()
         self._store.reducer = lambda layer: accumulator.partial(layer, padding_mask)
         return self
 
@@ -315,7 +304,7 @@ class TransformerAttentionHooker:
                 running); ``load(folder)`` reads them back as one capture.
 
         Returns:
-            The :class:`~attention_hooker.streaming.StreamedCapture`; ``close(tokens=...)``
+            The :class:`~attention_hooker.keep.stream.StreamedCapture`; ``close(tokens=...)``
             it (or leave its ``with`` block, or remove the hooks) to write what is waiting.
 
         Raises:
@@ -333,18 +322,10 @@ class TransformerAttentionHooker:
             >>> load(folder).values["layers.1.self_attn"][0].shape
             torch.Size([1, 4, 5, 5])
         """
-        from .streaming import SHARD_BYTES, StreamedCapture
+        from ..keep.stream import SHARD_BYTES, StreamedCapture
 
         p = self._store.policy
-        if p.keep_grad:
-            raise AttentionHookerError("stream_to() cannot be combined with keep_grad=True: gradients arrive "
-                                       "after the calls are written")
-        if p.keep_values:
-            raise AttentionHookerError("stream_to() cannot be combined with keep_values=True: streamed captures "
-                                       "hold the weights only")
-        if p.max_calls is not None and p.keep == "last":
-            raise AttentionHookerError('stream_to() cannot keep the last calls (keep="last"): written calls stay '
-                                       'written; use keep="first" with max_calls=')
+        p.check_stream()
         rank = _job_rank()
         if per_rank or (per_rank is None and rank is not None):
             folder = os.path.join(os.fspath(folder), f"rank-{rank or 0:05d}")
@@ -433,10 +414,7 @@ class TransformerAttentionHooker:
         session = self._session
         self._head_shards = {self._shown[name]: shard for name, module in self._selected
                              if (shard := head_shard(module)) is not None}
-        if self._head_shards and self._store.policy.heads is not None:
-            raise AttentionHookerError(
-                "heads= cannot be combined with tensor-parallel heads: each rank computes only its own block of "
-                "heads; capture them all and pick heads after attention_hooker.distributed.assemble_heads()")
+        self._store.policy.check_tensor_parallel(bool(self._head_shards))
         for module, name in self._capture_targets():
             if isinstance(module, nn.MultiheadAttention):
                 route = MultiheadAttentionRoute.subscribe(module)

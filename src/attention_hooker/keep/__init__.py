@@ -1,0 +1,1 @@
+"""Keepers: where captured calls go (memory, disk, reductions), the storage policy, the allocator."""

@@ -1,0 +1,123 @@
+"""The storage policy: every capture option, checked, and every rule about options that do
+not go together, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .._checks import check_device, check_flag, index_list, one_of, positive_int, row_selection
+from ..errors import AttentionHookerError
+
+__all__ = ["StoragePolicy"]
+
+_KEEP_CHOICES = ("first", "last")
+
+
+@dataclass(frozen=True)
+class StoragePolicy:
+    """How captured weights are stored.
+
+    Attributes:
+        device: where stored tensors go (``"cpu"`` by default); ``None`` keeps them
+            on the device they were computed on.
+        dtype: stored floating dtype (``torch.float16`` halves memory); ``None``
+            keeps the dtype the weights were computed in.
+        heads: indices of the heads to keep; ``None`` keeps every head.
+        max_calls: how many calls to keep per layer; ``None`` keeps all.
+        keep: with ``max_calls``, ``"first"`` keeps the first calls (later ones are
+            not computed at all) and ``"last"`` keeps the most recent ones.
+        keep_grad: also keep the gradient of the loss with respect to each stored
+            call's weights, filled in by ``backward()``.
+        rows: the query rows to keep of each call (a tuple of indices, negative
+            ones from the end, or a slice); ``None`` keeps every row.
+        keys: the keys to keep of each kept row (the same forms); ``None`` keeps
+            every key. Each row is still normalised over all of its keys.
+        keep_values: also keep each call's value vectors ``(batch, kv_heads, key,
+            head_dim)``, where the route sees them (sdpa, ``nn.MultiheadAttention``, the
+            product of eager code).
+    """
+
+    device: Optional[torch.device] = torch.device("cpu")
+    dtype: Optional[torch.dtype] = None
+    heads: Optional[Tuple[int, ...]] = None
+    max_calls: Optional[int] = None
+    keep: str = "first"
+    keep_grad: bool = False
+    rows: Union[None, slice, Tuple[int, ...]] = None
+    keys: Union[None, slice, Tuple[int, ...]] = None
+    keep_values: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        device,
+        dtype,
+        heads: Optional[Sequence[int]],
+        max_calls: Optional[int],
+        keep: str,
+        keep_grad: bool,
+        rows=None,
+        keys=None,
+        keep_values: bool = False,
+    ) -> "StoragePolicy":
+        """Validates user options and returns a policy.
+
+        Raises:
+            AttentionHookerError: when an option has the wrong type or value.
+        """
+        device = check_device(device)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise AttentionHookerError(
+                f"dtype={dtype!r} is not a floating torch dtype; expected e.g. torch.float16, torch.float32 or None"
+            )
+        if heads is not None:
+            heads = index_list(heads, "heads", noun="head")
+        max_calls = positive_int(max_calls, "max_calls", allow_none=True)
+        keep = one_of(keep, "keep", _KEEP_CHOICES)
+        keep_grad = check_flag(keep_grad, "keep_grad")
+        keep_values = check_flag(keep_values, "keep_values")
+        policy = cls(device, dtype, heads, max_calls, keep, keep_grad, row_selection(rows), row_selection(keys, "keys"),
+                     keep_values)
+        policy._check_combination()
+        return policy
+
+    # Every rule about options that do not go together lives below, in one place.
+    def _check_combination(self) -> None:
+        selects = self.heads is not None or self.rows is not None or self.keys is not None
+        if self.keep_values and selects:
+            raise AttentionHookerError("keep_values=True cannot be combined with heads=, rows= or keys=: the value "
+                                       "vectors serve every head, query and key")
+        for option, chosen, what in (("heads=", self.heads, "head"), ("rows=", self.rows, "query row"),
+                                     ("keys=", self.keys, "key")):
+            if self.keep_grad and chosen is not None:
+                raise AttentionHookerError(f"{option} and keep_grad=True cannot be combined: gradients need every {what}")
+
+    def check_reductions(self) -> None:
+        """Raises when calls cannot go to a reduction (``hooker.reduce_into``)."""
+        if self.keep_grad or self.rows is not None or self.keys is not None or self.keep_values:
+            raise AttentionHookerError("reduce_into() cannot be combined with keep_grad=True, keep_values=True, rows= "
+                                       "or keys=: statistics are taken over every query row and key, and keep nothing "
+                                       "else")
+
+    def check_stream(self) -> None:
+        """Raises when calls cannot be streamed to disk (``hooker.stream_to``)."""
+        if self.keep_grad:
+            raise AttentionHookerError("stream_to() cannot be combined with keep_grad=True: gradients arrive "
+                                       "after the calls are written")
+        if self.keep_values:
+            raise AttentionHookerError("stream_to() cannot be combined with keep_values=True: streamed captures "
+                                       "hold the weights only")
+        if self.max_calls is not None and self.keep == "last":
+            raise AttentionHookerError('stream_to() cannot keep the last calls (keep="last"): written calls stay '
+                                       'written; use keep="first" with max_calls=')
+
+    def check_tensor_parallel(self, sharded: bool) -> None:
+        """Raises when heads are chosen on a model whose ranks each compute a block of them."""
+        if sharded and self.heads is not None:
+            raise AttentionHookerError(
+                "heads= cannot be combined with tensor-parallel heads: each rank computes only its own block of "
+                "heads; capture them all and pick heads after attention_hooker.distributed.assemble_heads()")

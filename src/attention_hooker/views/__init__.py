@@ -1,0 +1,1 @@
+"""What people look at: head grids and overviews (plot), the interactive page (page), axis labels."""
