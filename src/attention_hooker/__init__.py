@@ -15,7 +15,7 @@ _EXPORTS = {
     "TransformerAttentionHooker": "capture.hooker", "SavedAttention": "io.saved", "load": "io.saved", "to_bertviz": "io.saved",
     "to_numpy": "io.saved", "AttentionPage": "views.page", "render_html": "views.page", "KeyReductions": "keep.pooling",
     "PooledAttention": "keep.pooling", "plot_attention_grid": "views.plot", "plot_attention_overview": "views.plot",
-    "plot_vit_attention": "views.plot", "vit_attention_map": "views.plot", "AttentionValues": "values",
+    "plot_vit_attention": "views.vit", "vit_attention_map": "views.vit", "AttentionValues": "values",
     "previous_token_score": "analysis.roles", "duplicate_token_score": "analysis.roles", "induction_score": "analysis.roles",
     "head_confidence": "analysis.roles", "head_importance": "analysis.attribution", "value_weighted_norms": "analysis.attribution",
     "attention_flow": "analysis.flow", "sink_heads": "analysis.roles", "retrieval_score": "analysis.roles",

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from .._checks import describe_positions
-from .._torch_private import in_backward, tracing_state_active
 from ..keep.allocator import unreachable_tensors
 from .coverage import Coverage, CoverageReport
+from .diagnostics import (being_traced, check_hf_implementation, in_backward_pass, is_compiled, job_rank,
+                          missing_layers_message, nothing_captured_message)
 from .inputs import input_shape
 from .routes.mha import MultiheadAttentionRoute, drops_weights, mha_value_vectors, mha_weights
 from .parallel import head_shard
@@ -28,7 +29,6 @@ __all__ = ["TransformerAttentionHooker"]
 
 # Modules whose forward may take torch's fused fast path and skip the hooked MHA inside.
 _FASTPATH_CONTAINERS = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
-_CAPTURABLE_HF_IMPLEMENTATIONS = ("eager", "sdpa", None)
 
 
 class TransformerAttentionHooker:
@@ -174,7 +174,7 @@ class TransformerAttentionHooker:
         """
         if self._entry_handles:
             return self
-        _check_hf_implementation(self.model)
+        check_hf_implementation(self.model)
         self._session = CaptureSession(self._store, self._coverage)
         try:
             self._register_all()
@@ -326,7 +326,7 @@ class TransformerAttentionHooker:
 
         p = self._store.policy
         p.check_stream()
-        rank = _job_rank()
+        rank = job_rank()
         if per_rank or (per_rank is None and rank is not None):
             folder = os.path.join(os.fspath(folder), f"rank-{rank or 0:05d}")
         stream = StreamedCapture(
@@ -428,7 +428,7 @@ class TransformerAttentionHooker:
         for module in self._fastpath_guards():
             self._hook(
                 module,
-                lambda m, args: None if _being_traced() else session.enter(m, None, module_call_frame()),
+                lambda m, args: None if being_traced() else session.enter(m, None, module_call_frame()),
                 lambda m, args, out: session.exit(m),
             )
         # The root's pre-hook runs before every other hook of ours (it clears what an interrupted
@@ -451,12 +451,12 @@ class TransformerAttentionHooker:
         session = self._session
 
         def pre_hook(module, args, kwargs):
-            if _being_traced():
+            if being_traced():
                 return None
             # Inside backward, a forward is activation checkpointing recomputing one that was
             # captured already: it runs exactly as before (MHA still asked for weights, so the
             # recomputed graph matches) but records nothing.
-            session.enter(module, None if _in_backward() else name, module_call_frame(), input_shape(args, kwargs))
+            session.enter(module, None if in_backward_pass() else name, module_call_frame(), input_shape(args, kwargs))
             return None
 
         return pre_hook
@@ -494,7 +494,7 @@ class TransformerAttentionHooker:
         return stack
 
     def _root_pre_hook(self, module, args):
-        if _being_traced():
+        if being_traced():
             self._warn_once(
                 "traced",
                 f"{type(self.model).__name__} is being traced (torch.export / torch.jit.trace) with hooks on: "
@@ -534,11 +534,11 @@ class TransformerAttentionHooker:
             return None
         events, scopes = session.counters()
         if scopes > scopes_before and events == events_before:
-            self._warn_once("empty", _nothing_captured_message(self.model, self.hooked_layers, self.report()))
+            self._warn_once("empty", nothing_captured_message(self.model, self.hooked_layers, self.report()))
         elif (scopes > scopes_before and "missing" not in self._warned and generation == self._coverage.generation
               and self.report().missing):  # a clear() on another thread meanwhile leaves nothing to judge by
-            self._warn_once("missing", _missing_layers_message(self.model, self.report()))
-        elif scopes == scopes_before and _is_compiled(self.model):
+            self._warn_once("missing", missing_layers_message(self.model, self.report()))
+        elif scopes == scopes_before and is_compiled(self.model):
             self._warn_once(
                 "compiled",
                 f"{type(self.model).__name__} ran code that torch.compile built before the hooks were put on, "
@@ -553,102 +553,3 @@ class TransformerAttentionHooker:
             return
         self._warned.add(key)
         warnings.warn(message, AttentionCaptureWarning, stacklevel=3)
-
-
-def _being_traced() -> bool:
-    """Whether the running forward is being traced rather than run: ``torch.export``
-    (strict or not) or ``torch.jit.trace``. Tracing sees fake or symbolic tensors,
-    and what the hooks would compute would land in the traced program.
-
-    ``torch.compiler.is_exporting`` is public (torch >= 2.5); ``torch._C._get_tracing_state``
-    is private (checked on torch 2.1-2.14, pinned by a test).
-    """
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return (exporting is not None and exporting()) or tracing_state_active()
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``torch.compile`` wrapper (whose ``_orig_mod`` is the model)."""
-    return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
-
-
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass on this thread right now."""
-    return in_backward()
-
-
-def _hf_implementations(model: nn.Module) -> Dict[str, str]:
-    """``{config class: _attn_implementation}`` of a Hugging Face model and its sub-configs."""
-    found = {}
-    config = getattr(model, "config", None)
-    stack = [config] if config is not None else []
-    seen = set()
-    while stack:
-        cfg = stack.pop()
-        if id(cfg) in seen:
-            continue
-        seen.add(id(cfg))
-        impl = getattr(cfg, "_attn_implementation", None)
-        if isinstance(impl, str):
-            found[type(cfg).__name__] = impl
-        for value in getattr(cfg, "__dict__", {}).values():
-            if type(value).__name__.endswith("Config") and hasattr(value, "_attn_implementation"):
-                stack.append(value)
-    return found
-
-
-def _job_rank() -> Optional[int]:
-    """This process's rank in a running ``torch.distributed`` job of several ranks, else ``None``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank()
-    return None
-
-
-def _check_hf_implementation(model: nn.Module) -> None:
-    for config_name, impl in _hf_implementations(model).items():
-        if impl not in _CAPTURABLE_HF_IMPLEMENTATIONS:
-            raise AttentionHookerError(
-                f"{type(model).__name__} ({config_name}) uses attn_implementation={impl!r}, whose kernel "
-                "never exposes the attention weights; switch before capturing with "
-                "model.set_attn_implementation('sdpa') (or 'eager'), or load it with attn_implementation='sdpa'"
-            )
-
-
-def _missing_layers_message(model: nn.Module, report: CoverageReport) -> str:
-    missing = report.missing
-    shown = "; ".join(
-        f"{name} ({report[name].reason})" if report[name].reason else name for name in missing[:4]
-    ) + ("; ..." if len(missing) > 4 else "")
-    ran = sum(1 for c in report.values() if c.runs)
-    return (
-        f"{len(missing)} of the {ran} hooked layers of {type(model).__name__} that ran gave no attention: {shown}. "
-        "Their values are missing, not zero: the rest computes attention in a way no route sees (a bmm over "
-        "(batch * heads, query, key) in a module that declares no head count, blocked or windowed attention, "
-        "a hand-written exp / sum). hooker.report() lists every layer"
-    )
-
-
-def _nothing_captured_message(model: nn.Module, layers: List[str], report: CoverageReport) -> str:
-    reasons = {c.reason for c in report.values() if c.reason}
-    if reasons:
-        return (
-            f"the hooked modules of {type(model).__name__} ran but every attention call was refused: "
-            f"{sorted(reasons)[0]}; hooker.report() lists every layer"
-        )
-    shown = ", ".join(layers[:3]) + (", ..." if len(layers) > 3 else "")
-    impls = _hf_implementations(model)
-    used = sorted(set(impls.values()))
-    hint = (
-        f" (attn_implementation: {', '.join(used)}; try model.set_attn_implementation('eager'))"
-        if used and used != ["eager"]
-        else " (attn_implementation: eager already: the architecture may compute no weights at all, as linear "
-        "or hashed attention does)" if used else ""
-    )
-    return (
-        f"the hooked modules of {type(model).__name__} ran ({shown}) but no attention weights were captured: "
-        "their attention is computed neither by nn.MultiheadAttention, nor F.scaled_dot_product_attention, "
-        f"nor a softmax over the last dim of a 4-D tensor inside them{hint}; choose the modules that compute "
-        "attention with layer_regex="
-    )

@@ -471,7 +471,7 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
     rollout_path = None
     if capture.image is not None:  # vision: what the CLS token attends to, through every layer, on the image
         from ..analysis.rollout import attention_rollout
-        from ..views.plot import plot_vit_attention
+        from ..views.vit import plot_vit_attention
 
         image, prefix = capture.image
         rollout_path = out / "rollout.png"
