@@ -67,15 +67,13 @@ class LoadedModel:
     processor: object = None  # vision models: the image processor saved beside them
 
 
-def load_hf_model(path, *, causal: bool = False, device: Optional[str] = None,
-                  dtype: Optional[str] = None) -> LoadedModel:
+def load_hf_model(path, *, device: Optional[str] = None, dtype: Optional[str] = None) -> LoadedModel:
     """Loads a local Hugging Face model folder and its tokenizer, offline, in eval mode.
 
-    A decoder is loaded with its causal-LM class whenever it has one (``causal`` is
-    accepted for compatibility), so that ``run`` and ``run --generate`` name its layers alike.
-    ``device`` (``"cuda:1"``) and ``dtype`` (``"bfloat16"``) are checked before loading.
+    A decoder is loaded with its causal-LM class whenever it has one, so that ``run`` and
+    ``run --generate`` name its layers alike. ``device`` (``"cuda:1"``) and ``dtype``
+    (``"bfloat16"``) are checked before loading.
     """
-    del causal
     target = _check_device(device)
     path = Path(path)
     if not path.exists():
