@@ -744,3 +744,20 @@ def test_reading_values_while_other_threads_record_and_clear_never_raises_nor_wa
                 thread.join()
     assert read > 0 and not errors, errors[:1]
     assert not [w for w in caught if issubclass(w.category, AttentionCaptureWarning)], caught[:1]
+
+
+def test_the_calls_of_a_lazy_capture_stay_a_list_and_stay_checked(tmp_path):
+    """Review finding: after ``calls.append(t)`` indexing and iterating raised IndexError, and after
+    ``insert`` the checks followed the wrong files."""
+    folder = _streamed(tmp_path, shard_bytes=1, forwards=2)
+    calls = load(folder).values["blocks.0"]
+    mine = torch.zeros(1, 4, 6, 6)
+    calls.insert(0, mine)
+    calls.append(mine)
+    calls[1:2] = iter([calls[1]])
+    assert len(calls) == 4 and calls[0] is mine and calls[3] is mine and len(list(calls)) == 4
+    victim = json.loads((folder / "capture.json").read_text())["files"][0][0][0]
+    os.truncate(folder / victim, 8)
+    assert calls[0] is mine, "a call added by hand has no file to check"
+    with pytest.raises(AttentionHookerError, match=f"{victim} changed on disk after the capture was loaded"):
+        calls[1]

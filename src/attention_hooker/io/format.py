@@ -403,12 +403,16 @@ class CheckedCalls(list):
         self._files.insert(index, None)
 
     def __setitem__(self, index, value) -> None:
+        before = len(self)
         super().__setitem__(index, value)
-        if isinstance(index, slice):
-            self._files[index] = [None] * len(range(*index.indices(len(self._files)))) \
-                if index.step not in (None, 1) else [None] * len(list(value))
-        else:
+        if not isinstance(index, slice):
             self._files[index] = None
+        elif index.step not in (None, 1):  # an extended slice keeps the length
+            self._files[index] = [None] * len(range(*index.indices(before)))
+        else:
+            start, stop, _ = index.indices(before)
+            stop = max(start, stop)
+            self._files[start:stop] = [None] * (len(self) - before + stop - start)
 
     def __delitem__(self, index) -> None:
         super().__delitem__(index)
