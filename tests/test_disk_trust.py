@@ -756,8 +756,8 @@ def test_the_calls_of_a_lazy_capture_stay_a_list_and_stay_checked(tmp_path):
     calls.append(mine)
     calls[1:2] = iter([calls[1]])
     assert len(calls) == 4 and calls[0] is mine and calls[3] is mine and len(list(calls)) == 4
-    victim = json.loads((folder / "capture.json").read_text())["files"][0][0][0]
+    victim = json.loads((folder / "capture.json").read_text())["files"][0][1][0]  # the second call's file
     os.truncate(folder / victim, 8)
-    assert calls[0] is mine, "a call added by hand has no file to check"
+    assert calls[0] is mine and calls[1].shape == mine.shape, "calls put in by hand have no file to check"
     with pytest.raises(AttentionHookerError, match=f"{victim} changed on disk after the capture was loaded"):
-        calls[1]
+        calls[2]
