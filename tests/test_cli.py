@@ -225,14 +225,14 @@ def _llama_capture(saved_models, text, **options):
     """The library's capture of the same text, the oracle of the command line's files."""
     from attention_hooker import TransformerAttentionHooker
 
-    from attention_hooker.cli.workflows import _tokens
+    from attention_hooker.cli.workflows import token_labels
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(saved_models["llama"])
     model = transformers.AutoModelForCausalLM.from_pretrained(saved_models["llama"], attn_implementation="sdpa").eval()
     enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=options.pop("max_length", 512))
     with torch.no_grad(), TransformerAttentionHooker(model, **options) as hooker:
         model(**enc)
-    return hooker.values, _tokens(tokenizer, enc["input_ids"][0])  # the labels the command line shows
+    return hooker.values, token_labels(tokenizer, enc["input_ids"][0])  # the labels the command line shows
 
 
 def test_run_says_when_it_cut_the_text_and_takes_more_tokens_up_to_the_models_positions(tmp_path, saved_models,
@@ -623,13 +623,13 @@ def test_heads_importance_and_retrieval_of_language_models(saved_models, name, t
     if name == "t5":
         assert all(r["retrieval"] == "" for r in rows) and "retrieval:              n/a" in out
         return
-    from attention_hooker.cli.workflows import _to_model  # the CLI's own random sequence, seen twice
+    from attention_hooker.cli.workflows import to_model_device  # the CLI's own random sequence, seen twice
 
     generator = torch.Generator().manual_seed(0)
     special = set(loaded.tokenizer.all_special_ids)
     vocab = [i for i in range(min(len(loaded.tokenizer), 30000)) if i not in special]
     half = torch.tensor([vocab[i] for i in torch.randint(0, len(vocab), (10,), generator=generator).tolist()])[None]
-    prompt = _to_model(loaded, {"input_ids": torch.cat([half, half[:, :5]], dim=1)})["input_ids"]
+    prompt = to_model_device(loaded, {"input_ids": torch.cat([half, half[:, :5]], dim=1)})["input_ids"]
     with torch.no_grad(), TransformerAttentionHooker(model) as generated:
         ids = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
     for layer, calls in generated.values.items():
@@ -671,11 +671,11 @@ def test_flow_writes_the_flow_and_rollout_of_every_token_of_the_real_minilm(mini
 
 
 def test_flow_mistakes_are_one_line(minilm_path, vit_folder, tmp_path, capsys, monkeypatch):
-    from attention_hooker.cli import workflows
+    from attention_hooker.cli import token_flow as token_flow_module
 
     assert "--into 40: the text has 20 tokens" in _error(capsys, "flow", "--model", str(minilm_path), "--into", "40",
                                                          "--out", str(tmp_path / "a"))
     assert "is a vision model" in _error(capsys, "flow", "--model", str(vit_folder[0]), "--out", str(tmp_path / "b"))
-    monkeypatch.setattr(workflows, "FLOW_MAX_TOKENS", 5)
+    monkeypatch.setattr(token_flow_module, "FLOW_MAX_TOKENS", 5)
     assert "the text is 20 tokens; attention flow takes one maximum flow per token and is offered up to 5" in _error(
         capsys, "flow", "--model", str(minilm_path), "--out", str(tmp_path / "c"))

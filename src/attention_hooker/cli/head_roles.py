@@ -1,0 +1,186 @@
+"""``attention-hooker heads``: every head's role scores on a text, as a CSV and a page coloured by them.
+
+Every user mistake raises :class:`CommandError` with one readable sentence.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Dict, Optional
+import torch
+from ..errors import AttentionHookerError, CommandError
+from .models import LoadedModel, to_model_device, token_labels
+from .outputs import prepare_out
+
+
+ROLE_COLUMNS = ("previous_token", "duplicate_token", "induction", "first_token_share", "first_token_norm_share",
+                "sink_head", "confidence", "importance", "retrieval")
+
+
+SINK_THRESHOLD = 0.3  # Gu et al. (2024)'s epsilon
+
+
+def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, repeat_length: int = 50,
+               seed: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Each self-attention head's role scores: previous-token, duplicate-token, first-token
+    share, the first token's share of the value-weighted norms (Kobayashi et al. 2020), sink head
+    (share above 0.3) and confidence on ``text``; induction on a random
+    sequence of ``repeat_length`` tokens seen twice (where every second-half token has one
+    induction target); importance (Michel et al. 2019) from the gradients of the language-model
+    loss on ``text`` (models with a language-model head); retrieval (Wu et al. 2024) while a
+    decoder, prompted with the random sequence and the first half of its repeat, writes the rest.
+
+    Returns:
+        ``{layer: {column: (heads,) float64}}`` in model order (columns: :data:`ROLE_COLUMNS`);
+        NaN where a score does not apply to the model (importance without a language-model
+        loss, retrieval outside decoders, norms where the value vectors or the output projection
+        are out of reach).
+    """
+    from ..analysis.stats import sink_share
+    from ..capture.hooker import TransformerAttentionHooker
+    from ..analysis.roles import duplicate_token_score, head_confidence, induction_score, previous_token_score
+
+    if loaded.kind == "vision":
+        raise CommandError(f"heads reads text; {loaded.name} is a vision model")
+    if not text or not text.strip():
+        raise CommandError("the text is empty: pass --text with some words")
+    tokenizer, model = loaded.tokenizer, loaded.model
+    enc = to_model_device(loaded, tokenizer(text, return_tensors="pt", truncation=True))
+    generator = torch.Generator().manual_seed(seed)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    vocab = [i for i in range(min(len(tokenizer), 30000)) if i not in special]
+    pick = torch.randint(0, len(vocab), (repeat_length,), generator=generator)
+    half = torch.tensor([vocab[i] for i in pick.tolist()])[None]
+    repeated = to_model_device(loaded, {"input_ids": torch.cat([half, half], dim=1)})
+    forward = ((lambda ids, **kw: model(input_ids=ids, decoder_input_ids=ids, **kw))
+               if loaded.kind == "encoder-decoder" else (lambda ids, **kw: model(input_ids=ids, **kw)))
+    with torch.no_grad(), TransformerAttentionHooker(model, layers, keep_values=True) as on_text:
+        forward(enc["input_ids"], attention_mask=enc.get("attention_mask"))
+    with torch.no_grad(), TransformerAttentionHooker(model, layers) as on_repeat:
+        forward(repeated["input_ids"])
+    importance = _head_importance(loaded, enc, layers, forward)
+    retrieval = _retrieval(loaded, repeated["input_ids"], repeat_length, layers)
+    roles = {}
+    for name, calls in on_text.values.items():
+        w = calls[0]
+        if w.shape[-1] != w.shape[-2] or name not in on_repeat.values:
+            continue  # cross-attention: no token-to-token roles
+        ids = enc["input_ids"]
+        share = sink_share(w, [0])[0].double()
+        missing = torch.full((w.shape[1],), float("nan"), dtype=torch.float64)
+        roles[name] = {
+            "previous_token": previous_token_score(w)[0],
+            "duplicate_token": duplicate_token_score(w, ids)[0],
+            "induction": induction_score(on_repeat.values[name][0], repeated["input_ids"])[0],
+            "first_token_share": share,
+            "first_token_norm_share": _first_token_norm_share(model, name, w, on_text.value_vectors.get(name)),
+            "sink_head": (share > SINK_THRESHOLD).double(),
+            "confidence": head_confidence(w)[0],
+            "importance": importance.get(name, missing).cpu(),
+            "retrieval": retrieval.get(name, missing).cpu(),
+        }
+    if not roles:
+        raise CommandError(f"{loaded.name} has no self-attention layer to score (query == key)")
+    return roles
+
+
+def _first_token_norm_share(model, name: str, weights: torch.Tensor, values) -> torch.Tensor:
+    """Per head, the first key's share of each query's value-weighted norms (Kobayashi et al.
+    2020), averaged over the queries; NaN where the value vectors or the output projection are
+    out of reach (eager attention code; a projection found nowhere or twice)."""
+    from ..analysis.attribution import find_output_projection, value_weighted_norms
+
+    missing = torch.full((weights.shape[1],), float("nan"), dtype=torch.float64)
+    value = values[0] if values else None
+    if value is None:
+        return missing
+    try:
+        out_weight = find_output_projection(model, name, weights.shape[1] * value.shape[-1])
+    except AttentionHookerError:
+        return missing
+    norms = value_weighted_norms(weights, value, out_weight)[0]  # (H, Q, K)
+    return (norms[..., 0] / norms.sum(-1).clamp(min=1e-30)).mean(-1).cpu()
+
+
+def _head_importance(loaded: LoadedModel, enc, layers, forward) -> Dict[str, torch.Tensor]:
+    """Michel et al.'s importance of each head on the language-model loss of the text, from the
+    weights and their gradients (the model's own kernel); ``{}`` without a language-model loss."""
+    from ..analysis.attribution import head_importance
+    from ..capture.hooker import TransformerAttentionHooker
+
+    if loaded.kind == "encoder":
+        return {}  # no language-model head: no loss to differentiate
+    model, ids = loaded.model, enc["input_ids"]
+    try:
+        with torch.enable_grad(), TransformerAttentionHooker(model, layers, keep_grad=True) as hooker:
+            out = forward(ids, attention_mask=enc.get("attention_mask"), labels=ids)
+            if getattr(out, "loss", None) is None:
+                return {}
+            out.loss.backward()
+        return {name: head_importance(calls[0], hooker.gradients[name][0])[0]
+                for name, calls in hooker.values.items()
+                if calls[0].shape[-1] == calls[0].shape[-2] and hooker.gradients.get(name)}
+    finally:
+        model.zero_grad(set_to_none=True)  # the model's parameters keep no gradient of ours
+
+
+def _retrieval(loaded: LoadedModel, repeated: torch.Tensor, length: int, layers) -> Dict[str, torch.Tensor]:
+    """Wu et al.'s retrieval score of each decoder head: prompted with a random sequence and the
+    first half of its repeat, the model writes the rest (greedy); the needle is the first copy."""
+    from ..analysis.core import stitch_steps
+    from ..capture.hooker import TransformerAttentionHooker
+    from ..analysis.roles import retrieval_score
+
+    if loaded.kind != "decoder" or not hasattr(loaded.model, "generate"):
+        return {}
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompt = repeated[:, : length + length // 2]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+    with torch.no_grad(), TransformerAttentionHooker(model, layers) as hooker:
+        ids = model.generate(prompt, max_new_tokens=length - length // 2, do_sample=False, pad_token_id=pad)
+    scores = {}
+    for name, calls in hooker.values.items():
+        attn = stitch_steps(calls)  # (1, H, T, T): the last generated token's query never ran
+        scores[name] = retrieval_score(attn, ids[:, : attn.shape[-1] + 1], needle=(0, length),
+                                       generated_from=prompt.shape[1])[0]
+    return scores
+
+
+def write_head_roles_page(loaded: LoadedModel, text: str, roles: Dict[str, Dict[str, torch.Tensor]], out, *,
+                          layers: Optional[str] = None) -> Path:
+    """``head_roles.html``: the page of ``text``'s attention, its overview coloured by any role score."""
+    from ..capture.hooker import TransformerAttentionHooker
+    from ..views.page import render_html
+
+    out = prepare_out(out)
+    enc = to_model_device(loaded, loaded.tokenizer(text, return_tensors="pt", truncation=True))
+    extra = {"decoder_input_ids": enc["input_ids"]} if loaded.kind == "encoder-decoder" else {}
+    with torch.no_grad(), TransformerAttentionHooker(loaded.model, layers) as hooker:
+        loaded.model(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"), **extra)
+    values = {name: calls for name, calls in hooker.values.items() if name in roles}
+    scores = {column.replace("_", " "): {name: roles[name][column].tolist() for name in values}
+              for column in ROLE_COLUMNS if column not in ("first_token_share", "confidence")}  # the page has those
+    page = render_html(values, tokens=token_labels(loaded.tokenizer, enc["input_ids"][0].tolist()),
+                       title=f"{loaded.name}: head roles", head_scores=scores)
+    return Path(page.save(out / "head_roles.html"))
+
+
+def _cell(value: float) -> str:
+    """A CSV cell: 9 significant digits, empty where the score does not apply (NaN)."""
+    return "" if math.isnan(value) else f"{value:.9g}"
+
+
+def write_head_roles(roles: Dict[str, Dict[str, torch.Tensor]], out) -> Path:
+    """``head_roles.csv``: one row per layer and head, one column per role score."""
+    out = prepare_out(out)
+    path = out / "head_roles.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["layer", "head", *ROLE_COLUMNS])
+        for layer, scores in roles.items():
+            for head in range(len(scores["confidence"])):
+                writer.writerow([layer, head, *(_cell(float(scores[c][head])) for c in ROLE_COLUMNS)])
+    return path

