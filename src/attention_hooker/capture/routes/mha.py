@@ -24,7 +24,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["MultiheadAttentionRoute", "mha_weights", "mha_value_vectors"]
+__all__ = ["MultiheadAttentionRoute", "mha_weights", "mha_value_vectors", "handle_mha_forward"]
 
 _ROUTES: "weakref.WeakKeyDictionary[nn.Module, MultiheadAttentionRoute]" = weakref.WeakKeyDictionary()
 _ROUTES_LOCK = threading.Lock()
@@ -193,3 +193,41 @@ class MultiheadAttentionRoute:
 
     def _default(self, name: str) -> Any:
         return self._signature.parameters[name].default
+
+
+_MHA_FORWARD_SIGNATURE = inspect.signature(torch.nn.functional.multi_head_attention_forward)
+
+
+def handle_mha_forward(session, func, args: tuple, kwargs: dict):
+    """``F.multi_head_attention_forward`` of a hooked ``nn.MultiheadAttention`` that
+    applies dropout to its weights (training): the weights it returns are after
+    dropout, and the softmax before it runs where no function mode sees it. The
+    call runs as it is (the same output, the same random numbers drawn); its
+    weights before dropout, as every other route records them, come from the same
+    call again without dropout, which draws no random numbers.
+
+    With ``keep_grad``, the gradient kept is the one with respect to these weights
+    before dropout: the gradient reaching the module's dropped-out weights times
+    ``mask / (1 - p)`` (= dropped-out / before).
+    """
+    output = func(*args, **kwargs)
+    scope = session.current_scope()
+    module = None if scope is None else scope.module
+    if (session.closed or scope is None or scope.layer is None or not isinstance(module, torch.nn.MultiheadAttention)
+            or not drops_weights(module)):
+        return output
+    dropped = mha_weights(output)[1]  # (B * H, L, S) that multiplied the values, or None
+    if dropped is None:
+        return output
+    bound = _MHA_FORWARD_SIGNATURE.bind(*args, **kwargs)
+    bound.arguments.update(dropout_p=0.0, training=False, need_weights=True, average_attn_weights=False)
+    with torch.no_grad():
+        _, weights = func(*bound.args, **bound.kwargs)  # (B, H, L, S), or unbatched (H, L, S)
+    if weights.dim() == 3:
+        weights = weights.unsqueeze(0)
+    scale = None
+    if session.store.policy.keep_grad and dropped.requires_grad:
+        before = weights.reshape(dropped.shape)
+        scale = torch.where(before > 0, dropped.detach() / before, torch.zeros_like(before))
+    session.record_module_output(scope.layer, weights, dropped, gradient_scale=scale)
+    return output

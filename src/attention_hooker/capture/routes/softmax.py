@@ -12,11 +12,15 @@ softmax whose second dim is not the declared head count (Longformer's
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["SOFTMAX_FUNCTIONS", "is_attention_softmax", "label_softmax", "sampled_attention_refusal"]
+from ..inputs import channel_attention_refusal, folded_batch_refusal
+from .sdpa import declared_heads
+
+__all__ = ["SOFTMAX_FUNCTIONS", "is_attention_softmax", "label_softmax", "sampled_attention_refusal",
+           "Pending", "handle_softmax", "handle_use", "commit_pending"]
 
 SOFTMAX_FUNCTIONS = frozenset(
     {
@@ -90,3 +94,131 @@ def sampled_attention_refusal(module) -> Optional[str]:
             "levels x points), not keys, so there is no (batch, heads, query, key) map to store"
         )
     return None
+
+
+class Pending(NamedTuple):
+    """A softmax waiting for its first use (see :func:`handle_use`)."""
+
+    layer: str
+    tracked: torch.Tensor  # the softmax result, or what layout operations made of it
+    weights: torch.Tensor  # its (B, H, Q, K) labelling
+    mixed: bool  # a linear over it mixed the heads
+
+
+# Operations that move a softmax's numbers around without changing them.
+_LAYOUT_FUNCTIONS = frozenset({
+    torch.Tensor.permute, torch.Tensor.transpose, torch.transpose, torch.permute, torch.Tensor.view,
+    torch.Tensor.reshape, torch.reshape, torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float,
+    torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type_as, torch.Tensor.unsqueeze, torch.Tensor.squeeze,
+})
+
+
+# _NO_COMPILE: the session's handlers run as plain Python, never as frames torch.compile traces.
+# Traced, dynamo guarded on the n-th key of the weak caches they read (``_DECLARED_HEADS``), and a
+# key collected meanwhile failed the guard's creation ("list index out of range") inside the
+# user's compiled model.
+_PRODUCT_FUNCTIONS = frozenset({torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.bmm,
+                                torch.Tensor.bmm})
+
+
+def _value_operand(value, weights_shape) -> Optional[torch.Tensor]:
+    """The value vectors ``(batch, heads, key, head_dim)`` a softmax's weights ``(B, H, Q, K)``
+    multiply, from the product's other operand: ``(B, H, K, Dh)`` as it is, or ``(B * H, K,
+    Dh)`` (``bmm``-style code) unfolded; ``None`` for any other layout."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    batch, heads, _, keys = weights_shape
+    if value.dim() == 4 and value.shape[0] == batch and value.shape[2] == keys and value.shape[1] in (heads, 1):
+        return value
+    if value.dim() == 3 and value.shape[0] == batch * heads and value.shape[1] == keys:
+        return value.reshape(batch, heads, keys, value.shape[2])
+    return None
+
+
+def handle_softmax(session, result, args: tuple, kwargs: dict) -> None:
+    if not is_attention_softmax(result, args, kwargs):
+        return
+    scope = session.current_scope()
+    if scope is None or scope.layer is None or isinstance(scope.module, torch.nn.MultiheadAttention):
+        return  # nn.MultiheadAttention hands its weights back itself (route 1)
+    layer = scope.layer
+    heads = declared_heads(scope.module)
+    weights, reason = label_softmax(result, heads)
+    sampled = sampled_attention_refusal(scope.module)
+    if sampled is not None:
+        weights, reason = None, sampled
+    elif weights is not None and result.dim() == 3:
+        reason = folded_batch_refusal(scope.input_shape, heads, result.shape[0])
+    elif weights is not None:
+        reason = channel_attention_refusal(scope.input_shape, weights.shape[1], weights.shape[2], weights.shape[3])
+    if reason is not None:
+        weights = None
+    if weights is None:
+        if reason is not None:
+            session.refuse(scope, reason)
+        return
+    if not session.store.wants(layer):
+        session.skip(layer)
+        return
+    state = session.thread_state()
+    if state.pending is not None:
+        commit_pending(session, state)
+    state.pending = Pending(layer, result, weights, False)
+
+
+def handle_use(session, func, args: tuple, out) -> None:
+    """A use of a pending softmax result (or of what it became).
+
+    Following it to the product with the values: layout operations (views,
+    permutes, dtype casts) are followed; a slice that keeps ``(batch, heads,
+    query)`` and drops key columns (``probs[..., :-1]``: a learned attention sink)
+    becomes the weights; a ``linear`` over it mixes the heads (CaiT's talking
+    heads), and then the tensor that reaches the product with the values, back in
+    the softmax's ``(batch, heads, query, key)`` shape, is what is recorded. A call
+    that hands the tensor itself back (dropout in eval) is followed too. Any other use
+    (the product itself, dropout in training, a mask) records what was followed; the
+    product (``matmul``, ``@``, ``bmm``) also gives the value vectors, for
+    ``keep_values``.
+    """
+    state = session.thread_state()
+    pending = state.pending
+    tracked = pending.tracked
+    if not any(a is tracked or (isinstance(a, (list, tuple)) and any(b is tracked for b in a)) for a in args):
+        return
+    if isinstance(out, torch.Tensor) and args[0] is tracked:
+        if func in _LAYOUT_FUNCTIONS or out is tracked:  # out is tracked: an identity (dropout in eval)
+            state.pending = pending._replace(tracked=out)
+            return
+        if func is torch.nn.functional.linear:
+            state.pending = pending._replace(tracked=out, mixed=True)
+            return
+        weights = pending.weights
+        if (
+            func is torch.Tensor.__getitem__
+            and not pending.mixed
+            and tracked is weights
+            and out.dim() == 4
+            and out.shape[:3] == weights.shape[:3]
+            and out.shape[3] < weights.shape[3]
+        ):
+            state.pending = pending._replace(tracked=out, weights=out)  # (B, H, Q, K) without the sinks
+            return
+    value = None
+    if func in _PRODUCT_FUNCTIONS and len(args) > 1 and args[0] is tracked and session.store.policy.keep_values:
+        value = _value_operand(args[1], pending.weights.shape)
+    commit_pending(session, state, value)
+
+
+def commit_pending(session, state, value: Optional[torch.Tensor] = None) -> None:
+    layer, tracked, weights, mixed = state.pending
+    state.pending = None
+    if session.closed:  # remove_hooks() came from another thread meanwhile: record nothing more
+        return
+    if mixed:
+        if tracked.shape != weights.shape:
+            session.refuse_layer(layer, (
+                f"the softmax output is mixed across heads (a linear layer) and what reaches the values has "
+                f"shape {tuple(tracked.shape)}, not (batch, heads, query, key) {tuple(weights.shape)}"))
+            return
+        weights = tracked  # (B, H, Q, K): the mixed map that multiplies the values
+    session.record(layer, weights, selected=False, value=value)

@@ -1,0 +1,185 @@
+"""Route 2, the call: an ``F.scaled_dot_product_attention`` inside a hooked module. The real
+kernel computes the output; the weights it used are recomputed from its own inputs
+(:func:`.sdpa.sdpa_attention_weights`) and handed to the session, or the call is refused with
+its reason (a layout that is not ``(batch, heads, query, key)``, channel attention)."""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, List, Optional
+
+import torch
+
+from ..._torch_private import caller_frame, frame_local
+from ...keep.memory import GradientSource
+from ...keep.router import begin_partial
+from ..inputs import channel_attention_refusal
+from .sdpa import as_4d, declared_heads, packed_query_groups, parse_sdpa_call, sdpa_attention_weights, unpack_query_groups
+
+__all__ = ["handle_sdpa"]
+
+
+def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
+    """Runs the real kernel and records the weights it used, labelled ``(batch, heads, query, key)``."""
+    scope = session.current_scope()
+    layer = None if scope is None else scope.layer
+    if layer is None:
+        return func(*args, **kwargs)
+    store = session.store
+    if not store.wants(layer):
+        session.skip(layer)
+        return func(*args, **kwargs)
+    call = parse_sdpa_call(args, kwargs)
+    query = call["query"]
+    groups = packed_query_groups(lambda: _calling_modules(scope), query, call["key"])
+    refusal = _layout_refusal(query, groups, declared_heads(scope.module))
+    if refusal is None and groups == 1 and query.dim() == 4:
+        refusal = channel_attention_refusal(scope.input_shape, query.shape[1], query.shape[-2],
+                                            call["key"].shape[-2])
+    if refusal is not None:
+        session.refuse(scope, refusal)
+        return func(*args, **kwargs)
+    if store.policy.keep_grad and torch.is_grad_enabled():
+        return _with_grad(session, func, args, kwargs, call, layer, groups)
+    output = func(*args, **kwargs)
+    # Stored as computed: written straight into the tensor that is stored (a spare one when
+    # there is one). Otherwise computed in tiles of query rows, each written into a tensor of
+    # the policy's dtype/device: no whole layer in the working dtype or device.
+    policy = store.policy
+    if store.keeps_elsewhere and groups == 1:  # kept tile by tile: no layer is ever held
+        partial = store.partial(layer)
+        n_query = as_4d(query).shape[2]
+        stored_dtype = policy.dtype or query.dtype
+
+        started = False
+
+        def tile_sink(tile, rows, shape):
+            nonlocal started
+            if not started:  # a keeper that writes the call may need its whole shape first
+                started = True
+                begin_partial(partial, shape, stored_dtype)
+            partial.add(tile, rows, n_query)
+
+        try:
+            with torch.no_grad():
+                sdpa_attention_weights(
+                    call["query"], call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"],
+                    bool(call["enable_gqa"]), heads=policy.heads, rows=policy.rows, keys=policy.keys,
+                    where=f"layer {layer!r}",
+                    tile_sink=tile_sink,
+                )
+        except BaseException:
+            getattr(partial, "discard", lambda: None)()  # a keeper's file of the call goes too
+            raise
+        session.record(layer, partial, selected=True)
+        return output
+    as_computed = store.stores_as_computed(query.dtype, query.device)
+    store_as = None if as_computed else (policy.dtype or query.dtype, policy.device or query.device)
+    with torch.no_grad():
+        weights = sdpa_attention_weights(
+            call["query"],
+            call["key"],
+            call["attn_mask"],
+            bool(call["is_causal"]),
+            call["scale"],
+            bool(call["enable_gqa"]),
+            heads=store.policy.heads if groups == 1 else None,
+            rows=store.policy.rows if groups == 1 else None,
+            keys=store.policy.keys if groups == 1 else None,
+            buffer=functools.partial(session.spares.take, fresh=session.allocator(layer)),
+            where=f"layer {layer!r}",
+            store_as=store_as,
+        )  # (B, H, L, S); packed: (B, Hk, groups, S)
+    if groups > 1:
+        weights = unpack_query_groups(weights, groups)  # (B, H, 1, S)
+    session.record(layer, weights, selected=groups == 1, value=call["value"])
+    return output
+
+
+def _with_grad(session, func, args: tuple, kwargs: dict, call: dict, layer: str, groups: int) -> torch.Tensor:
+    """With ``keep_grad``: the real kernel computes the output, unchanged (and a call it
+    rejects fails as it would); the gradient with respect to the weights comes from the
+    output's, ``dL/dP = dL/dO @ V^T`` (since ``O = P V``), with V as the call gave it.
+
+    With dropout in the call (training), the kernel's dropout mask is out of reach: the
+    output is then computed as ``dropout(weights) @ value`` so that gradients reach the
+    weights (equal to the kernel's within float tolerance). Packed decode queries too.
+    """
+    if not call["dropout_p"] and groups == 1:
+        output = func(*args, **kwargs)
+        with torch.no_grad():
+            weights = sdpa_attention_weights(
+                call["query"], call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"],
+                bool(call["enable_gqa"]))  # (B, H, L, S)
+        value = as_4d(call["value"]).detach()  # (B, Hk, S, Ev)
+
+        def to_weights(d_output: torch.Tensor) -> torch.Tensor:
+            d = as_4d(d_output).float()  # (B, H, L, Ev)
+            v = value.float()
+            if 1 < v.shape[1] < d.shape[1]:
+                v = v.repeat_interleave(d.shape[1] // v.shape[1], dim=1)  # (B, H, S, Ev)
+            return torch.matmul(d, v.transpose(-2, -1))  # (B, H, L, S)
+
+        session.record(layer, weights, selected=False, graph_tensor=GradientSource(output, to_weights),
+                     value=call["value"])
+        return output
+    query, value = call["query"], call["value"]
+    weights = sdpa_attention_weights(
+        query, call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"], bool(call["enable_gqa"])
+    )  # (B, H, L, S)
+    v = as_4d(value)  # (B, Hk, S, Ev)
+    if 1 < v.shape[1] < weights.shape[1]:
+        v = v.repeat_interleave(weights.shape[1] // v.shape[1], dim=1)
+    used = weights
+    if call["dropout_p"]:
+        used = torch.nn.functional.dropout(weights, p=float(call["dropout_p"]))
+    output = torch.matmul(used, v)  # (B, H, L, Ev)
+    # Gradients reach the packed tensor the output was computed from; stored unpacked (the same order).
+    session.record(layer, unpack_query_groups(weights, groups) if groups > 1 else weights, selected=False,
+                 graph_tensor=weights, value=call["value"])
+    return output.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
+
+
+def _layout_refusal(query: torch.Tensor, groups: int, expected_heads: Optional[int]) -> Optional[str]:
+    """Why an sdpa call's weights cannot be labelled ``(batch, heads, query, key)``, or ``None``."""
+    if query.dim() > 4:
+        return (
+            f"a scaled_dot_product_attention call on a {query.dim()}-D query {tuple(query.shape)}: blocked or "
+            "windowed attention (batch, blocks, heads, query, dim) is not (batch, heads, query, key), so it is "
+            "not stored"
+        )
+    heads = (query.shape[-3] if query.dim() >= 3 else 1) * groups
+    if expected_heads is not None and heads != expected_heads:
+        return (
+            f"a scaled_dot_product_attention call with {heads} query heads, while the layer declares "
+            f"{expected_heads}: its axes are not (batch, heads, query, key), so it is not stored"
+        )
+    return None
+
+
+_GROUPING_MODULES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _calling_modules(scope) -> List[torch.nn.Module]:
+    """The module that declares grouped-query heads (``num_key_value_groups``), as a
+    list of one, or ``[]``: the hooked module itself, or else the first among those
+    whose code is calling the kernel (``self`` or ``module`` of the frames between the
+    call and the hooked module's: Hugging Face passes the attention module to
+    ``sdpa_attention_forward`` as ``module``). Found once per hooked module (reading
+    frames' locals costs ~15 us), then remembered."""
+    try:
+        found = _GROUPING_MODULES[scope.module]
+    except KeyError:
+        found = scope.module if getattr(scope.module, "num_key_value_groups", None) is not None else None
+        if found is None:
+            frame = caller_frame(3)
+            while found is None and frame is not None and frame is not scope.frame:
+                for name in ("module", "self"):
+                    candidate = frame_local(frame, name)
+                    if isinstance(candidate, torch.nn.Module) and getattr(candidate, "num_key_value_groups", None):
+                        found = candidate
+                        break
+                frame = frame.f_back
+        _GROUPING_MODULES[scope.module] = found
+    return [] if found is None else [found]
