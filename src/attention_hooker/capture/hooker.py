@@ -16,7 +16,7 @@ from .coverage import Coverage, CoverageReport
 from .diagnostics import (being_traced, check_hf_implementation, in_backward_pass, is_compiled, job_rank,
                           missing_layers_message, nothing_captured_message)
 from .inputs import input_shape
-from .routes.mha import MultiheadAttentionRoute, drops_weights, mha_value_vectors, mha_weights
+from .routes.mha import MultiheadAttentionRoute, fastpath_containers, inner_mha_targets, mha_post_hook
 from .parallel import head_shard
 from .session import CaptureSession, frame_is_live, module_call_frame
 from .discovery import check_module, display_names, select_modules
@@ -27,8 +27,6 @@ from ..values import AttentionValues
 
 __all__ = ["TransformerAttentionHooker"]
 
-# Modules whose forward may take torch's fused fast path and skip the hooked MHA inside.
-_FASTPATH_CONTAINERS = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
 
 
 class TransformerAttentionHooker:
@@ -390,19 +388,10 @@ class TransformerAttentionHooker:
 
     # ----------------------------------------------------------------- hooking
     def _capture_targets(self) -> List:
-        """``(module, layer name)`` pairs to hook: the selected modules, and every
-        ``nn.MultiheadAttention`` inside a selected module that is not selected
-        itself, recorded under its innermost selected ancestor's name (its
-        weights are out of reach of the function mode: MHA must be asked)."""
-        targets = [(module, self._shown[name]) for name, module in self._selected]
-        selected_ids = {id(m) for _, m in self._selected}
-        for name, module in self.model.named_modules():
-            if not isinstance(module, nn.MultiheadAttention) or id(module) in selected_ids:
-                continue
-            owners = [sel for sel, _ in self._selected if sel == "" or name.startswith(sel + ".")]
-            if owners:
-                targets.append((module, self._shown[max(owners, key=len)]))
-        return targets
+        """``(module, layer name)`` pairs to hook: the selected modules, and the
+        ``nn.MultiheadAttention`` modules inside them (:func:`.routes.mha.inner_mha_targets`)."""
+        return [(module, self._shown[name]) for name, module in self._selected] + [
+            (module, self._shown[owner]) for module, owner in inner_mha_targets(self.model, self._selected)]
 
     def _hook(self, module: nn.Module, pre, post, *, with_kwargs: bool = False, prepend_pre: bool = False,
               prepend_post: bool = False) -> None:
@@ -421,11 +410,11 @@ class TransformerAttentionHooker:
                 self._exit_handles.append(route.unsubscribe)
                 # prepend: this hooker's recording runs before the shared route hands the
                 # caller back what it asked for (which may hide the weights).
-                self._hook(module, self._make_pre_hook(name), self._make_mha_post_hook(name), with_kwargs=True,
+                self._hook(module, self._make_pre_hook(name), mha_post_hook(session, name), with_kwargs=True,
                            prepend_post=True)
             else:
                 self._hook(module, self._make_pre_hook(name), self._make_post_hook(), with_kwargs=True)
-        for module in self._fastpath_guards():
+        for module in fastpath_containers(self.model, [m for m, _ in self._capture_targets()]):
             self._hook(
                 module,
                 lambda m, args: None if being_traced() else session.enter(m, None, module_call_frame()),
@@ -437,15 +426,6 @@ class TransformerAttentionHooker:
         # may be None).
         self._hook(self.model, self._root_pre_hook, self._root_post_hook, prepend_pre=True)
         self._entry_handles.append(self.model.register_forward_hook(self._root_returned_hook, prepend=True))
-
-    def _fastpath_guards(self) -> List[nn.Module]:
-        """Encoder (layer) modules that hold or are a hooked module: their fast path must stay off."""
-        selected = {id(m) for m, _ in self._capture_targets()}
-        return [
-            m
-            for _, m in self.model.named_modules()
-            if isinstance(m, _FASTPATH_CONTAINERS) and id(m) not in selected and any(id(s) in selected for s in m.modules())
-        ]
 
     def _make_pre_hook(self, name: str):
         session = self._session
@@ -466,22 +446,6 @@ class TransformerAttentionHooker:
 
         def post_hook(module, args, kwargs, output):
             session.exit(module)
-            return None
-
-        return post_hook
-
-    def _make_mha_post_hook(self, name: str):
-        session = self._session
-
-        def post_hook(module, args, kwargs, output):
-            try:
-                if output is not None and session.current_layer() is not None and not drops_weights(module):
-                    weights, graph_tensor = mha_weights(output)
-                    if weights is not None:
-                        session.record_module_output(name, weights, graph_tensor,
-                                                     value=lambda: mha_value_vectors(module, args, kwargs))
-            finally:
-                session.exit(module)
             return None
 
         return post_hook

@@ -24,7 +24,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["MultiheadAttentionRoute", "mha_weights", "mha_value_vectors", "handle_mha_forward"]
+__all__ = ["MultiheadAttentionRoute", "mha_weights", "mha_value_vectors", "handle_mha_forward", "inner_mha_targets",
+           "fastpath_containers", "mha_post_hook"]
 
 _ROUTES: "weakref.WeakKeyDictionary[nn.Module, MultiheadAttentionRoute]" = weakref.WeakKeyDictionary()
 _ROUTES_LOCK = threading.Lock()
@@ -231,3 +232,47 @@ def handle_mha_forward(session, func, args: tuple, kwargs: dict):
         scale = torch.where(before > 0, dropped.detach() / before, torch.zeros_like(before))
     session.record_module_output(scope.layer, weights, dropped, gradient_scale=scale)
     return output
+
+
+# Modules whose forward may take torch's fused fast path and skip the hooked MHA inside.
+FASTPATH_CONTAINERS = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
+
+
+def inner_mha_targets(model: nn.Module, selected: List[Tuple[str, nn.Module]]) -> List[Tuple[nn.Module, str]]:
+    """``(module, name of its owner)`` for every ``nn.MultiheadAttention`` inside a selected module
+    that is not selected itself: recorded under its innermost selected ancestor's name (its weights
+    are out of reach of the function mode: MHA must be asked)."""
+    selected_ids = {id(m) for _, m in selected}
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention) or id(module) in selected_ids:
+            continue
+        owners = [sel for sel, _ in selected if sel == "" or name.startswith(sel + ".")]
+        if owners:
+            found.append((module, max(owners, key=len)))
+    return found
+
+
+def fastpath_containers(model: nn.Module, hooked: List[nn.Module]) -> List[nn.Module]:
+    """Encoder (layer) modules that hold or are a hooked module: their fast path must stay off."""
+    hooked_ids = {id(m) for m in hooked}
+    return [m for _, m in model.named_modules()
+            if isinstance(m, FASTPATH_CONTAINERS) and id(m) not in hooked_ids and any(id(s) in hooked_ids for s in m.modules())]
+
+
+def mha_post_hook(session, name: str):
+    """The forward hook of a hooked ``nn.MultiheadAttention``: records the per-head weights it was
+    asked for (before the shared route hands the caller back what it asked for), then closes the scope."""
+
+    def post_hook(module, args, kwargs, output):
+        try:
+            if output is not None and session.current_layer() is not None and not drops_weights(module):
+                weights, graph_tensor = mha_weights(output)
+                if weights is not None:
+                    session.record_module_output(name, weights, graph_tensor,
+                                                 value=lambda: mha_value_vectors(module, args, kwargs))
+        finally:
+            session.exit(module)
+        return None
+
+    return post_hook
