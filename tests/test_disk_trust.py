@@ -761,3 +761,40 @@ def test_the_calls_of_a_lazy_capture_stay_a_list_and_stay_checked(tmp_path):
     assert calls[0] is mine and calls[1].shape == mine.shape, "calls put in by hand have no file to check"
     with pytest.raises(AttentionHookerError, match=f"{victim} changed on disk after the capture was loaded"):
         calls[2]
+
+
+def test_a_lazy_capture_keeps_no_descriptor_per_call(tmp_path):
+    """Review finding: each lazily mapped call held a descriptor (10^5 calls ran out of them)."""
+    folder = _streamed(tmp_path, shard_bytes=1, forwards=30)  # 60 files, a call each
+    before = len(os.listdir("/proc/self/fd"))
+    loaded = load(folder)
+    assert sum(len(c) for c in loaded.values.values()) == 60
+    assert float(loaded.values["blocks.1"][29].sum()) > 0
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_rank_folders_must_be_real_folders_and_the_worst_state_wins(tmp_path):
+    """Review finding: a rank-* link to another capture was merged in (a read outside the folder),
+    and a partial rank 1 was reported as complete."""
+    job = tmp_path / "job"
+    for rank in ("rank-00000", "rank-00001"):
+        _streamed(tmp_path / rank)
+        (job).mkdir(exist_ok=True)
+        os.replace(tmp_path / rank / "c", job / rank)
+    _streamed(tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere" / "c", job / "rank-00002")
+    assert sorted(load(job).metadata["ranks"]) == ["rank-00000", "rank-00001"], "the link was not followed"
+    _edit_index(job / "rank-00001", lambda index: index.update(state="partial", complete=False))
+    with pytest.raises(AttentionHookerError, match="rank-00001 is partial"):
+        load(job)
+    assert load(job, partial=True).metadata["state"] == "partial"
+
+
+def test_attention_values_made_without_their_init_still_read(tmp_path):
+    """Review finding: AttentionValues unpickled from the previous release (no _guard attribute) raised
+    AttributeError on list(v), v[name] and repr."""
+    from attention_hooker import AttentionValues
+
+    values = AttentionValues.__new__(AttentionValues)  # what unpickling an old one gives
+    dict.update(values, {"a": [torch.ones(1, 1, 2, 2)]})
+    assert list(values) == ["a"] and values["a"][0].shape == (1, 1, 2, 2) and "1 layers" in repr(values)
