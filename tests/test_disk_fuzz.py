@@ -79,6 +79,21 @@ def _check(folder, written):
         signal.signal(signal.SIGALRM, previous)
 
 
+def _edit_header(folder, which: int, change, length=None) -> None:
+    """``change(header, tensor)`` on one tensor of one file's header (both picked by ``which``), the
+    header written back with its true length, or ``length`` where given."""
+    files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    path = folder / files[which % len(files)]
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    names = sorted(k for k in header if k != "__metadata__")
+    change(header, names[which % len(names)])
+    encoded = json.dumps(header).encode()
+    claimed = len(encoded) if length is None else length % 2**64
+    path.write_bytes(claimed.to_bytes(8, "little") + encoded + raw[8 + size:])
+
+
 _SETTINGS = settings(max_examples=400, deadline=None, derandomize=True,
                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -118,19 +133,13 @@ def test_any_file_name_in_the_index_stays_inside_the_folder(pristine, layer, cal
 def test_any_shard_header_gives_an_error_or_the_data(pristine, which, key, value, length):
     root, written = pristine
     folder = _fresh(root, "header")
-    files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
-    path = folder / files[which % len(files)]
-    raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + size])
-    tensor = sorted(k for k in header if k != "__metadata__")[which % (len(header) - ("__metadata__" in header))]
-    if key is None:
-        header[tensor] = value
-    else:
-        header[tensor][key] = value
-    encoded = json.dumps(header).encode()
-    claimed = len(encoded) if length is None else length % 2**64
-    path.write_bytes(claimed.to_bytes(8, "little") + encoded + raw[8 + size:])
+    def change(header, tensor):
+        if key is None:
+            header[tensor] = value
+        else:
+            header[tensor][key] = value
+
+    _edit_header(folder, which, change, length)
     _check(folder, written)
 
 
@@ -163,18 +172,13 @@ def test_a_shape_that_agrees_with_its_offsets_but_not_with_numpy_gives_an_error_
     """Shape and offsets changed together, so that only the shape itself can be wrong."""
     root, written = pristine
     folder = _fresh(root, "shape")
-    files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
-    path = folder / files[which % len(files)]
-    raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + size])
-    names = sorted(k for k in header if k != "__metadata__")
-    name = names[which % len(names)]
     nbytes = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}[code]
     for n in shape:
         nbytes *= n
-    begin = header[name]["data_offsets"][0]
-    header[name].update(dtype=code, shape=shape, data_offsets=[begin, begin + nbytes])
-    encoded = json.dumps(header).encode()
-    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + size:])
+
+    def change(header, tensor):
+        begin = header[tensor]["data_offsets"][0]
+        header[tensor].update(dtype=code, shape=shape, data_offsets=[begin, begin + nbytes])
+
+    _edit_header(folder, which, change)
     _check(folder, written)

@@ -41,7 +41,7 @@ from .folder_lock import FolderLock
 from .stream_call import StreamedCall
 from .stream_folder import SAFETENSORS_DTYPES, CaptureFolder, format_bytes
 
-__all__ = ["StreamedCapture", "INDEX_NAME", "mapped_tensors", "format_bytes"]  # mapped_tensors: moved to disk_format
+__all__ = ["StreamedCapture", "INDEX_NAME", "mapped_tensors", "format_bytes"]  # mapped_tensors: moved to io/format.py
 
 SHARD_BYTES = 256 * 2**20
 _FAILURES_LISTED = 100
@@ -249,7 +249,7 @@ class StreamedCapture:
                 try:
                     self._write_index()  # final: lists everything, so the log is no longer needed
                 except AttentionHookerError as err:
-                    self._failed.append({"forward": None, "call_unit": None, "reason": str(err), "write_error": True})
+                    self._note_failure(str(err), write_error=True)
                     raise
                 self.disk.drop_log(remove=True)
             finally:
@@ -299,7 +299,7 @@ class StreamedCapture:
             unit = getattr(self._local, "unit", None)
             if unit is None:  # a call made outside any forward of the model: it alone is lost
                 with self._lock:
-                    self._failed.append({"forward": None, "call_unit": None, "reason": str(err), "write_error": True})
+                    self._note_failure(str(err), write_error=True)
             elif unit.error is None:
                 unit.error, unit.cause = str(err), err.__cause__
             raise
@@ -311,8 +311,7 @@ class StreamedCapture:
             if unit is None and self._forward_running():  # a forward that began before this capture
                 if own_file is not None:
                     self.disk.remove(own_file)
-                self._failed.append({"forward": None, "call_unit": None, "write_error": False,
-                                     "reason": f"a call of {layer!r} in a forward that began before stream_to()"})
+                self._note_failure(f"a call of {layer!r} in a forward that began before stream_to()", write_error=False)
                 return
             if unit is None:
                 unit = _Unit(self._units, in_forward=False)
@@ -361,8 +360,12 @@ class StreamedCapture:
             if call.own_file is not None:
                 self.disk.remove(call.own_file)
         self._rolled_back.extend(call.layer for call in unit.calls)
-        self._failed.append({"forward": unit.number if unit.in_forward else None, "call_unit": unit.number,
-                             "reason": reason, "write_error": write_error})
+        self._note_failure(reason, write_error=write_error, forward=unit.number if unit.in_forward else None)
+
+    def _note_failure(self, reason: str, *, write_error: bool, forward: Optional[int] = None) -> None:
+        """One entry of the index's ``failures``: the forward (``None``: a call outside any forward
+        of the model), why, and whether a write failed (which makes the capture partial)."""
+        self._failed.append({"forward": forward, "reason": reason, "write_error": write_error})
 
     def _count_out_rolled_back(self) -> None:
         """Tells the hooker which calls were rolled back, outside this capture's lock (the
