@@ -458,15 +458,15 @@ def test_forwards_that_raise_mid_call_leave_no_descriptor_nor_reserved_file(tmp_
     monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
     model = Stack().eval()
     calls = {"n": 0}
-    real = stream_call.StreamedCall.add
+    real = stream_call.StreamedCall.write
 
-    def failing_add(self, block, rows, n_query):
+    def failing_write(self, rows, block):
         calls["n"] += 1
         if calls["n"] % 3 == 0:
             raise MemoryError("out of memory")
-        return real(self, block, rows, n_query)
+        return real(self, rows, block)
 
-    monkeypatch.setattr(stream_call.StreamedCall, "add", failing_add)
+    monkeypatch.setattr(stream_call.StreamedCall, "write", failing_write)
     before = len(os.listdir("/proc/self/fd"))
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker, hooker.stream_to(tmp_path / "c",
                                                                                       shard_bytes=1):

@@ -39,7 +39,7 @@ def test_a_deliberate_violation_breaks_them(tmp_path):
     coverage.write_text(coverage.read_text() + "\nfrom ..keep import stream  # a deliberate violation\n")
     done = _lint(tmp_path)
     assert done.returncode != 0
-    assert "Capture does not import the streamer or the reductions BROKEN" in done.stdout
+    assert "Capture knows no particular keeper, only the keeper protocol BROKEN" in done.stdout
     assert "attention_hooker.capture.coverage -> attention_hooker.keep.stream" in done.stdout
 
 

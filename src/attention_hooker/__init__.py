@@ -12,7 +12,7 @@ _EXPORTS = {
     "head_entropy": "analysis.stats", "mean_attention_distance": "analysis.stats", "sink_share": "analysis.stats",
     "stitch_steps": "analysis.core", "sdpa_attention_weights": "capture.routes.sdpa", "find_attention_modules": "capture.discovery",
     "AttentionCaptureWarning": "errors", "AttentionHookerError": "errors", "AttentionHookerTypeError": "errors",
-    "TransformerAttentionHooker": "capture.hooker", "SavedAttention": "io.saved", "load": "io.saved", "to_bertviz": "io.saved",
+    "TransformerAttentionHooker": "hooker", "SavedAttention": "io.saved", "load": "io.saved", "to_bertviz": "io.saved",
     "to_numpy": "io.saved", "AttentionPage": "views.page", "render_html": "views.page", "KeyReductions": "keep.pooling",
     "PooledAttention": "keep.pooling", "plot_attention_grid": "views.plot", "plot_attention_overview": "views.plot",
     "plot_vit_attention": "views.vit", "vit_attention_map": "views.vit", "AttentionValues": "values",

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 from .errors import AttentionHookerError
 
 __all__ = [
+    "is_int",
     "index_list",
     "check_heads",
     "positive_int",
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     """A true integer: Python/numpy ints and 0-dim integer tensors; not bool, not float."""
     if isinstance(value, bool):
         return False
@@ -55,13 +56,13 @@ def index_list(
         >>> index_list([0, 2], "heads", length=4)
         (0, 2)
     """
-    if _is_int(value):
+    if is_int(value):
         value = [value]
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         kind = f"{noun} indices" if noun else "indices"
         raise AttentionHookerError(f"{name}={value!r} is not a sequence of {kind}; expected e.g. [0, 3]")
     items = list(value)
-    bad = [v for v in items if not _is_int(v)]
+    bad = [v for v in items if not is_int(v)]
     if bad:
         raise AttentionHookerError(f"{name}={items!r} holds non-integer entries {bad!r}; expected whole numbers such as [0, 3]")
     indices = [int(v) for v in items]
@@ -105,14 +106,14 @@ def positive_int(value, name: str, *, allow_none: bool = False) -> Optional[int]
     """An int >= 1 (``None`` passes when ``allow_none``)."""
     if value is None and allow_none:
         return None
-    if not _is_int(value) or int(value) < 1:
+    if not is_int(value) or int(value) < 1:
         raise AttentionHookerError(f"{name}={value!r} must be a positive int{' or None' if allow_none else ''}")
     return int(value)
 
 
 def non_negative_int(value, name: str) -> int:
     """An int >= 0."""
-    if not _is_int(value) or int(value) < 0:
+    if not is_int(value) or int(value) < 0:
         raise AttentionHookerError(f"{name}={value!r} must be an int >= 0")
     return int(value)
 
@@ -138,32 +139,47 @@ def check_flag(value, name: str) -> bool:
     raise AttentionHookerError(f"{name}={value!r} must be True or False")
 
 
-def check_device(device):
-    """A ``torch.device`` that exists on this machine (``None`` passes).
+def check_device(device, option: str = "device"):
+    """A ``torch.device`` that exists on this machine (``None`` passes): the one check of a
+    device for the library's options and the command line's ``--device``.
+
+    Args:
+        device: what was given.
+        option: how the message names it: ``"device"`` (``device='cuda:3'``) or a
+            command-line flag (``--device 'cuda:3'``).
 
     Raises:
-        AttentionHookerError: for a string that names no device type, or a device
-            this machine does not have (``"cuda"`` without a GPU, ``"cuda:3"`` with two).
+        AttentionHookerError: for a value that names no device type, or a device this
+            machine does not have (``"cuda"`` without a GPU, ``"cuda:3"`` with two).
+
+    Example:
+        >>> check_device("cpu"), check_device(None)
+        (device(type='cpu'), None)
     """
     import torch
 
     if device is None:
         return None
-    if not isinstance(device, (str, torch.device)) and not _is_int(device):
-        raise AttentionHookerError(f"device={device!r} is not a torch device; expected e.g. 'cpu', 'cuda:0' or None")
+    shown = f"{option} {device!r}" if option.startswith("-") else f"{option}={device!r}"
+    expected = "expected e.g. 'cpu', 'cuda:0', 'mps'" + ("" if option.startswith("-") else " or None")
+    if not isinstance(device, (str, torch.device)) and not is_int(device):
+        raise AttentionHookerError(f"{shown} is not a torch device; {expected}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as err:
-        raise AttentionHookerError(
-            f"device={device!r} is not a torch device ({err}); expected e.g. 'cpu', 'cuda:0' or None"
-        ) from None
+        raise AttentionHookerError(f"{shown} is not a torch device ({err}): it is not a device type torch knows; "
+                                   f"{expected}") from None
+    shown = f"{option} {str(device)!r}" if option.startswith("-") else f"{option}={str(device)!r}"
     if device.type == "meta":
-        raise AttentionHookerError("device='meta' holds no data; expected a device such as 'cpu' or 'cuda:0'")
+        raise AttentionHookerError(f"{shown} holds no data; expected a device such as 'cpu' or 'cuda:0'")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise AttentionHookerError(
+            f"{shown} is not available on this machine: this machine has {torch.cuda.device_count()} CUDA device(s)")
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, AttributeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AttentionHookerError(f"device={str(device)!r} is not available on this machine ({first_line})") from None
+        raise AttentionHookerError(f"{shown} is not available on this machine ({first_line})") from None
     return device
 
 
@@ -263,82 +279,3 @@ def check_probabilities(attn, where: str, *, atol: Optional[float] = None) -> No
             f"{where} is not attention probabilities: row {index} sums to {float(sums[index]):.4g}, "
             "expected at most 1 (1 for a softmax over the keys); pass softmax output, not scores"
         )
-
-
-def row_selection(value, name: str = "rows") -> Union[None, slice, Tuple[int, ...]]:
-    """The query rows a capture keeps: ``None`` (all), a ``slice``, or a tuple of
-    indices (negative ones count from the end of each call's rows); ``"last"`` is
-    ``(-1,)``.
-
-    Example:
-        >>> row_selection("last"), row_selection([0, -1]), row_selection(slice(None, None, 4))
-        ((-1,), (0, -1), slice(None, None, 4))
-    """
-    if value is None or isinstance(value, slice):
-        if isinstance(value, slice) and not all(v is None or _is_int(v) for v in (value.start, value.stop, value.step)):
-            raise AttentionHookerError(f"{name}={value!r}: a slice of rows needs whole-number bounds")
-        if isinstance(value, slice) and value.step is not None and int(value.step) < 1:
-            raise AttentionHookerError(f"{name}={value!r}: the step of a slice of rows must be 1 or more")
-        return value
-    if isinstance(value, str):
-        if value != "last":
-            what = "query rows" if name == "rows" else "keys"
-            raise AttentionHookerError(f"{name}={value!r} is not a selection of {what}; expected 'last', an index, "
-                                       "a list of indices or a slice")
-        return (-1,)
-    return index_list(value, name, allow_negative=True, noun="query row" if name == "rows" else "key")
-
-
-def resolve_rows(rows: Union[slice, Tuple[int, ...]], length: int, where: str, name: str = "rows") -> Tuple[int, ...]:
-    """The absolute indices a selection (of query rows, or of keys with ``name="keys"``)
-    keeps of a call with ``length`` of them.
-
-    Raises:
-        AttentionHookerError: when an index is outside the call's rows, or a slice keeps none.
-    """
-    noun, nouns = ("row", "query rows") if name == "rows" else ("key", "keys")
-    if isinstance(rows, slice):
-        kept = tuple(range(length)[rows])
-        if not kept:
-            raise AttentionHookerError(f"{name}={rows!r} keeps no {noun} of {where}, which has {length} {nouns}")
-        return kept
-    bad = [r for r in rows if not -length <= r < length]
-    if bad:
-        raise AttentionHookerError(
-            f"{name}={list(rows)} names {noun}(s) {bad}, but {where} has {length} {nouns} (indices 0..{length - 1}, "
-            f"or -{length}..-1 from the end)"
-        )
-    return tuple(dict.fromkeys(r % length for r in rows))  # [0, -1] of a one-row call is that row once
-
-
-def describe_positions(selection: Union[None, slice, Tuple[int, ...]]):
-    """A row or key selection as JSON: ``"last"``, a list, ``{"start", "stop", "step"}`` or ``None``.
-
-    Example:
-        >>> describe_positions((-1,)), describe_positions(slice(0, 4)), describe_positions((0, 2))
-        ('last', {'start': 0, 'stop': 4, 'step': None}, [0, 2])
-    """
-    if isinstance(selection, slice):
-        return {"start": selection.start, "stop": selection.stop, "step": selection.step}
-    if selection == (-1,):
-        return "last"
-    return None if selection is None else list(selection)
-
-
-def selected_rows(source, axis: str = "rows") -> Union[None, slice, Tuple[int, ...]]:
-    """The query rows (or, with ``axis="keys"``, the keys) a capture kept, from a
-    hooker's ``selection`` or a loaded capture's saved one (``None``: all of them, or a
-    plain mapping that does not say).
-
-    Example:
-        >>> class Loaded: metadata = {"selection": {"heads": None, "rows": {"start": 2, "stop": None, "step": 3}}}
-        >>> selected_rows(Loaded()), selected_rows({"layer": []}), selected_rows(Loaded(), "keys")
-        (slice(2, None, 3), None, None)
-    """
-    selection = getattr(source, "selection", None)
-    if selection is None and isinstance(getattr(source, "metadata", None), dict):
-        selection = source.metadata.get("selection")
-    kept = (selection or {}).get(axis) if isinstance(selection, dict) else None
-    if isinstance(kept, dict):
-        return slice(kept.get("start"), kept.get("stop"), kept.get("step"))
-    return row_selection(kept, axis)

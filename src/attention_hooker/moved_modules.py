@@ -12,7 +12,7 @@ import sys
 __all__ = ["MOVED"]
 
 MOVED = {
-    "attention_hooker.hooker": "attention_hooker.capture.hooker",
+    "attention_hooker.capture.hooker": "attention_hooker.hooker",
     "attention_hooker.discovery": "attention_hooker.capture.discovery",
     "attention_hooker.capture.sdpa": "attention_hooker.capture.routes.sdpa",
     "attention_hooker.capture.softmax": "attention_hooker.capture.routes.softmax",

@@ -169,8 +169,8 @@ class HeadStatsAccumulator:
         batch_sizes = set()
         for name, a in checked.items():
             batch_sizes.add(a.shape[0])
-            partial = self.partial(name, padding_mask)
-            partial.add(a, torch.arange(a.shape[2]), a.shape[2])
+            partial = self.partial(name, padding_mask, n_query=a.shape[2])
+            partial.write(torch.arange(a.shape[2]), a)
             partial.commit()
         self.sequences += max(batch_sizes, default=0)
 
@@ -180,11 +180,13 @@ class HeadStatsAccumulator:
         self.inputs += 1
         self.sequences += batch
 
-    def partial(self, name: str, padding_mask=None) -> "_PartialStats":
-        """Statistics of one call of layer ``name`` added a block of query rows at a
-        time (:meth:`_PartialStats.add`), and merged by :meth:`_PartialStats.commit`:
-        what a capture that keeps no matrices feeds, tile by tile."""
-        return _PartialStats(self, name, padding_mask)
+    def partial(self, name: str, padding_mask=None, *, n_query: Optional[int] = None) -> "_PartialStats":
+        """Statistics of one call of layer ``name`` (``n_query`` query rows; by default
+        those of its first block), added a block of query rows at a time
+        (:meth:`_PartialStats.write`) and merged by :meth:`_PartialStats.commit`: what a
+        capture that keeps no matrices feeds, tile by tile (a
+        :class:`~attention_hooker.keep.protocol.CallWriter`)."""
+        return _PartialStats(self, name, padding_mask, n_query)
 
     def _check_heads(self, name: str, heads: int) -> None:
         if name in self._sums and heads != len(self._sums[name]["entropy"]):
@@ -250,16 +252,24 @@ class _PartialStats:
     are exact. Nothing of the attention itself is kept.
     """
 
-    def __init__(self, owner: HeadStatsAccumulator, name: str, padding_mask=None):
-        self._owner, self._name = owner, name
+    def __init__(self, owner: HeadStatsAccumulator, name: str, padding_mask=None, n_query: Optional[int] = None):
+        self._owner, self._name, self._n_query = owner, name, n_query
         self._mask = row_mask(padding_mask)  # (B, T) or None
         self._sums: Optional[Dict[str, torch.Tensor]] = None
         self._count = 0.0
         self._sinks: Optional[list] = None  # the sink key positions, resolved against this call's keys once
 
     def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
-        """Adds the query rows ``rows`` (absolute, ``(r,)``) of a call with ``n_query``
-        query rows: ``block`` is ``(batch, heads, r, key)`` probabilities."""
+        """:meth:`write`, telling the call's number of query rows."""
+        self._n_query = n_query
+        self.write(rows, block)
+
+    def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:
+        """Adds the query rows ``rows`` (absolute, ``(r,)``) of the call: ``block`` is
+        ``(batch, heads, r, key)`` probabilities."""
+        if self._n_query is None:
+            self._n_query = block.shape[2]
+        n_query = self._n_query
         # Per-row quantities in the block's own dtype (one fused pass each over the block);
         # only the (batch, heads, rows) results are summed in float64.
         a = block if block.is_floating_point() and block.dtype not in (torch.float16, torch.bfloat16) else block.float()
@@ -299,3 +309,7 @@ class _PartialStats:
         if self._sums is not None:
             self._owner._merge(self._name, self._sums, self._count)
             self._sums = None
+
+    def discard(self) -> None:
+        """Drops this call (its layer call was refused or cut short); safe twice."""
+        self._sums, self._count = None, 0.0

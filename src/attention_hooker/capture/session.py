@@ -25,8 +25,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .._torch_private import caller_frame, function_mode_stack, take_mode_out
-from ..keep.memory import AttentionStore, empty
-from ..keep.allocator import Arena, SpareBuffers
+from ..keep.allocator import Arena, SpareBuffers, empty
+from ..keep.protocol import NO_SOURCES, CallSources, CallWriter
 from .coverage import Coverage
 from .routes.sdpa import (SDPA_FUNCTIONS, as_4d)
 from .routes.mha import handle_mha_forward
@@ -63,8 +63,8 @@ class _Scope:
         self.layer = layer  # None for a fast-path guard, which captures nothing
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
         self.input_shape = input_shape  # of the call's hidden states (capture.inputs), or None
-        # What this call of the layer computed, kept until it returns: (weights, selected,
-        # graph_tensor) per attention call, and why a call was refused. One forward of an
+        # What this call of the layer computed, kept until it returns: (shape, writer) per
+        # attention call (keep/protocol.py), and why a call was refused. One forward of an
         # attention layer stores one map, or nothing (see CaptureSession._flush).
         self.calls: list = []
         self.refusal: Optional[str] = None
@@ -116,12 +116,13 @@ class CaptureSession:
     """Per-thread scope stacks, function modes and spare tensors for one hooker.
 
     Args:
-        store: where captured weights go.
+        router: where captured calls go: a :class:`~attention_hooker.keep.router.Router`
+            (handed in by the hooker; the capture knows no particular keeper).
         coverage: where each layer's runs, captures and refusals are counted.
     """
 
-    def __init__(self, store: AttentionStore, coverage: Coverage):
-        self.store = store
+    def __init__(self, router, coverage: Coverage):
+        self.router = router
         self.coverage = coverage
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -130,8 +131,8 @@ class CaptureSession:
         self.closed = False
         self.arena = Arena()  # small stored tensors of repeated calls side by side (generation steps)
         self.spares = SpareBuffers()  # cleared weights nobody can reach, for the next calls
-        session = weakref.ref(self)  # the store must not keep its session (and itself) alive
-        store.allocator = lambda layer: empty if session() is None else session().allocator(layer)
+        session = weakref.ref(self)  # the keeper must not keep its session (and itself) alive
+        router.memory.allocator = lambda layer: empty if session() is None else session().allocator(layer)
 
     def thread_state(self) -> _ThreadState:
         state = getattr(self._local, "state", None)
@@ -256,7 +257,7 @@ class CaptureSession:
     def allocator(self, layer: str) -> Callable:
         """Where a stored call of ``layer`` comes from: the arena for a layer's repeated
         calls (generation steps), ``torch.empty`` for its first."""
-        return self.arena.empty if self.store.calls_seen.get(layer, 0) else empty
+        return self.arena.empty if self.router.calls_seen.get(layer, 0) else empty
 
     @torch.compiler.disable  # bookkeeping: never compiled (see routes/sdpa_call.py)
     def on_sdpa(self, func, args: tuple, kwargs: dict) -> Any:
@@ -281,32 +282,39 @@ class CaptureSession:
 
     def record_module_output(self, layer: str, weights: torch.Tensor, graph_tensor=None, gradient_scale=None,
                              value=None) -> None:
-        """Records weights a module returned itself (the MHA route); ``value``: a function giving
-        its value vectors, called only when they are kept."""
+        """Keeps at once the whole map ``(batch, heads, query, key)`` a module returned itself
+        (the MHA route, after its call); ``value``: a function giving its value vectors,
+        called only when they are kept."""
         if self.closed:
             return
-        if not self.store.wants(layer):
+        if not self.router.wants(layer):
             self.skip(layer)
             return
-        value = value() if value is not None and self.store.policy.keep_values else None
-        self._store(layer, weights, False, graph_tensor, gradient_scale, value)  # one map per MHA call
+        value = value() if value is not None and self.router.policy.keep_values else None
+        self._commit(layer, self.router.whole_call(layer, weights, CallSources(graph_tensor, gradient_scale, value)))
 
     def skip(self, layer: str) -> None:
+        """Counts a call of ``layer`` that is not computed (``max_calls`` reached) or held no row."""
         self.thread_state().events += 1
         self.coverage.captured(layer)
-        self.store.skip(layer)
+        self.router.skip(layer)
 
-    def record(self, layer: str, weights: torch.Tensor, *, selected: bool, graph_tensor=None, value=None) -> None:
-        """Keeps one attention call's weights (and its value vectors ``(batch, kv_heads, key, head_dim)``
-        where the route sees them) with the running call of ``layer``; they are stored when it
-        returns (:meth:`_flush`)."""
-        if value is not None:
-            value = as_4d(value) if self.store.policy.keep_values else None
+    def record(self, layer: str, weights: torch.Tensor, sources: CallSources = NO_SOURCES) -> None:
+        """Keeps the whole map ``(batch, heads, query, key)`` of one attention call of the running
+        call of ``layer`` (the selection is applied by the router); value vectors, in
+        ``sources``, as ``(batch, kv_heads, key, head_dim)``."""
+        if sources.value is not None:
+            sources = sources._replace(value=as_4d(sources.value) if self.router.policy.keep_values else None)
+        self.keep(layer, self.router.whole_call(layer, weights, sources), tuple(weights.shape))
+
+    def keep(self, layer: str, writer: CallWriter, shape: tuple) -> None:
+        """Holds one attention call's writer (all its rows written; ``shape`` the call's)
+        with the running call of ``layer``: committed when that returns (:meth:`_flush`)."""
         scope = self._scope_of(layer)
-        if scope is None:  # its call is over (closed meanwhile): store at once
-            self._store(layer, weights, selected, graph_tensor, value=value)
+        if scope is None:  # its call is over (closed meanwhile): kept at once
+            self._commit(layer, writer)
             return
-        scope.calls.append((weights, selected, graph_tensor, value))
+        scope.calls.append((shape, writer))
 
     def refuse(self, scope: _Scope, reason: str) -> None:
         if scope.refusal is None:
@@ -323,9 +331,9 @@ class CaptureSession:
         if scope.layer is not None and (scope.calls or scope.refusal is not None):
             self._flush(scope)
 
-    @torch.compiler.disable  # storing is bookkeeping: a model compiled after hooking runs it as it is
+    @torch.compiler.disable  # keeping is bookkeeping: a model compiled after hooking runs it as it is
     def _flush(self, scope: _Scope) -> None:
-        """Stores what one call of an attention layer computed: its one attention map, or nothing.
+        """Keeps what one call of an attention layer computed: its one attention map, or nothing.
 
         A layer call that made several attention calls computed its attention in
         pieces (block-sparse, global + local, landmark or differential attention, a
@@ -336,10 +344,11 @@ class CaptureSession:
         layer, calls, refusal = scope.layer, scope.calls, scope.refusal
         scope.calls = []
         if self.closed:
+            for _, writer in calls:
+                writer.discard()
             return
         if refusal is None and len(calls) > 1:
-            shapes = ", ".join(str(tuple(getattr(c[0], "shape", ()))) for c in calls[:4]) + (
-                ", ..." if len(calls) > 4 else "")
+            shapes = ", ".join(str(shape) for shape, _ in calls[:4]) + (", ..." if len(calls) > 4 else "")
             refusal = (
                 f"one call of the layer made {len(calls)} attention calls ({shapes}): its attention is computed "
                 "in pieces (block-sparse, global + local, landmark or differential attention, or a loop over "
@@ -350,22 +359,16 @@ class CaptureSession:
             refusal = (f"{refusal}; the layer's other {len(calls)} attention call(s) in the same forward are a "
                        "partial picture without it, and are not stored either")
         if refusal is not None:
-            for weights, *_ in calls:
-                getattr(weights, "discard", lambda: None)()  # a streamed call's file goes too
+            for _, writer in calls:
+                writer.discard()  # a streamed call's file goes too
             self.coverage.refused(layer, refusal)
             return
-        weights, selected, graph_tensor, value = calls[0]
-        self._store(layer, weights, selected, graph_tensor, value=value)
+        self._commit(layer, calls[0][1])
 
-    def _store(self, layer: str, weights: torch.Tensor, selected: bool, graph_tensor,
-               gradient_scale=None, value=None) -> None:
+    def _commit(self, layer: str, writer: CallWriter) -> None:
         self.thread_state().events += 1
         self.coverage.captured(layer)
-        if not isinstance(weights, torch.Tensor):  # a call kept tile by tile (store.partial)
-            self.store.commit_partial(layer, weights)
-            return
-        self.store.record(layer, weights, selected=selected, graph_tensor=graph_tensor,
-                          gradient_scale=gradient_scale, value=value)
+        self.router.commit(layer, writer)
 
     def _scope_of(self, layer: str) -> Optional[_Scope]:
         """The innermost open scope of ``layer`` on this thread."""

@@ -19,7 +19,7 @@ DEFAULT_DEMO_TEXT = "The cat sat on the mat because it was tired, and then the c
 def capture_image(loaded: LoadedModel, image_path, *, layers: Optional[str] = None) -> Capture:
     """Runs one image through a vision model with its attention layers hooked; the tokens
     are the prefix tokens (``CLS``, ...) and the patches by row and column."""
-    from ..capture.hooker import TransformerAttentionHooker
+    from ..hooker import TransformerAttentionHooker
 
     if loaded.kind != "vision":
         raise CommandError(f"--image is for vision models; {loaded.name} is {with_article(loaded.kind)}: pass --text")
@@ -99,7 +99,7 @@ def capture_text(
         overwrite: with ``stream``, replace a capture already in that folder.
     """
     from ..analysis.core import stitch_steps
-    from ..capture.hooker import TransformerAttentionHooker
+    from ..hooker import TransformerAttentionHooker
 
     if not text or not text.strip():
         raise CommandError("the text is empty: pass --text with some words")
@@ -163,7 +163,7 @@ def capture_text(
 def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, pool, stream, overwrite,
                   notes: List[str]) -> Capture:
     """One forward kept as selected rows, pooled maps, or streamed to disk (with pooled maps to draw)."""
-    from .._checks import resolve_rows, selected_rows
+    from ..selection import resolve_rows, selected_rows
     from ..keep.pooling import PooledAttention, block_labels
     from ..keep.stream import format_bytes
 

@@ -39,7 +39,7 @@ def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, 
         are out of reach).
     """
     from ..analysis.stats import sink_share
-    from ..capture.hooker import TransformerAttentionHooker
+    from ..hooker import TransformerAttentionHooker
     from ..analysis.roles import duplicate_token_score, head_confidence, induction_score, previous_token_score
 
     if loaded.kind == "vision":
@@ -108,7 +108,7 @@ def _head_importance(loaded: LoadedModel, enc, layers, forward) -> Dict[str, tor
     """Michel et al.'s importance of each head on the language-model loss of the text, from the
     weights and their gradients (the model's own kernel); ``{}`` without a language-model loss."""
     from ..analysis.attribution import head_importance
-    from ..capture.hooker import TransformerAttentionHooker
+    from ..hooker import TransformerAttentionHooker
 
     if loaded.kind == "encoder":
         return {}  # no language-model head: no loss to differentiate
@@ -130,7 +130,7 @@ def _retrieval(loaded: LoadedModel, repeated: torch.Tensor, length: int, layers)
     """Wu et al.'s retrieval score of each decoder head: prompted with a random sequence and the
     first half of its repeat, the model writes the rest (greedy); the needle is the first copy."""
     from ..analysis.core import stitch_steps
-    from ..capture.hooker import TransformerAttentionHooker
+    from ..hooker import TransformerAttentionHooker
     from ..analysis.roles import retrieval_score
 
     if loaded.kind != "decoder" or not hasattr(loaded.model, "generate"):
@@ -152,7 +152,7 @@ def _retrieval(loaded: LoadedModel, repeated: torch.Tensor, length: int, layers)
 def write_head_roles_page(loaded: LoadedModel, text: str, roles: Dict[str, Dict[str, torch.Tensor]], out, *,
                           layers: Optional[str] = None) -> Path:
     """``head_roles.html``: the page of ``text``'s attention, its overview coloured by any role score."""
-    from ..capture.hooker import TransformerAttentionHooker
+    from ..hooker import TransformerAttentionHooker
     from ..views.page import render_html
 
     out = prepare_out(out)

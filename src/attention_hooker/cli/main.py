@@ -251,7 +251,7 @@ def _command_heads(args) -> None:
 
 def _command_layers(args) -> None:
     from . import workflows
-    from ..capture.hooker import TransformerAttentionHooker
+    from ..hooker import TransformerAttentionHooker
 
     loaded = workflows.load_hf_model(args.model)
     hooker = TransformerAttentionHooker(loaded.model, args.layers)

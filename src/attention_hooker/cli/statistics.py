@@ -35,7 +35,7 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
         ``(accumulator, seconds, (lines cut, token limit))``.
     """
     from ..analysis.stats import HeadStatsAccumulator
-    from ..capture.hooker import TransformerAttentionHooker
+    from ..hooker import TransformerAttentionHooker
 
     lines = [line for line in lines if line.strip()]
     if not lines and not allow_empty:

@@ -27,7 +27,7 @@ def token_flow(loaded: LoadedModel, text: str, *, into: Sequence[int] = (0, -1),
     """
     from ..analysis.rollout import attention_rollout
     from ..analysis.flow import attention_flow
-    from ..capture.hooker import TransformerAttentionHooker
+    from ..hooker import TransformerAttentionHooker
 
     if loaded.kind == "vision":
         raise CommandError(f"flow reads text; {loaded.name} is a vision model")

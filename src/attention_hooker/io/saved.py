@@ -16,7 +16,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._checks import prepare_output_path, resolve_rows, selected_rows, token_lists
+from .._checks import prepare_output_path, token_lists
+from ..selection import resolve_rows, selected_rows
 from .._tensor import as_batched, values_of
 from ..errors import AttentionHookerError
 from ..values import AttentionValues

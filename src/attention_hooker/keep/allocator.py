@@ -34,7 +34,7 @@ import torch
 
 from .._torch_private import REFCOUNTS_SUPPORTED, refcount, storage_use_count, tensor_use_count
 
-__all__ = ["SpareBuffers", "unreachable_tensors", "Arena"]
+__all__ = ["SpareBuffers", "unreachable_tensors", "Arena", "empty"]
 
 
 
@@ -213,3 +213,8 @@ def _mapped_chunk(nbytes: int) -> torch.Tensor:
     chunk neither pins the heap nor is pinned by it, and its pages go back to the
     system as soon as the last tensor cut from it is freed."""
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty`` in the ``allocate(shape, dtype, device)`` form the in-memory keeper takes."""
+    return torch.empty(shape, dtype=dtype, device=device)

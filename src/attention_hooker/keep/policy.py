@@ -4,12 +4,13 @@ not go together, in one place."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence
 
 import torch
 
-from .._checks import check_device, check_flag, index_list, one_of, positive_int, row_selection
+from .._checks import check_device, check_flag, one_of, positive_int
 from ..errors import AttentionHookerError
+from ..selection import Selection
 
 __all__ = ["StoragePolicy"]
 
@@ -25,16 +26,14 @@ class StoragePolicy:
             on the device they were computed on.
         dtype: stored floating dtype (``torch.float16`` halves memory); ``None``
             keeps the dtype the weights were computed in.
-        heads: indices of the heads to keep; ``None`` keeps every head.
         max_calls: how many calls to keep per layer; ``None`` keeps all.
         keep: with ``max_calls``, ``"first"`` keeps the first calls (later ones are
             not computed at all) and ``"last"`` keeps the most recent ones.
         keep_grad: also keep the gradient of the loss with respect to each stored
             call's weights, filled in by ``backward()``.
-        rows: the query rows to keep of each call (a tuple of indices, negative
-            ones from the end, or a slice); ``None`` keeps every row.
-        keys: the keys to keep of each kept row (the same forms); ``None`` keeps
-            every key. Each row is still normalised over all of its keys.
+        selection: the heads, query rows and keys kept of each call
+            (:class:`~attention_hooker.selection.Selection`); each row is still
+            normalised over all of its keys.
         keep_values: also keep each call's value vectors ``(batch, kv_heads, key,
             head_dim)``, where the route sees them (sdpa, ``nn.MultiheadAttention``, the
             product of eager code).
@@ -42,13 +41,11 @@ class StoragePolicy:
 
     device: Optional[torch.device] = torch.device("cpu")
     dtype: Optional[torch.dtype] = None
-    heads: Optional[Tuple[int, ...]] = None
     max_calls: Optional[int] = None
     keep: str = "first"
     keep_grad: bool = False
-    rows: Union[None, slice, Tuple[int, ...]] = None
-    keys: Union[None, slice, Tuple[int, ...]] = None
     keep_values: bool = False
+    selection: Selection = Selection()
 
     @classmethod
     def build(
@@ -74,31 +71,29 @@ class StoragePolicy:
             raise AttentionHookerError(
                 f"dtype={dtype!r} is not a floating torch dtype; expected e.g. torch.float16, torch.float32 or None"
             )
-        if heads is not None:
-            heads = index_list(heads, "heads", noun="head")
+        selection = Selection.parse(heads=heads, rows=rows, keys=keys)
         max_calls = positive_int(max_calls, "max_calls", allow_none=True)
         keep = one_of(keep, "keep", _KEEP_CHOICES)
         keep_grad = check_flag(keep_grad, "keep_grad")
         keep_values = check_flag(keep_values, "keep_values")
-        policy = cls(device, dtype, heads, max_calls, keep, keep_grad, row_selection(rows), row_selection(keys, "keys"),
-                     keep_values)
+        policy = cls(device, dtype, max_calls, keep, keep_grad, keep_values, selection)
         policy._check_combination()
         return policy
 
     # Every rule about options that do not go together lives below, in one place.
     def _check_combination(self) -> None:
-        selects = self.heads is not None or self.rows is not None or self.keys is not None
+        selects = self.selection.heads is not None or self.selection.rows is not None or self.selection.keys is not None
         if self.keep_values and selects:
             raise AttentionHookerError("keep_values=True cannot be combined with heads=, rows= or keys=: the value "
                                        "vectors serve every head, query and key")
-        for option, chosen, what in (("heads=", self.heads, "head"), ("rows=", self.rows, "query row"),
-                                     ("keys=", self.keys, "key")):
+        for option, chosen, what in (("heads=", self.selection.heads, "head"), ("rows=", self.selection.rows, "query row"),
+                                     ("keys=", self.selection.keys, "key")):
             if self.keep_grad and chosen is not None:
                 raise AttentionHookerError(f"{option} and keep_grad=True cannot be combined: gradients need every {what}")
 
     def check_reductions(self) -> None:
         """Raises when calls cannot go to a reduction (``hooker.reduce_into``)."""
-        if self.keep_grad or self.rows is not None or self.keys is not None or self.keep_values:
+        if self.keep_grad or self.selection.rows is not None or self.selection.keys is not None or self.keep_values:
             raise AttentionHookerError("reduce_into() cannot be combined with keep_grad=True, keep_values=True, rows= "
                                        "or keys=: statistics are taken over every query row and key, and keep nothing "
                                        "else")
@@ -117,7 +112,7 @@ class StoragePolicy:
 
     def check_tensor_parallel(self, sharded: bool) -> None:
         """Raises when heads are chosen on a model whose ranks each compute a block of them."""
-        if sharded and self.heads is not None:
+        if sharded and self.selection.heads is not None:
             raise AttentionHookerError(
                 "heads= cannot be combined with tensor-parallel heads: each rank computes only its own block of "
                 "heads; capture them all and pick heads after attention_hooker.distributed.assemble_heads()")

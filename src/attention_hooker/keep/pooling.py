@@ -36,7 +36,7 @@ class PooledAttention:
     Example:
         >>> pooled = PooledAttention(size=2)
         >>> partial = pooled.partial("layer")
-        >>> partial.add(torch.full((1, 1, 4, 4), 0.25), torch.arange(4), 4)
+        >>> partial.write(torch.arange(4), torch.full((1, 1, 4, 4), 0.25))
         >>> partial.commit()
         >>> pooled.values["layer"][0]
         tensor([[[[0.2500, 0.2500],
@@ -48,11 +48,13 @@ class PooledAttention:
         self.how = one_of(how, "how", ("mean", "max"))
         self.values = AttentionValues()
 
-    def partial(self, name: str, padding_mask=None) -> "_PooledCall":
-        """The pooled map of one call of layer ``name``, filled a block of query rows at a
-        time (``padding_mask`` is accepted for symmetry with the statistics and unused)."""
+    def partial(self, name: str, padding_mask=None, *, n_query: Optional[int] = None) -> "_PooledCall":
+        """The pooled map of one call of layer ``name`` (``n_query`` query rows; by default
+        those of its first block), filled a block of query rows at a time (a
+        :class:`~attention_hooker.keep.protocol.CallWriter`; ``padding_mask`` is accepted
+        for symmetry with the statistics and unused)."""
         del padding_mask
-        return _PooledCall(self, name)
+        return _PooledCall(self, name, n_query)
 
 
 def block_labels(tokens: Sequence[str], size: int) -> List[str]:
@@ -71,14 +73,22 @@ def block_labels(tokens: Sequence[str], size: int) -> List[str]:
 
 
 class _PooledCall:
-    def __init__(self, owner: PooledAttention, name: str):
-        self._owner, self._name = owner, name
+    def __init__(self, owner: PooledAttention, name: str, n_query: Optional[int] = None):
+        self._owner, self._name, self._n_query = owner, name, n_query
         self._pooled: Optional[torch.Tensor] = None  # (B, H, Pq, Pk): sums or maxima
         self._counts: Optional[torch.Tensor] = None  # (Pq, Pk) cells per block (mean)
 
     def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
-        """Adds query rows ``rows`` (absolute, ``(r,)``) of a call with ``n_query`` rows:
-        ``block`` is ``(batch, heads, r, key)``."""
+        """:meth:`write`, telling the call's number of query rows."""
+        self._n_query = n_query
+        self.write(rows, block)
+
+    def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:
+        """Adds query rows ``rows`` (absolute, ``(r,)``) of the call: ``block`` is
+        ``(batch, heads, r, key)``."""
+        if self._n_query is None:
+            self._n_query = block.shape[2]
+        n_query = self._n_query
         a = block.float()
         batch, heads, _, n_key = a.shape
         p_query, p_key = min(self._owner.size, n_query), min(self._owner.size, n_key)
@@ -109,6 +119,9 @@ class _PooledCall:
         self._owner.values.setdefault(self._name, []).append(pooled.cpu())
         self._pooled = None
 
+    def discard(self) -> None:
+        self._pooled = self._counts = None
+
 
 class KeyReductions:
     """Per call, what each key receives and which keys each query looks at most, from tiles.
@@ -125,7 +138,7 @@ class KeyReductions:
     Example:
         >>> keys = KeyReductions(top=1)
         >>> partial = keys.partial("layer")
-        >>> partial.add(torch.tensor([[[[0.9, 0.1], [0.3, 0.7]]]]), torch.arange(2), 2)
+        >>> partial.write(torch.arange(2), torch.tensor([[[[0.9, 0.1], [0.3, 0.7]]]]))
         >>> partial.commit()
         >>> keys.received["layer"][0], keys.top_keys["layer"][0][0]
         (tensor([[[1.2000, 0.8000]]]), tensor([[[[0],
@@ -137,21 +150,30 @@ class KeyReductions:
         self.received = AttentionValues()
         self.top_keys: dict = {}
 
-    def partial(self, name: str, padding_mask=None) -> "_KeysCall":
-        """The reductions of one call of layer ``name``, filled a block of query rows at a time."""
-        return _KeysCall(self, name, padding_mask)
+    def partial(self, name: str, padding_mask=None, *, n_query: Optional[int] = None) -> "_KeysCall":
+        """The reductions of one call of layer ``name`` (``n_query`` query rows; by default
+        those of its first block), filled a block of query rows at a time (a
+        :class:`~attention_hooker.keep.protocol.CallWriter`)."""
+        return _KeysCall(self, name, padding_mask, n_query)
 
 
 class _KeysCall:
-    def __init__(self, owner: KeyReductions, name: str, padding_mask):
-        self._owner, self._name = owner, name
+    def __init__(self, owner: KeyReductions, name: str, padding_mask, n_query: Optional[int] = None):
+        self._owner, self._name, self._n_query = owner, name, n_query
         self._mask = row_mask(padding_mask)  # (B, T) or None
         self._received: Optional[torch.Tensor] = None  # (B, H, K)
         self._top: list = []  # [(first row, indices, weights)] per block
 
     def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
+        """:meth:`write`, telling the call's number of query rows."""
+        self._n_query = n_query
+        self.write(rows, block)
+
+    def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:
+        if self._n_query is None:
+            self._n_query = block.shape[2]
         a = block.float()
-        real = real_rows(self._mask, rows, n_query, a.shape[0], a.device)  # (B, r)
+        real = real_rows(self._mask, rows, self._n_query, a.shape[0], a.device)  # (B, r)
         column = torch.einsum("bhrk,br->bhk", a, real.float())  # (B, H, K): over the real rows
         self._received = column if self._received is None else self._received + column
         weights, indices = a.topk(min(self._owner.top, a.shape[-1]), dim=-1)  # (B, H, r, top)
@@ -165,4 +187,7 @@ class _KeysCall:
         indices = torch.cat([b[1] for b in blocks], 2)
         weights = torch.cat([b[2] for b in blocks], 2)
         self._owner.top_keys.setdefault(self._name, []).append((indices, weights))
+        self._received, self._top = None, []
+
+    def discard(self) -> None:
         self._received, self._top = None, []

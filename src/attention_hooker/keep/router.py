@@ -1,40 +1,165 @@
-"""The router between a capture and its keepers: one call handed to every keeper that
-wants it, each told the call's shape first when it asks."""
+"""The router between a capture and its keepers: it counts the calls of each layer against
+``max_calls``, applies the selection to whole maps, and hands each call to the keepers in
+use (memory, unless others are attached) through the keeper protocol (``keep/protocol.py``)."""
 
 from __future__ import annotations
 
+import threading
+from typing import Dict, Sequence, Tuple
+
 import torch
 
-__all__ = ["Fanout", "begin_partial"]
+from .memory import MemoryKeeper
+from .policy import StoragePolicy
+from .protocol import NO_SOURCES, CallSources, CallWriter, check_keeper
+
+__all__ = ["Router", "Fanout"]
+
+
+class Router:
+    """Where a capture sends its calls.
+
+    Args:
+        policy: the storage policy.
+        layer_order: every hooked layer name, in model order.
+
+    Attributes:
+        memory: the in-memory keeper; it takes the calls while no other keeper is attached.
+        calls_seen: ``{layer: calls counted}`` against ``max_calls``.
+    """
+
+    def __init__(self, policy: StoragePolicy, layer_order: Sequence[str]):
+        self.policy = policy
+        self.lock = threading.RLock()  # forwards on several threads keep into the same keepers
+        self.memory = MemoryKeeper(policy, layer_order, self.lock)
+        # Replaced whole, never changed in place, under its own lock that is never held while
+        # a keeper runs: a keeper closing itself detaches while a forward commits into it.
+        self._attached: Tuple = ()
+        self._attaching = threading.Lock()
+        self.calls_seen: Dict[str, int] = {}
+
+    @property
+    def keepers(self) -> list:
+        """The keepers calls go to: the attached ones, or memory when there are none."""
+        return list(self._attached) or [self.memory]
+
+    @property
+    def takes_tiles(self) -> bool:
+        """Whether calls may be handed over a tile of rows at a time (no keeper holds the
+        whole call itself: memory is not in use), so no whole layer needs computing at once."""
+        return bool(self._attached)
+
+    def attach(self, keeper) -> None:
+        """Sends the following calls to ``keeper`` too (and no longer to memory).
+
+        Raises:
+            AttentionHookerError: when ``keeper`` lacks a method of the protocol.
+        """
+        check_keeper(keeper)
+        with self._attaching:
+            if not any(k is keeper for k in self._attached):
+                self._attached = self._attached + (keeper,)
+
+    def detach(self, keeper) -> None:
+        """Stops sending calls to ``keeper`` (memory takes them again when it was the last)."""
+        with self._attaching:
+            self._attached = tuple(k for k in self._attached if k is not keeper)
+
+    # Counting against max_calls.
+    def wants(self, name: str) -> bool:
+        """Whether the next call of ``name`` would be kept (lets routes skip work)."""
+        p = self.policy
+        return p.max_calls is None or p.keep == "last" or self.calls_seen.get(name, 0) < p.max_calls
+
+    def skip(self, name: str) -> None:
+        """Counts a call that was not computed because :meth:`wants` said no."""
+        with self.lock:
+            self.calls_seen[name] = self.calls_seen.get(name, 0) + 1
+
+    def uncount(self, name: str) -> None:
+        """Counts out a call of ``name`` that a keeper rolled back (its forward was not written
+        whole): it no longer takes a place of ``max_calls``."""
+        with self.lock:
+            if self.calls_seen.get(name, 0) > 0:
+                self.calls_seen[name] -= 1
+
+    # Calls.
+    def begin_call(self, layer: str, shape: Tuple[int, ...], dtype: torch.dtype,
+                   sources: CallSources = NO_SOURCES) -> CallWriter:
+        """A writer for a call of ``layer`` whose blocks are already what is stored:
+        ``shape`` ``(batch, heads, rows, keys)`` after the selection, in ``dtype``."""
+        writers = [keeper.begin_call(layer, tuple(shape), dtype, sources) for keeper in self.keepers]
+        return writers[0] if len(writers) == 1 else Fanout(writers)
+
+    def whole_call(self, layer: str, weights: torch.Tensor, sources: CallSources = NO_SOURCES) -> CallWriter:
+        """A call's whole map ``(batch, heads, query, key)``, the selection applied here,
+        written to a writer of the keepers in use (not yet committed: see :meth:`commit`).
+
+        Raises:
+            AttentionHookerError: when the selection names a head, row or key the call lacks.
+        """
+        kept = self.policy.selection.apply(weights, f"layer {layer!r}")  # (B, heads, rows, keys)
+        writer = self.begin_call(layer, kept.shape, self.policy.dtype or kept.dtype, sources)
+        # Memory keeps the graph of the weights (keep_grad); other keepers take numbers only.
+        writer.write(torch.arange(kept.shape[2]), kept if not self._attached else kept.detach())
+        return writer
+
+    def commit(self, layer: str, writer: CallWriter) -> None:
+        """Keeps a finished call when its layer still wants one (counted either way)."""
+        with self.lock:
+            kept = self.wants(layer)
+            self.calls_seen[layer] = self.calls_seen.get(layer, 0) + 1
+            if kept:
+                writer.commit()
+                return
+        writer.discard()
+
+    # Forwards and the end.
+    def begin_forward(self) -> None:
+        for keeper in self._attached:
+            keeper.begin_forward()
+
+    def end_forward(self, *, returned: bool, reason=None) -> None:
+        """Tells every attached keeper; the first error one raises is raised once all were told."""
+        _each(self._attached, lambda keeper: keeper.end_forward(returned=returned, reason=reason))
+
+    def close(self) -> None:
+        """Closes every attached keeper (what waits is written). A keeper that is done for
+        good detaches itself (a closed stream does); a reduction stays attached, for the
+        next time the hooks are on."""
+        _each(list(self._attached), lambda keeper: keeper.close())
+
+    def clear(self, *, salvage=None) -> list:
+        """Forgets the calls in memory and every call count (see :meth:`MemoryKeeper.clear`)."""
+        with self.lock:
+            self.calls_seen = {}
+            return self.memory.clear(salvage=salvage)
 
 
 class Fanout:
     """One call handed to several keepers at once (a stream to disk and a pooled map for pictures)."""
 
-    def __init__(self, parts: list):
-        self.parts = parts
+    def __init__(self, writers: list):
+        self.writers = writers
 
-    def begin(self, shape, dtype) -> None:
-        for part in self.parts:
-            begin_partial(part, shape, dtype)
-
-    def add(self, block, rows, n_query) -> None:
-        for part in self.parts:
-            part.add(block, rows, n_query)
+    def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:
+        for writer in self.writers:
+            writer.write(rows, block)
 
     def commit(self) -> None:
-        for part in self.parts:
-            part.commit()
+        _each(self.writers, lambda writer: writer.commit())
 
     def discard(self) -> None:
-        for part in self.parts:
-            getattr(part, "discard", lambda: None)()
+        _each(self.writers, lambda writer: writer.discard())
 
 
-def begin_partial(partial, shape, dtype: torch.dtype) -> None:
-    """Tells a keeper's partial call its whole stored ``(batch, heads, rows, key)`` and
-    dtype before its first block, when it asks (a streamed call needs them to lay out
-    its file); reductions do not."""
-    begin = getattr(partial, "begin", None)
-    if begin is not None:
-        begin(tuple(shape), dtype)
+def _each(items: list, act) -> None:
+    """``act`` on every item; the first error raised is raised once every item had its turn."""
+    error = None
+    for item in items:
+        try:
+            act(item)
+        except BaseException as err:  # noqa: B902 - re-raised below
+            error = error or err
+    if error is not None:
+        raise error

@@ -38,6 +38,7 @@ from .._checks import positive_int
 from ..io.format import INDEX_NAME, LOG_NAME, STREAM_FORMAT, mapped_tensors, read_index
 from ..errors import AttentionHookerError
 from .folder_lock import FolderLock
+from .protocol import NO_SOURCES, CallSources
 from .stream_call import StreamedCall
 from .stream_folder import SAFETENSORS_DTYPES, CaptureFolder, format_bytes
 
@@ -160,12 +161,16 @@ class StreamedCapture:
             return "writing"
         return "partial" if any(f["write_error"] for f in self._failed) else "complete"
 
-    def partial(self, layer: str, padding_mask=None) -> StreamedCall:
-        """One call of ``layer``, filled a block of query rows at a time (the keeper protocol)."""
-        del padding_mask  # kept whole: padded positions are part of the capture
+    def begin_call(self, layer: str, shape: Tuple[int, ...], dtype: torch.dtype,
+                   sources: CallSources = NO_SOURCES) -> StreamedCall:
+        """One call of ``layer``, stored ``shape`` ``(batch, heads, rows, keys)``, written a
+        block of query rows at a time (the keeper protocol, ``keep/protocol.py``)."""
+        del sources  # the weights only: gradients and value vectors are refused with stream_to()
         if self.closed:
             raise AttentionHookerError(f"the capture streamed to {self.folder} is closed; call hooker.stream_to() again")
-        return StreamedCall(self, layer)
+        call = StreamedCall(self, layer)
+        call.begin(shape, dtype)
+        return call
 
     def begin_forward(self) -> None:
         """A forward of the model starts on this thread: its calls are written whole or not at all."""
@@ -177,7 +182,7 @@ class StreamedCapture:
             self._open_units.add(unit)
         self._local.unit = unit
 
-    def end_forward(self, *, returned: bool, reason: str = "the forward raised") -> None:
+    def end_forward(self, *, returned: bool, reason: Optional[str] = None) -> None:
         """The forward of this thread ended: listed when it ``returned`` and all its calls
         are on disk; rolled back otherwise.
 
@@ -194,7 +199,7 @@ class StreamedCapture:
                 if self.closed:
                     return
                 if not returned or unit.error is not None:
-                    self._roll_back(unit, unit.error or reason, write_error=unit.error is not None)
+                    self._roll_back(unit, unit.error or reason or "the forward raised", write_error=unit.error is not None)
                     if unit.error is not None and returned:
                         raise AttentionHookerError(unit.error) from unit.cause
                     return

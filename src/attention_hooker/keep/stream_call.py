@@ -63,9 +63,9 @@ class StreamedCall:
         else:
             self._buffer = torch.empty(self._shape, dtype=self._dtype)
 
-    def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
+    def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:
         """Writes the next ``block`` ``(batch, heads, r, key)`` of query rows."""
-        del rows, n_query  # rows arrive in order; the stored shape was given to begin()
+        del rows  # rows arrive in order; the stored shape was given to begin()
         with self._owner.failing_forward():
             self._add(block)
 

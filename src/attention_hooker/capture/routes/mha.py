@@ -227,7 +227,7 @@ def handle_mha_forward(session, func, args: tuple, kwargs: dict):
     if weights.dim() == 3:
         weights = weights.unsqueeze(0)
     scale = None
-    if session.store.policy.keep_grad and dropped.requires_grad:
+    if session.router.policy.keep_grad and dropped.requires_grad:
         before = weights.reshape(dropped.shape)
         scale = torch.where(before > 0, dropped.detach() / before, torch.zeros_like(before))
     session.record_module_output(scope.layer, weights, dropped, gradient_scale=scale)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 import torch
 
 from ..parallel import head_shard
-from ..._checks import check_heads, resolve_rows
+from ...selection import Selection
 from ..._torch_private import softmax_last_dim_into
 from ...errors import AttentionHookerError
 
@@ -125,6 +125,7 @@ def sdpa_attention_weights(
     store_as: Optional[Tuple[torch.dtype, torch.device]] = None,
     tile_bytes: Optional[int] = None,
     tile_sink: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+    selection: Optional[Selection] = None,
 ) -> Optional[torch.Tensor]:
     """Attention probabilities of one ``scaled_dot_product_attention`` call.
 
@@ -148,7 +149,7 @@ def sdpa_attention_weights(
             divide the query heads are always shared this way.
         heads: query-head indices to compute; ``None`` computes all.
         rows: query rows to compute (indices, negative from the end, or a slice;
-            see :func:`~attention_hooker._checks.row_selection`); ``None`` computes
+            see :func:`~attention_hooker.selection.row_selection`); ``None`` computes
             all. Only those rows of ``q`` enter the product with the keys, so the
             cost follows the selection; a causal mask still hides keys after each
             row's own position.
@@ -171,6 +172,8 @@ def sdpa_attention_weights(
             dtype, valid during the call only; its absolute query rows ``(r,)``; and the
             whole call's ``(batch, heads, rows, key)``) and return ``None``: nothing
             larger than a tile is ever held.
+        selection: ``heads``, ``rows`` and ``keys`` as one
+            :class:`~attention_hooker.selection.Selection` (a capture's), instead of them.
 
     Returns:
         ``(batch, heads, query, key)`` probabilities, in the query's dtype
@@ -189,39 +192,19 @@ def sdpa_attention_weights(
     _check_inputs(query, key, attn_mask)
     q = as_4d(query)  # (B, Hq, L, E)
     k = as_4d(key)  # (B, Hk, S, E)
-    n_q_heads, n_k_heads = q.shape[1], k.shape[1]
     length, source = q.shape[2], k.shape[2]
-    mask = None if attn_mask is None else as_4d(attn_mask)  # (B|1, Hq|1, L|1, S)
-    if mask is not None:
-        try:
-            _broadcast(tuple(mask.shape), (max(q.shape[0], k.shape[0]), n_q_heads, length, source))
-        except ValueError:
-            raise AttentionHookerError(
-                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, query, key) = "
-                f"{(max(q.shape[0], k.shape[0]), n_q_heads, length, source)}"
-            ) from None
-
-    if heads is not None:
-        index = torch.as_tensor(check_heads(heads, n_q_heads, where), device=q.device)
-        q = q.index_select(1, index)
-        if n_k_heads == n_q_heads:
-            k = k.index_select(1, index)
-        elif n_k_heads > 1:
-            k = k.index_select(1, torch.div(index, n_q_heads // n_k_heads, rounding_mode="floor"))
-        if mask is not None and mask.shape[1] == n_q_heads and n_q_heads > 1:
-            mask = mask.index_select(1, index)
-    # Otherwise fewer kv heads stay as they are: each serves its group of query heads in
-    # the product itself (_scaled_scores), without a repeated copy of the keys.
-
-    if rows is None:
-        row_index = torch.arange(length, device=q.device)  # (L,): the absolute query rows computed
-    else:
-        row_index = torch.tensor(resolve_rows(rows, length, where), device=q.device)
+    mask = _checked_mask(attn_mask, q, k)  # (B|1, Hq|1, L|1, S) or None
+    if selection is None:
+        selection = Selection.parse(heads=heads, rows=rows, keys=keys)
+    kept = selection.resolve(q.shape[1], length, source, where)
+    q, k, mask = _keep_heads(q, k, mask, kept.heads)
+    row_index = torch.arange(length, device=q.device) if kept.rows is None else torch.tensor(kept.rows, device=q.device)
+    if kept.rows is not None:  # (L,): the absolute query rows computed
         q = q.index_select(2, row_index)  # (B, H, rows, E)
         if mask is not None and mask.shape[2] > 1:
             mask = mask.index_select(2, row_index)
     scale_factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    key_index = None if keys is None else torch.tensor(resolve_rows(keys, source, where, "keys"), device=q.device)
+    key_index = None if kept.keys is None else torch.tensor(kept.keys, device=q.device)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         weights = _differentiable_weights(q, k, mask, is_causal, scale_factor, row_index).to(query.dtype)
         return weights if key_index is None else weights.index_select(3, key_index)
@@ -231,6 +214,39 @@ def sdpa_attention_weights(
         return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or TILE_BYTES, row_index,
                                  tile_sink, buffer, key_index)
     return _weights(q, k, mask, is_causal, scale_factor, buffer, query.dtype, row_index)
+
+
+def _checked_mask(attn_mask, q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mask as ``(B|1, Hq|1, L|1, S)``, checked to broadcast to ``(batch, heads, query, key)``."""
+    if attn_mask is None:
+        return None
+    mask = as_4d(attn_mask)
+    full = (max(q.shape[0], k.shape[0]), q.shape[1], q.shape[2], k.shape[2])
+    try:
+        _broadcast(tuple(mask.shape), full)
+    except ValueError:
+        raise AttentionHookerError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, query, key) = {full}"
+        ) from None
+    return mask
+
+
+def _keep_heads(q, k, mask, heads: Optional[Tuple[int, ...]]):
+    """``q``, ``k`` and ``mask`` holding only the query heads ``heads`` (all when ``None``)."""
+    if heads is None:
+        # Fewer kv heads stay as they are: each serves its group of query heads in the
+        # product itself (_scaled_scores), without a repeated copy of the keys.
+        return q, k, mask
+    n_q_heads, n_k_heads = q.shape[1], k.shape[1]
+    index = torch.as_tensor(heads, device=q.device)
+    q = q.index_select(1, index)
+    if n_k_heads == n_q_heads:
+        k = k.index_select(1, index)
+    elif n_k_heads > 1:
+        k = k.index_select(1, torch.div(index, n_q_heads // n_k_heads, rounding_mode="floor"))
+    if mask is not None and mask.shape[1] == n_q_heads and n_q_heads > 1:
+        mask = mask.index_select(1, index)
+    return q, k, mask
 
 
 def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, row_index) -> torch.Tensor:

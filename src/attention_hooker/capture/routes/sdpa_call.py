@@ -12,8 +12,7 @@ from typing import Any, List, Optional
 import torch
 
 from ..._torch_private import caller_frame, frame_local
-from ...keep.memory import GradientSource
-from ...keep.router import begin_partial
+from ...keep.protocol import CallSources, GradientSource
 from ..inputs import channel_attention_refusal
 from .sdpa import as_4d, declared_heads, packed_query_groups, parse_sdpa_call, sdpa_attention_weights, unpack_query_groups
 
@@ -26,75 +25,90 @@ def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
     layer = None if scope is None else scope.layer
     if layer is None:
         return func(*args, **kwargs)
-    store = session.store
-    if not store.wants(layer):
+    router = session.router
+    if not router.wants(layer):
         session.skip(layer)
         return func(*args, **kwargs)
     call = parse_sdpa_call(args, kwargs)
-    query = call["query"]
-    groups = packed_query_groups(lambda: _calling_modules(scope), query, call["key"])
-    refusal = _layout_refusal(query, groups, declared_heads(scope.module))
-    if refusal is None and groups == 1 and query.dim() == 4:
-        refusal = channel_attention_refusal(scope.input_shape, query.shape[1], query.shape[-2],
-                                            call["key"].shape[-2])
+    groups = packed_query_groups(lambda: _calling_modules(scope), call["query"], call["key"])
+    refusal = _refusal(scope, call, groups)
     if refusal is not None:
         session.refuse(scope, refusal)
         return func(*args, **kwargs)
-    if store.policy.keep_grad and torch.is_grad_enabled():
+    if router.policy.keep_grad and torch.is_grad_enabled():
         return _with_grad(session, func, args, kwargs, call, layer, groups)
     output = func(*args, **kwargs)
-    # Stored as computed: written straight into the tensor that is stored (a spare one when
-    # there is one). Otherwise computed in tiles of query rows, each written into a tensor of
-    # the policy's dtype/device: no whole layer in the working dtype or device.
-    policy = store.policy
-    if store.keeps_elsewhere and groups == 1:  # kept tile by tile: no layer is ever held
-        partial = store.partial(layer)
-        n_query = as_4d(query).shape[2]
-        stored_dtype = policy.dtype or query.dtype
-
-        started = False
-
-        def tile_sink(tile, rows, shape):
-            nonlocal started
-            if not started:  # a keeper that writes the call may need its whole shape first
-                started = True
-                begin_partial(partial, shape, stored_dtype)
-            partial.add(tile, rows, n_query)
-
-        try:
-            with torch.no_grad():
-                sdpa_attention_weights(
-                    call["query"], call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"],
-                    bool(call["enable_gqa"]), heads=policy.heads, rows=policy.rows, keys=policy.keys,
-                    where=f"layer {layer!r}",
-                    tile_sink=tile_sink,
-                )
-        except BaseException:
-            getattr(partial, "discard", lambda: None)()  # a keeper's file of the call goes too
-            raise
-        session.record(layer, partial, selected=True)
-        return output
-    as_computed = store.stores_as_computed(query.dtype, query.device)
-    store_as = None if as_computed else (policy.dtype or query.dtype, policy.device or query.device)
-    with torch.no_grad():
-        weights = sdpa_attention_weights(
-            call["query"],
-            call["key"],
-            call["attn_mask"],
-            bool(call["is_causal"]),
-            call["scale"],
-            bool(call["enable_gqa"]),
-            heads=store.policy.heads if groups == 1 else None,
-            rows=store.policy.rows if groups == 1 else None,
-            keys=store.policy.keys if groups == 1 else None,
-            buffer=functools.partial(session.spares.take, fresh=session.allocator(layer)),
-            where=f"layer {layer!r}",
-            store_as=store_as,
-        )  # (B, H, L, S); packed: (B, Hk, groups, S)
-    if groups > 1:
-        weights = unpack_query_groups(weights, groups)  # (B, H, 1, S)
-    session.record(layer, weights, selected=groups == 1, value=call["value"])
+    if groups > 1:  # packed decode queries: the whole map, unpacked, then selected by the router
+        with torch.no_grad():
+            weights = _weights(call, layer, buffer=_spare_buffer(session, layer))  # (B, Hk, groups, S)
+        session.record(layer, unpack_query_groups(weights, groups), CallSources(value=call["value"]))  # (B, H, 1, S)
+    elif router.takes_tiles:  # kept tile by tile: no layer is ever held
+        _keep_in_tiles(session, call, layer)
+    else:
+        _keep_whole(session, call, layer)
     return output
+
+
+def _refusal(scope, call: dict, groups: int) -> Optional[str]:
+    """Why the call's weights cannot be stored as ``(batch, heads, query, key)``, or ``None``."""
+    query = call["query"]
+    refusal = _layout_refusal(query, groups, declared_heads(scope.module))
+    if refusal is None and groups == 1 and query.dim() == 4:
+        refusal = channel_attention_refusal(scope.input_shape, query.shape[1], query.shape[-2], call["key"].shape[-2])
+    return refusal
+
+
+def _weights(call: dict, layer: str, **options) -> Optional[torch.Tensor]:
+    """:func:`.sdpa.sdpa_attention_weights` of the call's own inputs."""
+    return sdpa_attention_weights(call["query"], call["key"], call["attn_mask"], bool(call["is_causal"]), call["scale"],
+                                  bool(call["enable_gqa"]), where=f"layer {layer!r}", **options)
+
+
+def _spare_buffer(session, layer: str):
+    return functools.partial(session.spares.take, fresh=session.allocator(layer))
+
+
+def _keep_whole(session, call: dict, layer: str) -> None:
+    """Only the selected heads, rows and keys are computed, straight into the tensor that is
+    stored (a spare one when there is one). Stored in another dtype or device, they are
+    computed in tiles of query rows written into it: no whole layer in the working dtype
+    or device."""
+    router, query = session.router, call["query"]
+    policy = router.policy
+    as_computed = router.memory.stores_as_computed(query.dtype, query.device)
+    with torch.no_grad():
+        weights = _weights(call, layer, selection=policy.selection, buffer=_spare_buffer(session, layer),
+                           store_as=None if as_computed else (policy.dtype or query.dtype,
+                                                              policy.device or query.device))  # (B, h, rows, keys)
+    value = as_4d(call["value"]) if policy.keep_values else None
+    writer = router.begin_call(layer, weights.shape, weights.dtype, CallSources(value=value))
+    writer.write(torch.arange(weights.shape[2]), weights)
+    session.keep(layer, writer, tuple(weights.shape))
+
+
+def _keep_in_tiles(session, call: dict, layer: str) -> None:
+    """The keepers take the selected weights a tile of query rows at a time, as computed."""
+    router = session.router
+    stored_dtype = router.policy.dtype or call["query"].dtype
+    writer, whole = None, None
+
+    def tile_sink(tile, rows, shape):  # tile (B, h, r, keys) of the call's (B, h, rows, keys)
+        nonlocal writer, whole
+        if writer is None:  # a keeper that writes the call needs its whole shape first
+            writer, whole = router.begin_call(layer, shape, stored_dtype), tuple(shape)
+        writer.write(rows, tile)
+
+    try:
+        with torch.no_grad():
+            _weights(call, layer, selection=router.policy.selection, tile_sink=tile_sink)
+    except BaseException:
+        if writer is not None:
+            writer.discard()  # a keeper's file of the call goes too
+        raise
+    if writer is None:  # a call without query rows: counted, nothing to keep
+        session.skip(layer)
+        return
+    session.keep(layer, writer, whole)
 
 
 def _with_grad(session, func, args: tuple, kwargs: dict, call: dict, layer: str, groups: int) -> torch.Tensor:
@@ -121,8 +135,7 @@ def _with_grad(session, func, args: tuple, kwargs: dict, call: dict, layer: str,
                 v = v.repeat_interleave(d.shape[1] // v.shape[1], dim=1)  # (B, H, S, Ev)
             return torch.matmul(d, v.transpose(-2, -1))  # (B, H, L, S)
 
-        session.record(layer, weights, selected=False, graph_tensor=GradientSource(output, to_weights),
-                     value=call["value"])
+        session.record(layer, weights, CallSources(GradientSource(output, to_weights), value=call["value"]))
         return output
     query, value = call["query"], call["value"]
     weights = sdpa_attention_weights(
@@ -136,8 +149,8 @@ def _with_grad(session, func, args: tuple, kwargs: dict, call: dict, layer: str,
         used = torch.nn.functional.dropout(weights, p=float(call["dropout_p"]))
     output = torch.matmul(used, v)  # (B, H, L, Ev)
     # Gradients reach the packed tensor the output was computed from; stored unpacked (the same order).
-    session.record(layer, unpack_query_groups(weights, groups) if groups > 1 else weights, selected=False,
-                 graph_tensor=weights, value=call["value"])
+    session.record(layer, unpack_query_groups(weights, groups) if groups > 1 else weights,
+                   CallSources(weights, value=call["value"]))
     return output.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
 
 

@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..inputs import channel_attention_refusal, folded_batch_refusal
+from ...keep.protocol import CallSources
 from .sdpa import declared_heads
 
 __all__ = ["SOFTMAX_FUNCTIONS", "is_attention_softmax", "label_softmax", "sampled_attention_refusal",
@@ -157,7 +158,7 @@ def handle_softmax(session, result, args: tuple, kwargs: dict) -> None:
         if reason is not None:
             session.refuse(scope, reason)
         return
-    if not session.store.wants(layer):
+    if not session.router.wants(layer):
         session.skip(layer)
         return
     state = session.thread_state()
@@ -204,7 +205,7 @@ def handle_use(session, func, args: tuple, out) -> None:
             state.pending = pending._replace(tracked=out, weights=out)  # (B, H, Q, K) without the sinks
             return
     value = None
-    if func in _PRODUCT_FUNCTIONS and len(args) > 1 and args[0] is tracked and session.store.policy.keep_values:
+    if func in _PRODUCT_FUNCTIONS and len(args) > 1 and args[0] is tracked and session.router.policy.keep_values:
         value = _value_operand(args[1], pending.weights.shape)
     commit_pending(session, state, value)
 
@@ -221,4 +222,4 @@ def commit_pending(session, state, value: Optional[torch.Tensor] = None) -> None
                 f"shape {tuple(tracked.shape)}, not (batch, heads, query, key) {tuple(weights.shape)}"))
             return
         weights = tracked  # (B, H, Q, K): the mixed map that multiplies the values
-    session.record(layer, weights, selected=False, value=value)
+    session.record(layer, weights, CallSources(value=value))

@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..._checks import positive_int, prepare_output_path, resolve_rows, selected_rows, token_lists
+from ..._checks import positive_int, prepare_output_path, token_lists
+from ...selection import resolve_rows, selected_rows
 from ..._tensor import as_batched, require_positions, values_of
 from ...errors import AttentionHookerError
 from ..labels import short_layer_names

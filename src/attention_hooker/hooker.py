@@ -10,20 +10,20 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .._checks import describe_positions
-from ..keep.allocator import unreachable_tensors
-from .coverage import Coverage, CoverageReport
-from .diagnostics import (being_traced, check_hf_implementation, in_backward_pass, is_compiled, job_rank,
+from .keep.allocator import unreachable_tensors
+from .capture.coverage import Coverage, CoverageReport
+from .capture.diagnostics import (being_traced, check_hf_implementation, in_backward_pass, is_compiled, job_rank,
                           missing_layers_message, nothing_captured_message)
-from .inputs import input_shape
-from .routes.mha import MultiheadAttentionRoute, fastpath_containers, inner_mha_targets, mha_post_hook
-from .parallel import head_shard
-from .session import CaptureSession, frame_is_live, module_call_frame
-from .discovery import check_module, display_names, select_modules
-from ..errors import AttentionCaptureWarning, AttentionHookerError
-from ..keep.memory import AttentionStore
-from ..keep.policy import StoragePolicy
-from ..values import AttentionValues
+from .capture.inputs import input_shape
+from .capture.routes.mha import MultiheadAttentionRoute, fastpath_containers, inner_mha_targets, mha_post_hook
+from .capture.parallel import head_shard
+from .capture.session import CaptureSession, frame_is_live, module_call_frame
+from .capture.discovery import check_module, display_names, select_modules
+from .errors import AttentionCaptureWarning, AttentionHookerError
+from .keep.reduction import Reduction
+from .keep.router import Router
+from .keep.policy import StoragePolicy
+from .values import AttentionValues
 
 __all__ = ["TransformerAttentionHooker"]
 
@@ -115,21 +115,22 @@ class TransformerAttentionHooker:
         self.layer_regex = layer_regex
         self._selected = select_modules(model, layer_regex)  # (name in model.named_modules(), module)
         self._shown = display_names([name for name, _ in self._selected], model, keep_wrappers=wrapper_names)
-        self._store = AttentionStore(policy, self.hooked_layers)
+        self._router = Router(policy, self.hooked_layers)
         self._coverage = Coverage(self.hooked_layers)
-        self._session = CaptureSession(self._store, self._coverage)  # a new one at each setup()
+        self._session = CaptureSession(self._router, self._coverage)  # a new one at each setup()
         self._entry_handles: List = []  # pre-hooks: removed at once by remove_hooks()
         self._exit_handles: List[Callable[[], None]] = []  # post-hooks: once no thread is inside
         self._local = threading.local()  # each thread's (events, scopes) when its root forward began
         self._warned: set = set()
         self._stream = None  # the StreamedCapture calls go to (stream_to), until it is closed
+        self._reduction: Optional[Reduction] = None  # where calls are reduced (reduce_into)
         self._head_shards: Dict[str, tuple] = {}  # tensor parallelism: {layer: (this rank's block, blocks)}
 
     # ------------------------------------------------------------------ public
     @property
     def values(self) -> AttentionValues:
         """``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``."""
-        return self._store.values
+        return self._router.memory.values
 
     @property
     def gradients(self) -> AttentionValues:
@@ -137,7 +138,7 @@ class TransformerAttentionHooker:
         ``values``, each ``(batch, heads, query, key)``; ``None`` for a call that
         backward has not reached (yet)."""
         return AttentionValues(
-            (name, [slot[0] for slot in slots]) for name, slots in self._store.gradients.items()
+            (name, [slot[0] for slot in slots]) for name, slots in self._router.memory.gradients.items()
         )
 
     @property
@@ -151,7 +152,7 @@ class TransformerAttentionHooker:
         ``bmm``). ``None`` for a call whose product the capture does not follow (an
         ``einsum``, a hand-written loop): never a guess.
         For :func:`attention_hooker.value_weighted_norms`."""
-        return AttentionValues((name, list(calls)) for name, calls in self._store.value_vectors.items())
+        return AttentionValues((name, list(calls)) for name, calls in self._router.memory.value_vectors.items())
 
     @property
     def hooked_layers(self) -> List[str]:
@@ -173,7 +174,7 @@ class TransformerAttentionHooker:
         if self._entry_handles:
             return self
         check_hf_implementation(self.model)
-        self._session = CaptureSession(self._store, self._coverage)
+        self._session = CaptureSession(self._router, self._coverage)
         try:
             self._register_all()
         except BaseException:
@@ -199,8 +200,7 @@ class TransformerAttentionHooker:
                 release()
 
         self._session.close(remove_exit_hooks)
-        if self._stream is not None:  # what waits for its shard is written; capture.json is final
-            self._stream.close()
+        self._router.close()  # a stream writes what waits for its shard; capture.json is final
 
     def clear(self) -> None:
         """Forgets the captured values (the hooks stay).
@@ -211,7 +211,7 @@ class TransformerAttentionHooker:
         skipping the cost of fresh memory (see ``keep/allocator.py``).
         """
         salvage = unreachable_tensors if self._entry_handles else None
-        self._session.spares.offer(self._store.clear(salvage=salvage))
+        self._session.spares.offer(self._router.clear(salvage=salvage))
         if self._entry_handles:
             self._session.arena.rewind()  # small calls: their chunk, when nothing reaches it
         self._coverage.reset()
@@ -247,7 +247,7 @@ class TransformerAttentionHooker:
             AttentionHookerError: when nothing was captured yet, or the tokens
                 or the path do not fit.
         """
-        from ..io.saved import save_values
+        from .io.saved import save_values
 
         save_values(self.values, path, tokens=tokens, model_class=type(self.model).__name__, selection=self.selection)
 
@@ -266,15 +266,18 @@ class TransformerAttentionHooker:
         Raises:
             AttentionHookerError: with ``keep_grad`` or ``rows``, which reductions do not take.
         """
+        if self._reduction is not None:
+            self._router.detach(self._reduction)
+            self._reduction = None
         if accumulator is None:
-            self._store.reducer = None
             return self
         if not callable(getattr(accumulator, "partial", None)):
             raise AttentionHookerError(
                 f"reduce_into() takes a HeadStatsAccumulator, PooledAttention or KeyReductions, "
                 f"got {type(accumulator).__name__}")
-        self._store.policy.check_reductions()
-        self._store.reducer = lambda layer: accumulator.partial(layer, padding_mask)
+        self._router.policy.check_reductions()
+        self._reduction = Reduction(accumulator, padding_mask)
+        self._router.attach(self._reduction)
         return self
 
     def stream_to(self, folder, *, overwrite: bool = False, expected_bytes: Optional[int] = None,
@@ -320,9 +323,9 @@ class TransformerAttentionHooker:
             >>> load(folder).values["layers.1.self_attn"][0].shape
             torch.Size([1, 4, 5, 5])
         """
-        from ..keep.stream import SHARD_BYTES, StreamedCapture
+        from .keep.stream import SHARD_BYTES, StreamedCapture
 
-        p = self._store.policy
+        p = self._router.policy
         p.check_stream()
         rank = job_rank()
         if per_rank or (per_rank is None and rank is not None):
@@ -333,14 +336,15 @@ class TransformerAttentionHooker:
             expected_bytes=expected_bytes, overwrite=overwrite,
             metadata={"model_class": type(self.model).__name__, "selection": self.selection},
             on_close=self._stream_closed, forward_running=lambda: bool(self._root_counters()),
-            on_roll_back=self._store.uncount)
-        self._store.stream = stream.partial
+            on_roll_back=self._router.uncount)
+        if self._stream is not None:
+            self._router.detach(self._stream)  # left open, as it is: its owner closes it
+        self._router.attach(stream)
         self._stream = stream
         return stream
 
     def _stream_closed(self, stream) -> None:
-        if getattr(self._store.stream, "__self__", None) is stream:
-            self._store.stream = None
+        self._router.detach(stream)
         if self._stream is stream:
             self._stream = None
 
@@ -358,7 +362,7 @@ class TransformerAttentionHooker:
                 block, _ = self._head_shards[name]
                 indices[name] = list(range(block * local, block * local + local))
             else:
-                heads = self._store.policy.heads
+                heads = self._router.policy.selection.heads
                 indices[name] = list(heads) if heads is not None else list(range(local))
         return indices
 
@@ -368,9 +372,7 @@ class TransformerAttentionHooker:
         None, "rows": "last" / [indices] / {"start", "stop", "step"} or None, "keys":
         the same forms}`` (saved with the capture). Stored calls are ``(batch,
         len(heads), len(rows), len(keys))``."""
-        p = self._store.policy
-        return {"heads": None if p.heads is None else list(p.heads), "rows": describe_positions(p.rows),
-                "keys": describe_positions(p.keys)}
+        return self._router.policy.selection.describe()
 
     def __enter__(self) -> "TransformerAttentionHooker":
         return self.setup()
@@ -403,7 +405,7 @@ class TransformerAttentionHooker:
         session = self._session
         self._head_shards = {self._shown[name]: shard for name, module in self._selected
                              if (shard := head_shard(module)) is not None}
-        self._store.policy.check_tensor_parallel(bool(self._head_shards))
+        self._router.policy.check_tensor_parallel(bool(self._head_shards))
         for module, name in self._capture_targets():
             if isinstance(module, nn.MultiheadAttention):
                 route = MultiheadAttentionRoute.subscribe(module)
@@ -469,13 +471,13 @@ class TransformerAttentionHooker:
         session = self._session
         session.drop_stale_scopes()  # scopes a KeyboardInterrupt left open are closed here
         stack = self._root_counters()
-        stream = self._stream
+        router = self._router
         while stack and not frame_is_live(stack[-1][0]):
             stack.pop()  # a root forward that was interrupted
-            if not stack and stream is not None:
-                stream.end_forward(returned=False, reason="interrupted (KeyboardInterrupt or another BaseException)")
-        if not stack and stream is not None:
-            stream.begin_forward()  # what this forward writes is kept whole or not at all
+            if not stack:
+                router.end_forward(returned=False, reason="interrupted (KeyboardInterrupt or another BaseException)")
+        if not stack:
+            router.begin_forward()  # a stream keeps what this forward writes whole or not at all
         stack.append([module_call_frame(), *session.counters(), self._coverage.generation, False])
 
     def _root_returned_hook(self, module, args, output):
@@ -492,8 +494,7 @@ class TransformerAttentionHooker:
         session = self._session
         if stack:
             return None  # the root called itself: the outer call judges
-        if self._stream is not None:  # raises when a forward that returned could not be written whole
-            self._stream.end_forward(returned=returned)
+        self._router.end_forward(returned=returned)  # a stream raises when it could not write the forward whole
         if output is None:  # the forward raised: its error says more than a warning would
             return None
         events, scopes = session.counters()
