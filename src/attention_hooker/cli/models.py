@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 import torch
+from .._checks import check_device
 from ..errors import CommandError
 
 
@@ -63,7 +64,7 @@ def load_hf_model(path, *, device: Optional[str] = None, dtype: Optional[str] = 
     ``run --generate`` name its layers alike. ``device`` (``"cuda:1"``) and ``dtype``
     (``"bfloat16"``) are checked before loading.
     """
-    target = _check_device(device)
+    target = check_device(device, "--device")
     path = Path(path)
     if not path.exists():
         raise CommandError(f"model path {path} does not exist; give a folder written by save_pretrained()")
@@ -119,21 +120,6 @@ def _load_vision_model(transformers, path: Path, target, dtype) -> LoadedModel:
         raise CommandError(f"{path}/preprocessor_config.json could not be read: {err}") from None
     model = _load_first((transformers.AutoModel,), path, target, dtype)
     return LoadedModel(model, None, type(model).__name__, "vision", processor)
-
-
-def _check_device(device: Optional[str]) -> Optional[torch.device]:
-    """``--device``: a device torch knows and this machine has."""
-    if device is None:
-        return None
-    try:
-        target = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise CommandError(f"--device {device!r} is not a device; expected cpu, cuda, cuda:N or mps") from None
-    if target.type == "cuda" and (not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()):
-        raise CommandError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if target.type == "mps" and not torch.backends.mps.is_available():
-        raise CommandError(f"--device {device}: MPS is not available on this machine")
-    return target
 
 
 def to_model_device(loaded: "LoadedModel", encoding):
