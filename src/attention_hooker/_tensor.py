@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import AttentionHookerError
 
-__all__ = ["to_numpy", "as_heads", "as_batched", "check_tokens", "values_of", "require_positions"]
+__all__ = ["to_numpy", "as_heads", "as_batched", "values_of", "require_positions"]
 
 
 def to_numpy(x) -> np.ndarray:
@@ -62,20 +62,6 @@ def require_positions(shape, where: str) -> None:
             f"{where} has no query or key positions (shape {tuple(shape)}): nothing to draw; "
             "was the input empty, or did it tokenize to nothing?"
         )
-
-
-def check_tokens(tokens: Optional[Sequence], n: int, axis: str, where: str = "attention") -> Optional[list]:
-    """Token labels for an axis of ``n`` positions, as strings.
-
-    Raises:
-        AttentionHookerError: when the count differs from ``n``.
-    """
-    if tokens is None:
-        return None
-    tokens = [str(t) for t in tokens]
-    if len(tokens) != n:
-        raise AttentionHookerError(f"{where} has {n} {axis} positions, while the number of {axis} tokens is {len(tokens)}")
-    return tokens
 
 
 def values_of(source, *, layers: Optional[Sequence[str]] = None, require: bool = True) -> dict:

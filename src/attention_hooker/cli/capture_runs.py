@@ -163,14 +163,13 @@ def capture_text(
 def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, pool, stream, overwrite,
                   notes: List[str]) -> Capture:
     """One forward kept as selected rows, pooled maps, or streamed to disk (with pooled maps to draw)."""
-    from ..selection import resolve_rows, selected_rows
+    from ..selection import selected_rows
     from ..keep.pooling import PooledAttention, block_labels
     from ..keep.stream import format_bytes
+    from ..views.labels import kept_labels
 
     length = len(source)
-    query_tokens = None
-    if rows is not None:
-        query_tokens = [source[i] for i in resolve_rows(selected_rows(hooker), length, "the text")]
+    query_tokens = None if rows is None else kept_labels(source, selected_rows(hooker), "the text")
     pooled = None
     if pool is not None or stream is not None:
         pooled = PooledAttention(size=pool or 256)

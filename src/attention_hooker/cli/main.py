@@ -201,7 +201,8 @@ def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0,
         raw = capture.raw_values or capture.values
         from ..io.saved import save_values
 
-        save_values(raw, save, tokens=capture.tokens[-1], model_class=loaded.name, selection=capture.hooker.selection)
+        # Every list (an encoder-decoder's source and target): the page of the saved capture labels every axis.
+        save_values(raw, save, tokens=capture.tokens, model_class=loaded.name, selection=capture.hooker.selection)
         files["saved"] = save
     print(workflows.summary(loaded, capture, files, time.perf_counter() - start))
 

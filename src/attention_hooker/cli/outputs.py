@@ -53,6 +53,7 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
     ``out``, showing progress over the grids on ``progress_stream`` (stderr); returns the paths."""
     from tqdm.auto import tqdm
 
+    from ..views.labels import AxisLabels
     from ..views.page import render_html
     from ..views.plot import plot_attention_grid, plot_attention_overview
 
@@ -62,15 +63,12 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
         for stale in grids_dir.glob("*.png"):
             stale.unlink()
     written = []
-    token_lists = capture.tokens
+    labels = AxisLabels(capture.tokens, query_tokens=capture.query_tokens)  # the page's rule, layer by layer
     layers = list(capture.values.items()) if grids else []
     for name, calls in tqdm(layers, desc="pictures", unit=" layers", file=progress_stream or sys.stderr,
                             disable=len(layers) < 2, leave=False):
         weights = calls[0]
-        n_query, n_key = weights.shape[-2:]
-        q_tokens = next((t for t in ([capture.query_tokens] if capture.query_tokens else []) + token_lists
-                         if len(t) == n_query), None)
-        k_tokens = next((t for t in token_lists if len(t) == n_key), None)
+        q_tokens, k_tokens = labels.axes(tuple(weights.shape))
         path = grids_dir / f"{_safe_name(name)}.png"
         fig = plot_attention_grid(weights, query_tokens=q_tokens, key_tokens=k_tokens, layer_name=name, save_path=path,
                                   color_scale=color_scale)
@@ -88,7 +86,7 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
         rollout_path = out / "rollout.png"
         plot_vit_attention(attention_rollout(capture.values), image, prefix_tokens=prefix, heads=None,
                            title=f"{title}: attention rollout from CLS", save_path=rollout_path).clear()
-    page = render_html(capture.values, tokens=token_lists, query_tokens=capture.query_tokens,
+    page = render_html(capture.values, tokens=capture.tokens, query_tokens=capture.query_tokens,
                        title=title).save(out / "attention.html")
     return {"grids": written, "overview": overview, "page": Path(page), "grids_skipped": not grids,
             "rollout": rollout_path}
@@ -115,6 +113,14 @@ def notable_heads(values, tokens: Sequence[str]) -> List[str]:
     return lines
 
 
+def _key_labels(capture: Capture, weights) -> List[str]:
+    """The labels of the keys of ``weights`` ``(batch, heads, query, key)`` (the page's rule), else
+    the first list of tokens."""
+    from ..views.labels import AxisLabels
+
+    return AxisLabels(capture.tokens).axes(tuple(weights.shape))[1] or capture.tokens[0]
+
+
 def summary(loaded: LoadedModel, capture: Capture, files: Dict[str, object], seconds: float) -> str:
     first = next(iter(capture.values.values()))[0]
     heads = sorted({calls[0].shape[1] for calls in capture.values.values()})
@@ -139,7 +145,7 @@ def summary(loaded: LoadedModel, capture: Capture, files: Dict[str, object], sec
         lines.append(f"saved:   {files['saved']}")
     lines += [f"note:    {note}" for note in capture.notes or []]
     notes = [] if capture.pooled_from else notable_heads(  # a pooled block is not a token
-        capture.values, capture.tokens[-1] if first.shape[-1] == len(capture.tokens[-1]) else capture.tokens[0])
+        capture.values, _key_labels(capture, first))
     if notes:
         lines.append("notable heads:")
         lines += [f"  - {n}" for n in notes]

@@ -16,8 +16,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._checks import prepare_output_path, token_lists
-from ..selection import resolve_rows, selected_rows
+from .._axis_labels import AxisLabels
+from .._checks import prepare_output_path
+from ..selection import selected_rows
 from .._tensor import as_batched, values_of
 from ..errors import AttentionHookerError
 from ..values import AttentionValues
@@ -101,10 +102,7 @@ def save_values(
         name: [as_batched(tensor, f"layer {name!r} call {call}") for call, tensor in enumerate(calls)]
         for name, calls in values.items()
     }  # each (batch, heads, query, key)
-    token_sets = token_lists(tokens)
-    for token_set in token_sets or []:
-        _check_tokens_fit(token_set, values, selection)
-    tokens = None if token_sets is None else (token_sets[0] if len(token_sets) == 1 else token_sets)
+    tokens = _checked_tokens(tokens, values, selection)
     path = prepare_output_path(path, what="capture")
     tensors: Dict[str, torch.Tensor] = {}
     layers: List[str] = []
@@ -137,27 +135,16 @@ def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _check_tokens_fit(tokens: List[str], values: Mapping, selection: Optional[Mapping] = None) -> None:
-    """Tokens must label the query or key axis of at least one call (or, where the capture
-    kept some rows or keys, both axes of a call through that selection)."""
-    lengths = {n for calls in values.values() for t in calls for n in tuple(t.shape)[-2:]}
+def _checked_tokens(tokens, values: Mapping, selection: Optional[Mapping]) -> Union[None, List[str], List[List[str]]]:
+    """The tokens as saved (one list, or a list of lists), each list labelling some axis of some
+    call by the views' rule (:class:`~attention_hooker._axis_labels.AxisLabels`), through the
+    capture's kept rows and keys where it kept some."""
+    if tokens is None:
+        return None
     selected = SimpleNamespace(metadata={"selection": dict(selection or {})})
-    rows, keys = selected_rows(selected), selected_rows(selected, "keys")
-    if rows is not None or keys is not None:
-        try:
-            kept = tuple(n if sel is None else len(resolve_rows(sel, n, "the tokens", axis))
-                         for sel, axis, n in ((rows, "rows", len(tokens)), (keys, "keys", len(tokens))))
-        except AttentionHookerError:
-            kept = None
-        if kept in {tuple(t.shape)[-2:] for calls in values.values() for t in calls}:
-            return
-    if len(tokens) not in lengths:
-        name, calls = next((n, c) for n, c in values.items() if len(c))
-        q, k = tuple(calls[0].shape)[-2:]
-        raise AttentionHookerError(
-            f"{len(tokens)} tokens label no axis of the capture: layer {name!r} has {q} query and {k} key positions "
-            f"(axis lengths in the capture: {sorted(lengths)})"
-        )
+    labels = AxisLabels(tokens, rows=selected_rows(selected), keys=selected_rows(selected, "keys"))
+    labels.check([(f"layer {name!r}", tuple(t.shape)) for name, calls in values.items() for t in calls])
+    return labels.lists[0] if len(labels.lists) == 1 else labels.lists
 
 
 def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None, partial: bool = False) -> SavedAttention:

@@ -1,10 +1,14 @@
-"""Layer names short enough to read in a row label, and still telling layers apart."""
+"""Labels of the views: layer names short enough to read in a row label and still telling layers
+apart, and the token-to-axis rule (:class:`AxisLabels`, kept below ``io`` in ``_axis_labels`` so
+that saving checks tokens the way the views place them)."""
 
 from __future__ import annotations
 
 from typing import List, Sequence
 
-__all__ = ["short_layer_names"]
+from .._axis_labels import SHOWN_CHARS, AxisLabels, kept_labels, shown_label, thinned_positions
+
+__all__ = ["short_layer_names", "AxisLabels", "SHOWN_CHARS", "shown_label", "thinned_positions", "kept_labels"]
 
 
 def short_layer_names(names: Sequence[str]) -> List[str]:

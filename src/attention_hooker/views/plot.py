@@ -12,10 +12,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .labels import short_layer_names
-from .._checks import (check_heads, non_negative_int, positive_int, positive_number, prepare_output_path,
-                      token_lists)
-from .._tensor import as_heads, check_tokens, require_positions, values_of
+from .labels import AxisLabels, short_layer_names, shown_label, thinned_positions
+from .._checks import check_heads, non_negative_int, positive_int, positive_number, prepare_output_path
+from .._tensor import as_heads, require_positions, values_of
 from ..errors import AttentionHookerError
 
 __all__ = ["plot_attention_grid", "plot_attention_overview"]
@@ -66,54 +65,44 @@ def save_figure(fig, save_path) -> None:
     fig.savefig(path)  # constrained layout already fits everything: no second, "tight" pass
 
 
-def _tick_positions(n: int, max_labels: int) -> list:
-    step = max(1, math.ceil(n / max_labels))
-    return list(range(0, n, step))
-
-
-def _label_axes(ax, query_tokens, key_tokens, n_query, n_key, max_labels, show_query, show_key=True):
+def _label_axes(ax, query_tokens, key_tokens, max_labels: int, show_query: bool, show_key: bool) -> None:
+    """Token labels (each cut as :func:`~attention_hooker.views.labels.shown_label` cuts it, at most
+    ``max_labels`` an axis) on the keys below a panel and the queries left of it, where shown."""
     if key_tokens is not None and show_key:
-        ticks = _tick_positions(n_key, max_labels)
+        ticks = thinned_positions(len(key_tokens), max_labels)
         ax.set_xticks(ticks)
-        ax.set_xticklabels([key_tokens[i] for i in ticks], rotation=90, fontsize=7)
+        ax.set_xticklabels([shown_label(key_tokens[i]) for i in ticks], rotation=90, fontsize=7)
     else:
         ax.set_xticks([])
     if query_tokens is not None and show_query:
-        ticks = _tick_positions(n_query, max_labels)
+        ticks = thinned_positions(len(query_tokens), max_labels)
         ax.set_yticks(ticks)
-        ax.set_yticklabels([query_tokens[i] for i in ticks], fontsize=7)
+        ax.set_yticklabels([shown_label(query_tokens[i]) for i in ticks], fontsize=7)
     else:
         ax.set_yticks([])
+    if show_query:
+        ax.set_ylabel("query", fontsize=8)
+    if show_key:
+        ax.set_xlabel("key", fontsize=8)
 
 
-def resolve_tokens(tokens, query_tokens, key_tokens, n_query: int, n_key: int):
-    """Query and key labels from ``tokens`` (one list for a square matrix, or the axis it fits)."""
-    query_tokens = None if query_tokens is None else token_lists(query_tokens, "query_tokens")[0]
-    key_tokens = None if key_tokens is None else token_lists(key_tokens, "key_tokens")[0]
-    if tokens is not None:
-        lists = token_lists(tokens)
-        if len(lists) != 1:
-            raise AttentionHookerError(
-                f"tokens holds {len(lists)} lists; a plot takes one list of labels, or query_tokens= and "
-                "key_tokens= for cross-attention"
-            )
-        tokens = lists[0]
-        if n_query == n_key and len(tokens) == n_query:
-            query_tokens = query_tokens if query_tokens is not None else tokens
-            key_tokens = key_tokens if key_tokens is not None else tokens
-        elif len(tokens) == n_key and key_tokens is None:
-            key_tokens = tokens
-        elif len(tokens) == n_query and query_tokens is None:
-            query_tokens = tokens
-        else:
-            raise AttentionHookerError(
-                f"attention has {n_query} query and {n_key} key positions, while the number of tokens is "
-                f"{len(tokens)}; for cross-attention pass query_tokens= and key_tokens="
-            )
-    return (
-        check_tokens(query_tokens, n_query, "query"),
-        check_tokens(key_tokens, n_key, "key"),
-    )
+def resolve_tokens(tokens, query_tokens, key_tokens, shape, batch_index: int = 0):
+    """Query and key labels of batch item ``batch_index`` of attention of ``shape`` ``(batch, heads,
+    query, key)``, by the one token-to-axis rule (:class:`~attention_hooker.views.labels.AxisLabels`).
+    A plot takes one list of ``tokens`` (or one per batch item); ``None`` for an axis none fits.
+
+    Raises:
+        AttentionHookerError: for several lists that are not one per batch item, or labels
+            that fit no axis of the attention.
+    """
+    labels = AxisLabels(tokens, query_tokens=query_tokens, key_tokens=key_tokens)
+    if len(labels.lists) > 1 and not labels.per_batch(shape[0]):
+        raise AttentionHookerError(
+            f"tokens holds {len(labels.lists)} lists; a plot takes one list of labels (or one per batch item), "
+            "or query_tokens= and key_tokens= for cross-attention"
+        )
+    labels.check([("it", shape)], scope="the attention", hint="for cross-attention pass query_tokens= and key_tokens=")
+    return labels.axes(shape, batch_index)
 
 
 def plot_attention_grid(
@@ -139,7 +128,8 @@ def plot_attention_grid(
         attn: ``(batch, heads, query, key)`` or ``(heads, query, key)``; torch or
             numpy, any float dtype.
         tokens: labels for both axes (square), or for the axis whose length they
-            match (cross-attention).
+            match (cross-attention); or one list per batch item. Each label shows its
+            first 64 characters (the page's rule: :class:`~attention_hooker.views.labels.AxisLabels`).
         layer_name: shown in the title.
         save_path: file to write; missing folders are created; the format comes
             from the extension (png, svg, pdf, ...).
@@ -178,7 +168,9 @@ def plot_attention_grid(
     ncols = positive_int(ncols, "ncols", allow_none=True)
     panel_size = positive_number(panel_size, "panel_size")
     colormap = colormap_named(cmap)
-    query_tokens, key_tokens = resolve_tokens(tokens, query_tokens, key_tokens, n_query, n_key)
+    batch = np.shape(attn)[0] if np.ndim(attn) == 4 else 1
+    query_tokens, key_tokens = resolve_tokens(tokens, query_tokens, key_tokens, (batch, n_heads, n_query, n_key),
+                                              batch_index)
 
     shown = weights[heads]
     finite = np.isfinite(shown)
@@ -205,12 +197,7 @@ def plot_attention_grid(
             title += " (non-finite in red)"
         ax.set_title(title, fontsize=9)
         bottom = slot + ncols >= len(heads)  # nothing drawn below this panel
-        _label_axes(ax, query_tokens, key_tokens, n_query, n_key, max_labels, show_query=slot % ncols == 0,
-                    show_key=bottom)
-        if slot % ncols == 0:
-            ax.set_ylabel("query", fontsize=8)
-        if bottom:
-            ax.set_xlabel("key", fontsize=8)
+        _label_axes(ax, query_tokens, key_tokens, max_labels, show_query=slot % ncols == 0, show_key=bottom)
     fig.colorbar(image, ax=axes, shrink=0.8, label=_weight_label(color_scale))
     fig.suptitle(
         f"{layer_name + ' - ' if layer_name else ''}{n_query} queries x {n_key} keys"

@@ -19,11 +19,11 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..._checks import positive_int, prepare_output_path, token_lists
-from ...selection import resolve_rows, selected_rows
+from ..._checks import positive_int, prepare_output_path
+from ...selection import selected_rows
 from ..._tensor import as_batched, require_positions, values_of
 from ...errors import AttentionHookerError
-from ..labels import short_layer_names
+from ..labels import SHOWN_CHARS, AxisLabels, short_layer_names
 from .long_calls import encode_long_call, is_long
 
 __all__ = ["render_html", "AttentionPage", "encode_weights", "decode_weights"]
@@ -155,69 +155,31 @@ def _asset(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
-class _TokenSets:
-    """Token label lists; each axis gets the first list of its length. With ``rows`` and
-    ``keys`` (the query rows and keys a capture kept), a layer whose axes both come from
-    one list of tokens takes the tokens of the kept rows and keys."""
+class _LabelSets:
+    """The label lists the page carries (``tokenSets``), each once; a call names its axes' lists by
+    index (one index per batch item where the tokens are one list per batch item)."""
 
-    def __init__(self, tokens, query_tokens, key_tokens, rows=None, keys=None):
+    def __init__(self, labels: AxisLabels):
+        self.labels = labels
         self.sets: List[List[str]] = []
-        self._given = [self._add(t) for t in token_lists(tokens) or []]
-        self.query = None if query_tokens is None else self._add(_one_list(query_tokens, "query_tokens"))
-        self.key = None if key_tokens is None else self._add(_one_list(key_tokens, "key_tokens"))
-        self._selection = {"rows": rows, "keys": keys}
-        self._subsets: Dict[tuple, int] = {}  # (given list, "rows" or "keys") -> the list of the kept ones
+        self._index: Dict[int, int] = {}  # id of a list the labels gave -> its index (the labels hold it)
 
-    def _add(self, tokens) -> int:
-        self.sets.append([_page_text(str(t)) for t in tokens])
-        return len(self.sets) - 1
-
-    def pick_axes(self, layer: str, shape) -> tuple:
-        """``(query labels, key labels)`` indices for a call of ``shape`` ``(B, H, Q, K)``."""
-        if any(v is not None for v in self._selection.values()):
-            for index in self._given:
-                query = self._kept(index, "rows", shape[2], layer)
-                key = self._kept(index, "keys", shape[3], layer)
-                if query is not None and key is not None:
-                    return query, key
-        return self.pick(shape[2], "query", layer, shape), self.pick(shape[3], "key", layer, shape)
-
-    def _kept(self, index: int, axis: str, length: int, layer: str) -> Optional[int]:
-        tokens, selection = self.sets[index], self._selection[axis]
-        if selection is None:
-            return index if len(tokens) == length else None
-        try:
-            kept = resolve_rows(selection, len(tokens), f"layer {layer!r}", axis)
-        except AttentionHookerError:
+    def _carried(self, tokens: Optional[List[str]]) -> Optional[int]:
+        if tokens is None:
             return None
-        if len(kept) != length:
-            return None
-        if (index, axis) not in self._subsets:
-            self._subsets[(index, axis)] = self._add([tokens[i] for i in kept])
-        return self._subsets[(index, axis)]
+        if id(tokens) not in self._index:
+            self._index[id(tokens)] = len(self.sets)
+            self.sets.append([_page_text(str(t)) for t in tokens])
+        return self._index[id(tokens)]
 
-    def pick(self, n: int, axis: str, layer: str, shape) -> Optional[int]:
-        preferred = self.query if axis == "query" else self.key
-        if preferred is not None and len(self.sets[preferred]) == n:
-            return preferred
-        for index in self._given:
-            if len(self.sets[index]) == n:
-                return index
-        if not self.sets:
-            return None
-        counts = sorted({len(s) for s in self.sets})
-        raise AttentionHookerError(
-            f"layer {layer!r} has attention {tuple(shape)}: {shape[2]} query and {shape[3]} key positions, "
-            f"while the number of tokens is {' or '.join(map(str, counts))}; pass tokens of each length "
-            "(tokens=[source_tokens, target_tokens]) or query_tokens=/key_tokens="
-        )
-
-
-def _one_list(tokens, name: str) -> List[str]:
-    lists = token_lists(tokens, name)
-    if len(lists) != 1:
-        raise AttentionHookerError(f"{name} must be one list of token strings, got {len(lists)} lists")
-    return lists[0]
+    def of_call(self, shape) -> dict:
+        """``{"queryTokens", "keyTokens"}`` of a call of ``shape`` ``(batch, heads, query, key)``."""
+        if self.labels.per_batch(shape[0]):
+            pairs = [self.labels.axes(shape, b) for b in range(shape[0])]
+            return {"queryTokens": [self._carried(q) for q, _ in pairs],
+                    "keyTokens": [self._carried(k) for _, k in pairs]}
+        query, key = self.labels.axes(shape)
+        return {"queryTokens": self._carried(query), "keyTokens": self._carried(key)}
 
 
 class AttentionPage:
@@ -305,9 +267,11 @@ def render_html(
         source: a hooker, a loaded capture, or ``{layer_name: [tensor per call]}``
             with tensors ``(batch, heads, query, key)``.
         tokens: labels; a list of lists when axes differ in length (encoder and
-            decoder tokens): each axis takes the first list of its length. A
-            loaded capture's own tokens by default. When the capture kept some
-            query rows or keys (``rows=``, ``keys=``), their tokens label the axes.
+            decoder tokens): each axis takes the first list of its length; or
+            one list per batch item. A loaded capture's own tokens by default.
+            When the capture kept some query rows or keys (``rows=``, ``keys=``),
+            their tokens label the axes. An axis no list fits shows its
+            positions (the rule: :class:`~attention_hooker.views.labels.AxisLabels`).
         query_tokens: labels of the query axis of cross-attention layers.
         key_tokens: labels of the key axis of cross-attention layers.
         layers: the layer names to include (default: all).
@@ -324,7 +288,7 @@ def render_html(
 
     Raises:
         AttentionHookerError: on empty values, a wrong shape, an unknown layer,
-            tokens that fit neither axis or are not a list of strings, a title
+            tokens that fit no axis of any call or are not a list of strings, a title
             that is not a string, a compression level outside 0..9, or a
             ``pool_above``, ``pool_size`` or ``top_keys`` that is not a positive int,
             or ``head_scores`` naming an unknown layer or giving a layer the wrong
@@ -342,10 +306,7 @@ def render_html(
         raise AttentionHookerError(f"compression_level={compression_level!r} must be an int in 0..9 (zlib's levels)")
     pool_above, pool_size = positive_int(pool_above, "pool_above"), positive_int(pool_size, "pool_size")
     top_keys = positive_int(top_keys, "top_keys")
-    if tokens is None and query_tokens is None and key_tokens is None:
-        tokens = getattr(source, "tokens", None)  # a loaded capture's own
-    token_sets = _TokenSets(tokens, query_tokens, key_tokens, rows=selected_rows(source),
-                            keys=selected_rows(source, "keys"))
+    token_sets = _LabelSets(_axis_labels(source, tokens, query_tokens, key_tokens))
     payload = _Payload()
     layer_meta = []
     for name, calls in values.items():
@@ -359,7 +320,7 @@ def render_html(
                 "shape": shape,
                 "scores": _builtin_scores(weights),
                 "scales": [round(float(s), 7) for s in scales.flatten()],
-                **dict(zip(("queryTokens", "keyTokens"), token_sets.pick_axes(name, shape))),
+                **token_sets.of_call(shape),
                 "nonfinite": bool((codes == NONFINITE_CODE).any()),
                 "maskedKeys": _masked_keys(weights),
             }
@@ -384,6 +345,7 @@ def render_html(
         "title": title,
         "layers": layer_meta,
         "tokenSets": token_sets.sets,
+        "labelChars": SHOWN_CHARS,
         "encoding": {"top": _TOP_CODE, "nonfinite": NONFINITE_CODE, "scale": "linear"},
         "bytes": payload.size,
     }
@@ -399,3 +361,24 @@ def render_html(
     # One pass: text put in (tokens, layer names) is never searched for placeholders again.
     page = _PLACEHOLDER.sub(lambda m: parts[m.group(0)], _asset("template.html"))
     return AttentionPage(page, title)
+
+
+def _axis_labels(source, tokens, query_tokens, key_tokens) -> AxisLabels:
+    """The labels of the page's axes: those given, else a loaded capture's own; a capture that kept
+    some query rows or keys labels them with their tokens. Every list must label some axis of
+    some call of the capture (any layer, shown or not).
+
+    Raises:
+        AttentionHookerError: for labels that are not lists of strings, or fit no axis.
+    """
+    if tokens is None and query_tokens is None and key_tokens is None:
+        tokens = getattr(source, "tokens", None)  # a loaded capture's own
+    labels = AxisLabels(tokens, query_tokens=query_tokens, key_tokens=key_tokens, rows=selected_rows(source),
+                        keys=selected_rows(source, "keys"))
+    if labels.given:
+        shapes = [(f"layer {name!r}", tuple(t.shape)) for name, calls in values_of(source, require=False).items()
+                  for t in calls if len(t.shape) >= 2]  # a call of another shape is refused where it is drawn
+        if shapes:
+            labels.check(shapes, hint="pass tokens of each length (tokens=[source_tokens, target_tokens]) or "
+                                      "query_tokens=/key_tokens=")
+    return labels

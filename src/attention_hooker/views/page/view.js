@@ -5,7 +5,7 @@
   const $ = (id) => document.getElementById(id);
   const status = $("ah-status");
   const ROW = 16; // px per token row in the head view
-  const LABEL = 64; // the most characters a label shows; the whole text (up to 1,000) is on hover
+  const LABEL = meta.labelChars; // the most characters a label shows (as in the plots); the whole text (up to 1,000) is on hover
   const shortLabel = (text) => {
     if (text.length <= LABEL) return text;
     const chars = Array.from(text); // characters, so that a cut never splits a surrogate pair
@@ -44,7 +44,11 @@
     const calls = meta.layers[layer].calls;
     return calls[Math.min(call, calls.length - 1)];
   };
-  const tokensOf = (index, n) => (index === null || index === undefined ? Array.from({ length: n }, (_, i) => String(i)) : meta.tokenSets[index]);
+  // An axis's labels: a list's index, one index per batch item (tokens given per item), or none (positions).
+  const tokensOf = (index, n) => {
+    const i = Array.isArray(index) ? index[Math.min(state.batch, index.length - 1)] : index;
+    return i === null || i === undefined ? Array.from({ length: n }, (_, j) => String(j)) : meta.tokenSets[i];
+  };
 
   // One head's matrix as codes (Uint8Array view, row-major query x key) and its scale. A long
   // call gives its pooled map: Q x K blocks of c.pooled.block tokens, each its largest code.
