@@ -13,7 +13,7 @@ _EXPORTS = {
     "stitch_steps": "analysis.core", "sdpa_attention_weights": "capture.routes.sdpa", "find_attention_modules": "capture.discovery",
     "AttentionCaptureWarning": "errors", "AttentionHookerError": "errors", "AttentionHookerTypeError": "errors",
     "TransformerAttentionHooker": "hooker", "SavedAttention": "io.saved", "load": "io.saved", "to_bertviz": "io.saved",
-    "to_numpy": "io.saved", "AttentionPage": "views.page", "render_html": "views.page", "KeyReductions": "keep.pooling",
+    "to_numpy": "io.saved", "AttentionPage": "views.page", "render_html": "page_scores", "KeyReductions": "keep.pooling",
     "PooledAttention": "keep.pooling", "plot_attention_grid": "views.plot", "plot_attention_overview": "views.plot",
     "plot_vit_attention": "views.vit", "vit_attention_map": "views.vit", "AttentionValues": "values",
     "previous_token_score": "analysis.roles", "duplicate_token_score": "analysis.roles", "induction_score": "analysis.roles",

@@ -153,7 +153,7 @@ def write_head_roles_page(loaded: LoadedModel, text: str, roles: Dict[str, Dict[
                           layers: Optional[str] = None) -> Path:
     """``head_roles.html``: the page of ``text``'s attention, its overview coloured by any role score."""
     from ..hooker import TransformerAttentionHooker
-    from ..views.page import render_html
+    from ..page_scores import render_html
 
     out = prepare_out(out)
     enc = to_model_device(loaded, loaded.tokenizer(text, return_tensors="pt", truncation=True))

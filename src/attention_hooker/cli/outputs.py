@@ -53,8 +53,8 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
     ``out``, showing progress over the grids on ``progress_stream`` (stderr); returns the paths."""
     from tqdm.auto import tqdm
 
+    from ..page_scores import render_html
     from ..views.labels import AxisLabels
-    from ..views.page import render_html
     from ..views.plot import plot_attention_grid, plot_attention_overview
 
     out = prepare_out(out)

@@ -15,7 +15,7 @@ import os
 import re
 import zlib
 from importlib import resources
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -26,7 +26,11 @@ from ...errors import AttentionHookerError
 from ..labels import SHOWN_CHARS, AxisLabels, short_layer_names
 from .long_calls import encode_long_call, is_long
 
-__all__ = ["render_html", "AttentionPage", "encode_weights", "decode_weights"]
+__all__ = ["render_html", "AttentionPage", "PageScores", "encode_weights", "decode_weights"]
+
+PageScores = Mapping[str, Sequence[Mapping[str, object]]]
+"""Per-head scores of each call, to colour the overview by: ``{layer name: [{score name: (batch,
+heads) numbers} per call]}`` (a tensor or nested lists; a layer or call left out has none)."""
 
 _PLACEHOLDER = re.compile(r"__TITLE__|__META__|__PAYLOAD__|/\*__CSS__\*/|/\*__JS__\*/")
 NONFINITE_CODE = 255
@@ -108,26 +112,24 @@ class _Payload:
         return b"".join(self.chunks)
 
 
-def _builtin_scores(weights: torch.Tensor) -> Dict[str, list]:
-    """Per-head scores the page can colour the overview by: ``{name: [[score per head] per batch item]}``."""
-    from ...analysis.stats import head_entropy, sink_share
-    from ...analysis.roles import head_confidence, previous_token_score
+def _call_scores(scores: Optional[PageScores], name: str, call: int, shape) -> Dict[str, list]:
+    """The scores given for call ``call`` of layer ``name`` (``shape`` ``(batch, heads, query, key)``)
+    as the page carries them: ``{score name: [[score per head] per batch item]}``, 6 decimals.
 
-    functions = {"first-token share": lambda w: sink_share(w, [0]), "confidence": head_confidence,
-                 "entropy (nats)": head_entropy}
-    if weights.shape[-1] == weights.shape[-2] and weights.shape[-1] > 1:
-        functions["previous token"] = previous_token_score
-    tables = {name: [] for name in functions}
-    try:
-        for head in range(weights.shape[1]):  # one head at a time: a long call's float64 copy stays small
-            w = weights[:, head: head + 1].detach().to("cpu", torch.float64)
-            w = torch.where(torch.isfinite(w), w, torch.zeros((), dtype=w.dtype))
-            for name, function in functions.items():
-                tables[name].append(function(w)[:, 0])  # (B,)
-    except AttentionHookerError:  # not attention probabilities (a test's random numbers): no scores
+    Raises:
+        AttentionHookerError: when a score is not one number per batch item and head.
+    """
+    per_call = (scores or {}).get(name) or ()
+    if call >= len(per_call) or not per_call[call]:
         return {}
-    return {name: [[round(float(x), 6) for x in row] for row in torch.stack(columns, dim=1)]
-            for name, columns in tables.items()}
+    carried = {}
+    for score, table in per_call[call].items():
+        rows = table.tolist() if hasattr(table, "tolist") else [list(row) for row in table]
+        if len(rows) != shape[0] or any(len(row) != shape[1] for row in rows):
+            raise AttentionHookerError(f"scores[{name!r}][{call}][{score!r}] must hold (batch, heads) = "
+                                       f"{tuple(shape[:2])} numbers, one per batch item and head")
+        carried[_page_text(str(score))] = [[round(float(x), 6) for x in row] for row in rows]
+    return carried
 
 
 def _add_head_scores(layer_meta: list, head_scores) -> None:
@@ -236,67 +238,30 @@ def render_html(
     pool_size: int = 256,
     top_keys: int = 8,
     head_scores: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
+    scores: Optional[PageScores] = None,
 ) -> AttentionPage:
-    """One offline, self-contained interactive page of captured attention.
-
-    Views: the layers x heads overview (a click selects a head), a head view
-    (query tokens on the left, key tokens on the right, lines from the selected
-    token weighted by attention, heads coloured and toggleable), and the matrix
-    of the selected layer and head with the value under the pointer. Selectors
-    for layer, call (for layers called several times), batch item and head.
-
-    A call longer than ``pool_above`` tokens on either axis is carried as its
-    pooled map (blocks of tokens, each block's largest weight, at most
-    ``pool_size`` blocks a side) and each query's ``top_keys`` largest weights
-    (see :mod:`attention_hooker.views.page.long_calls`): the matrix shows the pooled
-    map, a click on a block shows the tokens inside it, and the head view lists
-    each query's largest weights with the share of its attention they hold.
-    (Measured: MiniLM's 512-token page weighs 5.9 MB whole and 1.4 MB with
-    ``pool_above=256``; ``benchmarks/bench_page.py``.)
-
-    The overview can be coloured by a score per head instead of the maps: the
-    page computes first-token share, confidence, entropy and (self-attention)
-    previous-token score of every call and batch item; ``head_scores`` adds
-    others (importance, retrieval, ... from ``attention-hooker heads``).
-
-    Text the page carries (title, tokens, layer and score names) can always be
-    saved: a lone surrogate becomes U+FFFD, and a text past 1,000 characters is
-    cut (a label shows its first 64, the rest on hover).
+    """The page of captured attention, with the per-head scores it is given: it draws, and
+    computes no score. :func:`attention_hooker.render_html` (the public one, documented there)
+    gives it first-token share, confidence, entropy and previous-token score of every call.
 
     Args:
-        source: a hooker, a loaded capture, or ``{layer_name: [tensor per call]}``
-            with tensors ``(batch, heads, query, key)``.
-        tokens: labels; a list of lists when axes differ in length (encoder and
-            decoder tokens): each axis takes the first list of its length; or
-            one list per batch item. A loaded capture's own tokens by default.
-            When the capture kept some query rows or keys (``rows=``, ``keys=``),
-            their tokens label the axes. An axis no list fits shows its
-            positions (the rule: :class:`~attention_hooker.views.labels.AxisLabels`).
-        query_tokens: labels of the query axis of cross-attention layers.
-        key_tokens: labels of the key axis of cross-attention layers.
-        layers: the layer names to include (default: all).
-        title: the page title.
-        compression_level: zlib level (1 fastest, 9 smallest).
-        pool_above: the longest axis, in tokens, carried whole (default 512).
-        pool_size: the most blocks a side of a long call's pooled map (default 256).
-        top_keys: the keys kept of each query row of a long call (default 8).
-        head_scores: more scores to colour the overview by: ``{score name: {layer
-            name: one number per head}}`` (NaN where a score does not apply).
+        source, tokens, query_tokens, key_tokens, layers, title, compression_level, pool_above,
+            pool_size, top_keys, head_scores: as in :func:`attention_hooker.render_html`; the
+            tokens go on the axes by :class:`~attention_hooker.views.labels.AxisLabels`.
+        scores: per-head scores of each call to colour the overview by (:data:`PageScores`):
+            ``{layer name: [{score name: (batch, heads) numbers} per call]}``; none by default.
 
     Returns:
         An :class:`AttentionPage`.
 
     Raises:
-        AttentionHookerError: on empty values, a wrong shape, an unknown layer,
-            tokens that fit no axis of any call or are not a list of strings, a title
-            that is not a string, a compression level outside 0..9, or a
-            ``pool_above``, ``pool_size`` or ``top_keys`` that is not a positive int,
-            or ``head_scores`` naming an unknown layer or giving a layer the wrong
-            number of heads.
+        AttentionHookerError: as :func:`attention_hooker.render_html` does, and for scores that
+            are not one number per batch item and head.
 
     Example:
-        >>> page = render_html({"layer": [torch.rand(1, 2, 3, 3).softmax(-1)]}, tokens=["a", "b", "c"])
-        >>> page.html.startswith("<!DOCTYPE html>") and "http://" not in page.html
+        >>> page = render_html({"layer": [torch.rand(1, 2, 3, 3).softmax(-1)]}, tokens=["a", "b", "c"],
+        ...                    scores={"layer": [{"made up": torch.ones(1, 2)}]})
+        >>> page.html.startswith("<!DOCTYPE html>") and '"made up":[[1.0,1.0]]' in page.html
         True
     """
     values = values_of(source, layers=layers)
@@ -318,7 +283,7 @@ def render_html(
             codes, scales = encode_weights(weights)
             entry = {
                 "shape": shape,
-                "scores": _builtin_scores(weights),
+                "scores": _call_scores(scores, name, i, shape),
                 "scales": [round(float(s), 7) for s in scales.flatten()],
                 **token_sets.of_call(shape),
                 "nonfinite": bool((codes == NONFINITE_CODE).any()),

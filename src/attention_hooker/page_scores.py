@@ -1,0 +1,156 @@
+"""The public :func:`render_html`: the page of a capture with the per-head scores its overview
+can be coloured by.
+
+The page (``views/page``) draws what it is given and computes no score: views do not import the
+analyses (pyproject.toml, the import-linter contracts). The scores are computed here, one layer
+above the views, and handed to it; ``attention_hooker.render_html`` is this function.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ._tensor import as_batched, values_of
+from .analysis.roles import head_confidence, previous_token_score
+from .analysis.stats import head_entropy, sink_share
+from .errors import AttentionHookerError
+from .views.page import AttentionPage, PageScores
+from .views.page import render_html as render_page
+
+__all__ = ["render_html", "page_scores", "call_scores"]
+
+
+def call_scores(weights: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The page's own scores of one call ``(batch, heads, query, key)``: ``{name: (batch, heads)}``
+    float64: first-token share, confidence, entropy (nats) and, for square calls of more than
+    one token, previous-token score; ``{}`` for weights that are not attention probabilities.
+
+    Each head is scored on its own (a long call's float64 copy stays one head), its non-finite
+    weights read as 0.
+
+    Example:
+        >>> sorted(call_scores(torch.rand(1, 2, 3, 3).softmax(-1)))
+        ['confidence', 'entropy (nats)', 'first-token share', 'previous token']
+        >>> call_scores(torch.rand(1, 2, 3, 3).softmax(-1))["confidence"].shape
+        torch.Size([1, 2])
+    """
+    functions = {"first-token share": lambda w: sink_share(w, [0]), "confidence": head_confidence,
+                 "entropy (nats)": head_entropy}
+    if weights.shape[-1] == weights.shape[-2] and weights.shape[-1] > 1:
+        functions["previous token"] = previous_token_score
+    tables: Dict[str, List[torch.Tensor]] = {name: [] for name in functions}
+    try:
+        for head in range(weights.shape[1]):
+            w = weights[:, head: head + 1].detach().to("cpu", torch.float64)
+            w = torch.where(torch.isfinite(w), w, torch.zeros((), dtype=w.dtype))
+            for name, function in functions.items():
+                tables[name].append(function(w)[:, 0])  # (B,)
+    except AttentionHookerError:  # not attention probabilities (a test's random numbers): no scores
+        return {}
+    return {name: torch.stack(columns, dim=1) for name, columns in tables.items()}
+
+
+def page_scores(source, *, layers: Optional[Sequence[str]] = None) -> PageScores:
+    """The page's own scores of every call: ``{layer name: [{score name: (batch, heads)} per call]}``.
+
+    A call the page will refuse (not ``(batch, heads, query, key)``, or without positions) gets
+    none here: the page says what is wrong with it.
+    """
+    try:
+        values = values_of(source, layers=layers)
+    except AttentionHookerError:  # the page says so, in its own words
+        return {}
+    return {name: [_scored(weights) for weights in calls] for name, calls in values.items()}
+
+
+def _scored(weights) -> Dict[str, torch.Tensor]:
+    try:
+        weights = as_batched(weights)
+    except AttentionHookerError:
+        return {}
+    return {} if 0 in tuple(weights.shape)[-2:] else call_scores(weights)
+
+
+def render_html(
+    source,
+    tokens: Optional[Sequence] = None,
+    *,
+    query_tokens: Optional[Sequence[str]] = None,
+    key_tokens: Optional[Sequence[str]] = None,
+    layers: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+    compression_level: int = 1,
+    pool_above: int = 512,
+    pool_size: int = 256,
+    top_keys: int = 8,
+    head_scores: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
+) -> AttentionPage:
+    """One offline, self-contained interactive page of captured attention.
+
+    Views: the layers x heads overview (a click selects a head), a head view
+    (query tokens on the left, key tokens on the right, lines from the selected
+    token weighted by attention, heads coloured and toggleable), and the matrix
+    of the selected layer and head with the value under the pointer. Selectors
+    for layer, call (for layers called several times), batch item and head.
+
+    A call longer than ``pool_above`` tokens on either axis is carried as its
+    pooled map (blocks of tokens, each block's largest weight, at most
+    ``pool_size`` blocks a side) and each query's ``top_keys`` largest weights
+    (see :mod:`attention_hooker.views.page.long_calls`): the matrix shows the pooled
+    map, a click on a block shows the tokens inside it, and the head view lists
+    each query's largest weights with the share of its attention they hold.
+    (Measured: MiniLM's 512-token page weighs 5.9 MB whole and 1.4 MB with
+    ``pool_above=256``; ``benchmarks/bench_page.py``.)
+
+    The overview can be coloured by a score per head instead of the maps:
+    first-token share, confidence, entropy and (self-attention) previous-token
+    score of every call and batch item (computed here, by :func:`page_scores`,
+    and given to the page, which computes none); ``head_scores`` adds others
+    (importance, retrieval, ... from ``attention-hooker heads``).
+
+    Text the page carries (title, tokens, layer and score names) can always be
+    saved: a lone surrogate becomes U+FFFD, and a text past 1,000 characters is
+    cut (a label shows its first 64, the rest on hover).
+
+    Args:
+        source: a hooker, a loaded capture, or ``{layer_name: [tensor per call]}``
+            with tensors ``(batch, heads, query, key)``.
+        tokens: labels; a list of lists when axes differ in length (encoder and
+            decoder tokens): each axis takes the first list of its length; or
+            one list per batch item. A loaded capture's own tokens by default.
+            When the capture kept some query rows or keys (``rows=``, ``keys=``),
+            their tokens label the axes. An axis no list fits shows its
+            positions (the rule: :class:`~attention_hooker.views.labels.AxisLabels`).
+        query_tokens: labels of the query axis of cross-attention layers.
+        key_tokens: labels of the key axis of cross-attention layers.
+        layers: the layer names to include (default: all).
+        title: the page title.
+        compression_level: zlib level (1 fastest, 9 smallest).
+        pool_above: the longest axis, in tokens, carried whole (default 512).
+        pool_size: the most blocks a side of a long call's pooled map (default 256).
+        top_keys: the keys kept of each query row of a long call (default 8).
+        head_scores: more scores to colour the overview by: ``{score name: {layer
+            name: one number per head}}`` (NaN where a score does not apply).
+
+    Returns:
+        An :class:`AttentionPage`.
+
+    Raises:
+        AttentionHookerError: on empty values, a wrong shape, an unknown layer,
+            tokens that fit no axis of any call or are not a list of strings, a title
+            that is not a string, a compression level outside 0..9, or a
+            ``pool_above``, ``pool_size`` or ``top_keys`` that is not a positive int,
+            or ``head_scores`` naming an unknown layer or giving a layer the wrong
+            number of heads.
+
+    Example:
+        >>> page = render_html({"layer": [torch.rand(1, 2, 3, 3).softmax(-1)]}, tokens=["a", "b", "c"])
+        >>> page.html.startswith("<!DOCTYPE html>") and "http://" not in page.html
+        True
+    """
+    return render_page(source, tokens, query_tokens=query_tokens, key_tokens=key_tokens, layers=layers,
+                       title=title, compression_level=compression_level, pool_above=pool_above,
+                       pool_size=pool_size, top_keys=top_keys, head_scores=head_scores,
+                       scores=page_scores(source, layers=layers))
