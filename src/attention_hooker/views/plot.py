@@ -171,15 +171,7 @@ def plot_attention_grid(
     batch = np.shape(attn)[0] if np.ndim(attn) == 4 else 1
     query_tokens, key_tokens = resolve_tokens(tokens, query_tokens, key_tokens, (batch, n_heads, n_query, n_key),
                                               batch_index)
-
-    shown = weights[heads]
-    finite = np.isfinite(shown)
-    if vmax is None:
-        vmax = float(shown[finite].max()) if finite.any() else 1.0
-    else:
-        vmax = positive_number(vmax, "vmax")
-    vmin = min(0.0, float(shown[finite].min())) if finite.any() else 0.0
-    norm = color_norm(color_scale, vmin, vmax)
+    norm = _grid_norm(weights[heads], color_scale, vmax)
     ncols = ncols or max(1, math.ceil(math.sqrt(len(heads))))
     nrows = math.ceil(len(heads) / ncols)
     fig = Figure(figsize=(panel_size * ncols + 1.2, panel_size * nrows + 0.8), layout="constrained")
@@ -189,13 +181,7 @@ def plot_attention_grid(
         if slot >= len(heads):
             ax.set_axis_off()
             continue
-        head = heads[slot]
-        panel = np.ma.masked_invalid(weights[head])
-        image = ax.imshow(panel, cmap=colormap, norm=norm, aspect="auto", interpolation="nearest")
-        title = f"head {head}"
-        if not np.isfinite(weights[head]).all():
-            title += " (non-finite in red)"
-        ax.set_title(title, fontsize=9)
+        image = _draw_head(ax, weights[heads[slot]], heads[slot], colormap, norm)
         bottom = slot + ncols >= len(heads)  # nothing drawn below this panel
         _label_axes(ax, query_tokens, key_tokens, max_labels, show_query=slot % ncols == 0, show_key=bottom)
     fig.colorbar(image, ax=axes, shrink=0.8, label=_weight_label(color_scale))
@@ -205,6 +191,25 @@ def plot_attention_grid(
     )
     save_figure(fig, save_path)
     return fig
+
+
+def _grid_norm(shown: np.ndarray, color_scale: str, vmax: Optional[float]):
+    """One colour scale for the heads ``shown`` ``(heads, query, key)``: from 0 (or the smallest
+    weight, if negative) to ``vmax`` (default: the largest finite weight)."""
+    finite = np.isfinite(shown)
+    if vmax is None:
+        vmax = float(shown[finite].max()) if finite.any() else 1.0
+    else:
+        vmax = positive_number(vmax, "vmax")
+    vmin = min(0.0, float(shown[finite].min())) if finite.any() else 0.0
+    return color_norm(color_scale, vmin, vmax)
+
+
+def _draw_head(ax, panel: np.ndarray, head: int, colormap, norm):
+    """One head's ``(query, key)`` map on ``ax``, titled; non-finite weights drawn in red. Returns the image."""
+    image = ax.imshow(np.ma.masked_invalid(panel), cmap=colormap, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_title(f"head {head}" + ("" if np.isfinite(panel).all() else " (non-finite in red)"), fontsize=9)
+    return image
 
 
 _COLOR_SCALES = ("linear", "sqrt", "log")
@@ -290,40 +295,17 @@ def plot_attention_overview(
         raise AttentionHookerError(f"scale={scale!r} must be 'shared' or 'row'")
     call = non_negative_int(call, "call")
     cell_size = positive_number(cell_size, "cell_size")
-    values = values_of(source, layers=layers)
-    grids = {
-        name: as_heads(calls[min(call, len(calls) - 1)], batch_index=batch_index, where=f"layer {name!r}")
-        for name, calls in values.items()
-    }  # name -> (H, Q, K)
-    for name, grid in grids.items():
-        require_positions(grid.shape, f"layer {name!r}")
+    grids = _overview_grids(source, call, batch_index, layers)  # name -> (heads, query, key)
     n_heads = max(g.shape[0] for g in grids.values())
     colormap = colormap_named(cmap)
-
-    def top(arr):
-        finite = arr[np.isfinite(arr)]
-        return float(finite.max()) if finite.size else 1.0
-
-    shared_max = max(top(g) for g in grids.values())
+    shared_max = max(_largest_weight(g) for g in grids.values())
     fig = Figure(figsize=(cell_size * n_heads + 2.6, cell_size * len(grids) + 1.0), layout="constrained")
     axes = fig.subplots(len(grids), n_heads, squeeze=False)
     image = None
     labels = dict(zip(grids, short_layer_names(list(grids))))
     for row, (name, grid) in enumerate(grids.items()):
-        vmax = shared_max if scale == "shared" else top(grid)
-        for head in range(n_heads):
-            ax = axes[row, head]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if head >= grid.shape[0]:
-                ax.set_axis_off()
-                continue
-            image = ax.imshow(np.ma.masked_invalid(grid[head]), cmap=colormap, norm=color_norm(color_scale, 0.0, vmax),
-                              aspect="auto", interpolation="nearest")
-            if row == 0:
-                ax.set_title(f"h{head}", fontsize=8)
-            if head == 0:
-                ax.set_ylabel(labels[name], fontsize=7, rotation=0, ha="right", va="center")
+        vmax = shared_max if scale == "shared" else _largest_weight(grid)
+        image = _draw_overview_row(axes[row], grid, labels[name], colormap, color_scale, vmax, first_row=row == 0)
         if scale == "row":
             fig.colorbar(image, ax=axes[row, :], shrink=0.9, aspect=8, pad=0.01, label=_weight_label(color_scale))
     if scale == "shared":
@@ -331,3 +313,47 @@ def plot_attention_overview(
     fig.suptitle(title or f"{len(grids)} layers x {n_heads} heads (rows: layers, columns: heads; {scale} colour scale)")
     save_figure(fig, save_path)
     return fig
+
+
+def _overview_grids(source, call: int, batch_index: int, layers) -> dict:
+    """``{layer name: (heads, query, key)}``: call ``call`` of each layer (its last, if called fewer
+    times), batch item ``batch_index``.
+
+    Raises:
+        AttentionHookerError: on empty values, an unknown layer, a wrong shape or no positions.
+    """
+    values = values_of(source, layers=layers)
+    grids = {
+        name: as_heads(calls[min(call, len(calls) - 1)], batch_index=batch_index, where=f"layer {name!r}")
+        for name, calls in values.items()
+    }
+    for name, grid in grids.items():
+        require_positions(grid.shape, f"layer {name!r}")
+    return grids
+
+
+def _largest_weight(arr: np.ndarray) -> float:
+    """The largest finite weight of ``arr`` (1.0 when it has none)."""
+    finite = arr[np.isfinite(arr)]
+    return float(finite.max()) if finite.size else 1.0
+
+
+def _draw_overview_row(axes_row, grid: np.ndarray, label: str, colormap, color_scale: str, vmax: float, *,
+                       first_row: bool):
+    """One layer's heads ``grid`` ``(heads, query, key)`` along ``axes_row`` on a colour scale from 0 to
+    ``vmax`` (panels past its heads left empty), its name on the left, the head numbers above the
+    first row. Returns the last image drawn."""
+    image = None
+    for head, ax in enumerate(axes_row):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if head >= grid.shape[0]:
+            ax.set_axis_off()
+            continue
+        image = ax.imshow(np.ma.masked_invalid(grid[head]), cmap=colormap, norm=color_norm(color_scale, 0.0, vmax), aspect="auto",
+                          interpolation="nearest")
+        if first_row:
+            ax.set_title(f"h{head}", fontsize=8)
+        if head == 0:
+            ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    return image

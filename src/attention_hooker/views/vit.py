@@ -102,27 +102,40 @@ def vit_attention_map(
     arr = to_numpy(attn)
     prefix_tokens = non_negative_int(prefix_tokens, "prefix_tokens")
     query = non_negative_int(query, "query")
-    if heads is None:
-        if arr.ndim == 3:
-            arr = arr[batch_index]
-        if arr.ndim != 2:
-            raise AttentionHookerError(
-                f"Wrong shape for a rollout map: expected (batch, tokens, tokens) or (tokens, tokens). Received {arr.shape}."
-            )
-        _check_query(query, arr.shape[0])
-        row = arr[query]
-    else:
-        per_head = as_heads(arr, batch_index=batch_index)
-        _check_query(query, per_head.shape[1])
-        per_head = per_head[:, query, :]  # (H, K)
-        if heads == "mean":
-            row = per_head.mean(0)
-        elif heads == "max":
-            row = per_head.max(0)
-        elif isinstance(heads, int) and not isinstance(heads, bool) and 0 <= heads < per_head.shape[0]:
-            row = per_head[heads]
-        else:
-            raise AttentionHookerError(f"heads={heads!r} must be 'mean', 'max', None or a head index < {per_head.shape[0]}")
+    row = _rollout_row(arr, query, batch_index) if heads is None else _heads_row(arr, query, heads, batch_index)
+    return _on_patch_grid(row, prefix_tokens, grid, image_shape)
+
+
+def _rollout_row(arr: np.ndarray, query: int, batch_index: int) -> np.ndarray:
+    """Row ``query`` of a rollout ``(batch, tokens, tokens)`` or ``(tokens, tokens)``: ``(tokens,)``."""
+    if arr.ndim == 3:
+        arr = arr[batch_index]
+    if arr.ndim != 2:
+        raise AttentionHookerError(
+            f"Wrong shape for a rollout map: expected (batch, tokens, tokens) or (tokens, tokens). Received {arr.shape}."
+        )
+    _check_query(query, arr.shape[0])
+    return arr[query]
+
+
+def _heads_row(arr: np.ndarray, query: int, heads, batch_index: int) -> np.ndarray:
+    """Row ``query`` of attention ``(batch, heads, tokens, tokens)`` or ``(heads, tokens, tokens)``,
+    its heads' mean, largest, or one head: ``(tokens,)``."""
+    per_head = as_heads(arr, batch_index=batch_index)
+    _check_query(query, per_head.shape[1])
+    per_head = per_head[:, query, :]  # (H, K)
+    if heads == "mean":
+        return per_head.mean(0)
+    if heads == "max":
+        return per_head.max(0)
+    if isinstance(heads, int) and not isinstance(heads, bool) and 0 <= heads < per_head.shape[0]:
+        return per_head[heads]
+    raise AttentionHookerError(f"heads={heads!r} must be 'mean', 'max', None or a head index < {per_head.shape[0]}")
+
+
+def _on_patch_grid(row: np.ndarray, prefix_tokens: int, grid: Optional[Sequence[int]],
+                   image_shape: Optional[Sequence[int]]) -> np.ndarray:
+    """The weights of ``row`` ``(tokens,)`` past its ``prefix_tokens``, as ``(rows, cols)`` patches."""
     if prefix_tokens >= row.size:
         raise AttentionHookerError(
             f"prefix_tokens={prefix_tokens} leaves no patch tokens of the {row.size} tokens; expected fewer prefix tokens"

@@ -271,61 +271,15 @@ def render_html(
         raise AttentionHookerError(f"compression_level={compression_level!r} must be an int in 0..9 (zlib's levels)")
     pool_above, pool_size = positive_int(pool_above, "pool_above"), positive_int(pool_size, "pool_size")
     top_keys = positive_int(top_keys, "top_keys")
-    token_sets = _LabelSets(_axis_labels(source, tokens, query_tokens, key_tokens))
-    payload = _Payload()
-    layer_meta = []
-    for name, calls in values.items():
-        call_meta = []
-        for i, weights in enumerate(calls):
-            weights = as_batched(weights, f"layer {name!r} call {i}")
-            require_positions(weights.shape, f"layer {name!r} call {i}")
-            shape = list(weights.shape)
-            codes, scales = encode_weights(weights)
-            entry = {
-                "shape": shape,
-                "scores": _call_scores(scores, name, i, shape),
-                "scales": [round(float(s), 7) for s in scales.flatten()],
-                **token_sets.of_call(shape),
-                "nonfinite": bool((codes == NONFINITE_CODE).any()),
-                "maskedKeys": _masked_keys(weights),
-            }
-            if is_long(shape, pool_above):
-                arrays, long_meta = encode_long_call(weights, codes, pool_size, top_keys)
-                entry["pooled"] = {"shape": long_meta["shape"], "block": long_meta["block"],
-                                   "offset": payload.add(arrays["pooled"])}
-                entry["top"] = {"k": long_meta["k"], "indexBytes": long_meta["indexBytes"],
-                                "codes": payload.add(arrays["top_codes"]), "index": payload.add(arrays["top_index"]),
-                                "values": payload.add(arrays["top_values"]),
-                                "cover": payload.add(arrays["cover"])}
-            else:
-                entry["offset"] = payload.add(codes.numpy().tobytes())
-            call_meta.append(entry)
-        layer_meta.append({"name": name, "calls": call_meta})
+    calls = _PageCalls(_axis_labels(source, tokens, query_tokens, key_tokens), scores, pool_above, pool_size, top_keys)
+    layer_meta = [{"name": name, "calls": [calls.entry(name, i, weights) for i, weights in enumerate(layer_calls)]}
+                  for name, layer_calls in values.items()]
     _add_head_scores(layer_meta, head_scores)
     for layer, short in zip(layer_meta, short_layer_names([layer["name"] for layer in layer_meta])):
         layer["short"] = _page_text(short)  # row labels and the layer selector; the full name on hover
         layer["name"] = _page_text(layer["name"])
     title = _page_text(title or "Attention")
-    meta = {
-        "title": title,
-        "layers": layer_meta,
-        "tokenSets": token_sets.sets,
-        "labelChars": SHOWN_CHARS,
-        "encoding": {"top": _TOP_CODE, "nonfinite": NONFINITE_CODE, "scale": "linear"},
-        "bytes": payload.size,
-    }
-    payload = base64.b64encode(zlib.compress(payload.join(), compression_level)).decode("ascii")
-    parts = {
-        "__TITLE__": html_lib.escape(title),
-        "/*__CSS__*/": _asset("view.css"),
-        "/*__JS__*/": _asset("view.js"),
-        # Inside <script>, "<" is written as a JSON escape so no text can close the tag.
-        "__META__": json.dumps(meta, separators=(",", ":")).replace("<", "\\u003c"),
-        "__PAYLOAD__": payload,
-    }
-    # One pass: text put in (tokens, layer names) is never searched for placeholders again.
-    page = _PLACEHOLDER.sub(lambda m: parts[m.group(0)], _asset("template.html"))
-    return AttentionPage(page, title)
+    return AttentionPage(_document(title, layer_meta, calls, compression_level), title)
 
 
 def _axis_labels(source, tokens, query_tokens, key_tokens) -> AxisLabels:
@@ -347,3 +301,69 @@ def _axis_labels(source, tokens, query_tokens, key_tokens) -> AxisLabels:
             labels.check(shapes, hint="pass tokens of each length (tokens=[source_tokens, target_tokens]) or "
                                       "query_tokens=/key_tokens=")
     return labels
+
+
+class _PageCalls:
+    """What the page carries of each call: its shape, scales, labels and scores in the page's
+    metadata, its codes (or, for a long call, its pooled map and each query's largest weights)
+    in the binary payload."""
+
+    def __init__(self, labels: AxisLabels, scores: Optional[PageScores], pool_above: int, pool_size: int,
+                 top_keys: int):
+        self.labels, self.scores = _LabelSets(labels), scores
+        self.pool_above, self.pool_size, self.top_keys = pool_above, pool_size, top_keys
+        self.payload = _Payload()
+
+    def entry(self, name: str, call: int, weights) -> dict:
+        """The metadata of call ``call`` of layer ``name``, its arrays added to the payload.
+
+        Raises:
+            AttentionHookerError: for weights that are not ``(batch, heads, query, key)`` with
+                query and key positions, or scores of the wrong shape.
+        """
+        where = f"layer {name!r} call {call}"
+        weights = as_batched(weights, where)
+        require_positions(weights.shape, where)
+        shape = list(weights.shape)
+        codes, scales = encode_weights(weights)
+        entry = {
+            "shape": shape,
+            "scores": _call_scores(self.scores, name, call, shape),
+            "scales": [round(float(s), 7) for s in scales.flatten()],
+            **self.labels.of_call(shape),
+            "nonfinite": bool((codes == NONFINITE_CODE).any()),
+            "maskedKeys": _masked_keys(weights),
+        }
+        if not is_long(shape, self.pool_above):
+            entry["offset"] = self.payload.add(codes.numpy().tobytes())
+            return entry
+        arrays, long_meta = encode_long_call(weights, codes, self.pool_size, self.top_keys)
+        entry["pooled"] = {"shape": long_meta["shape"], "block": long_meta["block"],
+                           "offset": self.payload.add(arrays["pooled"])}
+        entry["top"] = {"k": long_meta["k"], "indexBytes": long_meta["indexBytes"],
+                        "codes": self.payload.add(arrays["top_codes"]), "index": self.payload.add(arrays["top_index"]),
+                        "values": self.payload.add(arrays["top_values"]), "cover": self.payload.add(arrays["cover"])}
+        return entry
+
+
+def _document(title: str, layer_meta: list, calls: _PageCalls, compression_level: int) -> str:
+    """The page: the template with its styles, script, metadata and compressed payload put in."""
+    meta = {
+        "title": title,
+        "layers": layer_meta,
+        "tokenSets": calls.labels.sets,
+        "labelChars": SHOWN_CHARS,
+        "encoding": {"top": _TOP_CODE, "nonfinite": NONFINITE_CODE, "scale": "linear"},
+        "bytes": calls.payload.size,
+    }
+    payload = base64.b64encode(zlib.compress(calls.payload.join(), compression_level)).decode("ascii")
+    parts = {
+        "__TITLE__": html_lib.escape(title),
+        "/*__CSS__*/": _asset("view.css"),
+        "/*__JS__*/": _asset("view.js"),
+        # Inside <script>, "<" is written as a JSON escape so no text can close the tag.
+        "__META__": json.dumps(meta, separators=(",", ":")).replace("<", "\\u003c"),
+        "__PAYLOAD__": payload,
+    }
+    # One pass: text put in (tokens, layer names) is never searched for placeholders again.
+    return _PLACEHOLDER.sub(lambda m: parts[m.group(0)], _asset("template.html"))
