@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import os
-import threading
-import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .keep.allocator import unreachable_tensors
 from .capture.coverage import Coverage, CoverageReport
-from .capture.diagnostics import (being_traced, check_hf_implementation, in_backward_pass, is_compiled, job_rank,
-                          missing_layers_message, nothing_captured_message)
-from .capture.inputs import input_shape
-from .capture.routes.mha import MultiheadAttentionRoute, fastpath_containers, inner_mha_targets, mha_post_hook
+from .capture.diagnostics import check_hf_implementation, job_rank
+from .capture.forwards import ForwardWatch
+from .capture.hooks import HookHandles, install_layer_hooks
+from .capture.routes.mha import inner_mha_targets
 from .capture.parallel import head_shard
-from .capture.session import CaptureSession, frame_is_live, module_call_frame
+from .capture.session import CaptureSession
 from .capture.discovery import check_module, display_names, select_modules
-from .errors import AttentionCaptureWarning, AttentionHookerError
+from .errors import AttentionHookerError
 from .keep.reduction import Reduction
 from .keep.router import Router
 from .keep.policy import StoragePolicy
@@ -118,10 +116,8 @@ class TransformerAttentionHooker:
         self._router = Router(policy, self.hooked_layers)
         self._coverage = Coverage(self.hooked_layers)
         self._session = CaptureSession(self._router, self._coverage)  # a new one at each setup()
-        self._entry_handles: List = []  # pre-hooks: removed at once by remove_hooks()
-        self._exit_handles: List[Callable[[], None]] = []  # post-hooks: once no thread is inside
-        self._local = threading.local()  # each thread's (events, scopes) when its root forward began
-        self._warned: set = set()
+        self._hooks = HookHandles()  # everything put on the model, taken off by one remove()
+        self._forwards = ForwardWatch(model, self._router, self._coverage, self.report, self.hooked_layers)
         self._stream = None  # the StreamedCapture calls go to (stream_to), until it is closed
         self._reduction: Optional[Reduction] = None  # where calls are reduced (reduce_into)
         self._head_shards: Dict[str, tuple] = {}  # tensor parallelism: {layer: (this rank's block, blocks)}
@@ -162,7 +158,7 @@ class TransformerAttentionHooker:
     @property
     def is_setup(self) -> bool:
         """Whether the hooks are on the model."""
-        return bool(self._entry_handles)
+        return bool(self._hooks)
 
     def setup(self) -> "TransformerAttentionHooker":
         """Puts the hooks on the model; calling it again does nothing. Returns ``self``.
@@ -171,7 +167,7 @@ class TransformerAttentionHooker:
             AttentionHookerError: on a Hugging Face model whose attention kernel
                 hides the weights.
         """
-        if self._entry_handles:
+        if self._hooks:
             return self
         check_hf_implementation(self.model)
         self._session = CaptureSession(self._router, self._coverage)
@@ -190,16 +186,7 @@ class TransformerAttentionHooker:
         (and hand the caller of an ``nn.MultiheadAttention`` back what it asked
         for) leave when the last of those forwards ends.
         """
-        entry, self._entry_handles = self._entry_handles, []
-        for handle in entry:
-            handle.remove()
-        exits, self._exit_handles = self._exit_handles, []
-
-        def remove_exit_hooks() -> None:
-            for release in exits:
-                release()
-
-        self._session.close(remove_exit_hooks)
+        self._hooks.remove(self._session.close)
         self._router.close()  # a stream writes what waits for its shard; capture.json is final
 
     def clear(self) -> None:
@@ -210,9 +197,9 @@ class TransformerAttentionHooker:
         reach any more takes the next calls' weights while the hooks are on,
         skipping the cost of fresh memory (see ``keep/allocator.py``).
         """
-        salvage = unreachable_tensors if self._entry_handles else None
+        salvage = unreachable_tensors if self._hooks else None
         self._session.spares.offer(self._router.clear(salvage=salvage))
-        if self._entry_handles:
+        if self._hooks:
             self._session.arena.rewind()  # small calls: their chunk, when nothing reaches it
         self._coverage.reset()
 
@@ -335,7 +322,7 @@ class TransformerAttentionHooker:
             calls_per_layer=p.max_calls or 1, shard_bytes=SHARD_BYTES if shard_bytes is None else shard_bytes,
             expected_bytes=expected_bytes, overwrite=overwrite,
             metadata={"model_class": type(self.model).__name__, "selection": self.selection},
-            on_close=self._stream_closed, forward_running=lambda: bool(self._root_counters()),
+            on_close=self._stream_closed, forward_running=self._forwards.running,
             on_roll_back=self._router.uncount)
         if self._stream is not None:
             self._router.detach(self._stream)  # left open, as it is: its owner closes it
@@ -381,7 +368,7 @@ class TransformerAttentionHooker:
         self.remove_hooks()
 
     def __repr__(self) -> str:
-        state = "hooks on" if self._entry_handles else "hooks off"
+        state = "hooks on" if self._hooks else "hooks off"
         calls = sum(len(v) for v in self.values.values())
         return (
             f"TransformerAttentionHooker({type(self.model).__name__}, {len(self._selected)} hooked layers, "
@@ -395,126 +382,9 @@ class TransformerAttentionHooker:
         return [(module, self._shown[name]) for name, module in self._selected] + [
             (module, self._shown[owner]) for module, owner in inner_mha_targets(self.model, self._selected)]
 
-    def _hook(self, module: nn.Module, pre, post, *, with_kwargs: bool = False, prepend_pre: bool = False,
-              prepend_post: bool = False) -> None:
-        self._entry_handles.append(module.register_forward_pre_hook(pre, with_kwargs=with_kwargs, prepend=prepend_pre))
-        handle = module.register_forward_hook(post, with_kwargs=with_kwargs, always_call=True, prepend=prepend_post)
-        self._exit_handles.append(handle.remove)
-
     def _register_all(self) -> None:
-        session = self._session
         self._head_shards = {self._shown[name]: shard for name, module in self._selected
                              if (shard := head_shard(module)) is not None}
         self._router.policy.check_tensor_parallel(bool(self._head_shards))
-        for module, name in self._capture_targets():
-            if isinstance(module, nn.MultiheadAttention):
-                route = MultiheadAttentionRoute.subscribe(module)
-                self._exit_handles.append(route.unsubscribe)
-                # prepend: this hooker's recording runs before the shared route hands the
-                # caller back what it asked for (which may hide the weights).
-                self._hook(module, self._make_pre_hook(name), mha_post_hook(session, name), with_kwargs=True,
-                           prepend_post=True)
-            else:
-                self._hook(module, self._make_pre_hook(name), self._make_post_hook(), with_kwargs=True)
-        for module in fastpath_containers(self.model, [m for m, _ in self._capture_targets()]):
-            self._hook(
-                module,
-                lambda m, args: None if being_traced() else session.enter(m, None, module_call_frame()),
-                lambda m, args, out: session.exit(m),
-            )
-        # The root's pre-hook runs before every other hook of ours (it clears what an interrupted
-        # forward left before a scope opens), its post-hook after all of them (it judges the forward).
-        # A plain forward hook, run only when the forward returned, marks that it did (its output
-        # may be None).
-        self._hook(self.model, self._root_pre_hook, self._root_post_hook, prepend_pre=True)
-        self._entry_handles.append(self.model.register_forward_hook(self._root_returned_hook, prepend=True))
-
-    def _make_pre_hook(self, name: str):
-        session = self._session
-
-        def pre_hook(module, args, kwargs):
-            if being_traced():
-                return None
-            # Inside backward, a forward is activation checkpointing recomputing one that was
-            # captured already: it runs exactly as before (MHA still asked for weights, so the
-            # recomputed graph matches) but records nothing.
-            session.enter(module, None if in_backward_pass() else name, module_call_frame(), input_shape(args, kwargs))
-            return None
-
-        return pre_hook
-
-    def _make_post_hook(self):
-        session = self._session
-
-        def post_hook(module, args, kwargs, output):
-            session.exit(module)
-            return None
-
-        return post_hook
-
-    def _root_counters(self) -> list:
-        """This thread's open root forwards: ``(frame, events, scopes)`` when each began."""
-        stack = getattr(self._local, "root", None)
-        if stack is None:
-            stack = self._local.root = []
-        return stack
-
-    def _root_pre_hook(self, module, args):
-        if being_traced():
-            self._warn_once(
-                "traced",
-                f"{type(self.model).__name__} is being traced (torch.export / torch.jit.trace) with hooks on: "
-                "nothing is captured while tracing, and the traced program is the model's own; capture by "
-                "running the model itself",
-            )
-            return
-        session = self._session
-        session.drop_stale_scopes()  # scopes a KeyboardInterrupt left open are closed here
-        stack = self._root_counters()
-        router = self._router
-        while stack and not frame_is_live(stack[-1][0]):
-            stack.pop()  # a root forward that was interrupted
-            if not stack:
-                router.end_forward(returned=False, reason="interrupted (KeyboardInterrupt or another BaseException)")
-        if not stack:
-            router.begin_forward()  # a stream keeps what this forward writes whole or not at all
-        stack.append([module_call_frame(), *session.counters(), self._coverage.generation, False])
-
-    def _root_returned_hook(self, module, args, output):
-        stack = self._root_counters()
-        if stack:
-            stack[-1][-1] = True  # this root call returned (hooks of nested root calls popped theirs)
-        return None
-
-    def _root_post_hook(self, module, args, output):
-        stack = self._root_counters()
-        if not stack:
-            return None  # traced, or entered before the hooks were put on
-        _, events_before, scopes_before, generation, returned = stack.pop()
-        session = self._session
-        if stack:
-            return None  # the root called itself: the outer call judges
-        self._router.end_forward(returned=returned)  # a stream raises when it could not write the forward whole
-        if output is None:  # the forward raised: its error says more than a warning would
-            return None
-        events, scopes = session.counters()
-        if scopes > scopes_before and events == events_before:
-            self._warn_once("empty", nothing_captured_message(self.model, self.hooked_layers, self.report()))
-        elif (scopes > scopes_before and "missing" not in self._warned and generation == self._coverage.generation
-              and self.report().missing):  # a clear() on another thread meanwhile leaves nothing to judge by
-            self._warn_once("missing", missing_layers_message(self.model, self.report()))
-        elif scopes == scopes_before and is_compiled(self.model):
-            self._warn_once(
-                "compiled",
-                f"{type(self.model).__name__} ran code that torch.compile built before the hooks were put on, "
-                "and compiled code does not run them: nothing was captured. Capture on the uncompiled module "
-                "(TransformerAttentionHooker(model._orig_mod) and call model._orig_mod(...)), or hook the "
-                "model before its first compiled call",
-            )
-        return None
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        warnings.warn(message, AttentionCaptureWarning, stacklevel=3)
+        install_layer_hooks(self.model, self._capture_targets(), self._session, self._hooks)
+        self._forwards.install(self._session, self._hooks)

@@ -1,0 +1,111 @@
+"""The hooks a capture puts on a model's modules, and the one handle that takes them all off.
+
+Each hooked module gets a forward pre-hook that opens its scope in the session and a
+forward hook (``always_call``: it runs when the forward raises too) that closes it; an
+``nn.MultiheadAttention`` is also subscribed to its route (it must be asked for per-head
+weights); an encoder (layer) holding a hooked module gets a scope that keeps its fused
+fast path off. :class:`HookHandles` holds all of it, like one
+``torch.utils.hooks.RemovableHandle`` for everything the capture put on.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Sequence, Tuple
+
+from torch import nn
+
+from .diagnostics import being_traced, in_backward_pass
+from .inputs import input_shape
+from .routes.mha import MultiheadAttentionRoute, fastpath_containers, mha_post_hook
+from .session import module_call_frame
+
+__all__ = ["HookHandles", "install_layer_hooks"]
+
+
+class HookHandles:
+    """Everything one capture put on a model, taken off by one :meth:`remove`.
+
+    The pre-hooks (which open scopes) go at once; the hooks that close scopes and the
+    route subscriptions (which hand an ``nn.MultiheadAttention``'s caller back what it
+    asked for) go once no thread is inside a hooked forward any more.
+    """
+
+    def __init__(self):
+        self._entry: List = []  # removable handles, removed at once
+        self._exit: List[Callable[[], None]] = []  # releases, run when no forward is inside
+
+    def __bool__(self) -> bool:
+        """Whether any hook is on."""
+        return bool(self._entry)
+
+    def add_pair(self, module: nn.Module, pre, post, *, with_kwargs: bool = False, prepend_pre: bool = False,
+                 prepend_post: bool = False) -> None:
+        """A pre-hook that opens, and a forward hook (run even when the forward raises) that closes."""
+        self._entry.append(module.register_forward_pre_hook(pre, with_kwargs=with_kwargs, prepend=prepend_pre))
+        handle = module.register_forward_hook(post, with_kwargs=with_kwargs, always_call=True, prepend=prepend_post)
+        self._exit.append(handle.remove)
+
+    def add_entry(self, handle) -> None:
+        """A hook removed at once (a removable handle)."""
+        self._entry.append(handle)
+
+    def add_exit(self, release: Callable[[], None]) -> None:
+        """Something undone once no thread is inside a hooked forward."""
+        self._exit.append(release)
+
+    def remove(self, close_session: Callable[[Callable[[], None]], object]) -> None:
+        """Takes the pre-hooks off now, and hands ``close_session`` the function that takes
+        the rest off (the session runs it when the last forward inside leaves). Safe twice."""
+        entry, self._entry = self._entry, []
+        for handle in entry:
+            handle.remove()
+        exits, self._exit = self._exit, []
+
+        def remove_exit_hooks() -> None:
+            for release in exits:
+                release()
+
+        close_session(remove_exit_hooks)
+
+
+def install_layer_hooks(model: nn.Module, targets: Sequence[Tuple[nn.Module, str]], session,
+                        handles: HookHandles) -> None:
+    """Hooks each ``(module, layer name)`` of ``targets`` into ``session``, and keeps the fast
+    path of every encoder (layer) around them off."""
+    for module, name in targets:
+        if isinstance(module, nn.MultiheadAttention):
+            route = MultiheadAttentionRoute.subscribe(module)
+            handles.add_exit(route.unsubscribe)
+            # prepend: this capture's recording runs before the shared route hands the
+            # caller back what it asked for (which may hide the weights).
+            handles.add_pair(module, _pre_hook(session, name), mha_post_hook(session, name), with_kwargs=True,
+                             prepend_post=True)
+        else:
+            handles.add_pair(module, _pre_hook(session, name), _post_hook(session), with_kwargs=True)
+    for module in fastpath_containers(model, [m for m, _ in targets]):
+        handles.add_pair(
+            module,
+            lambda m, args: None if being_traced() else session.enter(m, None, module_call_frame()),
+            lambda m, args, out: session.exit(m),
+        )
+
+
+def _pre_hook(session, name: str):
+    def pre_hook(module, args, kwargs):
+        if being_traced():
+            return None
+        # Inside backward, a forward is activation checkpointing recomputing one that was
+        # captured already: it runs exactly as before (MHA still asked for weights, so the
+        # recomputed graph matches) but records nothing.
+        session.enter(module, None if in_backward_pass() else name, module_call_frame(), input_shape(args, kwargs))
+        return None
+
+    return pre_hook
+
+
+def _post_hook(session):
+    def post_hook(module, args, kwargs, output):
+        session.exit(module)
+        return None
+
+    return post_hook
