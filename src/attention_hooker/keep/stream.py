@@ -35,43 +35,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .._checks import positive_int
-from ..io.format import INDEX_NAME, LOG_NAME, STREAM_FORMAT, mapped_tensors, read_index
+from ..io.format import INDEX_NAME, mapped_tensors, read_index
 from ..errors import AttentionHookerError
 from .folder_lock import FolderLock
 from .protocol import NO_SOURCES, CallSources
 from .stream_call import StreamedCall
 from .stream_folder import SAFETENSORS_DTYPES, CaptureFolder, format_bytes
+from .stream_units import Unit, Written, index_of
 
 __all__ = ["StreamedCapture", "INDEX_NAME", "mapped_tensors", "format_bytes"]  # mapped_tensors: moved to io/format.py
 
 SHARD_BYTES = 256 * 2**20
-_FAILURES_LISTED = 100
-
-
-class _Unit:
-    """What is written whole or not at all: one forward of the model, or one call made
-    outside any forward of it."""
-
-    __slots__ = ("number", "calls", "error", "cause", "in_forward", "open_calls")
-
-    def __init__(self, number: int, in_forward: bool):
-        self.number = number
-        self.calls: List["_Written"] = []
-        self.error: Optional[str] = None  # why it cannot be whole: a write of one of its calls failed
-        self.cause: Optional[BaseException] = None  # the OS error behind it
-        self.in_forward = in_forward
-        self.open_calls: set = set()  # its calls whose own file is still being written (stream_call)
-
-
-class _Written:
-    """One call that reached the capture: where its tensor lies (or waits)."""
-
-    __slots__ = ("layer", "unit", "file", "tensor", "data", "own_file")
-
-    def __init__(self, layer: str, unit: _Unit, data: Optional[torch.Tensor], own_file: Optional[str]):
-        self.layer, self.unit, self.data, self.own_file = layer, unit, data, own_file
-        self.file: Optional[str] = own_file
-        self.tensor: Optional[str] = "attention" if own_file else None
 
 
 class StreamedCapture:
@@ -123,9 +97,9 @@ class StreamedCapture:
         self._forward_running = forward_running or (lambda: False)
         self._on_roll_back = on_roll_back
         self._lock = threading.RLock()
-        self._local = threading.local()  # this thread's open forward (a _Unit)
-        self._listed: Dict[str, List[_Written]] = {}  # per layer: the calls of whole units, in order
-        self._pending: List[_Written] = []  # small calls waiting for their shard
+        self._local = threading.local()  # this thread's open forward (a Unit)
+        self._listed: Dict[str, List[Written]] = {}  # per layer: the calls of whole units, in order
+        self._pending: List[Written] = []  # small calls waiting for their shard
         self._pending_bytes = 0
         self._open_units: set = set()
         self._units = 0
@@ -177,7 +151,7 @@ class StreamedCapture:
         with self._lock:
             if self.closed:
                 return
-            unit = _Unit(self._units, in_forward=True)
+            unit = Unit(self._units, in_forward=True)
             self._units += 1
             self._open_units.add(unit)
         self._local.unit = unit
@@ -319,9 +293,9 @@ class StreamedCapture:
                 self._note_failure(f"a call of {layer!r} in a forward that began before stream_to()", write_error=False)
                 return
             if unit is None:
-                unit = _Unit(self._units, in_forward=False)
+                unit = Unit(self._units, in_forward=False)
                 self._units += 1
-            call = _Written(layer, unit, data, own_file)
+            call = Written(layer, unit, data, own_file)
             unit.calls.append(call)
             self.written += nbytes
             if own_file is None:
@@ -332,7 +306,7 @@ class StreamedCapture:
             elif not unit.in_forward:
                 self._list(unit)
 
-    def _list(self, unit: _Unit) -> None:
+    def _list(self, unit: Unit) -> None:
         """Lists a unit written whole, in the index on disk too; rolled back if that fails."""
         for call in unit.calls:
             call.data = None
@@ -353,7 +327,7 @@ class StreamedCapture:
                 self._write_index_quietly()
             raise
 
-    def _roll_back(self, unit: _Unit, reason: str, *, write_error: bool, on_its_thread: bool = True) -> None:
+    def _roll_back(self, unit: Unit, reason: str, *, write_error: bool, on_its_thread: bool = True) -> None:
         """Forgets every call of ``unit``: out of the waiting shard, its own files removed, the
         calls it was still writing discarded (``on_its_thread``: else they are being written on
         another thread, and clean up after themselves); counted out of ``max_calls``."""
@@ -436,7 +410,7 @@ class StreamedCapture:
         fd, data_offset = self.disk.open_call_file(name, header, nbytes, f"a {tuple(shape)} call of layer {layer!r}")
         return name, data_offset, fd
 
-    def current_unit(self) -> Optional[_Unit]:
+    def current_unit(self) -> Optional[Unit]:
         """This thread's open forward, or ``None``."""
         return getattr(self._local, "unit", None)
 
@@ -454,7 +428,6 @@ class StreamedCapture:
             self.disk.finish_call_file(name, f"a call of layer {layer!r}")
             return True
 
-
     def _ordered_layers(self) -> List[str]:
         return sorted(self._listed, key=lambda name: self._rank.get(name, len(self._rank)))
 
@@ -469,17 +442,8 @@ class StreamedCapture:
     def _write_index(self) -> None:
         """``capture.json``: the calls of every unit written whole, and the state (written
         aside, then renamed: a reader sees the old index or the new one, never half)."""
-        layers = self._ordered_layers()
-        from .. import __version__
-
-        state = self.state
-        index = {"format": STREAM_FORMAT, "state": state, "complete": state == "complete", "layers": layers,
-                 "calls": [len(self._listed[n]) for n in layers],
-                 "files": [[[c.file, c.tensor] for c in self._listed[n]] for n in layers],
-                 "forwards": [[c.unit.number for c in self._listed[n]] for n in layers],
-                 "whole_units": self._whole, "failed_units": len(self._failed),
-                 "failures": self._failed[:_FAILURES_LISTED],
-                 "layer_order": list(self._rank), "log": LOG_NAME if self.disk.logging else None,
-                 "writer": self.disk.suffix, "tokens": self.tokens, "dtype": sorted(self.dtypes), "library_version": __version__,
-                 **self._metadata}
+        listed = {name: self._listed[name] for name in self._ordered_layers()}
+        index = index_of(listed, state=self.state, whole=self._whole, failed=self._failed, layer_order=list(self._rank),
+                         logging=self.disk.logging, writer=self.disk.suffix, tokens=self.tokens, dtypes=self.dtypes,
+                         metadata=self._metadata)
         self.disk.write_atomically(INDEX_NAME, json.dumps(index, separators=(",", ":")).encode(), f"writing {INDEX_NAME}")
