@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import AttentionHookerError
 
-__all__ = ["to_numpy", "as_heads", "as_batched", "values_of", "require_positions"]
+__all__ = ["to_numpy", "as_heads", "as_batched", "require_4d", "values_of", "require_positions"]
 
 
 def to_numpy(x) -> np.ndarray:
@@ -102,9 +102,18 @@ def as_batched(attn, where: str = "attention"):
     a = attn if isinstance(attn, torch.Tensor) else torch.as_tensor(attn)
     if a.dim() == 3:
         a = a.unsqueeze(0)
+    require_4d(a, where)
+    return a
+
+
+def require_4d(a, where: str) -> None:
+    """The one shape check of an attention tensor: ``(batch, heads, query, key)``.
+
+    Raises:
+        AttentionHookerError: on another number of dims, naming ``where`` and the shape.
+    """
     if a.dim() != 4:
         raise AttentionHookerError(
             f"Wrong shape for {where}: expected 4 dims (batch, heads, query, key). "
             f"Received {a.dim()}-dim tensor of shape {tuple(a.shape)}."
         )
-    return a

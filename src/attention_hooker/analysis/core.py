@@ -11,7 +11,7 @@ from typing import List, Mapping, Optional, Sequence
 import torch
 
 from .._checks import check_probabilities
-from .._tensor import as_batched
+from .._tensor import as_batched, require_4d
 from ..errors import AttentionHookerError
 
 __all__ = ["stitch_steps", "layer_sequence"]
@@ -50,11 +50,8 @@ def layer_sequence(
     if not attentions:
         raise AttentionHookerError(f"{where} is empty: expected at least one (batch, heads, query, key) tensor")
     for i, a in enumerate(attentions):
-        if a is not None and a.dim() != 4:
-            raise AttentionHookerError(
-                f"Wrong shape for {where}[{i}]: expected 4 dims (batch, heads, query, key). "
-                f"Received {a.dim()}-dim tensor of shape {tuple(a.shape)}."
-            )
+        if a is not None:
+            require_4d(a, f"{where}[{i}]")
     return attentions
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import AttentionHookerError, AttentionHookerTypeError
+from .heads import head_count
 
 __all__ = ["find_attention_modules", "select_modules", "check_module"]
 
@@ -30,7 +31,6 @@ _NOT_ATTENTION_CLASS = re.compile(r"(Output|Dropout|Norm|Embeddings?|Linear)$")
 # What an attention module declares and holds, whatever its class is called (timm's XCA, GPSA):
 # a head count, a projection that makes queries or keys, and an output projection. (A module
 # holding only the q/k/v projections is a part of one; `in_proj` alone is also a Mamba mixer's.)
-_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 _QUERY_KEY_PROJECTIONS = frozenset({
     "qkv", "qk", "q", "k", "query", "key", "q_proj", "k_proj", "query_key_value", "to_qkv", "to_q", "to_k",
     "c_attn", "Wqkv", "wqkv", "wq", "wk",
@@ -41,9 +41,7 @@ _OUTPUT_PROJECTIONS = frozenset({"proj", "o_proj", "out_proj", "o", "c_proj", "d
 def _declares_attention(module: nn.Module) -> bool:
     """A head count (a positive int attribute), a child that projects queries or keys,
     and one that projects the output."""
-    attributes = vars(module)
-    if not any(isinstance(attributes.get(n), int) and not isinstance(attributes.get(n), bool)
-               and attributes[n] > 0 for n in _HEAD_COUNTS):
+    if head_count(module, own_only=True) is None:
         return False
     children = module._modules
     return any(n in _QUERY_KEY_PROJECTIONS for n in children) and any(n in _OUTPUT_PROJECTIONS for n in children)

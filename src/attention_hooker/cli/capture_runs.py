@@ -98,12 +98,29 @@ def capture_text(
             (pictures then come from pooled maps, ``pool`` or 256).
         overwrite: with ``stream``, replace a capture already in that folder.
     """
-    from ..analysis.core import stitch_steps
     from ..hooker import TransformerAttentionHooker
 
     if not text or not text.strip():
         raise CommandError("the text is empty: pass --text with some words")
-    tokenizer, model = loaded.tokenizer, loaded.model
+    long_context = _check_text_options(loaded, rows=rows, pool=pool, stream=stream, generate=generate)
+    enc, source, notes = _encode(loaded, text, max_tokens, generate)
+    hooker = TransformerAttentionHooker(loaded.model, layers, rows=rows)
+    if long_context:
+        return _capture_long(loaded, hooker, enc, source, rows=rows, pool=pool, stream=stream, overwrite=overwrite,
+                             notes=notes)
+    if loaded.kind == "encoder-decoder":
+        return _capture_encoder_decoder(loaded, hooker, enc, source, target, generate)
+    if target is not None:
+        raise CommandError(f"--target is for encoder-decoder models; {loaded.name} is {with_article(loaded.kind)}")
+    if generate:
+        return _capture_generation(loaded, hooker, enc, generate)
+    with torch.no_grad(), hooker:
+        loaded.model(**enc)
+    return Capture(dict(hooker.values), [source], hooker, notes=notes)
+
+
+def _check_text_options(loaded: LoadedModel, *, rows, pool, stream, generate: int) -> List[str]:
+    """The options of a text capture that do not go together; returns the long-context ones given."""
     long_context = [option for option, value in (("--rows", rows), ("--pool", pool), ("--stream", stream))
                     if value is not None]
     if long_context and loaded.kind == "encoder-decoder":
@@ -113,6 +130,12 @@ def capture_text(
         raise CommandError(f"--generate keeps every step to stitch them; drop {'/'.join(long_context)}")
     if rows is not None and pool is not None:
         raise CommandError("--rows and --pool do not combine: a pooled map covers every row")
+    return long_context
+
+
+def _encode(loaded: LoadedModel, text: str, max_tokens: Optional[int], generate: int):
+    """``(encoding on the model's device, token labels, notes)``: the text cut at the token limit."""
+    tokenizer = loaded.tokenizer
     limit = token_limit(loaded, max_tokens)
     length = len(tokenizer(text)["input_ids"])
     enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit)
@@ -122,42 +145,42 @@ def capture_text(
     if generate:
         _check_generation_length(loaded, enc["input_ids"].shape[-1], generate)
     source = token_labels(tokenizer, enc["input_ids"][0])
-    enc = to_model_device(loaded, enc)
     notes = []
     if length > limit:
         notes.append(f"the text is {length} tokens; only the first {limit} were run (--max-tokens N takes more, "
                      "up to the model's positions)")
-    hooker = TransformerAttentionHooker(model, layers, rows=rows)
-    if long_context:
-        return _capture_long(loaded, hooker, enc, source, rows=rows, pool=pool, stream=stream, overwrite=overwrite,
-                             notes=notes)
-    if loaded.kind == "encoder-decoder":
-        if target is None or not target.strip():
-            raise CommandError(f"{loaded.name} is an encoder-decoder: pass the decoder's text with --target")
-        if generate:
-            raise CommandError("--generate works with decoder-only (causal) models; drop it for encoder-decoders")
-        decoder_ids = to_model_device(loaded, tokenizer(text_target=target, return_tensors="pt"))["input_ids"]
-        with torch.no_grad(), hooker:
-            model(**enc, decoder_input_ids=decoder_ids)
-        return Capture(dict(hooker.values), [source, token_labels(tokenizer, decoder_ids[0])], hooker)
-    if target is not None:
-        raise CommandError(f"--target is for encoder-decoder models; {loaded.name} is {with_article(loaded.kind)}")
+    return to_model_device(loaded, enc), source, notes
+
+
+def _capture_encoder_decoder(loaded: LoadedModel, hooker, enc, source: List[str], target: Optional[str],
+                             generate: int) -> Capture:
+    """One forward of an encoder-decoder on the text and the decoder's ``target``."""
+    if target is None or not target.strip():
+        raise CommandError(f"{loaded.name} is an encoder-decoder: pass the decoder's text with --target")
     if generate:
-        if loaded.kind != "decoder" or not hasattr(model, "generate"):
-            raise CommandError(f"--generate needs a causal language model; {loaded.name} is {with_article(loaded.kind)}")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        with torch.no_grad(), hooker:
-            with generation_progress(generate) as streamer:
-                out = model.generate(**enc, max_new_tokens=generate, do_sample=False, pad_token_id=pad,
-                                     streamer=streamer)
-        stitched = {name: [stitch_steps(calls)] for name, calls in hooker.values.items()}
-        length = next(iter(stitched.values()))[0].shape[-1]
-        tokens = token_labels(tokenizer, out[0][:length])
-        text_out = tokenizer.decode(out[0], skip_special_tokens=True)
-        return Capture(stitched, [tokens], hooker, generated_text=text_out, raw_values=dict(hooker.values))
+        raise CommandError("--generate works with decoder-only (causal) models; drop it for encoder-decoders")
+    decoder_ids = to_model_device(loaded, loaded.tokenizer(text_target=target, return_tensors="pt"))["input_ids"]
     with torch.no_grad(), hooker:
-        model(**enc)
-    return Capture(dict(hooker.values), [source], hooker, notes=notes)
+        loaded.model(**enc, decoder_input_ids=decoder_ids)
+    return Capture(dict(hooker.values), [source, token_labels(loaded.tokenizer, decoder_ids[0])], hooker)
+
+
+def _capture_generation(loaded: LoadedModel, hooker, enc, generate: int) -> Capture:
+    """``generate`` new tokens, each step captured; the steps stitched into one causal map per layer."""
+    from ..analysis.core import stitch_steps
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    if loaded.kind != "decoder" or not hasattr(model, "generate"):
+        raise CommandError(f"--generate needs a causal language model; {loaded.name} is {with_article(loaded.kind)}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad(), hooker:
+        with generation_progress(generate) as streamer:
+            out = model.generate(**enc, max_new_tokens=generate, do_sample=False, pad_token_id=pad, streamer=streamer)
+    stitched = {name: [stitch_steps(calls)] for name, calls in hooker.values.items()}
+    length = next(iter(stitched.values()))[0].shape[-1]
+    tokens = token_labels(tokenizer, out[0][:length])
+    text_out = tokenizer.decode(out[0], skip_special_tokens=True)
+    return Capture(stitched, [tokens], hooker, generated_text=text_out, raw_values=dict(hooker.values))
 
 
 def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, pool, stream, overwrite,
@@ -197,9 +220,9 @@ def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, 
 def _planned_bytes(loaded: LoadedModel, hooker, rows: int, keys: int) -> Optional[int]:
     """What a streamed capture of one forward will write, from the model's configuration
     (hooked layers x heads x rows x keys); ``None`` when the configuration does not say."""
-    config = getattr(loaded.model, "config", None)
-    heads = next((getattr(config, name) for name in ("num_attention_heads", "n_head", "num_heads")
-                  if isinstance(getattr(config, name, None), int)), None)
+    from ..capture.heads import head_count
+
+    heads = head_count(getattr(loaded.model, "config", None))
     if heads is None:
         return None
     itemsize = next(loaded.model.parameters()).element_size() if any(True for _ in loaded.model.parameters()) else 4

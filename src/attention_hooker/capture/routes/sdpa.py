@@ -9,12 +9,11 @@ for the function. The real kernel still produces the model's output.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from ..parallel import head_shard
+from ..heads import declared_heads
 from ...selection import Selection
 from ..._torch_private import softmax_last_dim_into
 from ...errors import AttentionHookerError
@@ -34,33 +33,6 @@ def parse_sdpa_call(args: tuple, kwargs: dict) -> dict:
     call.update(zip(_SDPA_PARAMS, args))
     call.update(kwargs)
     return call
-
-
-_DECLARED_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def declared_heads(module) -> Optional[int]:
-    """The number of query heads an attention module declares (on a tensor-parallel rank:
-    its share of them), or ``None``.
-
-    Read once per module (``nn.Module`` attribute misses cost an exception each):
-    a module's head count does not change between calls.
-    """
-    try:
-        heads = _DECLARED_HEADS[module]
-    except KeyError:
-        heads = None
-        for owner, name in ((module, "num_heads"), (module, "num_attention_heads"), (module, "n_heads"),
-                            (module, "n_head"), (getattr(module, "config", None), "num_attention_heads")):
-            value = getattr(owner, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                heads = value
-                break
-        _DECLARED_HEADS[module] = heads
-    shard = head_shard(module) if heads is not None else None  # not cached: a model may be parallelised later
-    if shard is not None and heads % shard[1] == 0:
-        heads //= shard[1]  # tensor parallelism: this rank computes its block of the heads
-    return heads
 
 
 def packed_query_groups(modules: Callable[[], Iterable], query: torch.Tensor, key: torch.Tensor) -> int:

@@ -14,7 +14,8 @@ import torch
 from ..._torch_private import caller_frame, frame_local
 from ...keep.protocol import CallSources, GradientSource
 from ..inputs import channel_attention_refusal
-from .sdpa import as_4d, declared_heads, packed_query_groups, parse_sdpa_call, sdpa_attention_weights, unpack_query_groups
+from ..heads import declared_heads
+from .sdpa import as_4d, packed_query_groups, parse_sdpa_call, sdpa_attention_weights, unpack_query_groups
 
 __all__ = ["handle_sdpa"]
 

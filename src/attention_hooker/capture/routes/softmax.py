@@ -18,7 +18,7 @@ import torch
 
 from ..inputs import channel_attention_refusal, folded_batch_refusal
 from ...keep.protocol import CallSources
-from .sdpa import declared_heads
+from ..heads import declared_heads
 
 __all__ = ["SOFTMAX_FUNCTIONS", "is_attention_softmax", "label_softmax", "sampled_attention_refusal",
            "Pending", "handle_softmax", "handle_use", "commit_pending"]
