@@ -117,7 +117,7 @@ class TransformerAttentionHooker:
         self._coverage = Coverage(self.hooked_layers)
         self._session = CaptureSession(self._router, self._coverage)  # a new one at each setup()
         self._hooks = HookHandles()  # everything put on the model, taken off by one remove()
-        self._forwards = ForwardWatch(model, self._router, self._coverage, self.report, self.hooked_layers)
+        self._forwards = ForwardWatch(model, self._router, self._coverage, self.hooked_layers)
         self._stream = None  # the StreamedCapture calls go to (stream_to), until it is closed
         self._reduction: Optional[Reduction] = None  # where calls are reduced (reduce_into)
         self._head_shards: Dict[str, tuple] = {}  # tensor parallelism: {layer: (this rank's block, blocks)}

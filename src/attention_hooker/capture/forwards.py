@@ -25,13 +25,13 @@ class ForwardWatch:
     Args:
         model: the hooked model.
         keepers: told ``begin_forward()`` and ``end_forward(returned=, reason=)`` (the router).
-        coverage: the capture's :class:`~.coverage.Coverage`.
-        report: gives the capture's coverage report (for the warnings).
+        coverage: the capture's :class:`~.coverage.Coverage` (its report goes into the warnings).
         hooked_layers: the names of the hooked layers (for the warnings).
     """
 
-    def __init__(self, model, keepers, coverage, report, hooked_layers):
-        self.model, self.keepers, self.coverage, self.report = model, keepers, coverage, report
+    def __init__(self, model, keepers, coverage, hooked_layers):
+        # No reference to the hooker (a cycle would keep its captures alive until the garbage collector runs).
+        self.model, self.keepers, self.coverage = model, keepers, coverage
         self.hooked_layers = hooked_layers
         self.session = None  # the capture's session while the hooks are on
         self._local = threading.local()  # each thread's open root forwards
@@ -100,10 +100,10 @@ class ForwardWatch:
     def _judge(self, events_before: int, scopes_before: int, generation: int) -> None:
         events, scopes = self.session.counters()
         if scopes > scopes_before and events == events_before:
-            self._warn_once(4, "empty", nothing_captured_message(self.model, self.hooked_layers, self.report()))
+            self._warn_once(4, "empty", nothing_captured_message(self.model, self.hooked_layers, self.coverage.report()))
         elif (scopes > scopes_before and "missing" not in self._warned and generation == self.coverage.generation
-              and self.report().missing):  # a clear() on another thread meanwhile leaves nothing to judge by
-            self._warn_once(4, "missing", missing_layers_message(self.model, self.report()))
+              and self.coverage.report().missing):  # a clear() on another thread meanwhile leaves nothing to judge by
+            self._warn_once(4, "missing", missing_layers_message(self.model, self.coverage.report()))
         elif scopes == scopes_before and is_compiled(self.model):
             self._warn_once(
                 4, "compiled",
