@@ -4,9 +4,10 @@
 partial result a tile of query rows at a time (on the sdpa route the full
 ``(batch, heads, L, L)`` map is never held), and keeps, per call, the map pooled
 to at most ``size x size`` blocks: ``(batch, heads, query blocks, key blocks)``.
-Query row ``i`` of ``L`` falls in block ``i * P // L`` (likewise for keys), so the
-blocks do not overlap and, when ``P`` divides ``L``, equal ``avg_pool2d`` /
-``max_pool2d`` with an ``L / P`` kernel.
+Query row ``i`` of ``L`` falls in block ``i * P // L`` with ``P = min(size, L)``
+(likewise for keys; the rule, shared with the page's pooled map, is
+:mod:`attention_hooker._blocks`), so the blocks do not overlap and, when ``P`` divides
+``L``, equal ``avg_pool2d`` / ``max_pool2d`` with an ``L / P`` kernel.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .._blocks import block_count, block_edges, block_of
 from .._checks import one_of, positive_int
 from ..analysis.core import real_rows, row_mask
 from ..values import AttentionValues
@@ -66,9 +68,7 @@ def block_labels(tokens: Sequence[str], size: int) -> List[str]:
         >>> block_labels(["a", "b", "c", "d", "e"], 2), block_labels(["a", "b"], 4)
         (['0-2', '3-4'], ['a', 'b'])
     """
-    n = len(tokens)
-    blocks = min(size, n)
-    first = [(b * n + blocks - 1) // blocks for b in range(blocks + 1)]  # the first position p with p*blocks//n == b
+    first = block_edges(len(tokens), size)
     return [str(tokens[a]) if b - a == 1 else f"{a}-{b - 1}" for a, b in zip(first, first[1:])]
 
 
@@ -91,10 +91,11 @@ class _PooledCall:
         n_query = self._n_query
         a = block.float()
         batch, heads, _, n_key = a.shape
-        p_query, p_key = min(self._owner.size, n_query), min(self._owner.size, n_key)
+        size = self._owner.size
+        p_query, p_key = block_count(n_query, size), block_count(n_key, size)
         rows = rows.to(a.device)
-        key_block = torch.arange(n_key, device=a.device) * p_key // n_key  # (K,)
-        row_block = rows * p_query // n_query  # (r,)
+        key_block = block_of(torch.arange(n_key, device=a.device), n_key, size)  # (K,)
+        row_block = block_of(rows, n_query, size)  # (r,)
         mean = self._owner.how == "mean"
         if self._pooled is None:
             fill = 0.0 if mean else float("-inf")
