@@ -96,8 +96,9 @@ def render_html(
     for layer, call (for layers called several times), batch item and head.
 
     A call longer than ``pool_above`` tokens on either axis is carried as its
-    pooled map (blocks of tokens, each block's largest weight, at most
-    ``pool_size`` blocks a side) and each query's ``top_keys`` largest weights
+    pooled map (blocks of tokens, each block's largest weight, ``min(pool_size,
+    length)`` blocks a side, those of :class:`~attention_hooker.keep.pooling.PooledAttention`) and
+    each query's ``top_keys`` largest weights
     (see :mod:`attention_hooker.views.page.long_calls`): the matrix shows the pooled
     map, a click on a block shows the tokens inside it, and the head view lists
     each query's largest weights with the share of its attention they hold.

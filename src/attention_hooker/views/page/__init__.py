@@ -338,7 +338,7 @@ class _PageCalls:
             entry["offset"] = self.payload.add(codes.numpy().tobytes())
             return entry
         arrays, long_meta = encode_long_call(weights, codes, self.pool_size, self.top_keys)
-        entry["pooled"] = {"shape": long_meta["shape"], "block": long_meta["block"],
+        entry["pooled"] = {"shape": long_meta["shape"], "edges": long_meta["edges"],
                            "offset": self.payload.add(arrays["pooled"])}
         entry["top"] = {"k": long_meta["k"], "indexBytes": long_meta["indexBytes"],
                         "codes": self.payload.add(arrays["top_codes"]), "index": self.payload.add(arrays["top_index"]),

@@ -4,9 +4,13 @@ A call of 2,000 x 2,000 tokens is 4 million weights per head: a page holding the
 megabytes, and no screen shows them at once. A call longer than the page's limit on either axis
 travels instead as
 
-- the **pooled map**: each head's ``(query, key)`` map cut into blocks of ``block_q x block_k``
-  tokens, each block's largest weight (the same block maximum the page uses whenever a map is
-  larger than its canvas), at most ``size x size`` blocks; and
+- the **pooled map**: each head's ``(query, key)`` map cut into ``min(size, query) x min(size,
+  key)`` blocks of tokens, each block's largest weight (a maximum, as the page draws any map
+  larger than its canvas). The blocks are those of :class:`~attention_hooker.keep.pooling.PooledAttention`
+  for the same length and size (one rule, :mod:`attention_hooker._blocks`: token ``p`` of ``L``
+  falls in block ``p * P // L``, the blocks ``L // P`` or ``L // P + 1`` tokens wide), and the
+  page is given each block's first token (``edges``), so that it names the tokens of a block by
+  the same rule; and
 - **each query's largest weights**: the ``top`` keys of every query row of every head with their
   weights, and the share of the row's attention they hold, so that a click on a block shows the
   tokens inside it, and the head view lists where each query looks.
@@ -20,10 +24,12 @@ them all as 0.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Tuple
 
+import numpy as np
 import torch
+
+from ..._blocks import block_edges
 
 __all__ = ["is_long", "encode_long_call"]
 
@@ -39,7 +45,8 @@ def encode_long_call(weights: torch.Tensor, codes: torch.Tensor, size: int, top:
     Args:
         weights: ``(batch, heads, query, key)`` as captured.
         codes: ``(batch, heads, query, key)`` uint8, their codes (``encode_weights``).
-        size: the most blocks along each axis of the pooled map.
+        size: the most blocks along each axis of the pooled map (an axis of ``L`` tokens has
+            ``min(size, L)``, laid out by :func:`attention_hooker._blocks.block_edges`).
         top: how many keys of each query row to keep (at most the number of keys).
 
     Returns:
@@ -49,15 +56,15 @@ def encode_long_call(weights: torch.Tensor, codes: torch.Tensor, size: int, top:
         keys), keys in decreasing weight, ``"top_values"`` their weights as little-endian float16,
         and ``"cover"`` ``(batch, heads, query)``: the percent
         (0-100, rounded) of each row's weight that its ``top`` keys hold. ``meta`` gives the
-        pooled shape, the block sizes, ``top`` and the index width in bytes.
+        pooled shape, ``"edges"`` (per axis, the first token of each block, then the axis's
+        length), ``top`` and the index width in bytes.
     """
     batch, heads, n_query, n_key = codes.shape
-    block_q, block_k = math.ceil(n_query / size), math.ceil(n_key / size)
-    blocks_q, blocks_k = math.ceil(n_query / block_q), math.ceil(n_key / block_k)
-    padded = torch.zeros((batch, heads, blocks_q * block_q, blocks_k * block_k), dtype=torch.uint8)
-    padded[:, :, :n_query, :n_key] = codes
-    # The block maximum; 255 (a non-finite weight) wins, so a block holding one is marked.
-    pooled = padded.view(batch, heads, blocks_q, block_q, blocks_k, block_k).amax(dim=(3, 5))
+    edges_q, edges_k = block_edges(n_query, size), block_edges(n_key, size)
+    # The block maximum over each run of rows, then of keys; 255 (a non-finite weight) wins, so a
+    # block holding one is marked.
+    pooled = np.maximum.reduceat(codes.numpy(), edges_q[:-1], axis=2)
+    pooled = np.maximum.reduceat(pooled, edges_k[:-1], axis=3)
     top = min(top, n_key)
     w = weights.detach().to("cpu", torch.float32)
     clean = torch.where(torch.isfinite(w), w, torch.zeros((), dtype=w.dtype)).clamp_(min=0)
@@ -68,12 +75,12 @@ def encode_long_call(weights: torch.Tensor, codes: torch.Tensor, size: int, top:
     index_dtype = torch.int32 if n_key > 65536 else torch.int16  # bit patterns: uint16 / uint32 in the page
     index_bytes = 4 if n_key > 65536 else 2
     arrays = {
-        "pooled": pooled.contiguous().numpy().tobytes(),
+        "pooled": np.ascontiguousarray(pooled).tobytes(),
         "top_codes": top_codes.contiguous().numpy().tobytes(),
         "top_index": index.to(index_dtype).contiguous().numpy().astype(f"<i{index_bytes}").tobytes(),
         "top_values": values.to(torch.float16).contiguous().numpy().astype("<f2").tobytes(),
         "cover": cover.mul(100).round().clamp(0, 100).to(torch.uint8).numpy().tobytes(),
     }
-    meta = {"shape": [batch, heads, blocks_q, blocks_k], "block": [block_q, block_k], "k": top,
+    meta = {"shape": list(pooled.shape), "edges": [edges_q, edges_k], "k": top,
             "indexBytes": index_bytes}
     return arrays, meta

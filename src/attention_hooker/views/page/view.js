@@ -51,7 +51,7 @@
   };
 
   // One head's matrix as codes (Uint8Array view, row-major query x key) and its scale. A long
-  // call gives its pooled map: Q x K blocks of c.pooled.block tokens, each its largest code.
+  // call gives its pooled map: Q x K blocks of tokens (blockOf), each its largest code.
   function matrix(layer, call, batch, head) {
     const c = layerCall(layer, call);
     const [B, H, Q, K] = c.shape;
@@ -65,6 +65,23 @@
     const start = c.offset + (b * H + h) * Q * K;
     return { codes: state.data.subarray(start, start + Q * K), scale: c.scales[b * H + h], Q, K, c, b, h };
   }
+
+  // The tokens of block i of a long call's pooled map along axis 0 (queries) or 1 (keys): from
+  // first to end - 1. The page decides no block: Python gives each block's first token (edges,
+  // by attention_hooker._blocks, the rule of PooledAttention), blocks of uneven width.
+  const blockOf = (c, axis, i) => {
+    const edges = c.pooled.edges[axis];
+    return { first: edges[i], end: edges[i + 1] };
+  };
+  // "8" when every block of the axis is 8 tokens wide, else "7-8".
+  const blockWidths = (c, axis) => {
+    const edges = c.pooled.edges[axis];
+    let low = Infinity, high = 0;
+    for (let i = 1; i < edges.length; i++) {
+      low = Math.min(low, edges[i] - edges[i - 1]); high = Math.max(high, edges[i] - edges[i - 1]);
+    }
+    return low === high ? String(low) : `${low}-${high}`;
+  };
 
   // IEEE half precision bits -> number (the largest weights of long calls travel as float16).
   function half(bits) {
@@ -247,11 +264,12 @@
 
   // Masked keys of a pooled map: the blocks whose every key is masked.
   function maskedBlocks(m) {
-    const masked = maskedKeys(m.c), [, bk] = m.c.pooled.block, K = m.c.shape[3], out = new Set();
+    const masked = maskedKeys(m.c), out = new Set();
     if (masked.size === 0) return out;
     for (let j = 0; j < m.K; j++) {
+      const { first, end } = blockOf(m.c, 1, j);
       let all = true;
-      for (let k = j * bk; all && k < Math.min(K, (j + 1) * bk); k++) all = masked.has(k);
+      for (let k = first; all && k < end; k++) all = masked.has(k);
       if (all) out.add(j);
     }
     return out;
@@ -268,7 +286,7 @@
       $("ah-matrix-caption").textContent = `${name}, head ${state.head}: ${m.Q} queries x ${m.K} keys`;
       return;
     }
-    const [bq, bk] = m.c.pooled.block, k = m.c.top.k;
+    const k = m.c.top.k;
     if (state.detail) {
       const d = detailCodes(m), masked = maskedKeys(m.c), window = new Set();
       for (let j = 0; j < d.nk; j++) if (masked.has(state.detail.k0 + j)) window.add(j);
@@ -280,7 +298,8 @@
     }
     paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 1024), Math.min(m.Q, 1024), maskedBlocks(m));
     $("ah-matrix-caption").textContent = `${name}, head ${state.head}: ${Q} queries x ${K} keys, pooled: each cell is`
-      + ` the largest weight of a block of ${bq} x ${bk} tokens; click a block for its tokens`;
+      + ` the largest weight of a block of ${blockWidths(m.c, 0)} x ${blockWidths(m.c, 1)} tokens;`
+      + " click a block for its tokens";
   }
 
   // The (query, key) cell under the pointer, in the units of what the matrix shows.
@@ -314,10 +333,9 @@
     // Code 0 is any weight below half a step of the head's scale: say so rather than "~0.00".
     const read = code === 0 && m.scale > 0 ? `below ${(m.scale / (2 * TOP)).toPrecision(2)}` : shown(v);
     if (m.pooled) {
-      const [bq, bk] = m.c.pooled.block;
-      const q1 = Math.min(Q, (q + 1) * bq) - 1, k1 = Math.min(K, (k + 1) * bk) - 1;
-      $("ah-readout").textContent = `queries ${q * bq}-${q1} "${shortLabel(queries[q * bq])}"... -> keys ${k * bk}-${k1}`
-        + ` "${shortLabel(keys[k * bk])}"...: largest ${read}`;
+      const bq = blockOf(m.c, 0, q), bk = blockOf(m.c, 1, k);
+      $("ah-readout").textContent = `queries ${bq.first}-${bq.end - 1} "${shortLabel(queries[bq.first])}"...`
+        + ` -> keys ${bk.first}-${bk.end - 1} "${shortLabel(keys[bk.first])}"...: largest ${read}`;
       return;
     }
     $("ah-readout").textContent = `query ${q} "${shortLabel(queries[q])}" -> key ${k} "${shortLabel(keys[k])}": ${read}`;
@@ -329,13 +347,14 @@
     if (!m.pooled || state.detail) return;
     const cell = cellAt(event, m.Q, m.K);
     if (!cell) return;
-    const [, , Q, K] = m.c.shape, [bq, bk] = m.c.pooled.block;
+    const [, , Q, K] = m.c.shape;
+    const bq = blockOf(m.c, 0, cell[0]), bk = blockOf(m.c, 1, cell[1]);  // the clicked block's tokens
     const clamp = (x, n) => Math.max(0, Math.min(n - Math.min(WINDOW, n), x));
-    state.detail = { q0: clamp(cell[0] * bq + Math.floor(bq / 2) - WINDOW / 2, Q),
-                     k0: clamp(cell[1] * bk + Math.floor(bk / 2) - WINDOW / 2, K) };
+    const centre = (b) => b.first + Math.floor((b.end - b.first) / 2) - WINDOW / 2;  // the window around the block
+    state.detail = { q0: clamp(centre(bq), Q), k0: clamp(centre(bk), K) };
     drawMatrix();
     drawMatrixLabels();
-    const q = Math.min(Q - 1, cell[0] * bq);
+    const q = bq.first;
     selectQuery(q);
     const item = $("ah-queries").children[q];
     if (item) item.scrollIntoView({ block: "center" });
@@ -496,10 +515,9 @@
       queries = queries.slice(state.detail.q0, state.detail.q0 + nq);
       keys = keys.slice(state.detail.k0, state.detail.k0 + nk);
     } else if (c.pooled) {  // each block by its first token
-      const [bq, bk] = c.pooled.block;
       [nq, nk] = c.pooled.shape.slice(2);
-      queries = Array.from({ length: nq }, (_, i) => queries[i * bq]);
-      keys = Array.from({ length: nk }, (_, i) => keys[i * bk]);
+      queries = Array.from({ length: nq }, (_, i) => queries[blockOf(c, 0, i).first]);
+      keys = Array.from({ length: nk }, (_, i) => keys[blockOf(c, 1, i).first]);
     }
     place($("ah-matrix-cols"), keys, nk, "left", size.width || 520);
     place($("ah-matrix-rows"), queries, nq, "top", size.height || 520);
