@@ -184,3 +184,37 @@ def write_head_roles(roles: Dict[str, Dict[str, torch.Tensor]], out) -> Path:
             for head in range(len(scores["confidence"])):
                 writer.writerow([layer, head, *(_cell(float(scores[c][head])) for c in ROLE_COLUMNS)])
     return path
+
+
+def command(args) -> None:
+    import math
+
+    import torch
+
+    from . import workflows
+
+    workflows.prepare_out(args.out)
+    loaded = workflows.load_hf_model(args.model)
+    text = args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT
+    roles = workflows.head_roles(loaded, text, layers=args.layers, repeat_length=args.repeat_length)
+    path = workflows.write_head_roles(roles, args.out)
+    page = workflows.write_head_roles_page(loaded, text, roles, args.out, layers=args.layers)
+    names = list(roles)
+    print(f"model:   {loaded.name} ({loaded.kind}), {len(names)} self-attention layers")
+    reasons = {"importance": "needs a language-model loss (an encoder without its head has none)",
+               "retrieval": "measured while a decoder generates",
+               "first_token_norm_share": "needs the value vectors and the output projection (found in no layer)"}
+    for column in workflows.ROLE_COLUMNS:
+        table = torch.stack([roles[name][column] for name in names])  # (layers, heads)
+        if column == "sink_head":
+            print(f"{'sink heads:':<24}{int(table.sum())} of {table.numel()} "
+                  f"(first-token share above {workflows.SINK_THRESHOLD})")
+            continue
+        if torch.isnan(table).all():
+            print(f"{column + ':':<24}n/a: {reasons.get(column, 'does not apply')}")
+            continue
+        table = torch.nan_to_num(table, nan=-math.inf)
+        layer, head = divmod(int(table.argmax()), table.shape[1])
+        print(f"{column + ':':<24}{names[layer]} head {head} ({float(table.max()):.2f})")
+    print(f"csv:     {path}")
+    print(f"page:    {page}  (its overview coloured by any of these scores: 'colour by')")

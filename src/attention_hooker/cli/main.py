@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import io
+import importlib
 import sys
-import time
 import traceback
-from pathlib import Path
 from typing import List, Optional
 
 from ..errors import AttentionHookerError, CommandError
@@ -176,178 +174,15 @@ def _rows(text: str):
             "(100:200, ::8)") from None
 
 
-def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title,
-                 long_context=None, device=None, dtype=None, grids=True, color_scale="linear", image=None) -> None:
-    from . import workflows
-
-    long_context = long_context or {}
-    if save and (long_context.get("pool") or long_context.get("stream")):
-        raise CommandError("--save keeps a capture held in memory; with --pool or --stream there is none "
-                                     "(--stream FOLDER already writes the whole capture)")
-    workflows.prepare_out(out)  # mistakes in where things go are found before any work
-    if save:
-        workflows.check_save_path(save)
-    start = time.perf_counter()
-    loaded = workflows.load_hf_model(model_path, device=device, dtype=dtype)
-    if image is not None:
-        capture = workflows.capture_image(loaded, image, layers=layers)
-    elif loaded.kind == "vision":
-        raise CommandError(f"{loaded.name} is a vision model: pass an image with --image FILE")
-    else:
-        capture = workflows.capture_text(loaded, text, layers=layers, target=target, generate=generate,
-                                         **long_context)
-    files = workflows.write_outputs(capture, out, title=title, grids=grids, color_scale=color_scale)
-    if save:
-        raw = capture.raw_values or capture.values
-        from ..io.saved import save_values
-
-        # Every list (an encoder-decoder's source and target): the page of the saved capture labels every axis.
-        save_values(raw, save, tokens=capture.tokens, model_class=loaded.name, selection=capture.hooker.selection)
-        files["saved"] = save
-    print(workflows.summary(loaded, capture, files, time.perf_counter() - start))
+# Each command's work and its printing live in its own module (a function taking the parsed arguments),
+# imported when the command runs: `attention-hooker --help` stays fast.
+COMMANDS = {"demo": ("run", "demo"), "run": ("run", "run"), "stats": ("statistics", "command"),
+            "layers": ("layers", "command"), "heads": ("head_roles", "command"), "flow": ("token_flow", "command")}
 
 
-def _command_demo(args) -> None:
-    from . import workflows
-
-    path = workflows.demo_model_path()
-    _run_capture(path, args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT, out=args.out,
-                 title="all-MiniLM-L6-v2", device=args.device, dtype=args.dtype, grids=not args.no_grids,
-                 color_scale=args.color_scale)
-
-
-def _command_heads(args) -> None:
-    import math
-
-    import torch
-
-    from . import workflows
-
-    workflows.prepare_out(args.out)
-    loaded = workflows.load_hf_model(args.model)
-    text = args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT
-    roles = workflows.head_roles(loaded, text, layers=args.layers, repeat_length=args.repeat_length)
-    path = workflows.write_head_roles(roles, args.out)
-    page = workflows.write_head_roles_page(loaded, text, roles, args.out, layers=args.layers)
-    names = list(roles)
-    print(f"model:   {loaded.name} ({loaded.kind}), {len(names)} self-attention layers")
-    reasons = {"importance": "needs a language-model loss (an encoder without its head has none)",
-               "retrieval": "measured while a decoder generates",
-               "first_token_norm_share": "needs the value vectors and the output projection (found in no layer)"}
-    for column in workflows.ROLE_COLUMNS:
-        table = torch.stack([roles[name][column] for name in names])  # (layers, heads)
-        if column == "sink_head":
-            print(f"{'sink heads:':<24}{int(table.sum())} of {table.numel()} "
-                  f"(first-token share above {workflows.SINK_THRESHOLD})")
-            continue
-        if torch.isnan(table).all():
-            print(f"{column + ':':<24}n/a: {reasons.get(column, 'does not apply')}")
-            continue
-        table = torch.nan_to_num(table, nan=-math.inf)
-        layer, head = divmod(int(table.argmax()), table.shape[1])
-        print(f"{column + ':':<24}{names[layer]} head {head} ({float(table.max()):.2f})")
-    print(f"csv:     {path}")
-    print(f"page:    {page}  (its overview coloured by any of these scores: 'colour by')")
-
-
-def _command_layers(args) -> None:
-    from . import workflows
-    from ..hooker import TransformerAttentionHooker
-
-    loaded = workflows.load_hf_model(args.model)
-    hooker = TransformerAttentionHooker(loaded.model, args.layers)
-    modules = dict(loaded.model.named_modules())
-    print(f"{loaded.name} ({loaded.kind}): {len(hooker.hooked_layers)} module(s) hooked")
-    for name in hooker.hooked_layers:
-        print(f"  {name}  ({type(modules[name]).__name__})")
-
-
-def _command_run(args) -> None:
-    if args.overwrite and args.stream is None:
-        raise CommandError("--overwrite goes with --stream FOLDER")
-    if args.text is None and args.image is None:
-        raise CommandError("run needs --text (or --image for a vision model)")
-    if args.text is not None and args.image is not None:
-        raise CommandError("give --text or --image, not both")
-    _run_capture(args.model, args.text, out=args.out, layers=args.layers, target=args.target, image=args.image,
-                 generate=args.generate, save=args.save, title=Path(args.model).name or "model",
-                 device=args.device, dtype=args.dtype, grids=not args.no_grids, color_scale=args.color_scale,
-                 long_context=dict(max_tokens=args.max_tokens, rows=args.rows, pool=args.pool, stream=args.stream,
-                                   overwrite=args.overwrite))
-
-
-def _command_stats(args) -> None:
-    from .. import distributed
-    from . import workflows
-
-    launch = distributed.launch_from_environment()  # under torchrun: this process's rank
-    path = Path(args.text_file)
-    if not path.is_file():
-        raise CommandError(f"text file {path} does not exist")
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise CommandError(f"{path} is not UTF-8 text") from None
-    if not lines:
-        raise CommandError("the text file has no non-empty line: put one text per line")
-    if launch is None or launch.is_main:
-        workflows.prepare_out(args.out)  # before any work: a folder that cannot be written is said at once
-    with distributed.process_group(launch) as backend:
-        loaded = workflows.load_hf_model(args.model, device=args.device, dtype=args.dtype)
-        if loaded.kind == "vision":
-            raise CommandError(f"stats reads lines of text; {loaded.name} is a vision model (run --image FILE)")
-        mine, progress = lines, None
-        if launch is not None:  # each rank its contiguous share of the lines; rank 0 shows its progress
-            mine = distributed.share(lines, launch.rank, launch.world_size)
-            progress = sys.stderr if launch.is_main else io.StringIO()
-            if backend == "nccl" and args.device is None:
-                loaded.model.to(f"cuda:{launch.local_rank}")
-        accumulator, seconds, (cut, limit) = workflows.collect_statistics(
-            loaded, mine, layers=args.layers, batch_size=args.batch_size, max_tokens=args.max_tokens,
-            sink_positions=args.sinks, progress_stream=progress, allow_empty=launch is not None,
-            progress_label="lines" if launch is None else f"rank 0 of {launch.world_size}, its share")
-        if launch is not None:  # sums and counts of every rank added: the same numbers as one process
-            accumulator = distributed.merge_statistics(accumulator)
-            per_rank = distributed.gather_objects((cut, seconds))
-            cut, seconds = sum(c for c, _ in per_rank), max(s for _, s in per_rank)
-            if not launch.is_main:
-                return
-    files = workflows.write_statistics(accumulator, args.out)
-    n = len(lines)
-    print(f"model:   {loaded.name} ({loaded.kind})")
-    if launch is not None:
-        print(f"ranks:   {launch.world_size} ({backend}), each with its share of the lines")
-    print(f"lines:   {n} in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
-    if cut:
-        print(f"cut:     {cut} line(s) longer than {limit} tokens were cut there "
-              "(--max-tokens N takes more, up to the model's positions)")
-    table = accumulator.result()["entropy"]
-    print(f"csv:     {files['csv']}  ({table.size} rows: {table.shape[0]} layers x {table.shape[1]} heads)")
-    print(f"heatmaps: {', '.join(str(p) for p in files['pictures'])}")
-
-
-def _command_flow(args) -> None:
-    from . import workflows
-
-    workflows.prepare_out(args.out)
-    loaded = workflows.load_hf_model(args.model)
-    text = args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT
-    start = time.perf_counter()
-    result = workflows.token_flow(loaded, text, into=args.into, layers=args.layers)
-    path = workflows.write_token_flow(result, args.out)
-    print(f"model:   {loaded.name} ({loaded.kind}), {len(result['layers'])} self-attention layers, "
-          f"{len(result['tokens'])} tokens")
-    for o, position in enumerate(result["into"]):
-        flows = result["flow"][o]
-        top = sorted(range(len(flows)), key=lambda j: -float(flows[j]))[:5]
-        shown = ", ".join(f"{result['tokens'][j]} ({j}) {float(flows[j]):.2f}" for j in top)
-        print(f"into {result['tokens'][position]} ({position}): {shown}")
-    print(f"csv:     {path}  (flow and rollout of every input token, each column summing to 1)")
-    print(f"done in {time.perf_counter() - start:.1f} s")
-
-
-COMMANDS = {"demo": _command_demo, "run": _command_run, "stats": _command_stats, "layers": _command_layers,
-            "heads": _command_heads, "flow": _command_flow}
+def _command(name: str):
+    module, function = COMMANDS[name]
+    return getattr(importlib.import_module(f".{module}", __package__), function)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -358,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        COMMANDS[args.command](args)
+        _command(args.command)(args)
     except (CommandError, AttentionHookerError, ImportError, OSError) as err:
         if args.debug:
             traceback.print_exc()

@@ -6,8 +6,11 @@ Every user mistake raises :class:`CommandError` with one readable sentence.
 from __future__ import annotations
 
 import csv
+import io
+import sys
 import math
 import time
+from pathlib import Path
 from typing import Dict, Optional, Sequence
 import torch
 from ..views.labels import short_layer_names
@@ -110,3 +113,53 @@ def write_statistics(accumulator, out) -> Dict[str, object]:
         save_figure(fig, path)
         pictures.append(path)
     return {"csv": csv_path, "pictures": pictures}
+
+
+def command(args) -> None:
+    from .. import distributed
+    from . import workflows
+
+    launch = distributed.launch_from_environment()  # under torchrun: this process's rank
+    path = Path(args.text_file)
+    if not path.is_file():
+        raise CommandError(f"text file {path} does not exist")
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise CommandError(f"{path} is not UTF-8 text") from None
+    if not lines:
+        raise CommandError("the text file has no non-empty line: put one text per line")
+    if launch is None or launch.is_main:
+        workflows.prepare_out(args.out)  # before any work: a folder that cannot be written is said at once
+    with distributed.process_group(launch) as backend:
+        loaded = workflows.load_hf_model(args.model, device=args.device, dtype=args.dtype)
+        if loaded.kind == "vision":
+            raise CommandError(f"stats reads lines of text; {loaded.name} is a vision model (run --image FILE)")
+        mine, progress = lines, None
+        if launch is not None:  # each rank its contiguous share of the lines; rank 0 shows its progress
+            mine = distributed.share(lines, launch.rank, launch.world_size)
+            progress = sys.stderr if launch.is_main else io.StringIO()
+            if backend == "nccl" and args.device is None:
+                loaded.model.to(f"cuda:{launch.local_rank}")
+        accumulator, seconds, (cut, limit) = workflows.collect_statistics(
+            loaded, mine, layers=args.layers, batch_size=args.batch_size, max_tokens=args.max_tokens,
+            sink_positions=args.sinks, progress_stream=progress, allow_empty=launch is not None,
+            progress_label="lines" if launch is None else f"rank 0 of {launch.world_size}, its share")
+        if launch is not None:  # sums and counts of every rank added: the same numbers as one process
+            accumulator = distributed.merge_statistics(accumulator)
+            per_rank = distributed.gather_objects((cut, seconds))
+            cut, seconds = sum(c for c, _ in per_rank), max(s for _, s in per_rank)
+            if not launch.is_main:
+                return
+    files = workflows.write_statistics(accumulator, args.out)
+    n = len(lines)
+    print(f"model:   {loaded.name} ({loaded.kind})")
+    if launch is not None:
+        print(f"ranks:   {launch.world_size} ({backend}), each with its share of the lines")
+    print(f"lines:   {n} in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
+    if cut:
+        print(f"cut:     {cut} line(s) longer than {limit} tokens were cut there "
+              "(--max-tokens N takes more, up to the model's positions)")
+    table = accumulator.result()["entropy"]
+    print(f"csv:     {files['csv']}  ({table.size} rows: {table.shape[0]} layers x {table.shape[1]} heads)")
+    print(f"heatmaps: {', '.join(str(p) for p in files['pictures'])}")

@@ -6,6 +6,7 @@ Every user mistake raises :class:`CommandError` with one readable sentence.
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 import torch
@@ -71,3 +72,23 @@ def write_token_flow(result: dict, out) -> Path:
             cells = [float(result[kind][o, j]) for kind in ("flow", "rollout") for o in range(len(result["into"]))]
             writer.writerow([j, token, *(f"{c:.9g}" for c in cells)])
     return path
+
+
+def command(args) -> None:
+    from . import workflows
+
+    workflows.prepare_out(args.out)
+    loaded = workflows.load_hf_model(args.model)
+    text = args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT
+    start = time.perf_counter()
+    result = workflows.token_flow(loaded, text, into=args.into, layers=args.layers)
+    path = workflows.write_token_flow(result, args.out)
+    print(f"model:   {loaded.name} ({loaded.kind}), {len(result['layers'])} self-attention layers, "
+          f"{len(result['tokens'])} tokens")
+    for o, position in enumerate(result["into"]):
+        flows = result["flow"][o]
+        top = sorted(range(len(flows)), key=lambda j: -float(flows[j]))[:5]
+        shown = ", ".join(f"{result['tokens'][j]} ({j}) {float(flows[j]):.2f}" for j in top)
+        print(f"into {result['tokens'][position]} ({position}): {shown}")
+    print(f"csv:     {path}  (flow and rollout of every input token, each column summing to 1)")
+    print(f"done in {time.perf_counter() - start:.1f} s")

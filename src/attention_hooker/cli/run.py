@@ -1,0 +1,65 @@
+"""The ``attention-hooker demo`` and ``run`` commands: one capture of a text (or an image), its
+pictures, page and summary."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..errors import CommandError
+
+__all__ = ["demo", "run"]
+
+
+def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title,
+                 long_context=None, device=None, dtype=None, grids=True, color_scale="linear", image=None) -> None:
+    from . import workflows
+
+    long_context = long_context or {}
+    if save and (long_context.get("pool") or long_context.get("stream")):
+        raise CommandError("--save keeps a capture held in memory; with --pool or --stream there is none "
+                                     "(--stream FOLDER already writes the whole capture)")
+    workflows.prepare_out(out)  # mistakes in where things go are found before any work
+    if save:
+        workflows.check_save_path(save)
+    start = time.perf_counter()
+    loaded = workflows.load_hf_model(model_path, device=device, dtype=dtype)
+    if image is not None:
+        capture = workflows.capture_image(loaded, image, layers=layers)
+    elif loaded.kind == "vision":
+        raise CommandError(f"{loaded.name} is a vision model: pass an image with --image FILE")
+    else:
+        capture = workflows.capture_text(loaded, text, layers=layers, target=target, generate=generate,
+                                         **long_context)
+    files = workflows.write_outputs(capture, out, title=title, grids=grids, color_scale=color_scale)
+    if save:
+        raw = capture.raw_values or capture.values
+        from ..io.saved import save_values
+
+        # Every list (an encoder-decoder's source and target): the page of the saved capture labels every axis.
+        save_values(raw, save, tokens=capture.tokens, model_class=loaded.name, selection=capture.hooker.selection)
+        files["saved"] = save
+    print(workflows.summary(loaded, capture, files, time.perf_counter() - start))
+
+
+def demo(args) -> None:
+    from . import workflows
+
+    path = workflows.demo_model_path()
+    _run_capture(path, args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT, out=args.out,
+                 title="all-MiniLM-L6-v2", device=args.device, dtype=args.dtype, grids=not args.no_grids,
+                 color_scale=args.color_scale)
+
+
+def run(args) -> None:
+    if args.overwrite and args.stream is None:
+        raise CommandError("--overwrite goes with --stream FOLDER")
+    if args.text is None and args.image is None:
+        raise CommandError("run needs --text (or --image for a vision model)")
+    if args.text is not None and args.image is not None:
+        raise CommandError("give --text or --image, not both")
+    _run_capture(args.model, args.text, out=args.out, layers=args.layers, target=args.target, image=args.image,
+                 generate=args.generate, save=args.save, title=Path(args.model).name or "model",
+                 device=args.device, dtype=args.dtype, grids=not args.no_grids, color_scale=args.color_scale,
+                 long_context=dict(max_tokens=args.max_tokens, rows=args.rows, pool=args.pool, stream=args.stream,
+                                   overwrite=args.overwrite))
