@@ -424,7 +424,7 @@ def test_generation_steps_lie_side_by_side_and_save_and_clear_as_before(tmp_path
     assert all(torch.equal(t, b) for t, b in zip(steps[1:], before[1:]))
     steps[0].copy_(before[0])
     with torch.no_grad(), TransformerAttentionHooker(model, dtype=torch.float16) as unchunked:
-        unchunked._session.arena.MAX_CHUNK = 0  # every tensor allocated on its own, as before
+        unchunked._router.memory.allocation.arena.MAX_CHUNK = 0  # every tensor allocated on its own, as before
         model.generate(ids, **generate)
     for name, calls in unchunked.values.items():
         assert all(torch.equal(a, b) for a, b in zip(calls, hooker.values[name]))

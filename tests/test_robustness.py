@@ -206,9 +206,9 @@ def test_memory_nobody_can_reach_is_reused_after_clear(tokens):
         after = {t.data_ptr() for calls in hooker.values.values() for t in calls}
         assert after == before
         hooker.clear()
-        assert hooker._session.spares.nbytes > 0
-    assert hooker._session.spares.nbytes == 0, "remove_hooks() frees the spares"
-    assert not hooker._session.arena._chunks, "and the chunks being filled"
+        assert hooker._router.memory.allocation.spares.nbytes > 0
+    assert hooker._router.memory.allocation.spares.nbytes == 0, "remove_hooks() frees the spares"
+    assert not hooker._router.memory.allocation.arena._chunks, "and the chunks being filled"
 
 
 def test_clear_leaves_the_values_object_the_user_holds_with_its_calls():

@@ -197,10 +197,7 @@ class TransformerAttentionHooker:
         reach any more takes the next calls' weights while the hooks are on,
         skipping the cost of fresh memory (see ``keep/allocator.py``).
         """
-        salvage = unreachable_tensors if self._hooks else None
-        self._session.spares.offer(self._router.clear(salvage=salvage))
-        if self._hooks:
-            self._session.arena.rewind()  # small calls: their chunk, when nothing reaches it
+        self._router.clear(salvage=unreachable_tensors if self._hooks else None)  # their memory: the next calls'
         self._coverage.reset()
 
     def report(self) -> CoverageReport:

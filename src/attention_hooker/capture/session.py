@@ -25,7 +25,6 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .._torch_private import caller_frame, function_mode_stack, take_mode_out
-from ..keep.allocator import Arena, SpareBuffers, empty
 from ..keep.protocol import NO_SOURCES, CallSources, CallWriter
 from .coverage import Coverage
 from .routes.sdpa import (SDPA_FUNCTIONS, as_4d)
@@ -129,10 +128,6 @@ class CaptureSession:
         self._busy: set = set()  # idents of threads with open scopes
         self._on_idle: List[Callable[[], None]] = []
         self.closed = False
-        self.arena = Arena()  # small stored tensors of repeated calls side by side (generation steps)
-        self.spares = SpareBuffers()  # cleared weights nobody can reach, for the next calls
-        session = weakref.ref(self)  # the keeper must not keep its session (and itself) alive
-        router.memory.allocator = lambda layer: empty if session() is None else session().allocator(layer)
 
     def thread_state(self) -> _ThreadState:
         state = getattr(self._local, "state", None)
@@ -201,8 +196,6 @@ class CaptureSession:
         """
         self.drop_stale_scopes(switch_off=False)  # stores what a call that raised had computed
         self.closed = True
-        self.spares.release()
-        self.arena.release()
         self.reset()
         with self._lock:
             if self._busy:
@@ -253,11 +246,6 @@ class CaptureSession:
                 self._on_idle = []
         for callback in callbacks:
             callback()
-
-    def allocator(self, layer: str) -> Callable:
-        """Where a stored call of ``layer`` comes from: the arena for a layer's repeated
-        calls (generation steps), ``torch.empty`` for its first."""
-        return self.arena.empty if self.router.calls_seen.get(layer, 0) else empty
 
     @torch.compiler.disable  # bookkeeping: never compiled (see routes/sdpa_call.py)
     def on_sdpa(self, func, args: tuple, kwargs: dict) -> Any:

@@ -25,6 +25,7 @@ is reused. (The counters are private APIs, each behind one function of
 
 from __future__ import annotations
 
+import functools
 import mmap
 import threading
 import weakref
@@ -34,7 +35,7 @@ import torch
 
 from .._torch_private import REFCOUNTS_SUPPORTED, refcount, storage_use_count, tensor_use_count
 
-__all__ = ["SpareBuffers", "unreachable_tensors", "Arena", "empty"]
+__all__ = ["SpareBuffers", "unreachable_tensors", "Arena", "Allocation", "empty"]
 
 
 
@@ -218,3 +219,33 @@ def _mapped_chunk(nbytes: int) -> torch.Tensor:
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """``torch.empty`` in the ``allocate(shape, dtype, device)`` form the in-memory keeper takes."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+class Allocation:
+    """Where the in-memory keeper's stored calls come from: the spare buffers (cleared weights
+    nobody can reach any more) for any call, and the arena for a layer's repeated calls."""
+
+    def __init__(self):
+        self.spares = SpareBuffers()
+        self.arena = Arena()
+
+    def for_call(self, repeated: bool):
+        """``allocate(shape, dtype, device)`` for a call: from the arena when it repeats a
+        layer's earlier call (generation steps lie side by side), else ``torch.empty``."""
+        return self.arena.empty if repeated else empty
+
+    def buffer(self, repeated: bool):
+        """``buffer(shape, dtype, device)`` for a call computed straight into what is stored:
+        a spare tensor of that shape when there is one, else :meth:`for_call`'s."""
+        return functools.partial(self.spares.take, fresh=self.for_call(repeated))
+
+    def recycle(self, tensors: List[torch.Tensor]) -> None:
+        """After a ``clear()`` while the hooks are on: the tensors nobody reaches become the
+        spares, and the arena's chunk being filled starts again when nothing reaches it."""
+        self.spares.offer(tensors)
+        self.arena.rewind()
+
+    def release(self) -> None:
+        """The hooks are off: spares and chunks being filled are let go."""
+        self.spares.release()
+        self.arena.release()

@@ -13,7 +13,7 @@ import torch
 from .._torch_private import refcount
 from ..values import AttentionValues
 from .policy import StoragePolicy
-from .allocator import empty
+from .allocator import Allocation, empty
 from .protocol import NO_SOURCES, CallSources, GradientSource
 
 __all__ = ["MemoryKeeper"]
@@ -38,10 +38,7 @@ class MemoryKeeper:
         self.values = self._new_values()
         self.gradients: dict = {}  # with keep_grad: {name: [[grad or None] per call]}
         self.value_vectors = AttentionValues()  # with keep_values: {name: [value or None per call]}
-        # Where a stored copy of a call of a layer comes from: ``allocator(layer)`` gives an
-        # ``allocate(shape, dtype, device)``; the capture plugs in its arena for the repeated
-        # calls of a layer, so that generation steps lie side by side (see keep/allocator.py).
-        self.allocator: Callable[[str], Callable] = lambda layer: empty
+        self.allocation = Allocation()  # spare buffers and the arena (keep/allocator.py)
 
     def _new_values(self) -> AttentionValues:
         values = AttentionValues()
@@ -60,7 +57,18 @@ class MemoryKeeper:
         """Nothing to do: a forward that did not return keeps the calls it made, as ever."""
 
     def close(self) -> None:
-        """Nothing waits: every committed call is in ``values``."""
+        """Nothing waits (every committed call is in ``values``); the spare buffers and the
+        arena's chunks being filled are let go."""
+        self.allocation.release()
+
+    def allocator(self, layer: str) -> Callable:
+        """``allocate(shape, dtype, device)`` for the next stored call of ``layer``."""
+        return self.allocation.for_call(repeated=bool(self.values.get(layer)))
+
+    def buffer(self, layer: str) -> Callable:
+        """``buffer(shape, dtype, device)`` for the next call of ``layer`` computed straight
+        into what is stored (a spare tensor when there is one)."""
+        return self.allocation.buffer(repeated=bool(self.values.get(layer)))
 
     # Placing and forgetting.
     def stores_as_computed(self, dtype: torch.dtype, device: torch.device) -> bool:
@@ -83,9 +91,9 @@ class MemoryKeeper:
 
         Args:
             salvage: called with the old ``values`` when nobody else holds that dict (under
-                the lock, so no call is added in between); its result is returned. The
-                capture passes one that picks the tensors nobody else can reach, to reuse
-                their memory.
+                the lock, so no call is added in between); its result becomes the spare
+                buffers of the next calls. The capture passes one, while its hooks are on,
+                that picks the tensors nobody else can reach.
 
         Returns:
             What ``salvage`` returned, or ``[]``.
@@ -95,7 +103,11 @@ class MemoryKeeper:
             self.gradients, self.value_vectors = {}, AttentionValues()
             probe = AttentionValues()  # counted as ``old`` is: one local name
             alone = refcount(old) == refcount(probe)
-            return salvage(old) if salvage is not None and alone else []
+            salvaged = salvage(old) if salvage is not None and alone else []
+            del old, probe  # the arena's chunk is filled again only when nothing reaches its tensors
+        if salvage is not None:
+            self.allocation.recycle(salvaged)
+        return salvaged
 
     # Adding a committed call (under the lock).
     def add(self, name: str, stored: torch.Tensor, graph_tensor, sources: CallSources) -> None:

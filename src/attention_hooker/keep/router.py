@@ -124,10 +124,10 @@ class Router:
         _each(self._attached, lambda keeper: keeper.end_forward(returned=returned, reason=reason))
 
     def close(self) -> None:
-        """Closes every attached keeper (what waits is written). A keeper that is done for
+        """Closes memory and every attached keeper (what waits is written). A keeper that is done for
         good detaches itself (a closed stream does); a reduction stays attached, for the
         next time the hooks are on."""
-        _each(list(self._attached), lambda keeper: keeper.close())
+        _each([self.memory, *self._attached], lambda keeper: keeper.close())
 
     def clear(self, *, salvage=None) -> list:
         """Forgets the calls in memory and every call count (see :meth:`MemoryKeeper.clear`)."""

@@ -5,7 +5,6 @@ its reason (a layout that is not ``(batch, heads, query, key)``, channel attenti
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Any, List, Optional
 
@@ -66,7 +65,7 @@ def _weights(call: dict, layer: str, **options) -> Optional[torch.Tensor]:
 
 
 def _spare_buffer(session, layer: str):
-    return functools.partial(session.spares.take, fresh=session.allocator(layer))
+    return session.router.memory.buffer(layer)
 
 
 def _keep_whole(session, call: dict, layer: str) -> None:
