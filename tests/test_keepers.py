@@ -184,3 +184,77 @@ def test_the_selection_is_the_same_on_the_route_that_computes_it_and_the_one_tha
     expected = Selection.parse(**options).apply(whole.values[""][0], "layer ''")
     torch.testing.assert_close(picked.values[""][0], expected)
     assert picked.selection == Selection.parse(**options).describe()
+
+
+# ------------------------------------------------ review findings on this change
+class _Pieces(nn.Module):
+    """Eager attention in two pieces of different lengths: refused as a whole."""
+
+    num_heads = 2
+
+    def forward(self, x):  # x (B, 2, 6, 8)
+        first = torch.softmax(x[:, :, :4] @ x.transpose(-2, -1), -1)  # (B, 2, 4, 6)
+        second = torch.softmax(x[:, :, 4:] @ x.transpose(-2, -1), -1)  # (B, 2, 2, 6)
+        return torch.cat([first, second], 2) @ x
+
+
+def test_pieces_of_a_refused_call_are_not_checked_against_the_selection():
+    """rows=[3] fits the first piece (4 rows), not the second (2): the layer call is refused
+    for being made in pieces, as before; the selection is applied only to a call that is kept."""
+    model = _Pieces()
+    with TransformerAttentionHooker(model, layer_regex="^$", rows=[3]) as hooker, pytest.warns(AttentionCaptureWarning):
+        model(torch.randn(1, 2, 6, 8))
+    assert hooker.report()[""].status == "refused" and "2 attention calls" in hooker.report()[""].reason
+
+
+class _PackedDecode(nn.Module):
+    """One decode step of grouped-query attention packed as transformers packs it for sdpa."""
+
+    num_heads, num_key_value_groups = 4, 2
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv = nn.Linear(8, 16), nn.Linear(8, 16)
+
+    def forward(self, token, context):
+        b = token.shape[0]
+        q = self.q(token).view(b, 4, 1, 4).reshape(b, 2, 2, 4)  # (B, Hk, groups, E)
+        k, v = self.kv(context).view(b, -1, 2, 2, 4).permute(2, 0, 3, 1, 4)  # (B, Hk, S, E)
+        return nn.functional.scaled_dot_product_attention(q, k, v).reshape(b, 16)
+
+
+def test_packed_decode_weights_are_rounded_once_into_the_stored_dtype():
+    """A bfloat16 model stored as float32: the packed decode rows are computed in float32 and
+    stored as they are, not rounded to bfloat16 first."""
+    torch.manual_seed(0)
+    model = _PackedDecode().to(torch.bfloat16)
+    token, context = torch.randn(2, 1, 8).bfloat16(), torch.randn(2, 50, 8).bfloat16()
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex="^$", dtype=torch.float32) as hooker:
+        model(token, context)
+    (weights,) = hooker.values[""]
+    assert weights.dtype == torch.float32 and weights.shape == (2, 4, 1, 50)
+    assert (weights.bfloat16().float() - weights).abs().max() > 0, "values between bfloat16 steps are kept"
+
+
+def test_a_refused_reduce_into_leaves_the_reduction_in_use():
+    model = Stack().eval()
+    pooled = PooledAttention(2)
+    hooker = TransformerAttentionHooker(model).reduce_into(pooled)
+    with pytest.raises(AttentionHookerError, match="reduce_into\\(\\) takes"):
+        hooker.reduce_into(object())
+    with hooker, torch.no_grad():
+        model(torch.randn(1, 4, 16))
+    assert len(pooled.values["blocks.0"]) == 1 and hooker.values == {}
+
+
+def test_a_keeper_that_fails_to_begin_a_call_leaves_no_call_begun_in_the_others():
+    class Refusing(Recorder):
+        def begin_call(self, layer, shape, dtype, sources=None):
+            raise AttentionHookerError("no room")
+
+    router, recorder = _router(), Recorder()
+    router.attach(recorder)
+    router.attach(Refusing())
+    with pytest.raises(AttentionHookerError, match="no room"):
+        router.begin_call("a", (1, 1, 2, 2), torch.float32)
+    assert [e[0] for e in recorder.events] == ["begin", "discard"]

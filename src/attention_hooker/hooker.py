@@ -250,18 +250,18 @@ class TransformerAttentionHooker:
         Raises:
             AttentionHookerError: with ``keep_grad`` or ``rows``, which reductions do not take.
         """
+        if accumulator is not None:  # checked first: a refused one leaves the reduction in use as it was
+            if not callable(getattr(accumulator, "partial", None)):
+                raise AttentionHookerError(
+                    f"reduce_into() takes a HeadStatsAccumulator, PooledAttention or KeyReductions, "
+                    f"got {type(accumulator).__name__}")
+            self._router.policy.check_reductions()
         if self._reduction is not None:
             self._router.detach(self._reduction)
             self._reduction = None
-        if accumulator is None:
-            return self
-        if not callable(getattr(accumulator, "partial", None)):
-            raise AttentionHookerError(
-                f"reduce_into() takes a HeadStatsAccumulator, PooledAttention or KeyReductions, "
-                f"got {type(accumulator).__name__}")
-        self._router.policy.check_reductions()
-        self._reduction = Reduction(accumulator, padding_mask)
-        self._router.attach(self._reduction)
+        if accumulator is not None:
+            self._reduction = Reduction(accumulator, padding_mask)
+            self._router.attach(self._reduction)
         return self
 
     def stream_to(self, folder, *, overwrite: bool = False, expected_bytes: Optional[int] = None,

@@ -103,11 +103,6 @@ class Selection:
                 weights = weights.index_select(dim, torch.tensor(index, device=weights.device))
         return weights
 
-    def kept_positions(self, length: int, axis: str, where: str) -> Tuple[int, ...]:
-        """The positions of an axis (``"rows"`` or ``"keys"``) of ``length`` that are kept."""
-        chosen = self.rows if axis == "rows" else self.keys
-        return tuple(range(length)) if chosen is None else resolve_rows(chosen, length, where, axis)
-
     def describe(self) -> dict:
         """As saved with a capture: ``{"heads": [...] or None, "rows": ..., "keys": ...}``
         (:func:`describe_positions` forms)."""

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from .._torch_private import caller_frame, function_mode_stack, take_mode_out
-from ..keep.protocol import NO_SOURCES, CallSources, CallWriter
+from ..keep.protocol import NO_SOURCES, CallSources
 from .coverage import Coverage
 from .routes.sdpa import (SDPA_FUNCTIONS, as_4d)
 from .routes.mha import handle_mha_forward
@@ -54,6 +54,17 @@ def frame_is_live(frame) -> bool:
     return False
 
 
+class WholeMap(NamedTuple):
+    """A call's whole map ``(batch, heads, query, key)`` waiting for its layer call to return
+    (then handed to the router, which applies the selection), and what memory keeps beside it."""
+
+    weights: torch.Tensor
+    sources: CallSources
+
+    def discard(self) -> None:
+        """Nothing was begun in any keeper: nothing to drop."""
+
+
 class _Scope:
     __slots__ = ("module", "layer", "frame", "input_shape", "calls", "refusal")
 
@@ -62,8 +73,8 @@ class _Scope:
         self.layer = layer  # None for a fast-path guard, which captures nothing
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
         self.input_shape = input_shape  # of the call's hidden states (capture.inputs), or None
-        # What this call of the layer computed, kept until it returns: (shape, writer) per
-        # attention call (keep/protocol.py), and why a call was refused. One forward of an
+        # What this call of the layer computed, kept until it returns: (shape, WholeMap or
+        # writer) per attention call (keep/protocol.py), and why a call was refused. One forward of an
         # attention layer stores one map, or nothing (see CaptureSession._flush).
         self.calls: list = []
         self.refusal: Optional[str] = None
@@ -112,7 +123,7 @@ class _CaptureMode(TorchFunctionMode):
 
 
 class CaptureSession:
-    """Per-thread scope stacks, function modes and spare tensors for one hooker.
+    """Per-thread scope stacks and function modes for one hooker.
 
     Args:
         router: where captured calls go: a :class:`~attention_hooker.keep.router.Router`
@@ -279,7 +290,7 @@ class CaptureSession:
             self.skip(layer)
             return
         value = value() if value is not None and self.router.policy.keep_values else None
-        self._commit(layer, self.router.whole_call(layer, weights, CallSources(graph_tensor, gradient_scale, value)))
+        self._commit(layer, WholeMap(weights, CallSources(graph_tensor, gradient_scale, value)))
 
     def skip(self, layer: str) -> None:
         """Counts a call of ``layer`` that is not computed (``max_calls`` reached) or held no row."""
@@ -289,20 +300,23 @@ class CaptureSession:
 
     def record(self, layer: str, weights: torch.Tensor, sources: CallSources = NO_SOURCES) -> None:
         """Keeps the whole map ``(batch, heads, query, key)`` of one attention call of the running
-        call of ``layer`` (the selection is applied by the router); value vectors, in
-        ``sources``, as ``(batch, kv_heads, key, head_dim)``."""
+        call of ``layer``; value vectors, in ``sources``, as ``(batch, kv_heads, key, head_dim)``.
+        The map goes to the router (which applies the selection) only when the layer's call
+        returns with it as its one attention call: pieces of a refused call are never checked
+        against the selection nor begun in a keeper."""
         if sources.value is not None:
             sources = sources._replace(value=as_4d(sources.value) if self.router.policy.keep_values else None)
-        self.keep(layer, self.router.whole_call(layer, weights, sources), tuple(weights.shape))
+        self.keep(layer, WholeMap(weights, sources), tuple(weights.shape))
 
-    def keep(self, layer: str, writer: CallWriter, shape: tuple) -> None:
-        """Holds one attention call's writer (all its rows written; ``shape`` the call's)
-        with the running call of ``layer``: committed when that returns (:meth:`_flush`)."""
+    def keep(self, layer: str, call, shape: tuple) -> None:
+        """Holds one attention call (a :class:`WholeMap`, or a writer with all its rows written;
+        ``shape`` the call's) with the running call of ``layer``: committed when that returns
+        (:meth:`_flush`)."""
         scope = self._scope_of(layer)
         if scope is None:  # its call is over (closed meanwhile): kept at once
-            self._commit(layer, writer)
+            self._commit(layer, call)
             return
-        scope.calls.append((shape, writer))
+        scope.calls.append((shape, call))
 
     def refuse(self, scope: _Scope, reason: str) -> None:
         if scope.refusal is None:
@@ -332,8 +346,8 @@ class CaptureSession:
         layer, calls, refusal = scope.layer, scope.calls, scope.refusal
         scope.calls = []
         if self.closed:
-            for _, writer in calls:
-                writer.discard()
+            for _, call in calls:
+                call.discard()
             return
         if refusal is None and len(calls) > 1:
             shapes = ", ".join(str(shape) for shape, _ in calls[:4]) + (", ..." if len(calls) > 4 else "")
@@ -347,15 +361,16 @@ class CaptureSession:
             refusal = (f"{refusal}; the layer's other {len(calls)} attention call(s) in the same forward are a "
                        "partial picture without it, and are not stored either")
         if refusal is not None:
-            for _, writer in calls:
-                writer.discard()  # a streamed call's file goes too
+            for _, call in calls:
+                call.discard()  # a streamed call's file goes too
             self.coverage.refused(layer, refusal)
             return
         self._commit(layer, calls[0][1])
 
-    def _commit(self, layer: str, writer: CallWriter) -> None:
+    def _commit(self, layer: str, call) -> None:
         self.thread_state().events += 1
         self.coverage.captured(layer)
+        writer = self.router.whole_call(layer, call.weights, call.sources) if isinstance(call, WholeMap) else call
         self.router.commit(layer, writer)
 
     def _scope_of(self, layer: str) -> Optional[_Scope]:
@@ -364,9 +379,6 @@ class CaptureSession:
             if scope.layer == layer:
                 return scope
         return None
-
-
-_GROUPING_MODULES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _remove_mode(mode: TorchFunctionMode) -> None:

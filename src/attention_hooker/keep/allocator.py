@@ -120,7 +120,7 @@ class SpareBuffers:
             spares = self._spare.get(_key(shape, dtype, device))
             if spares:
                 return spares.pop()
-        return (fresh or _empty)(shape, dtype, device)
+        return (fresh or empty)(shape, dtype, device)
 
     def release(self) -> None:
         with self._lock:
@@ -135,10 +135,6 @@ class SpareBuffers:
 
 def _key(shape, dtype: torch.dtype, device) -> tuple:
     return tuple(shape), dtype, torch.device(device)
-
-
-def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 class Arena:

@@ -63,12 +63,12 @@ class MemoryKeeper:
 
     def allocator(self, layer: str) -> Callable:
         """``allocate(shape, dtype, device)`` for the next stored call of ``layer``."""
-        return self.allocation.for_call(repeated=bool(self.values.get(layer)))
+        return self.allocation.for_call(repeated=bool(dict.get(self.values, layer)))  # no lock: a read
 
     def buffer(self, layer: str) -> Callable:
         """``buffer(shape, dtype, device)`` for the next call of ``layer`` computed straight
         into what is stored (a spare tensor when there is one)."""
-        return self.allocation.buffer(repeated=bool(self.values.get(layer)))
+        return self.allocation.buffer(repeated=bool(dict.get(self.values, layer)))  # no lock: a read
 
     # Placing and forgetting.
     def stores_as_computed(self, dtype: torch.dtype, device: torch.device) -> bool:

@@ -88,7 +88,13 @@ class Router:
                    sources: CallSources = NO_SOURCES) -> CallWriter:
         """A writer for a call of ``layer`` whose blocks are already what is stored:
         ``shape`` ``(batch, heads, rows, keys)`` after the selection, in ``dtype``."""
-        writers = [keeper.begin_call(layer, tuple(shape), dtype, sources) for keeper in self.keepers]
+        writers = []
+        try:
+            for keeper in self.keepers:
+                writers.append(keeper.begin_call(layer, tuple(shape), dtype, sources))
+        except BaseException:
+            _each(writers, lambda writer: writer.discard())  # a stream's file of the call goes too
+            raise
         return writers[0] if len(writers) == 1 else Fanout(writers)
 
     def whole_call(self, layer: str, weights: torch.Tensor, sources: CallSources = NO_SOURCES) -> CallWriter:

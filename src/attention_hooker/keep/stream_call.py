@@ -98,7 +98,7 @@ class StreamedCall:
                                          f"{self._layer!r} into {name}", err) from err
 
     def commit(self) -> None:
-        """Hands the finished call to the capture (under the store's lock, in call order)."""
+        """Hands the finished call to the capture (under the router's lock, in call order)."""
         with self._owner.failing_forward():
             self._commit()
 

@@ -40,7 +40,8 @@ def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
     output = func(*args, **kwargs)
     if groups > 1:  # packed decode queries: the whole map, unpacked, then selected by the router
         with torch.no_grad():
-            weights = _weights(call, layer, buffer=_spare_buffer(session, layer))  # (B, Hk, groups, S)
+            weights = _weights(call, layer, buffer=_spare_buffer(session, layer),
+                               store_as=_stored_as(router, call["query"]))  # (B, Hk, groups, S)
         session.record(layer, unpack_query_groups(weights, groups), CallSources(value=call["value"]))  # (B, H, 1, S)
     elif router.takes_tiles:  # kept tile by tile: no layer is ever held
         _keep_in_tiles(session, call, layer)
@@ -68,18 +69,25 @@ def _spare_buffer(session, layer: str):
     return session.router.memory.buffer(layer)
 
 
+def _stored_as(router, query: torch.Tensor):
+    """``(dtype, device)`` memory stores weights computed from ``query`` in, when that is not
+    how they are computed (they are then computed in tiles straight into it: rounded once,
+    no whole map in the working dtype or device); else ``None``."""
+    if router.memory.stores_as_computed(query.dtype, query.device):
+        return None
+    return router.policy.dtype or query.dtype, router.policy.device or query.device
+
+
 def _keep_whole(session, call: dict, layer: str) -> None:
     """Only the selected heads, rows and keys are computed, straight into the tensor that is
     stored (a spare one when there is one). Stored in another dtype or device, they are
     computed in tiles of query rows written into it: no whole layer in the working dtype
     or device."""
-    router, query = session.router, call["query"]
+    router = session.router
     policy = router.policy
-    as_computed = router.memory.stores_as_computed(query.dtype, query.device)
     with torch.no_grad():
         weights = _weights(call, layer, selection=policy.selection, buffer=_spare_buffer(session, layer),
-                           store_as=None if as_computed else (policy.dtype or query.dtype,
-                                                              policy.device or query.device))  # (B, h, rows, keys)
+                           store_as=_stored_as(router, call["query"]))  # (B, h, rows, keys)
     value = as_4d(call["value"]) if policy.keep_values else None
     writer = router.begin_call(layer, weights.shape, weights.dtype, CallSources(value=value))
     writer.write(torch.arange(weights.shape[2]), weights)
@@ -105,10 +113,25 @@ def _keep_in_tiles(session, call: dict, layer: str) -> None:
         if writer is not None:
             writer.discard()  # a keeper's file of the call goes too
         raise
-    if writer is None:  # a call without query rows: counted, nothing to keep
-        session.skip(layer)
-        return
+    if writer is None:  # a call without query rows: nothing to write, but a call of the layer all the same
+        writer, whole = _NO_ROWS, ()
     session.keep(layer, writer, whole)
+
+
+class _NoRows:
+    """The writer of a call that had no query row: nothing to write, commit or drop."""
+
+    def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:
+        raise AssertionError("a call without rows has no block")  # pragma: no cover - never called
+
+    def commit(self) -> None:
+        """Nothing to keep."""
+
+    def discard(self) -> None:
+        """Nothing to drop."""
+
+
+_NO_ROWS = _NoRows()
 
 
 def _with_grad(session, func, args: tuple, kwargs: dict, call: dict, layer: str, groups: int) -> torch.Tensor:
