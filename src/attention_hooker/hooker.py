@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -13,17 +15,18 @@ from .capture.coverage import Coverage, CoverageReport
 from .capture.diagnostics import check_hf_implementation, job_rank
 from .capture.forwards import ForwardWatch
 from .capture.hooks import HookHandles, install_layer_hooks
+from .capture.live import LIVE
 from .capture.routes.mha import inner_mha_targets
 from .capture.parallel import head_shard
 from .capture.session import CaptureSession
 from .capture.discovery import check_module, display_names, select_modules
-from .errors import AttentionHookerError
+from .errors import AttentionCaptureWarning, AttentionHookerError
 from .keep.reduction import Reduction
 from .keep.router import Router
 from .keep.policy import StoragePolicy
 from .values import AttentionValues
 
-__all__ = ["TransformerAttentionHooker"]
+__all__ = ["TransformerAttentionHooker", "remove_hooks"]
 
 
 
@@ -120,12 +123,20 @@ class TransformerAttentionHooker:
         self._forwards = ForwardWatch(model, self._router, self._coverage, self.hooked_layers)
         self._stream = None  # the StreamedCapture calls go to (stream_to), until it is closed
         self._reduction: Optional[Reduction] = None  # where calls are reduced (reduce_into)
+        self._finalizer = None  # takes the hooks off when nobody can reach this hooker any more
+        self._ever_set_up = False
         self._head_shards: Dict[str, tuple] = {}  # tensor parallelism: {layer: (this rank's block, blocks)}
 
     # ------------------------------------------------------------------ public
     @property
     def values(self) -> AttentionValues:
         """``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``."""
+        if not self._ever_set_up and "never set up" not in self._forwards.warned:
+            self._forwards.warned.add("never set up")
+            warnings.warn(
+                "this hooker was never set up, so it captured nothing: put it on the model with "
+                "`with TransformerAttentionHooker(model) as hooker:` or hooker.setup() before running the model",
+                AttentionCaptureWarning, stacklevel=2)
         return self._router.memory.values
 
     @property
@@ -176,7 +187,27 @@ class TransformerAttentionHooker:
         except BaseException:
             self.remove_hooks()
             raise
+        self._ever_set_up = True
+        # Nothing on the model holds this hooker: once nobody can reach it (a notebook cell run
+        # again rebinds the name), its hooks come off and it captures no more.
+        self._finalizer = weakref.finalize(self, _take_off, self._hooks, self._session, self._router)
+        LIVE.add(self, [module for module, _ in self._capture_targets()])
+        # Judged at the first forward, not here: `hooker = TransformerAttentionHooker(model).setup()` run
+        # again in a notebook sets the new one up while the name still holds the old one.
+        self._forwards.on_first_forward = _weakly(self._warn_if_others)
         return self
+
+    def _warn_if_others(self) -> None:
+        """Warns once when, at its first forward, other hookers of the same model still capture on
+        its modules (the pile-up of a notebook cell run again with the old hooker still held).
+        A hooker of an inner module inside one of the whole model is deliberate nesting: not warned."""
+        others = [other for other in LIVE.add(self, [module for module, _ in self._capture_targets()])
+                  if other.is_setup and other.model is self.model]
+        if others:
+            self._forwards.warn_once(
+                5, "others", f"{type(self.model).__name__} has {len(others)} other hooker(s) on the same modules, "
+                f"capturing too: {others[0]!r}. Each forward stores its attention {len(others) + 1} times; remove "
+                "the old one with hooker.remove_hooks(), or every one with attention_hooker.remove_hooks(model)")
 
     def remove_hooks(self) -> None:
         """Takes every hook off and undoes any state of ours; safe to call twice.
@@ -186,8 +217,11 @@ class TransformerAttentionHooker:
         (and hand the caller of an ``nn.MultiheadAttention`` back what it asked
         for) leave when the last of those forwards ends.
         """
-        self._hooks.remove(self._session.close)
-        self._router.close()  # a stream writes what waits for its shard; capture.json is final
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        LIVE.discard(self)
+        _take_off(self._hooks, self._session, self._router)
 
     def clear(self) -> None:
         """Forgets the captured values (the hooks stay).
@@ -319,7 +353,7 @@ class TransformerAttentionHooker:
             calls_per_layer=p.max_calls or 1, shard_bytes=SHARD_BYTES if shard_bytes is None else shard_bytes,
             expected_bytes=expected_bytes, overwrite=overwrite,
             metadata={"model_class": type(self.model).__name__, "selection": self.selection},
-            on_close=self._stream_closed, forward_running=self._forwards.running,
+            on_close=self._router.detach, forward_running=self._forwards.running,
             on_roll_back=self._router.uncount)
         if self._stream is not None:
             self._router.detach(self._stream)  # left open, as it is: its owner closes it
@@ -327,18 +361,13 @@ class TransformerAttentionHooker:
         self._stream = stream
         return stream
 
-    def _stream_closed(self, stream) -> None:
-        self._router.detach(stream)
-        if self._stream is stream:
-            self._stream = None
-
     @property
     def head_indices(self) -> Dict[str, List[int]]:
         """``{layer_name: [the global index of each stored head]}``: ``heads=`` when given;
         under tensor parallelism, the block of heads this rank computes (rank ``r`` of
         ``n`` with ``h`` local heads holds ``r*h .. r*h + h - 1``); else ``0 .. heads-1``."""
         indices = {}
-        for name, calls in self.values.items():
+        for name, calls in self._router.memory.values.items():
             if not calls:
                 continue
             local = calls[0].shape[1]
@@ -366,10 +395,11 @@ class TransformerAttentionHooker:
 
     def __repr__(self) -> str:
         state = "hooks on" if self._hooks else "hooks off"
-        calls = sum(len(v) for v in self.values.values())
+        values = self._router.memory.values
+        calls = sum(len(v) for v in values.values())
         return (
             f"TransformerAttentionHooker({type(self.model).__name__}, {len(self._selected)} hooked layers, "
-            f"{state}, {len(self.values)} layers / {calls} calls captured)"
+            f"{state}, {len(values)} layers / {calls} calls captured)"
         )
 
     # ----------------------------------------------------------------- hooking
@@ -385,3 +415,44 @@ class TransformerAttentionHooker:
         self._router.policy.check_tensor_parallel(bool(self._head_shards))
         install_layer_hooks(self.model, self._capture_targets(), self._session, self._hooks)
         self._forwards.install(self._session, self._hooks)
+
+
+def _take_off(hooks, session, router) -> None:
+    """Every hook of a capture off the model, and its keepers closed (a stream writes what
+    waits for its shard; capture.json is final). Holds nothing of the hooker itself."""
+    hooks.remove(session.close)
+    router.close()
+
+
+def remove_hooks(model: nn.Module) -> int:
+    """Takes every hooker of this library off ``model`` (and off every module inside it): what a
+    notebook needs after cells that set hookers up were run again. Their captured values stay.
+
+    Returns:
+        How many hookers were taken off.
+
+    Example:
+        >>> model = nn.TransformerEncoder(
+        ...     nn.TransformerEncoderLayer(d_model=16, nhead=4, batch_first=True), num_layers=2)
+        >>> first = TransformerAttentionHooker(model).setup()
+        >>> remove_hooks(model), first.is_setup
+        (1, False)
+    """
+    check_module(model)
+    hookers = LIVE.on(model)
+    for hooker in hookers:
+        hooker.remove_hooks()
+    return len(hookers)
+
+
+def _weakly(method):
+    """``method`` of an object, called only while the object lives (the model's hooks must not
+    keep a hooker alive)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from typing import Callable, Optional
 
 from ..errors import AttentionCaptureWarning
 from .diagnostics import being_traced, is_compiled, missing_layers_message, nothing_captured_message
@@ -35,7 +36,8 @@ class ForwardWatch:
         self.hooked_layers = hooked_layers
         self.session = None  # the capture's session while the hooks are on
         self._local = threading.local()  # each thread's open root forwards
-        self._warned: set = set()
+        self.warned: set = set()  # what was warned about, once per capture
+        self.on_first_forward: Optional[Callable[[], None]] = None  # run at the first root forward
 
     def running(self) -> bool:
         """Whether a root forward is open on this thread."""
@@ -59,7 +61,7 @@ class ForwardWatch:
 
     def _pre_hook(self, module, args):
         if being_traced():
-            self._warn_once(
+            self.warn_once(
                 3, "traced",
                 f"{type(self.model).__name__} is being traced (torch.export / torch.jit.trace) with hooks on: "
                 "nothing is captured while tracing, and the traced program is the model's own; capture by "
@@ -76,6 +78,9 @@ class ForwardWatch:
                                          reason="interrupted (KeyboardInterrupt or another BaseException)")
         if not stack:
             self.keepers.begin_forward()  # a stream keeps what this forward writes whole or not at all
+            first, self.on_first_forward = self.on_first_forward, None
+            if first is not None:
+                first()
         stack.append([module_call_frame(), *session.counters(), self.coverage.generation, False])
 
     def _returned_hook(self, module, args, output):
@@ -100,12 +105,12 @@ class ForwardWatch:
     def _judge(self, events_before: int, scopes_before: int, generation: int) -> None:
         events, scopes = self.session.counters()
         if scopes > scopes_before and events == events_before:
-            self._warn_once(4, "empty", nothing_captured_message(self.model, self.hooked_layers, self.coverage.report()))
-        elif (scopes > scopes_before and "missing" not in self._warned and generation == self.coverage.generation
+            self.warn_once(4, "empty", nothing_captured_message(self.model, self.hooked_layers, self.coverage.report()))
+        elif (scopes > scopes_before and "missing" not in self.warned and generation == self.coverage.generation
               and self.coverage.report().missing):  # a clear() on another thread meanwhile leaves nothing to judge by
-            self._warn_once(4, "missing", missing_layers_message(self.model, self.coverage.report()))
+            self.warn_once(4, "missing", missing_layers_message(self.model, self.coverage.report()))
         elif scopes == scopes_before and is_compiled(self.model):
-            self._warn_once(
+            self.warn_once(
                 4, "compiled",
                 f"{type(self.model).__name__} ran code that torch.compile built before the hooks were put on, "
                 "and compiled code does not run them: nothing was captured. Capture on the uncompiled module "
@@ -113,9 +118,9 @@ class ForwardWatch:
                 "model before its first compiled call",
             )
 
-    def _warn_once(self, stacklevel: int, key: str, message: str) -> None:
+    def warn_once(self, stacklevel: int, key: str, message: str) -> None:
         """Warns once per capture and ``key``, pointing at the module call that ran the hook."""
-        if key in self._warned:
+        if key in self.warned:
             return
-        self._warned.add(key)
+        self.warned.add(key)
         warnings.warn(message, AttentionCaptureWarning, stacklevel=stacklevel)
