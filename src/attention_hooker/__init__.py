@@ -19,7 +19,7 @@ _EXPORTS = {
     "previous_token_score": "analysis.roles", "duplicate_token_score": "analysis.roles", "induction_score": "analysis.roles",
     "head_confidence": "analysis.roles", "head_importance": "analysis.attribution", "value_weighted_norms": "analysis.attribution",
     "attention_flow": "analysis.flow", "sink_heads": "analysis.roles", "retrieval_score": "analysis.roles",
-    "find_output_projection": "analysis.attribution", "remove_hooks": "hooker",
+    "find_output_projection": "analysis.attribution", "remove_hooks": "capture.live",
 }
 
 

@@ -15,7 +15,7 @@ from .capture.coverage import Coverage, CoverageReport
 from .capture.diagnostics import check_hf_implementation, job_rank
 from .capture.forwards import ForwardWatch
 from .capture.hooks import HookHandles, install_layer_hooks
-from .capture.live import LIVE
+from .capture.live import LIVE, take_off, weakly
 from .capture.routes.mha import inner_mha_targets
 from .capture.parallel import head_shard
 from .capture.session import CaptureSession
@@ -26,7 +26,7 @@ from .keep.router import Router
 from .keep.policy import StoragePolicy
 from .values import AttentionValues
 
-__all__ = ["TransformerAttentionHooker", "remove_hooks"]
+__all__ = ["TransformerAttentionHooker"]
 
 
 
@@ -190,11 +190,11 @@ class TransformerAttentionHooker:
         self._ever_set_up = True
         # Nothing on the model holds this hooker: once nobody can reach it (a notebook cell run
         # again rebinds the name), its hooks come off and it captures no more.
-        self._finalizer = weakref.finalize(self, _take_off, self._hooks, self._session, self._router)
+        self._finalizer = weakref.finalize(self, take_off, self._hooks, self._session, self._router)
         LIVE.add(self, [module for module, _ in self._capture_targets()])
         # Judged at the first forward, not here: `hooker = TransformerAttentionHooker(model).setup()` run
         # again in a notebook sets the new one up while the name still holds the old one.
-        self._forwards.on_first_forward = _weakly(self._warn_if_others)
+        self._forwards.on_first_forward = weakly(self._warn_if_others)
         return self
 
     def _warn_if_others(self) -> None:
@@ -221,7 +221,7 @@ class TransformerAttentionHooker:
             self._finalizer.detach()
             self._finalizer = None
         LIVE.discard(self)
-        _take_off(self._hooks, self._session, self._router)
+        take_off(self._hooks, self._session, self._router)
 
     def clear(self) -> None:
         """Forgets the captured values (the hooks stay).
@@ -415,44 +415,3 @@ class TransformerAttentionHooker:
         self._router.policy.check_tensor_parallel(bool(self._head_shards))
         install_layer_hooks(self.model, self._capture_targets(), self._session, self._hooks)
         self._forwards.install(self._session, self._hooks)
-
-
-def _take_off(hooks, session, router) -> None:
-    """Every hook of a capture off the model, and its keepers closed (a stream writes what
-    waits for its shard; capture.json is final). Holds nothing of the hooker itself."""
-    hooks.remove(session.close)
-    router.close()
-
-
-def remove_hooks(model: nn.Module) -> int:
-    """Takes every hooker of this library off ``model`` (and off every module inside it): what a
-    notebook needs after cells that set hookers up were run again. Their captured values stay.
-
-    Returns:
-        How many hookers were taken off.
-
-    Example:
-        >>> model = nn.TransformerEncoder(
-        ...     nn.TransformerEncoderLayer(d_model=16, nhead=4, batch_first=True), num_layers=2)
-        >>> first = TransformerAttentionHooker(model).setup()
-        >>> remove_hooks(model), first.is_setup
-        (1, False)
-    """
-    check_module(model)
-    hookers = LIVE.on(model)
-    for hooker in hookers:
-        hooker.remove_hooks()
-    return len(hookers)
-
-
-def _weakly(method):
-    """``method`` of an object, called only while the object lives (the model's hooks must not
-    keep a hooker alive)."""
-    ref = weakref.WeakMethod(method)
-
-    def call() -> None:
-        bound = ref()
-        if bound is not None:
-            bound()
-
-    return call

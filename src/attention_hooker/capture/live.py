@@ -14,7 +14,9 @@ from typing import Iterable, List
 
 from torch import nn
 
-__all__ = ["LiveCaptures"]
+from .discovery import check_module
+
+__all__ = ["LiveCaptures", "LIVE", "remove_hooks", "take_off", "weakly"]
 
 
 class LiveCaptures:
@@ -51,3 +53,46 @@ class LiveCaptures:
 
 
 LIVE = LiveCaptures()
+
+
+def take_off(hooks, session, router) -> None:
+    """Every hook of a capture off the model, and its keepers closed (a stream writes what
+    waits for its shard; capture.json is final). Holds nothing of the hooker itself."""
+    hooks.remove(session.close)
+    router.close()
+
+
+def remove_hooks(model: nn.Module) -> int:
+    """Takes every hooker of this library off ``model`` (and off every module inside it): what a
+    notebook needs after cells that set hookers up were run again. Their captured values stay.
+
+    Returns:
+        How many hookers were taken off.
+
+    Example:
+        >>> from torch import nn
+        >>> from attention_hooker import TransformerAttentionHooker
+        >>> model = nn.TransformerEncoder(
+        ...     nn.TransformerEncoderLayer(d_model=16, nhead=4, batch_first=True), num_layers=2)
+        >>> first = TransformerAttentionHooker(model).setup()
+        >>> remove_hooks(model), first.is_setup
+        (1, False)
+    """
+    check_module(model)
+    hookers = LIVE.on(model)
+    for hooker in hookers:
+        hooker.remove_hooks()
+    return len(hookers)
+
+
+def weakly(method):
+    """``method`` of an object, called only while the object lives (the model's hooks must not
+    keep a hooker alive)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
