@@ -679,3 +679,19 @@ def test_flow_mistakes_are_one_line(minilm_path, vit_folder, tmp_path, capsys, m
     monkeypatch.setattr(token_flow_module, "FLOW_MAX_TOKENS", 5)
     assert "the text is 20 tokens; attention flow takes one maximum flow per token and is offered up to 5" in _error(
         capsys, "flow", "--model", str(minilm_path), "--out", str(tmp_path / "c"))
+
+
+def test_a_cut_text_points_to_max_tokens_only_when_the_model_takes_more(tmp_path, saved_models, capsys):
+    """Issue 26: "--max-tokens N takes more" was printed when 512 already was the model's limit (BERT)."""
+    text = _long_text(700)
+    assert main(["run", "--model", str(saved_models["bert"]), "--text", text, "--out", str(tmp_path / "a"),
+                 "--no-grids"]) == 0
+    out = capsys.readouterr().out
+    assert "only the first 512 were run (BertModel takes at most 512 positions)" in out
+    assert "--max-tokens N takes more" not in out
+    lines = tmp_path / "lines.txt"
+    lines.write_text(text + "\n" + "a short line\n")
+    assert main(["stats", "--model", str(saved_models["bert"]), "--text-file", str(lines),
+                 "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "1 line(s) longer than 512 tokens were cut there (BertModel takes at most 512 positions)" in out

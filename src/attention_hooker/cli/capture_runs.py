@@ -10,7 +10,8 @@ from typing import Dict, List, Optional
 import torch
 from ..errors import CommandError
 from .console import generation_progress
-from .models import LoadedModel, position_limit, to_model_device, token_labels, token_limit, with_article
+from .models import (LoadedModel, more_tokens_hint, position_limit, to_model_device, token_labels, token_limit,
+                     with_article)
 
 
 DEFAULT_DEMO_TEXT = "The cat sat on the mat because it was tired, and then the cat fell asleep."
@@ -147,8 +148,7 @@ def _encode(loaded: LoadedModel, text: str, max_tokens: Optional[int], generate:
     source = token_labels(tokenizer, enc["input_ids"][0])
     notes = []
     if length > limit:
-        notes.append(f"the text is {length} tokens; only the first {limit} were run (--max-tokens N takes more, "
-                     "up to the model's positions)")
+        notes.append(f"the text is {length} tokens; only the first {limit} were run ({more_tokens_hint(loaded, limit)})")
     return to_model_device(loaded, enc), source, notes
 
 

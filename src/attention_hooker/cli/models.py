@@ -162,6 +162,15 @@ def position_limit(loaded: LoadedModel) -> Optional[int]:
     return None
 
 
+def more_tokens_hint(loaded: LoadedModel, limit: int) -> str:
+    """What a note on a cut text says about taking more tokens: ``--max-tokens``, unless the
+    model's positions end at ``limit`` already."""
+    positions = position_limit(loaded)
+    if positions is not None and limit >= positions:
+        return f"{loaded.name} takes at most {positions} positions"
+    return "--max-tokens N takes more, up to the model's positions"
+
+
 def token_limit(loaded: LoadedModel, max_tokens: Optional[int]) -> int:
     """Tokens per line: ``max_tokens``, checked against the model's positions, or the tokenizer's limit."""
     positions = position_limit(loaded)

@@ -16,7 +16,7 @@ import torch
 from ..views.labels import short_layer_names
 from ..errors import CommandError
 from .console import progress_bar
-from .models import LoadedModel, to_model_device, token_limit
+from .models import LoadedModel, more_tokens_hint, to_model_device, token_limit
 from .outputs import prepare_out
 
 
@@ -158,8 +158,7 @@ def command(args) -> None:
         print(f"ranks:   {launch.world_size} ({backend}), each with its share of the lines")
     print(f"lines:   {n} in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
     if cut:
-        print(f"cut:     {cut} line(s) longer than {limit} tokens were cut there "
-              "(--max-tokens N takes more, up to the model's positions)")
+        print(f"cut:     {cut} line(s) longer than {limit} tokens were cut there ({more_tokens_hint(loaded, limit)})")
     table = accumulator.result()["entropy"]
     print(f"csv:     {files['csv']}  ({table.size} rows: {table.shape[0]} layers x {table.shape[1]} heads)")
     print(f"heatmaps: {', '.join(str(p) for p in files['pictures'])}")
