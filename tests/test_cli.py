@@ -695,3 +695,10 @@ def test_a_cut_text_points_to_max_tokens_only_when_the_model_takes_more(tmp_path
                  "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "1 line(s) longer than 512 tokens were cut there (BertModel takes at most 512 positions)" in out
+
+
+def test_color_scale_reaches_the_page_as_it_reaches_the_pictures(tmp_path, saved_models):
+    """Issue 26: --color-scale sqrt reached the PNGs, but the page opened in linear."""
+    assert main(["run", "--model", str(saved_models["bert"]), "--text", "the cat sat", "--out", str(tmp_path),
+                 "--color-scale", "sqrt", "--no-grids"]) == 0
+    assert '"colour":"sqrt"' in (tmp_path / "attention.html").read_text(encoding="utf-8")

@@ -631,3 +631,26 @@ def test_a_100_kb_token_is_shortened_on_screen_and_the_head_view_still_draws(bro
     assert "x" * 63 + "…" in key[0] and "x" * 64 not in key[0] and key[1] > 0
     if n == 20:
         assert ink > 0, "lines drawn"
+
+
+def test_the_page_opens_in_the_colour_scale_it_was_made_with(tmp_path, browser):
+    """Issue 26: --color-scale sqrt reached the PNGs, but the page opened in linear."""
+    torch.manual_seed(0)
+    values = {"layer": [torch.softmax(torch.randn(1, 2, 12, 12) * 3, -1)]}
+    pages = {}
+    for scale in ("linear", "sqrt"):
+        path = tmp_path / f"{scale}.html"
+        render_html(values, color_scale=scale).save(path)
+        pages[scale] = _Page(browser, path)
+    try:
+        assert pages["sqrt"].page.eval_on_selector("#ah-scale", "s => s.value") == "sqrt"
+        opened_in_sqrt = pages["sqrt"].canvas("#ah-matrix")
+        assert opened_in_sqrt != pages["linear"].canvas("#ah-matrix")
+        pages["linear"].page.select_option("#ah-scale", "sqrt")  # the same pixels as choosing it by hand
+        assert pages["linear"].canvas("#ah-matrix") == opened_in_sqrt
+        assert not pages["sqrt"].errors and not pages["linear"].errors
+    finally:
+        for page in pages.values():
+            page.close()
+    with pytest.raises(AttentionHookerError, match="color_scale='cubic' must be one of"):
+        render_html(values, color_scale="cubic")

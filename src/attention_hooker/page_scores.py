@@ -86,6 +86,7 @@ def render_html(
     pool_size: int = 256,
     top_keys: int = 8,
     head_scores: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
+    color_scale: str = "linear",
 ) -> AttentionPage:
     """One offline, self-contained interactive page of captured attention.
 
@@ -134,6 +135,8 @@ def render_html(
         top_keys: the keys kept of each query row of a long call (default 8).
         head_scores: more scores to colour the overview by: ``{score name: {layer
             name: one number per head}}`` (NaN where a score does not apply).
+        color_scale: the colour scale the page opens in: ``"linear"``, ``"sqrt"`` or ``"log"``
+            (as the plots' ``color_scale``; the page's "colour" selector changes it).
 
     Returns:
         An :class:`AttentionPage`.
@@ -154,4 +157,4 @@ def render_html(
     return render_page(source, tokens, query_tokens=query_tokens, key_tokens=key_tokens, layers=layers,
                        title=title, compression_level=compression_level, pool_above=pool_above,
                        pool_size=pool_size, top_keys=top_keys, head_scores=head_scores,
-                       scores=page_scores(source, layers=layers))
+                       scores=page_scores(source, layers=layers), color_scale=color_scale)

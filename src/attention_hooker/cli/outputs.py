@@ -87,7 +87,7 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
         plot_vit_attention(attention_rollout(capture.values), image, prefix_tokens=prefix, heads=None,
                            title=f"{title}: attention rollout from CLS", save_path=rollout_path).clear()
     page = render_html(capture.values, tokens=capture.tokens, query_tokens=capture.query_tokens,
-                       title=title).save(out / "attention.html")
+                       title=title, color_scale=color_scale).save(out / "attention.html")
     return {"grids": written, "overview": overview, "page": Path(page), "grids_skipped": not grids,
             "rollout": rollout_path}
 

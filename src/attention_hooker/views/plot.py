@@ -212,7 +212,7 @@ def _draw_head(ax, panel: np.ndarray, head: int, colormap, norm):
     return image
 
 
-_COLOR_SCALES = ("linear", "sqrt", "log")
+COLOR_SCALES = ("linear", "sqrt", "log")  # the plots' and the page's colour scales
 
 
 def color_norm(color_scale: str, vmin: float, vmax: float):
@@ -223,8 +223,8 @@ def color_norm(color_scale: str, vmin: float, vmax: float):
     """
     from matplotlib import colors
 
-    if color_scale not in _COLOR_SCALES:
-        raise AttentionHookerError(f"color_scale={color_scale!r} must be one of {', '.join(_COLOR_SCALES)}")
+    if color_scale not in COLOR_SCALES:
+        raise AttentionHookerError(f"color_scale={color_scale!r} must be one of {', '.join(COLOR_SCALES)}")
     vmax = vmax if vmax > 0 else 1.0
     if color_scale == "sqrt":
         return colors.PowerNorm(gamma=0.5, vmin=max(vmin, 0.0), vmax=vmax, clip=True)

@@ -19,11 +19,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..._checks import positive_int, prepare_output_path
+from ..._checks import one_of, positive_int, prepare_output_path
 from ...selection import selected_rows
 from ..._tensor import as_batched, require_positions, values_of
 from ...errors import AttentionHookerError
 from ..labels import SHOWN_CHARS, AxisLabels, short_layer_names
+from ..plot import COLOR_SCALES
 from .long_calls import encode_long_call, is_long
 
 __all__ = ["render_html", "AttentionPage", "PageScores", "encode_weights", "decode_weights"]
@@ -239,6 +240,7 @@ def render_html(
     top_keys: int = 8,
     head_scores: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
     scores: Optional[PageScores] = None,
+    color_scale: str = "linear",
 ) -> AttentionPage:
     """The page of captured attention, with the per-head scores it is given: it draws, and
     computes no score. :func:`attention_hooker.render_html` (the public one, documented there)
@@ -250,6 +252,7 @@ def render_html(
             tokens go on the axes by :class:`~attention_hooker.views.labels.AxisLabels`.
         scores: per-head scores of each call to colour the overview by (:data:`PageScores`):
             ``{layer name: [{score name: (batch, heads) numbers} per call]}``; none by default.
+        color_scale: the colour scale the page opens in (as in :func:`attention_hooker.render_html`).
 
     Returns:
         An :class:`AttentionPage`.
@@ -271,6 +274,7 @@ def render_html(
         raise AttentionHookerError(f"compression_level={compression_level!r} must be an int in 0..9 (zlib's levels)")
     pool_above, pool_size = positive_int(pool_above, "pool_above"), positive_int(pool_size, "pool_size")
     top_keys = positive_int(top_keys, "top_keys")
+    color_scale = one_of(color_scale, "color_scale", COLOR_SCALES)
     calls = _PageCalls(_axis_labels(source, tokens, query_tokens, key_tokens), scores, pool_above, pool_size, top_keys)
     layer_meta = [{"name": name, "calls": [calls.entry(name, i, weights) for i, weights in enumerate(layer_calls)]}
                   for name, layer_calls in values.items()]
@@ -279,7 +283,7 @@ def render_html(
         layer["short"] = _page_text(short)  # row labels and the layer selector; the full name on hover
         layer["name"] = _page_text(layer["name"])
     title = _page_text(title or "Attention")
-    return AttentionPage(_document(title, layer_meta, calls, compression_level), title)
+    return AttentionPage(_document(title, layer_meta, calls, compression_level, color_scale), title)
 
 
 def _axis_labels(source, tokens, query_tokens, key_tokens) -> AxisLabels:
@@ -346,10 +350,11 @@ class _PageCalls:
         return entry
 
 
-def _document(title: str, layer_meta: list, calls: _PageCalls, compression_level: int) -> str:
+def _document(title: str, layer_meta: list, calls: _PageCalls, compression_level: int, color_scale: str) -> str:
     """The page: the template with its styles, script, metadata and compressed payload put in."""
     meta = {
         "title": title,
+        "colour": color_scale,  # the colour scale the page opens in
         "layers": layer_meta,
         "tokenSets": calls.labels.sets,
         "labelChars": SHOWN_CHARS,
