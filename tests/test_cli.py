@@ -702,3 +702,14 @@ def test_color_scale_reaches_the_page_as_it_reaches_the_pictures(tmp_path, saved
     assert main(["run", "--model", str(saved_models["bert"]), "--text", "the cat sat", "--out", str(tmp_path),
                  "--color-scale", "sqrt", "--no-grids"]) == 0
     assert '"colour":"sqrt"' in (tmp_path / "attention.html").read_text(encoding="utf-8")
+
+
+def test_a_causal_model_s_summary_names_no_head_most_on_the_last_token(tmp_path, saved_models, capsys):
+    """Issue 26: the decoder summary printed "most on the last token ... 0%", meaningless under a causal mask."""
+    assert main(["run", "--model", str(saved_models["gpt2"]), "--text", "the cat sat on the mat", "--out",
+                 str(tmp_path / "g"), "--no-grids"]) == 0
+    out = capsys.readouterr().out
+    assert "most on the first token" in out and "most on the last token" not in out
+    assert main(["run", "--model", str(saved_models["bert"]), "--text", "the cat sat on the mat", "--out",
+                 str(tmp_path / "b"), "--no-grids"]) == 0
+    assert "most on the last token" in capsys.readouterr().out  # an encoder: every query sees it

@@ -93,7 +93,8 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
 
 
 def notable_heads(values, tokens: Sequence[str]) -> List[str]:
-    """A few sentences about heads that stand out: most on the first/last token, most on the previous token."""
+    """A few sentences about heads that stand out: most on the first token, on the last one (not
+    under a causal mask, where only the last query sees it), and on the previous token."""
     from ..analysis.stats import sink_share
 
     square = {name: calls[0] for name, calls in values.items() if calls[0].shape[-1] == calls[0].shape[-2]}
@@ -104,8 +105,12 @@ def notable_heads(values, tokens: Sequence[str]) -> List[str]:
     first = torch.stack([sink_share(w, [0])[0] for w in square.values()])  # (layers, heads)
     last = torch.stack([sink_share(w, [-1])[0] for w in square.values()])
     prev = torch.stack([w[0].diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1).double() for w in square.values()])
-    for label, table, token in (("first token", first, tokens[0] if tokens else "0"),
-                                ("last token", last, tokens[-1] if tokens else "-1")):
+    # Under a causal mask only the last query sees the last token: its share says nothing of a head.
+    causal = all(bool((w.float().triu(1) == 0).all()) for w in square.values())
+    sinks = [("first token", first, tokens[0] if tokens else "0")]
+    if not causal:
+        sinks.append(("last token", last, tokens[-1] if tokens else "-1"))
+    for label, table, token in sinks:
         layer, head = divmod(int(table.argmax()), table.shape[1])
         lines.append(f"most on the {label} ({token}): {names[layer]} head {head}, {float(table.max()):.0%} of its attention")
     layer, head = divmod(int(prev.argmax()), prev.shape[1])
