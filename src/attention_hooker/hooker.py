@@ -191,6 +191,7 @@ class TransformerAttentionHooker:
         # Nothing on the model holds this hooker: once nobody can reach it (a notebook cell run
         # again rebinds the name), its hooks come off and it captures no more.
         self._finalizer = weakref.finalize(self, take_off, self._hooks, self._session, self._router)
+        self._finalizer.atexit = False  # at exit, as before: nothing is taken off or written
         LIVE.add(self, [module for module, _ in self._capture_targets()])
         # Judged at the first forward, not here: `hooker = TransformerAttentionHooker(model).setup()` run
         # again in a notebook sets the new one up while the name still holds the old one.
