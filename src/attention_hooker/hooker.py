@@ -192,7 +192,6 @@ class TransformerAttentionHooker:
         # again rebinds the name), its hooks come off and it captures no more.
         self._finalizer = weakref.finalize(self, take_off, self._hooks, self._session, self._router)
         self._finalizer.atexit = False  # at exit, as before: nothing is taken off or written
-        LIVE.add(self, [module for module, _ in self._capture_targets()])
         # Judged at the first forward, not here: `hooker = TransformerAttentionHooker(model).setup()` run
         # again in a notebook sets the new one up while the name still holds the old one.
         self._forwards.on_first_forward = weakly(self._warn_if_others)
@@ -202,8 +201,7 @@ class TransformerAttentionHooker:
         """Warns once when, at its first forward, other hookers of the same model still capture on
         its modules (the pile-up of a notebook cell run again with the old hooker still held).
         A hooker of an inner module inside one of the whole model is deliberate nesting: not warned."""
-        others = [other for other in LIVE.add(self, [module for module, _ in self._capture_targets()])
-                  if other.is_setup and other.model is self.model]
+        others = [other for other in LIVE.sharing(self) if other.is_setup and other.model is self.model]
         if others:
             self._forwards.warn_once(
                 5, "others", f"{type(self.model).__name__} has {len(others)} other hooker(s) on the same modules, "
@@ -414,5 +412,7 @@ class TransformerAttentionHooker:
         self._head_shards = {self._shown[name]: shard for name, module in self._selected
                              if (shard := head_shard(module)) is not None}
         self._router.policy.check_tensor_parallel(bool(self._head_shards))
-        install_layer_hooks(self.model, self._capture_targets(), self._session, self._hooks)
+        targets = self._capture_targets()
+        install_layer_hooks(self.model, targets, self._session, self._hooks)
         self._forwards.install(self._session, self._hooks)
+        LIVE.add(self, [module for module, _ in targets])

@@ -26,14 +26,19 @@ class LiveCaptures:
         self._on: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def add(self, capture, modules: Iterable[nn.Module]) -> List:
-        """Registers ``capture`` on ``modules``; returns the other captures already on any of them."""
-        others = []
+    def add(self, capture, modules: Iterable[nn.Module]) -> None:
+        """Registers ``capture`` on ``modules``."""
         with self._lock:
             for module in modules:
-                on = self._on.setdefault(module, weakref.WeakSet())
-                others.extend(c for c in on if c is not capture and not any(c is o for o in others))
-                on.add(capture)
+                self._on.setdefault(module, weakref.WeakSet()).add(capture)
+
+    def sharing(self, capture) -> List:
+        """The other captures on any module ``capture`` is on, each once."""
+        others = []
+        with self._lock:
+            for on in self._on.values():
+                if capture in on:
+                    others.extend(c for c in on if c is not capture and not any(c is o for o in others))
         return others
 
     def discard(self, capture) -> None:

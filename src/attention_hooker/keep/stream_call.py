@@ -70,8 +70,6 @@ class StreamedCall:
             self._add(block)
 
     def _add(self, block: torch.Tensor) -> None:
-        if self._shape is None:
-            self._begin(block.shape, block.dtype)
         first, last = self._row, self._row + block.shape[2]
         if last > self._shape[2] or tuple(block.shape[:2]) != self._shape[:2] or block.shape[3] != self._shape[3]:
             self.discard()
@@ -103,8 +101,6 @@ class StreamedCall:
             self._commit()
 
     def _commit(self) -> None:
-        if self._shape is None:
-            return
         if self._row != self._shape[2]:
             self.discard()
             raise AttentionHookerError(f"a call of {self._layer!r} ended after {self._row} of {self._shape[2]} rows")

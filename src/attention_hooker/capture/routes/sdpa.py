@@ -166,8 +166,9 @@ def sdpa_attention_weights(
     k = as_4d(key)  # (B, Hk, S, E)
     length, source = q.shape[2], k.shape[2]
     mask = _checked_mask(attn_mask, q, k)  # (B|1, Hq|1, L|1, S) or None
-    if selection is None:
-        selection = Selection.parse(heads=heads, rows=rows, keys=keys)
+    if selection is None:  # every head, row and key unless asked (the usual call: nothing to parse)
+        selection = _EVERYTHING if heads is None and rows is None and keys is None else Selection.parse(
+            heads=heads, rows=rows, keys=keys)
     kept = selection.resolve(q.shape[1], length, source, where)
     q, k, mask = _keep_heads(q, k, mask, kept.heads)
     row_index = torch.arange(length, device=q.device) if kept.rows is None else torch.tensor(kept.rows, device=q.device)
@@ -407,6 +408,7 @@ def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> t
 
 
 _HALF = (torch.float16, torch.bfloat16)
+_EVERYTHING = Selection()
 TILE_BYTES = 16 * 2**20  # working scores of one tile of query rows (store_as, tile_sink)
 _MAX_BATCH_LOOP = 64  # beyond this many items, one copy costs less than the per-item calls
 
