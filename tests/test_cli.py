@@ -713,3 +713,33 @@ def test_a_causal_model_s_summary_names_no_head_most_on_the_last_token(tmp_path,
     assert main(["run", "--model", str(saved_models["bert"]), "--text", "the cat sat on the mat", "--out",
                  str(tmp_path / "b"), "--no-grids"]) == 0
     assert "most on the last token" in capsys.readouterr().out  # an encoder: every query sees it
+
+
+def test_run_titles_the_model_by_its_card_not_its_folders_generic_name(tmp_path, minilm_path, capsys):
+    """Issue 26: `run` titled everything "model" (the folder's name) where the demo shows "all-MiniLM-L6-v2"."""
+    assert minilm_path.name == "model"  # the shipped folder: its name says nothing
+    assert main(["run", "--model", str(minilm_path), "--text", "the cat sat", "--out", str(tmp_path / "a"),
+                 "--no-grids"]) == 0
+    page = (tmp_path / "a" / "attention.html").read_text(encoding="utf-8")
+    assert "all-MiniLM-L6-v2" in page and "model: layers" not in page
+    assert main(["run", "--model", str(minilm_path), "--text", "the cat sat", "--out", str(tmp_path / "b"),
+                 "--no-grids", "--title", "MiniLM before fine-tuning"]) == 0
+    assert "MiniLM before fine-tuning" in (tmp_path / "b" / "attention.html").read_text(encoding="utf-8")
+
+
+def test_model_titles_come_from_the_hub_cache_the_card_or_a_named_folder(tmp_path):
+    from attention_hooker.cli.models import model_title
+
+    snapshot = tmp_path / "models--openai-community--gpt2" / "snapshots" / "607a30d783dfa663caf39e06633721c8d4cfcd7e"
+    snapshot.mkdir(parents=True)
+    assert model_title(snapshot) == "openai-community/gpt2"
+    checkpoint = tmp_path / "run-7" / "checkpoint-500"
+    checkpoint.mkdir(parents=True)
+    assert model_title(checkpoint) == "run-7/checkpoint-500"
+    carded = tmp_path / "tuned" / "model"
+    carded.mkdir(parents=True)
+    (carded / "README.md").write_text("---\nlicense: mit\n---\n```python\n# not a title\n```\n# My *tuned* BERT\n")
+    assert model_title(carded) == "My tuned BERT"
+    (carded / "README.md").write_text("---\nlicense: mit\n---\nNo heading at all.\n")
+    assert model_title(carded) == "tuned/model"
+    assert model_title(tmp_path / "tuned") == "tuned"

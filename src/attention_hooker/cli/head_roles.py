@@ -164,7 +164,7 @@ def write_head_roles_page(loaded: LoadedModel, text: str, roles: Dict[str, Dict[
     scores = {column.replace("_", " "): {name: roles[name][column].tolist() for name in values}
               for column in ROLE_COLUMNS if column not in ("first_token_share", "confidence")}  # the page has those
     page = render_html(values, tokens=token_labels(loaded.tokenizer, enc["input_ids"][0].tolist()),
-                       title=f"{loaded.name}: head roles", head_scores=scores)
+                       title=f"{loaded.title or loaded.name}: head roles", head_scores=scores)
     return Path(page.save(out / "head_roles.html"))
 
 

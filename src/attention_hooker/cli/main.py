@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="causal LMs: generate N tokens, capture every step and show the stitched causal matrix")
     run.add_argument("--out", default="attention-run", help="output folder (default: %(default)s)")
     run.add_argument("--save", default=None, metavar="FILE", help="also keep the captured weights (.safetensors)")
+    run.add_argument("--title", default=None,
+                     help="what the pictures and the page call the model (default: its model card's heading, "
+                          "or its folder's name)")
     run.add_argument("--max-tokens", "--max-length", type=_positive_int, default=None, metavar="N",
                      help="cut a longer text at N tokens (default: the tokenizer's limit; up to the model's positions)")
     run.add_argument("--rows", type=_rows, default=None, metavar="ROWS",

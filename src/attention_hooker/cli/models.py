@@ -6,6 +6,7 @@ Every user mistake raises :class:`CommandError` with one readable sentence.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -55,6 +56,46 @@ class LoadedModel:
     name: str
     kind: str  # "encoder", "decoder", "encoder-decoder" or "vision"
     processor: object = None  # vision models: the image processor saved beside them
+    title: str = ""  # what pictures and pages call it: see model_title
+
+
+# Folder names that say nothing of the model in them (``.../all-MiniLM-L6-v2/model``).
+_GENERIC_FOLDERS = re.compile(r"(model|models|checkpoint|checkpoints|final|best|last|latest|output|outputs|out|"
+                              r"export|hf|weights|merged|snapshot)$|(checkpoint|step|epoch|global_step)[-_]?\d+$",
+                              re.IGNORECASE)
+
+
+def model_title(path) -> str:
+    """What pictures and pages call the model in the folder ``path``.
+
+    In order: the Hub's cache layout (``models--org--name/snapshots/<hash>``: ``org/name``); the
+    first heading of the folder's model card (``README.md``: ``# all-MiniLM-L6-v2``); the folder's
+    name, with its parent's in front when the name alone is generic (``run-3/checkpoint-500``)."""
+    path = Path(path).resolve()
+    for part in path.parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/")
+    heading = _card_heading(path / "README.md")
+    if heading:
+        return heading
+    if _GENERIC_FOLDERS.match(path.name) and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name or "model"
+
+
+def _card_heading(card: Path) -> Optional[str]:
+    """The first ``# heading`` of a model card, outside its front matter and code; ``None`` if none is short."""
+    try:
+        text = card.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    text = re.sub(r"\A---\n.*?\n---\n", "", text, flags=re.S)  # the YAML front matter
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # code, whose comments start with '#'
+    match = re.search(r"^# +(.+?)\s*$", text, flags=re.M)
+    if match is None:
+        return None
+    heading = re.sub(r"[*_`\[\]]", "", match.group(1)).strip()
+    return heading if 0 < len(heading) <= 60 and heading.lower() not in ("model card", "model") else None
 
 
 def load_hf_model(path, *, device: Optional[str] = None, dtype: Optional[str] = None) -> LoadedModel:
@@ -95,7 +136,7 @@ def load_hf_model(path, *, device: Optional[str] = None, dtype: Optional[str] = 
     else:
         kind, loaders = "encoder", (transformers.AutoModel,)
     model = _load_first(loaders, path, target, dtype)
-    return LoadedModel(model, tokenizer, type(model).__name__, kind)
+    return LoadedModel(model, tokenizer, type(model).__name__, kind, title=model_title(path))
 
 
 def _load_first(loaders, path: Path, target, dtype) -> torch.nn.Module:
@@ -119,7 +160,7 @@ def _load_vision_model(transformers, path: Path, target, dtype) -> LoadedModel:
     except Exception as err:
         raise CommandError(f"{path}/preprocessor_config.json could not be read: {err}") from None
     model = _load_first((transformers.AutoModel,), path, target, dtype)
-    return LoadedModel(model, None, type(model).__name__, "vision", processor)
+    return LoadedModel(model, None, type(model).__name__, "vision", processor, title=model_title(path))
 
 
 def to_model_device(loaded: "LoadedModel", encoding):

@@ -4,14 +4,13 @@ pictures, page and summary."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from ..errors import CommandError
 
 __all__ = ["demo", "run"]
 
 
-def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title,
+def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title=None,
                  long_context=None, device=None, dtype=None, grids=True, color_scale="linear", image=None) -> None:
     from . import workflows
 
@@ -31,7 +30,7 @@ def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0,
     else:
         capture = workflows.capture_text(loaded, text, layers=layers, target=target, generate=generate,
                                          **long_context)
-    files = workflows.write_outputs(capture, out, title=title, grids=grids, color_scale=color_scale)
+    files = workflows.write_outputs(capture, out, title=title or loaded.title, grids=grids, color_scale=color_scale)
     if save:
         raw = capture.raw_values or capture.values
         from ..io.saved import save_values
@@ -47,7 +46,7 @@ def demo(args) -> None:
 
     path = workflows.demo_model_path()
     _run_capture(path, args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT, out=args.out,
-                 title="all-MiniLM-L6-v2", device=args.device, dtype=args.dtype, grids=not args.no_grids,
+                 device=args.device, dtype=args.dtype, grids=not args.no_grids,
                  color_scale=args.color_scale)
 
 
@@ -59,7 +58,7 @@ def run(args) -> None:
     if args.text is not None and args.image is not None:
         raise CommandError("give --text or --image, not both")
     _run_capture(args.model, args.text, out=args.out, layers=args.layers, target=args.target, image=args.image,
-                 generate=args.generate, save=args.save, title=Path(args.model).name or "model",
+                 generate=args.generate, save=args.save, title=args.title,
                  device=args.device, dtype=args.dtype, grids=not args.no_grids, color_scale=args.color_scale,
                  long_context=dict(max_tokens=args.max_tokens, rows=args.rows, pool=args.pool, stream=args.stream,
                                    overwrite=args.overwrite))
