@@ -721,10 +721,10 @@ def test_run_titles_the_model_by_its_card_not_its_folders_generic_name(tmp_path,
     assert main(["run", "--model", str(minilm_path), "--text", "the cat sat", "--out", str(tmp_path / "a"),
                  "--no-grids"]) == 0
     page = (tmp_path / "a" / "attention.html").read_text(encoding="utf-8")
-    assert "all-MiniLM-L6-v2" in page and "model: layers" not in page
+    assert "<title>all-MiniLM-L6-v2<" in page
     assert main(["run", "--model", str(minilm_path), "--text", "the cat sat", "--out", str(tmp_path / "b"),
                  "--no-grids", "--title", "MiniLM before fine-tuning"]) == 0
-    assert "MiniLM before fine-tuning" in (tmp_path / "b" / "attention.html").read_text(encoding="utf-8")
+    assert "<title>MiniLM before fine-tuning<" in (tmp_path / "b" / "attention.html").read_text(encoding="utf-8")
 
 
 def test_model_titles_come_from_the_hub_cache_the_card_or_a_named_folder(tmp_path):
@@ -743,3 +743,23 @@ def test_model_titles_come_from_the_hub_cache_the_card_or_a_named_folder(tmp_pat
     (carded / "README.md").write_text("---\nlicense: mit\n---\nNo heading at all.\n")
     assert model_title(carded) == "tuned/model"
     assert model_title(tmp_path / "tuned") == "tuned"
+
+
+def test_a_hub_id_loads_from_the_local_cache_or_says_how_to_get_a_folder(tmp_path, saved_models, capsys,
+                                                                         monkeypatch):
+    """Issue 26: a Hub id got "model path does not exist" without saying how to get a local folder."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    message = _error(capsys, "run", "--model", "someone/tiny-bert", "--text", "the cat", "--out", str(tmp_path / "a"))
+    assert "someone/tiny-bert is no folder here and not in the local Hugging Face cache" in message
+    assert "hf download someone/tiny-bert --local-dir tiny-bert" in message
+    repo = tmp_path / "hub" / "models--someone--tiny-bert"
+    shutil.copytree(saved_models["bert"], repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    assert main(["run", "--model", "someone/tiny-bert", "--text", "the cat", "--out", str(tmp_path / "b"),
+                 "--no-grids"]) == 0
+    assert "<title>someone/tiny-bert<" in (tmp_path / "b" / "attention.html").read_text(encoding="utf-8")

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_options(parser) -> None:
-    parser.add_argument("--model", required=True, help="a folder written by save_pretrained() (model + tokenizer)")
+    parser.add_argument("--model", required=True, help="a folder written by save_pretrained() (model + tokenizer), or "
+                        "a Hub id already in the local Hugging Face cache (nothing is downloaded)")
     parser.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
 
 

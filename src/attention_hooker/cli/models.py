@@ -106,9 +106,7 @@ def load_hf_model(path, *, device: Optional[str] = None, dtype: Optional[str] = 
     (``"bfloat16"``) are checked before loading.
     """
     target = check_device(device, "--device")
-    path = Path(path)
-    if not path.exists():
-        raise CommandError(f"model path {path} does not exist; give a folder written by save_pretrained()")
+    path = _local_folder(path)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise CommandError(f"{path} is not a Hugging Face model folder: it has no config.json")
     transformers = _transformers()
@@ -137,6 +135,31 @@ def load_hf_model(path, *, device: Optional[str] = None, dtype: Optional[str] = 
         kind, loaders = "encoder", (transformers.AutoModel,)
     model = _load_first(loaders, path, target, dtype)
     return LoadedModel(model, tokenizer, type(model).__name__, kind, title=model_title(path))
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _local_folder(path) -> Path:
+    """The folder to load: ``path`` itself, or, for a Hub id (``gpt2``, ``org/name``) that is no folder
+    here, its snapshot in the local Hugging Face cache. Nothing is downloaded: the tool works offline."""
+    folder = Path(path)
+    if folder.exists():
+        return folder
+    text = str(path)
+    if not _HUB_ID.fullmatch(text) or text.startswith((".", "~")):
+        raise CommandError(f"model path {text} does not exist; give a folder written by save_pretrained()")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception:  # not in the cache (or no huggingface_hub): say how to get a folder
+        pass
+    local = text.rsplit("/", 1)[-1]
+    raise CommandError(
+        f"{text} is no folder here and not in the local Hugging Face cache; this tool loads local folders and "
+        f"never downloads: get it with `hf download {text} --local-dir {local}`, then pass --model {local}"
+    )
 
 
 def _load_first(loaders, path: Path, target, dtype) -> torch.nn.Module:
