@@ -763,3 +763,41 @@ def test_a_hub_id_loads_from_the_local_cache_or_says_how_to_get_a_folder(tmp_pat
     assert main(["run", "--model", "someone/tiny-bert", "--text", "the cat", "--out", str(tmp_path / "b"),
                  "--no-grids"]) == 0
     assert "<title>someone/tiny-bert<" in (tmp_path / "b" / "attention.html").read_text(encoding="utf-8")
+
+
+def test_progress_written_to_a_file_is_whole_lines_apart_from_the_summary(tmp_path, saved_models):
+    """Issue 26: with output redirected, the progress bar and the first summary line shared a line."""
+    log = tmp_path / "log.txt"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    with open(log, "w") as handle:  # `attention-hooker run ... > log.txt 2>&1`
+        status = subprocess.run([sys.executable, "-m", "attention_hooker", "run", "--model", str(saved_models["gpt2"]),
+                                 "--text", "the cat sat", "--generate", "4", "--out", str(tmp_path / "o")],
+                                stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=300).returncode
+    assert status == 0
+    text = log.read_text()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert any(line.startswith("model:   ") for line in lines), text
+    assert any(line.startswith("pictures: ") and "/2 [" in line for line in lines), text
+    assert any(line.startswith("generating: ") and "4/4 [" in line for line in lines), text
+    assert not any("model:" in line and ("pictures" in line or "generating" in line) for line in lines), text
+
+
+def test_progress_on_a_terminal_is_still_tqdm_s_bar(tmp_path):
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    from attention_hooker.cli.console import progress
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal 80 columns wide
+    with os.fdopen(follower, "w") as terminal:
+        for _ in progress(range(3), desc="pictures", unit=" layers", stream=terminal):
+            pass
+        terminal.flush()
+        drawn = os.read(leader, 65536).decode() if select.select([leader], [], [], 5)[0] else ""
+    os.close(leader)
+    assert drawn.startswith("\rpictures:   0%|") and drawn.endswith("\r")  # drawn in place, then cleared

@@ -6,7 +6,6 @@ Every user mistake raises :class:`CommandError` with one readable sentence.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 import torch
@@ -51,7 +50,7 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
                   color_scale: str = "linear") -> Dict[str, object]:
     """Writes per-layer head grids (unless ``grids=False``), the overview and the page into
     ``out``, showing progress over the grids on ``progress_stream`` (stderr); returns the paths."""
-    from tqdm.auto import tqdm
+    from .console import progress
 
     from ..page_scores import render_html
     from ..views.labels import AxisLabels
@@ -65,8 +64,8 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
     written = []
     labels = AxisLabels(capture.tokens, query_tokens=capture.query_tokens)  # the page's rule, layer by layer
     layers = list(capture.values.items()) if grids else []
-    for name, calls in tqdm(layers, desc="pictures", unit=" layers", file=progress_stream or sys.stderr,
-                            disable=len(layers) < 2, leave=False):
+    for name, calls in progress(layers, desc="pictures", unit=" layers", stream=progress_stream,
+                                disable=len(layers) < 2):
         weights = calls[0]
         q_tokens, k_tokens = labels.axes(tuple(weights.shape))
         path = grids_dir / f"{_safe_name(name)}.png"
