@@ -20,6 +20,7 @@ _EXPORTS = {
     "head_confidence": "analysis.roles", "head_importance": "analysis.attribution", "value_weighted_norms": "analysis.attribution",
     "attention_flow": "analysis.flow", "sink_heads": "analysis.roles", "retrieval_score": "analysis.roles",
     "find_output_projection": "analysis.attribution", "remove_hooks": "capture.live",
+    "compare": "analysis.compare", "AttentionComparison": "analysis.compare",
 }
 
 
@@ -75,6 +76,8 @@ __all__ = [
     "sink_heads",
     "retrieval_score",
     "find_output_projection",
+    "compare",
+    "AttentionComparison",
     "load",
     "SavedAttention",
     "to_bertviz",

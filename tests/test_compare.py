@@ -1,0 +1,176 @@
+"""Comparing two captures (issue 26): Jensen-Shannon distances against scipy, the invariants,
+pairing of layers, and every refusal naming what differs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import attention_hooker
+from attention_hooker import AttentionComparison, AttentionHookerError, TransformerAttentionHooker, compare, load
+from attention_hooker.io.saved import save_values
+
+scipy_distance = pytest.importorskip("scipy.spatial.distance")
+
+
+def _attention(*shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * 2).softmax(-1)
+
+
+def test_compare_and_its_result_are_exported():
+    assert "compare" in attention_hooker.__all__ and "AttentionComparison" in attention_hooker.__all__
+    assert attention_hooker.compare is compare
+
+
+def test_row_distances_are_scipys_jensen_shannon_in_base_2():
+    a, b = _attention(2, 3, 5, 7, seed=1), _attention(2, 3, 5, 7, seed=2)
+    b[0, 1, 2] = a[0, 1, 2]  # one row the same in both
+    c = compare({"layer": [a]}, {"layer": b})  # a mapping's value: a list of calls, or the call itself
+    rows = c["layer"].row_distance
+    assert rows.shape == (2, 3, 5) and rows.dtype == torch.float64
+    expected = np.array([[[scipy_distance.jensenshannon(a[i, h, q].numpy(), b[i, h, q].numpy(), base=2)
+                           for q in range(5)] for h in range(3)] for i in range(2)])
+    np.testing.assert_allclose(rows.numpy(), expected, atol=1e-12)
+    assert rows[0, 1, 2] == 0
+    np.testing.assert_allclose(c["layer"].distance.numpy(), expected.mean(-1), atol=1e-12)  # (batch, heads)
+    torch.testing.assert_close(c["layer"].difference, (a - b))
+    assert c["layer"].difference.shape == (2, 3, 5, 7)
+
+
+def test_rows_that_sum_to_less_than_one_compare_with_the_rest_as_one_more_outcome():
+    a, b = _attention(1, 2, 3, 4, seed=3), _attention(1, 2, 3, 4, seed=4)
+    a[..., 1, :] *= 0.6  # a learned sink took 40% of these rows (gpt-oss)
+    rows = compare({"l": a}, {"l": b})["l"].row_distance
+    for h in range(2):
+        for q in range(3):
+            p, r = a[0, h, q].numpy(), b[0, h, q].numpy()
+            expected = scipy_distance.jensenshannon(np.append(p, 1 - p.sum()), np.append(r, 1 - r.sum()), base=2)
+            assert rows[0, h, q].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_invariants_identical_symmetric_bounded_and_disjoint_is_one():
+    a, b = _attention(2, 4, 6, 6, seed=5), _attention(2, 4, 6, 6, seed=6)
+    same = compare({"l": a}, {"l": a.clone()})
+    assert same["l"].distance.abs().max() == 0 and same["l"].difference.abs().max() == 0
+    ab, ba = compare({"l": a}, {"l": b}), compare({"l": b}, {"l": a})
+    torch.testing.assert_close(ab["l"].row_distance, ba["l"].row_distance, rtol=0, atol=1e-15)
+    torch.testing.assert_close(ab["l"].difference, -ba["l"].difference)
+    assert bool(((ab["l"].row_distance >= 0) & (ab["l"].row_distance <= 1)).all())
+    one_hot = torch.eye(4, dtype=torch.float64)[None, None]  # (1, 1, 4, 4): each query on itself
+    disjoint = compare({"l": one_hot}, {"l": one_hot.roll(1, dims=-1)})
+    assert disjoint["l"].distance.item() == pytest.approx(1.0)
+
+
+def test_padded_queries_and_rows_without_weight_are_left_out_of_the_mean():
+    a, b = _attention(2, 2, 4, 4, seed=7), _attention(2, 2, 4, 4, seed=8)
+    a[1, :, 3], b[1, :, 3] = 0.0, 0.0  # batch item 1, query 3: every key masked in both
+    c = compare({"l": a}, {"l": b})
+    rows = c["l"].row_distance
+    assert torch.isnan(rows[1, :, 3]).all()
+    torch.testing.assert_close(c["l"].distance[1], rows[1, :, :3].mean(-1))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # item 1: its last two tokens are padding
+    masked = compare({"l": a}, {"l": b}, padding_mask=mask)
+    torch.testing.assert_close(masked["l"].distance[1], rows[1, :, :2].mean(-1))
+    torch.testing.assert_close(masked["l"].distance[0], rows[0].mean(-1))
+    one_empty = a.clone()
+    one_empty[0, 0, 0] = 0.0  # a row with weight in B only is as far as can be: all of A's is on "no key"
+    assert compare({"l": one_empty}, {"l": b})["l"].row_distance[0, 0, 0].item() == pytest.approx(1.0)
+    with pytest.raises(AttentionHookerError, match=r"padding_mask is \(3, 4\), but layer 'l' has batch 2"):
+        compare({"l": a}, {"l": b}, padding_mask=torch.ones(3, 4))
+
+
+def test_heads_ranked_by_distance_and_the_per_layer_summary():
+    base = {f"layer.{i}": _attention(1, 4, 5, 5, seed=10 + i) for i in range(3)}
+    other = {name: w.clone() for name, w in base.items()}
+    other["layer.1"][:, 2] = _attention(1, 5, 5, seed=99)  # layer 1 head 2 changed a lot
+    other["layer.2"][:, 0] = (base["layer.2"][:, 0] * 0.9 + 0.1 / 5)  # layer 2 head 0 a little
+    c = compare(base, other)
+    ranked = c.ranked_heads()
+    assert len(ranked) == 12 and [(h.layer, h.head) for h in ranked[:2]] == [("layer.1", 2), ("layer.2", 0)]
+    assert all(h.distance == 0 for h in ranked[2:])
+    assert c.ranked_heads(top=1) == ranked[:1]
+    assert c.layer_distances["layer.0"] == 0 and c.layer_distances["layer.1"] == pytest.approx(ranked[0].distance / 4)
+    assert c["layer.1"].most_different_head == 2
+    assert c.table().shape == (3, 4) and c.table()[1, 2] == ranked[0].distance
+    assert list(c) == ["layer.0", "layer.1", "layer.2"] and len(c) == 3
+    assert "3 layers paired by name, 12 heads; most different: layer.1 head 2" in repr(c)
+    with pytest.raises(AttentionHookerError, match="top=0 must be a positive int"):
+        c.ranked_heads(top=0)
+
+
+def test_hooker_values_and_saved_captures_compare_alike(tmp_path, minilm_sdpa, minilm_eager, minilm_tokenizer):
+    enc = minilm_tokenizer("Attention is all you need.", return_tensors="pt")
+    tokens = minilm_tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as sdpa:
+        minilm_sdpa(**enc)
+    with torch.no_grad(), TransformerAttentionHooker(minilm_eager) as eager:
+        minilm_eager(**enc)
+    live = compare(sdpa.values, eager.values)  # the same model by two attention routes: the same attention
+    assert isinstance(live, AttentionComparison) and len(live) == 6 and live.pairing == "name"
+    assert max(h.distance for h in live.ranked_heads()) < 1e-3
+    save_values(sdpa.values, tmp_path / "a.safetensors", tokens=tokens)
+    save_values(eager.values, tmp_path / "b.safetensors", tokens=tokens)
+    saved = compare(load(tmp_path / "a.safetensors"), load(tmp_path / "b.safetensors"))
+    assert saved.tokens == tokens
+    for name in live:
+        torch.testing.assert_close(saved[name].distance, live[name].distance)
+
+
+def test_layers_named_differently_are_paired_by_order_and_say_so():
+    a = {"bert.encoder.layer.0": _attention(1, 2, 3, 3, seed=1), "bert.encoder.layer.1": _attention(1, 2, 3, 3, seed=2)}
+    b = {"encoder.layer.0": a["bert.encoder.layer.0"], "encoder.layer.1": _attention(1, 2, 3, 3, seed=3)}
+    c = compare(a, b)
+    assert c.pairing == "order" and c.pairs == [("bert.encoder.layer.0", "encoder.layer.0"),
+                                                ("bert.encoder.layer.1", "encoder.layer.1")]
+    assert c["bert.encoder.layer.0"].distance.max() == 0 and c["bert.encoder.layer.1"].name_b == "encoder.layer.1"
+    assert "paired by order" in repr(c)
+    renamed = {"z": a["bert.encoder.layer.0"], "bert.encoder.layer.1": a["bert.encoder.layer.1"]}
+    with pytest.raises(AttentionHookerError, match="only in A: 'bert.encoder.layer.0'; only in B: 'z'"):
+        compare(a, renamed)  # some names shared: a mistake, not another model's names
+    by_order = compare(a, renamed, pair_by="order")  # asked for: by position, whatever the names
+    assert by_order.pairs[0] == ("bert.encoder.layer.0", "z") and max(h.distance for h in by_order.ranked_heads()) == 0
+
+
+def test_refusals_name_what_differs(tmp_path):
+    w = _attention(1, 2, 3, 3, seed=1)
+    with pytest.raises(AttentionHookerError, match=r"different layers \(only in A: 'b'; only in B: 'c'\)"):
+        compare({"a": w, "b": w}, {"a": w, "c": w})
+    with pytest.raises(AttentionHookerError, match="A has 2 layers and B has 1, with no name in common"):
+        compare({"a": w, "b": w}, {"c": w})
+    with pytest.raises(AttentionHookerError, match="only in B: 'b'"):
+        compare({"a": w}, {"a": w, "b": w}, pair_by="name")
+    with pytest.raises(AttentionHookerError, match=r"layer 'a' has 2 heads in A and 4 in B: heads are compared one to one"):
+        compare({"a": w}, {"a": _attention(1, 4, 3, 3)})
+    with pytest.raises(AttentionHookerError, match=r"layer 'a' is \(1, 2, 3, 3\) in A and \(1, 2, 4, 4\) in B .*"
+                                                   r"its query and key differ; compare captures of the same tokens"):
+        compare({"a": w}, {"a": _attention(1, 2, 4, 4)})
+    with pytest.raises(AttentionHookerError, match=r"layer 'x' \(A\) / 'y' \(B\) has 2 heads in A and 3"):
+        compare({"x": w}, {"y": _attention(1, 3, 3, 3)})
+    with pytest.raises(AttentionHookerError, match=r"token 1 is 'cat' in A and 'dog' in B"):
+        compare({"a": w}, {"a": w}, tokens_a=["the", "cat", "sat"], tokens_b=["the", "dog", "sat"])
+    save_values({"a": [w]}, tmp_path / "a.safetensors", tokens=["x", "y", "z"])
+    save_values({"a": [w]}, tmp_path / "b.safetensors", tokens=["x", "y", "w"])
+    with pytest.raises(AttentionHookerError, match=r"token 2 is 'z' in base and 'w' in tuned"):
+        compare(load(tmp_path / "a.safetensors"), load(tmp_path / "b.safetensors"), names=("base", "tuned"))
+    with pytest.raises(AttentionHookerError, match=r"layer 'a' of A has 1 call\(s\); call=1 is out of range"):
+        compare({"a": [w]}, {"a": [w]}, call=1)
+    with pytest.raises(AttentionHookerError, match="layer 'a' of B holds negative weights"):
+        compare({"a": w}, {"a": w - 0.5})
+    with pytest.raises(AttentionHookerError, match="capture B: expected a hooker, a loaded capture"):
+        compare({"a": w}, 3)
+    with pytest.raises(AttentionHookerError, match=r"pair_by='size' must be one of \('auto', 'name', 'order'\)"):
+        compare({"a": w}, {"a": w}, pair_by="size")
+    with pytest.raises(AttentionHookerError, match="names=.* must be two different non-empty strings"):
+        compare({"a": w}, {"a": w}, names=("A", "A"))
+
+
+def test_the_call_compared_is_chosen():
+    first, second = _attention(1, 1, 2, 2, seed=1), _attention(1, 1, 2, 2, seed=2)
+    c = compare({"a": [first, second]}, {"a": [first, first]}, call=1)
+    assert c.call == 1 and c["a"].distance.item() > 0
+    assert compare({"a": [first, second]}, {"a": [first, first]})["a"].distance.item() == 0
+    assert math.isnan(compare({"a": torch.zeros(1, 1, 2, 2)}, {"a": torch.zeros(1, 1, 2, 2)})["a"].mean)
