@@ -174,3 +174,53 @@ def test_the_call_compared_is_chosen():
     assert c.call == 1 and c["a"].distance.item() > 0
     assert compare({"a": [first, second]}, {"a": [first, first]})["a"].distance.item() == 0
     assert math.isnan(compare({"a": torch.zeros(1, 1, 2, 2)}, {"a": torch.zeros(1, 1, 2, 2)})["a"].mean)
+
+
+def _changed_head():
+    """Three layers of 4 heads; in B, layer 1 head 2 attends elsewhere."""
+    base = {f"encoder.layer.{i}.attention.self": _attention(1, 4, 6, 6, seed=20 + i) for i in range(3)}
+    other = {name: w.clone() for name, w in base.items()}
+    other["encoder.layer.1.attention.self"][:, 2] = _attention(1, 6, 6, seed=98)
+    return compare(base, other, tokens_a=list("abcdef"), names=("base", "tuned"))
+
+
+def test_head_picture_shows_a_b_and_their_difference_on_a_scale_centred_at_zero(tmp_path):
+    from attention_hooker import plot_head_comparison
+
+    c = _changed_head()
+    fig = plot_head_comparison(c, save_path=tmp_path / "head.png")  # default: the most different head
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == ["base", "tuned", "base - tuned"]
+    assert "encoder.layer.1.attention.self head 2" in fig.texts[0].get_text()
+    pair = c["encoder.layer.1.attention.self"]
+    shown = [np.asarray(ax.images[0].get_array()) for ax in panels]
+    np.testing.assert_allclose(shown[0], pair.a[0, 2].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(shown[1], pair.b[0, 2].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(shown[2], (pair.a - pair.b)[0, 2].numpy(), rtol=1e-6)
+    a_norm, b_norm, diff_image = panels[0].images[0].norm, panels[1].images[0].norm, panels[2].images[0]
+    assert (a_norm.vmin, a_norm.vmax) == (b_norm.vmin, b_norm.vmax)  # one scale for A and B
+    largest = float((pair.a - pair.b)[0, 2].abs().max())
+    assert diff_image.norm.vmin == pytest.approx(-largest) and diff_image.norm.vmax == pytest.approx(largest)
+    assert diff_image.get_cmap().name.startswith("RdBu_r")
+    assert (tmp_path / "head.png").stat().st_size > 10_000
+    same = plot_head_comparison(c, "encoder.layer.0.attention.self", 1)  # an unchanged head: all the centre colour
+    centre = same.axes[[ax.get_title() for ax in same.axes].index("base - tuned")].images[0]
+    colours = centre.to_rgba(np.asarray(centre.get_array()))[..., :3]
+    assert np.allclose(colours, centre.get_cmap()(0.5)[:3]) and colours.min() > 0.95  # near white
+    with pytest.raises(AttentionHookerError, match="layer 'nope' is not in the comparison"):
+        plot_head_comparison(c, "nope", 0)
+    with pytest.raises(AttentionHookerError, match="expected the result of attention_hooker.compare"):
+        plot_head_comparison({"l": [torch.ones(1, 1, 1, 1)]})
+
+
+def test_distance_grid_draws_every_heads_distance_from_0_to_1(tmp_path):
+    from attention_hooker import plot_distance_grid
+
+    c = _changed_head()
+    fig = plot_distance_grid(c, save_path=tmp_path / "grid.png")
+    image = fig.axes[0].images[0]
+    np.testing.assert_allclose(np.asarray(image.get_array()), c.table().numpy())
+    assert (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["layer.0", "layer.1", "layer.2"]
+    assert f"{c.ranked_heads(1)[0].distance:.2f}" in [t.get_text() for t in fig.axes[0].texts]
+    assert (tmp_path / "grid.png").stat().st_size > 5_000

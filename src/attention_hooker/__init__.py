@@ -21,6 +21,7 @@ _EXPORTS = {
     "attention_flow": "analysis.flow", "sink_heads": "analysis.roles", "retrieval_score": "analysis.roles",
     "find_output_projection": "analysis.attribution", "remove_hooks": "capture.live",
     "compare": "analysis.compare", "AttentionComparison": "analysis.compare",
+    "plot_head_comparison": "views.compare", "plot_distance_grid": "views.compare",
 }
 
 
@@ -78,6 +79,8 @@ __all__ = [
     "find_output_projection",
     "compare",
     "AttentionComparison",
+    "plot_head_comparison",
+    "plot_distance_grid",
     "load",
     "SavedAttention",
     "to_bertviz",
