@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ._tensor import as_batched, values_of
+from .analysis.compare import AttentionComparison
 from .analysis.roles import head_confidence, previous_token_score
 from .analysis.stats import head_entropy, sink_share
 from .errors import AttentionHookerError
@@ -116,9 +117,14 @@ def render_html(
     saved: a lone surrogate becomes U+FFFD, and a text past 1,000 characters is
     cut (a label shows its first 64, the rest on hover).
 
+    A comparison (:func:`attention_hooker.compare`) gives the page's compare mode: a "showing"
+    selector draws every view of A or of B, a panel shows the selected head in A, in B and
+    A - B (red where A attends more, blue where B does), and the overview opens coloured by
+    each head's Jensen-Shannon distance.
+
     Args:
         source: a hooker, a loaded capture, or ``{layer_name: [tensor per call]}``
-            with tensors ``(batch, heads, query, key)``.
+            with tensors ``(batch, heads, query, key)``; or an :class:`~attention_hooker.analysis.compare.AttentionComparison`.
         tokens: labels; a list of lists when axes differ in length (encoder and
             decoder tokens): each axis takes the first list of its length; or
             one list per batch item. A loaded capture's own tokens by default.
@@ -154,7 +160,31 @@ def render_html(
         >>> page.html.startswith("<!DOCTYPE html>") and "http://" not in page.html
         True
     """
+    if isinstance(source, AttentionComparison):
+        return _comparison_page(source, tokens, query_tokens=query_tokens, key_tokens=key_tokens, layers=layers,
+                                title=title, compression_level=compression_level, pool_above=pool_above,
+                                pool_size=pool_size, top_keys=top_keys, head_scores=head_scores,
+                                color_scale=color_scale)
     return render_page(source, tokens, query_tokens=query_tokens, key_tokens=key_tokens, layers=layers,
                        title=title, compression_level=compression_level, pool_above=pool_above,
                        pool_size=pool_size, top_keys=top_keys, head_scores=head_scores,
                        scores=page_scores(source, layers=layers), color_scale=color_scale)
+
+
+def _comparison_page(comparison: AttentionComparison, tokens, *, layers, title, head_scores, **options) -> AttentionPage:
+    """The compare mode's page: A's compared calls as the page's own, B's and each head's
+    Jensen-Shannon distance (the score the overview opens in) beside them."""
+    A, B = comparison.names
+    names = list(comparison) if layers is None else list(layers)
+    unknown = [name for name in names if name not in comparison]
+    if unknown:
+        raise AttentionHookerError(f"unknown layer(s) {unknown}; the comparison's layers: {list(comparison)}")
+    values_a = {name: [comparison[name].a] for name in names}
+    values_b = {name: [comparison[name].b] for name in names}
+    score = f"JS distance {A} vs {B}"
+    head_scores = {**(head_scores or {}), score: {name: comparison[name].head_distance for name in names}}
+    compare = {"names": (A, B), "values": {name: calls[0] for name, calls in values_b.items()},
+               "names_b": {name: comparison[name].name_b for name in names}, "scores": page_scores(values_b),
+               "distance": {name: comparison[name].distance for name in names}, "colour_by": score}
+    return render_page(values_a, tokens if tokens is not None else comparison.tokens, title=title or f"{A} vs {B}",
+                       head_scores=head_scores, scores=page_scores(values_a), compare=compare, **options)

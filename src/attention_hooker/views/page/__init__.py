@@ -25,6 +25,7 @@ from ..._tensor import as_batched, require_positions, values_of
 from ...errors import AttentionHookerError
 from ..labels import SHOWN_CHARS, AxisLabels, short_layer_names
 from ..plot import COLOR_SCALES
+from .compare import PageComparison, comparison_meta
 from .long_calls import encode_long_call, is_long
 
 __all__ = ["render_html", "AttentionPage", "PageScores", "encode_weights", "decode_weights"]
@@ -241,6 +242,7 @@ def render_html(
     head_scores: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
     scores: Optional[PageScores] = None,
     color_scale: str = "linear",
+    compare: Optional[PageComparison] = None,
 ) -> AttentionPage:
     """The page of captured attention, with the per-head scores it is given: it draws, and
     computes no score. :func:`attention_hooker.render_html` (the public one, documented there)
@@ -253,6 +255,8 @@ def render_html(
         scores: per-head scores of each call to colour the overview by (:data:`PageScores`):
             ``{layer name: [{score name: (batch, heads) numbers} per call]}``; none by default.
         color_scale: the colour scale the page opens in (as in :func:`attention_hooker.render_html`).
+        compare: the page's compare mode (:data:`~attention_hooker.views.page.compare.PageComparison`):
+            B's calls beside these (A's, one per layer); the page then shows A, B and A - B.
 
     Returns:
         An :class:`AttentionPage`.
@@ -279,11 +283,16 @@ def render_html(
     layer_meta = [{"name": name, "calls": [calls.entry(name, i, weights) for i, weights in enumerate(layer_calls)]}
                   for name, layer_calls in values.items()]
     _add_head_scores(layer_meta, head_scores)
+    extra = {} if compare is None else {"compare": comparison_meta(compare, calls, values, layer_meta)}
+    if extra:  # B's layer names and the two captures' names, as the page carries text
+        extra["compare"]["names"] = [_page_text(n) for n in extra["compare"]["names"]]
+        for layer in extra["compare"]["layers"]:
+            layer["name"], layer["short"] = _page_text(layer["name"]), _page_text(layer["short"])
     for layer, short in zip(layer_meta, short_layer_names([layer["name"] for layer in layer_meta])):
         layer["short"] = _page_text(short)  # row labels and the layer selector; the full name on hover
         layer["name"] = _page_text(layer["name"])
     title = _page_text(title or "Attention")
-    return AttentionPage(_document(title, layer_meta, calls, compression_level, color_scale), title)
+    return AttentionPage(_document(title, layer_meta, calls, compression_level, color_scale, extra), title)
 
 
 def _axis_labels(source, tokens, query_tokens, key_tokens) -> AxisLabels:
@@ -350,7 +359,8 @@ class _PageCalls:
         return entry
 
 
-def _document(title: str, layer_meta: list, calls: _PageCalls, compression_level: int, color_scale: str) -> str:
+def _document(title: str, layer_meta: list, calls: _PageCalls, compression_level: int, color_scale: str,
+              extra: Optional[dict] = None) -> str:
     """The page: the template with its styles, script, metadata and compressed payload put in."""
     meta = {
         "title": title,
@@ -360,6 +370,7 @@ def _document(title: str, layer_meta: list, calls: _PageCalls, compression_level
         "labelChars": SHOWN_CHARS,
         "encoding": {"top": _TOP_CODE, "nonfinite": NONFINITE_CODE, "scale": "linear"},
         "bytes": calls.payload.size,
+        **(extra or {}),  # the compare mode's entry
     }
     payload = base64.b64encode(zlib.compress(calls.payload.join(), compression_level)).decode("ascii")
     parts = {

@@ -523,6 +523,110 @@
     place($("ah-matrix-rows"), queries, nq, "top", size.height || 520);
   }
 
+  // Compare mode (a page of attention_hooker.compare): the selected head in A, in B (one colour
+  // scale for both) and A - B (its own codes, centred at 127: blue where B attends more, white
+  // where they agree, red where A does). The "showing" selector draws the other views of A or B.
+  const MID = 127;
+  const DIVERGING = [[5, 48, 97], [33, 102, 172], [67, 147, 195], [146, 197, 222], [209, 229, 240], [247, 247, 247],
+                     [253, 219, 199], [244, 165, 130], [214, 96, 77], [178, 24, 43], [103, 0, 31]];  // RdBu_r
+  const DIFF_LUT = new Uint8ClampedArray(256 * 3);
+  for (let i = 0; i < 256; i++) {
+    const x = (i / 255) * (DIVERGING.length - 1), k = Math.min(Math.floor(x), DIVERGING.length - 2), f = x - k;
+    for (let c = 0; c < 3; c++) DIFF_LUT[i * 3 + c] = DIVERGING[k][c] + f * (DIVERGING[k + 1][c] - DIVERGING[k][c]);
+  }
+  const diffIndex = (code) => Math.round((code / (2 * MID)) * 255);  // code 127 -> 127.5: the white middle
+
+  // One head of the compared call of layer li: its codes in A or B (whole maps only) or of A - B.
+  function compared(which, li) {
+    const cmp = meta.compare, c = (which === "b" ? cmp.layers : cmp.layersA)[li].calls[0];
+    const [B, H, Q, K] = c.shape, b = Math.min(state.batch, B - 1), h = Math.min(state.head, H - 1);
+    const d = cmp.difference[li], offset = which === "diff" ? d.offset : c.offset;
+    const start = offset + (b * H + h) * Q * K;
+    return { codes: state.data.subarray(start, start + Q * K), scale: (which === "diff" ? d.scales : c.scales)[b * H + h],
+             Q, K, c, b, h };
+  }
+
+  // Codes of a head on another scale (so that A and B share one): code * scale / shared.
+  function rescaled(m, shared) {
+    const out = new Uint8Array(m.codes.length), f = shared > 0 ? m.scale / shared : 0;
+    for (let i = 0; i < out.length; i++) out[i] = m.codes[i] === BAD ? BAD : Math.round(m.codes[i] * f);
+    return out;
+  }
+
+  function paintDifference(canvas, codes, Q, K) {
+    canvas.width = K; canvas.height = Q;
+    const ctx = canvas.getContext("2d"), img = ctx.createImageData(K, Q), px = img.data;
+    for (let i = 0; i < Q * K; i++) {
+      const o = i * 4, code = codes[i];
+      if (code === BAD) { px[o] = 0; px[o + 1] = 0; px[o + 2] = 0; }  // non-finite: black (red means A attends more)
+      else { const l = diffIndex(code) * 3; px[o] = DIFF_LUT[l]; px[o + 1] = DIFF_LUT[l + 1]; px[o + 2] = DIFF_LUT[l + 2]; }
+      px[o + 3] = 255;
+    }
+    ctx.putImageData(img, 0, 0);
+  }
+
+  function drawCompare() {
+    if (!meta.compare) return;
+    const cmp = meta.compare, li = state.layer;
+    const a = compared("a", li), b = compared("b", li), d = compared("diff", li), shared = Math.max(a.scale, b.scale);
+    paint($("ah-compare-a"), rescaled(a, shared), a.Q, a.K, a.K, a.Q, maskedKeys(a.c));
+    paint($("ah-compare-b"), rescaled(b, shared), b.Q, b.K, b.K, b.Q, maskedKeys(b.c));
+    paintDifference($("ah-compare-diff"), d.codes, d.Q, d.K);
+    const scale = $("ah-compare-legend"), sctx = scale.getContext("2d");  // A and B: the page's colour scale
+    for (let x = 0; x < scale.width; x++) {
+      const l = shade(Math.round((x / (scale.width - 1)) * TOP)) * 3;
+      sctx.fillStyle = `rgb(${LUT[l]},${LUT[l + 1]},${LUT[l + 2]})`;
+      sctx.fillRect(x, 0, 1, scale.height);
+    }
+    $("ah-compare-max").textContent = shared.toPrecision(3);
+    const [nameA, nameB] = cmp.names.map(shortLabel);
+    $("ah-compare-low").textContent = `-${d.scale.toPrecision(3)} (more in ${nameB})`;
+    $("ah-compare-high").textContent = `+${d.scale.toPrecision(3)} (more in ${nameA})`;
+    const rows = cmp.distance[li], js = rows ? rows[Math.min(state.batch, rows.length - 1)][a.h] : null;
+    $("ah-compare-caption").textContent = `${shortLabel(cmp.layersA[li].name)}, head ${a.h}: Jensen-Shannon distance `
+      + (js === null || js === undefined ? "n/a" : js.toFixed(3)) + " (base 2: 0 same, 1 disjoint)";
+  }
+
+  function compareReadout(event) {
+    const rect = event.target.getBoundingClientRect(), li = state.layer;
+    const a = compared("a", li), b = compared("b", li), d = compared("diff", li);
+    const k = Math.floor(((event.clientX - rect.left) / rect.width) * a.K);
+    const q = Math.floor(((event.clientY - rect.top) / rect.height) * a.Q);
+    if (q < 0 || k < 0 || q >= a.Q || k >= a.K) return;
+    const [, , Q, K] = a.c.shape, i = q * a.K + k, [A, B] = meta.compare.names;
+    const dv = d.codes[i] === BAD ? NaN : (d.scale * (d.codes[i] - MID)) / MID;
+    $("ah-compare-readout").textContent = `query ${q} "${shortLabel(tokensOf(a.c.queryTokens, Q)[q])}" -> key ${k} `
+      + `"${shortLabel(tokensOf(a.c.keyTokens, K)[k])}": ${shortLabel(A)} ${shown(value(a.codes[i], a.scale))}, `
+      + `${shortLabel(B)} ${shown(value(b.codes[i], b.scale))}, difference ${shown(dv)}`;
+  }
+
+  function setupCompare() {
+    const cmp = meta.compare, select = $("ah-compare-show");
+    cmp.layersA = meta.layers;
+    cmp.names.forEach((n, i) => {
+      const opt = document.createElement("option");
+      opt.value = i ? "b" : "a"; opt.textContent = shortLabel(n); opt.title = n;
+      select.appendChild(opt);
+    });
+    $("ah-compare-name-a").textContent = shortLabel(cmp.names[0]);
+    $("ah-compare-name-b").textContent = shortLabel(cmp.names[1]);
+    $("ah-compare-name-diff").textContent = `${shortLabel(cmp.names[0])} - ${shortLabel(cmp.names[1])}`;
+    select.addEventListener("change", (e) => {  // every other view draws A or B
+      meta.layers = e.target.value === "b" ? cmp.layers : cmp.layersA;
+      refresh();
+    });
+    ["ah-compare-a", "ah-compare-b", "ah-compare-diff"].forEach((id) => $(id).addEventListener("mousemove", compareReadout));
+    const legend = $("ah-compare-diff-legend"), ctx = legend.getContext("2d");
+    for (let x = 0; x < legend.width; x++) {
+      const l = diffIndex(Math.round((x / (legend.width - 1)) * 2 * MID)) * 3;
+      ctx.fillStyle = `rgb(${DIFF_LUT[l]},${DIFF_LUT[l + 1]},${DIFF_LUT[l + 2]})`;
+      ctx.fillRect(x, 0, 1, legend.height);
+    }
+    if (cmp.colourBy) { state.colourBy = cmp.colourBy; $("ah-overview-colour").value = cmp.colourBy; }
+    $("ah-compare-label").hidden = false;
+    $("ah-compare-panel").hidden = false;
+  }
+
   function refresh() {
     $("ah-readout").textContent = "point at a cell";  // not the value of a head no longer shown
     syncSelectors();
@@ -532,6 +636,7 @@
     drawTokens();
     drawToggles();
     drawLines();
+    drawCompare();
   }
 
   async function main() {
@@ -551,10 +656,11 @@
     $("ah-head").addEventListener("change", (e) => { state.head = Number(e.target.value); refresh(); });
     $("ah-matrix").addEventListener("mousemove", readout);
     state.scale = meta.colour || "linear"; $("ah-scale").value = state.scale; // as the page was made (--color-scale)
-    $("ah-scale").addEventListener("change", (e) => { state.scale = e.target.value; drawLegend(); drawOverview(); drawMatrix(); });
+    $("ah-scale").addEventListener("change", (e) => { state.scale = e.target.value; drawLegend(); drawOverview(); drawMatrix(); drawCompare(); });
     $("ah-lines-scale").addEventListener("change", (e) => { state.relative = e.target.value === "relative"; drawLines(); });
     $("ah-lines-heads").addEventListener("change", (e) => { state.oneHead = e.target.value === "one"; drawToggles(); drawLines(); });
     drawLegend();
+    if (meta.compare) setupCompare();
     state.data = await decodePayload();
     if (state.data.length !== meta.bytes) throw new Error(`payload holds ${state.data.length} bytes, expected ${meta.bytes}`);
     refresh();
