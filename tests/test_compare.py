@@ -4,6 +4,7 @@ pairing of layers, and every refusal naming what differs."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -224,3 +225,100 @@ def test_distance_grid_draws_every_heads_distance_from_0_to_1(tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["layer.0", "layer.1", "layer.2"]
     assert f"{c.ranked_heads(1)[0].distance:.2f}" in [t.get_text() for t in fig.axes[0].texts]
     assert (tmp_path / "grid.png").stat().st_size > 5_000
+
+
+# --- the page's compare mode, in a real Chromium -------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    import os
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no chromium here: apt-get install chromium")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+def _shot(page, selector):
+    """The element as Chromium drew it: ``(height, width, 3)`` floats in 0..1, and its box."""
+    import io
+
+    import matplotlib.image
+
+    box = page.locator(selector).bounding_box()
+    pixels = matplotlib.image.imread(io.BytesIO(page.screenshot(clip=box)), format="png")[..., :3]
+    return pixels, box
+
+
+def test_compare_page_shows_a_b_and_a_minus_b_by_pixels(browser, tmp_path):
+    from attention_hooker import render_html
+
+    c = _changed_head()
+    path = render_html(c).save(tmp_path / "compare.html")
+    page = browser.new_page(viewport={"width": 1500, "height": 1300})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    try:
+        page.goto(f"file://{path}")
+        page.wait_for_selector("body[data-ready='true']", timeout=30_000)
+        assert page.is_visible("#ah-compare-panel") and page.is_visible("#ah-compare-show")
+        assert page.input_value("#ah-overview-colour") == "JS distance base vs tuned"  # opens coloured by distance
+        page.click("#ah-overview canvas[data-layer='1'][data-head='2']")
+        distance = c["encoder.layer.1.attention.self"].head_distance[2].item()
+        assert f"head 2: Jensen-Shannon distance {distance:.3f}" in page.inner_text("#ah-compare-caption")
+        a, box = _shot(page, "#ah-compare-a")
+        diff, _ = _shot(page, "#ah-compare-diff")
+        assert a.shape == diff.shape and np.abs(a - diff).mean() > 0.2, "the A - B panel is not a copy of A"
+        d = (c["encoder.layer.1.attention.self"].a - c["encoder.layer.1.attention.self"].b)[0, 2]  # (Q, K)
+
+        def colour_at(pixels, q, k):  # the middle of cell (q, k), away from the 1 px border
+            y = int((q + 0.5) / d.shape[0] * (pixels.shape[0] - 2)) + 1
+            x = int((k + 0.5) / d.shape[1] * (pixels.shape[1] - 2)) + 1
+            return pixels[y, x]
+
+        q, k = divmod(int(d.argmax()), d.shape[1])
+        red = colour_at(diff, q, k)
+        assert red[0] > 0.3 and red[0] > red[2] + 0.2, f"A attends more at ({q}, {k}): red, got {red}"
+        q, k = divmod(int(d.argmin()), d.shape[1])
+        blue = colour_at(diff, q, k)
+        assert blue[2] > blue[0] + 0.2, f"B attends more at ({q}, {k}): blue, got {blue}"
+        page.click("#ah-overview canvas[data-layer='0'][data-head='1']")  # a head the same in both
+        a, _ = _shot(page, "#ah-compare-a")
+        diff, _ = _shot(page, "#ah-compare-diff")
+        inner = diff[3:-3, 3:-3]
+        assert np.abs(inner - 247 / 255).max() < 0.02, "a head that agrees draws A - B white"
+        assert a[3:-3, 3:-3].std() > 0.05, "while A shows its attention"
+        page.click("#ah-overview canvas[data-layer='1'][data-head='2']")
+        matrix_a = page.eval_on_selector("#ah-matrix", "c => c.toDataURL()")
+        page.select_option("#ah-compare-show", "b")  # every view now draws B
+        assert page.eval_on_selector("#ah-matrix", "c => c.toDataURL()") != matrix_a
+        page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+        assert re.search(r'query \d+ ".*" -> key \d+ ".*": base ~[\d.e-]+, tuned ~[\d.e-]+, difference ~-?[\d.e-]+$',
+                         page.inner_text("#ah-compare-readout"))
+        assert errors == []
+    finally:
+        page.close()
+
+
+def test_compare_page_difference_codes_round_trip_and_refusals():
+    from attention_hooker import render_html
+    from attention_hooker.views.page.compare import decode_difference, encode_difference
+
+    d = torch.randn(2, 3, 5, 4)
+    codes, scales = encode_difference(d)
+    assert torch.allclose(decode_difference(codes, scales), d, atol=float(scales.max()) / 254 + 1e-7)
+    assert (encode_difference(torch.zeros(1, 1, 2, 2))[0] == 127).all()
+    long = {"l": _attention(1, 1, 600, 600, seed=1).float()}
+    with pytest.raises(AttentionHookerError, match=r"a compare page carries whole maps, up to pool_above=512"):
+        render_html(compare(long, {"l": long["l"].flip(-1)}))
+    with pytest.raises(AttentionHookerError, match=r"unknown layer\(s\) \['x'\]"):
+        render_html(_changed_head(), layers=["x"])

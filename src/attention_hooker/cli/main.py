@@ -131,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--sinks", type=int, nargs="+", default=None, metavar="POSITION",
                        help="also report the share of attention on these key positions (e.g. --sinks 0 1 2 3)")
     _add_device_options(stats)
+
+    compare = commands.add_parser(
+        "compare",
+        help="one text through two models (two checkpoints, base and fine-tuned): which heads attend differently",
+        description="Runs one text through two local Hugging Face model folders that tokenize it the same way, "
+        "compares every head's attention (Jensen-Shannon distance per query, base 2: 0 the same, 1 disjoint, "
+        "averaged over queries), prints the most different heads and writes the layers x heads distances, "
+        "A / B / A - B pictures of the most different heads, a CSV and an interactive page.",
+    )
+    compare.add_argument("--model", action="append", metavar="FOLDER",
+                         help="a folder written by save_pretrained(); give it twice: --model A --model B")
+    compare.add_argument("--layers", default=None, metavar="REGEX", help="only modules whose name this regex finds")
+    compare.add_argument("--text", default=None, help="the text both models read")
+    compare.add_argument("--top", type=_positive_int, default=10, metavar="N",
+                         help="how many of the most different heads to print (default: %(default)s)")
+    compare.add_argument("--out", default="attention-compare", help="output folder (default: %(default)s)")
+    compare.add_argument("--color-scale", default="linear", choices=("linear", "sqrt", "log"),
+                         help="colour scale of A and B in the pictures and the page (default: %(default)s)")
+    _add_device_options(compare)
     return parser
 
 
@@ -181,7 +200,8 @@ def _rows(text: str):
 # Each command's work and its printing live in its own module (a function taking the parsed arguments),
 # imported when the command runs: `attention-hooker --help` stays fast.
 COMMANDS = {"demo": ("run", "demo"), "run": ("run", "run"), "stats": ("statistics", "command"),
-            "layers": ("layers", "command"), "heads": ("head_roles", "command"), "flow": ("token_flow", "command")}
+            "layers": ("layers", "command"), "heads": ("head_roles", "command"), "flow": ("token_flow", "command"),
+            "compare": ("compare", "command")}
 
 
 def _command(name: str):
