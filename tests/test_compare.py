@@ -322,3 +322,96 @@ def test_compare_page_difference_codes_round_trip_and_refusals():
         render_html(compare(long, {"l": long["l"].flip(-1)}))
     with pytest.raises(AttentionHookerError, match=r"unknown layer\(s\) \['x'\]"):
         render_html(_changed_head(), layers=["x"])
+
+
+# --- attention-hooker compare ---------------------------------------------------------------------
+
+def _cli_error(capsys, *argv):
+    from attention_hooker.cli import main
+
+    status = main(list(argv))
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err
+    return err.splitlines()[0]
+
+
+@pytest.fixture(scope="module")
+def perturbed_minilm(tmp_path_factory, minilm_path):
+    """The real MiniLM with layer 3's query weights scaled by 3, saved with its tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModel.from_pretrained(minilm_path)
+    with torch.no_grad():
+        model.encoder.layer[3].attention.self.query.weight.mul_(3)
+    path = tmp_path_factory.mktemp("perturbed") / "minilm-perturbed"
+    model.save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
+    return path
+
+
+def test_cli_ranks_the_perturbed_layers_heads_first(minilm_path, perturbed_minilm, tmp_path, capsys):
+    import csv
+
+    from attention_hooker.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compare", "--model", str(minilm_path), "--model", str(perturbed_minilm),
+                 "--text", "The cat sat on the mat because it was tired.", "--out", str(out), "--top", "13"]) == 0
+    printed = capsys.readouterr().out
+    assert "layers:  6 paired by name, 12 heads each" in printed and "tokens:  13, the same for both" in printed
+    ranked = re.findall(r"^\s+(\d+)\. (\S+)\s+head (\d+)\s+([\d.]+)$", printed, re.M)
+    assert [int(r[0]) for r in ranked] == list(range(1, 14))
+    assert {r[1] for r in ranked[:12]} == {"encoder.layer.3.attention.self"}  # all 12 heads of the layer changed
+    assert sorted(int(r[2]) for r in ranked[:12]) == list(range(12))
+    assert ranked[12][1] != "encoder.layer.3.attention.self"
+    distances = [float(r[3]) for r in ranked]
+    assert distances == sorted(distances, reverse=True) and distances[11] > 2 * distances[12]
+    for layer in range(3):  # before the changed layer, nothing changed
+        assert re.search(rf"^  encoder\.layer\.{layer}\.attention\.self  0\.000$", printed, re.M)
+    rows = list(csv.DictReader(open(out / "distances.csv")))
+    assert len(rows) == 72 and {r["layer"] for r in rows[:12]} == {"encoder.layer.3.attention.self"}
+    assert float(rows[0]["js_distance"]) == pytest.approx(distances[0], abs=1e-3)
+    assert (out / "distances.png").stat().st_size > 10_000 and (out / "compare.html").stat().st_size > 10_000
+    pictures = sorted(p.name for p in (out / "heads").glob("*.png"))
+    assert len(pictures) == 3 and pictures[0].startswith(f"1_encoder.layer.3.attention.self_head{ranked[0][2]}")
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_model(tmp_path_factory):
+    """A tiny BERT with its own word-level tokenizer: it makes other tokens of any text than MiniLM's."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "the", "cat", "sat", "on", "mat", "."]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]",
+                                                     sep_token="[SEP]", pad_token="[PAD]")
+    model = transformers.BertModel(transformers.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                                                           intermediate_size=64, vocab_size=len(words)))
+    path = tmp_path_factory.mktemp("other") / "word-level"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_bad_inputs_are_one_line_with_status_2(minilm_path, other_tokenizer_model, tmp_path, capsys):
+    text = ["--text", "the cat sat on the mat", "--out", str(tmp_path / "out")]
+    assert _cli_error(capsys, "compare", "--model", str(minilm_path), *text) == (
+        "attention-hooker compare: error: compare needs two models, --model A --model B; got 1")
+    assert "compare needs two models" in _cli_error(capsys, "compare", *text)
+    missing = tmp_path / "missing"
+    assert f"model path {missing} does not exist" in _cli_error(
+        capsys, "compare", "--model", str(minilm_path), "--model", str(missing), *text)
+    message = _cli_error(capsys, "compare", "--model", str(minilm_path), "--model", str(other_tokenizer_model), *text)
+    assert message == ("attention-hooker compare: error: the two models tokenize the text differently: token 0 is "
+                       "'[CLS]' (id 101) for model and '[CLS]' (id 1) for word-level; compare needs models that share "
+                       "a tokenizer")
+    longer = _cli_error(capsys, "compare", "--model", str(minilm_path), "--model", str(other_tokenizer_model),
+                        "--text", "the cat sat on the zxqv mat", "--out", str(tmp_path / "out"))
+    assert "the two models tokenize the text differently: model makes 12 tokens and word-level makes 9" in longer
+    assert "pass --text" in _cli_error(capsys, "compare", "--model", str(minilm_path), "--model", str(minilm_path),
+                                       "--out", str(tmp_path / "out"))
+    assert "is given twice" in _cli_error(capsys, "compare", "--model", str(minilm_path), "--model", str(minilm_path),
+                                          *text)

@@ -40,7 +40,7 @@ def encode_difference(difference: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     Example:
         >>> codes, scales = encode_difference(torch.tensor([[[[0.5, -0.25], [0.0, 0.0]]]]))
         >>> codes.flatten().tolist(), scales.tolist()
-        ([254, 64, 127, 127], [[0.5]])
+        ([254, 63, 127, 127], [[0.5]])
     """
     d = difference.detach().to("cpu", torch.float32)  # (B, H, Q, K)
     finite = torch.isfinite(d)
