@@ -91,7 +91,7 @@ def comparison_summary(comparison, loaded: Sequence[LoadedModel], files: dict, s
         f"layers:  {len(comparison)} paired by {comparison.pairing}, {'/'.join(map(str, heads))} heads each",
         "distance: Jensen-Shannon between each query's attention in A and in B (base 2: 0 the same, 1 disjoint), "
         "averaged over queries",
-        f"most different heads:",
+        "most different heads:",
     ]
     ranked = comparison.ranked_heads(top)
     width = max(len(h.layer) for h in ranked)
