@@ -359,6 +359,7 @@ def test_cli_ranks_the_perturbed_layers_heads_first(minilm_path, perturbed_minil
                  "--text", "The cat sat on the mat because it was tired.", "--out", str(out), "--top", "13"]) == 0
     printed = capsys.readouterr().out
     assert "layers:  6 paired by name, 12 heads each" in printed and "tokens:  13, the same for both" in printed
+    assert "A:       all-MiniLM-L6-v2 (BertModel)" in printed and "B:       minilm-perturbed (BertModel)" in printed
     ranked = re.findall(r"^\s+(\d+)\. (\S+)\s+head (\d+)\s+([\d.]+)$", printed, re.M)
     assert [int(r[0]) for r in ranked] == list(range(1, 14))
     assert {r[1] for r in ranked[:12]} == {"encoder.layer.3.attention.self"}  # all 12 heads of the layer changed
@@ -406,11 +407,11 @@ def test_cli_bad_inputs_are_one_line_with_status_2(minilm_path, other_tokenizer_
         capsys, "compare", "--model", str(minilm_path), "--model", str(missing), *text)
     message = _cli_error(capsys, "compare", "--model", str(minilm_path), "--model", str(other_tokenizer_model), *text)
     assert message == ("attention-hooker compare: error: the two models tokenize the text differently: token 0 is "
-                       "'[CLS]' (id 101) for model and '[CLS]' (id 1) for word-level; compare needs models that share "
+                       "'[CLS]' (id 101) for all-MiniLM-L6-v2 and '[CLS]' (id 1) for word-level; compare needs models that share "
                        "a tokenizer")
     longer = _cli_error(capsys, "compare", "--model", str(minilm_path), "--model", str(other_tokenizer_model),
                         "--text", "the cat sat on the zxqv mat", "--out", str(tmp_path / "out"))
-    assert "the two models tokenize the text differently: model makes 12 tokens and word-level makes 9" in longer
+    assert "the two models tokenize the text differently: all-MiniLM-L6-v2 makes 12 tokens and word-level makes 9" in longer
     assert "pass --text" in _cli_error(capsys, "compare", "--model", str(minilm_path), "--model", str(minilm_path),
                                        "--out", str(tmp_path / "out"))
     assert "is given twice" in _cli_error(capsys, "compare", "--model", str(minilm_path), "--model", str(minilm_path),

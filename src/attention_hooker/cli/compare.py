@@ -126,6 +126,9 @@ def command(args) -> None:
         if model.kind not in ("encoder", "decoder"):
             raise CommandError(f"compare reads one text through encoders and decoders; {model.name} is "
                                f"{with_article(model.kind)}")
+    titles = tuple(model.title for model in loaded)  # the model cards' names, where they tell the two apart
+    if all(titles) and titles[0] != titles[1]:
+        names = titles
     tokens = same_tokens(loaded, args.text, names)
     captures = [workflows.capture_text(model, args.text, layers=args.layers) for model in loaded]
     comparison = compare(captures[0].values, captures[1].values, tokens_a=tokens, names=names)
