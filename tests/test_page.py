@@ -654,3 +654,21 @@ def test_the_page_opens_in_the_colour_scale_it_was_made_with(tmp_path, browser):
             page.close()
     with pytest.raises(AttentionHookerError, match="color_scale='cubic' must be one of"):
         render_html(values, color_scale="cubic")
+
+
+@pytest.mark.parametrize("cell_width", [700, 1100])
+def test_the_notebook_frame_fits_its_cell(browser, minilm_page, tmp_path, cell_width):
+    """Issue 26: in a notebook at 1400 px the page was wider than the cell (the frame's border outside its 100%)."""
+    _, _, page, _ = minilm_page
+    notebook = tmp_path / "cell.html"
+    notebook.write_text(f"<html><body style='margin:0'><div id='cell' style='width:{cell_width}px'>"
+                        f"{page._repr_html_()}</div></body></html>", encoding="utf-8")
+    opened = browser.new_page(viewport={"width": 1400, "height": 900})
+    opened.goto(f"file://{notebook}")
+    opened.frames[1].wait_for_selector("body[data-ready]", timeout=30_000)
+    frame, cell = opened.evaluate("[document.querySelector('iframe').getBoundingClientRect().width,"
+                                  " document.getElementById('cell').getBoundingClientRect().width]")
+    assert frame <= cell == cell_width
+    inner = opened.frames[1].evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert inner[0] <= inner[1]  # nothing inside the frame is wider than it either
+    opened.close()

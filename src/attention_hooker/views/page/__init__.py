@@ -217,7 +217,9 @@ class AttentionPage:
                "s();if(window.ResizeObserver){new ResizeObserver(s).observe(d.body)}")
         return (
             f'<iframe srcdoc="{html_lib.escape(self.html, quote=True)}" onload="{html_lib.escape(fit, quote=True)}" '
-            'style="width:100%;height:480px;border:1px solid #ddd" title="attention"></iframe>'
+            # border-box: the border inside the 100%, or the frame is 2 px wider than the cell and scrolls it
+            'style="display:block;box-sizing:border-box;width:100%;max-width:100%;height:480px;border:1px solid #ddd" '
+            'title="attention"></iframe>'
         )
 
     def __len__(self) -> int:
