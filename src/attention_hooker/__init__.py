@@ -22,6 +22,7 @@ _EXPORTS = {
     "find_output_projection": "analysis.attribution", "remove_hooks": "capture.live",
     "compare": "analysis.compare", "AttentionComparison": "analysis.compare",
     "plot_head_comparison": "views.compare", "plot_distance_grid": "views.compare",
+    "to_words": "analysis.words", "WordValues": "analysis.words", "WordAttention": "analysis.words",
 }
 
 
@@ -81,6 +82,9 @@ __all__ = [
     "AttentionComparison",
     "plot_head_comparison",
     "plot_distance_grid",
+    "to_words",
+    "WordValues",
+    "WordAttention",
     "load",
     "SavedAttention",
     "to_bertviz",

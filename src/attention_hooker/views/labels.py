@@ -8,7 +8,16 @@ from typing import List, Sequence
 
 from .._axis_labels import SHOWN_CHARS, AxisLabels, kept_labels, shown_label, thinned_positions
 
-__all__ = ["short_layer_names", "AxisLabels", "SHOWN_CHARS", "shown_label", "thinned_positions", "kept_labels"]
+__all__ = ["short_layer_names", "AxisLabels", "SHOWN_CHARS", "shown_label", "thinned_positions", "kept_labels",
+           "labelled"]
+
+
+def labelled(attn, tokens):
+    """``(weights, labels)`` of attention that carries its labels (``to_words`` of one tensor: an
+    object with ``weights`` and ``tokens``), the ``tokens`` given winning; else ``(attn, tokens)``."""
+    if hasattr(attn, "weights") and hasattr(attn, "tokens"):
+        return attn.weights, attn.tokens if tokens is None else tokens
+    return attn, tokens
 
 
 def short_layer_names(names: Sequence[str]) -> List[str]:

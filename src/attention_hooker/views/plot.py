@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .labels import AxisLabels, short_layer_names, shown_label, thinned_positions
+from .labels import AxisLabels, labelled, short_layer_names, shown_label, thinned_positions
 from .._checks import check_heads, non_negative_int, positive_int, positive_number, prepare_output_path
 from .._tensor import as_heads, require_positions, values_of
 from ..errors import AttentionHookerError
@@ -126,7 +126,8 @@ def plot_attention_grid(
 
     Args:
         attn: ``(batch, heads, query, key)`` or ``(heads, query, key)``; torch or
-            numpy, any float dtype.
+            numpy, any float dtype; or attention between words (``to_words`` of one tensor, or
+            ``WordValues.attention(layer)``), its words on the axes.
         tokens: labels for both axes (square), or for the axis whose length they
             match (cross-attention); or one list per batch item. Each label shows its
             first 64 characters (the page's rule: :class:`~attention_hooker.views.labels.AxisLabels`).
@@ -160,6 +161,7 @@ def plot_attention_grid(
         2
     """
     Figure = figure_class()
+    attn, tokens = labelled(attn, tokens)  # words carry their labels
     weights = as_heads(attn, batch_index=batch_index)  # (H, Q, K)
     require_positions(weights.shape, "the attention")
     n_heads, n_query, n_key = weights.shape
