@@ -672,3 +672,101 @@ def test_the_notebook_frame_fits_its_cell(browser, minilm_page, tmp_path, cell_w
     inner = opened.frames[1].evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     assert inner[0] <= inner[1]  # nothing inside the frame is wider than it either
     opened.close()
+
+
+def _viridis_lut():
+    """The page's colour table (view.js): viridis anchors interpolated to 256 entries, rounded as a Uint8ClampedArray."""
+    anchors = [[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142], [31, 158, 137],
+               [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37]]
+    lut = []
+    for i in range(256):
+        x = i / 255 * (len(anchors) - 1)
+        k = min(int(x), len(anchors) - 2)
+        f = x - k
+        lut.append([min(255, max(0, round(anchors[k][c] + f * (anchors[k + 1][c] - anchors[k][c])))) for c in range(3)])
+    return torch.tensor(lut, dtype=torch.float32)  # (256, 3)
+
+
+def test_the_units_selector_swaps_the_tokens_for_their_words_in_every_view(browser, tmp_path, minilm_sdpa,
+                                                                          minilm_tokenizer):
+    """Issue 26: the page showed word pieces only. Given words=to_words(...), it carries both and its units
+    selector swaps them: the matrix becomes words x words, each cell the colour of that word weight."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from attention_hooker import to_words
+
+    enc = minilm_tokenizer("The unbelievably tokenizable sentence stays unexplained.", return_tensors="pt")
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as hooker:
+        minilm_sdpa(**enc)
+    words = to_words(hooker, enc)
+    n_tokens, n_words = len(enc.tokens(0)), len(words.tokens[0])
+    assert n_words < n_tokens
+    both = render_html(hooker, tokens=enc.tokens(0), words=words).save(tmp_path / "both.html")
+    opened_on_words = render_html(hooker, tokens=enc.tokens(0), words=words, units="words").save(tmp_path / "w.html")
+    plain = render_html(hooker, tokens=enc.tokens(0)).save(tmp_path / "tokens.html")
+    size = "c => [c.width, c.height]"
+    view = _Page(browser, both)
+    page = view.page
+    try:
+        assert page.is_visible("#ah-units") and page.input_value("#ah-units") == "tokens"
+        assert page.eval_on_selector("#ah-matrix", size) == [n_tokens, n_tokens]
+        assert "##bel" in page.inner_text("#ah-queries")
+        tokens_matrix = view.canvas("#ah-matrix")
+        page.select_option("#ah-units", "words")
+        assert page.eval_on_selector("#ah-matrix", size) == [n_words, n_words], "the map is the words' size"
+        assert page.eval_on_selector_all("#ah-queries div", "els => els.map(e => e.textContent)") == words.tokens[0]
+        assert page.eval_on_selector_all("#ah-matrix-cols span", "els => els.map(e => e.textContent)") == words.tokens[0]
+        assert {tuple(map(int, s.split(","))) for s in page.eval_on_selector_all(
+            "#ah-overview canvas", "els => els.map(e => e.width + ',' + e.height)")} == {(n_words, n_words)}
+        # Every cell's colour is the word weight's (layer 0, head 0), quantised and coloured as the page does.
+        layer = next(iter(words))
+        weights = words[layer][0][0, 0]  # (W, W)
+        expected = _viridis_lut()[torch.round(torch.round(254 * weights / weights.max()) / 254 * 255).long()]
+        drawn = torch.tensor(page.eval_on_selector("#ah-matrix", """c => Array.from(
+            c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"""), dtype=torch.float32)
+        drawn = drawn.reshape(n_words, n_words, 4)[..., :3]
+        assert (drawn - expected).abs().max() <= 1, "each cell is its word weight's colour"
+        # What the screen shows (the canvas scaled up, pixelated): the same colour at the centre of each cell.
+        shot = Image.open(BytesIO(page.locator("#ah-matrix").screenshot())).convert("RGB")
+        width, height = shot.size
+        for q in range(n_words):
+            for k in range(n_words):
+                pixel = shot.getpixel((int((k + 0.5) * width / n_words), int((q + 0.5) * height / n_words)))
+                assert max(abs(a - b) for a, b in zip(pixel, drawn[q, k].tolist())) <= 2
+        page.hover("#ah-queries div:nth-child(3)")  # "unbelievably": its lines go to the words
+        assert page.get_attribute("#ah-keys div:nth-child(3)", "title").startswith("key 2: unbelievably")
+        page.select_option("#ah-units", "tokens")
+        assert page.eval_on_selector("#ah-matrix", size) == [n_tokens, n_tokens]
+        assert view.canvas("#ah-matrix") == tokens_matrix, "back to the same token map"
+        assert view.errors == [] and view.requests == []
+    finally:
+        view.close()
+    for path, units, shown in ((opened_on_words, "words", [n_words, n_words]), (plain, None, [n_tokens, n_tokens])):
+        view = _Page(browser, path)
+        try:
+            assert view.page.is_visible("#ah-units") == (units is not None)
+            if units:
+                assert view.page.input_value("#ah-units") == units
+            assert view.page.eval_on_selector("#ah-matrix", size) == shown
+            assert view.errors == []
+        finally:
+            view.close()
+
+
+def test_words_must_cover_the_layers_shown_and_units_words_needs_them(minilm_sdpa, minilm_tokenizer):
+    from attention_hooker import to_words
+
+    enc = minilm_tokenizer("Unbelievably so.", return_tensors="pt")
+    with torch.no_grad(), TransformerAttentionHooker(minilm_sdpa) as hooker:
+        minilm_sdpa(**enc)
+    first = next(iter(hooker.values))
+    some = to_words(hooker, enc, layers=[first])
+    with pytest.raises(AttentionHookerError, match=r"words lacks the layer\(s\) \['encoder.layer.1"):
+        render_html(hooker, words=some)
+    assert '"words":' in render_html(hooker, words=some, layers=[first]).html
+    with pytest.raises(AttentionHookerError, match="units='words' opens the page on words: pass words="):
+        render_html(hooker, units="words")
+    with pytest.raises(AttentionHookerError, match="units='letters' must be one of"):
+        render_html(hooker, words=to_words(hooker, enc), units="letters")

@@ -88,6 +88,8 @@ def render_html(
     top_keys: int = 8,
     head_scores: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
     color_scale: str = "linear",
+    words=None,
+    units: str = "tokens",
 ) -> AttentionPage:
     """One offline, self-contained interactive page of captured attention.
 
@@ -143,6 +145,11 @@ def render_html(
             name: one number per head}}`` (NaN where a score does not apply).
         color_scale: the colour scale the page opens in: ``"linear"``, ``"sqrt"`` or ``"log"``
             (as the plots' ``color_scale``; the page's "colour" selector changes it).
+        words: the same capture between words, :func:`~attention_hooker.to_words` of it (with the
+            same ``layers``): the page carries both, and its "units" selector switches between
+            tokens and words (every view: overview, head view, matrix). ``render_html(words)``
+            alone is a page of words.
+        units: what the page opens with: ``"tokens"`` (default) or ``"words"``.
 
     Returns:
         An :class:`AttentionPage`.
@@ -153,7 +160,7 @@ def render_html(
             that is not a string, a compression level outside 0..9, or a
             ``pool_above``, ``pool_size`` or ``top_keys`` that is not a positive int,
             or ``head_scores`` naming an unknown layer or giving a layer the wrong
-            number of heads.
+            number of heads; ``words`` that lack a layer shown, or ``units="words"`` without them.
 
     Example:
         >>> page = render_html({"layer": [torch.rand(1, 2, 3, 3).softmax(-1)]}, tokens=["a", "b", "c"])
@@ -161,6 +168,8 @@ def render_html(
         True
     """
     if isinstance(source, AttentionComparison):
+        if words is not None or units != "tokens":
+            raise AttentionHookerError("a comparison's page is by tokens: words= and units= are for one capture")
         return _comparison_page(source, tokens, query_tokens=query_tokens, key_tokens=key_tokens, layers=layers,
                                 title=title, compression_level=compression_level, pool_above=pool_above,
                                 pool_size=pool_size, top_keys=top_keys, head_scores=head_scores,
@@ -168,7 +177,8 @@ def render_html(
     return render_page(source, tokens, query_tokens=query_tokens, key_tokens=key_tokens, layers=layers,
                        title=title, compression_level=compression_level, pool_above=pool_above,
                        pool_size=pool_size, top_keys=top_keys, head_scores=head_scores,
-                       scores=page_scores(source, layers=layers), color_scale=color_scale)
+                       scores=page_scores(source, layers=layers), color_scale=color_scale, words=words,
+                       word_scores=None if words is None else page_scores(words, layers=layers), units=units)
 
 
 def _comparison_page(comparison: AttentionComparison, tokens, *, layers, title, head_scores, **options) -> AttentionPage:

@@ -163,9 +163,9 @@ class _LabelSets:
     """The label lists the page carries (``tokenSets``), each once; a call names its axes' lists by
     index (one index per batch item where the tokens are one list per batch item)."""
 
-    def __init__(self, labels: AxisLabels):
+    def __init__(self, labels: AxisLabels, sets: Optional[List[List[str]]] = None):
         self.labels = labels
-        self.sets: List[List[str]] = []
+        self.sets: List[List[str]] = [] if sets is None else sets  # shared by the tokens' and the words' calls
         self._index: Dict[int, int] = {}  # id of a list the labels gave -> its index (the labels hold it)
 
     def _carried(self, tokens: Optional[List[str]]) -> Optional[int]:
@@ -245,6 +245,9 @@ def render_html(
     scores: Optional[PageScores] = None,
     color_scale: str = "linear",
     compare: Optional[PageComparison] = None,
+    words=None,
+    word_scores: Optional[PageScores] = None,
+    units: str = "tokens",
 ) -> AttentionPage:
     """The page of captured attention, with the per-head scores it is given: it draws, and
     computes no score. :func:`attention_hooker.render_html` (the public one, documented there)
@@ -259,6 +262,10 @@ def render_html(
         color_scale: the colour scale the page opens in (as in :func:`attention_hooker.render_html`).
         compare: the page's compare mode (:data:`~attention_hooker.views.page.compare.PageComparison`):
             B's calls beside these (A's, one per layer); the page then shows A, B and A - B.
+        words: the same capture between words (``to_words``), carried beside the tokens; the
+            page's "units" selector shows one or the other.
+        word_scores: per-head scores of the words' calls, as ``scores``.
+        units: what the page opens with: ``"tokens"`` or ``"words"`` (needs ``words``).
 
     Returns:
         An :class:`AttentionPage`.
@@ -281,6 +288,9 @@ def render_html(
     pool_above, pool_size = positive_int(pool_above, "pool_above"), positive_int(pool_size, "pool_size")
     top_keys = positive_int(top_keys, "top_keys")
     color_scale = one_of(color_scale, "color_scale", COLOR_SCALES)
+    units = one_of(units, "units", ("tokens", "words"))
+    if units == "words" and words is None:
+        raise AttentionHookerError("units='words' opens the page on words: pass words=to_words(capture, word_ids) too")
     calls = _PageCalls(_axis_labels(source, tokens, query_tokens, key_tokens), scores, pool_above, pool_size, top_keys)
     layer_meta = [{"name": name, "calls": [calls.entry(name, i, weights) for i, weights in enumerate(layer_calls)]}
                   for name, layer_calls in values.items()]
@@ -290,11 +300,40 @@ def render_html(
         extra["compare"]["names"] = [_page_text(n) for n in extra["compare"]["names"]]
         for layer in extra["compare"]["layers"]:
             layer["name"], layer["short"] = _page_text(layer["name"]), _page_text(layer["short"])
+    word_meta = None if words is None else _word_layers(words, layer_meta, word_scores, calls)
     for layer, short in zip(layer_meta, short_layer_names([layer["name"] for layer in layer_meta])):
         layer["short"] = _page_text(short)  # row labels and the layer selector; the full name on hover
         layer["name"] = _page_text(layer["name"])
+    for layer, shown in zip(word_meta or (), layer_meta):
+        layer["short"], layer["name"] = shown["short"], shown["name"]
     title = _page_text(title or "Attention")
+    if word_meta is not None:
+        extra.update({"words": {"layers": word_meta}, "units": units})
     return AttentionPage(_document(title, layer_meta, calls, compression_level, color_scale, extra), title)
+
+
+def _word_layers(words, layer_meta: list, word_scores: Optional[PageScores], calls: "_PageCalls") -> list:
+    """The words' layers (``to_words`` of the capture) as the page carries them, beside the tokens'
+    ``layer_meta``: the same layers in the same order, their calls in the same payload.
+
+    Raises:
+        AttentionHookerError: for words that lack a layer the page shows, or labels that fit none of their axes.
+    """
+    word_values = values_of(words, require=False)
+    missing = [layer["name"] for layer in layer_meta if layer["name"] not in word_values]
+    if missing:
+        raise AttentionHookerError(f"words lacks the layer(s) {missing} the page shows; make it with "
+                                   "to_words() of the same capture (and the same layers=)")
+    beside = _PageCalls(_axis_labels(words, None, None, None), word_scores, calls.pool_above, calls.pool_size,
+                        calls.top_keys, beside=calls)
+    word_meta = []
+    for layer in layer_meta:
+        entry = {"name": layer["name"], "calls": [beside.entry(layer["name"], i, weights)
+                                                  for i, weights in enumerate(word_values[layer["name"]])]}
+        if "scores" in layer:  # a head's scores given per layer (importance, ...) are the head's, in either units
+            entry["scores"] = layer["scores"]
+        word_meta.append(entry)
+    return word_meta
 
 
 def _axis_labels(source, tokens, query_tokens, key_tokens) -> AxisLabels:
@@ -324,10 +363,12 @@ class _PageCalls:
     in the binary payload."""
 
     def __init__(self, labels: AxisLabels, scores: Optional[PageScores], pool_above: int, pool_size: int,
-                 top_keys: int):
-        self.labels, self.scores = _LabelSets(labels), scores
+                 top_keys: int, *, beside: Optional["_PageCalls"] = None):
+        """``beside``: the calls whose payload and label lists these share (the words beside the tokens)."""
+        self.labels = _LabelSets(labels, None if beside is None else beside.labels.sets)
+        self.scores = scores
         self.pool_above, self.pool_size, self.top_keys = pool_above, pool_size, top_keys
-        self.payload = _Payload()
+        self.payload = _Payload() if beside is None else beside.payload
 
     def entry(self, name: str, call: int, weights) -> dict:
         """The metadata of call ``call`` of layer ``name``, its arrays added to the payload.
@@ -363,8 +404,9 @@ class _PageCalls:
 
 def _document(title: str, layer_meta: list, calls: _PageCalls, compression_level: int, color_scale: str,
               extra: Optional[dict] = None) -> str:
-    """The page: the template with its styles, script, metadata and compressed payload put in."""
+    """The page: the template with its styles, script, metadata (``extra`` added) and compressed payload put in."""
     meta = {
+        **(extra or {}),
         "title": title,
         "colour": color_scale,  # the colour scale the page opens in
         "layers": layer_meta,
@@ -372,7 +414,6 @@ def _document(title: str, layer_meta: list, calls: _PageCalls, compression_level
         "labelChars": SHOWN_CHARS,
         "encoding": {"top": _TOP_CODE, "nonfinite": NONFINITE_CODE, "scale": "linear"},
         "bytes": calls.payload.size,
-        **(extra or {}),  # the compare mode's entry
     }
     payload = base64.b64encode(zlib.compress(calls.payload.join(), compression_level)).decode("ascii")
     parts = {

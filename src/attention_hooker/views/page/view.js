@@ -14,6 +14,8 @@
   const TOP = meta.encoding.top, BAD = meta.encoding.nonfinite;
   const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, scale: "linear",
                   relative: false, oneHead: false, detail: null, colourBy: "" };
+  // Tokens, and words when the page carries them (to_words): the "units" selector swaps meta.layers.
+  const UNITS = { tokens: meta.layers, words: meta.words ? meta.words.layers : null };
   const WINDOW = 64; // tokens a side of a long call's detail (a click on its pooled map)
   // Colour index of a code: linear in the weight, or its square root (small weights show).
   // Log: down to 1e-4 of the head's largest weight (smaller ones, and zeros, are the darkest colour).
@@ -654,6 +656,14 @@
     $("ah-overview-colour").addEventListener("change", (e) => { state.colourBy = e.target.value; drawOverview(); });
     $("ah-matrix-back").addEventListener("click", () => { state.detail = null; drawMatrix(); drawMatrixLabels(); });
     $("ah-head").addEventListener("change", (e) => { state.head = Number(e.target.value); refresh(); });
+    if (UNITS.words) {
+      $("ah-units-label").style.display = "";
+      $("ah-units").value = meta.units || "tokens";
+      meta.layers = UNITS[$("ah-units").value];
+      $("ah-units").addEventListener("change", (e) => {
+        meta.layers = UNITS[e.target.value]; state.query = 0; state.detail = null; refresh();
+      });
+    }
     $("ah-matrix").addEventListener("mousemove", readout);
     state.scale = meta.colour || "linear"; $("ah-scale").value = state.scale; // as the page was made (--color-scale)
     $("ah-scale").addEventListener("change", (e) => { state.scale = e.target.value; drawLegend(); drawOverview(); drawMatrix(); drawCompare(); });
