@@ -801,3 +801,64 @@ def test_progress_on_a_terminal_is_still_tqdm_s_bar(tmp_path):
         drawn = os.read(leader, 65536).decode() if select.select([leader], [], [], 5)[0] else ""
     os.close(leader)
     assert drawn.startswith("\rpictures:   0%|") and drawn.endswith("\r")  # drawn in place, then cleared
+
+
+# ------------------------------------------------------------------ issue 26: words instead of word pieces
+def _page_meta(path):
+    import re
+
+    return json.loads(re.search(r'id="ah-meta">(.*?)</script>', path.read_text(encoding="utf-8"), re.S).group(1))
+
+
+def test_run_words_draws_the_pictures_and_opens_the_page_by_words(tmp_path, minilm_path, minilm_tokenizer, capsys,
+                                                                  monkeypatch):
+    """Issue 26: pictures and page showed word pieces only; --words shows words (Clark et al.'s rule)."""
+    from attention_hooker import TransformerAttentionHooker, to_words
+    from attention_hooker.views import plot
+
+    drawn = []
+    real = plot.plot_attention_grid
+    monkeypatch.setattr(plot, "plot_attention_grid", lambda attn, **kw: drawn.append((attn, kw)) or real(attn, **kw))
+    text = "The unbelievably tokenizable sentence stays unexplained."
+    assert main(["run", "--model", str(minilm_path), "--text", text, "--words", "--out", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    enc = minilm_tokenizer(text, return_tensors="pt")
+    assert f"words:   9 of the {len(enc.tokens(0))} tokens" in out
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(minilm_path).eval()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(**enc)
+    expected = to_words(hooker, enc, tokenizer=minilm_tokenizer)  # the library's words: the oracle of the files
+    assert len(drawn) == 6
+    for (attn, kw), (name, calls) in zip(drawn, expected.items()):
+        torch.testing.assert_close(attn, calls[0], atol=1e-5, rtol=1e-4)
+        assert kw["query_tokens"] == kw["key_tokens"] == expected.tokens[0] and kw["layer_name"] == name
+    meta = _page_meta(tmp_path / "w" / "attention.html")
+    assert meta["units"] == "words" and [c["shape"] for c in meta["layers"][0]["calls"]] == [[1, 12, 19, 19]]
+    word_call = meta["words"]["layers"][0]["calls"][0]
+    assert word_call["shape"] == [1, 12, 9, 9] and meta["tokenSets"][word_call["keyTokens"]] == expected.tokens[0]
+    assert "unbelievably" in expected.tokens[0]
+
+
+def test_run_words_with_rows_groups_the_keys_of_the_kept_rows(tmp_path, saved_models, capsys):
+    assert main(["run", "--model", str(saved_models["llama"]), "--text", "an unbelievably long sentence", "--rows",
+                 "last", "--words", "--out", str(tmp_path), "--no-grids"]) == 0
+    meta = _page_meta(tmp_path / "attention.html")
+    word_call = meta["words"]["layers"][0]["calls"][0]
+    tokens_call = meta["layers"][0]["calls"][0]
+    assert tokens_call["shape"][2] == word_call["shape"][2] == 1  # the kept row stays a row
+    assert word_call["shape"][3] < tokens_call["shape"][3]
+    assert meta["tokenSets"][word_call["keyTokens"]][2] == "unbelievably"
+
+
+def test_words_mistakes_are_one_line(tmp_path, saved_models, capsys):
+    llama, t5 = str(saved_models["llama"]), str(saved_models["t5"])
+    assert "a pooled map's blocks are not tokens" in _error(capsys, "run", "--model", llama, "--text", "x", "--words",
+                                                             "--pool", "8", "--out", str(tmp_path))
+    assert "generated tokens have no word ids" in _error(capsys, "run", "--model", llama, "--text", "x", "--words",
+                                                          "--generate", "2", "--out", str(tmp_path))
+    assert "an image has none" in _error(capsys, "run", "--model", llama, "--image", "x.png", "--words",
+                                         "--out", str(tmp_path))
+    assert "--words works with encoders and decoders; T5ForConditionalGeneration is an encoder-decoder" in _error(
+        capsys, "run", "--model", t5, "--text", "x", "--target", "y", "--words", "--out", str(tmp_path))

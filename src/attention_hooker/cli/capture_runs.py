@@ -63,6 +63,36 @@ class Capture:
     stream: object = None  # the StreamedCapture written with --stream
     pooled_from: Optional[int] = None  # with --pool/--stream: the tokens the pooled maps cover
     image: object = None  # vision models: (the image as the model saw it (H, W, 3), prefix tokens)
+    encoding: object = None  # the tokenizer's encoding of the text (its word ids, for --words)
+
+
+def check_words_options(*, image=None, generate: int = 0, long_context=None) -> None:
+    """``--words`` needs a text's own tokens, captured whole or by rows (checked before any work)."""
+    long_context = long_context or {}
+    if image is not None:
+        raise CommandError("--words groups a text's word pieces into words; an image has none: drop --words")
+    if generate:
+        raise CommandError("--words groups the pieces of the text given; generated tokens have no word ids: "
+                           "drop --generate or --words")
+    if long_context.get("pool") is not None or long_context.get("stream") is not None:
+        raise CommandError("--words groups tokens; a pooled map's blocks are not tokens: drop --pool/--stream or --words")
+
+
+def check_words_model(loaded: LoadedModel) -> None:
+    """``--words`` needs a text model with a fast tokenizer (its word ids); checked before the capture."""
+    if loaded.kind not in ("encoder", "decoder"):
+        raise CommandError(f"--words works with encoders and decoders; {loaded.name} is {with_article(loaded.kind)}")
+    if not getattr(loaded.tokenizer, "is_fast", False):
+        raise CommandError(f"--words needs the word ids of a fast tokenizer; {loaded.name}'s tokenizer "
+                           f"({type(loaded.tokenizer).__name__}) gives none")
+
+
+def capture_words(loaded: LoadedModel, capture: Capture):
+    """The capture between words (:func:`~attention_hooker.to_words`, Clark et al.'s rule), by the
+    tokenizer's word ids; the words joined by the tokenizer."""
+    from ..analysis.words import to_words
+
+    return to_words(capture.values, capture.encoding, tokenizer=loaded.tokenizer)
 
 
 def _check_generation_length(loaded: LoadedModel, prompt: int, new_tokens: int) -> None:
@@ -117,7 +147,7 @@ def capture_text(
         return _capture_generation(loaded, hooker, enc, generate)
     with torch.no_grad(), hooker:
         loaded.model(**enc)
-    return Capture(dict(hooker.values), [source], hooker, notes=notes)
+    return Capture(dict(hooker.values), [source], hooker, notes=notes, encoding=enc)
 
 
 def _check_text_options(loaded: LoadedModel, *, rows, pool, stream, generate: int) -> List[str]:
@@ -214,7 +244,7 @@ def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, 
         if length > size:
             notes.append(f"pictures show each map pooled to {len(labels)} x {len(labels)} blocks (block means)")
         return Capture(dict(pooled.values), [labels], hooker, notes=notes, stream=written, pooled_from=length)
-    return Capture(dict(hooker.values), [source], hooker, query_tokens=query_tokens, notes=notes)
+    return Capture(dict(hooker.values), [source], hooker, query_tokens=query_tokens, notes=notes, encoding=enc)
 
 
 def _planned_bytes(loaded: LoadedModel, hooker, rows: int, keys: int) -> Optional[int]:

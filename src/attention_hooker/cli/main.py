@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--color-scale", default="linear", choices=("linear", "sqrt", "log"),
                          help="colour scale of the pictures: sqrt or log brighten small weights (long inputs) "
                               "(default: %(default)s)")
+        sub.add_argument("--words", action="store_true",
+                         help="pictures and page by words instead of word pieces (Clark et al. 2019: a word's pieces "
+                              "summed as keys, averaged as queries); the page can switch back to the tokens")
 
     layers = commands.add_parser(
         "layers",

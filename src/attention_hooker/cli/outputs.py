@@ -47,9 +47,11 @@ def _safe_name(layer: str) -> str:
 
 
 def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, progress_stream=None,
-                  color_scale: str = "linear") -> Dict[str, object]:
+                  color_scale: str = "linear", words=None) -> Dict[str, object]:
     """Writes per-layer head grids (unless ``grids=False``), the overview and the page into
-    ``out``, showing progress over the grids on ``progress_stream`` (stderr); returns the paths."""
+    ``out``, showing progress over the grids on ``progress_stream`` (stderr); returns the paths.
+    With ``words`` (``to_words`` of the capture) the pictures are by words, and the page opens on
+    the words (it carries the tokens too)."""
     from .console import progress
 
     from ..page_scores import render_html
@@ -62,8 +64,10 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
         for stale in grids_dir.glob("*.png"):
             stale.unlink()
     written = []
-    labels = AxisLabels(capture.tokens, query_tokens=capture.query_tokens)  # the page's rule, layer by layer
-    layers = list(capture.values.items()) if grids else []
+    shown = capture.values if words is None else words
+    labels = AxisLabels(capture.tokens if words is None else words.tokens,  # the page's rule, layer by layer
+                        query_tokens=capture.query_tokens)
+    layers = list(shown.items()) if grids else []
     for name, calls in progress(layers, desc="pictures", unit=" layers", stream=progress_stream,
                                 disable=len(layers) < 2):
         weights = calls[0]
@@ -74,7 +78,8 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
         fig.clear()
         written.append(path)
     overview = out / "overview.png"
-    plot_attention_overview(capture.values, title=f"{title}: layers x heads", save_path=overview,
+    plot_attention_overview(shown, title=f"{title}: layers x heads" + ("" if words is None else " (words)"),
+                            save_path=overview,
                             color_scale=color_scale).clear()
     rollout_path = None
     if capture.image is not None:  # vision: what the CLS token attends to, through every layer, on the image
@@ -86,9 +91,10 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
         plot_vit_attention(attention_rollout(capture.values), image, prefix_tokens=prefix, heads=None,
                            title=f"{title}: attention rollout from CLS", save_path=rollout_path).clear()
     page = render_html(capture.values, tokens=capture.tokens, query_tokens=capture.query_tokens,
-                       title=title, color_scale=color_scale).save(out / "attention.html")
+                       title=title, color_scale=color_scale, words=words,
+                       units="tokens" if words is None else "words").save(out / "attention.html")
     return {"grids": written, "overview": overview, "page": Path(page), "grids_skipped": not grids,
-            "rollout": rollout_path}
+            "rollout": rollout_path, "words": words}
 
 
 def notable_heads(values, tokens: Sequence[str]) -> List[str]:
@@ -137,6 +143,10 @@ def summary(loaded: LoadedModel, capture: Capture, files: Dict[str, object], sec
     ]
     if capture.generated_text is not None:
         lines.append(f"text:    {capture.generated_text!r}")
+    if files.get("words") is not None:
+        words = files["words"]
+        lines.append(f"words:   {len(words.tokens[0])} of the {words.positions} tokens (a word's pieces summed as keys, "
+                     "averaged as queries: Clark et al. 2019); pictures and page by words (the page switches to tokens)")
     lines += [
         (f"grids:   {len(files['grids'])} PNGs in {Path(files['grids'][0]).parent}" if files["grids"]
          else "grids:   skipped (--no-grids)" if files.get("grids_skipped") else "grids:   none"),

@@ -11,10 +11,13 @@ __all__ = ["demo", "run"]
 
 
 def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title=None,
-                 long_context=None, device=None, dtype=None, grids=True, color_scale="linear", image=None) -> None:
+                 long_context=None, device=None, dtype=None, grids=True, color_scale="linear", image=None,
+                 words=False) -> None:
     from . import workflows
 
     long_context = long_context or {}
+    if words:
+        workflows.check_words_options(image=image, generate=generate, long_context=long_context)
     if save and (long_context.get("pool") or long_context.get("stream")):
         raise CommandError("--save keeps a capture held in memory; with --pool or --stream there is none "
                                      "(--stream FOLDER already writes the whole capture)")
@@ -23,6 +26,8 @@ def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0,
         workflows.check_save_path(save)
     start = time.perf_counter()
     loaded = workflows.load_hf_model(model_path, device=device, dtype=dtype)
+    if words:
+        workflows.check_words_model(loaded)
     if image is not None:
         capture = workflows.capture_image(loaded, image, layers=layers)
     elif loaded.kind == "vision":
@@ -30,7 +35,9 @@ def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0,
     else:
         capture = workflows.capture_text(loaded, text, layers=layers, target=target, generate=generate,
                                          **long_context)
-    files = workflows.write_outputs(capture, out, title=title or loaded.title, grids=grids, color_scale=color_scale)
+    by_words = workflows.capture_words(loaded, capture) if words else None
+    files = workflows.write_outputs(capture, out, title=title or loaded.title, grids=grids, color_scale=color_scale,
+                                    words=by_words)
     if save:
         raw = capture.raw_values or capture.values
         from ..io.saved import save_values
@@ -47,7 +54,7 @@ def demo(args) -> None:
     path = workflows.demo_model_path()
     _run_capture(path, args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT, out=args.out,
                  device=args.device, dtype=args.dtype, grids=not args.no_grids,
-                 color_scale=args.color_scale)
+                 color_scale=args.color_scale, words=args.words)
 
 
 def run(args) -> None:
@@ -60,5 +67,5 @@ def run(args) -> None:
     _run_capture(args.model, args.text, out=args.out, layers=args.layers, target=args.target, image=args.image,
                  generate=args.generate, save=args.save, title=args.title,
                  device=args.device, dtype=args.dtype, grids=not args.no_grids, color_scale=args.color_scale,
-                 long_context=dict(max_tokens=args.max_tokens, rows=args.rows, pool=args.pool, stream=args.stream,
+                 words=args.words, long_context=dict(max_tokens=args.max_tokens, rows=args.rows, pool=args.pool, stream=args.stream,
                                    overwrite=args.overwrite))
