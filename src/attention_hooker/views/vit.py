@@ -169,7 +169,11 @@ def plot_vit_attention(
     Args:
         attn: attention ``(batch, heads, tokens, tokens)`` or a rollout map (with ``heads=None``).
         image: ``(3, H, W)`` / ``(H, W, 3)`` tensor or array, or a PIL image.
-        query, prefix_tokens, grid, heads, batch_index: as in :func:`vit_attention_map`.
+        query: the query token (0: the class token), as in :func:`vit_attention_map`.
+        prefix_tokens: tokens before the patches (class + register/distillation tokens).
+        grid: ``(rows, cols)`` of patches; default: square, or fitted to the image.
+        heads: ``"mean"``, ``"max"``, a head index, or ``None`` for a rollout input.
+        batch_index: which batch item.
         alpha: opacity of the overlay.
         cmap: colormap of the map.
         title: the figure title.
