@@ -346,15 +346,15 @@ def test_keep_grad_on_the_mha_route():
     torch.testing.assert_close(grad, expected.detach(), atol=1e-5, rtol=1e-4)
 
 
-def test_readme_capture_example_runs_as_written(tmp_path, monkeypatch):
+def test_capture_page_example_runs_as_written(tmp_path, monkeypatch):
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"### Capture\n\n```python\n(.*?)```", readme, re.S).group(1)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "capture.md").read_text()
+    block = re.search(r"## Capture a model\n\n```python\n(.*?)```", page, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     printed = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
-    exec(compile(block, "README.md", "exec"), {})
+    exec(compile(block, "docs/capture.md", "exec"), {})
     assert printed == ["AttentionValues(2 layers, 2 calls, 3.1 KB)", "torch.Size([1, 4, 10, 10])"]
     assert (tmp_path / "plots" / "layers.0.self_attn.png").exists()
 
