@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def _env(**extra):
 
 
 def python_snippets(page: Path):
-    return [block for block in _FENCE.findall(page.read_text(encoding="utf-8"))]
+    return _FENCE.findall(page.read_text(encoding="utf-8"))
 
 
 SNIPPETS = [(f"{page.relative_to(ROOT)}:{i + 1}", code) for page in PAGES
@@ -55,15 +56,53 @@ def test_every_python_block_is_found_and_each_page_of_the_guide_has_one():
         assert page in with_code, f"{page} has no Python snippet"
 
 
-@pytest.mark.parametrize("where, code", SNIPPETS, ids=[where for where, _ in SNIPPETS])
-def test_every_python_snippet_runs_on_its_own(where, code, tmp_path):
-    script = tmp_path / "snippet.py"
+def test_the_readme_quick_start_is_three_commands_and_the_readme_offers_every_extra():
+    """The quick start stays install, demo, the test command CI runs; and beside ``.[dev]`` (which pulls
+    bertviz, playwright, timm, ...) the README offers each lighter extra of pyproject.toml."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick = re.search(r"## Quick start\n.*?```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in quick.splitlines() if line.split("#")[0].strip()]
+    assert commands == ['pip install -e ".[dev]"', "attention-hooker demo", "python -m pytest"]
+    assert "\npython -m pytest\n" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    section = pyproject.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    extras = re.findall(r"^([a-z]+) = \[", section, re.M)
+    assert {"plot", "hf", "io", "analysis", "all", "docs", "dev"} <= set(extras)
+    for extra in extras:
+        assert f'pip install -e ".[{extra}]"' in readme, f"the README does not offer the {extra!r} extra"
+
+
+def _run_snippet(code: str, folder: Path) -> subprocess.CompletedProcess:
+    script = folder / "snippet.py"
     script.write_text(code, encoding="utf-8")
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                            env=_env(), timeout=300)
+    # One torch thread each: the snippets run side by side, one per core.
+    try:
+        return subprocess.run([sys.executable, str(script)], cwd=folder, capture_output=True, text=True,
+                              env=_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"), timeout=300)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess([sys.executable, str(script)], -1, "", "it ran past 300 s: make it smaller")
+
+
+@pytest.fixture(scope="module")
+def snippet_runs(request, tmp_path_factory):
+    """The selected snippets, each run alone in a fresh interpreter and an empty folder of its own,
+    as many at a time as there are cores: ``{where: (folder, completed process)}``."""
+    selected = [item.callspec.params["where"] for item in request.session.items
+                if getattr(item, "callspec", None) is not None and "where" in item.callspec.params
+                and item.originalname == "test_every_python_snippet_runs_on_its_own"]
+    code = dict(SNIPPETS)
+    folders = {where: tmp_path_factory.mktemp("snippet") for where in selected}
+    with ThreadPoolExecutor(max_workers=max(1, min(len(selected), os.cpu_count() or 1))) as pool:
+        runs = {where: pool.submit(_run_snippet, code[where], folders[where]) for where in selected}
+        return {where: (folders[where], run.result()) for where, run in runs.items()}
+
+
+@pytest.mark.parametrize("where, code", SNIPPETS, ids=[where for where, _ in SNIPPETS])
+def test_every_python_snippet_runs_on_its_own(where, code, snippet_runs):
+    folder, result = snippet_runs[where]
     assert result.returncode == 0, f"{where} fails when run on its own:\n{result.stderr[-4000:]}"
     for written in _WRITES.findall(code):
-        assert (tmp_path / written).exists(), f"{where} says it writes {written}, which is not there"
+        assert (folder / written).exists(), f"{where} says it writes {written}, which is not there"
 
 
 def _mkdocs_build(config: Path, site: Path, cwd: Path):
