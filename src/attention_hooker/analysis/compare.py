@@ -183,16 +183,17 @@ def compare(
     position always. Paired calls must have the same shape ``(batch, heads, query, key)``.
 
     Args:
-        a, b: each a hooker's ``values`` (:class:`~attention_hooker.values.AttentionValues`), a
+        a: capture A: a hooker's ``values`` (:class:`~attention_hooker.values.AttentionValues`), a
             hooker, a loaded capture (:class:`~attention_hooker.io.saved.SavedAttention`), or
             ``{layer name: tensor (batch, heads, query, key)}`` (or a list of such tensors, one
             per call) with attention probabilities.
+        b: capture B, as ``a``.
         call: which call of each layer to compare (a layer called several times has several).
         pair_by: ``"auto"``, ``"name"`` or ``"order"``.
         padding_mask: ``(batch, query)`` HF-style, 1/True for real tokens: padded queries are left
             out of the mean (applied to layers with as many query rows as the mask has tokens).
-        tokens_a, tokens_b: the tokens of each; default a loaded capture's own. When both are
-            known they must be the same.
+        tokens_a: A's tokens; default a loaded capture's own. When both are known they must be the same.
+        tokens_b: B's tokens, as ``tokens_a``.
         names: labels of the two captures, for the pictures and the page.
 
     Returns:
