@@ -221,3 +221,32 @@ def test_the_command_line_saves_every_list_so_the_page_of_the_saved_capture_labe
     run_page = SimpleNamespace(html=(tmp_path / "o" / "attention.html").read_text())
     assert [_page_axes(run_page, i) for i in range(len(names))] == list(axes.values()), \
         "the page of the run and the page of its saved capture label every axis alike"
+
+
+# ------------------------------------------------------------------ issue 26: a thinned axis says where its labels are
+def test_a_thinned_axis_of_a_plot_puts_each_labels_position_in_front_of_it():
+    """Issue 26: long axes labelled sampled tokens without their positions ("the", "the", "." on 200 keys)."""
+    tokens = [f"w{i % 7}" for i in range(200)]
+    fig = plot_attention_grid(torch.rand(1, 1, 200, 200).softmax(-1), tokens=tokens, max_labels=40)
+    ax = fig.axes[0]
+    xs = [t.get_text() for t in ax.get_xticklabels()]
+    assert xs[:3] == ["0 w0", "5 w5", "10 w3"] and len(xs) == 40
+    fig = plot_attention_grid(torch.rand(1, 1, 6, 6).softmax(-1), tokens=tokens[:6])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == tokens[:6]  # every label shown: no positions
+
+
+def test_kept_rows_are_labelled_with_their_places_in_the_input():
+    tokens = [f"w{i}" for i in range(400)]
+    kept = kept_labels(tokens, slice(None, None, 4), "the text")
+    assert kept == tokens[::4] and kept.positions == list(range(0, 400, 4))
+    fig = plot_attention_grid(torch.rand(1, 1, 100, 400).softmax(-1), query_tokens=kept, key_tokens=tokens)
+    ys = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert ys[:3] == ["0 w0", "12 w12", "24 w24"]  # rows 0, 3, 6 of the kept: input positions 0, 12, 24
+
+
+def test_the_page_carries_the_places_of_kept_rows(tmp_path):
+    weights = torch.rand(1, 2, 100, 400).softmax(-1)
+    page = render_html({"layer": [weights]}, tokens=[f"w{i}" for i in range(400)],
+                       query_tokens=kept_labels([f"w{i}" for i in range(400)], slice(None, None, 4), "x"))
+    call = _meta(page)["layers"][0]["calls"][0]
+    assert call["queryPositions"] == list(range(0, 400, 4)) and "keyPositions" not in call

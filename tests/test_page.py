@@ -323,7 +323,7 @@ def test_matrix_labels_padding_marks_head_focus_and_a_fresh_readout(browser, tmp
         cols = view.page.eval_on_selector_all("#ah-matrix-cols span", "els => els.map(e => e.textContent)")
     finally:
         view.close()
-    assert 10 <= len(cols) <= 40 and cols[0] == "w0", "thinned when dense"
+    assert 10 <= len(cols) <= 40 and cols[0] == "0 w0", "thinned when dense, each label with its place (issue 26)"
 
 
 def test_a_diffuse_head_at_long_context_says_why_no_line_is_drawn(browser, tmp_path):
@@ -452,7 +452,7 @@ def test_a_2000_token_page_shows_the_pooled_map_and_the_tokens_of_a_clicked_bloc
             assert [int(x) for x in re.findall(r"\((\d+)\)", row)] == index.tolist()
         assert p.inner_text("#ah-lines-note").startswith("long input (2000 x 2000 tokens)")
         labels = p.eval_on_selector_all("#ah-matrix-cols span", "els => els.map(e => e.textContent)")
-        assert labels[0] == f"w{k0}"
+        assert labels[0] == f"{k0} w{k0}"  # a thinned axis: the window's labels with their places (issue 26)
         p.click("#ah-matrix-back")
         assert "pooled" in p.inner_text("#ah-matrix-caption")
         assert view.errors == [] and view.requests == []
@@ -770,3 +770,23 @@ def test_words_must_cover_the_layers_shown_and_units_words_needs_them(minilm_sdp
         render_html(hooker, units="words")
     with pytest.raises(AttentionHookerError, match="units='letters' must be one of"):
         render_html(hooker, words=to_words(hooker, enc), units="letters")
+
+
+def test_a_thinned_axis_of_the_page_puts_each_labels_position_in_front_of_it(browser, tmp_path):
+    """Issue 26: long axes labelled sampled tokens without their positions."""
+    from attention_hooker.views.labels import kept_labels
+
+    tokens = [f"w{i % 7}" for i in range(300)]
+    page = render_html({"layer": [torch.rand(1, 2, 75, 300).softmax(-1)]}, tokens=tokens,
+                       query_tokens=kept_labels(tokens, slice(None, None, 4), "the text"))
+    opened = _Page(browser, page.save(tmp_path / "thinned.html"))
+    try:
+        keys = opened.page.eval_on_selector_all("#ah-matrix-cols span", "s => s.map(x => x.textContent)")
+        rows = opened.page.eval_on_selector_all("#ah-matrix-rows span", "s => s.map(x => x.textContent)")
+        assert 1 < len(keys) < 300 and 1 < len(rows) < 75
+        key_step, row_step = int(keys[1].split()[0]), int(rows[1].split()[0])
+        assert keys[:2] == ["0 w0", f"{key_step} w{key_step % 7}"]
+        assert row_step % 4 == 0 and rows[1] == f"{row_step} w{row_step % 7}"  # the kept row's place in the input
+        assert opened.errors == []
+    finally:
+        opened.close()

@@ -31,7 +31,8 @@ from ._checks import token_lists
 from .selection import resolve_rows, row_selection
 from .errors import AttentionHookerError
 
-__all__ = ["AxisLabels", "SHOWN_CHARS", "shown_label", "thinned_positions", "kept_labels"]
+__all__ = ["AxisLabels", "SHOWN_CHARS", "shown_label", "thinned_positions", "kept_labels", "PositionedLabels",
+           "positions_of", "tick_label"]
 
 SHOWN_CHARS = 64  # the most characters of a label on an axis (plots and the page alike)
 
@@ -47,6 +48,47 @@ def shown_label(text) -> str:
     """
     text = str(text)
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+
+
+class PositionedLabels(list):
+    """Labels of the positions an axis kept (``rows="::8"``): a list of the labels, and
+    ``positions``, where each one is in the input (the views label a thinned axis with them).
+
+    Example:
+        >>> kept = PositionedLabels(["b", "d"], positions=[1, 3])
+        >>> kept == ["b", "d"], kept.positions
+        (True, [1, 3])
+    """
+
+    def __init__(self, labels=(), positions: Sequence[int] = ()):
+        super().__init__(labels)
+        self.positions = list(positions)
+        if len(self.positions) != len(self):
+            raise AttentionHookerError(f"{len(self)} labels with {len(self.positions)} positions; give one each")
+
+
+def positions_of(labels) -> Optional[List[int]]:
+    """Where each of ``labels`` is in the input: a :class:`PositionedLabels`'s positions, else
+    ``None`` (the axis is the input: position ``i`` is ``i``)."""
+    return list(labels.positions) if isinstance(labels, PositionedLabels) else None
+
+
+def tick_label(labels: Sequence[str], i: int, thinned: bool) -> str:
+    """The label of axis position ``i``: the token (cut as :func:`shown_label` cuts it), with its
+    position in front where the axis shows only every n-th (``"512 the"``): a sampled token
+    alone does not say where it is.
+
+    Example:
+        >>> tick_label(["a", "b"], 1, False), tick_label(["a", "b"], 1, True)
+        ('b', '1 b')
+        >>> tick_label(PositionedLabels(["x", "y"], positions=[8, 16]), 1, True)
+        '16 y'
+    """
+    text = shown_label(labels[i])
+    if not thinned:
+        return text
+    positions = positions_of(labels)
+    return f"{positions[i] if positions is not None else i} {text}"
 
 
 def thinned_positions(n: int, max_labels: int) -> List[int]:
@@ -74,14 +116,16 @@ def kept_labels(labels: Sequence[str], selection, where: str, axis: str = "rows"
     selection = row_selection(selection, axis)
     if selection is None:
         return list(labels)
-    return [labels[i] for i in resolve_rows(selection, len(labels), where, axis)]
+    kept = list(resolve_rows(selection, len(labels), where, axis))
+    return PositionedLabels([labels[i] for i in kept], positions=kept)
 
 
 def _one_list(tokens, name: str) -> Labels:
     lists = token_lists(tokens, name)
     if len(lists) != 1:
         raise AttentionHookerError(f"{name} must be one list of token strings, got {len(lists)} lists")
-    return lists[0]
+    positions = positions_of(tokens)  # kept rows' labels keep where they are
+    return lists[0] if positions is None else PositionedLabels(lists[0], positions=positions)
 
 
 class AxisLabels:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
-from .._axis_labels import SHOWN_CHARS, AxisLabels, kept_labels, shown_label, thinned_positions
+from .._axis_labels import (SHOWN_CHARS, AxisLabels, PositionedLabels, kept_labels, positions_of, shown_label,
+                            thinned_positions, tick_label)
 
 __all__ = ["short_layer_names", "AxisLabels", "SHOWN_CHARS", "shown_label", "thinned_positions", "kept_labels",
-           "labelled"]
+           "labelled", "PositionedLabels", "positions_of", "tick_label"]
 
 
 def labelled(attn, tokens):

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .labels import AxisLabels, labelled, short_layer_names, shown_label, thinned_positions
+from .labels import AxisLabels, labelled, short_layer_names, thinned_positions, tick_label
 from .._checks import check_heads, non_negative_int, positive_int, positive_number, prepare_output_path
 from .._tensor import as_heads, require_positions, values_of
 from ..errors import AttentionHookerError
@@ -67,17 +67,20 @@ def save_figure(fig, save_path) -> None:
 
 def _label_axes(ax, query_tokens, key_tokens, max_labels: int, show_query: bool, show_key: bool) -> None:
     """Token labels (each cut as :func:`~attention_hooker.views.labels.shown_label` cuts it, at most
-    ``max_labels`` an axis) on the keys below a panel and the queries left of it, where shown."""
+    ``max_labels`` an axis, with their positions where the axis shows only some:
+    :func:`~attention_hooker.views.labels.tick_label`) on the keys below a panel and the queries
+    left of it, where shown."""
     if key_tokens is not None and show_key:
         ticks = thinned_positions(len(key_tokens), max_labels)
         ax.set_xticks(ticks)
-        ax.set_xticklabels([shown_label(key_tokens[i]) for i in ticks], rotation=90, fontsize=7)
+        ax.set_xticklabels([tick_label(key_tokens, i, len(ticks) < len(key_tokens)) for i in ticks], rotation=90,
+                           fontsize=7)
     else:
         ax.set_xticks([])
     if query_tokens is not None and show_query:
         ticks = thinned_positions(len(query_tokens), max_labels)
         ax.set_yticks(ticks)
-        ax.set_yticklabels([shown_label(query_tokens[i]) for i in ticks], fontsize=7)
+        ax.set_yticklabels([tick_label(query_tokens, i, len(ticks) < len(query_tokens)) for i in ticks], fontsize=7)
     else:
         ax.set_yticks([])
     if show_query:

@@ -23,7 +23,7 @@ from ..._checks import one_of, positive_int, prepare_output_path
 from ...selection import selected_rows
 from ..._tensor import as_batched, require_positions, values_of
 from ...errors import AttentionHookerError
-from ..labels import SHOWN_CHARS, AxisLabels, short_layer_names
+from ..labels import SHOWN_CHARS, AxisLabels, positions_of, short_layer_names
 from ..plot import COLOR_SCALES
 from .compare import PageComparison, comparison_meta
 from .long_calls import encode_long_call, is_long
@@ -180,10 +180,17 @@ class _LabelSets:
         """``{"queryTokens", "keyTokens"}`` of a call of ``shape`` ``(batch, heads, query, key)``."""
         if self.labels.per_batch(shape[0]):
             pairs = [self.labels.axes(shape, b) for b in range(shape[0])]
-            return {"queryTokens": [self._carried(q) for q, _ in pairs],
-                    "keyTokens": [self._carried(k) for _, k in pairs]}
-        query, key = self.labels.axes(shape)
-        return {"queryTokens": self._carried(query), "keyTokens": self._carried(key)}
+            entry = {"queryTokens": [self._carried(q) for q, _ in pairs],
+                     "keyTokens": [self._carried(k) for _, k in pairs]}
+        else:
+            pairs = [self.labels.axes(shape)]
+            entry = {"queryTokens": self._carried(pairs[0][0]), "keyTokens": self._carried(pairs[0][1])}
+        # Kept rows or keys (a selection): where each is in the input, for labels of a thinned axis.
+        for name, labels in (("queryPositions", pairs[0][0]), ("keyPositions", pairs[0][1])):
+            positions = None if labels is None else positions_of(labels)
+            if positions is not None:
+                entry[name] = positions
+        return entry
 
 
 class AttentionPage:

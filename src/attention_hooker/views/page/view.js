@@ -501,28 +501,36 @@
     const c = layerCall(state.layer, state.call);
     const [, , Q, K] = c.shape;
     const size = $("ah-matrix").getBoundingClientRect();
-    const place = (box, tokens, n, along, extent) => {
+    // A thinned axis (every step-th label) puts each label's position in the input in front of it.
+    const place = (box, tokens, n, along, extent, at) => {
       box.innerHTML = "";
       const step = Math.max(1, Math.ceil(n / Math.max(1, Math.floor(extent / 14))));
       for (let i = 0; i < n; i += step) {
         const s = document.createElement("span");
-        s.textContent = shortLabel(tokens[i]); s.title = `${i}: ${tokens[i]}`;
+        s.textContent = step > 1 ? `${at(i)} ${shortLabel(tokens[i])}` : shortLabel(tokens[i]);
+        s.title = `${at(i)}: ${tokens[i]}`;
         s.style[along] = `${((i + 0.5) / n) * 100}%`;
         box.appendChild(s);
       }
     };
     let queries = tokensOf(c.queryTokens, Q), keys = tokensOf(c.keyTokens, K), nq = Q, nk = K;
+    const qAt = c.queryPositions || null, kAt = c.keyPositions || null;  // kept rows / keys: their places
+    let qFirst = (i) => i, kFirst = (i) => i;  // axis position -> position along the call's own axis
     if (c.pooled && state.detail) {  // the tokens of the window
       nq = Math.min(WINDOW, Q); nk = Math.min(WINDOW, K);
       queries = queries.slice(state.detail.q0, state.detail.q0 + nq);
       keys = keys.slice(state.detail.k0, state.detail.k0 + nk);
+      const q0 = state.detail.q0, k0 = state.detail.k0;
+      qFirst = (i) => q0 + i; kFirst = (i) => k0 + i;
     } else if (c.pooled) {  // each block by its first token
       [nq, nk] = c.pooled.shape.slice(2);
       queries = Array.from({ length: nq }, (_, i) => queries[blockOf(c, 0, i).first]);
       keys = Array.from({ length: nk }, (_, i) => keys[blockOf(c, 1, i).first]);
+      qFirst = (i) => blockOf(c, 0, i).first; kFirst = (i) => blockOf(c, 1, i).first;
     }
-    place($("ah-matrix-cols"), keys, nk, "left", size.width || 520);
-    place($("ah-matrix-rows"), queries, nq, "top", size.height || 520);
+    const inInput = (first, kept) => (i) => (kept ? kept[first(i)] : first(i));
+    place($("ah-matrix-cols"), keys, nk, "left", size.width || 520, inInput(kFirst, kAt));
+    place($("ah-matrix-rows"), queries, nq, "top", size.height || 520, inInput(qFirst, qAt));
   }
 
   // Compare mode (a page of attention_hooker.compare): the selected head in A, in B (one colour
