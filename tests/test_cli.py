@@ -96,6 +96,7 @@ def test_run_gpt2_generate_shows_the_stitched_causal_matrix(tmp_path, saved_mode
     assert [tuple(s.shape[-2:]) for s in steps] == [(prompt, prompt), (1, prompt + 1), (1, prompt + 2)]
     page = (tmp_path / "g" / "attention.html").read_text()
     assert f'"shape":[1,4,{prompt + 2},{prompt + 2}]' in page  # the stitched matrix is what is shown
+    assert f'"promptLength":{prompt}' in page  # where the prompt ends is marked (issue 26)
     assert _png_ok(tmp_path / "g" / "grids" / "transformer.h.0.attn.png")
 
 

@@ -790,3 +790,48 @@ def test_a_thinned_axis_of_the_page_puts_each_labels_position_in_front_of_it(bro
         assert opened.errors == []
     finally:
         opened.close()
+
+
+def test_a_generation_page_marks_where_the_prompt_ends(browser, tmp_path):
+    """Issue 26: the --generate page did not mark where the prompt ends."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from attention_hooker import stitch_steps
+
+    prompt, new = 6, 4
+    steps = [torch.tril(torch.rand(1, 2, prompt, prompt)).softmax(-1)]
+    steps += [torch.rand(1, 2, 1, prompt + i + 1).softmax(-1) for i in range(new)]
+    tokens = [f"p{i}" for i in range(prompt)] + [f"g{i}" for i in range(new)]
+    page = render_html({"layer": [stitch_steps(steps)]}, tokens=tokens, prompt_length=prompt)
+    opened = _Page(browser, page.save(tmp_path / "generated.html"))
+    try:
+        p = opened.page
+        generated = p.eval_on_selector_all("#ah-matrix-cols span.ah-generated", "s => s.map(x => x.textContent)")
+        assert generated == [f"g{i}" for i in range(new)]
+        assert p.eval_on_selector_all("#ah-matrix-rows span.ah-generated", "s => s.length") == new
+        assert "the prompt is tokens 0-5, 4 generated after it" in p.inner_text("#ah-matrix-caption")
+        # the line lies between the last prompt token's label and the first generated one's, on screen
+        line = p.eval_on_selector("#ah-matrix-cols .ah-prompt-end", "e => e.getBoundingClientRect().left")
+        canvas = p.eval_on_selector("#ah-matrix", "e => { const r = e.getBoundingClientRect(); return [r.left, r.width]; }")
+        assert abs(line - (canvas[0] + canvas[1] * prompt / (prompt + new))) < 3
+        shot = np.asarray(Image.open(io.BytesIO(p.locator("#ah-matrix-cols").screenshot())).convert("RGB"))
+        assert (np.abs(shot.astype(int) - (180, 83, 9)).sum(-1) < 40).any(), "the line is drawn"
+        assert opened.errors == []
+    finally:
+        opened.close()
+    with pytest.raises(AttentionHookerError, match="prompt_length"):
+        render_html({"layer": [stitch_steps(steps)]}, prompt_length=0)
+
+
+def test_the_grid_of_a_generation_draws_a_line_where_the_prompt_ends():
+    from attention_hooker import plot_attention_grid
+
+    fig = plot_attention_grid(torch.rand(1, 2, 10, 10).softmax(-1), prompt_length=6)
+    lines = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert sorted(tuple(line.get_xdata()) + tuple(line.get_ydata()) for line in lines) == \
+        sorted([(5.5, 5.5, 0, 1), (0, 1, 5.5, 5.5)])
+    with pytest.raises(AttentionHookerError, match="prompt_length=11 is more than the 10 keys"):
+        plot_attention_grid(torch.rand(1, 2, 10, 10).softmax(-1), prompt_length=11)

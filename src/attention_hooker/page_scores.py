@@ -88,6 +88,7 @@ def render_html(
     top_keys: int = 8,
     head_scores: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
     color_scale: str = "linear",
+    prompt_length: Optional[int] = None,
     words=None,
     units: str = "tokens",
 ) -> AttentionPage:
@@ -145,6 +146,9 @@ def render_html(
             name: one number per head}}`` (NaN where a score does not apply).
         color_scale: the colour scale the page opens in: ``"linear"``, ``"sqrt"`` or ``"log"``
             (as the plots' ``color_scale``; the page's "colour" selector changes it).
+        prompt_length: generation (``stitch_steps``): the first ``prompt_length`` tokens are the
+            prompt, the rest generated. The page draws a line where the prompt ends beside the
+            matrix, sets the generated tokens' labels apart, and its caption says how many of each.
         words: the same capture between words, :func:`~attention_hooker.to_words` of it (with the
             same ``layers``): the page carries both, and its "units" selector switches between
             tokens and words (every view: overview, head view, matrix). ``render_html(words)``
@@ -177,7 +181,8 @@ def render_html(
     return render_page(source, tokens, query_tokens=query_tokens, key_tokens=key_tokens, layers=layers,
                        title=title, compression_level=compression_level, pool_above=pool_above,
                        pool_size=pool_size, top_keys=top_keys, head_scores=head_scores,
-                       scores=page_scores(source, layers=layers), color_scale=color_scale, words=words,
+                       scores=page_scores(source, layers=layers), color_scale=color_scale,
+                       prompt_length=prompt_length, words=words,
                        word_scores=None if words is None else page_scores(words, layers=layers), units=units)
 
 

@@ -64,6 +64,7 @@ class Capture:
     pooled_from: Optional[int] = None  # with --pool/--stream: the tokens the pooled maps cover
     image: object = None  # vision models: (the image as the model saw it (H, W, 3), prefix tokens)
     encoding: object = None  # the tokenizer's encoding of the text (its word ids, for --words)
+    prompt_length: Optional[int] = None  # --generate: the prompt's tokens (the rest were generated)
 
 
 def check_words_options(*, image=None, generate: int = 0, long_context=None) -> None:
@@ -210,7 +211,8 @@ def _capture_generation(loaded: LoadedModel, hooker, enc, generate: int) -> Capt
     length = next(iter(stitched.values()))[0].shape[-1]
     tokens = token_labels(tokenizer, out[0][:length])
     text_out = tokenizer.decode(out[0], skip_special_tokens=True)
-    return Capture(stitched, [tokens], hooker, generated_text=text_out, raw_values=dict(hooker.values))
+    return Capture(stitched, [tokens], hooker, generated_text=text_out, raw_values=dict(hooker.values),
+                   prompt_length=enc["input_ids"].shape[-1])
 
 
 def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, pool, stream, overwrite,

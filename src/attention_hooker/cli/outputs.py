@@ -74,7 +74,7 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
         q_tokens, k_tokens = labels.axes(tuple(weights.shape))
         path = grids_dir / f"{_safe_name(name)}.png"
         fig = plot_attention_grid(weights, query_tokens=q_tokens, key_tokens=k_tokens, layer_name=name, save_path=path,
-                                  color_scale=color_scale)
+                                  color_scale=color_scale, prompt_length=capture.prompt_length)
         fig.clear()
         written.append(path)
     overview = out / "overview.png"
@@ -91,7 +91,7 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
         plot_vit_attention(attention_rollout(capture.values), image, prefix_tokens=prefix, heads=None,
                            title=f"{title}: attention rollout from CLS", save_path=rollout_path).clear()
     page = render_html(capture.values, tokens=capture.tokens, query_tokens=capture.query_tokens,
-                       title=title, color_scale=color_scale, words=words,
+                       title=title, color_scale=color_scale, words=words, prompt_length=capture.prompt_length,
                        units="tokens" if words is None else "words").save(out / "attention.html")
     return {"grids": written, "overview": overview, "page": Path(page), "grids_skipped": not grids,
             "rollout": rollout_path, "words": words}

@@ -124,6 +124,7 @@ def plot_attention_grid(
     panel_size: float = 2.8,
     color_scale: str = "linear",
     vmax: Optional[float] = None,
+    prompt_length: Optional[int] = None,
 ):
     """One heatmap per head of one layer, on one shared colour scale.
 
@@ -149,13 +150,15 @@ def plot_attention_grid(
             where most weights are near 0, stop being a black square) or ``"log"``
             (down to 1e-4 of the largest weight); the colour bar says which.
         vmax: the weight drawn brightest (default: the largest one shown).
+        prompt_length: generation: the prompt's tokens, the rest generated; a dashed line
+            marks where the prompt ends, on each axis that is the whole sequence.
 
     Returns:
         The ``matplotlib.figure.Figure``.
 
     Raises:
-        AttentionHookerError: on a wrong shape, token count, head index, colour scale
-            or vmax.
+        AttentionHookerError: on a wrong shape, token count, head index, colour scale,
+            vmax or prompt_length.
 
     Example:
         >>> import torch
@@ -170,6 +173,9 @@ def plot_attention_grid(
     n_heads, n_query, n_key = weights.shape
     heads = list(range(n_heads)) if heads is None else list(check_heads(heads, n_heads, "the attention"))
     max_labels = positive_int(max_labels, "max_labels")
+    prompt_length = positive_int(prompt_length, "prompt_length", allow_none=True)
+    if prompt_length is not None and prompt_length > n_key:
+        raise AttentionHookerError(f"prompt_length={prompt_length} is more than the {n_key} keys of the attention")
     ncols = positive_int(ncols, "ncols", allow_none=True)
     panel_size = positive_number(panel_size, "panel_size")
     colormap = colormap_named(cmap)
@@ -187,6 +193,7 @@ def plot_attention_grid(
             ax.set_axis_off()
             continue
         image = _draw_head(ax, weights[heads[slot]], heads[slot], colormap, norm)
+        _mark_prompt(ax, prompt_length, n_query, n_key)
         bottom = slot + ncols >= len(heads)  # nothing drawn below this panel
         _label_axes(ax, query_tokens, key_tokens, max_labels, show_query=slot % ncols == 0, show_key=bottom)
     fig.colorbar(image, ax=axes, shrink=0.8, label=_weight_label(color_scale))
@@ -208,6 +215,17 @@ def _grid_norm(shown: np.ndarray, color_scale: str, vmax: Optional[float]):
         vmax = positive_number(vmax, "vmax")
     vmin = min(0.0, float(shown[finite].min())) if finite.any() else 0.0
     return color_norm(color_scale, vmin, vmax)
+
+
+def _mark_prompt(ax, prompt_length: Optional[int], n_query: int, n_key: int) -> None:
+    """A dashed line after the prompt's last token, across the keys (and across the queries when
+    they are the whole sequence too): generated tokens lie right of it and below it."""
+    if prompt_length is None or prompt_length >= n_key:
+        return
+    style = dict(color="white", linestyle="--", linewidth=0.8, alpha=0.9)
+    ax.axvline(prompt_length - 0.5, **style)
+    if n_query == n_key:
+        ax.axhline(prompt_length - 0.5, **style)
 
 
 def _draw_head(ax, panel: np.ndarray, head: int, colormap, norm):

@@ -251,6 +251,7 @@ def render_html(
     head_scores: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
     scores: Optional[PageScores] = None,
     color_scale: str = "linear",
+    prompt_length: Optional[int] = None,
     compare: Optional[PageComparison] = None,
     words=None,
     word_scores: Optional[PageScores] = None,
@@ -267,6 +268,8 @@ def render_html(
         scores: per-head scores of each call to colour the overview by (:data:`PageScores`):
             ``{layer name: [{score name: (batch, heads) numbers} per call]}``; none by default.
         color_scale: the colour scale the page opens in (as in :func:`attention_hooker.render_html`).
+        prompt_length: generation: how many of the tokens are the prompt (as in
+            :func:`attention_hooker.render_html`).
         compare: the page's compare mode (:data:`~attention_hooker.views.page.compare.PageComparison`):
             B's calls beside these (A's, one per layer); the page then shows A, B and A - B.
         words: the same capture between words (``to_words``), carried beside the tokens; the
@@ -295,6 +298,7 @@ def render_html(
     pool_above, pool_size = positive_int(pool_above, "pool_above"), positive_int(pool_size, "pool_size")
     top_keys = positive_int(top_keys, "top_keys")
     color_scale = one_of(color_scale, "color_scale", COLOR_SCALES)
+    prompt_length = positive_int(prompt_length, "prompt_length", allow_none=True)
     units = one_of(units, "units", ("tokens", "words"))
     if units == "words" and words is None:
         raise AttentionHookerError("units='words' opens the page on words: pass words=to_words(capture, word_ids) too")
@@ -316,6 +320,8 @@ def render_html(
     title = _page_text(title or "Attention")
     if word_meta is not None:
         extra.update({"words": {"layers": word_meta}, "units": units})
+    if prompt_length is not None:  # generation: the tokens from here on were generated
+        extra["promptLength"] = prompt_length
     return AttentionPage(_document(title, layer_meta, calls, compression_level, color_scale, extra), title)
 
 

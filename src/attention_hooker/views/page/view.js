@@ -285,7 +285,9 @@
     $("ah-legend-max").textContent = m.scale.toPrecision(3);
     if (!m.pooled) {
       paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 1024), Math.min(m.Q, 1024), maskedKeys(m.c));
-      $("ah-matrix-caption").textContent = `${name}, head ${state.head}: ${m.Q} queries x ${m.K} keys`;
+      $("ah-matrix-caption").textContent = `${name}, head ${state.head}: ${m.Q} queries x ${m.K} keys` +
+        (meta.promptLength != null && meta.promptLength < m.K
+          ? `; the prompt is tokens 0-${meta.promptLength - 1}, ${m.K - meta.promptLength} generated after it` : "");
       return;
     }
     const k = m.c.top.k;
@@ -502,13 +504,26 @@
     const [, , Q, K] = c.shape;
     const size = $("ah-matrix").getBoundingClientRect();
     // A thinned axis (every step-th label) puts each label's position in the input in front of it.
+    // Generation (meta.promptLength): generated tokens' labels set apart, a line where the prompt ends.
+    const prompt = meta.promptLength;
     const place = (box, tokens, n, along, extent, at) => {
       box.innerHTML = "";
       const step = Math.max(1, Math.ceil(n / Math.max(1, Math.floor(extent / 14))));
+      if (prompt != null) {
+        let first = 0;
+        while (first < n && at(first) < prompt) first++;
+        if (first > 0 && first < n) {
+          const line = document.createElement("i");
+          line.className = "ah-prompt-end"; line.title = `the prompt ends here: ${prompt} tokens, then generated`;
+          line.style[along] = `${(first / n) * 100}%`;
+          box.appendChild(line);
+        }
+      }
       for (let i = 0; i < n; i += step) {
         const s = document.createElement("span");
         s.textContent = step > 1 ? `${at(i)} ${shortLabel(tokens[i])}` : shortLabel(tokens[i]);
         s.title = `${at(i)}: ${tokens[i]}`;
+        if (prompt != null && at(i) >= prompt) { s.classList.add("ah-generated"); s.title += " (generated)"; }
         s.style[along] = `${((i + 0.5) / n) * 100}%`;
         box.appendChild(s);
       }
