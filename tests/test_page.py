@@ -15,7 +15,7 @@ from torch import nn
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker, render_html
 from attention_hooker._blocks import block_edges
-from attention_hooker.views.page import decode_weights, encode_weights
+from attention_hooker.views.page import RELATIVE_ERROR, decode_weights, encode_weights
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -86,9 +86,11 @@ def test_page_is_one_self_contained_file_without_network_references(minilm_page)
     assert len(blob) == meta["bytes"] == 6 * 12 * len(tokens) ** 2
 
 
-def test_payload_decodes_to_the_weights_within_the_quantisation_step(minilm_page):
+def test_payload_decodes_to_the_weights_within_the_stated_relative_error(minilm_page):
+    """Issue 26: the codes are log-spaced, each weight from 1e-6 of its head's largest up within 2.8%."""
     hooker, _, page, _ = minilm_page
     meta, blob = _payload(page.html)
+    assert meta["encoding"]["relativeError"] == pytest.approx(RELATIVE_ERROR, abs=1e-5) and RELATIVE_ERROR < 0.028
     for layer_meta, (name, calls) in zip(meta["layers"], hooker.values.items()):
         assert layer_meta["name"] == name
         call = layer_meta["calls"][0]
@@ -96,8 +98,10 @@ def test_payload_decodes_to_the_weights_within_the_quantisation_step(minilm_page
         codes = torch.frombuffer(bytearray(blob[call["offset"] : call["offset"] + b * h * q * k]), dtype=torch.uint8)
         scales = torch.tensor(call["scales"]).view(b, h)
         decoded = decode_weights(codes.view(b, h, q, k), scales)
-        step = scales.max().item() / 254
-        torch.testing.assert_close(decoded, calls[0], atol=step / 2 + 1e-7, rtol=0)
+        floor = scales[..., None, None] * 1e-6
+        kept = calls[0] >= floor
+        torch.testing.assert_close(decoded[kept], calls[0][kept], rtol=RELATIVE_ERROR * 1.0001, atol=0)
+        assert (decoded[~kept] <= floor.expand_as(decoded)[~kept] * 1.0001).all(), "smaller ones read as the floor"
 
 
 def test_encoding_marks_non_finite_weights():
@@ -427,7 +431,8 @@ def test_a_2000_token_page_shows_the_pooled_map_and_the_tokens_of_a_clicked_bloc
         readout = p.inner_text("#ah-readout")
         block = weights[0, 0, 782:790, 290:297]
         assert readout.startswith('queries 782-789 "w782"... -> keys 290-296 "w290"...: largest ~')
-        assert abs(float(readout.split("~")[1]) - block.max().item()) <= scales[0, 0].item() / 254
+        # log codes: within 2.8% (RELATIVE_ERROR), shown in 3 significant digits
+        assert float(readout.split("~")[1]) == pytest.approx(block.max().item(), rel=RELATIVE_ERROR + 0.005)
         p.mouse.click(*at(*cell, blocks))
         caption = p.inner_text("#ah-matrix-caption")
         q0, k0 = 782 + 4 - 32, 290 + 3 - 32
@@ -484,20 +489,23 @@ def test_the_largest_weights_of_a_long_causal_row_read_as_themselves_not_as_zero
     assert view.errors == []
 
 
-def test_a_weight_below_the_heads_quantisation_step_reads_as_below_it_not_as_zero(browser, tmp_path):
-    weights = torch.full((1, 1, 4, 4), 0.001)
-    weights[..., 0] = 0.997
+def test_a_weight_below_the_codes_floor_reads_as_below_it_not_as_zero(browser, tmp_path):
+    """Issue 26: 0.001 next to 0.997 read "below 0.0020" (8-bit linear codes); now it reads as itself,
+    and only a weight under 1e-6 of the head's largest reads "below"."""
+    weights = torch.tensor([[[[0.997, 0.001, 1e-5, 1e-9]]]]).expand(1, 1, 4, 4)
     view = _Page(browser, render_html({"layer": [weights]}).save(tmp_path / "small.html"))
     try:
         box = view.page.locator("#ah-matrix").bounding_box()
-        view.page.mouse.move(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.1)
-        small = view.page.inner_text("#ah-readout")
-        view.page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.1)
-        large = view.page.inner_text("#ah-readout")
+        read = []
+        for key in range(4):
+            view.page.mouse.move(box["x"] + box["width"] * (key + 0.5) / 4, box["y"] + box["height"] * 0.1)
+            read.append(view.page.inner_text("#ah-readout"))
     finally:
         view.close()
-    assert small == 'query 0 "0" -> key 3 "3": below 0.0020', "0.001 is under half a step (0.997 / 508)"
-    assert large == 'query 0 "0" -> key 0 "0": ~0.997'
+    values = [float(r.split("~")[1]) for r in read[:3]]
+    assert read[0] == 'query 0 "0" -> key 0 "0": ~0.997'
+    assert values == pytest.approx([0.997, 0.001, 1e-5], rel=RELATIVE_ERROR + 0.005) and "e-6" in read[2]
+    assert read[3] == 'query 0 "0" -> key 3 "3": below 1.0e-6', "1e-9 is under 1e-6 of the largest"
 
 
 # ------------------------------------------------------------------ the overview coloured by a score per head

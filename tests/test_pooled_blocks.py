@@ -11,7 +11,7 @@ import torch
 from attention_hooker import PooledAttention
 from attention_hooker._blocks import block_count, block_edges, block_of
 from attention_hooker.keep.pooling import block_labels
-from attention_hooker.views.page import NONFINITE_CODE, encode_weights, render_html
+from attention_hooker.views.page import NONFINITE_CODE, RELATIVE_ERROR, encode_weights, render_html
 from test_page import _long_arrays, _Page, _payload, browser  # noqa: F401 (browser: the headless Chromium fixture)
 
 # (L, size): shorter than size, equal, one longer, prime lengths, size dividing L, and the page's defaults.
@@ -143,9 +143,10 @@ def test_the_pages_readout_click_and_labels_use_the_shared_block_edges(browser, 
             readout = _hover(p, box, i, j, rows, cols)
             assert readout.startswith(f'queries {qe[i]}-{qe[i + 1] - 1} "q{qe[i]}"... -> keys {ke[j]}-{ke[j + 1] - 1}'
                                       f' "k{ke[j]}"...: largest '), (i, j, readout)
-            value = readout.split("largest ")[1]  # PooledAttention's maximum of the same block, to the code's step
+            value = readout.split("largest ")[1]  # PooledAttention's maximum of the same block, to the code's error
             read = 0.0 if value.startswith("below") else float(value.lstrip("~"))
-            assert abs(read - kept[i, j].item()) <= scale / 254, (i, j, readout, kept[i, j])
+            assert read == pytest.approx(kept[i, j].item(), rel=RELATIVE_ERROR + 0.005, abs=scale * 1e-6), \
+                (i, j, readout, kept[i, j])
         widths = lambda e: {b - a for a, b in zip(e, e[1:])}
         caption = p.inner_text("#ah-matrix-caption")
         shown = lambda e: str(min(widths(e))) if len(widths(e)) == 1 else f"{min(widths(e))}-{max(widths(e))}"

@@ -8,7 +8,8 @@ above the views, and handed to it; ``attention_hooker.render_html`` is this func
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import math
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -20,7 +21,10 @@ from .errors import AttentionHookerError
 from .views.page import AttentionPage, PageScores
 from .views.page import render_html as render_page
 
-__all__ = ["render_html", "page_scores", "call_scores"]
+__all__ = ["render_html", "page_scores", "call_scores", "SHARE_SCORES"]
+
+SHARE_SCORES = ("first-token share", "confidence", "previous token")
+"""The page's own scores that are shares of a row's attention: bounded in [0, 1], coloured on [0, 1]."""
 
 
 def call_scores(weights: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -74,6 +78,25 @@ def _scored(weights) -> Dict[str, torch.Tensor]:
     return {} if 0 in tuple(weights.shape)[-2:] else call_scores(weights)
 
 
+def _own_score_meta(source, layers, scores: PageScores):
+    """The ranges of the page's own scores that it carries (shares on [0, 1]; entropy on [0, ln keys]
+    for the most keys of any scored call), and why previous token is missing where a call is not
+    square: ``({score: (low, high)}, {score: why})``."""
+    carried, keys, square, cross = set(), 1, False, False
+    values = values_of(source, layers=layers) if scores else {}
+    for name, calls in scores.items():
+        for call, weights in zip(calls, values.get(name, ())):
+            if call:
+                carried.update(call)
+                keys = max(keys, int(weights.shape[-1]))
+                square, cross = square or "previous token" in call, cross or "previous token" not in call
+    ranges = {name: (0.0, 1.0) for name in SHARE_SCORES if name in carried}
+    if "entropy (nats)" in carried and keys > 1:
+        ranges["entropy (nats)"] = (0.0, math.log(keys))  # 0: one key; ln(keys): uniform over the keys
+    notes = {"previous token": "self-attention only (as many queries as keys)"} if square and cross else {}
+    return ranges, notes
+
+
 def render_html(
     source,
     tokens: Optional[Sequence] = None,
@@ -87,7 +110,10 @@ def render_html(
     pool_size: int = 256,
     top_keys: int = 8,
     head_scores: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
-    color_scale: str = "linear",
+    color_scale: Optional[str] = None,
+    score_ranges: Optional[Mapping[str, Sequence[float]]] = None,
+    not_applicable: Optional[Mapping[str, str]] = None,
+    color_by: Optional[str] = None,
     prompt_length: Optional[int] = None,
     words=None,
     units: str = "tokens",
@@ -114,7 +140,17 @@ def render_html(
     first-token share, confidence, entropy and (self-attention) previous-token
     score of every call and batch item (computed here, by :func:`page_scores`,
     and given to the page, which computes none); ``head_scores`` adds others
-    (importance, retrieval, ... from ``attention-hooker heads``).
+    (importance, retrieval, ... from ``attention-hooker heads``). A score is
+    coloured on its range: the shares (first-token share, confidence, previous
+    token) on [0, 1], entropy on [0, ln keys], a given score on ``score_ranges``
+    where given, else on the heads' own range, which the legend says.
+
+    The weights travel as 8-bit codes on a log scale, six decades below each
+    head's largest weight, each within 2.8% of the captured weight
+    (:func:`attention_hooker.views.page.encode_weights`): 1e-5 and 1.0 are both
+    shown, and the page opens in the log colour scale, in which a 4,000-token
+    causal head shows its structure in every row. "brightest" colours each
+    query's largest weight brightest instead of the head's.
 
     Text the page carries (title, tokens, layer and score names) can always be
     saved: a lone surrogate becomes U+FFFD, and a text past 1,000 characters is
@@ -145,7 +181,14 @@ def render_html(
         head_scores: more scores to colour the overview by: ``{score name: {layer
             name: one number per head}}`` (NaN where a score does not apply).
         color_scale: the colour scale the page opens in: ``"linear"``, ``"sqrt"`` or ``"log"``
-            (as the plots' ``color_scale``; the page's "colour" selector changes it).
+            (as the plots' ``color_scale``; the page's "colour" selector changes it); by
+            default ``"log"`` (six decades: the small weights of long inputs show).
+        score_ranges: ``{score name: (low, high)}``: the range a score is coloured on
+            (``(0, 1)`` for a share); a score without one is coloured on the heads' own.
+        not_applicable: ``{score name: why}``: the sentence the page shows where a head
+            has no value of the score (``head_scores`` NaN), e.g. ``{"importance": "needs
+            a language-model loss"}``.
+        color_by: the score the overview opens coloured by (default: the maps).
         prompt_length: generation (``stitch_steps``): the first ``prompt_length`` tokens are the
             prompt, the rest generated. The page draws a line where the prompt ends beside the
             matrix, sets the generated tokens' labels apart, and its caption says how many of each.
@@ -164,7 +207,9 @@ def render_html(
             that is not a string, a compression level outside 0..9, or a
             ``pool_above``, ``pool_size`` or ``top_keys`` that is not a positive int,
             or ``head_scores`` naming an unknown layer or giving a layer the wrong
-            number of heads; ``words`` that lack a layer shown, or ``units="words"`` without them.
+            number of heads; ``words`` that lack a layer shown, or ``units="words"`` without them;
+            ``score_ranges``, ``not_applicable`` or ``color_by`` naming a score the page does not
+            carry (or a range that is not ``low < high``).
 
     Example:
         >>> page = render_html({"layer": [torch.rand(1, 2, 3, 3).softmax(-1)]}, tokens=["a", "b", "c"])
@@ -178,10 +223,13 @@ def render_html(
                                 title=title, compression_level=compression_level, pool_above=pool_above,
                                 pool_size=pool_size, top_keys=top_keys, head_scores=head_scores,
                                 color_scale=color_scale)
+    scores = page_scores(source, layers=layers)
+    ranges, notes = _own_score_meta(source, layers, scores)
     return render_page(source, tokens, query_tokens=query_tokens, key_tokens=key_tokens, layers=layers,
                        title=title, compression_level=compression_level, pool_above=pool_above,
                        pool_size=pool_size, top_keys=top_keys, head_scores=head_scores,
-                       scores=page_scores(source, layers=layers), color_scale=color_scale,
+                       scores=scores, color_scale=color_scale, score_ranges={**ranges, **(score_ranges or {})},
+                       not_applicable={**notes, **(not_applicable or {})}, color_by=color_by,
                        prompt_length=prompt_length, words=words,
                        word_scores=None if words is None else page_scores(words, layers=layers), units=units)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 import torch
 from ..errors import CommandError
 from .capture_runs import Capture
@@ -47,9 +47,11 @@ def _safe_name(layer: str) -> str:
 
 
 def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, progress_stream=None,
-                  color_scale: str = "linear", words=None) -> Dict[str, object]:
+                  color_scale: Optional[str] = None, words=None) -> Dict[str, object]:
     """Writes per-layer head grids (unless ``grids=False``), the overview and the page into
     ``out``, showing progress over the grids on ``progress_stream`` (stderr); returns the paths.
+    ``color_scale`` colours the pictures and the page; by default the pictures are linear and the
+    page opens in its own default (log: the small weights of long inputs show).
     With ``words`` (``to_words`` of the capture) the pictures are by words, and the page opens on
     the words (it carries the tokens too)."""
     from .console import progress
@@ -64,6 +66,7 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
         for stale in grids_dir.glob("*.png"):
             stale.unlink()
     written = []
+    pictures_scale = color_scale or "linear"
     shown = capture.values if words is None else words
     labels = AxisLabels(capture.tokens if words is None else words.tokens,  # the page's rule, layer by layer
                         query_tokens=capture.query_tokens)
@@ -74,13 +77,13 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
         q_tokens, k_tokens = labels.axes(tuple(weights.shape))
         path = grids_dir / f"{_safe_name(name)}.png"
         fig = plot_attention_grid(weights, query_tokens=q_tokens, key_tokens=k_tokens, layer_name=name, save_path=path,
-                                  color_scale=color_scale, prompt_length=capture.prompt_length)
+                                  color_scale=pictures_scale, prompt_length=capture.prompt_length)
         fig.clear()
         written.append(path)
     overview = out / "overview.png"
     plot_attention_overview(shown, title=f"{title}: layers x heads" + ("" if words is None else " (words)"),
                             save_path=overview,
-                            color_scale=color_scale).clear()
+                            color_scale=pictures_scale).clear()
     rollout_path = None
     if capture.image is not None:  # vision: what the CLS token attends to, through every layer, on the image
         from ..analysis.rollout import attention_rollout

@@ -11,7 +11,7 @@ __all__ = ["demo", "run"]
 
 
 def _run_capture(model_path, text, *, out, layers=None, target=None, generate=0, save=None, title=None,
-                 long_context=None, device=None, dtype=None, grids=True, color_scale="linear", image=None,
+                 long_context=None, device=None, dtype=None, grids=True, color_scale=None, image=None,
                  words=False) -> None:
     from . import workflows
 

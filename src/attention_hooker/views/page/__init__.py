@@ -1,9 +1,10 @@
 """The offline interactive page: one self-contained HTML file.
 
-The weights travel as one compressed binary payload (8-bit codes on a
-linear scale per head, zlib, base64); ``view.js`` and ``view.css`` are
-real files of this package, inlined when the page is rendered. Nothing is
-fetched: no CDN, no fonts, no network.
+The weights travel as one compressed binary payload (8-bit codes on a log
+scale per head, zlib, base64: :func:`encode_weights` says the code and its
+error bound); ``view.js`` and ``view.css`` are real files of this package,
+inlined when the page is rendered. Nothing is fetched: no CDN, no fonts, no
+network.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..labels import SHOWN_CHARS, AxisLabels, positions_of, short_layer_names
 from ..plot import COLOR_SCALES
 from .compare import PageComparison, comparison_meta
 from .long_calls import encode_long_call, is_long
+from .score_meta import score_meta
 
 __all__ = ["render_html", "AttentionPage", "PageScores", "encode_weights", "decode_weights"]
 
@@ -37,6 +39,9 @@ heads) numbers} per call]}`` (a tensor or nested lists; a layer or call left out
 _PLACEHOLDER = re.compile(r"__TITLE__|__META__|__PAYLOAD__|/\*__CSS__\*/|/\*__JS__\*/")
 NONFINITE_CODE = 255
 _TOP_CODE = 254
+LOG_DECADES = 6  # codes 1..254 span the decades from 1e-6 of a head's largest weight up to it
+_STEPS = _TOP_CODE - 1  # 253 log steps from code 1 (the floor) to code 254 (the head's largest)
+RELATIVE_ERROR = 10 ** (LOG_DECADES / (2 * _STEPS)) - 1  # half a step: 0.0277, the codes' error bound
 _TEXT_LIMIT = 1000  # the most characters of any one text the page carries (a label, a name, the title)
 
 
@@ -62,17 +67,31 @@ def _page_text(text: str) -> str:
 def encode_weights(weights: torch.Tensor):
     """``(batch, heads, query, key)`` -> ``(uint8 codes, per-(batch, head) scales)``.
 
-    ``code = round(254 * w / scale)`` with ``scale`` the largest finite weight of
-    that head; 255 marks a non-finite weight. ``decode_weights`` inverts it to
-    within ``scale / 508``. (A linear code compresses to well under half the size
-    of a square-root one on real attention, whose weights are mostly tiny.)
+    The code of a weight ``w`` is on a log scale below its head's largest finite weight
+    (``scale``): ``code = round(254 + 253 * log10(w / scale) / 6)``, so that 254 is the head's
+    largest and each step down is a factor of ``10 ** (6 / 253)`` (2.3%); 1 is ``scale * 1e-6``
+    and every smaller positive weight; 0 is exactly 0 (a negative weight reads 0 too); 255
+    marks a non-finite weight. ``decode_weights`` inverts it to within 2.8% of the weight
+    (:data:`RELATIVE_ERROR`, half a step) for every weight from ``scale * 1e-6`` up; one below
+    that decodes as ``scale * 1e-6``.
+
+    Six decades in 8 bits: at long context a causal head's largest weight is 1.0 (its first
+    token on itself) while a late row's are 1e-3 to 1e-5; a linear code read them all as 0.
+    (The page was 8-bit linear before: within ``scale / 508`` absolutely, blind below it.)
+
+    Example:
+        >>> codes, scales = encode_weights(torch.tensor([[[[1.0, 1e-5, 0.0]]]]))
+        >>> codes.tolist(), round(decode_weights(codes, scales)[0, 0, 0, 1].item() / 1e-5, 2)
+        ([[[[254, 43, 0]]]], 0.99)
     """
     w = weights.detach().to("cpu", torch.float32)  # (B, H, Q, K)
     finite = torch.isfinite(w)
-    clean = torch.where(finite, w, torch.zeros((), dtype=w.dtype))
-    scales = clean.abs().amax(dim=(-2, -1))  # (B, H)
+    clean = torch.where(finite, w, torch.zeros((), dtype=w.dtype)).clamp_(min=0)
+    scales = clean.amax(dim=(-2, -1))  # (B, H)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))[..., None, None]
-    codes = (clean.clamp(min=0) / safe).mul_(_TOP_CODE).round_().to(torch.uint8)
+    positive = clean > 0
+    codes = clean.div_(safe).log10_().mul_(_STEPS / LOG_DECADES).add_(_TOP_CODE).round_().clamp_(1, _TOP_CODE)
+    codes = codes.to(torch.uint8).mul_(positive)  # 0 where the weight is 0
     codes[~finite] = NONFINITE_CODE
     return codes, scales
 
@@ -86,8 +105,10 @@ def _masked_keys(weights: torch.Tensor) -> List[List[int]]:
 
 
 def decode_weights(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The page's decoding, in torch: ``scale * code / 254``; NaN for code 255."""
-    w = (codes.float() / _TOP_CODE) * scales[..., None, None]
+    """The page's decoding, in torch: ``scale * 10 ** (6 * (code - 254) / 253)``; 0 for code 0,
+    NaN for code 255 (``codes`` ``(batch, heads, query, key)``, ``scales`` ``(batch, heads)``)."""
+    w = torch.pow(10.0, (codes.double() - _TOP_CODE) * (LOG_DECADES / _STEPS)) * scales.double()[..., None, None]
+    w = torch.where(codes == 0, torch.zeros_like(w), w).float()
     return torch.where(codes == NONFINITE_CODE, torch.full_like(w, float("nan")), w)
 
 
@@ -250,7 +271,10 @@ def render_html(
     top_keys: int = 8,
     head_scores: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
     scores: Optional[PageScores] = None,
-    color_scale: str = "linear",
+    color_scale: Optional[str] = None,
+    score_ranges: Optional[Mapping[str, Sequence[float]]] = None,
+    not_applicable: Optional[Mapping[str, str]] = None,
+    color_by: Optional[str] = None,
     prompt_length: Optional[int] = None,
     compare: Optional[PageComparison] = None,
     words=None,
@@ -267,7 +291,7 @@ def render_html(
             tokens go on the axes by :class:`~attention_hooker.views.labels.AxisLabels`.
         scores: per-head scores of each call to colour the overview by (:data:`PageScores`):
             ``{layer name: [{score name: (batch, heads) numbers} per call]}``; none by default.
-        color_scale: the colour scale the page opens in (as in :func:`attention_hooker.render_html`).
+        color_scale, score_ranges, not_applicable, color_by: as in :func:`attention_hooker.render_html`.
         prompt_length: generation: how many of the tokens are the prompt (as in
             :func:`attention_hooker.render_html`).
         compare: the page's compare mode (:data:`~attention_hooker.views.page.compare.PageComparison`):
@@ -297,7 +321,7 @@ def render_html(
         raise AttentionHookerError(f"compression_level={compression_level!r} must be an int in 0..9 (zlib's levels)")
     pool_above, pool_size = positive_int(pool_above, "pool_above"), positive_int(pool_size, "pool_size")
     top_keys = positive_int(top_keys, "top_keys")
-    color_scale = one_of(color_scale, "color_scale", COLOR_SCALES)
+    color_scale = "log" if color_scale is None else one_of(color_scale, "color_scale", COLOR_SCALES)
     prompt_length = positive_int(prompt_length, "prompt_length", allow_none=True)
     units = one_of(units, "units", ("tokens", "words"))
     if units == "words" and words is None:
@@ -312,6 +336,7 @@ def render_html(
         for layer in extra["compare"]["layers"]:
             layer["name"], layer["short"] = _page_text(layer["name"]), _page_text(layer["short"])
     word_meta = None if words is None else _word_layers(words, layer_meta, word_scores, calls)
+    about = score_meta(layer_meta, score_ranges, not_applicable, color_by, _page_text)
     for layer, short in zip(layer_meta, short_layer_names([layer["name"] for layer in layer_meta])):
         layer["short"] = _page_text(short)  # row labels and the layer selector; the full name on hover
         layer["name"] = _page_text(layer["name"])
@@ -322,6 +347,7 @@ def render_html(
         extra.update({"words": {"layers": word_meta}, "units": units})
     if prompt_length is not None:  # generation: the tokens from here on were generated
         extra["promptLength"] = prompt_length
+    extra.update(about)  # scoreRanges, scoreNotes, colourBy (score_meta)
     return AttentionPage(_document(title, layer_meta, calls, compression_level, color_scale, extra), title)
 
 
@@ -425,7 +451,8 @@ def _document(title: str, layer_meta: list, calls: _PageCalls, compression_level
         "layers": layer_meta,
         "tokenSets": calls.labels.sets,
         "labelChars": SHOWN_CHARS,
-        "encoding": {"top": _TOP_CODE, "nonfinite": NONFINITE_CODE, "scale": "linear"},
+        "encoding": {"top": _TOP_CODE, "nonfinite": NONFINITE_CODE, "scale": "log", "decades": LOG_DECADES,
+                     "relativeError": round(RELATIVE_ERROR, 5)},  # encode_weights
         "bytes": calls.payload.size,
     }
     payload = base64.b64encode(zlib.compress(calls.payload.join(), compression_level)).decode("ascii")

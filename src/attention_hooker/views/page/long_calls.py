@@ -15,11 +15,11 @@ travels instead as
   weights, and the share of the row's attention they hold, so that a click on a block shows the
   tokens inside it, and the head view lists where each query looks.
 
-The pooled map and the colours are 8-bit codes on the head's own linear scale
-(:func:`attention_hooker.views.page.encode_weights`: within ``scale / 508`` of the captured weight). The
-largest weights also travel as float16 (3 significant digits): at long context a row's weights are
-small next to the head's largest (1.0 on the first row of a causal head), and 8 bits would read
-them all as 0.
+The pooled map and the colours are 8-bit codes on a log scale under the head's largest weight
+(:func:`attention_hooker.views.page.encode_weights`: six decades, each weight from 1e-6 of the head's
+largest up within 2.8%), so that a late row of a causal head, whose weights are 1e-3 to 1e-5 next to
+the head's 1.0 (its first row), shows. The largest weights also travel as float16 (3 significant
+digits), for reading.
 """
 
 from __future__ import annotations

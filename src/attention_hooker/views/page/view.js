@@ -12,16 +12,32 @@
     return chars.length <= LABEL ? text : chars.slice(0, LABEL - 1).join("") + "…";
   };
   const TOP = meta.encoding.top, BAD = meta.encoding.nonfinite;
-  const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, scale: "linear",
-                  relative: false, oneHead: false, detail: null, colourBy: "" };
+  // Codes 1..TOP are log-spaced over DECADES decades below the head's largest weight (TOP); 0 is 0.
+  // RATIO[code]: the weight over the head's largest, each within ERROR of the captured one.
+  const DECADES = meta.encoding.decades, ERROR = meta.encoding.relativeError, RATIO = new Float64Array(256);
+  for (let c = 1; c <= TOP; c++) RATIO[c] = 10 ** ((DECADES * (c - TOP)) / (TOP - 1));
+  const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, scale: "log",
+                  relative: false, oneHead: false, detail: null, colourBy: "", rowwise: false };
   // Tokens, and words when the page carries them (to_words): the "units" selector swaps meta.layers.
   const UNITS = { tokens: meta.layers, words: meta.words ? meta.words.layers : null };
   const WINDOW = 64; // tokens a side of a long call's detail (a click on its pooled map)
   // Colour index of a code: linear in the weight, or its square root (small weights show).
-  // Log: down to 1e-4 of the head's largest weight (smaller ones, and zeros, are the darkest colour).
+  // Log: the DECADES decades the codes keep (smaller weights, and zeros, are the darkest colour).
   const scaled = (x) => (state.scale === "sqrt" ? Math.sqrt(x) : state.scale === "log"
-    ? (x > 0 ? Math.max(0, 1 + Math.log10(x) / 4) : 0) : x);
-  const shade = (code) => Math.round(scaled(code / TOP) * 255);
+    ? (x > 0 ? Math.max(0, 1 + Math.log10(x) / DECADES) : 0) : x);
+  const SHADE = new Uint8Array(256);  // colour index of each code in the scale chosen (setShades)
+  const setShades = () => { for (let c = 0; c <= TOP; c++) SHADE[c] = Math.round(scaled(RATIO[c]) * 255); };
+  const shade = (code) => SHADE[code];
+  // Each row's largest code (a pooled map: each block row's), for "brightest: each query's largest".
+  function rowMaxima(codes, Q, K) {
+    const out = new Uint8Array(Q);
+    for (let q = 0; q < Q; q++) {
+      let best = 0;
+      for (let k = q * K, end = k + K; k < end; k++) if (codes[k] !== BAD && codes[k] > best) best = codes[k];
+      out[q] = best;
+    }
+    return out;
+  }
 
   // Colour map: viridis anchors, interpolated to 256 entries.
   const ANCHORS = [[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
@@ -122,11 +138,14 @@
     return { codes, nq, nk, cover: cover / nq };
   }
 
-  const value = (code, scale) => (code === BAD ? NaN : (scale * code) / TOP);
+  const value = (code, scale) => (code === BAD ? NaN : scale * RATIO[code]);
 
   function paint(canvas, codes, Q, K, outW, outH, masked) {
     // Downsamples by block maximum when the matrix is larger than the canvas. Columns of
     // masked keys (no weight from any query or head) are light grey, not the darkest colour.
+    // Each query's largest brightest: a code is read against its row's largest (a log code's
+    // ratio to it is the difference of the codes).
+    const rows = state.rowwise ? rowMaxima(codes, Q, K) : null;
     canvas.width = outW; canvas.height = outH;
     const ctx = canvas.getContext("2d");
     const img = ctx.createImageData(outW, outH);
@@ -137,10 +156,10 @@
         const k0 = Math.floor((x * K) / outW), k1 = Math.max(k0 + 1, Math.floor(((x + 1) * K) / outW));
         let best = 0, bad = false;
         for (let q = q0; q < q1; q++) {
-          const row = q * K;
+          const row = q * K, lift = rows ? TOP - rows[q] : 0;
           for (let k = k0; k < k1; k++) {
             const v = codes[row + k];
-            if (v === BAD) bad = true; else if (v > best) best = v;
+            if (v === BAD) bad = true; else if (v > 0 && v + lift > best) best = v + lift;
           }
         }
         const o = (y * outW + x) * 4;
@@ -205,17 +224,23 @@
     const box = $("ah-overview");
     box.innerHTML = "";
     const by = state.colourBy;
-    let low = Infinity, high = -Infinity;
+    let low = Infinity, high = -Infinity, missing = 0;
     if (by) meta.layers.forEach((l, li) => {
       for (let h = 0; h < layerCall(li, state.call).shape[1]; h++) {
         const v = scoreOf(li, h, by);
         if (v !== null && v !== undefined && Number.isFinite(v)) { low = Math.min(low, v); high = Math.max(high, v); }
+        else missing += 1;
       }
     });
     if (low > 0) low = 0;  // scores of 0 and up read from 0
+    // A score with a stated range (a share: [0, 1]) is coloured on it, so that a best head of 0.01 stays dark.
+    const range = by && (meta.scoreRanges || {})[by], why = by && (meta.scoreNotes || {})[by];
+    if (range && Number.isFinite(high)) [low, high] = range;
+    const grey = missing ? `; grey: does not apply${why ? ` (${why})` : ""}` : "";
     $("ah-overview-legend").textContent = !by ? "" : Number.isFinite(high)
-      ? `colour: ${by}, ${low.toPrecision(3)} (dark) to ${high.toPrecision(3)} (bright); grey: does not apply`
-      : `colour: ${by}: no head has this score`;
+      ? `colour: ${by}, ${low.toPrecision(3)} (dark) to ${high.toPrecision(3)} (bright)`
+        + (range ? ", its whole range" : ": the heads' own range (no fixed bound)") + grey
+      : `colour: ${by}: does not apply to any head shown${why ? `: ${why}` : ""}`;
     const maxHeads = Math.max(...meta.layers.map((l, i) => layerCall(i, state.call).shape[1]));
     box.style.gridTemplateColumns = `minmax(40px, 90px) repeat(${maxHeads}, minmax(18px, 1fr))`;
     box.appendChild(document.createElement("div"));
@@ -242,9 +267,9 @@
           const ctx = cv.getContext("2d");
           if (v === null || v === undefined || !Number.isFinite(v)) {
             ctx.fillStyle = "rgb(215,215,215)";
-            cv.title += `: ${by} does not apply`;
+            cv.title += `: ${by} does not apply${why ? `: ${why}` : ""}`;
           } else {
-            const l = Math.round(((v - low) / Math.max(high - low, 1e-12)) * 255) * 3;
+            const l = Math.round(Math.min(1, Math.max(0, (v - low) / Math.max(high - low, 1e-12))) * 255) * 3;
             ctx.fillStyle = `rgb(${LUT[l]},${LUT[l + 1]},${LUT[l + 2]})`;
             cv.title += `: ${by} ${v.toPrecision(3)}`;
             cv.dataset.score = String(v);
@@ -282,7 +307,7 @@
     const cv = $("ah-matrix"), name = shortLabel(meta.layers[state.layer].name);
     const [, , Q, K] = m.c.shape;
     $("ah-matrix-back").hidden = !(m.pooled && state.detail);
-    $("ah-legend-max").textContent = m.scale.toPrecision(3);
+    drawLegendLabels(m.scale);
     if (!m.pooled) {
       paint(cv, m.codes, m.Q, m.K, Math.min(m.K, 1024), Math.min(m.Q, 1024), maskedKeys(m.c));
       $("ah-matrix-caption").textContent = `${name}, head ${state.head}: ${m.Q} queries x ${m.K} keys` +
@@ -314,7 +339,9 @@
     return q < 0 || k < 0 || q >= rows || k >= cols ? null : [q, k];
   }
 
-  const shown = (v) => (Number.isNaN(v) ? "non-finite" : "~" + v.toPrecision(3));
+  // A number in `digits` significant digits; below 1e-3 as 1.00e-5, not 0.0000100.
+  const num = (v, digits) => (v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(digits - 1) : v.toPrecision(digits));
+  const shown = (v) => (Number.isNaN(v) ? "non-finite" : v === 0 ? "0" : "~" + num(v, 3));
 
   function readout(event) {
     const m = matrix(state.layer, state.call, state.batch, state.head);
@@ -334,8 +361,8 @@
     const cell = cellAt(event, m.Q, m.K);
     if (!cell) return;
     const [q, k] = cell, code = m.codes[q * m.K + k], v = value(code, m.scale);
-    // Code 0 is any weight below half a step of the head's scale: say so rather than "~0.00".
-    const read = code === 0 && m.scale > 0 ? `below ${(m.scale / (2 * TOP)).toPrecision(2)}` : shown(v);
+    // Code 1 is any weight below DECADES decades under the head's largest: say so rather than "~1e-6".
+    const read = code === 1 ? `below ${num(m.scale * RATIO[1] * (1 + ERROR), 2)}` : shown(v);
     if (m.pooled) {
       const bq = blockOf(m.c, 0, q), bk = blockOf(m.c, 1, k);
       $("ah-readout").textContent = `queries ${bq.first}-${bq.end - 1} "${shortLabel(queries[bq.first])}"...`
@@ -456,7 +483,7 @@
         if (code !== BAD && weight > best[k]) { best[k] = weight; bestHead[k] = h; }
         // Absolute: the weight itself, as BertViz draws it (a uniform head draws thin lines);
         // relative: to this head's largest weight for the query (labelled as such in the bar).
-        const w = code === BAD ? 1 : state.relative ? code / top : weight;
+        const w = code === BAD ? 1 : state.relative ? RATIO[code] / RATIO[top] : weight;
         if (w < 0.02) continue;
         hot[k] = Math.max(hot[k], w);
         ctx.globalAlpha = Math.min(1, 0.05 + 0.95 * w);
@@ -487,13 +514,25 @@
     drawLines();
   }
 
-  function drawLegend() {
+  function drawLegend() {  // the colours, darkest to brightest; drawLegendLabels says what they are
     const cv = $("ah-legend"), ctx = cv.getContext("2d");
     for (let x = 0; x < cv.width; x++) {
-      const l = shade(Math.round((x / (cv.width - 1)) * TOP)) * 3;
+      const l = Math.round((x / (cv.width - 1)) * 255) * 3;
       ctx.fillStyle = `rgb(${LUT[l]},${LUT[l + 1]},${LUT[l + 2]})`;
       ctx.fillRect(x, 0, 1, cv.height);
     }
+  }
+
+  // The legend's ends in the scale and "brightest" chosen, and how exact the weights the page holds are.
+  function drawLegendLabels(scale) {
+    const top = state.rowwise ? "each query's largest" : scale.toPrecision(3);
+    const floor = (state.rowwise ? 1 : scale) * RATIO[1];
+    $("ah-legend-min").textContent = state.scale !== "log" ? "0" : state.rowwise ? `1e-${DECADES} of it` : num(floor, 2);
+    $("ah-legend-max").textContent = top;
+    const note = `weights kept as 8-bit log codes, each within ${(100 * ERROR).toFixed(1)}% of the captured weight`
+      + ` down to 1e-${DECADES} of the head's largest (smaller ones read "below")`;
+    $("ah-legend-note").textContent = (state.scale === "log" ? `log colour: ${DECADES} decades. ` : "") + note;
+    $("ah-legend").title = note;
   }
 
   const maskedKeys = (c) => new Set((c.maskedKeys || [])[Math.min(state.batch, c.shape[0] - 1)] || []);
@@ -688,8 +727,11 @@
       });
     }
     $("ah-matrix").addEventListener("mousemove", readout);
-    state.scale = meta.colour || "linear"; $("ah-scale").value = state.scale; // as the page was made (--color-scale)
-    $("ah-scale").addEventListener("change", (e) => { state.scale = e.target.value; drawLegend(); drawOverview(); drawMatrix(); drawCompare(); });
+    state.scale = meta.colour || "log"; $("ah-scale").value = state.scale; // as the page was made (--color-scale)
+    setShades();
+    $("ah-scale").addEventListener("change", (e) => { state.scale = e.target.value; setShades(); drawOverview(); drawMatrix(); drawCompare(); });
+    $("ah-norm").addEventListener("change", (e) => { state.rowwise = e.target.value === "row"; drawOverview(); drawMatrix(); });
+    state.colourBy = meta.colourBy || ""; $("ah-overview-colour").value = state.colourBy;  // a roles page opens on a role
     $("ah-lines-scale").addEventListener("change", (e) => { state.relative = e.target.value === "relative"; drawLines(); });
     $("ah-lines-heads").addEventListener("change", (e) => { state.oneHead = e.target.value === "one"; drawToggles(); drawLines(); });
     drawLegend();
