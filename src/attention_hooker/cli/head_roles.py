@@ -21,6 +21,20 @@ ROLE_COLUMNS = ("previous_token", "duplicate_token", "induction", "first_token_s
 
 SINK_THRESHOLD = 0.3  # Gu et al. (2024)'s epsilon
 
+BOUNDED_ROLES = ("previous_token", "duplicate_token", "induction", "first_token_share", "first_token_norm_share",
+                 "sink_head", "confidence", "retrieval")
+"""The role scores bounded in [0, 1] (shares of attention, fractions of positions): the page colours
+them on [0, 1]; importance has no fixed bound and is coloured on the heads' own range."""
+
+ROLE_FLOOR = 0.1
+"""A bounded role's summary names its strongest head only when it scores at least this: an
+encoder's best induction score of 0.01 is no induction head."""
+
+WHY_NOT = {"importance": "needs a language-model loss (an encoder without its head has none)",
+           "retrieval": "measured while a decoder generates",
+           "first_token_norm_share": "needs the value vectors and the output projection (found in no layer)"}
+"""Why a score is NaN (does not apply), said by the summary and on the page."""
+
 
 def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, repeat_length: int = 50,
                seed: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -161,10 +175,14 @@ def write_head_roles_page(loaded: LoadedModel, text: str, roles: Dict[str, Dict[
     with torch.no_grad(), TransformerAttentionHooker(loaded.model, layers) as hooker:
         loaded.model(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"), **extra)
     values = {name: calls for name, calls in hooker.values.items() if name in roles}
-    scores = {column.replace("_", " "): {name: roles[name][column].tolist() for name in values}
-              for column in ROLE_COLUMNS if column not in ("first_token_share", "confidence")}  # the page has those
+    columns = [c for c in ROLE_COLUMNS if c not in ("first_token_share", "confidence")]  # the page has those
+    scores = {column.replace("_", " "): {name: roles[name][column].tolist() for name in values} for column in columns}
+    applies = [column for column in columns if any(not torch.isnan(roles[name][column]).all() for name in values)]
     page = render_html(values, tokens=token_labels(loaded.tokenizer, enc["input_ids"][0].tolist()),
-                       title=f"{loaded.title or loaded.name}: head roles", head_scores=scores)
+                       title=f"{loaded.title or loaded.name}: head roles", head_scores=scores,
+                       score_ranges={c.replace("_", " "): (0.0, 1.0) for c in columns if c in BOUNDED_ROLES},
+                       not_applicable={c.replace("_", " "): WHY_NOT[c] for c in columns if c in WHY_NOT},
+                       color_by=applies[0].replace("_", " ") if applies else None)  # it opens on a role
     return Path(page.save(out / "head_roles.html"))
 
 
@@ -201,9 +219,6 @@ def command(args) -> None:
     page = workflows.write_head_roles_page(loaded, text, roles, args.out, layers=args.layers)
     names = list(roles)
     print(f"model:   {loaded.name} ({loaded.kind}), {len(names)} self-attention layers")
-    reasons = {"importance": "needs a language-model loss (an encoder without its head has none)",
-               "retrieval": "measured while a decoder generates",
-               "first_token_norm_share": "needs the value vectors and the output projection (found in no layer)"}
     for column in workflows.ROLE_COLUMNS:
         table = torch.stack([roles[name][column] for name in names])  # (layers, heads)
         if column == "sink_head":
@@ -211,10 +226,13 @@ def command(args) -> None:
                   f"(first-token share above {workflows.SINK_THRESHOLD})")
             continue
         if torch.isnan(table).all():
-            print(f"{column + ':':<24}n/a: {reasons.get(column, 'does not apply')}")
+            print(f"{column + ':':<24}n/a: {WHY_NOT.get(column, 'does not apply')}")
             continue
         table = torch.nan_to_num(table, nan=-math.inf)
+        if column in BOUNDED_ROLES and float(table.max()) < ROLE_FLOOR:  # no head has the role: name none
+            print(f"{column + ':':<24}no head reaches {ROLE_FLOOR} (largest {float(table.max()):.3f})")
+            continue
         layer, head = divmod(int(table.argmax()), table.shape[1])
         print(f"{column + ':':<24}{names[layer]} head {head} ({float(table.max()):.2f})")
     print(f"csv:     {path}")
-    print(f"page:    {page}  (its overview coloured by any of these scores: 'colour by')")
+    print(f"page:    {page}  (its overview coloured by any of these scores: 'colour by'; shares on [0, 1])")
