@@ -1,8 +1,9 @@
 """Issue 26, the page's dynamic range: a long causal page was black. Its weights travelled as 8-bit
 codes on a linear scale under each head's largest weight (1.0 in a causal head: the first token on
 itself), so that every weight under 0.002 read 0: on a 2,000-token page 93% of them. They now travel
-as log codes over six decades, and the page opens in the log colour scale; checked by the pixels
-Chromium draws of a hand-written causal head whose every row is known."""
+as log codes over six decades, and the page opens in the log colour scale where the linear one would
+draw most weights as 0; checked by the pixels Chromium draws of a hand-written causal head whose
+every row is known."""
 
 from __future__ import annotations
 
@@ -122,3 +123,21 @@ def test_the_row_mode_colours_each_querys_largest_brightest(browser, tmp_path): 
     assert head[0] == yellow and all(colour != yellow for colour in head[1:]), "the head's largest only"
     assert row[0] == yellow and row[1] == yellow, "row 1's largest (0.5, key 0) is its brightest"
     assert row[3] != yellow and "each query's largest" in legend  # row 3's largest is 0.3 (keys 1-3), not key 0
+
+
+TEXT = ("Attention lets every token of a sentence look at every other token, and each head of each layer learns "
+        "its own way of looking: some follow the previous word, some the separator, some the subject of the verb. ")
+
+
+@pytest.mark.parametrize("text, asked, opens", [
+    (None, None, "linear"),  # the demo's sentence: its weights show in linear
+    (TEXT * 10, None, "log"),  # about 400 tokens: most of MiniLM's weights are under 1/510 of their head's largest
+    (TEXT * 10, "linear", "linear"),  # as asked
+])
+def test_the_page_opens_in_log_where_linear_would_draw_most_weights_as_0(tmp_path, text, asked, opens):
+    """run and demo passed their --color-scale default, linear, to the page: a long page opened black."""
+    from attention_hooker.cli import main
+
+    args = ["demo", "--out", str(tmp_path), "--no-grids"] + (["--text", text] if text else [])
+    assert main(args + (["--color-scale", asked] if asked else [])) == 0
+    assert _payload((tmp_path / "attention.html").read_text(encoding="utf-8"))[0]["colour"] == opens

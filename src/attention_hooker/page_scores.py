@@ -133,8 +133,8 @@ def render_html(
     (see :mod:`attention_hooker.views.page.long_calls`): the matrix shows the pooled
     map, a click on a block shows the tokens inside it, and the head view lists
     each query's largest weights with the share of its attention they hold.
-    (Measured: MiniLM's 512-token page weighs 5.9 MB whole and 1.4 MB with
-    ``pool_above=256``; ``benchmarks/bench_page.py``.)
+    (Measured: MiniLM's 512-token page weighs 20.7 MB whole and 2.8 MB with
+    ``pool_above=256, pool_size=128``; ``benchmarks/bench_page.py``.)
 
     The overview can be coloured by a score per head instead of the maps:
     first-token share, confidence, entropy and (self-attention) previous-token
@@ -148,9 +148,11 @@ def render_html(
     The weights travel as 8-bit codes on a log scale, six decades below each
     head's largest weight, each within 2.8% of the captured weight
     (:func:`attention_hooker.views.page.encode_weights`): 1e-5 and 1.0 are both
-    shown, and the page opens in the log colour scale, in which a 4,000-token
-    causal head shows its structure in every row. "brightest" colours each
-    query's largest weight brightest instead of the head's.
+    shown. The page opens in the log colour scale (six decades) where the linear
+    one would draw most of the weights as 0 (long inputs, causal heads: a
+    4,000-token causal head then shows its structure in every row), else in
+    linear. "brightest" colours each query's largest weight brightest instead
+    of the head's.
 
     Text the page carries (title, tokens, layer and score names) can always be
     saved: a lone surrogate becomes U+FFFD, and a text past 1,000 characters is
@@ -182,7 +184,8 @@ def render_html(
             name: one number per head}}`` (NaN where a score does not apply).
         color_scale: the colour scale the page opens in: ``"linear"``, ``"sqrt"`` or ``"log"``
             (as the plots' ``color_scale``; the page's "colour" selector changes it); by
-            default ``"log"`` (six decades: the small weights of long inputs show).
+            default log where linear would draw most of the weights that are not 0 as 0
+            (under 1/510 of their head's largest), else linear.
         score_ranges: ``{score name: (low, high)}``: the range a score is coloured on
             (``(0, 1)`` for a share); a score without one is coloured on the heads' own.
         not_applicable: ``{score name: why}``: the sentence the page shows where a head

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="skip the per-layer head grids (the overview and the page are still written)")
         sub.add_argument("--color-scale", default=None, choices=("linear", "sqrt", "log"),
                          help="colour scale of the pictures and the page: sqrt or log brighten small weights (long "
-                              "inputs) (default: linear pictures; the page opens in log, six decades)")
+                              "inputs) (default: linear pictures; the page opens in log where linear would draw most weights as 0)")
         sub.add_argument("--words", action="store_true",
                          help="pictures and page by words instead of word pieces (Clark et al. 2019: a word's pieces "
                               "summed as keys, averaged as queries); the page can switch back to the tokens")

@@ -51,7 +51,7 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
     """Writes per-layer head grids (unless ``grids=False``), the overview and the page into
     ``out``, showing progress over the grids on ``progress_stream`` (stderr); returns the paths.
     ``color_scale`` colours the pictures and the page; by default the pictures are linear and the
-    page opens in its own default (log: the small weights of long inputs show).
+    page opens in its own default (log where linear would draw most weights as 0).
     With ``words`` (``to_words`` of the capture) the pictures are by words, and the page opens on
     the words (it carries the tokens too)."""
     from .console import progress

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html as html_lib
 import json
+import math
 import os
 import re
 import zlib
@@ -30,7 +31,8 @@ from .compare import PageComparison, comparison_meta
 from .long_calls import encode_long_call, is_long
 from .score_meta import score_meta
 
-__all__ = ["render_html", "AttentionPage", "PageScores", "encode_weights", "decode_weights"]
+__all__ = ["render_html", "AttentionPage", "PageScores", "encode_weights", "decode_weights", "LOG_DECADES",
+           "RELATIVE_ERROR"]
 
 PageScores = Mapping[str, Sequence[Mapping[str, object]]]
 """Per-head scores of each call, to colour the overview by: ``{layer name: [{score name: (batch,
@@ -42,6 +44,8 @@ _TOP_CODE = 254
 LOG_DECADES = 6  # codes 1..254 span the decades from 1e-6 of a head's largest weight up to it
 _STEPS = _TOP_CODE - 1  # 253 log steps from code 1 (the floor) to code 254 (the head's largest)
 RELATIVE_ERROR = 10 ** (LOG_DECADES / (2 * _STEPS)) - 1  # half a step: 0.0277, the codes' error bound
+# The codes under this one are weights below 1/510 of the head's largest: the linear colour scale draws them as 0.
+_LINEAR_ZERO = _TOP_CODE + math.ceil(_STEPS * math.log10(1 / 510) / LOG_DECADES)
 _TEXT_LIMIT = 1000  # the most characters of any one text the page carries (a label, a name, the title)
 
 
@@ -69,7 +73,7 @@ def encode_weights(weights: torch.Tensor):
 
     The code of a weight ``w`` is on a log scale below its head's largest finite weight
     (``scale``): ``code = round(254 + 253 * log10(w / scale) / 6)``, so that 254 is the head's
-    largest and each step down is a factor of ``10 ** (6 / 253)`` (2.3%); 1 is ``scale * 1e-6``
+    largest and each step down is a factor of ``10 ** (6 / 253)`` (5.6%); 1 is ``scale * 1e-6``
     and every smaller positive weight; 0 is exactly 0 (a negative weight reads 0 too); 255
     marks a non-finite weight. ``decode_weights`` inverts it to within 2.8% of the weight
     (:data:`RELATIVE_ERROR`, half a step) for every weight from ``scale * 1e-6`` up; one below
@@ -321,7 +325,7 @@ def render_html(
         raise AttentionHookerError(f"compression_level={compression_level!r} must be an int in 0..9 (zlib's levels)")
     pool_above, pool_size = positive_int(pool_above, "pool_above"), positive_int(pool_size, "pool_size")
     top_keys = positive_int(top_keys, "top_keys")
-    color_scale = "log" if color_scale is None else one_of(color_scale, "color_scale", COLOR_SCALES)
+    color_scale = None if color_scale is None else one_of(color_scale, "color_scale", COLOR_SCALES)
     prompt_length = positive_int(prompt_length, "prompt_length", allow_none=True)
     units = one_of(units, "units", ("tokens", "words"))
     if units == "words" and words is None:
@@ -348,6 +352,7 @@ def render_html(
     if prompt_length is not None:  # generation: the tokens from here on were generated
         extra["promptLength"] = prompt_length
     extra.update(about)  # scoreRanges, scoreNotes, colourBy (score_meta)
+    color_scale = color_scale or calls.opening_scale()
     return AttentionPage(_document(title, layer_meta, calls, compression_level, color_scale, extra), title)
 
 
@@ -408,6 +413,13 @@ class _PageCalls:
         self.scores = scores
         self.pool_above, self.pool_size, self.top_keys = pool_above, pool_size, top_keys
         self.payload = _Payload() if beside is None else beside.payload
+        self.weights = self.unseen = 0  # weights not 0, and those the linear colour scale draws as 0
+
+    def opening_scale(self) -> str:
+        """The colour scale the page opens in when none is asked: log where the linear scale would
+        draw most of the weights that are not 0 as 0 (long inputs, causal heads: a late row's
+        weights are 1e-3 to 1e-5 of the head's largest), else linear."""
+        return "log" if self.unseen > self.weights / 2 else "linear"
 
     def entry(self, name: str, call: int, weights) -> dict:
         """The metadata of call ``call`` of layer ``name``, its arrays added to the payload.
@@ -421,6 +433,9 @@ class _PageCalls:
         require_positions(weights.shape, where)
         shape = list(weights.shape)
         codes, scales = encode_weights(weights)
+        shown = codes[codes != NONFINITE_CODE]
+        self.weights += int(shown.count_nonzero())
+        self.unseen += int(((shown > 0) & (shown < _LINEAR_ZERO)).sum())
         entry = {
             "shape": shape,
             "scores": _call_scores(self.scores, name, call, shape),

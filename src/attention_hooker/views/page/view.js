@@ -16,8 +16,9 @@
   // RATIO[code]: the weight over the head's largest, each within ERROR of the captured one.
   const DECADES = meta.encoding.decades, ERROR = meta.encoding.relativeError, RATIO = new Float64Array(256);
   for (let c = 1; c <= TOP; c++) RATIO[c] = 10 ** ((DECADES * (c - TOP)) / (TOP - 1));
-  const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, scale: "log",
-                  relative: false, oneHead: false, detail: null, colourBy: "", rowwise: false };
+  const state = { layer: 0, call: 0, batch: 0, head: 0, query: 0, hidden: new Set(), data: null, scale: "linear",
+                  relative: false, oneHead: false, detail: null, colourBy: "" };
+  state.rowwise = false;  // "brightest: each query's largest" (else each head's largest)
   // Tokens, and words when the page carries them (to_words): the "units" selector swaps meta.layers.
   const UNITS = { tokens: meta.layers, words: meta.words ? meta.words.layers : null };
   const WINDOW = 64; // tokens a side of a long call's detail (a click on its pooled map)
@@ -25,9 +26,15 @@
   // Log: the DECADES decades the codes keep (smaller weights, and zeros, are the darkest colour).
   const scaled = (x) => (state.scale === "sqrt" ? Math.sqrt(x) : state.scale === "log"
     ? (x > 0 ? Math.max(0, 1 + Math.log10(x) / DECADES) : 0) : x);
-  const SHADE = new Uint8Array(256);  // colour index of each code in the scale chosen (setShades)
-  const setShades = () => { for (let c = 0; c <= TOP; c++) SHADE[c] = Math.round(scaled(RATIO[c]) * 255); };
-  const shade = (code) => SHADE[code];
+  const SHADE = new Uint8Array(256);  // colour index of each code in the scale shadesOf
+  let shadesOf = null;
+  const shade = (code) => {
+    if (shadesOf !== state.scale) {
+      for (let c = 0; c <= TOP; c++) SHADE[c] = Math.round(scaled(RATIO[c]) * 255);
+      shadesOf = state.scale;
+    }
+    return SHADE[code];
+  };
   // Each row's largest code (a pooled map: each block row's), for "brightest: each query's largest".
   function rowMaxima(codes, Q, K) {
     const out = new Uint8Array(Q);
@@ -125,27 +132,29 @@
   function detailCodes(m) {
     const [, , Q, K] = m.c.shape, d = state.detail;
     const nq = Math.min(WINDOW, Q), nk = Math.min(WINDOW, K);
-    const codes = new Uint8Array(nq * nk);
+    const codes = new Uint8Array(nq * nk), largest = new Uint8Array(nq);  // each row's largest, in or out of the window
     let cover = 0;
     for (let i = 0; i < nq; i++) {
       const t = topKeys(m.c, m.b, m.h, d.q0 + i);
       cover += t.cover;
+      largest[i] = t.codes[0] === BAD ? 0 : t.codes[0];
       for (let j = 0; j < t.keys.length; j++) {
         const k = t.keys[j] - d.k0;
         if (k >= 0 && k < nk) codes[i * nk + k] = t.codes[j];
       }
     }
-    return { codes, nq, nk, cover: cover / nq };
+    return { codes, nq, nk, cover: cover / nq, largest };
   }
 
   const value = (code, scale) => (code === BAD ? NaN : scale * RATIO[code]);
 
-  function paint(canvas, codes, Q, K, outW, outH, masked) {
+  function paint(canvas, codes, Q, K, outW, outH, masked, largest) {
     // Downsamples by block maximum when the matrix is larger than the canvas. Columns of
     // masked keys (no weight from any query or head) are light grey, not the darkest colour.
     // Each query's largest brightest: a code is read against its row's largest (a log code's
-    // ratio to it is the difference of the codes).
-    const rows = state.rowwise ? rowMaxima(codes, Q, K) : null;
+    // ratio to it is the difference of the codes); `largest` gives them where the codes hold part
+    // of each row (a long call's detail window).
+    const rows = state.rowwise ? largest || rowMaxima(codes, Q, K) : null;
     canvas.width = outW; canvas.height = outH;
     const ctx = canvas.getContext("2d");
     const img = ctx.createImageData(outW, outH);
@@ -319,7 +328,7 @@
     if (state.detail) {
       const d = detailCodes(m), masked = maskedKeys(m.c), window = new Set();
       for (let j = 0; j < d.nk; j++) if (masked.has(state.detail.k0 + j)) window.add(j);
-      paint(cv, d.codes, d.nq, d.nk, d.nk, d.nq, window);
+      paint(cv, d.codes, d.nq, d.nk, d.nk, d.nq, window, d.largest);
       $("ah-matrix-caption").textContent = `${name}, head ${state.head}: queries ${state.detail.q0}-${state.detail.q0 + d.nq - 1}`
         + ` x keys ${state.detail.k0}-${state.detail.k0 + d.nk - 1} of ${Q} x ${K}: each query's ${k} largest weights`
         + ` (on average ${d.cover.toFixed(0)}% of its attention); smaller ones are drawn as 0`;
@@ -514,7 +523,8 @@
     drawLines();
   }
 
-  function drawLegend() {  // the colours, darkest to brightest; drawLegendLabels says what they are
+  // The colours, darkest to brightest; drawLegendLabels says what they stand for.
+  function drawLegend() {
     const cv = $("ah-legend"), ctx = cv.getContext("2d");
     for (let x = 0; x < cv.width; x++) {
       const l = Math.round((x / (cv.width - 1)) * 255) * 3;
@@ -727,9 +737,8 @@
       });
     }
     $("ah-matrix").addEventListener("mousemove", readout);
-    state.scale = meta.colour || "log"; $("ah-scale").value = state.scale; // as the page was made (--color-scale)
-    setShades();
-    $("ah-scale").addEventListener("change", (e) => { state.scale = e.target.value; setShades(); drawOverview(); drawMatrix(); drawCompare(); });
+    state.scale = meta.colour || "linear"; $("ah-scale").value = state.scale; // as the page was made (--color-scale)
+    $("ah-scale").addEventListener("change", (e) => { state.scale = e.target.value; drawLegend(); drawOverview(); drawMatrix(); drawCompare(); });
     $("ah-norm").addEventListener("change", (e) => { state.rowwise = e.target.value === "row"; drawOverview(); drawMatrix(); });
     state.colourBy = meta.colourBy || ""; $("ah-overview-colour").value = state.colourBy;  // a roles page opens on a role
     $("ah-lines-scale").addEventListener("change", (e) => { state.relative = e.target.value === "relative"; drawLines(); });
