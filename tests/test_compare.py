@@ -416,3 +416,28 @@ def test_cli_bad_inputs_are_one_line_with_status_2(minilm_path, other_tokenizer_
                                        "--out", str(tmp_path / "out"))
     assert "is given twice" in _cli_error(capsys, "compare", "--model", str(minilm_path), "--model", str(minilm_path),
                                           *text)
+
+
+def test_the_compare_panels_put_a_and_b_on_one_scale_of_the_pages_log_codes(browser, tmp_path):
+    """A and B are drawn under the larger of their two largest weights. The page's codes are log-spaced
+    (issue 26): the weaker map's codes must move down by log steps, not be multiplied (which drew a
+    weight of half the shared largest as one of 1e-3 of it)."""
+    from test_page import _viridis_lut
+
+    from attention_hooker import render_html
+
+    a = torch.full((1, 1, 4, 4), 0.25)
+    a[0, 0, :, 0], a[0, 0, :, 1:] = 0.85, 0.05  # A's largest: 0.85
+    b = torch.full((1, 1, 4, 4), 0.25)
+    b[0, 0, :, 0], b[0, 0, :, 1:] = 0.4, 0.2    # B's largest: 0.4, under A's
+    c = compare({"layer": a}, {"layer": b}, tokens_a=list("abcd"))
+    page = browser.new_page(viewport={"width": 1500, "height": 1300})
+    try:
+        page.goto(f"file://{render_html(c, color_scale='linear').save(tmp_path / 'scale.html')}")
+        page.wait_for_selector("body[data-ready='true']", timeout=30_000)
+        drawn = np.array(page.eval_on_selector("#ah-compare-b", """c => Array.from(
+            c.getContext('2d').getImageData(0, 0, 1, 1).data)"""))[:3]
+    finally:
+        page.close()
+    expected = _viridis_lut()[round(0.4 / 0.85 * 255)].numpy()  # B's 0.4 under the shared 0.85, linear scale
+    assert np.abs(drawn - expected).max() <= 6, (drawn, expected)  # within the codes' 2.8%

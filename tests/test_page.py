@@ -731,7 +731,9 @@ def test_the_units_selector_swaps_the_tokens_for_their_words_in_every_view(brows
         # Every cell's colour is the word weight's (layer 0, head 0), quantised and coloured as the page does.
         layer = next(iter(words))
         weights = words[layer][0][0, 0]  # (W, W)
-        expected = _viridis_lut()[torch.round(torch.round(254 * weights / weights.max()) / 254 * 255).long()]
+        codes, scales = encode_weights(weights[None, None])  # the page's log codes (issue 26), decoded as it does
+        ratio = (decode_weights(codes, scales) / scales[..., None, None])[0, 0]
+        expected = _viridis_lut()[torch.round(ratio * 255).long()]  # the page opens in linear on a short text
         drawn = torch.tensor(page.eval_on_selector("#ah-matrix", """c => Array.from(
             c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"""), dtype=torch.float32)
         drawn = drawn.reshape(n_words, n_words, 4)[..., :3]

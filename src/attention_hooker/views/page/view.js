@@ -621,9 +621,16 @@
   }
 
   // Codes of a head on another scale (so that A and B share one): code * scale / shared.
+  // A map's codes under another head's largest (A and B on one scale). Codes are log-spaced
+  // (RATIO), so a factor f below 1 moves every code down by the same number of steps; a weight
+  // that falls under the codes' floor keeps the lowest code that is not 0 (0 is exactly 0).
   function rescaled(m, shared) {
     const out = new Uint8Array(m.codes.length), f = shared > 0 ? m.scale / shared : 0;
-    for (let i = 0; i < out.length; i++) out[i] = m.codes[i] === BAD ? BAD : Math.round(m.codes[i] * f);
+    const shift = f > 0 ? ((TOP - 1) * Math.log10(f)) / DECADES : -Infinity;
+    for (let i = 0; i < out.length; i++) {
+      const code = m.codes[i];
+      out[i] = code === BAD ? BAD : code === 0 ? 0 : Math.max(1, Math.min(TOP, Math.round(code + shift)));
+    }
     return out;
   }
 
