@@ -441,3 +441,72 @@ def test_the_compare_panels_put_a_and_b_on_one_scale_of_the_pages_log_codes(brow
         page.close()
     expected = _viridis_lut()[round(0.4 / 0.85 * 255)].numpy()  # B's 0.4 under the shared 0.85, linear scale
     assert np.abs(drawn - expected).max() <= 6, (drawn, expected)  # within the codes' 2.8%
+
+
+# ------------------------------------------------------------------ review of issue 26: compare's lengths and names
+@pytest.fixture(scope="module")
+def long_position_berts(tmp_path_factory, minilm_path):
+    """Two small random BERTs with 1,024 positions and MiniLM's tokenizer (limit 1,024)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path, model_max_length=1024)
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        config = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=16,
+                                         intermediate_size=32, max_position_embeddings=1024)
+        path = tmp_path_factory.mktemp("long") / f"bert-{seed}"
+        transformers.BertModel(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def test_cli_cuts_a_text_longer_than_the_page_shows_before_any_work_and_says_so(long_position_berts, tmp_path,
+                                                                                 capsys):
+    """A 700-word text through models of 1,024 positions failed after both forwards: the page refused maps over 512."""
+    from attention_hooker.cli import main
+
+    a, b = map(str, long_position_berts)
+    text = "word " * 700
+    assert main(["compare", "--model", a, "--model", b, "--text", text, "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens:  512, the same for both" in printed
+    assert "note:    the text is 702 tokens; only the first 512 were compared (the compare page shows at most 512)" \
+        in printed
+    assert (tmp_path / "o" / "compare.html").is_file()
+    assert main(["compare", "--model", a, "--model", b, "--text", text, "--out", str(tmp_path / "p"),
+                 "--max-tokens", "600"]) == 2
+    err = capsys.readouterr().err.splitlines()[0]
+    assert err.endswith("--max-tokens 600: the compare page shows whole maps, up to 512 tokens; give at most 512")
+    assert main(["compare", "--model", a, "--model", b, "--text", text, "--out", str(tmp_path / "q"),
+                 "--max-tokens", "40"]) == 0
+    assert "only the first 40 were compared (--max-tokens 40)" in capsys.readouterr().out
+
+
+def test_cli_captures_both_models_at_the_length_it_checked(minilm_path, tmp_path, capsys):
+    """The tokens were checked cut at the shorter limit, but each model captured its own length (42 vs 16)."""
+    transformers = pytest.importorskip("transformers")
+    from attention_hooker.cli import main
+
+    short = tmp_path / "short-minilm"
+    transformers.AutoModel.from_pretrained(minilm_path).save_pretrained(short)
+    transformers.AutoTokenizer.from_pretrained(minilm_path, model_max_length=16).save_pretrained(short)
+    assert main(["compare", "--model", str(minilm_path), "--model", str(short), "--text", "word " * 40,
+                 "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens:  16, the same for both" in printed and "the shorter of the two models' limits" in printed
+    assert "A:       all-MiniLM-L6-v2 (BertModel)" in printed and "B:       short-minilm (BertModel)" in printed
+
+
+def test_cli_names_two_models_of_one_title_by_title_and_folder(minilm_path, tmp_path, capsys):
+    import shutil
+
+    from attention_hooker.cli import main
+
+    copy = tmp_path / "copy" / "tuned"
+    shutil.copytree(minilm_path, copy)  # the same model card: the same title
+    assert main(["compare", "--model", str(minilm_path), "--model", str(copy), "--text", "the cat sat",
+                 "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "A:       all-MiniLM-L6-v2 (model) (BertModel)" in printed
+    assert "B:       all-MiniLM-L6-v2 (tuned) (BertModel)" in printed

@@ -15,9 +15,10 @@ from ..errors import CommandError
 from .models import LoadedModel, token_labels, token_limit, with_article
 from .outputs import prepare_out
 
-__all__ = ["command", "model_names", "same_tokens", "write_comparison", "comparison_summary"]
+__all__ = ["command", "model_names", "compared_length", "same_tokens", "write_comparison", "comparison_summary"]
 
 PICTURED_HEADS = 3  # the most different heads drawn as A, B and A - B
+PAGE_TOKENS = 512  # the compare page carries whole maps: up to render_html's pool_above an axis
 
 
 def model_names(paths: Sequence[str]) -> Tuple[str, str]:
@@ -30,11 +31,19 @@ def model_names(paths: Sequence[str]) -> Tuple[str, str]:
     return names[0], names[1]
 
 
-def same_tokens(loaded: Sequence[LoadedModel], text: str, names: Tuple[str, str]) -> List[str]:
+def compared_length(loaded: Sequence[LoadedModel], max_tokens=None) -> int:
+    """How many tokens of the text are compared: ``max_tokens`` (checked against both models'
+    positions), else the shorter tokenizer limit, and at most the 512 the compare page shows whole."""
+    if max_tokens is not None and max_tokens > PAGE_TOKENS:
+        raise CommandError(f"--max-tokens {max_tokens}: the compare page shows whole maps, up to {PAGE_TOKENS} "
+                           f"tokens; give at most {PAGE_TOKENS}")
+    return min(min(token_limit(model, max_tokens) for model in loaded), PAGE_TOKENS)
+
+
+def same_tokens(loaded: Sequence[LoadedModel], text: str, names: Tuple[str, str], limit: int) -> List[str]:
     """The token labels of ``text``, when both models' tokenizers make the same tokens of it
-    (the same ids, read the same way, cut at the same length); else the one line saying how they differ."""
+    (the same ids, read the same way, cut at ``limit`` tokens); else the one line saying how they differ."""
     ids, labels = [], []
-    limit = min(token_limit(model, None) for model in loaded)
     for model in loaded:
         encoded = model.tokenizer(text, truncation=True, max_length=limit)["input_ids"]
         ids.append(list(encoded))
@@ -51,7 +60,7 @@ def same_tokens(loaded: Sequence[LoadedModel], text: str, names: Tuple[str, str]
                        "a tokenizer")
 
 
-def write_comparison(comparison, out, *, color_scale: str = "linear") -> dict:
+def write_comparison(comparison, out, *, color_scale=None) -> dict:
     """Writes into ``out``: ``distances.png`` (layers x heads), ``heads/`` (A, B and A - B of the most
     different heads), ``distances.csv`` (every head's distance) and ``compare.html`` (the page)."""
     from ..page_scores import render_html
@@ -68,7 +77,8 @@ def write_comparison(comparison, out, *, color_scale: str = "linear") -> dict:
     for rank, head in enumerate(comparison.ranked_heads(PICTURED_HEADS), start=1):
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in head.layer)
         path = heads_dir / f"{rank}_{safe}_head{head.head}.png"
-        plot_head_comparison(comparison, head.layer, head.head, color_scale=color_scale, save_path=path).clear()
+        plot_head_comparison(comparison, head.layer, head.head, color_scale=color_scale or "linear",
+                             save_path=path).clear()
         pictures.append(path)
     table = out / "distances.csv"
     with open(table, "w", newline="") as handle:
@@ -126,11 +136,27 @@ def command(args) -> None:
         if model.kind not in ("encoder", "decoder"):
             raise CommandError(f"compare reads one text through encoders and decoders; {model.name} is "
                                f"{with_article(model.kind)}")
-    titles = tuple(model.title for model in loaded)  # the model cards' names, where they tell the two apart
-    if all(titles) and titles[0] != titles[1]:
-        names = titles
-    tokens = same_tokens(loaded, args.text, names)
-    captures = [workflows.capture_text(model, args.text, layers=args.layers) for model in loaded]
+    names = _titled(names, tuple(model.title for model in loaded))
+    limit = compared_length(loaded, args.max_tokens)
+    tokens = same_tokens(loaded, args.text, names, limit)  # before any forward: the same tokens, cut alike
+    captures = [workflows.capture_text(model, args.text, layers=args.layers, max_tokens=limit) for model in loaded]
     comparison = compare(captures[0].values, captures[1].values, tokens_a=tokens, names=names)
     files = write_comparison(comparison, args.out, color_scale=args.color_scale)
-    print(comparison_summary(comparison, loaded, files, time.perf_counter() - start, args.top))
+    summary = comparison_summary(comparison, loaded, files, time.perf_counter() - start, args.top)
+    whole = len(loaded[0].tokenizer(args.text)["input_ids"])
+    if whole > limit:  # cut alike for both, and said
+        why = (f"--max-tokens {args.max_tokens}" if args.max_tokens is not None and args.max_tokens == limit
+               else f"the compare page shows at most {PAGE_TOKENS}" if limit == PAGE_TOKENS
+               else "the shorter of the two models' limits")
+        summary += f"\nnote:    the text is {whole} tokens; only the first {limit} were compared ({why})"
+    print(summary)
+
+
+def _titled(names: Tuple[str, str], titles: Tuple[str, str]) -> Tuple[str, str]:
+    """The two models' labels: their titles (the model cards' names) where these tell them apart;
+    where both have the same title, the title with each folder's label after it."""
+    if not all(titles):
+        return names
+    if titles[0] != titles[1]:
+        return titles
+    return f"{titles[0]} ({names[0]})", f"{titles[1]} ({names[1]})"

@@ -150,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--top", type=_positive_int, default=10, metavar="N",
                          help="how many of the most different heads to print (default: %(default)s)")
     compare.add_argument("--out", default="attention-compare", help="output folder (default: %(default)s)")
-    compare.add_argument("--color-scale", default="linear", choices=("linear", "sqrt", "log"),
-                         help="colour scale of A and B in the pictures and the page (default: %(default)s)")
+    compare.add_argument("--max-tokens", "--max-length", type=_positive_int, default=None, metavar="N",
+                         help="cut a longer text at N tokens (default: the shorter tokenizer limit, at most 512: the "
+                              "compare page shows whole maps)")
+    compare.add_argument("--color-scale", default=None, choices=("linear", "sqrt", "log"),
+                         help="colour scale of A and B in the pictures and the page (default: linear pictures; the "
+                              "page opens in log where linear would draw most weights as 0)")
     _add_device_options(compare)
     return parser
 
