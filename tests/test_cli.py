@@ -863,3 +863,17 @@ def test_words_mistakes_are_one_line(tmp_path, saved_models, capsys):
                                          "--out", str(tmp_path))
     assert "--words works with encoders and decoders; T5ForConditionalGeneration is an encoder-decoder" in _error(
         capsys, "run", "--model", t5, "--text", "x", "--target", "y", "--words", "--out", str(tmp_path))
+
+
+def test_the_hub_card_template_s_heading_names_nothing_and_an_empty_title_is_refused(tmp_path, capsys):
+    """Review of issue 26: every fine-tune with the Hub's default card was titled "Model Card for Model ID"."""
+    from attention_hooker.cli.models import model_title
+
+    folder = tmp_path / "my-finetune"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlibrary_name: transformers\n---\n\n# Model Card for Model ID\n")
+    assert model_title(folder) == "my-finetune"
+    (folder / "README.md").write_text("# Model Card for tiny-bert-sst2\n")
+    assert model_title(folder) == "tiny-bert-sst2"
+    assert _error(capsys, "run", "--model", str(folder), "--text", "a", "--title", " ").endswith(
+        "--title is empty; give the name the pictures and the page should show, or leave it out")

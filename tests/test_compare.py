@@ -510,3 +510,9 @@ def test_cli_names_two_models_of_one_title_by_title_and_folder(minilm_path, tmp_
     printed = capsys.readouterr().out
     assert "A:       all-MiniLM-L6-v2 (model) (BertModel)" in printed
     assert "B:       all-MiniLM-L6-v2 (tuned) (BertModel)" in printed
+
+
+def test_the_same_tokens_listed_otherwise_are_named_not_a_bare_stop_iteration():
+    w = torch.rand(1, 2, 5, 5).softmax(-1)
+    with pytest.raises(AttentionHookerError, match="tokens are listed differently: A's are one list of 5 and B's 1"):
+        compare({"l": [w]}, {"l": [w]}, tokens_a=list("abcde"), tokens_b=[list("abcde")])

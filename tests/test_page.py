@@ -845,3 +845,22 @@ def test_the_grid_of_a_generation_draws_a_line_where_the_prompt_ends():
         sorted([(5.5, 5.5, 0, 1), (0, 1, 5.5, 5.5)])
     with pytest.raises(AttentionHookerError, match="prompt_length=11 is more than the 10 keys"):
         plot_attention_grid(torch.rand(1, 2, 10, 10).softmax(-1), prompt_length=11)
+
+
+def test_page_options_of_issue_26_refuse_what_they_cannot_show():
+    """Review of issue 26: score_ranges='abc' was a raw TypeError; a prompt longer than the keys, or with words,
+    was taken silently; the words of one tensor were 'lacking layers'."""
+    from attention_hooker import AttentionHookerTypeError, to_words
+
+    w = torch.rand(1, 2, 5, 5).softmax(-1)
+    with pytest.raises(AttentionHookerTypeError, match="score_ranges must map score names to values"):
+        render_html({"l": [w]}, score_ranges="abc")
+    with pytest.raises(AttentionHookerTypeError, match="not_applicable must map score names"):
+        render_html({"l": [w]}, not_applicable=["importance"])
+    with pytest.raises(AttentionHookerError, match="prompt_length=100 is more than the 5 keys of the longest call"):
+        render_html({"l": [w]}, tokens=list("abcde"), prompt_length=100)
+    words = to_words({"l": [w]}, [0, 0, 1, 2, 2])
+    with pytest.raises(AttentionHookerError, match="give prompt_length= or words=, not both"):
+        render_html({"l": [w]}, words=words, prompt_length=3)
+    with pytest.raises(AttentionHookerTypeError, match="to_words of one tensor gives one map"):
+        render_html({"l": [w]}, words=to_words(w, [0, 0, 1, 2, 2]))

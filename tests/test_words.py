@@ -222,3 +222,13 @@ def test_the_views_label_their_axes_by_words(minilm_words, tmp_path):
     assert {ax.images[0].get_array().shape for ax in fig.axes if ax.images} == {(9, 9)}
     page = render_html(words)  # a page of words alone: the words label its axes
     assert '"unbelievably"' in page.html and '"##bel"' not in page.html
+
+
+def test_spans_take_numpy_integers_as_word_ids_do():
+    """Review of issue 26: spans=[(np.int64(0), 2)] was refused as "two ints"."""
+    import numpy as np
+
+    w = torch.rand(1, 2, 4, 4).softmax(-1)
+    grouped = to_words(w, spans=[(np.int64(0), np.int32(2))])
+    assert grouped.weights.shape == (1, 2, 3, 3)
+    torch.testing.assert_close(grouped.weights, to_words(w, spans=[(0, 2)]).weights)

@@ -20,6 +20,7 @@ from .analysis.stats import head_entropy, sink_share
 from .errors import AttentionHookerError
 from .views.page import AttentionPage, PageScores
 from .views.page import render_html as render_page
+from .views.page.score_meta import score_mapping
 
 __all__ = ["render_html", "page_scores", "call_scores", "SHARE_SCORES"]
 
@@ -231,8 +232,9 @@ def render_html(
     return render_page(source, tokens, query_tokens=query_tokens, key_tokens=key_tokens, layers=layers,
                        title=title, compression_level=compression_level, pool_above=pool_above,
                        pool_size=pool_size, top_keys=top_keys, head_scores=head_scores,
-                       scores=scores, color_scale=color_scale, score_ranges={**ranges, **(score_ranges or {})},
-                       not_applicable={**notes, **(not_applicable or {})}, color_by=color_by,
+                       scores=scores, color_scale=color_scale,
+                       score_ranges={**ranges, **score_mapping(score_ranges, "score_ranges")},
+                       not_applicable={**notes, **score_mapping(not_applicable, "not_applicable")}, color_by=color_by,
                        prompt_length=prompt_length, words=words,
                        word_scores=None if words is None else page_scores(words, layers=layers), units=units)
 

@@ -372,9 +372,20 @@ def _same_tokens(tokens_a, tokens_b, labels) -> Optional[list]:
     if len(flat_a) != len(flat_b):
         raise AttentionHookerError(f"the two captures are not of the same tokens: {A} has {len(flat_a)} tokens and "
                                    f"{B} has {len(flat_b)}")
-    i = next(i for i, (x, y) in enumerate(zip(flat_a, flat_b)) if x != y)
+    i = next((i for i, (x, y) in enumerate(zip(flat_a, flat_b)) if x != y), None)
+    if i is None:  # the same tokens, listed otherwise (one list against one list per batch item)
+        raise AttentionHookerError(f"the two captures' tokens are listed differently: {A}'s are "
+                                   f"{_shape_of(la)} and {B}'s {_shape_of(lb)}; give both as one list, or both as "
+                                   "one list per batch item")
     raise AttentionHookerError(f"the two captures are not of the same tokens: token {i} is {flat_a[i]!r} in {A} and "
                                f"{flat_b[i]!r} in {B}")
+
+
+def _shape_of(tokens: list) -> str:
+    """``"one list of 5"`` or ``"2 lists of 5"``."""
+    if tokens and all(isinstance(t, list) for t in tokens):
+        return f"{len(tokens)} list(s) of {'/'.join(sorted({str(len(t)) for t in tokens}))}"
+    return f"one list of {len(tokens)}"
 
 
 def _as_list(tokens) -> Optional[list]:

@@ -152,7 +152,7 @@ def _spans_of(spans, positions: int, where: str) -> List[Tuple[int, int, Optiona
 
 def _pair(value, where: str) -> Tuple[int, int]:
     if (not isinstance(value, Sequence) or isinstance(value, (str, bytes)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
         raise AttentionHookerTypeError(f"{where} is {value!r}; expected (start, end): two ints, token positions")
     return int(value[0]), int(value[1])
 

@@ -196,7 +196,9 @@ def to_words(
         capture: a hooker, a loaded capture or ``{layer_name: [tensor per call]}``, each tensor
             ``(batch, heads, query, key)``; or one such tensor (``(heads, query, key)`` gets batch 1).
             Keys must be the tokens the word ids describe; queries are grouped when there are as
-            many (a capture that kept some rows, ``rows=``, keeps them).
+            many (a capture that kept some rows, ``rows=``, keeps them). The rule reads shapes only:
+            cross-attention whose other side happens to have as many tokens has its queries
+            grouped by these words too, so pass such layers apart (``layers=``) or not at all.
         word_ids: ``encoding.word_ids()`` of a fast tokenizer (one list, or one per batch row), or
             the encoding itself (``tokenizer(texts, ...)``): its word ids, tokens and attention mask
             for every row.

@@ -95,7 +95,9 @@ def _card_heading(card: Path) -> Optional[str]:
     if match is None:
         return None
     heading = re.sub(r"[*_`\[\]]", "", match.group(1)).strip()
-    return heading if 0 < len(heading) <= 60 and heading.lower() not in ("model card", "model") else None
+    heading = re.sub(r"^model card (for|of)\s+", "", heading, flags=re.IGNORECASE).strip()  # the Hub's template
+    generic = heading.lower() in ("model card", "model", "model id", "model name", "")
+    return heading if len(heading) <= 60 and not generic else None
 
 
 def load_hf_model(path, *, device: Optional[str] = None, dtype: Optional[str] = None) -> LoadedModel:

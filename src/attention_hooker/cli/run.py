@@ -58,6 +58,8 @@ def demo(args) -> None:
 
 
 def run(args) -> None:
+    if args.title is not None and not args.title.strip():
+        raise CommandError("--title is empty; give the name the pictures and the page should show, or leave it out")
     if args.overwrite and args.stream is None:
         raise CommandError("--overwrite goes with --stream FOLDER")
     if args.text is None and args.image is None:

@@ -24,7 +24,7 @@ import torch
 from ..._checks import one_of, positive_int, prepare_output_path
 from ...selection import selected_rows
 from ..._tensor import as_batched, require_positions, values_of
-from ...errors import AttentionHookerError
+from ...errors import AttentionHookerError, AttentionHookerTypeError
 from ..labels import SHOWN_CHARS, AxisLabels, positions_of, short_layer_names
 from ..plot import COLOR_SCALES
 from .compare import PageComparison, comparison_meta
@@ -327,6 +327,9 @@ def render_html(
     top_keys = positive_int(top_keys, "top_keys")
     color_scale = None if color_scale is None else one_of(color_scale, "color_scale", COLOR_SCALES)
     prompt_length = positive_int(prompt_length, "prompt_length", allow_none=True)
+    if prompt_length is not None and words is not None:
+        raise AttentionHookerError("prompt_length marks generated tokens, and generated tokens have no words: "
+                                   "give prompt_length= or words=, not both")
     units = one_of(units, "units", ("tokens", "words"))
     if units == "words" and words is None:
         raise AttentionHookerError("units='words' opens the page on words: pass words=to_words(capture, word_ids) too")
@@ -340,6 +343,11 @@ def render_html(
         for layer in extra["compare"]["layers"]:
             layer["name"], layer["short"] = _page_text(layer["name"]), _page_text(layer["short"])
     word_meta = None if words is None else _word_layers(words, layer_meta, word_scores, calls)
+    if prompt_length is not None:
+        longest = max((call["shape"][-1] for layer in layer_meta for call in layer["calls"]), default=0)
+        if prompt_length > longest:
+            raise AttentionHookerError(f"prompt_length={prompt_length} is more than the {longest} keys of the "
+                                       "longest call; it counts the prompt's tokens, the rest being generated")
     about = score_meta(layer_meta, score_ranges, not_applicable, color_by, _page_text)
     for layer, short in zip(layer_meta, short_layer_names([layer["name"] for layer in layer_meta])):
         layer["short"] = _page_text(short)  # row labels and the layer selector; the full name on hover
@@ -363,6 +371,10 @@ def _word_layers(words, layer_meta: list, word_scores: Optional[PageScores], cal
     Raises:
         AttentionHookerError: for words that lack a layer the page shows, or labels that fit none of their axes.
     """
+    if hasattr(words, "weights") and not isinstance(words, Mapping):  # to_words of one tensor
+        raise AttentionHookerTypeError("words= takes the words of a whole capture (to_words(capture, ...), one entry "
+                                       "per layer); to_words of one tensor gives one map, which plot_attention_grid "
+                                       "draws")
     word_values = values_of(words, require=False)
     missing = [layer["name"] for layer in layer_meta if layer["name"] not in word_values]
     if missing:

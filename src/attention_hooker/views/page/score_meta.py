@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
-from ...errors import AttentionHookerError
+from ...errors import AttentionHookerError, AttentionHookerTypeError
 
 __all__ = ["score_meta", "carried_scores"]
 
@@ -52,6 +52,8 @@ def score_meta(layer_meta: list, score_ranges: Optional[Mapping[str, Sequence[fl
                                        f"{', '.join(map(repr, carried)) or 'none'}")
         return text(name)
 
+    score_mapping(score_ranges, "score_ranges")
+    score_mapping(not_applicable, "not_applicable")
     ranges = {}
     for name, pair in (score_ranges or {}).items():
         name = known(name, "score_ranges")
@@ -71,3 +73,20 @@ def score_meta(layer_meta: list, score_ranges: Optional[Mapping[str, Sequence[fl
         notes[name] = text(why)
     return {"scoreRanges": ranges, "scoreNotes": notes,
             "colourBy": "" if color_by is None else known(color_by, "color_by")}
+
+
+_EXAMPLES = {"score_ranges": "{'induction': (0, 1)}", "not_applicable": "{'importance': 'needs a loss'}"}
+
+
+def score_mapping(given, what: str) -> Mapping:
+    """``given`` (``score_ranges`` or ``not_applicable``) as a mapping of score names; ``{}`` for ``None``.
+
+    Raises:
+        AttentionHookerTypeError: for anything but a mapping.
+    """
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise AttentionHookerTypeError(f"{what} must map score names to values, as {_EXAMPLES[what]}; "
+                                       f"got {type(given).__name__}")
+    return given
