@@ -108,3 +108,20 @@ def test_nothing_else_in_the_package_touches_a_private_api():
                     and node.value.attr == "aten":
                 found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} aten.{node.attr}")
     assert not found, found
+
+
+def test_no_function_modes_hides_calls_from_every_mode_and_ends_with_its_block():
+    seen = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 3)
+    with Watch():
+        with private.no_function_modes():
+            torch.softmax(x, -1)
+        assert seen == []
+        torch.softmax(x, -1)
+    assert torch.softmax in seen

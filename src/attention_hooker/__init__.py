@@ -23,6 +23,9 @@ _EXPORTS = {
     "compare": "analysis.compare", "AttentionComparison": "analysis.compare",
     "plot_head_comparison": "views.compare", "plot_distance_grid": "views.compare",
     "to_words": "analysis.words", "WordValues": "analysis.words", "WordAttention": "analysis.words",
+    "HeadIntervention": "intervene.intervention", "HeadRecording": "intervene.recording",
+    "record_heads": "intervene.recording", "top_k_keys": "intervene.acts", "block_keys": "intervene.acts",
+    "uniform_weights": "intervene.acts", "InterventionError": "errors",
 }
 
 
@@ -85,6 +88,13 @@ __all__ = [
     "to_words",
     "WordValues",
     "WordAttention",
+    "HeadIntervention",
+    "HeadRecording",
+    "record_heads",
+    "top_k_keys",
+    "block_keys",
+    "uniform_weights",
+    "InterventionError",
     "load",
     "SavedAttention",
     "to_bertviz",

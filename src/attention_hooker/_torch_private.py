@@ -15,7 +15,7 @@ import torch
 
 __all__ = ["tracing_state_active", "in_backward", "softmax_last_dim_into", "function_mode_stack",
            "take_mode_out", "REFCOUNTS_SUPPORTED", "refcount", "tensor_use_count", "storage_use_count",
-           "caller_frame", "frame_local"]
+           "caller_frame", "frame_local", "no_function_modes"]
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -87,3 +87,10 @@ def caller_frame(depth: int):
 def frame_local(frame, name: str):
     """A local variable of a running frame, or ``None`` (``frame.f_locals``)."""
     return frame.f_locals.get(name)
+
+
+def no_function_modes():
+    """A context in which no torch function mode (nor tensor subclass) sees a call
+    (``torch._C.DisableTorchFunction``): an intervention's own arithmetic, kept out of the
+    capture's sight."""
+    return torch._C.DisableTorchFunction()

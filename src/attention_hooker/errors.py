@@ -1,6 +1,6 @@
 """The library's exception and warning types."""
 
-__all__ = ["AttentionHookerError", "AttentionHookerTypeError", "AttentionCaptureWarning", "CommandError"]
+__all__ = ["AttentionHookerError", "AttentionHookerTypeError", "InterventionError", "AttentionCaptureWarning", "CommandError"]
 
 
 class AttentionHookerError(ValueError):
@@ -13,6 +13,13 @@ class AttentionHookerError(ValueError):
 class AttentionHookerTypeError(AttentionHookerError, TypeError):
     """An input of the wrong type (a model that is not an ``nn.Module``): the library's
     error, and a ``TypeError`` too, as Python code expects for a wrong type."""
+
+
+class InterventionError(AttentionHookerError):
+    """An intervention on heads that cannot be done as asked: a head the layer lacks, a map of
+    the wrong shape, a patch from a run of another shape, a layer the model does not have, or
+    an attention call the intervention cannot act on exactly. Raised rather than letting the
+    model run unchanged, so that a measured effect is never an intervention that did not happen."""
 
 
 class AttentionCaptureWarning(UserWarning):
