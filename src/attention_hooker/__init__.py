@@ -26,6 +26,8 @@ _EXPORTS = {
     "HeadIntervention": "intervene.intervention", "HeadRecording": "intervene.recording",
     "record_heads": "intervene.recording", "top_k_keys": "intervene.acts", "block_keys": "intervene.acts",
     "uniform_weights": "intervene.acts", "InterventionError": "errors",
+    "knockout_effects": "intervene.effects", "HeadEffects": "intervene.effects",
+    "language_model_loss": "intervene.effects", "mean_pooled_output": "intervene.effects",
 }
 
 
@@ -94,6 +96,10 @@ __all__ = [
     "top_k_keys",
     "block_keys",
     "uniform_weights",
+    "knockout_effects",
+    "HeadEffects",
+    "language_model_loss",
+    "mean_pooled_output",
     "InterventionError",
     "load",
     "SavedAttention",

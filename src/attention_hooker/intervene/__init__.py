@@ -5,7 +5,9 @@ them); the hooker's promise that the model runs unchanged holds outside an inter
 """
 
 from .acts import block_keys, top_k_keys, uniform_weights
+from .effects import HeadEffects, knockout_effects, language_model_loss, mean_pooled_output
 from .intervention import HeadIntervention
 from .recording import HeadRecording, record_heads
 
-__all__ = ["HeadIntervention", "HeadRecording", "record_heads", "top_k_keys", "block_keys", "uniform_weights"]
+__all__ = ["HeadIntervention", "HeadRecording", "record_heads", "top_k_keys", "block_keys", "uniform_weights",
+           "knockout_effects", "HeadEffects", "language_model_loss", "mean_pooled_output"]

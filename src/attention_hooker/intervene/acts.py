@@ -62,13 +62,21 @@ class Mean:
 
 
 class Gate:
-    """Scaling: the head's output times ``gates[position]`` (a tensor: gradients reach it)."""
+    """Scaling: the head's output times ``gates[..., position]`` (a tensor: gradients reach it);
+    gates ``(heads,)`` gate every batch item alike, ``(batch, heads)`` each item its own way."""
 
     def __init__(self, gates: torch.Tensor, position: int):
         self.gates, self.position = gates, position
 
     def output(self, call: Call, head: int, current: torch.Tensor) -> torch.Tensor:
-        return current * self.gates[self.position].to(current.dtype)
+        gate = self.gates[..., self.position].to(current.dtype).to(current.device)  # () or (batch,)
+        if gate.dim() == 1:
+            if gate.shape[0] != current.shape[0]:
+                raise InterventionError(
+                    f"layer {call.layer!r}: gates for {gate.shape[0]} batch items, but the call has "
+                    f"{current.shape[0]}; give (batch, heads) gates of the batch the model runs")
+            gate = gate.view(-1, *([1] * (current.dim() - 1)))  # (batch, 1, 1)
+        return current * gate
 
     def __repr__(self) -> str:
         return "scaled"

@@ -99,9 +99,10 @@ class HeadIntervention:
 
         Args:
             layer: the attention module's name.
-            gates: a tensor ``(len(heads),)`` (or a list of numbers); pass one with
-                ``requires_grad=True`` to get gradients with respect to the gates (it is used as
-                it is, not copied).
+            gates: a tensor ``(len(heads),)`` (or a list of numbers), or ``(batch, len(heads))``
+                for a gate per batch item (many knock-outs in one forward: item ``i`` gated
+                its own way); pass one with ``requires_grad=True`` to get gradients with
+                respect to the gates (it is used as it is, not copied).
             heads: the heads the gates belong to, in order; ``None``: every head of the layer.
 
         Returns:
@@ -118,10 +119,10 @@ class HeadIntervention:
                 gates = torch.tensor(gates, dtype=torch.float32)
             except (TypeError, ValueError, RuntimeError):
                 raise InterventionError(f"gates must be a tensor (heads,) or a list of numbers, got {gates!r}") from None
-        if gates.shape != (len(listed),):
+        if gates.dim() not in (1, 2) or gates.shape[-1] != len(listed):
             raise InterventionError(
                 f"layer {plan.name!r}: gates of shape {tuple(gates.shape)} for {len(listed)} heads {listed}: "
-                f"expected ({len(listed)},), one gate per head")
+                f"expected ({len(listed)},), one gate per head, or (batch, {len(listed)}), one per item and head")
         if not gates.is_floating_point():
             raise InterventionError(f"gates must be floating point, got {gates.dtype}")
         plan.add(listed, lambda position: Gate(gates, position), kind="output")
