@@ -557,8 +557,9 @@ def test_heads_scores_every_head_of_the_real_minilm(minilm_path, tmp_path, capsy
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 * 12 and set(rows[0]) == {"layer", "head", "previous_token", "duplicate_token", "induction",
                                                     "first_token_share", "first_token_norm_share", "sink_head",
-                                                    "confidence", "importance", "retrieval"}
+                                                    "confidence", "importance", "retrieval", "knockout"}
     assert all(r["importance"] == "" and r["retrieval"] == "" for r in rows), "an encoder has neither: empty, not 0"
+    assert all(r["knockout"] == "" for r in rows), "measured with --ablate only"
     # Kobayashi et al.'s finding, on the real MiniLM: [CLS] takes much of the weight, little of the norm.
     weight = sum(float(r["first_token_share"]) for r in rows) / len(rows)
     norm = sum(float(r["first_token_norm_share"]) for r in rows) / len(rows)
@@ -568,7 +569,7 @@ def test_heads_scores_every_head_of_the_real_minilm(minilm_path, tmp_path, capsy
     meta = json.loads(page.split('id="ah-meta">')[1].split("</script>")[0])
     layer0 = meta["layers"][0]["scores"]
     assert set(layer0) == {"previous token", "duplicate token", "induction", "first token norm share", "sink head",
-                           "importance", "retrieval"} and layer0["importance"] == [None] * 12
+                           "importance", "retrieval", "knockout"} and layer0["importance"] == [None] * 12
     assert layer0["previous token"][2] == pytest.approx(1.0, abs=1e-3)
     assert all(r["sink_head"] == ("1" if float(r["first_token_share"]) > 0.3 else "0") for r in rows)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
@@ -877,3 +878,37 @@ def test_the_hub_card_template_s_heading_names_nothing_and_an_empty_title_is_ref
     assert model_title(folder) == "tiny-bert-sst2"
     assert _error(capsys, "run", "--model", str(folder), "--text", "a", "--title", " ").endswith(
         "--title is empty; give the name the pictures and the page should show, or leave it out")
+
+
+
+def test_heads_ablate_measures_each_heads_knock_out_beside_its_roles(minilm_path, saved_models, tmp_path, capsys):
+    """Issue 27, part 2: the knockout column is each head's measured effect (knockout_effects), its cost said first."""
+    import transformers
+
+    from attention_hooker import knockout_effects, language_model_loss, mean_pooled_output
+
+    assert main(["heads", "--model", str(minilm_path), "--out", str(tmp_path / "m"), "--ablate",
+                 "--layers", "layer\\.[05]\\.attention\\.self$"]) == 0
+    captured = capsys.readouterr()
+    assert "knock-outs: 24 knock-outs, 16 per forward: 3 forwards" in captured.err
+    assert "knockout:               encoder.layer." in captured.out and "1 - cosine" in captured.out
+    with open(tmp_path / "m" / "head_roles.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    model = transformers.AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa").eval()
+    from attention_hooker.cli.workflows import DEFAULT_DEMO_TEXT
+
+    inputs = dict(tokenizer(DEFAULT_DEMO_TEXT, return_tensors="pt"))
+    inputs.pop("token_type_ids")
+    expected = knockout_effects(model, inputs, mean_pooled_output,
+                                layers=["encoder.layer.0.attention.self", "encoder.layer.5.attention.self"])
+    got = {(r["layer"], int(r["head"])): float(r["knockout"]) for r in rows}
+    assert len(got) == 24
+    for layer, values in expected.items():
+        for head, value in enumerate(values.tolist()):
+            assert got[(layer, head)] == pytest.approx(value, rel=1e-3, abs=1e-6)
+    assert main(["heads", "--model", str(saved_models["gpt2"]), "--out", str(tmp_path / "g"), "--ablate"]) == 0
+    out = capsys.readouterr().out
+    assert "the language-model loss on the text, knocked out minus plain" in out
+    assert "--ablate measures encoders and decoders; T5ForConditionalGeneration is an encoder-decoder" in _error(
+        capsys, "heads", "--model", str(saved_models["t5"]), "--out", str(tmp_path / "t"), "--ablate")

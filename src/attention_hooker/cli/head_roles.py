@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import csv
 import math
+import re
+import sys
 from pathlib import Path
 from typing import Dict, Optional
 import torch
 from ..errors import AttentionHookerError, CommandError
-from .models import LoadedModel, to_model_device, token_labels
+from .models import LoadedModel, to_model_device, token_labels, with_article
 from .outputs import prepare_out
 
 
 ROLE_COLUMNS = ("previous_token", "duplicate_token", "induction", "first_token_share", "first_token_norm_share",
-                "sink_head", "confidence", "importance", "retrieval")
+                "sink_head", "confidence", "importance", "retrieval", "knockout")
 
 
 SINK_THRESHOLD = 0.3  # Gu et al. (2024)'s epsilon
@@ -30,14 +32,19 @@ ROLE_FLOOR = 0.1
 """A bounded role's summary names its strongest head only when it scores at least this: an
 encoder's best induction score of 0.01 is no induction head."""
 
+KNOCKOUT_METRICS = {"decoder": "the language-model loss on the text, knocked out minus plain",
+                    "encoder": "1 - cosine between the mean-pooled last hidden states, knocked out and plain"}
+"""What ``--ablate`` measures per model kind (the ``knockout`` column): a head's measured effect."""
+
 WHY_NOT = {"importance": "needs a language-model loss (an encoder without its head has none)",
+           "knockout": "measured with --ablate (each head knocked out, its effect on the output)",
            "retrieval": "measured while a decoder generates",
            "first_token_norm_share": "needs the value vectors and the output projection (found in no layer)"}
 """Why a score is NaN (does not apply), said by the summary and on the page."""
 
 
 def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, repeat_length: int = 50,
-               seed: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
+               seed: int = 0, ablate: bool = False, on_plan=None) -> Dict[str, Dict[str, torch.Tensor]]:
     """Each self-attention head's role scores: previous-token, duplicate-token, first-token
     share, the first token's share of the value-weighted norms (Kobayashi et al. 2020), sink head
     (share above 0.3) and confidence on ``text``; induction on a random
@@ -45,6 +52,8 @@ def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, 
     induction target); importance (Michel et al. 2019) from the gradients of the language-model
     loss on ``text`` (models with a language-model head); retrieval (Wu et al. 2024) while a
     decoder, prompted with the random sequence and the first half of its repeat, writes the rest.
+    With ``ablate``, each head's measured knock-out effect on the text (:data:`KNOCKOUT_METRICS`;
+    ``on_plan`` is told the cost before the knock-outs run).
 
     Returns:
         ``{layer: {column: (heads,) float64}}`` in model order (columns: :data:`ROLE_COLUMNS`);
@@ -75,6 +84,7 @@ def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, 
     with torch.no_grad(), TransformerAttentionHooker(model, layers) as on_repeat:
         forward(repeated["input_ids"])
     importance = _head_importance(loaded, enc, layers, forward)
+    knockout = _knockout(loaded, enc, layers, on_plan) if ablate else {}
     retrieval = _retrieval(loaded, repeated["input_ids"], repeat_length, layers)
     roles = {}
     for name, calls in on_text.values.items():
@@ -94,6 +104,7 @@ def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, 
             "confidence": head_confidence(w)[0],
             "importance": importance.get(name, missing).cpu(),
             "retrieval": retrieval.get(name, missing).cpu(),
+            "knockout": knockout.get(name, missing).cpu(),
         }
     if not roles:
         raise CommandError(f"{loaded.name} has no self-attention layer to score (query == key)")
@@ -138,6 +149,20 @@ def _head_importance(loaded: LoadedModel, enc, layers, forward) -> Dict[str, tor
                 if calls[0].shape[-1] == calls[0].shape[-2] and hooker.gradients.get(name)}
     finally:
         model.zero_grad(set_to_none=True)  # the model's parameters keep no gradient of ours
+
+
+def _knockout(loaded: LoadedModel, enc, layers: Optional[str], on_plan) -> Dict[str, torch.Tensor]:
+    """Each head's measured effect on the text when it is knocked out (:data:`KNOCKOUT_METRICS`), batched."""
+    from ..capture.discovery import find_attention_modules
+    from ..intervene.effects import knockout_effects, language_model_loss, mean_pooled_output
+
+    if loaded.kind not in KNOCKOUT_METRICS:
+        raise CommandError(f"--ablate measures encoders and decoders; {loaded.name} is {with_article(loaded.kind)}")
+    names = [name for name, _ in find_attention_modules(loaded.model) if layers is None or re.search(layers, name)]
+    inputs = {"input_ids": enc["input_ids"], **({"attention_mask": enc["attention_mask"]} if "attention_mask" in enc
+                                                 else {})}
+    metric = language_model_loss if loaded.kind == "decoder" else mean_pooled_output
+    return dict(knockout_effects(loaded.model, inputs, metric, layers=names, on_plan=on_plan))
 
 
 def _retrieval(loaded: LoadedModel, repeated: torch.Tensor, length: int, layers) -> Dict[str, torch.Tensor]:
@@ -214,7 +239,11 @@ def command(args) -> None:
     workflows.prepare_out(args.out)
     loaded = workflows.load_hf_model(args.model)
     text = args.text if args.text is not None else workflows.DEFAULT_DEMO_TEXT
-    roles = workflows.head_roles(loaded, text, layers=args.layers, repeat_length=args.repeat_length)
+    def say_cost(plan) -> None:
+        print(f"knock-outs: {plan} ...", file=sys.stderr, flush=True)
+
+    roles = workflows.head_roles(loaded, text, layers=args.layers, repeat_length=args.repeat_length,
+                                 ablate=args.ablate, on_plan=say_cost)
     path = workflows.write_head_roles(roles, args.out)
     page = workflows.write_head_roles_page(loaded, text, roles, args.out, layers=args.layers)
     names = list(roles)
@@ -233,6 +262,8 @@ def command(args) -> None:
             print(f"{column + ':':<24}no head reaches {ROLE_FLOOR} (largest {float(table.max()):.3f})")
             continue
         layer, head = divmod(int(table.argmax()), table.shape[1])
-        print(f"{column + ':':<24}{names[layer]} head {head} ({float(table.max()):.2f})")
+        measured = f"; {KNOCKOUT_METRICS[loaded.kind]}" if column == "knockout" else ""
+        value = f"{float(table.max()):.4g}" if measured else f"{float(table.max()):.2f}"
+        print(f"{column + ':':<24}{names[layer]} head {head} ({value}{measured})")
     print(f"csv:     {path}")
     print(f"page:    {page}  (its overview coloured by any of these scores: 'colour by'; shares on [0, 1])")

@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--repeat-length", type=_positive_int, default=50, metavar="N",
                        help="tokens of the random sequence seen twice, for induction (default: %(default)s)")
     heads.add_argument("--out", default="attention-heads", help="output folder (default: %(default)s)")
+    heads.add_argument("--ablate", action="store_true",
+                       help="also knock out each head and measure its effect on the text (decoders: the language-"
+                            "model loss; encoders: 1 - cosine of the mean-pooled output): the knockout column, "
+                            "batched 16 knock-outs per forward, its cost said first")
 
     flow = commands.add_parser(
         "flow",
