@@ -26,6 +26,8 @@ PICTURES: Dict[str, str] = {
     "pooled.png": "512 tokens pooled into 64 x 64 block means while the model runs (PooledAttention)",
     "rollout.png": "Attention rollout through the six layers: how much each token can reach each other one",
     "head-scores.png": "Per-head scores, layers x heads: entropy, first-token share, previous token, confidence",
+    "induction.png": "A trained toy model's previous-token and induction heads on random tokens seen twice, and "
+                     "what knocking out each head costs",
 }
 
 SENTENCE = "The cat sat on the mat because it was tired, and the dog watched it from the door."
@@ -88,7 +90,45 @@ def make_gallery(out) -> List[Path]:
     plot_attention_grid(pooled.values[layers[0]][0], heads=[0, 1, 2, 3], ncols=4, panel_size=2.6,
                         color_scale="sqrt", layer_name=f"{layers[0]}, 512 tokens in 64 blocks",
                         save_path=out / "pooled.png")
+    _induction(out / "induction.png")
     return [out / name for name in PICTURES]
+
+
+def _induction(path) -> None:
+    """The toy induction model (attention_hooker.examples.induction) on 24 random tokens seen twice:
+    its previous-token head, an induction head, and each head's knock-out cost on the repeated half."""
+    import torch.nn.functional as F
+    from matplotlib.figure import Figure
+
+    from attention_hooker import TransformerAttentionHooker, knockout_effects
+    from attention_hooker.examples.induction import load_induction_model, repeated_random_tokens
+
+    model, config = load_induction_model()
+    ids = repeated_random_tokens(64, config, generator=torch.Generator().manual_seed(2027))
+
+    def repeated_loss(logits, ids):  # (batch,): the next-token loss on the repeated half
+        per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
+        return per_token[:, config.half:].mean(1)
+
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(ids[:1])
+    effects = knockout_effects(model, ids, repeated_loss)
+    fig = Figure(figsize=(14, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.3])
+    for ax, (layer, head, title) in zip(axes, [("layers.0", 3, "layer 0 head 3: the previous token"),
+                                               ("layers.1", 0, "layer 1 head 0: the token after its last copy")]):
+        ax.imshow(hooker.values[layer][0][0, head].numpy(), cmap="viridis", interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("key position")
+        ax.set_ylabel("query position")
+    names = [f"L{layer[-1]} H{head}" for layer, values in effects.items() for head in range(len(values))]
+    moved = torch.cat(list(effects.values())).numpy()
+    axes[2].bar(names, moved, color=["#2563eb" if name in ("L0 H3", "L1 H0", "L1 H2", "L1 H3") else "#9ca3af"
+                                     for name in names])
+    axes[2].set_ylabel("repeated-half loss added (nats)")
+    axes[2].set_title("each head knocked out (measured)", fontsize=10)
+    fig.suptitle("Induction heads of a 2-layer attention-only model, found and tested with the library")
+    fig.savefig(path)
 
 
 def _head_scores(values, path, head_entropy, sink_share, previous_token_score, head_confidence) -> None:
