@@ -96,3 +96,20 @@ def test_mistakes_are_named():
     with pytest.raises(InterventionError, match="inputs must be a tensor"):
         knockout_effects(attention, [x], lambda out, _: out[0].sum((1, 2)), **run)
     assert knockout_plan({"a": 2}, per_forward=16).forwards == 2
+
+
+def test_the_language_model_loss_of_a_left_padded_text_is_the_texts_own():
+    """Review: the first real token was scored as predicted from the pad before it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=30,
+                                                                 n_positions=16)).eval()
+    ids = torch.randint(1, 30, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], dim=1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        alone = language_model_loss(model(input_ids=ids), {"input_ids": ids})
+        left = language_model_loss(model(input_ids=padded, attention_mask=mask, position_ids=position_ids),
+                                   {"input_ids": padded, "attention_mask": mask})
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention_hooker import (HeadIntervention, TransformerAttentionHooker, head_importance, induction_score,
-                              knockout_effects, previous_token_score, record_heads)
+from attention_hooker import (HeadIntervention, TransformerAttentionHooker, duplicate_token_score, head_importance,
+                              induction_score, knockout_effects, previous_token_score, record_heads)
 from attention_hooker.examples.induction import load_induction_model, repeated_random_tokens
 
 
@@ -63,13 +63,21 @@ def test_knocking_out_the_induction_heads_removes_the_copy_and_other_heads_do_no
     assert first > 4.0 and repeated < 0.3  # ln 64 = 4.16 on random tokens; the repeat is copied
     drop = first - repeated
     _, without_induction = _losses(model, ids, half, HeadIntervention(model).knock_out("layers.1", [0, 2, 3]))
-    _, without_others = _losses(model, ids, half,
-                                HeadIntervention(model).knock_out("layers.1", [1]).knock_out("layers.0", [1]))
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(ids)
+    unnamed = {name: [h for h in range(4) if max(induction_score(calls[0], ids).mean(0)[h],
+                                                 previous_token_score(calls[0]).mean(0)[h],
+                                                 duplicate_token_score(calls[0], ids).mean(0)[h]) < 0.1]
+               for name, calls in hooker.values.items()}
+    assert unnamed == {"layers.0": [1], "layers.1": [1]}  # the heads no role score names
+    _, without_unnamed = _losses(model, ids, half, HeadIntervention(model).knock_out("layers.0", unnamed["layers.0"])
+                                 .knock_out("layers.1", unnamed["layers.1"]))
     assert (without_induction - repeated) / drop > 0.9, "the induction heads carry the copy"
-    assert (without_others - repeated) / drop < 0.05, "the other heads do not"
+    assert (without_unnamed - repeated) / drop < 0.05, "the heads no score names do not"
     effects = knockout_effects(model, ids, _per_item_repeated_loss(half))
     ranked = [(layer, head) for layer, head, _ in effects.ranked()]
     assert ranked[0] == ("layers.0", 3), "the previous-token head: every induction head reads it"
+    # the duplicate-token head (layer 0 head 0), which the induction story does not name, matters too
     assert set(ranked[:4]) == {("layers.0", 3), ("layers.1", 0), ("layers.1", 3), ("layers.0", 0)}
     assert abs(effects["layers.1"][1].item()) < 0.05  # the layer-1 head that is no induction head
 

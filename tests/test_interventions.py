@@ -367,3 +367,85 @@ def test_bad_input_gets_a_clear_error():
             training(x, x, x)
     assert issubclass(InterventionError, AttentionHookerError) and issubclass(InterventionError, ValueError)
     assert _hooks_on(model) == 0 and _hooks_on(training) == 0
+
+
+# ------------------------------------------------------------------ review of issue 27
+def test_a_compiled_model_is_refused_and_a_block_where_nothing_ran_warns():
+    """Review: under torch.compile an intervention (or a recording) silently did nothing."""
+    import warnings as warnings_module
+
+    from attention_hooker import AttentionCaptureWarning, record_heads
+
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True).eval()
+    compiled = torch.compile(layer, backend="eager")
+    with pytest.raises(InterventionError, match="torch.compile wrapper: its compiled code does not run the hooks"):
+        HeadIntervention(compiled)
+    with pytest.raises(InterventionError, match="torch.compile wrapper"):
+        record_heads(compiled)
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50,
+                                                                n_positions=16)).eval()
+    built = torch.compile(gpt2, backend="eager")
+    ids = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        built(ids)  # code built before the intervention: it runs no hook of ours
+        with pytest.warns(AttentionCaptureWarning, match="no layer of this intervention .* ran inside its block"):
+            with HeadIntervention(gpt2).knock_out("transformer.h.1.attn", 0) as intervention:
+                built(ids)
+        assert intervention.calls == {"transformer.h.1.attn": 0}
+        with pytest.warns(AttentionCaptureWarning, match="the recording holds no call"):
+            with record_heads(gpt2, ["transformer.h.1.attn"]):
+                built(ids)
+        with warnings_module.catch_warnings():
+            warnings_module.simplefilter("error")
+            with HeadIntervention(gpt2).knock_out("transformer.h.1.attn", 0) as intervention:
+                gpt2(ids)  # the uncompiled model: acted on, no warning
+        assert intervention.calls == {"transformer.h.1.attn": 1}
+
+
+def test_review_mistakes_are_refused(minilm_sdpa):
+    """Review: a layer added while the block ran was silently ignored; a container acted on all it held;
+    block_keys('a') was a raw TypeError and heads=[1.0] passed for head 1."""
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True).eval()
+    stack = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    intervention = HeadIntervention(stack).knock_out("layers.0.self_attn", 0)
+    with torch.no_grad(), intervention:
+        with pytest.raises(InterventionError, match="'layers.1.self_attn' is new to this intervention"):
+            intervention.knock_out("layers.1.self_attn", 0)
+        stack(torch.randn(1, 4, 8))
+    with pytest.raises(InterventionError, match="holds attention modules .*'encoder.layer.0.attention.self'"):
+        HeadIntervention(minilm_sdpa).knock_out("", 0)
+    with pytest.raises(InterventionError, match="block_keys takes key positions"):
+        from attention_hooker import block_keys
+        block_keys("a")
+    with pytest.raises(InterventionError, match="heads must be an int or a sequence of ints"):
+        HeadIntervention(stack).knock_out("layers.0.self_attn", [1.0])
+
+
+def test_a_mean_knock_out_leaves_the_references_padding_out(minilm_sdpa, minilm_tokenizer):
+    from attention_hooker import record_heads
+
+    name = "encoder.layer.2.attention.self"
+    reference = minilm_tokenizer(["A short one.", "A rather longer sentence than the first."], padding=True,
+                                 return_tensors="pt")
+    with torch.no_grad(), record_heads(minilm_sdpa, [name]) as recording:
+        minilm_sdpa(**reference)
+    outputs, mask = recording.outputs[name][0], reference["attention_mask"]  # (B, H, Q, D), (B, Q)
+    real = outputs.permute(0, 2, 1, 3)[mask.bool()]  # (real tokens, H, D): by hand
+    expected_mean = real.double().mean(0).float()  # (H, D)
+    probe = minilm_tokenizer("The cat sat.", return_tensors="pt")
+    hooked = []
+    dense = minilm_sdpa.encoder.layer[2].attention.output.dense
+    handle = dense.register_forward_pre_hook(lambda m, args: hooked.append(args[0].clone()))
+    try:
+        with torch.no_grad(), HeadIntervention(minilm_sdpa).knock_out(name, 4, mode="mean", reference=recording,
+                                                                       reference_mask=mask):
+            minilm_sdpa(**probe)
+    finally:
+        handle.remove()
+    head = hooked[0].view(1, -1, 12, 32)[0, :, 4]  # (Q, D): head 4's slice of the projection's input
+    torch.testing.assert_close(head, expected_mean[4].expand_as(head), atol=1e-6, rtol=1e-5)
+    with pytest.raises(InterventionError, match=r"reference_mask is \(1, 3\)"):
+        HeadIntervention(minilm_sdpa).knock_out(name, 4, mode="mean", reference=recording,
+                                                reference_mask=torch.ones(1, 3))

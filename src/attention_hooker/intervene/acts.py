@@ -7,6 +7,7 @@ from the one it had."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, NamedTuple, Sequence, Union
 
 import torch
@@ -211,6 +212,13 @@ def block_keys(keys: Keys) -> Callable[[torch.Tensor], torch.Tensor]:
         >>> block_keys([0])(torch.tensor([[[0.5, 0.25, 0.25]]]))
         tensor([[[0.0000, 0.5000, 0.5000]]])
     """
+    listed = [keys] if isinstance(keys, numbers.Integral) else keys
+    if not (isinstance(keys, torch.Tensor) and keys.dtype == torch.bool) and (
+            isinstance(listed, (str, bytes)) or not isinstance(listed, (Sequence, torch.Tensor))
+            or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) for k in
+                   (listed.reshape(-1).tolist() if isinstance(listed, torch.Tensor) else listed))):
+        raise InterventionError(f"block_keys takes key positions (ints) or a bool mask (key,), got {keys!r}")
+
     def blocked(weights: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(weights.shape[-1], dtype=torch.bool, device=weights.device)
         if isinstance(keys, torch.Tensor) and keys.dtype == torch.bool:

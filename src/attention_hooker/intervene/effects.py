@@ -10,7 +10,7 @@ before any work.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -117,7 +117,9 @@ def knockout_effects(model: nn.Module, inputs, metric: Metric, *, layers: Option
             base = _per_item(metric(forward(model, inputs), inputs), batch, "the plain run")
     heads = {layer: calls[0].shape[1] for layer, calls in recording.outputs.items() if calls}
     if not heads:
-        raise InterventionError("no attention layer ran: nothing to knock out (is `layers` right?)")
+        raise InterventionError("no attention layer ran: nothing to knock out (is `layers` right? a model compiled "
+                                "with torch.compile before this runs compiled code without hooks: pass the "
+                                "uncompiled one)")
     plan = knockout_plan(heads, per_forward)
     if on_plan is not None:
         on_plan(plan)
@@ -189,13 +191,15 @@ def _default_forward(model: nn.Module, inputs):
 
 def language_model_loss(output, inputs) -> torch.Tensor:
     """Per item, the mean next-token cross-entropy of a causal language model on its input
-    (``output.logits`` (batch, tokens, vocab) against ``inputs["input_ids"]``; padding, where
-    ``attention_mask`` is 0, left out): ``(batch,)``."""
+    (``output.logits`` (batch, tokens, vocab) against ``inputs["input_ids"]``; a prediction counts
+    where both the token it is made from and the token it predicts are real, ``attention_mask`` 1):
+    ``(batch,)``."""
     logits = output.logits if hasattr(output, "logits") else output[0]
     ids = inputs["input_ids"]
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
     mask = inputs.get("attention_mask")
-    kept = torch.ones_like(losses) if mask is None else mask[:, 1:].to(losses.dtype)
+    # a prediction counts where it is made from a real token of a real token (left padding: not from a pad)
+    kept = torch.ones_like(losses) if mask is None else (mask[:, :-1] * mask[:, 1:]).to(losses.dtype)
     return (losses * kept).sum(1) / kept.sum(1).clamp(min=1)
 
 

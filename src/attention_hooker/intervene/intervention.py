@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..capture.discovery import check_module
-from ..errors import InterventionError
+from ..errors import AttentionCaptureWarning, InterventionError
 from .acts import Gate, GivenMap, MapOfOwn, Mean, PatchOutput, PatchWeights, Zero
 from .engine import Engine
-from .plans import LayerPlan, head_list, resolve_layer
+from .plans import LayerPlan, head_list, refuse_compiled, resolve_layer
 from .recording import HeadRecording
 
 __all__ = ["HeadIntervention"]
@@ -57,13 +58,14 @@ class HeadIntervention:
 
     def __init__(self, model: nn.Module):
         check_module(model)
+        refuse_compiled(model)
         self.model = model
         self._plans: Dict[str, LayerPlan] = {}
         self._engine: Optional[Engine] = None
 
     # ------------------------------------------------------------------ acts
     def knock_out(self, layer: str, heads: Heads, *, mode: str = "zero",
-                  reference: Optional[HeadRecording] = None) -> "HeadIntervention":
+                  reference: Optional[HeadRecording] = None, reference_mask=None) -> "HeadIntervention":
         """Knocks heads out: their output ``(batch, query, head_dim)`` becomes 0, or their mean.
 
         Args:
@@ -73,6 +75,9 @@ class HeadIntervention:
                 reference run's items and query positions (one ``(head_dim,)`` vector per head,
                 the same at every position; it fits an input of any length).
             reference: with ``mode="mean"``, a :class:`HeadRecording` of the layer (:func:`record_heads`).
+            reference_mask: with ``mode="mean"``, the reference's real tokens ``(batch, query)``
+                (``attention_mask``: 1 real, 0 padding): padded query positions are left out of
+                the mean. Without it every position counts, padding included.
 
         Returns:
             This intervention.
@@ -84,11 +89,11 @@ class HeadIntervention:
         plan = self._plan(layer)
         listed = head_list(plan, heads)
         if mode == "zero":
-            if reference is not None:
+            if reference is not None or reference_mask is not None:
                 raise InterventionError("knock_out(mode='zero') takes no reference (it is for mode='mean')")
             plan.add(listed, lambda _: Zero(), kind="output")
         elif mode == "mean":
-            means = _mean_outputs(reference, plan.name)  # (H, Dv)
+            means = _mean_outputs(reference, plan.name, reference_mask)  # (H, Dv)
             plan.add(listed, lambda _: Mean(means), kind="output")
         else:
             raise InterventionError(f"knock_out mode must be 'zero' or 'mean', got {mode!r}")
@@ -228,10 +233,15 @@ class HeadIntervention:
         self._engine.install()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.remove()
+        if exc_type is None and not any(plan.calls for plan in self._plans.values()):
+            warnings.warn(
+                f"no layer of this intervention ({', '.join(map(repr, self._plans))}) ran inside its block: nothing "
+                "was changed. Was the model called? Code torch.compile built before the intervention does not run "
+                "its hooks: call the uncompiled model", AttentionCaptureWarning, stacklevel=2)
 
     def __repr__(self) -> str:
         parts = []
@@ -243,14 +253,19 @@ class HeadIntervention:
     def _plan(self, layer: str) -> LayerPlan:
         name, module = resolve_layer(self.model, layer)
         plan = self._plans.get(name)
+        if plan is None and self._engine is not None:
+            raise InterventionError(
+                f"layer {name!r} is new to this intervention, which is already on the model: its hooks are on the "
+                f"layers it had when the block began ({', '.join(map(repr, self._plans))}); add every layer before "
+                "`with`")
         if plan is None:
             plan = self._plans[name] = LayerPlan(name, module)
         return plan
 
 
-def _mean_outputs(reference, layer: str) -> torch.Tensor:
+def _mean_outputs(reference, layer: str, mask=None) -> torch.Tensor:
     """Each head's mean output ``(heads, head_dim)`` over every item and query position of the
-    reference's calls of ``layer``."""
+    reference's calls of ``layer`` (with ``mask`` ``(batch, query)``: its real positions only)."""
     if not isinstance(reference, HeadRecording):
         raise InterventionError(
             "knock_out(mode='mean') needs reference=, a HeadRecording of the layer (from record_heads), got "
@@ -258,6 +273,21 @@ def _mean_outputs(reference, layer: str) -> torch.Tensor:
     calls = reference.outputs.get(layer)
     if not calls:
         raise InterventionError(f"the reference holds no call of layer {layer!r}; it holds {sorted(reference.outputs)}")
-    total = sum(call.double().sum(dim=(0, 2)) for call in calls)  # (H, Dv)
-    count = sum(call.shape[0] * call.shape[2] for call in calls)
+    if mask is None:
+        total = sum(call.double().sum(dim=(0, 2)) for call in calls)  # (H, Dv)
+        count = sum(call.shape[0] * call.shape[2] for call in calls)
+        return (total / count).to(calls[0].dtype)
+    mask = torch.as_tensor(mask)
+    total, count = 0, 0
+    for call in calls:  # (B, H, Q, Dv)
+        if tuple(mask.shape) != (call.shape[0], call.shape[2]):
+            raise InterventionError(
+                f"reference_mask is {tuple(mask.shape)}; the reference's calls of layer {layer!r} are (batch, query) "
+                f"= {(call.shape[0], call.shape[2])}")
+        real = mask.to(device=call.device, dtype=torch.float64)[:, None, :, None]  # (B, 1, Q, 1)
+        total = total + (call.double() * real).sum(dim=(0, 2))
+        count = count + real.sum()
+    if float(count) == 0:
+        raise InterventionError("reference_mask marks no real token: nothing to average")
     return (total / count).to(calls[0].dtype)
+

@@ -3,17 +3,19 @@ one function that applies them to a call's head outputs ``(batch, heads, query, 
 
 from __future__ import annotations
 
+import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ..capture.diagnostics import is_compiled
 from ..capture.discovery import find_attention_modules
 from ..capture.heads import declared_heads
 from ..errors import InterventionError
 from .acts import Call
 
-__all__ = ["LayerPlan", "resolve_layer", "resolve_layers", "head_list"]
+__all__ = ["LayerPlan", "resolve_layer", "resolve_layers", "head_list", "refuse_compiled"]
 
 
 class LayerPlan:
@@ -96,11 +98,10 @@ def head_list(plan: LayerPlan, heads) -> List[int]:
             raise InterventionError(
                 f"layer {plan.name!r} declares no head count (num_heads, num_attention_heads, ...): name its heads")
         return list(range(plan.heads))
-    listed = [heads] if isinstance(heads, int) else heads
+    given = [heads] if isinstance(heads, numbers.Integral) else heads
     try:
-        listed = [int(h) for h in listed]
-        bad = [h for h, given in zip(listed, [heads] if isinstance(heads, int) else heads)
-               if isinstance(given, bool) or h != given]
+        bad = [h for h in given if isinstance(h, bool) or not isinstance(h, numbers.Integral)]
+        listed = [int(h) for h in given]
     except (TypeError, ValueError):
         bad = [heads]
     if bad:
@@ -125,6 +126,12 @@ def resolve_layer(model: nn.Module, layer: str) -> Tuple[str, nn.Module]:
         shown = ", ".join(repr(n) for n in known[:6]) + (", ..." if len(known) > 6 else "")
         raise InterventionError(
             f"{type(model).__name__} has no module named {layer!r}; its attention layers are: {shown or 'none found'}")
+    inner = [name for name, _ in find_attention_modules(modules[layer]) if name]
+    if inner:  # a container: its attention calls could be self- and cross-attention, counted together
+        prefix = f"{layer}." if layer else ""
+        shown = ", ".join(repr(prefix + n) for n in inner[:4]) + (", ..." if len(inner) > 4 else "")
+        raise InterventionError(
+            f"{layer!r} holds attention modules ({shown}): name each attention module, not what holds them")
     return layer, modules[layer]
 
 
@@ -139,3 +146,15 @@ def resolve_layers(model: nn.Module, layers: Optional[Sequence[str]], *, recorde
             layers = [layers]
         found = [resolve_layer(model, layer) for layer in layers]
     return {name: LayerPlan(name, module, recorder) for name, module in found}
+
+
+def refuse_compiled(model: nn.Module) -> None:
+    """Interventions act through hooks, which code ``torch.compile`` built does not run.
+
+    Raises:
+        InterventionError: for a ``torch.compile`` wrapper.
+    """
+    if is_compiled(model):
+        raise InterventionError(
+            f"{type(model).__name__} is a torch.compile wrapper: its compiled code does not run the hooks an "
+            "intervention acts through. Give the uncompiled module (model._orig_mod) and call it")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+from ..errors import AttentionCaptureWarning
 
 __all__ = ["HeadRecording", "record_heads"]
 
@@ -24,6 +27,9 @@ class HeadRecording:
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Sequence[str]], keep_weights: bool):
+        from .plans import refuse_compiled
+
+        refuse_compiled(model)
         self.outputs: Dict[str, List[torch.Tensor]] = {}
         self.weights: Dict[str, List[torch.Tensor]] = {}
         self.keep_weights = keep_weights
@@ -49,10 +55,14 @@ class HeadRecording:
         self._engine.install()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.remove()
+        if exc_type is None and not self.outputs:
+            warnings.warn("the recording holds no call: no recorded layer ran inside its block. Was the model called? "
+                          "Code torch.compile built before the recording does not run its hooks: call the uncompiled "
+                          "model", AttentionCaptureWarning, stacklevel=2)
 
     def __repr__(self) -> str:
         calls = sum(len(c) for c in self.outputs.values())

@@ -20,7 +20,7 @@ it for the model's attention); the kernel call itself is seen by a hooker as bef
 from __future__ import annotations
 
 import inspect
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
