@@ -10,6 +10,8 @@ and one line of about ``--tokens`` tokens is written. Then, each in its own proc
 
 - plain: the folder loaded as the command line loads it, the line tokenized the same way,
   one forward; no capture;
+- base: the same forward of the model without its language-model head (``base_model``): no
+  logits at all, the floor a capture that needs none can reach;
 - stats: ``attention-hooker stats --model FOLDER --text-file LINE --max-tokens N`` in full
   (loading, the statistics reduced tile by tile, the CSV and the heatmaps).
 
@@ -51,14 +53,14 @@ def child(mode: str, folder: str, line: str, tokens: int, out: str) -> dict:
     import torch
 
     start = time.perf_counter()
-    if mode == "plain":
+    if mode in ("plain", "base"):
         from attention_hooker.cli import workflows
 
         loaded = workflows.load_hf_model(folder)
         text = open(line, encoding="utf-8").read().strip()
         enc = loaded.tokenizer([text], return_tensors="pt", padding=True, truncation=True, max_length=tokens)
-        with torch.no_grad():
-            loaded.model(**enc)
+        with torch.no_grad():  # base: the decoder without its language-model head (no logits at all)
+            (loaded.model.base_model if mode == "base" else loaded.model)(**enc)
         length = enc["input_ids"].shape[1]
     else:
         from attention_hooker.cli import main
@@ -84,7 +86,7 @@ def main() -> None:
         return
     line = _prepare(args.folder, args.tokens)
     results = {}
-    for mode in ("plain", "stats"):
+    for mode in ("plain", "base", "stats"):
         run = subprocess.run([sys.executable, __file__, "--child", mode, "--folder", args.folder, "--line", line,
                               "--tokens", str(args.tokens)], capture_output=True, text=True,
                              env=dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg"))
@@ -92,12 +94,13 @@ def main() -> None:
             print(f"{mode} failed: {run.stderr.strip()[-500:]}")
             return
         results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
-    plain, stats = results["plain"], results["stats"]
+    plain, base, stats = results["plain"], results["base"], results["stats"]
     print(f"| one line of {plain['tokens']} tokens | wall time | peak RSS |")
     print("|---|---|---|")
-    for result in (plain, stats):
+    for result in (plain, base, stats):
         print(f"| {result['mode']} | {result['seconds']:.1f} s | {result['peak_mb']:.0f} MB |")
     print(f"| stats over plain | {stats['seconds'] / plain['seconds']:.1f}x | {stats['peak_mb'] - plain['peak_mb']:+.0f} MB |")
+    print(f"| stats over base | {stats['seconds'] / base['seconds']:.1f}x | {stats['peak_mb'] - base['peak_mb']:+.0f} MB |")
 
 
 if __name__ == "__main__":

@@ -912,3 +912,29 @@ def test_heads_ablate_measures_each_heads_knock_out_beside_its_roles(minilm_path
     assert "the language-model loss on the text, knocked out minus plain" in out
     assert "--ablate measures encoders and decoders; T5ForConditionalGeneration is an encoder-decoder" in _error(
         capsys, "heads", "--model", str(saved_models["t5"]), "--out", str(tmp_path / "t"), "--ablate")
+
+
+def test_decoders_make_no_logit_the_command_does_not_use(saved_models, tmp_path, monkeypatch, capsys):
+    """Issue 22, part 6: run, stats and flow on a decoder made the logits of every position, which nothing
+    used (16,384 tokens x a 30,522-token vocabulary: 2 GB); only the last position's are made now."""
+    from attention_hooker.cli import models, workflows
+
+    shapes = []
+    real = models.load_hf_model
+
+    def spied(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        loaded.model.lm_head.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+        return loaded
+
+    monkeypatch.setattr(workflows, "load_hf_model", spied)
+    for name in ("llama", "gpt2"):
+        text = tmp_path / "lines.txt"
+        text.write_text("the cat sat on the mat\nand the dog ran off\n")
+        for argv in (["run", "--text", "the cat sat on the mat", "--out", str(tmp_path / "r"), "--no-grids"],
+                     ["stats", "--text-file", str(text), "--out", str(tmp_path / "s")],
+                     ["flow", "--text", "the cat sat on the mat", "--out", str(tmp_path / "f")]):
+            shapes.clear()
+            assert main([argv[0], "--model", str(saved_models[name]), *argv[1:]]) == 0, argv
+            assert shapes and all(shape[1] == 1 for shape in shapes), (name, argv[0], shapes)
+    capsys.readouterr()

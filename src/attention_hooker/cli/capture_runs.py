@@ -10,8 +10,8 @@ from typing import Dict, List, Optional
 import torch
 from ..errors import CommandError
 from .console import generation_progress
-from .models import (LoadedModel, more_tokens_hint, position_limit, to_model_device, token_labels, token_limit,
-                     with_article)
+from .models import (LoadedModel, more_tokens_hint, no_logits, position_limit, to_model_device, token_labels,
+                     token_limit, with_article)
 
 
 DEFAULT_DEMO_TEXT = "The cat sat on the mat because it was tired, and then the cat fell asleep."
@@ -147,7 +147,7 @@ def capture_text(
     if generate:
         return _capture_generation(loaded, hooker, enc, generate)
     with torch.no_grad(), hooker:
-        loaded.model(**enc)
+        loaded.model(**enc, **no_logits(loaded))
     return Capture(dict(hooker.values), [source], hooker, notes=notes, encoding=enc)
 
 
@@ -235,7 +235,7 @@ def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, 
             rows_kept = length if query_tokens is None else len(query_tokens)
             written = hooker.stream_to(stream, overwrite=overwrite,
                                        expected_bytes=_planned_bytes(loaded, hooker, rows_kept, length))
-        loaded.model(**enc)
+        loaded.model(**enc, **no_logits(loaded))
     if written is not None:
         written.close(tokens=source)
         notes.append(f"the whole capture ({format_bytes(written.written)}) went to {written.folder}: "

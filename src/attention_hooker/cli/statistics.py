@@ -16,7 +16,7 @@ import torch
 from ..views.labels import short_layer_names
 from ..errors import CommandError
 from .console import progress_bar
-from .models import LoadedModel, more_tokens_hint, to_model_device, token_limit
+from .models import LoadedModel, more_tokens_hint, no_logits, to_model_device, token_limit
 from .outputs import prepare_out
 
 
@@ -62,7 +62,7 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
             if loaded.kind == "encoder-decoder":  # the line is both the source and the target
                 model(**enc, decoder_input_ids=enc["input_ids"], decoder_attention_mask=enc["attention_mask"])
             else:
-                model(**enc)
+                model(**enc, **no_logits(loaded))
             accumulator.add_input(len(batch))
             progress.update(len(batch))
     return accumulator, time.perf_counter() - start, (cut, limit)

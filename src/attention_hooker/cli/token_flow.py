@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 import torch
 from ..errors import CommandError
-from .models import LoadedModel, to_model_device, token_labels
+from .models import LoadedModel, no_logits, to_model_device, token_labels
 from .outputs import prepare_out
 
 
@@ -47,7 +47,7 @@ def token_flow(loaded: LoadedModel, text: str, *, into: Sequence[int] = (0, -1),
     positions = [p % n for p in into]
     extra = {"decoder_input_ids": ids} if loaded.kind == "encoder-decoder" else {}
     with torch.no_grad(), TransformerAttentionHooker(loaded.model, layers) as hooker:
-        loaded.model(input_ids=ids, attention_mask=enc.get("attention_mask"), **extra)
+        loaded.model(input_ids=ids, attention_mask=enc.get("attention_mask"), **extra, **no_logits(loaded))
     square = {name: calls[0] for name, calls in hooker.values.items()
               if calls[0].shape[-1] == calls[0].shape[-2] == n}
     if loaded.kind == "encoder-decoder":  # the encoder's layers: those before the first decoder layer
