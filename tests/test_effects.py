@@ -17,6 +17,13 @@ from attention_hooker.intervene.effects import knockout_plan
 LAYERS = ["encoder.layer.0.attention.self", "encoder.layer.5.attention.self"]
 
 
+def _tiny_gpt2(**config):
+    """A GPT-2 language model of random weights (seed 0), in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
+
+
 def _one_at_a_time(model, inputs, metric, layers, heads):
     """Each head knocked out alone (one forward each), the metric's move: the oracle."""
     with torch.no_grad():
@@ -54,10 +61,7 @@ def test_batched_knock_outs_of_minilm_equal_one_at_a_time(minilm_path, minilm_to
 
 
 def test_language_model_loss_effects_of_a_decoder_equal_one_at_a_time():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50,
-                                                                 n_positions=32)).eval()
+    model = _tiny_gpt2(n_layer=2, n_head=4, n_embd=32, vocab_size=50, n_positions=32)
     ids = torch.randint(0, 50, (1, 12))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     effects = knockout_effects(model, inputs, language_model_loss, per_forward=3)
@@ -100,10 +104,7 @@ def test_mistakes_are_named():
 
 def test_the_language_model_loss_of_a_left_padded_text_is_the_texts_own():
     """Review: the first real token was scored as predicted from the pad before it."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=30,
-                                                                 n_positions=16)).eval()
+    model = _tiny_gpt2(n_layer=1, n_head=2, n_embd=16, vocab_size=30, n_positions=16)
     ids = torch.randint(1, 30, (1, 6))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], dim=1)

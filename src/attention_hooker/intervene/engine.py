@@ -11,6 +11,7 @@ Everything is taken off by :meth:`Engine.remove`, on success and on exception.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from typing import Dict, List, Optional
 
@@ -22,11 +23,11 @@ from .._torch_private import function_mode_stack, take_mode_out
 from ..capture.hooks import HookHandles
 from ..capture.routes.mha import fastpath_containers
 from ..capture.routes.sdpa import SDPA_FUNCTIONS
-from ..errors import InterventionError
+from ..errors import AttentionCaptureWarning, InterventionError
 from .plans import LayerPlan
 from .routes import on_mha_forward, on_sdpa, on_softmax, on_use
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "take_off"]
 
 
 class Scope:
@@ -165,3 +166,13 @@ class Engine:
             state.mode.__exit__(None, None, None)
         else:  # a mode entered above ours (a hooker's, entered later) stays, in order
             take_mode_out(state.mode)
+
+
+def take_off(engine: Optional["Engine"], *, ran: bool, nothing_ran: str) -> None:
+    """Takes ``engine`` off its model (``None``: already off); warns with ``nothing_ran`` when none of
+    its layers ran inside the block, which compiled code built before it would explain."""
+    if engine is not None:
+        engine.remove()
+    if not ran:
+        warnings.warn(f"{nothing_ran}. Was the model called? Code torch.compile built before it does not run its "
+                      "hooks: call the uncompiled model", AttentionCaptureWarning, stacklevel=3)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..capture.discovery import check_module
-from ..errors import AttentionCaptureWarning, InterventionError
+from ..errors import InterventionError
 from .acts import Gate, GivenMap, MapOfOwn, Mean, PatchOutput, PatchWeights, Zero
-from .engine import Engine
+from .engine import Engine, take_off
 from .plans import LayerPlan, head_list, refuse_compiled, resolve_layer
 from .recording import HeadRecording
 
@@ -235,13 +234,9 @@ class HeadIntervention:
 
     def __exit__(self, exc_type, *exc) -> None:
         engine, self._engine = self._engine, None
-        if engine is not None:
-            engine.remove()
-        if exc_type is None and not any(plan.calls for plan in self._plans.values()):
-            warnings.warn(
-                f"no layer of this intervention ({', '.join(map(repr, self._plans))}) ran inside its block: nothing "
-                "was changed. Was the model called? Code torch.compile built before the intervention does not run "
-                "its hooks: call the uncompiled model", AttentionCaptureWarning, stacklevel=2)
+        take_off(engine, ran=exc_type is not None or any(plan.calls for plan in self._plans.values()),
+                 nothing_ran=f"no layer of this intervention ({', '.join(map(repr, self._plans))}) ran inside its "
+                             "block: nothing was changed")
 
     def __repr__(self) -> str:
         parts = []

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import AttentionCaptureWarning
 
 __all__ = ["HeadRecording", "record_heads"]
 
@@ -56,13 +54,11 @@ class HeadRecording:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
+        from .engine import take_off
+
         engine, self._engine = self._engine, None
-        if engine is not None:
-            engine.remove()
-        if exc_type is None and not self.outputs:
-            warnings.warn("the recording holds no call: no recorded layer ran inside its block. Was the model called? "
-                          "Code torch.compile built before the recording does not run its hooks: call the uncompiled "
-                          "model", AttentionCaptureWarning, stacklevel=2)
+        take_off(engine, ran=exc_type is not None or bool(self.outputs),
+                 nothing_ran="the recording holds no call: no recorded layer ran inside its block")
 
     def __repr__(self) -> str:
         calls = sum(len(c) for c in self.outputs.values())
