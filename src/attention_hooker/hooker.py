@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 import weakref
 from typing import Dict, List, Optional, Sequence, Union
@@ -27,6 +28,11 @@ from .keep.policy import StoragePolicy
 from .values import AttentionValues
 
 __all__ = ["TransformerAttentionHooker"]
+
+
+def _natural_order(name: str):
+    """``req_2`` before ``req_10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 
@@ -137,7 +143,30 @@ class TransformerAttentionHooker:
                 "this hooker was never set up, so it captured nothing: put it on the model with "
                 "`with TransformerAttentionHooker(model) as hooker:` or hooker.setup() before running the model",
                 AttentionCaptureWarning, stacklevel=2)
-        return self._router.memory.values
+        values = self._router.memory.values
+        if not values and self._router.requests and "requests" not in self._forwards.warned:
+            self._forwards.warned.add("requests")
+            warnings.warn(
+                f"this capture ran under continuous batching: each request's attention is kept apart, in "
+                f"hooker.requests[request_id] ({len(self._router.requests)} requests), never packed together "
+                "in values", AttentionCaptureWarning, stacklevel=2)
+        return values
+
+    @property
+    def requests(self) -> Dict[str, AttentionValues]:
+        """Under continuous batching (``model.generate_batch``, transformers'
+        ``ContinuousBatchingManager``): ``{request_id: {layer_name: [tensor per call]}}``.
+
+        The engine packs every request's queries and keys into one row; each request's part is
+        kept on its own, in the order the request saw it: its prompt ``(1, heads, prompt,
+        prompt)`` (or its chunks), then one call per decode step ``(1, heads, 1, positions so
+        far)``, with ``heads=``, ``rows=``, ``keys=`` and ``max_calls`` applying per request.
+        ``stitch_steps(hooker.requests[rid][layer])`` gives the request's causal ``(1, heads,
+        T, T)``. Requests in the order of their ids (``req_2`` before ``req_10``); empty
+        outside continuous batching.
+        """
+        routers = dict(self._router.requests)
+        return {rid: routers[rid].memory.values for rid in sorted(routers, key=_natural_order)}
 
     @property
     def gradients(self) -> AttentionValues:
@@ -356,7 +385,8 @@ class TransformerAttentionHooker:
             on_roll_back=self._router.uncount)
         if self._stream is not None:
             self._router.detach(self._stream)  # left open, as it is: its owner closes it
-        self._router.attach(stream)
+        # Under continuous batching each request is written into a folder of its own (requests/<id>).
+        self._router.attach(stream, per_request=lambda rid, router: stream.for_request(rid, router.uncount))
         self._stream = stream
         return stream
 

@@ -16,7 +16,8 @@ from .coverage import CoverageReport
 __all__ = ["being_traced", "is_compiled", "in_backward_pass", "hf_implementations", "job_rank", "check_hf_implementation",
            "missing_layers_message", "nothing_captured_message"]
 
-CAPTURABLE_HF_IMPLEMENTATIONS = ("eager", "sdpa", None)
+# "paged|eager" is eager attention reading a paged cache (continuous batching): its softmax is the route.
+CAPTURABLE_HF_IMPLEMENTATIONS = ("eager", "sdpa", "paged|eager", None)
 
 
 def being_traced() -> bool:

@@ -15,6 +15,7 @@ from typing import Callable, List, Sequence, Tuple
 from torch import nn
 
 from .diagnostics import being_traced, in_backward_pass
+from .batching import packed_requests
 from .inputs import input_shape
 from .routes.mha import MultiheadAttentionRoute, fastpath_containers, mha_post_hook
 from .session import module_call_frame
@@ -97,7 +98,8 @@ def _pre_hook(session, name: str):
         # Inside backward, a forward is activation checkpointing recomputing one that was
         # captured already: it runs exactly as before (MHA still asked for weights, so the
         # recomputed graph matches) but records nothing.
-        session.enter(module, None if in_backward_pass() else name, module_call_frame(), input_shape(args, kwargs))
+        session.enter(module, None if in_backward_pass() else name, module_call_frame(), input_shape(args, kwargs),
+                      packed_requests(module, kwargs) if kwargs else None)
         return None
 
     return pre_hook

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._torch_private import caller_frame, function_mode_stack, take_mode_out
 from ..keep.protocol import NO_SOURCES, CallSources
+from .batching import PackedRequests, request_keys
 from .coverage import Coverage
 from .routes.sdpa import (SDPA_FUNCTIONS, as_4d)
 from .routes.mha import handle_mha_forward
@@ -66,18 +67,21 @@ class WholeMap(NamedTuple):
 
 
 class _Scope:
-    __slots__ = ("module", "layer", "frame", "input_shape", "calls", "refusal")
+    __slots__ = ("module", "layer", "frame", "input_shape", "calls", "refusal", "packing")
 
-    def __init__(self, module, layer: Optional[str], frame, input_shape=None):
+    def __init__(self, module, layer: Optional[str], frame, input_shape=None, packing=None):
         self.module = module
         self.layer = layer  # None for a fast-path guard, which captures nothing
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
         self.input_shape = input_shape  # of the call's hidden states (capture.inputs), or None
         # What this call of the layer computed, kept until it returns: (shape, WholeMap or
-        # writer) per attention call (keep/protocol.py), and why a call was refused. One forward of an
-        # attention layer stores one map, or nothing (see CaptureSession._flush).
+        # writer, router or None) per attention call (keep/protocol.py), and why a call was refused.
+        # One forward of an attention layer stores one map per request, or nothing (see CaptureSession._flush).
         self.calls: list = []
-        self.refusal: Optional[str] = None
+        # Under continuous batching, the requests packed into this call (capture/batching.py): each
+        # request's part goes to the request's own router; a reason when they cannot be told apart.
+        self.packing: Optional[PackedRequests] = packing if isinstance(packing, PackedRequests) else None
+        self.refusal: Optional[str] = packing if isinstance(packing, str) else None
 
 
 class _ThreadState:
@@ -147,16 +151,17 @@ class CaptureSession:
         return state
 
     # ----------------------------------------------------------------- scopes
-    def enter(self, module, layer: Optional[str], frame, input_shape=None) -> None:
+    def enter(self, module, layer: Optional[str], frame, input_shape=None, packing=None) -> None:
         """Opens a scope on this thread: ``layer`` names a hooked module, ``None`` a
         fast-path guard; ``frame`` is the module call's (:func:`module_call_frame`);
-        ``input_shape`` its hidden states' (:func:`~.inputs.input_shape`)."""
+        ``input_shape`` its hidden states' (:func:`~.inputs.input_shape`); ``packing`` the
+        requests of a continuous-batching call (:func:`~.batching.packed_requests`)."""
         if self.closed:
             return
         state = self.thread_state()
         if not state.scopes:
             self._switch_on(state)
-        state.scopes.append(_Scope(module, layer, frame, input_shape))
+        state.scopes.append(_Scope(module, layer, frame, input_shape, packing))
         if layer is not None:
             state.capture_scopes_entered += 1
             self.coverage.ran(layer)
@@ -292,11 +297,12 @@ class CaptureSession:
         value = value() if value is not None and self.router.policy.keep_values else None
         self._commit(layer, WholeMap(weights, CallSources(graph_tensor, gradient_scale, value)))
 
-    def skip(self, layer: str) -> None:
-        """Counts a call of ``layer`` that is not computed (``max_calls`` reached) or held no row."""
+    def skip(self, layer: str, router=None) -> None:
+        """Counts a call of ``layer`` that is not computed (``max_calls`` reached) or held no row
+        (``router``: a request's, under continuous batching)."""
         self.thread_state().events += 1
         self.coverage.captured(layer)
-        self.router.skip(layer)
+        (router or self.router).skip(layer)
 
     def record(self, layer: str, weights: torch.Tensor, sources: CallSources = NO_SOURCES) -> None:
         """Keeps the whole map ``(batch, heads, query, key)`` of one attention call of the running
@@ -306,17 +312,42 @@ class CaptureSession:
         against the selection nor begun in a keeper."""
         if sources.value is not None:
             sources = sources._replace(value=as_4d(sources.value) if self.router.policy.keep_values else None)
+        scope = self._scope_of(layer)
+        if scope is not None and scope.packing is not None:  # continuous batching: one map per request
+            self._record_requests(scope, weights, sources)
+            return
         self.keep(layer, WholeMap(weights, sources), tuple(weights.shape))
 
-    def keep(self, layer: str, call, shape: tuple) -> None:
+    def _record_requests(self, scope: _Scope, weights: torch.Tensor, sources: CallSources) -> None:
+        """Splits a packed continuous-batching map ``(1, heads, queries, keys)`` into each
+        request's ``(1, heads, its queries, its positions)``, kept with the request's router."""
+        refusal = scope.packing.check_call(tuple(weights.shape))
+        if refusal is not None:
+            self.refuse(scope, refusal)
+            return
+        for segment in scope.packing.segments:
+            router = self.router.for_request(segment.request_id)
+            if not router.wants(scope.layer):
+                self.skip(scope.layer, router)
+                continue
+            value = None if sources.value is None else request_keys(sources.value, segment, dim=-2)
+            part = request_keys(weights[:, :, segment.queries[0]:segment.queries[1]], segment)
+            self.keep_map(scope.layer, part, CallSources(value=value), router)
+
+    def keep_map(self, layer: str, weights: torch.Tensor, sources: CallSources, router) -> None:
+        """Holds a whole map ``(batch, heads, query, key)`` for ``router`` (a request's), which
+        applies the selection when the layer's call returns with it."""
+        self.keep(layer, WholeMap(weights, sources), tuple(weights.shape), router)
+
+    def keep(self, layer: str, call, shape: tuple, router=None) -> None:
         """Holds one attention call (a :class:`WholeMap`, or a writer with all its rows written;
         ``shape`` the call's) with the running call of ``layer``: committed when that returns
-        (:meth:`_flush`)."""
+        (:meth:`_flush`), to ``router`` (a request's) or the capture's."""
         scope = self._scope_of(layer)
         if scope is None:  # its call is over (closed meanwhile): kept at once
-            self._commit(layer, call)
+            self._commit(layer, call, router)
             return
-        scope.calls.append((shape, call))
+        scope.calls.append((shape, call, router))
 
     def refuse(self, scope: _Scope, reason: str) -> None:
         if scope.refusal is None:
@@ -335,7 +366,8 @@ class CaptureSession:
 
     @torch.compiler.disable  # keeping is bookkeeping: a model compiled after hooking runs it as it is
     def _flush(self, scope: _Scope) -> None:
-        """Keeps what one call of an attention layer computed: its one attention map, or nothing.
+        """Keeps what one call of an attention layer computed: its one attention map (one per
+        request under continuous batching), or nothing.
 
         A layer call that made several attention calls computed its attention in
         pieces (block-sparse, global + local, landmark or differential attention, a
@@ -346,11 +378,14 @@ class CaptureSession:
         layer, calls, refusal = scope.layer, scope.calls, scope.refusal
         scope.calls = []
         if self.closed:
-            for _, call in calls:
+            for _, call, _ in calls:
                 call.discard()
             return
-        if refusal is None and len(calls) > 1:
-            shapes = ", ".join(str(shape) for shape, _ in calls[:4]) + (", ..." if len(calls) > 4 else "")
+        per_router = {}  # one attention call per request under continuous batching, else one in all
+        for _, _, router in calls:
+            per_router[id(router)] = per_router.get(id(router), 0) + 1
+        if refusal is None and any(count > 1 for count in per_router.values()):
+            shapes = ", ".join(str(shape) for shape, _, _ in calls[:4]) + (", ..." if len(calls) > 4 else "")
             refusal = (
                 f"one call of the layer made {len(calls)} attention calls ({shapes}): its attention is computed "
                 "in pieces (block-sparse, global + local, landmark or differential attention, or a loop over "
@@ -361,17 +396,19 @@ class CaptureSession:
             refusal = (f"{refusal}; the layer's other {len(calls)} attention call(s) in the same forward are a "
                        "partial picture without it, and are not stored either")
         if refusal is not None:
-            for _, call in calls:
+            for _, call, _ in calls:
                 call.discard()  # a streamed call's file goes too
             self.coverage.refused(layer, refusal)
             return
-        self._commit(layer, calls[0][1])
+        for _, call, router in calls:
+            self._commit(layer, call, router)
 
-    def _commit(self, layer: str, call) -> None:
+    def _commit(self, layer: str, call, router=None) -> None:
+        router = router or self.router
         self.thread_state().events += 1
         self.coverage.captured(layer)
-        writer = self.router.whole_call(layer, call.weights, call.sources) if isinstance(call, WholeMap) else call
-        self.router.commit(layer, writer)
+        writer = router.whole_call(layer, call.weights, call.sources) if isinstance(call, WholeMap) else call
+        router.commit(layer, writer)
 
     def _scope_of(self, layer: str) -> Optional[_Scope]:
         """The innermost open scope of ``layer`` on this thread."""

@@ -61,6 +61,36 @@ class SavedAttention:
         self.tokens = tokens
         self.metadata = metadata
 
+    @property
+    def requests(self) -> Dict[str, "SavedAttention"]:
+        """A capture streamed under continuous batching: ``{request id: its own capture}``, each
+        read from the folder this capture's index names for it (``requests/<id>``, checked to be
+        a real folder inside this one); ``{}`` for any other capture.
+
+        Raises:
+            AttentionHookerError: when the index names a request folder that is not such a folder.
+        """
+        listed = self.metadata.get("requests")
+        folder = self.metadata.get("streamed")
+        if not listed or not isinstance(folder, str):
+            return {}
+        if not isinstance(listed, dict):
+            raise AttentionHookerError(f"{folder} is damaged: its index's requests {listed!r} are not a mapping")
+        lazy, partial = getattr(self, "_load_options", (True, False))
+        found = {}
+        for request, relative in listed.items():
+            if not (isinstance(request, str) and isinstance(relative, str)
+                    and re.fullmatch(r"requests/[A-Za-z0-9_][A-Za-z0-9_.-]*", relative)):
+                raise AttentionHookerError(f"{folder} is damaged: request {request!r} is listed at {relative!r}, not a "
+                                           "folder requests/<name> inside the capture")
+            path = os.path.join(folder, *relative.split("/"))
+            if not all(os.path.lexists(p) and stat.S_ISDIR(os.lstat(p).st_mode)
+                       for p in (os.path.join(folder, "requests"), path)):
+                raise AttentionHookerError(f"{folder} is damaged: the folder {relative!r} of request {request!r} is "
+                                           "missing (or not a real folder)")
+            found[request] = load(path, lazy=lazy, partial=partial)
+        return found
+
     def save(self, path, *, tokens: Optional[Sequence[str]] = None) -> None:
         """Writes this capture again (see :func:`save_values`)."""
         save_values(self.values, path, tokens=tokens if tokens is not None else self.tokens,
@@ -262,7 +292,9 @@ def _load_streamed(folder: str, lazy: bool, partial: bool) -> SavedAttention:
         values[name] = CheckedCalls(tensors, files) if lazy else tensors
     extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "files", "tokens")}
     extra["streamed"] = folder
-    return SavedAttention(values, meta.get("tokens"), extra)
+    saved = SavedAttention(values, meta.get("tokens"), extra)
+    saved._load_options = (lazy, partial)  # its requests' captures (continuous batching) are read alike
+    return saved
 
 
 def _partial_message(folder: str, meta: dict) -> str:

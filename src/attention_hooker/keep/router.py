@@ -5,7 +5,7 @@ use (memory, unless others are attached) through the keeper protocol (``keep/pro
 from __future__ import annotations
 
 import threading
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,10 +26,14 @@ class Router:
     Attributes:
         memory: the in-memory keeper; it takes the calls while no other keeper is attached.
         calls_seen: ``{layer: calls counted}`` against ``max_calls``.
+        requests: ``{request id: Router}``: under continuous batching each request of the
+            engine has a router of its own (:meth:`for_request`), with its own memory and
+            ``max_calls`` count, so that the calls of different requests are never mixed.
     """
 
     def __init__(self, policy: StoragePolicy, layer_order: Sequence[str]):
         self.policy = policy
+        self.layer_order = list(layer_order)
         self.lock = threading.RLock()  # forwards on several threads keep into the same keepers
         self.memory = MemoryKeeper(policy, layer_order, self.lock)
         # Replaced whole, never changed in place, under its own lock that is never held while
@@ -37,6 +41,12 @@ class Router:
         self._attached: Tuple = ()
         self._attaching = threading.Lock()
         self.calls_seen: Dict[str, int] = {}
+        self.requests: Dict[str, "Router"] = {}
+        self._made: Dict[int, object] = {}  # a request's router: {id of the root's keeper: the keeper used here}
+        # Each attached keeper, and what a request's router gets for it: the keeper itself (a
+        # reduction over every request), or the keeper its factory makes for the request (a stream
+        # of the request's own); None: nothing.
+        self._for_requests: Dict[int, Tuple[object, Optional[Callable[[str, "Router"], object]], bool]] = {}
 
     @property
     def keepers(self) -> list:
@@ -49,8 +59,15 @@ class Router:
         whole call itself: memory is not in use), so no whole layer needs computing at once."""
         return bool(self._attached)
 
-    def attach(self, keeper) -> None:
+    def attach(self, keeper, *, per_request: Optional[Callable[[str, "Router"], object]] = None, shared: bool = True) -> None:
         """Sends the following calls to ``keeper`` too (and no longer to memory).
+
+        Args:
+            keeper: the keeper.
+            per_request: under continuous batching, makes the keeper of each request's own
+                calls from the request's id and router (a stream into the request's own
+                folder); without it, each request's
+                calls go to ``keeper`` itself when ``shared`` (a reduction over all requests).
 
         Raises:
             AttentionHookerError: when ``keeper`` lacks a method of the protocol.
@@ -59,11 +76,45 @@ class Router:
         with self._attaching:
             if not any(k is keeper for k in self._attached):
                 self._attached = self._attached + (keeper,)
+            self._for_requests[id(keeper)] = (keeper, per_request, shared)
+            requests = list(self.requests.items())
+        for request, router in requests:
+            self._attach_to_request(keeper, request, router)
 
     def detach(self, keeper) -> None:
-        """Stops sending calls to ``keeper`` (memory takes them again when it was the last)."""
+        """Stops sending calls to ``keeper`` (memory takes them again when it was the last);
+        each request's router stops too (a keeper made for the request is closed)."""
         with self._attaching:
             self._attached = tuple(k for k in self._attached if k is not keeper)
+            self._for_requests.pop(id(keeper), None)
+            requests = list(self.requests.values())
+        for router in requests:
+            made = router._made.pop(id(keeper), None)
+            if made is not None:
+                router.detach(made)
+                if made is not keeper:
+                    made.close()
+
+    def for_request(self, request_id: str) -> "Router":
+        """The router of one request of a continuous-batching engine, made at its first call:
+        its own memory and counts, the same policy and the keepers attached here (or the
+        ones made for the request)."""
+        with self._attaching:
+            router = self.requests.get(request_id)
+            if router is not None:
+                return router
+            router = self.requests[request_id] = Router(self.policy, self.layer_order)
+            attached = list(self._for_requests.values())
+        for keeper, _, _ in attached:
+            self._attach_to_request(keeper, request_id, router)
+        return router
+
+    def _attach_to_request(self, keeper, request_id: str, router: "Router") -> None:
+        _, per_request, shared = self._for_requests.get(id(keeper), (keeper, None, True))
+        made = per_request(request_id, router) if per_request is not None else (keeper if shared else None)
+        if made is not None:
+            router._made[id(keeper)] = made
+            router.attach(made)
 
     # Counting against max_calls.
     def wants(self, name: str) -> bool:
@@ -122,24 +173,37 @@ class Router:
 
     # Forwards and the end.
     def begin_forward(self) -> None:
-        for keeper in self._attached:
+        for keeper in self._all_attached():
             keeper.begin_forward()
 
     def end_forward(self, *, returned: bool, reason=None) -> None:
         """Tells every attached keeper; the first error one raises is raised once all were told."""
-        _each(self._attached, lambda keeper: keeper.end_forward(returned=returned, reason=reason))
+        _each(self._all_attached(), lambda keeper: keeper.end_forward(returned=returned, reason=reason))
+
+    def _all_attached(self) -> list:
+        """The keepers attached here and to each request's router, each once."""
+        keepers = list(self._attached)
+        for router in list(self.requests.values()):
+            keepers.extend(k for k in router._attached if not any(k is known for known in keepers))
+        return keepers
 
     def close(self) -> None:
         """Closes memory and every attached keeper (what waits is written). A keeper that is done for
         good detaches itself (a closed stream does); a reduction stays attached, for the
         next time the hooks are on."""
-        _each([self.memory, *self._attached], lambda keeper: keeper.close())
+        memories = [self.memory, *(router.memory for router in list(self.requests.values()))]
+        _each([*memories, *self._all_attached()], lambda keeper: keeper.close())
 
     def clear(self, *, salvage=None) -> list:
-        """Forgets the calls in memory and every call count (see :meth:`MemoryKeeper.clear`)."""
+        """Forgets the calls in memory, every call count and every request's calls (see
+        :meth:`MemoryKeeper.clear`)."""
         with self.lock:
             self.calls_seen = {}
-            return self.memory.clear(salvage=salvage)
+            requests, self.requests = list(self.requests.values()), {}
+            spare = self.memory.clear(salvage=salvage)
+        for router in requests:
+            router.clear()
+        return spare
 
 
 class Fanout:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import re
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -91,6 +93,10 @@ class StreamedCapture:
         self._calls_per_layer = max(1, calls_per_layer)
         self._metadata = dict(metadata or {})
         self._on_close = on_close
+        self._settings = dict(layer_order=list(layer_order), hooked_layers=hooked_layers, calls_per_layer=calls_per_layer,
+                              shard_bytes=shard_bytes, forward_running=forward_running)
+        self._requests: Dict[str, str] = {}  # continuous batching: {request id: its folder, relative to this one}
+        self._children: List["StreamedCapture"] = []
         # forward_running(): whether a forward of the model is running on this thread (one that began
         # before this capture, whose calls are not kept); on_roll_back(layer): a call of a forward
         # rolled back (the hooker counts it out of max_calls again).
@@ -213,6 +219,11 @@ class StreamedCapture:
                 if tokens is not None:
                     self._relabel()
                 return
+            for child in self._children:  # each request's capture is whole before this index lists it
+                try:
+                    child.close()
+                except AttentionHookerError as err:
+                    self._note_failure(f"request {child._metadata.get('request_id')!r}: {err}", write_error=True)
             for unit in sorted(self._open_units, key=lambda u: u.number):  # forwards that never returned
                 self._roll_back(unit, "still running (or interrupted) when the capture was closed", write_error=False,
                                 on_its_thread=unit is getattr(self._local, "unit", None))
@@ -238,6 +249,32 @@ class StreamedCapture:
         self._count_out_rolled_back()
         if failure is not None:
             raise failure
+
+    def for_request(self, request_id: str, on_roll_back=None) -> "StreamedCapture":
+        """The capture of one request of a continuous-batching engine: written into a folder
+        of its own, ``requests/<request id>``, listed in this capture's index (``load(folder)
+        .requests``) and closed with it. Made at the request's first call: when that is inside
+        a forward, the forward is the request's first unit."""
+        with self._lock:
+            if self.closed:
+                raise AttentionHookerError(f"the capture streamed to {self.folder} is closed; call hooker.stream_to() "
+                                           "again")
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(request_id))[:64].lstrip(".") or "request"
+            taken = set(self._requests.values())
+            stem, n = name, 1
+            while f"requests/{name}" in taken:
+                n += 1
+                name = f"{stem}-{n}"
+            child = StreamedCapture(os.path.join(self.folder, "requests", name), overwrite=True,
+                                    metadata={**self._metadata, "request_id": str(request_id)},
+                                    on_roll_back=on_roll_back, **self._settings)
+            self._requests[str(request_id)] = f"requests/{name}"
+            self._metadata["requests"] = dict(self._requests)
+            self._children.append(child)
+            self._write_index()
+        if getattr(self._local, "unit", None) is not None:
+            child.begin_forward()
+        return child
 
     def _relabel(self) -> None:
         """Writes the tokens into the index of a closed capture: under the folder's lock again,

@@ -13,6 +13,7 @@ import torch
 from ..._torch_private import caller_frame, frame_local
 from ...keep.protocol import CallSources, GradientSource
 from ..inputs import channel_attention_refusal
+from ..batching import at_positions
 from ..heads import declared_heads
 from .sdpa import as_4d, packed_query_groups, parse_sdpa_call, sdpa_attention_weights, unpack_query_groups
 
@@ -35,12 +36,16 @@ def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
     if refusal is not None:
         session.refuse(scope, refusal)
         return func(*args, **kwargs)
+    if scope.packing is not None:  # continuous batching: each request's part on its own
+        output = func(*args, **kwargs)
+        _keep_requests(session, scope, call, layer, groups)
+        return output
     if router.policy.keep_grad and torch.is_grad_enabled():
         return _with_grad(session, func, args, kwargs, call, layer, groups)
     output = func(*args, **kwargs)
     if groups > 1:  # packed decode queries: the whole map, unpacked, then selected by the router
         with torch.no_grad():
-            weights = _weights(call, layer, buffer=_spare_buffer(session, layer),
+            weights = _weights(call, layer, buffer=_spare_buffer(router, layer),
                                store_as=_stored_as(router, call["query"]))  # (B, Hk, groups, S)
         session.record(layer, unpack_query_groups(weights, groups), CallSources(value=call["value"]))  # (B, H, 1, S)
     elif router.takes_tiles:  # kept tile by tile: no layer is ever held
@@ -65,8 +70,8 @@ def _weights(call: dict, layer: str, **options) -> Optional[torch.Tensor]:
                                   bool(call["enable_gqa"]), where=f"layer {layer!r}", **options)
 
 
-def _spare_buffer(session, layer: str):
-    return session.router.memory.buffer(layer)
+def _spare_buffer(router, layer: str):
+    return router.memory.buffer(layer)
 
 
 def _stored_as(router, query: torch.Tensor):
@@ -78,20 +83,59 @@ def _stored_as(router, query: torch.Tensor):
     return router.policy.dtype or query.dtype, router.policy.device or query.device
 
 
-def _keep_whole(session, call: dict, layer: str) -> None:
+def _keep_whole(session, call: dict, layer: str, router=None) -> None:
     """Only the selected heads, rows and keys are computed, straight into the tensor that is
     stored (a spare one when there is one). Stored in another dtype or device, they are
     computed in tiles of query rows written into it: no whole layer in the working dtype
-    or device."""
-    router = session.router
+    or device. ``router``: a request's (continuous batching), else the capture's."""
+    router = router or session.router
     policy = router.policy
     with torch.no_grad():
-        weights = _weights(call, layer, selection=policy.selection, buffer=_spare_buffer(session, layer),
+        weights = _weights(call, layer, selection=policy.selection, buffer=_spare_buffer(router, layer),
                            store_as=_stored_as(router, call["query"]))  # (B, h, rows, keys)
     value = as_4d(call["value"]) if policy.keep_values else None
     writer = router.begin_call(layer, weights.shape, weights.dtype, CallSources(value=value))
     writer.write(torch.arange(weights.shape[2]), weights)
-    session.keep(layer, writer, tuple(weights.shape))
+    session.keep(layer, writer, tuple(weights.shape), router if router is not session.router else None)
+
+
+def _keep_requests(session, scope, call: dict, layer: str, groups: int) -> None:
+    """A continuous-batching call: each request's queries over its own keys (the engine's
+    metadata, :mod:`..batching`), computed and kept as a call of the request's own
+    ``(1, heads, its queries, its positions)``; the rows and keys of other requests are
+    never computed. ``groups`` > 1: one decode query packed as ``(1, kv_heads, groups,
+    dim)`` (:func:`.sdpa.packed_query_groups`), unpacked to ``(1, heads, 1, dim)`` first."""
+    query, key, value, mask = call["query"], call["key"], call["value"], call["attn_mask"]
+    if groups > 1:
+        query = query.flatten(1, 2).unsqueeze(2)  # (1, kv_heads * groups, 1, dim): head kv * groups + g
+        call = dict(call, enable_gqa=True)
+    refusal = None
+    if query.dim() != 4 or key.dim() != 4:
+        refusal = f"a continuous-batching sdpa call on a {query.dim()}-D query: not (1, heads, query, dim)"
+    elif mask is None:
+        refusal = ("a continuous-batching sdpa call without a mask: the engine's packed causal attention cannot be "
+                   "read per request without it")
+    else:
+        refusal = scope.packing.check_call((query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
+    if refusal is not None:
+        session.refuse(scope, refusal)
+        return
+    for segment in scope.packing.segments:
+        router = session.router.for_request(segment.request_id)
+        if not router.wants(layer):
+            session.skip(layer, router)
+            continue
+        (q0, q1), (k0, k1) = segment.queries, segment.keys
+        part = dict(call, query=query[:, :, q0:q1], key=key[:, :, k0:k1], value=value[:, :, k0:k1],
+                    attn_mask=mask[..., q0:q1, k0:k1] if mask.shape[-2] > 1 else mask[..., k0:k1], is_causal=False)
+        if segment.first_key == 0 and not router.takes_tiles:
+            _keep_whole(session, part, layer, router)
+            continue
+        with torch.no_grad():  # keys a sliding window dropped are placed as zeros, then the selection
+            weights = at_positions(_weights(part, layer), segment)  # (1, H, q, positions)
+        sources = CallSources(value=at_positions(as_4d(part["value"]), segment, dim=-2)
+                              if router.policy.keep_values else None)
+        session.keep_map(layer, weights, sources, router)
 
 
 def _keep_in_tiles(session, call: dict, layer: str) -> None:
