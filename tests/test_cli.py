@@ -938,3 +938,41 @@ def test_decoders_make_no_logit_the_command_does_not_use(saved_models, tmp_path,
             assert main([argv[0], "--model", str(saved_models[name]), *argv[1:]]) == 0, argv
             assert shapes and all(shape[1] == 1 for shape in shapes), (name, argv[0], shapes)
     capsys.readouterr()
+
+
+def test_run_continuous_batching_writes_one_page_per_request(tmp_path, saved_models, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat sat on the mat\nhello\n\nattention is all you need\n", encoding="utf-8")
+    out = tmp_path / "served"
+    assert main(["run", "--model", str(saved_models["llama"]), "--text-file", str(prompts), "--generate", "3",
+                 "--batching", "continuous", "--out", str(out), "--no-grids"]) == 0
+    text = capsys.readouterr().out
+    assert "requests: 3" in text
+    tokenizer = transformers.AutoTokenizer.from_pretrained(saved_models["llama"])
+    for number, line in enumerate(["the cat sat on the mat", "hello", "attention is all you need"]):
+        page = out / "requests" / f"req_{number}" / "attention.html"
+        assert str(page) in text and _png_ok(out / "requests" / f"req_{number}" / "overview.png")
+        prompt = len(tokenizer(line)["input_ids"])
+        assert f"req_{number}: {prompt} prompt + 3 generated tokens (the map covers the {prompt + 2} the model read)" in text
+        html = page.read_text()
+        assert all(word in html for word in line.split())
+        others = {"cat", "hello", "attention"} - set(line.split())
+        assert not any(f'"{word}"' in html for word in others)  # no token of another request
+
+
+def test_continuous_batching_options_are_checked_before_any_work(tmp_path, saved_models, capsys):
+    llama, bert = str(saved_models["llama"]), str(saved_models["bert"])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\n", encoding="utf-8")
+    out = ["--out", str(tmp_path / "o")]
+    assert "--text-file goes with --batching continuous" in _error(capsys, "run", "--model", llama, "--text-file",
+                                                                   str(prompts), *out)
+    assert "give one" in _error(capsys, "run", "--model", llama, "--batching", "continuous", "--generate", "2", *out)
+    assert "give --generate N" in _error(capsys, "run", "--model", llama, "--batching", "continuous", "--text-file",
+                                         str(prompts), *out)
+    assert "drop --rows" in _error(capsys, "run", "--model", llama, "--batching", "continuous", "--text-file",
+                                   str(prompts), "--generate", "2", "--rows", "last", *out)
+    assert "needs a causal language model" in _error(capsys, "run", "--model", bert, "--batching", "continuous",
+                                                     "--text-file", str(prompts), "--generate", "2", *out)
+    assert "does not exist" in _error(capsys, "run", "--model", llama, "--batching", "continuous", "--text-file",
+                                      str(tmp_path / "missing.txt"), "--generate", "2", *out)

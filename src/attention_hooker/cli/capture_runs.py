@@ -65,6 +65,7 @@ class Capture:
     image: object = None  # vision models: (the image as the model saw it (H, W, 3), prefix tokens)
     encoding: object = None  # the tokenizer's encoding of the text (its word ids, for --words)
     prompt_length: Optional[int] = None  # --generate: the prompt's tokens (the rest were generated)
+    generated: Optional[int] = None  # --generate: the new tokens (the last one is read by no forward)
 
 
 def check_words_options(*, image=None, generate: int = 0, long_context=None) -> None:
@@ -96,7 +97,7 @@ def capture_words(loaded: LoadedModel, capture: Capture):
     return to_words(capture.values, capture.encoding, tokenizer=loaded.tokenizer)
 
 
-def _check_generation_length(loaded: LoadedModel, prompt: int, new_tokens: int) -> None:
+def check_generation_length(loaded: LoadedModel, prompt: int, new_tokens: int) -> None:
     """``--generate N`` must fit the model's positions with the prompt (checked before any work)."""
     positions = position_limit(loaded)
     if positions is not None and prompt + new_tokens > positions:
@@ -175,7 +176,7 @@ def _encode(loaded: LoadedModel, text: str, max_tokens: Optional[int], generate:
         raise CommandError(f"the text {text[:40]!r} tokenizes to no token with {loaded.name}'s tokenizer; "
                            "pass some words it knows")
     if generate:
-        _check_generation_length(loaded, enc["input_ids"].shape[-1], generate)
+        check_generation_length(loaded, enc["input_ids"].shape[-1], generate)
     source = token_labels(tokenizer, enc["input_ids"][0])
     notes = []
     if length > limit:

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--target", default=None, help="encoder-decoders: the decoder's text")
     run.add_argument("--generate", type=_positive_int, default=0, metavar="N",
                      help="causal LMs: generate N tokens, capture every step and show the stitched causal matrix")
+    run.add_argument("--text-file", default=None, metavar="FILE",
+                     help="with --batching continuous: UTF-8 prompts, one request per line")
+    run.add_argument("--batching", default=None, choices=("continuous",),
+                     help="continuous: serve the lines of --text-file together by transformers' continuous batching "
+                          "(paged KV cache), N new tokens each; each request is captured on its own and gets its own "
+                          "page in OUT/requests/<id>")
     run.add_argument("--out", default="attention-run", help="output folder (default: %(default)s)")
     run.add_argument("--save", default=None, metavar="FILE", help="also keep the captured weights (.safetensors)")
     run.add_argument("--title", default=None,

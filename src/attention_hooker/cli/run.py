@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from ..errors import CommandError
+from . import serving
 
 __all__ = ["demo", "run"]
 
@@ -57,11 +58,32 @@ def demo(args) -> None:
                  color_scale=args.color_scale, words=args.words)
 
 
+def _serve(args) -> None:
+    """``--batching continuous``: the lines of ``--text-file`` served together, one page per request."""
+    from . import workflows
+    from .text_file import read_lines
+
+    prompts = read_lines(args.text_file)
+    if args.title is not None and not args.title.strip():
+        raise CommandError("--title is empty; give the name the pictures and the page should show, or leave it out")
+    workflows.prepare_out(args.out)
+    start = time.perf_counter()
+    loaded = workflows.load_hf_model(args.model, device=args.device, dtype=args.dtype)
+    captures = serving.capture_requests(loaded, prompts, args.generate, layers=args.layers, max_tokens=args.max_tokens)
+    files = serving.write_request_outputs(captures, args.out, title=args.title or loaded.title,
+                                          grids=not args.no_grids, color_scale=args.color_scale)
+    print(serving.requests_summary(loaded, captures, files, time.perf_counter() - start))
+
+
 def run(args) -> None:
     if args.title is not None and not args.title.strip():
         raise CommandError("--title is empty; give the name the pictures and the page should show, or leave it out")
     if args.overwrite and args.stream is None:
         raise CommandError("--overwrite goes with --stream FOLDER")
+    serving.check_batching_options(args)
+    if args.batching is not None:
+        _serve(args)
+        return
     if args.text is None and args.image is None:
         raise CommandError("run needs --text (or --image for a vision model)")
     if args.text is not None and args.image is not None:

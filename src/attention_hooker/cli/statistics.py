@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from ..views.labels import short_layer_names
 from ..errors import CommandError
+from .text_file import read_lines
 from .console import progress_bar
 from .models import LoadedModel, more_tokens_hint, no_logits, to_model_device, token_limit
 from .outputs import prepare_out
@@ -120,15 +121,7 @@ def command(args) -> None:
     from . import workflows
 
     launch = distributed.launch_from_environment()  # under torchrun: this process's rank
-    path = Path(args.text_file)
-    if not path.is_file():
-        raise CommandError(f"text file {path} does not exist")
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise CommandError(f"{path} is not UTF-8 text") from None
-    if not lines:
-        raise CommandError("the text file has no non-empty line: put one text per line")
+    lines = read_lines(args.text_file)
     if launch is None or launch.is_main:
         workflows.prepare_out(args.out)  # before any work: a folder that cannot be written is said at once
     with distributed.process_group(launch) as backend:
