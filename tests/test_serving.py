@@ -258,3 +258,46 @@ def test_a_request_folder_listed_outside_the_capture_is_refused(tmp_path):
         index.write_text(json.dumps(meta))
         with pytest.raises(AttentionHookerError, match="not a folder requests/<name>"):
             load(tmp_path / "cap").requests
+
+
+def _served_one_after_another(model, prompts, **cache_options):
+    """Each prompt served after the previous one finished (so its blocks are in the prefix cache)."""
+    with TransformerAttentionHooker(model) as hooker:
+        manager = model.init_continuous_batching(generation_config=_config(),
+                                                 continuous_batching_config=_cache(**cache_options))
+        manager.start()
+        try:
+            for rid, prompt in prompts.items():
+                manager.add_request(prompt, request_id=rid, max_new_tokens=3)
+                result = manager.get_result(request_id=rid, timeout=60)
+                while result is not None and not result.is_finished():
+                    result = manager.get_result(request_id=rid, timeout=60)
+        finally:
+            manager.stop(block=True, timeout=60)
+    return hooker
+
+
+def test_a_prompt_read_from_the_prefix_cache_starts_where_the_request_computed():
+    """Prefix sharing (on by default): a prompt whose first blocks another request computed is
+    computed from its first new position. Its calls hold exactly the rows it computed, each equal
+    to the same row of generate() alone; stitching says why it cannot start there, and without
+    block sharing every prompt is computed whole."""
+    from attention_hooker.errors import AttentionHookerError
+
+    model = _llama()
+    shared = list(range(1, 40))  # two full pages of 16, then more
+    prompts = {"first": shared, "second": shared + [50, 51, 52]}
+    hooker = _served_one_after_another(model, prompts)
+    config = _config()
+    config.max_new_tokens = 3
+    for layer, calls in hooker.requests["second"].items():
+        assert calls[0].shape[-2:] == (42 - 32, 42)  # the two shared pages were not computed again
+        with TransformerAttentionHooker(model) as alone:
+            model.generate(torch.tensor([prompts["second"]]), generation_config=config)
+        expected = stitch_steps(alone.values[layer])
+        torch.testing.assert_close(calls[0], expected[:, :, 32:42, :42], atol=1e-6, rtol=0)
+        with pytest.raises(AttentionHookerError, match="allow_block_sharing=False"):
+            stitch_steps(calls)
+    whole = _served_one_after_another(model, prompts, allow_block_sharing=False)
+    for layer, calls in whole.requests["second"].items():
+        assert calls[0].shape[-2:] == (42, 42)

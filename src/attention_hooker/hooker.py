@@ -426,9 +426,14 @@ class TransformerAttentionHooker:
         state = "hooks on" if self._hooks else "hooks off"
         values = self._router.memory.values
         calls = sum(len(v) for v in values.values())
+        requests = list(self._router.requests.values())
+        served = ""
+        if requests:
+            held = sum(len(c) for router in requests for c in router.memory.values.values())
+            served = f", {len(requests)} requests / {held} calls kept per request"
         return (
             f"TransformerAttentionHooker({type(self.model).__name__}, {len(self._selected)} hooked layers, "
-            f"{state}, {len(values)} layers / {calls} calls captured)"
+            f"{state}, {len(values)} layers / {calls} calls captured{served})"
         )
 
     # ----------------------------------------------------------------- hooking
