@@ -45,23 +45,25 @@ def test_bmm_style_attention_on_batch_times_heads_is_captured_per_head_xglm():
     assert hooker.report().missing == []
 
 
-def test_longformer_local_softmax_is_refused_with_the_reason_not_stored_as_heads():
+@pytest.mark.parametrize("tokens", [16, 4])
+def test_longformer_local_softmax_is_refused_with_the_reason_not_stored_as_heads(tokens):
     """Longformer's local softmax is (batch, seq, heads, window): it was stored as if it
-    were (batch, heads, query, key). The module declares 4 heads; a softmax whose 2nd dim
-    is 16 tokens is refused, named in one warning and in report()."""
+    were (batch, heads, query, key). It is refused, named in one warning and in report(), by
+    what the module declares (its window): with 4 tokens for 4 heads the band (2, 4, 4, 5)
+    matched the heads by shape and was stored as a map."""
     config = transformers.LongformerConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32,
                                            intermediate_size=64, vocab_size=100, attention_window=4,
                                            max_position_embeddings=64, pad_token_id=1)
     torch.manual_seed(0)
     model = transformers.LongformerModel(config, add_pooling_layer=False).eval()
-    ids = torch.randint(3, 100, (1, 16))
+    ids = torch.randint(3, 100, (2, tokens))
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
-        with pytest.warns(AttentionCaptureWarning, match=r"refused: a softmax over a \(1, 16, 4, 5\) tensor"):
+        with pytest.warns(AttentionCaptureWarning, match=r"refused: sliding-window \(banded\) attention"):
             model(input_ids=ids)
     assert dict(hooker.values) == {}, "nothing may be stored under (batch, heads, query, key) with another meaning"
     (name,) = hooker.report().missing
     coverage = hooker.report()[name]
-    assert coverage.status == "refused" and coverage.runs == 1 and "2nd dim is not the layer's 4 heads" in coverage.reason
+    assert coverage.status == "refused" and coverage.runs == 1 and "Longformer, LED" in coverage.reason
 
 
 def test_layers_that_ran_without_capture_are_named_once_even_when_others_captured():

@@ -40,7 +40,7 @@ MODELS = {"llama": _llama, "qwen3": _qwen3}
 
 def _cache(**options):
     """A paged cache sized for these tiny runs (by default the engine fills most of the memory: seconds)."""
-    return transformers.ContinuousBatchingConfig(num_blocks=16, page_size=16, **options)
+    return transformers.ContinuousBatchingConfig(**{"num_blocks": 16, "page_size": 16, **options})
 
 
 def _batch(model, prompts, eos=None):
@@ -301,3 +301,96 @@ def test_a_prompt_read_from_the_prefix_cache_starts_where_the_request_computed()
     whole = _served_one_after_another(model, prompts, allow_block_sharing=False)
     for layer, calls in whole.requests["second"].items():
         assert calls[0].shape[-2:] == (42, 42)
+
+
+def test_a_second_run_reusing_request_ids_is_never_mixed_with_the_first():
+    """Each generate_batch names its requests req_0, req_1...: a second run under the same hooker
+    was appended to the first run's requests (with max_calls, another request's prompt took the
+    place of a step)."""
+    model = _llama()
+    with TransformerAttentionHooker(model, max_calls=4) as hooker:
+        _batch(model, PROMPTS[:2])
+        with pytest.warns(AttentionCaptureWarning, match="another run of the serving engine"):
+            _batch(model, [[40, 41]])
+    assert sorted(hooker.requests) == ["req_0", "req_0#2", "req_1"]
+    for rid, prompt in (("req_0", PROMPTS[0]), ("req_0#2", [40, 41])):
+        for calls in hooker.requests[rid].values():
+            assert calls[0].shape[-2:] == (len(prompt), len(prompt))
+            assert [c.shape[-1] for c in calls] == list(range(len(prompt), len(prompt) + 4))
+            stitch_steps(calls)
+
+
+def test_a_request_evicted_and_prefilled_again_is_kept_apart():
+    """A cache too small for every request: the engine evicts one and prefills it again (prompt and
+    the tokens generated so far) under the same id. Its positions were stored twice in one
+    sequence; now the second prefill begins a new label, which alone is the whole request."""
+    model = _llama()
+    prompts = [list(range(1, 11)), list(range(11, 21)), list(range(21, 31))]
+    config = _config()
+    config.max_new_tokens = 30
+    with TransformerAttentionHooker(model) as hooker:
+        with pytest.warns(AttentionCaptureWarning, match="computed again from position 0"):
+            outputs = model.generate_batch(prompts, generation_config=config, progress_bar=False,
+                                           continuous_batching_config=_cache(num_blocks=4))
+    again = [label for label in hooker.requests if "#" in label]
+    assert again
+    for label in again:
+        rid = label.split("#")[0]
+        for calls in hooker.requests[label].values():
+            stitched = stitch_steps(calls)  # the whole request: its prompt and every token it read
+            assert stitched.shape[-1] == len(prompts[int(rid[-1])]) + len(outputs[rid].generated_tokens) - 1
+    for label, values in hooker.requests.items():
+        for calls in values.values():
+            stitch_steps(calls)  # each label one sequence of positions: no position twice
+
+
+def test_request_streams_hold_only_their_own_forwards_and_requests(tmp_path):
+    """A request's stream opened a unit at every forward of the engine (also after the request
+    finished); a stream opened after an earlier run listed that run's requests; each request's
+    index listed the requests made before it as folders inside it."""
+    from attention_hooker import load
+
+    model = _llama()
+    with TransformerAttentionHooker(model) as hooker:
+        _batch(model, PROMPTS[:2])  # an earlier run, kept in memory
+        with hooker.stream_to(tmp_path / "cap"), pytest.warns(AttentionCaptureWarning, match="another run"):
+            outputs = model.generate_batch([[1, 2, 3], [4, 5]], generation_config=_config(), progress_bar=False,
+                                           continuous_batching_config=_cache())
+    loaded = load(tmp_path / "cap")
+    assert sorted(loaded.requests) == ["req_0#2", "req_1#2"]
+    for saved in loaded.requests.values():
+        assert saved.requests == {}
+        steps = len(next(iter(saved.values.values())))
+        assert steps == 5 and saved.metadata["whole_units"] == steps  # one unit per forward it took part in
+    assert sorted(outputs) == ["req_0", "req_1"]
+
+
+def test_value_vectors_and_save_point_to_the_requests(tmp_path):
+    from attention_hooker import load
+    from attention_hooker.errors import AttentionHookerError
+
+    model = _llama()
+    with TransformerAttentionHooker(model, keep_values=True) as hooker:
+        _batch(model, PROMPTS[:2])
+    with pytest.warns(AttentionCaptureWarning, match="request_value_vectors"):
+        assert not hooker.value_vectors
+    vectors = hooker.request_value_vectors["req_1"]["model.layers.0.self_attn"]
+    assert [(v.shape[0], v.shape[2], v.shape[3]) for v in vectors] == [(1, 3 + s, 8) for s in range(NEW)]
+    with pytest.raises(AttentionHookerError, match="request="):
+        hooker.save(tmp_path / "all.safetensors")
+    hooker.save(tmp_path / "one.safetensors", request="req_1")
+    saved = load(tmp_path / "one.safetensors").values
+    for layer, calls in hooker.requests["req_1"].items():
+        assert all(torch.equal(a, b) for a, b in zip(saved[layer], calls))
+
+
+def test_keep_last_keeps_each_requests_most_recent_calls():
+    model = _llama()
+    with TransformerAttentionHooker(model, max_calls=2, keep="last") as hooker:
+        _batch(model, PROMPTS)
+    with TransformerAttentionHooker(model) as whole:
+        _batch(model, PROMPTS)
+    for rid, values in hooker.requests.items():
+        for layer, calls in values.items():
+            assert [c.shape for c in calls] == [c.shape for c in whole.requests[rid][layer][-2:]]
+            assert all(torch.equal(a, b) for a, b in zip(calls, whole.requests[rid][layer][-2:]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import warnings
 import weakref
 from typing import Dict, List, Optional, Sequence, Union
@@ -25,14 +24,9 @@ from .errors import AttentionCaptureWarning, AttentionHookerError
 from .keep.reduction import Reduction
 from .keep.router import Router
 from .keep.policy import StoragePolicy
-from .values import AttentionValues
+from .values import AttentionValues, natural_order
 
 __all__ = ["TransformerAttentionHooker"]
-
-
-def _natural_order(name: str):
-    """``req_2`` before ``req_10``."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 
@@ -144,13 +138,18 @@ class TransformerAttentionHooker:
                 "`with TransformerAttentionHooker(model) as hooker:` or hooker.setup() before running the model",
                 AttentionCaptureWarning, stacklevel=2)
         values = self._router.memory.values
-        if not values and self._router.requests and "requests" not in self._forwards.warned:
-            self._forwards.warned.add("requests")
-            warnings.warn(
-                f"this capture ran under continuous batching: each request's attention is kept apart, in "
-                f"hooker.requests[request_id] ({len(self._router.requests)} requests), never packed together "
-                "in values", AttentionCaptureWarning, stacklevel=2)
+        if not values:
+            self._point_to_requests("values", "requests")
         return values
+
+    def _point_to_requests(self, what: str, where: str) -> None:
+        """Warns once, when nothing was kept outside continuous batching's requests, where they are."""
+        if self._router.requests and what not in self._forwards.warned:
+            self._forwards.warned.add(what)
+            warnings.warn(
+                f"this capture ran under continuous batching: each request's {what.replace('_', ' ')} are kept "
+                f"apart, in hooker.{where}[request_id] ({len(self._router.requests)} requests), never packed "
+                f"together in {what}", AttentionCaptureWarning, stacklevel=3)
 
     @property
     def requests(self) -> Dict[str, AttentionValues]:
@@ -164,18 +163,38 @@ class TransformerAttentionHooker:
         ``stitch_steps(hooker.requests[rid][layer])`` gives the request's causal ``(1, heads,
         T, T)``. Requests in the order of their ids (``req_2`` before ``req_10``); empty
         outside continuous batching.
+
+        A request's first call is its first computed position: with prefix sharing (the
+        engine's default) a prompt whose first cache pages another request filled, or a
+        forked sequence, starts later (``stitch_steps`` says so). A request computed again
+        from an earlier position (evicted and prefilled again) or an id served by another
+        run of the engine is kept under a new label, ``req_0#2``, with a warning.
+        ``report()`` counts each request's call of a layer as a call.
         """
-        routers = dict(self._router.requests)
-        return {rid: routers[rid].memory.values for rid in sorted(routers, key=_natural_order)}
+        return {rid: router.memory.values for rid, router in self._request_routers()}
+
+    @property
+    def request_value_vectors(self) -> Dict[str, AttentionValues]:
+        """With ``keep_values=True`` under continuous batching: ``{request_id: {layer_name: [value
+        vectors per call]}}`` matching :attr:`requests`, each ``(1, kv_heads, positions, head_dim)``."""
+        return {rid: AttentionValues((name, list(calls)) for name, calls in router.memory.value_vectors.items())
+                for rid, router in self._request_routers()}
+
+    def _request_routers(self) -> list:
+        routers = self._router.requests
+        return [(rid, routers[rid]) for rid in sorted(routers, key=natural_order)]
 
     @property
     def gradients(self) -> AttentionValues:
         """With ``keep_grad=True``: ``{layer_name: [gradient per call]}`` matching
         ``values``, each ``(batch, heads, query, key)``; ``None`` for a call that
         backward has not reached (yet)."""
-        return AttentionValues(
+        gradients = AttentionValues(
             (name, [slot[0] for slot in slots]) for name, slots in self._router.memory.gradients.items()
         )
+        if not gradients:
+            self._point_to_requests("gradients", "requests")
+        return gradients
 
     @property
     def value_vectors(self) -> AttentionValues:
@@ -188,7 +207,10 @@ class TransformerAttentionHooker:
         ``bmm``). ``None`` for a call whose product the capture does not follow (an
         ``einsum``, a hand-written loop): never a guess.
         For :func:`attention_hooker.value_weighted_norms`."""
-        return AttentionValues((name, list(calls)) for name, calls in self._router.memory.value_vectors.items())
+        vectors = AttentionValues((name, list(calls)) for name, calls in self._router.memory.value_vectors.items())
+        if not vectors:
+            self._point_to_requests("value_vectors", "request_value_vectors")
+        return vectors
 
     @property
     def hooked_layers(self) -> List[str]:
@@ -281,21 +303,35 @@ class TransformerAttentionHooker:
         """
         return self._coverage.report()
 
-    def save(self, path, *, tokens: Optional[Sequence[str]] = None) -> None:
+    def save(self, path, *, tokens: Optional[Sequence[str]] = None, request: Optional[str] = None) -> None:
         """Writes the captured values to one safetensors file (read back with ``attention_hooker.load``).
 
         Args:
             path: the file; missing folders are created.
             tokens: token labels to keep with the capture; their number must
                 match the query or key positions of a captured call.
+            request: under continuous batching, the request whose calls are written
+                (a key of :attr:`requests`).
 
         Raises:
             AttentionHookerError: when nothing was captured yet, or the tokens
-                or the path do not fit.
+                or the path do not fit, or ``request`` names no request.
         """
         from .io.saved import save_values
 
-        save_values(self.values, path, tokens=tokens, model_class=type(self.model).__name__, selection=self.selection)
+        if request is not None:
+            requests = self.requests
+            if request not in requests:
+                raise AttentionHookerError(f"request={request!r} names no request of this capture; it has "
+                                           f"{list(requests)[:6] or 'none'}")
+            values = requests[request]
+        else:
+            values = self._router.memory.values
+            if not values and self._router.requests:
+                raise AttentionHookerError(
+                    f"this capture ran under continuous batching: its attention is kept per request; save one "
+                    f"with hooker.save(path, request=...), one of {list(self.requests)[:6]}")
+        save_values(values, path, tokens=tokens, model_class=type(self.model).__name__, selection=self.selection)
 
     def reduce_into(self, accumulator, *, padding_mask=None) -> "TransformerAttentionHooker":
         """Sends the following calls to ``accumulator`` (a :class:`~attention_hooker.analysis.stats.HeadStatsAccumulator`,

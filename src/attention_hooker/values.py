@@ -6,9 +6,11 @@ that makes one.
 
 from __future__ import annotations
 
+import re
+
 from typing import Sequence
 
-__all__ = ["AttentionValues", "format_size"]
+__all__ = ["AttentionValues", "format_size", "natural_order"]
 
 
 class AttentionValues(dict):
@@ -83,3 +85,8 @@ def format_size(n: float, units: Sequence[str] = ("B", "KB", "MB", "GB")) -> str
             return f"{n:.0f} {unit}" if unit == units[0] else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"  # unreachable
+
+
+def natural_order(name: str) -> list:
+    """A sort key that puts ``req_2`` before ``req_10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]

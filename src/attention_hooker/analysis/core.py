@@ -171,8 +171,8 @@ def stitch_steps(calls: Sequence[torch.Tensor]) -> torch.Tensor:
         raise AttentionHookerError(
             f"calls[0] is {tuple(first.shape)}: a generation sequence starts with the prompt, square (query == key)"
             + (f"; its first {k0 - q0} positions were computed elsewhere (under continuous batching: read from "
-               "the prefix cache another request filled; ContinuousBatchingConfig(allow_block_sharing=False) "
-               "computes every prompt whole)" if q0 < k0 else "")
+               "the prefix cache another request filled, which ContinuousBatchingConfig(allow_block_sharing=False) "
+               "turns off, or by the parent of a forked sequence)" if q0 < k0 else "")
         )
     total = k0
     for i, c in enumerate(calls[1:], start=1):

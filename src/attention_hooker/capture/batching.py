@@ -45,11 +45,18 @@ class RequestSegment(NamedTuple):
     first_key: int
     positions: int
 
+    @property
+    def first_query(self) -> int:
+        """The position in the request of its first query here."""
+        return self.positions - (self.queries[1] - self.queries[0])
+
 
 class PackedRequests(NamedTuple):
-    """The requests of one packed forward, in their order in the batch."""
+    """The requests of one packed forward, in their order in the batch, and the engine's
+    paged cache they were served from (a new cache: a new run of the engine)."""
 
     segments: Tuple[RequestSegment, ...]
+    cache: object = None
 
     def check_call(self, shape: Tuple[int, ...]) -> Optional[str]:
         """Why a packed call of ``shape`` ``(1, heads, query, key)`` does not fit these
@@ -104,6 +111,9 @@ def packed_requests(module, kwargs: dict) -> Union[None, PackedRequests, str]:
         cache = kwargs.get("past_key_values")
     if cache is None or not is_paged_cache(cache):
         return None
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return ("the serving engine is recording a CUDA graph: its replays run no Python, so no call of it can be "
+                "captured; serve with ContinuousBatchingConfig(use_cuda_graph=False) to capture")
     try:
         return _read(module, kwargs, cache)
     except _Unreadable as why:
@@ -157,7 +167,7 @@ def _read(module, kwargs: dict, cache) -> PackedRequests:
         segments.append(RequestSegment(request, (q0, q1), (k0, k1), end - (k1 - k0), end))
     if len({s.request_id for s in segments}) != len(segments):
         raise _Unreadable("two sequences of the batch write into the blocks of the same request")
-    return PackedRequests(tuple(segments))
+    return PackedRequests(tuple(segments), cache)
 
 
 def _allocator(module, cache):

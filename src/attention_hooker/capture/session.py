@@ -326,13 +326,18 @@ class CaptureSession:
             self.refuse(scope, refusal)
             return
         for segment in scope.packing.segments:
-            router = self.router.for_request(segment.request_id)
+            router = self.request_router(scope, segment)
             if not router.wants(scope.layer):
                 self.skip(scope.layer, router)
                 continue
             value = None if sources.value is None else request_keys(sources.value, segment, dim=-2)
             part = request_keys(weights[:, :, segment.queries[0]:segment.queries[1]], segment)
             self.keep_map(scope.layer, part, CallSources(value=value), router)
+
+    def request_router(self, scope: _Scope, segment):
+        """The router a request's part of a packed call goes to (``keep/requests.py``)."""
+        return self.router.for_request(segment.request_id, scope.layer, segment.first_query, segment.positions,
+                                       scope.packing.cache)
 
     def keep_map(self, layer: str, weights: torch.Tensor, sources: CallSources, router) -> None:
         """Holds a whole map ``(batch, heads, query, key)`` for ``router`` (a request's), which

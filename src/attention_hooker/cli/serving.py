@@ -64,7 +64,12 @@ def capture_requests(loaded: LoadedModel, prompts: List[str], generate: int, *, 
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pages = sum(math.ceil((len(p) + generate) / PAGE_TOKENS) + 1 for p in ids)  # a cache sized for the job
-    cache = transformers.ContinuousBatchingConfig(page_size=PAGE_TOKENS, num_blocks=pages)
+    # Every prompt computed whole (no pages shared between prompts), on the capturable kernels, with no
+    # CUDA graph (a replayed graph runs no Python): each request's map is whole and stitches.
+    options = dict(page_size=PAGE_TOKENS, num_blocks=pages, allow_block_sharing=False, auto_switch_to_flash=False,
+                   use_cuda_graph=False)
+    fields = getattr(transformers.ContinuousBatchingConfig, "__dataclass_fields__", options)
+    cache = transformers.ContinuousBatchingConfig(**{k: v for k, v in options.items() if k in fields})
     with torch.no_grad(), TransformerAttentionHooker(model, layers) as hooker:
         outputs = model.generate_batch(ids, generation_config=config, continuous_batching_config=cache,
                                        progress_bar=False)

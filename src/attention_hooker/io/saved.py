@@ -21,7 +21,7 @@ from .._checks import prepare_output_path
 from ..selection import selected_rows
 from .._tensor import as_batched, values_of
 from ..errors import AttentionHookerError
-from ..values import AttentionValues
+from ..values import AttentionValues, natural_order
 from .format import INDEX_NAME, CheckedCalls, checked_file, checked_path, parse_json, read_index
 
 __all__ = ["SavedAttention", "save_values", "load", "to_bertviz", "to_numpy"]
@@ -78,7 +78,7 @@ class SavedAttention:
             raise AttentionHookerError(f"{folder} is damaged: its index's requests {listed!r} are not a mapping")
         lazy, partial = getattr(self, "_load_options", (True, False))
         found = {}
-        for request, relative in listed.items():
+        for request, relative in sorted(listed.items(), key=lambda item: natural_order(str(item[0]))):
             if not (isinstance(request, str) and isinstance(relative, str)
                     and re.fullmatch(r"requests/[A-Za-z0-9_][A-Za-z0-9_.-]*", relative)):
                 raise AttentionHookerError(f"{folder} is damaged: request {request!r} is listed at {relative!r}, not a "

@@ -29,16 +29,20 @@ class MemoryKeeper:
         policy: the storage policy (device, dtype, max_calls, keep_grad, keep_values).
         layer_order: every hooked layer name, in model order; ``values`` keeps this order.
         lock: held while a call is added (forwards on several threads keep into one keeper).
+        allocation: where stored calls come from (by default, a new one of this keeper's own).
     """
 
-    def __init__(self, policy: StoragePolicy, layer_order: Sequence[str], lock: threading.RLock):
+    def __init__(self, policy: StoragePolicy, layer_order: Sequence[str], lock: threading.RLock,
+                 allocation: Optional[Allocation] = None):
         self.policy = policy
         self._rank = {name: i for i, name in enumerate(layer_order)}
         self._lock = lock
         self.values = self._new_values()
         self.gradients: dict = {}  # with keep_grad: {name: [[grad or None] per call]}
         self.value_vectors = AttentionValues()  # with keep_values: {name: [value or None per call]}
-        self.allocation = Allocation()  # spare buffers and the arena (keep/allocator.py)
+        # Spare buffers and the arena (keep/allocator.py); the requests of a serving engine share the
+        # capture's, so that their small step calls lie side by side in the same chunks.
+        self.allocation = allocation or Allocation()
 
     def _new_values(self) -> AttentionValues:
         values = AttentionValues()
@@ -77,8 +81,12 @@ class MemoryKeeper:
         return (p.dtype is None or p.dtype == dtype) and (p.device is None or p.device == device)
 
     def place(self, tensor: torch.Tensor, allocate: Optional[Callable] = None) -> torch.Tensor:
-        """The tensor on the policy's device and dtype: itself, or a copy (from ``allocate``)."""
-        if self.stores_as_computed(tensor.dtype, tensor.device):
+        """The tensor on the policy's device and dtype: itself, or a copy (from ``allocate``).
+        A view of a larger tensor (a request's block of a packed map) is copied too: kept as
+        it is, it would keep all of that tensor alive. (The arena's tensors share a chunk's
+        storage without being views: they are kept as they are.)"""
+        if self.stores_as_computed(tensor.dtype, tensor.device) and (
+                tensor._base is None or tensor._base.untyped_storage().nbytes() <= tensor.nbytes):
             return tensor
         p = self.policy
         placed = (allocate or empty)(tensor.shape, p.dtype if p.dtype is not None else tensor.dtype,

@@ -12,6 +12,7 @@ import torch
 from .memory import MemoryKeeper
 from .policy import StoragePolicy
 from .protocol import NO_SOURCES, CallSources, CallWriter, check_keeper
+from .requests import RequestRouters
 
 __all__ = ["Router", "Fanout"]
 
@@ -22,6 +23,7 @@ class Router:
     Args:
         policy: the storage policy.
         layer_order: every hooked layer name, in model order.
+        allocation: where memory's stored calls come from (a request's router: the capture's).
 
     Attributes:
         memory: the in-memory keeper; it takes the calls while no other keeper is attached.
@@ -31,22 +33,17 @@ class Router:
             ``max_calls`` count, so that the calls of different requests are never mixed.
     """
 
-    def __init__(self, policy: StoragePolicy, layer_order: Sequence[str]):
+    def __init__(self, policy: StoragePolicy, layer_order: Sequence[str], allocation=None):
         self.policy = policy
         self.layer_order = list(layer_order)
         self.lock = threading.RLock()  # forwards on several threads keep into the same keepers
-        self.memory = MemoryKeeper(policy, layer_order, self.lock)
+        self.memory = MemoryKeeper(policy, layer_order, self.lock, allocation)
         # Replaced whole, never changed in place, under its own lock that is never held while
         # a keeper runs: a keeper closing itself detaches while a forward commits into it.
         self._attached: Tuple = ()
         self._attaching = threading.Lock()
         self.calls_seen: Dict[str, int] = {}
-        self.requests: Dict[str, "Router"] = {}
-        self._made: Dict[int, object] = {}  # a request's router: {id of the root's keeper: the keeper used here}
-        # Each attached keeper, and what a request's router gets for it: the keeper itself (a
-        # reduction over every request), or the keeper its factory makes for the request (a stream
-        # of the request's own); None: nothing.
-        self._for_requests: Dict[int, Tuple[object, Optional[Callable[[str, "Router"], object]], bool]] = {}
+        self._requests = RequestRouters(lambda: Router(self.policy, self.layer_order, self.memory.allocation))
 
     @property
     def keepers(self) -> list:
@@ -59,15 +56,16 @@ class Router:
         whole call itself: memory is not in use), so no whole layer needs computing at once."""
         return bool(self._attached)
 
-    def attach(self, keeper, *, per_request: Optional[Callable[[str, "Router"], object]] = None, shared: bool = True) -> None:
+    def attach(self, keeper, *, per_request: Optional[Callable[[str, "Router"], object]] = None,
+               shared: bool = True) -> None:
         """Sends the following calls to ``keeper`` too (and no longer to memory).
 
         Args:
             keeper: the keeper.
             per_request: under continuous batching, makes the keeper of each request's own
-                calls from the request's id and router (a stream into the request's own
-                folder); without it, each request's
-                calls go to ``keeper`` itself when ``shared`` (a reduction over all requests).
+                calls from the request's label and router (a stream into the request's own
+                folder); without it, each request's calls go to ``keeper`` itself when
+                ``shared`` (a reduction over every request).
 
         Raises:
             AttentionHookerError: when ``keeper`` lacks a method of the protocol.
@@ -76,45 +74,24 @@ class Router:
         with self._attaching:
             if not any(k is keeper for k in self._attached):
                 self._attached = self._attached + (keeper,)
-            self._for_requests[id(keeper)] = (keeper, per_request, shared)
-            requests = list(self.requests.items())
-        for request, router in requests:
-            self._attach_to_request(keeper, request, router)
+        self._requests.attach(keeper, per_request, shared)
 
     def detach(self, keeper) -> None:
         """Stops sending calls to ``keeper`` (memory takes them again when it was the last);
         each request's router stops too (a keeper made for the request is closed)."""
         with self._attaching:
             self._attached = tuple(k for k in self._attached if k is not keeper)
-            self._for_requests.pop(id(keeper), None)
-            requests = list(self.requests.values())
-        for router in requests:
-            made = router._made.pop(id(keeper), None)
-            if made is not None:
-                router.detach(made)
-                if made is not keeper:
-                    made.close()
+        self._requests.detach(keeper)
 
-    def for_request(self, request_id: str) -> "Router":
-        """The router of one request of a continuous-batching engine, made at its first call:
-        its own memory and counts, the same policy and the keepers attached here (or the
-        ones made for the request)."""
-        with self._attaching:
-            router = self.requests.get(request_id)
-            if router is not None:
-                return router
-            router = self.requests[request_id] = Router(self.policy, self.layer_order)
-            attached = list(self._for_requests.values())
-        for keeper, _, _ in attached:
-            self._attach_to_request(keeper, request_id, router)
-        return router
+    @property
+    def requests(self) -> Dict[str, "Router"]:
+        """``{request label: Router}`` under continuous batching (``keep/requests.py``)."""
+        return dict(self._requests.routers)
 
-    def _attach_to_request(self, keeper, request_id: str, router: "Router") -> None:
-        _, per_request, shared = self._for_requests.get(id(keeper), (keeper, None, True))
-        made = per_request(request_id, router) if per_request is not None else (keeper if shared else None)
-        if made is not None:
-            router._made[id(keeper)] = made
-            router.attach(made)
+    def for_request(self, request_id: str, layer: str, first: int, end: int, cache=None) -> "Router":
+        """The router of a request's call of ``layer`` over its positions ``first .. end - 1``
+        (see :meth:`~.requests.RequestRouters.route`)."""
+        return self._requests.route(request_id, layer, first, end, cache)
 
     # Counting against max_calls.
     def wants(self, name: str) -> bool:
@@ -173,35 +150,34 @@ class Router:
 
     # Forwards and the end.
     def begin_forward(self) -> None:
-        for keeper in self._all_attached():
+        for keeper in self._attached:
             keeper.begin_forward()
+        self._requests.begin_forward()  # a request's router takes part at its first call in the forward
 
     def end_forward(self, *, returned: bool, reason=None) -> None:
-        """Tells every attached keeper; the first error one raises is raised once all were told."""
-        _each(self._all_attached(), lambda keeper: keeper.end_forward(returned=returned, reason=reason))
-
-    def _all_attached(self) -> list:
-        """The keepers attached here and to each request's router, each once."""
+        """Tells every attached keeper, and those of the requests that had calls in this forward;
+        the first error one raises is raised once all were told."""
         keepers = list(self._attached)
-        for router in list(self.requests.values()):
+        for router in self._requests.end_forward(returned=returned, reason=reason):
             keepers.extend(k for k in router._attached if not any(k is known for known in keepers))
-        return keepers
+        _each(keepers, lambda keeper: keeper.end_forward(returned=returned, reason=reason))
 
     def close(self) -> None:
         """Closes memory and every attached keeper (what waits is written). A keeper that is done for
         good detaches itself (a closed stream does); a reduction stays attached, for the
         next time the hooks are on."""
-        memories = [self.memory, *(router.memory for router in list(self.requests.values()))]
-        _each([*memories, *self._all_attached()], lambda keeper: keeper.close())
+        memories = [self.memory, *(router.memory for router in self._requests.routers.values())]
+        keepers = list(self._attached)
+        keepers.extend(k for k in self._requests.attached() if not any(k is known for known in keepers))
+        _each([*memories, *keepers], lambda keeper: keeper.close())
 
     def clear(self, *, salvage=None) -> list:
         """Forgets the calls in memory, every call count and every request's calls (see
         :meth:`MemoryKeeper.clear`)."""
         with self.lock:
             self.calls_seen = {}
-            requests, self.requests = list(self.requests.values()), {}
             spare = self.memory.clear(salvage=salvage)
-        for router in requests:
+        for router in self._requests.clear():
             router.clear()
         return spare
 

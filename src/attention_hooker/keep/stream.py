@@ -265,15 +265,14 @@ class StreamedCapture:
             while f"requests/{name}" in taken:
                 n += 1
                 name = f"{stem}-{n}"
+            own = {key: value for key, value in self._metadata.items() if key != "requests"}
             child = StreamedCapture(os.path.join(self.folder, "requests", name), overwrite=True,
-                                    metadata={**self._metadata, "request_id": str(request_id)},
+                                    metadata={**own, "request_id": str(request_id)},
                                     on_roll_back=on_roll_back, **self._settings)
             self._requests[str(request_id)] = f"requests/{name}"
             self._metadata["requests"] = dict(self._requests)
             self._children.append(child)
             self._write_index()
-        if getattr(self._local, "unit", None) is not None:
-            child.begin_forward()
         return child
 
     def _relabel(self) -> None:

@@ -20,6 +20,7 @@ from .sdpa import as_4d, packed_query_groups, parse_sdpa_call, sdpa_attention_we
 __all__ = ["handle_sdpa"]
 
 
+
 def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
     """Runs the real kernel and records the weights it used, labelled ``(batch, heads, query, key)``."""
     scope = session.current_scope()
@@ -120,12 +121,21 @@ def _keep_requests(session, scope, call: dict, layer: str, groups: int) -> None:
     if refusal is not None:
         session.refuse(scope, refusal)
         return
-    for segment in scope.packing.segments:
-        router = session.router.for_request(segment.request_id)
+    steps = None
+    if all(s.queries[1] - s.queries[0] == 1 for s in scope.packing.segments):  # decode: one product for all
+        with torch.no_grad():
+            steps = _decode_steps(call, query, key, mask, scope.packing.segments, layer)  # (requests, H, 1, keys)
+    for number, segment in enumerate(scope.packing.segments):
+        router = session.request_router(scope, segment)
         if not router.wants(layer):
             session.skip(layer, router)
             continue
         (q0, q1), (k0, k1) = segment.queries, segment.keys
+        if steps is not None:  # the request's row, over its own keys only
+            value_part = as_4d(value)[:, :, k0:k1] if router.policy.keep_values else None
+            _keep_part(session, router, layer, at_positions(steps[number:number + 1, :, :, :k1 - k0], segment),
+                       CallSources(value=None if value_part is None else at_positions(value_part, segment, -2)))
+            continue
         part = dict(call, query=query[:, :, q0:q1], key=key[:, :, k0:k1], value=value[:, :, k0:k1],
                     attn_mask=mask[..., q0:q1, k0:k1] if mask.shape[-2] > 1 else mask[..., k0:k1], is_causal=False)
         if segment.first_key == 0 and not router.takes_tiles:
@@ -136,6 +146,49 @@ def _keep_requests(session, scope, call: dict, layer: str, groups: int) -> None:
         sources = CallSources(value=at_positions(as_4d(part["value"]), segment, dim=-2)
                               if router.policy.keep_values else None)
         session.keep_map(layer, weights, sources, router)
+
+
+def _keep_part(session, router, layer: str, part: torch.Tensor, sources: CallSources) -> None:
+    """One request's part of a batch's weights ``(1, heads, rows, keys)``: the selection
+    applied, then copied once into what is stored (the spare buffers, or the arena where its
+    layer's small step calls lie side by side: thousands of small tensors, each on its own,
+    would scatter the heap)."""
+    kept = router.policy.selection.apply(part, f"layer {layer!r}")
+    if not router.takes_tiles:
+        kept = _spare_buffer(router, layer)(tuple(kept.shape), router.policy.dtype or kept.dtype,
+                                            router.policy.device or kept.device).copy_(kept)
+    writer = router.begin_call(layer, kept.shape, kept.dtype, sources)
+    writer.write(torch.arange(kept.shape[2]), kept)
+    session.keep(layer, writer, tuple(kept.shape), router)
+
+
+def _decode_steps(call: dict, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, segments,
+                  layer: str) -> torch.Tensor:
+    """The decode steps of a packed continuous-batching call, one query per request, as one
+    batch: each request's query ``(1, heads, 1, dim)`` over its own keys, gathered and padded
+    to the longest (the padding masked out). Returns ``(requests, heads, 1, longest)``; request
+    ``i``'s weights are ``[i, :, :, :its keys]``; ``None`` for a mask that is not one plane
+    (per batch item or head), computed request by request instead. Costs the requests' keys,
+    not the packed ``requests x every key`` product."""
+    lengths = [s.keys[1] - s.keys[0] for s in segments]
+    longest = max(lengths)
+    offsets = torch.arange(longest, device=key.device)
+    starts = torch.tensor([s.keys[0] for s in segments], device=key.device)
+    lengths_t = torch.tensor(lengths, device=key.device)
+    valid = offsets[None, :] < lengths_t[:, None]  # (requests, longest)
+    index = torch.where(valid, starts[:, None] + offsets[None, :], torch.zeros_like(offsets)[None, :])
+    rows = torch.tensor([s.queries[0] for s in segments], device=query.device)
+    queries = query[0].index_select(1, rows).transpose(0, 1).unsqueeze(2)  # (requests, H, 1, dim)
+    keys = key[0][:, index].transpose(0, 1)  # (requests, Hk, longest, dim)
+    if mask.dim() < 2 or any(n != 1 for n in mask.shape[:-2]):  # a mask per batch item or head: request by request
+        return None
+    plane = mask.reshape(mask.shape[-2:]).expand(query.shape[2], key.shape[2])  # (packed queries, packed keys)
+    own = torch.gather(plane[rows.to(mask.device)], 1, index.to(mask.device))  # (requests, longest)
+    if own.dtype == torch.bool:
+        own = own & valid
+    else:
+        own = own.masked_fill(~valid, float("-inf"))
+    return _weights(dict(call, query=queries, key=keys, attn_mask=own[:, None, None, :], is_causal=False), layer)
 
 
 def _keep_in_tiles(session, call: dict, layer: str) -> None:

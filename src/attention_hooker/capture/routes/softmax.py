@@ -81,7 +81,7 @@ def label_softmax(result: torch.Tensor, heads: Optional[int]):
 
 
 def sampled_attention_refusal(module) -> Optional[str]:
-    """Why the softmaxes of ``module`` are not attention over keys, or ``None``.
+    """Why the softmaxes of ``module`` are not a ``(batch, heads, query, key)`` map over keys, or ``None``.
 
     Multi-scale deformable attention (Deformable DETR, Mask2Former's pixel decoder,
     RT-DETR, Grounding DINO) predicts, per query and head, sampling offsets and a
@@ -93,6 +93,14 @@ def sampled_attention_refusal(module) -> Optional[str]:
         return (
             "multi-scale deformable attention: its softmax weighs sampled points, (batch, query, heads, "
             "levels x points), not keys, so there is no (batch, heads, query, key) map to store"
+        )
+    if isinstance(getattr(module, "one_sided_attn_window_size", None), int):
+        # Longformer / LED: told by what the module declares, not by shapes, which the band
+        # (batch, tokens, heads, window) can match when the tokens happen to equal the heads.
+        return (
+            "sliding-window (banded) attention with global tokens (Longformer, LED): its softmax is the band "
+            "(batch, tokens, heads, 2 x window + 1 + globals) and the global rows are another softmax, neither "
+            "of which is the (batch, heads, query, key) map, so they are not stored"
         )
     return None
 
