@@ -4,6 +4,7 @@ use (memory, unless others are attached) through the keeper protocol (``keep/pro
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -43,7 +44,9 @@ class Router:
         self._attached: Tuple = ()
         self._attaching = threading.Lock()
         self.calls_seen: Dict[str, int] = {}
-        self._requests = RequestRouters(lambda: Router(self.policy, self.layer_order, self.memory.allocation))
+        # A request's router: the same policy, layers and allocation (no reference back to this
+        # router, which a closure would make a cycle that keeps every call alive until gc runs).
+        self._requests = RequestRouters(functools.partial(Router, policy, self.layer_order, self.memory.allocation))
 
     @property
     def keepers(self) -> list:
