@@ -19,6 +19,7 @@ from .batching import packed_requests
 from .inputs import input_shape
 from .routes.mha import MultiheadAttentionRoute, fastpath_containers, mha_post_hook
 from .session import module_call_frame
+from .windows import windowed_layer
 
 __all__ = ["HookHandles", "install_layer_hooks"]
 
@@ -72,7 +73,9 @@ class HookHandles:
 def install_layer_hooks(model: nn.Module, targets: Sequence[Tuple[nn.Module, str]], session,
                         handles: HookHandles) -> None:
     """Hooks each ``(module, layer name)`` of ``targets`` into ``session``, and keeps the fast
-    path of every encoder (layer) around them off."""
+    path of every encoder (layer) around them off. A windowed (Swin) layer also gets a pre-hook
+    on its block, where its window layout is read (:mod:`.windows`)."""
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
     for module, name in targets:
         if isinstance(module, nn.MultiheadAttention):
             route = MultiheadAttentionRoute.subscribe(module)
@@ -82,7 +85,10 @@ def install_layer_hooks(model: nn.Module, targets: Sequence[Tuple[nn.Module, str
             handles.add_pair(module, _pre_hook(session, name), mha_post_hook(session, name), with_kwargs=True,
                              prepend_post=True)
         else:
-            handles.add_pair(module, _pre_hook(session, name), _post_hook(session), with_kwargs=True)
+            windows = windowed_layer(module, parents)
+            if windows is not None:
+                windows.install(handles.add_entry)
+            handles.add_pair(module, _pre_hook(session, name, windows), _post_hook(session), with_kwargs=True)
     for module in fastpath_containers(model, [m for m, _ in targets]):
         handles.add_pair(
             module,
@@ -91,7 +97,7 @@ def install_layer_hooks(model: nn.Module, targets: Sequence[Tuple[nn.Module, str
         )
 
 
-def _pre_hook(session, name: str):
+def _pre_hook(session, name: str, windows=None):
     def pre_hook(module, args, kwargs):
         if being_traced():
             return None
@@ -99,7 +105,7 @@ def _pre_hook(session, name: str):
         # captured already: it runs exactly as before (MHA still asked for weights, so the
         # recomputed graph matches) but records nothing.
         session.enter(module, None if in_backward_pass() else name, module_call_frame(), input_shape(args, kwargs),
-                      packed_requests(module, kwargs) if kwargs else None)
+                      packed_requests(module, kwargs) if kwargs else None, windows)
         return None
 
     return pre_hook

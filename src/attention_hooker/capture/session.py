@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 from .._torch_private import caller_frame, function_mode_stack, take_mode_out
 from ..keep.protocol import NO_SOURCES, CallSources
 from .batching import PackedRequests, request_keys
+from .windows import assemble_window_values, assemble_windows, layout_refusal
 from .coverage import Coverage
 from .routes.sdpa import (SDPA_FUNCTIONS, as_4d)
 from .routes.mha import handle_mha_forward
@@ -67,9 +68,9 @@ class WholeMap(NamedTuple):
 
 
 class _Scope:
-    __slots__ = ("module", "layer", "frame", "input_shape", "calls", "refusal", "packing")
+    __slots__ = ("module", "layer", "frame", "input_shape", "calls", "refusal", "packing", "windows")
 
-    def __init__(self, module, layer: Optional[str], frame, input_shape=None, packing=None):
+    def __init__(self, module, layer: Optional[str], frame, input_shape=None, packing=None, windows=None):
         self.module = module
         self.layer = layer  # None for a fast-path guard, which captures nothing
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
@@ -82,6 +83,9 @@ class _Scope:
         # request's part goes to the request's own router; a reason when they cannot be told apart.
         self.packing: Optional[PackedRequests] = packing if isinstance(packing, PackedRequests) else None
         self.refusal: Optional[str] = packing if isinstance(packing, str) else None
+        # A windowed (Swin) layer's family rule (capture/windows.py): its per-window map is
+        # placed at the image's tokens before anything keeps it.
+        self.windows = windows
 
 
 class _ThreadState:
@@ -151,17 +155,18 @@ class CaptureSession:
         return state
 
     # ----------------------------------------------------------------- scopes
-    def enter(self, module, layer: Optional[str], frame, input_shape=None, packing=None) -> None:
+    def enter(self, module, layer: Optional[str], frame, input_shape=None, packing=None, windows=None) -> None:
         """Opens a scope on this thread: ``layer`` names a hooked module, ``None`` a
         fast-path guard; ``frame`` is the module call's (:func:`module_call_frame`);
         ``input_shape`` its hidden states' (:func:`~.inputs.input_shape`); ``packing`` the
-        requests of a continuous-batching call (:func:`~.batching.packed_requests`)."""
+        requests of a continuous-batching call (:func:`~.batching.packed_requests`);
+        ``windows`` a windowed layer's rule (:class:`~.windows.WindowedLayer`)."""
         if self.closed:
             return
         state = self.thread_state()
         if not state.scopes:
             self._switch_on(state)
-        state.scopes.append(_Scope(module, layer, frame, input_shape, packing))
+        state.scopes.append(_Scope(module, layer, frame, input_shape, packing, windows))
         if layer is not None:
             state.capture_scopes_entered += 1
             self.coverage.ran(layer)
@@ -313,10 +318,34 @@ class CaptureSession:
         if sources.value is not None:
             sources = sources._replace(value=as_4d(sources.value) if self.router.policy.keep_values else None)
         scope = self._scope_of(layer)
+        if scope is not None and scope.windows is not None:  # windowed: placed at the image's tokens first
+            placed = self._place_windows(scope, weights, sources)
+            if placed is None:
+                return
+            weights, sources = placed
         if scope is not None and scope.packing is not None:  # continuous batching: one map per request
             self._record_requests(scope, weights, sources)
             return
         self.keep(layer, WholeMap(weights, sources), tuple(weights.shape))
+
+    def _place_windows(self, scope: _Scope, weights: torch.Tensor, sources: CallSources):
+        """A windowed call's ``(batch * windows, heads, N, N)`` as the layer's ``(batch, heads,
+        tokens, tokens)`` (:func:`~.windows.assemble_windows`), with its sources; ``None`` when
+        the call is refused (its layout unreadable or not the map's)."""
+        layout = scope.windows.layout(scope.input_shape)
+        refusal = layout if isinstance(layout, str) else layout_refusal(layout, tuple(weights.shape))
+        if refusal is None and (sources.graph_tensor is not None or sources.gradient_scale is not None):
+            # The softmax route's weights are in the graph themselves (None): the placement is differentiable.
+            refusal = ("keep_grad on a windowed (Swin) layer whose weights are not in the autograd graph themselves "
+                       "(scaled_dot_product_attention, or dropout): the gradient of its assembled map is not kept "
+                       "yet, so it is not stored")
+        if refusal is not None:
+            self.refuse(scope, refusal)
+            return None
+        value = sources.value
+        if value is not None:
+            value = assemble_window_values(value, layout) if value.shape[0] == weights.shape[0] else None
+        return assemble_windows(weights, layout), sources._replace(value=value)  # (B, H, T, T)
 
     def _record_requests(self, scope: _Scope, weights: torch.Tensor, sources: CallSources) -> None:
         """Splits a packed continuous-batching map ``(1, heads, queries, keys)`` into each

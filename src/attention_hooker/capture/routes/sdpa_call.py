@@ -44,7 +44,11 @@ def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
     if router.policy.keep_grad and torch.is_grad_enabled():
         return _with_grad(session, func, args, kwargs, call, layer, groups)
     output = func(*args, **kwargs)
-    if groups > 1:  # packed decode queries: the whole map, unpacked, then selected by the router
+    if scope.windows is not None:  # windowed (Swin): the whole per-window map, placed at the image's tokens
+        with torch.no_grad():  # by the session, then selected by the router (rows are tokens, not window slots)
+            weights = _weights(call, layer)  # (B * nW, H, N, N)
+        session.record(layer, weights, CallSources(value=call["value"]))
+    elif groups > 1:  # packed decode queries: the whole map, unpacked, then selected by the router
         with torch.no_grad():
             weights = _weights(call, layer, buffer=_spare_buffer(router, layer),
                                store_as=_stored_as(router, call["query"]))  # (B, Hk, groups, S)

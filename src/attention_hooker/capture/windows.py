@@ -1,0 +1,318 @@
+"""Windowed attention (Swin) assembled into the layer's ``(batch, heads, tokens, tokens)`` map.
+
+A Swin block attends inside windows of a cyclically shifted, padded grid: its
+attention call computes ``(batch * windows, heads, N, N)``, one map per window, in
+which axis 0 counts windows, slots are not image positions (the grid was rolled),
+and some slots are padding. This module owns the placement of such per-window maps
+at their true token positions; each family only says how its layer lays the windows
+out (:class:`WindowLayout`), read at the attention call from what the module and its
+parent block declare (:func:`windowed_layer`).
+
+What is stored, per layer call: ``dense[b, h, t_q, t_k]`` for real tokens ``t = y * W + x``
+of the layer's ``H x W`` input, with:
+
+* the weight the model computed where ``t_q`` and ``t_k`` are in the same window,
+  exactly as computed (Swin's shift mask is ``-100``, not ``-inf``: masked in-window
+  keys keep ~1e-44 in float32);
+* exact zeros where ``t_k`` is in another window (never attended);
+* nothing for padding: the padded tokens the layer added for windowing are neither
+  queries nor keys of the stored map. No Swin masks them, so real queries do put
+  weight on them (their key is the projection of a zero token). That weight is
+  **not** renormalised away: a stored row sums to ``1 - (its weight on padding)``,
+  so ``1 - dense.sum(-1)`` is, per row, exactly the weight that went to padding
+  (0 in layers without padding, such as Swin-T at 224 x 224).
+
+Families (the shift/pad order is each one's own, and reproduced, not "fixed"):
+
+* Hugging Face Swin, Swinv2, Donut-Swin and their copies (``*Layer`` blocks with
+  ``window_size``, ``shift_size`` and ``get_attn_mask``): pad, then roll; window and
+  shift read from the block at the attention call (``set_shift_and_window_size``
+  changes them inside the block's forward), ``input_dimensions`` from the block's call.
+* timm ``SwinTransformerBlock``: roll over the real ``H x W``, then pad.
+* torchvision ``ShiftedWindowAttention(V2)``: pad, then roll; the shift of an axis whose
+  window covers the whole padded axis is 0 (the function's own rule).
+
+A layer whose layout cannot be read unambiguously (its block was not seen calling it,
+shapes that do not agree) is refused with the reason, never placed by a guess.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .._torch_private import caller_frame
+
+__all__ = ["WindowLayout", "window_positions", "assemble_windows", "assemble_window_values", "layout_refusal",
+           "WindowedLayer", "windowed_layer"]
+
+PAD_THEN_ROLL = "pad_then_roll"
+ROLL_THEN_PAD = "roll_then_pad"
+
+
+class WindowLayout(NamedTuple):
+    """How one windowed attention call laid its ``(batch * windows, heads, N, N)`` out.
+
+    Attributes:
+        batch: images in the call.
+        height, width: the layer's real token grid (token ``t = y * width + x``).
+        window: ``(wh, ww)``; ``N = wh * ww``, slot ``n = iy * ww + ix`` inside a window.
+        shift: ``(sh, sw)`` of the cyclic shift ``torch.roll(-shift)`` actually applied.
+        order: ``"pad_then_roll"`` (pad the grid to window multiples, then roll the padded
+            grid) or ``"roll_then_pad"`` (roll the real grid, then pad).
+    """
+
+    batch: int
+    height: int
+    width: int
+    window: Tuple[int, int]
+    shift: Tuple[int, int]
+    order: str
+
+    @property
+    def padded(self) -> Tuple[int, int]:
+        """``(Hp, Wp)``: the grid rounded up to whole windows."""
+        (wh, ww) = self.window
+        return math.ceil(self.height / wh) * wh, math.ceil(self.width / ww) * ww
+
+    @property
+    def windows(self) -> int:
+        """Windows per image; rows of the per-window map are batch-major: ``b * windows + w``."""
+        hp, wp = self.padded
+        return (hp // self.window[0]) * (wp // self.window[1])
+
+    @property
+    def tokens(self) -> int:
+        return self.height * self.width
+
+
+def window_positions(layout: WindowLayout, device=None) -> torch.Tensor:
+    """``(windows, N)``: the token ``y * W + x`` in slot ``n`` of window ``w``, ``-1`` for padding.
+
+    Window ``w = wy * (Wp / ww) + wx`` covers rows ``wy * wh ...`` of the shifted (padded)
+    grid; undoing ``torch.roll(-s)`` sends shifted coordinate ``y'`` back to ``(y' + s) mod``
+    the rolled extent (the padded grid for pad-then-roll, the real one for roll-then-pad).
+
+    Example:
+        >>> window_positions(WindowLayout(1, 3, 3, (2, 2), (0, 0), "pad_then_roll")).tolist()
+        [[0, 1, 3, 4], [2, -1, 5, -1], [6, 7, -1, -1], [8, -1, -1, -1]]
+    """
+    (wh, ww), (sh, sw) = layout.window, layout.shift
+    hp, wp = layout.padded
+    across = wp // ww
+    win = torch.arange(layout.windows, device=device)[:, None]
+    slot = torch.arange(wh * ww, device=device)[None, :]
+    ys = (win // across) * wh + slot // ww  # coordinates in the shifted grid
+    xs = (win % across) * ww + slot % ww
+    h, w = layout.height, layout.width
+    if layout.order == PAD_THEN_ROLL:
+        y, x = (ys + sh) % hp, (xs + sw) % wp
+        real = (y < h) & (x < w)
+    elif layout.order == ROLL_THEN_PAD:
+        real = (ys < h) & (xs < w)
+        y, x = (ys + sh) % h, (xs + sw) % w
+    else:
+        raise ValueError(f"window order {layout.order!r}: expected {PAD_THEN_ROLL!r} or {ROLL_THEN_PAD!r}")
+    return torch.where(real, y * w + x, torch.full_like(y, -1))  # (nW, N)
+
+
+def layout_refusal(layout: WindowLayout, shape: Tuple[int, ...]) -> Optional[str]:
+    """Why a per-window map of ``shape`` was not computed with ``layout``, or ``None``."""
+    n = layout.window[0] * layout.window[1]
+    expected = (layout.batch * layout.windows, n, n)
+    if len(shape) != 4 or (shape[0], shape[2], shape[3]) != expected:
+        return (
+            f"a windowed attention call of shape {tuple(shape)}, while the layer's layout ({layout.batch} images of "
+            f"{layout.height}x{layout.width} tokens, window {layout.window}: {layout.windows} windows of {n} tokens) "
+            f"gives ({expected[0]}, heads, {n}, {n}): its windows cannot be placed at image positions, so it is not stored"
+        )
+    return None
+
+
+def assemble_windows(per_window: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+    """Places a windowed call's maps at their tokens.
+
+    Args:
+        per_window: ``(batch * windows, heads, N, N)``, batch-major.
+        layout: how the call laid its windows out (checked with :func:`layout_refusal` first).
+
+    Returns:
+        ``(batch, heads, H * W, H * W)``: each window's weights at its tokens' positions,
+        exact zeros between tokens of different windows, padded slots left out (their
+        weight is missing from the rows: see the module's docstring). Differentiable
+        with respect to ``per_window``.
+
+    Example:
+        >>> layout = WindowLayout(1, 2, 2, (2, 2), (1, 1), "pad_then_roll")
+        >>> p = torch.softmax(torch.randn(1, 3, 4, 4), -1)
+        >>> assemble_windows(p, layout).shape
+        torch.Size([1, 3, 4, 4])
+    """
+    b, nw, tokens = layout.batch, layout.windows, layout.tokens
+    heads, n = per_window.shape[1], per_window.shape[-1]
+    pos = window_positions(layout, per_window.device)
+    pos = torch.where(pos < 0, torch.full_like(pos, tokens), pos)  # padding -> one extra slot, cut off below
+    windows = per_window.reshape(b, nw, heads, n, n).permute(0, 2, 1, 3, 4)  # (B, H, nW, N, N)
+    dense = per_window.new_zeros(b, heads, tokens + 1, tokens + 1)
+    dense[:, :, pos[:, :, None], pos[:, None, :]] = windows  # (B, H, T + 1, T + 1)
+    return dense[:, :, :tokens, :tokens]  # (B, H, T, T)
+
+
+def assemble_window_values(value: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+    """The value vectors of a windowed call ``(batch * windows, heads, N, dim)`` at their
+    tokens: ``(batch, heads, H * W, dim)`` (each real token is in exactly one slot; the
+    padded slots are left out, as in :func:`assemble_windows`)."""
+    b, nw = layout.batch, layout.windows
+    heads, n, dim = value.shape[1], value.shape[2], value.shape[3]
+    pos = window_positions(layout, value.device).reshape(-1)
+    real = (pos >= 0).nonzero().squeeze(1)
+    slots = value.reshape(b, nw, heads, n, dim).permute(0, 2, 1, 3, 4).reshape(b, heads, nw * n, dim)
+    out = value.new_zeros(b, heads, layout.tokens, dim)
+    out[:, :, pos[real]] = slots[:, :, real]
+    return out  # (B, H, T, dim)
+
+
+# ------------------------------------------------------------------ the families: where each reads its layout
+class _BlockCalls:
+    """What a windowed layer's parent block was called with, per thread, while that call runs."""
+
+    def __init__(self, read: Callable[[tuple, dict], Optional[tuple]]):
+        self._read = read
+        self._local = threading.local()
+
+    def pre_hook(self, block, args, kwargs):
+        self._local.call = (caller_frame(1), self._read(args, kwargs))  # frame 1: the block's _call_impl
+        return None
+
+    def current(self) -> Optional[tuple]:
+        """What the running call of the block was given, or ``None`` when the block is not running."""
+        call = getattr(self._local, "call", None)
+        if call is None:
+            return None
+        frame, seen = call
+        current = caller_frame(1)
+        while current is not None:
+            if current is frame:
+                return seen
+            current = current.f_back
+        return None
+
+
+class WindowedLayer:
+    """One windowed attention module's family rule: :meth:`layout` reads, at its attention
+    call, how the call laid its windows out, or says why it cannot.
+
+    Args:
+        family: a name for messages (``"transformers Swin"``).
+        read: ``(input_shape) -> WindowLayout or str``: the layout from the hooked module's
+            input shape, the block's call (when there is a block) and both modules' attributes.
+        block: the parent block whose call must be seen (its pre-hook from :meth:`install`), or ``None``.
+    """
+
+    def __init__(self, family: str, read: Callable, block: Optional[nn.Module] = None,
+                 block_call: Optional[Callable[[tuple, dict], Optional[tuple]]] = None):
+        self.family = family
+        self._read = read
+        self.block = block
+        self._calls = _BlockCalls(block_call) if block is not None else None
+
+    def install(self, add_handle: Callable) -> None:
+        """Puts the pre-hook on the block (handed to ``add_handle`` to be removed with the capture's)."""
+        if self.block is not None:
+            add_handle(self.block.register_forward_pre_hook(self._calls.pre_hook, with_kwargs=True, prepend=True))
+
+    def layout(self, input_shape: Optional[Tuple[int, ...]]) -> Union[WindowLayout, str]:
+        """The running call's :class:`WindowLayout`, or the reason it cannot be read."""
+        seen = None
+        if self._calls is not None:
+            seen = self._calls.current()
+            if seen is None:
+                return (f"a {self.family} window-attention call outside a call of its block "
+                        f"({type(self.block).__name__}): the image size, shift and padding of its windows cannot be "
+                        "read, so its windows are not placed and it is not stored")
+        try:
+            return self._read(input_shape, seen)
+        except (TypeError, ValueError, IndexError) as error:
+            return f"the {self.family} window layout cannot be read ({error}), so it is not stored"
+
+
+def _pair(value) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    a, b = value
+    return int(a), int(b)
+
+
+def _hf_block_call(args: tuple, kwargs: dict) -> Optional[tuple]:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    dims = args[1] if len(args) > 1 else kwargs.get("input_dimensions")
+    if not isinstance(hidden, torch.Tensor) or dims is None:
+        return None
+    return hidden.shape[0], tuple(int(d) for d in dims)
+
+
+def _hf_layout(block):
+    def read(input_shape, seen):
+        if seen is None:
+            raise ValueError("the block was called without (hidden_states, input_dimensions)")
+        batch, (h, w) = seen
+        return WindowLayout(batch, h, w, _pair(block.window_size), _pair(block.shift_size), PAD_THEN_ROLL)
+    return read
+
+
+def _timm_block_call(args: tuple, kwargs: dict) -> Optional[tuple]:
+    x = args[0] if args else kwargs.get("x")
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else None
+
+
+def _timm_layout(block):
+    def read(input_shape, seen):
+        if seen is None or len(seen) != 4:
+            raise ValueError(f"the block's input is {seen}, not (batch, height, width, channels)")
+        b, h, w, _ = seen
+        return WindowLayout(b, h, w, _pair(block.window_size), _pair(block.shift_size), ROLL_THEN_PAD)
+    return read
+
+
+def _torchvision_layout(module):
+    def read(input_shape, seen):
+        if input_shape is None or len(input_shape) != 4:
+            raise ValueError(f"the module's input is {input_shape}, not (batch, height, width, channels)")
+        b, h, w, _ = input_shape
+        window, shift = _pair(module.window_size), list(_pair(module.shift_size))
+        padded = (math.ceil(h / window[0]) * window[0], math.ceil(w / window[1]) * window[1])
+        for i in range(2):  # torchvision's shifted_window_attention: no shift where one window covers the axis
+            if window[i] >= padded[i]:
+                shift[i] = 0
+        return WindowLayout(b, h, w, window, (shift[0], shift[1]), PAD_THEN_ROLL)
+    return read
+
+
+def _is_hf_swin_block(module: nn.Module) -> bool:
+    return (type(module).__module__.startswith("transformers.") and hasattr(module, "window_size")
+            and hasattr(module, "shift_size") and callable(getattr(module, "get_attn_mask", None)))
+
+
+def windowed_layer(module: nn.Module, parents: Dict[int, nn.Module]) -> Optional[WindowedLayer]:
+    """The family rule of a hooked attention module that computes windowed (Swin) attention, or ``None``.
+
+    Args:
+        module: a hooked attention module.
+        parents: ``{id(child): parent}`` over the model's modules.
+    """
+    kind = type(module)
+    if kind.__module__.startswith("torchvision.") and kind.__name__ in ("ShiftedWindowAttention",
+                                                                        "ShiftedWindowAttentionV2"):
+        return WindowedLayer("torchvision Swin", _torchvision_layout(module))
+    parent = parents.get(id(module))
+    if parent is not None and type(parent).__module__.startswith("timm.models.swin_transformer") \
+            and type(parent).__name__ == "SwinTransformerBlock" and getattr(parent, "attn", None) is module:
+        return WindowedLayer("timm Swin", _timm_layout(parent), parent, _timm_block_call)
+    for block in (parent, parents.get(id(parent)) if parent is not None else None):  # Swin: attention; v2: attention.self
+        if block is not None and _is_hf_swin_block(block):
+            return WindowedLayer(f"transformers {type(block).__name__}", _hf_layout(block), block, _hf_block_call)
+    return None
