@@ -1,0 +1,203 @@
+"""Windowed (Swin) attention stored as the layer's (batch, heads, tokens, tokens) map (issue 24).
+
+Each layer's stored map is checked against a dense hand computation from the module's
+own weights over the whole token grid (tests/window_oracle.py: shift, -100 region mask,
+relative position bias, padding), never against the library's placement; padding is
+exercised (grids that are not window multiples) and so are shifts.
+"""
+
+import math
+
+import pytest
+import torch
+
+from attention_hooker import TransformerAttentionHooker
+from attention_hooker.analysis.rollout import attention_rollout
+from window_oracle import PAD_THEN_ROLL, ROLL_THEN_PAD, dense_by_hand, index_grid_windows
+
+transformers = pytest.importorskip("transformers")
+
+
+def _randomise_bias_tables(model):
+    with torch.no_grad():  # zero at init: a placement that ignores positions would pass
+        for module in model.modules():
+            if hasattr(module, "relative_position_bias_table"):
+                module.relative_position_bias_table.normal_(0, 1)
+
+
+def _inputs_of(model, kind, with_kwargs=False):
+    seen = {}
+    handles = [m.register_forward_pre_hook((lambda m, a, kw: seen.__setitem__(m, (a, kw))) if with_kwargs
+                                           else (lambda m, a: seen.__setitem__(m, (a, {}))), with_kwargs=with_kwargs)
+               for m in model.modules() if isinstance(m, kind)]
+    return seen, handles
+
+
+def _check(got, oracle, padding_mass, where):
+    assert got.shape == oracle.shape, f"{where}: {tuple(got.shape)} != {tuple(oracle.shape)}"
+    torch.testing.assert_close(got, oracle, atol=2e-6, rtol=1e-5, msg=where)
+    # The weight real queries put on padding keys is what their stored rows miss: never renormalised.
+    torch.testing.assert_close(1 - got.sum(-1), padding_mass, atol=2e-6, rtol=0, msg=where)
+
+
+def _hf_swin(image, impl, depths=(2, 2), heads=(2, 4)):
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=image, patch_size=4, embed_dim=16, depths=list(depths),
+                                     num_heads=list(heads), window_size=4, attn_implementation=impl)
+    model = transformers.SwinModel(config).eval()
+    _randomise_bias_tables(model)
+    return model
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("image", [40, 32])
+def test_hf_swin_every_layer_is_the_dense_map_of_its_weights(impl, image):
+    from transformers.models.swin.modeling_swin import SwinLayer
+
+    # 40: tokens 10x10 (padded to 12) then 5x5 (padded to 8), both shifted; 32: 8x8, then 4x4,
+    # where the block sets its shift to 0 inside its forward (one window covers the grid).
+    model = _hf_swin(image, impl)
+    seen, handles = _inputs_of(model, SwinLayer, with_kwargs=True)
+    x = torch.randn(2, 3, image, image)
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+        try:
+            with TransformerAttentionHooker(model) as hooker:
+                out = model(x).last_hidden_state
+        finally:
+            for handle in handles:
+                handle.remove()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert not hooker.report().missing
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SwinLayer)]
+    assert len(layers) == 4 and len(hooker.values) == 4
+    padded = shifted = 0
+    for name, layer in layers:
+        (args, kwargs) = seen[layer]
+        hidden, (h, w) = args[0], args[1]
+        att = layer.attention
+        ws, s = layer.window_size, layer.shift_size  # as the forward set them (the last stage: 3, 0)
+        padded += h % ws != 0
+        shifted += s > 0
+        heads = att.num_attention_heads
+        b, _, c = hidden.shape
+        d = c // heads
+        with torch.no_grad():
+            oracle, padding_mass = dense_by_hand(
+                layer.layernorm_before(hidden).view(b, h, w, c),
+                lambda t: att.q_proj(t).view(b, -1, heads, d).transpose(1, 2) * att.scaling,
+                lambda t: att.k_proj(t).view(b, -1, heads, d).transpose(1, 2),
+                att.relative_position_bias.relative_position_bias_table, (ws, ws), (s, s), PAD_THEN_ROLL)
+        (got,) = hooker.values[name + ".attention"]
+        _check(got, oracle, padding_mass, name)
+    assert shifted == (2 if image == 40 else 1) and padded == (4 if image == 40 else 0)
+
+
+def test_timm_swin_every_layer_is_the_dense_map_of_its_weights():
+    timm = pytest.importorskip("timm")
+    from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=40, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                            num_classes=0, strict_img_size=False).eval()  # 10x10 and 5x5 tokens: timm pads after rolling
+    _randomise_bias_tables(model)
+    seen, handles = _inputs_of(model, SwinTransformerBlock)
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        expected = model(x)
+        try:
+            with TransformerAttentionHooker(model) as hooker:
+                out = model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert not hooker.report().missing
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, SwinTransformerBlock)]
+    assert len(blocks) == 4 and any(any(m.shift_size) for _, m in blocks)
+    for name, block in blocks:
+        with torch.no_grad():
+            xn = block.norm1(seen[block][0][0])
+            b, h, w, c = xn.shape
+            att = block.attn
+            heads = att.num_heads
+            d = att.qkv.weight.shape[0] // 3 // heads
+
+            def part(t, i):
+                return att.qkv(t).view(b, t.shape[1], 3, heads, d)[:, :, i].transpose(1, 2)
+
+            oracle, padding_mass = dense_by_hand(xn, lambda t: part(t, 0) * att.scale, lambda t: part(t, 1),
+                                                 att.relative_position_bias_table, block.window_size,
+                                                 block.shift_size, ROLL_THEN_PAD)
+        (got,) = hooker.values[name + ".attn"]
+        _check(got, oracle, padding_mass, name)
+
+
+def test_torchvision_swin_t_every_layer_is_the_dense_map_of_its_weights():
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(weights=None).eval()  # window 7 over 16x16, 8x8, 4x4, 2x2 tokens at 64x64
+    _randomise_bias_tables(model)
+    seen, handles = _inputs_of(model, ShiftedWindowAttention)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        try:
+            with TransformerAttentionHooker(model) as hooker:
+                out = model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert not hooker.report().missing
+    attention = [(n, m) for n, m in model.named_modules() if isinstance(m, ShiftedWindowAttention)]
+    assert len(attention) == 12 and len(hooker.values) == 12
+    for name, module in attention:
+        xin = seen[module][0][0]
+        b, h, w, c = xin.shape
+        ws = tuple(module.window_size)
+        hp, wp = math.ceil(h / ws[0]) * ws[0], math.ceil(w / ws[1]) * ws[1]
+        shift = tuple(0 if ws[i] >= (hp, wp)[i] else module.shift_size[i] for i in range(2))  # as the function does
+        heads = module.num_heads
+        d = c // heads
+
+        def part(t, i):
+            return torch.nn.functional.linear(t, module.qkv.weight, module.qkv.bias).view(
+                b, t.shape[1], 3, heads, d)[:, :, i].transpose(1, 2)
+
+        with torch.no_grad():
+            oracle, padding_mass = dense_by_hand(xin, lambda t: part(t, 0) * d ** -0.5, lambda t: part(t, 1),
+                                                 module.relative_position_bias_table, ws, shift, PAD_THEN_ROLL)
+        (got,) = hooker.values[name]
+        _check(got, oracle, padding_mass, name)
+
+
+def test_rollout_runs_over_every_layer_of_a_swin():
+    model = _hf_swin(40, "eager", depths=(4,), heads=(2,))  # one stage: 10x10 tokens in every layer, shifted and not
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(x)
+    assert len(hooker.values) == 4
+    rollout = attention_rollout(hooker.values)
+    assert rollout.shape == (2, 100, 100)  # per image, over the image's tokens
+    torch.testing.assert_close(rollout.sum(-1), torch.ones(2, 100), atol=1e-5, rtol=0)
+    # After a shifted layer, tokens draw on tokens of other (unshifted) windows: windows are crossed.
+    blocks = index_grid_windows(10, 10, (4, 4), (0, 0), PAD_THEN_ROLL)
+    window_of = torch.full((100,), -1)
+    for win, slots in enumerate(blocks):
+        window_of[slots[slots >= 0]] = win
+    crossing = window_of[:, None] != window_of[None, :]
+    assert rollout[:, crossing].abs().max() > 1e-3
+
+
+def test_a_window_attention_called_outside_its_block_is_refused_with_the_reason():
+    model = _hf_swin(32, "eager", depths=(2,), heads=(2,))
+    attention = model.encoder.layers[0].blocks[0].attention
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex=r"blocks\.0\.attention$") as hooker:
+        attention(torch.randn(4, 16, 16), None)  # (batch * windows, N, C): 1 image of 4 windows, or 4 of 1?
+    report = hooker.report()
+    assert list(report.missing) == ["encoder.layers.0.blocks.0.attention"]
+    assert "outside a call of its block" in report["encoder.layers.0.blocks.0.attention"].reason
+    assert not hooker.values.get("encoder.layers.0.blocks.0.attention")
