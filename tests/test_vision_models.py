@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attention_hooker import TransformerAttentionHooker
+from window_oracle import PAD_THEN_ROLL, ROLL_THEN_PAD, place_by_index_grid
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -134,8 +135,8 @@ def test_cait_talking_heads_record_the_mixed_map_that_multiplies_the_values():
 
 # ------------------------------------------------------------------ timm zoo (issue 9)
 # name: (layers that must be refused, with why; extra layers AttentionExtract's default
-# pattern does not see, checked as probabilities instead). Swin's and MaxViT's window
-# attention are per window (batch * windows, heads, N, N), as timm computes and reports it.
+# pattern does not see, checked as probabilities instead). Swin's window attention is stored at
+# the image's tokens (issue 24); AttentionExtract's per-window maps are placed to compare.
 TIMM_ZOO = {
     "vit_tiny_patch16_224": (None, None),
     "swin_tiny_patch4_window7_224": (None, None),
@@ -199,11 +200,27 @@ def test_timm_zoo_fused_capture_equals_attention_extract_of_an_unfused_copy(name
                 assert got.shape[1] == modules[layer].num_heads
                 torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), atol=1e-5, rtol=0)
                 continue
-            match = [i for i, r in enumerate(references) if r.shape == got.shape
+            candidates = _placed_swin_windows(modules, layer, references, got.shape[0])
+            match = [i for i, r in candidates if r.shape == got.shape
                      and torch.allclose(r, got, atol=1e-5, rtol=1e-4)]
             assert match, f"{name}: {layer} {tuple(got.shape)} equals none of AttentionExtract's maps"
             references.pop(match[0])
     assert not references or refused, f"{name}: {len(references)} of AttentionExtract's maps were not captured"
+
+
+def _placed_swin_windows(modules, layer, references, batch):
+    """``[(index, reference)]``: AttentionExtract's maps as they compare with ``layer``'s
+    capture. A timm Swin block's window attention is stored at the image's tokens (issue 24),
+    while AttentionExtract gives it per window ``(batch * windows, heads, N, N)``: those are
+    placed here by the block's own pad/roll/partition of a grid of token indices."""
+    block = modules.get(layer.rpartition(".")[0])
+    if type(modules[layer]).__name__ != "WindowAttention" or not hasattr(block, "shift_size"):
+        return list(enumerate(references))
+    (h, w), window, shift = block.input_resolution, block.window_size, block.shift_size
+    n = window[0] * window[1]
+    windows = math.ceil(h / window[0]) * math.ceil(w / window[1])
+    return [(i, place_by_index_grid(r, batch, h, w, window, shift, ROLL_THEN_PAD)) for i, r in enumerate(references)
+            if r.dim() == 4 and r.shape[0] == batch * windows and r.shape[-1] == n]
 
 
 # ------------------------------------------------------------------ torchvision Swin and MaxViT (issue 9)
@@ -246,9 +263,13 @@ def test_torchvision_swin_window_attention_equals_its_own_weights_by_hand():
     assert any(m.shift_size[0] and m.window_size[0] < inputs[n].shape[1] for n, m in attention.items())
     for name, module in attention.items():
         (got,) = hooker.values[name]
+        b, h, w, _ = inputs[name].shape
+        shift = [s if module.window_size[i] < (h, w)[i] else 0 for i, s in enumerate(module.shift_size)]
         with torch.no_grad():
-            oracle = _swin_window_attention_by_hand(module, inputs[name])
-        assert got.shape == oracle.shape  # (batch * windows, heads, 16, 16)
+            windows = _swin_window_attention_by_hand(module, inputs[name])  # (batch * windows, heads, 16, 16)
+        # Stored at the image's tokens (issue 24): the windows placed by the layer's own roll of a token grid.
+        oracle = place_by_index_grid(windows, b, h, w, module.window_size, shift, PAD_THEN_ROLL)
+        assert got.shape == oracle.shape == (b, module.num_heads, h * w, h * w)
         torch.testing.assert_close(got, oracle, atol=1e-5, rtol=1e-4)
 
 
