@@ -345,6 +345,7 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
                    for head in model.modules() if type(head).__name__ == "Aimv2AttentionPoolingHead"]
     if case.model_type in SWIN_RECOMPUTED:
         references += _swin_window_oracles(model, case.inputs)
+    references = _placed_swin_windows(model, case.inputs, references)
     unmatched, wrong = list(references), []
     for layer, calls in hooker.values.items():
         for got in calls:
@@ -412,6 +413,48 @@ def _submodel_references(model, inputs, layer: str) -> List[torch.Tensor]:
         if found:
             return found
     return []
+
+
+def _placed_swin_windows(model, inputs, references: List[torch.Tensor]) -> List[torch.Tensor]:
+    """transformers' per-window Swin attentions ``(batch * windows, heads, N, N)`` placed at
+    the image's tokens, as the library stores them (issue 24), by each block's own pad/roll
+    of a grid of token indices (window and shift read when its attention runs: the block
+    changes them inside its forward). Other references are returned as they are."""
+    from window_oracle import PAD_THEN_ROLL, place_by_index_grid
+
+    blocks = [m for m in model.modules() if type(m).__module__.startswith("transformers.")
+              and hasattr(m, "shift_size") and callable(getattr(m, "get_attn_mask", None))]
+    if not blocks:
+        return references
+    layouts, current, handles = [], {}, []
+    for block in blocks:
+        def pre(m, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            dims = args[1] if len(args) > 1 else kwargs["input_dimensions"]
+            current[m] = (hidden.shape[0], tuple(int(d) for d in dims))
+        attention = getattr(block, "attention", None)
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(attention.register_forward_pre_hook(
+            lambda m, args, block=block: layouts.append((*current[block], block.window_size, block.shift_size))))
+    try:
+        _forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    placed, pending = [], list(layouts)
+    for ref in references:
+        fit = None
+        for i, (batch, (h, w), ws, s) in enumerate(pending):
+            windows = -(-h // ws) * -(-w // ws)
+            if ref.dim() == 4 and ref.shape[0] == batch * windows and ref.shape[-1] == ws * ws == ref.shape[-2]:
+                fit = i
+                break
+        if fit is None:
+            placed.append(ref)
+            continue
+        batch, (h, w), ws, s = pending.pop(fit)
+        placed.append(place_by_index_grid(ref, batch, h, w, (ws, ws), (s, s), PAD_THEN_ROLL))
+    return placed
 
 
 def _swin_window_oracles(model, inputs) -> List[torch.Tensor]:
