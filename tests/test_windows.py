@@ -201,3 +201,20 @@ def test_a_window_attention_called_outside_its_block_is_refused_with_the_reason(
     assert list(report.missing) == ["encoder.layers.0.blocks.0.attention"]
     assert "outside a call of its block" in report["encoder.layers.0.blocks.0.attention"].reason
     assert not hooker.values.get("encoder.layers.0.blocks.0.attention")
+
+
+def test_a_dense_map_over_the_limit_is_refused_with_its_size(monkeypatch):
+    """Placed at the image's tokens, a windowed call's map grows with the tokens squared (Swin-T's
+    first stage at 224 x 224: 118 MB per image and layer); over DENSE_WINDOWS_BYTES the call is
+    refused with its size, never allocated."""
+    from attention_hooker.capture import session
+
+    model = _hf_swin(40, "eager", depths=(2,), heads=(2,))
+    monkeypatch.setattr(session, "DENSE_WINDOWS_BYTES", 2 * 2 * 100 * 100 * 4 - 1)  # one byte short for 2 images
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(torch.randn(1, 3, 40, 40))  # one image fits
+        model(torch.randn(2, 3, 40, 40))  # two do not
+    for name, coverage in hooker.report().items():
+        assert (coverage.runs, coverage.captured, coverage.refused) == (2, 1, 1)
+        assert "map of 156.2 KB, over the 156.2 KB a windowed call may take" in coverage.reason
+        assert [tuple(c.shape) for c in hooker.values[name]] == [(1, 2, 100, 100)]

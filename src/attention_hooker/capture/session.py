@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._torch_private import caller_frame, function_mode_stack, take_mode_out
 from ..keep.protocol import NO_SOURCES, CallSources
+from ..values import format_size
 from .batching import PackedRequests, request_keys
 from .windows import assemble_window_values, assemble_windows, layout_refusal
 from .coverage import Coverage
@@ -34,7 +35,11 @@ from .routes.mha import handle_mha_forward
 from .routes.sdpa_call import handle_sdpa
 from .routes.softmax import SOFTMAX_FUNCTIONS, Pending, commit_pending, handle_softmax, handle_use
 
-__all__ = ["CaptureSession", "module_call_frame", "frame_is_live"]
+__all__ = ["CaptureSession", "module_call_frame", "frame_is_live", "DENSE_WINDOWS_BYTES"]
+
+# The largest dense map a windowed (Swin) call is placed into: Swin-T's first stage at 224 x 224
+# is 118 MB per image and layer in float32, so about 17 images per forward.
+DENSE_WINDOWS_BYTES = 2 * 2**30
 
 
 def module_call_frame():
@@ -334,6 +339,13 @@ class CaptureSession:
         the call is refused (its layout unreadable or not the map's)."""
         layout = scope.windows.layout(scope.input_shape)
         refusal = layout if isinstance(layout, str) else layout_refusal(layout, tuple(weights.shape))
+        if refusal is None:
+            dense = layout.batch * weights.shape[1] * layout.tokens ** 2 * weights.element_size()
+            if dense > DENSE_WINDOWS_BYTES:
+                refusal = (f"the windows of this call placed at the image's {layout.tokens} tokens would be one "
+                           f"(batch, heads, tokens, tokens) map of {format_size(dense)}, over the "
+                           f"{format_size(DENSE_WINDOWS_BYTES)} a windowed call may take: capture fewer images "
+                           "per forward (the per-window layout is not kept yet)")
         if refusal is None and (sources.graph_tensor is not None or sources.gradient_scale is not None):
             # The softmax route's weights are in the graph themselves (None): the placement is differentiable.
             refusal = ("keep_grad on a windowed (Swin) layer whose weights are not in the autograd graph themselves "

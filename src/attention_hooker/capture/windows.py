@@ -154,12 +154,14 @@ def assemble_windows(per_window: torch.Tensor, layout: WindowLayout) -> torch.Te
     """
     b, nw, tokens = layout.batch, layout.windows, layout.tokens
     heads, n = per_window.shape[1], per_window.shape[-1]
-    pos = window_positions(layout, per_window.device)
-    pos = torch.where(pos < 0, torch.full_like(pos, tokens), pos)  # padding -> one extra slot, cut off below
+    pos = window_positions(layout, per_window.device)  # (nW, N), -1 for padding
+    real = (pos[:, :, None] >= 0) & (pos[:, None, :] >= 0)  # (nW, N, N): a real query and a real key
+    queries = pos[:, :, None].expand(nw, n, n)[real]
+    keys = pos[:, None, :].expand(nw, n, n)[real]
     windows = per_window.reshape(b, nw, heads, n, n).permute(0, 2, 1, 3, 4)  # (B, H, nW, N, N)
-    dense = per_window.new_zeros(b, heads, tokens + 1, tokens + 1)
-    dense[:, :, pos[:, :, None], pos[:, None, :]] = windows  # (B, H, T + 1, T + 1)
-    return dense[:, :, :tokens, :tokens]  # (B, H, T, T)
+    dense = per_window.new_zeros(b, heads, tokens, tokens)  # compact: no padded row or column kept
+    dense[:, :, queries, keys] = windows[:, :, real]
+    return dense  # (B, H, T, T)
 
 
 def assemble_window_values(value: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
