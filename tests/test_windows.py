@@ -218,3 +218,33 @@ def test_a_dense_map_over_the_limit_is_refused_with_its_size(monkeypatch):
         assert (coverage.runs, coverage.captured, coverage.refused) == (2, 1, 1)
         assert "map of 156.2 KB, over the 156.2 KB a windowed call may take" in coverage.reason
         assert [tuple(c.shape) for c in hooker.values[name]] == [(1, 2, 100, 100)]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_keep_grad_on_a_windowed_layer_is_refused_with_the_reason(impl):
+    """The loss reaches the model's per-window weights, never the assembled map: with keep_grad
+    the eager route stored the map and its gradient stayed None, silently."""
+    model = _hf_swin(40, impl, depths=(2,), heads=(2,))
+    with TransformerAttentionHooker(model, keep_grad=True) as hooker:
+        model(torch.randn(1, 3, 40, 40)).last_hidden_state.pow(2).sum().backward()
+    report = hooker.report()
+    assert len(report.missing) == 2
+    assert all("keep_grad on a windowed (Swin) layer" in report[name].reason for name in report.missing)
+    assert not any(hooker.values.get(name) for name in report.missing)
+
+
+def test_a_blocks_inputs_and_outputs_are_not_held_after_its_call():
+    """The block's pre-hook kept its last call's frame, and with it the block's input and output
+    (with their autograd graph in training), until the next call."""
+    import gc
+    import weakref
+
+    model = _hf_swin(32, "eager", depths=(2,), heads=(2,))
+    block = model.encoder.layers[0].blocks[0]
+    refs = []
+    probe = block.register_forward_hook(lambda m, a, o: refs.extend([weakref.ref(a[0]), weakref.ref(o[0])]))
+    with torch.no_grad(), TransformerAttentionHooker(model):
+        model(torch.randn(2, 3, 32, 32))
+        gc.collect()
+        assert [r() is None for r in refs] == [True, True]
+    probe.remove()

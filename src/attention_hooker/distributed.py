@@ -100,6 +100,9 @@ def process_group(launch: Optional[Launch], *, backend: Optional[str] = None,
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         yield backend
+        # Every rank leaves together: a rank that tore gloo down while rank 0 was still writing its
+        # outputs sometimes aborted at exit ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

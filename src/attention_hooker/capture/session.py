@@ -337,7 +337,7 @@ class CaptureSession:
         """A windowed call's ``(batch * windows, heads, N, N)`` as the layer's ``(batch, heads,
         tokens, tokens)`` (:func:`~.windows.assemble_windows`), with its sources; ``None`` when
         the call is refused (its layout unreadable or not the map's)."""
-        layout = scope.windows.layout(scope.input_shape)
+        layout = scope.windows.layout(scope.input_shape, scope.module)
         refusal = layout if isinstance(layout, str) else layout_refusal(layout, tuple(weights.shape))
         if refusal is None:
             dense = layout.batch * weights.shape[1] * layout.tokens ** 2 * weights.element_size()
@@ -346,18 +346,20 @@ class CaptureSession:
                            f"(batch, heads, tokens, tokens) map of {format_size(dense)}, over the "
                            f"{format_size(DENSE_WINDOWS_BYTES)} a windowed call may take: capture fewer images "
                            "per forward (the per-window layout is not kept yet)")
-        if refusal is None and (sources.graph_tensor is not None or sources.gradient_scale is not None):
-            # The softmax route's weights are in the graph themselves (None): the placement is differentiable.
-            refusal = ("keep_grad on a windowed (Swin) layer whose weights are not in the autograd graph themselves "
-                       "(scaled_dot_product_attention, or dropout): the gradient of its assembled map is not kept "
-                       "yet, so it is not stored")
+        if refusal is None and self.router.policy.keep_grad:
+            # The loss reaches the model's per-window weights, never the assembled map: a map stored with
+            # keep_grad would get no gradient, silently.
+            refusal = ("keep_grad on a windowed (Swin) layer: the gradient of its map placed at the image's tokens "
+                       "is not kept yet (the loss reaches only the per-window weights), so it is not stored")
         if refusal is not None:
             self.refuse(scope, refusal)
             return None
         value = sources.value
         if value is not None:
             value = assemble_window_values(value, layout) if value.shape[0] == weights.shape[0] else None
-        return assemble_windows(weights, layout), sources._replace(value=value)  # (B, H, T, T)
+        with torch.no_grad():
+            placed = assemble_windows(weights, layout)  # (B, H, T, T)
+        return placed, sources._replace(value=value)
 
     def _record_requests(self, scope: _Scope, weights: torch.Tensor, sources: CallSources) -> None:
         """Splits a packed continuous-batching map ``(1, heads, queries, keys)`` into each

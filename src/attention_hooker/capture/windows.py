@@ -180,27 +180,43 @@ def assemble_window_values(value: torch.Tensor, layout: WindowLayout) -> torch.T
 
 # ------------------------------------------------------------------ the families: where each reads its layout
 class _BlockCalls:
-    """What a windowed layer's parent block was called with, per thread, while that call runs."""
+    """The calls of a windowed layer's parent block running on each thread: a stack of
+    ``(frame, block, what it was given)``, pushed by its pre-hook and popped by its forward
+    hook (run even when the forward raises), so that nothing of a finished call (its frame,
+    and with it the block's inputs and outputs) is held after it returns."""
 
     def __init__(self, read: Callable[[tuple, dict], Optional[tuple]]):
         self._read = read
         self._local = threading.local()
 
+    def _stack(self) -> list:
+        stack = getattr(self._local, "calls", None)
+        if stack is None:
+            stack = self._local.calls = []
+        return stack
+
     def pre_hook(self, block, args, kwargs):
-        self._local.call = (caller_frame(1), self._read(args, kwargs))  # frame 1: the block's _call_impl
+        self._stack().append((caller_frame(1), block, self._read(args, kwargs)))  # frame 1: the block's _call_impl
+        return None
+
+    def post_hook(self, block, args, kwargs, output):
+        stack = self._stack()
+        if stack and stack[-1][1] is block:
+            stack.pop()
         return None
 
     def current(self) -> Optional[tuple]:
-        """What the running call of the block was given, or ``None`` when the block is not running."""
-        call = getattr(self._local, "call", None)
-        if call is None:
-            return None
-        frame, seen = call
-        current = caller_frame(1)
-        while current is not None:
-            if current is frame:
-                return seen
-            current = current.f_back
+        """``(block called, what it was given)`` of the running call of the block, or ``None``
+        when the block is not running (calls an interrupted forward left open are dropped)."""
+        stack = self._stack()
+        while stack:
+            frame, block, seen = stack[-1]
+            current = caller_frame(1)
+            while current is not None:
+                if current is frame:
+                    return block, seen
+                current = current.f_back
+            stack.pop()
         return None
 
 
@@ -210,8 +226,9 @@ class WindowedLayer:
 
     Args:
         family: a name for messages (``"transformers Swin"``).
-        read: ``(input_shape) -> WindowLayout or str``: the layout from the hooked module's
-            input shape, the block's call (when there is a block) and both modules' attributes.
+        read: ``(module or block called, input_shape, block's inputs) -> WindowLayout``: the
+            layout from the running module's (or block's) attributes, the hooked module's input
+            shape and what the block's call was given (when there is a block).
         block: the parent block whose call must be seen (its pre-hook from :meth:`install`), or ``None``.
     """
 
@@ -223,21 +240,25 @@ class WindowedLayer:
         self._calls = _BlockCalls(block_call) if block is not None else None
 
     def install(self, add_handle: Callable) -> None:
-        """Puts the pre-hook on the block (handed to ``add_handle`` to be removed with the capture's)."""
+        """Puts the hooks on the block (handed to ``add_handle`` to be removed with the capture's)."""
         if self.block is not None:
             add_handle(self.block.register_forward_pre_hook(self._calls.pre_hook, with_kwargs=True, prepend=True))
+            add_handle(self.block.register_forward_hook(self._calls.post_hook, with_kwargs=True, always_call=True))
 
-    def layout(self, input_shape: Optional[Tuple[int, ...]]) -> Union[WindowLayout, str]:
-        """The running call's :class:`WindowLayout`, or the reason it cannot be read."""
-        seen = None
+    def layout(self, input_shape: Optional[Tuple[int, ...]], module: nn.Module) -> Union[WindowLayout, str]:
+        """The running call's :class:`WindowLayout`, or the reason it cannot be read. The window
+        and shift are read from the modules that are running (``module``, the hooked one, and the
+        block called), not from those seen when hooking: a replica (``nn.DataParallel``) changes its own."""
+        seen, block = None, module
         if self._calls is not None:
-            seen = self._calls.current()
-            if seen is None:
+            called = self._calls.current()
+            if called is None:
                 return (f"a {self.family} window-attention call outside a call of its block "
                         f"({type(self.block).__name__}): the image size, shift and padding of its windows cannot be "
                         "read, so its windows are not placed and it is not stored")
+            block, seen = called
         try:
-            return self._read(input_shape, seen)
+            return self._read(block, input_shape, seen)
         except (TypeError, ValueError, IndexError) as error:
             return f"the {self.family} window layout cannot be read ({error}), so it is not stored"
 
@@ -257,8 +278,8 @@ def _hf_block_call(args: tuple, kwargs: dict) -> Optional[tuple]:
     return hidden.shape[0], tuple(int(d) for d in dims)
 
 
-def _hf_layout(block):
-    def read(input_shape, seen):
+def _hf_layout():
+    def read(block, input_shape, seen):
         if seen is None:
             raise ValueError("the block was called without (hidden_states, input_dimensions)")
         batch, (h, w) = seen
@@ -271,8 +292,8 @@ def _timm_block_call(args: tuple, kwargs: dict) -> Optional[tuple]:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else None
 
 
-def _timm_layout(block):
-    def read(input_shape, seen):
+def _timm_layout():
+    def read(block, input_shape, seen):
         if seen is None or len(seen) != 4:
             raise ValueError(f"the block's input is {seen}, not (batch, height, width, channels)")
         b, h, w, _ = seen
@@ -280,8 +301,8 @@ def _timm_layout(block):
     return read
 
 
-def _torchvision_layout(module):
-    def read(input_shape, seen):
+def _torchvision_layout():
+    def read(module, input_shape, seen):
         if input_shape is None or len(input_shape) != 4:
             raise ValueError(f"the module's input is {input_shape}, not (batch, height, width, channels)")
         b, h, w, _ = input_shape
@@ -309,12 +330,12 @@ def windowed_layer(module: nn.Module, parents: Dict[int, nn.Module]) -> Optional
     kind = type(module)
     if kind.__module__.startswith("torchvision.") and kind.__name__ in ("ShiftedWindowAttention",
                                                                         "ShiftedWindowAttentionV2"):
-        return WindowedLayer("torchvision Swin", _torchvision_layout(module))
+        return WindowedLayer("torchvision Swin", _torchvision_layout())
     parent = parents.get(id(module))
     if parent is not None and type(parent).__module__.startswith("timm.models.swin_transformer") \
             and type(parent).__name__ == "SwinTransformerBlock" and getattr(parent, "attn", None) is module:
-        return WindowedLayer("timm Swin", _timm_layout(parent), parent, _timm_block_call)
+        return WindowedLayer("timm Swin", _timm_layout(), parent, _timm_block_call)
     for block in (parent, parents.get(id(parent)) if parent is not None else None):  # Swin: attention; v2: attention.self
         if block is not None and _is_hf_swin_block(block):
-            return WindowedLayer(f"transformers {type(block).__name__}", _hf_layout(block), block, _hf_block_call)
+            return WindowedLayer(f"transformers {type(block).__name__}", _hf_layout(), block, _hf_block_call)
     return None
