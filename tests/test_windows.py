@@ -248,3 +248,25 @@ def test_a_blocks_inputs_and_outputs_are_not_held_after_its_call():
         gc.collect()
         assert [r() is None for r in refs] == [True, True]
     probe.remove()
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_selections_are_made_straight_into_their_size(impl, monkeypatch):
+    """heads=, rows= and keys= on a windowed layer equal the whole map's slices, and only the
+    selected part is made: a call whose whole map is over the limit is kept when its selection
+    fits (it was refused by the whole map's size)."""
+    from attention_hooker.capture import session
+
+    model = _hf_swin(40, impl, depths=(2,), heads=(2,))
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad(), TransformerAttentionHooker(model) as whole:
+        model(x)
+    monkeypatch.setattr(session, "DENSE_WINDOWS_BYTES", 2 * 2 * 100 * 100 * 4 - 1)  # the whole map does not fit
+    rows, keys = [99, 0, 57], slice(10, 60, 7)
+    with torch.no_grad(), TransformerAttentionHooker(model, heads=[1], rows=rows, keys=keys) as picked:
+        model(x)
+    assert picked.report().missing == []
+    for name, (call,) in picked.values.items():
+        expected = whole.values[name][0][:, [1]][:, :, rows][:, :, :, keys]
+        assert call.shape == expected.shape == (2, 1, 3, 8)
+        torch.testing.assert_close(call, expected, atol=0, rtol=0)

@@ -63,10 +63,12 @@ def frame_is_live(frame) -> bool:
 
 class WholeMap(NamedTuple):
     """A call's whole map ``(batch, heads, query, key)`` waiting for its layer call to return
-    (then handed to the router, which applies the selection), and what memory keeps beside it."""
+    (then handed to the router, which applies the selection, unless ``selected``: made with it
+    already), and what memory keeps beside it."""
 
     weights: torch.Tensor
     sources: CallSources
+    selected: bool = False
 
     def discard(self) -> None:
         """Nothing was begun in any keeper: nothing to drop."""
@@ -323,29 +325,35 @@ class CaptureSession:
         if sources.value is not None:
             sources = sources._replace(value=as_4d(sources.value) if self.router.policy.keep_values else None)
         scope = self._scope_of(layer)
-        if scope is not None and scope.windows is not None:  # windowed: placed at the image's tokens first
+        if scope is not None and scope.windows is not None:  # windowed: placed at the image's tokens, selected
             placed = self._place_windows(scope, weights, sources)
-            if placed is None:
-                return
-            weights, sources = placed
+            if placed is not None:
+                self.keep(layer, placed, tuple(placed.weights.shape))
+            return
         if scope is not None and scope.packing is not None:  # continuous batching: one map per request
             self._record_requests(scope, weights, sources)
             return
         self.keep(layer, WholeMap(weights, sources), tuple(weights.shape))
 
-    def _place_windows(self, scope: _Scope, weights: torch.Tensor, sources: CallSources):
+    def _place_windows(self, scope: _Scope, weights: torch.Tensor, sources: CallSources) -> Optional[WholeMap]:
         """A windowed call's ``(batch * windows, heads, N, N)`` as the layer's ``(batch, heads,
-        tokens, tokens)`` (:func:`~.windows.assemble_windows`), with its sources; ``None`` when
-        the call is refused (its layout unreadable or not the map's)."""
+        tokens, tokens)`` (:func:`~.windows.assemble_windows`), only its selected heads, rows and
+        keys made; ``None`` when the call is refused (its layout unreadable or not the map's, or
+        the map over :data:`DENSE_WINDOWS_BYTES`)."""
         layout = scope.windows.layout(scope.input_shape, scope.module)
         refusal = layout if isinstance(layout, str) else layout_refusal(layout, tuple(weights.shape))
+        chosen = None
         if refusal is None:
-            dense = layout.batch * weights.shape[1] * layout.tokens ** 2 * weights.element_size()
+            chosen = self.router.policy.selection.resolve(weights.shape[1], layout.tokens, layout.tokens,
+                                                          f"layer {scope.layer!r}")
+            size = [len(c) if c is not None else n for c, n in zip(chosen, (weights.shape[1], layout.tokens,
+                                                                           layout.tokens))]
+            dense = layout.batch * size[0] * size[1] * size[2] * weights.element_size()
             if dense > DENSE_WINDOWS_BYTES:
                 refusal = (f"the windows of this call placed at the image's {layout.tokens} tokens would be one "
-                           f"(batch, heads, tokens, tokens) map of {format_size(dense)}, over the "
+                           f"(batch, heads, rows, keys) map of {format_size(dense)}, over the "
                            f"{format_size(DENSE_WINDOWS_BYTES)} a windowed call may take: capture fewer images "
-                           "per forward (the per-window layout is not kept yet)")
+                           "per forward, or fewer heads=, rows= or keys= (the per-window layout is not kept yet)")
         if refusal is None and self.router.policy.keep_grad:
             # The loss reaches the model's per-window weights, never the assembled map: a map stored with
             # keep_grad would get no gradient, silently.
@@ -358,8 +366,8 @@ class CaptureSession:
         if value is not None:
             value = assemble_window_values(value, layout) if value.shape[0] == weights.shape[0] else None
         with torch.no_grad():
-            placed = assemble_windows(weights, layout)  # (B, H, T, T)
-        return placed, sources._replace(value=value)
+            placed = assemble_windows(weights, layout, *chosen)  # (B, heads, rows, keys) as selected
+        return WholeMap(placed, sources._replace(value=value), selected=True)
 
     def _record_requests(self, scope: _Scope, weights: torch.Tensor, sources: CallSources) -> None:
         """Splits a packed continuous-batching map ``(1, heads, queries, keys)`` into each
@@ -455,7 +463,14 @@ class CaptureSession:
         router = router or self.router
         self.thread_state().events += 1
         self.coverage.captured(layer)
-        writer = router.whole_call(layer, call.weights, call.sources) if isinstance(call, WholeMap) else call
+        if isinstance(call, WholeMap) and call.selected:  # the selection was applied as it was made
+            writer = router.begin_call(layer, tuple(call.weights.shape), router.policy.dtype or call.weights.dtype,
+                                       call.sources)
+            writer.write(torch.arange(call.weights.shape[2]), call.weights)
+        elif isinstance(call, WholeMap):
+            writer = router.whole_call(layer, call.weights, call.sources)
+        else:
+            writer = call
         router.commit(layer, writer)
 
     def _scope_of(self, layer: str) -> Optional[_Scope]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union, Sequence
 
 import torch
 from torch import nn
@@ -133,35 +133,54 @@ def layout_refusal(layout: WindowLayout, shape: Tuple[int, ...]) -> Optional[str
     return None
 
 
-def assemble_windows(per_window: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+def assemble_windows(per_window: torch.Tensor, layout: WindowLayout, heads: Optional[Sequence[int]] = None,
+                     rows: Optional[Sequence[int]] = None, keys: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Places a windowed call's maps at their tokens.
 
     Args:
         per_window: ``(batch * windows, heads, N, N)``, batch-major.
         layout: how the call laid its windows out (checked with :func:`layout_refusal` first).
+        heads, rows, keys: only these heads, query tokens and key tokens (distinct absolute
+            indices: a selection resolved against the layer's tokens), placed straight into a map
+            of that size: a row of a large image costs a row, not the whole map first.
 
     Returns:
-        ``(batch, heads, H * W, H * W)``: each window's weights at its tokens' positions,
-        exact zeros between tokens of different windows, padded slots left out (their
-        weight is missing from the rows: see the module's docstring). Differentiable
-        with respect to ``per_window``.
+        ``(batch, heads, H * W, H * W)`` (or the selected heads, rows and keys): each window's
+        weights at its tokens' positions, exact zeros between tokens of different windows,
+        padded slots left out (their weight is missing from the rows: see the module's
+        docstring). Differentiable with respect to ``per_window``.
 
     Example:
         >>> layout = WindowLayout(1, 2, 2, (2, 2), (1, 1), "pad_then_roll")
         >>> p = torch.softmax(torch.randn(1, 3, 4, 4), -1)
-        >>> assemble_windows(p, layout).shape
-        torch.Size([1, 3, 4, 4])
+        >>> assemble_windows(p, layout).shape, assemble_windows(p, layout, heads=[2], rows=[3]).shape
+        (torch.Size([1, 3, 4, 4]), torch.Size([1, 1, 1, 4]))
     """
     b, nw, tokens = layout.batch, layout.windows, layout.tokens
-    heads, n = per_window.shape[1], per_window.shape[-1]
+    n = per_window.shape[-1]
+    if heads is not None:
+        per_window = per_window.index_select(1, torch.as_tensor(list(heads), device=per_window.device))
     pos = window_positions(layout, per_window.device)  # (nW, N), -1 for padding
-    real = (pos[:, :, None] >= 0) & (pos[:, None, :] >= 0)  # (nW, N, N): a real query and a real key
-    queries = pos[:, :, None].expand(nw, n, n)[real]
-    keys = pos[:, None, :].expand(nw, n, n)[real]
-    windows = per_window.reshape(b, nw, heads, n, n).permute(0, 2, 1, 3, 4)  # (B, H, nW, N, N)
-    dense = per_window.new_zeros(b, heads, tokens, tokens)  # compact: no padded row or column kept
-    dense[:, :, queries, keys] = windows[:, :, real]
-    return dense  # (B, H, T, T)
+    row_of, key_of = _slots(rows, tokens, pos.device), _slots(keys, tokens, pos.device)
+    queries = row_of[pos][:, :, None].expand(nw, n, n)  # (nW, N, N): where each weight's query goes, or -1
+    columns = key_of[pos][:, None, :].expand(nw, n, n)
+    kept = (queries >= 0) & (columns >= 0)  # a real (and selected) query over a real (and selected) key
+    windows = per_window.reshape(b, nw, per_window.shape[1], n, n).permute(0, 2, 1, 3, 4)  # (B, h, nW, N, N)
+    dense = per_window.new_zeros(b, per_window.shape[1], tokens if rows is None else len(rows),
+                                 tokens if keys is None else len(keys))  # compact: no padded row or column
+    dense[:, :, queries[kept], columns[kept]] = windows[:, :, kept]
+    return dense  # (B, h, rows, keys)
+
+
+def _slots(chosen: Optional[Sequence[int]], tokens: int, device) -> torch.Tensor:
+    """``(tokens + 1,)``: each token's place in the selection (or itself, for all), -1 for a token
+    not chosen; entry ``-1`` (a padded slot's index) maps to -1."""
+    where = torch.full((tokens + 1,), -1, dtype=torch.long, device=device)
+    if chosen is None:
+        where[:tokens] = torch.arange(tokens, device=device)
+    else:
+        where[torch.as_tensor(list(chosen), dtype=torch.long, device=device)] = torch.arange(len(chosen), device=device)
+    return where
 
 
 def assemble_window_values(value: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
