@@ -270,3 +270,91 @@ def test_selections_are_made_straight_into_their_size(impl, monkeypatch):
         expected = whole.values[name][0][:, [1]][:, :, rows][:, :, :, keys]
         assert call.shape == expected.shape == (2, 1, 3, 8)
         torch.testing.assert_close(call, expected, atol=0, rtol=0)
+
+
+def _run(model, x, kind, with_kwargs=False):
+    seen, handles = _inputs_of(model, kind, with_kwargs)
+    with torch.no_grad():
+        expected = model(x)
+        try:
+            with TransformerAttentionHooker(model) as hooker:
+                out = model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert not hooker.report().missing
+    return hooker, seen
+
+
+def test_torchvision_maxvit_window_and_grid_layers_are_the_dense_map_of_their_weights():
+    """MaxViT's 5-D softmax (batch, groups, heads, P, P): window groups are p x p blocks, grid groups
+    take one token of every block (strided); the oracle is a masked dense softmax over all tokens."""
+    pytest.importorskip("torchvision")
+    from torchvision.models.maxvit import MaxVit, PartitionAttentionLayer
+
+    torch.manual_seed(0)
+    model = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32], block_layers=[1, 1],
+                   head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()  # 8x8 then 4x4 tokens
+    _randomise_bias_tables(model)
+    hooker, seen = _run(model, torch.randn(2, 3, 32, 32), PartitionAttentionLayer)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PartitionAttentionLayer)]
+    assert len(layers) == 4 and len(hooker.values) == 4
+    for name, lay in layers:
+        x = seen[lay][0][0]
+        b, c, h, w = x.shape
+        att = lay.attn_layer[1]
+        with torch.no_grad():
+            xn = lay.attn_layer[0](x.permute(0, 2, 3, 1)).reshape(b, h * w, c)
+            q, k, _ = att.to_qkv(xn).chunk(3, -1)
+            nh, d = att.n_heads, att.head_dim
+            q = q.view(b, -1, nh, d).transpose(1, 2)
+            k = k.view(b, -1, nh, d).transpose(1, 2) * att.scale_factor
+            hh, ww = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+            p = lay.p
+            if lay.partition_type == "window":  # group: the p x p block; position inside it
+                gh, gw, sh, sw, size = hh // p, ww // p, hh % p, ww % p, p
+            else:  # grid: lay.p is the partition count; group: the place inside a p x p block, position: the block
+                gh, gw, sh, sw, size = hh % p, ww % p, hh // p, ww // p, h // p
+            same = (gh[:, None] == gh[None]) & (gw[:, None] == gw[None])
+            idx = (sh[:, None] - sh[None] + size - 1) * (2 * size - 1) + (sw[:, None] - sw[None] + size - 1)
+            table = att.relative_position_bias_table
+            bias = table[idx.clamp(0, table.shape[0] - 1)].permute(2, 0, 1)
+            oracle = (q @ k.transpose(-1, -2) + bias).masked_fill(~same, float("-inf")).softmax(-1)
+        (got,) = hooker.values[name + ".attn_layer.1"]
+        _check(got, oracle, torch.zeros(oracle.shape[:-1]), f"{name} ({lay.partition_type})")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_timm_twins_local_attention_is_the_dense_map_of_its_weights(fused):
+    """Twins' LocallyGroupedAttn: a 5-D softmax (eager) or sdpa query (fused) over ws x ws windows of
+    the grid padded right and bottom; padding is attended, so rows miss exactly its weight."""
+    pytest.importorskip("timm")
+    from timm.models.twins import LocallyGroupedAttn, Twins
+
+    torch.manual_seed(0)
+    model = Twins(img_size=40, patch_size=4, embed_dims=(16, 32), num_heads=(2, 4), mlp_ratios=(2, 2), depths=(2, 2),
+                  sr_ratios=(2, 1), wss=(4, 4), num_classes=0).eval()  # 10x10 tokens (padded to 12), then 5x5 (to 8)
+    for module in model.modules():
+        if isinstance(module, LocallyGroupedAttn):
+            module.fused_attn = fused
+    hooker, seen = _run(model, torch.randn(2, 3, 40, 40), LocallyGroupedAttn)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LocallyGroupedAttn)]
+    assert len(layers) == 2
+    for name, att in layers:
+        x, (h, w) = seen[att][0]
+        b, _, c = x.shape
+        ws = att.ws
+        hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+        with torch.no_grad():
+            xp = torch.nn.functional.pad(x.view(b, h, w, c), (0, 0, 0, wp - w, 0, hp - h)).reshape(b, hp * wp, c)
+            nh = att.num_heads
+            qkv = att.qkv(xp).view(b, -1, 3, nh, c // nh).permute(2, 0, 3, 1, 4)
+            hh, wi = torch.arange(hp).repeat_interleave(wp), torch.arange(wp).repeat(hp)
+            same = ((hh[:, None] // ws) == (hh[None] // ws)) & ((wi[:, None] // ws) == (wi[None] // ws))
+            full = (qkv[0] * att.scale @ qkv[1].transpose(-1, -2)).masked_fill(~same, float("-inf")).softmax(-1)
+            real = (hh < h) & (wi < w)
+            oracle, padding_mass = full[:, :, real][:, :, :, real], full[:, :, real][:, :, :, ~real].sum(-1)
+        (got,) = hooker.values[name]
+        _check(got, oracle, padding_mass, name)
+        assert padding_mass.max() > 0.01

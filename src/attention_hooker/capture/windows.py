@@ -64,6 +64,9 @@ class WindowLayout(NamedTuple):
         shift: ``(sh, sw)`` of the cyclic shift ``torch.roll(-shift)`` actually applied.
         order: ``"pad_then_roll"`` (pad the grid to window multiples, then roll the padded
             grid) or ``"roll_then_pad"`` (roll the real grid, then pad).
+        table: when given, ``(windows, N)``: the token of each slot of each window, ``-1`` for
+            padding, used as it is instead of the window/shift/order rule (a layout that is not
+            square windows of a rolled grid: MaxViT's grid partition, whose groups are strided).
     """
 
     batch: int
@@ -72,6 +75,12 @@ class WindowLayout(NamedTuple):
     window: Tuple[int, int]
     shift: Tuple[int, int]
     order: str
+    table: Optional[torch.Tensor] = None
+
+    @property
+    def slots(self) -> int:
+        """``N``: tokens per window."""
+        return self.table.shape[1] if self.table is not None else self.window[0] * self.window[1]
 
     @property
     def padded(self) -> Tuple[int, int]:
@@ -82,6 +91,8 @@ class WindowLayout(NamedTuple):
     @property
     def windows(self) -> int:
         """Windows per image; rows of the per-window map are batch-major: ``b * windows + w``."""
+        if self.table is not None:
+            return self.table.shape[0]
         hp, wp = self.padded
         return (hp // self.window[0]) * (wp // self.window[1])
 
@@ -101,6 +112,8 @@ def window_positions(layout: WindowLayout, device=None) -> torch.Tensor:
         >>> window_positions(WindowLayout(1, 3, 3, (2, 2), (0, 0), "pad_then_roll")).tolist()
         [[0, 1, 3, 4], [2, -1, 5, -1], [6, 7, -1, -1], [8, -1, -1, -1]]
     """
+    if layout.table is not None:
+        return layout.table.to(device)
     (wh, ww), (sh, sw) = layout.window, layout.shift
     hp, wp = layout.padded
     across = wp // ww
@@ -122,12 +135,12 @@ def window_positions(layout: WindowLayout, device=None) -> torch.Tensor:
 
 def layout_refusal(layout: WindowLayout, shape: Tuple[int, ...]) -> Optional[str]:
     """Why a per-window map of ``shape`` was not computed with ``layout``, or ``None``."""
-    n = layout.window[0] * layout.window[1]
+    n = layout.slots
     expected = (layout.batch * layout.windows, n, n)
     if len(shape) != 4 or (shape[0], shape[2], shape[3]) != expected:
         return (
             f"a windowed attention call of shape {tuple(shape)}, while the layer's layout ({layout.batch} images of "
-            f"{layout.height}x{layout.width} tokens, window {layout.window}: {layout.windows} windows of {n} tokens) "
+            f"{layout.height}x{layout.width} tokens: {layout.windows} windows of {n} tokens) "
             f"gives ({expected[0]}, heads, {n}, {n}): its windows cannot be placed at image positions, so it is not stored"
         )
     return None
@@ -249,11 +262,15 @@ class WindowedLayer:
             layout from the running module's (or block's) attributes, the hooked module's input
             shape and what the block's call was given (when there is a block).
         block: the parent block whose call must be seen (its pre-hook from :meth:`install`), or ``None``.
+        blocked: the module computes its windows as ``(batch, windows, heads, N, N)`` (a 5-D softmax
+            or sdpa query: MaxViT, Twins), taken as the batch-major ``(batch * windows, heads, N, N)``;
+            the 5-D calls of any other module stay refused.
     """
 
     def __init__(self, family: str, read: Callable, block: Optional[nn.Module] = None,
-                 block_call: Optional[Callable[[tuple, dict], Optional[tuple]]] = None):
+                 block_call: Optional[Callable[[tuple, dict], Optional[tuple]]] = None, blocked: bool = False):
         self.family = family
+        self.blocked = blocked
         self._read = read
         self.block = block
         self._calls = _BlockCalls(block_call) if block is not None else None
@@ -334,6 +351,46 @@ def _torchvision_layout():
     return read
 
 
+def _maxvit_block_call(args: tuple, kwargs: dict) -> Optional[tuple]:
+    x = args[0] if args else kwargs.get("x")
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else None
+
+
+def _maxvit_layout():
+    def read(layer, input_shape, seen):
+        if seen is None or len(seen) != 4:
+            raise ValueError(f"the partition layer's input is {seen}, not (batch, channels, height, width)")
+        b, _, h, w = seen
+        p = int(layer.p)  # the side of the p x p blocks torchvision's _partition cuts
+        if h % p or w % p:
+            raise ValueError(f"{h}x{w} tokens are not whole {p}x{p} partitions")
+        blocks = window_positions(WindowLayout(b, h, w, (p, p), (0, 0), PAD_THEN_ROLL))  # (blocks, p * p)
+        if layer.partition_type == "window":  # each p x p block is a window
+            return WindowLayout(b, h, w, (p, p), (0, 0), PAD_THEN_ROLL, blocks)
+        if layer.partition_type == "grid":  # axes swapped: a group is one slot of every block (strided)
+            return WindowLayout(b, h, w, (p, p), (0, 0), PAD_THEN_ROLL, blocks.t().contiguous())
+        raise ValueError(f"partition_type {layer.partition_type!r} is neither 'window' nor 'grid'")
+    return read
+
+
+def _twins_call(args: tuple, kwargs: dict) -> Optional[tuple]:
+    x = args[0] if args else kwargs.get("x")
+    size = args[1] if len(args) > 1 else kwargs.get("size")
+    if not isinstance(x, torch.Tensor) or size is None:
+        return None
+    return x.shape[0], tuple(int(d) for d in size)
+
+
+def _twins_layout():
+    def read(module, input_shape, seen):
+        if seen is None:
+            raise ValueError("the module was called without (x, size)")
+        b, (h, w) = seen
+        ws = int(module.ws)  # pads right and bottom to whole ws x ws windows, no shift, padding attended
+        return WindowLayout(b, h, w, (ws, ws), (0, 0), PAD_THEN_ROLL)
+    return read
+
+
 def _is_hf_swin_block(module: nn.Module) -> bool:
     return (type(module).__module__.startswith("transformers.") and hasattr(module, "window_size")
             and hasattr(module, "shift_size") and callable(getattr(module, "get_attn_mask", None)))
@@ -350,7 +407,16 @@ def windowed_layer(module: nn.Module, parents: Dict[int, nn.Module]) -> Optional
     if kind.__module__.startswith("torchvision.") and kind.__name__ in ("ShiftedWindowAttention",
                                                                         "ShiftedWindowAttentionV2"):
         return WindowedLayer("torchvision Swin", _torchvision_layout())
+    if kind.__module__.startswith("timm.models.twins") and kind.__name__ == "LocallyGroupedAttn":
+        return WindowedLayer("timm Twins", _twins_layout(), module, _twins_call, blocked=True)
     parent = parents.get(id(module))
+    grand = parents.get(id(parent)) if parent is not None else None
+    if kind.__module__.startswith("torchvision.models.maxvit") and kind.__name__ == "RelativePositionalMultiHeadAttention":
+        if grand is not None and type(grand).__name__ == "PartitionAttentionLayer" \
+                and getattr(grand, "attn_layer", None) is parent and hasattr(grand, "partition_type"):
+            return WindowedLayer(f"torchvision MaxViT {grand.partition_type}", _maxvit_layout(), grand,
+                                 _maxvit_block_call, blocked=True)
+        return None  # outside a partition layer: its layout cannot be read, its 5-D calls stay refused
     if parent is not None and type(parent).__module__.startswith("timm.models.swin_transformer") \
             and type(parent).__name__ == "SwinTransformerBlock" and getattr(parent, "attn", None) is module:
         return WindowedLayer("timm Swin", _timm_layout(), parent, _timm_block_call)

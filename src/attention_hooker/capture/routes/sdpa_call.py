@@ -32,6 +32,8 @@ def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
         session.skip(layer)
         return func(*args, **kwargs)
     call = parse_sdpa_call(args, kwargs)
+    if not (router.policy.keep_grad and torch.is_grad_enabled()):  # keep_grad computes the output from call
+        call = _unblocked(scope, call)
     groups = packed_query_groups(lambda: _calling_modules(scope), call["query"], call["key"])
     refusal = _refusal(scope, call, groups)
     if refusal is not None:
@@ -58,6 +60,18 @@ def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
     else:
         _keep_whole(session, call, layer)
     return output
+
+
+def _unblocked(scope, call: dict) -> dict:
+    """A recognised blocked windowed module's 5-D call ``(batch, windows, heads, N, dim)`` (Twins) as the
+    batch-major ``(batch * windows, heads, N, dim)`` its windows are placed from; any other call as it is
+    (a 5-D one is refused by :func:`_layout_refusal`)."""
+    tensors = [call[name] for name in ("query", "key", "value")]
+    mask = call["attn_mask"]
+    if scope.windows is None or not scope.windows.blocked or any(
+            not isinstance(t, torch.Tensor) or t.dim() != 5 for t in tensors) or mask is not None:
+        return call
+    return dict(call, query=tensors[0].flatten(0, 1), key=tensors[1].flatten(0, 1), value=tensors[2].flatten(0, 1))
 
 
 def _refusal(scope, call: dict, groups: int) -> Optional[str]:

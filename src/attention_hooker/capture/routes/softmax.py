@@ -46,18 +46,23 @@ def is_attention_softmax(result, args: tuple, kwargs: dict) -> bool:
     return dim in (-1, result.dim() - 1)
 
 
-def label_softmax(result: torch.Tensor, heads: Optional[int]):
+def label_softmax(result: torch.Tensor, heads: Optional[int], blocked: bool = False):
     """``(weights, reason)``: the softmax as ``(batch, heads, query, key)``, or ``None`` and why not.
 
     Args:
         result: a softmax over the last dim, 3-D or more.
         heads: the head count the attention module declares, or ``None``.
+        blocked: the module is a recognised windowed one whose 5-D softmax is
+            ``(batch, windows, heads, N, N)`` (:mod:`..windows`): taken as the batch-major
+            ``(batch * windows, heads, N, N)`` its windows are placed from.
 
     Returns:
         ``(weights, None)`` for a labelled call; ``(None, reason)`` for one that
         contradicts the declared heads; ``(None, None)`` for a 3-D softmax of a
         module that declares no heads (not attention as far as can be told).
     """
+    if result.dim() == 5 and blocked:
+        result = result.flatten(0, 1)  # (B * G, h, N, N), batch-major
     if result.dim() > 4:
         return None, (
             f"a softmax over a {result.dim()}-D tensor {tuple(result.shape)}: blocked or windowed attention "
@@ -139,6 +144,8 @@ def _value_operand(value, weights_shape) -> Optional[torch.Tensor]:
     batch, heads, _, keys = weights_shape
     if value.dim() == 4 and value.shape[0] == batch and value.shape[2] == keys and value.shape[1] in (heads, 1):
         return value
+    if value.dim() == 5 and value.shape[0] * value.shape[1] == batch and value.shape[3] == keys:
+        return value.flatten(0, 1)  # a blocked layout's (B, G, h, N, d), as its weights were taken
     if value.dim() == 3 and value.shape[0] == batch * heads and value.shape[1] == keys:
         return value.reshape(batch, heads, keys, value.shape[2])
     return None
@@ -152,7 +159,7 @@ def handle_softmax(session, result, args: tuple, kwargs: dict) -> None:
         return  # nn.MultiheadAttention hands its weights back itself (route 1)
     layer = scope.layer
     heads = declared_heads(scope.module)
-    weights, reason = label_softmax(result, heads)
+    weights, reason = label_softmax(result, heads, scope.windows is not None and scope.windows.blocked)
     sampled = sampled_attention_refusal(scope.module)
     if sampled is not None:
         weights, reason = None, sampled
