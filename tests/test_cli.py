@@ -800,7 +800,13 @@ def test_progress_on_a_terminal_is_still_tqdm_s_bar(tmp_path):
         for _ in progress(range(3), desc="pictures", unit=" layers", stream=terminal):
             pass
         terminal.flush()
-        drawn = os.read(leader, 65536).decode() if select.select([leader], [], [], 5)[0] else ""
+        drawn, wait = b"", 5.0
+        while select.select([leader], [], [], wait)[0]:  # one read may return only the first of tqdm's writes
+            chunk = os.read(leader, 65536)
+            if not chunk:
+                break
+            drawn, wait = drawn + chunk, 0.5
+        drawn = drawn.decode()
     os.close(leader)
     assert drawn.startswith("\rpictures:   0%|") and drawn.endswith("\r")  # drawn in place, then cleared
 
