@@ -33,6 +33,23 @@ def _inputs_of(model, kind, with_kwargs=False):
     return seen, handles
 
 
+def _run(model, x, kind, with_kwargs=False, output=lambda out: out):
+    """The model run on ``x`` unhooked, then hooked, with the inputs of its ``kind`` modules seen:
+    ``(hooker, seen)``, once the outputs are equal bitwise and no layer is missing."""
+    seen, handles = _inputs_of(model, kind, with_kwargs)
+    with torch.no_grad():
+        expected = output(model(x))
+        try:
+            with TransformerAttentionHooker(model) as hooker:
+                out = output(model(x))
+        finally:
+            for handle in handles:
+                handle.remove()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert not hooker.report().missing
+    return hooker, seen
+
+
 def _check(got, oracle, padding_mass, where):
     assert got.shape == oracle.shape, f"{where}: {tuple(got.shape)} != {tuple(oracle.shape)}"
     torch.testing.assert_close(got, oracle, atol=2e-6, rtol=1e-5, msg=where)
@@ -57,18 +74,8 @@ def test_hf_swin_every_layer_is_the_dense_map_of_its_weights(impl, image):
     # 40: tokens 10x10 (padded to 12) then 5x5 (padded to 8), both shifted; 32: 8x8, then 4x4,
     # where the block sets its shift to 0 inside its forward (one window covers the grid).
     model = _hf_swin(image, impl)
-    seen, handles = _inputs_of(model, SwinLayer, with_kwargs=True)
-    x = torch.randn(2, 3, image, image)
-    with torch.no_grad():
-        expected = model(x).last_hidden_state
-        try:
-            with TransformerAttentionHooker(model) as hooker:
-                out = model(x).last_hidden_state
-        finally:
-            for handle in handles:
-                handle.remove()
-    torch.testing.assert_close(out, expected, atol=0, rtol=0)
-    assert not hooker.report().missing
+    hooker, seen = _run(model, torch.randn(2, 3, image, image), SwinLayer, with_kwargs=True,
+                        output=lambda out: out.last_hidden_state)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SwinLayer)]
     assert len(layers) == 4 and len(hooker.values) == 4
     padded = shifted = 0
@@ -101,18 +108,7 @@ def test_timm_swin_every_layer_is_the_dense_map_of_its_weights():
     model = SwinTransformer(img_size=40, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4,
                             num_classes=0, strict_img_size=False).eval()  # 10x10 and 5x5 tokens: timm pads after rolling
     _randomise_bias_tables(model)
-    seen, handles = _inputs_of(model, SwinTransformerBlock)
-    x = torch.randn(2, 3, 40, 40)
-    with torch.no_grad():
-        expected = model(x)
-        try:
-            with TransformerAttentionHooker(model) as hooker:
-                out = model(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-    torch.testing.assert_close(out, expected, atol=0, rtol=0)
-    assert not hooker.report().missing
+    hooker, seen = _run(model, torch.randn(2, 3, 40, 40), SwinTransformerBlock)
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, SwinTransformerBlock)]
     assert len(blocks) == 4 and any(any(m.shift_size) for _, m in blocks)
     for name, block in blocks:
@@ -140,18 +136,7 @@ def test_torchvision_swin_t_every_layer_is_the_dense_map_of_its_weights():
     torch.manual_seed(0)
     model = torchvision.models.swin_t(weights=None).eval()  # window 7 over 16x16, 8x8, 4x4, 2x2 tokens at 64x64
     _randomise_bias_tables(model)
-    seen, handles = _inputs_of(model, ShiftedWindowAttention)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-        try:
-            with TransformerAttentionHooker(model) as hooker:
-                out = model(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-    torch.testing.assert_close(out, expected, atol=0, rtol=0)
-    assert not hooker.report().missing
+    hooker, seen = _run(model, torch.randn(1, 3, 64, 64), ShiftedWindowAttention)
     attention = [(n, m) for n, m in model.named_modules() if isinstance(m, ShiftedWindowAttention)]
     assert len(attention) == 12 and len(hooker.values) == 12
     for name, module in attention:
@@ -270,21 +255,6 @@ def test_selections_are_made_straight_into_their_size(impl, monkeypatch):
         expected = whole.values[name][0][:, [1]][:, :, rows][:, :, :, keys]
         assert call.shape == expected.shape == (2, 1, 3, 8)
         torch.testing.assert_close(call, expected, atol=0, rtol=0)
-
-
-def _run(model, x, kind, with_kwargs=False):
-    seen, handles = _inputs_of(model, kind, with_kwargs)
-    with torch.no_grad():
-        expected = model(x)
-        try:
-            with TransformerAttentionHooker(model) as hooker:
-                out = model(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-    torch.testing.assert_close(out, expected, atol=0, rtol=0)
-    assert not hooker.report().missing
-    return hooker, seen
 
 
 def test_torchvision_maxvit_window_and_grid_layers_are_the_dense_map_of_their_weights():

@@ -306,89 +306,71 @@ def _pair(value) -> Tuple[int, int]:
     return int(a), int(b)
 
 
-def _hf_block_call(args: tuple, kwargs: dict) -> Optional[tuple]:
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    dims = args[1] if len(args) > 1 else kwargs.get("input_dimensions")
-    if not isinstance(hidden, torch.Tensor) or dims is None:
-        return None
-    return hidden.shape[0], tuple(int(d) for d in dims)
-
-
-def _hf_layout():
-    def read(block, input_shape, seen):
-        if seen is None:
-            raise ValueError("the block was called without (hidden_states, input_dimensions)")
-        batch, (h, w) = seen
-        return WindowLayout(batch, h, w, _pair(block.window_size), _pair(block.shift_size), PAD_THEN_ROLL)
-    return read
-
-
-def _timm_block_call(args: tuple, kwargs: dict) -> Optional[tuple]:
+def _first_tensor_shape(args: tuple, kwargs: dict) -> Optional[tuple]:
+    """What a timm Swin block or a MaxViT partition layer is given: its input's shape."""
     x = args[0] if args else kwargs.get("x")
     return tuple(x.shape) if isinstance(x, torch.Tensor) else None
 
 
-def _timm_layout():
-    def read(block, input_shape, seen):
-        if seen is None or len(seen) != 4:
-            raise ValueError(f"the block's input is {seen}, not (batch, height, width, channels)")
-        b, h, w, _ = seen
-        return WindowLayout(b, h, w, _pair(block.window_size), _pair(block.shift_size), ROLL_THEN_PAD)
+def _batch_and_size(size_name: str) -> Callable[[tuple, dict], Optional[tuple]]:
+    """What a transformers Swin block (``input_dimensions``) or a timm Twins module (``size``)
+    is given: ``(batch, (height, width))`` from its tensor and its second argument."""
+    def read(args: tuple, kwargs: dict) -> Optional[tuple]:
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+        size = args[1] if len(args) > 1 else kwargs.get(size_name)
+        if not isinstance(x, torch.Tensor) or size is None:
+            return None
+        return x.shape[0], tuple(int(d) for d in size)
     return read
 
 
-def _torchvision_layout():
-    def read(module, input_shape, seen):
-        if input_shape is None or len(input_shape) != 4:
-            raise ValueError(f"the module's input is {input_shape}, not (batch, height, width, channels)")
-        b, h, w, _ = input_shape
-        window, shift = _pair(module.window_size), list(_pair(module.shift_size))
-        padded = (math.ceil(h / window[0]) * window[0], math.ceil(w / window[1]) * window[1])
-        for i in range(2):  # torchvision's shifted_window_attention: no shift where one window covers the axis
-            if window[i] >= padded[i]:
-                shift[i] = 0
-        return WindowLayout(b, h, w, window, (shift[0], shift[1]), PAD_THEN_ROLL)
-    return read
+def _hf_layout(block, input_shape, seen) -> WindowLayout:
+    if seen is None:
+        raise ValueError("the block was called without (hidden_states, input_dimensions)")
+    batch, (h, w) = seen
+    return WindowLayout(batch, h, w, _pair(block.window_size), _pair(block.shift_size), PAD_THEN_ROLL)
 
 
-def _maxvit_block_call(args: tuple, kwargs: dict) -> Optional[tuple]:
-    x = args[0] if args else kwargs.get("x")
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else None
+def _timm_layout(block, input_shape, seen) -> WindowLayout:
+    if seen is None or len(seen) != 4:
+        raise ValueError(f"the block's input is {seen}, not (batch, height, width, channels)")
+    b, h, w, _ = seen
+    return WindowLayout(b, h, w, _pair(block.window_size), _pair(block.shift_size), ROLL_THEN_PAD)
 
 
-def _maxvit_layout():
-    def read(layer, input_shape, seen):
-        if seen is None or len(seen) != 4:
-            raise ValueError(f"the partition layer's input is {seen}, not (batch, channels, height, width)")
-        b, _, h, w = seen
-        p = int(layer.p)  # the side of the p x p blocks torchvision's _partition cuts
-        if h % p or w % p:
-            raise ValueError(f"{h}x{w} tokens are not whole {p}x{p} partitions")
-        blocks = window_positions(WindowLayout(b, h, w, (p, p), (0, 0), PAD_THEN_ROLL))  # (blocks, p * p)
-        if layer.partition_type == "window":  # each p x p block is a window
-            return WindowLayout(b, h, w, (p, p), (0, 0), PAD_THEN_ROLL, blocks)
-        if layer.partition_type == "grid":  # axes swapped: a group is one slot of every block (strided)
-            return WindowLayout(b, h, w, (p, p), (0, 0), PAD_THEN_ROLL, blocks.t().contiguous())
-        raise ValueError(f"partition_type {layer.partition_type!r} is neither 'window' nor 'grid'")
-    return read
+def _torchvision_layout(module, input_shape, seen) -> WindowLayout:
+    if input_shape is None or len(input_shape) != 4:
+        raise ValueError(f"the module's input is {input_shape}, not (batch, height, width, channels)")
+    b, h, w, _ = input_shape
+    window, shift = _pair(module.window_size), list(_pair(module.shift_size))
+    padded = (math.ceil(h / window[0]) * window[0], math.ceil(w / window[1]) * window[1])
+    for i in range(2):  # torchvision's shifted_window_attention: no shift where one window covers the axis
+        if window[i] >= padded[i]:
+            shift[i] = 0
+    return WindowLayout(b, h, w, window, (shift[0], shift[1]), PAD_THEN_ROLL)
 
 
-def _twins_call(args: tuple, kwargs: dict) -> Optional[tuple]:
-    x = args[0] if args else kwargs.get("x")
-    size = args[1] if len(args) > 1 else kwargs.get("size")
-    if not isinstance(x, torch.Tensor) or size is None:
-        return None
-    return x.shape[0], tuple(int(d) for d in size)
+def _maxvit_layout(layer, input_shape, seen) -> WindowLayout:
+    if seen is None or len(seen) != 4:
+        raise ValueError(f"the partition layer's input is {seen}, not (batch, channels, height, width)")
+    b, _, h, w = seen
+    p = int(layer.p)  # the side of the p x p blocks torchvision's _partition cuts
+    if h % p or w % p:
+        raise ValueError(f"{h}x{w} tokens are not whole {p}x{p} partitions")
+    blocks = window_positions(WindowLayout(b, h, w, (p, p), (0, 0), PAD_THEN_ROLL))  # (blocks, p * p)
+    if layer.partition_type == "window":  # each p x p block is a window
+        return WindowLayout(b, h, w, (p, p), (0, 0), PAD_THEN_ROLL, blocks)
+    if layer.partition_type == "grid":  # axes swapped: a group is one slot of every block (strided)
+        return WindowLayout(b, h, w, (p, p), (0, 0), PAD_THEN_ROLL, blocks.t().contiguous())
+    raise ValueError(f"partition_type {layer.partition_type!r} is neither 'window' nor 'grid'")
 
 
-def _twins_layout():
-    def read(module, input_shape, seen):
-        if seen is None:
-            raise ValueError("the module was called without (x, size)")
-        b, (h, w) = seen
-        ws = int(module.ws)  # pads right and bottom to whole ws x ws windows, no shift, padding attended
-        return WindowLayout(b, h, w, (ws, ws), (0, 0), PAD_THEN_ROLL)
-    return read
+def _twins_layout(module, input_shape, seen) -> WindowLayout:
+    if seen is None:
+        raise ValueError("the module was called without (x, size)")
+    b, (h, w) = seen
+    ws = int(module.ws)  # pads right and bottom to whole ws x ws windows, no shift, padding attended
+    return WindowLayout(b, h, w, (ws, ws), (0, 0), PAD_THEN_ROLL)
 
 
 def _is_hf_swin_block(module: nn.Module) -> bool:
@@ -406,21 +388,22 @@ def windowed_layer(module: nn.Module, parents: Dict[int, nn.Module]) -> Optional
     kind = type(module)
     if kind.__module__.startswith("torchvision.") and kind.__name__ in ("ShiftedWindowAttention",
                                                                         "ShiftedWindowAttentionV2"):
-        return WindowedLayer("torchvision Swin", _torchvision_layout())
+        return WindowedLayer("torchvision Swin", _torchvision_layout)
     if kind.__module__.startswith("timm.models.twins") and kind.__name__ == "LocallyGroupedAttn":
-        return WindowedLayer("timm Twins", _twins_layout(), module, _twins_call, blocked=True)
+        return WindowedLayer("timm Twins", _twins_layout, module, _batch_and_size("size"), blocked=True)
     parent = parents.get(id(module))
     grand = parents.get(id(parent)) if parent is not None else None
     if kind.__module__.startswith("torchvision.models.maxvit") and kind.__name__ == "RelativePositionalMultiHeadAttention":
         if grand is not None and type(grand).__name__ == "PartitionAttentionLayer" \
                 and getattr(grand, "attn_layer", None) is parent and hasattr(grand, "partition_type"):
-            return WindowedLayer(f"torchvision MaxViT {grand.partition_type}", _maxvit_layout(), grand,
-                                 _maxvit_block_call, blocked=True)
+            return WindowedLayer(f"torchvision MaxViT {grand.partition_type}", _maxvit_layout, grand,
+                                 _first_tensor_shape, blocked=True)
         return None  # outside a partition layer: its layout cannot be read, its 5-D calls stay refused
     if parent is not None and type(parent).__module__.startswith("timm.models.swin_transformer") \
             and type(parent).__name__ == "SwinTransformerBlock" and getattr(parent, "attn", None) is module:
-        return WindowedLayer("timm Swin", _timm_layout(), parent, _timm_block_call)
+        return WindowedLayer("timm Swin", _timm_layout, parent, _first_tensor_shape)
     for block in (parent, parents.get(id(parent)) if parent is not None else None):  # Swin: attention; v2: attention.self
         if block is not None and _is_hf_swin_block(block):
-            return WindowedLayer(f"transformers {type(block).__name__}", _hf_layout(), block, _hf_block_call)
+            return WindowedLayer(f"transformers {type(block).__name__}", _hf_layout, block,
+                                 _batch_and_size("input_dimensions"))
     return None
