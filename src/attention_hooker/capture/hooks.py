@@ -75,7 +75,7 @@ def install_layer_hooks(model: nn.Module, targets: Sequence[Tuple[nn.Module, str
     """Hooks each ``(module, layer name)`` of ``targets`` into ``session``, and keeps the fast
     path of every encoder (layer) around them off. A windowed (Swin) layer also gets a pre-hook
     on its block, where its window layout is read (:mod:`.windows`)."""
-    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    parents = _ParentsOf(model)  # walked only when a windowed family's rule asks
     for module, name in targets:
         if isinstance(module, nn.MultiheadAttention):
             route = MultiheadAttentionRoute.subscribe(module)
@@ -95,6 +95,19 @@ def install_layer_hooks(model: nn.Module, targets: Sequence[Tuple[nn.Module, str
             lambda m, args: None if being_traced() else session.enter(m, None, module_call_frame()),
             lambda m, args, out: session.exit(m),
         )
+
+
+class _ParentsOf:
+    """``{id(child): parent}`` over ``model``'s modules, made at its first lookup: a capture
+    whose layers no windowed family could be (most) never walks the model for it."""
+
+    def __init__(self, model: nn.Module):
+        self._model, self._map = model, None
+
+    def get(self, key, default=None):
+        if self._map is None:
+            self._map = {id(child): parent for parent in self._model.modules() for child in parent.children()}
+        return self._map.get(key, default)
 
 
 def _pre_hook(session, name: str, windows=None):

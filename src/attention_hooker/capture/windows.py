@@ -38,7 +38,9 @@ shapes that do not agree) is refused with the reason, never placed by a guess.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 import threading
 from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union, Sequence
 
@@ -373,6 +375,20 @@ def _twins_layout(module, input_shape, seen) -> WindowLayout:
     return WindowLayout(b, h, w, (ws, ws), (0, 0), PAD_THEN_ROLL)
 
 
+@functools.lru_cache(maxsize=None)
+def _defines_hf_windowed_blocks(module_name: str) -> bool:
+    """Whether a transformers modeling module defines a windowed (Swin-like) block: where an
+    attention class whose parent block may be one is found."""
+    module = sys.modules.get(module_name)
+    return module_name.startswith("transformers.") and module is not None and any(
+        isinstance(value, type) and _is_hf_swin_block_class(value) for value in vars(module).values())
+
+
+def _is_hf_swin_block_class(kind: type) -> bool:
+    return (kind.__module__.startswith("transformers.") and issubclass(kind, nn.Module)
+            and callable(getattr(kind, "get_attn_mask", None)))
+
+
 def _is_hf_swin_block(module: nn.Module) -> bool:
     return (type(module).__module__.startswith("transformers.") and hasattr(module, "window_size")
             and hasattr(module, "shift_size") and callable(getattr(module, "get_attn_mask", None)))
@@ -391,6 +407,9 @@ def windowed_layer(module: nn.Module, parents: Dict[int, nn.Module]) -> Optional
         return WindowedLayer("torchvision Swin", _torchvision_layout)
     if kind.__module__.startswith("timm.models.twins") and kind.__name__ == "LocallyGroupedAttn":
         return WindowedLayer("timm Twins", _twins_layout, module, _batch_and_size("size"), blocked=True)
+    if not (kind.__module__.startswith(("torchvision.models.maxvit", "timm.models.swin_transformer"))
+            or _defines_hf_windowed_blocks(kind.__module__)):
+        return None  # no rule below can match: the model's parents are not looked up
     parent = parents.get(id(module))
     grand = parents.get(id(parent)) if parent is not None else None
     if kind.__module__.startswith("torchvision.models.maxvit") and kind.__name__ == "RelativePositionalMultiHeadAttention":
