@@ -401,6 +401,30 @@ def test_cross_covariance_attention_over_channels_is_refused_not_stored_as_token
     assert [tuple(v[0].shape) for v in hooker.values.values()] == [(2, 4, 1, 17)] * 2  # the class-attention blocks
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "softmax"])
+@pytest.mark.parametrize("batch,image", [(16, 24), (2, 32)], ids=["channels-equal-batch", "channels-equal-tokens"])
+def test_cross_covariance_attention_is_refused_when_its_channels_equal_the_batch_or_the_tokens(fused, batch, image):
+    """16 channels per head with a batch of 16, or with 16 tokens (a 32 x 32 image in 8 x 8
+    patches): the channel map's shape is that of token attention, and it was stored as
+    such (XCiT-nano at batch 32 hits it). The module's declaration decides, not the shape."""
+    pytest.importorskip("timm")
+    from timm.models.xcit import Xcit
+
+    torch.manual_seed(0)
+    model = Xcit(img_size=image, patch_size=8, embed_dim=32, depth=1, num_heads=2, cls_attn_layers=1,
+                 num_classes=0).eval()
+    model.blocks[0].attn.fused_attn = fused
+    with TransformerAttentionHooker(model) as hooker:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", AttentionCaptureWarning)
+            model(torch.randn(batch, 3, image, image))
+    report = hooker.report()
+    assert report["blocks.0.attn"].status == "refused" and "cross-covariance" in report["blocks.0.attn"].reason
+    assert "blocks.0.attn" not in hooker.values
+    tokens = (image // 8) ** 2
+    assert [tuple(v[0].shape) for v in hooker.values.values()] == [(batch, 2, 1, tokens + 1)]  # class attention
+
+
 def test_a_softmax_whose_first_dim_is_not_batch_times_heads_is_refused():
     """A lambda layer softmaxes its keys, (batch, key_dim, positions); with a batch of 4
     and 4 heads it would read as (batch * heads, query, key) by shape alone."""

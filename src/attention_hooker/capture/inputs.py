@@ -33,14 +33,25 @@ def input_shape(args: tuple, kwargs: dict) -> Optional[Tuple[int, ...]]:
     return None
 
 
-def channel_attention_refusal(shape: Optional[Tuple[int, ...]], heads: int, query: int, key: int) -> Optional[str]:
+def channel_attention_refusal(shape: Optional[Tuple[int, ...]], heads: int, query: int, key: int,
+                              module=None) -> Optional[str]:
     """Why a ``(batch, heads, query, key)`` map over ``query`` x ``key`` is attention
     between channels rather than tokens, or ``None``.
 
-    It is when the map is square, its side is the layer's width per head (the
-    input's last dim / ``heads``), and that is neither of the input's leading dims
-    (its tokens, batch-first or sequence-first).
+    It is when ``module`` declares cross-covariance attention (timm's ``XCA``, or a
+    subclass), whatever the shapes; otherwise when the map is square, its side is the
+    layer's width per head (the input's last dim / ``heads``), and that is neither of
+    the input's leading dims (its tokens, batch-first or sequence-first). By shape
+    alone a channel map whose side equals the batch or the token count (XCiT-nano's 32
+    channels per head at batch 32) cannot be told from token attention: only the
+    module's declaration can.
     """
+    if module is not None and _declares_channel_attention(module):
+        return (
+            f"{type(module).__name__} computes cross-covariance attention (XCiT): its softmax over a ({query} x "
+            f"{key}) map per head is between the {query} channels of each head, not between tokens, so it is "
+            "not stored as (batch, heads, query, key)"
+        )
     if shape is None or len(shape) != 3 or heads <= 0 or query != key:
         return None
     width = shape[-1]
@@ -51,6 +62,12 @@ def channel_attention_refusal(shape: Optional[Tuple[int, ...]], heads: int, quer
         f"tokens of {width} channels: its query and key axes are the {query} channels of each head "
         "(cross-covariance attention, as in XCiT), not tokens, so it is not stored as (batch, heads, query, key)"
     )
+
+
+def _declares_channel_attention(module) -> bool:
+    """Whether ``module`` is timm's ``XCA`` (``timm.models.xcit``) or a subclass of it."""
+    return any(kind.__name__ == "XCA" and kind.__module__.startswith("timm.models.xcit")
+               for kind in type(module).__mro__)
 
 
 def folded_batch_refusal(shape: Optional[Tuple[int, ...]], heads: int, folded: int) -> Optional[str]:

@@ -79,7 +79,8 @@ def _refusal(scope, call: dict, groups: int) -> Optional[str]:
     query = call["query"]
     refusal = _layout_refusal(query, groups, declared_heads(scope.module))
     if refusal is None and groups == 1 and query.dim() == 4:
-        refusal = channel_attention_refusal(scope.input_shape, query.shape[1], query.shape[-2], call["key"].shape[-2])
+        refusal = channel_attention_refusal(scope.input_shape, query.shape[1], query.shape[-2], call["key"].shape[-2],
+                                            scope.module)
     return refusal
 
 

@@ -166,7 +166,8 @@ def handle_softmax(session, result, args: tuple, kwargs: dict) -> None:
     elif weights is not None and result.dim() == 3:
         reason = folded_batch_refusal(scope.input_shape, heads, result.shape[0])
     elif weights is not None:
-        reason = channel_attention_refusal(scope.input_shape, weights.shape[1], weights.shape[2], weights.shape[3])
+        reason = channel_attention_refusal(scope.input_shape, weights.shape[1], weights.shape[2], weights.shape[3],
+                                          scope.module)
     if reason is not None:
         weights = None
     if weights is None:
