@@ -71,6 +71,15 @@ class TransformerAttentionHooker:
         keep_values: also keep ``value_vectors``: each call's value vectors ``(batch,
             kv_heads, key, head_dim)``, for value-weighted norms (every route; see
             :attr:`value_vectors`).
+        windows: how the calls of windowed layers (Swin in transformers, timm and
+            torchvision, torchvision MaxViT, timm Twins) are stored. ``"dense"`` (the
+            default): placed at the image's tokens, ``(batch, heads, H*W, H*W)``, refused
+            above 2 GiB a call. ``"keep"``: as the model computed them, ``(batch * windows,
+            heads, N, N)`` (no dense map is made), with each call's window-to-position index
+            in :attr:`window_index`; ``WindowIndex.dense(call)`` (or
+            :func:`attention_hooker.window_index.dense_values`) gives the dense map on demand,
+            and ``save()`` keeps the index. Not with ``rows=``/``keys=`` (slots are not
+            tokens), ``reduce_into()`` or ``stream_to()``.
 
     Attributes:
         values: ``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``,
@@ -106,11 +115,12 @@ class TransformerAttentionHooker:
         keys=None,
         wrapper_names: bool = False,
         keep_values: bool = False,
+        windows: str = "dense",
     ):
         check_module(model)
         policy = StoragePolicy.build(
             device=device, dtype=dtype, heads=heads, max_calls=max_calls, keep=keep, keep_grad=keep_grad, rows=rows,
-            keys=keys, keep_values=keep_values,
+            keys=keys, keep_values=keep_values, windows=windows,
         )
         self.model = model
         self.layer_regex = layer_regex
@@ -213,6 +223,21 @@ class TransformerAttentionHooker:
         return vectors
 
     @property
+    def window_index(self) -> Dict[str, list]:
+        """With ``windows="keep"``: ``{layer_name: [WindowIndex per call]}`` matching ``values``,
+        for the windowed layers, whose calls are stored ``(batch * windows, heads, N, N)``.
+
+        A :class:`~attention_hooker.window_index.WindowIndex` holds ``table`` ``(windows, N)``
+        (the token ``y * width + x`` in slot ``n`` of window ``w``, ``-1`` for padding the layer
+        added; windows are batch-major: call row ``b * windows + w``), ``batch``, ``height`` and
+        ``width``; ``index.dense(call)`` is the ``(batch, heads, H*W, H*W)`` map the default
+        ``windows="dense"`` stores. Empty for other captures.
+        """
+        kept = self._router.memory.window_index
+        order = list(self._router.memory.values)
+        return {name: list(kept[name]) for name in sorted(kept, key=lambda n: order.index(n) if n in order else len(order))}
+
+    @property
     def hooked_layers(self) -> List[str]:
         """Names of the hooked modules, in model order."""
         return [self._shown[name] for name, _ in self._selected]
@@ -304,7 +329,8 @@ class TransformerAttentionHooker:
         return self._coverage.report()
 
     def save(self, path, *, tokens: Optional[Sequence[str]] = None, request: Optional[str] = None) -> None:
-        """Writes the captured values to one safetensors file (read back with ``attention_hooker.load``).
+        """Writes the captured values to one safetensors file (read back with ``attention_hooker.load``),
+        with the window index of calls kept per window (``windows="keep"``).
 
         Args:
             path: the file; missing folders are created.
@@ -331,7 +357,8 @@ class TransformerAttentionHooker:
                 raise AttentionHookerError(
                     f"this capture ran under continuous batching: its attention is kept per request; save one "
                     f"with hooker.save(path, request=...), one of {list(self.requests)[:6]}")
-        save_values(values, path, tokens=tokens, model_class=type(self.model).__name__, selection=self.selection)
+        save_values(values, path, tokens=tokens, model_class=type(self.model).__name__, selection=self.selection,
+                    windows=self.window_index if request is None else None)
 
     def reduce_into(self, accumulator, *, padding_mask=None) -> "TransformerAttentionHooker":
         """Sends the following calls to ``accumulator`` (a :class:`~attention_hooker.analysis.stats.HeadStatsAccumulator`,

@@ -28,7 +28,7 @@ from .._torch_private import caller_frame, function_mode_stack, take_mode_out
 from ..keep.protocol import NO_SOURCES, CallSources
 from ..values import format_size
 from .batching import PackedRequests, request_keys
-from .windows import assemble_window_values, assemble_windows, layout_refusal
+from .windows import assemble_window_values, assemble_windows, layout_refusal, window_index
 from .coverage import Coverage
 from .routes.sdpa import (SDPA_FUNCTIONS, as_4d)
 from .routes.mha import handle_mha_forward
@@ -338,10 +338,13 @@ class CaptureSession:
     def _place_windows(self, scope: _Scope, weights: torch.Tensor, sources: CallSources) -> Optional[WholeMap]:
         """A windowed call's ``(batch * windows, heads, N, N)`` as the layer's ``(batch, heads,
         tokens, tokens)`` (:func:`~.windows.assemble_windows`), only its selected heads, rows and
-        keys made; ``None`` when the call is refused (its layout unreadable or not the map's, or
-        the map over :data:`DENSE_WINDOWS_BYTES`)."""
+        keys made; with ``windows="keep"``, as it is, its window index in ``sources.windows`` (the
+        router selects its heads); ``None`` when the call is refused (its layout unreadable or not
+        the map's, or the dense map over :data:`DENSE_WINDOWS_BYTES`)."""
         layout = scope.windows.layout(scope.input_shape, scope.module)
         refusal = layout if isinstance(layout, str) else layout_refusal(layout, tuple(weights.shape))
+        if refusal is None and self.router.policy.windows == "keep":  # as computed, its index beside it
+            return WholeMap(weights, sources._replace(windows=window_index(layout)))
         chosen = None
         if refusal is None:
             chosen = self.router.policy.selection.resolve(weights.shape[1], layout.tokens, layout.tokens,
@@ -353,12 +356,14 @@ class CaptureSession:
                 refusal = (f"the windows of this call placed at the image's {layout.tokens} tokens would be one "
                            f"(batch, heads, rows, keys) map of {format_size(dense)}, over the "
                            f"{format_size(DENSE_WINDOWS_BYTES)} a windowed call may take: capture fewer images "
-                           "per forward, or fewer heads=, rows= or keys= (the per-window layout is not kept yet)")
+                           "per forward, fewer heads=, rows= or keys=, or keep the calls per window with their "
+                           'window index (windows="keep")')
         if refusal is None and self.router.policy.keep_grad:
             # The loss reaches the model's per-window weights, never the assembled map: a map stored with
             # keep_grad would get no gradient, silently.
             refusal = ("keep_grad on a windowed (Swin) layer: the gradient of its map placed at the image's tokens "
-                       "is not kept yet (the loss reaches only the per-window weights), so it is not stored")
+                       "is not kept (the loss reaches only the per-window weights), so it is not stored; keep the calls "
+                       'per window (windows="keep"), whose gradient is kept')
         if refusal is not None:
             self.refuse(scope, refusal)
             return None

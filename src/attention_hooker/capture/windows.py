@@ -48,8 +48,9 @@ import torch
 from torch import nn
 
 from .._torch_private import caller_frame
+from ..window_index import WindowIndex, place_windows
 
-__all__ = ["WindowLayout", "window_positions", "assemble_windows", "assemble_window_values", "layout_refusal",
+__all__ = ["WindowLayout", "window_positions", "assemble_windows", "window_index", "assemble_window_values", "layout_refusal",
            "WindowedLayer", "windowed_layer"]
 
 PAD_THEN_ROLL = "pad_then_roll"
@@ -171,31 +172,13 @@ def assemble_windows(per_window: torch.Tensor, layout: WindowLayout, heads: Opti
         >>> assemble_windows(p, layout).shape, assemble_windows(p, layout, heads=[2], rows=[3]).shape
         (torch.Size([1, 3, 4, 4]), torch.Size([1, 1, 1, 4]))
     """
-    b, nw, tokens = layout.batch, layout.windows, layout.tokens
-    n = per_window.shape[-1]
-    if heads is not None:
-        per_window = per_window.index_select(1, torch.as_tensor(list(heads), device=per_window.device))
-    pos = window_positions(layout, per_window.device)  # (nW, N), -1 for padding
-    row_of, key_of = _slots(rows, tokens, pos.device), _slots(keys, tokens, pos.device)
-    queries = row_of[pos][:, :, None].expand(nw, n, n)  # (nW, N, N): where each weight's query goes, or -1
-    columns = key_of[pos][:, None, :].expand(nw, n, n)
-    kept = (queries >= 0) & (columns >= 0)  # a real (and selected) query over a real (and selected) key
-    windows = per_window.reshape(b, nw, per_window.shape[1], n, n).permute(0, 2, 1, 3, 4)  # (B, h, nW, N, N)
-    dense = per_window.new_zeros(b, per_window.shape[1], tokens if rows is None else len(rows),
-                                 tokens if keys is None else len(keys))  # compact: no padded row or column
-    dense[:, :, queries[kept], columns[kept]] = windows[:, :, kept]
-    return dense  # (B, h, rows, keys)
+    return place_windows(per_window, window_positions(layout, per_window.device), layout.batch, layout.tokens,
+                         heads, rows, keys)  # (B, h, rows, keys)
 
 
-def _slots(chosen: Optional[Sequence[int]], tokens: int, device) -> torch.Tensor:
-    """``(tokens + 1,)``: each token's place in the selection (or itself, for all), -1 for a token
-    not chosen; entry ``-1`` (a padded slot's index) maps to -1."""
-    where = torch.full((tokens + 1,), -1, dtype=torch.long, device=device)
-    if chosen is None:
-        where[:tokens] = torch.arange(tokens, device=device)
-    else:
-        where[torch.as_tensor(list(chosen), dtype=torch.long, device=device)] = torch.arange(len(chosen), device=device)
-    return where
+def window_index(layout: WindowLayout) -> WindowIndex:
+    """The layout as the index kept beside a per-window call (``windows="keep"``)."""
+    return WindowIndex(window_positions(layout), layout.batch, layout.height, layout.width)
 
 
 def assemble_window_values(value: torch.Tensor, layout: WindowLayout) -> torch.Tensor:

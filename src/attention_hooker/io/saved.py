@@ -22,6 +22,7 @@ from ..selection import selected_rows
 from .._tensor import as_batched, values_of
 from ..errors import AttentionHookerError
 from ..values import AttentionValues, natural_order
+from ..window_index import WindowIndex
 from .format import INDEX_NAME, CheckedCalls, checked_file, checked_path, parse_json, read_index
 
 __all__ = ["SavedAttention", "save_values", "load", "to_bertviz", "to_numpy"]
@@ -54,12 +55,17 @@ class SavedAttention:
         values: ``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``.
         tokens: the token labels saved with it, or ``None``.
         metadata: the rest (model class, dtype, library version, ...).
+        window_index: ``{layer_name: [WindowIndex or None per call]}`` of the windowed layers
+            captured with ``windows="keep"`` (their calls are ``(batch * windows, heads, N, N)``;
+            ``index.dense(call)`` places one at its tokens); empty for other captures.
     """
 
-    def __init__(self, values: AttentionValues, tokens: Optional[list], metadata: dict):
+    def __init__(self, values: AttentionValues, tokens: Optional[list], metadata: dict,
+                 window_index: Optional[Dict[str, list]] = None):
         self.values = values
         self.tokens = tokens
         self.metadata = metadata
+        self.window_index = window_index or {}
 
     @property
     def requests(self) -> Dict[str, "SavedAttention"]:
@@ -94,7 +100,8 @@ class SavedAttention:
     def save(self, path, *, tokens: Optional[Sequence[str]] = None) -> None:
         """Writes this capture again (see :func:`save_values`)."""
         save_values(self.values, path, tokens=tokens if tokens is not None else self.tokens,
-                    model_class=self.metadata.get("model_class"), selection=self.metadata.get("selection"))
+                    model_class=self.metadata.get("model_class"), selection=self.metadata.get("selection"),
+                    windows=self.window_index)
 
     def __repr__(self) -> str:
         return f"SavedAttention({self.metadata.get('model_class') or 'model'}, {self.values!r})"
@@ -107,6 +114,7 @@ def save_values(
     tokens: Optional[Sequence[str]] = None,
     model_class: Optional[str] = None,
     selection: Optional[Mapping] = None,
+    windows: Optional[Mapping[str, Sequence[Optional[WindowIndex]]]] = None,
 ) -> None:
     """Writes ``{layer_name: [tensor per call]}`` to one safetensors file.
 
@@ -117,6 +125,8 @@ def save_values(
         model_class: the model's class name, kept as metadata.
         selection: which heads and query rows the capture kept
             (``hooker.selection``), kept as metadata so that views label the axes.
+        windows: ``{layer_name: [WindowIndex or None per call]}`` of calls kept per window
+            (``hooker.window_index``), each checked against its call and saved beside it.
 
     Raises:
         AttentionHookerError: when there is nothing to save, a call is not
@@ -133,6 +143,7 @@ def save_values(
         for name, calls in values.items()
     }  # each (batch, heads, query, key)
     tokens = _checked_tokens(tokens, values, selection)
+    windows = _described_windows(windows, values)
     path = prepare_output_path(path, what="capture")
     tensors: Dict[str, torch.Tensor] = {}
     layers: List[str] = []
@@ -154,7 +165,49 @@ def save_values(
         "dtype": sorted(dtypes),
         "library_version": _version(),
     }
+    if windows:
+        meta["windows"] = windows
     save_file(tensors, path, metadata={_META_KEY: json.dumps(meta)})
+
+
+def _described_windows(windows, values: Mapping) -> Optional[Dict[str, list]]:
+    """``{layer: [index description or None per call]}`` for saving, each index checked against its call."""
+    if not windows:
+        return None
+    described = {}
+    for name, indices in windows.items():
+        calls = values.get(name)
+        if calls is None or len(indices) != len(calls):
+            raise AttentionHookerError(f"the window index of layer {name!r} lists {len(indices)} calls, while the "
+                                       f"capture holds {0 if calls is None else len(calls)} of it")
+        for call, (tensor, index) in enumerate(zip(calls, indices)):
+            if index is not None:
+                index.check(tensor, f"layer {name!r} call {call}")
+        described[name] = [None if index is None else index.describe() for index in indices]
+    return described
+
+
+def _read_windows(meta: dict, values: Mapping, where: str) -> Dict[str, list]:
+    """The saved window index, checked against the calls it is saved beside."""
+    saved = meta.get("windows")
+    if saved is None:
+        return {}
+    if not isinstance(saved, dict):
+        raise AttentionHookerError(f"{where} is damaged: its window index is not a mapping of layers")
+    found = {}
+    for name, indices in saved.items():
+        calls = values.get(name)
+        if calls is None or not isinstance(indices, list) or len(indices) != len(calls):
+            raise AttentionHookerError(f"{where} is damaged: the window index of layer {name!r} does not list one "
+                                       "entry per call of the layer")
+        found[name] = []
+        for call, data in enumerate(indices):
+            index = None if data is None else WindowIndex.from_description(
+                data, f"{where}: the window index of layer {name!r} call {call}")
+            if index is not None:
+                index.check(calls[call], f"{where}: layer {name!r} call {call}")
+            found[name].append(index)
+    return found
 
 
 def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
@@ -247,8 +300,8 @@ def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None, partial:
             raise AttentionHookerError(f"{path} is damaged: tensor {missing} of layer {name!r} is missing") from None
         values[name] = CheckedCalls(layer_calls, [checked] * n_calls) if lazy else layer_calls
     tokens = meta.get("tokens")
-    extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "tokens")}
-    return SavedAttention(values, tokens, extra)
+    extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "tokens", "windows")}
+    return SavedAttention(values, tokens, extra, _read_windows(meta, values, path))
 
 
 def _attention(tensor: torch.Tensor, where: str, layer: str) -> torch.Tensor:

@@ -40,6 +40,8 @@ class MemoryKeeper:
         self.values = self._new_values()
         self.gradients: dict = {}  # with keep_grad: {name: [[grad or None] per call]}
         self.value_vectors = AttentionValues()  # with keep_values: {name: [value or None per call]}
+        # windows="keep": {name: [WindowIndex per call]} for the layers whose calls are kept per window
+        self.window_index: dict = {}
         # Spare buffers and the arena (keep/allocator.py); the requests of a serving engine share the
         # capture's, so that their small step calls lie side by side in the same chunks.
         self.allocation = allocation or Allocation()
@@ -108,7 +110,7 @@ class MemoryKeeper:
         """
         with self._lock:
             old, self.values = self.values, self._new_values()
-            self.gradients, self.value_vectors = {}, AttentionValues()
+            self.gradients, self.value_vectors, self.window_index = {}, AttentionValues(), {}
             probe = AttentionValues()  # counted as ``old`` is: one local name
             alone = refcount(old) == refcount(probe)
             salvaged = salvage(old) if salvage is not None and alone else []
@@ -128,8 +130,12 @@ class MemoryKeeper:
             self._watch_gradient(name, stored, graph_tensor, sources.gradient_scale)
         if p.keep_values:
             self._add_value(name, sources.value)
+        if sources.windows is not None or name in self.window_index:  # aligned with the layer's calls
+            self.window_index.setdefault(name, [None] * (len(calls) - 1)).append(sources.windows)
         if p.max_calls is not None and len(calls) > p.max_calls:
             del calls[0]  # keep == "last"
+            if name in self.window_index:
+                del self.window_index[name][0]
             if p.keep_grad:
                 del self.gradients[name][0]
             if p.keep_values:

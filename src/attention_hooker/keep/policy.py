@@ -15,6 +15,7 @@ from ..selection import Selection
 __all__ = ["StoragePolicy"]
 
 _KEEP_CHOICES = ("first", "last")
+_WINDOWS_CHOICES = ("dense", "keep")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class StoragePolicy:
         keep_values: also keep each call's value vectors ``(batch, kv_heads, key,
             head_dim)``, where the route sees them (sdpa, ``nn.MultiheadAttention``, the
             product of eager code).
+        windows: how a windowed layer's call (Swin, MaxViT, Twins) is stored: ``"dense"``
+            placed at the image's tokens ``(batch, heads, tokens, tokens)``; ``"keep"`` as the
+            model computed it, ``(batch * windows, heads, N, N)``, with its
+            :class:`~attention_hooker.window_index.WindowIndex` beside it.
     """
 
     device: Optional[torch.device] = torch.device("cpu")
@@ -46,6 +51,7 @@ class StoragePolicy:
     keep_grad: bool = False
     keep_values: bool = False
     selection: Selection = Selection()
+    windows: str = "dense"
 
     @classmethod
     def build(
@@ -60,6 +66,7 @@ class StoragePolicy:
         rows=None,
         keys=None,
         keep_values: bool = False,
+        windows: str = "dense",
     ) -> "StoragePolicy":
         """Validates user options and returns a policy.
 
@@ -76,7 +83,11 @@ class StoragePolicy:
         keep = one_of(keep, "keep", _KEEP_CHOICES)
         keep_grad = check_flag(keep_grad, "keep_grad")
         keep_values = check_flag(keep_values, "keep_values")
-        policy = cls(device, dtype, max_calls, keep, keep_grad, keep_values, selection)
+        if not isinstance(windows, str) or windows not in _WINDOWS_CHOICES:
+            raise AttentionHookerError(
+                f"windows={windows!r} must be one of {_WINDOWS_CHOICES}: \"dense\" stores a windowed layer's call placed "
+                "at the image's tokens, \"keep\" as the model computed it, per window, with its window index")
+        policy = cls(device, dtype, max_calls, keep, keep_grad, keep_values, selection, windows)
         policy._check_combination()
         return policy
 
@@ -86,6 +97,10 @@ class StoragePolicy:
         if self.keep_values and selects:
             raise AttentionHookerError("keep_values=True cannot be combined with heads=, rows= or keys=: the value "
                                        "vectors serve every head, query and key")
+        if self.windows == "keep" and (self.selection.rows is not None or self.selection.keys is not None):
+            raise AttentionHookerError('windows="keep" cannot be combined with rows= or keys=: a per-window call\'s '
+                                       "rows and keys are slots of its windows, not tokens; select tokens of the "
+                                       "dense map (the default, windows=\"dense\") or after WindowIndex.dense()")
         for option, chosen, what in (("heads=", self.selection.heads, "head"), ("rows=", self.selection.rows, "query row"),
                                      ("keys=", self.selection.keys, "key")):
             if self.keep_grad and chosen is not None:
@@ -93,6 +108,10 @@ class StoragePolicy:
 
     def check_reductions(self) -> None:
         """Raises when calls cannot go to a reduction (``hooker.reduce_into``)."""
+        if self.windows == "keep":
+            raise AttentionHookerError('reduce_into() cannot be combined with windows="keep": a reduction takes '
+                                       "(batch, heads, query, key) maps over tokens, and a per-window call's axis 0 "
+                                       'counts windows and its slots include padding; use the default windows="dense"')
         if self.keep_grad or self.selection.rows is not None or self.selection.keys is not None or self.keep_values:
             raise AttentionHookerError("reduce_into() cannot be combined with keep_grad=True, keep_values=True, rows= "
                                        "or keys=: statistics are taken over every query row and key, and keep nothing "
@@ -106,6 +125,11 @@ class StoragePolicy:
         if self.keep_values:
             raise AttentionHookerError("stream_to() cannot be combined with keep_values=True: streamed captures "
                                        "hold the weights only")
+        if self.windows == "keep":
+            raise AttentionHookerError('stream_to() cannot be combined with windows="keep": streamed captures hold '
+                                       "the weights only, and a per-window call without its window index cannot be "
+                                       'placed at image positions; stream the default windows="dense", or keep the '
+                                       "calls in memory and hooker.save() them (the index is saved)")
         if self.max_calls is not None and self.keep == "last":
             raise AttentionHookerError('stream_to() cannot keep the last calls (keep="last"): written calls stay '
                                        'written; use keep="first" with max_calls=')

@@ -49,11 +49,14 @@ class CallSources(NamedTuple):
         gradient_scale: the gradient with respect to the weights is ``graph_tensor``'s
             times this (weights before dropout, ``graph_tensor`` the ones after it).
         value: with ``keep_values``: the call's value vectors ``(batch, kv_heads, key, head_dim)``.
+        windows: a windowed call kept per window (``windows="keep"``): its
+            :class:`~attention_hooker.window_index.WindowIndex`.
     """
 
     graph_tensor: Optional[object] = None
     gradient_scale: Optional[torch.Tensor] = None
     value: Optional[torch.Tensor] = None
+    windows: Optional[object] = None
 
 
 NO_SOURCES = CallSources()
