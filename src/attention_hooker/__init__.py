@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 # `import attention_hooker` do not pay for importing torch until something needs it.
 _EXPORTS = {
     "HeadStatsAccumulator": "analysis.stats", "attention_rollout": "analysis.rollout", "gradient_weighted_rollout": "analysis.rollout",
+    "stage_rollout": "analysis.stage_rollout",
     "head_entropy": "analysis.stats", "mean_attention_distance": "analysis.stats", "sink_share": "analysis.stats",
     "stitch_steps": "analysis.core", "sdpa_attention_weights": "capture.routes.sdpa", "find_attention_modules": "capture.discovery",
     "AttentionCaptureWarning": "errors", "AttentionHookerError": "errors", "AttentionHookerTypeError": "errors",
@@ -66,6 +67,7 @@ __all__ = [
     "sdpa_attention_weights",
     "attention_rollout",
     "gradient_weighted_rollout",
+    "stage_rollout",
     "head_entropy",
     "mean_attention_distance",
     "sink_share",
