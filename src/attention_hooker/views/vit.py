@@ -332,8 +332,14 @@ def plot_swin_attention(
     patches) is cut at the image's edge.
 
     Args:
-        attn, grid, window_index, query, heads, batch_index: as in :func:`swin_attention_map`.
+        attn: a layer's dense map, a call kept per window (with ``window_index``) or a rollout
+            (with ``heads=None``), as in :func:`swin_attention_map`.
         image: ``(3, H, W)`` / ``(H, W, 3)`` tensor or array, or a PIL image.
+        grid: ``(height, width)`` of the key tokens.
+        window_index: the index of a call kept per window.
+        query: a query token index, ``(y, x)``, or ``"mean"`` over every query row.
+        heads: ``"mean"``, ``"max"``, a head index, or ``None`` for a rollout.
+        batch_index: which image.
         patch: ``(ph, pw)`` pixels per token; by default the image's size over the grid's
             where the grid divides the image evenly (else it must be given).
         alpha: opacity of the overlay.
