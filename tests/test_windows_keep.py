@@ -10,7 +10,7 @@ dense hand computation from the module's weights.
 import pytest
 import torch
 
-from attention_hooker import AttentionHookerError, TransformerAttentionHooker, load
+from attention_hooker import AttentionHookerError, TransformerAttentionHooker, attention_rollout, load
 from attention_hooker.window_index import WindowIndex, dense_values
 from window_oracle import PAD_THEN_ROLL, ROLL_THEN_PAD, dense_by_hand, index_grid_windows
 
@@ -46,6 +46,7 @@ def test_each_call_is_kept_as_computed_with_its_index(impl):
     seen, handles = _block_inputs(model)
     with torch.no_grad():
         reference = _hf_swin(impl="eager")(x, output_attentions=True)  # per window: the last block of each stage
+        unhooked = model(x).last_hidden_state
         try:
             with TransformerAttentionHooker(model, windows="keep") as kept:
                 out = model(x).last_hidden_state
@@ -54,7 +55,7 @@ def test_each_call_is_kept_as_computed_with_its_index(impl):
                 handle.remove()
         with TransformerAttentionHooker(model) as dense:
             model(x)
-    torch.testing.assert_close(out, reference.last_hidden_state, atol=0 if impl == "eager" else 1e-5, rtol=0)
+    torch.testing.assert_close(out, unhooked, atol=0, rtol=0)  # the model computes what it computed unhooked
     assert not kept.report().missing and list(kept.window_index) == list(kept.values)
     for stage, attentions in enumerate(reference.attentions):
         (call,) = kept.values[f"encoder.layers.{stage}.blocks.1.attention"]
@@ -80,6 +81,9 @@ def test_each_call_is_kept_as_computed_with_its_index(impl):
                 att.relative_position_bias.relative_position_bias_table, (ws, ws), (s, s), PAD_THEN_ROLL)
         torch.testing.assert_close(placed, oracle, atol=2e-6, rtol=1e-5)
     assert dense_values(kept.values, kept.window_index).keys() == dense.values.keys()
+    one_stage = {name: calls for name, calls in kept.values.items() if ".layers.0." in name}
+    torch.testing.assert_close(attention_rollout(one_stage, window_index=kept.window_index),
+                               attention_rollout({name: dense.values[name] for name in one_stage}), atol=0, rtol=0)
 
 
 def test_timm_swin_calls_are_attention_extract_s_and_its_index_is_timm_s_layout():

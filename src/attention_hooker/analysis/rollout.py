@@ -7,13 +7,16 @@ from typing import List
 import torch
 
 from .._checks import check_flag, one_of
+from .._tensor import values_of
 from ..errors import AttentionHookerError
+from ..window_index import dense_values
 from .core import FUSIONS, fuse_heads, layer_sequence, square_stack
 
 __all__ = ["attention_rollout", "gradient_weighted_rollout", "layer_graphs"]
 
 
-def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str = "mean") -> torch.Tensor:
+def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str = "mean",
+                      window_index=None) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema, 2020): how much each token draws on each input token.
 
     Per layer ``A~ = rownorm(fuse_heads(A) + I)`` (without ``+ I`` when
@@ -24,6 +27,9 @@ def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str
             ``hooker.values`` (first call of each layer).
         add_residual: add the identity for the residual connection.
         head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+        window_index: ``hooker.window_index`` of a capture with ``windows="keep"``: its calls kept
+            per window are placed at their tokens first (a model whose stages merge tokens,
+            such as Swin over several stages: :func:`~attention_hooker.analysis.stage_rollout.stage_rollout`).
 
     Returns:
         ``(batch, tokens, tokens)``; row ``i`` sums to 1.
@@ -41,6 +47,8 @@ def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str
     """
     one_of(head_fusion, "head_fusion", FUSIONS)
     add_residual = check_flag(add_residual, "add_residual")
+    if window_index is not None:
+        attentions = dense_values(values_of(attentions), window_index)
     layers = square_stack(attentions, "attentions")
     rollout = None
     for fused in layer_graphs(layers, add_residual, head_fusion):
