@@ -59,19 +59,13 @@ class WindowIndex(NamedTuple):
         """``height * width``: the tokens of the layer's grid."""
         return self.height * self.width
 
-    @property
-    def shape(self) -> tuple:
-        """The ``(batch * windows, heads?, N, N)`` a call with this index has, heads left out:
-        ``(batch * windows, N, N)``."""
-        return self.batch * self.windows, self.slots, self.slots
-
     def check(self, per_window: torch.Tensor, where: str = "the call") -> None:
         """Raises unless ``per_window`` is ``(batch * windows, heads, N, N)`` of this index.
 
         Raises:
             AttentionHookerError: naming the shape expected and the one given.
         """
-        rows, n, _ = self.shape
+        rows, n = self.batch * self.windows, self.slots
         if not isinstance(per_window, torch.Tensor) or per_window.dim() != 4 or \
                 (per_window.shape[0], per_window.shape[2], per_window.shape[3]) != (rows, n, n):
             got = tuple(per_window.shape) if isinstance(per_window, torch.Tensor) else type(per_window).__name__
