@@ -119,12 +119,15 @@ def stage_rollout(attentions, *, grid: Optional[Sequence[int]] = None, window_in
                 f"tokens) of one batch ({layers[0].shape[0]}, as attentions[0])")
         check_probabilities(a, f"attentions[{i}]")
     grids = _layer_grids([a.shape[-1] for a in layers], grid, known + [None] * (len(layers) - len(known)))
-    rollout = None
-    for i, fused in enumerate(layer_graphs(layers, add_residual, head_fusion)):  # (B, T_i, T_i) float64
-        if rollout is not None and grids[i] != grids[i - 1]:
-            rollout = merge_matrix(grids[i - 1], device=rollout.device) @ rollout  # (B, T_i, T_0)
-        rollout = fused if rollout is None else fused @ rollout
-    return rollout.to(layers[0].dtype)
+    graphs = layer_graphs(layers, add_residual, head_fusion)  # (B, T_i, T_i) float64
+    # The product A~_L M ... A~_1 is taken from the top: each step is (T_last, T_i) @ (T_i, T_i), so the
+    # first stage's large grid costs T_last * T_0^2, not T_0^3 (Swin-T at 224: 49 rows, not 3136).
+    rollout = graphs[-1]  # (B, T_L, T_L)
+    for i in range(len(graphs) - 2, -1, -1):
+        if grids[i + 1] != grids[i]:
+            rollout = rollout @ merge_matrix(grids[i], device=rollout.device)  # (B, T_L, T_i)
+        rollout = rollout @ graphs[i]
+    return rollout.to(layers[0].dtype)  # (B, T_L, T_0)
 
 
 def _layer_grids(tokens: List[int], first: Optional[Sequence[int]],
