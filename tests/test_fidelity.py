@@ -84,17 +84,53 @@ def test_layers_that_ran_without_capture_are_named_once_even_when_others_capture
     assert hooker.report().missing == []
 
 
-def test_an_sdpa_call_whose_heads_contradict_the_module_is_refused():
-    class FlattenedAttention(SdpaAttention):
-        def forward(self, x):  # heads folded into the batch: (B * H, T, E) given to the kernel as 3-D
-            b, t, _ = x.shape
-            q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4).reshape(3, b * 2, t, 4)
-            return nn.functional.scaled_dot_product_attention(q, k, v).view(b, 2, t, 4).transpose(1, 2).reshape(b, t, 8)
+class _FoldedSdpaAttention(SdpaAttention):
+    def forward(self, x):  # heads folded into the batch: (B * H, T, E) given to the kernel as 3-D (timm's SAM)
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4).reshape(3, b * 2, t, 4)
+        return nn.functional.scaled_dot_product_attention(q, k, v).view(b, 2, t, 4).transpose(1, 2).reshape(b, t, 8)
 
-    model = FlattenedAttention(8, 2).eval()
+
+@pytest.mark.parametrize("keep_grad", [False, True])
+def test_an_sdpa_call_with_heads_folded_into_the_batch_is_unfolded(keep_grad):
+    """A 3-D query (batch * heads, T, E) whose first dim is the input's batch times the declared
+    heads is (batch, heads, T, T) (as a 3-D softmax is): it was refused ("6 query heads, while the
+    layer declares 2"), which refused timm's VisionTransformerSAM on its default fused attention.
+    With keep_grad, the gradient is the one a loss gives an eager map of the same weights."""
+    model = _FoldedSdpaAttention(8, 2).eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        expected = model(x)
+    q, k, v = model.qkv(x).view(3, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)  # (B, H, T, E) each
+    oracle = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)  # (B, H, T, T)
+    oracle.retain_grad()
+    (oracle @ v).transpose(1, 2).reshape(3, 5, 8).pow(2).sum().backward()
+    with torch.set_grad_enabled(keep_grad), TransformerAttentionHooker(model, keep_grad=keep_grad) as hooker:
+        out = model(x)
+        if keep_grad:
+            out.pow(2).sum().backward()
+    torch.testing.assert_close(out.detach(), expected, atol=0, rtol=0)
+    assert hooker.report().missing == []
+    ((got,),) = hooker.values.values()
+    torch.testing.assert_close(got.detach(), oracle.detach(), atol=1e-6, rtol=1e-5)
+    if keep_grad:
+        ((grad,),) = hooker.gradients.values()
+        torch.testing.assert_close(grad, oracle.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_an_sdpa_call_whose_heads_contradict_the_module_is_refused():
+    class TokensFoldedAttention(SdpaAttention):
+        def forward(self, x):  # (B * T, H, E): attention across the heads of each token, not tokens
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).view(b * t, 3, 2, 4).unbind(1)
+            return nn.functional.scaled_dot_product_attention(q, k, v).reshape(b, t, 8)
+
+    model = TokensFoldedAttention(8, 2).eval()
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
-        with pytest.warns(AttentionCaptureWarning, match="every attention call was refused: a scaled_dot_product_attention call with 6 query heads, while the layer declares 2"):
-            model(torch.randn(3, 5, 8))
+        with pytest.warns(AttentionCaptureWarning, match=r"every attention call was refused: a scaled_dot_product_"
+                          r"attention call on a 3-D query \(12, 2, 4\) whose 1st dim \(12\) is not the layer's batch "
+                          r"times its 2 heads"):
+            model(torch.randn(3, 4, 8))
     assert dict(hooker.values) == {}
 
 

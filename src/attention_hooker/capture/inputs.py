@@ -70,17 +70,19 @@ def _declares_channel_attention(module) -> bool:
                for kind in type(module).__mro__)
 
 
-def folded_batch_refusal(shape: Optional[Tuple[int, ...]], heads: int, folded: int) -> Optional[str]:
-    """Why a 3-D softmax with first dim ``folded`` is not ``(batch * heads, query, key)``
-    for this layer's input, or ``None``: its batch (the input's first dim, or second for
-    sequence-first ``(tokens, batch, width)``) times the heads must give ``folded``."""
+def folded_batch_refusal(shape: Optional[Tuple[int, ...]], heads: int, folded: int,
+                         what: str = "a softmax over a 3-D tensor") -> Optional[str]:
+    """Why a 3-D softmax (or ``scaled_dot_product_attention`` query, named by ``what``) with
+    first dim ``folded`` is not ``(batch * heads, query, key)`` for this layer's input, or
+    ``None``: its batch (the input's first dim, or second for sequence-first ``(tokens, batch,
+    width)``) times the heads must give ``folded``."""
     if shape is None or len(shape) < 2:
         return None
     batches = {shape[0], shape[1]} if len(shape) == 3 else {shape[0]}
     if any(b * heads == folded for b in batches):
         return None
     return (
-        f"a softmax over a 3-D tensor whose 1st dim ({folded}) is not the layer's batch times its {heads} heads "
+        f"{what} whose 1st dim ({folded}) is not the layer's batch times its {heads} heads "
         f"(input {shape}): it is not (batch * heads, query, key) attention (a lambda layer's softmax over its "
         "keys, or another axis), so it is not stored"
     )

@@ -6,13 +6,13 @@ its reason (a layout that is not ``(batch, heads, query, key)``, channel attenti
 from __future__ import annotations
 
 import weakref
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 
 from ..._torch_private import caller_frame, frame_local
 from ...keep.protocol import CallSources, GradientSource
-from ..inputs import channel_attention_refusal
+from ..inputs import channel_attention_refusal, folded_batch_refusal
 from ..batching import at_positions
 from ..heads import declared_heads
 from .sdpa import as_4d, packed_query_groups, parse_sdpa_call, sdpa_attention_weights, unpack_query_groups
@@ -31,11 +31,11 @@ def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
     if not router.wants(layer):
         session.skip(layer)
         return func(*args, **kwargs)
-    call = parse_sdpa_call(args, kwargs)
+    call, refusal = _unfolded(scope, parse_sdpa_call(args, kwargs))
     if not (router.policy.keep_grad and torch.is_grad_enabled()):  # keep_grad computes the output from call
         call = _unblocked(scope, call)
     groups = packed_query_groups(lambda: _calling_modules(scope), call["query"], call["key"])
-    refusal = _refusal(scope, call, groups)
+    refusal = refusal or _refusal(scope, call, groups)
     if refusal is not None:
         session.refuse(scope, refusal)
         return func(*args, **kwargs)
@@ -60,6 +60,43 @@ def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
     else:
         _keep_whole(session, call, layer)
     return output
+
+
+def _unfolded(scope, call: dict) -> Tuple[dict, Optional[str]]:
+    """``(call, reason)``: a 3-D call ``(batch * heads, query, dim)`` (timm's VisionTransformerSAM
+    folds the heads into the batch) of a module that declares its heads, as ``(batch, heads, query,
+    dim)``, once its first dim is checked to be the layer's batch times those heads (as for a 3-D
+    softmax, :func:`~..inputs.folded_batch_refusal`), or the reason it is not that layout; any other
+    call as it is. A first dim equal to the heads is one item, read as before: ``(1, heads, ...)``.
+
+    Only the weights are computed from the unfolded tensors: the kernel runs on the call as given."""
+    query, key, value, mask = (call[name] for name in ("query", "key", "value", "attn_mask"))
+    heads = declared_heads(scope.module)
+    if heads is None or not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (query, key, value)):
+        return call, None
+    folded = query.shape[0]
+    what = f"a scaled_dot_product_attention call on a 3-D query {tuple(query.shape)}"
+    if folded % heads:
+        return call, (f"{what} whose 1st dim is not a multiple of the layer's {heads} heads: it cannot be read as "
+                      "(batch * heads, query, dim), so it is not stored")
+    refusal = None if folded == heads else folded_batch_refusal(scope.input_shape, heads, folded, what)
+    batch = folded // heads
+    if refusal is None and (key.shape[0] % batch or value.shape[0] != key.shape[0]):
+        refusal = (f"{what} whose key {tuple(key.shape)} and value {tuple(value.shape)} are not (batch * kv heads, "
+                   f"key, dim) for its batch of {batch}, so it is not stored")
+    if refusal is None and isinstance(mask, torch.Tensor) and mask.dim() == 3:
+        if mask.shape[0] == folded:
+            mask = mask.reshape(batch, heads, mask.shape[1], mask.shape[2])
+        elif mask.shape[0] == 1:
+            mask = mask.unsqueeze(0)
+        else:
+            refusal = f"{what} whose attn_mask {tuple(mask.shape)} is not per (batch * heads) nor shared, so it is not stored"
+    elif refusal is None and isinstance(mask, torch.Tensor) and mask.dim() > 3:
+        refusal = f"{what} whose attn_mask {tuple(mask.shape)} has more dims than it, so it is not stored"
+    if refusal is not None:
+        return call, refusal
+    unfold = lambda t: t.reshape(batch, t.shape[0] // batch, t.shape[1], t.shape[2])  # noqa: E731
+    return dict(call, query=unfold(query), key=unfold(key), value=unfold(value), attn_mask=mask), None
 
 
 def _unblocked(scope, call: dict) -> dict:
@@ -268,7 +305,7 @@ def _with_grad(session, func, args: tuple, kwargs: dict, call: dict, layer: str,
         value = as_4d(call["value"]).detach()  # (B, Hk, S, Ev)
 
         def to_weights(d_output: torch.Tensor) -> torch.Tensor:
-            d = as_4d(d_output).float()  # (B, H, L, Ev)
+            d = d_output.reshape(weights.shape[:-1] + d_output.shape[-1:]).float()  # (B, H, L, Ev), unfolded too
             v = value.float()
             if 1 < v.shape[1] < d.shape[1]:
                 v = v.repeat_interleave(d.shape[1] // v.shape[1], dim=1)  # (B, H, S, Ev)
@@ -290,7 +327,8 @@ def _with_grad(session, func, args: tuple, kwargs: dict, call: dict, layer: str,
     # Gradients reach the packed tensor the output was computed from; stored unpacked (the same order).
     session.record(layer, unpack_query_groups(weights, groups) if groups > 1 else weights,
                    CallSources(weights, value=call["value"]))
-    return output.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
+    given = parse_sdpa_call(args, kwargs)["query"]  # the kernel's layout (a folded 3-D query stays 3-D)
+    return output.reshape(tuple(given.shape[:-1]) + (value.shape[-1],))
 
 
 def _layout_refusal(query: torch.Tensor, groups: int, expected_heads: Optional[int]) -> Optional[str]:
