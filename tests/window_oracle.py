@@ -79,3 +79,39 @@ def place_by_index_grid(per_window, batch, h, w, window, shift, order):
         pos = idx[win][real]
         out[:, :, pos[:, None], pos[None, :]] = p[:, win][:, :, real][:, :, :, real]
     return out
+
+
+def dense_decomposed_by_hand(xn, qkv, heads, scale, rel_pos_h, rel_pos_w, window):
+    """SAM / ViTDet attention over the whole padded grid, from the module's own weights:
+    ``(attention (B, heads, H*W, H*W), weight on padding keys (B, heads, H*W))``.
+
+    Logits ``(q * scale) . k`` plus the decomposed relative position terms ``q . Rh[dy + wh - 1]
+    + q . Rw[dx + ww - 1]`` (``q`` unscaled, ``dy``/``dx`` the offsets inside the window) between
+    every pair of points of the grid padded right and bottom (padding is a zero token), ``-inf``
+    outside the same window, softmax, then the real rows and columns. No windows are built. A
+    global layer is one window of the whole grid (``window = (H, W)``).
+
+    Args:
+        xn: ``(B, H, W, C)``, the attention's input before padding.
+        qkv: ``(B, L, C) -> (B, L, 3 * C)``, the module's projection.
+        rel_pos_h, rel_pos_w: ``(2 * wh - 1, d)``, ``(2 * ww - 1, d)``, or ``None`` (no relative positions).
+    """
+    b, h, w, c = xn.shape
+    wh, ww = window
+    hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
+    x = torch.nn.functional.pad(xn, (0, 0, 0, wp - w, 0, hp - h)).reshape(b, hp * wp, c)
+    q, k, _ = qkv(x).view(b, hp * wp, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # (B, heads, P, d) each
+    yy = torch.arange(hp).repeat_interleave(wp)
+    xx = torch.arange(wp).repeat(hp)
+    logits = (q * scale) @ k.transpose(-1, -2)
+    if rel_pos_h is not None:
+        dy = (yy[:, None] % wh) - (yy[None] % wh) + wh - 1  # (P, P)
+        dx = (xx[:, None] % ww) - (xx[None] % ww) + ww - 1
+        along_h = q @ rel_pos_h.T  # (B, heads, P, 2wh-1): q . Rh[r] for every offset r
+        along_w = q @ rel_pos_w.T
+        logits = logits + along_h.gather(-1, dy.expand(b, heads, -1, -1)) + along_w.gather(-1, dx.expand(b, heads, -1, -1))
+    same = ((yy[:, None] // wh) == (yy[None] // wh)) & ((xx[:, None] // ww) == (xx[None] // ww))
+    a = logits.masked_fill(~same, float("-inf")).softmax(-1)
+    real = ((yy < h) & (xx < w)).nonzero().squeeze(1)
+    pad = (~((yy < h) & (xx < w))).nonzero().squeeze(1)
+    return a[:, :, real][:, :, :, real], a[:, :, real][:, :, :, pad].sum(-1)

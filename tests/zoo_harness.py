@@ -96,8 +96,11 @@ SWIN_RECOMPUTED = {"maskformer", "mask2former"}
 # Where transformers' output is partial or differently laid out, what the harness does instead.
 ORACLE_NOTES = {
     "cpmant": "transformers drops the 32 prompt positions from its attentions: compared on the rest",
-    "sam_vision_model": "transformers returns (batch * heads, query, key): compared after reshaping",
-    "sam_hq_vision_model": "transformers returns (batch * heads, query, key): compared after reshaping",
+    "sam_vision_model, sam_hq_vision_model, vitdet": "transformers returns (batch * heads, query, key) (ViTDet: "
+                                                     "(batch, heads, ...)), per window in windowed blocks: global "
+                                                     "blocks compared after reshaping, windowed ones after placing "
+                                                     "each window at its tokens by the block's own padding and "
+                                                     "partition of a grid of token indices",
     "t5gemma2": "the decoder attends to [decoder; encoder] in one softmax: compared with transformers' "
                 "self and cross attentions concatenated along the keys",
     "*": "nn.MultiheadAttention layers transformers does not report (attention-pooling heads) are the module's "
@@ -346,6 +349,7 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
     if case.model_type in SWIN_RECOMPUTED:
         references += _swin_window_oracles(model, case.inputs)
     references = _placed_swin_windows(model, case.inputs, references)
+    references = _placed_sam_windows(model, case.inputs, references)
     unmatched, wrong = list(references), []
     for layer, calls in hooker.values.items():
         for got in calls:
@@ -454,6 +458,50 @@ def _placed_swin_windows(model, inputs, references: List[torch.Tensor]) -> List[
             continue
         batch, (h, w), ws, s = pending.pop(fit)
         placed.append(place_by_index_grid(ref, batch, h, w, (ws, ws), (s, s), PAD_THEN_ROLL))
+    return placed
+
+
+# SAM-style windowed blocks the library stores at the image's tokens (issue 24), and whether their
+# input is channels-first (ViTDet's (batch, channels, height, width)).
+SAM_WINDOWED_BLOCKS = {"SamVisionLayer": False, "SamHQVisionLayer": False, "VitDetLayer": True}
+
+
+def _placed_sam_windows(model, inputs, references: List[torch.Tensor]) -> List[torch.Tensor]:
+    """transformers' per-window attentions of SAM / ViTDet windowed blocks (``window_size > 0``),
+    ``(batch * windows * heads, N, N)`` or ``(batch * windows, heads, N, N)``, placed at the image's
+    tokens as the library stores them (issue 24), by the block's own padding and window partition
+    of a grid of token indices (no shift); global blocks' references are returned as they are."""
+    from window_oracle import PAD_THEN_ROLL, place_by_index_grid
+
+    blocks = [m for m in model.modules() if type(m).__module__.startswith("transformers.")
+              and type(m).__name__ in SAM_WINDOWED_BLOCKS and m.window_size > 0]
+    if not blocks:
+        return references
+    layouts, handles = [], []
+    for block in blocks:
+        def pre(m, args, kwargs):
+            shape = (args[0] if args else kwargs["hidden_states"]).shape
+            b, h, w = (shape[0], shape[2], shape[3]) if SAM_WINDOWED_BLOCKS[type(m).__name__] else shape[:3]
+            attention = getattr(m, "attn", None) or m.attention
+            heads = getattr(attention, "num_attention_heads", None) or attention.num_heads
+            layouts.append((b, h, w, m.window_size, heads))
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        _forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    placed, pending = [], list(layouts)
+    for ref in references:
+        fit = next((i for i, (b, h, w, ws, heads) in enumerate(pending)
+                    if ref.shape[-2:] == (ws * ws, ws * ws)
+                    and ref.numel() == b * -(-h // ws) * -(-w // ws) * heads * ws ** 4), None)
+        if fit is None:
+            placed.append(ref)
+            continue
+        b, h, w, ws, heads = pending.pop(fit)
+        per_window = ref.reshape(-1, heads, ws * ws, ws * ws)  # (batch * windows, heads, N, N), batch-major
+        placed.append(place_by_index_grid(per_window, b, h, w, (ws, ws), (0, 0), PAD_THEN_ROLL))
     return placed
 
 

@@ -31,6 +31,10 @@ Families (the shift/pad order is each one's own, and reproduced, not "fixed"):
 * timm ``SwinTransformerBlock``: roll over the real ``H x W``, then pad.
 * torchvision ``ShiftedWindowAttention(V2)``: pad, then roll; the shift of an axis whose
   window covers the whole padded axis is 0 (the function's own rule).
+* SAM / ViTDet windowed blocks (transformers ``SamVisionLayer``, ``SamHQVisionLayer``,
+  ``VitDetLayer``; timm ``VisionTransformerSAM``'s ``Block``): pad right and bottom to whole
+  ``window_size`` windows, no shift, no mask (padding is attended, as in Swin). Their
+  global blocks (``window_size == 0``) attend over the whole grid and stay plain maps.
 
 A layer whose layout cannot be read unambiguously (its block was not seen calling it,
 shapes that do not agree) is refused with the reason, never placed by a guess.
@@ -292,8 +296,8 @@ def _pair(value) -> Tuple[int, int]:
 
 
 def _first_tensor_shape(args: tuple, kwargs: dict) -> Optional[tuple]:
-    """What a timm Swin block or a MaxViT partition layer is given: its input's shape."""
-    x = args[0] if args else kwargs.get("x")
+    """What a timm Swin block, a MaxViT partition layer or a SAM/ViTDet block is given: its input's shape."""
+    x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
     return tuple(x.shape) if isinstance(x, torch.Tensor) else None
 
 
@@ -358,6 +362,51 @@ def _twins_layout(module, input_shape, seen) -> WindowLayout:
     return WindowLayout(b, h, w, (ws, ws), (0, 0), PAD_THEN_ROLL)
 
 
+def _sam_layout(block, input_shape, seen, channels_first: bool = False) -> WindowLayout:
+    """SAM / ViTDet: the block's input ``(batch, height, width, channels)`` (ViTDet's
+    ``(batch, channels, height, width)``, permuted inside) cut into ``window_size`` squares
+    after padding right and bottom; no shift."""
+    if seen is None or len(seen) != 4:
+        raise ValueError(f"the block's input is {seen}, not a 4-D image of tokens")
+    b, h, w = (seen[0], seen[2], seen[3]) if channels_first else seen[:3]
+    ws = block.window_size
+    if not isinstance(ws, int) or ws <= 0:
+        raise ValueError(f"the block's window_size is {ws!r} at its call, not a positive int")
+    return WindowLayout(b, h, w, (ws, ws), (0, 0), PAD_THEN_ROLL)
+
+
+def _vitdet_layout(block, input_shape, seen) -> WindowLayout:
+    return _sam_layout(block, input_shape, seen, channels_first=True)
+
+
+# SAM-style windowed blocks: the attention class's module -> (block class, the block's attention
+# attribute, layout reader). Only these: each was read and is checked against a dense hand
+# computation (tests/test_windows.py).
+_SAM_BLOCKS = {
+    "transformers.models.sam.modeling_sam": ("SamVisionLayer", "attn", _sam_layout),
+    "transformers.models.sam_hq.modeling_sam_hq": ("SamHQVisionLayer", "attn", _sam_layout),
+    "transformers.models.vitdet.modeling_vitdet": ("VitDetLayer", "attention", _vitdet_layout),
+    "timm.models.vision_transformer_sam": ("Block", "attn", _sam_layout),
+}
+
+
+def _sam_windowed_layer(module: nn.Module, parent: Optional[nn.Module]) -> Optional[WindowedLayer]:
+    """The rule of a SAM/ViTDet attention module whose block is windowed, or ``None`` (a global
+    block, ``window_size == 0``, whose map is plain; or a module outside its block)."""
+    found = _SAM_BLOCKS.get(type(module).__module__)
+    if found is None or parent is None:
+        return None
+    block_class, attribute, read = found
+    if type(parent).__module__ != type(module).__module__ or type(parent).__name__ != block_class \
+            or getattr(parent, attribute, None) is not module:
+        return None
+    ws = getattr(parent, "window_size", None)
+    if not isinstance(ws, int) or ws <= 0:
+        return None  # a global block: attention over the whole grid, (batch, heads, H*W, H*W) as it is
+    family = "timm VisionTransformerSAM" if block_class == "Block" else f"transformers {block_class}"
+    return WindowedLayer(family, read, parent, _first_tensor_shape)
+
+
 @functools.lru_cache(maxsize=None)
 def _defines_hf_windowed_blocks(module_name: str) -> bool:
     """Whether a transformers modeling module defines a windowed (Swin-like) block: where an
@@ -378,7 +427,7 @@ def _is_hf_swin_block(module: nn.Module) -> bool:
 
 
 def windowed_layer(module: nn.Module, parents: Dict[int, nn.Module]) -> Optional[WindowedLayer]:
-    """The family rule of a hooked attention module that computes windowed (Swin) attention, or ``None``.
+    """The family rule of a hooked attention module that computes windowed (Swin, SAM) attention, or ``None``.
 
     Args:
         module: a hooked attention module.
@@ -390,6 +439,8 @@ def windowed_layer(module: nn.Module, parents: Dict[int, nn.Module]) -> Optional
         return WindowedLayer("torchvision Swin", _torchvision_layout)
     if kind.__module__.startswith("timm.models.twins") and kind.__name__ == "LocallyGroupedAttn":
         return WindowedLayer("timm Twins", _twins_layout, module, _batch_and_size("size"), blocked=True)
+    if kind.__module__ in _SAM_BLOCKS:
+        return _sam_windowed_layer(module, parents.get(id(module)))
     if not (kind.__module__.startswith(("torchvision.models.maxvit", "timm.models.swin_transformer"))
             or _defines_hf_windowed_blocks(kind.__module__)):
         return None  # no rule below can match: the model's parents are not looked up
