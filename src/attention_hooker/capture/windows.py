@@ -28,7 +28,8 @@ Families (the shift/pad order is each one's own, and reproduced, not "fixed"):
   ``window_size``, ``shift_size`` and ``get_attn_mask``): pad, then roll; window and
   shift read from the block at the attention call (``set_shift_and_window_size``
   changes them inside the block's forward), ``input_dimensions`` from the block's call.
-* timm ``SwinTransformerBlock``: roll over the real ``H x W``, then pad.
+* timm ``SwinTransformerBlock``, ``SwinTransformerV2Block`` and ``SwinTransformerV2CrBlock``:
+  roll over the real ``H x W``, then pad.
 * torchvision ``ShiftedWindowAttention(V2)``: pad, then roll; the shift of an axis whose
   window covers the whole padded axis is 0 (the function's own rule).
 * SAM / ViTDet windowed blocks (transformers ``SamVisionLayer``, ``SamHQVisionLayer``,
@@ -327,6 +328,14 @@ def _timm_layout(block, input_shape, seen) -> WindowLayout:
     return WindowLayout(b, h, w, _pair(block.window_size), _pair(block.shift_size), ROLL_THEN_PAD)
 
 
+# timm's Swin blocks, each in its module: all roll the real grid, then pad, with the same region mask.
+_TIMM_SWIN_BLOCKS = {
+    "timm.models.swin_transformer": "SwinTransformerBlock",
+    "timm.models.swin_transformer_v2": "SwinTransformerV2Block",
+    "timm.models.swin_transformer_v2_cr": "SwinTransformerV2CrBlock",
+}
+
+
 def _torchvision_layout(module, input_shape, seen) -> WindowLayout:
     if input_shape is None or len(input_shape) != 4:
         raise ValueError(f"the module's input is {input_shape}, not (batch, height, width, channels)")
@@ -452,9 +461,9 @@ def windowed_layer(module: nn.Module, parents: Dict[int, nn.Module]) -> Optional
             return WindowedLayer(f"torchvision MaxViT {grand.partition_type}", _maxvit_layout, grand,
                                  _first_tensor_shape, blocked=True)
         return None  # outside a partition layer: its layout cannot be read, its 5-D calls stay refused
-    if parent is not None and type(parent).__module__.startswith("timm.models.swin_transformer") \
-            and type(parent).__name__ == "SwinTransformerBlock" and getattr(parent, "attn", None) is module:
-        return WindowedLayer("timm Swin", _timm_layout, parent, _first_tensor_shape)
+    if parent is not None and _TIMM_SWIN_BLOCKS.get(type(parent).__module__) == type(parent).__name__ \
+            and getattr(parent, "attn", None) is module:
+        return WindowedLayer(f"timm {type(parent).__name__}", _timm_layout, parent, _first_tensor_shape)
     for block in (parent, parents.get(id(parent)) if parent is not None else None):  # Swin: attention; v2: attention.self
         if block is not None and _is_hf_swin_block(block):
             return WindowedLayer(f"transformers {type(block).__name__}", _hf_layout, block,
