@@ -158,3 +158,42 @@ def test_a_sam_block_turned_global_after_hooking_is_refused_with_the_reason():
     report = hooker.report()
     assert report.missing == ["vision_encoder.layers.0.attn"]
     assert "window_size is 0 at its call" in report["vision_encoder.layers.0.attn"].reason
+
+
+@pytest.mark.parametrize("image", [40, 32])
+@pytest.mark.parametrize("model_of", [lambda image: _hf_sam("Sam", image, "eager"),
+                                      lambda image: _hf_sam("Sam", image, "sdpa"),
+                                      lambda image: _timm_sam(image, True), lambda image: _timm_sam(image, False)],
+                         ids=["hf_eager", "hf_sdpa", "timm_fused", "timm_softmax"])
+def test_kept_values_times_the_placed_map_give_each_layers_context(model_of, image):
+    """keep_values on a windowed layer: its value vectors are placed at the tokens too, and the
+    placed map times them, plus each row's weight on padding times the value of a padded (zero)
+    token (the value projection's bias), is the context the module projects, at every real token."""
+    model = model_of(image)
+    blocks = [m for m in model.modules() if hasattr(m, "window_size") and hasattr(m, "attn")]
+    contexts = {}
+    handles = [b.attn.proj.register_forward_pre_hook(lambda m, a, b=b: contexts.__setitem__(b, a[0])) for b in blocks]
+    x = torch.randn(2, 3, image, image)
+    try:
+        with torch.no_grad(), TransformerAttentionHooker(model, keep_values=True) as hooker:
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = {m: n for n, m in model.named_modules()}
+    assert len(blocks) == 3
+    for block in blocks:
+        name = names[block.attn]
+        (weights,), (value,) = hooker.values[name], hooker.value_vectors[name]
+        b, heads, tokens, _ = weights.shape
+        side = image // 4
+        ws = block.window_size or side
+        pad = -side % ws
+        windows = contexts[block].reshape(-1, ws, ws, weights.shape[1] * value.shape[-1])  # (B * nW, ws, ws, C)
+        n = (side + pad) // ws
+        grid = windows.view(b, n, n, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, side + pad, side + pad, -1)
+        context = grid[:, :side, :side].reshape(b, tokens, heads, -1).transpose(1, 2)  # (B, heads, T, d)
+        padding_value = block.attn.qkv.bias.view(3, heads, -1)[2][None, :, None, :]  # v of a zero token
+        rebuilt = weights @ value + (1 - weights.sum(-1, keepdim=True)) * padding_value
+        assert value.shape == (b, heads, tokens, context.shape[-1])
+        torch.testing.assert_close(rebuilt, context, atol=2e-5, rtol=1e-4, msg=name)
