@@ -19,6 +19,7 @@ from .batching import packed_requests
 from .inputs import input_shape
 from .routes.mha import MultiheadAttentionRoute, fastpath_containers, mha_post_hook
 from .session import module_call_frame
+from .pieces import pieced_layer
 from .windows import windowed_layer
 
 __all__ = ["HookHandles", "install_layer_hooks"]
@@ -74,7 +75,8 @@ def install_layer_hooks(model: nn.Module, targets: Sequence[Tuple[nn.Module, str
                         handles: HookHandles) -> None:
     """Hooks each ``(module, layer name)`` of ``targets`` into ``session``, and keeps the fast
     path of every encoder (layer) around them off. A windowed (Swin) layer also gets a pre-hook
-    on its block, where its window layout is read (:mod:`.windows`)."""
+    on its block, where its window layout is read (:mod:`.windows`); a layer that computes its
+    map in pieces (Longformer) starts a :class:`~.pieces.PieceCall` at each call (:mod:`.pieces`)."""
     parents = _ParentsOf(model)  # walked only when a windowed family's rule asks
     for module, name in targets:
         if isinstance(module, nn.MultiheadAttention):
@@ -88,7 +90,11 @@ def install_layer_hooks(model: nn.Module, targets: Sequence[Tuple[nn.Module, str
             windows = windowed_layer(module, parents)
             if windows is not None:
                 windows.install(handles.add_entry)
-            handles.add_pair(module, _pre_hook(session, name, windows), _post_hook(session), with_kwargs=True)
+            pieces = pieced_layer(module, parents) if windows is None else None
+            if pieces is not None:
+                pieces.install(handles.add_entry)
+            handles.add_pair(module, _pre_hook(session, name, windows, pieces), _post_hook(session),
+                             with_kwargs=True)
     for module in fastpath_containers(model, [m for m, _ in targets]):
         handles.add_pair(
             module,
@@ -110,15 +116,17 @@ class _ParentsOf:
         return self._map.get(key, default)
 
 
-def _pre_hook(session, name: str, windows=None):
+def _pre_hook(session, name: str, windows=None, pieces=None):
     def pre_hook(module, args, kwargs):
         if being_traced():
             return None
         # Inside backward, a forward is activation checkpointing recomputing one that was
         # captured already: it runs exactly as before (MHA still asked for weights, so the
         # recomputed graph matches) but records nothing.
-        session.enter(module, None if in_backward_pass() else name, module_call_frame(), input_shape(args, kwargs),
-                      packed_requests(module, kwargs) if kwargs else None, windows)
+        layer = None if in_backward_pass() else name
+        call = pieces.start(module, args, kwargs) if pieces is not None and layer is not None else None
+        session.enter(module, layer, module_call_frame(), input_shape(args, kwargs),
+                      packed_requests(module, kwargs) if kwargs else None, windows, call)
         return None
 
     return pre_hook

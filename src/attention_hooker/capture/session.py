@@ -29,6 +29,7 @@ from ..keep.protocol import NO_SOURCES, CallSources
 from ..values import format_size
 from .batching import PackedRequests, request_keys
 from .windows import assemble_window_values, assemble_windows, layout_refusal, window_index
+from .pieces import ROWS_PER_TILE, PieceCall, selected_sizes
 from .coverage import Coverage
 from .routes.sdpa import (SDPA_FUNCTIONS, as_4d)
 from .routes.mha import handle_mha_forward
@@ -75,9 +76,10 @@ class WholeMap(NamedTuple):
 
 
 class _Scope:
-    __slots__ = ("module", "layer", "frame", "input_shape", "calls", "refusal", "packing", "windows")
+    __slots__ = ("module", "layer", "frame", "input_shape", "calls", "refusal", "packing", "windows", "pieces")
 
-    def __init__(self, module, layer: Optional[str], frame, input_shape=None, packing=None, windows=None):
+    def __init__(self, module, layer: Optional[str], frame, input_shape=None, packing=None, windows=None,
+                 pieces=None):
         self.module = module
         self.layer = layer  # None for a fast-path guard, which captures nothing
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
@@ -93,6 +95,11 @@ class _Scope:
         # A windowed (Swin) layer's family rule (capture/windows.py): its per-window map is
         # placed at the image's tokens before anything keeps it.
         self.windows = windows
+        # A pieced layer's call (capture/pieces.py): every attention computation inside the call is
+        # offered to it, and its one map is assembled when the call returns; a str: why it cannot be.
+        self.pieces: Optional[PieceCall] = pieces if isinstance(pieces, PieceCall) else None
+        if isinstance(pieces, str) and self.refusal is None:
+            self.pieces, self.refusal = _IGNORED_PIECES, pieces
 
 
 class _ThreadState:
@@ -162,18 +169,20 @@ class CaptureSession:
         return state
 
     # ----------------------------------------------------------------- scopes
-    def enter(self, module, layer: Optional[str], frame, input_shape=None, packing=None, windows=None) -> None:
+    def enter(self, module, layer: Optional[str], frame, input_shape=None, packing=None, windows=None,
+              pieces=None) -> None:
         """Opens a scope on this thread: ``layer`` names a hooked module, ``None`` a
         fast-path guard; ``frame`` is the module call's (:func:`module_call_frame`);
         ``input_shape`` its hidden states' (:func:`~.inputs.input_shape`); ``packing`` the
         requests of a continuous-batching call (:func:`~.batching.packed_requests`);
-        ``windows`` a windowed layer's rule (:class:`~.windows.WindowedLayer`)."""
+        ``windows`` a windowed layer's rule (:class:`~.windows.WindowedLayer`); ``pieces`` a pieced
+        layer's call (:class:`~.pieces.PieceCall`), or why it cannot be read."""
         if self.closed:
             return
         state = self.thread_state()
         if not state.scopes:
             self._switch_on(state)
-        state.scopes.append(_Scope(module, layer, frame, input_shape, packing, windows))
+        state.scopes.append(_Scope(module, layer, frame, input_shape, packing, windows, pieces))
         if layer is not None:
             state.capture_scopes_entered += 1
             self.coverage.ran(layer)
@@ -421,7 +430,59 @@ class CaptureSession:
         else:
             self.refuse(scope, reason)
 
+    def offer_piece(self, scope: _Scope, refusal: Optional[str]) -> None:
+        """What a pieced layer's call said of one attention computation offered to it: ``None``
+        (kept as a piece) or why it is not one (the whole call is then refused)."""
+        if refusal is not None:
+            self.refuse(scope, refusal)
+
+    def _assemble_pieces(self, scope: _Scope) -> None:
+        """A pieced layer's call, returned: its one ``(batch, heads, query, key)`` map, only the
+        selected heads, rows and keys made (:meth:`~.pieces.PieceCall.assemble`), kept whole, or a
+        tile of rows at a time when the keepers take tiles (streaming, reductions)."""
+        layer, pieces = scope.layer, scope.pieces
+        scope.pieces = None  # its references to the pieces go with this call
+        router = self.router
+        if not router.wants(layer):
+            self.skip(layer)
+            return
+        if router.policy.keep_grad:
+            self.refuse(scope, "keep_grad on a layer whose map is assembled from pieces (Longformer): the loss "
+                               "reaches the pieces, never the assembled map, so its gradient would be missing")
+            return
+        assembly = pieces.assemble(router.policy.keep_values)
+        if isinstance(assembly, str):
+            self.refuse(scope, assembly)
+            return
+        chosen = router.policy.selection.resolve(assembly.heads, assembly.queries, assembly.keys,
+                                                 f"layer {layer!r}")
+        heads, rows, keys = selected_sizes(assembly, chosen)
+        shape = (assembly.batch, heads, rows, keys)
+        row_index = torch.arange(assembly.queries) if chosen[1] is None else torch.tensor(chosen[1])
+        if not router.takes_tiles:
+            size = assembly.batch * heads * rows * keys * torch.empty((), dtype=assembly.dtype).element_size()
+            if size > DENSE_WINDOWS_BYTES:
+                self.refuse(scope, (
+                    f"the assembled map of this call would be one (batch, heads, rows, keys) map {shape} of "
+                    f"{format_size(size)}, over the {format_size(DENSE_WINDOWS_BYTES)} a pieced call may hold: "
+                    "capture fewer heads=, rows= or keys=, or stream_to()/reduce_into(), which take it in tiles"))
+                return
+            placed = assembly.rows(chosen[0], row_index, chosen[2])
+            self.keep(layer, WholeMap(placed, assembly.sources, selected=True), shape)
+            return
+        writer = router.begin_call(layer, shape, router.policy.dtype or assembly.dtype, assembly.sources)
+        try:
+            for first in range(0, rows, ROWS_PER_TILE):
+                tile = row_index[first:first + ROWS_PER_TILE]
+                writer.write(tile, assembly.rows(chosen[0], tile, chosen[2]))
+        except BaseException:
+            writer.discard()
+            raise
+        self.keep(layer, writer, shape)
+
     def _finish(self, scope: _Scope) -> None:
+        if scope.layer is not None and scope.pieces is not None and scope.refusal is None:
+            self._assemble_pieces(scope)
         if scope.layer is not None and (scope.calls or scope.refusal is not None):
             self._flush(scope)
 
@@ -484,6 +545,19 @@ class CaptureSession:
             if scope.layer == layer:
                 return scope
         return None
+
+
+class _IgnoredPieces(PieceCall):
+    """The pieces of a call whose layout could not be read: taken and dropped (the call is refused)."""
+
+    def take_softmax(self, result) -> None:
+        return None
+
+    def take_sdpa(self, call) -> None:
+        return None
+
+
+_IGNORED_PIECES = _IgnoredPieces()
 
 
 def _remove_mode(mode: TorchFunctionMode) -> None:

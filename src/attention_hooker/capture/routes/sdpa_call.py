@@ -27,6 +27,10 @@ def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
     layer = None if scope is None else scope.layer
     if layer is None:
         return func(*args, **kwargs)
+    if scope.pieces is not None:  # a pieced layer (capture/pieces.py): one of its pieces, placed at its return
+        output = func(*args, **kwargs)
+        session.offer_piece(scope, scope.pieces.take_sdpa(parse_sdpa_call(args, kwargs)))
+        return output
     router = session.router
     if not router.wants(layer):
         session.skip(layer)

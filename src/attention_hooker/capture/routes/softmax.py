@@ -157,6 +157,9 @@ def handle_softmax(session, result, args: tuple, kwargs: dict) -> None:
     scope = session.current_scope()
     if scope is None or scope.layer is None or isinstance(scope.module, torch.nn.MultiheadAttention):
         return  # nn.MultiheadAttention hands its weights back itself (route 1)
+    if scope.pieces is not None:  # a pieced layer (capture/pieces.py): one of its pieces, placed at its return
+        session.offer_piece(scope, scope.pieces.take_softmax(result))
+        return
     layer = scope.layer
     heads = declared_heads(scope.module)
     weights, reason = label_softmax(result, heads, scope.windows is not None and scope.windows.blocked)

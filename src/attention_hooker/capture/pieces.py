@@ -1,0 +1,136 @@
+"""One layer call, its attention computed in pieces, assembled into one ``(batch, heads, query, key)`` map.
+
+Some attention layers never compute their map in one piece: Longformer computes a band of
+keys around each query plus global columns in one softmax and the global rows in another;
+block-sparse, per-image or differential layers make several calls too. The generic routes
+see each piece as a call of its own, and a layer call that made several is refused
+(:meth:`~.session.CaptureSession._flush`). A *pieced family* says where its pieces go;
+this module owns the rest:
+
+1. At hooking, :func:`pieced_layer` asks each family rule (:data:`FAMILIES`) whether the
+   hooked module is one of its layers; the rule found is carried on the layer's scope.
+2. At each call of the layer, :meth:`PiecedLayer.start` reads what the call was given
+   (its keyword arguments, masks) and returns a :class:`PieceCall` for that call only.
+3. Every raw attention computation inside the call (a softmax over the last dim, an
+   ``F.scaled_dot_product_attention`` call) is offered to the :class:`PieceCall`
+   *before* the generic labelling: :meth:`PieceCall.take_softmax` /
+   :meth:`PieceCall.take_sdpa` keep a reference to it (nothing is copied) or say why it
+   is not one of the family's pieces (the whole call is then refused).
+4. When the layer call returns, :meth:`PieceCall.assemble` is asked for the selected
+   heads, query rows and key columns only (``heads=``, ``rows=``, ``keys=``), so a row of a
+   long input costs a row; :func:`keep_pieced_call` hands the result to the keepers whole
+   (memory) or a tile of rows at a time (streaming, reductions), exactly like the windowed
+   layers (:mod:`.windows`) do.
+
+A family adds a :class:`PiecedLayer` subclass and puts it in :data:`FAMILIES`; the routes
+and the session are not touched. Families: :mod:`.bands` (Longformer, LED's encoder).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..keep.protocol import NO_SOURCES, CallSources
+
+__all__ = ["PieceCall", "PiecedLayer", "Assembly", "FAMILIES", "pieced_layer", "ROWS_PER_TILE"]
+
+# Rows of a pieced map assembled at once when the keepers take tiles (streaming, reductions):
+# a Longformer layer at 4,096 tokens and 12 heads is then 12 x 256 x 4,096 floats (50 MB) at a time.
+ROWS_PER_TILE = 256
+
+
+class Assembly:
+    """What a finished pieced call can make: its sizes, and its map a block of rows at a time.
+
+    Attributes:
+        batch, heads, queries, keys: the sizes of the whole ``(batch, heads, query, key)`` map.
+        dtype: the dtype the map is stored in (the one its pieces multiplied the values in).
+        sources: what memory keeps beside the map (value vectors ``(batch, heads, key, dim)``).
+    """
+
+    def __init__(self, batch: int, heads: int, queries: int, keys: int, dtype: torch.dtype,
+                 rows: Callable[[Optional[Sequence[int]], torch.Tensor, Optional[Sequence[int]]], torch.Tensor],
+                 sources: CallSources = NO_SOURCES):
+        self.batch, self.heads, self.queries, self.keys = batch, heads, queries, keys
+        self.dtype = dtype
+        self._rows = rows
+        self.sources = sources
+
+    def rows(self, heads: Optional[Sequence[int]], rows: torch.Tensor, keys: Optional[Sequence[int]]) -> torch.Tensor:
+        """``(batch, len(heads) or all, len(rows), len(keys) or all)``: the map at these absolute query
+        ``rows`` (a long tensor), only these heads and keys (``None``: all), exact zeros where no key
+        was attended."""
+        return self._rows(heads, rows, keys)
+
+
+class PieceCall:
+    """The pieces of one call of a pieced layer, kept by reference until the call returns.
+
+    Subclasses implement the three methods; each returns a reason (a sentence naming what
+    and why) instead of a result when the call cannot be assembled exactly.
+    """
+
+    def take_softmax(self, result: torch.Tensor) -> Optional[str]:
+        """Keeps a softmax over the last dim computed inside the call, or says why it is not a piece."""
+        return (f"a softmax of shape {tuple(result.shape)} inside a layer whose attention is assembled from "
+                "known pieces, none of which it is")
+
+    def take_sdpa(self, call: dict) -> Optional[str]:
+        """Keeps an ``F.scaled_dot_product_attention`` call (its parsed arguments: query, key, value,
+        attn_mask, is_causal, scale, enable_gqa), or says why it is not a piece."""
+        query = call.get("query")
+        shape = tuple(query.shape) if isinstance(query, torch.Tensor) else None
+        return (f"a scaled_dot_product_attention call (query {shape}) inside a layer whose attention is "
+                "assembled from known pieces, none of which it is")
+
+    def assemble(self, keep_values: bool) -> Union[Assembly, str]:
+        """The call's :class:`Assembly` once it has returned, or why its map cannot be made
+        (a piece missing, or ``keep_values`` asked of a layer whose rows multiply different values)."""
+        raise NotImplementedError
+
+
+class PiecedLayer:
+    """A family rule: one hooked module whose calls compute their map in pieces.
+
+    Attributes:
+        family: a name for messages (``"transformers Longformer"``).
+    """
+
+    family = "pieced attention"
+
+    def install(self, add_handle: Callable) -> None:
+        """Puts any hook the family needs on the model (handed to ``add_handle`` to be removed with
+        the capture's). Most need none: what a call is given is in :meth:`start`'s arguments."""
+
+    def start(self, module: nn.Module, args: tuple, kwargs: dict) -> Union[PieceCall, str]:
+        """A :class:`PieceCall` for the call of ``module`` with these arguments, or why it cannot be read."""
+        raise NotImplementedError
+
+
+# Each entry: (module, parents) -> PiecedLayer or None; filled by the family modules (see pieced_layer).
+FAMILIES: List[Callable[[nn.Module, object], Optional[PiecedLayer]]] = []
+
+
+def pieced_layer(module: nn.Module, parents) -> Optional[PiecedLayer]:
+    """The family rule of a hooked attention module whose calls compute their map in pieces, or ``None``.
+
+    Args:
+        module: a hooked attention module.
+        parents: ``{id(child): parent}`` over the model's modules (looked up only by a rule that needs it).
+    """
+    if not FAMILIES:
+        from . import bands  # noqa: F401 - the families register themselves on import
+    for rule in FAMILIES:
+        found = rule(module, parents)
+        if found is not None:
+            return found
+    return None
+
+
+def selected_sizes(assembly: Assembly, chosen) -> Tuple[int, int, int]:
+    """``(heads, rows, keys)`` a resolved selection (``None`` per axis: all) keeps of ``assembly``."""
+    return tuple(len(c) if c is not None else n
+                 for c, n in zip(chosen, (assembly.heads, assembly.queries, assembly.keys)))
