@@ -196,7 +196,8 @@ def _model_padding(is_masked: torch.Tensor, length: int) -> int:
     for _ in range(_FRAMES_TO_ENCODER):
         if frame is None:
             return 0
-        if frame.f_code.co_name == "forward" and "padding_len" in frame.f_code.co_varnames:
+        code = frame.f_code  # a local a closure reads is a cell variable, not in co_varnames (LED's encoder)
+        if code.co_name == "forward" and ("padding_len" in code.co_varnames or "padding_len" in code.co_cellvars):
             padding = frame_local(frame, "padding_len")
             if isinstance(padding, int) and 0 < padding < length and bool(is_masked[:, length - padding:].all()):
                 return padding
