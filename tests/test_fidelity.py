@@ -46,11 +46,11 @@ def test_bmm_style_attention_on_batch_times_heads_is_captured_per_head_xglm():
 
 
 @pytest.mark.parametrize("tokens", [16, 4])
-def test_longformer_local_softmax_is_refused_with_the_reason_not_stored_as_heads(tokens):
+def test_longformer_local_softmax_is_never_stored_as_heads(tokens):
     """Longformer's local softmax is (batch, seq, heads, window): it was stored as if it
-    were (batch, heads, query, key). It is refused, named in one warning and in report(), by
-    what the module declares (its window): with 4 tokens for 4 heads the band (2, 4, 4, 5)
-    matched the heads by shape and was stored as a map."""
+    were (batch, heads, query, key) (with 4 tokens for 4 heads the band (2, 4, 4, 5) matched
+    the heads by shape), then refused. Its band is now placed at its keys (issue 24,
+    tests/test_longformer.py checks the values): what is stored is (batch, heads, tokens, tokens)."""
     config = transformers.LongformerConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32,
                                            intermediate_size=64, vocab_size=100, attention_window=4,
                                            max_position_embeddings=64, pad_token_id=1)
@@ -58,12 +58,13 @@ def test_longformer_local_softmax_is_refused_with_the_reason_not_stored_as_heads
     model = transformers.LongformerModel(config, add_pooling_layer=False).eval()
     ids = torch.randint(3, 100, (2, tokens))
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
-        with pytest.warns(AttentionCaptureWarning, match=r"refused: sliding-window \(banded\) attention"):
-            model(input_ids=ids)
-    assert dict(hooker.values) == {}, "nothing may be stored under (batch, heads, query, key) with another meaning"
-    (name,) = hooker.report().missing
-    coverage = hooker.report()[name]
-    assert coverage.status == "refused" and coverage.runs == 1 and "Longformer, LED" in coverage.reason
+        model(input_ids=ids)
+    ((got,),) = hooker.values.values()
+    assert got.shape == (2, 4, tokens, tokens)
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, 4, tokens))
+    near = (torch.arange(tokens)[:, None] - torch.arange(tokens)[None, :]).abs() <= 2
+    assert (got[..., ~near] == 0).all(), "keys outside the window are exact zeros"
+    assert hooker.report().missing == []
 
 
 def test_layers_that_ran_without_capture_are_named_once_even_when_others_captured():

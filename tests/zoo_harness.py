@@ -54,8 +54,6 @@ SECONDS_PER_CASE = 45
 # values, or none at all: the layers named by the regex must be refused (or, for attention no
 # route can see, report "nothing captured"), with a reason. Any other missing layer fails.
 EXPECTED_REFUSALS: Dict[str, Tuple[str, str]] = {
-    "longformer": (r"attention\.self", "sliding-window band laid out (batch, query, heads, window)"),
-    "led": (r"encoder\.layers\.\d+\.self_attn", "Longformer's sliding-window band in the encoder"),
     "longt5": (r"LocalSelfAttention|TransientGlobalSelfAttention", "5-D blocked local attention"),
     "pegasus_x": (r"encoder\.layers\.\d+\.self_attn", "blocked local attention plus global tokens (two softmaxes)"),
     "prophetnet": (r"decoder\.layers\.\d+\.self_attn", "n-gram self-attention: a 5-D predict stream beside the main one"),
@@ -115,6 +113,9 @@ ORACLE_NOTES = {
                                "own weights",
     "prophetnet": "transformers returns the masked scores before the softmax (encoder and cross attention): "
                   "compared with their softmax",
+    "longformer, led": "transformers returns each layer's band (batch, heads, query, globals + 2w + 1) and its global "
+                       "rows (batch, heads, tokens, globals): placed at their key positions by the harness's own "
+                       "loops over queries and band columns, global rows put in whole",
     "aimv2, aimv2_vision_model": "the attention-pooling head (a CLS query over the patches through sdpa), which transformers "
                           "does not report: compared with softmax(cls_token . k_proj(x)ᵀ / sqrt(d)) from its own weights",
 }
@@ -176,7 +177,8 @@ def shrink(config):
 
 
 def inputs_for(model, config):
-    """``(inputs, mask)``: a batch of 2, the second one padded by two tokens at the end."""
+    """``(inputs, mask)``: a batch of 2, the second one padded by two tokens at the end (and, for a model
+    that takes ``global_attention_mask``, global tokens {0} and {0, 3})."""
     torch.manual_seed(1)
     name = model.main_input_name
     params = inspect.signature(model.forward).parameters
@@ -196,7 +198,12 @@ def inputs_for(model, config):
         return inputs, None
     if name != "input_ids":
         raise Unbuildable("inputs", f"main input {name!r} has no generic form in the harness")
-    return _text_inputs(config)
+    inputs, mask = _text_inputs(config)
+    if "global_attention_mask" in params:  # Longformer, LED: global tokens, in different places per row
+        inputs["global_attention_mask"] = torch.zeros_like(mask)
+        inputs["global_attention_mask"][0, 0] = 1
+        inputs["global_attention_mask"][1, [0, 3]] = 1
+    return inputs, mask
 
 
 def _text_inputs(config):
@@ -350,6 +357,7 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
         references += _swin_window_oracles(model, case.inputs)
     references = _placed_swin_windows(model, case.inputs, references)
     references = _placed_sam_windows(model, case.inputs, references)
+    references = _placed_longformer_bands(model, case.inputs, references)
     unmatched, wrong = list(references), []
     for layer, calls in hooker.values.items():
         for got in calls:
@@ -503,6 +511,51 @@ def _placed_sam_windows(model, inputs, references: List[torch.Tensor]) -> List[t
         per_window = ref.reshape(-1, heads, ws * ws, ws * ws)  # (batch * windows, heads, N, N), batch-major
         placed.append(place_by_index_grid(per_window, b, h, w, (ws, ws), (0, 0), PAD_THEN_ROLL))
     return placed
+
+
+def _placed_longformer_bands(model, inputs, references: List[torch.Tensor]) -> List[torch.Tensor]:
+    """transformers' Longformer / LED-encoder bands ``(batch, heads, tokens, globals + 2w + 1)``, with their
+    global rows ``(batch, heads, padded tokens, globals)``, placed at their keys as ``(batch, heads, tokens,
+    tokens)``, written for the harness (loops over queries, band columns and global tokens; not the
+    library's placement). Each layer's window and masks are read from its call. Other references are
+    returned as they are."""
+    modules = [m for m in model.modules() if isinstance(getattr(m, "one_sided_attn_window_size", None), int)
+               and isinstance(getattr(m, "query_global", None), torch.nn.Module)]
+    if not modules:
+        return references
+    calls, handles = [], []
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, kwargs: calls.append((m.one_sided_attn_window_size, kwargs["is_index_global_attn"],
+                                                  kwargs["is_index_masked"])), with_kwargs=True))
+    try:
+        output = _forward(model, inputs, output_attentions=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    bands = getattr(output, "attentions", None) or getattr(output, "encoder_attentions", None)
+    global_rows = getattr(output, "global_attentions", None) or getattr(output, "encoder_global_attentions", None)
+    placed = []
+    for number, (band, (window, is_global, is_masked)) in enumerate(zip(bands, calls)):
+        batch, heads, tokens, columns = band.shape
+        extra = columns - (2 * window + 1)
+        dense = torch.zeros(batch, heads, tokens, tokens)
+        for b in range(batch):
+            globals_ = [p for p in range(is_global.shape[1]) if is_global[b, p]]
+            for i in range(tokens):
+                if is_masked[b, i]:
+                    continue
+                if i in globals_:
+                    dense[b, :, i] = global_rows[number][b, :, :tokens, globals_.index(i)]
+                    continue
+                for c in range(2 * window + 1):
+                    if 0 <= i - window + c < tokens:
+                        dense[b, :, i, i - window + c] += band[b, :, i, extra + c]
+                for n, p in enumerate(globals_):
+                    dense[b, :, i, p] += band[b, :, i, n]
+        placed.append(dense)
+    kept = [r for r in references if not any(r.shape == band.shape and torch.equal(r, band) for band in bands)]
+    return kept + placed
 
 
 def _swin_window_oracles(model, inputs) -> List[torch.Tensor]:

@@ -100,8 +100,9 @@ def sampled_attention_refusal(module) -> Optional[str]:
             "levels x points), not keys, so there is no (batch, heads, query, key) map to store"
         )
     if isinstance(getattr(module, "one_sided_attn_window_size", None), int):
-        # Longformer / LED: told by what the module declares, not by shapes, which the band
-        # (batch, tokens, heads, window) can match when the tokens happen to equal the heads.
+        # A Longformer-like module the pieced family (capture/bands.py) did not take: told by what
+        # it declares, not by shapes, which the band (batch, tokens, heads, window) can match when
+        # the tokens happen to equal the heads.
         return (
             "sliding-window (banded) attention with global tokens (Longformer, LED): its softmax is the band "
             "(batch, tokens, heads, 2 x window + 1 + globals) and the global rows are another softmax, neither "
