@@ -296,3 +296,21 @@ def test_an_attention_computation_that_is_none_of_the_pieces_refuses_the_call():
             extra.remove()
     assert hooker.report().missing == [name]
     assert "(4, 3, 5)" in hooker.report()[name].reason and "unknown piece" in hooker.report()[name].reason
+
+
+def test_keep_grad_and_a_map_over_the_size_limit_are_refused_with_their_reasons(monkeypatch):
+    model, inputs = _longformer(), _batch()
+    with TransformerAttentionHooker(model, keep_grad=True) as hooker, \
+            pytest.warns(AttentionCaptureWarning, match="keep_grad on a layer whose map is assembled"):
+        model(**inputs)
+    assert hooker.values == {} and len(hooker.report().missing) == 2
+    from attention_hooker.capture import session
+
+    monkeypatch.setattr(session, "DENSE_WINDOWS_BYTES", 2 * 2 * LENGTH * LENGTH * 4 - 1)  # one byte short
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, \
+            pytest.warns(AttentionCaptureWarning, match="fewer heads=, rows= or keys="):
+        model(**inputs)
+    assert hooker.values == {}
+    with torch.no_grad(), TransformerAttentionHooker(model, rows="last") as hooker:  # a row fits
+        model(**inputs)
+    assert len(hooker.values) == 2
