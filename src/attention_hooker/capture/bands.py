@@ -154,7 +154,7 @@ class _LongformerCall(PieceCall):
         local, glob = self.local, self.glob
 
         def rows(heads, chosen: torch.Tensor, keys) -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), no_function_modes():  # the capture's own arithmetic: no mode sees it
                 placed = place_band_rows(local, glob, self.is_global, self.is_masked, self.window,
                                          chosen.to(local.device), self.tokens, heads, keys)
             return placed.to(dtype)

@@ -22,8 +22,12 @@ this module owns the rest:
    (memory) or a tile of rows at a time (streaming, reductions), exactly like the windowed
    layers (:mod:`.windows`) do.
 
-A family adds a :class:`PiecedLayer` subclass and puts it in :data:`FAMILIES`; the routes
-and the session are not touched. Families: :mod:`.bands` (Longformer, LED's encoder).
+A family adds a :class:`PiecedLayer` subclass and a rule ``(module, parents) -> PiecedLayer or
+None`` appended to :data:`FAMILIES` (imported by :func:`pieced_layer`); the routes and the session
+are not touched. A piece taken from an sdpa call has no weights yet: the family computes them from
+the call's own inputs (:func:`.routes.sdpa.sdpa_attention_weights`) when it assembles. Pieces are
+held by reference until the call returns (a softmax result the model itself would have dropped
+earlier lives that long). Families: :mod:`.bands` (Longformer, LED's encoder).
 """
 
 from __future__ import annotations
