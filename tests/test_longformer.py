@@ -314,3 +314,43 @@ def test_keep_grad_and_a_map_over_the_size_limit_are_refused_with_their_reasons(
     with torch.no_grad(), TransformerAttentionHooker(model, rows="last") as hooker:  # a row fits
         model(**inputs)
     assert len(hooker.values) == 2
+
+
+def test_rows_of_a_long_input_equal_the_hand_computation_of_those_rows():
+    """4,000 tokens (the model pads them to 4,096), window 512, global tokens 0 and 1,999: the last
+    row, a global row and a row near the start, made without the (4,000 x 4,000) map."""
+    model = _longformer(heads=2, windows=(512,), hidden=16)
+    model.config.max_position_embeddings = 4100
+    model.embeddings.position_embeddings = torch.nn.Embedding(4100, 16, padding_idx=1)
+    torch.manual_seed(5)
+    tokens = 4000
+    glob = torch.zeros(1, tokens, dtype=torch.long)
+    glob[0, [0, 1999]] = 1
+    inputs = dict(input_ids=torch.randint(3, 100, (1, tokens)), attention_mask=torch.ones(1, tokens, dtype=torch.long),
+                  global_attention_mask=glob)
+    rows = [tokens - 1, 1999, 100]
+    with torch.no_grad(), TransformerAttentionHooker(model, rows=rows) as hooker:
+        model(**inputs)
+    ((name, module),) = _layers(model)
+    x, kwargs, _ = _layer_calls(model, inputs)[name]
+    assert x.shape[1] == 4096
+    (got,) = hooker.values[name]
+    assert got.shape == (1, 2, 3, tokens)
+    d, w = module.head_dim, module.one_sided_attn_window_size
+    with torch.no_grad():
+        q, k = module.query(x[0]) / math.sqrt(d), module.key(x[0])  # (L, C)
+        qg, kg = module.query_global(x[0]) / math.sqrt(d), module.key_global(x[0])
+    real = torch.arange(4096) < tokens
+    is_global = torch.zeros(4096, dtype=torch.bool)
+    is_global[[0, 1999]] = True
+    for n, i in enumerate(rows):
+        for h in range(2):
+            part = slice(h * d, (h + 1) * d)
+            if i == 1999:
+                scores = kg[:, part] @ qg[i, part]
+                allowed = real
+            else:
+                scores = k[:, part] @ q[i, part]
+                allowed = (((torch.arange(4096) - i).abs() <= w) | is_global) & real
+            want = scores.masked_fill(~allowed, float("-inf")).softmax(-1)[:tokens]
+            torch.testing.assert_close(got[0, h, n], want, atol=1e-6, rtol=1e-5)
