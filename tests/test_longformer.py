@@ -354,3 +354,13 @@ def test_rows_of_a_long_input_equal_the_hand_computation_of_those_rows():
                 allowed = (((torch.arange(4096) - i).abs() <= w) | is_global) & real
             want = scores.masked_fill(~allowed, float("-inf")).softmax(-1)[:tokens]
             torch.testing.assert_close(got[0, h, n], want, atol=1e-6, rtol=1e-5)
+
+
+def test_max_calls_keeps_the_first_calls_and_counts_the_rest(longformer_capture):
+    model, inputs, _, _, whole = longformer_capture
+    with torch.no_grad(), TransformerAttentionHooker(model, max_calls=1) as hooker:
+        model(**inputs)
+        model(**inputs)
+    for name, calls in hooker.values.items():
+        assert len(calls) == 1 and torch.equal(calls[0], whole.values[name][0])
+    assert hooker.report().missing == []

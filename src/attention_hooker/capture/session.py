@@ -98,8 +98,9 @@ class _Scope:
         # A pieced layer's call (capture/pieces.py): every attention computation inside the call is
         # offered to it, and its one map is assembled when the call returns; a str: why it cannot be.
         self.pieces: Optional[PieceCall] = pieces if isinstance(pieces, PieceCall) else None
-        if isinstance(pieces, str) and self.refusal is None:
-            self.pieces, self.refusal = _IGNORED_PIECES, pieces
+        if isinstance(pieces, str):  # its pieces are taken and dropped, never labelled one by one
+            self.pieces = _IGNORED_PIECES
+            self.refusal = self.refusal or pieces
 
 
 class _ThreadState:
@@ -443,6 +444,8 @@ class CaptureSession:
         layer, pieces = scope.layer, scope.pieces
         scope.pieces = None  # its references to the pieces go with this call
         router = self.router
+        if self.closed:  # remove_hooks() came from another thread meanwhile: record nothing more
+            return
         if not router.wants(layer):
             self.skip(layer)
             return
