@@ -2,7 +2,7 @@
 
 Run by hand (not part of the test suite):
 
-    python benchmarks/bench_longformer.py [--rounds 4] [--tokens 4096] [--threads N]
+    python benchmarks/bench_longformer.py [--rounds 7] [--tokens 4096] [--threads N]
 
 A random-weight Longformer of a small but real shape (hidden 256, 4 heads, 2 layers,
 attention_window 512, so the band is 513 keys wide), one sequence of ``--tokens`` tokens with
@@ -52,7 +52,7 @@ def _inputs(tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
