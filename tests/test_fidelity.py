@@ -93,19 +93,19 @@ class _FoldedSdpaAttention(SdpaAttention):
 
 
 @pytest.mark.parametrize("keep_grad", [False, True])
-def test_an_sdpa_call_with_heads_folded_into_the_batch_is_unfolded(keep_grad):
-    """A 3-D query (batch * heads, T, E) whose first dim is the input's batch times the declared
-    heads is (batch, heads, T, T) (as a 3-D softmax is): it was refused ("6 query heads, while the
-    layer declares 2"), which refused timm's VisionTransformerSAM on its default fused attention.
-    With keep_grad, the gradient is the one a loss gives an eager map of the same weights."""
+def test_an_sdpa_call_with_heads_folded_into_the_batch_of_one_input_is_unfolded(keep_grad):
+    """A 3-D query (heads, T, E) of one input, the declared heads folded into its batch of 1,
+    is (1, heads, T, T) (as a 3-D softmax is): it was refused ("6 query heads, while the layer
+    declares 2"). With keep_grad, the gradient is the one a loss gives an eager map of the same
+    weights."""
     model = _FoldedSdpaAttention(8, 2).eval()
-    x = torch.randn(3, 5, 8)
+    x = torch.randn(1, 5, 8)
     with torch.no_grad():
         expected = model(x)
-    q, k, v = model.qkv(x).view(3, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)  # (B, H, T, E) each
+    q, k, v = model.qkv(x).view(1, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)  # (B, H, T, E) each
     oracle = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)  # (B, H, T, T)
     oracle.retain_grad()
-    (oracle @ v).transpose(1, 2).reshape(3, 5, 8).pow(2).sum().backward()
+    (oracle @ v).transpose(1, 2).reshape(1, 5, 8).pow(2).sum().backward()
     with torch.set_grad_enabled(keep_grad), TransformerAttentionHooker(model, keep_grad=keep_grad) as hooker:
         out = model(x)
         if keep_grad:
@@ -117,6 +117,31 @@ def test_an_sdpa_call_with_heads_folded_into_the_batch_is_unfolded(keep_grad):
     if keep_grad:
         ((grad,),) = hooker.gradients.values()
         torch.testing.assert_close(grad, oracle.grad, atol=1e-5, rtol=1e-4)
+
+
+class _HeadMajorSdpaAttention(SdpaAttention):
+    def forward(self, x):  # heads folded head-major: (H * B, T, E), the same shape as batch-major
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 3, 0, 1, 4).reshape(3, 2 * b, t, 4)
+        return nn.functional.scaled_dot_product_attention(q, k, v).view(2, b, t, 4).permute(1, 2, 0, 3).reshape(b, t, 8)
+
+
+@pytest.mark.parametrize("module", [_FoldedSdpaAttention, _HeadMajorSdpaAttention], ids=["batch-major", "head-major"])
+def test_an_sdpa_call_folding_several_inputs_and_heads_is_refused_unless_the_module_is_known_to_fold_batch_major(
+        module):
+    """(batch * heads, T, E) and (heads * batch, T, E) have one shape: the head-major fold was
+    unfolded batch-major and stored with wrong rows (0.34 off), silently. Only a module read to
+    fold batch-major (timm's VisionTransformerSAM, tests/test_windows_sam.py) is unfolded."""
+    model = module(8, 2).eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        with pytest.warns(AttentionCaptureWarning, match=r"batch-major \(batch \* heads\) cannot be told from "
+                                                           r"head-major"):
+            out = model(x)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert dict(hooker.values) == {}
 
 
 def test_an_sdpa_call_whose_heads_contradict_the_module_is_refused():

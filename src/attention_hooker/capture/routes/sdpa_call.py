@@ -85,6 +85,12 @@ def _unfolded(scope, call: dict) -> Tuple[dict, Optional[str]]:
                       "(batch * heads, query, dim), so it is not stored")
     refusal = None if folded == heads else folded_batch_refusal(scope.input_shape, heads, folded, what)
     batch = folded // heads
+    if refusal is None and batch > 1 and heads > 1 and not _folds_batch_major(scope.module):
+        # (batch * heads) and (heads * batch) have the same shape: only code read to fold batch-major is unfolded.
+        refusal = (f"{what} folds {batch} inputs and {heads} heads into its 1st dim, and from shapes alone "
+                   f"batch-major (batch * heads) cannot be told from head-major (heads * batch) folding; "
+                   f"{type(scope.module).__name__} is not a module known to fold batch-major, so it is not stored "
+                   "(call the layer with one input at a time, or keep (batch, heads, query, dim) 4-D)")
     if refusal is None and (key.shape[0] % batch or value.shape[0] != key.shape[0]):
         refusal = (f"{what} whose key {tuple(key.shape)} and value {tuple(value.shape)} are not (batch * kv heads, "
                    f"key, dim) for its batch of {batch}, so it is not stored")
@@ -101,6 +107,15 @@ def _unfolded(scope, call: dict) -> Tuple[dict, Optional[str]]:
         return call, refusal
     unfold = lambda t: t.reshape(batch, t.shape[0] // batch, t.shape[1], t.shape[2])  # noqa: E731
     return dict(call, query=unfold(query), key=unfold(key), value=unfold(value), attn_mask=mask), None
+
+
+# Modules read to fold the heads into the batch batch-major, (batch * heads, tokens, dim), before
+# F.scaled_dot_product_attention: timm's VisionTransformerSAM attention (q.reshape(3, B * num_heads, N, -1)).
+_BATCH_MAJOR_FOLDERS = ("timm.models.vision_transformer_sam",)
+
+
+def _folds_batch_major(module) -> bool:
+    return type(module).__module__.startswith(_BATCH_MAJOR_FOLDERS)
 
 
 def _unblocked(scope, call: dict) -> dict:
