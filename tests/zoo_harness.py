@@ -57,7 +57,6 @@ EXPECTED_REFUSALS: Dict[str, Tuple[str, str]] = {
     "longt5": (r"LocalSelfAttention|TransientGlobalSelfAttention", "5-D blocked local attention"),
     "pegasus_x": (r"encoder\.layers\.\d+\.self_attn", "blocked local attention plus global tokens (two softmaxes)"),
     "prophetnet": (r"decoder\.layers\.\d+\.self_attn", "n-gram self-attention: a 5-D predict stream beside the main one"),
-    "diffllama": (r"self_attn", "differential attention: softmax1 - lambda * softmax2, mixed after the product with V"),
     "jetmoe": (r"self_attention", "mixture of attention heads: each token's experts run their own heads"),
     "minimax": (r"layers\.1\.self_attn", "lightning (linear) attention layers compute no weights"),
     "yoso": (r"attention\.self", "LSH-sampled (YOSO) attention computes no softmax"),
@@ -116,6 +115,10 @@ ORACLE_NOTES = {
     "longformer, led": "transformers returns each layer's band (batch, heads, query, globals + 2w + 1) and its global "
                        "rows (batch, heads, tokens, globals): placed at their key positions by the harness's own "
                        "loops over queries and band columns, global rows put in whole",
+    "diffllama": "transformers returns P, the first of the two identical softmaxes of each layer (batch, heads, "
+                 "query, key); the library stores the map that multiplies the values, D = P[:, :H/2] - λ P[:, H/2:] "
+                 "(not probabilities): compared with D made here from transformers' P and λ read from each layer's "
+                 "lambda_q1/k1/q2/k2 and lambda_init",
     "aimv2, aimv2_vision_model": "the attention-pooling head (a CLS query over the patches through sdpa), which transformers "
                           "does not report: compared with softmax(cls_token . k_proj(x)ᵀ / sqrt(d)) from its own weights",
 }
@@ -358,6 +361,7 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
     references = _placed_swin_windows(model, case.inputs, references)
     references = _placed_sam_windows(model, case.inputs, references)
     references = _placed_longformer_bands(model, case.inputs, references)
+    references = _differential_references(model, references)
     unmatched, wrong = list(references), []
     for layer, calls in hooker.values.items():
         for got in calls:
@@ -511,6 +515,28 @@ def _placed_sam_windows(model, inputs, references: List[torch.Tensor]) -> List[t
         per_window = ref.reshape(-1, heads, ws * ws, ws * ws)  # (batch * windows, heads, N, N), batch-major
         placed.append(place_by_index_grid(per_window, b, h, w, (ws, ws), (0, 0), PAD_THEN_ROLL))
     return placed
+
+
+def _differential_references(model, references: List[torch.Tensor]) -> List[torch.Tensor]:
+    """transformers' DiffLlama attentions ``P (batch, heads, query, key)`` (one per layer, in model order)
+    made into the map that multiplies the values, ``P[:, :H/2] - λ P[:, H/2:]``, with ``λ`` computed here
+    from each layer's parameters (``exp(q1 . k1) - exp(q2 . k2) + lambda_init``, in float32). Other
+    references are returned as they are."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "lambda_q1", None), torch.nn.Parameter)
+              and hasattr(m, "lambda_init")]
+    if not layers:
+        return references
+    if len(references) != len(layers):
+        raise AssertionError(f"{len(references)} attentions from transformers for {len(layers)} differential layers")
+    made = []
+    for module, probs in zip(layers, references):
+        with torch.no_grad():
+            first = torch.exp((module.lambda_q1.float() * module.lambda_k1.float()).sum())
+            second = torch.exp((module.lambda_q2.float() * module.lambda_k2.float()).sum())
+            lam = float(first - second + module.lambda_init)
+        half = probs.shape[1] // 2
+        made.append(probs[:, :half] - lam * probs[:, half:])
+    return made
 
 
 def _placed_longformer_bands(model, inputs, references: List[torch.Tensor]) -> List[torch.Tensor]:

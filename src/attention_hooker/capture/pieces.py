@@ -28,7 +28,7 @@ are not touched. A piece taken from an sdpa call has no weights yet: the family 
 the call's own inputs (:func:`.routes.sdpa.sdpa_attention_weights`) when it assembles. Pieces are
 held by reference until the call returns (a softmax result the model itself would have dropped
 earlier lives that long). Families: :mod:`.bands` (Longformer, LED's encoder), :mod:`.segments` (Qwen2-VL / Qwen2.5-VL vision
-towers).
+towers), :mod:`.differential` (DiffLlama).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def pieced_layer(module: nn.Module, parents) -> Optional[PiecedLayer]:
         parents: ``{id(child): parent}`` over the model's modules (looked up only by a rule that needs it).
     """
     if not FAMILIES:
-        from . import bands, segments  # noqa: F401 - the families register themselves on import
+        from . import bands, differential, segments  # noqa: F401 - the families register themselves on import
     for rule in FAMILIES:
         found = rule(module, parents)
         if found is not None:
