@@ -250,3 +250,19 @@ def test_two_computations_that_are_not_the_same_map_are_refused():
     assert "differ from the first" in call.take_sdpa(dict(query=q, key=k + 1, value=k, attn_mask=None, is_causal=True,
                                                           scale=None))
     assert "not two" in call.assemble(False)
+
+
+def test_continuous_batching_is_refused_rather_than_stored_with_requests_mixed():
+    """generate_batch packs requests into one call: stored as one map, two prompts (3 + 2 tokens) became
+    one (1, 2, 5, 5) map with each prompt attending to the other's keys."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model = _model("sdpa", causal_lm=True)
+    config = GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with pytest.warns(AttentionCaptureWarning, match="continuous-batching"), \
+            TransformerAttentionHooker(model, layer_regex=r"self_attn$") as hooker:
+        model.generate_batch([[1, 2, 3], [4, 5]], generation_config=config, progress_bar=False,
+                             continuous_batching_config=ContinuousBatchingConfig(num_blocks=16, page_size=16))
+    report = hooker.report()
+    assert len(report.missing) == 2 and all("mix requests" in report[name].reason for name in report.missing)
+    assert hooker.values == {} and hooker.requests == {}

@@ -21,7 +21,8 @@ transformers' code: the rule checks, it does not assume), or when a third one is
 
 Values (``keep_values``, sdpa only): ``[V_a | V_b]`` of each differential head, ``(batch,
 heads / 2, key, 2 * head_dim)``, from the two calls' own value arguments; with eager attention
-the values never reach a call the capture sees, and ``keep_values`` refuses the layer.
+the values never reach a call the capture sees, and ``keep_values`` refuses the layer. A continuous-batching forward (requests
+packed into one call) is refused: its requests are not split apart for this family yet.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 
 from .._torch_private import no_function_modes
 from ..keep.protocol import CallSources
+from .batching import is_paged_cache
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
 from .routes.sdpa import as_4d, packed_query_groups, sdpa_attention_weights, unpack_query_groups
 
@@ -188,6 +190,11 @@ class DifferentialLayer(PiecedLayer):
         if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
             return ("a DiffLlama attention layer called without floating hidden_states: the dtype its λ is cast "
                     "to cannot be read, so its differential map is not assembled")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if is_paged_cache(cache):
+            return ("a DiffLlama attention layer in a continuous-batching forward: the requests packed into its "
+                    "call are not split apart for a differential map yet, and stored packed its rows and keys would "
+                    "mix requests, so it is not stored")
         dtype = hidden.dtype
         device = hidden.device.type
         if torch.is_autocast_enabled(device):  # the projections' output, hence the query, is in autocast's dtype
