@@ -269,3 +269,21 @@ def test_segments_that_do_not_add_up_to_the_sequence_are_refused():
     assert call.take_softmax(torch.softmax(torch.randn(1, 2, 16, 16), -1)) is None
     assert "segment 1" in call.take_softmax(torch.softmax(torch.randn(1, 2, 16, 16), -1))
     assert "missing" in call.assemble(False)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_streamed_tiles_equal_the_capture_in_memory(attn, tmp_path, monkeypatch):
+    """Streaming takes the map a tile of rows at a time (7 rows: tiles that cross segment boundaries)."""
+    from attention_hooker import load
+    from attention_hooker.capture import session
+
+    model, x = _qwen2(attn), _patches(GRID_2)
+    memory, _ = _capture(model, x, GRID_2)
+    monkeypatch.setattr(session, "ROWS_PER_TILE", 7)
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex=r"^blocks\.\d+\.attn$") as hooker:
+        with hooker.stream_to(tmp_path / "capture"):
+            model(x, grid_thw=GRID_2)
+    loaded = load(tmp_path / "capture")
+    for name, (want,) in memory.values.items():
+        torch.testing.assert_close(loaded.values[name][0], want, atol=1e-7, rtol=1e-6)
+        assert torch.equal(loaded.values[name][0] == 0, want == 0)
