@@ -287,3 +287,32 @@ def test_streamed_tiles_equal_the_capture_in_memory(attn, tmp_path, monkeypatch)
     for name, (want,) in memory.values.items():
         torch.testing.assert_close(loaded.values[name][0], want, atol=1e-7, rtol=1e-6)
         assert torch.equal(loaded.values[name][0] == 0, want == 0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_whole_qwen2_vl_model_is_hooked_by_default_with_its_vision_tower_assembled(attn):
+    """Default discovery on Qwen2VLForConditionalGeneration with two images (16 and 32 patches): the tower's
+    layers and the language model's are all captured, the logits unchanged, the tower's maps block-diagonal."""
+    torch.manual_seed(0)
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    text = dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256,
+                rope_scaling=dict(type="mrope", mrope_section=[1, 1, 2]))
+    config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=150,
+                                        video_token_id=151, vision_start_token_id=152, bos_token_id=1, eos_token_id=2)
+    model = transformers.Qwen2VLForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
+    ids = torch.tensor([[5, 152] + [150] * 4 + [6, 152] + [150] * 8 + [7, 8]])  # 16 / 4 and 32 / 4 merged tokens
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(48, PATCH_FEATURES),
+                  image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 8]]), mm_token_type_ids=(ids == 150).int())
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with TransformerAttentionHooker(model) as hooker:
+            hooked = model(**inputs).logits
+    assert torch.equal(plain, hooked)
+    assert hooker.report().missing == [] and len(hooker.report()) == 4
+    same_image = torch.block_diag(torch.ones(16, 16), torch.ones(32, 32)).bool()
+    for block in (0, 1):
+        (got,) = hooker.values[f"model.visual.blocks.{block}.attn"]
+        assert got.shape == (1, 2, 48, 48) and torch.equal(got[0, 0] != 0, same_image)
+    assert hooker.values["model.language_model.layers.0.self_attn"][0].shape == (1, 4, 18, 18)
