@@ -91,7 +91,7 @@ def _rotate_half(x):
 
 
 def _hand(attn, hidden, cos, sin, lengths):
-    """The layer's map from its own weights: (1, H, S, S), a softmax per segment, zeros elsewhere; and v (1, H, S, d)."""
+    """The layer's map from its own weights: (1, H, S, S), a softmax per segment, zeros elsewhere; v (1, H, S, d)."""
     s, h = hidden.shape[0], attn.num_heads
     with torch.no_grad():
         q, k, v = attn.qkv(hidden).reshape(s, 3, h, -1).unbind(1)  # (S, H, d) each

@@ -21,8 +21,9 @@ transformers' code: the rule checks, it does not assume), or when a third one is
 
 Values (``keep_values``, sdpa only): ``[V_a | V_b]`` of each differential head, ``(batch,
 heads / 2, key, 2 * head_dim)``, from the two calls' own value arguments; with eager attention
-the values never reach a call the capture sees, and ``keep_values`` refuses the layer. A continuous-batching forward (requests
-packed into one call) is refused: its requests are not split apart for this family yet.
+the values never reach a call the capture sees, and ``keep_values`` refuses the layer. A
+continuous-batching forward (requests packed into one call) is refused: its requests are not
+split apart for this family yet.
 """
 
 from __future__ import annotations
