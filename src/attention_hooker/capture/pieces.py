@@ -27,8 +27,12 @@ None`` appended to :data:`FAMILIES` (imported by :func:`pieced_layer`); the rout
 are not touched. A piece taken from an sdpa call has no weights yet: the family computes them from
 the call's own inputs (:func:`.routes.sdpa.sdpa_attention_weights`) when it assembles. Pieces are
 held by reference until the call returns (a softmax result the model itself would have dropped
-earlier lives that long). Families: :mod:`.bands` (Longformer, LED's encoder), :mod:`.segments` (Qwen2-VL / Qwen2.5-VL vision
-towers), :mod:`.differential` (DiffLlama).
+earlier lives that long). Families:
+
+* :mod:`.bands`: Longformer, LED's encoder.
+* :mod:`.segments`: Qwen2-VL / Qwen2.5-VL vision towers.
+* :mod:`.differential`: DiffLlama.
+* :mod:`.block_sparse`: BigBird and BigBird-Pegasus block-sparse attention.
 """
 
 from __future__ import annotations
@@ -127,7 +131,7 @@ def pieced_layer(module: nn.Module, parents) -> Optional[PiecedLayer]:
         parents: ``{id(child): parent}`` over the model's modules (looked up only by a rule that needs it).
     """
     if not FAMILIES:
-        from . import bands, differential, segments  # noqa: F401 - the families register themselves on import
+        from . import bands, block_sparse, differential, segments  # noqa: F401 - families register on import
     for rule in FAMILIES:
         found = rule(module, parents)
         if found is not None:

@@ -1,0 +1,329 @@
+"""BigBird and BigBird-Pegasus block-sparse attention: the five softmaxes of each layer call assembled
+into one (batch, heads, query, key) map (capture/pieces.py, capture/block_sparse.py), checked against
+
+- a hand computation from each layer's own weights: for each query, a softmax of q.k over the keys it
+  attended, each counted as often as the layer attended it (its window, global and random blocks; a
+  random block that is also a window or global block counts twice), padding masked;
+- invariants: the model's outputs unchanged by the capture, and the map times value(x) equal to the
+  layer's output before its output projection, row by row.
+
+transformers' own ``attentions`` are not an oracle here: in eval every random block is key block 0
+and transformers writes it over the global block instead of adding it (rows sum to less than 1; a
+test below shows it). The random blocks the oracle uses are the ones the call gathered its keys with
+(recorded by this file from the module's ``torch_gather_b2``), in eval, in training (dropout 0) and
+when the draw is replaced by another one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from attention_hooker import AttentionCaptureWarning, TransformerAttentionHooker, load  # noqa: E402
+from attention_hooker.analysis.stats import HeadStatsAccumulator  # noqa: E402
+
+LENGTH = 17  # the model pads it to a multiple of block_size (18 or 20); the second row has 3 tokens of padding
+KINDS = ("BigBirdBlockSparseAttention", "BigBirdPegasusBlockSparseAttention")
+
+
+def _bigbird(block_size=2, random_blocks=1, heads=2):
+    torch.manual_seed(0)
+    config = transformers.BigBirdConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=heads, intermediate_size=32,
+        attention_type="block_sparse", block_size=block_size, num_random_blocks=random_blocks,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BigBirdModel(config, add_pooling_layer=False).eval()
+
+
+def _pegasus(block_size=2, random_blocks=1):
+    torch.manual_seed(0)
+    config = transformers.BigBirdPegasusConfig(
+        vocab_size=100, d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, attention_type="block_sparse",
+        block_size=block_size, num_random_blocks=random_blocks, max_position_embeddings=64, dropout=0.0,
+        attention_dropout=0.0)
+    return transformers.BigBirdPegasusModel(config).eval()
+
+
+def _batch(pegasus=False, length=LENGTH):
+    torch.manual_seed(1)
+    ids = torch.randint(3, 100, (2, length))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, -3:] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    if pegasus:
+        inputs["decoder_input_ids"] = torch.randint(3, 100, (2, 4))
+    return inputs
+
+
+def _layers(model):
+    return [(name, m) for name, m in model.named_modules() if type(m).__name__ in KINDS]
+
+
+def _layer_calls(model, inputs):
+    """Each block-sparse layer's call: (hidden states (B, L, C), its query and key masks (B, L), the random
+    key blocks its keys were gathered with (B, H, nb-2, r), its output (B, L, C))."""
+    seen, handles, originals = {}, [], {}
+    for name, module in _layers(model):
+        gather = type(module).torch_gather_b2
+
+        def record(params, indices, name=name, gather=gather):
+            seen.setdefault(name + "/rand", indices.clone())
+            return gather(params, indices)
+
+        module.torch_gather_b2 = record  # the instance's own, looked up through self by the layer
+        originals[name] = module
+
+        def hook(m, args, out, name=name):
+            hidden, from_mask, to_mask = args[0], args[2], args[3]
+            b, length = hidden.shape[:2]
+            seen[name] = (hidden, from_mask.reshape(b, length) != 0, to_mask.reshape(b, length) != 0, out[0])
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in originals.values():
+            del module.torch_gather_b2
+    return {name: (*seen[name][:3], seen[name + "/rand"], seen[name][3]) for name, _ in _layers(model)}
+
+
+def _attended_counts(blocks, random, bs):
+    """(B, H, L, L): how many times each query's call attended each key (written from the layer's
+    description: global query blocks every key; the others their window, the first and last blocks
+    and their random blocks; pieces 2 and 4 take the window that fits)."""
+    batch, heads = random.shape[:2]
+    counts = torch.zeros(batch, heads, blocks, blocks)
+    for b in range(batch):
+        for h in range(heads):
+            for q in range(blocks):
+                if q in (0, blocks - 1):
+                    counts[b, h, q] += 1
+                    continue
+                if q == 1:
+                    listed = [0, 1, 2, blocks - 1]
+                elif q == blocks - 2:
+                    listed = [0, blocks - 3, blocks - 2, blocks - 1]
+                else:
+                    listed = [0, q - 1, q, q + 1, blocks - 1]
+                for k in listed + random[b, h, q - 1].tolist():
+                    counts[b, h, q, k] += 1
+    return counts.repeat_interleave(bs, 2).repeat_interleave(bs, 3)
+
+
+def _hand(module, x, query_real, key_real, random):
+    """(map (B, H, L, L), values (B, H, L, d)) from the module's weights: each real query's softmax of
+    q.k / sqrt(d) over the keys it attended, with multiplicity; padded keys and padded queries 0."""
+    b, length, _ = x.shape
+    h = module.num_attention_heads
+    d = module.attention_head_size
+    with torch.no_grad():
+        q, k, v = (proj(x).view(b, length, h, d).transpose(1, 2) for proj in (module.query, module.key, module.value))
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).double()
+        counts = _attended_counts(length // module.block_size, random, module.block_size).double()
+        counts = counts * key_real[:, None, None, :]
+        top = scores.masked_fill(counts == 0, -math.inf).amax(-1, keepdim=True)
+        weights = counts * torch.exp(scores - top)
+        weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights * query_real[:, None, :, None]
+    return weights.float(), v
+
+
+def _check_layers(model, inputs, hooker, tokens=LENGTH):
+    calls = _layer_calls(model, inputs)
+    assert len(calls) == 2
+    for name, module in _layers(model):
+        x, query_real, key_real, random, out = calls[name]
+        hand, v = _hand(module, x, query_real, key_real, random)
+        (got,) = hooker.values[name]
+        assert got.shape == (2, module.num_attention_heads, tokens, tokens), "the model's padding is cropped"
+        torch.testing.assert_close(got, hand[:, :, :tokens, :tokens], atol=1e-6, rtol=1e-5)
+        real = query_real[:, :tokens]
+        sums = got.sum(-1).transpose(1, 2)  # (B, T, H)
+        torch.testing.assert_close(sums[real], torch.ones_like(sums[real]))
+        assert (got.transpose(1, 2)[~real] == 0).all(), "padded query rows are exact zeros"
+        assert (got[1, :, :, tokens - 3:] == 0).all(), "no query attends to the user's padding"
+        length = x.shape[1]
+        output = out.view(2, length, module.num_attention_heads, -1).transpose(1, 2)[:, :, :tokens]  # (B, H, T, d)
+        torch.testing.assert_close(got @ v[:, :, :tokens], output, atol=1e-6, rtol=1e-5)
+    return calls
+
+
+def _captured(model, inputs, **options):
+    with torch.no_grad():
+        plain = model(**inputs)
+    with torch.no_grad(), TransformerAttentionHooker(model, **options) as hooker:
+        hooked = model(**inputs)
+    assert torch.equal(plain.last_hidden_state, hooked.last_hidden_state), "the capture changed the model's output"
+    return hooker
+
+
+@pytest.mark.parametrize("block_size, random_blocks", [(2, 1), (3, 2), (4, 1)])
+def test_each_layer_is_the_hand_computation_from_its_weights_and_multiplies_the_values_into_its_output(
+        block_size, random_blocks):
+    model = _bigbird(block_size, random_blocks)
+    inputs = _batch(length=40 if block_size == 4 else LENGTH * 2 if block_size == 3 else LENGTH)
+    tokens = inputs["input_ids"].shape[1]
+    hooker = _captured(model, inputs)
+    assert hooker.report().missing == []
+    calls = _check_layers(model, inputs, hooker, tokens)
+    random = next(iter(calls.values()))[3]
+    assert (random == 0).all(), "in eval transformers leaves every random block at key block 0"
+    assert random.shape[-1] == random_blocks
+
+
+def test_training_mode_draws_other_random_blocks_and_they_are_placed_where_the_call_took_them():
+    model = _bigbird().train()  # dropout 0: the outputs are deterministic; the random blocks drawn by seed
+    inputs = _batch()
+    hooker = _captured(model, inputs)
+    calls = _check_layers(model, inputs, hooker)
+    random = next(iter(calls.values()))[3]
+    assert (random != 0).any() and (random[:, 0] != random[:, 1]).any(), "training draws per head"
+
+
+def test_a_random_draw_other_than_the_usual_one_is_read_from_the_call():
+    """The random blocks are whatever the call gathered with, never guessed from the mode: the eval
+    draw (all zeros) replaced by another pattern is placed where that pattern says."""
+    model, inputs = _bigbird(), _batch()
+    blocks = 18 // 2
+
+    def draw(*args, num_heads, **kwargs):
+        return [np.array([[(3 * row + head + 2) % blocks] for row in range(blocks - 2)], dtype=np.int32)
+                for head in range(num_heads)]
+
+    for _, module in _layers(model):
+        module._bigbird_block_rand_mask_with_head = draw
+    hooker = _captured(model, inputs)
+    calls = _check_layers(model, inputs, hooker)
+    random = next(iter(calls.values()))[3]
+    assert random[0, 1, :, 0].tolist() == [(3 * row + 3) % blocks for row in range(blocks - 2)]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_bigbird_pegasus_encoder_layers_are_assembled_and_its_decoder_is_unchanged(train):
+    model, inputs = _pegasus().train(train), _batch(pegasus=True)
+    with torch.no_grad():
+        plain = model(**inputs, output_attentions=True)
+    hooker = _captured(model, inputs)
+    assert hooker.report().missing == []
+    _check_layers(model, inputs, hooker)
+    decoder = [n for n in hooker.values if n.startswith("decoder.") and "encoder_attn" not in n]
+    torch.testing.assert_close(hooker.values[decoder[0]][0], plain.decoder_attentions[0])
+
+
+def test_transformers_attentions_overwrite_the_duplicated_blocks_that_the_capture_adds():
+    """Why transformers' output is not the oracle in eval: its rows of query blocks 1 .. nb-2 lose the
+    weight of the random block (key block 0) they attended a second time; the capture keeps it."""
+    model, inputs = _bigbird(), _batch()
+    with torch.no_grad():
+        plain = model(**inputs, output_attentions=True)
+    hooker = _captured(model, inputs)
+    name = _layers(model)[0][0]
+    got, theirs = hooker.values[name][0][0], plain.attentions[0][0, :, :LENGTH, :LENGTH]  # batch row 0
+    torch.testing.assert_close(got[:, :2], theirs[:, :2])  # the global query block: every key once
+    assert theirs[:, 2:16].sum(-1).max() < 0.999 and torch.allclose(got[:, 2:16].sum(-1), torch.ones(2, 14))
+    torch.testing.assert_close(got[:, 2:16, 2:], theirs[:, 2:16, 2:])  # the same away from key block 0
+
+
+@pytest.mark.parametrize("selection", [dict(rows="last"), dict(heads=[1]), dict(keys=[0, 3, 5, 16]),
+                                       dict(rows=[0, 3, 8, 14, 16], heads=[0], keys=[16, 0, 1])])
+def test_selections_are_slices_of_the_whole_map(selection):
+    model = _bigbird().train()  # random blocks that differ per head
+    inputs = _batch()
+    whole = _captured(model, inputs)
+    hooker = _captured(model, inputs, **selection)
+    rows = [LENGTH - 1] if selection.get("rows") == "last" else selection.get("rows")
+    assert set(hooker.values) == set(whole.values) == {name for name, _ in _layers(model)}
+    for name, (full,) in whole.values.items():
+        want = full
+        for dim, index in ((1, selection.get("heads")), (2, rows), (3, selection.get("keys"))):
+            if index is not None:
+                want = want.index_select(dim, torch.tensor(index))
+        assert torch.equal(hooker.values[name][0], want), name
+
+
+def test_a_row_is_placed_without_the_whole_map(monkeypatch):
+    """rows="last" places one row: the library's placement is called with one row and makes a
+    (batch, heads, 1, T) map."""
+    from attention_hooker.capture import block_sparse
+
+    made = []
+    real = block_sparse.place_block_sparse_rows
+    monkeypatch.setattr(block_sparse, "place_block_sparse_rows", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    model, inputs = _bigbird(), _batch()
+    _captured(model, inputs, rows="last")
+    assert [tuple(m.shape) for m in made] == [(2, 2, 1, LENGTH)] * 2
+
+
+def test_keep_values_keeps_the_values_the_map_multiplies():
+    model, inputs = _bigbird(), _batch()
+    hooker = _captured(model, inputs, keep_values=True)
+    calls = _layer_calls(model, inputs)
+    for name, module in _layers(model):
+        x, query_real, key_real, random, out = calls[name]
+        v = _hand(module, x, query_real, key_real, random)[1]
+        torch.testing.assert_close(hooker.value_vectors[name][0], v[:, :, :LENGTH])
+
+
+def test_streamed_and_reduced_captures_equal_the_capture_in_memory(tmp_path, monkeypatch):
+    model, inputs = _bigbird(), _batch()
+    memory = _captured(model, inputs)
+    from attention_hooker.capture import session
+    monkeypatch.setattr(session, "ROWS_PER_TILE", 5)  # several tiles per call, cutting through blocks
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        with hooker.stream_to(tmp_path / "capture", shard_bytes=1):
+            model(**inputs)
+    loaded = load(tmp_path / "capture")
+    for name, (want,) in memory.values.items():
+        assert torch.equal(loaded.values[name][0], want)
+    reduced = HeadStatsAccumulator()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        hooker.reduce_into(reduced, padding_mask=inputs["attention_mask"])
+        model(**inputs)
+    direct = HeadStatsAccumulator()
+    direct.update(memory.values, padding_mask=inputs["attention_mask"])
+    got, want = reduced.result(), direct.result()
+    for key in want:
+        if isinstance(want[key], torch.Tensor):
+            torch.testing.assert_close(got[key], want[key])
+
+
+def test_an_input_that_needs_no_padding_keeps_every_position():
+    model, inputs = _bigbird(), _batch(length=18)
+    hooker = _captured(model, inputs)
+    _check_layers(model, inputs, hooker, tokens=18)
+
+
+def test_an_attention_computation_that_is_none_of_the_pieces_refuses_the_call():
+    model, inputs = _bigbird(), _batch()
+    (name, module), _ = _layers(model)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        extra = module.register_forward_pre_hook(lambda m, args: [torch.softmax(torch.randn(4, 3, 5), -1)] and None)
+        try:
+            with pytest.warns(AttentionCaptureWarning, match="unknown piece"):
+                model(**inputs)
+        finally:
+            extra.remove()
+    assert hooker.report().missing == [name]
+    assert "(4, 3, 5)" in hooker.report()[name].reason
+
+
+def test_random_blocks_that_cannot_be_read_refuse_the_call_with_the_reason(monkeypatch):
+    from attention_hooker.capture import block_sparse
+
+    model, inputs = _bigbird(), _batch()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, \
+            pytest.warns(AttentionCaptureWarning, match="every attention call was refused"):
+        monkeypatch.setattr(block_sparse, "_METHOD", "a_method_the_layer_does_not_have")  # after hooking
+        model(**inputs)
+    report = hooker.report()
+    assert sorted(report.missing) == sorted(name for name, _ in _layers(model))
+    assert "rand_attn" in report[report.missing[0]].reason
+    assert hooker.values == {}
