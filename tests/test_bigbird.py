@@ -10,13 +10,11 @@ into one (batch, heads, query, key) map (capture/pieces.py, capture/block_sparse
 transformers' own ``attentions`` are not an oracle here: in eval every random block is key block 0
 and transformers writes it over the global block instead of adding it (rows sum to less than 1; a
 test below shows it). The random blocks the oracle uses are the ones the call gathered its keys with
-(recorded by this file from the module's ``torch_gather_b2``), in eval, in training (dropout 0) and
-when the draw is replaced by another one.
+(recorded from the module's ``torch_gather_b2`` by tests/block_sparse_oracle.py), in eval, in training
+(dropout 0) and when the draw is replaced by another one.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -26,9 +24,9 @@ transformers = pytest.importorskip("transformers")
 
 from attention_hooker import AttentionCaptureWarning, TransformerAttentionHooker, load  # noqa: E402
 from attention_hooker.analysis.stats import HeadStatsAccumulator  # noqa: E402
+from block_sparse_oracle import block_sparse_calls, block_sparse_layers, dense_by_hand  # noqa: E402
 
-LENGTH = 17  # the model pads it to a multiple of block_size (18 or 20); the second row has 3 tokens of padding
-KINDS = ("BigBirdBlockSparseAttention", "BigBirdPegasusBlockSparseAttention")
+LENGTH = 17  # block_size 2: the model pads it to 18; the second row has 3 tokens of user padding
 
 
 def _bigbird(block_size=2, random_blocks=1, heads=2):
@@ -62,78 +60,22 @@ def _batch(pegasus=False, length=LENGTH):
 
 
 def _layers(model):
-    return [(name, m) for name, m in model.named_modules() if type(m).__name__ in KINDS]
+    return block_sparse_layers(model)
 
 
 def _layer_calls(model, inputs):
-    """Each block-sparse layer's call: (hidden states (B, L, C), its query and key masks (B, L), the random
-    key blocks its keys were gathered with (B, H, nb-2, r), its output (B, L, C))."""
-    seen, handles, originals = {}, [], {}
-    for name, module in _layers(model):
-        gather = type(module).torch_gather_b2
-
-        def record(params, indices, name=name, gather=gather):
-            seen.setdefault(name + "/rand", indices.clone())
-            return gather(params, indices)
-
-        module.torch_gather_b2 = record  # the instance's own, looked up through self by the layer
-        originals[name] = module
-
-        def hook(m, args, out, name=name):
-            hidden, from_mask, to_mask = args[0], args[2], args[3]
-            b, length = hidden.shape[:2]
-            seen[name] = (hidden, from_mask.reshape(b, length) != 0, to_mask.reshape(b, length) != 0, out[0])
-        handles.append(module.register_forward_hook(hook))
-    try:
+    """Each block-sparse layer's call (tests/block_sparse_oracle.py): (hidden states, real queries, real keys,
+    the random blocks its keys were gathered with, its output)."""
+    def forward(model, inputs):
         with torch.no_grad():
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module in originals.values():
-            del module.torch_gather_b2
-    return {name: (*seen[name][:3], seen[name + "/rand"], seen[name][3]) for name, _ in _layers(model)}
-
-
-def _attended_counts(blocks, random, bs):
-    """(B, H, L, L): how many times each query's call attended each key (written from the layer's
-    description: global query blocks every key; the others their window, the first and last blocks
-    and their random blocks; pieces 2 and 4 take the window that fits)."""
-    batch, heads = random.shape[:2]
-    counts = torch.zeros(batch, heads, blocks, blocks)
-    for b in range(batch):
-        for h in range(heads):
-            for q in range(blocks):
-                if q in (0, blocks - 1):
-                    counts[b, h, q] += 1
-                    continue
-                if q == 1:
-                    listed = [0, 1, 2, blocks - 1]
-                elif q == blocks - 2:
-                    listed = [0, blocks - 3, blocks - 2, blocks - 1]
-                else:
-                    listed = [0, q - 1, q, q + 1, blocks - 1]
-                for k in listed + random[b, h, q - 1].tolist():
-                    counts[b, h, q, k] += 1
-    return counts.repeat_interleave(bs, 2).repeat_interleave(bs, 3)
+            return model(**inputs)
+    calls = block_sparse_calls(model, inputs, forward)
+    calls.pop(None)
+    return calls
 
 
 def _hand(module, x, query_real, key_real, random):
-    """(map (B, H, L, L), values (B, H, L, d)) from the module's weights: each real query's softmax of
-    q.k / sqrt(d) over the keys it attended, with multiplicity; padded keys and padded queries 0."""
-    b, length, _ = x.shape
-    h = module.num_attention_heads
-    d = module.attention_head_size
-    with torch.no_grad():
-        q, k, v = (proj(x).view(b, length, h, d).transpose(1, 2) for proj in (module.query, module.key, module.value))
-        scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).double()
-        counts = _attended_counts(length // module.block_size, random, module.block_size).double()
-        counts = counts * key_real[:, None, None, :]
-        top = scores.masked_fill(counts == 0, -math.inf).amax(-1, keepdim=True)
-        weights = counts * torch.exp(scores - top)
-        weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights * query_real[:, None, :, None]
-    return weights.float(), v
+    return dense_by_hand(module, x, query_real, key_real, random)
 
 
 def _check_layers(model, inputs, hooker, tokens=LENGTH):

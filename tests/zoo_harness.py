@@ -46,6 +46,13 @@ SHRINK = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, interm
               emb_dim=32, entity_vocab_size=16, entity_emb_size=16, d_latents=32, num_latents=8,
               num_self_attends_per_block=1, depth=2, embed_dim=32)
 
+# Families whose attention needs other sizes than SHRINK's to run as it does at scale: BigBird's
+# block-sparse layers fall back to full attention unless the input is longer than (5 + 2 r) blocks,
+# so they get blocks of 2 tokens, one random block and 17 tokens (padded by the model to 18).
+FAMILY_SIZES: Dict[str, dict] = {family: dict(block_size=2, num_random_blocks=1)
+                                 for family in ("big_bird", "bigbird_pegasus")}
+TOKENS = {"big_bird": 17, "bigbird_pegasus": 17}  # text inputs' length where 7 is too short
+
 REFERENCE_FIELDS = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
 MAX_PARAMETERS = 150_000_000  # after shrinking; larger ones take too long to build in CI
 SECONDS_PER_CASE = 45
@@ -119,6 +126,13 @@ ORACLE_NOTES = {
                  "query, key); the library stores the map that multiplies the values, D = P[:, :H/2] - λ P[:, H/2:] "
                  "(not probabilities): compared with D made here from transformers' P and λ read from each layer's "
                  "lambda_q1/k1/q2/k2 and lambda_init",
+    "big_bird, bigbird_pegasus": "block-sparse attention (block_size 2, one random block, 17 tokens): "
+                                 "transformers' attentions overwrite a key block attended twice (every random "
+                                 "block in eval is block 0, also a global block), so each layer is compared with "
+                                 "softmax(q kᵀ/sqrt(d)) from its own weights over the keys it attended, counted as "
+                                 "often as attended (the random blocks recorded from the call's torch_gather_b2), "
+                                 "cropped to the input; that map times value(x) is checked equal to the layer's "
+                                 "output",
     "aimv2, aimv2_vision_model": "the attention-pooling head (a CLS query over the patches through sdpa), which transformers "
                           "does not report: compared with softmax(cls_token . k_proj(x)ᵀ / sqrt(d)) from its own weights",
 }
@@ -210,8 +224,9 @@ def inputs_for(model, config):
 
 
 def _text_inputs(config):
-    ids = torch.randint(3, 100, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
+    length = TOKENS.get(getattr(config, "model_type", None), 7)
+    ids = torch.randint(3, 100, (2, length))
+    mask = torch.ones(2, length, dtype=torch.long)
     mask[1, -2:] = 0
     inputs = dict(input_ids=ids, attention_mask=mask)
     if config.is_encoder_decoder:
@@ -257,6 +272,8 @@ def _build(model_type: str) -> Case:
     stage = "config"
     try:
         config = shrink(transformers.AutoConfig.for_model(model_type))
+        for key, value in FAMILY_SIZES.get(model_type, {}).items():
+            setattr(config, key, value)
         stage = "build"
         with torch.device("meta"):
             probe = transformers.AutoModel.from_config(copy.deepcopy(config), attn_implementation="eager")
@@ -362,6 +379,7 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
     references = _placed_sam_windows(model, case.inputs, references)
     references = _placed_longformer_bands(model, case.inputs, references)
     references = _differential_references(model, references)
+    references = _block_sparse_oracles(model, case.inputs, references)
     unmatched, wrong = list(references), []
     for layer, calls in hooker.values.items():
         for got in calls:
@@ -581,6 +599,35 @@ def _placed_longformer_bands(model, inputs, references: List[torch.Tensor]) -> L
                     dense[b, :, i, p] += band[b, :, i, n]
         placed.append(dense)
     kept = [r for r in references if not any(r.shape == band.shape and torch.equal(r, band) for band in bands)]
+    return kept + placed
+
+
+def _block_sparse_oracles(model, inputs, references: List[torch.Tensor]) -> List[torch.Tensor]:
+    """BigBird's block-sparse layers: transformers' attentions of these layers (wrong in eval: a key block
+    attended twice is overwritten, not added) replaced by each call's map from its own weights over the keys
+    it attended, with multiplicity (tests/block_sparse_oracle.py), cropped to the input's tokens; each
+    checked to multiply value(x) into the layer's output first. Other references are returned as they are."""
+    from block_sparse_oracle import block_sparse_calls, block_sparse_layers, dense_by_hand
+
+    layers = block_sparse_layers(model)
+    if not layers:
+        return references
+    calls = block_sparse_calls(model, inputs, lambda m, i: _forward(m, i, output_attentions=True))
+    output = calls.pop(None)
+    theirs = getattr(output, "encoder_attentions", None) or getattr(output, "attentions", None) or ()
+    tokens = inputs["input_ids"].shape[1]
+    placed = []
+    for name, module in layers:
+        if name not in calls:
+            continue
+        x, query_real, key_real, random, out = calls[name]
+        dense, v = dense_by_hand(module, x, query_real, key_real, random)
+        batch, length = x.shape[:2]
+        context = out.view(batch, length, module.num_attention_heads, -1).transpose(1, 2)
+        if not torch.allclose(dense @ v, context, atol=1e-5):
+            raise AssertionError(f"the harness's block-sparse oracle of {name} does not give the layer's output")
+        placed.append(dense[:, :, :tokens, :tokens])
+    kept = [r for r in references if not any(r.shape == a.shape and torch.equal(r, a) for a in theirs)]
     return kept + placed
 
 

@@ -103,7 +103,8 @@ def place_block_sparse_rows(pieces: Sequence[torch.Tensor], rand: torch.Tensor, 
         >>> rand = torch.zeros(B, H, nb - 2, r, dtype=torch.long)  # eval: every random block is block 0
         >>> row = place_block_sparse_rows(pieces, rand, torch.zeros(1, 8, dtype=torch.bool), torch.tensor([3]), 8)
         >>> w = pieces[2][0, 0, 1, 0]  # query block 3: keys 0, 2, 3, 4, random (0), 7
-        >>> torch.allclose(row[0, 0, 0], torch.stack([w[0] + w[4], 0 * w[0], w[1], w[2], w[3], 0 * w[0], 0 * w[0], w[5]]))
+        >>> zero = 0 * w[0]
+        >>> torch.allclose(row[0, 0, 0], torch.stack([w[0] + w[4], zero, w[1], w[2], w[3], zero, zero, w[5]]))
         True
     """
     first, second, middle, second_last, last = pieces
@@ -204,7 +205,8 @@ class _BlockSparseCall(PieceCall):
                             f"(batch, heads, blocks - 2, random blocks) = {(b, h, nb - 2, r)} block ids the pieces "
                             "were computed with, so its random pieces cannot be placed and the call is not stored")
                 self.rand = rand
-                if isinstance(value, torch.Tensor) and value.dim() == 4 and tuple(value.shape[:3]) == (b, h, self.length):
+                if isinstance(value, torch.Tensor) and value.dim() == 4 \
+                        and tuple(value.shape[:3]) == (b, h, self.length):
                     self.value = value
                 return None
             frame = frame.f_back
