@@ -269,3 +269,21 @@ def test_random_blocks_that_cannot_be_read_refuse_the_call_with_the_reason(monke
     assert sorted(report.missing) == sorted(name for name, _ in _layers(model))
     assert "rand_attn" in report[report.missing[0]].reason
     assert hooker.values == {}
+
+
+def test_a_layer_called_outside_its_model_keeps_the_padding_it_was_given():
+    """Called by itself, the layer's padding_len cannot be read: the 18 positions it was given are kept,
+    the padded ones as zero rows and columns (the hand computation over all 18)."""
+    model, inputs = _bigbird(), _batch()
+    calls = _layer_calls(model, inputs)
+    name, module = _layers(model)[0]
+    x, query_real, key_real, random, out = calls[name]
+    mask = (query_real & key_real).float()
+    blocked, band, from_mask, to_mask = model.create_masks_for_block_sparse_attn(mask, module.block_size)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        again = module(x, band, from_mask, to_mask, blocked, blocked)[0]
+    torch.testing.assert_close(again, out)
+    (got,) = hooker.values[name]
+    assert got.shape == (2, 2, 18, 18)
+    torch.testing.assert_close(got, _hand(module, x, query_real, key_real, random)[0], atol=1e-6, rtol=1e-5)
+    assert (got[:, :, 17] == 0).all() and (got[..., 17] == 0).all()

@@ -140,9 +140,8 @@ def place_block_sparse_rows(pieces: Sequence[torch.Tensor], rand: torch.Tensor, 
             weights[:, :, part, :taken.shape[-1]] = taken
         key_blocks = piece_key_blocks(q, nb, rand)  # (B, H, R', 5 + r)
         columns = (key_blocks[..., None] * bs + torch.arange(bs, device=device)).flatten(-2)  # (B, H, R', (5+r) bs)
-        placed = out.new_zeros(batch, n_heads, at.shape[0], length + bs)
-        placed.scatter_add_(-1, columns, weights)  # a key block attended twice counts twice
-        out[:, :, at] = placed
+        flat = columns + (at * (length + bs))[:, None]  # into the rows of out, flattened: no second (R', L) map
+        out.view(batch, n_heads, -1).scatter_add_(-1, flat.flatten(2), weights.flatten(2))  # twice attended: added
     out.masked_fill_(query_masked.to(device).index_select(1, rows)[:, None, :, None], 0.0)
     out = out[..., :tokens]
     if keys is not None:
