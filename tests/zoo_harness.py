@@ -63,7 +63,6 @@ SECONDS_PER_CASE = 45
 EXPECTED_REFUSALS: Dict[str, Tuple[str, str]] = {
     "longt5": (r"LocalSelfAttention|TransientGlobalSelfAttention", "5-D blocked local attention"),
     "pegasus_x": (r"encoder\.layers\.\d+\.self_attn", "blocked local attention plus global tokens (two softmaxes)"),
-    "prophetnet": (r"decoder\.layers\.\d+\.self_attn", "n-gram self-attention: a 5-D predict stream beside the main one"),
     "jetmoe": (r"self_attention", "mixture of attention heads: each token's experts run their own heads"),
     "minimax": (r"layers\.1\.self_attn", "lightning (linear) attention layers compute no weights"),
     "yoso": (r"attention\.self", "LSH-sampled (YOSO) attention computes no softmax"),
@@ -118,7 +117,8 @@ ORACLE_NOTES = {
                                "compared with softmax(q kᵀ/sqrt(d) + relative position bias + window mask) from its "
                                "own weights",
     "prophetnet": "transformers returns the masked scores before the softmax (encoder and cross attention): "
-                  "compared with their softmax",
+                  "compared with their softmax; the decoder's n-gram streams (decoder_ngram_attentions, (batch, "
+                  "ngram, heads, T, 2T)) are compared stream by stream with the '<layer>:ngram<s>' entries",
     "longformer, led": "transformers returns each layer's band (batch, heads, query, globals + 2w + 1) and its global "
                        "rows (batch, heads, tokens, globals): placed at their key positions by the harness's own "
                        "loops over queries and band columns, global rows put in whole",
@@ -380,6 +380,8 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
     references = _placed_longformer_bands(model, case.inputs, references)
     references = _differential_references(model, references)
     references = _block_sparse_oracles(model, case.inputs, references)
+    if case.model_type == "prophetnet":
+        references += _ngram_streams(model, case.inputs)
     unmatched, wrong = list(references), []
     for layer, calls in hooker.values.items():
         for got in calls:
@@ -629,6 +631,13 @@ def _block_sparse_oracles(model, inputs, references: List[torch.Tensor]) -> List
         placed.append(dense[:, :, :tokens, :tokens])
     kept = [r for r in references if not any(r.shape == a.shape and torch.equal(r, a) for a in theirs)]
     return kept + placed
+
+
+def _ngram_streams(model, inputs) -> List[torch.Tensor]:
+    """ProphetNet's n-gram streams as transformers returns them, ``decoder_ngram_attentions`` ``(batch,
+    ngram, heads, T, 2T)`` per decoder layer, one ``(batch, heads, T, 2T)`` reference per stream."""
+    output = _forward(model, inputs, output_attentions=True)
+    return [layer[:, s] for layer in output.decoder_ngram_attentions for s in range(layer.shape[1])]
 
 
 def _swin_window_oracles(model, inputs) -> List[torch.Tensor]:

@@ -33,18 +33,19 @@ earlier lives that long). Families:
 * :mod:`.segments`: Qwen2-VL / Qwen2.5-VL vision towers.
 * :mod:`.differential`: DiffLlama.
 * :mod:`.block_sparse`: BigBird and BigBird-Pegasus block-sparse attention.
+* :mod:`.ngram`: ProphetNet's n-gram self-attention.
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..keep.protocol import NO_SOURCES, CallSources
 
-__all__ = ["PieceCall", "PiecedLayer", "Assembly", "FAMILIES", "pieced_layer", "ROWS_PER_TILE"]
+__all__ = ["PieceCall", "PiecedLayer", "Assembly", "FAMILIES", "pieced_layer", "named_entry", "ROWS_PER_TILE"]
 
 # Rows of a pieced map assembled at once when the keepers take tiles (streaming, reductions):
 # a Longformer layer at 4,096 tokens and 12 heads is then 12 x 256 x 4,096 floats (50 MB) at a time.
@@ -58,15 +59,18 @@ class Assembly:
         batch, heads, queries, keys: the sizes of the whole ``(batch, heads, query, key)`` map.
         dtype: the dtype the map is stored in (the one its pieces multiplied the values in).
         sources: what memory keeps beside the map (value vectors ``(batch, heads, key, dim)``).
+        named: ``{kind: Assembly}``, maps of another kind the same call made beside its token
+            map, each kept as the entry :func:`named_entry` names (empty for most families).
     """
 
     def __init__(self, batch: int, heads: int, queries: int, keys: int, dtype: torch.dtype,
                  rows: Callable[[Optional[Sequence[int]], torch.Tensor, Optional[Sequence[int]]], torch.Tensor],
-                 sources: CallSources = NO_SOURCES):
+                 sources: CallSources = NO_SOURCES, named: Optional[Dict[str, "Assembly"]] = None):
         self.batch, self.heads, self.queries, self.keys = batch, heads, queries, keys
         self.dtype = dtype
         self._rows = rows
         self.sources = sources
+        self.named: Dict[str, Assembly] = dict(named or {})
 
     def rows(self, heads: Optional[Sequence[int]], rows: torch.Tensor, keys: Optional[Sequence[int]]) -> torch.Tensor:
         """``(batch, len(heads) or all, len(rows), len(keys) or all)``: the map at these absolute query
@@ -131,12 +135,23 @@ def pieced_layer(module: nn.Module, parents) -> Optional[PiecedLayer]:
         parents: ``{id(child): parent}`` over the model's modules (looked up only by a rule that needs it).
     """
     if not FAMILIES:
-        from . import bands, block_sparse, differential, segments  # noqa: F401 - families register on import
+        from . import bands, block_sparse, differential, ngram, segments  # noqa: F401 - families register on import
     for rule in FAMILIES:
         found = rule(module, parents)
         if found is not None:
             return found
     return None
+
+
+def named_entry(layer: str, kind: str) -> str:
+    """The entry a map of another kind made by a call of ``layer`` is kept under (``hooker.values``,
+    saved captures): the layer's name, a colon, the kind.
+
+    Example:
+        >>> named_entry("decoder.layers.0.self_attn", "ngram1")
+        'decoder.layers.0.self_attn:ngram1'
+    """
+    return f"{layer}:{kind}"
 
 
 def selected_sizes(assembly: Assembly, chosen) -> Tuple[int, int, int]:

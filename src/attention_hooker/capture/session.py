@@ -29,7 +29,7 @@ from ..keep.protocol import NO_SOURCES, CallSources
 from ..values import format_size
 from .batching import PackedRequests, request_keys
 from .windows import assemble_window_values, assemble_windows, layout_refusal, window_index
-from .pieces import ROWS_PER_TILE, PieceCall, selected_sizes
+from .pieces import ROWS_PER_TILE, Assembly, PieceCall, named_entry, selected_sizes
 from .coverage import Coverage
 from .routes.sdpa import (SDPA_FUNCTIONS, as_4d)
 from .routes.mha import handle_mha_forward
@@ -457,31 +457,47 @@ class CaptureSession:
         if isinstance(assembly, str):
             self.refuse(scope, assembly)
             return
-        chosen = router.policy.selection.resolve(assembly.heads, assembly.queries, assembly.keys,
-                                                 f"layer {layer!r}")
-        heads, rows, keys = selected_sizes(assembly, chosen)
-        shape = (assembly.batch, heads, rows, keys)
-        row_index = torch.arange(assembly.queries) if chosen[1] is None else torch.tensor(chosen[1])
-        if not router.takes_tiles:
-            size = assembly.batch * heads * rows * keys * torch.empty((), dtype=assembly.dtype).element_size()
-            if size > DENSE_WINDOWS_BYTES:
+        # The layer's map, then the maps of other kinds the call made (ProphetNet's streams), each an
+        # entry of its own: all are sized before any is kept, so a refusal keeps none of them.
+        planned = []
+        for name, part in [(layer, assembly)] + [(named_entry(layer, kind), other)
+                                                 for kind, other in assembly.named.items()]:
+            chosen = router.policy.selection.resolve(part.heads, part.queries, part.keys, f"layer {name!r}")
+            heads, rows, keys = selected_sizes(part, chosen)
+            shape = (part.batch, heads, rows, keys)
+            size = part.batch * heads * rows * keys * torch.empty((), dtype=part.dtype).element_size()
+            if not router.takes_tiles and size > DENSE_WINDOWS_BYTES:
                 self.refuse(scope, (
                     f"the assembled map of this call would be one (batch, heads, rows, keys) map {shape} of "
                     f"{format_size(size)}, over the {format_size(DENSE_WINDOWS_BYTES)} a pieced call may hold: "
                     "capture fewer heads=, rows= or keys=, or stream_to()/reduce_into(), which take it in tiles"))
                 return
+            planned.append((name, part, chosen, shape))
+        for name, part, chosen, shape in planned:
+            if name != layer and not router.wants(name):
+                self.skip(name)
+                continue
+            self._keep_assembled(name, part, chosen, shape)
+
+    def _keep_assembled(self, name: str, assembly: Assembly, chosen, shape: tuple) -> None:
+        """Makes the selected part ``shape`` of an assembled map and holds it for ``name`` (its
+        layer's running call, or kept at once for an entry of another kind): whole, or written a
+        tile of rows at a time when the keepers take tiles."""
+        router = self.router
+        row_index = torch.arange(assembly.queries) if chosen[1] is None else torch.tensor(chosen[1])
+        if not router.takes_tiles:
             placed = assembly.rows(chosen[0], row_index, chosen[2])
-            self.keep(layer, WholeMap(placed, assembly.sources, selected=True), shape)
+            self.keep(name, WholeMap(placed, assembly.sources, selected=True), shape)
             return
-        writer = router.begin_call(layer, shape, router.policy.dtype or assembly.dtype, assembly.sources)
+        writer = router.begin_call(name, shape, router.policy.dtype or assembly.dtype, assembly.sources)
         try:
-            for first in range(0, rows, ROWS_PER_TILE):
+            for first in range(0, shape[2], ROWS_PER_TILE):
                 tile = row_index[first:first + ROWS_PER_TILE]
                 writer.write(tile, assembly.rows(chosen[0], tile, chosen[2]))
         except BaseException:
             writer.discard()
             raise
-        self.keep(layer, writer, shape)
+        self.keep(name, writer, shape)
 
     def _finish(self, scope: _Scope) -> None:
         if scope.layer is not None and scope.pieces is not None and scope.refusal is None:
