@@ -26,7 +26,7 @@ import zoo_harness  # noqa: E402  (needs transformers)
 QUICK = ["albert", "bart", "beit", "bert", "bloom", "clip", "cpmant", "deformable_detr", "deit", "detr", "diffllama",
          "dinov2", "distilbert", "mask2former", "maskformer", "big_bird", "bigbird_pegasus",
          "electra", "falcon", "gemma", "gemma2", "gpt2", "gpt_neo", "gpt_neox", "gpt_oss", "gptj", "led", "llama",
-         "longformer", "longt5", "minimax", "mistral", "mixtral", "mvp", "opt", "pegasus_x", "phi", "phi3",
+         "longformer", "longt5", "minimax", "mistral", "mixtral", "mvp", "nystromformer", "opt", "pegasus_x", "phi", "phi3",
          "prophetnet", "qwen2", "qwen3", "roberta", "sam_vision_model", "siglip_vision_model", "t5", "t5gemma2",
          "vit", "vit_mae", "whisper", "xglm", "yoso"]
 

@@ -119,6 +119,10 @@ ORACLE_NOTES = {
     "prophetnet": "transformers returns the masked scores before the softmax (encoder and cross attention): "
                   "compared with their softmax; the decoder's n-gram streams (decoder_ngram_attentions, (batch, "
                   "ngram, heads, T, 2T)) are compared stream by stream with the '<layer>:ngram<s>' entries",
+    "nystromformer": "the library stores the map that multiplies the values, the softmax plus the depthwise value "
+                     "convolution as a banded matrix: compared with transformers' attentions (the plain softmax path "
+                     "of the shrunk config, as many landmarks as segment_means_seq_len) plus that band, built by the "
+                     "harness's own loops over query, key and tap from each layer's conv.weight",
     "longformer, led": "transformers returns each layer's band (batch, heads, query, globals + 2w + 1) and its global "
                        "rows (batch, heads, tokens, globals): placed at their key positions by the harness's own "
                        "loops over queries and band columns, global rows put in whole",
@@ -380,6 +384,7 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
     references = _placed_longformer_bands(model, case.inputs, references)
     references = _differential_references(model, references)
     references = _block_sparse_oracles(model, case.inputs, references)
+    references = _nystromformer_with_conv(model, references)
     if case.model_type == "prophetnet":
         references += _ngram_streams(model, case.inputs)
     unmatched, wrong = list(references), []
@@ -638,6 +643,33 @@ def _ngram_streams(model, inputs) -> List[torch.Tensor]:
     ngram, heads, T, 2T)`` per decoder layer, one ``(batch, heads, T, 2T)`` reference per stream."""
     output = _forward(model, inputs, output_attentions=True)
     return [layer[:, s] for layer in output.decoder_ngram_attentions for s in range(layer.shape[1])]
+
+
+def _nystromformer_with_conv(model, references: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Each Nystromformer layer's softmax ``(batch, heads, L, L)`` (transformers' attentions on the plain
+    path) plus its depthwise value convolution as a matrix, written for the harness: for every query i,
+    key j and tap t of ``conv.weight`` ``(heads, 1, k, 1)`` with ``j = i + t - k // 2``. Matched to the
+    layers in model order; other references are returned as they are."""
+    layers = [m for m in model.modules() if type(m).__name__ == "NystromformerSelfAttention"]
+    if not layers:
+        return references
+    convs = iter(layers)
+    out = []
+    for ref in references:
+        module = next(convs, None) if ref.dim() == 4 and ref.shape[-1] == ref.shape[-2] else None
+        if module is None:
+            out.append(ref)
+            continue
+        weight = module.conv.weight.detach()
+        taps, length = weight.shape[2], ref.shape[-1]
+        band = torch.zeros(ref.shape[1], length, length)
+        for i in range(length):
+            for t in range(taps):
+                j = i + t - taps // 2
+                if 0 <= j < length:
+                    band[:, i, j] = weight[:, 0, t, 0]
+        out.append(ref + band)
+    return out
 
 
 def _swin_window_oracles(model, inputs) -> List[torch.Tensor]:

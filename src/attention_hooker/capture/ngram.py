@@ -10,8 +10,8 @@ each (``n = module.ngram``). One call makes two softmaxes:
   This is ordinary causal self-attention over the decoder's tokens, and it is stored as the
   layer's ``(batch, heads, query, key)`` map, as for any decoder layer;
 * the **predict** softmax ``(batch, n, heads, T, K + T)``: stream ``s``'s query ``t`` (which
-  predicts the token ``s`` places after ``t + 1``) over ``[the main keys (K); stream s's own T
-  positions]``. Streams never see each other's keys. Its queries are not the decoder's tokens,
+  predicts the token ``s`` places further ahead than the main stream's query ``t`` does) over
+  ``[the main keys (K); stream s's own T positions]``. Streams never see each other's keys. Its queries are not the decoder's tokens,
   and half its keys are not either, so it is never stored as token attention: stream ``s``
   (from 1) is kept as its own entry ``"<layer>:ngram<s>"`` (:func:`~.pieces.named_entry`),
   ``(batch, heads, T, K + T)``, key axis = the ``K`` main keys, then the stream's ``T`` own

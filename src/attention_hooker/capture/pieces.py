@@ -34,6 +34,12 @@ earlier lives that long). Families:
 * :mod:`.differential`: DiffLlama.
 * :mod:`.block_sparse`: BigBird and BigBird-Pegasus block-sparse attention.
 * :mod:`.ngram`: ProphetNet's n-gram self-attention.
+* :mod:`.landmarks`: Nystromformer.
+
+A call may also make maps of another kind beside its token map (ProphetNet's n-gram streams,
+whose queries are not the layer's tokens): :attr:`Assembly.named` holds them, and each is kept
+as an entry of its own, ``"<layer>:<kind>"`` (:func:`named_entry`), with the same selection,
+memory guard, tiles and ``max_calls`` as the layer's map, never in the layer's token slot.
 """
 
 from __future__ import annotations
@@ -135,7 +141,7 @@ def pieced_layer(module: nn.Module, parents) -> Optional[PiecedLayer]:
         parents: ``{id(child): parent}`` over the model's modules (looked up only by a rule that needs it).
     """
     if not FAMILIES:
-        from . import bands, block_sparse, differential, ngram, segments  # noqa: F401 - families register on import
+        from . import bands, block_sparse, differential, landmarks, ngram, segments  # noqa: F401 - register on import
     for rule in FAMILIES:
         found = rule(module, parents)
         if found is not None:
