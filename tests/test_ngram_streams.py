@@ -214,3 +214,31 @@ def test_an_input_that_is_not_main_plus_streams_is_refused_and_other_prophetnet_
     assert ngram_layer(module) is not None
     assert all(ngram_layer(m) is None for n, m in model.named_modules() if n.endswith(("encoder.layers.0.self_attn",
                                                                                        "cross_attn")))
+
+
+def test_stream_entries_are_streamed_to_disk_counted_by_max_calls_and_kept_in_the_models_dtype(tmp_path):
+    from attention_hooker import load
+
+    model, inputs = _model(), _padded_inputs()
+    with torch.no_grad():
+        with TransformerAttentionHooker(model) as whole:
+            model(**inputs)
+        with TransformerAttentionHooker(model) as hooker, hooker.stream_to(tmp_path / "capture"):
+            model(**inputs)  # the keepers take tiles: each entry is written a block of rows at a time
+        with TransformerAttentionHooker(model, max_calls=1) as limited:
+            model(**inputs)
+            model(**inputs)
+    loaded = load(tmp_path / "capture").values
+    assert sorted(loaded) == sorted(whole.values) and len(whole.values) == 6 + 2 * NGRAM
+    for name, calls in whole.values.items():
+        assert torch.equal(loaded[name][0], calls[0])
+        assert len(limited.values[name]) == 1
+    half = _model().to(torch.bfloat16)
+    with torch.no_grad():
+        reference = half(**inputs, output_attentions=True)
+        with TransformerAttentionHooker(half) as hooker:
+            half(**inputs)
+    name = _self_attentions(half)[0][0]
+    assert hooker.values[name][0].dtype == torch.bfloat16  # computed in float32, multiplied in the model's dtype
+    assert torch.equal(hooker.values[name][0], reference.decoder_attentions[0])
+    assert torch.equal(hooker.values[f"{name}:ngram2"][0], reference.decoder_ngram_attentions[0][:, 1])
