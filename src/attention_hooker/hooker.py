@@ -140,7 +140,11 @@ class TransformerAttentionHooker:
     # ------------------------------------------------------------------ public
     @property
     def values(self) -> AttentionValues:
-        """``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``."""
+        """``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``.
+
+        A layer whose call also makes maps of another kind (ProphetNet's n-gram streams) has them
+        after the hooked layers, each under ``"<layer>:<kind>"`` (``"...self_attn:ngram1"``): not
+        token attention of the layer (see the capture guide)."""
         if not self._ever_set_up and "never set up" not in self._forwards.warned:
             self._forwards.warned.add("never set up")
             warnings.warn(
