@@ -11,6 +11,10 @@ Oracles: the layer's own context (its output before the output dense) equals the
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -233,3 +237,23 @@ def test_landmarks_that_are_not_the_layers_are_refused_and_nothing_is_stored():
     reason = report[hooker.hooked_layers[0]].reason
     assert "Nystromformer" in reason and "(2, 4, 8, 4), (2, 4, 4, 4), (2, 4, 4, 8)" in reason
     assert dict(hooker.values) == {}
+
+
+def test_every_family_is_registered_when_one_family_module_was_imported_first():
+    """In a fresh process that imports the Longformer family before any capture, a Nystromformer
+    (and ProphetNet) layer is still assembled: families do not register only while none is."""
+    code = textwrap.dedent("""
+        import attention_hooker.capture.bands
+        import torch, transformers
+        from attention_hooker.capture.pieces import pieced_layer
+        config = transformers.NystromformerConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                                                  intermediate_size=64, segment_means_seq_len=16, num_landmarks=4)
+        layer = transformers.NystromformerModel(config).encoder.layer[0].attention.self
+        ngram = transformers.ProphetNetModel(transformers.ProphetNetConfig(
+            hidden_size=32, num_encoder_attention_heads=4, num_decoder_attention_heads=4, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, num_encoder_layers=1, num_decoder_layers=1)).decoder.layers[0].self_attn
+        print(type(pieced_layer(layer, {})).__name__, type(pieced_layer(ngram, {})).__name__)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["LandmarkLayer", "NgramLayer"]

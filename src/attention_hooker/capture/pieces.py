@@ -140,8 +140,10 @@ def pieced_layer(module: nn.Module, parents) -> Optional[PiecedLayer]:
         module: a hooked attention module.
         parents: ``{id(child): parent}`` over the model's modules (looked up only by a rule that needs it).
     """
-    if not FAMILIES:
-        from . import bands, block_sparse, differential, landmarks, ngram, segments  # noqa: F401 - register on import
+    # The families register themselves on their first import; every one is imported here, not only
+    # when none is registered yet: a program (or a test) that imported one family module first would
+    # otherwise leave the others unregistered, and their layers refused.
+    from . import bands, block_sparse, differential, landmarks, ngram, segments  # noqa: F401
     for rule in FAMILIES:
         found = rule(module, parents)
         if found is not None:
