@@ -35,6 +35,8 @@ earlier lives that long). Families:
 * :mod:`.block_sparse`: BigBird and BigBird-Pegasus block-sparse attention.
 * :mod:`.ngram`: ProphetNet's n-gram self-attention.
 * :mod:`.landmarks`: Nystromformer.
+* :mod:`.local_blocks`: LongT5 local and transient-global.
+* :mod:`.global_tokens`: PEGASUS-X.
 
 A call may also make maps of another kind beside its token map (ProphetNet's n-gram streams,
 whose queries are not the layer's tokens): :attr:`Assembly.named` holds them, and each is kept
@@ -143,7 +145,8 @@ def pieced_layer(module: nn.Module, parents) -> Optional[PiecedLayer]:
     # The families register themselves on their first import; every one is imported here, not only
     # when none is registered yet: a program (or a test) that imported one family module first would
     # otherwise leave the others unregistered, and their layers refused.
-    from . import bands, block_sparse, differential, landmarks, ngram, segments  # noqa: F401
+    from . import (bands, block_sparse, differential, global_tokens, landmarks, local_blocks,  # noqa: F401
+                   ngram, segments)
     for rule in FAMILIES:
         found = rule(module, parents)
         if found is not None:

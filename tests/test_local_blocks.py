@@ -1,0 +1,343 @@
+"""LongT5 local / transient-global and PEGASUS-X global-local encoder attention, assembled from their blocks
+(capture/local_blocks.py, capture/global_tokens.py), checked against
+
+- a hand computation from each layer's own weights: a dense softmax over every (query, key) of the
+  layer with the locality (LongT5: ``|q - k| < block_len``; PEGASUS-X: the query's own block), the
+  relative or side biases and the masks written out here, not the model's blocked code;
+- transformers' own ``output_attentions`` (the raw blocks), placed by this file's own loops;
+- invariants: outputs unchanged by the capture; the stored map times the values it multiplies equal to
+  the layer's context before its output projection; a selection equal to a slice of the whole map.
+
+Batches of 2, the first row with user padding; lengths that need padding to a block multiple and ones
+that do not.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from attention_hooker import TransformerAttentionHooker  # noqa: E402
+
+LONGT5_KINDS = ("LongT5LocalAttention", "LongT5TransientGlobalAttention")
+
+
+def _longt5(kind: str):
+    torch.manual_seed(0)
+    config = transformers.LongT5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=1, num_heads=2,
+        local_radius=2, global_block_size=4, encoder_attention_type=kind, dropout_rate=0.0)
+    return transformers.LongT5Model(config).eval()
+
+
+def _pegasus_x():
+    torch.manual_seed(0)
+    config = transformers.PegasusXConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_global_tokens=3, block_size=4,
+        max_position_embeddings=64, stagger_local_blocks=True, dropout=0.0, attention_dropout=0.0)
+    return transformers.PegasusXModel(config).eval()
+
+
+def _batch(length: int, padding: int = 3):
+    torch.manual_seed(1)
+    ids = torch.randint(3, 100, (2, length))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[0, -padding:] = 0
+    return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :3])
+
+
+def _encoder_layers(model, kinds):
+    return [(name, m) for name, m in model.named_modules() if type(m).__name__ in kinds]
+
+
+def _calls(model, inputs, kinds, projection: str):
+    """Each layer's call: (args, kwargs, [inputs of its output projection, in call order])."""
+    seen, handles = {}, []
+    for name, module in _encoder_layers(model, kinds):
+        def pre(m, args, kwargs, name=name):
+            seen[name] = (args, kwargs, [])
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(getattr(module, projection).register_forward_pre_hook(
+            lambda m, args, name=name: seen[name][2].append(args[0])))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _capture(model, inputs, **options):
+    with torch.no_grad():
+        plain = model(**inputs).last_hidden_state
+        with TransformerAttentionHooker(model, **options) as hooker:
+            hooked = model(**inputs).last_hidden_state
+    assert torch.equal(plain, hooked), "the capture changed the model's output"
+    return hooker
+
+
+# --------------------------------------------------------------------------------------------- LongT5
+
+
+def _longt5_by_hand(model, module, hidden, mask):
+    """softmax over every key of the layer, written densely: q.k (T5: no scaling) + the relative bias of
+    layer 0 for k - q where |k - q| < block_len, keys of padding masked; transient-global also the side keys
+    (the aggregates of global blocks, through the layer's norm and k/v) with their bias. Rows of real queries
+    only: (B, H, L, L [+ G]) and the values (B, H, L [+ G], d)."""
+    b, n, _ = hidden.shape
+    h, d, bl = module.n_heads, module.key_value_proj_dim, module.block_len
+    first = model.encoder.block[0].layer[0]
+    first = getattr(first, "LocalSelfAttention", None) or first.TransientGlobalSelfAttention
+    with torch.no_grad():
+        q, k, v = (getattr(module, p)(hidden).view(b, n, h, d).transpose(1, 2) for p in "qkv")
+        scores = q @ k.transpose(-1, -2)  # (B, H, L, L)
+        rel = torch.arange(n)[None, :] - torch.arange(n)[:, None]  # k - q
+        bucket = first._relative_position_bucket(rel, bidirectional=True,
+                                                 num_buckets=first.relative_attention_num_buckets,
+                                                 max_distance=first.relative_attention_max_distance)
+        scores = scores + first.relative_attention_bias(bucket).permute(2, 0, 1)[None]
+        allowed = (rel.abs() < bl)[None, None] & mask.bool()[:, None, None, :]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if hasattr(module, "global_block_size"):
+            gbs = module.global_block_size
+            count = n // gbs
+            real = mask.bool()
+            # block of each real token: g = t // gbs, the tokens left over joined to the last full block
+            last_full = real.sum(1) // gbs - 1  # (B,)
+            block_of = torch.minimum(torch.arange(n)[None, :] // gbs, last_full[:, None])
+            block_of = torch.where(real, block_of, torch.full_like(block_of, -1))
+            onehot = (block_of[..., None] == torch.arange(count)).to(hidden.dtype)  # (B, L, G)
+            side = module.global_input_layer_norm(onehot.transpose(1, 2) @ hidden)  # (B, G, C)
+            ks, vs = (getattr(module, p)(side).view(b, count, h, d).transpose(1, 2) for p in "kv")
+            side_scores = q @ ks.transpose(-1, -2)  # (B, H, L, G)
+            side_rel = torch.arange(count)[None, None, :] - block_of[..., None]  # (B, L, G)
+            side_bucket = first._relative_position_bucket(
+                side_rel, bidirectional=True, num_buckets=first.relative_attention_num_buckets,
+                max_distance=first.relative_attention_max_distance)
+            side_scores = side_scores + first.global_relative_attention_bias(side_bucket).permute(0, 3, 1, 2)
+            exists = torch.arange(count)[None, :] <= last_full[:, None]  # (B, G): a block of the row's tokens
+            side_scores = side_scores.masked_fill(~exists[:, None, None, :], float("-inf"))
+            scores = torch.cat([scores, side_scores], -1)
+            v = torch.cat([v, vs], 2)
+        return scores.softmax(-1), v
+
+
+def _place_longt5_blocks(blocks, n, bl):
+    """transformers' 5-D (B, nb, H, bl, 3 bl [+ G]) placed at (B, H, L, L [+ G]) by loops."""
+    b, nb, h, _, slots = blocks.shape
+    extra = slots - 3 * bl
+    dense = torch.zeros(b, h, n, n + extra)
+    for i in range(nb):
+        for s in range(bl):
+            query = i * bl + s
+            if query >= n:
+                continue
+            for slot in range(3 * bl):
+                key = (i - 1) * bl + slot
+                if 0 <= key < n:
+                    dense[:, :, query, key] = blocks[:, i, :, s, slot]
+            dense[:, :, query, n:] = blocks[:, i, :, s, 3 * bl:]
+    return dense
+
+
+@pytest.mark.parametrize("kind", ["local", "transient-global"])
+@pytest.mark.parametrize("length", [11, 12])  # 11: padded to 12 by the layer (blocks of 3); 12: not
+def test_longt5_layers_equal_a_dense_hand_computation_and_the_values_product(kind, length):
+    model = _longt5(kind)
+    inputs = _batch(length)
+    hooker = _capture(model, inputs, keep_values=True)
+    calls = _calls(model, inputs, LONGT5_KINDS, "o")
+    assert len(calls) == 2
+    real = inputs["attention_mask"].bool()
+    for name, (args, kwargs, outs) in calls.items():
+        module = model.get_submodule(name)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        got = hooker.values[name][0]
+        extra = length // 4 if kind == "transient-global" else 0
+        assert got.shape == (2, 2, length, length + extra)
+        expected, values = _longt5_by_hand(model, module, hidden, inputs["attention_mask"])
+        rows = real[:, None, :, None].expand_as(got)
+        torch.testing.assert_close(got[rows], expected[rows], rtol=1e-5, atol=1e-6)
+        off_band = (~_band(length, 3))[None, None] & real[:, None, :, None]  # real queries: |q - k| >= bl
+        assert bool((got[..., :length][off_band.expand(-1, 2, -1, -1)] == 0).all()), "weight off the band"
+        torch.testing.assert_close(hooker.value_vectors[name][0], values)
+        context = (got @ values).transpose(1, 2).reshape(2, length, -1)  # every row, padded ones too
+        torch.testing.assert_close(context, outs[0][:, :length], rtol=1e-5, atol=1e-6)
+
+
+def _band(n, bl):
+    """(L, L): the keys a query's three blocks hold and |q - k| < bl keeps."""
+    rel = torch.arange(n)[None, :] - torch.arange(n)[:, None]
+    return rel.abs() < bl
+
+
+def test_longt5_padded_query_rows_keep_the_uniform_weights_the_model_gave_them():
+    """A padded query's slots are all at -1e10: the model's softmax is uniform over its 3 bl slots; the
+    stored row keeps 1 / (3 bl) on each of its blocks' tokens, and nothing elsewhere."""
+    model = _longt5("local")
+    length, bl = 11, 3
+    inputs = _batch(length)
+    hooker = _capture(model, inputs)
+    got = hooker.values["encoder.block.1.layer.0.LocalSelfAttention"][0]
+    for q in range(length - 3, length):
+        block = q // bl
+        expected = torch.zeros(length)
+        expected[max(0, (block - 1) * bl):min(length, (block + 2) * bl)] = 1 / (3 * bl)
+        torch.testing.assert_close(got[0, :, q], expected.expand(2, -1))
+
+
+@pytest.mark.parametrize("kind", ["local", "transient-global"])
+def test_longt5_equals_transformers_blocks_placed_by_loops(kind):
+    model = _longt5(kind)
+    inputs = _batch(11)
+    hooker = _capture(model, inputs)
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True).encoder_attentions
+    names = [name for name, _ in _encoder_layers(model, LONGT5_KINDS)]
+    for name, blocks in zip(names, reference):
+        assert blocks.dim() == 5  # transformers returns the raw blocks
+        assert torch.equal(hooker.values[name][0], _place_longt5_blocks(blocks, 11, 3))
+
+
+@pytest.mark.parametrize("kind", ["local", "transient-global"])
+@pytest.mark.parametrize("selection", [dict(rows="last"), dict(heads=[1]), dict(keys=[0, 4, 10, 11]),
+                                       dict(rows=[0, 5, 8], heads=[0], keys=[5, 0])])
+def test_longt5_selection_equals_a_slice_of_the_whole_map(kind, selection):
+    model = _longt5(kind)
+    inputs = _batch(11)
+    encoder = r"(LocalSelfAttention|TransientGlobalSelfAttention)$"
+    whole = _capture(model, inputs, layer_regex=encoder).values
+    if kind == "local" and 11 in selection.get("keys", ()):
+        selection = dict(selection, keys=[0, 4, 10])  # key 11 is the second global aggregate's
+    picked = _capture(model, inputs, layer_regex=encoder, **selection).values
+    for name, _ in _encoder_layers(model, LONGT5_KINDS):
+        full = whole[name][0]
+        heads = selection.get("heads", list(range(full.shape[1])))
+        rows = selection.get("rows", list(range(full.shape[2])))
+        rows = [full.shape[2] - 1] if rows == "last" else rows
+        keys = selection.get("keys", list(range(full.shape[3])))
+        assert torch.equal(picked[name][0], full[:, heads][:, :, rows][..., keys])
+
+
+def test_longt5_key_labels_name_the_global_aggregates():
+    from attention_hooker.capture.local_blocks import longt5_key_labels
+
+    labels = longt5_key_labels([f"t{i}" for i in range(11)], 4)
+    assert len(labels) == 11 + 2 and labels[11:] == ["[global block 0: tokens 0-3]", "[global block 1: tokens 4-10]"]
+
+
+# ------------------------------------------------------------------------------------------ PEGASUS-X
+
+
+def _pegasus_x_by_hand(module, layer, hidden, glob, mask, length):
+    """One dense softmax over the layer's positions [G globals; Lp tokens]: a global query sees every position,
+    a token query the globals and the tokens of its own block; keys of padding (additive mask) masked. Cropped
+    to [globals; the input's tokens] on both axes, with the values (B, H, G + L, d)."""
+    b, lp, _ = hidden.shape
+    g, h, bs = glob.shape[1], module.num_heads, module.block_size
+    shift = layer.block_size // 2 if layer.stagger_blocks_this_layer else 0
+    with torch.no_grad():
+        x = torch.cat([glob, hidden], 1)  # (B, G + Lp, C)
+        q, k, v = (getattr(module, p)(x).view(b, g + lp, h, -1).transpose(1, 2) for p in ("q_proj", "k_proj", "v_proj"))
+        scores = (q @ k.transpose(-1, -2)) * module.scaling  # (B, H, G + Lp, G + Lp)
+        block = torch.cat([torch.full((g,), -1), torch.arange(lp) // bs])
+        allowed = (block[:, None] == -1) | (block[None, :] == -1) | (block[:, None] == block[None, :])
+        key_ok = torch.cat([torch.ones(b, g, dtype=torch.bool), mask > torch.finfo(mask.dtype).min / 2], 1)
+        scores = scores.masked_fill(~(allowed[None, None] & key_ok[:, None, None, :]), float("-inf"))
+        dense = scores.softmax(-1)
+    kept = torch.cat([torch.arange(g), g + shift + torch.arange(length)])
+    return dense[:, :, kept][..., kept], v[:, :, kept]
+
+
+@pytest.mark.parametrize("length", [10, 12])  # 10: padded to 12 by the encoder; 12: a multiple of the blocks
+def test_pegasus_x_layers_equal_a_dense_hand_computation_and_the_values_product(length):
+    model = _pegasus_x()
+    inputs = _batch(length, padding=2)
+    hooker = _capture(model, inputs, keep_values=True)
+    calls = _calls(model, inputs, ("PegasusXGlobalLocalAttention",), "out_proj")
+    assert len(calls) == 2
+    for name, (args, kwargs, outs) in calls.items():
+        module = model.get_submodule(name)
+        layer = model.get_submodule(name.rsplit(".", 1)[0])
+        hidden, glob, mask = kwargs["token_hidden_states"], kwargs["global_hidden_states"], kwargs["attention_mask"]
+        got = hooker.values[name][0]
+        assert got.shape == (2, 2, 3 + length, 3 + length)
+        expected, values = _pegasus_x_by_hand(module, layer, hidden, glob, mask, length)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # every row: no query row is masked
+        torch.testing.assert_close(hooker.value_vectors[name][0], values)
+        shift = layer.block_size // 2 if layer.stagger_blocks_this_layer else 0
+        context = (got @ values).transpose(1, 2).reshape(2, 3 + length, -1)
+        torch.testing.assert_close(context[:, :3], outs[0], rtol=1e-5, atol=1e-6)  # the globals' out_proj input
+        torch.testing.assert_close(context[:, 3:], outs[1][:, shift:shift + length], rtol=1e-5, atol=1e-6)
+    assert model.encoder.layers[1].stagger_blocks_this_layer  # the second layer's blocks are shifted
+
+
+def _place_pegasus_x(pieces, shift, length):
+    """transformers' {"global": (B, H, G, G + Lp), "local": (B, H, nb, bs, G + bs)} placed at
+    (B, H, G + L, G + L) by loops, input token t at G + t (layer token shift + t)."""
+    glob, local = pieces["global"], pieces["local"]
+    b, h, g, _ = glob.shape
+    nb, bs = local.shape[2], local.shape[3]
+    dense = torch.zeros(b, h, g + length, g + length)
+
+    def position(layer_token):
+        t = layer_token - shift
+        return g + t if 0 <= t < length else None
+
+    for i in range(g):
+        dense[:, :, i, :g] = glob[:, :, i, :g]
+        for x in range(nb * bs):
+            if position(x) is not None:
+                dense[:, :, i, position(x)] = glob[:, :, i, g + x]
+    for n in range(nb):
+        for s in range(bs):
+            row = position(n * bs + s)
+            if row is None:
+                continue
+            dense[:, :, row, :g] = local[:, :, n, s, :g]
+            for c in range(bs):
+                if position(n * bs + c) is not None:
+                    dense[:, :, row, position(n * bs + c)] = local[:, :, n, s, g + c]
+    return dense
+
+
+def test_pegasus_x_equals_transformers_pieces_placed_by_loops():
+    model = _pegasus_x()
+    inputs = _batch(10, padding=2)
+    hooker = _capture(model, inputs)
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True).encoder_attentions
+    for number, pieces in enumerate(reference):
+        assert isinstance(pieces, dict)
+        layer = model.encoder.layers[number]
+        shift = layer.block_size // 2 if layer.stagger_blocks_this_layer else 0
+        assert torch.equal(hooker.values[f"encoder.layers.{number}.self_attn"][0],
+                           _place_pegasus_x(pieces, shift, 10))
+
+
+@pytest.mark.parametrize("selection", [dict(rows="last"), dict(heads=[1]), dict(keys=[0, 4, 12]),
+                                       dict(rows=[0, 5, 8], heads=[0], keys=[5, 0])])
+def test_pegasus_x_selection_equals_a_slice_of_the_whole_map(selection):
+    model = _pegasus_x()
+    inputs = _batch(10, padding=2)
+    encoder = r"encoder\.layers\.\d+\.self_attn$"
+    whole = _capture(model, inputs, layer_regex=encoder).values
+    picked = _capture(model, inputs, layer_regex=encoder, **selection).values
+    for number in range(2):
+        name = f"encoder.layers.{number}.self_attn"
+        full = whole[name][0]
+        heads = selection.get("heads", list(range(full.shape[1])))
+        rows = selection.get("rows", list(range(full.shape[2])))
+        rows = [full.shape[2] - 1] if rows == "last" else rows
+        keys = selection.get("keys", list(range(full.shape[3])))
+        assert torch.equal(picked[name][0], full[:, heads][:, :, rows][..., keys])
+
+
+def test_pegasus_x_labels_put_the_global_tokens_first():
+    from attention_hooker.capture.global_tokens import pegasus_x_labels
+
+    assert pegasus_x_labels(["a", "b"], 3) == ["[global 0]", "[global 1]", "[global 2]", "a", "b"]
