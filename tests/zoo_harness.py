@@ -61,8 +61,6 @@ SECONDS_PER_CASE = 45
 # values, or none at all: the layers named by the regex must be refused (or, for attention no
 # route can see, report "nothing captured"), with a reason. Any other missing layer fails.
 EXPECTED_REFUSALS: Dict[str, Tuple[str, str]] = {
-    "longt5": (r"LocalSelfAttention|TransientGlobalSelfAttention", "5-D blocked local attention"),
-    "pegasus_x": (r"encoder\.layers\.\d+\.self_attn", "blocked local attention plus global tokens (two softmaxes)"),
     "jetmoe": (r"self_attention", "mixture of attention heads: each token's experts run their own heads"),
     "minimax": (r"layers\.1\.self_attn", "lightning (linear) attention layers compute no weights"),
     "yoso": (r"attention\.self", "LSH-sampled (YOSO) attention computes no softmax"),
@@ -137,6 +135,13 @@ ORACLE_NOTES = {
                                  "often as attended (the random blocks recorded from the call's torch_gather_b2), "
                                  "cropped to the input; that map times value(x) is checked equal to the layer's "
                                  "output",
+    "longt5": "transformers returns each encoder layer's raw blocked softmax (batch, blocks, heads, block_len, "
+              "3 * block_len [+ G global aggregates]): placed at (batch, heads, tokens, tokens [+ G]) by the harness's "
+              "own loops over blocks, query slots and key slots (slot kk of block i is key (i - 1) * block_len + kk)",
+    "pegasus_x": "transformers returns each encoder layer's two softmaxes as a dict {global: (batch, heads, G, G + "
+                 "padded tokens), local: (batch, heads, blocks, block, G + block)}, which the generic harness did not "
+                 "read: placed at (batch, heads, G + tokens, G + tokens), global tokens first, by the harness's own "
+                 "loops over the input's tokens (a staggered layer's tokens shifted by half a block)",
     "aimv2, aimv2_vision_model": "the attention-pooling head (a CLS query over the patches through sdpa), which transformers "
                           "does not report: compared with softmax(cls_token . k_proj(x)ᵀ / sqrt(d)) from its own weights",
 }
@@ -387,6 +392,8 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
     references = _nystromformer_with_conv(model, references)
     if case.model_type == "prophetnet":
         references += _ngram_streams(model, case.inputs)
+    references = _placed_longt5_blocks(model, case.inputs, references)
+    references += _placed_pegasus_x_pieces(model, case.inputs)
     unmatched, wrong = list(references), []
     for layer, calls in hooker.values.items():
         for got in calls:
@@ -670,6 +677,78 @@ def _nystromformer_with_conv(model, references: List[torch.Tensor]) -> List[torc
                     band[:, i, j] = weight[:, 0, t, 0]
         out.append(ref + band)
     return out
+
+
+def _placed_longt5_blocks(model, inputs, references: List[torch.Tensor]) -> List[torch.Tensor]:
+    """transformers' LongT5 local / transient-global blocks ``(batch, blocks, heads, bl, 3 bl [+ G])`` placed at
+    ``(batch, heads, tokens, tokens [+ G])`` by loops written for the harness (not the library's placement): slot
+    ``kk`` of block ``i`` is the key ``(i - 1) * bl + kk``, dropped off the sequence; the ``G`` global-aggregate
+    slots go to the last ``G`` columns. Each layer's token count is read from its call. Other references are
+    returned as they are."""
+    modules = [m for m in model.modules()
+               if type(m).__name__ in ("LongT5LocalAttention", "LongT5TransientGlobalAttention")]
+    if not modules:
+        return references
+    lengths, handles = [], []
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, kwargs: lengths.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+            with_kwargs=True))
+    try:
+        _forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    placed, pending = [], list(zip(lengths, modules))
+    for ref in references:
+        if ref.dim() != 5 or not pending:
+            placed.append(ref)
+            continue
+        tokens, module = pending.pop(0)
+        batch, blocks, heads, bl, slots = ref.shape
+        extra = slots - 3 * bl
+        dense = torch.zeros(batch, heads, tokens, tokens + extra)
+        for i in range(blocks):
+            for s in range(bl):
+                if i * bl + s >= tokens:
+                    continue
+                for kk in range(3 * bl):
+                    if 0 <= (i - 1) * bl + kk < tokens:
+                        dense[:, :, i * bl + s, (i - 1) * bl + kk] = ref[:, i, :, s, kk]
+                dense[:, :, i * bl + s, tokens:] = ref[:, i, :, s, 3 * bl:]
+        placed.append(dense)
+    return placed
+
+
+def _placed_pegasus_x_pieces(model, inputs) -> List[torch.Tensor]:
+    """transformers' PEGASUS-X encoder attentions, a dict per layer ``{"global": (batch, heads, G, G + Lp),
+    "local": (batch, heads, blocks, bs, G + bs)}`` (which :func:`_attentions_in` leaves out), placed at
+    ``(batch, heads, G + L, G + L)`` (global tokens first, then the input's ``L`` tokens) by loops over the
+    input's tokens; a staggered layer's token ``t`` is its padded token ``bs // 2 + t``."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "stagger_blocks_this_layer", None), bool)]
+    if not layers:
+        return []
+    length = inputs["input_ids"].shape[1]
+    output = _forward(model, inputs, output_attentions=True)
+    placed = []
+    for layer, pieces in zip(layers, getattr(output, "encoder_attentions", None) or ()):
+        glob, local = pieces["global"], pieces["local"]
+        batch, heads, g, _ = glob.shape
+        bs = local.shape[3]
+        shift = layer.block_size // 2 if layer.stagger_blocks_this_layer else 0
+        dense = torch.zeros(batch, heads, g + length, g + length)
+        for i in range(g):
+            dense[:, :, i, :g] = glob[:, :, i, :g]
+            for u in range(length):
+                dense[:, :, i, g + u] = glob[:, :, i, g + shift + u]
+        for t in range(length):
+            x = shift + t
+            dense[:, :, g + t, :g] = local[:, :, x // bs, x % bs, :g]
+            for u in range(length):
+                if (shift + u) // bs == x // bs:
+                    dense[:, :, g + t, g + u] = local[:, :, x // bs, x % bs, g + (shift + u) % bs]
+        placed.append(dense)
+    return placed
 
 
 def _swin_window_oracles(model, inputs) -> List[torch.Tensor]:
