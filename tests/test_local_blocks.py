@@ -341,3 +341,91 @@ def test_pegasus_x_labels_put_the_global_tokens_first():
     from attention_hooker.capture.global_tokens import pegasus_x_labels
 
     assert pegasus_x_labels(["a", "b"], 3) == ["[global 0]", "[global 1]", "[global 2]", "a", "b"]
+
+
+# ----------------------------------------------------------------------------------------- both families
+
+
+def _family(which: str):
+    if which == "pegasus_x":
+        return _pegasus_x(), _batch(10, padding=2), r"encoder\.layers\.\d+\.self_attn$"
+    return _longt5(which), _batch(11), r"(LocalSelfAttention|TransientGlobalSelfAttention)$"
+
+
+@pytest.mark.parametrize("which", ["local", "transient-global", "pegasus_x"])
+def test_streamed_and_reduced_captures_equal_the_capture_in_memory(which, tmp_path, monkeypatch):
+    from attention_hooker import load
+    from attention_hooker.analysis.stats import HeadStatsAccumulator
+    from attention_hooker.capture import session
+
+    model, inputs, encoder = _family(which)
+    memory = _capture(model, inputs, layer_regex=encoder)
+    monkeypatch.setattr(session, "ROWS_PER_TILE", 4)  # several tiles per call
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex=encoder) as hooker:
+        with hooker.stream_to(tmp_path / "capture", shard_bytes=1):
+            model(**inputs)
+    loaded = load(tmp_path / "capture")
+    assert set(loaded.values) == set(memory.values) and len(memory.values) == 2
+    for name, (want,) in memory.values.items():
+        assert torch.equal(loaded.values[name][0], want)
+    reduced = HeadStatsAccumulator()
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex=encoder) as hooker:
+        hooker.reduce_into(reduced)
+        model(**inputs)
+    direct = HeadStatsAccumulator()
+    direct.update(memory.values)
+    got, want = reduced.result(), direct.result()
+    for key in want:
+        if isinstance(want[key], torch.Tensor):
+            torch.testing.assert_close(got[key], want[key])
+
+
+@pytest.mark.parametrize("which", ["transient-global", "pegasus_x"])
+def test_a_row_is_placed_without_the_whole_map(which, monkeypatch):
+    """rows="last" places one row: the library's placement is called with one row and makes (batch, heads, 1, keys)."""
+    from attention_hooker.capture import global_tokens, local_blocks
+
+    module, function = ((global_tokens, "place_global_local_rows") if which == "pegasus_x"
+                        else (local_blocks, "place_block_rows"))
+    made, real = [], getattr(module, function)
+    monkeypatch.setattr(module, function, lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    model, inputs, encoder = _family(which)
+    keys = 3 + 10 if which == "pegasus_x" else 11 + 2
+    hooker = _capture(model, inputs, layer_regex=encoder, rows="last")
+    assert [tuple(m.shape) for m in made] == [(2, 2, 1, keys)] * 2
+    assert all(v[0].shape == (2, 2, 1, keys) for v in hooker.values.values())
+
+
+@pytest.mark.parametrize("which", ["local", "pegasus_x"])
+def test_an_attention_computation_that_is_none_of_the_pieces_refuses_the_call(which):
+    from attention_hooker import AttentionCaptureWarning
+
+    model, inputs, encoder = _family(which)
+    name, module = [(n, m) for n, m in model.named_modules() if __import__("re").search(encoder, n)][0]
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex=encoder) as hooker:
+        extra = module.register_forward_pre_hook(lambda m, args: [torch.softmax(torch.randn(4, 3, 5), -1)] and None)
+        try:
+            with pytest.warns(AttentionCaptureWarning, match="unknown piece"):
+                model(**inputs)
+        finally:
+            extra.remove()
+    assert hooker.report().missing == [name]
+    assert "(4, 3, 5)" in hooker.report()[name].reason
+
+
+@pytest.mark.parametrize("which", ["local", "transient-global", "pegasus_x"])
+def test_bfloat16_maps_are_stored_in_the_dtype_the_values_were_multiplied_in(which):
+    model, inputs, encoder = _family(which)
+    model = model.to(torch.bfloat16)
+    hooker = _capture(model, inputs, layer_regex=encoder)
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True).encoder_attentions
+    for number, (name, got) in enumerate(hooker.values.items()):
+        assert got[0].dtype == torch.bfloat16
+        if which == "pegasus_x":
+            layer = model.encoder.layers[number]
+            want = _place_pegasus_x(reference[number], layer.block_size // 2 if layer.stagger_blocks_this_layer
+                                    else 0, 10)
+        else:
+            want = _place_longt5_blocks(reference[number], 11, 3)
+        assert torch.equal(got[0].float(), want.float())

@@ -157,7 +157,8 @@ class _LongT5Call(PieceCall):
                 return ("keep_values on a LongT5 transient-global layer whose modeling module has no "
                         "_make_global_fixed_block_ids / _create_global_aggregates: the values of its global "
                         "aggregates cannot be made, so the call is not stored (capture it without keep_values)")
-            mask = self.mask if isinstance(self.mask, torch.Tensor) else torch.ones(self.hidden.shape[:-1])
+            mask = self.mask if isinstance(self.mask, torch.Tensor) else torch.ones(self.hidden.shape[:-1],
+                                                                                   device=self.hidden.device)
             block_ids, segments = make_ids(mask, module.global_block_size)
             side = module.global_input_layer_norm(aggregate(self.hidden, block_ids, segments.shape[-1]))
             side = module.v(side).view(b, -1, self.heads, value.shape[-1]).transpose(1, 2)  # (B, H, G, d)
