@@ -429,3 +429,27 @@ def test_bfloat16_maps_are_stored_in_the_dtype_the_values_were_multiplied_in(whi
         else:
             want = _place_longt5_blocks(reference[number], 11, 3)
         assert torch.equal(got[0].float(), want.float())
+
+
+def test_pegasus_x_layer_called_without_its_encoder_keeps_the_block_padding_and_crops_the_stagger():
+    """An encoder layer called on its own: the input's length cannot be read from the encoder, so the layer's
+    tokens less the stagger are kept (12 here: all of them); the staggered layer's half blocks are still cropped."""
+    model = _pegasus_x()
+    layer = model.encoder.layers[1]
+    assert layer.stagger_blocks_this_layer
+    torch.manual_seed(2)
+    hidden, glob = torch.randn(2, 12, 32), torch.randn(2, 3, 32)
+    mask = torch.zeros(2, 12)
+    mask[0, -3:] = torch.finfo(torch.float32).min  # the user's padding, additive
+    seen = {}
+    handle = layer.self_attn.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    try:
+        with torch.no_grad(), TransformerAttentionHooker(layer, layer_regex=r"self_attn$") as hooker:
+            layer(hidden, glob, mask)
+    finally:
+        handle.remove()
+    (got,) = hooker.values["self_attn"]
+    assert got.shape == (2, 2, 15, 15) and seen["token_hidden_states"].shape[1] == 16  # 12 + 2 half blocks
+    expected, _ = _pegasus_x_by_hand(layer.self_attn, layer, seen["token_hidden_states"],
+                                     seen["global_hidden_states"], seen["attention_mask"], 12)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
