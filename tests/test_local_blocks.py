@@ -453,3 +453,30 @@ def test_pegasus_x_layer_called_without_its_encoder_keeps_the_block_padding_and_
     expected, _ = _pegasus_x_by_hand(layer.self_attn, layer, seen["token_hidden_states"],
                                      seen["global_hidden_states"], seen["attention_mask"], 12)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_longt5_local_layer_called_without_a_mask_drops_only_the_weight_on_its_zero_padding():
+    """Called on its own without a mask, the layer masks nothing: its rows attend all three blocks, the slots off
+    the sequence included (zero keys and values). The stored map keeps every token's weight, so map @ v(x) is
+    still the layer's context; rows of the first and last blocks miss exactly the weight on those slots."""
+    model = _longt5("local")
+    module = model.encoder.block[1].layer[0].LocalSelfAttention
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 11, 32)
+    contexts = []
+    handle = module.o.register_forward_pre_hook(lambda m, args: contexts.append(args[0]))
+    try:
+        with torch.no_grad(), TransformerAttentionHooker(module, layer_regex=r"^$") as hooker:
+            module(hidden)
+    finally:
+        handle.remove()
+    (got,) = hooker.values[""]
+    assert got.shape == (2, 2, 11, 11)
+    with torch.no_grad():
+        v = module.v(hidden).view(2, 11, 2, 8).transpose(1, 2)
+    torch.testing.assert_close((got @ v).transpose(1, 2).reshape(2, 11, -1), contexts[0][:, :11], rtol=1e-5, atol=1e-6)
+    sums = got.sum(-1)
+    # blocks of 3: block 1 (tokens 3-5) sees blocks 0-2, all tokens; block 0 sees a zero block before it,
+    # blocks 2 and 3 the slot 11 the layer padded
+    assert bool((sums[..., 3:6] - 1).abs().max() < 1e-5)
+    assert bool((sums[..., :3] < 1 - 1e-3).all()) and bool((sums[..., 6:] < 1 - 1e-3).all())
