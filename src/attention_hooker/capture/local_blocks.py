@@ -75,12 +75,11 @@ def place_block_rows(weights: torch.Tensor, tokens: int, block: int, rows: torch
     rows = rows.to(weights.device)
     which, slot = rows // bl, rows % bl
     picked = weights.permute(0, 2, 1, 3, 4)[:, :, which, slot]  # (B, h, R, 3bl + G)
-    out = weights.new_zeros(batch, picked.shape[1], rows.shape[0], tokens + extra + 1)  # last: dropped slots
+    out = weights.new_zeros(batch, picked.shape[1], rows.shape[0], tokens + extra + 1)  # last: slots on no token
     key = (which[:, None] - 1) * bl + torch.arange(3 * bl, device=rows.device)[None, :]  # (R, 3bl)
     key = torch.where((key >= 0) & (key < tokens), key, torch.full_like(key, tokens + extra))
     local = picked[..., :3 * bl]
     out.scatter_(-1, key[None, None].expand_as(local), local)  # one slot per (query, key): no sums
-    out[..., tokens + extra] = 0  # what fell on no token (zero keys and values)
     if extra:
         out[..., tokens:tokens + extra] = picked[..., 3 * bl:]
     out = out[..., :tokens + extra]
