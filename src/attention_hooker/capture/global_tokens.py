@@ -148,7 +148,7 @@ class _GlobalLocalCall(PieceCall):
         glob, local = self.glob, self.local
 
         def rows(heads, chosen: torch.Tensor, keys) -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), no_function_modes():  # the capture's own arithmetic: no mode sees it
                 return place_global_local_rows(glob, local, shift, tokens, chosen, heads, keys).to(dtype)
 
         return Assembly(self.batch, self.heads, g + tokens, g + tokens, dtype, rows, CallSources(value=value))

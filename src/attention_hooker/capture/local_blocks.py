@@ -137,7 +137,7 @@ class _LongT5Call(PieceCall):
         weights, tokens, block = self.weights, self.tokens, self.block
 
         def rows(heads, chosen: torch.Tensor, keys) -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), no_function_modes():  # the capture's own arithmetic: no mode sees it
                 return place_block_rows(weights, tokens, block, chosen, heads, keys).to(dtype)
 
         return Assembly(self.batch, self.heads, tokens, tokens + self.extra, dtype, rows, CallSources(value=value))
