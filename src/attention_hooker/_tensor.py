@@ -6,6 +6,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from ._per_window import refuse_per_window
 from .errors import AttentionHookerError
 
 __all__ = ["to_numpy", "as_heads", "as_batched", "require_4d", "values_of", "require_positions"]
@@ -34,6 +35,7 @@ def as_heads(attn, *, batch_index: int = 0, where: str = "attention") -> np.ndar
     """
     if isinstance(batch_index, bool) or not isinstance(batch_index, (int, np.integer)):
         raise AttentionHookerError(f"batch_index={batch_index!r} must be an int (which batch item)")
+    refuse_per_window(attn, where)
     arr = to_numpy(attn)
     if arr.ndim == 4:
         if not -arr.shape[0] <= batch_index < arr.shape[0]:
@@ -110,8 +112,11 @@ def require_4d(a, where: str) -> None:
     """The one shape check of an attention tensor: ``(batch, heads, query, key)``.
 
     Raises:
-        AttentionHookerError: on another number of dims, naming ``where`` and the shape.
+        AttentionHookerError: on another number of dims, or a call kept per window
+            (``(batch * windows, heads, N, N)``, see :mod:`attention_hooker._per_window`),
+            naming ``where`` and the shape.
     """
+    refuse_per_window(a, where)
     if a.dim() != 4:
         raise AttentionHookerError(
             f"Wrong shape for {where}: expected 4 dims (batch, heads, query, key). "

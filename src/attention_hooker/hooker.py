@@ -237,9 +237,7 @@ class TransformerAttentionHooker:
         ``width``; ``index.dense(call)`` is the ``(batch, heads, H*W, H*W)`` map the default
         ``windows="dense"`` stores. Empty for other captures.
         """
-        kept = self._router.memory.window_index
-        order = list(self._router.memory.values)
-        return {name: list(kept[name]) for name in sorted(kept, key=lambda n: order.index(n) if n in order else len(order))}
+        return self._router.memory.window_index_copy()  # under the keeper's lock
 
     @property
     def hooked_layers(self) -> List[str]:

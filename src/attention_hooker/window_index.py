@@ -14,17 +14,17 @@ and saved captures all read the index), and owns the placement itself.
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from .errors import AttentionHookerError
 from .values import AttentionValues
 
-__all__ = ["WindowIndex", "place_windows", "dense_values"]
+__all__ = ["WindowIndex", "place_windows", "dense_values", "checked_window_map"]
 
 
-class WindowIndex(NamedTuple):
+class WindowIndex:
     """The window-to-position index of one windowed attention call.
 
     Attributes:
@@ -33,16 +33,54 @@ class WindowIndex(NamedTuple):
         batch: images in the call.
         height, width: the layer's real token grid.
 
+    The constructor checks all of this (an index that put two slots on one token would make
+    :meth:`dense` overwrite one weight with another). Two indices are equal when their sizes
+    and tables are.
+
+    Raises:
+        AttentionHookerError: on sizes that are not positive integers, or a table that does not
+            hold each of the ``height * width`` tokens exactly once (and ``-1`` for padding).
+
     Example:
         >>> index = WindowIndex(torch.tensor([[0, 1, 2, 3]]), batch=1, height=2, width=2)
         >>> index.dense(torch.softmax(torch.randn(1, 3, 4, 4), -1)).shape
         torch.Size([1, 3, 4, 4])
     """
 
-    table: torch.Tensor
-    batch: int
-    height: int
-    width: int
+    __slots__ = ("table", "batch", "height", "width")
+
+    def __init__(self, table: torch.Tensor, batch: int, height: int, width: int, *, where: str = "the window index"):
+        sizes = [batch, height, width]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+            raise AttentionHookerError(f"{where}: batch, height and width {sizes} are not positive integers")
+        if not isinstance(table, torch.Tensor) or table.dim() != 2 or 0 in table.shape or \
+                table.dtype.is_floating_point or table.dtype.is_complex or table.dtype == torch.bool:
+            got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+            raise AttentionHookerError(f"{where}: its table is {got}, not a (windows, N) tensor of integers")
+        table = table.to(torch.long)
+        real = table[table >= 0].cpu()
+        if bool((table < -1).any()) or len(real) != height * width or \
+                not torch.equal(real.sort().values, torch.arange(height * width)):
+            raise AttentionHookerError(f"{where}: its table does not hold each of the {height * width} tokens exactly "
+                                       "once (and -1 for padding)")
+        for name, value in zip(self.__slots__, (table, batch, height, width)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a WindowIndex is read-only")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, WindowIndex):
+            return NotImplemented
+        return (self.batch, self.height, self.width) == (other.batch, other.height, other.width) and \
+            self.table.shape == other.table.shape and torch.equal(self.table.cpu(), other.table.cpu())
+
+    def __hash__(self) -> int:
+        return hash((self.batch, self.height, self.width, tuple(self.table.shape)))
+
+    def __repr__(self) -> str:
+        return (f"WindowIndex({self.batch} images of {self.height}x{self.width} tokens in {self.windows} windows of "
+                f"{self.slots} slots)")
 
     @property
     def windows(self) -> int:
@@ -104,14 +142,8 @@ class WindowIndex(NamedTuple):
                                                            for r in table)
                 and all(isinstance(v, int) and not isinstance(v, bool) for r in table for v in r)):
             raise AttentionHookerError(f"{where} is damaged: its table is not a (windows, N) list of integers")
-        table = torch.tensor(table, dtype=torch.long)
         batch, height, width = sizes
-        real = table[table >= 0]
-        if bool((table < -1).any()) or len(real) != height * width or \
-                not torch.equal(real.sort().values, torch.arange(height * width)):
-            raise AttentionHookerError(f"{where} is damaged: its table does not hold each of the {height * width} "
-                                       "tokens exactly once (and -1 for padding)")
-        return cls(table, batch, height, width)
+        return cls(torch.tensor(table, dtype=torch.long), batch, height, width, where=f"{where} is damaged")
 
 
 def place_windows(per_window: torch.Tensor, table: torch.Tensor, batch: int, tokens: int,
@@ -166,8 +198,40 @@ def _slots(chosen: Optional[Sequence[int]], tokens: int, device) -> torch.Tensor
     return where
 
 
+def checked_window_map(window_index, where: str = "window_index=") -> Dict[str, List[Optional[WindowIndex]]]:
+    """``window_index`` checked to be ``{layer: [WindowIndex or None per call]}`` (``hooker.window_index``).
+
+    Raises:
+        AttentionHookerError: naming ``where`` and what was given instead (a single
+            :class:`WindowIndex`, the index of one call, is for the views of one call).
+
+    Example:
+        >>> index = WindowIndex(torch.tensor([[0]]), 1, 1, 1)
+        >>> checked_window_map({"a": [index, None]}) == {"a": [index, None]}
+        True
+    """
+    expected = "{layer_name: [WindowIndex or None per call]} (hooker.window_index, or a loaded capture's)"
+    if isinstance(window_index, WindowIndex):
+        raise AttentionHookerError(f"{where} takes {expected}, got one WindowIndex (the index of one call, which "
+                                   "swin_attention_map and plot_swin_attention take)")
+    if not isinstance(window_index, Mapping):
+        raise AttentionHookerError(f"{where} takes {expected}, got {type(window_index).__name__}")
+    checked = {}
+    for name, indices in window_index.items():
+        if isinstance(indices, (str, bytes, WindowIndex)) or not isinstance(indices, Sequence):
+            raise AttentionHookerError(f"{where}[{name!r}] is {type(indices).__name__}: expected a list of one "
+                                       f"WindowIndex or None per call of the layer ({expected})")
+        bad = [type(i).__name__ for i in indices if i is not None and not isinstance(i, WindowIndex)]
+        if bad:
+            raise AttentionHookerError(f"{where}[{name!r}] holds {bad[0]}: expected a list of one WindowIndex or None "
+                                       f"per call of the layer ({expected})")
+        checked[name] = list(indices)
+    return checked
+
+
 def dense_values(values: Mapping[str, Sequence[torch.Tensor]],
-                 window_index: Mapping[str, Sequence[Optional[WindowIndex]]]) -> AttentionValues:
+                 window_index: Mapping[str, Sequence[Optional[WindowIndex]]], *,
+                 call: Optional[int] = None, where: str = "window_index=") -> AttentionValues:
     """``values`` with every call kept per window placed at its tokens: what the default
     ``windows="dense"`` capture stores, made on demand.
 
@@ -176,29 +240,36 @@ def dense_values(values: Mapping[str, Sequence[torch.Tensor]],
             ``(batch, heads, query, key)`` or, for a windowed layer kept with ``windows="keep"``,
             ``(batch * windows, heads, N, N)``.
         window_index: ``{layer: [WindowIndex or None per call]}`` (``hooker.window_index``, or a
-            loaded capture's); a layer not in it (or a ``None``) is passed on as it is.
+            loaded capture's); a layer not in it (or a ``None``) is passed on as it is, and so is
+            a call that is ``None`` (a gradient backward has not reached).
+        call: only this call of each layer (placed alone, the others not made): ``{layer: [call]}``.
+        where: the argument's name in errors.
 
     Returns:
         ``{layer: [call]}`` in the same order, each ``(batch, heads, query, key)`` over tokens.
 
     Raises:
-        AttentionHookerError: when a layer's index does not match its calls.
+        AttentionHookerError: when ``window_index`` is not such a mapping, a layer's index does not
+            match its calls, or a layer lacks ``call``.
 
     Example:
         >>> index = WindowIndex(torch.tensor([[0, 2], [1, 3]]), batch=1, height=2, width=2)
         >>> dense_values({"a": [torch.ones(2, 1, 2, 2) / 2]}, {"a": [index]})["a"][0][0, 0].tolist()
         [[0.5, 0.0, 0.5, 0.0], [0.0, 0.5, 0.0, 0.5], [0.5, 0.0, 0.5, 0.0], [0.0, 0.5, 0.0, 0.5]]
     """
+    window_index = checked_window_map(window_index, where)
     out = AttentionValues()
     for name, calls in values.items():
         indices = window_index.get(name)
-        if indices is None:
-            out[name] = list(calls)
-            continue
-        if len(indices) != len(calls):
+        if indices is not None and len(indices) != len(calls):
             raise AttentionHookerError(f"layer {name!r} has {len(calls)} calls but {len(indices)} window indices")
-        out[name] = [call if index is None else _dense_of(index, call, f"layer {name!r} call {i}")
-                     for i, (call, index) in enumerate(zip(calls, indices))]
+        chosen = range(len(calls))
+        if call is not None:
+            if not -len(calls) <= call < len(calls):
+                raise AttentionHookerError(f"layer {name!r} has {len(calls)} calls; call={call} is out of range")
+            chosen = [call % len(calls)]
+        out[name] = [calls[i] if indices is None or indices[i] is None or calls[i] is None
+                     else _dense_of(indices[i], calls[i], f"layer {name!r} call {i}") for i in chosen]
     return out
 
 

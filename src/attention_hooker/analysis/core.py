@@ -87,7 +87,8 @@ def square_stack(attentions, where: str) -> List[torch.Tensor]:
         if a.shape[0] != shape[0] or a.shape[-1] != shape[-1]:
             raise AttentionHookerError(
                 f"{where}[{i}] is {tuple(a.shape)} but {where}[0] is {tuple(shape)}: every layer must share "
-                "batch and token count (a model whose stages merge tokens, such as Swin: stage_rollout)"
+                "batch and token count (a model whose stages merge tokens, such as Swin: stage_rollout; a capture "
+                'with windows="keep": pass window_index=hooker.window_index, or the hooker itself)'
             )
     for i, a in enumerate(layers):
         check_probabilities(a, f"{where}[{i}]")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Mapping, Optional
 
 import torch
 
@@ -12,7 +12,7 @@ from ..errors import AttentionHookerError
 from ..window_index import dense_values
 from .core import FUSIONS, fuse_heads, layer_sequence, square_stack
 
-__all__ = ["attention_rollout", "gradient_weighted_rollout", "layer_graphs"]
+__all__ = ["attention_rollout", "gradient_weighted_rollout", "layer_graphs", "placed_first_calls"]
 
 
 def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str = "mean",
@@ -27,9 +27,12 @@ def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str
             ``hooker.values`` (first call of each layer).
         add_residual: add the identity for the residual connection.
         head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
-        window_index: ``hooker.window_index`` of a capture with ``windows="keep"``: its calls kept
-            per window are placed at their tokens first (a model whose stages merge tokens,
-            such as Swin over several stages: :func:`~attention_hooker.analysis.stage_rollout.stage_rollout`).
+        window_index: ``hooker.window_index`` of a capture with ``windows="keep"``,
+            ``{layer_name: [WindowIndex or None per call]}``: the first call of each layer, when
+            kept per window, is placed at its tokens first (that call only). Taken from
+            ``attentions`` when it is a hooker or a loaded capture that holds one. A model whose
+            stages merge tokens, such as Swin over several stages:
+            :func:`~attention_hooker.analysis.stage_rollout.stage_rollout`.
 
     Returns:
         ``(batch, tokens, tokens)``; row ``i`` sums to 1.
@@ -47,13 +50,25 @@ def attention_rollout(attentions, *, add_residual: bool = True, head_fusion: str
     """
     one_of(head_fusion, "head_fusion", FUSIONS)
     add_residual = check_flag(add_residual, "add_residual")
-    if window_index is not None:
-        attentions = dense_values(values_of(attentions), window_index)
+    attentions, _ = placed_first_calls(attentions, window_index)
     layers = square_stack(attentions, "attentions")
     rollout = None
     for fused in layer_graphs(layers, add_residual, head_fusion):
         rollout = fused if rollout is None else fused @ rollout
     return rollout.to(layers[0].dtype)
+
+
+def placed_first_calls(attentions, window_index=None, *, where: str = "window_index="):
+    """``(attentions, index)``: with a window index (given, or ``attentions.window_index`` of a
+    hooker or loaded capture), ``{layer: [first call]}`` with that call placed at its tokens
+    (:func:`~attention_hooker.window_index.dense_values` ``call=0``: no other call is made),
+    and the checked index; else ``attentions`` as given and ``None``."""
+    if window_index is None and not isinstance(attentions, Mapping):
+        held = getattr(attentions, "window_index", None)
+        window_index = held if isinstance(held, Mapping) and held else None
+    if window_index is None:
+        return attentions, None
+    return dense_values(values_of(attentions), window_index, call=0, where=where), window_index
 
 
 def layer_graphs(layers: List[torch.Tensor], add_residual: bool, head_fusion: str) -> List[torch.Tensor]:
@@ -77,7 +92,7 @@ def layer_graphs(layers: List[torch.Tensor], add_residual: bool, head_fusion: st
     return graphs
 
 
-def gradient_weighted_rollout(attentions, gradients) -> torch.Tensor:
+def gradient_weighted_rollout(attentions, gradients, *, window_index=None) -> torch.Tensor:
     """Gradient-weighted relevance (Chefer, Gur & Wolf 2021, "Generic attention-model explainability").
 
     ``R = I``; for each layer in model order ``R <- R + mean_heads(relu(grad(A) * A)) @ R``.
@@ -86,6 +101,11 @@ def gradient_weighted_rollout(attentions, gradients) -> torch.Tensor:
         attentions: per-layer ``(batch, heads, tokens, tokens)``, or ``hooker.values``.
         gradients: d(score)/d(A) of the same shapes, or ``hooker.gradients`` from a
             hooker made with ``keep_grad=True`` after ``score.backward()``.
+        window_index: ``hooker.window_index`` of a capture with ``windows="keep"``: the first
+            call of each layer and its gradient, when kept per window, are placed at their
+            tokens first (a weight off its window is an exact zero of the dense map, so its
+            ``grad * A`` is 0 whatever its gradient). Taken from ``attentions`` when it is a
+            hooker that holds one.
 
     Returns:
         ``(batch, tokens, tokens)`` relevance; row ``i`` says which tokens made token ``i``'s output.
@@ -95,6 +115,9 @@ def gradient_weighted_rollout(attentions, gradients) -> torch.Tensor:
         >>> gradient_weighted_rollout(a, [torch.ones(1, 2, 3, 3)]).shape
         torch.Size([1, 3, 3])
     """
+    attentions, window_index = placed_first_calls(attentions, window_index)
+    if window_index is not None:
+        gradients = dense_values(values_of(gradients), window_index, call=0)
     layers = square_stack(attentions, "attentions")
     grads = layer_sequence(gradients, where="gradients", allow_missing=True)
     if len(grads) != len(layers):

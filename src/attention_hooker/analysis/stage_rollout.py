@@ -15,11 +15,9 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .._checks import check_flag, check_probabilities, one_of
-from .._tensor import values_of
 from ..errors import AttentionHookerError
-from ..window_index import dense_values
 from .core import FUSIONS, layer_sequence
-from .rollout import layer_graphs
+from .rollout import layer_graphs, placed_first_calls
 
 __all__ = ["stage_rollout", "merge_matrix", "merged_grid"]
 
@@ -82,8 +80,10 @@ def stage_rollout(attentions, *, grid: Optional[Sequence[int]] = None, window_in
         grid: ``(height, width)`` of the first layer's tokens; by default read from
             ``window_index``, or a square grid. Later layers keep the grid while their token
             count stays, and take the 2 x 2 merged grid when it changes.
-        window_index: ``hooker.window_index`` (or a loaded capture's), for calls kept per window;
-            each windowed layer's grid is read from it.
+        window_index: ``hooker.window_index`` (or a loaded capture's), ``{layer_name:
+            [WindowIndex or None per call]}``, for calls kept per window (only the first call of
+            each layer is placed); each windowed layer's grid is read from it. Taken from
+            ``attentions`` when it is a hooker or a loaded capture that holds one.
         add_residual: add the identity for the residual connection.
         head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
 
@@ -106,9 +106,8 @@ def stage_rollout(attentions, *, grid: Optional[Sequence[int]] = None, window_in
     one_of(head_fusion, "head_fusion", FUSIONS)
     add_residual = check_flag(add_residual, "add_residual")
     known: List[Optional[Tuple[int, int]]] = []
+    attentions, window_index = placed_first_calls(attentions, window_index)
     if window_index is not None:
-        values = values_of(attentions)
-        attentions = dense_values(values, window_index)
         known = [None if not window_index.get(name) or window_index[name][0] is None
                  else (window_index[name][0].height, window_index[name][0].width) for name in attentions]
     layers = layer_sequence(attentions, where="attentions")

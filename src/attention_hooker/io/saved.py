@@ -22,7 +22,8 @@ from ..selection import selected_rows
 from .._tensor import as_batched, values_of
 from ..errors import AttentionHookerError
 from ..values import AttentionValues, natural_order
-from ..window_index import WindowIndex
+from .._per_window import mark_per_window, refuse_per_window
+from ..window_index import WindowIndex, checked_window_map
 from .format import INDEX_NAME, CheckedCalls, checked_file, checked_path, parse_json, read_index
 
 __all__ = ["SavedAttention", "save_values", "load", "to_bertviz", "to_numpy"]
@@ -138,12 +139,14 @@ def save_values(
         raise AttentionHookerError(f"expected {{layer_name: [tensor per call]}} to save, got {type(values).__name__}")
     if not values or not any(len(calls) for calls in values.values()):
         raise AttentionHookerError("nothing to save: the capture holds no attention (run the model with hooks on first)")
+    indexed = checked_window_map(windows or {}, "windows=")
     values = {
-        name: [as_batched(tensor, f"layer {name!r} call {call}") for call, tensor in enumerate(calls)]
+        name: [tensor if _indexed(indexed, name, call) else as_batched(tensor, f"layer {name!r} call {call}")
+               for call, tensor in enumerate(calls)]
         for name, calls in values.items()
-    }  # each (batch, heads, query, key)
+    }  # each (batch, heads, query, key), or (batch * windows, heads, N, N) beside its window index
+    windows = _described_windows(indexed, values)
     tokens = _checked_tokens(tokens, values, selection)
-    windows = _described_windows(windows, values)
     path = prepare_output_path(path, what="capture")
     tensors: Dict[str, torch.Tensor] = {}
     layers: List[str] = []
@@ -168,6 +171,12 @@ def save_values(
     if windows:
         meta["windows"] = windows
     save_file(tensors, path, metadata={_META_KEY: json.dumps(meta)})
+
+
+def _indexed(windows: Mapping, name: str, call: int) -> bool:
+    """Whether call ``call`` of layer ``name`` has a window index (is kept per window)."""
+    indices = windows.get(name)
+    return indices is not None and call < len(indices) and indices[call] is not None
 
 
 def _described_windows(windows, values: Mapping) -> Optional[Dict[str, list]]:
@@ -206,6 +215,7 @@ def _read_windows(meta: dict, values: Mapping, where: str) -> Dict[str, list]:
                 data, f"{where}: the window index of layer {name!r} call {call}")
             if index is not None:
                 index.check(calls[call], f"{where}: layer {name!r} call {call}")
+                mark_per_window(list.__getitem__(calls, call))  # (batch * windows, heads, N, N): readers refuse it
             found[name].append(index)
     return found
 
@@ -412,6 +422,9 @@ def to_numpy(source) -> Dict[str, list]:
         (1, 1, 2, 2)
     """
     values = values_of(source, require=False)
+    for name, calls in values.items():
+        for call, t in enumerate(calls):
+            refuse_per_window(t, f"layer {name!r} call {call}")
     return {
         name: [t.detach().cpu().float().numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.detach().cpu().numpy()
                for t in calls]

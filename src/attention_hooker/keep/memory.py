@@ -6,10 +6,11 @@ Every stored tensor has shape ``(batch, heads, query, key)``.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .._per_window import mark_per_window
 from .._torch_private import refcount
 from ..values import AttentionValues
 from .policy import StoragePolicy
@@ -126,8 +127,11 @@ class MemoryKeeper:
         if calls is None:
             calls = self._insert_layer(name)
         calls.append(stored)
+        # (batch * windows, heads, N, N): the readers of maps refuse it; a reused buffer loses an old mark
+        mark_per_window(stored, sources.windows is not None)
         if p.keep_grad:
-            self._watch_gradient(name, stored, graph_tensor, sources.gradient_scale)
+            self._watch_gradient(name, stored, graph_tensor, sources.gradient_scale,
+                                 per_window=sources.windows is not None)
         if p.keep_values:
             self._add_value(name, sources.value)
         if sources.windows is not None or name in self.window_index:  # aligned with the layer's calls
@@ -149,7 +153,16 @@ class MemoryKeeper:
                 self.value_vectors[n] = self.value_vectors.pop(n)
         self.value_vectors[name].append(None if value is None else self.place(value.detach()))
 
-    def _watch_gradient(self, name: str, stored: torch.Tensor, graph_tensor, scale=None) -> None:
+    def window_index_copy(self) -> Dict[str, list]:
+        """``{layer: [WindowIndex or None per call]}`` in the order of ``values``, copied under the lock
+        (forwards on other threads add calls and indices together)."""
+        with self._lock:
+            order = {name: rank for rank, name in enumerate(self.values)}
+            return {name: list(self.window_index[name])
+                    for name in sorted(self.window_index, key=lambda n: order.get(n, len(order)))}
+
+    def _watch_gradient(self, name: str, stored: torch.Tensor, graph_tensor, scale=None, *,
+                        per_window: bool = False) -> None:
         """Fills ``gradients[name][i]`` when backward reaches ``graph_tensor`` (a tensor, or a
         :class:`~attention_hooker.keep.protocol.GradientSource`)."""
         slots = self.gradients.setdefault(name, [])
@@ -168,6 +181,8 @@ class MemoryKeeper:
             if scale is not None:
                 grad = grad * scale
             slot[0] = self.place(grad.reshape(stored.shape))
+            if per_window:
+                mark_per_window(slot[0])
 
         graph_tensor.register_hook(keep)
 
