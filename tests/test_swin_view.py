@@ -39,9 +39,10 @@ def test_one_hot_key_lands_on_its_patch_of_a_rectangular_image(image_size, hot):
     attn = torch.zeros(1, 2, 35, 35)
     attn[..., hot[0] * 7 + hot[1]] = 1.0  # every query, every head: all weight on one token
     image = np.zeros(image_size + (3,))
-    if image_size[0] % grid[0]:  # the patch size cannot be read from the sizes: refused, then given
-        with pytest.raises(AttentionHookerError, match=r"does not divide the 33x49 image evenly .* pass patch="):
-            plot_swin_attention(attn, image, grid=grid)
+    # Several whole pixels per token fit either image (8 or 9 down for 40 and 33): refused, then given.
+    with pytest.raises(AttentionHookerError, match=rf"5x7 token grid on a {image_size[0]}x{image_size[1]} image "
+                                                   r"cannot be read from the sizes .* pass patch_size="):
+        plot_swin_attention(attn, image, grid=grid)
     fig = plot_swin_attention(attn, image, grid=grid, query=(0, 0), alpha=1.0, cmap="gray", patch=patch)
     assert fig.axes[1].get_xlim() == (0, image_size[1]) and fig.axes[1].get_ylim() == (image_size[0], 0)
     brightness = _rendered_patch_brightness(fig, grid, patch, image_size)

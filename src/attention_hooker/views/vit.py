@@ -42,16 +42,22 @@ def _patch_grid(n_patches: int, image_shape: Optional[Sequence[int]]) -> tuple:
     return best[1], best[2]
 
 
-def _image_array(image) -> np.ndarray:
-    """``(H, W, 3)`` floats in [0, 1] from a tensor ``(3, H, W)``/``(H, W, 3)``, an array, or a PIL image."""
+def _image_array(image, batch_index: int = 0) -> np.ndarray:
+    """``(H, W, 3)`` floats in [0, 1] from a tensor ``(3, H, W)``/``(H, W, 3)``, an array, or a PIL
+    image; of a batch of images ``(batch, 3, H, W)``/``(batch, H, W, 3)``, image ``batch_index``."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
         arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     else:
         from .._tensor import to_numpy
 
         arr = to_numpy(image)
-        if arr.ndim == 4:
-            arr = arr[0]
+        if arr.ndim == 4:  # a batch of images: the one the map is of
+            if isinstance(batch_index, bool) or not isinstance(batch_index, (int, np.integer)) or \
+                    not -arr.shape[0] <= batch_index < arr.shape[0]:
+                raise AttentionHookerError(
+                    f"batch_index={batch_index!r} is out of range for the image batch of {arr.shape[0]} image(s) "
+                    f"{tuple(arr.shape)}: pass the batch the map is of, or that item's image (3, H, W)")
+            arr = arr[batch_index]
         if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
             arr = np.transpose(arr, (1, 2, 0))
         if arr.ndim == 2:
@@ -173,7 +179,8 @@ def plot_vit_attention(
 
     Args:
         attn: attention ``(batch, heads, tokens, tokens)`` or a rollout map (with ``heads=None``).
-        image: ``(3, H, W)`` / ``(H, W, 3)`` tensor or array, or a PIL image.
+        image: ``(3, H, W)`` / ``(H, W, 3)`` tensor or array, or a PIL image; of a batch
+            ``(batch, 3, H, W)``, image ``batch_index`` is drawn.
         query: the query token (0: the class token), as in :func:`vit_attention_map`.
         prefix_tokens: tokens before the patches (class + register/distillation tokens).
         grid: ``(rows, cols)`` of patches; default: square, or fitted to the image.
@@ -190,7 +197,7 @@ def plot_vit_attention(
     Figure = figure_class()
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise AttentionHookerError(f"alpha={alpha!r} must be a number in [0, 1] (the overlay's opacity)")
-    picture = _image_array(image)
+    picture = _image_array(image, batch_index)
     amap = vit_attention_map(attn, query=query, prefix_tokens=prefix_tokens, grid=grid,
                              image_shape=picture.shape, heads=heads, batch_index=batch_index)
     fig = Figure(figsize=(8, 4.2), layout="constrained")
@@ -226,22 +233,25 @@ def swin_attention_map(
         attn: a layer's map over its tokens ``(batch, heads, tokens, tokens)`` (``windows="dense"``,
             the default); a call kept per window ``(batch * windows, heads, N, N)`` with its
             ``window_index``; or a rollout ``(batch, queries, tokens)`` from ``stage_rollout``
-            (pass ``heads=None``), whose keys are the first layer's tokens.
+            (or ``(queries, tokens)`` of one image), whose keys are the first layer's tokens.
+            The number of dims tells them apart: 4-D is a layer's map, 3-D or 2-D a rollout.
         grid: ``(height, width)`` of the key tokens (token ``y * width + x``); by default the
             window index's, or a square.
         window_index: the :class:`~attention_hooker.window_index.WindowIndex` of a call kept per window.
         query: a query token index, ``(y, x)`` on the grid (when queries and keys are the same
             tokens), or ``"mean"``: the mean over every query row (what a mean-pooled output,
             Swin's, draws on).
-        heads: ``"mean"``, ``"max"``, a head index, or ``None`` for a rollout.
+        heads: ``"mean"``, ``"max"`` or a head index of a layer's map; ``None`` (or the default
+            ``"mean"``) for a rollout, which has no heads.
         batch_index: which image.
 
     Returns:
         ``(height, width)`` float array: the query's weights on the key tokens.
 
     Raises:
-        AttentionHookerError: on a grid that does not hold the keys, a query out of range, or a
-            per-window call that does not match its index.
+        AttentionHookerError: on a grid that is not two positive integers or does not hold the
+            keys, a query or ``batch_index`` out of range, ``heads`` that do not fit the map, a
+            per-window call without its index (or one that does not match it).
 
     Example:
         >>> import torch
@@ -251,30 +261,23 @@ def swin_attention_map(
     """
     import torch
 
+    if isinstance(batch_index, bool) or not isinstance(batch_index, (int, np.integer)):
+        raise AttentionHookerError(f"batch_index={batch_index!r} must be an int (which image)")
+    grid = None if grid is None else _checked_grid(grid)
     if window_index is not None:
         if not isinstance(window_index, WindowIndex):
-            raise AttentionHookerError(f"window_index must be a WindowIndex (hooker.window_index[layer][call]), got "
-                                       f"{type(window_index).__name__}")
+            raise AttentionHookerError(f"window_index must be one call's WindowIndex (hooker.window_index[layer][call]), "
+                                       f"got {type(window_index).__name__}")
         attn = window_index.dense(attn if isinstance(attn, torch.Tensor) else torch.as_tensor(attn))
         index_grid = (window_index.height, window_index.width)
-        if grid is not None and tuple(grid) != index_grid:
-            raise AttentionHookerError(f"grid={tuple(grid)} but the window index says {index_grid}")
+        if grid is not None and grid != index_grid:
+            raise AttentionHookerError(f"grid={grid} but the window index says {index_grid}")
         grid = index_grid
-    if heads is None:
-        from .._tensor import to_numpy
-
-        arr = to_numpy(attn)
-        arr = arr[batch_index] if arr.ndim == 3 else arr
-        if arr.ndim != 2:
-            raise AttentionHookerError(f"Wrong shape for a rollout map: expected (batch, queries, tokens) or "
-                                       f"(queries, tokens). Received {arr.shape}.")
-        rows = arr[None]  # (1, Q, K)
-    else:
-        rows = as_heads(attn, batch_index=batch_index)  # (H, Q, K)
+    rows = _swin_rows(attn, heads, batch_index)  # (H, Q, K); (1, Q, K) for a rollout
     keys = rows.shape[-1]
     if grid is None:
         grid = _patch_grid(keys, None)
-    height, width = (int(grid[0]), int(grid[1]))
+    height, width = grid
     if height * width != keys:
         raise AttentionHookerError(f"grid=({height}, {width}) holds {height * width} tokens, but the map has {keys} keys")
     picked = _query_rows(rows, query, (height, width))  # (H, K)
@@ -282,11 +285,95 @@ def swin_attention_map(
         row = picked.mean(0)
     elif heads == "max":
         row = picked.max(0)
-    elif isinstance(heads, int) and not isinstance(heads, bool) and 0 <= heads < picked.shape[0]:
-        row = picked[heads]
     else:
-        raise AttentionHookerError(f"heads={heads!r} must be 'mean', 'max', None or a head index < {picked.shape[0]}")
+        row = picked[heads]  # a head index, checked by _swin_rows
     return row.reshape(height, width)
+
+
+def _checked_grid(grid) -> tuple:
+    """``grid`` as ``(height, width)``, two positive integers, or the library's error."""
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in grid):
+        raise AttentionHookerError(f"grid={grid!r} must be (height, width) of the key tokens: two positive integers")
+    return int(grid[0]), int(grid[1])
+
+
+def _swin_rows(attn, heads, batch_index: int) -> np.ndarray:
+    """``(heads, queries, keys)`` of image ``batch_index``: a layer's map ``(batch, heads, query, key)``
+    (4-D), or a rollout ``(batch, queries, keys)`` (3-D) / ``(queries, keys)`` (2-D) as one head."""
+    from .._per_window import refuse_per_window
+    from .._tensor import to_numpy
+
+    refuse_per_window(attn, "attn")
+    arr = to_numpy(attn)
+    if arr.ndim == 4:
+        if heads is None:
+            raise AttentionHookerError(f"heads=None is for a rollout (batch, queries, tokens), but the map is 4-D "
+                                       f"{arr.shape}, a layer's (batch, heads, query, key): pass heads='mean', 'max' "
+                                       "or a head index")
+        rows = as_heads(arr, batch_index=batch_index)  # (H, Q, K)
+        if not (heads in ("mean", "max") or (isinstance(heads, (int, np.integer)) and not isinstance(heads, bool)
+                                              and 0 <= heads < rows.shape[0])):
+            raise AttentionHookerError(f"heads={heads!r} must be 'mean', 'max', None or a head index < {rows.shape[0]}")
+        return rows
+    if arr.ndim not in (2, 3):
+        raise AttentionHookerError(f"Wrong shape for a Swin map: expected a layer's (batch, heads, query, key) or a "
+                                   f"rollout (batch, queries, tokens) / (queries, tokens). Received {arr.shape}.")
+    if heads is not None and not (isinstance(heads, str) and heads == "mean"):
+        raise AttentionHookerError(f"heads={heads!r}: a {arr.ndim}-D map {arr.shape} is read as a rollout (batch, "
+                                   "queries, tokens), which has no heads; pass heads=None (or a layer's 4-D map)")
+    batch = arr[None] if arr.ndim == 2 else arr  # (B, Q, K)
+    if not -batch.shape[0] <= batch_index < batch.shape[0]:
+        raise AttentionHookerError(f"batch_index={batch_index} is out of range for a rollout of {batch.shape[0]} "
+                                   f"image(s) {arr.shape}")
+    return batch[batch_index][None]  # (1, Q, K)
+
+
+def _pixels_per_token(image: tuple, grid: tuple, patch, patch_size) -> tuple:
+    """``(ph, pw)``: the pixels a token covers, such that the grid is the image padded to whole
+    tokens (``ceil(H / ph) == rows``, ``ceil(W / pw) == cols``), from ``patch``, the model's
+    ``patch_size`` (times ``2**stage``), or the sizes where one whole number fits; else the
+    library's error (a padded grid that happens to divide the image says nothing of its patch)."""
+    (height, width), (rows, cols) = image, grid
+
+    def fits(p, pixels, tokens):
+        return -(-pixels // p) == tokens
+
+    if patch is not None:
+        if not (isinstance(patch, (tuple, list)) and len(patch) == 2 and all(
+                isinstance(p, (int, np.integer)) and not isinstance(p, bool) and p > 0 for p in patch)):
+            raise AttentionHookerError(f"patch={patch!r} must be (pixels per token down, across), two positive integers")
+        if not (fits(patch[0], height, rows) and fits(patch[1], width, cols)):
+            raise AttentionHookerError(
+                f"patch={tuple(patch)} cuts the {height}x{width} image into {-(-height // patch[0])}x"
+                f"{-(-width // patch[1])} tokens (padded to whole ones), not the map's {rows}x{cols}")
+        return int(patch[0]), int(patch[1])
+    if patch_size is not None:
+        if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) or patch_size <= 0:
+            raise AttentionHookerError(f"patch_size={patch_size!r} must be the model's patch size, a positive integer")
+        side = int(patch_size)
+        while side < 2 * max(height, width, 1):
+            if fits(side, height, rows) and fits(side, width, cols):
+                return side, side
+            side *= 2
+        raise AttentionHookerError(
+            f"the {rows}x{cols} token grid is no stage of a model with patch_size={patch_size} on a {height}x{width} "
+            f"image (ceil(size / (patch_size * 2**stage)) tokens a side): pass patch=(pixels down, across)")
+    found = []
+    for pixels, tokens in ((height, rows), (width, cols)):
+        lowest = -(-pixels // tokens)  # the least p with ceil(pixels / p) == tokens
+        if tokens == 1:
+            found.append(pixels)  # one token: any p >= pixels draws the same
+        elif fits(lowest, pixels, tokens) and not fits(lowest + 1, pixels, tokens):
+            found.append(lowest)
+        else:
+            break
+    if len(found) == 2:
+        return found[0], found[1]
+    raise AttentionHookerError(
+        f"the pixels per token of a {rows}x{cols} token grid on a {height}x{width} image cannot be read from the "
+        "sizes (several fit: the model pads the image to whole tokens): pass patch_size= (the model's, "
+        "config.patch_size: 4 for a Swin) or patch=(pixels per token down, across), patch_size * 2**stage a side")
 
 
 def _query_rows(rows: np.ndarray, query, grid: tuple) -> np.ndarray:
@@ -319,6 +406,7 @@ def plot_swin_attention(
     heads="mean",
     batch_index: int = 0,
     patch: Optional[Sequence[int]] = None,
+    patch_size: Optional[int] = None,
     alpha: float = 0.55,
     cmap: str = "inferno",
     title: Optional[str] = None,
@@ -334,14 +422,19 @@ def plot_swin_attention(
     Args:
         attn: a layer's dense map, a call kept per window (with ``window_index``) or a rollout
             (with ``heads=None``), as in :func:`swin_attention_map`.
-        image: ``(3, H, W)`` / ``(H, W, 3)`` tensor or array, or a PIL image.
+        image: ``(3, H, W)`` / ``(H, W, 3)`` tensor or array, or a PIL image; of a batch
+            ``(batch, 3, H, W)``, image ``batch_index`` is drawn.
         grid: ``(height, width)`` of the key tokens.
         window_index: the index of a call kept per window.
         query: a query token index, ``(y, x)``, or ``"mean"`` over every query row.
         heads: ``"mean"``, ``"max"``, a head index, or ``None`` for a rollout.
         batch_index: which image.
-        patch: ``(ph, pw)`` pixels per token; by default the image's size over the grid's
-            where the grid divides the image evenly (else it must be given).
+        patch: ``(ph, pw)`` pixels per token (``patch_size * 2**stage`` a side for a Swin),
+            checked against the image: the grid must be the image padded to whole tokens.
+        patch_size: instead of ``patch``, the model's patch size (``config.patch_size``, 4 for
+            a Swin): the stage is the one whose ``patch_size * 2**stage`` pixels per token give
+            this grid on this image. Without either, the pixels per token are read from the
+            sizes only where one whole number fits (``ceil(H / p) == height`` for one ``p``).
         alpha: opacity of the overlay.
         cmap: colormap of the map.
         title: the figure title.
@@ -353,20 +446,12 @@ def plot_swin_attention(
     Figure = figure_class()
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise AttentionHookerError(f"alpha={alpha!r} must be a number in [0, 1] (the overlay's opacity)")
-    picture = _image_array(image)
+    picture = _image_array(image, batch_index)
     amap = swin_attention_map(attn, grid=grid, window_index=window_index, query=query, heads=heads,
                               batch_index=batch_index)
     height, width = picture.shape[:2]
     rows, cols = amap.shape
-    if patch is None:
-        if height % rows or width % cols:  # a padded image: its patch size cannot be read from the sizes
-            raise AttentionHookerError(
-                f"the {rows}x{cols} token grid does not divide the {height}x{width} image evenly (the model padded "
-                "it to whole patches): pass patch=(pixels per token down, across), 4 * 2**stage a side for a Swin")
-        patch = (height // rows, width // cols)
-    if not (isinstance(patch, (tuple, list)) and len(patch) == 2
-            and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in patch)):
-        raise AttentionHookerError(f"patch={patch!r} must be (pixels per token down, across), two positive integers")
+    patch = _pixels_per_token((height, width), (rows, cols), patch, patch_size)
     fig = Figure(figsize=(8, 4.2), layout="constrained")
     left, right = fig.subplots(1, 2)
     for ax in (left, right):
