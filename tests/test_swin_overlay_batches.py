@@ -70,6 +70,8 @@ def test_a_layer_map_is_drawn_for_its_batch_index_and_refuses_heads_none():
         swin_attention_map(layer, grid=(9, 13), batch_index=2)
     with pytest.raises(AttentionHookerError, match=r"kept per window"):  # the call without its index
         swin_attention_map(kept.values[name][0], grid=(4, 4))
+    with pytest.raises(AttentionHookerError, match=r"kept per window"):  # nor as a ViT's map
+        plot_vit_attention(kept.values[name][0], x[0], prefix_tokens=0)
     with pytest.raises(AttentionHookerError, match=r"window_index must be one call's WindowIndex .* got dict"):
         swin_attention_map(kept.values[name][0], window_index=kept.window_index)
 

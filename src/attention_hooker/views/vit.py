@@ -108,8 +108,10 @@ def vit_attention_map(
         >>> vit_attention_map(torch.rand(1, 2, 5, 5).softmax(-1)).shape
         (2, 2)
     """
+    from .._per_window import refuse_per_window
     from .._tensor import to_numpy
 
+    refuse_per_window(attn, "attn")  # read as numpy below, where the mark is gone
     arr = to_numpy(attn)
     prefix_tokens = non_negative_int(prefix_tokens, "prefix_tokens")
     query = non_negative_int(query, "query")
