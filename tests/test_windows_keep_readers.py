@@ -166,6 +166,10 @@ def test_window_index_compares_and_its_constructor_checks():
             WindowIndex(*args)
     with pytest.raises(AttributeError):
         a.batch = 2
+    import copy
+    import pickle
+
+    assert pickle.loads(pickle.dumps(a)) == a and copy.deepcopy(a) == a
 
 
 def test_the_hooker_reads_its_index_under_the_keeper_s_lock():

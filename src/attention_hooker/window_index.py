@@ -75,6 +75,9 @@ class WindowIndex:
         return (self.batch, self.height, self.width) == (other.batch, other.height, other.width) and \
             self.table.shape == other.table.shape and torch.equal(self.table.cpu(), other.table.cpu())
 
+    def __reduce__(self):  # pickled and copied through the checking constructor (its attributes are read-only)
+        return WindowIndex, (self.table, self.batch, self.height, self.width)
+
     def __hash__(self) -> int:
         return hash((self.batch, self.height, self.width, tuple(self.table.shape)))
 
