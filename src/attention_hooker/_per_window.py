@@ -31,6 +31,8 @@ def mark_per_window(tensor, per_window: bool = True) -> None:
     another call loses its mark)."""
     key = id(tensor)
     if not per_window:
+        if key not in _marked:  # the usual case, every call of every other capture: no lock taken
+            return
         with _lock:
             ref = _marked.get(key)
             if ref is not None and ref() is tensor:
