@@ -365,3 +365,41 @@ def test_max_calls_keeps_the_first_calls_and_counts_the_rest(longformer_capture)
     for name, calls in hooker.values.items():
         assert len(calls) == 1 and torch.equal(calls[0], whole.values[name][0])
     assert hooker.report().missing == []
+
+
+def test_the_page_of_a_4096_token_capture_draws_the_band_and_the_global_row_and_column_pooled():
+    """Issue 24 part 4: a Longformer capture at 4,096 tokens goes on the interactive page pooled
+    (blocks of 16 x 16 tokens): the drawn map is non-zero exactly on the band's blocks and on the
+    global token's row and column of blocks, and the page stays small."""
+    from attention_hooker import render_html
+    from attention_hooker._blocks import block_edges
+    from attention_hooker.views.page import encode_weights
+    from attention_hooker.views.page.long_calls import encode_long_call
+
+    torch.manual_seed(0)
+    config = transformers.LongformerConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=32, attention_window=[64], max_position_embeddings=4200,
+                                           pad_token_id=1)
+    model = transformers.LongformerModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(5, 100, (1, 4096))
+    glob = torch.zeros_like(ids)
+    glob[0, 2000] = 1
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(input_ids=ids, global_attention_mask=glob)
+    ((call,),) = hooker.values.values()
+    assert call.shape == (1, 2, 4096, 4096)
+    page = render_html(hooker, [f"t{i}" for i in range(4096)])
+    assert len(page.html) < 2_000_000
+    codes, _ = encode_weights(call)
+    arrays, meta = encode_long_call(call, codes, 256, 8)
+    pooled = torch.frombuffer(bytearray(arrays["pooled"]), dtype=torch.uint8).reshape(1, 2, 256, 256)
+    edges = torch.tensor(block_edges(4096, 256))
+    starts, ends = edges[:-1], edges[1:] - 1  # each block's first and last token
+    # A block of queries [a, b] reaches keys [a - 32, b + 32] (one-sided window 32); the global token's
+    # block row and column attend / are attended everywhere.
+    near = (starts[None, :] <= ends[:, None] + 32) & (ends[None, :] >= starts[:, None] - 32)
+    g = int(torch.searchsorted(edges, torch.tensor(2000), right=True)) - 1
+    expected = near.clone()
+    expected[g, :] = True
+    expected[:, g] = True
+    assert torch.equal(pooled[0, 0] > 0, expected) and torch.equal(pooled[0, 1] > 0, expected)
