@@ -7,6 +7,7 @@ from __future__ import annotations
 import weakref
 from typing import Optional
 
+from .mixture_heads import computed_heads
 from .parallel import head_shard
 
 __all__ = ["HEAD_COUNT_NAMES", "head_count", "declared_heads"]
@@ -42,7 +43,9 @@ _DECLARED_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def declared_heads(module) -> Optional[int]:
     """The number of query heads an attention module declares, itself or in its ``config``
-    (on a tensor-parallel rank: its share of them), or ``None``.
+    (on a tensor-parallel rank: its share of them), or ``None``. Where the family's forward
+    computes its heads from other sizes (JetMoE: slots x heads per expert), that count
+    (:mod:`.mixture_heads`).
 
     Read once per module (``nn.Module`` attribute misses cost an exception each):
     a module's head count does not change between calls.
@@ -50,7 +53,9 @@ def declared_heads(module) -> Optional[int]:
     try:
         heads = _DECLARED_HEADS[module]
     except KeyError:
-        heads = head_count(module)
+        heads = computed_heads(module)
+        if heads is None:
+            heads = head_count(module)
         if heads is None:
             heads = head_count(getattr(module, "config", None))
         _DECLARED_HEADS[module] = heads
