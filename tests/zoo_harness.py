@@ -51,6 +51,9 @@ SHRINK = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, interm
 # so they get blocks of 2 tokens, one random block and 17 tokens (padded by the model to 18).
 FAMILY_SIZES: Dict[str, dict] = {family: dict(block_size=2, num_random_blocks=1)
                                  for family in ("big_bird", "bigbird_pegasus")}
+# JetMoE's mixture of attention heads: two of four query experts per token, so the call's heads are
+# two slots (each token's first and second chosen expert) of the key/value heads, as at scale.
+FAMILY_SIZES["jetmoe"] = dict(num_local_experts=4, num_experts_per_tok=2)
 TOKENS = {"big_bird": 17, "bigbird_pegasus": 17}  # text inputs' length where 7 is too short
 
 REFERENCE_FIELDS = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
@@ -61,7 +64,6 @@ SECONDS_PER_CASE = 45
 # values, or none at all: the layers named by the regex must be refused (or, for attention no
 # route can see, report "nothing captured"), with a reason. Any other missing layer fails.
 EXPECTED_REFUSALS: Dict[str, Tuple[str, str]] = {
-    "jetmoe": (r"self_attention", "mixture of attention heads: each token's experts run their own heads"),
     "minimax": (r"layers\.1\.self_attn", "lightning (linear) attention layers compute no weights"),
     "yoso": (r"attention\.self", "LSH-sampled (YOSO) attention computes no softmax"),
     **{family: (r"(attention|mlp|final|message)_input$",
