@@ -148,11 +148,13 @@ def test_jetmoe_slots_are_heads_and_equal_a_hand_computation_from_the_weights(at
 def test_jetmoe_map_times_the_shared_values_is_each_slots_output_before_the_expert_projection(attn):
     model, inputs = _model(attn), _inputs()
     seen, _ = _calls(model, inputs)
-    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+    with torch.no_grad(), TransformerAttentionHooker(model, keep_values=True) as hooker:
         model(**inputs)
     for name, module in _layers(model):
         (got,) = hooker.values[name]
         values = _values(module, seen[name]["hidden"])
+        (kept,) = hooker.value_vectors[name]  # the call's own values, (B, k * H, T, d)
+        torch.testing.assert_close(kept, values, atol=1e-6, rtol=1e-5)
         product = (got @ values).transpose(1, 2).reshape(2, LENGTH, module.top_k, -1)  # (B, T, k, H*d)
         torch.testing.assert_close(product, seen[name]["before_output_projection"], atol=1e-6, rtol=1e-5)
 
