@@ -37,6 +37,7 @@ earlier lives that long). Families:
 * :mod:`.landmarks`: Nystromformer.
 * :mod:`.local_blocks`: LongT5 local and transient-global.
 * :mod:`.global_tokens`: PEGASUS-X.
+* :mod:`.mask_units`: Hiera's mask-unit attention (transformers, timm).
 
 A call may also make maps of another kind beside its token map (ProphetNet's n-gram streams,
 whose queries are not the layer's tokens): :attr:`Assembly.named` holds them, and each is kept
@@ -146,7 +147,7 @@ def pieced_layer(module: nn.Module, parents) -> Optional[PiecedLayer]:
     # when none is registered yet: a program (or a test) that imported one family module first would
     # otherwise leave the others unregistered, and their layers refused.
     from . import (bands, block_sparse, differential, global_tokens, landmarks, local_blocks,  # noqa: F401
-                   ngram, segments)
+                   mask_units, ngram, segments)
     for rule in FAMILIES:
         found = rule(module, parents)
         if found is not None:
