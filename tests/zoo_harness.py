@@ -54,6 +54,11 @@ FAMILY_SIZES: Dict[str, dict] = {family: dict(block_size=2, num_random_blocks=1)
 # JetMoE's mixture of attention heads: two of four query experts per token, so the call's heads are
 # two slots (each token's first and second chosen expert) of the key/value heads, as at scale.
 FAMILY_SIZES["jetmoe"] = dict(num_local_experts=4, num_experts_per_tok=2)
+
+
+# Hiera's shrunk 8 x 8 tokens would be one mask unit of the default 8 x 8: units of 4 x 4 make four, so that
+# the units' strided tokens are placed (and pooled layers have several units).
+FAMILY_SIZES["hiera"] = dict(masked_unit_size=[4, 4])
 TOKENS = {"big_bird": 17, "bigbird_pegasus": 17}  # text inputs' length where 7 is too short
 
 REFERENCE_FIELDS = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
@@ -73,7 +78,6 @@ EXPECTED_REFUSALS: Dict[str, Tuple[str, str]] = {
                                                               "sampled points, not keys"),
     "mask2former": (r"pixel_level_module\.decoder\.encoder\.layers\.\d+\.self_attn$",
                     "multi-scale deformable attention: a softmax over sampled points, not keys"),
-    "hiera": (r"\.attn$", "mask-unit attention: a 5-D (batch, heads, units, query, key) softmax"),
     "groupvit": (r"downsample\.assign", "the grouping assignment (a softmax over the groups, made hard), not attention "
                                        "over keys"),
 }
@@ -144,6 +148,11 @@ ORACLE_NOTES = {
                  "padded tokens), local: (batch, heads, blocks, block, G + block)}, which the generic harness did not "
                  "read: placed at (batch, heads, G + tokens, G + tokens), global tokens first, by the harness's own "
                  "loops over the input's tokens (a staggered layer's tokens shifted by half a block)",
+    "hiera": "transformers returns per-unit attentions (batch, heads, units, query, key), and only each stage's last "
+             "layer's: every mask-unit attention call is run again with output_attentions=True on the input it got, "
+             "and its per-unit weights placed at (batch, heads, query, key) in the layer's token order by the harness's "
+             "own loops over units and query slots (unit w holds tokens w, w + units, ...; pooled query j of unit w "
+             "is output token j * units + w); the model's own 5-D attentions are left out (they are among those)",
     "aimv2, aimv2_vision_model": "the attention-pooling head (a CLS query over the patches through sdpa), which transformers "
                           "does not report: compared with softmax(cls_token . k_proj(x)ᵀ / sqrt(d)) from its own weights",
 }
@@ -396,6 +405,7 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
         references += _ngram_streams(model, case.inputs)
     references = _placed_longt5_blocks(model, case.inputs, references)
     references += _placed_pegasus_x_pieces(model, case.inputs)
+    references = _placed_hiera_units(model, case.inputs, references)
     unmatched, wrong = list(references), []
     for layer, calls in hooker.values.items():
         for got in calls:
@@ -749,6 +759,37 @@ def _placed_pegasus_x_pieces(model, inputs) -> List[torch.Tensor]:
             for u in range(length):
                 if (shift + u) // bs == x // bs:
                     dense[:, :, g + t, g + u] = local[:, :, x // bs, x % bs, g + (shift + u) % bs]
+        placed.append(dense)
+    return placed
+
+
+def _placed_hiera_units(model, inputs, references: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Every transformers Hiera mask-unit attention call's own per-unit weights (the module called again with
+    ``output_attentions=True`` on the hidden states it got), ``(batch, heads, units, Tq, T)``, placed at
+    ``(batch, heads, units * Tq, units * T)``: query slot ``j`` of unit ``w`` at row ``j * units + w``, key slot
+    ``i`` at column ``i * units + w``. The model's own 5-D attentions (each stage's last layer) are replaced by these."""
+    modules = [m for m in model.modules() if type(m).__name__ == "HieraMaskUnitAttention"]
+    if not modules:
+        return references
+    calls, handles = [], []
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, kwargs: calls.append((m, args[0] if args else kwargs["hidden_states"])), with_kwargs=True))
+    try:
+        _forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    placed = [ref for ref in references if ref.dim() != 5]
+    for module, hidden in calls:
+        with torch.no_grad():
+            per_unit = module(hidden, output_attentions=True)[1]
+        batch, heads, units, queries, keys = per_unit.shape
+        dense = torch.zeros(batch, heads, units * queries, units * keys)
+        for w in range(units):
+            for j in range(queries):
+                for i in range(keys):
+                    dense[:, :, j * units + w, i * units + w] = per_unit[:, :, w, j, i]
         placed.append(dense)
     return placed
 
