@@ -192,3 +192,56 @@ def test_raster_positions_follow_transformers_unroll_and_reroll():
 def test_a_grid_the_stride_does_not_divide_is_refused():
     with pytest.raises(ValueError, match="cannot be cut by a stride of 2x2"):
         hiera_token_positions((6, 5), [(2, 2)])
+
+
+def test_streamed_and_reduced_captures_equal_the_capture_in_memory(tmp_path, monkeypatch):
+    from attention_hooker import load
+    from attention_hooker.analysis.stats import HeadStatsAccumulator
+    from attention_hooker.capture import session
+
+    model, pixels = _hf_hiera(), _pixels()
+    middle = r"stages\.[12]\.layers\.\d+\.attn$"  # same head count in every layer: one statistics table
+    memory, _ = _capture(model, pixels, layer_regex=middle)
+    monkeypatch.setattr(session, "ROWS_PER_TILE", 8)  # several tiles per call
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex=middle) as hooker:
+        with hooker.stream_to(tmp_path / "capture", shard_bytes=1):
+            model(pixels)
+    loaded = load(tmp_path / "capture")
+    assert set(loaded.values) == set(memory.values) and len(memory.values) == 4
+    for name, (want,) in memory.values.items():
+        assert torch.equal(loaded.values[name][0], want)
+    reduced = HeadStatsAccumulator()
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex=middle) as hooker:
+        hooker.reduce_into(reduced)
+        model(pixels)
+    direct = HeadStatsAccumulator()
+    direct.update(memory.values)
+    got, want = reduced.result(), direct.result()  # {statistic: (layers, heads) array}
+    assert reduced.layers == direct.layers == list(memory.values) and set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(torch.as_tensor(got[key]), torch.as_tensor(want[key]), equal_nan=True)
+
+
+def test_a_row_is_placed_without_the_whole_map(monkeypatch):
+    """rows="last" places one row: the library's placement is called with one row and makes (batch, heads, 1, keys)."""
+    from attention_hooker.capture import mask_units
+
+    made, real = [], mask_units.place_unit_rows
+    monkeypatch.setattr(mask_units, "place_unit_rows", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    model, pixels = _hf_hiera(), _pixels()
+    hooker, _ = _capture(model, pixels, layer_regex=r"stages\.1\.layers\.0\.attn$", rows="last")
+    assert [tuple(m.shape) for m in made] == [(2, 2, 1, 256)]
+    assert tuple(hooker.values["encoder.stages.1.layers.0.attn"][0].shape) == (2, 2, 1, 256)
+
+
+def test_a_layer_whose_units_cannot_be_read_is_refused_with_the_reason():
+    """A mask-unit flag that is not a bool (the model only tests its truth) is not guessed at: refused, named."""
+    model, pixels = _hf_hiera(), _pixels()
+    model.encoder.stages[0].layers[0].attn.use_mask_unit_attn = 1
+    plain = _record(model, pixels)[1]
+    with pytest.warns(Warning):
+        hooker, out = _capture(model, pixels)
+    _outputs_equal(plain, out)
+    name = "encoder.stages.0.layers.0.attn"
+    assert name not in hooker.values and len(hooker.values) == 5
+    assert "its mask units cannot be read" in hooker.report()[name].reason
