@@ -245,3 +245,29 @@ def test_a_layer_whose_units_cannot_be_read_is_refused_with_the_reason():
     name = "encoder.stages.0.layers.0.attn"
     assert name not in hooker.values and len(hooker.values) == 5
     assert "its mask units cannot be read" in hooker.report()[name].reason
+
+
+def test_mae_pretraining_with_masked_units_is_placed_over_the_kept_tokens():
+    """HieraForPreTraining drops masked units before the blocks: a layer's tokens are the kept units' only
+    (2 of 4 here), which the layer order covers as it is (the raster order would not: half the image is gone)."""
+    torch.manual_seed(0)
+    config = transformers.HieraConfig(embed_dim=8, image_size=[64, 64], depths=[1, 2, 2, 1], num_heads=[1, 2, 2, 2],
+                                      mask_ratio=0.5, decoder_hidden_size=16, decoder_depth=1, decoder_num_heads=2)
+    model, pixels = transformers.HieraForPreTraining(config).eval(), _pixels()
+    noise = torch.rand(2, 4)
+    inputs, handles = {}, []
+    for name, module in _attention_modules(model):
+        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0])))
+    try:
+        with torch.no_grad():
+            plain = model(pixels, noise=noise).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex=r"attn$") as hooker:
+        hooked = model(pixels, noise=noise).logits
+    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
+    assert len(inputs) == 7 and inputs["hiera.encoder.stages.0.layers.0.attn"].shape[1] == 128  # 2 units of 64
+    for name, module in _attention_modules(model):
+        with torch.no_grad():
+            torch.testing.assert_close(hooker.values[name][0], _hand_map(module, inputs[name]), rtol=1e-5, atol=1e-6)
