@@ -139,7 +139,8 @@ def test_transformers_own_per_unit_attentions_placed_by_a_loop_equal_the_stored_
     with torch.no_grad():
         reference = model(pixels, output_attentions=True).attentions  # one per stage: its last layer's
     hooker, _ = _capture(model, pixels)
-    last_layers = [f"encoder.stages.{i}.layers.{len(stage.layers) - 1}.attn" for i, stage in enumerate(model.encoder.stages)]
+    last_layers = [f"encoder.stages.{i}.layers.{len(stage.layers) - 1}.attn"
+                   for i, stage in enumerate(model.encoder.stages)]
     assert len(reference) == len(last_layers)
     for name, per_unit in zip(last_layers, reference):
         b, h, units, queries, keys = per_unit.shape
