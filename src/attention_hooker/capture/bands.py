@@ -24,8 +24,9 @@ model's padding stays as zero rows and columns. The weights are the softmax outp
 dropout), in the dtype the model multiplies them in.
 
 Values: local rows multiply ``value(x)``, global rows ``value_global(x)``. With ``keep_values``,
-a call without global tokens keeps ``value(x)`` ``(batch, heads, T, head_dim)``; a call with
-global tokens is refused (two value sets where a capture keeps one).
+a call without global tokens keeps ``value(x)`` ``(batch, heads, T, head_dim)``, what the layer's
+``value`` returned to it in the call (:mod:`.value_tap`: the model calls it on ``x`` transposed,
+``(L, batch, width)``); a call with global tokens is refused (two value sets where a capture keeps one).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import nn
 from .._torch_private import caller_frame, frame_local, no_function_modes
 from ..keep.protocol import CallSources
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
+from .value_tap import SeenValues, seen_outputs
 
 __all__ = ["LongformerLayer", "longformer_layer", "place_band_rows"]
 
@@ -111,9 +113,9 @@ class _LongformerCall(PieceCall):
     """One call of a Longformer self-attention layer: its masks, and references to its two softmaxes."""
 
     def __init__(self, module: nn.Module, hidden: torch.Tensor, is_masked: torch.Tensor, is_global: torch.Tensor,
-                 has_global: bool, tokens: int):
-        self.module = module
-        self.hidden = hidden  # (B, L, C): for keep_values only
+                 has_global: bool, tokens: int, family: str, seen: Optional[SeenValues] = None):
+        self.module, self.family, self.seen = module, family, seen
+        self.hidden = hidden  # (B, L, C): its dtype is the map's
         self.is_masked, self.is_global, self.has_global = is_masked, is_global, has_global
         self.batch, self.length = is_masked.shape
         self.heads = int(module.num_heads)
@@ -146,10 +148,15 @@ class _LongformerCall(PieceCall):
                 return ("keep_values on a Longformer layer called with global tokens: its global rows multiply "
                         "value_global(x) and its other rows value(x), two value sets where a capture keeps one, so "
                         "the call is not stored (capture it without keep_values)")
-            with torch.no_grad(), no_function_modes():
-                projected = self.module.value(self.hidden)  # what the layer computed: (B, L, C)
-            b, l = self.batch, self.length
-            value = projected.view(b, l, self.heads, -1).transpose(1, 2)[:, :, :self.tokens]  # (B, h, T, d)
+            outputs = seen_outputs(self.seen, "value", 1, self.family)
+            if isinstance(outputs, str):
+                return outputs
+            projected, (b, l) = outputs[0], (self.batch, self.length)  # the model's value(x.transpose(0, 1))
+            if projected.dim() != 3 or tuple(projected.shape[:2]) != (l, b) or projected.shape[2] % self.heads:
+                return (f"keep_values on a {self.family} layer whose value projection returned "
+                        f"{tuple(projected.shape)}, not ({l}, {b}, heads x head_dim) for its transposed hidden states, "
+                        "so its values cannot be read and the call is not stored (capture it without keep_values)")
+            value = projected.view(l, b, self.heads, -1).permute(1, 2, 0, 3)[:, :, :self.tokens]  # (B, h, T, d)
         dtype = self.hidden.dtype if self.hidden.is_floating_point() else self.local.dtype
         local, glob = self.local, self.glob
 
@@ -166,6 +173,8 @@ class LongformerLayer(PiecedLayer):
     """The rule of a Longformer (or LED encoder) self-attention module: reads each call's masks
     from the keyword arguments its encoder passes (``is_index_masked``, ``is_index_global_attn``,
     ``is_global_attn``) and the model's padding from the encoder's running ``forward``."""
+
+    value_modules = ("value",)  # value_global only multiplies global rows, whose calls keep no values
 
     def __init__(self, family: str):
         self.family = family
@@ -185,7 +194,7 @@ class LongformerLayer(PiecedLayer):
                     "global, so its band is not assembled")
         length = hidden.shape[1]
         return _LongformerCall(module, hidden, is_masked.bool(), is_global.bool(), bool(has_global),
-                               length - _model_padding(is_masked, length))
+                               length - _model_padding(is_masked, length), self.family, self.seen_values())
 
 
 def _model_padding(is_masked: torch.Tensor, length: int) -> int:

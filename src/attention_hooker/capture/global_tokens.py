@@ -22,7 +22,9 @@ The shift of a staggered layer is read from the encoder layer that calls the mod
 (``stagger_blocks_this_layer``, ``block_size``), ``L`` from the encoder's running ``forward``
 (its ``seq_len``); when ``L`` cannot be read, the block padding at the end is kept (zero rows and
 columns past the input). Values (``keep_values``): ``[v(globals); v(tokens)]`` ``(batch, heads,
-G + L, d)``. The weights are the softmaxes' output (before dropout), in the dtype of the layer's input.
+G + L, d)``, what the layer's ``v_proj`` returned to it in the call (:mod:`.value_tap`: the tokens
+first, then the globals), never made again. The weights are the softmaxes' output (before
+dropout), in the dtype of the layer's input.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import nn
 
 from .._torch_private import caller_frame, frame_local, no_function_modes
 from ..keep.protocol import CallSources
+from .value_tap import SeenValues, seen_outputs
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
 
 __all__ = ["GlobalLocalLayer", "global_local_layer", "place_global_local_rows", "pegasus_x_labels"]
@@ -106,8 +109,9 @@ def pegasus_x_labels(tokens: Sequence[str], num_global_tokens: int) -> List[str]
 class _GlobalLocalCall(PieceCall):
     """One call of a PEGASUS-X global-local layer: its inputs, the crop, and references to its two softmaxes."""
 
-    def __init__(self, module: nn.Module, hidden: torch.Tensor, globals_: torch.Tensor, shift: int, tokens: int):
-        self.module, self.hidden, self.globals_ = module, hidden, globals_
+    def __init__(self, module: nn.Module, hidden: torch.Tensor, globals_: torch.Tensor, shift: int, tokens: int,
+                 family: str, seen: Optional[SeenValues] = None):
+        self.module, self.hidden, self.globals_, self.family, self.seen = module, hidden, globals_, family, seen
         self.batch, self.length = hidden.shape[:2]
         self.g = globals_.shape[1]
         self.heads, self.bs = int(module.num_heads), int(module.block_size)
@@ -140,9 +144,17 @@ class _GlobalLocalCall(PieceCall):
         value = None
         if keep_values:
             b, h = self.batch, self.heads
-            with torch.no_grad(), no_function_modes():
-                vg = self.module.v_proj(self.globals_).view(b, g, h, -1).transpose(1, 2)
-                vt = self.module.v_proj(self.hidden).view(b, self.length, h, -1).transpose(1, 2)
+            outputs = seen_outputs(self.seen, "v_proj", 2, self.family)  # the model's: tokens, then globals
+            if isinstance(outputs, str):
+                return outputs
+            expected = [(b, self.length), (b, g)]
+            if any(o.dim() != 3 or tuple(o.shape[:2]) != e or o.shape[2] % h for o, e in zip(outputs, expected)):
+                return (f"keep_values on a {self.family} layer whose v_proj returned "
+                        f"{[tuple(o.shape) for o in outputs]}, not {[e + ('heads x d',) for e in expected]} for its "
+                        "tokens then its globals, so its values cannot be read and the call is not stored (capture "
+                        "it without keep_values)")
+            vt = outputs[0].view(b, self.length, h, -1).transpose(1, 2)
+            vg = outputs[1].view(b, g, h, -1).transpose(1, 2)
             value = torch.cat([vg, vt[:, :, shift:shift + tokens]], 2)  # (B, H, G + T, d)
         dtype = self.hidden.dtype if self.hidden.is_floating_point() else self.glob.dtype
         glob, local = self.glob, self.local
@@ -158,6 +170,8 @@ class GlobalLocalLayer(PiecedLayer):
     """The rule of a PEGASUS-X global-local attention module: reads each call's token and global hidden
     states and additive mask, the stagger from the encoder layer ``parent`` that calls it, and the input's
     length from its encoder's running ``forward``."""
+
+    value_modules = ("v_proj",)
 
     def __init__(self, family: str, parent: nn.Module):
         self.family, self.parent = family, parent
@@ -180,7 +194,7 @@ class GlobalLocalLayer(PiecedLayer):
             return (f"a {self.family} layer called with {length} tokens, blocks of {bs} and a stagger of {shift}, "
                     "whose padding is not masked where the encoder pads: the input's tokens cannot be told from "
                     "the layer's, so its pieces are not assembled")
-        return _GlobalLocalCall(module, hidden, globals_, shift, tokens)
+        return _GlobalLocalCall(module, hidden, globals_, shift, tokens, self.family, self.seen_values())
 
 
 def _input_length(length: int, block: int, shift: int) -> int:

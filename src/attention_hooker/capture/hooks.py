@@ -92,7 +92,7 @@ def install_layer_hooks(model: nn.Module, targets: Sequence[Tuple[nn.Module, str
                 windows.install(handles.add_entry)
             pieces = pieced_layer(module, parents) if windows is None else None
             if pieces is not None:
-                pieces.install(handles.add_entry)
+                pieces.install(handles.add_entry, module, session.router.policy.keep_values)
             handles.add_pair(module, _pre_hook(session, name, windows, pieces), _post_hook(session),
                              with_kwargs=True)
     for module in fastpath_containers(model, [m for m, _ in targets]):

@@ -32,7 +32,8 @@ negative and rows do not sum to 1 (like CaiT's talking heads, the map that reach
 what is stored; the analyses that need probabilities check and refuse it).
 
 Selections: a row costs ``O(m · keys)`` (``kernel_1[rows] @ (Z @ kernel_3)``). ``keep_values`` keeps
-``value(x)``, ``(batch, heads, L, head_dim)``.
+``value(x)``, ``(batch, heads, L, head_dim)``: what the layer's ``value`` returned to it in the call
+(:mod:`.value_tap`), never made again.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from torch import nn
 
 from .._torch_private import no_function_modes
 from ..keep.protocol import CallSources
+from .value_tap import SeenValues, seen_outputs
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
 
 __all__ = ["LandmarkLayer", "landmark_layer", "conv_band"]
@@ -72,20 +74,13 @@ def conv_band(weight: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> t
     return band * inside
 
 
-def _projected(projection: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """What the layer's value projection made of ``hidden``, made again: a plain ``nn.Linear`` by its
-    weights (so that no forward hook of it runs a second time, neither ours nor a user's), any
-    other module by calling it."""
-    if type(projection) is nn.Linear:
-        return nn.functional.linear(hidden, projection.weight, projection.bias)
-    return projection(hidden)
-
-
 class _LandmarkCall(PieceCall):
     """One call of a Nystromformer self-attention layer: references to its softmaxes."""
 
-    def __init__(self, module: nn.Module, hidden: torch.Tensor, heads: int, landmarks: Optional[int]):
+    def __init__(self, module: nn.Module, hidden: torch.Tensor, heads: int, landmarks: Optional[int], family: str,
+                 seen: Optional[SeenValues] = None):
         self.module, self.hidden = module, hidden  # (B, L, C)
+        self.family, self.seen = family, seen
         self.batch, self.length = hidden.shape[:2]
         self.heads = heads
         self.landmarks = landmarks  # m, or None: the plain softmax path
@@ -121,10 +116,17 @@ class _LandmarkCall(PieceCall):
                 kernel_1, kernel_2, kernel_3 = self.kernels
                 left = kernel_1 @ module.iterative_inv(kernel_2)  # (B, H, L, m): the model's attention_probs
                 right = kernel_3  # (B, H, m, L)
-            value = None
-            if keep_values:
-                b, n = self.batch, self.length
-                value = _projected(module.value, self.hidden).view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, L, d)
+        value = None
+        if keep_values:
+            outputs = seen_outputs(self.seen, "value", 1, self.family)
+            if isinstance(outputs, str):
+                return outputs
+            b, n, projected = self.batch, self.length, outputs[0]  # what the layer computed: (B, L, C)
+            if projected.dim() != 3 or tuple(projected.shape[:2]) != (b, n) or projected.shape[2] % self.heads:
+                return (f"keep_values on a {self.family} layer whose value projection returned "
+                        f"{tuple(projected.shape)}, not ({b}, {n}, heads x head_dim), so its values cannot be read "
+                        "and the call is not stored (capture it without keep_values)")
+            value = projected.view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, L, d)
         dtype = self.hidden.dtype if self.hidden.is_floating_point() else left.dtype
 
         def rows(heads: Optional[Sequence[int]], chosen: torch.Tensor, keys: Optional[Sequence[int]]) -> torch.Tensor:
@@ -152,6 +154,8 @@ class _LandmarkCall(PieceCall):
 class LandmarkLayer(PiecedLayer):
     """The rule of a Nystromformer self-attention module: the heads and landmarks from the module."""
 
+    value_modules = ("value",)
+
     def __init__(self, family: str, heads: int):
         self.family, self.heads = family, heads
 
@@ -162,7 +166,8 @@ class LandmarkLayer(PiecedLayer):
             return (f"a {self.family} layer called with hidden states {shape}, not (batch, tokens, width): its "
                     "landmark kernels cannot be placed, so nothing is stored")
         plain = module.num_landmarks == module.seq_len  # the module's own test for its plain softmax path
-        return _LandmarkCall(module, hidden, self.heads, None if plain else int(module.num_landmarks))
+        return _LandmarkCall(module, hidden, self.heads, None if plain else int(module.num_landmarks), self.family,
+                             self.seen_values())
 
 
 def landmark_layer(module: nn.Module, parents=None) -> Optional[LandmarkLayer]:

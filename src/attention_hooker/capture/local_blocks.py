@@ -26,13 +26,13 @@ at the end are in the last block; :func:`longt5_key_labels` names these keys for
 refused: issue 24's rule keeps a refusal only where no map multiplies the values at all.
 
 Values (``keep_values``): ``v(x)`` ``(batch, heads, L, d)``; transient-global: ``v`` of the tokens
-then of the aggregates, ``(batch, heads, L + G, d)``, as the stored key axis has them.
+then of the aggregates, ``(batch, heads, L + G, d)``, as the stored key axis has them: what the
+layer's ``v`` returned to it in the call (:mod:`.value_tap`), never made again.
 The weights are the softmax's output (before dropout), in the dtype of the layer's input.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -40,6 +40,7 @@ from torch import nn
 
 from .._torch_private import no_function_modes
 from ..keep.protocol import CallSources
+from .value_tap import SeenValues, seen_outputs
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
 
 __all__ = ["LongT5LocalLayer", "longt5_local_layer", "place_block_rows", "longt5_key_labels"]
@@ -108,8 +109,9 @@ def longt5_key_labels(tokens: Sequence[str], global_block_size: int) -> List[str
 class _LongT5Call(PieceCall):
     """One call of a LongT5 local or transient-global layer: its input, and a reference to its softmax."""
 
-    def __init__(self, module: nn.Module, hidden: torch.Tensor, mask, transient: bool):
-        self.module, self.hidden, self.mask, self.transient = module, hidden, mask, transient
+    def __init__(self, module: nn.Module, hidden: torch.Tensor, mask, transient: bool,
+                 seen: Optional[SeenValues] = None):
+        self.module, self.hidden, self.mask, self.transient, self.seen = module, hidden, mask, transient, seen
         self.batch, self.tokens = hidden.shape[:2]
         self.heads, self.block = int(module.n_heads), int(module.block_len)
         self.blocks = -(-self.tokens // self.block)
@@ -143,30 +145,26 @@ class _LongT5Call(PieceCall):
         return Assembly(self.batch, self.heads, tokens, tokens + self.extra, dtype, rows, CallSources(value=value))
 
     def _values(self) -> Union[torch.Tensor, str]:
-        """``(batch, heads, L [+ G], d)``: what the stored map's keys multiply, from the layer's own projections."""
-        module, b = self.module, self.batch
-        with torch.no_grad(), no_function_modes():
-            value = module.v(self.hidden).view(b, self.tokens, self.heads, -1).transpose(1, 2)
-            if not self.transient:
-                return value
-            helpers = sys.modules.get(type(module).__module__)
-            make_ids = getattr(helpers, "_make_global_fixed_block_ids", None)
-            aggregate = getattr(helpers, "_create_global_aggregates", None)
-            if make_ids is None or aggregate is None:
-                return ("keep_values on a LongT5 transient-global layer whose modeling module has no "
-                        "_make_global_fixed_block_ids / _create_global_aggregates: the values of its global "
-                        "aggregates cannot be made, so the call is not stored (capture it without keep_values)")
-            mask = self.mask if isinstance(self.mask, torch.Tensor) else torch.ones(self.hidden.shape[:-1],
-                                                                                   device=self.hidden.device)
-            block_ids, segments = make_ids(mask, module.global_block_size)
-            side = module.global_input_layer_norm(aggregate(self.hidden, block_ids, segments.shape[-1]))
-            side = module.v(side).view(b, -1, self.heads, value.shape[-1]).transpose(1, 2)  # (B, H, G, d)
-            return torch.cat([value, side], 2)
+        """``(batch, heads, L [+ G], d)``: what the stored map's keys multiply, as the layer's ``v`` returned
+        them in the call: once for the tokens, then (transient-global) once for the aggregates."""
+        b, family = self.batch, f"LongT5 {'transient-global' if self.transient else 'local'}"
+        outputs = seen_outputs(self.seen, "v", 2 if self.transient else 1, family)
+        if isinstance(outputs, str):
+            return outputs
+        expected = [(b, self.tokens)] + ([(b, self.extra)] if self.transient else [])
+        if any(o.dim() != 3 or tuple(o.shape[:2]) != e or o.shape[2] % self.heads for o, e in zip(outputs, expected)):
+            return (f"keep_values on a {family} layer whose v projection returned "
+                    f"{[tuple(o.shape) for o in outputs]}, not {[e + ('heads x d',) for e in expected]}, so its values "
+                    "cannot be read and the call is not stored (capture it without keep_values)")
+        parts = [o.view(b, o.shape[1], self.heads, -1).transpose(1, 2) for o in outputs]  # (B, H, L | G, d)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
 
 class LongT5LocalLayer(PiecedLayer):
     """The rule of a LongT5 local (or transient-global) encoder self-attention module: reads each call's
     hidden states ``(batch, L, width)`` (and, transient-global, the token mask ``(batch, L)`` its stack passes)."""
+
+    value_modules = ("v",)  # the tokens' values, then (transient-global) the aggregates'
 
     def __init__(self, family: str, transient: bool):
         self.family, self.transient = family, transient
@@ -177,7 +175,7 @@ class LongT5LocalLayer(PiecedLayer):
             return (f"a {self.family} layer called without hidden_states (batch, tokens, width): its tokens cannot "
                     "be counted, so its blocks are not placed")
         mask = args[1] if len(args) > 1 else kwargs.get("mask")
-        return _LongT5Call(module, hidden, mask, self.transient)
+        return _LongT5Call(module, hidden, mask, self.transient, self.seen_values())
 
 
 def longt5_local_layer(module: nn.Module, parents=None) -> Optional[LongT5LocalLayer]:

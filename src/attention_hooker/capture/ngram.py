@@ -24,8 +24,9 @@ values is the module's input to ``out_proj`` for that stream: main ``map @ V_mai
 ``decoder_attentions`` and ``decoder_ngram_attentions``.
 
 Selections apply to each entry on its own axes (``rows=`` picks positions ``t``, ``keys=``
-indexes the entry's key axis). ``keep_values`` keeps ``value_proj`` of the call's input,
-``(batch, heads, K, head_dim)`` for the main map and ``[V_main; V_s]`` for stream ``s``; while
+indexes the entry's key axis). ``keep_values`` keeps what ``value_proj`` returned to the layer
+in the call (:mod:`.value_tap`; never made again), ``(batch, heads, K, head_dim)`` for the main
+map and ``[V_main; V_s]`` for stream ``s``; while
 generating with a cache the past values live in the model's cache and are not read, so such a
 call is refused under ``keep_values``.
 """
@@ -39,6 +40,7 @@ from torch import nn
 
 from .._torch_private import no_function_modes
 from ..keep.protocol import CallSources
+from .value_tap import SeenValues, seen_outputs
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
 
 __all__ = ["NgramLayer", "ngram_layer", "STREAM_KIND"]
@@ -63,8 +65,10 @@ def _select(weights: torch.Tensor, heads: Optional[Sequence[int]], rows: torch.T
 class _NgramCall(PieceCall):
     """One call of an n-gram self-attention layer: references to its main and predict softmaxes."""
 
-    def __init__(self, module: nn.Module, hidden: torch.Tensor, ngram: int, heads: int):
-        self.module, self.hidden = module, hidden  # (B, (1 + n) T, C); the input, for keep_values only
+    def __init__(self, module: nn.Module, hidden: torch.Tensor, ngram: int, heads: int, family: str,
+                 seen: Optional[SeenValues] = None):
+        self.module, self.hidden = module, hidden  # (B, (1 + n) T, C); its dtype is the maps'
+        self.family, self.seen = family, seen
         self.ngram, self.heads = ngram, heads
         self.batch = hidden.shape[0]
         self.length = hidden.shape[1] // (1 + ngram)  # T
@@ -97,8 +101,14 @@ class _NgramCall(PieceCall):
                 return (f"keep_values on a ProphetNet n-gram self-attention call with {past - t} cached positions "
                         "(generating): the past values live in the model's cache, which is not read, so the call "
                         "is not stored (capture it without keep_values)")
-            with torch.no_grad(), no_function_modes():
-                value = self.module.value_proj(self.hidden)  # what the layer computed: (B, (1 + n) T, C)
+            outputs = seen_outputs(self.seen, "value_proj", 1, self.family)
+            if isinstance(outputs, str):
+                return outputs
+            value = outputs[0]  # what the layer computed: (B, (1 + n) T, C)
+            if value.dim() != 3 or tuple(value.shape[:2]) != (b, (1 + n) * t) or value.shape[2] % h:
+                return (f"keep_values on a {self.family} layer whose value_proj returned {tuple(value.shape)}, not "
+                        f"({b}, {(1 + n) * t}, heads x head_dim), so its values cannot be read and the call is not "
+                        "stored (capture it without keep_values)")
             value = value.view(b, (1 + n) * t, h, -1).transpose(1, 2)  # (B, H, (1 + n) T, d)
             main_values = value[:, :, :t]
             stream_values = [torch.cat([main_values, value[:, :, s * t:(s + 1) * t]], 2) for s in range(1, n + 1)]
@@ -120,6 +130,8 @@ class NgramLayer(PiecedLayer):
     """The rule of a ProphetNet n-gram self-attention module: the stream count and heads from the
     module, the main stream's length from each call's input."""
 
+    value_modules = ("value_proj",)
+
     def __init__(self, family: str, ngram: int, heads: int):
         self.family, self.ngram, self.heads = family, ngram, heads
 
@@ -129,7 +141,7 @@ class NgramLayer(PiecedLayer):
             shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None
             return (f"a {self.family} layer called with hidden states {shape}, not (batch, (1 + {self.ngram}) x "
                     "positions, width): its main and predict streams cannot be told apart, so nothing is stored")
-        return _NgramCall(module, hidden, self.ngram, self.heads)
+        return _NgramCall(module, hidden, self.ngram, self.heads, self.family, self.seen_values())
 
 
 def ngram_layer(module: nn.Module, parents=None) -> Optional[NgramLayer]:

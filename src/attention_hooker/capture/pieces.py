@@ -27,7 +27,9 @@ None`` appended to :data:`FAMILIES` (imported by :func:`pieced_layer`); the rout
 are not touched. A piece taken from an sdpa call has no weights yet: the family computes them from
 the call's own inputs (:func:`.routes.sdpa.sdpa_attention_weights`) when it assembles. Pieces are
 held by reference until the call returns (a softmax result the model itself would have dropped
-earlier lives that long). Families:
+earlier lives that long). With ``keep_values``, the value vectors are what the family's value
+submodules returned to the model in the call (:attr:`PiecedLayer.value_modules`, watched by
+:mod:`.value_tap`), never a second call of them. Families:
 
 * :mod:`.bands`: Longformer, LED's encoder.
 * :mod:`.segments`: Qwen2-VL / Qwen2.5-VL vision towers.
@@ -53,6 +55,7 @@ import torch
 from torch import nn
 
 from ..keep.protocol import NO_SOURCES, CallSources
+from .value_tap import SeenValues, ValueTap
 
 __all__ = ["PieceCall", "PiecedLayer", "Assembly", "FAMILIES", "pieced_layer", "named_entry", "ROWS_PER_TILE"]
 
@@ -122,10 +125,24 @@ class PiecedLayer:
     """
 
     family = "pieced attention"
+    # The attribute names of the layer's submodules whose outputs are the value vectors its calls
+    # multiply (``("value",)``): with keep_values, what they returned to the model is kept
+    # (:mod:`.value_tap`), never made again. Empty: the family's calls hand their values over themselves.
+    value_modules: Tuple[str, ...] = ()
+    _tap: Optional[ValueTap] = None
 
-    def install(self, add_handle: Callable) -> None:
+    def install(self, add_handle: Callable, module: Optional[nn.Module] = None, keep_values: bool = False) -> None:
         """Puts any hook the family needs on the model (handed to ``add_handle`` to be removed with
-        the capture's). Most need none: what a call is given is in :meth:`start`'s arguments."""
+        the capture's): with ``keep_values``, the :class:`~.value_tap.ValueTap` on ``module``'s
+        :attr:`value_modules`. What a call is given is in :meth:`start`'s arguments."""
+        if keep_values and module is not None and self.value_modules:
+            self._tap = ValueTap(module, self.value_modules)
+            self._tap.install(add_handle)
+
+    def seen_values(self) -> Optional[SeenValues]:
+        """For :meth:`start`: the record of what the value submodules return in the call starting on
+        this thread (``None`` when no values are kept)."""
+        return None if self._tap is None else self._tap.current()
 
     def start(self, module: nn.Module, args: tuple, kwargs: dict) -> Union[PieceCall, str]:
         """A :class:`PieceCall` for the call of ``module`` with these arguments, or why it cannot be read."""

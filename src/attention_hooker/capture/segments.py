@@ -23,7 +23,8 @@ major). Qwen2.5-VL's tower runs every block in *window order* (its merge groups 
 
 The weights are those of the softmax (eager) or those PyTorch's documented reference formula
 gives for the sdpa call's own query and key, in the dtype of the layer's hidden states.
-Values (``keep_values``): ``v`` of the module's ``qkv`` projection, ``(1, heads, S, head_dim)``.
+Values (``keep_values``): ``v`` of what the module's ``qkv`` projection returned to it in the call
+(:mod:`.value_tap`), ``(1, heads, S, head_dim)``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 
 from .._torch_private import no_function_modes
 from ..keep.protocol import CallSources
+from .value_tap import SeenValues, seen_outputs
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
 from .routes.sdpa import sdpa_attention_weights
 
@@ -106,8 +108,9 @@ def place_segment_rows(segments: Sequence, lengths: Sequence[int], rows: torch.T
 class _SegmentsCall(PieceCall):
     """One call of a vision attention layer: its segments' softmaxes or sdpa calls, by reference."""
 
-    def __init__(self, family: str, module: nn.Module, hidden: torch.Tensor, lengths: List[int]):
-        self.family, self.module, self.hidden = family, module, hidden
+    def __init__(self, family: str, module: nn.Module, hidden: torch.Tensor, lengths: List[int],
+                 seen: Optional[SeenValues] = None):
+        self.family, self.module, self.hidden, self.seen = family, module, hidden, seen
         self.lengths = lengths  # from cu_seqlens
         self.heads = int(module.num_heads)
         self.pieces: list = []  # (1, H, L, L) softmax results, or parsed sdpa calls
@@ -152,8 +155,15 @@ class _SegmentsCall(PieceCall):
         total = self.hidden.shape[0]
         value = None
         if keep_values:
-            with torch.no_grad(), no_function_modes():  # what the layer computed: (S, 3 * C) -> v (1, H, S, d)
-                value = self.module.qkv(self.hidden).reshape(total, 3, self.heads, -1)[:, 2].transpose(0, 1)[None]
+            outputs = seen_outputs(self.seen, "qkv", 1, self.family)
+            if isinstance(outputs, str):
+                return outputs
+            qkv = outputs[0]  # what the layer computed: (S, 3 * C) -> v (1, H, S, d)
+            if qkv.dim() != 2 or qkv.shape[0] != total or qkv.shape[1] % (3 * self.heads):
+                return (f"keep_values on a {self.family} layer whose qkv projection returned {tuple(qkv.shape)}, not "
+                        f"({total}, 3 x heads x head_dim), so its values cannot be read and the call is not stored "
+                        "(capture it without keep_values)")
+            value = qkv.reshape(total, 3, self.heads, -1)[:, 2].transpose(0, 1)[None]
         dtype = self.hidden.dtype
         segments = [piece if isinstance(piece, torch.Tensor) else _sdpa_rows(piece) for piece in self.pieces]
         lengths = list(self.lengths)
@@ -179,6 +189,8 @@ class SegmentedVisionLayer(PiecedLayer):
     """The rule of a Qwen2-VL / Qwen2.5-VL vision attention module: reads each call's packed
     ``hidden_states (S, C)`` and the ``cu_seqlens`` its block passes."""
 
+    value_modules = ("qkv",)
+
     def __init__(self, family: str):
         self.family = family
 
@@ -194,7 +206,7 @@ class SegmentedVisionLayer(PiecedLayer):
         if bounds[0] != 0 or bounds[-1] != hidden.shape[0] or any(n <= 0 for n in lengths):
             return (f"a {self.family} layer called with cu_seqlens {bounds} for {hidden.shape[0]} tokens: its "
                     "segments do not add up to the sequence, so its map is not assembled")
-        return _SegmentsCall(self.family, module, hidden, lengths)
+        return _SegmentsCall(self.family, module, hidden, lengths, self.seen_values())
 
 
 def segmented_vision_layer(module: nn.Module, parents=None) -> Optional[SegmentedVisionLayer]:
@@ -202,7 +214,7 @@ def segmented_vision_layer(module: nn.Module, parents=None) -> Optional[Segmente
     kind = type(module)
     family = _KNOWN.get((kind.__module__, kind.__name__))
     if family is None or not isinstance(getattr(module, "num_heads", None), int) \
-            or not isinstance(getattr(module, "qkv", None), nn.Linear):
+            or not isinstance(getattr(module, "qkv", None), nn.Module):  # a wrapped projection (LoRA) too
         return None
     return SegmentedVisionLayer(family)
 
