@@ -254,3 +254,39 @@ def test_a_projection_the_layer_calls_more_often_than_its_code_does_is_refused_n
         run(model)
     report = hooker.report()[name]
     assert report.captured == 0 and "value projection value returned 2 tensors" in report.reason
+
+
+def test_the_tap_sees_only_the_running_call_of_its_layer_on_its_own_thread():
+    import threading
+
+    from attention_hooker.capture.value_tap import ValueTap, seen_outputs
+
+    layer = nn.Module()
+    layer.v = nn.Linear(2, 2)
+    inside, other_done = threading.Event(), threading.Event()
+
+    def forward(x):
+        out = layer.v(x)
+        inside.set()
+        assert other_done.wait(10)
+        return out
+
+    layer.forward = forward
+    tap, handles = ValueTap(layer, ["v", "missing"]), []
+    tap.install(handles.append)
+    assert len(handles) == 3  # the layer's open and close, and "v" only: the layer has no "missing"
+    records = []
+    layer.register_forward_pre_hook(lambda m, args: records.append(tap.current()))
+    worker = threading.Thread(target=lambda: layer(torch.ones(1, 2)))
+    worker.start()
+    assert inside.wait(10)
+    layer.v(torch.zeros(3, 2))  # this thread, while the layer runs on the other: not its call
+    other_done.set()
+    worker.join(10)
+    (record,) = records
+    assert [tuple(o.shape) for o in record.outputs["v"]] == [(1, 2)]
+    assert "missing returned 0 tensors" in seen_outputs(record, "missing", 1, "test")
+    assert tap.current() is None
+    for handle in handles:
+        handle.remove()
+    assert not layer.v._forward_hooks and not layer._forward_hooks

@@ -73,7 +73,10 @@ class ValueTap:
 
     def __init__(self, layer: nn.Module, names: Sequence[str]):
         self.layer = layer
-        self.modules: Dict[str, nn.Module] = {name: getattr(layer, name) for name in names}
+        # a name the layer has no submodule under is not watched: its calls then refuse keep_values
+        # (seen_outputs counts none), rather than the capture failing to install
+        self.modules: Dict[str, nn.Module] = {name: getattr(layer, name) for name in names
+                                              if isinstance(getattr(layer, name, None), nn.Module)}
         self._local = threading.local()
 
     def install(self, add_handle: Callable) -> None:
