@@ -140,6 +140,21 @@ def _nystromformer(landmarks):
     return make
 
 
+def _hiera():
+    torch.manual_seed(0)
+    config = transformers.HieraConfig(embed_dim=8, image_size=[64, 64], depths=[1, 2, 2, 1], num_heads=[1, 2, 2, 2],
+                                      drop_path_rate=0.0)
+    model = transformers.HieraModel(config)
+    pixels = torch.randn(2, 3, 64, 64)
+
+    def values(name, module, outputs):  # qkv(x): (B, L, 3 * heads * d), the values its third part, in the layer's order
+        (out,) = outputs
+        b, n = out.shape[:2]
+        return out.reshape(b, n, 3, module.num_heads, -1)[:, :, 2].transpose(1, 2)
+
+    return model, lambda m: m(pixels).last_hidden_state, "HieraMaskUnitAttention", "qkv", values
+
+
 FAMILIES = {
     "longformer": _longformer,
     "qwen2-vl vision": _qwen2_vision,
@@ -149,6 +164,7 @@ FAMILIES = {
     "prophetnet": _prophetnet,
     "nystromformer": _nystromformer(16),
     "nystromformer landmarks": _nystromformer(4),
+    "hiera": _hiera,
 }
 
 

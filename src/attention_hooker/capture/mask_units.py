@@ -36,6 +36,7 @@ from torch import nn
 from .._torch_private import no_function_modes
 from ..keep.protocol import CallSources
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
+from .value_tap import SeenValues, seen_outputs
 from .routes.sdpa import sdpa_attention_weights
 
 __all__ = ["MaskUnitLayer", "mask_unit_layer", "place_unit_rows", "hiera_token_positions"]
@@ -120,8 +121,10 @@ def hiera_token_positions(size: Sequence[int], schedule: Sequence[Sequence[int]]
 class _MaskUnitCall(PieceCall):
     """One call of a Hiera mask-unit attention layer: its input, and a reference to its one piece."""
 
-    def __init__(self, family: str, module: nn.Module, hidden: torch.Tensor, heads: int, stride: int, units: int):
+    def __init__(self, family: str, module: nn.Module, hidden: torch.Tensor, heads: int, stride: int, units: int,
+                 seen: Optional[SeenValues] = None):
         self.family, self.module, self.hidden = family, module, hidden
+        self.seen = seen  # what the layer's qkv returned in this call (keep_values), never computed again
         self.batch, self.tokens = hidden.shape[:2]
         self.heads, self.stride, self.units = heads, stride, units
         self.per_unit = self.tokens // units
@@ -179,9 +182,13 @@ class _MaskUnitCall(PieceCall):
             return (f"the {self.family} layer's mask-unit attention was not seen in its call, so its map cannot be "
                     "assembled and it is not stored")
         dtype = self.hidden.dtype if self.hidden.is_floating_point() else torch.float32
+        value = None
+        if keep_values:
+            value = self._values()
+            if isinstance(value, str):
+                return value
         with torch.no_grad(), no_function_modes():  # the capture's own arithmetic: no mode sees it
             weights = self._weights()
-            value = self._values() if keep_values else None
         tokens = self.tokens
 
         def rows(heads, chosen: torch.Tensor, keys) -> torch.Tensor:
@@ -191,15 +198,25 @@ class _MaskUnitCall(PieceCall):
         return Assembly(self.batch, self.heads, self.units * self.queries, tokens, dtype, rows,
                         CallSources(value=value))
 
-    def _values(self) -> torch.Tensor:
-        """``(B, H, L, d)``: the layer's value vectors in its token order (the ``qkv`` projection's third part)."""
-        b, n = self.batch, self.tokens
-        return self.module.qkv(self.hidden).reshape(b, n, 3, self.heads, -1)[:, :, 2].transpose(1, 2)
+    def _values(self) -> Union[torch.Tensor, str]:
+        """``(B, H, L, d)``: the layer's value vectors in its token order (the third part of what its
+        ``qkv`` projection returned in the call), or why they cannot be read."""
+        outputs = seen_outputs(self.seen, "qkv", 1, self.family)
+        if isinstance(outputs, str):
+            return outputs
+        qkv, b, n = outputs[0], self.batch, self.tokens
+        if qkv.dim() != 3 or tuple(qkv.shape[:2]) != (b, n) or qkv.shape[2] % (3 * self.heads):
+            return (f"keep_values on a {self.family} layer whose qkv projection returned {tuple(qkv.shape)}, not "
+                    f"({b}, {n}, 3 x heads x head_dim), so its values cannot be read and the call is not stored "
+                    "(capture it without keep_values)")
+        return qkv.reshape(b, n, 3, self.heads, -1)[:, :, 2].transpose(1, 2)
 
 
 class MaskUnitLayer(PiecedLayer):
     """The rule of a Hiera mask-unit attention module: reads each call's hidden states ``(batch, L, width)``
     and the module's ``window_size`` (tokens of a unit after pooling), stride and ``use_mask_unit_attn``."""
+
+    value_modules = ("qkv",)
 
     def __init__(self, family: str, heads_name: str, stride_name: str):
         self.family, self._heads, self._stride = family, heads_name, stride_name
@@ -221,13 +238,13 @@ class MaskUnitLayer(PiecedLayer):
         if unit <= 0 or tokens % unit or unit % stride:
             return (f"a {self.family} layer given {tokens} tokens with mask units of {unit} (query stride {stride}): "
                     "the tokens are not whole units, so its map is not assembled")
-        return _MaskUnitCall(self.family, module, hidden, heads, stride, tokens // unit)
+        return _MaskUnitCall(self.family, module, hidden, heads, stride, tokens // unit, self.seen_values())
 
 
 def mask_unit_layer(module: nn.Module, parents=None) -> Optional[MaskUnitLayer]:
     """The rule of a transformers ``HieraMaskUnitAttention`` or timm ``MaskUnitAttention`` module, or ``None``."""
     found = _KNOWN.get((type(module).__module__, type(module).__name__))
-    if found is None or not isinstance(getattr(module, "qkv", None), nn.Linear):
+    if found is None or not isinstance(getattr(module, "qkv", None), nn.Module):  # a wrapped projection (LoRA) too
         return None
     return MaskUnitLayer(*found)
 
