@@ -11,6 +11,7 @@ import os
 from typing import Optional, Sequence, Tuple
 
 from .errors import AttentionHookerError
+from ._map_kinds import refuse_kind
 
 __all__ = [
     "is_int",
@@ -253,11 +254,17 @@ def check_probabilities(attn, where: str, *, atol: Optional[float] = None) -> No
     ``atol`` defaults to what the dtype can hold (1e-2 for half precision,
     1e-4 otherwise), since captures may be stored in float16.
 
+    A map the library stored as another kind (:mod:`._map_kinds`: the map that multiplies the
+    values but is not a softmax, as DiffLlama's, Nystromformer's or CaiT's; a map over channels;
+    a call kept per window) is refused whatever its numbers: one whose entries happen to be
+    non-negative would pass the numeric check with a wrong meaning.
+
     Raises:
-        AttentionHookerError: naming the first offending row and its sum.
+        AttentionHookerError: naming the kind and why, or the first offending row and its sum.
     """
     import torch
 
+    refuse_kind(attn, where)
     a = attn if isinstance(attn, torch.Tensor) else torch.as_tensor(attn)
     if a.numel() == 0:
         return

@@ -13,6 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from ._map_kinds import kind_of
 from ._tensor import as_batched, values_of
 from .analysis.compare import AttentionComparison
 from .analysis.roles import head_confidence, previous_token_score
@@ -72,6 +73,8 @@ def page_scores(source, *, layers: Optional[Sequence[str]] = None) -> PageScores
 
 
 def _scored(weights) -> Dict[str, torch.Tensor]:
+    if kind_of(weights) is not None:  # not probabilities over tokens (DiffLlama's map, a channel map): no scores
+        return {}
     try:
         weights = as_batched(weights)
     except AttentionHookerError:

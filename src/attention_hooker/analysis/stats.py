@@ -126,6 +126,7 @@ class HeadStatsAccumulator:
     """
 
     STATISTICS = ("entropy", "distance", "first_token_share", "last_token_share")
+    needs_probabilities = True  # a reduction refuses calls of another kind of map (keep/reduction.py)
 
     def __init__(self, *, sink_positions: Optional[Sequence[int]] = None):
         self.sink_positions = None if sink_positions is None else index_list(

@@ -33,13 +33,18 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .._map_kinds import not_probabilities
 from .._torch_private import no_function_modes
 from ..keep.protocol import CallSources
 from .batching import is_paged_cache
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
 from .routes.sdpa import as_4d, packed_query_groups, sdpa_attention_weights, unpack_query_groups
 
-__all__ = ["DifferentialLayer", "differential_layer", "differential_lambda", "differential_map"]
+__all__ = ["DifferentialLayer", "differential_layer", "differential_lambda", "differential_map", "DIFFERENTIAL_KIND"]
+
+# What a stored D is (marked on it: the analyses that need probabilities refuse it, naming this).
+DIFFERENTIAL_KIND = not_probabilities("DiffLlama's differential map P[:, j] - λ P[:, j + heads/2]",
+                                      "rows sum to 1 - λ and entries may be negative")
 
 _LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
@@ -154,7 +159,7 @@ class _DifferentialCall(PieceCall):
                     probs = probs.to(dtype)  # what the model multiplied its values by
                 return differential_map(probs, lam).to(dtype)
 
-        return Assembly(batch, half, queries, keys, dtype, rows, CallSources(value=value))
+        return Assembly(batch, half, queries, keys, dtype, rows, CallSources(value=value, kind=DIFFERENTIAL_KIND))
 
 
 def _same_map(first: dict, second: dict) -> bool:

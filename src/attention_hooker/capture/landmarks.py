@@ -43,12 +43,18 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._map_kinds import not_probabilities
 from .._torch_private import no_function_modes
 from ..keep.protocol import CallSources
 from .value_tap import SeenValues, seen_outputs
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
 
-__all__ = ["LandmarkLayer", "landmark_layer", "conv_band"]
+__all__ = ["LandmarkLayer", "landmark_layer", "conv_band", "LANDMARK_KIND"]
+
+# What a stored map is (marked on it: the analyses that need probabilities refuse it, naming this).
+LANDMARK_KIND = not_probabilities("Nystromformer's landmark map kernel_1 @ pinv(kernel_2) @ kernel_3 + conv band",
+                                  "the iterative pseudo-inverse and the learned convolution give negative entries "
+                                  "and rows that do not sum to 1")
 
 
 def conv_band(weight: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -148,7 +154,8 @@ class _LandmarkCall(PieceCall):
                     out = out + band.to(out.device, out.dtype)
                 return out.to(dtype)
 
-        return Assembly(self.batch, self.heads, self.length, self.length, dtype, rows, CallSources(value=value))
+        return Assembly(self.batch, self.heads, self.length, self.length, dtype, rows,
+                        CallSources(value=value, kind=LANDMARK_KIND))
 
 
 class LandmarkLayer(PiecedLayer):

@@ -398,7 +398,7 @@ class CaptureSession:
                 continue
             value = None if sources.value is None else request_keys(sources.value, segment, dim=-2)
             part = request_keys(weights[:, :, segment.queries[0]:segment.queries[1]], segment)
-            self.keep_map(scope.layer, part, CallSources(value=value), router)
+            self.keep_map(scope.layer, part, CallSources(value=value, kind=sources.kind), router)
 
     def request_router(self, scope: _Scope, segment):
         """The router a request's part of a packed call goes to (``keep/requests.py``)."""

@@ -10,7 +10,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .._per_window import mark_per_window
+from .._map_kinds import PER_WINDOW, mark_kind
 from .._torch_private import refcount
 from ..values import AttentionValues
 from .policy import StoragePolicy
@@ -127,11 +127,12 @@ class MemoryKeeper:
         if calls is None:
             calls = self._insert_layer(name)
         calls.append(stored)
-        # (batch * windows, heads, N, N): the readers of maps refuse it; a reused buffer loses an old mark
-        mark_per_window(stored, sources.windows is not None)
+        # (batch * windows, heads, N, N), or a map that is not probabilities over tokens: the readers that
+        # need those refuse it; a reused buffer loses an old mark
+        mark_kind(stored, PER_WINDOW if sources.windows is not None else sources.kind)
         if p.keep_grad:
             self._watch_gradient(name, stored, graph_tensor, sources.gradient_scale,
-                                 per_window=sources.windows is not None)
+                                 kind=PER_WINDOW if sources.windows is not None else sources.kind)
         if p.keep_values:
             self._add_value(name, sources.value)
         if sources.windows is not None or name in self.window_index:  # aligned with the layer's calls
@@ -162,7 +163,7 @@ class MemoryKeeper:
                     for name in sorted(self.window_index, key=lambda n: order.get(n, len(order)))}
 
     def _watch_gradient(self, name: str, stored: torch.Tensor, graph_tensor, scale=None, *,
-                        per_window: bool = False) -> None:
+                        kind=None) -> None:
         """Fills ``gradients[name][i]`` when backward reaches ``graph_tensor`` (a tensor, or a
         :class:`~attention_hooker.keep.protocol.GradientSource`)."""
         slots = self.gradients.setdefault(name, [])
@@ -181,8 +182,8 @@ class MemoryKeeper:
             if scale is not None:
                 grad = grad * scale
             slot[0] = self.place(grad.reshape(stored.shape))
-            if per_window:
-                mark_per_window(slot[0])
+            if kind is not None:
+                mark_kind(slot[0], kind)
 
         graph_tensor.register_hook(keep)
 

@@ -51,12 +51,18 @@ class CallSources(NamedTuple):
         value: with ``keep_values``: the call's value vectors ``(batch, kv_heads, key, head_dim)``.
         windows: a windowed call kept per window (``windows="keep"``): its
             :class:`~attention_hooker.window_index.WindowIndex`.
+        kind: what the call is when it is not attention probabilities over tokens (a
+            :class:`~attention_hooker._map_kinds.MapKind`: the map that multiplies the values
+            but is not a softmax, a map over channels), or ``None``. Every keeper keeps it
+            beside the call (memory marks the stored tensor, a folder's index names it, a
+            reduction that needs probabilities refuses the call).
     """
 
     graph_tensor: Optional[object] = None
     gradient_scale: Optional[torch.Tensor] = None
     value: Optional[torch.Tensor] = None
     windows: Optional[object] = None
+    kind: Optional[object] = None
 
 
 NO_SOURCES = CallSources()

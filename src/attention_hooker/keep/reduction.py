@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..errors import AttentionHookerError
 from .protocol import NO_SOURCES, CallSources
 
 __all__ = ["Reduction"]
@@ -21,6 +22,10 @@ class Reduction:
             :class:`~attention_hooker.keep.pooling.KeyReductions`: anything whose
             ``partial()`` gives a :class:`~attention_hooker.keep.protocol.CallWriter`.
         padding_mask: ``(batch, tokens)``, 1 for real tokens, for the calls of this batch.
+
+    An accumulator whose ``needs_probabilities`` is true (head statistics) refuses a call the
+    capture says is another kind of map (``sources.kind``: DiffLlama's differential map, a map
+    over channels, ...), naming it: its statistics would be numbers with a wrong meaning.
     """
 
     def __init__(self, accumulator, padding_mask=None):
@@ -29,7 +34,11 @@ class Reduction:
 
     def begin_call(self, layer: str, shape: Tuple[int, ...], dtype: torch.dtype,
                    sources: CallSources = NO_SOURCES):
-        del dtype, sources  # reduced in float; nothing but the weights is reduced
+        del dtype  # reduced in float
+        if sources.kind is not None and getattr(self.accumulator, "needs_probabilities", False):
+            raise AttentionHookerError(
+                f"layer {layer!r} stores {sources.kind}, not attention probabilities over tokens: its head "
+                "statistics would not mean what they say; leave the layer out (layer_regex=) of the reduction")
         return self.accumulator.partial(layer, self.padding_mask, n_query=shape[2])
 
     def begin_forward(self) -> None:

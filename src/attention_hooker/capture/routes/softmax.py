@@ -17,11 +17,17 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..inputs import channel_attention_refusal, folded_batch_refusal
+from ..._map_kinds import not_probabilities
 from ...keep.protocol import CallSources
 from ..heads import declared_heads
 
 __all__ = ["SOFTMAX_FUNCTIONS", "is_attention_softmax", "label_softmax", "sampled_attention_refusal",
            "Pending", "handle_softmax", "handle_use", "commit_pending"]
+
+# What a head-mixed map is (marked on it: the analyses that need probabilities refuse it, naming this).
+MIXED_KIND = not_probabilities("a talking-heads map mixed across heads by a linear layer after the softmax (CaiT)",
+                               "each head's map is a learned combination of every head's probabilities, "
+                               "with entries that may be negative and rows that need not sum to 1")
 
 SOFTMAX_FUNCTIONS = frozenset(
     {
@@ -242,4 +248,4 @@ def commit_pending(session, state, value: Optional[torch.Tensor] = None) -> None
                 f"shape {tuple(tracked.shape)}, not (batch, heads, query, key) {tuple(weights.shape)}"))
             return
         weights = tracked  # (B, H, Q, K): the mixed map that multiplies the values
-    session.record(layer, weights, CallSources(value=value))
+    session.record(layer, weights, CallSources(value=value, kind=MIXED_KIND if mixed else None))
