@@ -316,7 +316,9 @@ class TransformerAttentionHooker:
 
         Returns:
             ``{layer_name: LayerCoverage}``; each has ``runs``, ``captured``,
-            ``refused``, ``reason`` (why a call was refused) and ``status``
+            ``refused``, ``reason`` (why a call was refused), ``kind`` (what the layer
+            stores when it is not attention probabilities over tokens, such as
+            DiffLlama's differential map; ``None`` otherwise) and ``status``
             (``"captured"``, ``"refused"``, ``"nothing captured"``, ``"did not run"``).
             ``report().missing`` lists the layers that ran and gave nothing.
 

@@ -26,12 +26,17 @@ class LayerCoverage:
         captured: attention calls seen in it (kept, or skipped by ``max_calls``).
         refused: calls seen but refused because their layout could not be labelled.
         reason: why the first refused call was refused, or ``None``.
+        kind: what the layer's stored calls are when they are not attention probabilities
+            over tokens (``"DiffLlama's differential map ... (not probabilities: rows sum to 1 -
+            λ ...)"``, see :mod:`attention_hooker._map_kinds`), or ``None``: the analyses that
+            need probabilities refuse such calls.
     """
 
     runs: int
     captured: int
     refused: int
     reason: Optional[str]
+    kind: Optional[str] = None
 
     @property
     def status(self) -> str:
@@ -76,6 +81,7 @@ class Coverage:
             self._captured: Dict[str, int] = {}
             self._refused: Dict[str, int] = {}
             self._reasons: Dict[str, str] = {}
+            self._kinds: Dict[str, str] = {}
 
     def ran(self, layer: str) -> None:
         with self._lock:
@@ -84,6 +90,13 @@ class Coverage:
     def captured(self, layer: str) -> None:
         with self._lock:
             self._captured[layer] = self._captured.get(layer, 0) + 1
+
+    def stores(self, layer: str, kind) -> None:
+        """The calls of ``layer`` are ``kind`` (a :class:`~attention_hooker._map_kinds.MapKind`), not
+        attention probabilities over tokens (``None``: nothing to note)."""
+        if kind is not None:
+            with self._lock:
+                self._kinds.setdefault(layer, str(kind))
 
     def refused(self, layer: str, reason: str) -> None:
         with self._lock:
@@ -95,6 +108,6 @@ class Coverage:
             names = self._layers + [n for n in self._runs if n not in self._layers]
             return CoverageReport(
                 (name, LayerCoverage(self._runs.get(name, 0), self._captured.get(name, 0),
-                                     self._refused.get(name, 0), self._reasons.get(name)))
+                                     self._refused.get(name, 0), self._reasons.get(name), self._kinds.get(name)))
                 for name in names
             )

@@ -334,6 +334,7 @@ class CaptureSession:
         against the selection nor begun in a keeper."""
         if sources.value is not None:
             sources = sources._replace(value=as_4d(sources.value) if self.router.policy.keep_values else None)
+        self.coverage.stores(layer, sources.kind)  # the report says what kind of map the layer stores
         scope = self._scope_of(layer)
         if scope is not None and scope.windows is not None:  # windowed: placed at the image's tokens, selected
             placed = self._place_windows(scope, weights, sources)
@@ -484,6 +485,7 @@ class CaptureSession:
         layer's running call, or kept at once for an entry of another kind): whole, or written a
         tile of rows at a time when the keepers take tiles."""
         router = self.router
+        self.coverage.stores(name, assembly.sources.kind)  # the report says what kind of map the layer stores
         row_index = torch.arange(assembly.queries) if chosen[1] is None else torch.tensor(chosen[1])
         if not router.takes_tiles:
             placed = assembly.rows(chosen[0], row_index, chosen[2])

@@ -2,7 +2,9 @@
 
 A capture is saved as one safetensors file: tensor ``"<layer index>.<call index>"``
 per call, and JSON metadata (layer order, calls per layer, tokens, model class,
-dtype, library version) under the key ``"attention_hooker"``.
+dtype, library version) under the key ``"attention_hooker"``. A call stored as another kind
+of map than probabilities over tokens (:mod:`attention_hooker._map_kinds`) has its kind saved
+beside it (``"kinds"``), and is marked again when it is loaded, so that the analyses refuse it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..selection import selected_rows
 from .._tensor import as_batched, values_of
 from ..errors import AttentionHookerError
 from ..values import AttentionValues, natural_order
+from .._map_kinds import describe_kind, kind_from_description, kind_of, mark_kind
 from .._per_window import mark_per_window, refuse_per_window
 from ..window_index import WindowIndex, checked_window_map
 from .format import INDEX_NAME, CheckedCalls, checked_file, checked_path, parse_json, read_index
@@ -140,6 +143,7 @@ def save_values(
     if not values or not any(len(calls) for calls in values.values()):
         raise AttentionHookerError("nothing to save: the capture holds no attention (run the model with hooks on first)")
     indexed = checked_window_map(windows or {}, "windows=")
+    kinds = _described_kinds(values)  # read before any call is made batched (a new tensor has no mark)
     values = {
         name: [tensor if _indexed(indexed, name, call) else as_batched(tensor, f"layer {name!r} call {call}")
                for call, tensor in enumerate(calls)]
@@ -170,7 +174,61 @@ def save_values(
     }
     if windows:
         meta["windows"] = windows
+    if kinds:
+        meta["kinds"] = kinds
     save_file(tensors, path, metadata={_META_KEY: json.dumps(meta)})
+
+
+def _described_kinds(values: Mapping) -> Optional[Dict[str, list]]:
+    """``{layer: [kind description or None per call]}`` of the layers with a call marked as another
+    kind of map than probabilities over tokens (a call kept per window is described by its window
+    index instead)."""
+    described = {}
+    for name, calls in values.items():
+        if isinstance(calls, torch.Tensor):
+            calls = [calls]
+        found = [kind_of(list.__getitem__(calls, call)) if isinstance(calls, list) else kind_of(calls[call])
+                 for call in range(len(calls))]
+        found = [None if kind is None or kind.name == "per-window" else describe_kind(kind) for kind in found]
+        if any(kind is not None for kind in found):
+            described[name] = found
+    return described or None
+
+
+def _read_kinds(meta: dict, values: Mapping, where: str) -> None:
+    """Marks each loaded call its saved kind names (checked against the calls it is saved beside)."""
+    saved = meta.get("kinds")
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise AttentionHookerError(f"{where} is damaged: its kinds of map are not a mapping of layers")
+    for name, kinds in saved.items():
+        calls = values.get(name)
+        if calls is None or not isinstance(kinds, list) or len(kinds) != len(calls):
+            raise AttentionHookerError(f"{where} is damaged: the kinds of map of layer {name!r} do not list one "
+                                       "entry per call of the layer")
+        for call, data in enumerate(kinds):
+            if data is not None:
+                kind = kind_from_description(data, f"{where}: the kind of layer {name!r} call {call}")
+                mark_kind(list.__getitem__(calls, call), kind)  # the analyses that need probabilities refuse it
+
+
+def _read_layer_kinds(meta: dict, values: Mapping, where: str) -> None:
+    """Marks every call of each layer a streamed capture's index names a kind of map for
+    (``{layer: kind description}``: one kind per layer, see ``keep/stream.py``)."""
+    saved = meta.get("kinds")
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise AttentionHookerError(f"{where} is damaged: its kinds of map are not a mapping of layers")
+    for name, data in saved.items():
+        calls = values.get(name)
+        if calls is None:
+            raise AttentionHookerError(f"{where} is damaged: its index names a kind of map for layer {name!r}, "
+                                       "which it does not list")
+        kind = kind_from_description(data, f"{where}: the kind of layer {name!r}")
+        for call in range(len(calls)):
+            mark_kind(list.__getitem__(calls, call), kind)  # the analyses that need probabilities refuse it
 
 
 def _indexed(windows: Mapping, name: str, call: int) -> bool:
@@ -310,7 +368,8 @@ def load(path: Union[str, os.PathLike], *, lazy: Optional[bool] = None, partial:
             raise AttentionHookerError(f"{path} is damaged: tensor {missing} of layer {name!r} is missing") from None
         values[name] = CheckedCalls(layer_calls, [checked] * n_calls) if lazy else layer_calls
     tokens = meta.get("tokens")
-    extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "tokens", "windows")}
+    extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "tokens", "windows", "kinds")}
+    _read_kinds(meta, values, path)
     return SavedAttention(values, tokens, extra, _read_windows(meta, values, path))
 
 
@@ -353,7 +412,8 @@ def _load_streamed(folder: str, lazy: bool, partial: bool) -> SavedAttention:
             tensors.append(_attention(tensor, os.path.join(folder, file_name), name))
             files.append(checked)
         values[name] = CheckedCalls(tensors, files) if lazy else tensors
-    extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "files", "tokens")}
+    _read_layer_kinds(meta, values, folder)
+    extra = {k: v for k, v in meta.items() if k not in ("layers", "calls", "files", "tokens", "kinds")}
     extra["streamed"] = folder
     saved = SavedAttention(values, meta.get("tokens"), extra)
     saved._load_options = (lazy, partial)  # its requests' captures (continuous batching) are read alike

@@ -115,6 +115,9 @@ class StreamedCapture:
         self._files = 0
         self._planned = False
         self.dtypes: set = set()  # of the calls written, for the index
+        # {layer: MapKind} of the layers whose calls are another kind of map than probabilities over tokens
+        # (one kind per layer: a family's calls are all of its kind); written in every index from then on
+        self._kinds: Dict[str, object] = {}
         self.written = 0
         self.closed = False
         self.tokens = None
@@ -145,9 +148,13 @@ class StreamedCapture:
                    sources: CallSources = NO_SOURCES) -> StreamedCall:
         """One call of ``layer``, stored ``shape`` ``(batch, heads, rows, keys)``, written a
         block of query rows at a time (the keeper protocol, ``keep/protocol.py``)."""
-        del sources  # the weights only: gradients and value vectors are refused with stream_to()
+        # The weights only (gradients and value vectors are refused with stream_to()), and what kind of
+        # map they are when they are not probabilities over tokens (the index names it per layer).
         if self.closed:
             raise AttentionHookerError(f"the capture streamed to {self.folder} is closed; call hooker.stream_to() again")
+        if sources.kind is not None:
+            with self._lock:
+                self._kinds.setdefault(layer, sources.kind)
         call = StreamedCall(self, layer)
         call.begin(shape, dtype)
         return call
@@ -481,5 +488,5 @@ class StreamedCapture:
         listed = {name: self._listed[name] for name in self._ordered_layers()}
         index = index_of(listed, state=self.state, whole=self._whole, failed=self._failed, layer_order=list(self._rank),
                          logging=self.disk.logging, writer=self.disk.suffix, tokens=self.tokens, dtypes=self.dtypes,
-                         metadata=self._metadata)
+                         metadata=self._metadata, kinds=self._kinds)
         self.disk.write_atomically(INDEX_NAME, json.dumps(index, separators=(",", ":")).encode(), f"writing {INDEX_NAME}")

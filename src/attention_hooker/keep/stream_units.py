@@ -8,6 +8,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .._map_kinds import describe_kind
 from ..io.format import LOG_NAME, STREAM_FORMAT
 
 __all__ = ["Unit", "Written", "index_of"]
@@ -42,9 +43,11 @@ class Written:
 
 
 def index_of(listed: Dict[str, List[Written]], *, state: str, whole: int, failed: List[dict], layer_order: List[str],
-             logging: bool, writer: str, tokens, dtypes, metadata: dict) -> dict:
+             logging: bool, writer: str, tokens, dtypes, metadata: dict, kinds: Optional[dict] = None) -> dict:
     """``capture.json`` of a capture whose units written whole list ``listed`` (per layer, in
-    model order, each call's file and tensor, and the forward it came from)."""
+    model order, each call's file and tensor, and the forward it came from); ``kinds``:
+    ``{layer: MapKind}`` of the layers whose calls are another kind of map than probabilities
+    over tokens (saved as ``"kinds"``, one description per layer, for the listed layers)."""
     from .. import __version__
 
     layers = list(listed)
@@ -54,4 +57,5 @@ def index_of(listed: Dict[str, List[Written]], *, state: str, whole: int, failed
             "forwards": [[c.unit.number for c in listed[n]] for n in layers],
             "whole_units": whole, "failed_units": len(failed), "failures": failed[:FAILURES_LISTED],
             "layer_order": layer_order, "log": LOG_NAME if logging else None, "writer": writer, "tokens": tokens,
-            "dtype": sorted(dtypes), "library_version": __version__, **metadata}
+            "dtype": sorted(dtypes), "library_version": __version__, **metadata,
+            **({"kinds": {n: describe_kind(k) for n, k in kinds.items() if n in listed}} if kinds else {})}
