@@ -451,31 +451,81 @@ def test_modules_are_found_by_what_they_declare_not_only_by_class_name():
     assert hooker.report().missing == []
 
 
+def _xca_by_hand(attn, x):
+    """XCA's channel map ``(B, H, C', C')`` and ``v`` ``(B, H, C', N)`` from the module's own weights: q, k
+    L2-normalised over the tokens, ``softmax(q kᵀ * temperature)``."""
+    b, n, c = x.shape
+    with torch.no_grad():
+        q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 4, 1)
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+        return ((q @ k.transpose(-2, -1)) * attn.temperature).softmax(-1), v
+
+
+def _xca_capture(model, x, **options):
+    """The capture, each XCA layer's input and its proj's input (what ``map @ v`` must give)."""
+    from timm.models.xcit import XCA
+
+    inputs, proj_in, handles = {}, {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, XCA):
+            handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0])))
+            handles.append(m.proj.register_forward_pre_hook(
+                lambda mod, args, name=name: proj_in.__setitem__(name, args[0])))
+    try:
+        with torch.no_grad():
+            expected = model(x)
+            with TransformerAttentionHooker(model, **options) as hooker:
+                out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)  # the capture changed nothing
+    return hooker, inputs, proj_in
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "softmax"])
-def test_cross_covariance_attention_over_channels_is_refused_not_stored_as_tokens(fused):
-    """timm's XCA (XCiT) softmaxes a (batch, heads, channels, channels) map: found by
-    what it declares, it must be refused, not stored as (batch, heads, query, key)."""
+def test_cross_covariance_attention_stores_its_channel_map_as_its_own_entry_never_as_tokens(fused):
+    """timm's XCA (XCiT) softmaxes a (batch, heads, channels, channels) map: found by what the module is, it
+    is kept as "<layer>:channels", marked "channels", equal to the hand computation from the module's weights,
+    and ``map @ v`` is the input of its proj; the layer stores no token map and its coverage says why."""
     timm = pytest.importorskip("timm")
+    from attention_hooker._map_kinds import kind_of
+    from attention_hooker.analysis.stats import head_entropy
+    from attention_hooker.errors import AttentionHookerError
+
     torch.manual_seed(0)
     model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=2, img_size=64).eval()
     for block in model.blocks:
         block.attn.fused_attn = fused
-    with TransformerAttentionHooker(model) as hooker:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", AttentionCaptureWarning)
-            model(torch.randn(2, 3, 64, 64))
+    hooker, inputs, proj_in = _xca_capture(model, torch.randn(2, 3, 64, 64))
     report = hooker.report()
     assert report.missing == ["blocks.0.attn", "blocks.1.attn"]
-    assert "channels" in report["blocks.0.attn"].reason and report["blocks.0.attn"].status == "refused"
-    assert [tuple(v[0].shape) for v in hooker.values.values()] == [(2, 4, 1, 17)] * 2  # the class-attention blocks
+    for i in range(2):
+        layer = f"blocks.{i}.attn"
+        assert report[layer].status == "refused" and "channels" in report[layer].reason
+        assert f"'{layer}:channels'" in report[layer].reason
+        assert layer not in hooker.values
+        (got,) = hooker.values[f"{layer}:channels"]
+        hand, v = _xca_by_hand(model.blocks[i].attn, inputs[layer])
+        assert got.shape == (2, 4, 32, 32)  # xcit_nano: 128 channels in 4 heads
+        torch.testing.assert_close(got, hand, atol=1e-6, rtol=1e-5)
+        b, h, c, n = v.shape
+        torch.testing.assert_close((got @ v).permute(0, 3, 1, 2).reshape(b, n, h * c), proj_in[layer],
+                                   atol=1e-6, rtol=1e-5)
+        assert kind_of(got).name == "channels"
+        with pytest.raises(AttentionHookerError, match="channels of each head, not tokens"):
+            head_entropy(got)
+    class_attention = [name for name in hooker.values if ":" not in name]
+    assert [tuple(hooker.values[n][0].shape) for n in class_attention] == [(2, 4, 1, 17)] * 2
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "softmax"])
 @pytest.mark.parametrize("batch,image", [(16, 24), (2, 32)], ids=["channels-equal-batch", "channels-equal-tokens"])
-def test_cross_covariance_attention_is_refused_when_its_channels_equal_the_batch_or_the_tokens(fused, batch, image):
+def test_cross_covariance_attention_is_a_channel_entry_when_its_channels_equal_the_batch_or_the_tokens(
+        fused, batch, image):
     """16 channels per head with a batch of 16, or with 16 tokens (a 32 x 32 image in 8 x 8
     patches): the channel map's shape is that of token attention, and it was stored as
-    such (XCiT-nano at batch 32 hits it). The module's declaration decides, not the shape."""
+    such (XCiT-nano at batch 32 hits it). The module decides, not the shape: it is the channel entry."""
     pytest.importorskip("timm")
     from timm.models.xcit import Xcit
 
@@ -483,15 +533,39 @@ def test_cross_covariance_attention_is_refused_when_its_channels_equal_the_batch
     model = Xcit(img_size=image, patch_size=8, embed_dim=32, depth=1, num_heads=2, cls_attn_layers=1,
                  num_classes=0).eval()
     model.blocks[0].attn.fused_attn = fused
-    with TransformerAttentionHooker(model) as hooker:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", AttentionCaptureWarning)
-            model(torch.randn(batch, 3, image, image))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AttentionCaptureWarning)
+        hooker, inputs, _ = _xca_capture(model, torch.randn(batch, 3, image, image))
     report = hooker.report()
     assert report["blocks.0.attn"].status == "refused" and "cross-covariance" in report["blocks.0.attn"].reason
     assert "blocks.0.attn" not in hooker.values
+    torch.testing.assert_close(hooker.values["blocks.0.attn:channels"][0],
+                               _xca_by_hand(model.blocks[0].attn, inputs["blocks.0.attn"])[0], atol=1e-6, rtol=1e-5)
     tokens = (image // 8) ** 2
-    assert [tuple(v[0].shape) for v in hooker.values.values()] == [(batch, 2, 1, tokens + 1)]  # class attention
+    assert [tuple(v[0].shape) for n, v in hooker.values.items() if ":" not in n] == [(batch, 2, 1, tokens + 1)]
+
+
+def test_a_channel_entry_keeps_its_selection_and_its_kind_through_save_and_load(tmp_path):
+    pytest.importorskip("timm")
+    from timm.models.xcit import Xcit
+
+    from attention_hooker import load
+    from attention_hooker._map_kinds import kind_of
+
+    torch.manual_seed(0)
+    model = Xcit(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, cls_attn_layers=1,
+                 num_classes=0).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AttentionCaptureWarning)
+        hooker, inputs, _ = _xca_capture(model, torch.randn(2, 3, 32, 32), layer_regex=r"^blocks\.0\.attn$",
+                                         heads=[1], rows=[0, 3])
+    (got,) = hooker.values["blocks.0.attn:channels"]
+    hand = _xca_by_hand(model.blocks[0].attn, inputs["blocks.0.attn"])[0]
+    torch.testing.assert_close(got, hand[:, [1]][:, :, [0, 3]], atol=1e-6, rtol=1e-5)
+    hooker.save(tmp_path / "x.safetensors")
+    loaded = load(tmp_path / "x.safetensors")
+    assert torch.equal(loaded.values["blocks.0.attn:channels"][0], got)
+    assert kind_of(loaded.values["blocks.0.attn:channels"][0]).name == "channels"
 
 
 def test_a_softmax_whose_first_dim_is_not_batch_times_heads_is_refused():

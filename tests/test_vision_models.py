@@ -150,7 +150,8 @@ TIMM_ZOO = {
     "crossvit_tiny_240": (None, None),
     "mvitv2_tiny": (None, None),
     # Found by what they declare (a head count and a qkv projection), not by class name:
-    "xcit_nano_12_p16_224": (r"^blocks\.\d+\.attn$", None),  # XCA: a softmax over channels, not tokens
+    # XCA: a softmax over channels, not tokens: the layer stores none (refused, naming its "<layer>:channels" entry)
+    "xcit_nano_12_p16_224": (r"^blocks\.\d+\.attn$", None),
     "convit_tiny": (r"^blocks\.\d\.attn$", None),  # GPSA: patch and positional softmaxes mixed (two pieces)
     # SelfAttnBlock holds a lambda layer, whose softmax is over its keys: no attention map ("nothing captured")
     "lambda_resnet26rpt_256": (r"^stages\.\d\.\d$", None),
@@ -214,7 +215,7 @@ def _placed_swin_windows(modules, layer, references, batch):
     while AttentionExtract gives it per window ``(batch * windows, heads, N, N)``: those are
     placed here by the block's own pad/roll/partition of a grid of token indices."""
     block = modules.get(layer.rpartition(".")[0])
-    if type(modules[layer]).__name__ != "WindowAttention" or not hasattr(block, "shift_size"):
+    if type(modules.get(layer)).__name__ != "WindowAttention" or not hasattr(block, "shift_size"):  # ":channels": none
         return list(enumerate(references))
     (h, w), window, shift = block.input_resolution, block.window_size, block.shift_size
     n = window[0] * window[1]

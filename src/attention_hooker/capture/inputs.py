@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["input_shape", "channel_attention_refusal", "folded_batch_refusal"]
+__all__ = ["input_shape", "channel_attention_refusal", "declares_channel_attention", "folded_batch_refusal"]
 
 _HIDDEN_STATE_KEYWORDS = ("hidden_states", "x", "query", "input", "inputs")
 
@@ -46,7 +46,7 @@ def channel_attention_refusal(shape: Optional[Tuple[int, ...]], heads: int, quer
     channels per head at batch 32) cannot be told from token attention: only the
     module's declaration can.
     """
-    if module is not None and _declares_channel_attention(module):
+    if module is not None and declares_channel_attention(module):
         return (
             f"{type(module).__name__} computes cross-covariance attention (XCiT): its softmax over a ({query} x "
             f"{key}) map per head is between the {query} channels of each head, not between tokens, so it is "
@@ -64,7 +64,7 @@ def channel_attention_refusal(shape: Optional[Tuple[int, ...]], heads: int, quer
     )
 
 
-def _declares_channel_attention(module) -> bool:
+def declares_channel_attention(module) -> bool:
     """Whether ``module`` is timm's ``XCA`` (``timm.models.xcit``) or a subclass of it."""
     return any(kind.__name__ == "XCA" and kind.__module__.startswith("timm.models.xcit")
                for kind in type(module).__mro__)

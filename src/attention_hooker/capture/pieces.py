@@ -40,6 +40,7 @@ submodules returned to the model in the call (:attr:`PiecedLayer.value_modules`,
 * :mod:`.local_blocks`: LongT5 local and transient-global.
 * :mod:`.global_tokens`: PEGASUS-X.
 * :mod:`.mask_units`: Hiera's mask-unit attention (transformers, timm).
+* :mod:`.channels`: timm XCiT (a map over channels only, kept as the entry ``"<layer>:channels"``).
 
 A call may also make maps of another kind beside its token map (ProphetNet's n-gram streams,
 whose queries are not the layer's tokens): :attr:`Assembly.named` holds them, and each is kept
@@ -73,16 +74,21 @@ class Assembly:
         sources: what memory keeps beside the map (value vectors ``(batch, heads, key, dim)``).
         named: ``{kind: Assembly}``, maps of another kind the same call made beside its token
             map, each kept as the entry :func:`named_entry` names (empty for most families).
+        no_token_map: why the call has no map over tokens at all (XCiT's channel map), or
+            ``None``: with a reason, only the ``named`` entries are kept, and the layer's call
+            is counted refused with this reason (naming the entries kept instead).
     """
 
     def __init__(self, batch: int, heads: int, queries: int, keys: int, dtype: torch.dtype,
                  rows: Callable[[Optional[Sequence[int]], torch.Tensor, Optional[Sequence[int]]], torch.Tensor],
-                 sources: CallSources = NO_SOURCES, named: Optional[Dict[str, "Assembly"]] = None):
+                 sources: CallSources = NO_SOURCES, named: Optional[Dict[str, "Assembly"]] = None,
+                 no_token_map: Optional[str] = None):
         self.batch, self.heads, self.queries, self.keys = batch, heads, queries, keys
         self.dtype = dtype
         self._rows = rows
         self.sources = sources
         self.named: Dict[str, Assembly] = dict(named or {})
+        self.no_token_map = no_token_map
 
     def rows(self, heads: Optional[Sequence[int]], rows: torch.Tensor, keys: Optional[Sequence[int]]) -> torch.Tensor:
         """``(batch, len(heads) or all, len(rows), len(keys) or all)``: the map at these absolute query
@@ -163,8 +169,8 @@ def pieced_layer(module: nn.Module, parents) -> Optional[PiecedLayer]:
     # The families register themselves on their first import; every one is imported here, not only
     # when none is registered yet: a program (or a test) that imported one family module first would
     # otherwise leave the others unregistered, and their layers refused.
-    from . import (bands, block_sparse, differential, global_tokens, landmarks, local_blocks,  # noqa: F401
-                   mask_units, ngram, segments)
+    from . import (bands, block_sparse, channels, differential, global_tokens, landmarks,  # noqa: F401
+                   local_blocks, mask_units, ngram, segments)
     for rule in FAMILIES:
         found = rule(module, parents)
         if found is not None:

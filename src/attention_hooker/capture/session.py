@@ -461,8 +461,8 @@ class CaptureSession:
         # The layer's map, then the maps of other kinds the call made (ProphetNet's streams), each an
         # entry of its own: all are sized before any is kept, so a refusal keeps none of them.
         planned = []
-        for name, part in [(layer, assembly)] + [(named_entry(layer, kind), other)
-                                                 for kind, other in assembly.named.items()]:
+        token_map = [] if assembly.no_token_map is not None else [(layer, assembly)]
+        for name, part in token_map + [(named_entry(layer, kind), other) for kind, other in assembly.named.items()]:
             chosen = router.policy.selection.resolve(part.heads, part.queries, part.keys, f"layer {name!r}")
             heads, rows, keys = selected_sizes(part, chosen)
             shape = (part.batch, heads, rows, keys)
@@ -479,6 +479,9 @@ class CaptureSession:
                 self.skip(name)
                 continue
             self._keep_assembled(name, part, chosen, shape)
+        if assembly.no_token_map is not None:  # the layer keeps nothing: its coverage says why, and where
+            self.refuse(scope, f"{assembly.no_token_map}; kept instead: "
+                               + ", ".join(repr(named_entry(layer, kind)) for kind in assembly.named))
 
     def _keep_assembled(self, name: str, assembly: Assembly, chosen, shape: tuple) -> None:
         """Makes the selected part ``shape`` of an assembled map and holds it for ``name`` (its
