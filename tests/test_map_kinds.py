@@ -175,3 +175,15 @@ def test_the_mark_goes_with_its_tensor_and_a_reused_buffer_loses_it():
     assert kind_of(t) is None
     with pytest.raises(AttentionHookerError):
         MapKind("token attention", "a", "b")
+
+
+def test_the_grid_draws_a_differential_map_and_its_colour_scale_says_it_is_not_probabilities():
+    from attention_hooker import plot_attention_grid
+
+    _, _, hooker = _diffllama()
+    name = next(iter(hooker.values))
+    fig = plot_attention_grid(hooker.values[name][0], layer_name=name)
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert labels == ["attention weight\nnot probabilities: DiffLlama's differential map P[:, j] - λ P[:, j + heads/2]"]
+    fig = plot_attention_grid(hooker.values[name][0].clone(), layer_name=name)  # the user's own copy: a plain label
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"] == ["attention weight"]

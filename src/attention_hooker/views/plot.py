@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .labels import AxisLabels, labelled, short_layer_names, thinned_positions, tick_label
+from .._map_kinds import kind_of
 from .._checks import check_heads, non_negative_int, positive_int, positive_number, prepare_output_path
 from .._tensor import as_heads, require_positions, values_of
 from ..errors import AttentionHookerError
@@ -167,6 +168,7 @@ def plot_attention_grid(
         2
     """
     Figure = figure_class()
+    kind = kind_of(attn)  # a map that is not probabilities over tokens is drawn, and its scale says so
     attn, tokens = labelled(attn, tokens)  # words carry their labels
     weights = as_heads(attn, batch_index=batch_index)  # (H, Q, K)
     require_positions(weights.shape, "the attention")
@@ -196,7 +198,7 @@ def plot_attention_grid(
         _mark_prompt(ax, prompt_length, n_query, n_key)
         bottom = slot + ncols >= len(heads)  # nothing drawn below this panel
         _label_axes(ax, query_tokens, key_tokens, max_labels, show_query=slot % ncols == 0, show_key=bottom)
-    fig.colorbar(image, ax=axes, shrink=0.8, label=_weight_label(color_scale))
+    fig.colorbar(image, ax=axes, shrink=0.8, label=_weight_label(color_scale, kind))
     fig.suptitle(
         f"{layer_name + ' - ' if layer_name else ''}{n_query} queries x {n_key} keys"
         + (f", batch {batch_index}" if np.ndim(attn) == 4 else "")
@@ -256,8 +258,12 @@ def color_norm(color_scale: str, vmin: float, vmax: float):
     return colors.Normalize(vmin=vmin, vmax=vmax)
 
 
-def _weight_label(color_scale: str) -> str:
-    return "attention weight" + ("" if color_scale == "linear" else f" ({color_scale} scale)")
+def _weight_label(color_scale: str, kind=None) -> str:
+    """The colour scale's label: "attention weight", and, for a map the library stored as another kind
+    than probabilities over tokens (:mod:`attention_hooker._map_kinds`), which kind (a DiffLlama map is
+    drawn, its negative entries too, but its scale must not read as probabilities)."""
+    label = "attention weight" + ("" if color_scale == "linear" else f" ({color_scale} scale)")
+    return label if kind is None else f"{label}\n{kind.name}: {kind.what}"
 
 
 def colormap_named(name: str):
