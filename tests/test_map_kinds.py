@@ -100,6 +100,9 @@ def test_head_statistics_reduced_during_the_capture_refuse_a_differential_layer(
         hooker.reduce_into(HeadStatsAccumulator())
         with pytest.raises(AttentionHookerError, match="DiffLlama's differential map"):
             model(**inputs)
+        hooker.reduce_into(None)  # the capture goes on: the next forward keeps the maps, marked
+        model(**inputs)
+    assert all(len(calls) == 1 and kind_of(calls[0]) is not None for calls in hooker.values.values())
 
 
 @pytest.mark.parametrize("lazy", [False, True])
