@@ -151,6 +151,25 @@ def test_differential_map_equals_transformers_attentions_made_differential():
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_float32_weights_under_bfloat16_autocast_store_the_map_in_the_float32_query_dtype_with_lambda_unrounded(attn):
+    """Under torch.autocast(bfloat16) with float32 weights, the projections are bfloat16 but the rotary
+    embedding (float32 cos/sin) makes the query float32: the model computes λ and returns its softmax in float32.
+    The stored map is float32 and equals transformers' float32 P made differential with the float32 λ (the old
+    rule took autocast's dtype for the query's: stored bfloat16, λ rounded, 2e-3 off)."""
+    model, inputs = _model(attn), _inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = _model("eager")(**inputs, output_attentions=True).attentions
+        hooker, _ = _capture(model, inputs)
+    real = inputs["attention_mask"].bool()[:, None, :, None]
+    for (name, module), probs in zip(_layers(model), reference):
+        (got,) = hooker.values[name]
+        assert probs.dtype == torch.float32 and got.dtype == torch.float32
+        want = probs[:, :2] - _lambda(module) * probs[:, 2:]
+        tolerance = dict(atol=1e-6, rtol=1e-5) if attn == "eager" else dict(atol=2e-2, rtol=0)  # sdpa: bf16 kernel
+        torch.testing.assert_close(got[real.expand_as(got)], want[real.expand_as(want)], **tolerance)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_generate_stores_each_steps_differential_map(attn):
     model, inputs = _model(attn, causal_lm=True), _inputs()
     reference_model = _model("eager", causal_lm=True)

@@ -13,7 +13,11 @@ with ``λ = exp(Σ λ_q1 λ_k1) - exp(Σ λ_q2 λ_k2) + λ_init``, one learned s
 from the module's parameters at the call and computed as the model does (float32 sums, cast
 to the query's dtype).
 
-Stored, per layer call: ``D (batch, heads / 2, query, key)``, in the query's dtype. **It is not
+Stored, per layer call: ``D (batch, heads / 2, query, key)``, in the query's dtype after the rotary
+embedding (:func:`query_dtype`), the dtype the model casts its softmax to and computes λ in: with
+float32 weights under ``torch.autocast(bfloat16)`` that is float32 (the bfloat16 projection times the
+float32 ``cos``/``sin``), and λ is not rounded to bfloat16. The matmul with the values then runs in
+autocast's dtype, which rounds each ``P`` to it; the stored ``D`` is not rounded so. **It is not
 probabilities**: its rows sum to ``1 - λ`` and its entries may be negative (like CaiT's
 talking-heads map, it is what multiplies the values). Analyses that need probabilities refuse
 it. The call is refused when the two computations are not the same map (they always are in
@@ -40,7 +44,8 @@ from .batching import is_paged_cache
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
 from .routes.sdpa import as_4d, packed_query_groups, sdpa_attention_weights, unpack_query_groups
 
-__all__ = ["DifferentialLayer", "differential_layer", "differential_lambda", "differential_map", "DIFFERENTIAL_KIND"]
+__all__ = ["DifferentialLayer", "differential_layer", "differential_lambda", "differential_map", "DIFFERENTIAL_KIND",
+           "query_dtype"]
 
 # What a stored D is (marked on it: the analyses that need probabilities refuse it, naming this).
 DIFFERENTIAL_KIND = not_probabilities("DiffLlama's differential map P[:, j] - λ P[:, j + heads/2]",
@@ -201,11 +206,26 @@ class DifferentialLayer(PiecedLayer):
             return ("a DiffLlama attention layer in a continuous-batching forward: the requests packed into its "
                     "call are not split apart for a differential map yet, and stored packed its rows and keys would "
                     "mix requests, so it is not stored")
-        dtype = hidden.dtype
-        device = hidden.device.type
-        if torch.is_autocast_enabled(device):  # the projections' output, hence the query, is in autocast's dtype
-            dtype = torch.get_autocast_dtype(device)
-        return _DifferentialCall(module, self.heads, dtype)
+        return _DifferentialCall(module, self.heads, query_dtype(module, hidden, args, kwargs))
+
+
+def query_dtype(module: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.dtype:
+    """The dtype of a DiffLlama call's query after its rotary embedding, read before the call runs.
+
+    The query is the ``q_proj`` output (autocast's dtype under autocast, else the projection's
+    weight dtype) times the rotary ``cos``/``sin`` (``position_embeddings``), so it is promoted to
+    theirs: fp32 weights under ``torch.autocast(bfloat16)`` give a bfloat16 projection and a
+    **float32** query, the dtype λ is cast to and the softmax is returned in."""
+    device = hidden.device.type
+    weight = getattr(getattr(module, "q_proj", None), "weight", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else hidden.dtype
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    rotary = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+    if isinstance(rotary, (tuple, list)) and rotary and isinstance(rotary[0], torch.Tensor) \
+            and rotary[0].is_floating_point():
+        dtype = torch.promote_types(dtype, rotary[0].dtype)
+    return dtype
 
 
 def differential_layer(module: nn.Module, parents=None) -> Optional[DifferentialLayer]:
