@@ -285,3 +285,28 @@ def test_continuous_batching_is_refused_rather_than_stored_with_requests_mixed()
     report = hooker.report()
     assert len(report.missing) == 2 and all("mix requests" in report[name].reason for name in report.missing)
     assert hooker.values == {} and hooker.requests == {}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_calls_past_max_calls_start_compare_and_hold_nothing(attn, monkeypatch):
+    """max_calls=1 over three forwards: only the first call of each layer is started and handed its two
+    computations; later calls neither compare their two softmaxes (a full-map torch.equal, a device sync per call
+    in a generate) nor hold them."""
+    from attention_hooker.capture import differential
+
+    started, taken = [], []
+    start, take_softmax, take_sdpa = (differential.DifferentialLayer.start,
+                                      differential._DifferentialCall.take_softmax,
+                                      differential._DifferentialCall.take_sdpa)
+    monkeypatch.setattr(differential.DifferentialLayer, "start", lambda *a: started.append(1) or start(*a))
+    monkeypatch.setattr(differential._DifferentialCall, "take_softmax", lambda *a: taken.append(1) or take_softmax(*a))
+    monkeypatch.setattr(differential._DifferentialCall, "take_sdpa", lambda *a: taken.append(1) or take_sdpa(*a))
+    model, inputs = _model(attn), _inputs()
+    with torch.no_grad():
+        plain = model(**inputs).last_hidden_state
+        with TransformerAttentionHooker(model, layer_regex=r"self_attn$", max_calls=1) as hooker:
+            outs = [model(**inputs).last_hidden_state for _ in range(3)]
+    assert all(torch.equal(out, plain) for out in outs)
+    assert len(started) == 2 and len(taken) == 2 * 2, (len(started), len(taken))  # 2 layers, 2 computations, 1 call
+    assert [len(maps) for maps in hooker.values.values()] == [1, 1]
+    assert hooker.report().missing == []

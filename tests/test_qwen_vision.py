@@ -316,3 +316,53 @@ def test_a_whole_qwen2_vl_model_is_hooked_by_default_with_its_vision_tower_assem
         (got,) = hooker.values[f"model.visual.blocks.{block}.attn"]
         assert got.shape == (1, 2, 48, 48) and torch.equal(got[0, 0] != 0, same_image)
     assert hooker.values["model.language_model.layers.0.self_attn"][0].shape == (1, 4, 18, 18)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_calls_past_max_calls_start_hold_and_place_nothing(attn, monkeypatch):
+    """max_calls=1 over three forwards: the family reads (start) and is handed (take) the first call's segments
+    only; the later calls' softmaxes or sdpa calls are dropped as they come, never held until the call returns."""
+    from attention_hooker.capture import segments
+
+    started, taken = [], []
+    start, take_softmax, take_sdpa = (segments.SegmentedVisionLayer.start, segments._SegmentsCall.take_softmax,
+                                      segments._SegmentsCall.take_sdpa)
+    monkeypatch.setattr(segments.SegmentedVisionLayer, "start", lambda *a: started.append(1) or start(*a))
+    monkeypatch.setattr(segments._SegmentsCall, "take_softmax", lambda *a: taken.append(1) or take_softmax(*a))
+    monkeypatch.setattr(segments._SegmentsCall, "take_sdpa", lambda *a: taken.append(1) or take_sdpa(*a))
+    model, x = _qwen2(attn), _patches(GRID_2)
+    with torch.no_grad():
+        plain = model(x, grid_thw=GRID_2).last_hidden_state
+        with TransformerAttentionHooker(model, layer_regex=r"^blocks\.\d+\.attn$", max_calls=1) as hooker:
+            outs = [model(x, grid_thw=GRID_2).last_hidden_state for _ in range(3)]
+    assert all(torch.equal(out, plain) for out in outs)
+    assert len(started) == 2 and len(taken) == 2 * 4, (len(started), len(taken))  # 2 layers, 4 segments, 1 call
+    assert all(len(maps) == 1 for maps in hooker.values.values()) and len(hooker.values) == 2
+    assert hooker.report().missing == []
+
+
+def test_placing_a_tile_visits_only_the_segments_its_rows_live_in(monkeypatch):
+    from attention_hooker.capture.segments import place_segment_rows
+
+    lengths = [2] * 500
+    segments = [torch.full((1, 1, 2, 2), 0.5) for _ in lengths]
+    looked = []
+    nonzero = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda self, *a, **k: looked.append(1) or nonzero(self, *a, **k))
+    out = place_segment_rows(segments, lengths, torch.tensor([6, 7, 8]))
+    monkeypatch.undo()
+    assert len(looked) == 2, len(looked)  # rows 6, 7 in segment 3; row 8 in segment 4: not 500 looks
+    want = torch.zeros(1, 1, 3, 1000)
+    want[0, 0, :2, 6:8], want[0, 0, 2, 8:10] = 0.5, 0.5
+    assert torch.equal(out, want)
+
+
+def test_no_row_asked_of_segments_made_by_functions_keeps_the_layers_heads():
+    """With sdpa segments (functions) and no row asked, the empty result has the layer's heads, not zero."""
+    from attention_hooker.capture.segments import place_segment_rows
+
+    make = [lambda heads, local: torch.zeros(1, 2 if heads is None else len(heads), len(local), 3)]
+    assert place_segment_rows(make, [3], torch.zeros(0, dtype=torch.long), all_heads=2).shape == (1, 2, 0, 3)
+    assert place_segment_rows(make, [3], torch.zeros(0, dtype=torch.long), heads=[1]).shape == (1, 1, 0, 3)
+    with pytest.raises(ValueError, match="how many heads"):
+        place_segment_rows(make, [3], torch.zeros(0, dtype=torch.long))

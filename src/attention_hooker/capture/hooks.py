@@ -19,7 +19,7 @@ from .batching import packed_requests
 from .inputs import input_shape
 from .routes.mha import MultiheadAttentionRoute, fastpath_containers, mha_post_hook
 from .session import module_call_frame
-from .pieces import pieced_layer
+from .pieces import UNKEPT_CALL, pieced_layer
 from .windows import windowed_layer
 
 __all__ = ["HookHandles", "install_layer_hooks"]
@@ -124,7 +124,9 @@ def _pre_hook(session, name: str, windows=None, pieces=None):
         # captured already: it runs exactly as before (MHA still asked for weights, so the
         # recomputed graph matches) but records nothing.
         layer = None if in_backward_pass() else name
-        call = pieces.start(module, args, kwargs) if pieces is not None and layer is not None else None
+        call = None
+        if pieces is not None and layer is not None:  # a call the capture will not keep starts nothing
+            call = pieces.start(module, args, kwargs) if session.router.wants(layer) else UNKEPT_CALL
         session.enter(module, layer, module_call_frame(), input_shape(args, kwargs),
                       packed_requests(module, kwargs) if kwargs else None, windows, call)
         return None

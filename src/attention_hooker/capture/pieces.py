@@ -10,7 +10,9 @@ this module owns the rest:
 1. At hooking, :func:`pieced_layer` asks each family rule (:data:`FAMILIES`) whether the
    hooked module is one of its layers; the rule found is carried on the layer's scope.
 2. At each call of the layer, :meth:`PiecedLayer.start` reads what the call was given
-   (its keyword arguments, masks) and returns a :class:`PieceCall` for that call only.
+   (its keyword arguments, masks) and returns a :class:`PieceCall` for that call only. A call
+   the capture will not keep (``max_calls`` reached) is not started: :data:`UNKEPT_CALL` takes
+   its pieces and drops them at once, so a long ``generate`` holds and compares nothing.
 3. Every raw attention computation inside the call (a softmax over the last dim, an
    ``F.scaled_dot_product_attention`` call) is offered to the :class:`PieceCall`
    *before* the generic labelling: :meth:`PieceCall.take_softmax` /
@@ -58,7 +60,8 @@ from torch import nn
 from ..keep.protocol import NO_SOURCES, CallSources
 from .value_tap import SeenValues, ValueTap
 
-__all__ = ["PieceCall", "PiecedLayer", "Assembly", "FAMILIES", "pieced_layer", "named_entry", "ROWS_PER_TILE"]
+__all__ = ["PieceCall", "PiecedLayer", "Assembly", "FAMILIES", "pieced_layer", "named_entry", "ROWS_PER_TILE",
+           "UNKEPT_CALL"]
 
 # Rows of a pieced map assembled at once when the keepers take tiles (streaming, reductions):
 # a Longformer layer at 4,096 tokens and 12 heads is then 12 x 256 x 4,096 floats (50 MB) at a time.
@@ -121,6 +124,25 @@ class PieceCall:
         """The call's :class:`Assembly` once it has returned, or why its map cannot be made
         (a piece missing, or ``keep_values`` asked of a layer whose rows multiply different values)."""
         raise NotImplementedError
+
+
+class _UnkeptCall(PieceCall):
+    """A call the capture will not keep (``max_calls`` reached when it began): every attention computation
+    inside it is taken and dropped at once (none is held, compared or labelled), and it assembles nothing."""
+
+    def take_softmax(self, result: torch.Tensor) -> None:
+        return None
+
+    def take_sdpa(self, call: dict) -> None:
+        return None
+
+    def assemble(self, keep_values: bool) -> str:
+        return "a call begun when max_calls was reached: its pieces were dropped as they came"
+
+
+# Handed to the session in place of a family's call when the router will not keep the call: the family's
+# start() is not run, and the session counts the call as skipped (CaptureSession._assemble_pieces).
+UNKEPT_CALL = _UnkeptCall()
 
 
 class PiecedLayer:

@@ -52,8 +52,11 @@ _KNOWN = {
 
 def place_segment_rows(segments: Sequence, lengths: Sequence[int], rows: torch.Tensor,
                        heads: Optional[Sequence[int]] = None, keys: Optional[Sequence[int]] = None,
-                       dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                       dtype: Optional[torch.dtype] = None, all_heads: Optional[int] = None) -> torch.Tensor:
     """Places per-segment maps block-diagonally, for the given query rows only.
+
+    Only the segments the rows live in are visited (a tile of 256 rows of a tower of many
+    images touches one or two of them), with one look at where the rows are.
 
     Args:
         segments: one per segment, in order: a ``(1, heads, L_i, L_i)`` map, or a function
@@ -62,6 +65,8 @@ def place_segment_rows(segments: Sequence, lengths: Sequence[int], rows: torch.T
         rows: absolute query positions ``(R,)`` (long), each ``< S``.
         heads, keys: only these heads / key positions (``None``: all).
         dtype: of the result (``None``: the first map's).
+        all_heads: the layer's head count, for the empty result when no row is asked and every
+            segment is a function (``None``: read from the first map).
 
     Returns:
         ``(1, heads, R, S)`` (or the selected heads and keys): row ``r`` holds its segment's row at
@@ -83,10 +88,9 @@ def place_segment_rows(segments: Sequence, lengths: Sequence[int], rows: torch.T
     index = None if heads is None else list(heads)
     bounds = torch.tensor(starts[1:], device=device)
     owner = torch.bucketize(rows, bounds, right=True)  # (R,): the segment each row lives in
-    for i, piece in enumerate(segments):
+    for i in torch.unique(owner).tolist():  # the segments holding a row, never all of them per tile
+        piece = segments[i]
         picked = (owner == i).nonzero(as_tuple=True)[0]
-        if picked.numel() == 0:
-            continue
         local = rows.index_select(0, picked) - starts[i]
         if callable(piece):
             block = piece(index, local)
@@ -98,7 +102,11 @@ def place_segment_rows(segments: Sequence, lengths: Sequence[int], rows: torch.T
         out[:, :, picked.to(out.device), starts[i]:starts[i + 1]] = block.to(out.dtype)
     if out is None:  # no row asked
         first = segments[0]
-        n_heads = len(index) if index is not None else (first.shape[1] if not callable(first) else 0)
+        n_heads = len(index) if index is not None else all_heads if all_heads is not None else \
+            first.shape[1] if not callable(first) else None
+        if n_heads is None:
+            raise ValueError("place_segment_rows: no row asked of segments that are all functions, and neither "
+                             "heads nor all_heads says how many heads the empty result has")
         out = torch.zeros(1, n_heads, 0, total, dtype=dtype or torch.float32)
     if keys is not None:
         out = out.index_select(-1, torch.as_tensor(list(keys), device=out.device))
@@ -170,7 +178,7 @@ class _SegmentsCall(PieceCall):
 
         def rows(heads, chosen: torch.Tensor, keys) -> torch.Tensor:
             with torch.no_grad(), no_function_modes():
-                return place_segment_rows(segments, lengths, chosen, heads, keys, dtype)
+                return place_segment_rows(segments, lengths, chosen, heads, keys, dtype, all_heads=self.heads)
 
         return Assembly(1, self.heads, total, total, dtype, rows, CallSources(value=value))
 

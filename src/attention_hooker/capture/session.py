@@ -29,7 +29,7 @@ from ..keep.protocol import NO_SOURCES, CallSources
 from ..values import format_size
 from .batching import PackedRequests, request_keys
 from .windows import assemble_window_values, assemble_windows, layout_refusal, window_index
-from .pieces import ROWS_PER_TILE, Assembly, PieceCall, named_entry, selected_sizes
+from .pieces import ROWS_PER_TILE, UNKEPT_CALL, Assembly, PieceCall, named_entry, selected_sizes
 from .coverage import Coverage
 from .routes.sdpa import (SDPA_FUNCTIONS, as_4d)
 from .routes.mha import handle_mha_forward
@@ -447,7 +447,7 @@ class CaptureSession:
         router = self.router
         if self.closed:  # remove_hooks() came from another thread meanwhile: record nothing more
             return
-        if not router.wants(layer):
+        if pieces is UNKEPT_CALL or not router.wants(layer):
             self.skip(layer)
             return
         if router.policy.keep_grad:
