@@ -481,3 +481,20 @@ def test_longt5_local_layer_called_without_a_mask_drops_only_the_weight_on_its_z
     # blocks 2 and 3 the slot 11 the layer padded
     assert bool((sums[..., 3:6] - 1).abs().max() < 1e-5)
     assert bool((sums[..., :3] < 1 - 1e-3).all()) and bool((sums[..., 6:] < 1 - 1e-3).all())
+
+
+def test_rollout_of_transient_global_maps_says_their_extra_keys_are_global_aggregates():
+    """A transient-global map (batch, heads, L, L + G) is self-attention with G aggregate keys, not
+    cross-attention: rollout's refusal names the aggregates, not "leave cross-attention layers out"."""
+    import attention_hooker as ah
+
+    model, inputs = _longt5("transient-global"), _batch(11)
+    hooker = _capture(model, inputs, layer_regex=r"TransientGlobalSelfAttention$")
+    first = next(iter(hooker.values.values()))[0]
+    assert first.shape == (2, 2, 11, 11 + 11 // 4)
+    for given in (hooker, hooker.values):
+        with pytest.raises(ah.AttentionHookerError, match="LongT5 transient-global") as refused:
+            ah.attention_rollout(given)
+        assert "global aggregates (keys 11 on)" in str(refused.value) and "cross-attention" not in str(refused.value)
+    with pytest.raises(ah.AttentionHookerError, match="extra keys are not tokens"):  # a plain list: no names
+        ah.attention_rollout([first])

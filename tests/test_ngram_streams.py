@@ -242,3 +242,15 @@ def test_stream_entries_are_streamed_to_disk_counted_by_max_calls_and_kept_in_th
     assert hooker.values[name][0].dtype == torch.bfloat16  # computed in float32, multiplied in the model's dtype
     assert torch.equal(hooker.values[name][0], reference.decoder_attentions[0])
     assert torch.equal(hooker.values[f"{name}:ngram2"][0], reference.decoder_ngram_attentions[0][:, 1])
+
+
+def test_rollout_over_stream_entries_says_they_are_stream_positions_not_cross_attention():
+    import attention_hooker as ah
+
+    model = _model()
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex=r"decoder\.layers\.\d\.self_attn$") as hooker:
+        model(**_padded_inputs())
+    assert "decoder.layers.0.self_attn:ngram1" in hooker.values
+    with pytest.raises(ah.AttentionHookerError, match="n-gram stream 1") as refused:
+        ah.attention_rollout(hooker)
+    assert "stream's positions" in str(refused.value) and "cross-attention" not in str(refused.value)

@@ -75,14 +75,47 @@ def fuse_heads(a: torch.Tensor, how: str) -> torch.Tensor:
     return a.amin(dim=1)  # "min": callers check head_fusion against FUSIONS first
 
 
+def _entry_names(attentions) -> Optional[List[str]]:
+    """The layer names of a ``values`` mapping (or a hooker), in order; ``None`` for a plain sequence."""
+    if hasattr(attentions, "values") and isinstance(getattr(attentions, "values"), Mapping):
+        attentions = attentions.values
+    return [str(name) for name in attentions] if isinstance(attentions, Mapping) else None
+
+
+def not_square_reason(shape: tuple, name: Optional[str]) -> str:
+    """Why a map whose key axis is not its query axis cannot be composed by rollout: what its keys
+    are, when the entry's name (``None``: unknown) or its shape tells.
+
+    Example:
+        >>> not_square_reason((1, 2, 3, 5), "decoder.layers.0.self_attn:ngram1")[:59]
+        "entry 'decoder.layers.0.self_attn:ngram1' is ProphetNet's n-"
+    """
+    if name is not None and ":ngram" in name:
+        return (f"entry {name!r} is ProphetNet's n-gram stream {name.rsplit(':ngram', 1)[1]}, kept beside its layer: "
+                "its queries are the stream's positions (not the decoder's tokens) and its keys the main keys then "
+                "the stream's own positions, so it composes with no token map; leave the ':ngram' entries out "
+                "(the layer's own entry, the main stream, is square)")
+    if name is not None and "TransientGlobal" in name:
+        return (f"layer {name!r} is LongT5 transient-global self-attention: its keys are the {shape[-2]} tokens, "
+                f"then {shape[-1] - shape[-2]} global aggregates (keys {shape[-2]} on), which are not tokens and "
+                "whose weight cannot be given to tokens, so no token-to-token map exists to compose; leave its "
+                "layers out (a LongT5 local-attention model's maps are square)")
+    if shape[-1] > shape[-2]:
+        return ("its keys outnumber its queries: a cross-attention layer, or a self-attention map whose extra keys "
+                "are not tokens (LongT5 transient-global's global aggregates, keys after the tokens; ProphetNet's "
+                "n-gram stream entries ':ngram<s>'), which compose with no token map; leave such layers out")
+    return "its queries and keys differ: a cross-attention layer; leave cross-attention layers out"
+
+
 def square_stack(attentions, where: str) -> List[torch.Tensor]:
     layers = layer_sequence(attentions, where=where)
+    names = _entry_names(attentions)
     shape = layers[0].shape
     for i, a in enumerate(layers):
         if a.shape[-1] != a.shape[-2]:
             raise AttentionHookerError(
-                f"{where}[{i}] is {tuple(a.shape)}: rollout needs square self-attention (query == key); "
-                "leave cross-attention layers out"
+                f"{where}[{i}] is {tuple(a.shape)}: rollout needs square self-attention (query == key) over the "
+                f"same tokens; {not_square_reason(tuple(a.shape), names[i] if names else None)}"
             )
         if a.shape[0] != shape[0] or a.shape[-1] != shape[-1]:
             raise AttentionHookerError(
