@@ -287,3 +287,28 @@ def test_a_layer_called_outside_its_model_keeps_the_padding_it_was_given():
     assert got.shape == (2, 2, 18, 18)
     torch.testing.assert_close(got, _hand(module, x, query_real, key_real, random)[0], atol=1e-6, rtol=1e-5)
     assert (got[:, :, 17] == 0).all() and (got[..., 17] == 0).all()
+
+
+def test_a_short_input_that_makes_transformers_swap_the_layer_out_is_reported_not_silent():
+    """At <= (5 + 2r) x block_size tokens transformers replaces every BigBirdAttention.self by a new full-attention
+    module, for good: the hooked block-sparse modules never run again. Each layer says so (a warning naming the
+    swap, the limit and what to do; its coverage refused with that reason), on that call and on a later long one,
+    never "did not run" with report().missing empty; a new hooker then captures the full attention it runs."""
+    model = _bigbird()  # block_size 2, 1 random block: the limit is 14 tokens
+    names = [name for name, _ in _layers(model)]
+    with pytest.warns(AttentionCaptureWarning, match=r"swapped out.*at most \(5 \+ 2 x 1\) x 2 = 14 tokens.*Hook the "
+                                                     r"model again") as caught, \
+            torch.no_grad(), TransformerAttentionHooker(model, layer_regex=r"attention\.self$") as hooker:
+        model(**_batch(length=8))
+        model(**_batch(length=LENGTH))
+    assert sum("swapped out" in str(w.message) for w in caught) == len(names) == 2  # once per layer
+    report = hooker.report()
+    assert report.missing == names and dict(hooker.values) == {}
+    for name in names:
+        assert report[name].status == "refused" and report[name].runs == 2, report[name]
+        assert "BigBirdSelfAttention" in report[name].reason
+    inputs = _batch(length=8)
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex=r"attention\.self$") as again:
+        want = model(**inputs, output_attentions=True).attentions
+    for name, probs in zip(names, want):
+        torch.testing.assert_close(again.values[name][0], probs)

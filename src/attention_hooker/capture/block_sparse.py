@@ -28,6 +28,12 @@ the padding the model added to reach a multiple of ``block_size`` is cropped whe
 or encoder ``forward`` that added it can be read (its ``padding_len``) and those positions are masked
 in every row; otherwise ``T = L`` and the model's padding stays as zero rows and columns. The
 weights are the softmax outputs (block-sparse attention has no dropout), in their dtype.
+
+Short inputs: at ``<= (5 + 2 r) x block_size`` tokens (or with a cache) transformers replaces every
+``BigBirdAttention.self`` by a new full-attention module, for good, so the hooked block-sparse module
+never runs again. The rule watches the parent's calls (:meth:`BlockSparseLayer.slot`): from the first
+call that holds another module, the layer is warned of once and counted as run and refused with the
+reason (hook the model again after the switch, or give longer inputs), never "did not run".
 """
 
 from __future__ import annotations
@@ -237,8 +243,25 @@ class BlockSparseLayer(PiecedLayer):
     query mask from the ``from_mask`` its model passes, the model's padding from the running
     ``forward`` that added it, and the random blocks from the call itself."""
 
-    def __init__(self, family: str):
+    def __init__(self, family: str, parent: Optional[nn.Module] = None, attribute: Optional[str] = None):
         self.family = family
+        self.parent, self.attribute = parent, attribute  # the BigBirdAttention holding it as .self
+
+    def slot(self):
+        return (self.parent, self.attribute) if self.parent is not None else None
+
+    def swapped(self, layer: str, replacement: object) -> str:
+        config = getattr(self.parent, "config", None)
+        size, rand = getattr(config, "block_size", None), getattr(config, "num_random_blocks", None)
+        limit = (f"(5 + 2 x {rand}) x {size} = {(5 + 2 * rand) * size}" if isinstance(size, int)
+                 and isinstance(rand, int) else "(5 + 2 r) x block_size")
+        return (f"layer {layer!r} ({self.family}) was swapped out: its model replaced {type(self.parent).__name__}."
+                f"{self.attribute} by a new {type(replacement).__name__} (transformers does so, for good, when an "
+                f"input has at most {limit} tokens, or a cache is passed), so the hooked module no longer runs and "
+                "nothing of this layer is captured, on this call or any later one, long inputs too. Hook the model "
+                "again after the switch (a new TransformerAttentionHooker captures the full attention it now runs), "
+                f"or give inputs longer than {limit} tokens (set model.set_attention_type('block_sparse') back "
+                "first)")
 
     def start(self, module: nn.Module, args: tuple, kwargs: dict) -> Union[PieceCall, str]:
         names = ("hidden_states", "band_mask", "from_mask", "to_mask")
@@ -291,7 +314,10 @@ def block_sparse_layer(module: nn.Module, parents=None) -> Optional[BlockSparseL
     if not all(isinstance(getattr(module, name, None), int)
                for name in ("block_size", "num_random_blocks", "num_attention_heads")):
         return None
-    return BlockSparseLayer(f"transformers {kind.__name__}")
+    parent = parents.get(id(module)) if parents is not None else None
+    attribute = next((name for name, child in parent.named_children() if child is module), None) \
+        if parent is not None else None
+    return BlockSparseLayer(f"transformers {kind.__name__}", parent if attribute else None, attribute)
 
 
 FAMILIES.append(block_sparse_layer)

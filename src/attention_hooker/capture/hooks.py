@@ -93,6 +93,9 @@ def install_layer_hooks(model: nn.Module, targets: Sequence[Tuple[nn.Module, str
             pieces = pieced_layer(module, parents) if windows is None else None
             if pieces is not None:
                 pieces.install(handles.add_entry, module, session.router.policy.keep_values)
+                slot = pieces.slot()
+                if slot is not None:
+                    handles.add_entry(slot[0].register_forward_pre_hook(_swap_watch(session, name, module, pieces)))
             handles.add_pair(module, _pre_hook(session, name, windows, pieces), _post_hook(session),
                              with_kwargs=True)
     for module in fastpath_containers(model, [m for m, _ in targets]):
@@ -129,6 +132,23 @@ def _pre_hook(session, name: str, windows=None, pieces=None):
             call = pieces.start(module, args, kwargs) if session.router.wants(layer) else UNKEPT_CALL
         session.enter(module, layer, module_call_frame(), input_shape(args, kwargs),
                       packed_requests(module, kwargs) if kwargs else None, windows, call)
+        return None
+
+    return pre_hook
+
+
+def _swap_watch(session, name: str, module: nn.Module, pieces):
+    """A pre-hook on the parent of a pieced layer (:meth:`~.pieces.PiecedLayer.slot`): when the parent runs
+    holding another module where the hooked one was, the layer ran unseen; the session says so (a
+    warning, and the layer's coverage refused with the family's reason), never "did not run"."""
+    parent, attribute = pieces.slot()
+
+    def pre_hook(_parent, args):
+        if being_traced() or in_backward_pass():
+            return None
+        held = getattr(parent, attribute, None)
+        if held is not module:
+            session.layer_swapped(name, pieces.swapped(name, held))
         return None
 
     return pre_hook

@@ -176,6 +176,17 @@ class PiecedLayer:
         """A :class:`PieceCall` for the call of ``module`` with these arguments, or why it cannot be read."""
         raise NotImplementedError
 
+    def slot(self) -> Optional[Tuple[nn.Module, str]]:
+        """``(parent, attribute)`` holding the hooked module, for a family whose model may put another
+        module in its place while running (BigBird on short inputs): the capture then watches each call
+        of ``parent`` and reports the hooked module swapped out (:meth:`swapped`). ``None`` (most): no watch."""
+        return None
+
+    def swapped(self, layer: str, replacement: object) -> str:
+        """Why ``layer`` captures nothing now that its parent holds ``replacement`` in its place, and what to do."""
+        return (f"layer {layer!r} was replaced in the model by a {type(replacement).__name__} while hooked: the "
+                "hooked module no longer runs, so nothing of it is captured; hook the model again")
+
 
 # Each entry: (module, parents) -> PiecedLayer or None; filled by the family modules (see pieced_layer).
 FAMILIES: List[Callable[[nn.Module, object], Optional[PiecedLayer]]] = []

@@ -18,6 +18,7 @@ stale at the next attention event and never receive another model's attention.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, List, NamedTuple, Optional
 
@@ -25,6 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .._torch_private import caller_frame, function_mode_stack, take_mode_out
+from ..errors import AttentionCaptureWarning
 from ..keep.protocol import NO_SOURCES, CallSources
 from ..values import format_size
 from .batching import PackedRequests, request_keys
@@ -161,6 +163,7 @@ class CaptureSession:
         self._lock = threading.Lock()
         self._busy: set = set()  # idents of threads with open scopes
         self._on_idle: List[Callable[[], None]] = []
+        self._swapped_warned: set = set()  # layers whose hooked module was swapped out, warned of once
         self.closed = False
 
     def thread_state(self) -> _ThreadState:
@@ -318,6 +321,19 @@ class CaptureSession:
             return
         value = value() if value is not None and self.router.policy.keep_values else None
         self._commit(layer, WholeMap(weights, CallSources(graph_tensor, gradient_scale, value)))
+
+    def layer_swapped(self, layer: str, reason: str) -> None:
+        """The hooked module of ``layer`` was swapped out of the model (:func:`.hooks._swap_watch`) and its
+        parent ran with another in its place: counted as a run refused with ``reason``, and warned once per layer."""
+        if self.closed:
+            return
+        self.coverage.ran(layer)
+        self.coverage.refused(layer, reason)
+        with self._lock:
+            first = layer not in self._swapped_warned
+            self._swapped_warned.add(layer)
+        if first:
+            warnings.warn(reason, AttentionCaptureWarning, stacklevel=3)
 
     def skip(self, layer: str, router=None) -> None:
         """Counts a call of ``layer`` that is not computed (``max_calls`` reached) or held no row
