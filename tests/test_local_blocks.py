@@ -498,3 +498,37 @@ def test_rollout_of_transient_global_maps_says_their_extra_keys_are_global_aggre
         assert "global aggregates (keys 11 on)" in str(refused.value) and "cross-attention" not in str(refused.value)
     with pytest.raises(ah.AttentionHookerError, match="extra keys are not tokens"):  # a plain list: no names
         ah.attention_rollout([first])
+
+
+@pytest.mark.parametrize("real", [[1] * 11, [1] * 9 + [0] * 2, [1] * 6 + [0] * 5, [1] * 3 + [0] * 8,
+                                  [0] * 2 + [1] * 9, [1] * 5 + [0] + [1] * 5])
+def test_global_blocks_of_a_padded_row_are_the_models_own(real):
+    """Each token's aggregate and which aggregates exist, per row, equal transformers' own
+    _make_global_fixed_block_ids (what the layer sums its aggregates with) and the per-row construction of
+    the hand computation above (last full block = real // gbs - 1 for right padding)."""
+    from transformers.models.longt5.modeling_longt5 import _make_global_fixed_block_ids
+
+    from attention_hooker.capture.local_blocks import longt5_global_blocks
+
+    mask = torch.tensor(real)
+    block_of, exists = longt5_global_blocks(mask, 4)
+    model_ids, model_exists = _make_global_fixed_block_ids(mask[None].float(), 4)
+    assert block_of.tolist() == model_ids[0].long().tolist()
+    assert exists.tolist() == model_exists[0].bool().tolist()
+    if real == sorted(real, reverse=True):  # right padding: the hand computation's per-row rule
+        last_full = sum(real) // 4 - 1
+        assert block_of[:sum(real)].tolist() == [min(t // 4, last_full) for t in range(sum(real))]
+
+
+def test_key_labels_of_a_padded_row_name_its_own_blocks_and_its_masked_aggregates():
+    """11 tokens, 6 real, global_block_size 4: the labels from the length only say block 1 sums tokens 4-10;
+    in this row tokens 4-5 end no block, so they join block 0 (0-5), and block 1 sums no real token (masked)."""
+    from attention_hooker.capture.local_blocks import longt5_key_labels
+
+    tokens = [f"t{i}" for i in range(11)]
+    mask = torch.tensor([1] * 6 + [0] * 5)
+    assert longt5_key_labels(tokens, 4, mask)[11:] == ["[global block 0: tokens 0-5]",
+                                                       "[global block 1: masked in this row]"]
+    assert longt5_key_labels(tokens, 4)[11:] == ["[global block 0: tokens 0-3]", "[global block 1: tokens 4-10]"]
+    with pytest.raises(ValueError, match="one row's mask"):
+        longt5_key_labels(tokens, 4, torch.ones(2, 11))

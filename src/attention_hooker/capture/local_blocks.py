@@ -22,7 +22,8 @@ which the norm's scale and weight keep from being any mixture of the tokens' val
 weight cannot be given to tokens. The map that multiplies the values is therefore over
 ``[tokens; aggregates]``, and that is what is stored: ``(batch, heads, L, L + G)``, key ``L + g``
 the aggregate of global block ``g`` (tokens ``g * global_block_size`` on; the tokens left over
-at the end are in the last block; :func:`longt5_key_labels` names these keys for the views). Not
+at the end are in the last full block, per row: a padded row's blocks are its own,
+:func:`longt5_global_blocks`; :func:`longt5_key_labels` names these keys for the views). Not
 refused: issue 24's rule keeps a refusal only where no map multiplies the values at all.
 
 Values (``keep_values``): ``v(x)`` ``(batch, heads, L, d)``; transient-global: ``v`` of the tokens
@@ -43,7 +44,7 @@ from ..keep.protocol import CallSources
 from .value_tap import SeenValues, seen_outputs
 from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
 
-__all__ = ["LongT5LocalLayer", "longt5_local_layer", "place_block_rows", "longt5_key_labels"]
+__all__ = ["LongT5LocalLayer", "longt5_local_layer", "place_block_rows", "longt5_key_labels", "longt5_global_blocks"]
 
 
 def place_block_rows(weights: torch.Tensor, tokens: int, block: int, rows: torch.Tensor,
@@ -89,20 +90,81 @@ def place_block_rows(weights: torch.Tensor, tokens: int, block: int, rows: torch
     return out
 
 
-def longt5_key_labels(tokens: Sequence[str], global_block_size: int) -> List[str]:
-    """Key labels of a transient-global layer's map ``(batch, heads, L, L + G)``: the ``L`` tokens, then one
-    label per global aggregate (``G = L // global_block_size``), to pass as ``key_tokens=`` to the views.
+def longt5_global_blocks(attention_mask: torch.Tensor, global_block_size: int):
+    """Which global aggregate each token of one row joins, as a LongT5 transient-global layer groups them.
+
+    Per row: a real token at position ``t`` is in block ``t // global_block_size``, except that the
+    tokens after the row's last *full* block (its last block end ``t % gbs == gbs - 1`` that is a
+    real token) join that block; a padded token is in none. Aggregate ``g`` of the ``G = L // gbs``
+    exists in the row (is not masked) when some real token is in a block ``>= g``.
+
+    Args:
+        attention_mask: ``(L,)`` of one row, nonzero = real token.
+        global_block_size: the layer's ``global_block_size``.
+
+    Returns:
+        ``(block_of (L,) long, -1 for padding; exists (G,) bool)``.
+
+    Example:
+        >>> block_of, exists = longt5_global_blocks(torch.tensor([1, 1, 1, 1, 1, 1, 0, 0]), 2)
+        >>> block_of.tolist(), exists.tolist()  # tokens 4, 5 are block 2; 6, 7 padding: block 3 masked
+        ([0, 0, 1, 1, 2, 2, -1, -1], [True, True, True, False])
+    """
+    real = attention_mask.reshape(-1) != 0
+    length = real.shape[0]
+    position = torch.arange(length, device=real.device)
+    ends = (position % global_block_size == global_block_size - 1) & real
+    last_full = int(ends.sum()) - 1  # -1: no full block of real tokens, no aggregate in the row
+    block_of = torch.where(real, torch.clamp(position // global_block_size, max=last_full),
+                           torch.full_like(position, -1))
+    block_of = torch.where(block_of < 0, torch.full_like(position, -1), block_of)
+    highest = int(block_of.max()) if length else -1
+    exists = torch.arange(length // global_block_size, device=real.device) <= highest
+    return block_of, exists
+
+
+def _runs(positions: List[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    runs, start = [], None
+    for i, p in enumerate(positions):
+        if start is None:
+            start = p
+        if i + 1 == len(positions) or positions[i + 1] != p + 1:
+            runs.append(f"{start}-{p}" if p != start else f"{p}")
+            start = None
+    return ", ".join(runs)
+
+
+def longt5_key_labels(tokens: Sequence[str], global_block_size: int,
+                      attention_mask: Optional[torch.Tensor] = None) -> List[str]:
+    """Key labels of one row of a transient-global layer's map ``(batch, heads, L, L + G)``: the ``L`` tokens,
+    then one label per global aggregate (``G = L // global_block_size``) naming the tokens it sums, to pass
+    as ``key_tokens=`` to the views.
+
+    The tokens an aggregate sums depend on the row's padding (:func:`longt5_global_blocks`): pass that row's
+    ``attention_mask`` ``(L,)`` for a padded row. Without it the row is taken to have no padding (the tokens
+    left over at the end join the last block), which names the wrong tokens for a padded row. An aggregate
+    of no real token of the row (masked there: its weight is 0) is labelled so.
 
     Example:
         >>> longt5_key_labels(["a", "b", "c", "d", "e"], 2)
         ['a', 'b', 'c', 'd', 'e', '[global block 0: tokens 0-1]', '[global block 1: tokens 2-4]']
+        >>> longt5_key_labels(["a", "b", "c", "<pad>", "<pad>"], 2, torch.tensor([1, 1, 1, 0, 0]))[5:]
+        ['[global block 0: tokens 0-2]', '[global block 1: masked in this row]']
     """
     tokens = list(tokens)
-    count = len(tokens) // global_block_size
+    mask = torch.ones(len(tokens), dtype=torch.long) if attention_mask is None else attention_mask.reshape(-1)
+    if mask.shape[0] != len(tokens):
+        raise ValueError(f"longt5_key_labels: attention_mask has {mask.shape[0]} positions for {len(tokens)} tokens "
+                         "(give one row's mask)")
+    block_of, exists = longt5_global_blocks(mask.cpu(), global_block_size)
     labels = []
-    for g in range(count):
-        last = len(tokens) - 1 if g == count - 1 else (g + 1) * global_block_size - 1
-        labels.append(f"[global block {g}: tokens {g * global_block_size}-{last}]")
+    for g in range(exists.shape[0]):
+        members = (block_of == g).nonzero(as_tuple=True)[0].tolist()
+        if not bool(exists[g]) or not members:
+            labels.append(f"[global block {g}: masked in this row]")
+        else:
+            labels.append(f"[global block {g}: tokens {_runs(members)}]")
     return tokens + labels
 
 
