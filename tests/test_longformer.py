@@ -403,3 +403,33 @@ def test_the_page_of_a_4096_token_capture_draws_the_band_and_the_global_row_and_
     expected[g, :] = True
     expected[:, g] = True
     assert torch.equal(pooled[0, 0] > 0, expected) and torch.equal(pooled[0, 1] > 0, expected)
+
+
+def test_led_wrapper_hooked_beside_its_inner_layer_is_captured_inside_not_warned_as_unseen():
+    """layer_regex=r"encoder.*self_attn$" hooks LED's wrapper ...self_attn and its ...self_attn.longformer_self_attn:
+    the map is kept under the inner name, and the wrapper is "captured inside" it, neither in report().missing
+    nor named by a warning that it "computes attention in a way no route sees"."""
+    import warnings
+
+    model, inputs = _led(), _batch(led=True)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), \
+            TransformerAttentionHooker(model, layer_regex=r"encoder.*self_attn$") as hooker:
+        warnings.simplefilter("always")
+        model(**inputs)
+    assert not [w for w in caught if "gave no attention" in str(w.message)], [str(w.message) for w in caught]
+    report = hooker.report()
+    assert report.missing == []
+    for i in range(2):
+        wrapper, inner = f"encoder.layers.{i}.self_attn", f"encoder.layers.{i}.self_attn.longformer_self_attn"
+        assert report[wrapper].status == "captured inside" and report[wrapper].inside == (inner,)
+        assert report[inner].status == "captured" and inner in hooker.values and wrapper not in hooker.values
+
+
+def test_a_wrapper_whose_inner_hooked_layer_captured_nothing_is_still_missing():
+    """The wrapper is excused only by an inner layer that captured: with the inner refused, both need a look."""
+    model, inputs = _led(), _batch(led=True)
+    with pytest.warns(AttentionCaptureWarning), torch.no_grad(), \
+            TransformerAttentionHooker(model, layer_regex=r"encoder.*self_attn$", keep_grad=True) as hooker:
+        model(**inputs)
+    report = hooker.report()
+    assert "encoder.layers.0.self_attn" in report.missing and report["encoder.layers.0.self_attn"].inside == ()

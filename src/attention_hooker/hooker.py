@@ -318,8 +318,9 @@ class TransformerAttentionHooker:
             ``{layer_name: LayerCoverage}``; each has ``runs``, ``captured``,
             ``refused``, ``reason`` (why a call was refused), ``kind`` (what the layer
             stores when it is not attention probabilities over tokens, such as
-            DiffLlama's differential map; ``None`` otherwise) and ``status``
-            (``"captured"``, ``"refused"``, ``"nothing captured"``, ``"did not run"``).
+            DiffLlama's differential map; ``None`` otherwise), ``inside`` and ``status``
+            (``"captured"``, ``"refused"``, ``"captured inside"``: a wrapper whose map was kept under
+            the hooked layers ``inside`` it, ``"nothing captured"``, ``"did not run"``).
             ``report().missing`` lists the layers that ran and gave nothing.
 
         Example:

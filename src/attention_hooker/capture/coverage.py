@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["Coverage", "LayerCoverage", "CoverageReport"]
 
@@ -30,6 +30,10 @@ class LayerCoverage:
             over tokens (``"DiffLlama's differential map ... (not probabilities: rows sum to 1 -
             λ ...)"``, see :mod:`attention_hooker._map_kinds`), or ``None``: the analyses that
             need probabilities refuse such calls.
+        inside: the hooked layers that ran inside this one's calls and captured (a wrapper hooked
+            beside the attention module it calls: LED's ``self_attn`` and its ``longformer_self_attn``,
+            BERT's ``attention`` and its ``attention.self``); each attention call goes to the innermost
+            hooked layer running, so the wrapper's map is kept under those names.
     """
 
     runs: int
@@ -37,14 +41,18 @@ class LayerCoverage:
     refused: int
     reason: Optional[str]
     kind: Optional[str] = None
+    inside: Tuple[str, ...] = ()
 
     @property
     def status(self) -> str:
-        """``"captured"``, ``"refused"``, ``"nothing captured"`` or ``"did not run"``."""
+        """``"captured"``, ``"refused"``, ``"captured inside"`` (nothing of its own, its map kept under the
+        hooked layers :attr:`inside` it), ``"nothing captured"`` or ``"did not run"``."""
         if self.captured:
             return "captured"
         if self.refused:
             return "refused"
+        if self.runs and self.inside:
+            return "captured inside"
         return "nothing captured" if self.runs else "did not run"
 
 
@@ -82,10 +90,16 @@ class Coverage:
             self._refused: Dict[str, int] = {}
             self._reasons: Dict[str, str] = {}
             self._kinds: Dict[str, str] = {}
+            self._inside: Dict[str, Dict[str, None]] = {}  # layer -> hooked layers that ran inside it, in order
 
     def ran(self, layer: str) -> None:
         with self._lock:
             self._runs[layer] = self._runs.get(layer, 0) + 1
+
+    def ran_inside(self, outer: str, layer: str) -> None:
+        """``layer`` ran inside a call of the hooked layer ``outer`` (on the same thread)."""
+        with self._lock:
+            self._inside.setdefault(outer, {})[layer] = None
 
     def captured(self, layer: str) -> None:
         with self._lock:
@@ -108,6 +122,8 @@ class Coverage:
             names = self._layers + [n for n in self._runs if n not in self._layers]
             return CoverageReport(
                 (name, LayerCoverage(self._runs.get(name, 0), self._captured.get(name, 0),
-                                     self._refused.get(name, 0), self._reasons.get(name), self._kinds.get(name)))
+                                     self._refused.get(name, 0), self._reasons.get(name), self._kinds.get(name),
+                                     tuple(inner for inner in self._inside.get(name, ())
+                                           if self._captured.get(inner, 0))))
                 for name in names
             )

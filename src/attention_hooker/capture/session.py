@@ -186,6 +186,11 @@ class CaptureSession:
         state = self.thread_state()
         if not state.scopes:
             self._switch_on(state)
+        if layer is not None:  # a hooked layer inside another's call: the outer's map is kept under it
+            outer = next((scope.layer for scope in reversed(state.scopes)
+                          if scope.layer is not None and frame_is_live(scope.frame)), None)
+            if outer is not None:
+                self.coverage.ran_inside(outer, layer)
         state.scopes.append(_Scope(module, layer, frame, input_shape, packing, windows, pieces))
         if layer is not None:
             state.capture_scopes_entered += 1
