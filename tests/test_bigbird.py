@@ -312,3 +312,20 @@ def test_a_short_input_that_makes_transformers_swap_the_layer_out_is_reported_no
         want = model(**inputs, output_attentions=True).attentions
     for name, probs in zip(names, want):
         torch.testing.assert_close(again.values[name][0], probs)
+
+
+def test_under_bfloat16_autocast_the_model_itself_raises_and_the_capture_stores_nothing():
+    """transformers 5's block-sparse layer cannot run under torch.autocast("cpu", bfloat16) with float32 weights
+    (its own attention_probs reassembly scatters softmaxes into a tensor of another dtype): with the capture it
+    raises the same error and the model is captured as before afterwards. When transformers runs this, the
+    stored map's dtype (the module docstring) needs a test against the layer's output under autocast instead."""
+    model, inputs = _bigbird(), _batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="dtype"):
+        model(**inputs)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="dtype"):
+            model(**inputs)
+        hooker.clear()
+        model(**inputs)
+    assert [len(calls) for calls in hooker.values.values()] == [1, 1]
+    assert all(calls[0].dtype == torch.float32 for calls in hooker.values.values())

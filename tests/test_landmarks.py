@@ -81,7 +81,8 @@ def _band(layer, length):
 
 
 def _kernel_3(layer, hidden, mask=None):
-    """``softmax(q̃ kᵀ + mask)`` from the module's weights: ``(B, H, m, L)``."""
+    """``softmax(q̃ kᵀ + mask)`` from the module's weights: ``(B, H, m, L)``; ``mask`` ``(B, L)``, 0 = padding
+    (its keys left out; the landmarks average every position, padded ones too, as the model's do)."""
     b, n, _ = hidden.shape
     d = WIDTH // HEADS
     with torch.no_grad():
@@ -89,7 +90,10 @@ def _kernel_3(layer, hidden, mask=None):
         k = layer.key(hidden).view(b, n, HEADS, d).transpose(1, 2) / d ** 0.25
         m = layer.num_landmarks
         q_landmarks = q.reshape(b, HEADS, m, n // m, d).mean(-2)
-        return (q_landmarks @ k.transpose(-1, -2)).softmax(-1)
+        scores = q_landmarks @ k.transpose(-1, -2)
+        if mask is not None:
+            scores = scores.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+        return scores.softmax(-1)
 
 
 def _merged(x):
@@ -149,6 +153,59 @@ def test_the_plain_path_stores_the_softmax_plus_the_conv_band_on_a_padded_batch(
         assert (_merged(plain.attentions[number] @ _values(layer, hidden)) - context).abs().max() > 1e-2
         # The conv term does not look at the mask: a real row near padding weighs the padded keys.
         assert (stored[1, :, 5, 6:8] != 0).all()  # keys 6, 7 are padding, within 2 taps of row 5
+
+
+def test_the_three_kernel_path_on_a_padded_call_equals_the_hand_computation_with_kernel_3_masked():
+    """Landmarks (4 of 16) with the second row's last 3 tokens padded. transformers 5's NystromformerModel cannot
+    run this itself (it builds a (batch, 1, L, L) mask that kernel_3's (batch, heads, m, L) scores do not
+    broadcast with, and raises: checked below, with and without the capture); the layer is therefore called as
+    its code expects, with a (batch, 1, 1, L) additive mask. Only kernel_3 sees the mask, so the stored map is
+    the layer's own kernel_1 @ Z (its returned attention_probs) times a kernel_3 made here with those keys left
+    out, plus the conv band; times the values it is the layer's context; padded keys get the conv band only."""
+    model, ids = _model(landmarks=4), _ids()
+    mask = torch.ones(2, LENGTH, dtype=torch.long)
+    mask[1, -3:] = 0
+    with torch.no_grad(), pytest.raises(RuntimeError, match="must match the size"):
+        model(ids, attention_mask=mask)
+    with torch.no_grad(), TransformerAttentionHooker(model) as failed, pytest.raises(RuntimeError, match="must match"):
+        model(ids, attention_mask=mask)
+    assert dict(failed.values) == {}
+    layer = _layers(model)[0]
+    with torch.no_grad():
+        hidden = model.embeddings(input_ids=ids)
+        additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        context, probs = layer(hidden, additive, output_attentions=True)
+        with TransformerAttentionHooker(model) as hooker:
+            (again,) = layer(hidden, additive)
+    assert torch.equal(again, context)
+    (name,) = [n for n, m in model.named_modules() if m is layer]
+    stored = hooker.values[name][0]
+    band = _band(layer, LENGTH)
+    assert probs.shape == (2, HEADS, LENGTH, 4)
+    torch.testing.assert_close(stored, probs @ _kernel_3(layer, hidden, mask) + band, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_merged(stored @ _values(layer, hidden)), context, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stored[1, :, :, -3:], band[:, :, -3:].expand(HEADS, LENGTH, 3), atol=1e-7, rtol=0)
+    unmasked = probs @ _kernel_3(layer, hidden) + band  # the mask matters: left out, row 1 differs
+    assert (unmasked[1] - stored[1]).abs().max() > 1e-3
+
+
+def test_float32_weights_under_bfloat16_autocast_store_the_map_in_bfloat16_the_dtype_its_values_are_multiplied_in():
+    """Under torch.autocast("cpu", bfloat16) every product of the layer is a bfloat16 matmul, the context too:
+    the map is stored in bfloat16 (it was stored float32) and times the values is the context to bf16 rounding."""
+    model, ids = _model(landmarks=4), _ids()
+    seen = _Contexts(model)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with TransformerAttentionHooker(model, keep_values=True) as hooker:
+                model(ids)
+    finally:
+        seen.remove()
+    for layer, name in zip(_layers(model), hooker.values):
+        stored, values = hooker.values[name][0], hooker.value_vectors[name][0]
+        ((_, context),) = seen.calls[layer]
+        assert context.dtype == values.dtype == stored.dtype == torch.bfloat16
+        product = _merged(stored.float() @ values.float())
+        assert (product - context.float()).abs().max() <= 0.02 * context.float().abs().max()
 
 
 def test_the_map_of_a_sample_is_exact_in_a_batch_and_alone():

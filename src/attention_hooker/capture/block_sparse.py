@@ -27,7 +27,13 @@ padded queries are zeros (the model multiplies their output by 0). ``T`` is the 
 the padding the model added to reach a multiple of ``block_size`` is cropped when the running model
 or encoder ``forward`` that added it can be read (its ``padding_len``) and those positions are masked
 in every row; otherwise ``T = L`` and the model's padding stays as zero rows and columns. The
-weights are the softmax outputs (block-sparse attention has no dropout), in their dtype.
+weights are the softmax outputs (block-sparse attention has no dropout), in the softmaxes' own dtype.
+Under ``torch.autocast`` the product with the values would run in autocast's dtype, and the stored map
+would not be rounded to it; but transformers 5's block-sparse layer does not run under CPU bfloat16
+autocast at all (its own reassembly of ``attention_probs`` scatters its softmaxes into a tensor of
+another dtype and raises, with or without a capture: tests/test_bigbird.py), so no forward under it
+returns. (The layer call that raised still has its pieces assembled and kept in memory, as any call
+the post-hook sees.)
 
 Short inputs: at ``<= (5 + 2 r) x block_size`` tokens (or with a cache) transformers replaces every
 ``BigBirdAttention.self`` by a new full-attention module, for good, so the hooked block-sparse module

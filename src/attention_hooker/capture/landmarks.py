@@ -31,6 +31,9 @@ near them, as in the model.
 negative and rows do not sum to 1 (like CaiT's talking heads, the map that reaches the values is
 what is stored; the analyses that need probabilities check and refuse it).
 
+Stored in the dtype the values are multiplied in (:func:`multiply_dtype`): the model's, or autocast's
+(``torch.autocast(bfloat16)`` over float32 weights: bfloat16, the dtype of its context).
+
 Selections: a row costs ``O(m · keys)`` (``kernel_1[rows] @ (Z @ kernel_3)``). ``keep_values`` keeps
 ``value(x)``, ``(batch, heads, L, head_dim)``: what the layer's ``value`` returned to it in the call
 (:mod:`.value_tap`), never made again.
@@ -84,9 +87,10 @@ class _LandmarkCall(PieceCall):
     """One call of a Nystromformer self-attention layer: references to its softmaxes."""
 
     def __init__(self, module: nn.Module, hidden: torch.Tensor, heads: int, landmarks: Optional[int], family: str,
-                 seen: Optional[SeenValues] = None):
+                 dtype: torch.dtype, seen: Optional[SeenValues] = None):
         self.module, self.hidden = module, hidden  # (B, L, C)
         self.family, self.seen = family, seen
+        self.dtype = dtype  # what the values are multiplied in (multiply_dtype)
         self.batch, self.length = hidden.shape[:2]
         self.heads = heads
         self.landmarks = landmarks  # m, or None: the plain softmax path
@@ -133,7 +137,7 @@ class _LandmarkCall(PieceCall):
                         f"{tuple(projected.shape)}, not ({b}, {n}, heads x head_dim), so its values cannot be read "
                         "and the call is not stored (capture it without keep_values)")
             value = projected.view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, L, d)
-        dtype = self.hidden.dtype if self.hidden.is_floating_point() else left.dtype
+        dtype = self.dtype
 
         def rows(heads: Optional[Sequence[int]], chosen: torch.Tensor, keys: Optional[Sequence[int]]) -> torch.Tensor:
             with torch.no_grad(), no_function_modes():
@@ -174,7 +178,19 @@ class LandmarkLayer(PiecedLayer):
                     "landmark kernels cannot be placed, so nothing is stored")
         plain = module.num_landmarks == module.seq_len  # the module's own test for its plain softmax path
         return _LandmarkCall(module, hidden, self.heads, None if plain else int(module.num_landmarks), self.family,
-                             self.seen_values())
+                             multiply_dtype(module, hidden), self.seen_values())
+
+
+def multiply_dtype(module: nn.Module, hidden: torch.Tensor) -> torch.dtype:
+    """The dtype a Nystromformer call multiplies its values in, read when the call begins: autocast's
+    (every product of the layer, the values' too, is a matmul) when autocast is on for ``hidden``'s
+    device and would cast it (not float64), else the value projection's weight dtype (its output's)."""
+    device = hidden.device.type
+    weight = getattr(getattr(module, "value", None), "weight", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else hidden.dtype
+    if torch.is_autocast_enabled(device) and dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return dtype
 
 
 def landmark_layer(module: nn.Module, parents=None) -> Optional[LandmarkLayer]:
