@@ -11,6 +11,7 @@ from ..capture.discovery import check_module
 from ..errors import InterventionError
 from .acts import Gate, GivenMap, MapOfOwn, Mean, PatchOutput, PatchWeights, Zero
 from .engine import Engine, take_off
+from .families import act_refusal
 from .plans import LayerPlan, head_list, refuse_compiled, resolve_layer
 from .recording import HeadRecording
 
@@ -61,6 +62,7 @@ class HeadIntervention:
         self.model = model
         self._plans: Dict[str, LayerPlan] = {}
         self._engine: Optional[Engine] = None
+        self._parents: Optional[Dict[int, nn.Module]] = None
 
     # ------------------------------------------------------------------ acts
     def knock_out(self, layer: str, heads: Heads, *, mode: str = "zero",
@@ -87,6 +89,7 @@ class HeadIntervention:
         """
         plan = self._plan(layer)
         listed = head_list(plan, heads)
+        self._check_family(plan, "knock_out" if mode == "zero" else f"knock_out(mode={mode!r})", "output")
         if mode == "zero":
             if reference is not None or reference_mask is not None:
                 raise InterventionError("knock_out(mode='zero') takes no reference (it is for mode='mean')")
@@ -129,6 +132,7 @@ class HeadIntervention:
                 f"expected ({len(listed)},), one gate per head, or (batch, {len(listed)}), one per item and head")
         if not gates.is_floating_point():
             raise InterventionError(f"gates must be floating point, got {gates.dtype}")
+        self._check_family(plan, "scale", "output", per_item=gates.dim() == 2)
         plan.add(listed, lambda position: Gate(gates, position), kind="output")
         return self
 
@@ -153,6 +157,7 @@ class HeadIntervention:
         """
         plan = self._plan(layer)
         listed = head_list(plan, heads)
+        self._check_family(plan, "replace_weights (a given map, top_k_keys, block_keys, uniform_weights)", "weights")
         if isinstance(weights, torch.Tensor):
             if weights.dim() not in (2, 3):
                 raise InterventionError(
@@ -196,6 +201,8 @@ class HeadIntervention:
         listed = head_list(plan, heads)
         if not isinstance(recording, HeadRecording):
             raise InterventionError(f"patch needs a HeadRecording (from record_heads), got {type(recording).__name__}")
+        if what in ("output", "weights"):
+            self._check_family(plan, f"patch(what={what!r})", what)
         if what == "output":
             if not recording.outputs.get(plan.name):
                 raise InterventionError(f"the recording holds no call of layer {plan.name!r}; it holds "
@@ -244,6 +251,15 @@ class HeadIntervention:
             acts = sorted(set(plan.weight_acts) | set(plan.output_acts))
             parts.append(f"{name}: heads {acts}")
         return f"HeadIntervention({'; '.join(parts) or 'no act'}{', on' if self._engine else ''})"
+
+    def _check_family(self, plan: LayerPlan, act: str, kind: str, *, per_item: bool = False) -> None:
+        """Refuses ``act`` on a layer of a windowed or pieced family where it would not be exact
+        (:mod:`.families`), before any run."""
+        if self._parents is None:
+            self._parents = {id(child): parent for parent in self.model.modules() for child in parent.children()}
+        reason = act_refusal(plan.module, self._parents, act, kind, per_item=per_item)
+        if reason is not None:
+            raise InterventionError(f"layer {plan.name!r}: {reason}")
 
     def _plan(self, layer: str) -> LayerPlan:
         name, module = resolve_layer(self.model, layer)
