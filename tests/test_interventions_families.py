@@ -190,3 +190,38 @@ def test_qwen2_vl_segments_keep_knock_out_and_refuse_block_keys():
     assert torch.allclose(run(HeadIntervention(model).knock_out(layer, [1])), zeroed, atol=1e-6)
     with pytest.raises(InterventionError, match=r"segmented layer.*segment-local positions"):
         HeadIntervention(model).replace_weights(layer, [1], block_keys([0]))
+
+
+# ----------------------------------------------------------------------------- other windowed and pieced families
+def test_vitdet_windowed_block_keys_refused():
+    torch.manual_seed(0)
+    config = transformers.VitDetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                       patch_size=4, window_size=4, window_block_indices=[0],
+                                       use_relative_position_embeddings=True, drop_path_rate=0.0)
+    model = transformers.VitDetModel(config).eval()
+    with pytest.raises(InterventionError, match=r"windowed layer \(transformers VitDetLayer\).*window-local"):
+        HeadIntervention(model).replace_weights("encoder.layer.0.attention", [0], block_keys([0]))
+    HeadIntervention(model).replace_weights("encoder.layer.1.attention", [0], block_keys([0]))  # a global block: plain
+
+
+def test_block_sparse_refused_with_its_family_not_the_capture_wording():
+    torch.manual_seed(0)
+    config = transformers.BigBirdConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=32, attention_type="block_sparse", block_size=2,
+                                        num_random_blocks=1, max_position_embeddings=64)
+    model = transformers.BigBirdModel(config, add_pooling_layer=False).eval()
+    with pytest.raises(InterventionError, match=r"BigBird.*in blocks.*not supported") as refused:
+        HeadIntervention(model).knock_out("encoder.layer.0.attention.self", [1])
+    assert "not stored" not in str(refused.value)
+
+
+def test_maxvit_five_d_windows_refused_as_windowed():
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = models.MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16],
+                          block_layers=[1], head_dim=8, stochastic_depth_prob=0.0, num_classes=2).eval()
+    layer = next(name for name, module in model.named_modules()
+                 if type(module).__name__ == "RelativePositionalMultiHeadAttention")
+    with pytest.raises(InterventionError, match=r"windowed layer \(torchvision MaxViT.*5-D.*not supported") as refused:
+        HeadIntervention(model).knock_out(layer, [0])
+    assert "not stored" not in str(refused.value)
