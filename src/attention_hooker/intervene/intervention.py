@@ -39,6 +39,9 @@ class HeadIntervention:
     (``knock_out``, ``scale``, ``patch(what="output")``), the weights first. A layer that runs
     in the context without an attention call the intervention can act on raises
     :class:`~attention_hooker.InterventionError`: an intervention never silently does nothing.
+    On a layer of a windowed or pieced family (Swin windows, Qwen2-VL segments, Nystromformer,
+    DiffLlama, Longformer, ...) an act that would not be exact there is refused when it is given,
+    naming the family and why (:mod:`.families`).
 
     Args:
         model: any ``nn.Module``; layers are named by their ``model.named_modules()`` names
