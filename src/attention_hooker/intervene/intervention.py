@@ -92,7 +92,8 @@ class HeadIntervention:
         """
         plan = self._plan(layer)
         listed = head_list(plan, heads)
-        self._check_family(plan, "knock_out" if mode == "zero" else f"knock_out(mode={mode!r})", "output")
+        if mode in ("zero", "mean"):
+            self._check_family(plan, "knock_out" if mode == "zero" else "knock_out(mode='mean')", "output")
         if mode == "zero":
             if reference is not None or reference_mask is not None:
                 raise InterventionError("knock_out(mode='zero') takes no reference (it is for mode='mean')")
