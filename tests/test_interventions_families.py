@@ -225,3 +225,17 @@ def test_maxvit_five_d_windows_refused_as_windowed():
     with pytest.raises(InterventionError, match=r"windowed layer \(torchvision MaxViT.*5-D.*not supported") as refused:
         HeadIntervention(model).knock_out(layer, [0])
     assert "not stored" not in str(refused.value)
+
+
+def test_a_five_d_softmax_outside_any_family_is_refused_in_the_interventions_words():
+    class BlockedAttention(torch.nn.Module):  # (batch, blocks, heads, query, key): no family's layer
+        num_heads = 2
+
+        def forward(self, x):  # x (batch, blocks, heads, query, dim)
+            return torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
+
+    layer = BlockedAttention()
+    with pytest.raises(InterventionError, match=r"5-D tensor.*so its heads cannot be acted on") as refused:
+        with HeadIntervention(layer).knock_out("", [0]):
+            layer(torch.randn(1, 3, 2, 4, 8))
+    assert "not stored" not in str(refused.value)

@@ -96,9 +96,22 @@ def on_softmax(state, scope, func, args: tuple, kwargs: dict, result) -> None:
     weights, reason = label_softmax(result, declared_heads(scope.module))
     if weights is None:
         if reason is not None:
-            raise InterventionError(f"layer {scope.plan.name!r}: {reason}; it cannot be acted on")
+            raise InterventionError(f"layer {scope.plan.name!r}: {_acted_reason(reason)}")
         return
     state.pending = Pending(scope, weights, result)
+
+
+def _acted_reason(reason: str) -> str:
+    """The capture's reason for not storing a softmax, said of acting on its heads.
+
+    Example:
+        >>> _acted_reason("a softmax over a 5-D tensor: not (batch, heads, query, key), so it is not stored")
+        'a softmax over a 5-D tensor: not (batch, heads, query, key), so its heads cannot be acted on'
+    """
+    for stored in (", so it is not stored", ", so they are not stored"):
+        if reason.endswith(stored):
+            return reason[:-len(stored)] + ", so its heads cannot be acted on"
+    return f"{reason}; its heads cannot be acted on"
 
 
 def on_use(state, scope, func, args: tuple, kwargs: dict) -> Optional[tuple]:
