@@ -9,8 +9,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from attention_hooker import HeadIntervention, block_keys, knockout_effects, record_heads, top_k_keys, uniform_weights  # noqa: E402
-from attention_hooker.errors import InterventionError  # noqa: E402
+from attention_hooker import (
+    HeadIntervention,
+    block_keys,
+    knockout_effects,
+    record_heads,
+    top_k_keys,
+    uniform_weights,
+)
+from attention_hooker.errors import InterventionError
 
 
 def _slice_hook(projection, head, head_dim, factor):
@@ -162,7 +169,9 @@ def test_longformer_refused_even_when_heads_equal_the_padded_length():
 # ----------------------------------------------------------------------------- Qwen2-VL (segments)
 def test_qwen2_vl_segments_keep_knock_out_and_refuse_block_keys():
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+        Qwen2VisionTransformerPretrainedModel,
+    )
     torch.manual_seed(0)
     config = Qwen2VLVisionConfig(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
                                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
