@@ -66,18 +66,15 @@ def _hf_swin(image, impl, depths=(2, 2), heads=(2, 4)):
     return model
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("image", [40, 32])
-def test_hf_swin_every_layer_is_the_dense_map_of_its_weights(impl, image):
+def _check_hf_swin_layers(model, image, batch=2):
+    """Each SwinLayer's stored map against :func:`dense_by_hand` from its weights, as its forward
+    set window and shift; returns the layers, and how many were shifted and padded."""
     from transformers.models.swin.modeling_swin import SwinLayer
 
-    # 40: tokens 10x10 (padded to 12) then 5x5 (padded to 8), both shifted; 32: 8x8, then 4x4,
-    # where the block sets its shift to 0 inside its forward (one window covers the grid).
-    model = _hf_swin(image, impl)
-    hooker, seen = _run(model, torch.randn(2, 3, image, image), SwinLayer, with_kwargs=True,
+    hooker, seen = _run(model, torch.randn(batch, 3, image, image), SwinLayer, with_kwargs=True,
                         output=lambda out: out.last_hidden_state)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SwinLayer)]
-    assert len(layers) == 4 and len(hooker.values) == 4
+    assert len(hooker.values) == len(layers)
     padded = shifted = 0
     for name, layer in layers:
         (args, kwargs) = seen[layer]
@@ -97,7 +94,26 @@ def test_hf_swin_every_layer_is_the_dense_map_of_its_weights(impl, image):
                 att.relative_position_bias.relative_position_bias_table, (ws, ws), (s, s), PAD_THEN_ROLL)
         (got,) = hooker.values[name + ".attention"]
         _check(got, oracle, padding_mass, name)
+    return layers, shifted, padded
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("image", [40, 32])
+def test_hf_swin_every_layer_is_the_dense_map_of_its_weights(impl, image):
+    # 40: tokens 10x10 (padded to 12) then 5x5 (padded to 8), both shifted; 32: 8x8, then 4x4,
+    # where the block sets its shift to 0 inside its forward (one window covers the grid).
+    layers, shifted, padded = _check_hf_swin_layers(_hf_swin(image, impl), image)
+    assert len(layers) == 4
     assert shifted == (2 if image == 40 else 1) and padded == (4 if image == 40 else 0)
+
+
+def test_hf_swin_at_224_every_layer_of_every_stage_is_the_dense_map_of_its_weights():
+    """Issue 24's done-when: Swin at 224 x 224, all four stages (56x56, 28x28, 14x14 and 7x7 tokens,
+    windows of 4: the 14x14 and 7x7 stages padded to 16x16 and 8x8), each layer's assembled map equal to the hand
+    computation from its weights with its shift, mask and padding."""
+    model = _hf_swin(224, "eager", depths=(2, 2, 2, 2), heads=(1, 1, 2, 2))
+    layers, shifted, padded = _check_hf_swin_layers(model, 224, batch=1)
+    assert len(layers) == 8 and shifted == 4 and padded == 4
 
 
 def test_timm_swin_every_layer_is_the_dense_map_of_its_weights():
