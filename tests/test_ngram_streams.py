@@ -8,6 +8,10 @@ softmaxes of the layer), and, by hand from the module's own weights, each map ti
 (``value_proj`` of the layer's input: the main values, then ``[main; stream s]``) equal to what
 the layer hands its ``out_proj`` for that stream, on a padded batch and during ``generate``,
 where the past main values come from the earlier steps' inputs.
+
+The decoder's cross-attention (one softmax over the main and predict streams' rows) is checked the
+same way: against transformers' ``cross_attentions`` cut by rows here, and each entry times the
+encoder's values against what the layer hands ``out_proj`` at that stream's rows.
 """
 
 from __future__ import annotations
@@ -229,7 +233,7 @@ def test_stream_entries_are_streamed_to_disk_counted_by_max_calls_and_kept_in_th
             model(**inputs)
             model(**inputs)
     loaded = load(tmp_path / "capture").values
-    assert sorted(loaded) == sorted(whole.values) and len(whole.values) == 6 + 2 * NGRAM
+    assert sorted(loaded) == sorted(whole.values) and len(whole.values) == 6 + 2 * 2 * NGRAM  # self and cross
     for name, calls in whole.values.items():
         assert torch.equal(loaded[name][0], calls[0])
         assert len(limited.values[name]) == 1
@@ -242,6 +246,9 @@ def test_stream_entries_are_streamed_to_disk_counted_by_max_calls_and_kept_in_th
     assert hooker.values[name][0].dtype == torch.bfloat16  # computed in float32, multiplied in the model's dtype
     assert torch.equal(hooker.values[name][0], reference.decoder_attentions[0])
     assert torch.equal(hooker.values[f"{name}:ngram2"][0], reference.decoder_ngram_attentions[0][:, 1])
+    cross, full = "decoder.layers.0.cross_attn", reference.cross_attentions[0].softmax(-1)  # masked bf16 scores
+    assert hooker.values[cross][0].dtype == torch.bfloat16 and torch.equal(hooker.values[cross][0], full[:, :, :5])
+    assert torch.equal(hooker.values[f"{cross}:ngram2"][0], full[:, :, 10:15])
 
 
 def test_rollout_over_stream_entries_says_they_are_stream_positions_not_cross_attention():
@@ -254,3 +261,132 @@ def test_rollout_over_stream_entries_says_they_are_stream_positions_not_cross_at
     with pytest.raises(ah.AttentionHookerError, match="n-gram stream 1") as refused:
         ah.attention_rollout(hooker)
     assert "stream's positions" in str(refused.value) and "cross-attention" not in str(refused.value)
+
+
+def _cross_attentions(model):
+    return [(name, m) for name, m in model.named_modules()
+            if name.endswith(("decoder.layers.0.cross_attn", "decoder.layers.1.cross_attn"))]
+
+
+class _CrossCalls:
+    """Per decoder cross-attention, per call: the encoder states it was given and what it hands ``out_proj``."""
+
+    def __init__(self, model):
+        self.calls, self.handles = {}, []
+        for name, module in _cross_attentions(model):
+            self.calls[name] = []
+            self.handles.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs, name=name: self.calls[name].append(
+                    {"source": kwargs["key_value_states"], "out_proj": None}), with_kwargs=True))
+            self.handles.append(module.out_proj.register_forward_pre_hook(
+                lambda m, args, name=name: self.calls[name][-1].update(out_proj=args[0])))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_cross_attention_main_rows_are_the_layers_map_each_streams_rows_its_own_entry_times_values_is_context():
+    model, inputs = _model(), _padded_inputs()
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True)
+    seen = _CrossCalls(model)
+    try:
+        with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+            hooked = model(**inputs)
+    finally:
+        seen.remove()
+    assert torch.equal(hooked.last_hidden_state, reference.last_hidden_state)
+    assert torch.equal(hooked.last_hidden_state_ngram, reference.last_hidden_state_ngram)
+    assert hooker.report().missing == []
+    t = 5
+    for i, (name, module) in enumerate(_cross_attentions(model)):
+        full = reference.cross_attentions[i].softmax(-1)  # transformers returns the masked scores (B, H, 3T, S)
+        assert full.shape == (2, HEADS, (1 + NGRAM) * t, 7)
+        (call,) = seen.calls[name]
+        with torch.no_grad():
+            value = _heads(module.value_proj(call["source"]), module)  # (B, H, S, d)
+        main = hooker.values[name]
+        assert len(main) == 1 and main[0].shape == (2, HEADS, t, 7)
+        assert torch.equal(main[0], full[:, :, :t])
+        torch.testing.assert_close(_merged(main[0] @ value), call["out_proj"][:, :t], atol=1e-6, rtol=0)
+        assert (main[0][1, :, :, -2:] == 0).all()  # the source's padding is not attended
+        for s in range(1, NGRAM + 1):
+            stream = hooker.values[f"{name}:ngram{s}"]
+            assert len(stream) == 1 and stream[0].shape == (2, HEADS, t, 7)
+            assert torch.equal(stream[0], full[:, :, s * t:(s + 1) * t])
+            torch.testing.assert_close(_merged(stream[0] @ value), call["out_proj"][:, s * t:(s + 1) * t],
+                                       atol=1e-6, rtol=0)
+
+
+def test_generate_stores_each_steps_cross_attention_main_and_stream_rows():
+    model = _model(transformers.ProphetNetForConditionalGeneration)
+    inputs = _padded_inputs()
+    kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=3,
+                  min_new_tokens=3, do_sample=False, num_beams=1)
+    with torch.no_grad():
+        reference = model.generate(**kwargs, output_attentions=True, return_dict_in_generate=True)
+    seen = _CrossCalls(model)
+    try:
+        with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+            tokens = model.generate(**kwargs)
+    finally:
+        seen.remove()
+    assert torch.equal(tokens, reference.sequences)
+    assert hooker.report().missing == []
+    for i, (name, module) in enumerate(_cross_attentions(model)):
+        steps = seen.calls[name]
+        assert len(hooker.values[name]) == len(steps) == len(reference.cross_attentions) == 3
+        with torch.no_grad():  # the encoder's states are the same at every step (the cache holds their values)
+            value = _heads(module.value_proj(steps[0]["source"]), module)
+        for step, call in enumerate(steps):
+            full = reference.cross_attentions[step][i].softmax(-1)  # (B, H, 1 + n, S): one row per stream
+            main = hooker.values[name][step]
+            assert main.shape == (2, HEADS, 1, 7) and torch.equal(main, full[:, :, :1])
+            torch.testing.assert_close(_merged(main @ value), call["out_proj"][:, :1], atol=1e-6, rtol=0)
+            for s in range(1, NGRAM + 1):
+                stream = hooker.values[f"{name}:ngram{s}"][step]
+                assert stream.shape == (2, HEADS, 1, 7) and torch.equal(stream, full[:, :, s:s + 1])
+                torch.testing.assert_close(_merged(stream @ value), call["out_proj"][:, s:s + 1], atol=1e-6, rtol=0)
+
+
+def test_cross_attention_selections_per_entry_keep_values_and_its_refusal_on_cached_steps():
+    model, inputs = _model(), _padded_inputs()
+    layer = r"decoder\.layers\.0\.cross_attn$"
+    seen = _CrossCalls(model)
+    try:
+        with torch.no_grad():
+            with TransformerAttentionHooker(model, layer_regex=layer) as whole:
+                model(**inputs)
+            with TransformerAttentionHooker(model, layer_regex=layer, heads=[0, 2], rows=[1, 4], keys=[6, 3]) as chosen:
+                model(**inputs)
+            with TransformerAttentionHooker(model, layer_regex=layer, keep_values=True) as kept:
+                model(**inputs)
+    finally:
+        seen.remove()
+    name, module = _cross_attentions(model)[0]
+    assert sorted(chosen.values) == sorted(whole.values) == [name, f"{name}:ngram1", f"{name}:ngram2"]
+    with torch.no_grad():
+        value = _heads(module.value_proj(seen.calls[name][-1]["source"]), module)
+    for entry, calls in whole.values.items():
+        assert torch.equal(chosen.values[entry][0], calls[0][:, [0, 2]][:, :, [1, 4]][..., [6, 3]])
+        assert torch.equal(kept.values[entry][0], calls[0])
+        assert torch.equal(kept.value_vectors[entry][0], value)  # every stream multiplies the encoder's values
+    generator = _model(transformers.ProphetNetForConditionalGeneration)
+    with torch.no_grad(), TransformerAttentionHooker(generator, layer_regex=layer, keep_values=True) as hooker:
+        generator.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=2,
+                           min_new_tokens=2, do_sample=False, num_beams=1)
+    name = "prophetnet.decoder.layers.0.cross_attn"
+    report = hooker.report()[name]
+    assert len(hooker.values[name]) == len(hooker.values[f"{name}:ngram1"]) == 1  # the first step computes them
+    assert report.refused == 1 and "cache" in report.reason and "keep_values" in report.reason
+
+
+def test_the_cross_attention_rule_takes_the_decoders_cross_attn_only():
+    from attention_hooker.capture.ngram_cross import ngram_cross_layer
+
+    model = _model()
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    found = {name for name, m in model.named_modules() if ngram_cross_layer(m, parents) is not None}
+    assert found == {"decoder.layers.0.cross_attn", "decoder.layers.1.cross_attn"}
+    assert ngram_cross_layer(model.decoder.layers[0].cross_attn, None) is None  # no place known: not taken

@@ -38,6 +38,7 @@ submodules returned to the model in the call (:attr:`PiecedLayer.value_modules`,
 * :mod:`.differential`: DiffLlama.
 * :mod:`.block_sparse`: BigBird and BigBird-Pegasus block-sparse attention.
 * :mod:`.ngram`: ProphetNet's n-gram self-attention.
+* :mod:`.ngram_cross`: ProphetNet's decoder cross-attention (its rows are the main and predict streams).
 * :mod:`.landmarks`: Nystromformer.
 * :mod:`.local_blocks`: LongT5 local and transient-global.
 * :mod:`.global_tokens`: PEGASUS-X.
@@ -203,7 +204,7 @@ def pieced_layer(module: nn.Module, parents) -> Optional[PiecedLayer]:
     # when none is registered yet: a program (or a test) that imported one family module first would
     # otherwise leave the others unregistered, and their layers refused.
     from . import (bands, block_sparse, channels, differential, global_tokens, landmarks,  # noqa: F401
-                   local_blocks, mask_units, ngram, segments)
+                   local_blocks, mask_units, ngram, ngram_cross, segments)
     for rule in FAMILIES:
         found = rule(module, parents)
         if found is not None:
