@@ -122,7 +122,9 @@ ORACLE_NOTES = {
                                "own weights",
     "prophetnet": "transformers returns the masked scores before the softmax (encoder and cross attention): "
                   "compared with their softmax; the decoder's n-gram streams (decoder_ngram_attentions, (batch, "
-                  "ngram, heads, T, 2T)) are compared stream by stream with the '<layer>:ngram<s>' entries",
+                  "ngram, heads, T, 2T)) are compared stream by stream with the '<layer>:ngram<s>' entries, and "
+                  "the cross attention ((batch, heads, (1 + ngram) T, source)) is cut into its main rows (the "
+                  "layer's map) and each stream's rows (its '<layer>:ngram<s>' entry)",
     "nystromformer": "the library stores the map that multiplies the values, the softmax plus the depthwise value "
                      "convolution as a banded matrix: compared with transformers' attentions (the plain softmax path "
                      "of the shrunk config, as many landmarks as segment_means_seq_len) plus that band, built by the "
@@ -402,7 +404,7 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
     references = _block_sparse_oracles(model, case.inputs, references)
     references = _nystromformer_with_conv(model, references)
     if case.model_type == "prophetnet":
-        references += _ngram_streams(model, case.inputs)
+        references = _split_cross_streams(model, case.inputs, references) + _ngram_streams(model, case.inputs)
     references = _placed_longt5_blocks(model, case.inputs, references)
     references += _placed_pegasus_x_pieces(model, case.inputs)
     references = _placed_hiera_units(model, case.inputs, references)
@@ -662,6 +664,23 @@ def _ngram_streams(model, inputs) -> List[torch.Tensor]:
     ngram, heads, T, 2T)`` per decoder layer, one ``(batch, heads, T, 2T)`` reference per stream."""
     output = _forward(model, inputs, output_attentions=True)
     return [layer[:, s] for layer in output.decoder_ngram_attentions for s in range(layer.shape[1])]
+
+
+def _split_cross_streams(model, inputs, references: List[torch.Tensor]) -> List[torch.Tensor]:
+    """ProphetNet's decoder cross-attentions, which transformers returns as masked scores ``(batch, heads, (1 +
+    n) T, S)`` (the main stream's T rows, then each predict stream's), softmaxed and cut by the harness into
+    ``1 + n`` references ``(batch, heads, T, S)``, in place of the whole one; other references as they are."""
+    output = _forward(model, inputs, output_attentions=True)
+    ngram = model.config.ngram
+    whole = [a.softmax(-1) for a in (getattr(output, "cross_attentions", None) or ())]
+    kept = [r for r in references if not any(r.shape == w.shape and torch.equal(r, w) for w in whole)]
+    if len(kept) != len(references) - len(whole):
+        raise AssertionError("the harness did not find each ProphetNet cross-attention among the references")
+    parts = []
+    for w in whole:
+        t = w.shape[2] // (1 + ngram)
+        parts += [w[:, :, s * t:(s + 1) * t] for s in range(1 + ngram)]
+    return kept + parts
 
 
 def _nystromformer_with_conv(model, references: List[torch.Tensor]) -> List[torch.Tensor]:
