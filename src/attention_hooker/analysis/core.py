@@ -92,9 +92,10 @@ def not_square_reason(shape: tuple, name: Optional[str]) -> str:
     """
     if name is not None and ":ngram" in name:
         return (f"entry {name!r} is ProphetNet's n-gram stream {name.rsplit(':ngram', 1)[1]}, kept beside its layer: "
-                "its queries are the stream's positions (not the decoder's tokens) and its keys the main keys then "
-                "the stream's own positions, so it composes with no token map; leave the ':ngram' entries out "
-                "(the layer's own entry, the main stream, is square)")
+                "its queries are the stream's positions (not the decoder's tokens) and its keys its layer's (of the "
+                "n-gram self-attention: the main keys then the stream's own positions; of the decoder's attention "
+                "over the encoder: the encoder's tokens), so it composes with no token map; leave the ':ngram' "
+                "entries out (the self-attention's own entry, the main stream, is square)")
     if name is not None and "TransientGlobal" in name:
         return (f"layer {name!r} is LongT5 transient-global self-attention: its keys are the {shape[-2]} tokens, "
                 f"then {shape[-1] - shape[-2]} global aggregates (keys {shape[-2]} on), which are not tokens and "
