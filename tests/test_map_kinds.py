@@ -190,3 +190,87 @@ def test_the_grid_draws_a_differential_map_and_its_colour_scale_says_it_is_not_p
     assert labels == ["attention weight\nnot probabilities: DiffLlama's differential map P[:, j] - λ P[:, j + heads/2]"]
     fig = plot_attention_grid(hooker.values[name][0].clone(), layer_name=name)  # the user's own copy: a plain label
     assert [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"] == ["attention weight"]
+
+
+def test_stitched_generation_steps_of_a_differential_map_stay_marked_and_are_refused():
+    """stitch_steps used to return an unmarked tensor, which head_entropy and rollout then read as probabilities."""
+    from attention_hooker import stitch_steps
+
+    model = test_diffllama._model("eager", causal_lm=True)
+    with torch.no_grad(), TransformerAttentionHooker(model, layer_regex=r"self_attn$") as hooker:
+        model.generate(torch.randint(3, 100, (1, 4)), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    calls = next(iter(hooker.values.values()))
+    assert len(calls) == 3 and all(kind_of(c) is not None for c in calls)
+    stitched = stitch_steps(calls)
+    assert tuple(stitched.shape[-2:]) == (6, 6)
+    assert kind_of(stitched) == kind_of(calls[0])
+    with pytest.raises(AttentionHookerError, match="DiffLlama's differential map"):
+        head_entropy(stitched)
+    with pytest.raises(AttentionHookerError, match="DiffLlama's differential map"):
+        attention_rollout([stitched])
+    with pytest.raises(AttentionHookerError, match="different kinds"):
+        stitch_steps([calls[0], calls[1].clone(), calls[2]])  # a plain step among marked ones
+
+
+def test_words_of_a_marked_map_stay_marked_and_a_map_over_channels_has_no_words():
+    from attention_hooker import to_words
+    from attention_hooker._map_kinds import channels
+
+    diff = torch.softmax(torch.randn(1, 2, 5, 5), -1)
+    mark_kind(diff, not_probabilities("a test map", "made up"))
+    words = to_words({"a": [diff]}, word_ids=[[0, 0, 1, 1, 2]])
+    assert kind_of(words["a"][0]) == kind_of(diff)
+    assert kind_of(to_words(diff, [0, 0, 1, 1, 2]).weights) == kind_of(diff)
+    with pytest.raises(AttentionHookerError, match="not probabilities"):
+        head_entropy(words["a"][0])
+    over_channels = torch.softmax(torch.randn(1, 2, 5, 5), -1)
+    mark_kind(over_channels, channels("XCiT's channel map", "over channels"))
+    with pytest.raises(AttentionHookerError, match="channels of each head"):
+        to_words({"a": [over_channels]}, word_ids=[[0, 0, 1, 1, 2]])
+    with pytest.raises(AttentionHookerError, match="channels of each head"):
+        to_words(over_channels[0], [0, 0, 1, 1, 2])
+
+
+def test_a_view_of_a_marked_map_keeps_its_kind_and_a_copy_does_not():
+    t = torch.softmax(torch.randn(2, 2, 3, 3), -1)
+    kind = not_probabilities("a test map", "made up")
+    mark_kind(t, kind)
+    for view in (t[0:1], t[:, :2], t[0:1][:, :1], t[0], t.view(4, 3, 3)):
+        assert kind_of(view) is kind
+    with pytest.raises(AttentionHookerError, match="a test map"):
+        head_entropy(t[0:1])
+    for copy in (t.clone(), t.double(), t[0:1].clone()):
+        assert kind_of(copy) is None
+
+
+def test_a_collection_while_the_registry_lock_is_held_does_not_hang():
+    """The weak reference's callback takes the registry's lock: a collection that frees a marked tensor while the
+    lock is held in the same thread (mark_kind allocates under it) used to deadlock."""
+    import gc
+    import threading
+
+    from attention_hooker import _map_kinds
+
+    def run(done):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            t = torch.zeros(1)
+            mark_kind(t, not_probabilities("a test map", "made up"))
+            cycle = [t]
+            cycle.append(cycle)
+            key = id(t)
+            del t, cycle
+            with _map_kinds._lock:
+                gc.collect()
+            done.append(key not in _map_kinds._marked)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    done = []
+    worker = threading.Thread(target=run, args=(done,), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "a collection under the registry's lock deadlocked in the weak reference callback"
+    assert done == [True]

@@ -17,8 +17,10 @@ and the readers that need probabilities over tokens (the analyses, through
 
 The capture says what a call is (``CallSources.kind``); the in-memory keeper and ``load()``
 mark each stored tensor here (weakly: a mark goes with its tensor); saved and streamed
-captures carry the kinds in their metadata. A tensor made from a marked one (``.float()``,
-a slice) is not marked: the mark says what the library stored, not what was computed from it.
+captures carry the kinds in their metadata. A view of a marked tensor (a slice) has its kind
+(:func:`kind_of` follows the view's ``_base``); a copy (``.clone()``, ``.to()``, another dtype)
+is not marked. The analyses that build one map from marked ones (``stitch_steps``,
+``to_words``) mark their result with the kind of their inputs.
 
 This module is at the bottom of the package (every reader of maps asks it).
 """
@@ -32,7 +34,7 @@ from typing import Dict, Optional, Tuple
 from .errors import AttentionHookerError
 
 __all__ = ["MapKind", "PER_WINDOW", "KINDS", "not_probabilities", "channels", "mark_kind", "kind_of",
-           "refuse_kind", "per_window_refusal", "describe_kind", "kind_from_description"]
+           "carried_kind", "refuse_kind", "per_window_refusal", "describe_kind", "kind_from_description"]
 
 KINDS = ("per-window", "not probabilities", "channels")
 
@@ -107,7 +109,9 @@ def kind_from_description(data, where: str) -> MapKind:
 
 
 _marked: Dict[int, Tuple["weakref.ref", MapKind]] = {}  # id(tensor) -> (a weak reference to it, its kind)
-_lock = threading.Lock()
+# Reentrant: a weak reference's callback (``forget``) takes it, and a garbage collection run while it
+# is held (creating the weak reference in mark_kind allocates) may call a callback in this same thread.
+_lock = threading.RLock()
 
 
 def mark_kind(tensor, kind: Optional[MapKind]) -> None:
@@ -136,11 +140,43 @@ def mark_kind(tensor, kind: Optional[MapKind]) -> None:
 
 
 def kind_of(tensor) -> Optional[MapKind]:
-    """The kind the library stored ``tensor`` as, or ``None`` for plain attention probabilities over tokens."""
-    entry = _marked.get(id(tensor))
-    if entry is None or entry[0]() is not tensor:
+    """The kind the library stored ``tensor`` as, or ``None`` for plain attention probabilities over tokens.
+
+    A view of a marked tensor (a slice, ``unsqueeze``, ``view``) has its kind: a view's ``_base``
+    is the tensor it views (the root, for a view of a view), which is looked up when the view
+    itself is not marked. A copy (``.clone()``, ``.to()``, ``.float()`` of another dtype,
+    ``deepcopy``) has no ``_base`` and is not marked.
+
+    Example:
+        >>> import torch
+        >>> t = torch.zeros(2, 1, 3, 3)
+        >>> mark_kind(t, channels("XCiT's channel map", "over channels"))
+        >>> kind_of(t[0:1]).name, kind_of(t[:, :, :2]).name, kind_of(t.clone())
+        ('channels', 'channels', None)
+    """
+    for candidate in (tensor, getattr(tensor, "_base", None)):
+        if candidate is None:
+            break
+        entry = _marked.get(id(candidate))
+        if entry is not None and entry[0]() is candidate:
+            return entry[1]
+    return None
+
+
+def carried_kind(tensors, where: str) -> Optional[MapKind]:
+    """The one kind that a map computed from ``tensors`` (all of one kind, or plain) inherits, or ``None``.
+
+    Raises:
+        AttentionHookerError: naming ``where`` when the tensors are of different kinds (a plain map
+            among marked ones included): what would be made of them has no one meaning.
+    """
+    kinds = [kind_of(t) for t in tensors]
+    if not kinds or all(k is None for k in kinds):
         return None
-    return entry[1]
+    if any(k != kinds[0] for k in kinds):
+        raise AttentionHookerError(f"{where} mix maps of different kinds ({', '.join(sorted({str(k) if k else 'plain attention probabilities' for k in kinds}))}): "
+                                   "what is made of them would have no one meaning")
+    return kinds[0]
 
 
 def per_window_refusal(tensor, where: str) -> str:

@@ -11,6 +11,7 @@ from typing import List, Mapping, Optional, Sequence
 import torch
 
 from .._checks import check_probabilities
+from .._map_kinds import carried_kind, mark_kind
 from .._tensor import as_batched, require_4d
 from ..errors import AttentionHookerError
 
@@ -189,10 +190,12 @@ def stitch_steps(calls: Sequence[torch.Tensor]) -> torch.Tensor:
 
     Returns:
         ``(batch, heads, T, T)`` with ``T = k_last``: the prompt block, then one
-        row per generated position; zeros above the diagonal.
+        row per generated position; zeros above the diagonal. Calls of a marked kind
+        (``"not probabilities"``: DiffLlama's differential map; ``"channels"``) give a
+        result marked the same, which the analyses refuse as they refuse the calls.
 
     Raises:
-        AttentionHookerError: when the calls are not such a sequence.
+        AttentionHookerError: when the calls are not such a sequence, or mix kinds of map.
 
     Example:
         >>> steps = [torch.ones(1, 1, 2, 2) / 2, torch.ones(1, 1, 1, 3) / 3]
@@ -200,6 +203,7 @@ def stitch_steps(calls: Sequence[torch.Tensor]) -> torch.Tensor:
         torch.Size([1, 1, 3, 3])
     """
     calls = layer_sequence(list(calls), where="calls")
+    kind = carried_kind(calls, "the calls")
     first = calls[0]
     batch, heads, q0, k0 = first.shape
     if q0 != k0:
@@ -225,4 +229,5 @@ def stitch_steps(calls: Sequence[torch.Tensor]) -> torch.Tensor:
     for c in calls[1:]:
         q, k = c.shape[-2:]
         out[..., k - q : k, :k] = c
+    mark_kind(out, kind)
     return out

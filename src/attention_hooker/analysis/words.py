@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._map_kinds import kind_of, mark_kind
 from .._tensor import as_batched, values_of
 from ..errors import AttentionHookerError, AttentionHookerTypeError
 from ..values import AttentionValues, format_size
@@ -239,15 +240,26 @@ def to_words(
     if single:
         weights = as_batched(capture)
         units = _units(word_ids, spans, tokens, tokenizer, attention_mask, weights.shape[-1])
-        grouped = group_call(weights, units, rule)
+        grouped = _group_marked(weights, units, rule, "the attention")
         return WordAttention(grouped, **_labels(units, rule))
     values = values_of(capture, layers=layers)
     keys = {as_batched(t, f"layer {name!r}").shape[-1] for name, calls in values.items() for t in calls}
     # One key count: the positions; layers of other lengths (another text) are named by group_call.
     units = _units(word_ids, spans, tokens, tokenizer, attention_mask, keys.pop() if len(keys) == 1 else None)
-    grouped = {name: [group_call(t, units, rule, f"layer {name!r} call {i}") for i, t in enumerate(calls)]
+    grouped = {name: [_group_marked(t, units, rule, f"layer {name!r} call {i}") for i, t in enumerate(calls)]
                for name, calls in values.items()}
     return WordValues(grouped, **_labels(units, rule))
+
+
+def _group_marked(weights, units: Sequence[Units], rule: str, where: str) -> torch.Tensor:
+    """:func:`group_call`, refusing a map over channels and marking the result with a kind its input has."""
+    kind = kind_of(weights)
+    if kind is not None and kind.name == "channels":
+        raise AttentionHookerError(f"{where} is {kind}: its query and key axes are channels of each head, not "
+                                   "tokens, so it has no words")
+    grouped = group_call(weights, units, rule, where)
+    mark_kind(grouped, kind)  # a map that is not probabilities stays so, grouped
+    return grouped
 
 
 def _units(word_ids, spans, tokens, tokenizer, attention_mask, positions: Optional[int]) -> List[Units]:
