@@ -92,6 +92,23 @@ def test_swin_per_item_gates_name_the_windows(swin):
         knockout_effects(model, inputs, lambda out, _: out.last_hidden_state.mean(1), layers=[SWIN_SHIFTED])
 
 
+def test_a_mean_knock_out_on_a_windowed_layer_is_refused_because_its_slots_include_padding():
+    """A 20 px image in patches of 4 is a 5 x 5 grid, run in windows of 4 as an 8 x 8 grid: 39 of the 64 slots
+    of the layer's outputs are padding, which a mean over the reference's calls counted as tokens."""
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=20, patch_size=4, embed_dim=8, depths=[1], num_heads=[2],
+                                     window_size=4)
+    model = transformers.SwinModel(config).eval()
+    layer = "encoder.layers.0.blocks.0.attention"
+    with torch.no_grad(), record_heads(model, [layer]) as recording:
+        model(torch.randn(1, 3, 20, 20))
+    assert tuple(recording.outputs[layer][0].shape[::2]) == (4, 16)  # 4 windows of 16 slots: 64 for 25 tokens
+    for mask in (None, torch.ones(4, 16)):
+        with pytest.raises(InterventionError, match=r"mean.*windowed layer \(transformers Swin.*padding"):
+            HeadIntervention(model).knock_out(layer, [0], mode="mean", reference=recording, reference_mask=mask)
+    HeadIntervention(model).knock_out(layer, [0])  # the zero knock-out stays
+
+
 # ----------------------------------------------------------------------------- DiffLlama
 def test_diffllama_refused_naming_its_paired_heads():
     torch.manual_seed(0)

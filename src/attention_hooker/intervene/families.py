@@ -7,11 +7,14 @@ call sees it. Where the two differ, an act could run and be silently wrong, so e
 checked against the layer's family (the capture's own family rules) when it is given:
 
 - windowed layers (Swin, SAM/ViTDet) and Qwen2-VL's per-image segments: the outputs of a
-  call's heads are the image's tokens window by window (segment by segment), so knock-out,
-  mean, per-head gates and patched outputs act exactly; an act on the weights (a given map,
+  call's heads are the image's tokens window by window (segment by segment), so a zero
+  knock-out, per-head gates and patched outputs act exactly; an act on the weights (a given map,
   ``top_k_keys``, ``block_keys``, ``uniform_weights``, patched weights) would see
   window-local positions (and not a shifted window's mask), and a gate per batch item would
-  meet ``batch x windows`` rows: both are refused.
+  meet ``batch x windows`` rows: both are refused. A mean knock-out is refused on windowed
+  layers: their calls' slots include the padding that fills the grid out to whole windows
+  (a 5 x 5 grid in windows of 4 runs as 8 x 8), which the reference's mean would count, and
+  the recording does not say which slots are padding.
 - Nystromformer: the call acted on is the landmarks' ``kernel_3 @ values``; the head's
   output is linear in it, so a zero knock-out and gates act exactly, but only without the
   convolution of the values the layer adds (``conv_kernel_size``); its means, patched outputs
@@ -56,7 +59,8 @@ _WHY_NOT = {
 }
 
 
-def act_refusal(module: nn.Module, parents, act: str, kind: str, *, per_item: bool = False) -> Optional[str]:
+def act_refusal(module: nn.Module, parents, act: str, kind: str, *, per_item: bool = False,
+                averaged: bool = False) -> Optional[str]:
     """Why ``act`` cannot be done exactly on ``module``, or ``None`` when it can (or the module is no
     family's layer).
 
@@ -66,6 +70,8 @@ def act_refusal(module: nn.Module, parents, act: str, kind: str, *, per_item: bo
         act: the act's name for the message (``"block_keys"``, ``"scale"``).
         kind: ``"output"`` (an act on the heads' outputs) or ``"weights"`` (on their maps).
         per_item: a gate per batch item (``(batch, heads)`` gates, :func:`knockout_effects`).
+        averaged: the act puts a mean over a reference's rows and positions in the heads' outputs
+            (``knock_out(mode='mean')``).
     """
     windows = windowed_layer(module, parents)
     if windows is not None:
@@ -73,6 +79,12 @@ def act_refusal(module: nn.Module, parents, act: str, kind: str, *, per_item: bo
             return (f"{act} on a windowed layer ({windows.family}): its calls compute the windows as 5-D "
                     "(batch, windows, heads, N, N) attention, whose heads' outputs the acts cannot reach: "
                     "interventions are not supported on it")
+        if averaged:
+            return (f"{act} on a windowed layer ({windows.family}): its calls' outputs are (batch x windows, heads, "
+                    "window tokens, head_dim) over the grid padded out to whole windows, so the reference's mean "
+                    "would count the padding slots as tokens, and a recording does not say which slots they are; "
+                    "use knock_out(mode='zero') or scale, or patch(what='output') from a run on an input of the "
+                    "same size")
         return _local_refusal(act, kind, per_item, f"a windowed layer ({windows.family})", "window",
                               "a shifted window's mask")
     pieces = pieced_layer(module, parents)

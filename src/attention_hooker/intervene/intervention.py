@@ -93,7 +93,8 @@ class HeadIntervention:
         plan = self._plan(layer)
         listed = head_list(plan, heads)
         if mode in ("zero", "mean"):
-            self._check_family(plan, "knock_out" if mode == "zero" else "knock_out(mode='mean')", "output")
+            self._check_family(plan, "knock_out" if mode == "zero" else "knock_out(mode='mean')", "output",
+                               averaged=mode == "mean")
         if mode == "zero":
             if reference is not None or reference_mask is not None:
                 raise InterventionError("knock_out(mode='zero') takes no reference (it is for mode='mean')")
@@ -256,12 +257,13 @@ class HeadIntervention:
             parts.append(f"{name}: heads {acts}")
         return f"HeadIntervention({'; '.join(parts) or 'no act'}{', on' if self._engine else ''})"
 
-    def _check_family(self, plan: LayerPlan, act: str, kind: str, *, per_item: bool = False) -> None:
+    def _check_family(self, plan: LayerPlan, act: str, kind: str, *, per_item: bool = False,
+                      averaged: bool = False) -> None:
         """Refuses ``act`` on a layer of a windowed or pieced family where it would not be exact
         (:mod:`.families`), before any run."""
         if self._parents is None:
             self._parents = {id(child): parent for parent in self.model.modules() for child in parent.children()}
-        reason = act_refusal(plan.module, self._parents, act, kind, per_item=per_item)
+        reason = act_refusal(plan.module, self._parents, act, kind, per_item=per_item, averaged=averaged)
         if reason is not None:
             raise InterventionError(f"layer {plan.name!r}: {reason}")
 
@@ -297,8 +299,9 @@ def _mean_outputs(reference, layer: str, mask=None) -> torch.Tensor:
     for call in calls:  # (B, H, Q, Dv)
         if tuple(mask.shape) != (call.shape[0], call.shape[2]):
             raise InterventionError(
-                f"reference_mask is {tuple(mask.shape)}; the reference's calls of layer {layer!r} are (batch, query) "
-                f"= {(call.shape[0], call.shape[2])}")
+                f"reference_mask is {tuple(mask.shape)}; the reference's calls of layer {layer!r} are (rows, query) "
+                f"= {(call.shape[0], call.shape[2])}, where rows are the batch's items (batch x segments for a layer "
+                "whose calls run one image segment at a time)")
         real = mask.to(device=call.device, dtype=torch.float64)[:, None, :, None]  # (B, 1, Q, 1)
         total = total + (call.double() * real).sum(dim=(0, 2))
         count = count + real.sum()
