@@ -206,3 +206,20 @@ def test_grids_of_long_inputs_can_brighten_small_weights_and_thin_their_labels(t
     assert fig.axes[0].images[0].norm.vmax == 0.01
     with pytest.raises(AttentionHookerError, match="color_scale='gamma' must be one of linear, sqrt, log"):
         plot_attention_grid(weights, color_scale="gamma")
+
+
+def test_the_image_views_refuse_a_map_over_channels():
+    """XCiT's map is a softmax over each head's channels: drawn on the patch grid it would put channels where
+    patches are. Before, vit_attention_map and swin_attention_map drew it (they refused only per-window calls)."""
+    from attention_hooker import swin_attention_map
+    from attention_hooker._map_kinds import channels, mark_kind
+
+    over_channels = torch.softmax(torch.randn(1, 2, 5, 5), -1)
+    mark_kind(over_channels, channels("XCiT's channel map", "over channels"))
+    with pytest.raises(AttentionHookerError, match="channels of each head, not the image's tokens"):
+        vit_attention_map(over_channels)
+    with pytest.raises(AttentionHookerError, match="channels of each head, not the image's tokens"):
+        swin_attention_map(over_channels, grid=(1, 5))
+    with pytest.raises(AttentionHookerError, match="channels of each head"):
+        vit_attention_map(over_channels[:, :1])  # a slice keeps the mark
+    assert vit_attention_map(over_channels.clone()).shape == (2, 2)  # the user's own copy is drawn

@@ -108,15 +108,27 @@ def vit_attention_map(
         >>> vit_attention_map(torch.rand(1, 2, 5, 5).softmax(-1)).shape
         (2, 2)
     """
-    from .._per_window import refuse_per_window
     from .._tensor import to_numpy
 
-    refuse_per_window(attn, "attn")  # read as numpy below, where the mark is gone
+    _refuse_not_over_tokens(attn)  # read as numpy below, where the mark is gone
     arr = to_numpy(attn)
     prefix_tokens = non_negative_int(prefix_tokens, "prefix_tokens")
     query = non_negative_int(query, "query")
     row = _rollout_row(arr, query, batch_index) if heads is None else _heads_row(arr, query, heads, batch_index)
     return _on_patch_grid(row, prefix_tokens, grid, image_shape)
+
+
+def _refuse_not_over_tokens(attn) -> None:
+    """Refuses a map whose axes are not the image's tokens: a call kept per window, or a map over
+    channels (XCiT's cross-covariance attention), which has no patch grid to draw on."""
+    from .._map_kinds import kind_of
+    from .._per_window import refuse_per_window
+
+    refuse_per_window(attn, "attn")
+    kind = kind_of(attn)
+    if kind is not None and kind.name == "channels":
+        raise AttentionHookerError(f"attn is {kind}: its query and key axes are channels of each head, not the "
+                                   "image's tokens, so it has no place on the patch grid")
 
 
 def _rollout_row(arr: np.ndarray, query: int, batch_index: int) -> np.ndarray:
@@ -303,10 +315,9 @@ def _checked_grid(grid) -> tuple:
 def _swin_rows(attn, heads, batch_index: int) -> np.ndarray:
     """``(heads, queries, keys)`` of image ``batch_index``: a layer's map ``(batch, heads, query, key)``
     (4-D), or a rollout ``(batch, queries, keys)`` (3-D) / ``(queries, keys)`` (2-D) as one head."""
-    from .._per_window import refuse_per_window
     from .._tensor import to_numpy
 
-    refuse_per_window(attn, "attn")
+    _refuse_not_over_tokens(attn)
     arr = to_numpy(attn)
     if arr.ndim == 4:
         if heads is None:
