@@ -320,7 +320,8 @@ class TransformerAttentionHooker:
             stores when it is not attention probabilities over tokens, such as
             DiffLlama's differential map; ``None`` otherwise), ``inside`` and ``status``
             (``"captured"``, ``"refused"``, ``"captured inside"``: a wrapper whose map was kept under
-            the hooked layers ``inside`` it, ``"nothing captured"``, ``"did not run"``).
+            the hooked layers ``inside`` it, one of which captured in each of its runs, ``"nothing
+            captured"``, ``"did not run"``).
             ``report().missing`` lists the layers that ran and gave nothing.
 
         Example:

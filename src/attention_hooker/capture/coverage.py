@@ -34,6 +34,12 @@ class LayerCoverage:
             beside the attention module it calls: LED's ``self_attn`` and its ``longformer_self_attn``,
             BERT's ``attention`` and its ``attention.self``); each attention call goes to the innermost
             hooked layer running, so the wrapper's map is kept under those names.
+        runs_inside: runs of this layer during which a hooked layer inside it captured. The layer is
+            "captured inside" only when every run is such a run; a run in which nothing inside it
+            captured (and it captured nothing itself) leaves it "nothing captured". Attention the
+            wrapper computes itself beside an inner layer that captured in the same run (a block
+            hooked beside its ``self_attn`` that also runs a hand-written ``exp / sum``) cannot be
+            told from the inner layer's, and is not detected.
     """
 
     runs: int
@@ -42,6 +48,7 @@ class LayerCoverage:
     reason: Optional[str]
     kind: Optional[str] = None
     inside: Tuple[str, ...] = ()
+    runs_inside: int = 0
 
     @property
     def status(self) -> str:
@@ -51,7 +58,7 @@ class LayerCoverage:
             return "captured"
         if self.refused:
             return "refused"
-        if self.runs and self.inside:
+        if self.runs and self.inside and self.runs_inside >= self.runs:
             return "captured inside"
         return "nothing captured" if self.runs else "did not run"
 
@@ -91,6 +98,7 @@ class Coverage:
             self._reasons: Dict[str, str] = {}
             self._kinds: Dict[str, str] = {}
             self._inside: Dict[str, Dict[str, None]] = {}  # layer -> hooked layers that ran inside it, in order
+            self._runs_inside: Dict[str, int] = {}  # layer -> its runs during which a layer inside it captured
 
     def ran(self, layer: str) -> None:
         with self._lock:
@@ -100,6 +108,11 @@ class Coverage:
         """``layer`` ran inside a call of the hooked layer ``outer`` (on the same thread)."""
         with self._lock:
             self._inside.setdefault(outer, {})[layer] = None
+
+    def captured_during(self, layer: str) -> None:
+        """A hooked layer inside this run of ``layer`` captured (on the same thread, during the run)."""
+        with self._lock:
+            self._runs_inside[layer] = self._runs_inside.get(layer, 0) + 1
 
     def captured(self, layer: str) -> None:
         with self._lock:
@@ -124,6 +137,7 @@ class Coverage:
                 (name, LayerCoverage(self._runs.get(name, 0), self._captured.get(name, 0),
                                      self._refused.get(name, 0), self._reasons.get(name), self._kinds.get(name),
                                      tuple(inner for inner in self._inside.get(name, ())
-                                           if self._captured.get(inner, 0))))
+                                           if self._captured.get(inner, 0)),
+                                     self._runs_inside.get(name, 0)))
                 for name in names
             )

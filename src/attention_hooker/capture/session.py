@@ -78,13 +78,17 @@ class WholeMap(NamedTuple):
 
 
 class _Scope:
-    __slots__ = ("module", "layer", "frame", "input_shape", "calls", "refusal", "packing", "windows", "pieces")
+    __slots__ = ("module", "layer", "frame", "input_shape", "calls", "refusal", "packing", "windows", "pieces",
+                 "events_at_enter")
 
     def __init__(self, module, layer: Optional[str], frame, input_shape=None, packing=None, windows=None,
                  pieces=None):
         self.module = module
         self.layer = layer  # None for a fast-path guard, which captures nothing
         self.frame = frame  # the module call's frame: the scope is stale once it is gone
+        # The thread's count of kept calls when this call began: more when it ends means a hooked
+        # layer inside this call captured during it (its own calls are kept after it ends).
+        self.events_at_enter = 0
         self.input_shape = input_shape  # of the call's hidden states (capture.inputs), or None
         # What this call of the layer computed, kept until it returns: (shape, WholeMap or
         # writer, router or None) per attention call (keep/protocol.py), and why a call was refused.
@@ -191,7 +195,9 @@ class CaptureSession:
                           if scope.layer is not None and frame_is_live(scope.frame)), None)
             if outer is not None:
                 self.coverage.ran_inside(outer, layer)
-        state.scopes.append(_Scope(module, layer, frame, input_shape, packing, windows, pieces))
+        scope = _Scope(module, layer, frame, input_shape, packing, windows, pieces)
+        scope.events_at_enter = state.events
+        state.scopes.append(scope)
         if layer is not None:
             state.capture_scopes_entered += 1
             self.coverage.ran(layer)
@@ -526,6 +532,8 @@ class CaptureSession:
         self.keep(name, writer, shape)
 
     def _finish(self, scope: _Scope) -> None:
+        if scope.layer is not None and self.thread_state().events > scope.events_at_enter:
+            self.coverage.captured_during(scope.layer)  # this run of it is excused by what ran inside it
         if scope.layer is not None and scope.pieces is not None and scope.refusal is None:
             self._assemble_pieces(scope)
         if scope.layer is not None and (scope.calls or scope.refusal is not None):
