@@ -174,8 +174,9 @@ def carried_kind(tensors, where: str) -> Optional[MapKind]:
     if not kinds or all(k is None for k in kinds):
         return None
     if any(k != kinds[0] for k in kinds):
-        raise AttentionHookerError(f"{where} mix maps of different kinds ({', '.join(sorted({str(k) if k else 'plain attention probabilities' for k in kinds}))}): "
-                                   "what is made of them would have no one meaning")
+        named = sorted({str(k) if k else "plain attention probabilities" for k in kinds})
+        raise AttentionHookerError(f"{where} mix maps of different kinds ({', '.join(named)}): what is made of "
+                                   "them would have no one meaning")
     return kinds[0]
 
 

@@ -218,6 +218,9 @@ def to_words(
         For a capture, :class:`WordValues`: ``{layer_name: [tensor (batch, heads, words, words)]}``
         with ``tokens`` (the words' labels), ``spans`` and ``rule``. For a tensor, a
         :class:`WordAttention` (``weights``, ``tokens``, ...). The views take both as they are.
+        A call marked as not probabilities (DiffLlama's differential map) gives words marked
+        the same, which the analyses refuse as they refuse the call; a map over channels
+        (XCiT) has no words and is refused.
 
     Raises:
         AttentionHookerError: an unknown rule; word ids below 0; spans that overlap, are empty or
