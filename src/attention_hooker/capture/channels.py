@@ -22,7 +22,7 @@ channels as keys). ``keep_values`` keeps ``v`` ``(batch, heads, C', N)``: ``W @ 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from .._map_kinds import channels
 from .._torch_private import no_function_modes
 from ..keep.protocol import CallSources
 from .inputs import declares_channel_attention
-from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
+from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer, select_block
 from .routes.sdpa import sdpa_attention_weights
 
 __all__ = ["ChannelLayer", "channel_layer", "CHANNEL_KIND", "CHANNELS_ENTRY"]
@@ -42,18 +42,6 @@ CHANNEL_KIND = channels("XCiT's cross-covariance map over the channels of each h
                         "(batch, heads, channels, channels): each token's output mixes only its own values' "
                         "channels")
 
-
-def _select(weights: torch.Tensor, heads: Optional[Sequence[int]], rows: torch.Tensor,
-            keys: Optional[Sequence[int]], dtype: torch.dtype) -> torch.Tensor:
-    """``weights`` ``(batch, heads, C', C')`` at these heads, rows and keys (``None``: all), a new tensor in ``dtype``."""
-    with torch.no_grad(), no_function_modes():  # the capture's own indexing: no mode sees it
-        out = weights
-        if heads is not None:
-            out = out.index_select(1, torch.as_tensor(list(heads), device=out.device))
-        out = out.index_select(2, rows.to(out.device))
-        if keys is not None:
-            out = out.index_select(3, torch.as_tensor(list(keys), device=out.device))
-        return out.to(dtype)
 
 
 class _ChannelCall(PieceCall):
@@ -106,7 +94,7 @@ class _ChannelCall(PieceCall):
             weights, dtype = self.weights, self.weights.dtype
 
         def rows(heads, index, keys):
-            return _select(weights, heads, index, keys, dtype)
+            return select_block(weights, heads, index, keys, dtype)
 
         entry = Assembly(self.batch, self.heads, self.per_head, self.per_head, dtype, rows,
                          CallSources(value=value, kind=CHANNEL_KIND))

@@ -33,33 +33,19 @@ call is refused under ``keep_values``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from .._torch_private import no_function_modes
 from ..keep.protocol import CallSources
 from .value_tap import SeenValues, seen_outputs
-from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
+from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer, select_block
 
 __all__ = ["NgramLayer", "ngram_layer", "STREAM_KIND"]
 
 STREAM_KIND = "ngram{}"  # the kind of stream s's entry (from 1): "<layer>:ngram1", ...
 
-
-def _select(weights: torch.Tensor, heads: Optional[Sequence[int]], rows: torch.Tensor,
-            keys: Optional[Sequence[int]], dtype: torch.dtype) -> torch.Tensor:
-    """``weights`` ``(batch, heads, query, key)`` at these heads, query ``rows`` and keys (``None``: all),
-    as a new tensor in ``dtype``."""
-    with torch.no_grad(), no_function_modes():  # the capture's own indexing: no mode sees it
-        out = weights
-        if heads is not None:
-            out = out.index_select(1, torch.as_tensor(list(heads), device=out.device))
-        out = out.index_select(2, rows.to(out.device))
-        if keys is not None:
-            out = out.index_select(3, torch.as_tensor(list(keys), device=out.device))
-        return out.to(dtype)
 
 
 class _NgramCall(PieceCall):
@@ -118,10 +104,10 @@ class _NgramCall(PieceCall):
         def stream(s: int) -> Assembly:
             weights = predict[:, s]  # (B, H, T, K + T)
             return Assembly(b, h, t, past + t, dtype,
-                            lambda heads, rows, keys: _select(weights, heads, rows, keys, dtype),
+                            lambda heads, rows, keys: select_block(weights, heads, rows, keys, dtype),
                             CallSources(value=stream_values[s]))
 
-        return Assembly(b, h, t, past, dtype, lambda heads, rows, keys: _select(main, heads, rows, keys, dtype),
+        return Assembly(b, h, t, past, dtype, lambda heads, rows, keys: select_block(main, heads, rows, keys, dtype),
                         CallSources(value=main_values),
                         named={STREAM_KIND.format(s + 1): stream(s) for s in range(n)})
 

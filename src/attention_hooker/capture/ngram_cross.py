@@ -36,10 +36,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .._torch_private import no_function_modes
 from ..keep.protocol import CallSources
 from .ngram import STREAM_KIND
-from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer
+from .pieces import FAMILIES, Assembly, PieceCall, PiecedLayer, select_block
 from .value_tap import SeenValues, seen_outputs
 
 __all__ = ["NgramCrossLayer", "ngram_cross_layer"]
@@ -50,14 +49,7 @@ def _stream_rows(weights: torch.Tensor, first: int, heads: Optional[Sequence[int
     """One stream's rows of the call's softmax ``weights`` ``(batch, heads, (1 + n) T, S)``: its row ``r``
     is ``first + r``; at these heads, ``rows`` and keys (``None``: all), as a new ``(batch, heads, rows,
     keys)`` tensor in ``dtype``."""
-    with torch.no_grad(), no_function_modes():  # the capture's own indexing: no mode sees it
-        out = weights
-        if heads is not None:
-            out = out.index_select(1, torch.as_tensor(list(heads), device=out.device))
-        out = out.index_select(2, rows.to(out.device) + first)
-        if keys is not None:
-            out = out.index_select(3, torch.as_tensor(list(keys), device=out.device))
-        return out.to(dtype)
+    return select_block(weights, heads, rows, keys, dtype, first_row=first)
 
 
 class _NgramCrossCall(PieceCall):

@@ -58,10 +58,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .._torch_private import no_function_modes
 from ..keep.protocol import NO_SOURCES, CallSources
 from .value_tap import SeenValues, ValueTap
 
-__all__ = ["PieceCall", "PiecedLayer", "Assembly", "FAMILIES", "pieced_layer", "named_entry", "ROWS_PER_TILE",
+__all__ = ["select_block", "PieceCall", "PiecedLayer", "Assembly", "FAMILIES", "pieced_layer", "named_entry", "ROWS_PER_TILE",
            "UNKEPT_CALL"]
 
 # Rows of a pieced map assembled at once when the keepers take tiles (streaming, reductions):
@@ -221,6 +222,21 @@ def named_entry(layer: str, kind: str) -> str:
         'decoder.layers.0.self_attn:ngram1'
     """
     return f"{layer}:{kind}"
+
+
+def select_block(weights: torch.Tensor, heads: Optional[Sequence[int]], rows: torch.Tensor,
+                 keys: Optional[Sequence[int]], dtype: torch.dtype, first_row: int = 0) -> torch.Tensor:
+    """A whole piece ``weights`` ``(batch, heads, query, key)`` at these heads, query ``rows`` (offset by
+    ``first_row``: a stream's rows inside a larger softmax) and keys (``None``: all), as a new tensor in
+    ``dtype``, for a family whose :class:`Assembly` cuts rows out of one kept map."""
+    with torch.no_grad(), no_function_modes():  # the capture's own indexing: no mode sees it
+        out = weights
+        if heads is not None:
+            out = out.index_select(1, torch.as_tensor(list(heads), device=out.device))
+        out = out.index_select(2, rows.to(out.device) + first_row)
+        if keys is not None:
+            out = out.index_select(3, torch.as_tensor(list(keys), device=out.device))
+        return out.to(dtype)
 
 
 def selected_sizes(assembly: Assembly, chosen) -> Tuple[int, int, int]:
