@@ -1,0 +1,5 @@
+"""One module per vision-language family, each registering its reader of image tokens."""
+
+from . import llava  # noqa: F401
+
+__all__: list = []
