@@ -105,11 +105,20 @@ def coordinate_image(height: int, width: int):
 
 def centres_of_sources(tokens, pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
     """``(n, 2)``: each token's mean ``(y, x)`` as fractions of the image, read from the coordinate image's
-    pixels in its source units (NaN for a token with no source)."""
+    pixels in its source units (NaN for a token with no source). ``pixel_values`` is ``(..., C, H, W)``
+    (units are patches, ``tokens.patch`` pixels square) or ``(rows, C * ...)`` (a unit is a row, its
+    features channel first, as the Qwen processors flatten ``(C, temporal, patch, patch)``)."""
     pv = pixel_values.double()
     mean = torch.tensor(mean, dtype=torch.float64)
     std = torch.tensor(std, dtype=torch.float64)
     out = torch.full((len(tokens), 2), float("nan"), dtype=torch.float64)
+    if pv.dim() == 2:  # flattened patches, one per row (the Qwen family): each row's features channel first
+        for i in range(len(tokens)):
+            units = [int(u) for u in tokens.source[i] if u >= 0]
+            if units:
+                rgb = pv[units].reshape(len(units), len(mean), -1) * std[:, None] + mean[:, None]
+                out[i, 0], out[i, 1] = rgb[:, 1].mean(), rgb[:, 0].mean()
+        return out
     flat = pv.reshape(-1, *pv.shape[-3:])
     patch = tokens.patch
     rows, cols = flat.shape[-2] // patch, flat.shape[-1] // patch

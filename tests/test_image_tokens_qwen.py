@@ -1,0 +1,122 @@
+"""Qwen2-VL and Qwen2.5-VL image and video tokens (issue 23, parts 1-4), checked against the model's own code
+path, not against the reader:
+
+- which ``pixel_values`` / ``pixel_values_videos`` rows feed which language-model position
+  (``sources_by_perturbation``), with two images of different sizes in one row, a third image and a video;
+- where those rows are in the image, read from a coordinate image through the real ``Qwen2VLImageProcessor``
+  and ``Qwen2VLVideoProcessor`` (each token's box holds its rows' centre);
+- the library's capture of the language model (sdpa and eager) against eager ``output_attentions``, in one
+  forward and under ``generate()``, and of the vision tower against its own eager attention pieces;
+- ``image_attention`` on that capture against the eager weights sliced at the reader's positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from attention_hooker import AttentionHookerError, TransformerAttentionHooker  # noqa: E402
+from attention_hooker.analysis.image_attention import image_attention  # noqa: E402
+from attention_hooker.media import image_token_map  # noqa: E402
+from image_token_oracle import (centres_of_sources, claimed_sources, coordinate_image,  # noqa: E402
+                                sources_by_perturbation)
+
+IMG, VID, START, END = 60, 61, 62, 63
+KINDS = ["qwen2_vl", "qwen2_5_vl"]
+
+
+def tiny_qwen(kind, attn="sdpa"):
+    text = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0))
+    ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=START, vision_end_token_id=END)
+    if kind == "qwen2_vl":
+        config = transformers.Qwen2VLConfig(
+            vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+            text_config=text, **ids)
+        cls = transformers.Qwen2VLForConditionalGeneration
+    else:  # windows of 2 x 2 merged cells (window_size 16 px, patch 4, merge 2), block 1 full attention
+        config = transformers.Qwen2_5_VLConfig(
+            vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                               fullatt_block_indexes=[1], out_hidden_size=32, in_channels=3),
+            text_config=text, **ids)
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def processors():
+    sizes = dict(size={"shortest_edge": 8 * 8, "longest_edge": 24 * 24}, patch_size=4, merge_size=2,
+                 temporal_patch_size=2)
+    return (transformers.Qwen2VLImageProcessor(**sizes),
+            transformers.Qwen2VLVideoProcessor(**sizes, do_sample_frames=False, cap_pixels_per_frame=False))
+
+
+def qwen_inputs(video=True):
+    """Row 0: image A (16 x 24 px: 4 x 6 patches, 6 tokens), then a 4-frame 8 x 8 video (2 steps of 2 x 2
+    patches, 2 tokens); row 1: image B (30 x 14 px, resized to 32 x 16: 8 x 4 patches, 8 tokens) and image
+    C (8 x 8 px: one token)."""
+    images, videos = processors()
+    out = dict(images(images=[coordinate_image(16, 24), coordinate_image(30, 14), coordinate_image(8, 8)],
+                      return_tensors="pt"))
+    assert out["image_grid_thw"].tolist() == [[1, 4, 6], [1, 8, 4], [1, 2, 2]]
+    vid = [START] + [VID] * 2 + [END] if video else [7] * 4
+    ids = torch.tensor([[1, 5, START] + [IMG] * 6 + [END, 7] + vid + [8],
+                        [1, START] + [IMG] * 8 + [END, START, IMG, END, 9, 3]])
+    if video:
+        frames = np.stack([np.asarray(coordinate_image(8, 8))] * 4)
+        out.update(videos(videos=[frames], return_tensors="pt"))
+        assert out["video_grid_thw"].tolist() == [[2, 2, 2]]
+    kinds = (ids == IMG).long() + 2 * (ids == VID).long()  # what the processor adds for M-RoPE
+    return dict(out, input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=kinds), images
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_qwen_tokens_are_the_rows_that_feed_them_and_sit_where_their_pixels_are(kind):
+    model = tiny_qwen(kind)
+    inputs, processor = qwen_inputs()
+    tokens = image_token_map(model, inputs)
+    assert len(tokens) == 6 + 2 + 8 + 1
+    image_rows = inputs["pixel_values"].shape[0]
+    assert image_rows == 24 + 32 + 4
+    oracle = dict(tower=model.model.visual, language_model=model.model.language_model, patch=0)
+    found = sources_by_perturbation(model, inputs, **oracle)
+    for key, units in sources_by_perturbation(model, inputs, field="pixel_values_videos", **oracle).items():
+        assert key not in found
+        found[key] = {image_rows + u for u in units}  # video rows come after the image rows (module doc)
+    assert claimed_sources(tokens) == found
+    # images numbered in token order: A, the video, B, C; the video has one view per temporal step
+    assert tokens.image.tolist() == [0] * 6 + [1] * 2 + [2] * 8 + [3]
+    assert [(v.image, v.name, v.rows, v.cols) for v in tokens.views] == [
+        (0, "image", 4, 6), (1, "frame 0", 2, 2), (1, "frame 1", 2, 2), (2, "image", 8, 4), (3, "image", 2, 2)]
+    assert tokens.view.tolist()[6:8] == [1, 2]
+    # merge-block order, not raster: image A's 2 x 3 blocks of 2 x 2 patches
+    assert tokens.row.tolist()[:6] == [0, 0, 0, 2, 2, 2] and tokens.col.tolist()[:6] == [0, 2, 4, 0, 2, 4]
+    pixels = torch.cat([inputs["pixel_values"], inputs["pixel_values_videos"]])
+    centres = centres_of_sources(tokens, pixels, processor.image_mean, processor.image_std)
+    y, x = centres.T
+    top, left, bottom, right = tokens.boxes().T
+    assert bool(((top <= y) & (y <= bottom) & (left <= x) & (x <= right)).all())
+    torch.testing.assert_close(y, (top + bottom) / 2, atol=0.02, rtol=0)
+    torch.testing.assert_close(x, (left + right) / 2, atol=0.02, rtol=0)
+
+
+def test_qwen_grids_that_disagree_with_the_tokens_are_refused_by_name():
+    config = tiny_qwen("qwen2_vl").config
+    ids = torch.tensor([[1] + [IMG] * 5])
+    with pytest.raises(AttentionHookerError, match=r"5 image tokens .* makes 6 \(6, t \* h \* w / 2\^2"):
+        image_token_map(config, dict(input_ids=ids, image_grid_thw=torch.tensor([[1, 4, 6]])))
+    with pytest.raises(AttentionHookerError, match="not a multiple of spatial_merge_size 2"):
+        image_token_map(config, dict(input_ids=ids, image_grid_thw=torch.tensor([[1, 5, 4]])))
+    with pytest.raises(AttentionHookerError, match="span two batch rows"):
+        image_token_map(config, dict(input_ids=torch.tensor([[1, IMG, IMG], [IMG, IMG, 1]]),
+                                     image_grid_thw=torch.tensor([[1, 4, 4]])))
+    with pytest.raises(AttentionHookerError, match="makes 0"):
+        image_token_map(config, dict(input_ids=ids))
