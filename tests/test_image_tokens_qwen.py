@@ -120,3 +120,109 @@ def test_qwen_grids_that_disagree_with_the_tokens_are_refused_by_name():
                                      image_grid_thw=torch.tensor([[1, 4, 4]])))
     with pytest.raises(AttentionHookerError, match="makes 0"):
         image_token_map(config, dict(input_ids=ids))
+
+
+LM_LAYERS = r"language_model\.layers\.\d+\.self_attn$"
+TOWER_LAYERS = r"visual\.blocks\.\d+\.attn$"
+
+
+def _layers(hooker, part):
+    """The captured layers whose name holds ``part``, in layer order: [[call, ...], ...]."""
+    names = sorted((n for n in hooker.values if part in n), key=lambda n: int(n.split(".")[-2]))
+    return [hooker.values[n] for n in names]
+
+
+def _on_grid(weights, tokens, view):
+    """(H, q, rows, cols): the weights (H, q, n) of a row's tokens spread evenly over the cells each covers,
+    built here cell by cell."""
+    v = tokens.views[view]
+    grid = weights.new_zeros(*weights.shape[:2], v.rows, v.cols)
+    for i in range(len(tokens)):
+        if int(tokens.view[i]) == view:
+            r, c, h, w = (int(t[i]) for t in (tokens.row, tokens.col, tokens.height, tokens.width))
+            grid[..., r:r + h, c:c + w] += weights[..., i, None, None] / (h * w)
+    return grid
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_qwen_language_model_capture_with_image_tokens_is_the_eager_attention(kind, attn):
+    model, eager = tiny_qwen(kind, attn), tiny_qwen(kind, "eager")
+    inputs, _ = qwen_inputs()
+    with torch.no_grad():
+        reference = eager(**inputs, output_attentions=True)
+        plain = model(**inputs).logits
+        with TransformerAttentionHooker(model, layer_regex=LM_LAYERS) as hooker:
+            hooked = model(**inputs).logits
+    assert torch.equal(plain, hooked), "the capture changed the model's output"
+    layers = _layers(hooker, "language_model")
+    assert len(layers) == len(reference.attentions) == 2
+    for calls, expected in zip(layers, reference.attentions):
+        (got,) = calls
+        assert got.shape == expected.shape == (2, 2, 16, 16)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # text-to-image attention read on the capture = the eager weights at the reader's positions, on the grid
+    tokens = image_token_map(model, inputs)
+    for b in range(2):
+        row = tokens.in_row(b)
+        got = image_attention(layers[1][0], tokens, batch=b, queries=[-1, -2])
+        expected = reference.attentions[1][b][:, [15, 14]][..., row.position].double()  # (H, 2, n)
+        torch.testing.assert_close(got.weights, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.share, expected.sum(-1), atol=1e-6, rtol=0)
+        assert bool((got.share < 1 - 1e-3).all())  # nothing renormalised
+        assert sorted(got.grids) == sorted(set(row.view.tolist()))
+        for view, grid in got.grids.items():
+            torch.testing.assert_close(grid, _on_grid(expected, row, view), atol=1e-6, rtol=0)
+
+
+def _eager_vision_pieces(model, monkeypatch):
+    """Records every (1, H, n, n) weight map the vision tower's own eager attention function returns, per
+    attention module, in call order: {module: [piece, ...]}."""
+    import sys
+
+    attention = model.model.visual.blocks[0].attn
+    modeling = sys.modules[type(attention).__module__]
+    own = modeling.eager_attention_forward
+    pieces = {}
+
+    def recording(module, *args, **kwargs):
+        out, weights = own(module, *args, **kwargs)
+        if type(module) is type(attention):
+            pieces.setdefault(module, []).append(weights.detach().clone())
+        return out, weights
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    return pieces
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_qwen_generate_on_sdpa_with_two_images_equals_the_eager_tower_pieces_and_steps(kind, monkeypatch):
+    """A whole model, two images of different sizes in one batch row (and a third in the other): the tower's
+    layers captured on sdpa are the block-diagonal assembly of the eager tower's per-image (per-window)
+    maps, and each generated step's language-model capture is eager's step attention."""
+    sdpa, eager = tiny_qwen(kind, "sdpa"), tiny_qwen(kind, "eager")
+    inputs, _ = qwen_inputs(video=False)
+    kwargs = dict(inputs, max_new_tokens=3, do_sample=False)
+    pieces = _eager_vision_pieces(eager, monkeypatch)
+    with torch.no_grad():
+        reference = eager.generate(**kwargs, output_attentions=True, return_dict_in_generate=True)
+        with TransformerAttentionHooker(sdpa, layer_regex=f"{LM_LAYERS}|{TOWER_LAYERS}") as hooker:
+            generated = sdpa.generate(**kwargs)
+    assert torch.equal(generated, reference.sequences)
+    assert hooker.report().missing == []
+    tower = _layers(hooker, "visual")
+    assert len(tower) == len(eager.model.visual.blocks)
+    for calls, block in zip(tower, eager.model.visual.blocks):
+        (got,) = calls  # the tower runs once, on the prompt
+        own = pieces[block.attn]
+        assert len(own) >= 3  # one piece per image at least (windows on Qwen2.5-VL's windowed block)
+        expected = torch.stack([torch.block_diag(*(p[0, h] for p in own)) for h in range(2)])[None]
+        assert got.shape == expected.shape == (1, 2, 60, 60)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        assert torch.equal(got == 0, expected == 0)
+    lm = _layers(hooker, "language_model")
+    assert [len(calls) for calls in lm] == [3, 3]
+    for step, expected_layers in enumerate(reference.attentions):
+        for calls, expected in zip(lm, expected_layers):
+            assert calls[step].shape == expected.shape
+            torch.testing.assert_close(calls[step], expected, atol=1e-6, rtol=1e-5)
