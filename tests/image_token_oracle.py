@@ -13,7 +13,7 @@ and tiling: the mean coordinate of the token's units, as fractions of the image.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Set, Tuple
+from typing import Dict, Iterable, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -59,10 +59,13 @@ def _perturbed(pixel_values: torch.Tensor, where: Tuple, patch: int) -> torch.Te
 
 
 def sources_by_perturbation(model, inputs: dict, *, tower: torch.nn.Module, language_model: torch.nn.Module,
-                            patch: int, field: str = "pixel_values") -> Dict[Tuple[int, int], Set[int]]:
+                            patch: int, field: str = "pixel_values",
+                            units: Optional[Iterable[int]] = None) -> Dict[Tuple[int, int], Set[int]]:
     """``{(batch, position): {unit, ...}}``: the ``pixel_values`` units each language-model input position
-    depends on (positions depending on none are left out)."""
+    depends on (positions depending on none are left out). ``units``: perturb only these (default all), e.g.
+    to leave out padding crops, which some models (Idefics3) tell from real crops by their being all zeros."""
     seen = {}
+    units = None if units is None else set(units)
 
     def grab(m, args, kwargs):
         seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
@@ -74,6 +77,8 @@ def sources_by_perturbation(model, inputs: dict, *, tower: torch.nn.Module, lang
             base = seen["embeds"]
             found: Dict[Tuple[int, int], Set[int]] = {}
             for unit, where in _units(inputs[field], patch):
+                if units is not None and unit not in units:
+                    continue
                 model(**dict(inputs, **{field: _perturbed(inputs[field], where, patch)}))
                 changed = (seen["embeds"] - base).abs().amax(-1) > 1e-6  # (batch, sequence)
                 for b, p in changed.nonzero().tolist():

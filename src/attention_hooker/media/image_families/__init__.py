@@ -1,5 +1,6 @@
 """One module per vision-language family, each registering its reader of image tokens."""
 
+from . import idefics3  # noqa: F401
 from . import llava  # noqa: F401
 from . import qwen_vl  # noqa: F401
 
