@@ -155,3 +155,100 @@ def test_layouts_that_disagree_with_the_inputs_are_refused_by_name():
         image_token_map(model, dict(inputs, pixel_attention_mask=mask), processor=proc)
     with pytest.raises(AttentionHookerError, match="not a multiple of the 4"):
         image_token_map(model, dict(inputs, input_ids=inputs["input_ids"][:, :-2]), processor=proc)
+
+
+LM_LAYERS = r"text_model\.layers\.\d+\.self_attn$"
+TOWER_LAYERS = r"vision_model\.encoder\.layers\.\d+\.self_attn$"
+
+
+def _layers(hooker, part):
+    """The captured layers whose name holds ``part``, in layer order: [[call, ...], ...]."""
+    names = sorted((n for n in hooker.values if part in n), key=lambda n: int(n.split(".")[-2]))
+    return [hooker.values[n] for n in names]
+
+
+def _assert_real_rows_close(got, want, mask):
+    """Compares (B, H, Q, K) maps on the queries that are not padding (padded query rows mean nothing: eager
+    spreads them, the sdpa kernel zeroes them)."""
+    assert got.shape == want.shape, f"{tuple(got.shape)} != {tuple(want.shape)}"
+    real = mask[:, -got.shape[2]:].bool()[:, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[real], want[real], atol=1e-6, rtol=1e-5)
+
+
+def _eager_tower_weights(model, monkeypatch):
+    """Records each (crops, H, S, S) map the vision tower's own eager attention function returns, per module."""
+    import sys
+
+    attention = model.model.vision_model.encoder.layers[0].self_attn
+    modeling = sys.modules[type(attention).__module__]
+    own = modeling.eager_attention_forward
+    seen = {}
+
+    def recording(module, *args, **kwargs):
+        out, weights = own(module, *args, **kwargs)
+        if type(module) is type(attention):
+            seen.setdefault(module, []).append(weights.detach().clone())
+        return out, weights
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    return seen
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_language_model_capture_with_image_tokens_is_the_eager_attention(family, attn):
+    model, eager = tiny(family, attn), tiny(family, "eager")
+    inputs, proc = inputs_of(family)
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        reference = eager(**inputs, output_attentions=True)
+        plain = model(**inputs).logits
+        with TransformerAttentionHooker(model, layer_regex=LM_LAYERS) as hooker:
+            hooked = model(**inputs).logits
+    assert torch.equal(plain, hooked), "the capture changed the model's output"
+    layers = _layers(hooker, "text_model")
+    assert len(layers) == len(reference.attentions) == 2
+    for (got,), expected in zip(layers, reference.attentions):
+        _assert_real_rows_close(got, expected, mask)
+    tokens = image_token_map(model, inputs, processor=proc)
+    for b in range(2):
+        row = tokens.in_row(b)
+        got = image_attention(layers[1][0], tokens, batch=b, queries=[-1])
+        expected = reference.attentions[1][b][:, -1:, row.position].double()  # (H, 1, n)
+        torch.testing.assert_close(got.weights, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.share, expected.sum(-1), atol=1e-6, rtol=0)
+        assert bool((got.share < 1 - 1e-3).all())  # nothing renormalised
+        for view, grid in got.grids.items():  # each token's weight spread over its scale x scale cells
+            v, scale = tokens.views[view], FAMILIES[family]["scale"]
+            want = torch.zeros(2, 1, v.rows, v.cols, dtype=torch.float64)
+            on = (row.view == view).nonzero().flatten().tolist()
+            for i in on:
+                r, c = int(row.row[i]), int(row.col[i])
+                want[..., r:r + scale, c:c + scale] = expected[..., i, None, None] / scale ** 2
+            torch.testing.assert_close(grid, want, atol=1e-6, rtol=0)
+        assert sorted(got.grids) == sorted(set(row.view.tolist()))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generate_on_sdpa_equals_the_eager_tower_and_steps(family, monkeypatch):
+    sdpa, eager = tiny(family, "sdpa"), tiny(family, "eager")
+    inputs, _ = inputs_of(family)
+    kwargs = dict(inputs, max_new_tokens=3, do_sample=False)
+    tower = _eager_tower_weights(eager, monkeypatch)
+    with torch.no_grad():
+        reference = eager.generate(**kwargs, output_attentions=True, return_dict_in_generate=True)
+        with TransformerAttentionHooker(sdpa, layer_regex=f"{LM_LAYERS}|{TOWER_LAYERS}") as hooker:
+            generated = sdpa.generate(**kwargs)
+    assert torch.equal(generated, reference.sequences)
+    assert hooker.report().missing == []
+    captured = _layers(hooker, "vision_model")
+    assert len(captured) == len(tower) == 1
+    for (got,), (expected,) in zip(captured, tower.values()):  # the tower runs once, on the 11 real crops
+        assert got.shape == expected.shape == (11, 2) + (expected.shape[-1],) * 2
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    lm = _layers(hooker, "text_model")
+    assert [len(calls) for calls in lm] == [3, 3]
+    for step, expected_layers in enumerate(reference.attentions):
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, step, dtype=torch.long)], 1)
+        for calls, expected in zip(lm, expected_layers):
+            _assert_real_rows_close(calls[step], expected, mask)
