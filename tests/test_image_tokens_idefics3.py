@@ -233,7 +233,7 @@ def test_language_model_capture_with_image_tokens_is_the_eager_attention(family,
 def test_generate_on_sdpa_equals_the_eager_tower_and_steps(family, monkeypatch):
     sdpa, eager = tiny(family, "sdpa"), tiny(family, "eager")
     inputs, _ = inputs_of(family)
-    kwargs = dict(inputs, max_new_tokens=3, do_sample=False)
+    kwargs = dict(inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     tower = _eager_tower_weights(eager, monkeypatch)
     with torch.no_grad():
         reference = eager.generate(**kwargs, output_attentions=True, return_dict_in_generate=True)

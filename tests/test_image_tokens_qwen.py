@@ -3,8 +3,8 @@ path, not against the reader:
 
 - which ``pixel_values`` / ``pixel_values_videos`` rows feed which language-model position
   (``sources_by_perturbation``), with two images of different sizes in one row, a third image and a video;
-- where those rows are in the image, read from a coordinate image through the real ``Qwen2VLImageProcessor``
-  and ``Qwen2VLVideoProcessor`` (each token's box holds its rows' centre);
+- where those rows are in the image, read from a coordinate image through the real ``Qwen2VLProcessor`` (its
+  image and video processors, and its expansion of the vision tokens): each token's box holds its rows' centre;
 - the library's capture of the language model (sdpa and eager) against eager ``output_attentions``, in one
   forward and under ``generate()``, and of the vision tower against its own eager attention pieces;
 - ``image_attention`` on that capture against the eager weights sliced at the reader's positions.
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker  # noqa: E402
 from attention_hooker.analysis.image_attention import image_attention  # noqa: E402
@@ -24,13 +25,15 @@ from attention_hooker.media import image_token_map  # noqa: E402
 from image_token_oracle import (centres_of_sources, claimed_sources, coordinate_image,  # noqa: E402
                                 sources_by_perturbation)
 
-IMG, VID, START, END = 60, 61, 62, 63
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+WORDS = ["look", "at", "a", "cat", "and"]
+IMG, VID, START, END = 4, 5, 6, 7
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 
 
 def tiny_qwen(kind, attn="sdpa"):
     text = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2, vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                num_key_value_heads=2, vocab_size=len(SPECIAL) + len(WORDS), bos_token_id=1, eos_token_id=2, pad_token_id=0,
                 rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0))
     ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=START, vision_end_token_id=END)
     if kind == "qwen2_vl":
@@ -52,30 +55,39 @@ def tiny_qwen(kind, attn="sdpa"):
     return model
 
 
-def processors():
+def processor():
+    """The real Qwen2VLProcessor (its image and video processors at small sizes, a word-level tokenizer that
+    knows the vision tokens): it expands each image's and video's token to t * h * w / 4 of them."""
+    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=word_level, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        additional_special_tokens=SPECIAL[4:])
     sizes = dict(size={"shortest_edge": 8 * 8, "longest_edge": 24 * 24}, patch_size=4, merge_size=2,
                  temporal_patch_size=2)
-    return (transformers.Qwen2VLImageProcessor(**sizes),
-            transformers.Qwen2VLVideoProcessor(**sizes, do_sample_frames=False, cap_pixels_per_frame=False))
+    return transformers.Qwen2VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
+        video_processor=transformers.Qwen2VLVideoProcessor(**sizes, do_sample_frames=False,
+                                                           cap_pixels_per_frame=False))
 
 
 def qwen_inputs(video=True):
     """Row 0: image A (16 x 24 px: 4 x 6 patches, 6 tokens), then a 4-frame 8 x 8 video (2 steps of 2 x 2
     patches, 2 tokens); row 1: image B (30 x 14 px, resized to 32 x 16: 8 x 4 patches, 8 tokens) and image
-    C (8 x 8 px: one token)."""
-    images, videos = processors()
-    out = dict(images(images=[coordinate_image(16, 24), coordinate_image(30, 14), coordinate_image(8, 8)],
-                      return_tensors="pt"))
+    C (8 x 8 px: one token). Both rows 16 tokens long."""
+    proc = processor()
+    image, clip = ("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>")
+    frames = np.stack([np.asarray(coordinate_image(8, 8))] * 4)
+    out = dict(proc(text=[f"look at {image} and {clip if video else 'a cat a cat'} cat",
+                          f"a {image} and {image} cat"],
+                    images=[coordinate_image(16, 24), coordinate_image(30, 14), coordinate_image(8, 8)],
+                    videos=[frames] if video else None, return_tensors="pt", padding=True))
     assert out["image_grid_thw"].tolist() == [[1, 4, 6], [1, 8, 4], [1, 2, 2]]
-    vid = [START] + [VID] * 2 + [END] if video else [7] * 4
-    ids = torch.tensor([[1, 5, START] + [IMG] * 6 + [END, 7] + vid + [8],
-                        [1, START] + [IMG] * 8 + [END, START, IMG, END, 9, 3]])
+    assert out["input_ids"].shape == (2, 16) and bool(out["attention_mask"].all())
     if video:
-        frames = np.stack([np.asarray(coordinate_image(8, 8))] * 4)
-        out.update(videos(videos=[frames], return_tensors="pt"))
         assert out["video_grid_thw"].tolist() == [[2, 2, 2]]
-    kinds = (ids == IMG).long() + 2 * (ids == VID).long()  # what the processor adds for M-RoPE
-    return dict(out, input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=kinds), images
+    return out, proc.image_processor
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -202,7 +214,7 @@ def test_qwen_generate_on_sdpa_with_two_images_equals_the_eager_tower_pieces_and
     maps, and each generated step's language-model capture is eager's step attention."""
     sdpa, eager = tiny_qwen(kind, "sdpa"), tiny_qwen(kind, "eager")
     inputs, _ = qwen_inputs(video=False)
-    kwargs = dict(inputs, max_new_tokens=3, do_sample=False)
+    kwargs = dict(inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     pieces = _eager_vision_pieces(eager, monkeypatch)
     with torch.no_grad():
         reference = eager.generate(**kwargs, output_attentions=True, return_dict_in_generate=True)
