@@ -1,7 +1,9 @@
 """One module per vision-language family, each registering its reader of image tokens."""
 
+from . import gemma3  # noqa: F401
 from . import idefics3  # noqa: F401
 from . import llava  # noqa: F401
+from . import paligemma  # noqa: F401
 from . import qwen_vl  # noqa: F401
 
 __all__: list = []
