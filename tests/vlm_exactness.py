@@ -17,7 +17,7 @@ from attention_hooker.analysis.image_attention import image_attention
 def _by_layer(values: Dict[str, List[torch.Tensor]]) -> Dict[int, List[torch.Tensor]]:
     out = {}
     for name, calls in values.items():
-        index = int(re.search(r"layers\.(\d+)\.", name).group(1))
+        index = int(re.search(r"layers?\.(\d+)\.", name).group(1))
         assert index not in out, f"two captured modules for layer {index}: {sorted(values)}"
         out[index] = calls
     return out

@@ -5,7 +5,8 @@ that are image tokens (an :class:`~attention_hooker.media.ImageTokens` table say
 patches of which image each one stands for). Nothing is renormalised: the weight a query gave to the
 image tokens stays the share of its attention that went to the image (:attr:`ImageAttention.share`);
 the rest went to text. On each view's grid, a token's weight is spread evenly over the cells it covers,
-so a grid sums to the weight its view received.
+so a grid sums to the weight its view received, less that of marker tokens that cover no cell (such as
+LLaVA-NeXT's row ends, which count in ``share`` but lie on no cell).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def image_attention(attention: torch.Tensor, tokens: ImageTokens, *, batch: int 
         for i in (row.view == k).nonzero().flatten().tolist():
             r, c = int(row.row[i]), int(row.col[i])
             h, w = int(row.height[i]), int(row.width[i])
-            grid[..., r:r + h, c:c + w] += weights[..., i, None, None] / (h * w)
+            if h * w:  # a marker token (a row end) covers no cell
+                grid[..., r:r + h, c:c + w] += weights[..., i, None, None] / (h * w)
         grids[k] = grid
     return ImageAttention(row, qs, weights, weights.sum(-1), grids)

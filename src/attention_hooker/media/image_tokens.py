@@ -13,8 +13,11 @@ Coordinates. Each image token lies on a *view* of its image (:class:`ImageView`)
 processor handed it to the model (resized, and center-cropped where the processor crops; the tiles of a
 tiled image are placed back where they came from, padding added by the processor is outside every box).
 A token covers ``height x width`` cells from ``(row, col)``; a view may hold fewer tokens than cells
-(never more). Views of one image: the image itself (or its tiles put back), and, where the model adds
-one, a second, coarser look at the whole image ("global" / "base" view) — a token is on exactly one view.
+(never more). A *marker* token the model puts into an image's run that stands for no part of the
+image (LLaVA-NeXT's row-end ``image_newline``) covers no cell: ``height = width = 0``, no source, placed
+just past the cells it follows. Views of one image: the image itself (or its tiles put back), and,
+where the model adds one, a second, coarser look at the whole image ("global" / "base" view) — a token is
+on exactly one view.
 
 Sources. ``source[i]`` lists the *units* of ``pixel_values`` token ``i`` is computed from (a unit is one
 patch of one crop for ``(crops, channels, H, W)`` pixel values, ``patch`` pixels square — flat index

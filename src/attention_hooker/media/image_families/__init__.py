@@ -3,6 +3,7 @@
 from . import gemma3  # noqa: F401
 from . import idefics3  # noqa: F401
 from . import llava  # noqa: F401
+from . import llava_next  # noqa: F401
 from . import paligemma  # noqa: F401
 from . import qwen_vl  # noqa: F401
 
