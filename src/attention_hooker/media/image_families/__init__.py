@@ -2,6 +2,7 @@
 
 from . import gemma3  # noqa: F401
 from . import idefics3  # noqa: F401
+from . import internvl  # noqa: F401
 from . import llava  # noqa: F401
 from . import llava_next  # noqa: F401
 from . import paligemma  # noqa: F401
