@@ -4,7 +4,9 @@
 running the model: every attention module of the vision tower is made to return zeros (the residual
 stream then carries each patch on its own, as the tower's MLPs, norms, poolings, merges and projectors
 are what place patches into tokens), one unit of ``pixel_values`` is changed at a time, and the
-positions whose language-model input embedding changed are that unit's tokens.
+positions whose language-model input embedding changed are that unit's tokens. For a model whose text
+reads the image through cross-attention only (Mllama), the input watched is the cross-attention keys'
+input instead (``embeds="cross_attention_states"``: the projected vision states, one row per key).
 
 ``centres_of_sources``: where in the image each token's source units are, read from an image whose
 pixels encode their own coordinates (red = x, green = y) after the processor's own resizing, cropping
@@ -60,15 +62,24 @@ def _perturbed(pixel_values: torch.Tensor, where: Tuple, patch: int) -> torch.Te
 
 def sources_by_perturbation(model, inputs: dict, *, tower: torch.nn.Module, language_model: torch.nn.Module,
                             patch: int, field: str = "pixel_values",
-                            units: Optional[Iterable[int]] = None) -> Dict[Tuple[int, int], Set[int]]:
+                            units: Optional[Iterable[int]] = None,
+                            embeds: str = "inputs_embeds") -> Dict[Tuple[int, int], Set[int]]:
     """``{(batch, position): {unit, ...}}``: the ``pixel_values`` units each language-model input position
     depends on (positions depending on none are left out). ``units``: perturb only these (default all), e.g.
-    to leave out padding crops, which some models (Idefics3) tell from real crops by their being all zeros."""
+    to leave out padding crops, which some models (Idefics3) tell from real crops by their being all zeros.
+    ``embeds`` names the keyword argument of the language model's forward watched, ``(batch, positions,
+    features)``: its input embeddings by default, ``"cross_attention_states"`` for the keys of Mllama's
+    cross-attention layers."""
     seen = {}
     units = None if units is None else set(units)
 
     def grab(m, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+        if kwargs.get(embeds) is None:
+            raise AssertionError(f"the language model was called without {embeds!r}")
+        # read per batch row, as the layers see it (Mllama hands its cross-attention states over as
+        # (batch * images * tiles, keys of a tile, features); its layers view them as (batch, keys, features))
+        watched = kwargs[embeds]
+        seen["embeds"] = watched.detach().reshape(inputs["input_ids"].shape[0], -1, watched.shape[-1]).clone()
 
     handles = _silence_attention(tower) + [language_model.register_forward_pre_hook(grab, with_kwargs=True)]
     try:
