@@ -85,7 +85,8 @@ def image_attention(attention: torch.Tensor, tokens: ImageTokens, *, batch: int 
 
     Raises:
         AttentionHookerError: the map is not 4-D, the batch row, a query or a head is out of range, the
-            row has no image token, or an image token lies past the map's keys.
+            row has no image token, an image token lies past the map's keys, or the row's image tokens lie
+            on a view with no cells (BLIP-2's query tokens: see ``image_attention_through_queries``).
 
     Example:
         >>> import torch
@@ -108,6 +109,14 @@ def image_attention(attention: torch.Tensor, tokens: ImageTokens, *, batch: int 
     row = tokens.in_row(batch)
     if len(row) == 0:
         raise AttentionHookerError(f"image_attention: batch row {batch} holds no image token")
+    cellless = sorted({tokens.views[k].name for k in set(row.view.tolist())
+                       if tokens.views[k].rows == 0 or tokens.views[k].cols == 0})
+    if cellless:
+        raise AttentionHookerError(
+            f"image_attention: the {row.family} image tokens of batch row {batch} lie on view(s) {cellless} with no "
+            "cells: each stands for the whole image, not a patch, so their weights have no place on a grid; for "
+            "query tokens of a Q-Former (BLIP-2, InstructBLIP) chain them to the patches with "
+            "attention_hooker.analysis.query_image_attention.image_attention_through_queries")
     keys = attention.shape[-1]
     if int(row.position.max()) >= keys:
         raise AttentionHookerError(f"image_attention: image tokens reach key {int(row.position.max())}, but the map "

@@ -15,9 +15,11 @@ tiled image are placed back where they came from, padding added by the processor
 A token covers ``height x width`` cells from ``(row, col)``; a view may hold fewer tokens than cells
 (never more). A *marker* token the model puts into an image's run that stands for no part of the
 image (LLaVA-NeXT's row-end ``image_newline``) covers no cell: ``height = width = 0``, no source, placed
-just past the cells it follows. Views of one image: the image itself (or its tiles put back), and,
-where the model adds one, a second, coarser look at the whole image ("global" / "base" view) — a token is
-on exactly one view.
+just past the cells it follows. A view may have no cells at all (``0 x 0``): its tokens stand for no part
+of the image in particular (BLIP-2's query tokens, each read from every patch through the Q-Former); they
+cover no cell and their box is the view's box. Views of one image: the image itself (or its tiles put
+back), and, where the model adds one, a second, coarser look at the whole image ("global" / "base" view)
+— a token is on exactly one view.
 
 Sources. ``source[i]`` lists the *units* of ``pixel_values`` token ``i`` is computed from (a unit is one
 patch of one crop for ``(crops, channels, H, W)`` pixel values, ``patch`` pixels square — flat index
@@ -113,6 +115,9 @@ class ImageTokens:
             if not bool(on.any()):
                 continue
             top, left, bottom, right = v.box
+            if v.rows == 0 or v.cols == 0:  # a view with no cells: its tokens stand for all of its box
+                out[on] = torch.tensor(v.box, dtype=torch.float64)
+                continue
             dy, dx = (bottom - top) / v.rows, (right - left) / v.cols
             out[on, 0] = top + self.row[on].double() * dy
             out[on, 1] = left + self.col[on].double() * dx
