@@ -100,6 +100,37 @@ def sources_by_perturbation(model, inputs: dict, *, tower: torch.nn.Module, lang
     return found
 
 
+def positions_fed_by_parameter(model, inputs: dict, parameter: torch.nn.Parameter, *, tower: torch.nn.Module,
+                               language_model: torch.nn.Module,
+                               embeds: str = "inputs_embeds") -> Set[Tuple[int, int]]:
+    """``{(batch, position)}`` whose watched language-model input changes when ``parameter`` (e.g. the vision
+    tower's class embedding) is shifted, with the tower's attention silenced as in
+    :func:`sources_by_perturbation`: the tokens computed from that parameter rather than from patches."""
+    seen = {}
+
+    def grab(m, args, kwargs):
+        watched = kwargs[embeds]
+        seen["embeds"] = watched.detach().reshape(inputs["input_ids"].shape[0], -1, watched.shape[-1]).clone()
+
+    handles = _silence_attention(tower) + [language_model.register_forward_pre_hook(grab, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            base = seen["embeds"]
+            # not a constant shift, which a LayerNorm right after would remove
+            delta = torch.linspace(-1.0, 1.0, parameter.numel(), dtype=parameter.dtype).reshape(parameter.shape)
+            parameter.add_(delta)
+            try:
+                model(**inputs)
+            finally:
+                parameter.sub_(delta)
+            changed = (seen["embeds"] - base).abs().amax(-1) > 1e-6
+    finally:
+        for h in handles:
+            h.remove()
+    return {tuple(bp) for bp in changed.nonzero().tolist()}
+
+
 def claimed_sources(tokens) -> Dict[Tuple[int, int], Set[int]]:
     """The same dictionary read from an :class:`ImageTokens` table (tokens with no source left out)."""
     out = {}

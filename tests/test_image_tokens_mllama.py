@@ -14,7 +14,7 @@ from attention_hooker import AttentionHookerError, TransformerAttentionHooker  #
 from attention_hooker.analysis.image_attention import image_attention  # noqa: E402
 from attention_hooker.media import image_token_map  # noqa: E402
 from image_token_oracle import (centres_of_sources, claimed_sources, coordinate_image,  # noqa: E402
-                                sources_by_perturbation)
+                                positions_fed_by_parameter, sources_by_perturbation)
 
 IMAGE = 60
 TILE, PATCH = 16, 8
@@ -75,8 +75,15 @@ def test_mllama_keys_are_the_patches_that_feed_them():
     assert any(v <= pad for v in found.values())
     # 4 + 2 + 3 real tiles, each 4 patches + 1 class token, on a key axis of 2 images x 4 tiles x 5 keys
     assert len(tokens) == 9 * 5 and int(tokens.position.max()) < 2 * 4 * 5
+    # the class tokens are the keys the tower's class embedding feeds (besides those of padding slots)
     cls = tokens.source[:, 0] < 0
-    assert int(cls.sum()) == 9 and bool((tokens.position[cls] % 5 == 0).all())
+    fed = positions_fed_by_parameter(model, inputs, model.model.vision_model.class_embedding,
+                                     tower=model.model.vision_model, language_model=model.model.language_model,
+                                     embeds="cross_attention_states")
+    claimed = set(zip(tokens.batch[cls].tolist(), tokens.position[cls].tolist()))
+    real = inputs["aspect_ratio_mask"].bool() & (inputs["aspect_ratio_ids"] != 0)[..., None]  # (B, M, T)
+    assert claimed <= fed and all(not real.flatten(1)[b, p // 5] for b, p in fed - claimed)
+    assert int(cls.sum()) == 9 and len(fed) == 2 * 2 * 4
     assert [tokens.views[k].name for k in sorted(set(tokens.view[cls].tolist()))][:2] == [
         "class token of tile 0", "class token of tile 1"]
 

@@ -26,6 +26,11 @@ lies on its own 1 x 1 view "class token of tile t", whose box is its tile's box.
 Padding. Image slots with ``aspect_ratio_ids == 0`` (a row with fewer images than the batch's most) and
 tile slots past an image's ``th * tw`` tiles are keys as well, computed from the processor's zero
 padding and masked out by ``cross_attention_mask``; they are not image tokens and are left out.
+
+Rows that mean nothing. A text token that ``cross_attention_mask`` lets see no image (text before the
+first ``<|image|>``) has its whole row unmasked by Mllama (padding keys included) and the layer's output
+for it multiplied by zero: its cross-attention row is computed but discarded, so read only the rows of
+tokens after an image.
 """
 
 from __future__ import annotations
