@@ -179,3 +179,74 @@ def test_generate_step_calls_equal_eager_per_step_attentions():
             assert got.shape == want.shape
             keep = real[:, None, :, None].expand_as(got)
             torch.testing.assert_close(got[keep], want[keep], atol=1e-6, rtol=0)
+
+
+def tiny_blip2_t5(attn="sdpa"):
+    """BLIP-2 over an encoder-decoder language model (the Flan-T5 variant): the query tokens are in the
+    encoder's input, and the decoder reads them through its cross-attention."""
+    config = transformers.Blip2Config(
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2),
+        qformer_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            encoder_hidden_size=16, cross_attention_frequency=1, vocab_size=64),
+        text_config=dict(model_type="t5", d_model=16, d_kv=8, d_ff=16, num_layers=1, num_decoder_layers=1,
+                         num_heads=2, vocab_size=64, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0),
+        num_query_tokens=QUERIES, image_token_index=IMAGE)
+    torch.manual_seed(0)
+    model = transformers.Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # as in tiny_blip2
+        for name, weight in model.named_parameters():
+            if weight.dim() >= 2 and not name.startswith("language_model."):
+                weight.normal_(0, 0.5)
+    model.set_attn_implementation(attn)
+    return model
+
+
+def test_t5_variant_query_tokens_and_the_chain_through_the_decoders_cross_attention():
+    model, eager = tiny_blip2_t5("sdpa"), tiny_blip2_t5("eager")
+    inputs, _ = blip2_inputs()
+    inputs["decoder_input_ids"] = torch.tensor([[0, 5, 6], [0, 7, 8]])
+    tokens = image_token_map(model, inputs)
+    found = sources_by_perturbation(model, inputs, tower=model.vision_model, language_model=model.language_model,
+                                    patch=8)
+    assert claimed_sources(tokens) == found and len(found) == 2 * QUERIES
+    with torch.no_grad():
+        reference = eager(**inputs, output_attentions=True).language_model_outputs
+        features = eager.get_image_features(inputs["pixel_values"])
+        embeds = features.last_hidden_state
+        q_cross = eager.qformer(query_embeds=eager.query_tokens.expand(2, -1, -1), encoder_hidden_states=embeds,
+                                encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long),
+                                output_attentions=True).cross_attentions
+    with TransformerAttentionHooker(model) as hooker:
+        with torch.no_grad():
+            model(**inputs)
+    values = hooker.values
+    real = inputs["attention_mask"][:, None, :, None].bool()
+    enc = values["language_model.encoder.block.0.layer.0.SelfAttention"][0]
+    want = reference.encoder_attentions[0]
+    torch.testing.assert_close(enc[real.expand_as(enc)], want[real.expand_as(want)], atol=1e-6, rtol=0)
+    (cross,) = values["language_model.decoder.block.0.layer.1.EncDecAttention"]
+    torch.testing.assert_close(cross, reference.cross_attentions[0], atol=1e-6, rtol=0)
+    (q_map,) = values["qformer.encoder.layer.0.crossattention.attention"]
+    torch.testing.assert_close(q_map, q_cross[0], atol=1e-6, rtol=0)
+    for b in range(2):  # a decoder token's attention on the patches, through the encoder positions of the queries
+        chain = image_attention_through_queries(cross, tokens, [q_map], batch=b, queries=[-1])
+        positions = tokens.in_row(b).position
+        hand = torch.einsum("hj,jv->hv", reference.cross_attentions[0][b, :, -1, positions].double(),
+                            q_cross[0][b].double().mean(0))
+        torch.testing.assert_close(chain.weights[b][:, 0], hand, atol=1e-6, rtol=0)
+
+
+def test_t5_variant_generate_step_cross_attention_equals_eager():
+    model, eager = tiny_blip2_t5("sdpa"), tiny_blip2_t5("eager")
+    inputs, _ = blip2_inputs()
+    kwargs = dict(inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        reference = eager.generate(**kwargs, output_attentions=True, return_dict_in_generate=True)
+        with TransformerAttentionHooker(model, layer_regex=r"EncDecAttention$") as hooker:
+            generated = model.generate(**kwargs)
+    assert torch.equal(generated, reference.sequences)
+    (calls,) = hooker.values.values()
+    assert len(calls) == len(reference.cross_attentions) == 3
+    for step, (want,) in enumerate(reference.cross_attentions):  # one decoder layer: (B, H, 1, encoder keys)
+        torch.testing.assert_close(calls[step], want, atol=1e-6, rtol=0)

@@ -11,7 +11,9 @@ refuses to put them on a grid; the chain through the Q-Former is
 :func:`~attention_hooker.analysis.query_image_attention.image_attention_through_queries`.
 
 Images are the rows of ``pixel_values (images, channels, H, W)``; their query tokens fill the image
-tokens of the batch in reading order, ``num_query_tokens`` each, as the model scatters them.
+tokens of the batch in reading order, ``num_query_tokens`` each, as the model scatters them. With an
+encoder-decoder language model (the Flan-T5 variant) the positions are the encoder's input: its
+self-attention and the decoder's cross-attention both have them on their key axis.
 """
 
 from __future__ import annotations
