@@ -30,6 +30,8 @@ _EXPORTS = {
     "uniform_weights": "intervene.acts", "InterventionError": "errors",
     "knockout_effects": "intervene.effects", "HeadEffects": "intervene.effects",
     "language_model_loss": "intervene.effects", "mean_pooled_output": "intervene.effects",
+    "align_tokens": "analysis.speech_alignment", "TokenAlignment": "analysis.speech_alignment",
+    "audio_frames": "media.audio_frames", "AudioFrames": "media.audio_frames",
 }
 
 
@@ -110,5 +112,9 @@ __all__ = [
     "SavedAttention",
     "to_bertviz",
     "to_numpy",
+    "align_tokens",
+    "TokenAlignment",
+    "audio_frames",
+    "AudioFrames",
     "__version__",
 ]
