@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.whisper import generation_whisper  # noqa: E402
 
 from attention_hooker import (AttentionHookerError, AudioFrames, TransformerAttentionHooker,  # noqa: E402
-                              align_tokens, audio_frames)
+                              align_tokens, audio_frames, plot_token_alignment)
 from attention_hooker.analysis.speech_alignment import (cross_attention_steps, median_filter,  # noqa: E402
                                                         time_warping_path)
 
@@ -258,3 +258,34 @@ def test_a_frame_no_token_tells_apart_is_refused_not_turned_into_nan():
     with pytest.raises(AttentionHookerError, match="encoder frame 4 has the same weight for every aligned token"):
         align_tokens([uniform], [(0, 0)], audio=audio_frames(tiny_whisper("sdpa")), prompt_tokens=0)
 
+
+def test_alignment_view_draws_tokens_against_seconds(tmp_path):
+    reference, hooker, model = _whisper_and_ours(0, 1)
+    found = align_tokens(hooker, HEADS, audio=audio_frames(model), median_filter_width=3)
+    tokens = [f"t{i}" for i in reference["sequences"][0].tolist()]
+    positions, frames = found.paths[0]
+    path = tmp_path / "plots" / "alignment.png"
+    fig = plot_token_alignment(found.matrices[0], positions, frames, seconds_per_frame=found.audio.seconds_per_frame,
+                               first_centre=found.audio.first_centre, first_position=found.prompt_tokens,
+                               tokens=tokens, save_path=path)
+    assert path.exists() and path.stat().st_size > 1000
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "time (s)"
+    left, right = ax.get_xlim()
+    assert left == pytest.approx(-0.01) and right == pytest.approx(30 * 0.02 - 0.01)
+    drawn = [line for line in ax.get_lines() if line.get_label() == "alignment path"][0]
+    np.testing.assert_allclose(drawn.get_xdata(), frames * 0.02)
+    np.testing.assert_array_equal(drawn.get_ydata(), positions - found.prompt_tokens)
+    rows = found.matrices[0].shape[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == tokens[2 : 2 + rows]
+    fig.canvas.draw()
+    ticks = [(x, t.get_text().replace("\u2212", "-")) for x, t in zip(ax.get_xticks(), ax.get_xticklabels())
+             if left <= x <= right]
+    assert len(ticks) >= 3 and all(float(text) == pytest.approx(x) for x, text in ticks), "x ticks read seconds"
+    assert max(x for x, _ in ticks) >= 0.5, "the ticks span the 0.6 s of audio"
+    with pytest.raises(AttentionHookerError, match="leaves the matrix"):
+        plot_token_alignment(found.matrices[0], positions, frames + 1, seconds_per_frame=0.02,
+                             first_position=found.prompt_tokens)
+    with pytest.raises(AttentionHookerError, match="token labels"):
+        plot_token_alignment(found.matrices[0], positions, frames, seconds_per_frame=0.02,
+                             first_position=found.prompt_tokens, tokens=["a"])

@@ -32,6 +32,7 @@ _EXPORTS = {
     "language_model_loss": "intervene.effects", "mean_pooled_output": "intervene.effects",
     "align_tokens": "analysis.speech_alignment", "TokenAlignment": "analysis.speech_alignment",
     "audio_frames": "media.audio_frames", "AudioFrames": "media.audio_frames",
+    "plot_token_alignment": "views.speech",
 }
 
 
@@ -116,5 +117,6 @@ __all__ = [
     "TokenAlignment",
     "audio_frames",
     "AudioFrames",
+    "plot_token_alignment",
     "__version__",
 ]
