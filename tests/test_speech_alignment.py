@@ -90,8 +90,9 @@ def test_eager_capture_during_whisper_own_timestamps_equals_its_returned_tensors
     are the cross-attentions generate returns, and they give the same timestamps."""
     eager = tiny_whisper("eager", 3)
     features = torch.randn(2, 8, MEL_FRAMES)
-    with torch.no_grad(), TransformerAttentionHooker(eager, layer_regex=r"encoder_attn$") as hooker:
+    with torch.no_grad(), TransformerAttentionHooker(eager) as hooker:  # every attention layer: cross found by name
         reference = eager.generate(features, return_token_timestamps=True, **GENERATE)
+    assert len(hooker.values) == 6
     for layer in range(2):
         calls = hooker.values[f"model.decoder.layers.{layer}.encoder_attn"]
         returned = [step[layer] for step in reference["cross_attentions"]]
@@ -234,6 +235,15 @@ def test_captures_that_are_not_one_generation_are_refused():
         sdpa.generate(features, **GENERATE)
         sdpa.generate(features[:1], **GENERATE)  # a second generation, of another batch
     with pytest.raises(AttentionHookerError, match="share batch, heads and encoder frames"):
+        align_tokens(hooker, HEADS, audio=audio_frames(sdpa))
+    with torch.no_grad(), TransformerAttentionHooker(sdpa, layer_regex=r"encoder_attn$") as hooker:
+        sdpa.generate(features, **GENERATE)
+        sdpa.generate(features, **GENERATE)  # the same batch again: the second prefill gives it away
+    with pytest.raises(AttentionHookerError, match=r"queries; one generate\(\) with a KV cache .* second generation"):
+        align_tokens(hooker, HEADS, audio=audio_frames(sdpa))
+    with torch.no_grad(), TransformerAttentionHooker(sdpa, layer_regex=r"encoder_attn$") as hooker:
+        sdpa.generate(features, use_cache=False, **GENERATE)
+    with pytest.raises(AttentionHookerError, match=r"\[2, 3, 4, 5, 6, 7\]\.\.\. queries.*use_cache=False"):
         align_tokens(hooker, HEADS, audio=audio_frames(sdpa))
     with torch.no_grad(), TransformerAttentionHooker(sdpa, layer_regex=r"layers\.0\.encoder_attn$") as hooker:
         sdpa.generate(features, **GENERATE)

@@ -274,6 +274,14 @@ def _layers(cross_attention) -> Tuple[Dict[int, torch.Tensor], Optional[int]]:
                 layers[int(index)] = cross_attention_steps(calls)
             except AttentionHookerError as err:
                 raise AttentionHookerError(f"decoder layer {index}: {err}") from None
+            counts = [int(c.shape[2]) for c in calls]
+            if any(q != 1 for q in counts[1:]):
+                raise AttentionHookerError(
+                    f"decoder layer {index}'s calls have {counts[:6]}{'...' if len(counts) > 6 else ''} queries; one generate() with a KV cache gives the "
+                    "prompt's queries, then one query a step. A later call with more is a second generation "
+                    "(another generate(), Whisper's long-form segments or temperature fallback), a step without the "
+                    "cache (use_cache=False) or a multi-token step (assisted decoding): capture one generate() with "
+                    "the cache, or pass the stitched rows and prompt_tokens yourself")
             queries = int(calls[0].shape[2])
             if first_queries is not None and queries != first_queries:
                 raise AttentionHookerError(

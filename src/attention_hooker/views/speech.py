@@ -122,7 +122,7 @@ def plot_token_alignment(
         ax.set_yticklabels([tick_label(labels, i, len(ticks) < rows) for i in ticks], fontsize=7)
     else:
         ax.set_yticklabels([str(first_position + i) for i in ticks], fontsize=7)
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper right", fontsize=7)  # the path runs from top left to bottom right
     fig.colorbar(image, ax=ax, shrink=0.8, label="alignment weight")
     ax.set_title(title if title is not None else
                  f"{rows} tokens x {frames} frames ({frames * step:.2f} s of audio)")
