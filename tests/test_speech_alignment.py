@@ -288,6 +288,9 @@ def test_alignment_view_draws_tokens_against_seconds(tmp_path):
     np.testing.assert_array_equal(drawn.get_ydata(), positions - found.prompt_tokens)
     rows = found.matrices[0].shape[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == tokens[2 : 2 + rows]
+    generated = plot_token_alignment(found.matrices[0], positions, frames, seconds_per_frame=0.02,
+                                     first_position=found.prompt_tokens, tokens=tokens[2:])  # as generate() gives
+    assert [t.get_text() for t in generated.axes[0].get_yticklabels()] == tokens[2 : 2 + rows]
     fig.canvas.draw()
     ticks = [(x, t.get_text().replace("\u2212", "-")) for x, t in zip(ax.get_xticks(), ax.get_xticklabels())
              if left <= x <= right]

@@ -30,16 +30,18 @@ def _path_array(values, name: str) -> np.ndarray:
 
 
 def _row_labels(tokens, rows: int, first_position: int) -> Optional[list]:
+    """The labels of the rows, from labels of the rows, of the generated tokens (``first_position`` on, the
+    last one included: what ``generate()`` returns), or of the whole sequence."""
     if tokens is None:
         return None
     labels = [str(t) for t in tokens]
-    if len(labels) == rows:
-        return labels
-    if len(labels) >= first_position + rows:  # labels of the whole sequence
+    if len(labels) in (rows, rows + 1):  # one a row; or the generated tokens, the last of which has no row
+        return labels[:rows]
+    if len(labels) == first_position + rows + 1:  # the whole sequence, prompt included
         return labels[first_position : first_position + rows]
     raise AttentionHookerError(
         f"{len(labels)} token labels for {rows} rows starting at sequence position {first_position}; expected "
-        f"{rows} labels (one a row) or at least {first_position + rows} (the whole sequence)")
+        f"{rows} (one a row), {rows + 1} (the generated tokens) or {first_position + rows + 1} (the whole sequence)")
 
 
 def plot_token_alignment(
@@ -66,7 +68,8 @@ def plot_token_alignment(
         seconds_per_frame: seconds between encoder frames (``AudioFrames.seconds_per_frame``).
         first_centre: seconds at the centre of frame 0 (``AudioFrames.first_centre``).
         first_position: the sequence position of row 0 (the prompt's length).
-        tokens: labels of the rows, one a row, or of the whole sequence.
+        tokens: labels of the rows: one a row, or one per generated token (from ``first_position`` on, as
+            ``generate()`` returns them), or one per position of the whole sequence.
         title: shown above (default: rows x frames and the duration).
         max_labels: at most this many token labels; longer sequences are thinned.
         cmap: matplotlib colormap of the weights.
