@@ -1,0 +1,151 @@
+"""Views of text-to-image attention (issue 23, part 4): the overlay on the original image, checked pixel by
+pixel against hand-placed boxes and against the eager model's own attentions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+from attention_hooker import AttentionHookerError  # noqa: E402
+from attention_hooker.media.image_tokens import ImageView, table  # noqa: E402
+from attention_hooker.views.image_overlay import (image_panels, image_weight_map, overlay_rgb,  # noqa: E402
+                                                  plot_image_attention, processed_region)
+from attention_hooker.views.plot import color_norm, colormap_named  # noqa: E402
+
+
+def grid_tokens(rows=2, cols=2, extra_views=()):
+    """One image on a rows x cols grid (tokens at positions 1..), plus 1 x 1 tokens on ``extra_views``."""
+    views = [ImageView(0, 0, "image", rows, cols)] + list(extra_views)
+    entries = [(0, 1 + r * cols + c, 0, 0, r, c, 1, 1) for r in range(rows) for c in range(cols)]
+    entries += [(0, 1 + rows * cols + k, 0, 1 + k, 0, 0, 1, 1) for k in range(len(extra_views))]
+    return table("demo", "sequence", entries, [[i] for i in range(len(entries))], 8, views)
+
+
+def test_one_token_with_all_the_weight_lights_exactly_its_box_in_the_rendered_overlay():
+    tokens = grid_tokens()
+    weights = np.array([0.0, 1.0, 0.0, 0.0])  # token (row 0, col 1): the top right quarter
+    image = np.zeros((8, 12, 3))
+    fig = plot_image_attention(image, weights, tokens, alpha=0.5)
+    shown = fig.axes[0].images[0].get_array()
+    top = np.asarray(colormap_named("inferno")(1.0)[:3])
+    bottom = np.asarray(colormap_named("inferno")(0.0)[:3])
+    expected = np.broadcast_to(0.5 * bottom, (8, 12, 3)).copy()
+    expected[:4, 6:] = 0.5 * top
+    np.testing.assert_allclose(shown, expected, atol=1e-12)
+    assert "100.0% on image 0" in fig.axes[0].get_ylabel()
+
+
+def test_weights_are_not_renormalised_and_the_colour_scale_says_what_it_is():
+    tokens = grid_tokens()
+    amap = image_weight_map([0.1, 0.0, 0.0, 0.02], tokens, [0], (4, 4))
+    np.testing.assert_allclose(amap, [[0.1, 0.1, 0, 0], [0.1, 0.1, 0, 0], [0, 0, .02, .02], [0, 0, .02, .02]])
+    fig = plot_image_attention(np.ones((4, 4, 3)), np.array([0.1, 0.0, 0.0, 0.02]), tokens)
+    assert "12.0% on image 0" in fig.axes[0].get_ylabel()
+    assert "stretched to the largest value drawn (0.1)" in fig.axes[-1].get_ylabel()
+    fig = plot_image_attention(np.ones((4, 4, 3)), np.array([0.1, 0.0, 0.0, 0.02]), tokens, vmax=1.0)
+    assert "colour scale 0 to 1" in fig.axes[-1].get_ylabel()
+
+
+def test_a_global_view_gets_its_own_panel_and_tiles_share_one():
+    tiles = [ImageView(0, 0, "left tile", 1, 1, (0, 0, 1, .5)), ImageView(0, 1, "right tile", 1, 1, (0, .5, 1, 1)),
+             ImageView(0, 2, "global", 2, 2)]
+    entries = [(0, 1, 0, 0, 0, 0, 1, 1), (0, 2, 0, 1, 0, 0, 1, 1)] + [
+        (0, 3 + 2 * r + c, 0, 2, r, c, 1, 1) for r in range(2) for c in range(2)]
+    tokens = table("demo", "sequence", entries, [[i] for i in range(6)], 8, tiles)
+    assert image_panels(tokens, 0) == [(0, 1), (2,)]
+    weights = np.array([0.2, 0.0, 0.0, 0.0, 0.0, 0.3])
+    tiles_map = image_weight_map(weights, tokens, [0, 1], (4, 4))
+    global_map = image_weight_map(weights, tokens, [2], (4, 4))
+    np.testing.assert_allclose(tiles_map[:, :2], 0.2)
+    np.testing.assert_allclose(tiles_map[:, 2:], 0.0)
+    np.testing.assert_allclose(global_map[2:, 2:], 0.3)
+    assert global_map.sum() == pytest.approx(4 * 0.3)
+    fig = plot_image_attention(np.ones((4, 4, 3)), weights, tokens)
+    titles = [ax.get_title() for ax in fig.axes[:2]]
+    assert titles == ["left tile, right tile: 20.0%", "global: 30.0%"]
+
+
+def test_a_token_covering_two_by_two_cells_splits_its_weight_over_them():
+    tokens = table("demo", "sequence", [(0, 1, 0, 0, 0, 0, 2, 2)], [[0, 1, 2, 3]], 8, [ImageView(0, 0, "merged", 2, 2)])
+    np.testing.assert_allclose(image_weight_map([0.8], tokens, [0], (2, 2)), 0.2)
+
+
+def test_boxes_go_where_the_processor_took_them_from_in_the_original_image():
+    tokens = grid_tokens()
+    region = (0.0, 0.25, 1.0, 0.75)  # the center crop of a 40 x 80 image
+    amap = image_weight_map([1.0, 0, 0, 0], tokens, [0], (40, 80), region=region)
+    assert np.isnan(amap[:, :20]).all() and np.isnan(amap[:, 60:]).all()  # cropped off: the bare image
+    assert (amap[:20, 20:40] == 1).all() and (amap[20:, 20:60][~np.isnan(amap[20:, 20:60])] == 0).all()
+
+
+def test_processed_region_is_where_the_real_clip_processor_crops():
+    transformers = pytest.importorskip("transformers")
+    from image_token_oracle import coordinate_image
+
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    for height, width in ((40, 80), (64, 48)):
+        pixels = processor(images=coordinate_image(height, width), return_tensors="pt")["pixel_values"][0].double()
+        mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
+        rgb = (pixels * std[:, None, None] + mean[:, None, None]).numpy()
+        x, y = rgb[0], rgb[1]  # fractions of the original image at each processed pixel
+        top, left, bottom, right = processed_region(processor, (height, width))
+        # the processed pixels' centres, placed on the original through the region
+        centres = (np.arange(32) + 0.5) / 32
+        np.testing.assert_allclose(x.mean(0), left + centres * (right - left), atol=0.02)
+        np.testing.assert_allclose(y.mean(1), top + centres * (bottom - top), atol=0.02)
+
+
+def test_processed_region_of_llava_padding_and_refusals():
+    from types import SimpleNamespace
+
+    padded = SimpleNamespace(do_pad=True, do_resize=True, size={"height": 32, "width": 32}, do_center_crop=False)
+    assert processed_region(padded, (20, 40)) == (-0.5, 0.0, 1.5, 1.0)
+    odd = SimpleNamespace(do_resize=True, size={"longest_edge": 32}, do_center_crop=False)
+    with pytest.raises(AttentionHookerError, match="does not model"):
+        processed_region(odd, (20, 40))
+
+
+def test_bad_inputs_are_refused_by_name():
+    tokens = grid_tokens()
+    with pytest.raises(AttentionHookerError, match="3 weights for 4 image tokens|do not match the 4"):
+        plot_image_attention(np.ones((4, 4, 3)), np.ones(3) / 3, tokens)
+    with pytest.raises(AttentionHookerError, match="non-negative"):
+        plot_image_attention(np.ones((4, 4, 3)), np.array([-0.1, 0, 0, 0]), tokens)
+    with pytest.raises(AttentionHookerError, match="image 1 has no image token"):
+        image_panels(tokens, 1)
+    with pytest.raises(AttentionHookerError, match="pass the image tokens"):
+        plot_image_attention(np.ones((4, 4, 3)), np.ones(4) / 4)
+
+
+def test_overlay_of_a_captured_llava_is_the_eager_attention_on_each_patch():
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    from attention_hooker import TransformerAttentionHooker
+    from attention_hooker.analysis.image_attention import image_attention
+    from attention_hooker.media import image_token_map
+    from test_image_tokens import llava_inputs, tiny_llava
+
+    model, eager = tiny_llava(), tiny_llava()
+    eager.set_attn_implementation("eager")
+    inputs, _ = llava_inputs(16)
+    with torch.no_grad():
+        reference = eager(**inputs, output_attentions=True).attentions[0]  # (B, H, Q, K) of the LM's layer 0
+    hooker = TransformerAttentionHooker(model, r"language_model\.layers\.0\.self_attn$")
+    with torch.no_grad(), hooker:
+        model(**inputs)
+    captured = next(iter(hooker.values.values()))[0]
+    tokens = image_token_map(model, inputs)
+    last = inputs["input_ids"].shape[1] - 1
+    result = image_attention(captured, tokens, batch=0, queries=[last])
+    picture = Image.new("RGB", (32, 32), (90, 120, 30))
+    fig = plot_image_attention(picture, result, vmax=1.0, alpha=1.0)
+    expected = reference[0, :, last].mean(0).double()[tokens.in_row(0).position]  # (16,) the patches in raster order
+    amap = image_weight_map(result.weights.mean(0)[0], result.tokens, [0], (32, 32))
+    np.testing.assert_allclose(amap[::8, ::8].reshape(-1), expected.numpy(), atol=1e-6)
+    colours = colormap_named("inferno")(color_norm("linear", 0.0, 1.0)(expected.numpy()))[:, :3]
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array()[::8, ::8].reshape(-1, 3), colours, atol=1e-5)
+    assert f"{float(expected.sum()):.1%} on image 0" in fig.axes[0].get_ylabel()
