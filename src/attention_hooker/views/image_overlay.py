@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import AttentionHookerError
 from ..media.image_tokens import ImageTokens
 from .plot import color_norm, colormap_named, figure_class, save_figure
-from .vit import _image_array
+from .vit import image_array
 
 __all__ = ["image_panels", "image_weight_map", "overlay_rgb", "plot_image_attention", "processed_region"]
 
@@ -259,7 +259,7 @@ def plot_image_attention(
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise AttentionHookerError(f"alpha={alpha!r} must be a number in [0, 1] (the overlay's opacity)")
     w, tokens, queries, which = _row_weights(attention, tokens, heads)
-    picture = _image_array(image)
+    picture = image_array(image)
     height, width = picture.shape[:2]
     panels = image_panels(tokens, image_index)
     labels = list(query_labels) if query_labels is not None else (

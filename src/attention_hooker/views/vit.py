@@ -42,7 +42,7 @@ def _patch_grid(n_patches: int, image_shape: Optional[Sequence[int]]) -> tuple:
     return best[1], best[2]
 
 
-def _image_array(image, batch_index: int = 0) -> np.ndarray:
+def image_array(image, batch_index: int = 0) -> np.ndarray:
     """``(H, W, 3)`` floats in [0, 1] from a tensor ``(3, H, W)``/``(H, W, 3)``, an array, or a PIL
     image; of a batch of images ``(batch, 3, H, W)``/``(batch, H, W, 3)``, image ``batch_index``."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
@@ -70,6 +70,9 @@ def _image_array(image, batch_index: int = 0) -> np.ndarray:
         if lo < 0 or hi > 1:  # normalised or 0..255 input: stretch to [0, 1] for display
             arr = (arr - lo) / (hi - lo if hi > lo else 1.0)
     return arr
+
+
+_image_array = image_array  # its earlier, private name
 
 
 def _check_query(query: int, n_tokens: int) -> None:
@@ -211,7 +214,7 @@ def plot_vit_attention(
     Figure = figure_class()
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise AttentionHookerError(f"alpha={alpha!r} must be a number in [0, 1] (the overlay's opacity)")
-    picture = _image_array(image, batch_index)
+    picture = image_array(image, batch_index)
     amap = vit_attention_map(attn, query=query, prefix_tokens=prefix_tokens, grid=grid,
                              image_shape=picture.shape, heads=heads, batch_index=batch_index)
     fig = Figure(figsize=(8, 4.2), layout="constrained")
@@ -459,7 +462,7 @@ def plot_swin_attention(
     Figure = figure_class()
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise AttentionHookerError(f"alpha={alpha!r} must be a number in [0, 1] (the overlay's opacity)")
-    picture = _image_array(image, batch_index)
+    picture = image_array(image, batch_index)
     amap = swin_attention_map(attn, grid=grid, window_index=window_index, query=query, heads=heads,
                               batch_index=batch_index)
     height, width = picture.shape[:2]
