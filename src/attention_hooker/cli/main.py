@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--text", default=None, help="the input text (for encoder-decoders: the source)")
     run.add_argument("--image", default=None, metavar="FILE",
                      help="vision models (a folder with an image processor): the image to look at; writes an "
-                          "attention-rollout overlay too")
+                          "attention-rollout overlay too. With --text, a vision-language model (a folder with its "
+                          "processor): the image and the text, and the text's attention drawn over the image")
     run.add_argument("--target", default=None, help="encoder-decoders: the decoder's text")
     run.add_argument("--generate", type=_positive_int, default=0, metavar="N",
                      help="causal LMs: generate N tokens, capture every step and show the stitched causal matrix")

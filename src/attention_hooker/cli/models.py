@@ -188,6 +188,38 @@ def _load_vision_model(transformers, path: Path, target, dtype) -> LoadedModel:
     return LoadedModel(model, None, type(model).__name__, "vision", processor, title=model_title(path))
 
 
+def load_vision_language(path, *, device=None, dtype=None) -> LoadedModel:
+    """A vision-language folder: its processor (``AutoProcessor``: an image processor and a tokenizer) and
+    its image-text-to-text model, sdpa first, in eval mode. Refused, in one sentence, for any other folder
+    and for a family :func:`~attention_hooker.media.image_token_map` has no reader for."""
+    from ..media.image_tokens import image_token_families
+
+    target = check_device(device, "--device")
+    path = _local_folder(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise CommandError(f"{path} is not a Hugging Face model folder: it has no config.json")
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as err:
+        raise CommandError(f"{path}/config.json could not be read: {err}") from None
+    model_type = getattr(config, "model_type", None)
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(path)
+    except Exception:
+        processor = None
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise CommandError(f"{path} ({model_type}) is not a vision-language model folder: --image with --text needs a "
+                           "processor that takes images and text saved beside the model (processor.save_pretrained); "
+                           "pass --text alone for a text model, --image alone for a vision model")
+    if model_type not in image_token_families():
+        raise CommandError(f"no reader of image tokens for model type {model_type!r} (the folder {path}); known: "
+                           f"{', '.join(image_token_families())}")
+    model = _load_first((transformers.AutoModelForImageTextToText,), path, target, dtype)
+    return LoadedModel(model, processor.tokenizer, type(model).__name__, "vision-language", processor,
+                       title=model_title(path))
+
+
 def no_logits(loaded: "LoadedModel") -> dict:
     """What a forward of ``loaded`` is also given when the command needs the attention and no
     logit: a causal LM keeps only the last position's logits (``logits_to_keep=1``), where its

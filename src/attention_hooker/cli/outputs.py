@@ -76,8 +76,11 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
         weights = calls[0]
         q_tokens, k_tokens = labels.axes(tuple(weights.shape))
         path = grids_dir / f"{_safe_name(name)}.png"
+        # The prompt's end is marked on maps over the generated sequence only (not on a vision tower's).
+        over_sequence = capture.prompt_length is not None and weights.shape[-1] == len(capture.tokens[0])
         fig = plot_attention_grid(weights, query_tokens=q_tokens, key_tokens=k_tokens, layer_name=name, save_path=path,
-                                  color_scale=pictures_scale, prompt_length=capture.prompt_length)
+                                  color_scale=pictures_scale,
+                                  prompt_length=capture.prompt_length if over_sequence else None)
         fig.clear()
         written.append(path)
     overview = out / "overview.png"

@@ -86,8 +86,11 @@ def run(args) -> None:
         return
     if args.text is None and args.image is None:
         raise CommandError("run needs --text (or --image for a vision model)")
-    if args.text is not None and args.image is not None:
-        raise CommandError("give --text or --image, not both")
+    if args.text is not None and args.image is not None:  # a vision-language model: the image and the text
+        from .vision_language import run_image_text
+
+        run_image_text(args)
+        return
     _run_capture(args.model, args.text, out=args.out, layers=args.layers, target=args.target, image=args.image,
                  generate=args.generate, save=args.save, title=args.title,
                  device=args.device, dtype=args.dtype, grids=not args.no_grids, color_scale=args.color_scale,
