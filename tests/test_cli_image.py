@@ -4,6 +4,9 @@ attentions; each mistake is one line and exit status 2."""
 
 from __future__ import annotations
 
+import json
+import re
+
 
 import numpy as np
 import pytest
@@ -72,6 +75,12 @@ def test_run_with_an_image_and_a_text_captures_the_language_model_exactly_and_dr
     torch.testing.assert_close(calls[0], eager.attentions[0], atol=1e-6, rtol=0)
     assert sorted(k for k in stored if "vision_tower" in k) == [  # the CLIP tower's two layers are captured too
         f"model.vision_tower.encoder.layers.{i}.self_attn" for i in range(2)]
+    # the page carries the image and the image tokens' keys (the sequence's image positions)
+    html = (out / "attention.html").read_text()
+    carried = json.loads(re.search(r'id="ah-meta">(.*?)</script>', html, re.S).group(1))["image"]
+    assert carried["positions"] == (enc["input_ids"][0] == folder_image_token(folder)).nonzero().flatten().tolist()
+    assert carried["keys"] == enc["input_ids"].shape[1] and carried["src"].startswith("data:image/png;base64,")
+    assert "vision_tower" not in printed.split("notable heads (language model):")[1]
     # the summary's share is the eager last token's weight on the 16 image tokens, mean of heads
     image_positions = enc["input_ids"][0] == folder_image_token(folder)
     share = float(eager.attentions[0][0, :, -1][:, image_positions].sum(-1).mean())

@@ -149,3 +149,117 @@ def test_overlay_of_a_captured_llava_is_the_eager_attention_on_each_patch():
     colours = colormap_named("inferno")(color_norm("linear", 0.0, 1.0)(expected.numpy()))[:, :3]
     np.testing.assert_allclose(fig.axes[0].images[0].get_array()[::8, ::8].reshape(-1, 3), colours, atol=1e-5)
     assert f"{float(expected.sum()):.1%} on image 0" in fig.axes[0].get_ylabel()
+
+
+def _page_meta(html):
+    import json
+    import re
+
+    return json.loads(re.search(r'<script type="application/json" id="ah-meta">(.*?)</script>', html, re.S).group(1))
+
+
+def test_the_page_carries_the_image_inline_and_each_token_s_key_and_box():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from attention_hooker import render_html
+    from attention_hooker.views.page.image_meta import image_page_meta
+
+    tiles = [ImageView(0, 0, "left tile", 1, 1, (0, 0, 1, .5)), ImageView(0, 1, "right tile", 1, 1, (0, .5, 1, 1)),
+             ImageView(0, 2, "global", 2, 2)]
+    entries = [(0, 1, 0, 0, 0, 0, 1, 1), (0, 2, 0, 1, 0, 0, 1, 1), (0, 3, 0, 2, 0, 0, 2, 2)]
+    tokens = table("demo", "sequence", entries, [[0], [1], [2]], 8, tiles)
+    picture = Image.new("RGB", (40, 20), (10, 200, 30))
+    meta = image_page_meta(picture, tokens, keys=5, region=(0.0, 0.25, 1.0, 0.75))
+    assert meta["positions"] == [1, 2, 3] and meta["cells"] == [1, 1, 4]
+    assert meta["boxes"] == [[0.0, 0.25, 1.0, 0.5], [0.0, 0.5, 1.0, 0.75], [0.0, 0.25, 1.0, 0.75]]
+    assert meta["panels"] == [{"name": "left tile, right tile", "tokens": [0, 1]}, {"name": "global", "tokens": [2]}]
+    assert (meta["width"], meta["height"]) == (280, 140)  # shown larger, the picture's aspect kept
+    png = base64.b64decode(meta["src"].split(",", 1)[1])
+    assert Image.open(io.BytesIO(png)).size == (40, 20)
+    html = render_html({"lm": [torch.rand(1, 2, 5, 5).softmax(-1)]}, tokens=list("abcde"), image=meta).html
+    carried = _page_meta(html)["image"]
+    assert carried["positions"] == [1, 2, 3] and carried["src"] == meta["src"]
+    assert "http://" not in html and "https://" not in html  # nothing fetched: the picture travels inline
+    with pytest.raises(AttentionHookerError, match="no call of the page has 9 keys"):
+        render_html({"lm": [torch.rand(1, 2, 5, 5).softmax(-1)]}, image=dict(meta, keys=9))
+    with pytest.raises(AttentionHookerError, match="past the 3 keys"):
+        image_page_meta(picture, tokens, keys=3)
+
+
+def test_hovering_a_word_on_the_page_lights_its_patches_with_its_weights_in_chromium(tmp_path):
+    import re
+    import shutil
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not __import__("os").path.exists(chromium):
+        pytest.skip("no chromium here: apt-get install chromium")
+    from PIL import Image
+
+    from attention_hooker import TransformerAttentionHooker, render_html
+    from attention_hooker.analysis.image_attention import image_attention
+    from attention_hooker.media import image_token_map
+    from attention_hooker.views.page.image_meta import image_page_meta
+    from test_image_tokens import llava_inputs, tiny_llava
+
+    model = tiny_llava()
+    inputs, _ = llava_inputs(16)
+    hooker = TransformerAttentionHooker(model, r"language_model\.layers\.0\.self_attn$")
+    with torch.no_grad(), hooker:
+        model(**inputs)
+    captured = next(iter(hooker.values.values()))[0]
+    tokens = image_token_map(model, inputs)
+    length = inputs["input_ids"].shape[1]
+    last = length - 1
+    expected = image_attention(captured, tokens, batch=0, queries=[last]).mean_heads()
+    meta = image_page_meta(Image.new("RGB", (32, 32), (128, 128, 128)), tokens, keys=length)
+    path = render_html(hooker, tokens=[f"t{i}" for i in range(length)], image=meta).save(tmp_path / "vlm.html")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
+                                    "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 950})
+            errors, requests = [], []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:", "blob:"))
+                    else None)
+            page.goto(f"file://{path}")
+            page.wait_for_selector("body[data-ready]", timeout=30_000)
+            page.hover(f"#ah-queries div:nth-child({last + 1})")
+            readout = page.inner_text("#ah-image-readout")
+            share = float(re.search(r"([\d.]+)% of its attention on the image", readout).group(1)) / 100
+            assert share == pytest.approx(float(expected.share), abs=0.03 * float(expected.share) + 0.0006)
+            assert f'query {last} "t{last}"' in readout and "mean of its 2 heads" in readout
+            # a hand-made map: the last query's weights on the four image tokens of a 2 x 2 grid are
+            # 0, 0.1, 0.2 and 0.4; each patch takes its viridis colour at that weight over the largest
+            attention = torch.zeros(1, 1, 6, 6)
+            attention[..., 0] = 1.0
+            attention[0, 0, 5] = torch.tensor([0.05, 0.0, 0.1, 0.2, 0.4, 0.25])
+            small = grid_tokens()
+            path = render_html({"lm": [attention]}, tokens=list("abcdef"),
+                               image=image_page_meta(np.zeros((16, 16, 3)), small, keys=6)).save(tmp_path / "h.html")
+            page.goto(f"file://{path}")
+            page.wait_for_selector("body[data-ready]", timeout=30_000)
+            page.hover("#ah-queries div:nth-child(6)")
+            readout = page.inner_text("#ah-image-readout")
+            assert readout.startswith('query 5 "f": ') and readout.endswith("of its attention on the image (its only head)")
+            assert float(re.search(r"([\d.]+)%", readout).group(1)) == pytest.approx(70.0, abs=70 * 0.028)
+            anchors = np.array([[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
+                                [31, 158, 137], [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37]])
+            for k, ratio in enumerate([0.0, 0.25, 0.5, 1.0]):
+                x = ratio * (len(anchors) - 1)
+                a = min(int(x), len(anchors) - 2)
+                colour = anchors[a] + (x - a) * (anchors[a + 1] - anchors[a])
+                r, c = divmod(k, 2)
+                pixel = page.evaluate(f"""() => {{ const cv = document.getElementById('ah-image-0');
+                    const x = Math.floor(({c} + 0.5) * cv.width / 2), y = Math.floor(({r} + 0.5) * cv.height / 2);
+                    return Array.from(cv.getContext('2d').getImageData(x, y, 1, 1).data); }}""")
+                # drawn at 70% opacity; each weight travels within 2.8% (the page's 8-bit log codes)
+                assert pixel[3] == pytest.approx(178, abs=1)
+                np.testing.assert_allclose(pixel[:3], colour, atol=4 + 30 * ratio * 0.03)
+            assert errors == [] and requests == []
+        finally:
+            browser.close()

@@ -121,6 +121,7 @@ def render_html(
     prompt_length: Optional[int] = None,
     words=None,
     units: str = "tokens",
+    image=None,
 ) -> AttentionPage:
     """One offline, self-contained interactive page of captured attention.
 
@@ -204,6 +205,10 @@ def render_html(
             tokens and words (every view: overview, head view, matrix). ``render_html(words)``
             alone is a page of words.
         units: what the page opens with: ``"tokens"`` (default) or ``"words"``.
+        image: a vision-language capture's image and its tokens
+            (:func:`~attention_hooker.views.page.image_meta.image_page_meta`): the page shows the
+            image tokens as a patch grid over the picture, beside the text; hovering a query token
+            lights each patch with that token's weight.
 
     Returns:
         An :class:`AttentionPage`.
@@ -239,7 +244,8 @@ def render_html(
                        score_ranges={**ranges, **score_mapping(score_ranges, "score_ranges")},
                        not_applicable={**notes, **score_mapping(not_applicable, "not_applicable")}, color_by=color_by,
                        prompt_length=prompt_length, words=words,
-                       word_scores=None if words is None else page_scores(words, layers=layers), units=units)
+                       word_scores=None if words is None else page_scores(words, layers=layers), units=units,
+                       image=image)
 
 
 def _comparison_page(comparison: AttentionComparison, tokens, *, layers, title, head_scores, **options) -> AttentionPage:

@@ -47,13 +47,14 @@ def _safe_name(layer: str) -> str:
 
 
 def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, progress_stream=None,
-                  color_scale: Optional[str] = None, words=None) -> Dict[str, object]:
+                  color_scale: Optional[str] = None, words=None, page_image=None) -> Dict[str, object]:
     """Writes per-layer head grids (unless ``grids=False``), the overview and the page into
     ``out``, showing progress over the grids on ``progress_stream`` (stderr); returns the paths.
     ``color_scale`` colours the pictures and the page; by default the pictures are linear and the
     page opens in its own default (log where linear would draw most weights as 0).
     With ``words`` (``to_words`` of the capture) the pictures are by words, and the page opens on
-    the words (it carries the tokens too)."""
+    the words (it carries the tokens too). ``page_image`` (``image_page_meta``) puts a vision-language
+    run's image on the page, its tokens as a patch grid."""
     from .console import progress
 
     from ..page_scores import render_html
@@ -98,7 +99,7 @@ def write_outputs(capture: Capture, out, *, title: str, grids: bool = True, prog
                            title=f"{title}: attention rollout from CLS", save_path=rollout_path).clear()
     page = render_html(capture.values, tokens=capture.tokens, query_tokens=capture.query_tokens,
                        title=title, color_scale=color_scale, words=words, prompt_length=capture.prompt_length,
-                       units="tokens" if words is None else "words").save(out / "attention.html")
+                       units="tokens" if words is None else "words", image=page_image).save(out / "attention.html")
     return {"grids": written, "overview": overview, "page": Path(page), "grids_skipped": not grids,
             "rollout": rollout_path, "words": words}
 

@@ -23,7 +23,7 @@ from ..errors import AttentionHookerError, CommandError
 from .capture_runs import Capture
 from .models import LoadedModel, load_vision_language, to_model_device, token_labels
 
-__all__ = ["check_image_text_options", "load_vision_language", "capture_image_text", "write_image_overlays",
+__all__ = ["check_image_text_options", "capture_image_text", "image_region", "write_image_overlays",
            "run_image_text", "ImageTextRun"]
 
 
@@ -145,16 +145,25 @@ def capture_image_text(loaded: LoadedModel, image_path, text: str, *, layers: Op
     return ImageTextRun(capture, tokens, picture, language, queries, query_labels, notes)
 
 
-def write_image_overlays(run: ImageTextRun, out, *, title: str, processor) -> List[Path]:
-    """One overlay per language-model layer in ``out/image-overlays`` (mean of heads); returns the paths.
-    Where the processor's cropping is not modelled, none is written and a note says why."""
-    from ..analysis.image_attention import image_attention
-    from ..views.image_overlay import plot_image_attention, processed_region
+def image_region(run: ImageTextRun, processor):
+    """Where the processor took the model's image from in the original (fractions), or ``None`` with a
+    note when its resizing is not modelled (then no overlay and no image on the page)."""
+    from ..views.image_overlay import processed_region
 
     try:
-        region = processed_region(processor, (run.picture.height, run.picture.width))
+        return processed_region(processor, (run.picture.height, run.picture.width))
     except AttentionHookerError as err:
-        run.notes.append(f"no image overlay: {err}")
+        run.notes.append(f"no image overlay and no image on the page: {err}")
+        return None
+
+
+def write_image_overlays(run: ImageTextRun, out, *, title: str, region) -> List[Path]:
+    """One overlay per language-model layer in ``out/image-overlays`` (mean of heads); returns the paths
+    (none where ``region`` is ``None``: see :func:`image_region`)."""
+    from ..analysis.image_attention import image_attention
+    from ..views.image_overlay import plot_image_attention
+
+    if region is None:
         return []
     folder = Path(out) / "image-overlays"
     folder.mkdir(parents=True, exist_ok=True)
@@ -183,9 +192,15 @@ def run_image_text(args) -> None:
     loaded = load_vision_language(args.model, device=args.device, dtype=args.dtype)
     run = capture_image_text(loaded, args.image, args.text, layers=args.layers, generate=args.generate)
     title = args.title or loaded.title
+    region = image_region(run, loaded.processor)
+    page_image = None
+    if region is not None and run.language_layers:
+        from ..views.page.image_meta import image_page_meta
+
+        page_image = image_page_meta(run.picture, run.tokens, keys=len(run.capture.tokens[0]), region=region)
     files = workflows.write_outputs(run.capture, args.out, title=title, grids=not args.no_grids,
-                                    color_scale=args.color_scale)
-    overlays = write_image_overlays(run, args.out, title=title, processor=loaded.processor)
+                                    color_scale=args.color_scale, page_image=page_image)
+    overlays = write_image_overlays(run, args.out, title=title, region=region)
     if args.save:
         from ..io.saved import save_values
 
@@ -193,6 +208,7 @@ def run_image_text(args) -> None:
                     model_class=loaded.name, selection=run.capture.hooker.selection)
         files["saved"] = args.save
     lines = summary(loaded, run.capture, files, time.perf_counter() - start).splitlines()
+    lines = _language_notables(lines, run)
     shares = _image_shares(run)
     extra = [f"image:   {len(run.tokens)} image tokens on {len(run.tokens.views)} view(s) ({run.tokens.family})"]
     if shares:
@@ -201,6 +217,21 @@ def run_image_text(args) -> None:
         extra.append(f"overlays: {len(overlays)} PNGs in {overlays[0].parent} (attention on the image, per "
                      "language-model layer)")
     print("\n".join(lines[:3] + extra + lines[3:]))
+
+
+def _language_notables(lines: List[str], run: ImageTextRun) -> List[str]:
+    """The summary's "notable heads" from the language model's layers only: a vision tower's axis is its
+    patches, which the sequence's labels would misname."""
+    from .outputs import notable_heads
+
+    if "notable heads:" not in lines:
+        return lines
+    start = lines.index("notable heads:")
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("  - "))
+    notes = notable_heads({name: run.capture.values[name] for name in run.language_layers},
+                          run.capture.tokens[0]) if run.language_layers else []
+    return lines[:start] + (["notable heads (language model):"] + [f"  - {n}" for n in notes] if notes else []) \
+        + lines[end:]
 
 
 def _image_shares(run: ImageTextRun) -> str:

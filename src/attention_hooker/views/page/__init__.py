@@ -284,6 +284,7 @@ def render_html(
     words=None,
     word_scores: Optional[PageScores] = None,
     units: str = "tokens",
+    image: Optional[Mapping[str, object]] = None,
 ) -> AttentionPage:
     """The page of captured attention, with the per-head scores it is given: it draws, and
     computes no score. :func:`attention_hooker.render_html` (the public one, documented there)
@@ -304,6 +305,9 @@ def render_html(
             page's "units" selector shows one or the other.
         word_scores: per-head scores of the words' calls, as ``scores``.
         units: what the page opens with: ``"tokens"`` or ``"words"`` (needs ``words``).
+        image: a vision-language capture's image and its tokens
+            (:func:`~attention_hooker.views.page.image_meta.image_page_meta`): the page shows the image
+            tokens as a patch grid over the picture, lit by the hovered query's weights.
 
     Returns:
         An :class:`AttentionPage`.
@@ -360,8 +364,26 @@ def render_html(
     if prompt_length is not None:  # generation: the tokens from here on were generated
         extra["promptLength"] = prompt_length
     extra.update(about)  # scoreRanges, scoreNotes, colourBy (score_meta)
+    if image is not None:
+        extra["image"] = _checked_image(image, layer_meta)
     color_scale = color_scale or calls.opening_scale()
     return AttentionPage(_document(title, layer_meta, calls, compression_level, color_scale, extra), title)
+
+
+def _checked_image(image: Mapping[str, object], layer_meta: list) -> dict:
+    """The page's ``image`` entry, checked: made by ``image_page_meta``, its keys those of some call."""
+    needed = ("src", "width", "height", "batch", "keys", "positions", "boxes", "cells", "panels")
+    if not isinstance(image, Mapping) or any(k not in image for k in needed):
+        raise AttentionHookerError("image= takes image_page_meta(picture, tokens, keys=...)'s dict (it lacks "
+                                   f"{[k for k in needed if not isinstance(image, Mapping) or k not in image]})")
+    if not str(image["src"]).startswith("data:image/"):
+        raise AttentionHookerError("image= carries its picture inline (a data: URI); the page fetches nothing")
+    keys = int(image["keys"])
+    if not any(call["shape"][-1] == keys for layer in layer_meta for call in layer["calls"]):
+        raise AttentionHookerError(f"image= places its tokens on {keys} keys, but no call of the page has {keys} keys")
+    out = dict(image)
+    out["panels"] = [dict(p, name=_page_text(str(p["name"]))) for p in image["panels"]]
+    return out
 
 
 def _word_layers(words, layer_meta: list, word_scores: Optional[PageScores], calls: "_PageCalls") -> list:

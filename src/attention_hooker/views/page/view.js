@@ -437,6 +437,7 @@
         if (state.hidden.has(h)) state.hidden.delete(h); else state.hidden.add(h);
         b.classList.toggle("ah-off");
         drawLines();
+        drawImage();
       });
       box.appendChild(b);
     }
@@ -517,10 +518,121 @@
     });
   }
 
+  // A vision-language page (meta.image): the image tokens as a patch grid over the picture, one panel
+  // per group of views that do not overlap (a global view apart from the tiles). The hovered query's
+  // weight on each image token (the mean of the heads the head view shows) fills its box, split over
+  // the cells it covers, as the Python overlay draws it; nothing is renormalised.
+  const IMG = meta.image || null;
+  let imageShown = null;  // the weights drawn: {w, q, top}
+  function setupImage() {
+    if (!IMG) return;
+    $("ah-image-panel").hidden = false;
+    const box = $("ah-image-panels");
+    IMG.panels.forEach((p, k) => {
+      const fig = document.createElement("figure");
+      const cap = document.createElement("figcaption");
+      cap.id = `ah-image-caption-${k}`; cap.textContent = p.name;
+      const wrap = document.createElement("div");
+      wrap.className = "ah-image-wrap";
+      wrap.style.width = `${IMG.width}px`; wrap.style.height = `${IMG.height}px`;
+      const img = document.createElement("img");
+      img.src = IMG.src; img.width = IMG.width; img.height = IMG.height; img.alt = "the image";
+      const cv = document.createElement("canvas");
+      cv.width = IMG.width; cv.height = IMG.height; cv.id = `ah-image-${k}`; cv.dataset.panel = String(k);
+      cv.addEventListener("mousemove", (e) => imageReadout(e, k));
+      wrap.appendChild(img); wrap.appendChild(cv); fig.appendChild(cap); fig.appendChild(wrap); box.appendChild(fig);
+    });
+    const cv = $("ah-image-legend"), ctx = cv.getContext("2d");
+    for (let x = 0; x < cv.width; x++) {
+      const l = Math.round((x / (cv.width - 1)) * 255) * 3;
+      ctx.fillStyle = `rgb(${LUT[l]},${LUT[l + 1]},${LUT[l + 2]})`;
+      ctx.fillRect(x, 0, 1, cv.height);
+    }
+  }
+
+  function shownHeads(H) {
+    const heads = [];
+    for (let h = 0; h < H; h++) if (!state.hidden.has(h) && !(state.oneHead && h !== state.head)) heads.push(h);
+    return heads;
+  }
+
+  // The hovered query's weight on each image token, or why there is none for this layer.
+  function imageWeights() {
+    const c = layerCall(state.layer, state.call);
+    const [B, H, Q, K] = c.shape;
+    if (c.pooled) return { why: "this call is long: the page keeps it pooled, without each image token's weight" };
+    if (K !== IMG.keys) return { why: `this layer has ${K} keys, not the ${IMG.keys} positions the image tokens are on (a vision tower's layer, or another axis)` };
+    if (B <= IMG.batch) return { why: `this call has no batch row ${IMG.batch}, the image's` };
+    const heads = shownHeads(H);
+    if (!heads.length) return { why: "no head shown (toggle one on in the head view)" };
+    const q = Math.min(state.query, Q - 1), w = new Float64Array(IMG.positions.length);
+    for (const h of heads) {
+      const m = matrix(state.layer, state.call, IMG.batch, h);
+      IMG.positions.forEach((p, i) => { w[i] += value(m.codes[q * K + p], m.scale) / heads.length; });
+    }
+    if (w.some((x) => Number.isNaN(x))) return { why: "this query's weights on the image are not finite" };
+    return { w, q, heads, label: tokensOf(c.queryTokens, Q)[q], H };
+  }
+
+  function drawImage() {
+    if (!IMG) return;
+    const r = imageWeights();
+    IMG.panels.forEach((p, k) => {
+      const cv = $(`ah-image-${k}`), ctx = cv.getContext("2d");
+      ctx.clearRect(0, 0, cv.width, cv.height);
+      ctx.strokeStyle = "rgba(255,255,255,0.5)"; ctx.lineWidth = 1;
+      for (const i of p.tokens) {  // the patch grid
+        const [t, l, b, rr] = IMG.boxes[i];
+        ctx.strokeRect(l * cv.width + 0.5, t * cv.height + 0.5, (rr - l) * cv.width - 1, (b - t) * cv.height - 1);
+      }
+      $(`ah-image-caption-${k}`).textContent = p.name;
+    });
+    imageShown = null;
+    if (r.why) { $("ah-image-readout").textContent = r.why; $("ah-image-max").textContent = "max"; return; }
+    let top = 0, share = 0;
+    IMG.positions.forEach((_, i) => { top = Math.max(top, r.w[i] / IMG.cells[i]); share += r.w[i]; });
+    IMG.panels.forEach((p, k) => {
+      const cv = $(`ah-image-${k}`), ctx = cv.getContext("2d");
+      let onPanel = 0;
+      for (const i of p.tokens) {
+        const [t, l, b, rr] = IMG.boxes[i];
+        const x0 = Math.round(l * cv.width), y0 = Math.round(t * cv.height);
+        const x1 = Math.round(rr * cv.width), y1 = Math.round(b * cv.height);
+        const c = Math.round(scaled(top > 0 ? r.w[i] / IMG.cells[i] / top : 0) * 255) * 3;
+        ctx.fillStyle = `rgba(${LUT[c]},${LUT[c + 1]},${LUT[c + 2]},0.7)`;
+        ctx.fillRect(x0, y0, x1 - x0, y1 - y0);
+        onPanel += r.w[i];
+      }
+      $(`ah-image-caption-${k}`).textContent = `${p.name}: ${(100 * onPanel).toFixed(1)}%`;
+    });
+    const heads = r.H === 1 ? "its only head" : r.heads.length === r.H ? `mean of its ${r.H} heads` : r.heads.length === 1 ? `head ${r.heads[0]}`
+      : `mean of heads ${r.heads.join(", ")}`;
+    $("ah-image-readout").textContent = `query ${r.q} "${r.label}": ${(100 * share).toFixed(1)}% of its attention on the image (${heads})`;
+    $("ah-image-max").textContent = top.toPrecision(3);
+    $("ah-image-note").textContent = `weight per cell (a token's weight split over the cells it covers), `
+      + `colour stretched to the largest patch of this query (${state.scale} scale); weights not renormalised`;
+    imageShown = { w: r.w, q: r.q };
+  }
+
+  function imageReadout(event, k) {
+    if (!imageShown) return;
+    const cv = $(`ah-image-${k}`), rect = cv.getBoundingClientRect();
+    const x = (event.clientX - rect.left) / rect.width, y = (event.clientY - rect.top) / rect.height;
+    for (const i of IMG.panels[k].tokens) {
+      const [t, l, b, r] = IMG.boxes[i];
+      if (y >= t && y < b && x >= l && x < r) {
+        $("ah-image-readout").textContent = `query ${imageShown.q} -> image token at key ${IMG.positions[i]}: `
+          + `weight ${imageShown.w[i].toPrecision(3)}` + (IMG.cells[i] > 1 ? ` over ${IMG.cells[i]} cells` : "");
+        return;
+      }
+    }
+  }
+
   function selectQuery(i) {
     state.query = i;
     Array.from($("ah-queries").children).forEach((d, k) => d.classList.toggle("ah-active", k === i));
     drawLines();
+    drawImage();
   }
 
   // The colours, darkest to brightest; drawLegendLabels says what they stand for.
@@ -717,6 +829,7 @@
     drawTokens();
     drawToggles();
     drawLines();
+    drawImage();
     drawCompare();
   }
 
@@ -745,13 +858,14 @@
     }
     $("ah-matrix").addEventListener("mousemove", readout);
     state.scale = meta.colour || "linear"; $("ah-scale").value = state.scale; // as the page was made (--color-scale)
-    $("ah-scale").addEventListener("change", (e) => { state.scale = e.target.value; drawLegend(); drawOverview(); drawMatrix(); drawCompare(); });
+    $("ah-scale").addEventListener("change", (e) => { state.scale = e.target.value; drawLegend(); drawOverview(); drawMatrix(); drawCompare(); drawImage(); });
     $("ah-norm").addEventListener("change", (e) => { state.rowwise = e.target.value === "row"; drawOverview(); drawMatrix(); });
     state.colourBy = meta.colourBy || ""; $("ah-overview-colour").value = state.colourBy;  // a roles page opens on a role
     $("ah-lines-scale").addEventListener("change", (e) => { state.relative = e.target.value === "relative"; drawLines(); });
-    $("ah-lines-heads").addEventListener("change", (e) => { state.oneHead = e.target.value === "one"; drawToggles(); drawLines(); });
+    $("ah-lines-heads").addEventListener("change", (e) => { state.oneHead = e.target.value === "one"; drawToggles(); drawLines(); drawImage(); });
     drawLegend();
     if (meta.compare) setupCompare();
+    setupImage();
     state.data = await decodePayload();
     if (state.data.length !== meta.bytes) throw new Error(`payload holds ${state.data.length} bytes, expected ${meta.bytes}`);
     refresh();
