@@ -31,6 +31,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+import zoo_media
+
 transformers = __import__("transformers")
 
 SHRINK = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=128,
@@ -221,6 +223,9 @@ def inputs_for(model, config):
     torch.manual_seed(1)
     name = model.main_input_name
     params = inspect.signature(model.forward).parameters
+    media = zoo_media.inputs_for(model, config)  # audio, video, time series (tests/zoo_media.py)
+    if media is not None:
+        return media
     if name == "pixel_values" or (name == "input_ids" and "pixel_values" in params):
         vision = getattr(config, "vision_config", None) or config
         size = getattr(vision, "image_size", 32)
@@ -296,6 +301,7 @@ def _build(model_type: str) -> Case:
         config = shrink(transformers.AutoConfig.for_model(model_type))
         for key, value in FAMILY_SIZES.get(model_type, {}).items():
             setattr(config, key, value)
+        config = zoo_media.adapt(config)
         stage = "build"
         with torch.device("meta"):
             probe = transformers.AutoModel.from_config(copy.deepcopy(config), attn_implementation="eager")

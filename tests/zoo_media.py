@@ -1,0 +1,126 @@
+"""The zoo's audio, video and time-series inputs (issue 23): sizes and batches for the model types
+whose main input is not text or an image, built from each shrunk config so that they mean what the
+model expects (raw audio long enough for a few frames after the convolutional feature encoder,
+spectrograms with the config's mel bins, clips of the config's frames, series of the config's
+context length).
+
+:func:`adapt` shrinks what :func:`zoo_harness.shrink` does not know (convolutional feature
+encoders, spectrogram patching, time-series horizons); :func:`inputs_for` returns ``(inputs, mask)``
+for a model whose main input is one of these, or ``None`` when the model is not one of them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Tuple
+
+import torch
+
+transformers = __import__("transformers")
+
+FRAMES = 12  # frames after a convolutional feature encoder: enough for relative positions and strided layers
+
+
+def _samples_for(kernels, strides, frames: int) -> int:
+    """Raw samples a stack of 1-D convolutions (``kernels``, ``strides``, no padding) turns into ``frames``."""
+    length = frames
+    for kernel, stride in reversed(list(zip(kernels, strides))):
+        length = (length - 1) * stride + kernel
+    return length
+
+
+def _set(config, **values):
+    for key, value in values.items():
+        setattr(config, key, value)
+
+
+# Where a family's main audio input puts its axes: raw samples ``(batch, samples)`` or ``(batch, 1, samples)``,
+# features ``(batch, frames, features)`` or ``(batch, features, frames)`` (read from each family's forward).
+# A model without its speech pre-net (SpeechT5Model) takes hidden states ``(batch, frames, hidden_size)``.
+SAMPLES, CHANNEL_SAMPLES, TIME_FEATURES, FEATURES_TIME = "samples", "channel samples", "time features", "features time"
+HIDDEN = "hidden states"
+LAYOUTS = {
+    **dict.fromkeys(("omniasr_audio", "omniasr_ctc"), CHANNEL_SAMPLES),
+    **dict.fromkeys(("wav2vec2-bert", "speech_to_text", "canary", "cohere_asr", "parakeet_ctc", "parakeet_encoder",
+                     "lasr_ctc", "lasr_encoder", "audio-spectrogram-transformer"), TIME_FEATURES),
+    "speecht5": HIDDEN,
+}
+
+# Sizes a family needs beyond SHRINK's and :func:`adapt`'s: the Audio Spectrogram Transformer's 8 x 8 patches at
+# strides of 8 over 32 frames of 8 mel bins (4 patches; its position table is sized from max_length).
+MEDIA_SIZES = {"audio-spectrogram-transformer": dict(max_length=32, frequency_stride=8, time_stride=8)}
+
+FEATURE_FRAMES = 64  # spectrogram frames: 8 after the 8x subsampling of the conformer encoders
+
+
+def adapt(config):
+    """``config`` (already through :func:`zoo_harness.shrink`) with the audio, video and time-series sizes
+    made small where the config declares them; other configs are returned unchanged."""
+    for sub in list(vars(config).values()):
+        if isinstance(sub, transformers.PretrainedConfig):
+            adapt(sub)
+    _set(config, **MEDIA_SIZES.get(getattr(config, "model_type", None), {}))
+    names = vars(config)
+    if isinstance(names.get("conv_dim"), (list, tuple)):  # wav2vec2-style feature encoder: 32 channels a layer
+        _set(config, conv_dim=type(config.conv_dim)([32] * len(config.conv_dim)))
+        if "num_conv_pos_embeddings" in names:
+            _set(config, num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=4)
+    if isinstance(names.get("tdnn_dim"), (list, tuple)):
+        _set(config, tdnn_dim=type(config.tdnn_dim)([32] * len(config.tdnn_dim)))
+    for key, value in dict(conv_depthwise_kernel_size=3, subsampling_conv_channels=32, conv_channels=32,
+                           feature_projection_input_dim=16, input_feat_per_channel=16).items():
+        if key in names:
+            _set(config, **{key: value})
+    return config
+
+
+def _feature_size(config) -> Optional[int]:
+    """The features per frame a spectrogram input has, as the config (or its audio encoder's) declares."""
+    for c in (config, getattr(config, "encoder_config", None), getattr(config, "audio_config", None)):
+        if c is None:
+            continue
+        names = vars(c)
+        if "input_feat_per_channel" in names:
+            return c.input_feat_per_channel * names.get("input_channels", 1)
+        for key in ("num_mel_bins", "feature_projection_input_dim", "feature_size", "input_dim", "n_mels"):
+            if isinstance(names.get(key), int):
+                return names[key]
+    return None
+
+
+def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
+    """``(inputs, mask)`` for a batch of 2 of the audio, video or time-series ``model``, or ``None``
+    when its main input is none of these (the harness's own forms apply). ``mask`` marks the query rows
+    the judge compares (``None``: all)."""
+    torch.manual_seed(1)
+    name = model.main_input_name
+    params = inspect.signature(model.forward).parameters
+    layout = LAYOUTS.get(config.model_type)
+    inputs = None
+    if layout in (SAMPLES, CHANNEL_SAMPLES) or (name == "input_values" and layout is None):
+        inputs = _raw_audio(config, layout)
+    elif layout in (TIME_FEATURES, FEATURES_TIME):
+        size = _feature_size(config)
+        frames = vars(config).get("max_length") or FEATURE_FRAMES  # AST: its position table's frames
+        shape = (2, frames, size) if layout == TIME_FEATURES else (2, size, frames)
+        inputs = {name: torch.randn(*shape)}
+    elif layout == HIDDEN:
+        inputs = {name: torch.randn(2, FRAMES, config.hidden_size)}
+        if "decoder_input_values" in params:  # and the decoder without its pre-net, likewise
+            inputs["decoder_input_values"] = torch.randn(2, 5, config.hidden_size)
+    if inputs is None:
+        return None
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        inputs["decoder_input_ids"] = torch.randint(3, 100, (2, 5))
+    return inputs, None
+
+
+def _raw_audio(config, layout) -> Optional[dict]:
+    """Raw audio ``(2, samples)`` (or ``(2, 1, samples)``): as many samples as the feature encoder turns into
+    :data:`FRAMES`."""
+    conv = next((c for c in (config, getattr(config, "audio_config", None))
+                 if isinstance(getattr(c, "conv_kernel", None), (list, tuple))), None)
+    if conv is None:
+        return None
+    audio = torch.randn(2, _samples_for(conv.conv_kernel, conv.conv_stride, FRAMES))
+    return dict(input_values=audio[:, None] if layout == CHANNEL_SAMPLES else audio)
