@@ -159,6 +159,7 @@ ORACLE_NOTES = {
              "is output token j * units + w); the model's own 5-D attentions are left out (they are among those)",
     "aimv2, aimv2_vision_model": "the attention-pooling head (a CLS query over the patches through sdpa), which transformers "
                           "does not report: compared with softmax(cls_token . k_proj(x)ᵀ / sqrt(d)) from its own weights",
+    **zoo_media.ORACLE_NOTES,
 }
 
 
@@ -414,6 +415,7 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
     references = _placed_longt5_blocks(model, case.inputs, references)
     references += _placed_pegasus_x_pieces(model, case.inputs)
     references = _placed_hiera_units(model, case.inputs, references)
+    references = zoo_media.oracle_references(model, case.inputs, references)
     unmatched, wrong = list(references), []
     for layer, calls in hooker.values.items():
         for got in calls:

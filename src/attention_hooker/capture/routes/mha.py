@@ -211,9 +211,11 @@ def handle_mha_forward(session, func, args: tuple, kwargs: dict):
     before dropout: the gradient reaching the module's dropped-out weights times
     ``mask / (1 - p)`` (= dropped-out / before).
     """
-    output = func(*args, **kwargs)
     scope = session.current_scope()
     module = None if scope is None else scope.module
+    if not session.closed and scope is not None and scope.layer is not None and not isinstance(module, nn.MultiheadAttention):
+        return _functional_call(session, scope.layer, func, args, kwargs)
+    output = func(*args, **kwargs)
     if (session.closed or scope is None or scope.layer is None or not isinstance(module, torch.nn.MultiheadAttention)
             or not drops_weights(module)):
         return output
@@ -231,6 +233,38 @@ def handle_mha_forward(session, func, args: tuple, kwargs: dict):
         before = weights.reshape(dropped.shape)
         scale = torch.where(before > 0, dropped.detach() / before, torch.zeros_like(before))
     session.record_module_output(scope.layer, weights, dropped, gradient_scale=scale)
+    return output
+
+
+def _functional_call(session, layer: str, func, args: tuple, kwargs: dict):
+    """``F.multi_head_attention_forward`` called by a hooked module that is not an ``nn.MultiheadAttention``
+    (WavLM's attention calls it itself, asking for weights averaged over heads): no module hook can force
+    per-head weights there, so the call is forced here. Where the caller asked for weights and no dropout
+    applies, the call runs asking for them per head (the same path computes the output) and the caller gets
+    them averaged as asked (the mean torch itself takes); otherwise the call runs exactly as asked, and its
+    per-head weights come from the same call again without dropout and without weights' grad.
+
+    Records ``(batch, heads, query, key)`` under ``layer``; returns what the caller asked for.
+    """
+    try:
+        bound = _MHA_FORWARD_SIGNATURE.bind(*args, **kwargs)
+    except TypeError:
+        return func(*args, **kwargs)  # let torch report the bad call
+    given = bound.arguments
+    default = lambda name: _MHA_FORWARD_SIGNATURE.parameters[name].default  # noqa: E731
+    asked_weights = bool(given.get("need_weights", default("need_weights")))
+    asked_average = bool(given.get("average_attn_weights", default("average_attn_weights")))
+    dropout = bool(given.get("training", default("training"))) and given["dropout_p"] > 0.0
+    if asked_weights and not dropout:
+        given.update(need_weights=True, average_attn_weights=False)
+        attn_output, weights = func(*bound.args, **bound.kwargs)  # weights (B, H, L, S), or unbatched (H, L, S)
+        session.record_module_output(layer, weights if weights.dim() == 4 else weights.unsqueeze(0), weights)
+        return attn_output, weights.mean(dim=-3) if asked_average else weights
+    output = func(*args, **kwargs)
+    given.update(dropout_p=0.0, training=False, need_weights=True, average_attn_weights=False)
+    with torch.no_grad():
+        _, weights = func(*bound.args, **bound.kwargs)  # (B, H, L, S), or unbatched (H, L, S)
+    session.record_module_output(layer, weights if weights.dim() == 4 else weights.unsqueeze(0))
     return output
 
 
