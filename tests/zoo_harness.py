@@ -84,6 +84,8 @@ EXPECTED_REFUSALS: Dict[str, Tuple[str, str]] = {
                                        "over keys"),
 }
 
+EXPECTED_REFUSALS.update(zoo_media.EXPECTED_REFUSALS)  # audio, video, time series (tests/zoo_media.py)
+
 # Of those, the families whose refused layers compute no (batch, heads, query, key) map over keys at
 # all (linear or hashed attention, weights over sampled points, a softmax over blocks or groups):
 # nothing exact can exist there. The others have a map that is not assembled (a band, blocks, two

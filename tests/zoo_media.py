@@ -11,6 +11,7 @@ for a model whose main input is one of these, or ``None`` when the model is not 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import List, Optional, Tuple
 
@@ -39,16 +40,34 @@ def _set(config, **values):
 # A model without its speech pre-net (SpeechT5Model) takes hidden states ``(batch, frames, hidden_size)``.
 SAMPLES, CHANNEL_SAMPLES, TIME_FEATURES, FEATURES_TIME = "samples", "channel samples", "time features", "features time"
 HIDDEN = "hidden states"
+VIDEO = "video"  # clips (batch, frames, channels, height, width)
 LAYOUTS = {
     **dict.fromkeys(("omniasr_audio", "omniasr_ctc"), CHANNEL_SAMPLES),
     **dict.fromkeys(("wav2vec2-bert", "speech_to_text", "canary", "cohere_asr", "parakeet_ctc", "parakeet_encoder",
                      "lasr_ctc", "lasr_encoder", "audio-spectrogram-transformer"), TIME_FEATURES),
     "speecht5": HIDDEN,
+    **dict.fromkeys(("videomae", "vivit", "timesformer", "vjepa2", "videoprism_vision_model"), VIDEO),
 }
 
 # Sizes a family needs beyond SHRINK's and :func:`adapt`'s: the Audio Spectrogram Transformer's 8 x 8 patches at
 # strides of 8 over 32 frames of 8 mel bins (4 patches; its position table is sized from max_length).
-MEDIA_SIZES = {"audio-spectrogram-transformer": dict(max_length=32, frequency_stride=8, time_stride=8)}
+MEDIA_SIZES = {
+    "audio-spectrogram-transformer": dict(max_length=32, frequency_stride=8, time_stride=8),
+    # clips of 4 frames (2 tubelets of 2 frames, or 4 frames for the divided space-time attention)
+    **dict.fromkeys(("videomae", "timesformer", "videoprism_vision_model"), dict(num_frames=4)),
+    "vivit": dict(num_frames=4, tubelet_size=[2, 8, 8]),
+    "vjepa2": dict(frames_per_clip=4, crop_size=32, pred_hidden_size=32, pred_num_attention_heads=4,
+                   pred_num_hidden_layers=1, num_pooler_layers=1),
+    # PatchTSMixer's own option of a small self-attention in each mixer block (off by default: no attention)
+    "patchtsmixer": dict(self_attn=True, self_attn_heads=4),
+    # TimesFM: 4 patches of 8 steps
+    **dict.fromkeys(("timesfm", "timesfm2_5"), dict(patch_length=8, context_length=32)),
+    # the probabilistic forecasters: 8 steps of context, 4 to predict, lags of up to 3 steps, one time feature
+    **dict.fromkeys(("autoformer", "informer", "time_series_transformer"),
+                    dict(prediction_length=4, context_length=8, lags_sequence=[1, 2, 3], num_time_features=1,
+                         label_length=4)),  # Autoformer's decoder starts from the context's last label_length steps
+    "decision_transformer": dict(state_dim=5, act_dim=3),
+}
 
 FEATURE_FRAMES = 64  # spectrogram frames: 8 after the 8x subsampling of the conformer encoders
 
@@ -61,6 +80,8 @@ def adapt(config):
             adapt(sub)
     _set(config, **MEDIA_SIZES.get(getattr(config, "model_type", None), {}))
     names = vars(config)
+    if "lags_sequence" in names and "feature_size" in names:
+        _forecaster_features(config)
     if isinstance(names.get("conv_dim"), (list, tuple)):  # wav2vec2-style feature encoder: 32 channels a layer
         _set(config, conv_dim=type(config.conv_dim)([32] * len(config.conv_dim)))
         if "num_conv_pos_embeddings" in names:
@@ -104,10 +125,14 @@ def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
         frames = vars(config).get("max_length") or FEATURE_FRAMES  # AST: its position table's frames
         shape = (2, frames, size) if layout == TIME_FEATURES else (2, size, frames)
         inputs = {name: torch.randn(*shape)}
+    elif layout == VIDEO:
+        inputs = {name: _clip(getattr(config, "vision_config", None) or config)}
     elif layout == HIDDEN:
         inputs = {name: torch.randn(2, FRAMES, config.hidden_size)}
         if "decoder_input_values" in params:  # and the decoder without its pre-net, likewise
             inputs["decoder_input_values"] = torch.randn(2, 5, config.hidden_size)
+    elif config.model_type in SERIES:
+        inputs = SERIES[config.model_type](config)
     if inputs is None:
         return None
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
@@ -129,7 +154,8 @@ def _raw_audio(config, layout) -> Optional[dict]:
 def oracle_references(model, inputs, references: List[torch.Tensor]) -> List[torch.Tensor]:
     """transformers' references for the judge, with those a media family returns in another form replaced
     (:data:`ORACLE_NOTES`); other references are returned as they are."""
-    return _wavlm_per_head(model, inputs, references)
+    references = _wavlm_per_head(model, inputs, references)
+    return references + _timesformer_temporal(model, inputs) + _vjepa2_predictor(model, inputs)
 
 
 # What the judge compares instead of transformers' own output, and why (merged into the harness's notes).
@@ -137,7 +163,61 @@ ORACLE_NOTES = {
     "wavlm": "transformers returns each layer's weights averaged over the heads (F.multi_head_attention_forward's "
              "default), repeated for every head: each layer is compared with softmax(q kᵀ/sqrt(d) + gated relative "
              "position bias) per head from its own weights, itself checked to average to transformers' output",
+    "timesformer": "transformers returns the spatial attention of each divided space-time layer only "
+                   "((batch * frames, heads, 1 + patches, 1 + patches)): each temporal attention call ((batch * "
+                   "patches, heads, frames, frames)) is compared with its own module called again on the same "
+                   "input with output_attentions=True",
+    "vjepa2": "transformers records the encoder's attentions only: each predictor attention call is compared "
+              "with the weights the module itself returns on the eager implementation (a copy of the model "
+              "switched to eager, same weights and inputs)",
 }
+
+# Families whose layers have no (batch, heads, query, key) softmax over keys, and why (merged into the
+# harness's EXPECTED_REFUSALS). Autoformer's auto-correlation does imply a circulant map (each output step
+# sums values rolled by the chosen delays), which the library does not assemble: counted against the share.
+EXPECTED_REFUSALS = {
+    "autoformer": (r"(self_attn|encoder_attn)$", "auto-correlation: a softmax over the top-k time delays "
+                                                 "(one per series, shared by every head and step), not over keys"),
+}
+
+
+def _vjepa2_predictor(model, inputs) -> List[torch.Tensor]:
+    """V-JEPA 2's predictor attention weights ``(batch, heads, tokens, tokens)`` as each module returns them
+    on the eager implementation (which transformers' recorder, limited to the encoder, leaves out)."""
+    if type(model).__name__ != "VJEPA2Model":
+        return []
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    found, handles = [], []
+    for name, module in eager.named_modules():
+        if name.startswith("predictor.") and type(module).__name__ == "VJEPA2RopeAttention":
+            handles.append(module.register_forward_hook(lambda m, args, out: found.append(out[1])))
+    try:
+        torch.manual_seed(2)
+        with torch.no_grad():
+            eager(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _timesformer_temporal(model, inputs) -> List[torch.Tensor]:
+    """Each TimeSformer temporal attention call's own weights ``(batch * patches, heads, frames, frames)``: the
+    module (which the layer calls without ``output_attentions``) called again on the input it got, asking."""
+    modules = [layer.temporal_attention for layer in model.modules()
+               if type(layer).__name__ == "TimesformerLayer" and hasattr(layer, "temporal_attention")]
+    calls, handles = [], []
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(lambda m, args: calls.append((m, args[0]))))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        return [m(x, output_attentions=True)[1] for m, x in calls]
 
 
 def _wavlm_per_head(model, inputs, references: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -184,3 +264,48 @@ def _wavlm_per_head(model, inputs, references: List[torch.Tensor]) -> List[torch
         made.append(probs)
     kept = [r for r in references if not any(r.shape == a.shape and torch.equal(r, a) for a in theirs)]
     return kept + made
+
+
+def _clip(config) -> torch.Tensor:
+    """A batch of 2 clips ``(2, frames, channels, size, size)`` with the config's frames, channels and size."""
+    size = vars(config).get("image_size") or config.crop_size  # V-JEPA 2: its crop
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    frames = vars(config).get("num_frames") or config.frames_per_clip
+    return torch.randn(2, frames, getattr(config, "num_channels", None) or config.in_chans, size, size)
+
+
+def _forecaster_features(config):
+    """The forecasters' input size follows their lags and features (set at construction): made again."""
+    config.feature_size = config.input_size * len(config.lags_sequence) + config._number_of_features
+    return config
+
+
+def _probabilistic_series(config) -> dict:
+    """Autoformer / Informer / Time Series Transformer: a series of context plus the largest lag, its time
+    feature (the step's position) and observed mask, and the future to predict (teacher forcing)."""
+    past = config.context_length + max(config.lags_sequence)
+    steps = torch.arange(past + config.prediction_length, dtype=torch.float)[None, :, None].expand(2, -1, 1)
+    return dict(past_values=torch.randn(2, past), past_time_features=steps[:, :past] / past,
+                past_observed_mask=torch.ones(2, past), future_values=torch.randn(2, config.prediction_length),
+                future_time_features=steps[:, past:] / past)
+
+
+def _trajectories(config) -> dict:
+    """Decision Transformer: 2 trajectories of 4 steps (state, action, reward, return to go, step)."""
+    steps = 4
+    return dict(states=torch.randn(2, steps, config.state_dim), actions=torch.randn(2, steps, config.act_dim),
+                rewards=torch.randn(2, steps, 1), returns_to_go=torch.randn(2, steps, 1),
+                timesteps=torch.arange(steps)[None].expand(2, -1), attention_mask=torch.ones(2, steps, dtype=torch.long))
+
+
+# Time series and trajectories: one input builder per family.
+SERIES = {
+    **dict.fromkeys(("patchtst", "patchtsmixer"),
+                    lambda c: dict(past_values=torch.randn(2, c.context_length, c.num_input_channels))),
+    "timesfm": lambda c: dict(past_values=torch.randn(2, c.context_length),
+                              past_values_padding=torch.zeros(2, c.context_length, dtype=torch.long),
+                              freq=torch.zeros(2, 1, dtype=torch.long)),
+    "timesfm2_5": lambda c: dict(past_values=torch.randn(2, c.context_length)),
+    **dict.fromkeys(("autoformer", "informer", "time_series_transformer"), _probabilistic_series),
+    "decision_transformer": _trajectories,
+}
