@@ -44,7 +44,10 @@ VIDEO = "video"  # clips (batch, frames, channels, height, width)
 LAYOUTS = {
     **dict.fromkeys(("omniasr_audio", "omniasr_ctc"), CHANNEL_SAMPLES),
     **dict.fromkeys(("wav2vec2-bert", "speech_to_text", "canary", "cohere_asr", "parakeet_ctc", "parakeet_encoder",
-                     "lasr_ctc", "lasr_encoder", "audio-spectrogram-transformer"), TIME_FEATURES),
+                     "lasr_ctc", "lasr_encoder", "audio-spectrogram-transformer", "parakeet_rnnt", "parakeet_tdt",
+                     "nemotron_asr_streaming", "nemotron_asr_streaming_encoder", "nemotron3_5_asr",
+                     "fun_asr_nano_encoder"), TIME_FEATURES),
+    **dict.fromkeys(("qwen3_asr_encoder", "audioflamingo3_encoder"), FEATURES_TIME),
     "speecht5": HIDDEN,
     **dict.fromkeys(("videomae", "vivit", "timesformer", "vjepa2", "videoprism_vision_model"), VIDEO),
 }
@@ -67,7 +70,18 @@ MEDIA_SIZES = {
                     dict(prediction_length=4, context_length=8, lags_sequence=[1, 2, 3], num_time_features=1,
                          label_length=4)),  # Autoformer's decoder starts from the context's last label_length steps
     "decision_transformer": dict(state_dim=5, act_dim=3),
+    # Qwen3-ASR's encoder cuts 2 n_window frames a chunk (its lengths assume n_window 50): attention windows of
+    # one chunk, two in the 200 frames
+    "qwen3_asr_encoder": dict(n_window_infer=100, downsample_hidden_size=32, output_dim=32),
+    "fun_asr_nano_encoder": dict(num_timestamp_prediction_layers=1),
 }
+
+# Spectrogram frames a family needs other than FEATURE_FRAMES: Whisper-style encoders take exactly twice their
+# position table (their convolution halves the frames); AST its max_length.
+FRAMES_OF = {"audioflamingo3_encoder": lambda c: 2 * c.max_source_positions,
+             "audio-spectrogram-transformer": lambda c: c.max_length,
+             "fun_asr_nano_encoder": lambda c: c.max_position_embeddings // 2,
+             "qwen3_asr_encoder": lambda c: 4 * c.n_window}
 
 FEATURE_FRAMES = 64  # spectrogram frames: 8 after the 8x subsampling of the conformer encoders
 
@@ -104,8 +118,8 @@ def _feature_size(config) -> Optional[int]:
         if "input_feat_per_channel" in names:
             return c.input_feat_per_channel * names.get("input_channels", 1)
         for key in ("num_mel_bins", "feature_projection_input_dim", "feature_size", "input_dim", "n_mels"):
-            if isinstance(names.get(key), int):
-                return names[key]
+            if isinstance(names.get(key), int):  # FunASR stacks num_stacked_frames frames of mel bins in one
+                return names[key] * names.get("num_stacked_frames", 1)
     return None
 
 
@@ -122,9 +136,11 @@ def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
         inputs = _raw_audio(config, layout)
     elif layout in (TIME_FEATURES, FEATURES_TIME):
         size = _feature_size(config)
-        frames = vars(config).get("max_length") or FEATURE_FRAMES  # AST: its position table's frames
+        frames = FRAMES_OF[config.model_type](config) if config.model_type in FRAMES_OF else FEATURE_FRAMES
         shape = (2, frames, size) if layout == TIME_FEATURES else (2, size, frames)
         inputs = {name: torch.randn(*shape)}
+        if "input_features_mask" in params:  # every frame valid
+            inputs["input_features_mask"] = torch.ones(2, frames, dtype=torch.long)
     elif layout == VIDEO:
         inputs = {name: _clip(getattr(config, "vision_config", None) or config)}
     elif layout == HIDDEN:
@@ -178,6 +194,9 @@ ORACLE_NOTES = {
 EXPECTED_REFUSALS = {
     "autoformer": (r"(self_attn|encoder_attn)$", "auto-correlation: a softmax over the top-k time delays "
                                                  "(one per series, shared by every head and step), not over keys"),
+    "qwen3_asr_encoder": (r"self_attn$", "the batch's windows packed in one unbatched sequence, one attention call per "
+                                         "window (cu_seqlens): a block-diagonal map the library does not assemble for "
+                                         "this family"),
 }
 
 
