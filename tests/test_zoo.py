@@ -22,6 +22,7 @@ from attention_hooker import TransformerAttentionHooker
 
 transformers = pytest.importorskip("transformers")
 import zoo_harness  # noqa: E402  (needs transformers)
+import zoo_text  # noqa: E402
 
 QUICK = ["albert", "bart", "beit", "bert", "bloom", "clip", "cpmant", "deformable_detr", "deit", "detr", "diffllama",
          "dinov2", "distilbert", "mask2former", "maskformer", "big_bird", "bigbird_pegasus",
@@ -69,9 +70,10 @@ def test_zoo_summary_has_no_failure_and_at_least_97_percent_exact():
     verdicts = [v for found, _, _ in _RESULTS.values() for v in found]
     outcomes = collections.Counter(v.outcome for v in verdicts)
     no_map = sum(v.outcome == "refused" and v.model_type in zoo_harness.NO_ATTENTION_MAP for v in verdicts)
+    free = outcomes.get(zoo_text.NO_ATTENTION, 0)  # attention-free models: nothing to capture, no softmax computed
     stages = collections.Counter(u.stage for _, u, _ in _RESULTS.values() if u is not None)
     ran = sum(outcomes.values())
-    with_map = ran - no_map  # cases in which every layer has a (batch, heads, query, key) map to be exact about
+    with_map = ran - no_map - free  # cases in which every layer has a (batch, heads, query, key) map to be exact about
     seconds = sum(s for _, _, s in _RESULTS.values())
     lines = [
         f"model types walked: {len(_RESULTS)}; built and run: {len(_RESULTS) - sum(stages.values())} "
@@ -85,6 +87,7 @@ def test_zoo_summary_has_no_failure_and_at_least_97_percent_exact():
         f"{(outcomes.get('refused', 0) - no_map) / max(ran, 1):.1%} | "
         f"{(outcomes.get('refused', 0) - no_map) / max(with_map, 1):.1%} |",
         f"| refused: no attention map over keys | {no_map} | {no_map / max(ran, 1):.1%} | - |",
+        f"| no attention: no layer found, no softmax computed | {free} | {free / max(ran, 1):.1%} | - |",
         f"| failed | {outcomes.get('failed', 0)} | {outcomes.get('failed', 0) / max(ran, 1):.1%} | "
         f"{outcomes.get('failed', 0) / max(with_map, 1):.1%} |",
         "",

@@ -10,6 +10,8 @@ Each case ends as one verdict:
 - ``refused``: the layers that were not captured were refused, and the family is
   listed in :data:`EXPECTED_REFUSALS` with why (windowed, blocked, partial or
   linear attention that has no single ``(batch, heads, query, key)`` map);
+- ``no attention`` (tests/zoo_text.py): transformers returns no attentions, the library finds no
+  attention layer and the forward computes no softmax (a state-space, convolutional or Fourier model);
 - ``failed``: anything else (a call equal to none of transformers' attentions, a
   layer missing without a reason, changed outputs, an error);
 - ``unbuildable``: the generic harness cannot build or run the type offline (the
@@ -32,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 import zoo_media
+import zoo_text
 
 transformers = __import__("transformers")
 
@@ -92,6 +95,8 @@ EXPECTED_REFUSALS.update(zoo_media.EXPECTED_REFUSALS)  # audio, video, time seri
 # streams): those refusals count against the exact share.
 NO_ATTENTION_MAP = {"minimax", "yoso", "deformable_detr", "mask2former", "groupvit", "inkling2", "inkling2_text",
                     "inkling2_loop", "inkling2_loop_text"}
+EXPECTED_REFUSALS.update(zoo_text.EXPECTED_REFUSALS)  # hybrid stacks' linear-attention layers
+NO_ATTENTION_MAP |= zoo_text.NO_ATTENTION_MAP
 
 # Layers no oracle reaches (transformers returns neither their attentions nor a sub-model's):
 # checked as probabilities over the keys, with the heads the module declares.
@@ -187,6 +192,7 @@ class Case:
     inputs: dict
     mask: Optional[torch.Tensor]
     references: List[torch.Tensor] = field(default_factory=list)
+    attention_free: bool = False  # no attentions from transformers and no softmax in the forward
 
 
 def shrink(config):
@@ -305,6 +311,7 @@ def _build(model_type: str) -> Case:
         for key, value in FAMILY_SIZES.get(model_type, {}).items():
             setattr(config, key, value)
         config = zoo_media.adapt(config)
+        config = zoo_text.adjust_config(model_type, config)  # hybrid stacks, latent attention, other names
         stage = "build"
         with torch.device("meta"):
             probe = transformers.AutoModel.from_config(copy.deepcopy(config), attn_implementation="eager")
@@ -315,6 +322,7 @@ def _build(model_type: str) -> Case:
         eager = transformers.AutoModel.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
         stage = "inputs"
         inputs, mask = inputs_for(eager, config)
+        inputs = zoo_text.extra_inputs(eager, config, inputs)
         stage = "reference"
         try:
             output = _forward(eager, inputs, output_attentions=True)
@@ -328,8 +336,8 @@ def _build(model_type: str) -> Case:
     except Exception as err:  # noqa: BLE001 - every failure to build is a recorded reason
         raise Unbuildable(stage, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}") from None
     references = _attentions_in(output)
-    if not references:
-        raise Unbuildable("reference", "transformers returns no attention tensors for it")
+    if not references:  # an attention-free model, checked to compute no softmax (or unbuildable)
+        return zoo_text.attention_free_case(Case(model_type, config, {"eager": eager}, inputs, mask))
     if all(r.isnan().all() for r in references):  # nothing to compare with (a mask the model itself misreads)
         raise Unbuildable("reference", "transformers' own attentions are NaN everywhere on this input")
     models = {"eager": eager}
@@ -356,7 +364,8 @@ def _attentions_in(output) -> List[torch.Tensor]:
 
 def judge(case: Case) -> List[Verdict]:
     """One verdict per implementation of ``case``."""
-    return [_with_time_limit(SECONDS_PER_CASE, _judge_one, case, impl) for impl in case.models]
+    judge_one = zoo_text.judge_attention_free if case.attention_free else _judge_one
+    return [_with_time_limit(SECONDS_PER_CASE, judge_one, case, impl) for impl in case.models]
 
 
 def _references(case: Case, got_batch: int) -> List[torch.Tensor]:

@@ -31,9 +31,11 @@ _NOT_ATTENTION_CLASS = re.compile(r"(Output|Dropout|Norm|Embeddings?|Linear)$")
 # What an attention module declares and holds, whatever its class is called (timm's XCA, GPSA):
 # a head count, a projection that makes queries or keys, and an output projection. (A module
 # holding only the q/k/v projections is a part of one; `in_proj` alone is also a Mamba mixer's.)
+# Multi-head latent attention (LongCat-Flash's `...MLA`) makes its queries by a low-rank pair,
+# `q_a_proj` then `q_b_proj`.
 _QUERY_KEY_PROJECTIONS = frozenset({
     "qkv", "qk", "q", "k", "query", "key", "q_proj", "k_proj", "query_key_value", "to_qkv", "to_q", "to_k",
-    "c_attn", "Wqkv", "wqkv", "wq", "wk",
+    "c_attn", "Wqkv", "wqkv", "wq", "wk", "q_a_proj", "q_b_proj",
 })
 _OUTPUT_PROJECTIONS = frozenset({"proj", "o_proj", "out_proj", "o", "c_proj", "dense", "wo", "to_out", "out"})
 
