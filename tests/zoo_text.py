@@ -31,11 +31,36 @@ NO_ATTENTION = "no attention"  # the verdict's outcome: counted apart from exact
 # The attributes that say, per layer, which kind of block it is (kept consistent with the layer count).
 _LAYER_KIND_FIELDS = ("layer_types", "layers_block_type", "block_types")
 
-# Families whose kinds are given by a period and an offset (or indices) rather than a list.
-_HYBRID_PERIODS: Dict[str, dict] = {
-    "bamba": dict(attn_layer_indices=[1]),  # full size: Mamba-2 layers, attention at the listed indices
+# Mamba-2 mixers: heads x head size must be expand x hidden (2 x 32), with a small state.
+_MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_d_state=16, mamba_chunk_size=4)
+
+# Per family: the kinds given by a period and an offset, indices or a default with no attention layer
+# (Bamba's and Granite-4.0-H's defaults are all Mamba-2; released checkpoints place attention layers
+# among them), and sizes SHRINK misses or that the family reads under other names.
+FAMILY_SIZES: Dict[str, dict] = {
+    "bamba": dict(attn_layer_indices=[1], **_MAMBA2),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], shared_intermediate_size=32,
+                             **_MAMBA2),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+    "mamba2": dict(num_heads=8, head_dim=8, n_groups=1, state_size=16, chunk_size=4),
+    "zamba2": dict(n_mamba_heads=8, mamba_headdim=8, mamba_d_state=16, chunk_size=4, attention_hidden_size=64,
+                   attention_head_dim=16),
+    "rwkv": dict(attention_hidden_size=32),
+    "dots1": dict(n_shared_experts=1),  # its default (None) builds no model; released ones share experts
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),  # its default (None) builds no model
 }
+# Gemma 3n shares the keys and values of its last layers from earlier layers of the same kind: four layers,
+# the last two reusing the first two's. Gemma 4's per-layer inputs are sized down with the vocabulary.
+_GEMMA_PER_LAYER = dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=8)
+for _family in ("gemma3n", "gemma3n_text"):
+    FAMILY_SIZES[_family] = dict(layer_types=["sliding_attention", "full_attention"] * 2, num_hidden_layers=4,
+                                 num_kv_shared_layers=2, **_GEMMA_PER_LAYER)
+for _family in ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"):
+    FAMILY_SIZES[_family] = dict(layer_types=["sliding_attention", "full_attention"], **_GEMMA_PER_LAYER)
+# xLSTM's config rounds the mLSTM's query/key and value widths (hidden x 0.5, hidden x 1) up to multiples
+# of 64 while its layers do not: hidden 128 makes both agree.
+FAMILY_SIZES["xlstm"] = dict(hidden_size=128, embedding_dim=128, num_blocks=2)
 
 
 def _attention_kind(kind) -> bool:
@@ -124,10 +149,14 @@ def adjust_config(model_type: str, config, original=None):
     if original is None:
         original = transformers.AutoConfig.for_model(model_type)
     for shrunk, full in zip(_configs(config), _configs(original)):
+        if "head_dim" in vars(shrunk) and vars(shrunk)["head_dim"] is None and "num_attention_heads" in vars(shrunk):
+            shrunk.head_dim = shrunk.hidden_size // shrunk.num_attention_heads  # read as is by some families
         _keep_each_kind(shrunk, full)
         _shrink_latent_attention(shrunk, full)
-    for key, value in _HYBRID_PERIODS.get(model_type, {}).items():
-        setattr(config, key, value)
+    configs = list(_configs(config))
+    for key, value in FAMILY_SIZES.get(model_type, {}).items():  # on the (nested) configs that declare it
+        for target in [c for c in configs if key in vars(c)] or [config]:
+            setattr(target, key, value)
     return config
 
 
@@ -144,6 +173,10 @@ EXPECTED_REFUSALS = {
     "olmo_hybrid": (r"layers\.0$", "the linear-attention decoder layer (found by its class name): " + _DELTA_RULE),
 }
 NO_ATTENTION_MAP = set(EXPECTED_REFUSALS)
+# RWKV's WKV normalises time-decayed exp(k) weights over the past keys, channel by channel, as a recurrence: a
+# map per channel exists but none per head, and none is assembled (counted against the exact share).
+EXPECTED_REFUSALS["rwkv"] = (r"blocks\.\d+\.attention$", "RWKV's WKV recurrence: per-channel decayed weights over "
+                                                        "past keys, never assembled, no heads")
 
 # Types whose attention the harness cannot run on this machine, with why (kept unbuildable).
 NOT_RUNNABLE = {
