@@ -123,7 +123,9 @@ ORACLE_NOTES = {
          "own need_weights output: checked as probabilities of the declared heads",
     "*, sub-models": "a layer whose attentions the whole model does not return (GIT's image encoder, FLAVA's "
                      "multimodal encoder, GroupViT's towers) is compared with the enclosing sub-model's own "
-                     "output_attentions, called again with the arguments it got",
+                     "output_attentions, called again with the arguments it got, in the eager model (the same "
+                     "weights: an sdpa sub-model returns no attentions)",
+    **zoo_text.ORACLE_NOTES,
     "vit_mae": "random masking: the same seed before every forward",
     "maskformer, mask2former": "transformers returns the decoder's attentions only (MaskFormer's Swin backbone returns "
                                "its hidden states as 'attentions'): each window-attention call of the backbone is "
@@ -408,7 +410,7 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
         problems.append("the model's output changed")
     report = hooker.report()
     modules = dict(model.named_modules())
-    references = _references(case, 2)
+    references = zoo_text.adapt_references(case, _references(case, 2))
     if case.model_type == "t5gemma2":  # one softmax over [decoder; encoder] keys
         self_refs = [r for r in references if r.shape[-1] == r.shape[-2] == 5]
         cross = [r for r in references if r.shape[-2] == 5 and r.shape[-1] == 7]
@@ -447,7 +449,7 @@ def _judge_one(case: Case, implementation: str) -> Verdict:
             if match:
                 unmatched.pop(match[0])
             elif not any(_matches(case.model_type, got, ref, rows)
-                         for ref in _submodel_references(model, case.inputs, layer)):
+                         for ref in _submodel_references(case.models["eager"], case.inputs, layer)):
                 wrong.append(f"{layer} {tuple(got.shape)}")
     if wrong:
         problems.append(f"calls equal to none of transformers' attentions: {', '.join(wrong[:4])}")

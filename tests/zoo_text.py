@@ -58,6 +58,28 @@ for _family in ("gemma3n", "gemma3n_text"):
                                  num_kv_shared_layers=2, **_GEMMA_PER_LAYER)
 for _family in ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"):
     FAMILY_SIZES[_family] = dict(layer_types=["sliding_attention", "full_attention"], **_GEMMA_PER_LAYER)
+# Defaults that build no model (a None where the model reads a number, a field the model reads but the
+# config lacks), given the value released checkpoints have, in small.
+FAMILY_SIZES.update({
+    "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
+                      indexer_compress_ratio=2),
+    "hrm_text": dict(num_layers_per_stack=1, num_hidden_layers=8),  # one layer per stack, H x (L + 1) cache slots
+    "squeezebert": dict(embedding_size=32),
+    "esmc": dict(num_key_value_heads=4),  # as at scale, one key/value head per query head
+    "diffusion_gemma": dict(num_experts=4, top_k_experts=1, moe_intermediate_size=32),
+    "t5gemma": dict(cross_attention_hidden_size=32),
+    # DBRX reads rope_theta from its attention config, which no longer holds it, and clamps q/k/v by clip_qkv
+    # (None by default, which torch refuses; 8 in the released model)
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},
+    "t5gemma2_encoder": dict(dropout_rate=0.0, mm_tokens_per_image=4),  # 4 x 4 patches pooled to 2 x 2
+    "cohere_compass_text": dict(rope_parameters={"full_attention": dict(rope_type="default", rope_theta=10000.0)}),
+    # HunYuan-VL's rotary sections (x, y, t, ...) of a head of 8: one frequency each, as 16 each of 128
+    "hunyuan_vl_text": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 1, 1])),
+})
+FAMILY_SIZES["qwen4_exp_text"] = FAMILY_SIZES["qwen4_exp"]
+FAMILY_SIZES["hunyuan_vl"] = FAMILY_SIZES["hunyuan_vl_text"]
+FAMILY_SIZES["cohere_compass"] = FAMILY_SIZES["cohere_compass_text"]
+
 # xLSTM's config rounds the mLSTM's query/key and value widths (hidden x 0.5, hidden x 1) up to multiples
 # of 64 while its layers do not: hidden 128 makes both agree.
 FAMILY_SIZES["xlstm"] = dict(hidden_size=128, embedding_dim=128, num_blocks=2)
@@ -118,6 +140,8 @@ def _shrink_latent_attention(shrunk, full) -> None:
         sizes["q_lora_rank"] = None  # queries projected at full rank, as at scale
     if not getattr(full, "qk_rope_head_dim", None):
         sizes["qk_rope_head_dim"] = 0  # no rotary part (GLM-5 Next)
+    elif getattr(full, "qk_nope_head_dim", None) == full.qk_rope_head_dim:
+        sizes["qk_nope_head_dim"] = sizes["qk_rope_head_dim"]  # Mistral 4: halves, rotary over a factor of 0.5
     sizes["qk_head_dim"] = sizes["qk_rope_head_dim"] + sizes["qk_nope_head_dim"]
     for key, value in sizes.items():
         if key in vars(shrunk) or key != "qk_head_dim":
@@ -133,6 +157,15 @@ def _shrink_latent_attention(shrunk, full) -> None:
     for key, value in SIDE_SIZES.items():
         if key in vars(shrunk):
             setattr(shrunk, key, value)
+    for key in ("n_group", "topk_group"):  # expert groups: one group of the 4 shrunk experts
+        if key in vars(shrunk):
+            setattr(shrunk, key, 1)
+
+
+def _path(config, path: str):
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def _configs(config):
@@ -155,7 +188,12 @@ def adjust_config(model_type: str, config, original=None):
         _shrink_latent_attention(shrunk, full)
     configs = list(_configs(config))
     for key, value in FAMILY_SIZES.get(model_type, {}).items():  # on the (nested) configs that declare it
-        for target in [c for c in configs if key in vars(c)] or [config]:
+        if "." in key:  # a field of a nested config, by its path
+            owner, _, key = key.rpartition(".")
+            setattr(_path(config, owner), key, value)
+            continue
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for target in [c for c in configs if key in vars(c)] or list({id(c): c for c in (config, text)}.values()):
             setattr(target, key, value)
     return config
 
@@ -190,8 +228,28 @@ NOT_RUNNABLE = {
 
 
 def extra_inputs(model, config, inputs: dict) -> dict:
-    """``inputs`` with what ``model``'s forward requires beside them."""
+    """``inputs`` with what ``model``'s forward requires beside them: X-MOD's language of each row (its
+    adapters), the first and second of the config's languages."""
+    if getattr(config, "model_type", None) == "xmod" and "input_ids" in inputs:
+        inputs["lang_ids"] = torch.tensor([0, 1 % len(config.languages)])
     return inputs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Oracles: where transformers' output is laid out otherwise than the attention that multiplied the values.
+
+ORACLE_NOTES = {
+    "squeezebert": "transformers returns each layer's masked scores before the softmax ('attention_score') as its "
+                   "attentions: compared with their softmax over the keys",
+}
+
+
+def adapt_references(case, references: List[torch.Tensor]) -> List[torch.Tensor]:
+    """transformers' attentions of ``case`` made into the maps the library stores, where :data:`ORACLE_NOTES`
+    says how; others as they are."""
+    if case.model_type == "squeezebert":
+        return [r.softmax(-1) for r in references]
+    return references
 
 
 # ---------------------------------------------------------------------------------------------------------
