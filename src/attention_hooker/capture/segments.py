@@ -1,5 +1,8 @@
 """Qwen2-VL and Qwen2.5-VL vision attention: one call per image, frame or window, assembled (a :mod:`.pieces` family).
 
+The towers written the same way (Qwen3-VL, Qwen3.5, GLM-4V, GLM-OCR, LLaVA-OneVision-1.5, ...; listed in
+``_KNOWN``) are read by the same rule.
+
 The vision tower packs every image of a forward into one unbatched sequence ``hidden_states
 (S, C)``; its attention module (``VisionAttention``, ``Qwen2_5_VLVisionAttention``) cuts the
 sequence at ``cu_seqlens`` (a keyword argument of each call: the running sum of the segment
@@ -47,6 +50,28 @@ _KNOWN = {
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionAttention"): "transformers Qwen2-VL vision attention",
     ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLVisionAttention"):
         "transformers Qwen2.5-VL vision attention",
+    # Towers written the same way (fused qkv of 3 x heads, one unmasked call per cu_seqlens segment).
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention"):
+        "transformers Qwen3-VL vision attention",
+    ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionAttention"):
+        "transformers Qwen3-VL-MoE vision attention",
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionAttention"): "transformers Qwen3.5 vision attention",
+    ("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeVisionAttention"):
+        "transformers Qwen3.5-MoE vision attention",
+    ("transformers.models.qwen4_exp.modeling_qwen4_exp", "Qwen4ExpVisionAttention"):
+        "transformers Qwen4-Exp vision attention",
+    ("transformers.models.glm4v.modeling_glm4v", "Glm4vVisionAttention"): "transformers GLM-4V vision attention",
+    ("transformers.models.glm4v_moe.modeling_glm4v_moe", "Glm4vMoeVisionAttention"):
+        "transformers GLM-4V-MoE vision attention",
+    ("transformers.models.glm_ocr.modeling_glm_ocr", "GlmOcrVisionAttention"): "transformers GLM-OCR vision attention",
+    ("transformers.models.glm_image.modeling_glm_image", "GlmImageVisionAttention"):
+        "transformers GLM-Image vision attention",
+    ("transformers.models.glm5_next.modeling_glm5_next", "Glm5NextVisionAttention"):
+        "transformers GLM-5-Next vision attention",
+    ("transformers.models.llava_onevision1_5.modeling_llava_onevision1_5", "LlavaOnevision15VisionAttention"):
+        "transformers LLaVA-OneVision-1.5 vision attention",
+    ("transformers.models.cohere_compass.modeling_cohere_compass", "CohereCompassVisionAttention"):
+        "transformers Cohere Compass vision attention",
 }
 
 
@@ -194,7 +219,7 @@ def _sdpa_rows(call: dict):
 
 
 class SegmentedVisionLayer(PiecedLayer):
-    """The rule of a Qwen2-VL / Qwen2.5-VL vision attention module: reads each call's packed
+    """The rule of a Qwen2-VL / Qwen2.5-VL (or same-kind) vision attention module: reads each call's packed
     ``hidden_states (S, C)`` and the ``cu_seqlens`` its block passes."""
 
     value_modules = ("qkv",)
@@ -218,7 +243,7 @@ class SegmentedVisionLayer(PiecedLayer):
 
 
 def segmented_vision_layer(module: nn.Module, parents=None) -> Optional[SegmentedVisionLayer]:
-    """The rule of a Qwen2-VL / Qwen2.5-VL vision attention module, or ``None``."""
+    """The rule of a Qwen2-VL / Qwen2.5-VL (or same-kind, ``_KNOWN``) vision attention module, or ``None``."""
     kind = type(module)
     family = _KNOWN.get((kind.__module__, kind.__name__))
     if family is None or not isinstance(getattr(module, "num_heads", None), int) \

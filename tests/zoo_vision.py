@@ -1,0 +1,196 @@
+"""The zoo's vision and vision-language families (issue 23): sizes, inputs and oracles that the
+generic harness (tests/zoo_harness.py) has no form for, hooked into it by one line each.
+
+- :func:`adapt`: sizes a family needs after :func:`zoo_harness.shrink` (M-RoPE sections that add up to
+  the shrunk head's rotary half, windows that fit the shrunk image);
+- :func:`inputs_for`: inputs built from the config where the generic image batch does not fit (a packed
+  vision tower's patches with the ``grid_thw`` that matches them);
+- :func:`references`: the oracle where transformers' ``output_attentions`` is not attention (a packed
+  tower records each attention module's *output* ``(S, C)``): every per-segment softmax the model's own
+  ``eager_attention_forward`` returned, placed block-diagonally at the segment's positions by this
+  file's loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import List, Optional, Tuple
+
+import torch
+
+# The packed vision towers' attention modules (transformers modeling module, class name): one eager
+# or sdpa call per segment of cu_seqlens, in order, no mask; their map is assembled block-diagonally
+# by attention_hooker.capture.segments.
+PACKED_ATTENTION = {
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionAttention"),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLVisionAttention"),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention"),
+    ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionAttention"),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionAttention"),
+    ("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeVisionAttention"),
+    ("transformers.models.qwen4_exp.modeling_qwen4_exp", "Qwen4ExpVisionAttention"),
+    ("transformers.models.glm4v.modeling_glm4v", "Glm4vVisionAttention"),
+    ("transformers.models.glm4v_moe.modeling_glm4v_moe", "Glm4vMoeVisionAttention"),
+    ("transformers.models.glm_ocr.modeling_glm_ocr", "GlmOcrVisionAttention"),
+    ("transformers.models.glm_image.modeling_glm_image", "GlmImageVisionAttention"),
+    ("transformers.models.glm5_next.modeling_glm5_next", "Glm5NextVisionAttention"),
+    ("transformers.models.llava_onevision1_5.modeling_llava_onevision1_5", "LlavaOnevision15VisionAttention"),
+    ("transformers.models.cohere_compass.modeling_cohere_compass", "CohereCompassVisionAttention"),
+}
+
+# Two images of different sizes, in patches (frames, rows, columns): rows and columns are multiples of the
+# tower's spatial merge size (2 in every shrunk config here) and scaled by it where it is larger. With
+# Qwen2.5-VL's windows of 2 x 2 merged cells (:func:`_fit_vision_windows`) the first spans two windows.
+TWO_IMAGES = ((1, 4, 8), (1, 2, 4))
+
+
+def _is_packed(module) -> bool:
+    kind = type(module)
+    return (kind.__module__, kind.__name__) in PACKED_ATTENTION
+
+
+def adapt(model_type: str, config) -> None:
+    """Sizes ``model_type`` needs on top of the harness's shrink, set on ``config`` in place."""
+    for sub in [config] + [v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]:
+        _fit_mrope_sections(sub)
+        if getattr(sub, "model_type", "").endswith("_vision") or "vision" in type(sub).__name__.lower():
+            _fit_vision_windows(sub)
+
+
+def _fit_mrope_sections(config) -> None:
+    """M-RoPE (Qwen2-VL, GLM-4V and their kin) splits each head's rotary frequencies into (time, height,
+    width) sections that must add up to half the rotary width; the shrunk head (8) has 4 (or, with a
+    partial rotary factor of 1/2, 2, which is widened to a head of 16 so that each axis keeps one)."""
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or not hasattr(config, "num_attention_heads") or "vision" in config.model_type:
+        return
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    if "mrope_section" not in rope and not _declares_mrope(config):
+        return
+    if int(head * factor) // 2 < 3:
+        head = 16
+        config.head_dim = head
+    half = int(head * factor) // 2
+    third = half // 3
+    rope["mrope_section"] = [half - 2 * third, third, third]
+
+
+def _declares_mrope(config) -> bool:
+    """Whether ``config``'s text model reads ``mrope_section`` (its modeling module names it)."""
+    name = type(config).__module__.replace("configuration_", "modeling_")
+    try:
+        source = open(sys.modules[name].__file__).read() if name in sys.modules else _source_of(name)
+    except (OSError, ImportError, AttributeError):
+        return False
+    return "mrope_section" in source
+
+
+def _source_of(module_name: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(module_name)
+    return open(spec.origin).read() if spec and spec.origin else ""
+
+
+def _fit_vision_windows(config) -> None:
+    """Qwen2.5-VL's windowed tower: windows of 2 x 2 merged cells (so that the larger test image spans
+    two), with the second block attending globally."""
+    if hasattr(config, "fullatt_block_indexes") and hasattr(config, "window_size"):
+        merge = getattr(config, "spatial_merge_size", 2)
+        config.window_size = config.patch_size * merge * 2
+        config.fullatt_block_indexes = [1]
+
+
+def inputs_for(model, config) -> Optional[Tuple[dict, None]]:
+    """``(inputs, None)`` for a packed vision tower (``hidden_states`` or ``pixel_values`` ``(S, C)`` of
+    flattened patches, channels x frames x patch x patch, and the ``grid_thw`` of two images, ``S`` = the
+    grid's patches), or ``None`` where the harness's own form fits."""
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters)
+    if params[1:2] != ["grid_thw"] or params[0] not in ("hidden_states", "pixel_values") \
+            or not any(_is_packed(m) for m in model.modules()):
+        return None
+    merge = int(getattr(config, "spatial_merge_size", 2) or 2)
+    grid = torch.tensor([[t, h * merge // 2, w * merge // 2] for t, h, w in TWO_IMAGES])
+    features = (int(getattr(config, "in_channels", 3)) * int(getattr(config, "temporal_patch_size", 1) or 1)
+                * int(config.patch_size) ** 2)
+    torch.manual_seed(1)
+    return {params[0]: torch.randn(int(grid.prod(-1).sum()), features), "grid_thw": grid}, None
+
+
+def references(model, inputs: dict, found: List[torch.Tensor], forward) -> List[torch.Tensor]:
+    """``found`` (transformers' attentions) with each packed vision attention call's output ``(S, C)``,
+    which transformers records as its 'attention', replaced by the call's map ``(1, heads, S, S)``: the
+    softmaxes its own ``eager_attention_forward`` returned, one per segment, placed block-diagonally
+    (segment ``i`` at rows and keys ``o_i .. o_i + L_i``, zeros elsewhere) by :func:`block_diagonal`.
+    ``forward(model, inputs)`` runs the (eager) model. Models without such a module: ``found`` as it is."""
+    calls = packed_calls(model, lambda: forward(model, inputs))
+    if not calls:
+        return found
+    outputs = [out for _, out, _ in calls]
+    kept = [r for r in found if not any(r.shape == o.shape and torch.equal(r, o) for o in outputs)]
+    return kept + [block_diagonal(pieces) for _, _, pieces in calls]
+
+
+def packed_calls(model, run) -> List[Tuple[str, torch.Tensor, List[torch.Tensor]]]:
+    """Every call of a packed vision attention module of ``model`` during ``run()``: ``(layer name, output,
+    pieces)``, ``pieces`` the weights ``(1, heads, L_i, L_i)`` its modeling module's ``eager_attention_forward``
+    returned, in call order. Only an eager model returns them (sdpa calls are not recorded)."""
+    layers = [(name, m) for name, m in model.named_modules() if _is_packed(m)]
+    if not layers:
+        return []
+    calls, current, handles = [], [], []
+    for name, module in layers:
+        handles.append(module.register_forward_pre_hook(lambda m, a, k, name=name: current.append((name, [])),
+                                                        with_kwargs=True))
+        handles.append(module.register_forward_hook(
+            lambda m, a, out: calls.append((current[-1][0], out, current.pop()[1]))))
+    with contextlib.ExitStack() as stack:
+        for modeling in {type(m).__module__ for _, m in layers}:
+            stack.enter_context(_recording(sys.modules[modeling], current))
+        try:
+            run()
+        finally:
+            for handle in handles:
+                handle.remove()
+    return calls
+
+
+@contextlib.contextmanager
+def _recording(modeling, current: list):
+    original = modeling.eager_attention_forward
+
+    def recorded(*args, **kwargs):
+        output, weights = original(*args, **kwargs)
+        if current:
+            current[-1][1].append(weights.detach().clone())
+        return output, weights
+
+    modeling.eager_attention_forward = recorded
+    try:
+        yield
+    finally:
+        modeling.eager_attention_forward = original
+
+
+def block_diagonal(pieces: List[torch.Tensor]) -> torch.Tensor:
+    """``(1, heads, S, S)`` with piece ``i`` ``(1, heads, L_i, L_i)`` at ``[o_i : o_i + L_i]`` on both axes.
+
+    Example:
+        >>> block_diagonal([torch.ones(1, 1, 1, 1), torch.full((1, 1, 2, 2), 0.5)])[0, 0]
+        tensor([[1.0000, 0.0000, 0.0000],
+                [0.0000, 0.5000, 0.5000],
+                [0.0000, 0.5000, 0.5000]])
+    """
+    total = sum(p.shape[-1] for p in pieces)
+    out = pieces[0].new_zeros(1, pieces[0].shape[1], total, total)
+    start = 0
+    for piece in pieces:
+        length = piece.shape[-1]
+        out[:, :, start:start + length, start:start + length] = piece
+        start += length
+    return out
+
