@@ -35,6 +35,7 @@ import torch
 
 import zoo_media
 import zoo_text
+import zoo_vision
 
 transformers = __import__("transformers")
 
@@ -231,6 +232,9 @@ def shrink(config):
 def inputs_for(model, config):
     """``(inputs, mask)``: a batch of 2, the second one padded by two tokens at the end (and, for a model
     that takes ``global_attention_mask``, global tokens {0} and {0, 3})."""
+    special = zoo_vision.inputs_for(model, config)  # packed vision towers
+    if special is not None:
+        return special
     torch.manual_seed(1)
     name = model.main_input_name
     params = inspect.signature(model.forward).parameters
@@ -314,6 +318,7 @@ def _build(model_type: str) -> Case:
             setattr(config, key, value)
         config = zoo_media.adapt(config)
         config = zoo_text.adjust_config(model_type, config)  # hybrid stacks, latent attention, other names
+        zoo_vision.adapt(model_type, config)
         stage = "build"
         with torch.device("meta"):
             probe = transformers.AutoModel.from_config(copy.deepcopy(config), attn_implementation="eager")
@@ -337,7 +342,7 @@ def _build(model_type: str) -> Case:
         raise
     except Exception as err:  # noqa: BLE001 - every failure to build is a recorded reason
         raise Unbuildable(stage, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}") from None
-    references = _attentions_in(output)
+    references = zoo_vision.references(eager, inputs, _attentions_in(output), _forward)
     if not references:  # an attention-free model, checked to compute no softmax (or unbuildable)
         return zoo_text.attention_free_case(Case(model_type, config, {"eager": eager}, inputs, mask))
     if all(r.isnan().all() for r in references):  # nothing to compare with (a mask the model itself misreads)
