@@ -50,8 +50,21 @@ def _is_packed(module) -> bool:
     return (kind.__module__, kind.__name__) in PACKED_ATTENTION
 
 
+# Families whose shrunk image (32 px, patches of 8: 4 x 4 tokens) is smaller than their window or their
+# stride: patches of 4 and windows of 4 tokens over two stages (Swin: 8 x 8 tokens, shifted windows in the
+# first stage, one window in the second), set on the config and on its backbone / vision config.
+_SWIN = dict(patch_size=4, window_size=4, depths=[2, 2], num_heads=[4, 4], num_layers=2)
+FAMILY_SIZES = {
+    "swin": _SWIN, "donut-swin": _SWIN, "maskformer-swin": _SWIN,
+    "swinv2": dict(_SWIN, pretrained_window_sizes=[0, 0]),
+    "swin2sr": dict(patch_size=1, window_size=4, depths=[2], num_heads=[4], image_size=16),
+}
+
+
 def adapt(model_type: str, config) -> None:
     """Sizes ``model_type`` needs on top of the harness's shrink, set on ``config`` in place."""
+    for key, value in FAMILY_SIZES.get(model_type, {}).items():
+        setattr(config, key, value)
     for sub in [config] + [v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]:
         _fit_mrope_sections(sub)
         if getattr(sub, "model_type", "").endswith("_vision") or "vision" in type(sub).__name__.lower():
@@ -127,6 +140,7 @@ def references(model, inputs: dict, found: List[torch.Tensor], forward) -> List[
     softmaxes its own ``eager_attention_forward`` returned, one per segment, placed block-diagonally
     (segment ``i`` at rows and keys ``o_i .. o_i + L_i``, zeros elsewhere) by :func:`block_diagonal`.
     ``forward(model, inputs)`` runs the (eager) model. Models without such a module: ``found`` as it is."""
+    found = every_window_call(model, inputs, found, forward)
     calls = packed_calls(model, lambda: forward(model, inputs))
     if not calls:
         return found
@@ -194,3 +208,39 @@ def block_diagonal(pieces: List[torch.Tensor]) -> torch.Tensor:
         start += length
     return out
 
+
+
+# Swin-style window attention modules, which return their per-window weights ``(batch * windows, heads, N, N)``
+# (with output_attentions, or always) while transformers records only each stage's last block's.
+WINDOW_ATTENTION = {"SwinAttention", "DonutSwinSelfAttention", "Swinv2SelfAttention", "Swin2SRSelfAttention",
+                    "MaskFormerSwinSelfAttention"}
+
+
+def every_window_call(model, inputs: dict, found: List[torch.Tensor], forward) -> List[torch.Tensor]:
+    """``found`` with transformers' Swin-style attentions (each stage's last block only) replaced by every
+    window attention call's own weights, in call order (the harness places them at the image's tokens).
+    Each of transformers' is checked to be one of them first. Models without such modules: ``found``."""
+    layers = [m for m in model.modules() if type(m).__module__.startswith("transformers.")
+              and type(m).__name__ in WINDOW_ATTENTION]
+    if not layers:
+        return found
+    recorded: List[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda m, a, out: recorded.append(out[1]) if isinstance(out, tuple)
+                                       and len(out) > 1 and getattr(out[1], "dim", lambda: 0)() == 4 else None)
+               for m in layers]
+    try:
+        forward(model, inputs, output_attentions=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not recorded:  # weights not returned (MaskFormer's backbone: see the harness's SWIN_RECOMPUTED)
+        return found
+    kept = []
+    for ref in found:
+        if ref.dim() == 4 and ref.shape[-1] == ref.shape[-2] and any(
+                r.shape == ref.shape and torch.equal(r, ref) for r in recorded):
+            continue  # one of the calls below
+        if ref.dim() == 4 and ref.shape[-1] == ref.shape[-2] and ref.shape[-1] in {r.shape[-1] for r in recorded}:
+            raise AssertionError(f"transformers' window attention {tuple(ref.shape)} is none of the window calls")
+        kept.append(ref)
+    return kept + recorded
