@@ -172,6 +172,8 @@ ORACLE_NOTES = {
     **zoo_media.ORACLE_NOTES,
 }
 
+ORACLE_NOTES.update(zoo_vision.ORACLE_NOTES)
+
 
 class Unbuildable(Exception):
     def __init__(self, stage: str, reason: str):

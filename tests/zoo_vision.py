@@ -244,3 +244,16 @@ def every_window_call(model, inputs: dict, found: List[torch.Tensor], forward) -
             raise AssertionError(f"transformers' window attention {tuple(ref.shape)} is none of the window calls")
         kept.append(ref)
     return kept + recorded
+
+
+# The oracles adapted here, merged into the harness's ORACLE_NOTES.
+ORACLE_NOTES = {
+    "packed vision towers (qwen2_5_vl_vision, qwen3_vl_vision, glm4v_vision, ...)": (
+        "transformers records each attention module's output (S, C) as 'attentions': replaced by the module's own "
+        "per-image softmaxes (its modeling module's eager_attention_forward, on the eager tower), placed "
+        "block-diagonally by tests/zoo_vision.py"),
+    "swin, swinv2, donut-swin, swin2sr": (
+        "transformers returns each stage's last block's window attentions only: every window attention module's "
+        "own returned weights, in call order (transformers' checked to be among them), placed at the image's "
+        "tokens as for MaskFormer's backbone"),
+}
