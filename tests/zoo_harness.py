@@ -98,6 +98,8 @@ NO_ATTENTION_MAP = {"minimax", "yoso", "deformable_detr", "mask2former", "groupv
                     "inkling2_loop", "inkling2_loop_text"}
 EXPECTED_REFUSALS.update(zoo_text.EXPECTED_REFUSALS)  # hybrid stacks' linear-attention layers
 NO_ATTENTION_MAP |= zoo_text.NO_ATTENTION_MAP
+EXPECTED_REFUSALS.update(zoo_vision.EXPECTED_REFUSALS)
+NO_ATTENTION_MAP |= zoo_vision.NO_ATTENTION_MAP
 
 # Layers no oracle reaches (transformers returns neither their attentions nor a sub-model's):
 # checked as probabilities over the keys, with the heads the module declares.

@@ -58,6 +58,10 @@ FAMILY_SIZES = {
     "swin": _SWIN, "donut-swin": _SWIN, "maskformer-swin": _SWIN,
     "swinv2": dict(_SWIN, pretrained_window_sizes=[0, 0]),
     "swin2sr": dict(patch_size=1, window_size=4, depths=[2], num_heads=[4], image_size=16),
+    # LeViT's stem is four stride-2 convolutions: a patch of 16, so a 64 px image of 4 x 4 tokens.
+    "levit": dict(patch_size=16, image_size=64),
+    # RT-DETR and its kin pick num_queries of the encoder's tokens: fewer than the shrunk image has.
+    **{family: dict(num_queries=8) for family in ("rt_detr", "rt_detr_v2", "d_fine", "deimv2")},
 }
 
 
@@ -257,3 +261,13 @@ ORACLE_NOTES = {
         "own returned weights, in call order (transformers' checked to be among them), placed at the image's "
         "tokens as for MaskFormer's backbone"),
 }
+
+# Families whose refused layers have no (batch, heads, query, key) map over keys, merged into the harness's
+# EXPECTED_REFUSALS and NO_ATTENTION_MAP: RT-DETR's decoders read the encoder's multi-scale features by
+# deformable attention (a softmax over sampled points); their self-attention and the encoder's are judged.
+EXPECTED_REFUSALS = {
+    family: (r"decoder\.layers\.\d+\.encoder_attn(\.attn)?$",
+             "multi-scale deformable attention: a softmax over sampled points, not keys")
+    for family in ("rt_detr", "rt_detr_v2", "d_fine", "deimv2")
+}
+NO_ATTENTION_MAP = set(EXPECTED_REFUSALS)
