@@ -44,8 +44,8 @@ def _grids(inputs, name: str) -> torch.Tensor:
 
 
 def _media(ids, token_id, grid, merge: int, kind: str, family: str):
-    """``[(first (batch, position), positions of its tokens, (t, h, w), row offset inside its field)]``
-    for each image or video of ``kind``, in token order."""
+    """For each image or video of ``kind``, in token order: ``((batch, first position), batch rows of its
+    tokens, their positions, (t, h, w), its first row in its field)``; and the rows of the field in all."""
     batch, position = tokens_where(ids, token_id)
     for t, h, w in grid.tolist():
         if h % merge or w % merge:
@@ -53,6 +53,8 @@ def _media(ids, token_id, grid, merge: int, kind: str, family: str):
                 f"image_token_map: {family} {kind} grid {t} x {h} x {w} is not a multiple of spatial_merge_size "
                 f"{merge} in height and width")
     counts = [t * h * w // merge ** 2 for t, h, w in grid.tolist()]
+    if any(n <= 0 for n in counts):
+        raise AttentionHookerError(f"image_token_map: {family} {kind}_grid_thw {grid.tolist()} has an empty grid")
     if sum(counts) != len(position):
         raise AttentionHookerError(
             f"image_token_map: {family} has {len(position)} {kind} tokens in input_ids but {kind}_grid_thw "
