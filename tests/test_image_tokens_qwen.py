@@ -21,6 +21,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker  # noqa: E402
 from attention_hooker.analysis.image_attention import image_attention  # noqa: E402
+from attention_hooker.capture.segments import qwen25_vision_positions  # noqa: E402
 from attention_hooker.media import image_token_map  # noqa: E402
 from image_token_oracle import (centres_of_sources, claimed_sources, coordinate_image,  # noqa: E402
                                 sources_by_perturbation)
@@ -104,6 +105,9 @@ def test_qwen_tokens_are_the_rows_that_feed_them_and_sit_where_their_pixels_are(
         assert key not in found
         found[key] = {image_rows + u for u in units}  # video rows come after the image rows (module doc)
     assert claimed_sources(tokens) == found
+    if kind == "qwen2_5_vl":  # the tower's window order differs from the rows' order here: the merger undoes it
+        windows = qwen25_vision_positions(model.model.visual, inputs["image_grid_thw"])
+        assert not torch.equal(windows, torch.arange(image_rows))
     # images numbered in token order: A, the video, B, C; the video has one view per temporal step
     assert tokens.image.tolist() == [0] * 6 + [1] * 2 + [2] * 8 + [3]
     assert [(v.image, v.name, v.rows, v.cols) for v in tokens.views] == [
@@ -234,6 +238,18 @@ def test_qwen_generate_on_sdpa_with_two_images_equals_the_eager_tower_pieces_and
         assert got.shape == expected.shape == (1, 2, 60, 60)
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
         assert torch.equal(got == 0, expected == 0)
+    # the last block attends over whole images (Qwen2.5-VL: its full-attention block): read in the rows'
+    # order, its nonzero blocks are the images the reader gives those rows to
+    rows = qwen25_vision_positions(sdpa.model.visual, inputs["image_grid_thw"]) if kind == "qwen2_5_vl" \
+        else torch.arange(60)
+    in_order = torch.zeros_like(tower[-1][0])
+    in_order[:, :, rows[:, None], rows[None, :]] = tower[-1][0]
+    tokens = image_token_map(sdpa, inputs)
+    owner = torch.full((60,), -1)
+    for i in range(len(tokens)):
+        owner[tokens.source[i]] = tokens.image[i]
+    assert bool((owner >= 0).all())
+    assert torch.equal(in_order[0, 0] != 0, owner[:, None] == owner[None, :])
     lm = _layers(hooker, "language_model")
     assert [len(calls) for calls in lm] == [3, 3]
     for step, expected_layers in enumerate(reference.attentions):
