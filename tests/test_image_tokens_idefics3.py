@@ -14,7 +14,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker  # noqa: E402
 from attention_hooker.analysis.image_attention import image_attention  # noqa: E402
-from attention_hooker.media import image_token_map  # noqa: E402
+from attention_hooker.media import image_token_families, image_token_map  # noqa: E402
 from image_token_oracle import (centres_of_sources, claimed_sources, coordinate_image,  # noqa: E402
                                 sources_by_perturbation)
 
@@ -143,6 +143,7 @@ def test_images_not_split_are_one_view_each():
 
 
 def test_layouts_that_disagree_with_the_inputs_are_refused_by_name():
+    assert set(("idefics3", "smolvlm")) <= set(image_token_families())
     model = tiny("idefics3")
     inputs, proc = inputs_of("idefics3")
     with pytest.raises(AttentionHookerError, match="needs its processor"):

@@ -22,7 +22,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from attention_hooker import AttentionHookerError, TransformerAttentionHooker  # noqa: E402
 from attention_hooker.analysis.image_attention import image_attention  # noqa: E402
 from attention_hooker.capture.segments import qwen25_vision_positions  # noqa: E402
-from attention_hooker.media import image_token_map  # noqa: E402
+from attention_hooker.media import image_token_families, image_token_map  # noqa: E402
 from image_token_oracle import (centres_of_sources, claimed_sources, coordinate_image,  # noqa: E402
                                 sources_by_perturbation)
 
@@ -125,6 +125,7 @@ def test_qwen_tokens_are_the_rows_that_feed_them_and_sit_where_their_pixels_are(
 
 
 def test_qwen_grids_that_disagree_with_the_tokens_are_refused_by_name():
+    assert set(("qwen2_vl", "qwen2_5_vl")) <= set(image_token_families())
     config = tiny_qwen("qwen2_vl").config
     ids = torch.tensor([[1] + [IMG] * 5])
     with pytest.raises(AttentionHookerError, match=r"5 image tokens .* makes 6 \(6, t \* h \* w / 2\^2"):
