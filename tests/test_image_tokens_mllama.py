@@ -18,6 +18,7 @@ from image_token_oracle import (centres_of_sources, claimed_sources, coordinate_
 
 IMAGE = 60
 TILE, PATCH = 16, 8
+TEXT_LAYERS = r"language_model\.layers\.\d+\.(self|cross)_attn$"
 # (height, width): 64 x 48 -> 2 x 2 tiles, resized to 32 x 24 (one column of patches is padding);
 # 20 x 40 -> 1 x 2 tiles, 16 x 32 (no padding); 16 x 40 -> 1 x 3 tiles, 16 x 40 (one column of padding)
 SIZES = [[(64, 48), (20, 40)], [(16, 40)]]
@@ -143,7 +144,7 @@ def test_captured_cross_and_self_attention_equal_eager_and_read_as_image_attenti
     inputs, _ = mllama_inputs()
     reference = _reference(inputs)
     assert reference[1].shape == (2, 2, 7, 40)  # cross: 2 image slots x 4 tiles x 5 keys
-    with TransformerAttentionHooker(model, layer_regex=r"language_model\.layers\.\d+\.(self|cross)_attn$") as hooker:
+    with TransformerAttentionHooker(model, layer_regex=TEXT_LAYERS) as hooker:
         with torch.no_grad():
             model(**inputs)
     values = hooker.values
@@ -214,7 +215,7 @@ def test_generate_step_calls_equal_eager_per_step_attentions():
     kwargs = dict(inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         reference = eager.generate(**kwargs, output_attentions=True, return_dict_in_generate=True)
-        with TransformerAttentionHooker(model, layer_regex=r"language_model\.layers\.\d+\.(self|cross)_attn$") as hooker:
+        with TransformerAttentionHooker(model, layer_regex=TEXT_LAYERS) as hooker:
             generated = model.generate(**kwargs)
     assert torch.equal(generated, reference.sequences)
     layers = list(hooker.values.values())

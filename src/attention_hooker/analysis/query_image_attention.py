@@ -137,8 +137,9 @@ def image_attention_through_queries(attention: torch.Tensor, tokens: ImageTokens
         (0.5, torch.Size([1, 1, 2, 2]), 0.1)
     """
     if not isinstance(attention, torch.Tensor) or attention.dim() != 4:
+        got = tuple(attention.shape) if isinstance(attention, torch.Tensor) else type(attention).__name__
         raise AttentionHookerError("image_attention_through_queries: expected one layer call's map (batch, heads, "
-                                   f"query, key), got {tuple(getattr(attention, 'shape', ())) or type(attention).__name__}")
+                                   f"query, key), got {got}")
     check_probabilities(attention, "image_attention_through_queries' language-model map")
     if tokens.views and any(v.name != "queries" or v.rows or v.cols for v in tokens.views):
         raise AttentionHookerError(f"image_attention_through_queries: expected a table of Q-Former query tokens "

@@ -82,7 +82,8 @@ def _check_tile(config, processor) -> Tuple[int, int]:
     vision = config.vision_config
     tile, patch = int(vision.image_size), int(vision.patch_size)
     if tile % patch:
-        raise AttentionHookerError(f"image_token_map: mllama tile size {tile} is not a multiple of the patch size {patch}")
+        raise AttentionHookerError(f"image_token_map: mllama tile size {tile} is not a multiple of the patch size "
+                                   f"{patch}")
     size = getattr(processor, "size", None) if processor is not None else None
     if size is not None:
         height = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
