@@ -62,13 +62,13 @@ def _whisper_and_ours(seed: int, batch: int, **generate):
         with TransformerAttentionHooker(sdpa, layer_regex=r"encoder_attn$") as hooker:
             out = sdpa.generate(features, **GENERATE, **generate)
     assert torch.equal(out["sequences"], reference["sequences"])
-    return reference, hooker, sdpa
+    return reference, hooker, sdpa, out
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_sdpa_capture_gives_whisper_own_token_timestamps(seed, batch):
-    reference, hooker, model = _whisper_and_ours(seed, batch)
+    reference, hooker, model, out = _whisper_and_ours(seed, batch)
     found = align_tokens(hooker, model.generation_config.alignment_heads, audio=audio_frames(model),
                          median_filter_width=model.config.median_filter_width)
     expected = reference["token_timestamps"]
@@ -83,6 +83,25 @@ def test_sdpa_capture_gives_whisper_own_token_timestamps(seed, batch):
         assert (np.diff(positions) >= 0).all() and (np.diff(frames) >= 0).all()
         assert frames[-1] == found.matrices[b].shape[1] - 1
     torch.testing.assert_close(found.end[:, :-1], found.times[:, 1:], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_beam_search_read_through_beam_indices_gives_whisper_own_timestamps(seed):
+    reference, hooker, model, out = _whisper_and_ours(seed, 2, num_beams=3)
+    beams = out["beam_indices"]  # the capturing run's own
+    assert torch.equal(beams, reference["beam_indices"]) and beams.max() >= 3, "the second sequence's beams are slots 3..5 of the capture"
+    found = align_tokens(hooker, HEADS, audio=audio_frames(model), median_filter_width=3, beam_indices=beams)
+    torch.testing.assert_close(found.times, reference["token_timestamps"], atol=1e-6, rtol=0)
+    slot_by_slot = align_tokens(hooker, HEADS, audio=audio_frames(model), median_filter_width=3)
+    assert slot_by_slot.times.shape[0] == 6  # without beam_indices: slots, not sequences
+    wrong = torch.full((2, 12), 9)
+    wrong[:, 0] = 0
+    with pytest.raises(AttentionHookerError, match="names slots 0..9; the capture has 6"):
+        align_tokens(hooker, HEADS, audio=audio_frames(model), beam_indices=wrong)
+    ragged = beams.clone()
+    ragged[0, -2:] = -1
+    with pytest.raises(AttentionHookerError, match="end at different steps"):
+        align_tokens(hooker, HEADS, audio=audio_frames(model), beam_indices=ragged)
 
 
 def test_eager_capture_during_whisper_own_timestamps_equals_its_returned_tensors():
@@ -109,7 +128,7 @@ def test_audio_shorter_than_the_window_reads_only_its_frames(lengths):
     mask = torch.zeros(2, MEL_FRAMES, dtype=torch.long)
     for b, n in enumerate(lengths):
         mask[b, :n] = 1
-    reference, hooker, model = _whisper_and_ours(4, 2, attention_mask=mask)
+    reference, hooker, model, out = _whisper_and_ours(4, 2, attention_mask=mask)
     frames = mask.sum(-1) // 2
     found = align_tokens(hooker, HEADS, audio=audio_frames(model), frames=frames, median_filter_width=3)
     torch.testing.assert_close(found.times, reference["token_timestamps"], atol=1e-6, rtol=0)
@@ -270,7 +289,7 @@ def test_a_frame_no_token_tells_apart_is_refused_not_turned_into_nan():
 
 
 def test_alignment_view_draws_tokens_against_seconds(tmp_path):
-    reference, hooker, model = _whisper_and_ours(0, 1)
+    reference, hooker, model, out = _whisper_and_ours(0, 1)
     found = align_tokens(hooker, HEADS, audio=audio_frames(model), median_filter_width=3)
     tokens = [f"t{i}" for i in reference["sequences"][0].tolist()]
     positions, frames = found.paths[0]

@@ -330,9 +330,39 @@ def _heads(alignment_heads, layers: Mapping[int, torch.Tensor]) -> List[Tuple[in
     return pairs
 
 
+def _follow_beams(chosen: torch.Tensor, beam_indices, prompt_tokens: int) -> torch.Tensor:
+    """``(slots, A, Q, K)`` -> ``(sequences, A, Q', K)``: each sequence's rows read from its tokens' slots."""
+    slots, _, queries, _ = chosen.shape
+    indices = to_tensor(beam_indices, "beam_indices")
+    if indices.dim() != 2 or indices.dtype.is_floating_point or indices.shape[1] == 0:
+        raise AttentionHookerError(
+            f"beam_indices is {tuple(indices.shape)} {indices.dtype}; expected (sequences, steps) integer slots "
+            "(generate's beam_indices)")
+    indices = indices.long().cpu()
+    steps = int((indices != -1).sum(-1).max())
+    indices = indices[:, :steps]
+    if (indices == -1).any():
+        raise AttentionHookerError(
+            "the beam-search sequences end at different steps (beam_indices holds -1 before the longest one "
+            "ends); rows past a sequence's end belong to no beam: align sequences of one length (min_new_tokens), "
+            "or each on its own")
+    if indices.min() < 0 or indices.max() >= slots:
+        raise AttentionHookerError(
+            f"beam_indices names slots {int(indices.min())}..{int(indices.max())}; the capture has {slots} "
+            "(batch x num_beams)")
+    # The prompt's rows were computed before any token was chosen: read them from the first token's slot.
+    per_row = torch.cat([indices[:, :1].expand(-1, max(prompt_tokens - 1, 0)), indices], dim=1)  # (S, Q')
+    if per_row.shape[1] > queries:
+        raise AttentionHookerError(
+            f"beam_indices covers {per_row.shape[1]} rows with the {prompt_tokens} prompt tokens; the capture has "
+            f"{queries}: they are not from the same generate()")
+    rows = torch.arange(per_row.shape[1])
+    return chosen[per_row, :, rows[None, :], :].permute(0, 2, 1, 3)  # (S, Q', A, K) -> (S, A, Q', K)
+
+
 def align_tokens(cross_attention, alignment_heads: Sequence[Sequence[int]], *, audio: AudioFrames,
                  prompt_tokens: Optional[int] = None, frames: Union[int, Sequence[int], torch.Tensor, None] = None,
-                 median_filter_width: int = 7) -> TokenAlignment:
+                 median_filter_width: int = 7, beam_indices: Optional[torch.Tensor] = None) -> TokenAlignment:
     """Where in the audio each generated token starts, from a capture of a speech decoder's cross-attention.
 
     Args:
@@ -348,13 +378,18 @@ def align_tokens(cross_attention, alignment_heads: Sequence[Sequence[int]], *, a
         frames: how many encoder frames hold audio (an int, or one per batch row; from the feature
             extractor's ``attention_mask``: ``mask.sum(-1) // 2`` is what Whisper reads); default: all.
         median_filter_width: odd window of the median filter along time (``model.config.median_filter_width``).
+        beam_indices: under beam search, ``generate``'s ``beam_indices`` (``return_dict_in_generate=True``):
+            ``(sequences, steps)``, the batch slot each token came from. The capture holds every slot of every
+            step; each sequence's row ``r`` is read from the slot its token came from (the prompt's rows from
+            the slot of its first token). Without it, a beam-search capture cannot be told from a batch and
+            would be read slot by slot, which is no sequence: pass it whenever ``num_beams > 1``.
 
     Returns:
         A :class:`TokenAlignment`; ``.times`` is ``(batch, prompt + rows + 1)`` seconds.
 
     Raises:
         AttentionHookerError: for a capture that is not one generation's cross-attention, heads the capture
-            lacks, fewer than two aligned rows (one row has no spread to standardise), or a frame whose
+            lacks, beam indices that do not fit it (or sequences of different lengths under beam search), fewer than two aligned rows (one row has no spread to standardise), or a frame whose
             weight is the same for every token (its standardisation is undefined).
 
     Example:
@@ -388,8 +423,14 @@ def align_tokens(cross_attention, alignment_heads: Sequence[Sequence[int]], *, a
         raise AttentionHookerError(
             f"{rows} decoder row(s) after the {prompt_tokens} prompt tokens; at least 2 are needed (each frame is "
             "standardised over the token rows); generate more tokens")
-    counts = _frame_counts(frames, batch, keys)
     chosen = torch.stack([layers[layer][:, head] for layer, head in pairs], dim=1)  # (B, A, Q, K)
+    if beam_indices is not None:
+        chosen = _follow_beams(chosen, beam_indices, prompt_tokens)  # (sequences, A, Q', K)
+        batch, rows_total = chosen.shape[0], chosen.shape[2]
+        rows = rows_total - prompt_tokens
+        if rows < 2:
+            raise AttentionHookerError(f"the beams hold {rows} decoder row(s) after the prompt; at least 2 are needed")
+    counts = _frame_counts(frames, batch, keys)
     times = torch.zeros(batch, rows_total + 1, dtype=torch.float32)
     matrices, paths = [], []
     for b in range(batch):
