@@ -68,7 +68,7 @@ def _whisper_and_ours(seed: int, batch: int, **generate):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_sdpa_capture_gives_whisper_own_token_timestamps(seed, batch):
-    reference, hooker, model, out = _whisper_and_ours(seed, batch)
+    reference, hooker, model, _ = _whisper_and_ours(seed, batch)
     found = align_tokens(hooker, model.generation_config.alignment_heads, audio=audio_frames(model),
                          median_filter_width=model.config.median_filter_width)
     expected = reference["token_timestamps"]
@@ -89,7 +89,8 @@ def test_sdpa_capture_gives_whisper_own_token_timestamps(seed, batch):
 def test_beam_search_read_through_beam_indices_gives_whisper_own_timestamps(seed):
     reference, hooker, model, out = _whisper_and_ours(seed, 2, num_beams=3)
     beams = out["beam_indices"]  # the capturing run's own
-    assert torch.equal(beams, reference["beam_indices"]) and beams.max() >= 3, "the second sequence's beams are slots 3..5 of the capture"
+    assert torch.equal(beams, reference["beam_indices"])
+    assert beams.max() >= 3, "the second sequence's beams are slots 3..5 of the capture"
     found = align_tokens(hooker, HEADS, audio=audio_frames(model), median_filter_width=3, beam_indices=beams)
     torch.testing.assert_close(found.times, reference["token_timestamps"], atol=1e-6, rtol=0)
     slot_by_slot = align_tokens(hooker, HEADS, audio=audio_frames(model), median_filter_width=3)
@@ -128,7 +129,7 @@ def test_audio_shorter_than_the_window_reads_only_its_frames(lengths):
     mask = torch.zeros(2, MEL_FRAMES, dtype=torch.long)
     for b, n in enumerate(lengths):
         mask[b, :n] = 1
-    reference, hooker, model, out = _whisper_and_ours(4, 2, attention_mask=mask)
+    reference, hooker, model, _ = _whisper_and_ours(4, 2, attention_mask=mask)
     frames = mask.sum(-1) // 2
     found = align_tokens(hooker, HEADS, audio=audio_frames(model), frames=frames, median_filter_width=3)
     torch.testing.assert_close(found.times, reference["token_timestamps"], atol=1e-6, rtol=0)
@@ -248,7 +249,7 @@ def test_unknown_models_and_broken_extractors_are_refused():
 
 
 def test_captures_that_are_not_one_generation_are_refused():
-    eager, sdpa = pair(0)
+    _, sdpa = pair(0)
     features = torch.randn(2, 8, MEL_FRAMES)
     with torch.no_grad(), TransformerAttentionHooker(sdpa, layer_regex=r"encoder_attn$") as hooker:
         sdpa.generate(features, **GENERATE)
@@ -289,7 +290,7 @@ def test_a_frame_no_token_tells_apart_is_refused_not_turned_into_nan():
 
 
 def test_alignment_view_draws_tokens_against_seconds(tmp_path):
-    reference, hooker, model, out = _whisper_and_ours(0, 1)
+    reference, hooker, model, _ = _whisper_and_ours(0, 1)
     found = align_tokens(hooker, HEADS, audio=audio_frames(model), median_filter_width=3)
     tokens = [f"t{i}" for i in reference["sequences"][0].tolist()]
     positions, frames = found.paths[0]

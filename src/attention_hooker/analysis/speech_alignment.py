@@ -276,8 +276,9 @@ def _layers(cross_attention) -> Tuple[Dict[int, torch.Tensor], Optional[int]]:
                 raise AttentionHookerError(f"decoder layer {index}: {err}") from None
             counts = [int(c.shape[2]) for c in calls]
             if any(q != 1 for q in counts[1:]):
+                shown = f"{counts[:6]}{'...' if len(counts) > 6 else ''}"
                 raise AttentionHookerError(
-                    f"decoder layer {index}'s calls have {counts[:6]}{'...' if len(counts) > 6 else ''} queries; one generate() with a KV cache gives the "
+                    f"decoder layer {index}'s calls have {shown} queries; one generate() with a KV cache gives the "
                     "prompt's queries, then one query a step. A later call with more is a second generation "
                     "(another generate(), Whisper's long-form segments or temperature fallback), a step without the "
                     "cache (use_cache=False) or a multi-token step (assisted decoding): capture one generate() with "
@@ -389,8 +390,9 @@ def align_tokens(cross_attention, alignment_heads: Sequence[Sequence[int]], *, a
 
     Raises:
         AttentionHookerError: for a capture that is not one generation's cross-attention, heads the capture
-            lacks, beam indices that do not fit it (or sequences of different lengths under beam search), fewer than two aligned rows (one row has no spread to standardise), or a frame whose
-            weight is the same for every token (its standardisation is undefined).
+            lacks, beam indices that do not fit it (or sequences of different lengths under beam search),
+            fewer than two aligned rows (one row has no spread to standardise), or a frame whose weight is
+            the same for every token (its standardisation is undefined).
 
     Example:
         >>> from attention_hooker.media import AudioFrames

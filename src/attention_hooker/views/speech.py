@@ -100,10 +100,12 @@ def plot_token_alignment(
     frame_index = _path_array(path_frames, "path_frames")
     if positions.shape != frame_index.shape or positions.size == 0:
         raise AttentionHookerError(
-            f"path_positions has {positions.size} cells and path_frames {frame_index.size}; expected as many, at least 1")
+            f"path_positions has {positions.size} cells and path_frames {frame_index.size}; expected as many, "
+            "at least 1")
     if positions.min() < 0 or positions.max() >= rows or frame_index.min() < 0 or frame_index.max() >= frames:
+        low, high = positions.min() + first_position, positions.max() + first_position
         raise AttentionHookerError(
-            f"the path leaves the matrix: positions {positions.min() + first_position}..{positions.max() + first_position}"
+            f"the path leaves the matrix: positions {low}..{high}"
             f", frames {frame_index.min()}..{frame_index.max()}; the matrix covers positions {first_position}.."
             f"{first_position + rows - 1} and frames 0..{frames - 1}")
     if (np.diff(positions) < 0).any() or (np.diff(frame_index) < 0).any():
