@@ -174,7 +174,7 @@ def write_image_overlays(run: ImageTextRun, out, *, title: str, region) -> List[
         result = image_attention(run.capture.values[name][0], run.tokens, batch=0, queries=run.queries)
         path = folder / f"{''.join(c if c.isalnum() or c in '._-' else '_' for c in name)}.png"
         plot_image_attention(run.picture, result, query_labels=run.query_labels, region=region,
-                             title=f"{title}: {name}, mean of heads", save_path=path).clear()
+                             title=f"{title}\n{name}, mean of heads", save_path=path).clear()
         written.append(path)
     return written
 

@@ -274,7 +274,7 @@ def plot_image_attention(
     top = max(drawn, default=0.0) if stretched else float(vmax)
     norm = color_norm(color_scale, 0.0, top if top > 0 else 1.0)
     Figure = figure_class()
-    fig = Figure(figsize=(3.2 * len(panels) + 1.2, 3.3 * len(w) + 0.4), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 3.2 * len(panels) + 2.4), 3.0 * len(w) + 1.0), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(w), len(panels), squeeze=False))
     on_image = tokens.image.numpy() == image_index
     for q, row in enumerate(w):
@@ -294,9 +294,11 @@ def plot_image_attention(
     from matplotlib.cm import ScalarMappable
 
     scale = (f"colour stretched to the largest value drawn ({top:.3g})" if stretched else f"colour scale 0 to {top:.3g}")
-    fig.colorbar(ScalarMappable(norm=norm, cmap=colormap_named(cmap)), ax=axes, shrink=0.8,
-                 label=f"attention weight per cell\n(a token's weight split over its cells; {scale};\n"
-                       "weights not renormalised)")
-    fig.suptitle(title or f"attention on image {image_index}" + ("" if which == "as given" else f" ({which})"))
+    fig.colorbar(ScalarMappable(norm=norm, cmap=colormap_named(cmap)), ax=axes, shrink=min(0.8, 0.3 + 0.25 * len(w)),
+                 label=f"attention weight per cell\n({scale})")
+    fig.supxlabel("a token's weight is split evenly over the cells it covers; weights are not renormalised:\n"
+                  "the rest of each query's attention went to text or to other images", fontsize=7)
+    fig.suptitle(title or f"attention on image {image_index}" + ("" if which == "as given" else f" ({which})"),
+                 fontsize=10, wrap=True)
     save_figure(fig, save_path)
     return fig
