@@ -126,6 +126,8 @@ def test_each_mistake_is_one_line_with_status_2(llava_folder, tmp_path, capsys, 
         capsys, "run", "--model", folder, "--image", tmp_path / "broken.png", "--text", "a cat", "--out", out)
     assert "--pool do not go with it" in _error(
         capsys, "run", "--model", folder, "--image", image, "--text", "a cat", "--pool", "4", "--out", out)
+    assert "a vision-language model takes --image and --text together" in _error(
+        capsys, "run", "--model", folder, "--image", image, "--out", out)
     # a family without a reader: LLaVA's taken out of the registry for the while
     from attention_hooker.media import image_tokens
 
@@ -133,6 +135,16 @@ def test_each_mistake_is_one_line_with_status_2(llava_folder, tmp_path, capsys, 
     monkeypatch.delitem(image_tokens._FAMILIES, "llava")
     line = _error(capsys, "run", "--model", folder, "--image", image, "--text", "a cat", "--out", out)
     assert "no reader of image tokens for model type 'llava'" in line
+
+
+def test_a_capture_without_the_language_model_is_refused(llava_folder, tmp_path, capsys):
+    folder, image = llava_folder
+    line = _error(capsys, "run", "--model", folder, "--image", image, "--text", "a cat", "--layers", "vision_tower",
+                  "--out", tmp_path / "o")
+    assert "no layer of LlavaForConditionalGeneration's language model was captured (--layers 'vision_tower'" in line
+    assert main(["run", "--model", str(folder), "--image", str(image), "--text", "a cat", "--layers",
+                 r"language_model\.layers\.0\.self_attn$", "--out", str(tmp_path / "lm"), "--no-grids"]) == 0
+    assert len(list((tmp_path / "lm").glob("image-overlays/*.png"))) == 1
 
 
 def test_the_overlay_rows_are_each_generation_step_s_eager_attention_on_the_image(llava_folder):

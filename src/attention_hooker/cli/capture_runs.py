@@ -23,7 +23,8 @@ def capture_image(loaded: LoadedModel, image_path, *, layers: Optional[str] = No
     from ..hooker import TransformerAttentionHooker
 
     if loaded.kind != "vision":
-        raise CommandError(f"--image is for vision models; {loaded.name} is {with_article(loaded.kind)}: pass --text")
+        raise CommandError(f"--image is for vision models; {loaded.name} is {with_article(loaded.kind)}: pass --text "
+                           "(a vision-language model takes --image and --text together)")
     try:
         from PIL import Image
 

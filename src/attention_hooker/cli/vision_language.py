@@ -133,6 +133,10 @@ def capture_image_text(loaded: LoadedModel, image_path, text: str, *, layers: Op
     every = _sequence_labels(tokenizer, ids.cpu(), tokens)  # with --generate: the last token too, read by none
     labels = every[:length]
     language = _language_layers(loaded.model, values, length)
+    if not language:
+        raise CommandError(f"no layer of {loaded.name}'s language model was captured"
+                           + (f" (--layers {layers!r} finds none)" if layers else "")
+                           + "; --image with --text shows the text's attention over the image: let --layers take one")
     others = [name for name in values if name not in language]
     if any(values[name][0].shape[-1] == length or values[name][0].shape[-2] == length for name in others):
         notes.append("some layers outside the language model have the sequence's length; their axes are labelled "

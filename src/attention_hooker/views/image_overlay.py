@@ -248,7 +248,8 @@ def plot_image_attention(
             default the whole image.
         vmax: top of the colour scale (default: the largest value drawn, said on the colour bar).
         color_scale: ``"linear"``, ``"sqrt"`` or ``"log"``.
-        cmap, alpha: the overlay's colours and opacity.
+        cmap: the overlay's colormap (a matplotlib name).
+        alpha: the overlay's opacity, in [0, 1].
         title: the figure's title.
         save_path: a file to write (format from the extension).
 
