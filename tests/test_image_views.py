@@ -161,10 +161,13 @@ def _page_meta(html):
 def test_the_page_carries_the_image_inline_and_each_token_s_key_and_box():
     import base64
     import io
+    import re
+    import zlib
 
     from PIL import Image
 
     from attention_hooker import render_html
+    from attention_hooker.views.page import RELATIVE_ERROR, decode_weights
     from attention_hooker.views.page.image_meta import image_page_meta
 
     tiles = [ImageView(0, 0, "left tile", 1, 1, (0, 0, 1, .5)), ImageView(0, 1, "right tile", 1, 1, (0, .5, 1, 1)),
@@ -183,6 +186,16 @@ def test_the_page_carries_the_image_inline_and_each_token_s_key_and_box():
     carried = _page_meta(html)["image"]
     assert carried["positions"] == [1, 2, 3] and carried["src"] == meta["src"]
     assert "http://" not in html and "https://" not in html  # nothing fetched: the picture travels inline
+    # a long call travels pooled: the page carries the heads' mean on the image tokens for the other rows
+    attention = torch.rand(1, 2, 5, 5).softmax(-1)
+    html = render_html({"lm": [attention]}, image=meta, pool_above=4, pool_size=2).html
+    call = _page_meta(html)["layers"][0]["calls"][0]
+    assert "pooled" in call and call["image"]["rows"] == [0, 4]
+    payload = zlib.decompress(base64.b64decode(re.search(r'id="ah-payload">(.*?)</script>', html, re.S).group(1)))
+    codes = torch.frombuffer(bytearray(payload[call["image"]["offset"]:call["image"]["offset"] + 6]), dtype=torch.uint8)
+    carried = decode_weights(codes.view(1, 1, 2, 3), torch.tensor([[call["image"]["scale"]]]))[0, 0]
+    expected = attention[0][:, [0, 4]][:, :, [1, 2, 3]].mean(0)
+    torch.testing.assert_close(carried, expected, rtol=RELATIVE_ERROR, atol=0)
     with pytest.raises(AttentionHookerError, match="no call of the page has 9 keys"):
         render_html({"lm": [torch.rand(1, 2, 5, 5).softmax(-1)]}, image=dict(meta, keys=9))
     with pytest.raises(AttentionHookerError, match="past the 3 keys"):
@@ -260,6 +273,19 @@ def test_hovering_a_word_on_the_page_lights_its_patches_with_its_weights_in_chro
                 # drawn at 70% opacity; each weight travels within 2.8% (the page's 8-bit log codes)
                 assert pixel[3] == pytest.approx(178, abs=1)
                 np.testing.assert_allclose(pixel[:3], colour, atol=4 + 30 * ratio * 0.03)
+            # a long call (pooled on the page) carries the heads' mean on the image tokens for the text rows
+            two_heads = torch.cat([attention, attention.flip(-2)], 1)  # head 1: the rows reversed
+            two_heads[0, 1, 5] = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1, 0.0])  # its last row: 40% on the image
+            path = render_html({"lm": [two_heads]}, tokens=list("abcdef"), pool_above=4, pool_size=3,
+                               image=image_page_meta(np.zeros((16, 16, 3)), small, keys=6)).save(tmp_path / "l.html")
+            page.goto(f"file://{path}")
+            page.wait_for_selector("body[data-ready]", timeout=30_000)
+            page.hover("#ah-queries div:nth-child(6)")
+            readout = page.inner_text("#ah-image-readout")
+            assert "(mean of all 2 heads: a long call carries only that)" in readout
+            assert float(re.search(r"([\d.]+)%", readout).group(1)) == pytest.approx(55.0, abs=55 * 0.028)
+            page.hover("#ah-queries div:nth-child(2)")
+            assert "query 1 is an image token" in page.inner_text("#ah-image-readout")
             assert errors == [] and requests == []
         finally:
             browser.close()

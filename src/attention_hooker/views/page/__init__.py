@@ -366,6 +366,7 @@ def render_html(
     extra.update(about)  # scoreRanges, scoreNotes, colourBy (score_meta)
     if image is not None:
         extra["image"] = _checked_image(image, layer_meta)
+        _carry_long_image_rows(values, layer_meta, extra["image"], calls)
     color_scale = color_scale or calls.opening_scale()
     return AttentionPage(_document(title, layer_meta, calls, compression_level, color_scale, extra), title)
 
@@ -384,6 +385,25 @@ def _checked_image(image: Mapping[str, object], layer_meta: list) -> dict:
     out = dict(image)
     out["panels"] = [dict(p, name=_page_text(str(p["name"]))) for p in image["panels"]]
     return out
+
+
+def _carry_long_image_rows(values, layer_meta: list, image: dict, calls: "_PageCalls") -> None:
+    """A long call over the image's keys travels pooled, without each image token's weight: for it the
+    page carries the mean of the heads' weights on the image tokens, for every query row that is not an
+    image token (``(text rows, image tokens)`` codes, one scale), as ``call["image"]``."""
+    positions = torch.as_tensor(list(image["positions"]), dtype=torch.long)
+    on_image = set(positions.tolist())
+    batch, keys = int(image["batch"]), int(image["keys"])
+    for layer, layer_calls in zip(layer_meta, values.values()):
+        for entry, weights in zip(layer["calls"], layer_calls):
+            if "pooled" not in entry or entry["shape"][-1] != keys or entry["shape"][0] <= batch:
+                continue
+            w = as_batched(weights, layer["name"])[batch].detach().to("cpu", torch.float32)  # (H, Q, K)
+            rows = [q for q in range(w.shape[1]) if q not in on_image]
+            shown = w[:, rows][:, :, positions].mean(0)  # (text rows, image tokens)
+            codes, scales = encode_weights(shown[None, None])
+            entry["image"] = {"rows": rows, "scale": round(float(scales.flatten()[0]), 7),
+                              "offset": calls.payload.add(codes.numpy().tobytes())}
 
 
 def _word_layers(words, layer_meta: list, word_scores: Optional[PageScores], calls: "_PageCalls") -> list:

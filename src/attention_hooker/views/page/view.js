@@ -560,9 +560,16 @@
   function imageWeights() {
     const c = layerCall(state.layer, state.call);
     const [B, H, Q, K] = c.shape;
-    if (c.pooled) return { why: "this call is long: the page keeps it pooled, without each image token's weight" };
     if (K !== IMG.keys) return { why: `this layer has ${K} keys, not the ${IMG.keys} positions the image tokens are on (a vision tower's layer, or another axis)` };
     if (B <= IMG.batch) return { why: `this call has no batch row ${IMG.batch}, the image's` };
+    if (c.pooled) {  // a long call: the page carries the heads' mean on the image tokens, text rows only
+      const q = Math.min(state.query, Q - 1), at = c.image ? c.image.rows.indexOf(q) : -1;
+      if (!c.image) return { why: "this call is long: the page keeps it pooled, without each image token's weight" };
+      if (at < 0) return { why: `query ${q} is an image token: a long call carries the image weights of the other rows only` };
+      const n = IMG.positions.length, codes = state.data.subarray(c.image.offset + at * n, c.image.offset + (at + 1) * n);
+      const w = Float64Array.from(codes, (code) => value(code, c.image.scale));
+      return { w, q, heads: [], label: tokensOf(c.queryTokens, Q)[q], H, long: true };
+    }
     const heads = shownHeads(H);
     if (!heads.length) return { why: "no head shown (toggle one on in the head view)" };
     const q = Math.min(state.query, Q - 1), w = new Float64Array(IMG.positions.length);
@@ -605,7 +612,7 @@
       }
       $(`ah-image-caption-${k}`).textContent = `${p.name}: ${(100 * onPanel).toFixed(1)}%`;
     });
-    const heads = r.H === 1 ? "its only head" : r.heads.length === r.H ? `mean of its ${r.H} heads` : r.heads.length === 1 ? `head ${r.heads[0]}`
+    const heads = r.long ? `mean of all ${r.H} heads: a long call carries only that` : r.H === 1 ? "its only head" : r.heads.length === r.H ? `mean of its ${r.H} heads` : r.heads.length === 1 ? `head ${r.heads[0]}`
       : `mean of heads ${r.heads.join(", ")}`;
     $("ah-image-readout").textContent = `query ${r.q} "${r.label}": ${(100 * share).toFixed(1)}% of its attention on the image (${heads})`;
     $("ah-image-max").textContent = top.toPrecision(3);
