@@ -42,8 +42,8 @@ def llava_next_inputs(model):
                                                      image_grid_pinpoints=PINPOINTS)
     out = processor(images=[coordinate_image(h, w) for h, w in SIZES], return_tensors="pt")
     with torch.no_grad():  # how many tokens each image takes, from the model's own packing
-        lengths = [len(f) for f in model.model.get_image_features(out["pixel_values"], out["image_sizes"],
-                                                                  vision_feature_select_strategy="default").pooler_output]
+        lengths = [len(f) for f in model.model.get_image_features(
+            out["pixel_values"], out["image_sizes"], vision_feature_select_strategy="default").pooler_output]
     rows = [[1, 5] + [IMAGE] * lengths[0], [1] + [IMAGE] * lengths[1] + [6] + [IMAGE] * lengths[2]]
     width = max(map(len, rows)) + 2
     ids = torch.tensor([r + [7 + i % 40 for i in range(width - len(r))] for r in rows])
