@@ -33,7 +33,7 @@ from ...errors import AttentionHookerError
 from ..image_tokens import ImageView, register_image_tokens, require, table, tokens_where
 from .paligemma import square_side
 
-__all__ = ["llava_next_image_tokens", "anyres_tiles"]
+__all__ = ["llava_next_image_tokens", "anyres_tiles", "check_square_processor"]
 
 
 def _best_resolution(size: Tuple[int, int], pinpoints: Sequence[Sequence[int]]) -> Tuple[int, int]:
@@ -79,7 +79,9 @@ def anyres_tiles(size: Tuple[int, int], pinpoints, tile: int, patch: int):
     return (rows, cols), (top, bottom, left, right), box
 
 
-def _check_processor(processor, tile: int) -> None:
+def check_square_processor(processor, tile: int) -> None:
+    """Refuses (``AttentionHookerError``) a processor whose resize or crop size is not the tower's ``tile``:
+    the tiles and base would then be cut or scaled again, which the readers here do not place."""
     images = getattr(processor, "image_processor", processor)
     if images is None:
         return
@@ -119,7 +121,7 @@ def llava_next_image_tokens(config, inputs, *, processor=None):
     side = square_side(vision)
     tile = int(vision.image_size if not isinstance(vision.image_size, (list, tuple)) else vision.image_size[0])
     patch = tile // side
-    _check_processor(processor, tile)
+    check_square_processor(processor, tile)
     sizes = require(inputs, "image_sizes", "llava_next", "each image's original (height, width) decides its tiles")
     pixels = require(inputs, "pixel_values", "llava_next", "its shape says where each image's crops are")
     sizes = [tuple(int(v) for v in s) for s in sizes.reshape(-1, 2).tolist()]

@@ -24,7 +24,7 @@ from typing import Dict, List, Tuple
 
 from ...errors import AttentionHookerError
 from ..image_tokens import ImageView, register_image_tokens, require, table, tokens_where
-from .llava_next import _check_processor, anyres_tiles
+from .llava_next import anyres_tiles, check_square_processor
 from .paligemma import square_side
 
 __all__ = ["llava_onevision_image_tokens", "bilinear_sources"]
@@ -93,7 +93,7 @@ def llava_onevision_image_tokens(config, inputs, *, processor=None):
     tile = int(vision.image_size if not isinstance(vision.image_size, (list, tuple)) else vision.image_size[0])
     patch = tile // side
     most = _max_tiles(config)
-    _check_processor(processor, tile)
+    check_square_processor(processor, tile)
     sizes = require(inputs, "image_sizes", "llava_onevision", "each image's original (height, width) decides "
                     "its tiles")
     pixels = require(inputs, "pixel_values", "llava_onevision", "its shape says where each image's crops are")
