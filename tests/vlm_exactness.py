@@ -6,6 +6,7 @@ and text-to-image attention read on the reader's grid against a slice of the eag
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Callable, Dict, List
 
 import torch
@@ -43,12 +44,12 @@ def assert_language_model_exact(make_model, inputs: dict, *, regex: str, layers:
     assert len(reference) == layers
     for implementation in ("sdpa", "eager"):
         model = make_model(implementation)
-        got = capture(model, regex, lambda: model(**inputs))
+        got = capture(model, regex, partial(model, **inputs))
         assert sorted(got) == list(range(layers)), f"{implementation}: captured layers {sorted(got)}"
         for i in range(layers):
             assert len(got[i]) == 1
             torch.testing.assert_close(got[i][0], reference[i], atol=atol, rtol=0,
-                                       msg=lambda m: f"{implementation}, layer {i}: {m}")
+                                       msg=lambda m, where=f"{implementation}, layer {i}": f"{where}: {m}")
     return reference
 
 
@@ -62,11 +63,11 @@ def assert_tower_exact(make_model, inputs: dict, *, regex: str, tower: Callable,
     assert len(reference) == layers
     for implementation in ("sdpa", "eager"):
         model = make_model(implementation)
-        got = capture(model, regex, lambda: model(**inputs))
+        got = capture(model, regex, partial(model, **inputs))
         assert sorted(got) == list(range(layers)), f"{implementation}: captured layers {sorted(got)}"
         for i in range(layers):
             torch.testing.assert_close(torch.cat(got[i]), reference[i], atol=atol, rtol=0,
-                                       msg=lambda m: f"tower on {implementation}, layer {i}: {m}")
+                                       msg=lambda m, where=f"tower on {implementation}, layer {i}": f"{where}: {m}")
 
 
 def assert_generate_exact(make_model, inputs: dict, *, regex: str, layers: int, steps: int = 3, atol=1e-5):
@@ -82,7 +83,7 @@ def assert_generate_exact(make_model, inputs: dict, *, regex: str, layers: int, 
         assert len(got[i]) == steps, f"layer {i}: {len(got[i])} calls for {steps} steps"
         for step in range(steps):
             torch.testing.assert_close(got[i][step], reference.attentions[step][i], atol=atol, rtol=0,
-                                       msg=lambda m: f"generate step {step}, layer {i}: {m}")
+                                       msg=lambda m, where=f"generate step {step}, layer {i}": f"{where}: {m}")
     return got
 
 

@@ -20,7 +20,7 @@ Videos (``pixel_values_videos``) are not read here: a call with them is refused.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 from ...errors import AttentionHookerError
 from ..image_tokens import ImageView, register_image_tokens, require, table, tokens_where
@@ -48,6 +48,13 @@ def bilinear_sources(n_in: int, n_out: int) -> List[List[int]]:
         high = min(low + 1, n_in - 1)
         out.append([low] + ([high] if src - low > 0 and high != low else []))
     return out
+
+
+def _tile_unit(r: int, c: int, crop: int, side: int, tiles_wide: int) -> int:
+    """The ``pixel_values`` unit of patch ``(r, c)`` of the tiles' grid put back (the image's base is crop
+    ``crop``, its tiles follow in raster order)."""
+    n = 1 + (r // side) * tiles_wide + c // side
+    return (crop + n) * side * side + (r % side) * side + c % side
 
 
 def _max_tiles(config) -> int:
@@ -124,11 +131,6 @@ def llava_onevision_image_tokens(config, inputs, *, processor=None):
                                                                             tile, patch)
             tiles_wide = g_cols // side
             n_crops = 1 + (g_rows // side) * tiles_wide
-
-            def unit(r: int, c: int) -> int:  # the unit of patch (r, c) of the tiles' grid put back
-                n = 1 + (r // side) * tiles_wide + c // side
-                return (crop + n) * side * side + (r % side) * side + c % side
-
             cells += [(0, r, c, 1, [crop * side * side + r * side + c]) for r in range(side) for c in range(side)]
             h, w = bottom - top, right - left
             ratio = math.sqrt(h * w / (most * side * side))
@@ -141,7 +143,8 @@ def llava_onevision_image_tokens(config, inputs, *, processor=None):
             views += [ImageView(image, 0, "base", side, side), ImageView(image, 1, "tiles", out_h, out_w, box)]
             for r in range(out_h):
                 for c in range(out_w):
-                    cells.append((1, r, c, 1, [unit(top + i, left + j) for i in by_row[r] for j in by_col[c]]))
+                    cells.append((1, r, c, 1, [_tile_unit(top + i, left + j, crop, side, tiles_wide)
+                                               for i in by_row[r] for j in by_col[c]]))
                 cells.append((1, r, out_w, 0, []))
         if t + len(cells) > len(position):
             raise AttentionHookerError(
