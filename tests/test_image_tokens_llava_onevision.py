@@ -1,10 +1,12 @@
 """Image-token maps of LLaVA-OneVision (issue 23): base view + unpadded any-resolution tiles (shrunk bilinearly
-past anyres_max_N), row ends, and untiled square images in multi-image rows; checked against the model's own
-code path (which pixel_values patches feed which image token; row ends are its image_newline embedding), the
-real image processor, and the capture against eager attentions with the image tokens in."""
+past anyres_max_N), row ends, untiled square images in multi-image rows, and videos (shrunk frames); checked
+against the model's own code path (which pixel_values patches feed which image token; row ends are its
+image_newline embedding), the real image processor, and the capture against eager attentions with the image
+tokens in."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,8 +99,6 @@ def test_onevision_tokens_are_the_patches_that_feed_them_and_row_ends_are_the_ne
 def test_onevision_refuses_what_it_cannot_read():
     model = tiny_onevision()
     inputs, processor, _ = onevision_inputs(model)
-    with pytest.raises(AttentionHookerError, match="videos .* not read here"):
-        image_token_map(model, dict(inputs, pixel_values_videos=torch.zeros(1, 2, 3, 32, 32)))
     with pytest.raises(AttentionHookerError, match="batch_num_images=\\[1, 1, 1\\] counts 3 images, image_sizes 4"):
         image_token_map(model, dict(inputs, batch_num_images=torch.tensor([1, 1, 1])))
     with pytest.raises(AttentionHookerError, match="needs 'image_sizes'"):
@@ -125,3 +125,53 @@ def test_onevision_capture_is_exact_against_eager_for_the_language_model_the_tow
     tokens = image_token_map(model, inputs)
     for layer in range(2):
         assert_image_attention_is_the_eager_slice(got[layer][0], reference[layer], tokens, queries=(-1, 3))
+
+
+VIDEO = 61
+
+
+def onevision_video_inputs():
+    processor = transformers.LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32})
+    videos = [np.stack([np.asarray(coordinate_image(h, w))] * 2) for h, w in [(40, 40), (24, 56)]]
+    out = processor(videos=videos, return_tensors="pt")
+    per_video = 2 * 4 + 1  # two frames of 2 x 2 shrunk patches, and a row end
+    ids = torch.tensor([[1, 5] + [VIDEO] * per_video + [7, 8], [1] + [VIDEO] * per_video + [9, 3, 4]])
+    return dict(input_ids=ids, pixel_values_videos=out["pixel_values_videos"],
+                attention_mask=torch.ones_like(ids)), processor
+
+
+def tiny_onevision_video(implementation="sdpa"):
+    model = tiny_onevision(implementation)
+    model.config.video_token_id = VIDEO
+    return model
+
+
+def test_onevision_video_tokens_are_shrunk_frame_patches_and_a_row_end():
+    model = tiny_onevision_video()
+    inputs, processor = onevision_video_inputs()
+    tokens = image_token_map(model, inputs)
+    assert [(v.image, v.name, v.rows, v.cols) for v in tokens.views] == [
+        (0, "frame 0", 2, 2), (0, "frame 1", 2, 2), (1, "frame 0", 2, 2), (1, "frame 1", 2, 2)]
+    found = sources_by_perturbation(model, inputs, tower=model.model.vision_tower,
+                                    language_model=model.model.language_model, patch=8, field="pixel_values_videos")
+    assert claimed_sources(tokens) == found
+    ends = tokens.height == 0
+    assert tokens.position[ends].tolist() == [10, 9]
+    kept = tokens.select(~ends)
+    centres = centres_of_sources(kept, inputs["pixel_values_videos"], processor.image_mean, processor.image_std)
+    top, left, bottom, right = kept.boxes().T
+    torch.testing.assert_close(centres[:, 0], (top + bottom) / 2, atol=0.03, rtol=0)
+    torch.testing.assert_close(centres[:, 1], (left + right) / 2, atol=0.03, rtol=0)
+    with pytest.raises(AttentionHookerError, match="images or videos in one call, not both"):
+        image_token_map(model, dict(inputs, pixel_values=torch.zeros(1, 1, 3, 32, 32)))
+
+
+def test_onevision_video_capture_is_exact_against_eager_with_generate():
+    inputs, _ = onevision_video_inputs()
+    reference = assert_language_model_exact(tiny_onevision_video, inputs, regex=LM, layers=2)
+    assert_generate_exact(tiny_onevision_video, inputs, regex=LM, layers=2)
+    model = tiny_onevision_video()
+    got = capture(model, LM, lambda: model(**inputs))
+    tokens = image_token_map(model, inputs)
+    for layer in range(2):
+        assert_image_attention_is_the_eager_slice(got[layer][0], reference[layer], tokens, queries=(-1,))

@@ -14,7 +14,13 @@ no source, no cell). Two differences:
   image centered) and the model takes it as one crop, ``side^2`` tokens and one row end: view ``"image"``,
   whose box reaches past the image on the sides the padding was added.
 
-Videos (``pixel_values_videos``) are not read here: a call with them is refused.
+Videos. A call whose inputs hold videos (``pixel_values_videos``, ``(videos, frames, 3, S, S)``, each
+frame resized to the square) and no images is read as a table of *video* tokens (``video_token_id``): per
+video (its ``image`` index), each frame's ``side x side`` patch features shrunk bilinearly to
+``ceil(side / 2)`` a side (view ``"frame f"``, each token's sources the up to 2 x 2 patches weighed in),
+frames in order, then one row-end token after the last frame (a marker on the last frame's view). Their
+``source`` units are those of ``pixel_values_videos`` (frames counted over all videos, as crops are). A
+call holding both images and videos is refused: one table has one kind of unit.
 """
 
 from __future__ import annotations
@@ -57,6 +63,40 @@ def _tile_unit(r: int, c: int, crop: int, side: int, tiles_wide: int) -> int:
     return (crop + n) * side * side + (r % side) * side + c % side
 
 
+def _video_tokens(config, inputs):
+    """Video tokens of LLaVA-OneVision (see the module doc): per video, its frames' shrunk patch grids, then
+    one row end."""
+    side = square_side(config.vision_config)
+    patch = int(config.vision_config.patch_size)
+    videos = inputs["pixel_values_videos"]
+    if videos.dim() != 5:
+        raise AttentionHookerError(f"image_token_map: llava_onevision expected pixel_values_videos as (videos, "
+                                   f"frames, 3, H, W), got {tuple(videos.shape)}")
+    n_videos, frames = videos.shape[:2]
+    small = math.ceil(side / 2)
+    pick = bilinear_sources(side, small)
+    per_video = frames * small * small + 1
+    batch, position = tokens_where(inputs["input_ids"], config.video_token_id)
+    if len(position) != n_videos * per_video:
+        raise AttentionHookerError(
+            f"image_token_map: llava_onevision's {n_videos} video(s) of {frames} frames take {per_video} video tokens "
+            f"each ({small} x {small} per frame + a row end), but input_ids hold {len(position)}")
+    views, rows, sources = [], [], []
+    for video in range(n_videos):
+        for f in range(frames):
+            views.append(ImageView(video, f, f"frame {f}", small, small))
+            unit = (video * frames + f) * side * side
+            for r in range(small):
+                for c in range(small):
+                    t = video * per_video + f * small * small + r * small + c
+                    rows.append((int(batch[t]), int(position[t]), video, len(views) - 1, r, c, 1, 1))
+                    sources.append([unit + i * side + j for i in pick[r] for j in pick[c]])
+        t = (video + 1) * per_video - 1
+        rows.append((int(batch[t]), int(position[t]), video, len(views) - 1, small - 1, small, 0, 0))
+        sources.append([])
+    return table("llava_onevision", "sequence", rows, sources, patch, views)
+
+
 def _max_tiles(config) -> int:
     text = str(getattr(config, "vision_aspect_ratio", "anyres_max_9"))
     if not text.startswith("anyres_max_") or not text[len("anyres_max_"):].isdigit():
@@ -86,8 +126,10 @@ def llava_onevision_image_tokens(config, inputs, *, processor=None):
         [('base', 4, 4), ('tiles', 2, 5)]
     """
     if inputs.get("pixel_values_videos") is not None:
-        raise AttentionHookerError("image_token_map: llava_onevision videos (pixel_values_videos) are not read here; "
-                                   "pass images only")
+        if inputs.get("pixel_values") is not None:
+            raise AttentionHookerError("image_token_map: llava_onevision reads images or videos in one call, not both "
+                                       "(their source units are of different tensors); pass them separately")
+        return _video_tokens(config, inputs)
     vision = config.vision_config
     # the features must be exactly the patches: drop the class token of a CLIP tower, keep all of SigLIP's
     wanted = "default" if str(getattr(vision, "model_type", "")).startswith("clip") else "full"
