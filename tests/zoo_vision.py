@@ -62,6 +62,25 @@ FAMILY_SIZES = {
     "levit": dict(patch_size=16, image_size=64),
     # RT-DETR and its kin pick num_queries of the encoder's tokens: fewer than the shrunk image has.
     **{family: dict(num_queries=8) for family in ("rt_detr", "rt_detr_v2", "d_fine", "deimv2")},
+    # CvT reads its stage's drop-path rates at the stage's index (transformers), so stage s needs over s layers.
+    "cvt": dict(depth=[1, 2, 3]),
+}
+# The same for sub-configs: (model type, sub-config) -> sizes. SigLIP's text head projects to its own width;
+# SAM's prompt encoder must match the 4 x 4 image embedding, whose windowed block gets windows of 2 x 2.
+SUB_SIZES = {
+    ("siglip", "text_config"): dict(projection_size=32),
+    ("siglip2", "text_config"): dict(projection_size=32),
+    ("vision-text-dual-encoder", "vision_config"): dict(pooler_output_size=32),
+    ("sam", "vision_config"): dict(window_size=2, global_attn_indexes=[1], mlp_dim=64, output_channels=32,
+                                       num_pos_feats=16),
+    ("sam", "prompt_encoder_config"): dict(image_embedding_size=4),
+    ("sam", "mask_decoder_config"): dict(mlp_dim=64, iou_head_hidden_dim=32),
+    ("sam_hq", "vision_config"): dict(window_size=2, global_attn_indexes=[1], mlp_dim=64, output_channels=32,
+                                       num_pos_feats=16),
+    ("sam_hq", "prompt_encoder_config"): dict(image_embedding_size=4),
+    ("sam_hq", "mask_decoder_config"): dict(mlp_dim=64, iou_head_hidden_dim=32, vit_dim=32),
+    ("siglip2", "vision_config"): dict(num_patches=16),
+    ("siglip2_vision_model", None): dict(num_patches=16),
 }
 
 
@@ -69,6 +88,10 @@ def adapt(model_type: str, config) -> None:
     """Sizes ``model_type`` needs on top of the harness's shrink, set on ``config`` in place."""
     for key, value in FAMILY_SIZES.get(model_type, {}).items():
         setattr(config, key, value)
+    for (family, part), sizes in SUB_SIZES.items():
+        if family == model_type:
+            for key, value in sizes.items():
+                setattr(getattr(config, part) if part else config, key, value)
     for sub in [config] + [v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]:
         _fit_mrope_sections(sub)
         if getattr(sub, "model_type", "").endswith("_vision") or "vision" in type(sub).__name__.lower():
@@ -138,13 +161,20 @@ def inputs_for(model, config) -> Optional[Tuple[dict, None]]:
     return {params[0]: torch.randn(int(grid.prod(-1).sum()), features), "grid_thw": grid}, None
 
 
+# SAM's tower's attentions (its mask decoder's are each SamAttention call's own weights: OWN_WEIGHTS).
+EXTRA_FIELDS = ("vision_attentions",)
+
+
 def references(model, inputs: dict, found: List[torch.Tensor], forward) -> List[torch.Tensor]:
     """``found`` (transformers' attentions) with each packed vision attention call's output ``(S, C)``,
     which transformers records as its 'attention', replaced by the call's map ``(1, heads, S, S)``: the
     softmaxes its own ``eager_attention_forward`` returned, one per segment, placed block-diagonally
     (segment ``i`` at rows and keys ``o_i .. o_i + L_i``, zeros elsewhere) by :func:`block_diagonal`.
     ``forward(model, inputs)`` runs the (eager) model. Models without such a module: ``found`` as it is."""
-    found = every_window_call(model, inputs, found, forward)
+    if not found:  # SAM returns its tower's attentions under their own name
+        output = forward(model, inputs, output_attentions=True)
+        found = [a for f in EXTRA_FIELDS for a in (getattr(output, f, None) or ()) if isinstance(a, torch.Tensor)]
+    found = every_window_call(model, inputs, found, forward) + own_weights(model, inputs, forward)
     calls = packed_calls(model, lambda: forward(model, inputs))
     if not calls:
         return found
@@ -218,6 +248,9 @@ def block_diagonal(pieces: List[torch.Tensor]) -> torch.Tensor:
 # (with output_attentions, or always) while transformers records only each stage's last block's.
 WINDOW_ATTENTION = {"SwinAttention", "DonutSwinSelfAttention", "Swinv2SelfAttention", "Swin2SRSelfAttention",
                     "MaskFormerSwinSelfAttention"}
+# Attention modules that return their weights ``(batch * point batch, heads, query, key)`` while transformers
+# returns none of them (SAM's two-way mask decoder): each call's own weights are the oracle, appended.
+OWN_WEIGHTS = {"SamAttention", "SamHQAttention"}
 
 
 def every_window_call(model, inputs: dict, found: List[torch.Tensor], forward) -> List[torch.Tensor]:
@@ -250,6 +283,21 @@ def every_window_call(model, inputs: dict, found: List[torch.Tensor], forward) -
     return kept + recorded
 
 
+def own_weights(model, inputs: dict, forward) -> List[torch.Tensor]:
+    """Every call's own returned weights of the :data:`OWN_WEIGHTS` modules of ``model``, in call order."""
+    layers = [m for m in model.modules() if type(m).__module__.startswith("transformers.")
+              and type(m).__name__ in OWN_WEIGHTS]
+    recorded: List[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda m, a, out: recorded.append(out[1])) for m in layers]
+    try:
+        if layers:
+            forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorded
+
+
 # The oracles adapted here, merged into the harness's ORACLE_NOTES.
 ORACLE_NOTES = {
     "packed vision towers (qwen2_5_vl_vision, qwen3_vl_vision, glm4v_vision, ...)": (
@@ -260,6 +308,10 @@ ORACLE_NOTES = {
         "transformers returns each stage's last block's window attentions only: every window attention module's "
         "own returned weights, in call order (transformers' checked to be among them), placed at the image's "
         "tokens as for MaskFormer's backbone"),
+    "sam, sam_hq": (
+        "transformers returns the tower's attentions as vision_attentions (compared as for sam_vision_model) and "
+        "not the two-way mask decoder's: each SamAttention call's own returned weights (batch * point batch, "
+        "heads, query, key) are the decoder's oracle"),
 }
 
 # Families whose refused layers have no (batch, heads, query, key) map over keys, merged into the harness's
