@@ -150,6 +150,8 @@ def inputs_for(model, config) -> Optional[Tuple[dict, None]]:
     import inspect
 
     params = list(inspect.signature(model.forward).parameters)
+    if "spatial_shapes" in params and "pixel_attention_mask" in params:
+        return _patchified_images(model, config, params)
     if params[1:2] != ["grid_thw"] or params[0] not in ("hidden_states", "pixel_values") \
             or not any(_is_packed(m) for m in model.modules()):
         return None
@@ -163,6 +165,27 @@ def inputs_for(model, config) -> Optional[Tuple[dict, None]]:
 
 # SAM's tower's attentions (its mask decoder's are each SamAttention call's own weights: OWN_WEIGHTS).
 EXTRA_FIELDS = ("vision_attentions",)
+
+
+def _patchified_images(model, config, params):
+    """SigLIP 2's inputs: two images already cut into patches, ``pixel_values (2, N, C * p * p)``, of 4 x 4 and
+    2 x 4 patches (``spatial_shapes``), the second padded to ``N`` (``pixel_attention_mask``, also the rows the
+    harness compares of the vision model); with the harness's text batch where the model reads text too."""
+    import zoo_harness
+
+    vision = getattr(config, "vision_config", None) or config
+    shapes = torch.tensor([[4, 4], [2, 4]])
+    patches = int(vision.num_patches)
+    torch.manual_seed(1)
+    pixels = torch.randn(2, patches, int(vision.num_channels) * int(vision.patch_size) ** 2)
+    mask = torch.zeros(2, patches, dtype=torch.long)
+    for row, (h, w) in enumerate(shapes.tolist()):
+        mask[row, :h * w] = 1
+    inputs = dict(pixel_values=pixels, pixel_attention_mask=mask, spatial_shapes=shapes)
+    if "input_ids" not in params:
+        return inputs, mask
+    text, text_mask = zoo_harness._text_inputs(config)
+    return dict(text, **inputs), text_mask
 
 
 def references(model, inputs: dict, found: List[torch.Tensor], forward) -> List[torch.Tensor]:
