@@ -65,6 +65,8 @@ FAMILY_SIZES = {
     # CvT reads its stage's drop-path rates at the stage's index (transformers), so stage s needs over s layers.
     "cvt": dict(depth=[1, 2, 3]),
 }
+IMAGE_TOKEN = 127  # the shrunk vocabulary's last id; the harness's text ids are 3 .. 99
+
 # The same for sub-configs: (model type, sub-config) -> sizes. SigLIP's text head projects to its own width;
 # SAM's prompt encoder must match the 4 x 4 image embedding, whose windowed block gets windows of 2 x 2.
 SUB_SIZES = {
@@ -80,6 +82,15 @@ SUB_SIZES = {
     ("sam_hq", "prompt_encoder_config"): dict(image_embedding_size=4),
     ("sam_hq", "mask_decoder_config"): dict(mlp_dim=64, iou_head_hidden_dim=32, vit_dim=32),
     ("siglip2", "vision_config"): dict(num_patches=16),
+    ("kosmos-2", None): dict(latent_query_num=4),
+    ("blip-2", "qformer_config"): dict(encoder_hidden_size=32),
+    ("blip-2", "text_config"): dict(word_embed_proj_dim=32),  # OPT's embeddings: the shrunk width
+    ("instructblip", "qformer_config"): dict(encoder_hidden_size=32),
+    ("instructblipvideo", "qformer_config"): dict(encoder_hidden_size=32),
+    ("blip_2_qformer", None): dict(encoder_hidden_size=32),
+    ("blip-2", None): dict(num_query_tokens=4, image_token_index=IMAGE_TOKEN, image_token_id=IMAGE_TOKEN),
+    ("instructblip", None): dict(num_query_tokens=4, image_token_index=IMAGE_TOKEN, image_token_id=IMAGE_TOKEN),
+    ("instructblipvideo", None): dict(num_query_tokens=4, image_token_index=IMAGE_TOKEN, image_token_id=IMAGE_TOKEN),
     ("siglip2_vision_model", None): dict(num_patches=16),
 }
 
@@ -150,6 +161,9 @@ def inputs_for(model, config) -> Optional[Tuple[dict, None]]:
     import inspect
 
     params = list(inspect.signature(model.forward).parameters)
+    builder = INPUTS.get(getattr(config, "model_type", None))
+    if builder is not None:
+        return builder(config)
     if "spatial_shapes" in params and "pixel_attention_mask" in params:
         return _patchified_images(model, config, params)
     if params[1:2] != ["grid_thw"] or params[0] not in ("hidden_states", "pixel_values") \
@@ -163,8 +177,66 @@ def inputs_for(model, config) -> Optional[Tuple[dict, None]]:
     return {params[0]: torch.randn(int(grid.prod(-1).sum()), features), "grid_thw": grid}, None
 
 
-# SAM's tower's attentions (its mask decoder's are each SamAttention call's own weights: OWN_WEIGHTS).
-EXTRA_FIELDS = ("vision_attentions",)
+# Attentions transformers returns under their own names: SAM's tower's (its mask decoder's are each
+# SamAttention call's own weights: OWN_WEIGHTS), Kosmos-2's image-to-text projection's.
+EXTRA_FIELDS = {"sam": ("vision_attentions",), "sam_hq": ("vision_attentions",),
+                "kosmos-2": ("projection_attentions",)}
+
+
+def _image(config, frames: int = 0) -> torch.Tensor:
+    """Two random images ``(2, C, S, S)`` (or ``frames`` of each, ``(2, frames, C, S, S)``) of the vision
+    config's size."""
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", 32)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    shape = (2, frames) if frames else (2,)
+    torch.manual_seed(1)
+    return torch.randn(*shape, getattr(vision, "num_channels", 3), size, size)
+
+
+def _text(config):
+    import zoo_harness
+
+    return zoo_harness._text_inputs(config)
+
+
+def _blip2(config, frames: int = 0, qformer: bool = False):
+    """BLIP-2 / InstructBLIP: one image (or ``frames`` of it) per row, whose ``num_query_tokens`` Q-Former
+    outputs replace as many image tokens (``image_token_index``) put before the harness's text batch (the
+    second row padded by two tokens at the end); InstructBLIP's Q-Former reads the text too."""
+    text, mask = _text(config)
+    queries = config.num_query_tokens * max(frames, 1)
+    ids = torch.cat([torch.full((2, queries), IMAGE_TOKEN), text["input_ids"]], 1)
+    mask = torch.cat([torch.ones(2, queries, dtype=mask.dtype), mask], 1)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=_image(config, frames))
+    if qformer:
+        inputs.update(qformer_input_ids=text["input_ids"], qformer_attention_mask=text["attention_mask"])
+    return inputs, mask
+
+
+def _kosmos2(config):
+    """Kosmos-2: ``latent_query_num`` image-embedding positions after the first token, marked by
+    ``image_embeds_position_mask``, then text; the second row padded by two tokens at the end."""
+    text, mask = _text(config)
+    positions = torch.zeros_like(text["input_ids"])
+    positions[:, 1:1 + config.latent_query_num] = 1
+    return dict(text, pixel_values=_image(config), image_embeds_position_mask=positions), mask
+
+
+def _qformer(config):
+    """BLIP-2's Q-Former alone: ``num_query_tokens``-like query embeddings (4) over 5 image features."""
+    torch.manual_seed(1)
+    return dict(query_embeds=torch.randn(2, 4, config.hidden_size),
+                encoder_hidden_states=torch.randn(2, 5, config.encoder_hidden_size)), None
+
+
+INPUTS = {
+    "blip-2": _blip2,
+    "instructblip": lambda config: _blip2(config, qformer=True),
+    "instructblipvideo": lambda config: _blip2(config, frames=2, qformer=True),
+    "kosmos-2": _kosmos2,
+    "blip_2_qformer": _qformer,
+}
 
 
 def _patchified_images(model, config, params):
@@ -188,15 +260,30 @@ def _patchified_images(model, config, params):
     return dict(text, **inputs), text_mask
 
 
+# transformers' BLIP-2 Q-Former records its cross-attentions among `attentions` (every multi-head attention
+# module) and again as `cross_attentions`, the same tensor: each is kept once (equal maps of different layers
+# are all kept: in the shrunk towers, layers 0 and 1 can attend uniformly alike).
+QFORMER_TWICE = {"blip-2", "blip_2_qformer", "instructblip", "instructblipvideo"}
+
+
 def references(model, inputs: dict, found: List[torch.Tensor], forward) -> List[torch.Tensor]:
     """``found`` (transformers' attentions) with each packed vision attention call's output ``(S, C)``,
     which transformers records as its 'attention', replaced by the call's map ``(1, heads, S, S)``: the
     softmaxes its own ``eager_attention_forward`` returned, one per segment, placed block-diagonally
     (segment ``i`` at rows and keys ``o_i .. o_i + L_i``, zeros elsewhere) by :func:`block_diagonal`.
     ``forward(model, inputs)`` runs the (eager) model. Models without such a module: ``found`` as it is."""
-    if not found:  # SAM returns its tower's attentions under their own name
+    if getattr(model.config, "model_type", None) in EXTRA_FIELDS:  # attentions returned under their own name
         output = forward(model, inputs, output_attentions=True)
-        found = [a for f in EXTRA_FIELDS for a in (getattr(output, f, None) or ()) if isinstance(a, torch.Tensor)]
+        for name in EXTRA_FIELDS[model.config.model_type]:
+            value = getattr(output, name, None)
+            found = found + ([value] if isinstance(value, torch.Tensor) else
+                             [a for a in (value or ()) if isinstance(a, torch.Tensor)])
+    if getattr(model.config, "model_type", None) in QFORMER_TWICE:  # the Q-Former's cross-attentions, twice
+        once: List[torch.Tensor] = []
+        for ref in found:
+            if not any(r is ref or (r.shape == ref.shape and r.data_ptr() == ref.data_ptr()) for r in once):
+                once.append(ref)
+        found = once
     found = every_window_call(model, inputs, found, forward) + own_weights(model, inputs, forward)
     calls = packed_calls(model, lambda: forward(model, inputs))
     if not calls:
@@ -331,6 +418,9 @@ ORACLE_NOTES = {
         "transformers returns each stage's last block's window attentions only: every window attention module's "
         "own returned weights, in call order (transformers' checked to be among them), placed at the image's "
         "tokens as for MaskFormer's backbone"),
+    "blip-2, blip_2_qformer": (
+        "transformers returns each Q-Former cross-attention twice (in attentions, which records every multi-head "
+        "attention module, and in cross_attentions), the same tensor: compared once"),
     "sam, sam_hq": (
         "transformers returns the tower's attentions as vision_attentions (compared as for sam_vision_model) and "
         "not the two-way mask decoder's: each SamAttention call's own returned weights (batch * point batch, "
