@@ -90,7 +90,9 @@ SUB_SIZES = {
     ("blip_2_qformer", None): dict(encoder_hidden_size=32),
     ("blip-2", None): dict(num_query_tokens=4, image_token_index=IMAGE_TOKEN, image_token_id=IMAGE_TOKEN),
     ("instructblip", None): dict(num_query_tokens=4, image_token_index=IMAGE_TOKEN, image_token_id=IMAGE_TOKEN),
-    ("instructblipvideo", None): dict(num_query_tokens=4, image_token_index=IMAGE_TOKEN, image_token_id=IMAGE_TOKEN),
+    ("instructblipvideo", None): dict(num_query_tokens=4, video_token_index=IMAGE_TOKEN),
+    ("instructblip", "text_config"): dict(word_embed_proj_dim=32),
+    ("instructblipvideo", "text_config"): dict(word_embed_proj_dim=32),
     ("siglip2_vision_model", None): dict(num_patches=16),
 }
 
