@@ -66,6 +66,8 @@ FAMILY_SIZES = {
     "cvt": dict(depth=[1, 2, 3]),
 }
 IMAGE_TOKEN = 127  # the shrunk vocabulary's last id; the harness's text ids are 3 .. 99
+# Qwen2-VL's special tokens, moved inside the shrunk vocabulary (above the harness's text ids 3 .. 99).
+QWEN_VL_TOKENS = dict(image_token_id=124, video_token_id=125, vision_start_token_id=126, vision_end_token_id=127)
 
 # The same for sub-configs: (model type, sub-config) -> sizes. SigLIP's text head projects to its own width;
 # SAM's prompt encoder must match the 4 x 4 image embedding, whose windowed block gets windows of 2 x 2.
@@ -83,6 +85,9 @@ SUB_SIZES = {
     ("sam_hq", "mask_decoder_config"): dict(mlp_dim=64, iou_head_hidden_dim=32, vit_dim=32),
     ("siglip2", "vision_config"): dict(num_patches=16),
     ("kosmos-2", None): dict(latent_query_num=4),
+    ("qwen2_vl", None): QWEN_VL_TOKENS,
+    ("qwen2_5_vl", None): QWEN_VL_TOKENS,
+    ("qwen2_5_vl", "vision_config"): dict(out_hidden_size=32),  # the merger's width: the text model's
     ("blip-2", "qformer_config"): dict(encoder_hidden_size=32),
     ("blip-2", "text_config"): dict(word_embed_proj_dim=32),  # OPT's embeddings: the shrunk width
     ("instructblip", "qformer_config"): dict(encoder_hidden_size=32),
@@ -232,7 +237,38 @@ def _qformer(config):
                 encoder_hidden_states=torch.randn(2, 5, config.encoder_hidden_size)), None
 
 
+def _qwen_vl(config):
+    """Qwen2-VL / Qwen2.5-VL with their images: row ``r`` holds image ``r`` of :data:`TWO_IMAGES` as
+    ``vision_start`` then one image token per merged cell (``h * w / merge**2``) then ``vision_end``,
+    between text tokens; the row with the smaller image is padded at the end to the same length. The tower
+    gets both images' flattened patches (``pixel_values (S, C * t * p * p)``) and their ``image_grid_thw``;
+    ``mm_token_type_ids`` marks the image tokens."""
+    vision = config.vision_config
+    merge = int(vision.spatial_merge_size)
+    grid = torch.tensor([[t, h * merge // 2, w * merge // 2] for t, h, w in TWO_IMAGES])
+    cells = (grid.prod(-1) // merge ** 2).tolist()
+    torch.manual_seed(1)
+    rows = []
+    for n in cells:
+        rows.append([int(x) for x in torch.randint(3, 100, (2,))] + [config.vision_start_token_id]
+                    + [config.image_token_id] * n + [config.vision_end_token_id]
+                    + [int(x) for x in torch.randint(3, 100, (2,))])
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    features = int(vision.in_channels) * int(vision.temporal_patch_size) * int(vision.patch_size) ** 2
+    pixels = torch.randn(int(grid.prod(-1).sum()), features)
+    kinds = (ids == config.image_token_id).long()  # mm_token_type_ids: text 0, image 1 (M-RoPE's positions)
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=kinds, pixel_values=pixels,
+                image_grid_thw=grid), mask
+
+
 INPUTS = {
+    "qwen2_vl": _qwen_vl,
+    "qwen2_5_vl": _qwen_vl,
     "blip-2": _blip2,
     "instructblip": lambda config: _blip2(config, qformer=True),
     "instructblipvideo": lambda config: _blip2(config, frames=2, qformer=True),
