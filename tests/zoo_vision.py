@@ -127,6 +127,9 @@ def _fit_mrope_sections(config) -> None:
     factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
     if "mrope_section" not in rope and not _declares_mrope(config):
         return
+    current = rope.get("mrope_section")
+    if current and sum(current) == int(head * factor) // 2:
+        return  # already fits (a family the shrink left right)
     if int(head * factor) // 2 < 3:
         head = 16
         config.head_dim = head
