@@ -16,6 +16,7 @@ the generic harness (``tests/zoo_harness.py``) needs for text families it could 
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Dict, List, Optional
 
 import torch
@@ -66,7 +67,7 @@ FAMILY_SIZES.update({
     "hrm_text": dict(num_layers_per_stack=1, num_hidden_layers=8),  # one layer per stack, H x (L + 1) cache slots
     "squeezebert": dict(embedding_size=32),
     "esmc": dict(num_key_value_heads=4),  # as at scale, one key/value head per query head
-    "diffusion_gemma": dict(num_experts=4, top_k_experts=1, moe_intermediate_size=32),
+    "diffusion_gemma": dict(num_experts=4, top_k_experts=1, moe_intermediate_size=32, canvas_length=5),
     "t5gemma": dict(cross_attention_hidden_size=32),
     # DBRX reads rope_theta from its attention config, which no longer holds it, and clamps q/k/v by clip_qkv
     # (None by default, which torch refuses; 8 in the released model)
@@ -76,9 +77,25 @@ FAMILY_SIZES.update({
     # HunYuan-VL's rotary sections (x, y, t, ...) of a head of 8: one frequency each, as 16 each of 128
     "hunyuan_vl_text": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 1, 1])),
 })
+FAMILY_SIZES.update({
+    "step3p7": dict(sliding_window=4),  # None by default, which its sliding layers refuse; 4 of the 7 tokens
+    "funnel": dict(architectures=["FunnelModel"]),  # transformers' auto class reads it to choose among two
+    # Zamba's shared transformer block is tied across its hybrid layers: two of them, as the tying expects
+    "zamba": dict(layers_block_type=["linear_attention", "hybrid", "hybrid"], num_hidden_layers=3,
+                  attention_hidden_size=64, attention_head_dim=16, mamba_dt_rank=4),
+    # Reformer: one local and one LSH layer, chunks of 4 tokens (the 7 are padded to 8), 2 buckets
+    "reformer": dict(attn_layers=["local", "lsh"], attention_head_size=8, axial_pos_shape=(8, 8),
+                     axial_pos_embds_dim=(16, 16), local_attn_chunk_length=4, lsh_attn_chunk_length=4, num_buckets=2,
+                     feed_forward_size=64),
+    "bros": dict(dim_bbox_sinusoid_emb_1d=8, dim_bbox_sinusoid_emb_2d=64, dim_bbox_projection=8),
+    # Layout models: the box embeddings are cut from the hidden size (4 coordinates and 2 sizes, or 6 sixths)
+    "layoutlmv3": dict(coordinate_size=6, shape_size=4, input_size=32),  # and its page image of 32 pixels
+    "lilt": dict(hidden_size=48),
+    "cohere_compass": {"vision_config.rope_parameters": dict(rope_type="axial", rope_theta=10000.0),
+                       "text_config.rope_parameters": {"full_attention": dict(rope_type="default", rope_theta=1e4)}},
+})
 FAMILY_SIZES["qwen4_exp_text"] = FAMILY_SIZES["qwen4_exp"]
 FAMILY_SIZES["hunyuan_vl"] = FAMILY_SIZES["hunyuan_vl_text"]
-FAMILY_SIZES["cohere_compass"] = FAMILY_SIZES["cohere_compass_text"]
 
 # xLSTM's config rounds the mLSTM's query/key and value widths (hidden x 0.5, hidden x 1) up to multiples
 # of 64 while its layers do not: hidden 128 makes both agree.
@@ -213,6 +230,13 @@ EXPECTED_REFUSALS = {
 NO_ATTENTION_MAP = set(EXPECTED_REFUSALS)
 # RWKV's WKV normalises time-decayed exp(k) weights over the past keys, channel by channel, as a recurrence: a
 # map per channel exists but none per head, and none is assembled (counted against the exact share).
+# Maps that exist but that the library does not assemble (counted against the exact share).
+EXPECTED_REFUSALS.update({
+    "lilt": (r"encoder\.layer\.\d+\.attention\.self$", "LiLT's two streams (text and layout), each with its own "
+                                                       "softmax over all keys in one call: two maps, not one"),
+    "reformer": (r"attention\.self_attention$", "Reformer's chunked local and LSH-bucketed attention, normalised by "
+                                              "exp(scores - logsumexp) per chunk (no softmax call): not assembled"),
+})
 EXPECTED_REFUSALS["rwkv"] = (r"blocks\.\d+\.attention$", "RWKV's WKV recurrence: per-channel decayed weights over "
                                                         "past keys, never assembled, no heads")
 
@@ -232,7 +256,29 @@ def extra_inputs(model, config, inputs: dict) -> dict:
     adapters), the first and second of the config's languages."""
     if getattr(config, "model_type", None) == "xmod" and "input_ids" in inputs:
         inputs["lang_ids"] = torch.tensor([0, 1 % len(config.languages)])
+    params = inspect.signature(model.forward).parameters
+    if "bbox" in params and "input_ids" in inputs and inputs.get("bbox") is None:
+        inputs["bbox"] = word_boxes(*inputs["input_ids"].shape, normalised=config.model_type in NORMALISED_BOXES)
     return inputs
+
+
+NORMALISED_BOXES = {"udop", "bros"}  # boxes as fractions of the page; the others read 0-1000 integers
+
+
+def word_boxes(batch: int, tokens: int, normalised: bool = False) -> torch.Tensor:
+    """``(batch, tokens, 4)`` boxes ``(x0, y0, x1, y1)`` of words laid out left to right on lines of four
+    words (row ``b`` a line lower than row ``b - 1``), in 0-1000 page units, or as fractions of the page.
+
+    >>> word_boxes(1, 5)[0].tolist()
+    [[50, 100, 250, 140], [250, 100, 450, 140], [450, 100, 650, 140], [650, 100, 850, 140], [50, 150, 250, 190]]
+    """
+    boxes = torch.zeros(batch, tokens, 4, dtype=torch.long)
+    for b in range(batch):
+        for t in range(tokens):
+            line, slot = divmod(t, 4)
+            x0, y0 = 50 + 200 * slot, 100 + 50 * line + 20 * b
+            boxes[b, t] = torch.tensor([x0, y0, x0 + 200, y0 + 40])
+    return boxes / 1000.0 if normalised else boxes
 
 
 # ---------------------------------------------------------------------------------------------------------
