@@ -94,6 +94,16 @@ FAMILY_SIZES.update({
     "cohere_compass": {"vision_config.rope_parameters": dict(rope_type="axial", rope_theta=10000.0),
                        "text_config.rope_parameters": {"full_attention": dict(rope_type="default", rope_theta=1e4)}},
 })
+# Convolutional stacks that downsample 32 times: 64-pixel images, small stems and one block per stage.
+_CONVNEXT = dict(image_size=64, patch_size=4, depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64])
+FAMILY_SIZES.update({
+    "convnext": _CONVNEXT, "convnextv2": _CONVNEXT,
+    "mobilevitv2": dict(patch_size=1),  # its last stage sees 1 x 1 of the 32-pixel image
+    "apertus1p5": {"vision_config.base_channels": 32},  # its image tokenizer's convolutions, 256 channels wide
+    # EfficientNet-B0's widths and depths (the default is B7's), with its top convolution's width, which
+    # SHRINK's hidden_dim cut
+    "efficientnet": dict(width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280),
+})
 FAMILY_SIZES["qwen4_exp_text"] = FAMILY_SIZES["qwen4_exp"]
 FAMILY_SIZES["hunyuan_vl"] = FAMILY_SIZES["hunyuan_vl_text"]
 
@@ -153,24 +163,25 @@ def _shrink_latent_attention(shrunk, full) -> None:
     if "kv_lora_rank" not in vars(shrunk):
         return
     sizes = dict(MLA_SIZES)
-    if getattr(full, "q_lora_rank", None) is None:
+    full = dict(vars(full))  # as declared (some configs refuse per-layer fields read globally)
+    if full.get("q_lora_rank") is None:
         sizes["q_lora_rank"] = None  # queries projected at full rank, as at scale
-    if not getattr(full, "qk_rope_head_dim", None):
+    if not full.get("qk_rope_head_dim"):
         sizes["qk_rope_head_dim"] = 0  # no rotary part (GLM-5 Next)
-    elif getattr(full, "qk_nope_head_dim", None) == full.qk_rope_head_dim:
+    elif full.get("qk_nope_head_dim") == full["qk_rope_head_dim"]:
         sizes["qk_nope_head_dim"] = sizes["qk_rope_head_dim"]  # Mistral 4: halves, rotary over a factor of 0.5
     sizes["qk_head_dim"] = sizes["qk_rope_head_dim"] + sizes["qk_nope_head_dim"]
     for key, value in sizes.items():
         if key in vars(shrunk) or key != "qk_head_dim":
             setattr(shrunk, key, value)
-    head_dim = getattr(full, "head_dim", None)
+    head_dim = full.get("head_dim")
     if "head_dim" in vars(shrunk) and head_dim is not None:  # the field the family repeats in head_dim
         for key in ("qk_rope_head_dim", "qk_head_dim", "v_head_dim"):
-            if head_dim == getattr(full, key, None):
+            if head_dim == full.get(key):
                 shrunk.head_dim = sizes[key]
                 break
-    if getattr(full, "num_key_value_heads", None) == getattr(full, "num_attention_heads", None):
-        shrunk.num_key_value_heads = shrunk.num_attention_heads  # keys and values per head, as at scale
+    if full.get("num_key_value_heads") == full.get("num_attention_heads"):
+        shrunk.num_key_value_heads = vars(shrunk)["num_attention_heads"]  # keys and values per head, as at scale
     for key, value in SIDE_SIZES.items():
         if key in vars(shrunk):
             setattr(shrunk, key, value)
@@ -234,9 +245,12 @@ NO_ATTENTION_MAP = set(EXPECTED_REFUSALS)
 EXPECTED_REFUSALS.update({
     "lilt": (r"encoder\.layer\.\d+\.attention\.self$", "LiLT's two streams (text and layout), each with its own "
                                                        "softmax over all keys in one call: two maps, not one"),
+    "swiftformer": (r"attn$", "SwiftFormer's efficient additive attention: a softmax over the tokens that pools one "
+                              "global query, no map over keys per query"),
     "reformer": (r"attention\.self_attention$", "Reformer's chunked local and LSH-bucketed attention, normalised by "
                                               "exp(scores - logsumexp) per chunk (no softmax call): not assembled"),
 })
+NO_ATTENTION_MAP.add("swiftformer")
 EXPECTED_REFUSALS["rwkv"] = (r"blocks\.\d+\.attention$", "RWKV's WKV recurrence: per-channel decayed weights over "
                                                         "past keys, never assembled, no heads")
 
@@ -335,20 +349,95 @@ def count_attention_ops(model, inputs: dict) -> Dict[str, int]:
 
 
 def attention_free_case(case):
-    """``case`` (a model transformers returns no attentions for) marked attention-free, after checking its
-    forward dispatches no softmax or fused attention; otherwise :class:`zoo_harness.Unbuildable`: attention
-    is computed and no oracle of the harness reaches it."""
+    """``case``, a model transformers returns no attentions for, made judgeable, or
+    :class:`zoo_harness.Unbuildable` with why:
+
+    - no softmax or fused attention dispatched in its forward: marked attention-free;
+    - each softmax is a transformers attention layer's with query and key projections: compared with that
+      layer's own maps (:func:`own_path_references`);
+    - the family's softmax is not over keys (listed in :data:`EXPECTED_REFUSALS`): judged with no reference,
+      its layers required refused with the recorded reason;
+    - otherwise unbuildable: attention is computed and no oracle reaches it."""
     from zoo_harness import Unbuildable
 
     if case.model_type in NOT_RUNNABLE:
         raise Unbuildable("reference", NOT_RUNNABLE[case.model_type])
     seen = count_attention_ops(case.models["eager"], case.inputs)
-    if seen:
-        calls = ", ".join(f"{n} x{c}" for n, c in sorted(seen.items()))
-        raise Unbuildable("reference", f"transformers returns no attention tensors, yet its forward computes {calls}: "
-                                       "no oracle for them")
-    case.attention_free = True
-    return case
+    if not seen:
+        case.attention_free = True
+        return case
+    if case.model_type in EXPECTED_REFUSALS:
+        return case
+    references = own_path_references(case.models["eager"], case.inputs)
+    softmaxes = sum(n for op, n in seen.items() if "softmax" in op)
+    if references and len(references) == softmaxes == sum(seen.values()):
+        case.references = references
+        return case
+    calls = ", ".join(f"{n} x{c}" for n, c in sorted(seen.items()))
+    raise Unbuildable("reference", f"transformers returns no attention tensors, yet its forward computes {calls}: "
+                                   "no oracle for them")
+
+
+def own_path_references(model, inputs: dict) -> List[torch.Tensor]:
+    """The attention maps of every call of ``model``'s transformers attention layers that project queries and
+    keys by ``query`` and ``key`` (MobileViT, PVTv2), in call order: the layer's own output when its forward
+    takes ``output_attentions`` (called again on the arguments it got), otherwise ``softmax(q kᵀ / sqrt(d))``
+    from its own ``query`` and ``key`` and ``attention_head_size``, checked first to give the layer's output
+    as ``map @ value(x)``. ``(batch, heads, query, key)``, with the batch the layer was called with."""
+    from zoo_harness import _forward
+
+    modules = [m for m in model.modules() if type(m).__module__.startswith("transformers.")
+               and "Attention" in type(m).__name__ and (isinstance(getattr(m, "query", None), torch.nn.Linear)
+                                                        and isinstance(getattr(m, "key", None), torch.nn.Linear)
+                                                        or _separable(m))]
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda m, args, kwargs: calls.append((m, args, kwargs)), with_kwargs=True)
+               for m in modules]
+    try:
+        _forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    maps = []
+    for module, args, kwargs in calls:
+        with torch.no_grad():
+            if _separable(module):
+                maps.append(_separable_map(module, *args, **kwargs))
+                continue
+            if "output_attentions" in inspect.signature(module.forward).parameters:
+                maps.append(module(*args, **dict(kwargs, output_attentions=True))[1])
+                continue
+            x = args[0] if args else kwargs["hidden_states"]
+            d = module.attention_head_size
+            q, k, v = (p(x).view(*x.shape[:-1], -1, d).transpose(-2, -3) for p in (module.query, module.key,
+                                                                                    module.value))
+            weights = (q @ k.transpose(-1, -2) / d ** 0.5).softmax(-1)
+            out = module(*args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            if not torch.allclose((weights @ v).transpose(-2, -3).reshape(out.shape), out, atol=1e-5):
+                raise AssertionError(f"the harness's map of {type(module).__name__} does not give its output")
+            maps.append(weights)
+    return maps
+
+
+def _separable(module) -> bool:
+    """MobileViTV2's separable self-attention: one 1 x 1 convolution makes a context query (1 channel), keys
+    and values (``embed_dim`` channels each)."""
+    return isinstance(getattr(module, "qkv_proj", None), torch.nn.Module) and isinstance(
+        getattr(module, "embed_dim", None), int) and "LinearSelfAttention" in type(module).__name__
+
+
+def _separable_map(module, hidden_states) -> torch.Tensor:
+    """The context scores of a separable self-attention call on ``(batch, channels, P, N)``: the softmax of
+    the 1-channel query over the ``N`` patches, ``(batch, 1, P, N)`` (one pooling query per position in a
+    patch), checked to give the layer's output as ``out_proj(relu(value) * sum_n(key * scores))``."""
+    qkv = module.qkv_proj(hidden_states)
+    query, key, value = qkv[:, :1], qkv[:, 1:1 + module.embed_dim], qkv[:, 1 + module.embed_dim:]
+    scores = query.softmax(-1)
+    made = module.out_proj(value.relu() * (key * scores).sum(-1, keepdim=True))
+    if not torch.allclose(made, module(hidden_states), atol=1e-5):
+        raise AssertionError("the harness's separable-attention scores do not give the layer's output")
+    return scores
 
 
 def judge_attention_free(case, implementation: str):
