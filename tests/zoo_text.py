@@ -98,7 +98,13 @@ FAMILY_SIZES.update({
 _CONVNEXT = dict(image_size=64, patch_size=4, depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64])
 FAMILY_SIZES.update({
     "convnext": _CONVNEXT, "convnextv2": _CONVNEXT,
-    "mobilevitv2": dict(patch_size=1),  # its last stage sees 1 x 1 of the 32-pixel image
+    # Attention over image patches: 64-pixel images so that the stages attend over several patches (at 32 pixels
+    # their keys are one patch, or PVTv2's one reduced token, and every map is 1), and an initializer range
+    # (0.02 by default) at which activations do not vanish through the convolutions (at 0.02 they are ~1e-30
+    # at MobileViT's attention, whose maps are then uniform: nothing to check)
+    "mobilevit": dict(image_size=64, patch_size=2, initializer_range=0.3),
+    "mobilevitv2": dict(image_size=64, patch_size=2, initializer_range=0.2),
+    "pvt_v2": dict(image_size=64),
     "apertus1p5": {"vision_config.base_channels": 32},  # its image tokenizer's convolutions, 256 channels wide
     # EfficientNet-B0's widths and depths (the default is B7's), with its top convolution's width, which
     # SHRINK's hidden_dim cut
@@ -371,6 +377,8 @@ def attention_free_case(case):
     references = own_path_references(case.models["eager"], case.inputs)
     softmaxes = sum(n for op, n in seen.items() if "softmax" in op)
     if references and len(references) == softmaxes == sum(seen.values()):
+        if all(float((r.amax(-1) - r.amin(-1)).max()) < 1e-3 for r in references):
+            raise Unbuildable("reference", "every attention map is uniform on these random weights: nothing to check")
         case.references = references
         return case
     calls = ", ".join(f"{n} x{c}" for n, c in sorted(seen.items()))
