@@ -69,7 +69,8 @@ TOKENS = {"big_bird": 17, "bigbird_pegasus": 17}  # text inputs' length where 7 
 
 REFERENCE_FIELDS = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
 MAX_PARAMETERS = 150_000_000  # after shrinking; larger ones take too long to build in CI
-SECONDS_PER_CASE = 45
+SECONDS_PER_CASE = 90  # a guard against a hanging build or judge, not a speed test: MaskFormer's Swin oracle
+# (every window call recomputed from its weights) takes 30-50 s on two busy cores
 
 # Families whose attention has no single (batch, heads, query, key) map that multiplied the
 # values, or none at all: the layers named by the regex must be refused (or, for attention no
