@@ -42,11 +42,15 @@ SAMPLES, CHANNEL_SAMPLES, TIME_FEATURES, FEATURES_TIME = "samples", "channel sam
 HIDDEN = "hidden states"
 VIDEO = "video"  # clips (batch, frames, channels, height, width)
 LAYOUTS = {
-    **dict.fromkeys(("omniasr_audio", "omniasr_ctc"), CHANNEL_SAMPLES),
+    **dict.fromkeys(("omniasr_audio", "omniasr_ctc", "mimi_encoder", "pocket_tts_audio_tokenizer_encoder",
+                     "pe_audio_encoder", "mimi", "pocket_tts_audio_tokenizer"), CHANNEL_SAMPLES),
+    "moonshine": SAMPLES,
     **dict.fromkeys(("wav2vec2-bert", "speech_to_text", "canary", "cohere_asr", "parakeet_ctc", "parakeet_encoder",
                      "lasr_ctc", "lasr_encoder", "audio-spectrogram-transformer", "parakeet_rnnt", "parakeet_tdt",
                      "nemotron_asr_streaming", "nemotron_asr_streaming_encoder", "nemotron3_5_asr",
-                     "fun_asr_nano_encoder"), TIME_FEATURES),
+                     "fun_asr_nano_encoder", "gemma4_audio", "granite_speech5_ctc", "granite_speech5_encoder",
+                     "nemotron3_5_transcribe_asr_audio", "nemotron3_5_transcribe_audio", "nemotron3_diarization",
+                     "nemotron3_diarization_audio"), TIME_FEATURES),
     **dict.fromkeys(("qwen3_asr_encoder", "audioflamingo3_encoder"), FEATURES_TIME),
     "speecht5": HIDDEN,
     **dict.fromkeys(("videomae", "vivit", "timesformer", "vjepa2", "videoprism_vision_model"), VIDEO),
@@ -74,6 +78,7 @@ MEDIA_SIZES = {
     # one chunk, two in the 200 frames
     "qwen3_asr_encoder": dict(n_window_infer=100, downsample_hidden_size=32, output_dim=32),
     "fun_asr_nano_encoder": dict(num_timestamp_prediction_layers=1),
+    "dac": dict(encoder_hidden_size=8),  # PE-Audio's DAC encoder: 8 channels doubling at each of its 4 strides
 }
 
 # Spectrogram frames a family needs other than FEATURE_FRAMES: Whisper-style encoders take exactly twice their
@@ -102,10 +107,13 @@ def adapt(config):
             _set(config, num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=4)
     if isinstance(names.get("tdnn_dim"), (list, tuple)):
         _set(config, tdnn_dim=type(config.tdnn_dim)([32] * len(config.tdnn_dim)))
+    if "upsample_groups" in names and "hidden_size" in names:  # Mimi's depthwise upsampling (512 of 512 at scale)
+        _set(config, upsample_groups=config.hidden_size)
     for key, value in dict(conv_depthwise_kernel_size=3, subsampling_conv_channels=32, conv_channels=32,
                            feature_projection_input_dim=16, input_feat_per_channel=16).items():
-        if key in names:
-            _set(config, **{key: value})
+        if key in names:  # per stage where the config lists one a stage
+            current = names[key]
+            _set(config, **{key: type(current)([value] * len(current)) if isinstance(current, (list, tuple)) else value})
     return config
 
 
@@ -155,15 +163,26 @@ def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
         inputs["decoder_input_ids"] = torch.randint(3, 100, (2, 5))
     return inputs, None
 
+# Raw samples for families without a wav2vec2-style feature encoder in their config.
+SAMPLES_OF = {
+    # 2 frames of the 12.5 Hz codecs at 24 kHz (1920 samples a frame); Moonshine's convolutions make 8 frames
+    **dict.fromkeys(("mimi_encoder", "pocket_tts_audio_tokenizer_encoder", "pe_audio_encoder", "moonshine", "mimi",
+                     "pocket_tts_audio_tokenizer"), 3840),
+}
+
 
 def _raw_audio(config, layout) -> Optional[dict]:
     """Raw audio ``(2, samples)`` (or ``(2, 1, samples)``): as many samples as the feature encoder turns into
     :data:`FRAMES`."""
     conv = next((c for c in (config, getattr(config, "audio_config", None))
                  if isinstance(getattr(c, "conv_kernel", None), (list, tuple))), None)
-    if conv is None:
+    if conv is not None:
+        samples = _samples_for(conv.conv_kernel, conv.conv_stride, FRAMES)
+    elif config.model_type in SAMPLES_OF:
+        samples = SAMPLES_OF[config.model_type]
+    else:
         return None
-    audio = torch.randn(2, _samples_for(conv.conv_kernel, conv.conv_stride, FRAMES))
+    audio = torch.randn(2, samples)
     return dict(input_values=audio[:, None] if layout == CHANNEL_SAMPLES else audio)
 
 
@@ -171,7 +190,7 @@ def oracle_references(model, inputs, references: List[torch.Tensor]) -> List[tor
     """transformers' references for the judge, with those a media family returns in another form replaced
     (:data:`ORACLE_NOTES`); other references are returned as they are."""
     references = _wavlm_per_head(model, inputs, references)
-    return references + _timesformer_temporal(model, inputs) + _vjepa2_predictor(model, inputs)
+    return references + _timesformer_temporal(model, inputs) + _eager_twin_weights(model, inputs)
 
 
 # What the judge compares instead of transformers' own output, and why (merged into the harness's notes).
@@ -183,9 +202,10 @@ ORACLE_NOTES = {
                    "((batch * frames, heads, 1 + patches, 1 + patches)): each temporal attention call ((batch * "
                    "patches, heads, frames, frames)) is compared with its own module called again on the same "
                    "input with output_attentions=True",
-    "vjepa2": "transformers records the encoder's attentions only: each predictor attention call is compared "
-              "with the weights the module itself returns on the eager implementation (a copy of the model "
-              "switched to eager, same weights and inputs)",
+    "vjepa2, pocket_tts_audio_tokenizer": "transformers records the encoder's attentions only: each predictor "
+                                          "(decoder) attention call is compared with the weights the module itself "
+                                          "returns on the eager implementation (a copy of the model switched to "
+                                          "eager, same weights and inputs)",
 }
 
 # Families whose layers have no (batch, heads, query, key) softmax over keys, and why (merged into the
@@ -200,16 +220,23 @@ EXPECTED_REFUSALS = {
 }
 
 
-def _vjepa2_predictor(model, inputs) -> List[torch.Tensor]:
-    """V-JEPA 2's predictor attention weights ``(batch, heads, tokens, tokens)`` as each module returns them
-    on the eager implementation (which transformers' recorder, limited to the encoder, leaves out)."""
-    if type(model).__name__ != "VJEPA2Model":
+# Attention layers transformers does not report, by family: (the prefix of their names, their class).
+UNREPORTED = {"vjepa2": ("predictor.", "VJEPA2RopeAttention"),
+              "pocket_tts_audio_tokenizer": ("decoder.", "PocketTTSAudioTokenizerAttention")}
+
+
+def _eager_twin_weights(model, inputs) -> List[torch.Tensor]:
+    """The weights ``(batch, heads, query, key)`` each unreported attention module (:data:`UNREPORTED`)
+    returns itself on the eager implementation: a copy of ``model`` (same weights) switched to eager, run on
+    the same inputs."""
+    prefix, kind = UNREPORTED.get(getattr(model.config, "model_type", None), (None, None))
+    if prefix is None:
         return []
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     found, handles = [], []
     for name, module in eager.named_modules():
-        if name.startswith("predictor.") and type(module).__name__ == "VJEPA2RopeAttention":
+        if name.startswith(prefix) and type(module).__name__ == kind:
             handles.append(module.register_forward_hook(lambda m, args, out: found.append(out[1])))
     try:
         torch.manual_seed(2)
