@@ -78,7 +78,11 @@ MEDIA_SIZES = {
     # one chunk, two in the 200 frames
     "qwen3_asr_encoder": dict(n_window_infer=100, downsample_hidden_size=32, output_dim=32),
     "fun_asr_nano_encoder": dict(num_timestamp_prediction_layers=1),
-    "dac": dict(encoder_hidden_size=8),  # PE-Audio's DAC encoder: 8 channels doubling at each of its 4 strides
+    "dac": dict(encoder_hidden_size=8),
+    # Granite Speech 5's block attention: blocks of 16 frames (4 in the input), within its relative-position table
+    "granite_speech5_encoder": dict(context_size=16, num_key_value_heads=4),
+    # conformer encoders whose keys have as many heads as the queries (SHRINK's 2 key/value heads do not apply)
+    **dict.fromkeys(("nemotron3_diarization_audio", "nemotron3_5_transcribe_asr_audio"), dict(num_key_value_heads=4)),  # PE-Audio's DAC encoder: 8 channels doubling at each of its 4 strides
 }
 
 # Spectrogram frames a family needs other than FEATURE_FRAMES: Whisper-style encoders take exactly twice their
@@ -116,10 +120,13 @@ def adapt(config):
             _set(config, **{key: type(current)([value] * len(current)) if isinstance(current, (list, tuple)) else value})
     return config
 
+# Families whose feature extractor stacks several frames of mel bins into one input frame.
+STACKED = {"granite_speech5_ctc": 4, "granite_speech5_encoder": 4}
+
 
 def _feature_size(config) -> Optional[int]:
     """The features per frame a spectrogram input has, as the config (or its audio encoder's) declares."""
-    for c in (config, getattr(config, "encoder_config", None), getattr(config, "audio_config", None)):
+    for c in (config, *(getattr(config, key, None) for key in ("encoder_config", "audio_config", "asr_config"))):
         if c is None:
             continue
         names = vars(c)
@@ -143,7 +150,7 @@ def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
     if layout in (SAMPLES, CHANNEL_SAMPLES) or (name == "input_values" and layout is None):
         inputs = _raw_audio(config, layout)
     elif layout in (TIME_FEATURES, FEATURES_TIME):
-        size = _feature_size(config)
+        size = _feature_size(config) * STACKED.get(config.model_type, 1)
         frames = FRAMES_OF[config.model_type](config) if config.model_type in FRAMES_OF else FEATURE_FRAMES
         shape = (2, frames, size) if layout == TIME_FEATURES else (2, size, frames)
         inputs = {name: torch.randn(*shape)}
@@ -253,6 +260,8 @@ def _timesformer_temporal(model, inputs) -> List[torch.Tensor]:
     module (which the layer calls without ``output_attentions``) called again on the input it got, asking."""
     modules = [layer.temporal_attention for layer in model.modules()
                if type(layer).__name__ == "TimesformerLayer" and hasattr(layer, "temporal_attention")]
+    if not modules:
+        return []
     calls, handles = [], []
     for module in modules:
         handles.append(module.register_forward_pre_hook(lambda m, args: calls.append((m, args[0]))))
