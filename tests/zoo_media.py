@@ -41,10 +41,12 @@ def _set(config, **values):
 SAMPLES, CHANNEL_SAMPLES, TIME_FEATURES, FEATURES_TIME = "samples", "channel samples", "time features", "features time"
 HIDDEN = "hidden states"
 VIDEO = "video"  # clips (batch, frames, channels, height, width)
+LATENTS = "latents"  # a codec decoder's continuous latents (batch, hidden_size, frames)
 LAYOUTS = {
     **dict.fromkeys(("omniasr_audio", "omniasr_ctc", "mimi_encoder", "pocket_tts_audio_tokenizer_encoder",
                      "pe_audio_encoder", "mimi", "pocket_tts_audio_tokenizer"), CHANNEL_SAMPLES),
     "moonshine": SAMPLES,
+    **dict.fromkeys(("mimi_decoder", "pocket_tts_audio_tokenizer_decoder"), LATENTS),
     **dict.fromkeys(("wav2vec2-bert", "speech_to_text", "canary", "cohere_asr", "parakeet_ctc", "parakeet_encoder",
                      "lasr_ctc", "lasr_encoder", "audio-spectrogram-transformer", "parakeet_rnnt", "parakeet_tdt",
                      "nemotron_asr_streaming", "nemotron_asr_streaming_encoder", "nemotron3_5_asr",
@@ -158,6 +160,8 @@ def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
             inputs["input_features_mask"] = torch.ones(2, frames, dtype=torch.long)
     elif layout == VIDEO:
         inputs = {name: _clip(getattr(config, "vision_config", None) or config)}
+    elif layout == LATENTS:
+        inputs = {name: torch.randn(2, config.hidden_size, 4)}
     elif layout == HIDDEN:
         inputs = {name: torch.randn(2, FRAMES, config.hidden_size)}
         if "decoder_input_values" in params:  # and the decoder without its pre-net, likewise
