@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 from typing import List, Optional, Tuple
 
 import torch
@@ -55,7 +56,7 @@ LAYOUTS = {
                      "nemotron3_diarization_audio"), TIME_FEATURES),
     **dict.fromkeys(("qwen3_asr_encoder", "audioflamingo3_encoder"), FEATURES_TIME),
     "speecht5": HIDDEN,
-    **dict.fromkeys(("videomae", "vivit", "timesformer", "vjepa2", "videoprism_vision_model"), VIDEO),
+    **dict.fromkeys(("videomae", "vivit", "timesformer", "vjepa2", "videoprism_vision_model", "videoprism"), VIDEO),
 }
 
 # Sizes a family needs beyond SHRINK's and :func:`adapt`'s: the Audio Spectrogram Transformer's 8 x 8 patches at
@@ -160,6 +161,12 @@ def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
             inputs["input_features_mask"] = torch.ones(2, frames, dtype=torch.long)
     elif layout == VIDEO:
         inputs = {name: _clip(getattr(config, "vision_config", None) or config)}
+        if "input_ids" in params:  # a video-text model (VideoPrism's CLIP): the harness's text, padded row 2
+            import zoo_harness
+
+            text, mask = zoo_harness._text_inputs(config)
+            inputs.update(text)
+            return inputs, mask
     elif layout == LATENTS:
         inputs = {name: torch.randn(2, config.hidden_size, 4)}
     elif layout == HIDDEN:
@@ -213,10 +220,11 @@ ORACLE_NOTES = {
                    "((batch * frames, heads, 1 + patches, 1 + patches)): each temporal attention call ((batch * "
                    "patches, heads, frames, frames)) is compared with its own module called again on the same "
                    "input with output_attentions=True",
-    "vjepa2, pocket_tts_audio_tokenizer": "transformers records the encoder's attentions only: each predictor "
-                                          "(decoder) attention call is compared with the weights the module itself "
-                                          "returns on the eager implementation (a copy of the model switched to "
-                                          "eager, same weights and inputs)",
+    "vjepa2, pocket_tts_audio_tokenizer, videoprism": "transformers records the encoder's attentions only: each "
+                                                      "predictor (decoder, auxiliary layer, pooling head) attention call "
+                                                      "is compared with the weights the module itself returns on the "
+                                                      "eager implementation (a copy of the model switched to eager, same "
+                                                      "weights and inputs)",
 }
 
 # Families whose layers have no (batch, heads, query, key) softmax over keys, and why (merged into the
@@ -231,23 +239,24 @@ EXPECTED_REFUSALS = {
 }
 
 
-# Attention layers transformers does not report, by family: (the prefix of their names, their class).
-UNREPORTED = {"vjepa2": ("predictor.", "VJEPA2RopeAttention"),
-              "pocket_tts_audio_tokenizer": ("decoder.", "PocketTTSAudioTokenizerAttention")}
+# Attention layers transformers does not report, by family: a regex their names match in full.
+UNREPORTED = {"vjepa2": r"predictor\.layer\.\d+\.attention",
+              "pocket_tts_audio_tokenizer": r"decoder\.decoder_transformer\.layers\.\d+\.self_attn",
+              "videoprism": r"video_model\.(auxiliary_layers\.\d+\.attention|head)"}
 
 
 def _eager_twin_weights(model, inputs) -> List[torch.Tensor]:
     """The weights ``(batch, heads, query, key)`` each unreported attention module (:data:`UNREPORTED`)
     returns itself on the eager implementation: a copy of ``model`` (same weights) switched to eager, run on
     the same inputs."""
-    prefix, kind = UNREPORTED.get(getattr(model.config, "model_type", None), (None, None))
-    if prefix is None:
+    pattern = UNREPORTED.get(getattr(model.config, "model_type", None))
+    if pattern is None:
         return []
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     found, handles = [], []
     for name, module in eager.named_modules():
-        if name.startswith(prefix) and type(module).__name__ == kind:
+        if re.fullmatch(pattern, name):
             handles.append(module.register_forward_hook(lambda m, args, out: found.append(out[1])))
     try:
         torch.manual_seed(2)
