@@ -56,7 +56,8 @@ LAYOUTS = {
                      "nemotron3_diarization_audio"), TIME_FEATURES),
     **dict.fromkeys(("qwen3_asr_encoder", "audioflamingo3_encoder"), FEATURES_TIME),
     "speecht5": HIDDEN,
-    **dict.fromkeys(("videomae", "vivit", "timesformer", "vjepa2", "videoprism_vision_model", "videoprism"), VIDEO),
+    **dict.fromkeys(("videomae", "vivit", "timesformer", "vjepa2", "videoprism_vision_model", "videoprism",
+                     "tvp"), VIDEO),
 }
 
 # Sizes a family needs beyond SHRINK's and :func:`adapt`'s: the Audio Spectrogram Transformer's 8 x 8 patches at
@@ -66,6 +67,8 @@ MEDIA_SIZES = {
     # clips of 4 frames (2 tubelets of 2 frames, or 4 frames for the divided space-time attention)
     **dict.fromkeys(("videomae", "timesformer", "videoprism_vision_model"), dict(num_frames=4)),
     "vivit": dict(num_frames=4, tubelet_size=[2, 8, 8]),
+    # TVP: 2 frames of 64 x 64 (its ResNet backbone divides by 32, then pools) with a frame padding prompt of 8 pixels
+    "tvp": dict(num_frames=2, max_img_size=64, visual_prompt_size=8),
     "vjepa2": dict(frames_per_clip=4, crop_size=32, pred_hidden_size=32, pred_num_attention_heads=4,
                    pred_num_hidden_layers=1, num_pooler_layers=1),
     # PatchTSMixer's own option of a small self-attention in each mixer block (off by default: no attention)
@@ -160,7 +163,8 @@ def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
         if "input_features_mask" in params:  # every frame valid
             inputs["input_features_mask"] = torch.ones(2, frames, dtype=torch.long)
     elif layout == VIDEO:
-        inputs = {name: _clip(getattr(config, "vision_config", None) or config)}
+        key = name if name.startswith("pixel") else "pixel_values"  # TVP's main input is its text
+        inputs = {key: _clip(getattr(config, "vision_config", None) or config)}
         if "input_ids" in params:  # a video-text model (VideoPrism's CLIP): the harness's text, padded row 2
             import zoo_harness
 
@@ -336,10 +340,12 @@ def _wavlm_per_head(model, inputs, references: List[torch.Tensor]) -> List[torch
 
 def _clip(config) -> torch.Tensor:
     """A batch of 2 clips ``(2, frames, channels, size, size)`` with the config's frames, channels and size."""
-    size = vars(config).get("image_size") or config.crop_size  # V-JEPA 2: its crop
+    names = vars(config)
+    size = names.get("image_size") or names.get("crop_size") or config.max_img_size  # V-JEPA 2: its crop; TVP
     size = size[0] if isinstance(size, (list, tuple)) else size
-    frames = vars(config).get("num_frames") or config.frames_per_clip
-    return torch.randn(2, frames, getattr(config, "num_channels", None) or config.in_chans, size, size)
+    frames = names.get("num_frames") or config.frames_per_clip
+    channels = names.get("num_channels") or names.get("in_chans") or 3
+    return torch.randn(2, frames, channels, size, size)
 
 
 def _forecaster_features(config):
