@@ -136,6 +136,8 @@ def _feature_size(config) -> Optional[int]:
         if c is None:
             continue
         names = vars(c)
+        if c.model_type == "gemma4_audio":  # its projection assumes as many mel bins as first-stage channels
+            return c.subsampling_conv_channels[0]
         if "input_feat_per_channel" in names:
             return c.input_feat_per_channel * names.get("input_channels", 1)
         for key in ("num_mel_bins", "feature_projection_input_dim", "feature_size", "input_dim", "n_mels"):
@@ -237,6 +239,9 @@ ORACLE_NOTES = {
 EXPECTED_REFUSALS = {
     "autoformer": (r"(self_attn|encoder_attn)$", "auto-correlation: a softmax over the top-k time delays "
                                                  "(one per series, shared by every head and step), not over keys"),
+    "gemma4_audio": (r"layers\.\d+\.self_attn$", "chunked local attention: a softmax per block of 12 frames over "
+                                                  "its block and its left context ((batch, heads, blocks, 12, 24)), a "
+                                                  "banded map the library does not assemble"),
     "qwen3_asr_encoder": (r"self_attn$", "the batch's windows packed in one unbatched sequence, one attention call per "
                                          "window (cu_seqlens): a block-diagonal map the library does not assemble for "
                                          "this family"),
