@@ -45,7 +45,7 @@ VIDEO = "video"  # clips (batch, frames, channels, height, width)
 LATENTS = "latents"  # a codec decoder's continuous latents (batch, hidden_size, frames)
 LAYOUTS = {
     **dict.fromkeys(("omniasr_audio", "omniasr_ctc", "mimi_encoder", "pocket_tts_audio_tokenizer_encoder",
-                     "pe_audio_encoder", "mimi", "pocket_tts_audio_tokenizer"), CHANNEL_SAMPLES),
+                     "pe_audio_encoder", "mimi", "pocket_tts_audio_tokenizer", "pe_audio"), CHANNEL_SAMPLES),
     "moonshine": SAMPLES,
     **dict.fromkeys(("mimi_decoder", "pocket_tts_audio_tokenizer_decoder"), LATENTS),
     **dict.fromkeys(("wav2vec2-bert", "speech_to_text", "canary", "cohere_asr", "parakeet_ctc", "parakeet_encoder",
@@ -161,7 +161,7 @@ def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
         size = _feature_size(config) * STACKED.get(config.model_type, 1)
         frames = FRAMES_OF[config.model_type](config) if config.model_type in FRAMES_OF else FEATURE_FRAMES
         shape = (2, frames, size) if layout == TIME_FEATURES else (2, size, frames)
-        inputs = {name: torch.randn(*shape)}
+        inputs = {"input_features" if name == "input_ids" else name: torch.randn(*shape)}
         if "input_features_mask" in params:  # every frame valid
             inputs["input_features_mask"] = torch.ones(2, frames, dtype=torch.long)
     elif layout == VIDEO:
@@ -183,6 +183,11 @@ def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
         inputs = SERIES[config.model_type](config)
     if inputs is None:
         return None
+    if name == "input_ids":  # an audio-text model (PE-Audio): the harness's text, padded row 2
+        import zoo_harness
+
+        text, mask = zoo_harness._text_inputs(config)
+        return dict(inputs, **text), mask
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         inputs["decoder_input_ids"] = torch.randint(3, 100, (2, 5))
     return inputs, None
@@ -191,7 +196,7 @@ def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
 SAMPLES_OF = {
     # 2 frames of the 12.5 Hz codecs at 24 kHz (1920 samples a frame); Moonshine's convolutions make 8 frames
     **dict.fromkeys(("mimi_encoder", "pocket_tts_audio_tokenizer_encoder", "pe_audio_encoder", "moonshine", "mimi",
-                     "pocket_tts_audio_tokenizer"), 3840),
+                     "pocket_tts_audio_tokenizer", "pe_audio"), 3840),
 }
 
 
