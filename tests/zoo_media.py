@@ -85,6 +85,8 @@ MEDIA_SIZES = {
     "qwen3_asr_encoder": dict(n_window_infer=100, downsample_hidden_size=32, output_dim=32),
     "fun_asr_nano_encoder": dict(num_timestamp_prediction_layers=1),
     "dac": dict(encoder_hidden_size=8),
+    # FastSpeech 2's HiFi-GAN vocoder reads the acoustic model's mel bins (SHRINK's 8), upsampling from 32 channels
+    "fastspeech2_conformer_hifigan": dict(model_in_dim=8, upsample_initial_channel=32),
     # Granite Speech 5's block attention: blocks of 16 frames (4 in the input), within its relative-position table
     "granite_speech5_encoder": dict(context_size=16, num_key_value_heads=4),
     # conformer encoders whose keys have as many heads as the queries (SHRINK's 2 key/value heads do not apply)
@@ -117,6 +119,8 @@ def adapt(config):
             _set(config, num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=4)
     if isinstance(names.get("tdnn_dim"), (list, tuple)):
         _set(config, tdnn_dim=type(config.tdnn_dim)([32] * len(config.tdnn_dim)))
+    if "audio_hidden_size" in names:  # a head over an audio encoder (Nemotron 3 diarization): SHRINK's width
+        _set(config, audio_hidden_size=32)
     if "upsample_groups" in names and "hidden_size" in names:  # Mimi's depthwise upsampling (512 of 512 at scale)
         _set(config, upsample_groups=config.hidden_size)
     for key, value in dict(conv_depthwise_kernel_size=3, subsampling_conv_channels=32, conv_channels=32,
