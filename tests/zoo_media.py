@@ -85,6 +85,9 @@ MEDIA_SIZES = {
     "qwen3_asr_encoder": dict(n_window_infer=100, downsample_hidden_size=32, output_dim=32),
     "fun_asr_nano_encoder": dict(num_timestamp_prediction_layers=1),
     "dac": dict(encoder_hidden_size=8),
+    # Dia's decoder cross-attends to its encoder: the encoder's shrunk width and heads
+    "dia_decoder": dict(cross_hidden_size=32, cross_num_attention_heads=4, cross_head_dim=8,
+                        cross_num_key_value_heads=4),
     # FastSpeech 2's HiFi-GAN vocoder reads the acoustic model's mel bins (SHRINK's 8), upsampling from 32 channels
     "fastspeech2_conformer_hifigan": dict(model_in_dim=8, upsample_initial_channel=32),
     # Granite Speech 5's block attention: blocks of 16 frames (4 in the input), within its relative-position table
@@ -185,6 +188,8 @@ def inputs_for(model, config) -> Optional[Tuple[dict, Optional[torch.Tensor]]]:
             inputs["decoder_input_values"] = torch.randn(2, 5, config.hidden_size)
     elif config.model_type in SERIES:
         inputs = SERIES[config.model_type](config)
+        if isinstance(inputs, tuple):  # with text: its padding mask
+            return inputs
     if inputs is None:
         return None
     if name == "input_ids":  # an audio-text model (PE-Audio): the harness's text, padded row 2
@@ -386,7 +391,18 @@ def _trajectories(config) -> dict:
                 timesteps=torch.arange(steps)[None].expand(2, -1), attention_mask=torch.ones(2, steps, dtype=torch.long))
 
 
-# Time series and trajectories: one input builder per family.
+def _text_and_codes(config) -> Tuple[dict, torch.Tensor]:
+    """Dia: the harness's padded text, and 5 decoder steps of audio codes, one per codebook channel
+    ``(batch, steps, channels)``."""
+    import zoo_harness
+
+    text, mask = zoo_harness._text_inputs(config)
+    decoder = config.decoder_config
+    text["decoder_input_ids"] = torch.randint(3, decoder.vocab_size, (2, 5, decoder.num_channels))
+    return text, mask
+
+
+# Time series, trajectories, text with audio codes: one input builder per family.
 SERIES = {
     **dict.fromkeys(("patchtst", "patchtsmixer"),
                     lambda c: dict(past_values=torch.randn(2, c.context_length, c.num_input_channels))),
@@ -396,4 +412,5 @@ SERIES = {
     "timesfm2_5": lambda c: dict(past_values=torch.randn(2, c.context_length)),
     **dict.fromkeys(("autoformer", "informer", "time_series_transformer"), _probabilistic_series),
     "decision_transformer": _trajectories,
+    "dia": _text_and_codes,
 }
