@@ -73,3 +73,48 @@ def test_functional_mha_with_dropout_runs_as_asked_and_keeps_weights_before_drop
         hooked = module(x, bias)
     assert torch.equal(plain[0], hooked[0]) and torch.equal(plain[1], hooked[1])  # same dropout drawn
     torch.testing.assert_close(hooker.values[""][0], by_hand(module, x, bias).detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_keep_grad_reaches_the_weights_the_functional_call_multiplied_the_values_with():
+    """The gradient kept is d(loss)/d(weights) of the weights torch used, equal to eager's by hand."""
+    torch.manual_seed(0)
+    module = FunctionalAttention(average_attn_weights=False).eval()
+    x, bias = torch.randn(2, 5, E), torch.randn(2 * H, 5, 5)
+    with TransformerAttentionHooker(module, layer_regex="^$", keep_grad=True) as hooker:
+        out, _ = module(x, bias)
+        out.square().sum().backward()
+    got = hooker.gradients[""][0]
+    assert got is not None and got.shape == (2, H, 5, 5)
+    weights = by_hand(module, x, bias).detach().requires_grad_(True)  # the oracle: the same product by hand
+    b, length = 2, 5
+    v = module.v(x).view(b, length, H, E // H).transpose(1, 2)  # (B, H, L, d)
+    mixed = (weights @ v).transpose(1, 2).reshape(b, length, E)
+    module.out(mixed).square().sum().backward()
+    torch.testing.assert_close(got, weights.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_keep_values_keeps_the_value_projection_of_the_functional_call():
+    torch.manual_seed(0)
+    module = FunctionalAttention().eval()
+    x, bias = torch.randn(2, 5, E), torch.randn(2 * H, 5, 5)
+    with torch.no_grad(), TransformerAttentionHooker(module, layer_regex="^$", keep_values=True) as hooker:
+        module(x, bias)
+    expected = module.v(x).view(2, 5, H, E // H).transpose(1, 2)  # (B, H, S, d)
+    torch.testing.assert_close(hooker.value_vectors[""][0], expected.detach(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["causal hint without weights", "keep_grad without weights"])
+def test_calls_whose_map_cannot_be_the_one_used_are_refused_with_the_reason(case):
+    torch.manual_seed(0)
+    if case == "causal hint without weights":
+        module, options = FunctionalAttention(need_weights=False, is_causal=True).eval(), {}
+    else:
+        module, options = FunctionalAttention(need_weights=False).eval(), dict(keep_grad=True)
+    x, bias = torch.randn(2, 5, E), torch.randn(2 * H, 5, 5)
+    plain = module(x, bias)[0]
+    with TransformerAttentionHooker(module, layer_regex="^$", **options) as hooker:
+        hooked = module(x, bias)[0]
+    assert torch.equal(plain, hooked)
+    assert "" not in hooker.values
+    reason = hooker.report()[""].reason
+    assert ("is_causal=True" if case.startswith("causal") else "keep_grad") in reason

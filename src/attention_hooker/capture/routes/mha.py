@@ -255,17 +255,58 @@ def _functional_call(session, layer: str, func, args: tuple, kwargs: dict):
     asked_weights = bool(given.get("need_weights", default("need_weights")))
     asked_average = bool(given.get("average_attn_weights", default("average_attn_weights")))
     dropout = bool(given.get("training", default("training"))) and given["dropout_p"] > 0.0
+    causal = bool(given.get("is_causal", default("is_causal")))
+    values = lambda: _functional_value_vectors(given)  # noqa: E731
     if asked_weights and not dropout:
         given.update(need_weights=True, average_attn_weights=False)
         attn_output, weights = func(*bound.args, **bound.kwargs)  # weights (B, H, L, S), or unbatched (H, L, S)
-        session.record_module_output(layer, weights if weights.dim() == 4 else weights.unsqueeze(0), weights)
+        # the graph tensor is the per-head weights torch multiplied the values with (a view's base, where the
+        # unbatched call returned a view of it), so that keep_grad reaches them
+        session.record_module_output(layer, weights if weights.dim() == 4 else weights.unsqueeze(0),
+                                     weights._base if weights._base is not None else weights, value=values)
         return attn_output, weights.mean(dim=-3) if asked_average else weights
+    if causal and not asked_weights:
+        session.refuse_layer(layer, "F.multi_head_attention_forward was called with is_causal=True and "
+                                    "need_weights=False: torch then attends causally whatever attn_mask says, "
+                                    "and no call with weights computes that map, so it is not stored")
+        return func(*args, **kwargs)
+    if session.router.policy.keep_grad:
+        session.refuse_layer(layer, "keep_grad on a module calling F.multi_head_attention_forward without "
+                                    "asking for weights (or with dropout): its weights come from a second call "
+                                    "without dropout, which the output does not depend on, so no gradient "
+                                    "reaches them; capture it without keep_grad, or in eval")
+        return func(*args, **kwargs)
     output = func(*args, **kwargs)
     given.update(dropout_p=0.0, training=False, need_weights=True, average_attn_weights=False)
     with torch.no_grad():
         _, weights = func(*bound.args, **bound.kwargs)  # (B, H, L, S), or unbatched (H, L, S)
-    session.record_module_output(layer, weights if weights.dim() == 4 else weights.unsqueeze(0))
+    session.record_module_output(layer, weights if weights.dim() == 4 else weights.unsqueeze(0), value=values)
     return output
+
+
+def _functional_value_vectors(given: dict) -> Optional[torch.Tensor]:
+    """``(batch, heads, key, head_dim)``: the value vectors of an ``F.multi_head_attention_forward`` call
+    from its bound arguments (``value`` (S, B, E) or unbatched (S, E) through the value part of the input
+    projection, then ``bias_v`` and the zero key where given); ``None`` when they cannot be read."""
+    value, heads = given.get("value"), int(given["num_heads"])
+    if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3):
+        return None
+    width = value.shape[-1]
+    if given.get("use_separate_proj_weight"):
+        weight = given.get("v_proj_weight")
+    else:
+        weight = given["in_proj_weight"][2 * width:]
+    bias = given.get("in_proj_bias")
+    bias = None if bias is None else bias[2 * width:]
+    bias_v = given.get("bias_v")
+    with torch.no_grad():
+        v = torch.nn.functional.linear(value, weight, bias)  # (S, B, E) or (S, E)
+        v = v.unsqueeze(0) if v.dim() == 2 else v.transpose(0, 1)  # (B, S, E)
+        if bias_v is not None:
+            v = torch.cat([v, bias_v.reshape(1, 1, width).expand(v.shape[0], 1, width)], dim=1)
+        if given.get("add_zero_attn"):
+            v = torch.cat([v, v.new_zeros(v.shape[0], 1, width)], dim=1)
+        return v.reshape(v.shape[0], v.shape[1], heads, width // heads).transpose(1, 2)  # (B, H, S, Dh)
 
 
 # Modules whose forward may take torch's fused fast path and skip the hooked MHA inside.
