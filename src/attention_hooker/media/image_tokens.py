@@ -35,7 +35,7 @@ cross-attention only (Mllama), the key axis of those layers (``axis="cross"``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -215,6 +215,33 @@ def require(inputs: Mapping, name: str, family: str, why: str) -> torch.Tensor:
         raise AttentionHookerError(f"image_token_map: {family} needs {name!r} in the inputs ({why}); pass the "
                                    f"processor's outputs as they are")
     return value
+
+
+def image_sizes_of(value, family: str, name: str = "image_sizes",
+                   count: Optional[int] = None) -> List[Tuple[int, int]]:
+    """``[(height, width), ...]`` from ``value``: a ``(n, 2)`` tensor or array, a flat list of pairs, or per-row
+    lists of pairs (flattened in order), or an :class:`AttentionHookerError` saying which format was expected.
+    ``count``: how many images there must be (checked when given)."""
+    def pairs(v):
+        if isinstance(v, torch.Tensor) or hasattr(v, "tolist") and not isinstance(v, (list, tuple)):
+            v = v.tolist()
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
+            return [v]
+        if isinstance(v, (list, tuple)):
+            return [p for item in v for p in pairs(item)]
+        raise TypeError
+    try:
+        out = [(int(h), int(w)) for h, w in pairs(value)]
+    except (TypeError, ValueError):
+        out = None
+    if out is None or any(h <= 0 or w <= 0 for h, w in out):
+        raise AttentionHookerError(
+            f"image_token_map: {family}'s {name!r} must be (height, width) pairs of positive sizes, one per image: a "
+            f"(images, 2) tensor, a list of pairs, or per-row lists of pairs; got {value!r:.200}")
+    if count is not None and len(out) != count:
+        raise AttentionHookerError(f"image_token_map: {family}'s {name!r} gives {len(out)} image size(s), but the "
+                                   f"inputs hold {count} image(s)")
+    return out
 
 
 def table(family: str, axis: str, rows: Sequence[Tuple[int, ...]], sources: Sequence[Sequence[int]], patch: int,

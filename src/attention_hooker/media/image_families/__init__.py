@@ -9,6 +9,7 @@ from . import llava_next  # noqa: F401
 from . import llava_onevision  # noqa: F401
 from . import mllama  # noqa: F401
 from . import paligemma  # noqa: F401
+from . import pixtral  # noqa: F401
 from . import qwen_vl  # noqa: F401
 
 __all__: list = []
