@@ -141,6 +141,10 @@ def test_capture_equals_eager_and_the_chain_equals_a_hand_computation(attn):
                 torch.testing.assert_close(chain.share[b][h, qi], share, atol=1e-6, rtol=0)
                 assert float(share) < 1 - 1e-3  # the rest went to text: nothing renormalised
         torch.testing.assert_close(chain.weights[b].sum(-1), chain.share[b], atol=1e-6, rtol=0)
+        torch.testing.assert_close(chain.share_by_image(), chain.share[b][..., None])  # (heads, q, 1 image)
+        last_head = image_attention_through_queries(lm_map, tokens, captured_cross, batch=b, queries=[-1], heads=[-1],
+                                                    qformer_heads=[1])
+        torch.testing.assert_close(last_head.weights[b][0], chain.weights[b][1, 1:])  # head -1 is head 1
 
 
 def test_chain_refuses_maps_that_do_not_fit_the_table():

@@ -126,7 +126,7 @@ def test_mllama_inputs_that_disagree_are_refused_by_name():
     bad[0, 1, 3] = 1
     with pytest.raises(AttentionHookerError, match=r"1 x 2 tiles .* marks \[1, 1, 0, 1\]"):
         image_token_map(model, dict(inputs, aspect_ratio_mask=bad))
-    with pytest.raises(AttentionHookerError, match="2 image_sizes for 3 images"):
+    with pytest.raises(AttentionHookerError, match=r"gives 2 image size\(s\), but the inputs hold 3 image\(s\)"):
         image_token_map(model, dict(inputs, image_sizes=[(64, 48), (20, 40)]))
     with pytest.raises(AttentionHookerError, match="32-pixel tiles"):
         image_token_map(model, inputs, processor=transformers.MllamaImageProcessor(size={"height": 32, "width": 32}))

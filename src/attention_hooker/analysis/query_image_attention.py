@@ -45,7 +45,7 @@ class QueryChainAttention:
         qformer: ``{image: (num_query_tokens, 1 + patches)}``: the averaged Q-Former cross-attention used.
         weights: ``{image: (heads, q, 1 + patches)}``: the chain, vision tokens in the tower's order.
         share: ``{image: (heads, q)}``: the share of each text token's attention that went to the image's
-            query tokens (= ``weights`` summed).
+            query tokens (= ``weights`` summed); as one ``(heads, q, images)`` tensor: :meth:`share_by_image`.
         class_token: ``{image: (heads, q)}``: the chained weight on the tower's class token.
         grids: ``{image: (heads, q, side, side)}``: the chained weights of the patches on the patch grid
             (the whole image, as the processor resized it).
@@ -62,6 +62,11 @@ class QueryChainAttention:
     grids: Dict[int, torch.Tensor]
     layers: Sequence[int]
     heads: Sequence[int]
+
+    def share_by_image(self) -> torch.Tensor:
+        """``(heads, q, images)``: :attr:`share` as one tensor, columns in the order of :attr:`images` (the form
+        ``ImageAttention.share_by_image()`` gives)."""
+        return torch.stack([self.share[image] for image in self.images], -1)
 
     def __repr__(self) -> str:
         return (f"QueryChainAttention({self.queries.numel()} queries over {len(self.images)} image(s) through "
@@ -114,7 +119,7 @@ def image_attention_through_queries(attention: torch.Tensor, tokens: ImageTokens
             ``qformer.encoder.layer.N.crossattention.attention``, or the eager ``cross_attentions``).
         batch: the batch row to read.
         queries: language-model query positions (default: every row of the map).
-        heads: language-model heads to keep (default: all; each kept apart).
+        heads: language-model heads to keep (default: all; each kept apart; negative: from the end).
         qformer_layers: indices into ``qformer_cross`` to average (default: all).
         qformer_heads: Q-Former heads to average (default: all).
 
@@ -151,6 +156,11 @@ def image_attention_through_queries(attention: torch.Tensor, tokens: ImageTokens
     row = tokens.in_row(batch)
     if len(row) == 0:
         raise AttentionHookerError(f"image_attention_through_queries: batch row {batch} holds no query token")
+    if tokens.keys is not None and attention.shape[-1] < tokens.keys:
+        raise AttentionHookerError(
+            f"image_attention_through_queries: the map has {attention.shape[-1]} keys, fewer than the {tokens.keys} "
+            "positions of the prompt the table was read from: pass a language-model self-attention map captured "
+            "whole (no keys= selection)")
     if int(row.position.max()) >= attention.shape[-1]:
         raise AttentionHookerError(f"image_attention_through_queries: query tokens reach key {int(row.position.max())}"
                                    f" but the map has {attention.shape[-1]} keys")
@@ -168,10 +178,10 @@ def image_attention_through_queries(attention: torch.Tensor, tokens: ImageTokens
         raise AttentionHookerError(f"image_attention_through_queries: queries {qs.tolist()} out of range for "
                                    f"{attention.shape[2]} query rows")
     hs = torch.arange(attention.shape[1]) if heads is None else torch.as_tensor(list(heads), dtype=torch.long)
-    if hs.numel() and (int(hs.min()) < 0 or int(hs.max()) >= attention.shape[1]):
+    if hs.numel() and (int(hs.min()) < -attention.shape[1] or int(hs.max()) >= attention.shape[1]):
         raise AttentionHookerError(f"image_attention_through_queries: heads {hs.tolist()} out of range for "
                                    f"{attention.shape[1]} heads")
-    qs = qs % attention.shape[2]
+    qs, hs = qs % attention.shape[2], hs % attention.shape[1]
     a = attention[batch].index_select(0, hs).index_select(1, qs).double()  # (H, q, K)
     images = sorted(set(row.image.tolist()))
     out = {name: {} for name in ("query_weights", "qformer", "weights", "share", "class_token", "grids")}

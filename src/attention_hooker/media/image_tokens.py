@@ -34,7 +34,7 @@ cross-attention only (Mllama), the key axis of those layers (``axis="cross"``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -82,7 +82,12 @@ class ImageTokens:
         height, width: how many cells it covers (2 x 2 for a merge of four patches, 1 x 1 for one patch).
         source: the ``pixel_values`` units it is computed from (flat indices, see the module doc), -1 padded.
         patch: the size in pixels of a unit of ``pixel_values`` (0 for flattened pixel values).
-        views: every view, indexed by :attr:`view`.
+        views: every view, indexed by :attr:`view` (a row's table from :meth:`in_row` keeps every view of
+            the batch, so that view indices mean the same in both; its tokens lie on the row's views only).
+        keys: how many keys the attention read along ``axis`` has for the inputs the table was read from
+            (the prompt's length for ``"sequence"``; the cross-attention key count for ``"cross"``), or
+            ``None`` where unknown; :func:`~attention_hooker.analysis.image_attention.image_attention` checks
+            maps against it.
     """
 
     family: str
@@ -98,14 +103,15 @@ class ImageTokens:
     source: torch.Tensor
     patch: int
     views: Tuple[ImageView, ...]
+    keys: Optional[int] = None
 
     def __len__(self) -> int:
         return int(self.position.numel())
 
     def __repr__(self) -> str:
-        images = len({v.image for v in self.views})
+        images = len(set(self.image.tolist()))
         return (f"ImageTokens({self.family}: {len(self)} image tokens of {images} image(s), "
-                f"{len(self.views)} view(s), axis={self.axis!r})")
+                f"{len(set(self.view.tolist()))} view(s), axis={self.axis!r})")
 
     def boxes(self) -> torch.Tensor:
         """``(n, 4)`` float64: each token's ``(top, left, bottom, right)``, fractions of its image."""
@@ -129,10 +135,10 @@ class ImageTokens:
         """The tokens where the boolean ``keep`` (n,) is true (views kept as they are)."""
         return ImageTokens(self.family, self.axis, *(t[keep] for t in (
             self.batch, self.position, self.image, self.view, self.row, self.col, self.height, self.width,
-            self.source)), self.patch, self.views)
+            self.source)), self.patch, self.views, self.keys)
 
     def in_row(self, batch: int) -> "ImageTokens":
-        """The image tokens of batch row ``batch``."""
+        """The image tokens of batch row ``batch`` (``views`` kept whole: see :attr:`views`)."""
         return self.select(self.batch == batch)
 
 
@@ -199,13 +205,20 @@ def image_token_map(model_or_config, inputs: Mapping[str, torch.Tensor], *, proc
         inputs = dict(inputs, input_ids=ids[None])
     elif ids.dim() != 2:
         raise AttentionHookerError(f"image_token_map: input_ids must be (batch, sequence), got {tuple(ids.shape)}")
-    return reader(config, inputs, processor=processor)
+    tokens = reader(config, inputs, processor=processor)
+    if tokens.keys is None and tokens.axis == "sequence":
+        tokens = replace(tokens, keys=int(inputs["input_ids"].shape[1]))
+    return tokens
 
 
 def tokens_where(ids: torch.Tensor, token_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(batch, position)`` of every ``token_id`` in ``ids (batch, sequence)``, in reading order."""
     batch, position = (ids == int(token_id)).nonzero(as_tuple=True)
     return batch, position
+
+
+NO_TOKENS_HINT = (" (if these are one decoding step's inputs, which hold only the new tokens, build the table from "
+                  "the prompt's input_ids, or generate's output sequences: decode-step maps index the same positions)")
 
 
 def require(inputs: Mapping, name: str, family: str, why: str) -> torch.Tensor:
@@ -245,18 +258,19 @@ def image_sizes_of(value, family: str, name: str = "image_sizes",
 
 
 def table(family: str, axis: str, rows: Sequence[Tuple[int, ...]], sources: Sequence[Sequence[int]], patch: int,
-          views: Sequence[ImageView]) -> ImageTokens:
+          views: Sequence[ImageView], keys: Optional[int] = None) -> ImageTokens:
     """An :class:`ImageTokens` from per-token tuples ``(batch, position, image, view, row, col, height, width)``
-    and per-token source lists (sorted here by batch and position)."""
+    and per-token source lists (sorted here by batch and position); ``keys``: see :attr:`ImageTokens.keys`
+    (:func:`image_token_map` fills it in for ``"sequence"`` tables)."""
     if not rows:
-        raise AttentionHookerError(f"image_token_map: the inputs hold no image token of {family}")
+        raise AttentionHookerError(f"image_token_map: the inputs hold no image token of {family}{NO_TOKENS_HINT}")
     order = sorted(range(len(rows)), key=lambda i: (rows[i][0], rows[i][1]))
     cols = torch.tensor([rows[i] for i in order], dtype=torch.long).T
     k = max(len(s) for s in sources)
     source = torch.full((len(rows), k), -1, dtype=torch.long)
     for j, i in enumerate(order):
         source[j, :len(sources[i])] = torch.as_tensor(list(sources[i]), dtype=torch.long)
-    return ImageTokens(family, axis, *cols, source, patch, tuple(views))
+    return ImageTokens(family, axis, *cols, source, patch, tuple(views), keys)
 
 
 def _load_families() -> None:

@@ -41,7 +41,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ...errors import AttentionHookerError
-from ..image_tokens import ImageView, register_image_tokens, require, table
+from ..image_tokens import ImageView, image_sizes_of, register_image_tokens, require, table
 
 __all__ = ["mllama_image_tokens", "mllama_fitted_size"]
 
@@ -66,16 +66,18 @@ def mllama_fitted_size(height: int, width: int, tiles_high: int, tiles_wide: int
 
 def _sizes(inputs, images: int) -> Optional[List[Tuple[int, int]]]:
     raw = inputs.get("image_sizes")
-    if raw is None:
-        return None
-    if isinstance(raw, torch.Tensor):
-        pairs = raw.reshape(-1, 2).tolist()
-    else:  # a list per batch row, or one flat list, of (height, width)
-        pairs = [p for row in raw for p in (row if row and isinstance(row[0], (list, tuple)) else [row])]
-    if len(pairs) != images:
-        raise AttentionHookerError(f"image_token_map: mllama got {len(pairs)} image_sizes for {images} images "
-                                   "(expected one (height, width) per image, in the order of the batch's images)")
-    return [(int(h), int(w)) for h, w in pairs]
+    return None if raw is None else image_sizes_of(raw, "mllama", count=images)
+
+
+def _long(value, name: str) -> torch.Tensor:
+    try:
+        out = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        out = None
+    if out is None or out.is_floating_point() or out.is_complex():
+        raise AttentionHookerError(f"image_token_map: mllama's {name!r} must be whole numbers (a tensor or nested "
+                                   f"lists, as the processor writes it); got {value!r:.200}")
+    return out.long()
 
 
 def _check_tile(config, processor) -> Tuple[int, int]:
@@ -84,6 +86,7 @@ def _check_tile(config, processor) -> Tuple[int, int]:
     if tile % patch:
         raise AttentionHookerError(f"image_token_map: mllama tile size {tile} is not a multiple of the patch size "
                                    f"{patch}")
+    processor = getattr(processor, "image_processor", processor)  # a whole MllamaProcessor, or its image processor
     size = getattr(processor, "size", None) if processor is not None else None
     if size is not None:
         height = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
@@ -113,8 +116,9 @@ def mllama_image_tokens(config, inputs, *, processor=None):
     per_tile = 1 + side * side
     max_tiles = int(config.vision_config.max_num_tiles)
     ratios: Sequence = config.vision_config.supported_aspect_ratios
-    ids = require(inputs, "aspect_ratio_ids", "mllama", "which tile arrangement each image has")
-    mask = require(inputs, "aspect_ratio_mask", "mllama", "which tile slots hold tiles")
+    ids = _long(require(inputs, "aspect_ratio_ids", "mllama", "which tile arrangement each image has"),
+                "aspect_ratio_ids")
+    mask = _long(require(inputs, "aspect_ratio_mask", "mllama", "which tile slots hold tiles"), "aspect_ratio_mask")
     batch_size = inputs["input_ids"].shape[0]
     if ids.dim() != 2 or ids.shape[0] != batch_size or tuple(mask.shape) != (*ids.shape, max_tiles):
         raise AttentionHookerError(
@@ -158,4 +162,4 @@ def mllama_image_tokens(config, inputs, *, processor=None):
                 pr, pc = divmod(p, side)
                 rows.append((b, first + 1 + p, image, grid, tr * side + pr, tc * side + pc, 1, 1))
                 sources.append([crop * side * side + p])
-    return table("mllama", "cross", rows, sources, patch, views)
+    return table("mllama", "cross", rows, sources, patch, views, keys=ids.shape[1] * max_tiles * per_tile)
