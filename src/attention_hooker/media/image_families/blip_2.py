@@ -18,8 +18,10 @@ self-attention and the decoder's cross-attention both have them on their key axi
 
 from __future__ import annotations
 
+import torch
+
 from ...errors import AttentionHookerError
-from ..image_tokens import ImageView, register_image_tokens, table, tokens_where
+from ..image_tokens import NO_TOKENS_HINT, ImageView, register_image_tokens, table, tokens_where
 
 __all__ = ["query_image_tokens"]
 
@@ -50,9 +52,13 @@ def query_image_tokens(config, inputs, *, processor=None):
             f"{queries} query tokens each image takes (num_query_tokens)")
     images = len(position) // queries
     pixels = inputs.get("pixel_values")
+    if pixels is not None and not isinstance(pixels, torch.Tensor):
+        raise AttentionHookerError(f"image_token_map: {config.model_type} pixel_values must be a tensor (images, "
+                                   f"channels, height, width), got {type(pixels).__name__}")
     if pixels is not None and pixels.shape[0] != images:
-        raise AttentionHookerError(f"image_token_map: {config.model_type} pixel_values hold {pixels.shape[0]} images "
-                                   f"but input_ids hold query tokens for {images}")
+        raise AttentionHookerError(
+            f"image_token_map: {config.model_type} pixel_values hold {pixels.shape[0]} images but input_ids hold "
+            f"query tokens for {images}" + (NO_TOKENS_HINT if not images else ""))
     views, rows, sources = [], [], []
     for image in range(images):
         views.append(ImageView(image, 0, "queries", 0, 0))

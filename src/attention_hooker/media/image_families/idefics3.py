@@ -33,7 +33,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from ...errors import AttentionHookerError
-from ..image_tokens import ImageView, register_image_tokens, table, tokens_where
+from ..image_tokens import NO_TOKENS_HINT, ImageView, register_image_tokens, table, tokens_where
 
 __all__ = ["idefics3_image_tokens"]
 
@@ -167,7 +167,8 @@ def idefics3_image_tokens(config, inputs, *, processor=None):
             raise AttentionHookerError(
                 f"image_token_map: {family} batch row {b} has {len(runs)} crops of image tokens, "
                 f"{len(real[b])} real crops in pixel_values and {sum(len(t) for _, _, t in layouts)} crops in its "
-                f"images' tile layout {[(r, c) for r, c, _ in layouts]} (rows x cols + 1 global each)")
+                f"images' tile layout {[(r, c) for r, c, _ in layouts]} (rows x cols + 1 global each)"
+                + (NO_TOKENS_HINT if not len(position) else ""))
         run = 0
         for n_rows, n_cols, tiles in layouts:
             split = n_rows * n_cols > 0

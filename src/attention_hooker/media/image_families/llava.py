@@ -30,7 +30,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 from ...errors import AttentionHookerError
-from ..image_tokens import ImageView, image_sizes_of, register_image_tokens, table, tokens_where
+from ..image_tokens import (NO_TOKENS_HINT, ImageView, image_sizes_of, register_image_tokens, table,
+                            tokens_where)
 from .pixtral import pixtral_layout
 
 __all__ = ["llava_image_tokens", "llava_crop_window"]
@@ -120,10 +121,7 @@ def llava_image_tokens(config, inputs, *, processor=None):
     per_image = len(kept)
     batch, position = tokens_where(inputs["input_ids"], config.image_token_id)
     if not len(position):
-        raise AttentionHookerError(
-            "image_token_map: the inputs hold no image token of llava (if these are one decoding step's inputs, "
-            "build the table from the prompt's input_ids, or generate's output sequences; decode-step maps index "
-            "the same positions)")
+        raise AttentionHookerError(f"image_token_map: the inputs hold no image token of llava{NO_TOKENS_HINT}")
     if len(position) % per_image:
         what = f"{side} x {side} patches" + (" + the class token" if cls else "")
         if strategy == "default":

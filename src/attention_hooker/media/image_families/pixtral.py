@@ -18,7 +18,7 @@ from typing import List, Mapping, Tuple
 import torch
 
 from ...errors import AttentionHookerError
-from ..image_tokens import ImageView, image_sizes_of, tokens_where
+from ..image_tokens import NO_TOKENS_HINT, ImageView, image_sizes_of, tokens_where
 
 __all__ = ["pixtral_layout"]
 
@@ -65,9 +65,7 @@ def pixtral_layout(family: str, inputs: Mapping, image_token_id: int, patch: int
     batch, position = tokens_where(inputs["input_ids"], image_token_id)
     expected = sum((h // unit) * (w // unit) for h, w in sizes)
     if len(position) != expected:
-        hint = (" (these look like one decoding step's inputs: build the table from the prompt's input_ids, or "
-                "generate's output sequences; decode-step maps index the same positions)"
-                if len(position) == 0 else "")
+        hint = NO_TOKENS_HINT if len(position) == 0 else ""
         raise AttentionHookerError(
             f"image_token_map: {family} has {len(position)} image tokens, but image_sizes {sizes} make "
             f"{expected} (one per {unit} x {unit} pixels){hint}")

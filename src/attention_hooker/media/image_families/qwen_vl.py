@@ -30,17 +30,28 @@ from typing import List, Tuple
 import torch
 
 from ...errors import AttentionHookerError
-from ..image_tokens import ImageView, register_image_tokens, table, tokens_where
+from ..image_tokens import NO_TOKENS_HINT, ImageView, register_image_tokens, table, tokens_where
 
 __all__ = ["qwen_vl_image_tokens"]
 
 
-def _grids(inputs, name: str) -> torch.Tensor:
-    """``inputs[name]`` as ``(media, 3)`` long, empty when absent."""
+def _grids(inputs, name: str, family: str = "qwen_vl") -> torch.Tensor:
+    """``inputs[name]`` as ``(media, 3)`` long ``(t, h, w)`` rows of positive sizes, empty when absent."""
     grid = inputs.get(name)
     if grid is None:
         return torch.zeros(0, 3, dtype=torch.long)
-    return torch.as_tensor(grid).long().reshape(-1, 3)
+    try:
+        value = torch.as_tensor(grid)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is not None and value.dim() == 1 and value.numel() == 3:
+        value = value[None]
+    if value is None or value.dim() != 2 or value.shape[1] != 3 or value.is_floating_point() \
+            or value.is_complex() or bool((value <= 0).any()):
+        raise AttentionHookerError(
+            f"image_token_map: {family}'s {name!r} must be (media, 3) whole numbers (t, h, w) > 0, one row per "
+            f"image or video as the processor writes it; got {grid!r:.200}")
+    return value.long()
 
 
 def _media(ids, token_id, grid, merge: int, kind: str, family: str):
@@ -53,13 +64,12 @@ def _media(ids, token_id, grid, merge: int, kind: str, family: str):
                 f"image_token_map: {family} {kind} grid {t} x {h} x {w} is not a multiple of spatial_merge_size "
                 f"{merge} in height and width")
     counts = [t * h * w // merge ** 2 for t, h, w in grid.tolist()]
-    if any(n <= 0 for n in counts):
-        raise AttentionHookerError(f"image_token_map: {family} {kind}_grid_thw {grid.tolist()} has an empty grid")
     if sum(counts) != len(position):
+        hint = NO_TOKENS_HINT if not len(position) else ""
         raise AttentionHookerError(
             f"image_token_map: {family} has {len(position)} {kind} tokens in input_ids but {kind}_grid_thw "
             f"{grid.tolist()} makes {sum(counts)} ({' + '.join(map(str, counts)) or 'none'}, "
-            f"t * h * w / {merge}^2 each)")
+            f"t * h * w / {merge}^2 each){hint}")
     out, start, rows = [], 0, 0
     for (t, h, w), n in zip(grid.tolist(), counts):
         b = batch[start:start + n]
@@ -90,10 +100,10 @@ def qwen_vl_image_tokens(config, inputs, *, processor=None):
     family = config.model_type
     merge = int(config.vision_config.spatial_merge_size)
     ids = inputs["input_ids"]
-    images, image_rows = _media(ids, config.image_token_id, _grids(inputs, "image_grid_thw"), merge,
+    images, image_rows = _media(ids, config.image_token_id, _grids(inputs, "image_grid_thw", family), merge,
                                 "image", family)
     video_id = getattr(config, "video_token_id", None)
-    videos, _ = ([], 0) if video_id is None else _media(ids, video_id, _grids(inputs, "video_grid_thw"),
+    videos, _ = ([], 0) if video_id is None else _media(ids, video_id, _grids(inputs, "video_grid_thw", family),
                                                         merge, "video", family)
     media: List[Tuple] = [(m, 0) for m in images] + [(m, image_rows) for m in videos]
     media.sort(key=lambda item: item[0][0])
