@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from attention_hooker import AttentionHookerError  # noqa: E402
+from attention_hooker import AttentionHookerError, TransformerAttentionHooker  # noqa: E402
 from attention_hooker.media import image_token_map  # noqa: E402
 from image_token_oracle import (centres_of_sources, claimed_sources, coordinate_image,  # noqa: E402
                                 sources_by_perturbation)
@@ -46,9 +46,13 @@ def test_siglip_llava_tokens_are_the_patches_that_feed_them(strategy, per_image)
     first = tokens.in_row(0)
     # 'default' drops the tower's first position, which on SigLIP is patch 0: the row starts at cell (0, 1)
     assert (int(first.row[0]), int(first.col[0])) == ((0, 1) if strategy == "default" else (0, 0))
+    why = "4 x 4 patches\\)" if strategy == "full" else "4 x 4 patches, less the first patch \\('default' strategy\\)"
+    with pytest.raises(AttentionHookerError, match=f"siglip_vision_model tower.*multiple of the {per_image} .*{why}"):
+        image_token_map(model, dict(input_ids=torch.tensor([[IMG] * (per_image + 1)])))
 
 
-def pixtral_inputs():
+def pixtral_inputs(fill: int = 0):
+    """Row 0: two images; row 1: one, left-filled with ``fill`` (0: padding, masked; else a text token)."""
     processor = transformers.PixtralImageProcessor(size={"longest_edge": 32}, patch_size={"height": 8, "width": 8})
     images = [coordinate_image(40, 40), coordinate_image(16, 24), coordinate_image(30, 60)]
     out = processor(images=images, return_tensors="pt")
@@ -64,7 +68,7 @@ def pixtral_inputs():
     row0 = [1] + run(sizes[0]) + [5] + run(sizes[1]) + [7]
     row1 = [1, 4] + run(sizes[2]) + [9]
     width = max(len(row0), len(row1))
-    ids = torch.tensor([row0 + [0] * (width - len(row0)), [0] * (width - len(row1)) + row1])
+    ids = torch.tensor([row0 + [fill] * (width - len(row0)), [fill] * (width - len(row1)) + row1])
     mask = (ids != 0).long()
     return dict(input_ids=ids, attention_mask=mask, pixel_values=out["pixel_values"], image_sizes=out["image_sizes"]), \
         processor, sizes
@@ -137,3 +141,28 @@ def test_llava_boxes_are_fractions_of_the_original_non_square_image(pad):
     assert {v.box for v in image_token_map(model, inputs).views} == {(0.0, 0.0, 1.0, 1.0)}
     with pytest.raises(AttentionHookerError, match="no processor"):
         image_token_map(model, dict(inputs, image_sizes=sizes))
+
+
+def test_pixtral_llava_captures_equal_eager_and_read_as_image_attention():
+    from vlm_exactness import (assert_generate_exact, assert_image_attention_is_the_eager_slice,
+                               assert_language_model_exact, assert_tower_exact)
+
+    def make(attn):
+        model = tiny_llava(dict(model_type="pixtral", head_dim=8), "full")
+        model.set_attn_implementation(attn)
+        return model
+
+    inputs, _, _ = pixtral_inputs(fill=3)  # no padding: Hugging Face's sdpa and eager differ on padded rows
+    tokens = image_token_map(make("eager"), inputs)
+    reference = assert_language_model_exact(make, inputs, regex=r"language_model\.layers\.\d+\.self_attn$", layers=1)
+    model = make("sdpa")
+    with TransformerAttentionHooker(model, layer_regex=r"language_model\.layers\.0\.self_attn$") as hooker:
+        with torch.no_grad():
+            model(**inputs)
+    (calls,) = hooker.values.values()
+    assert_image_attention_is_the_eager_slice(calls[0], reference[0], tokens, queries=(-1, 3))
+    assert_tower_exact(make, inputs, regex=r"vision_tower\.transformer\.layers\.\d+\.attention$",
+                       tower=lambda m: m.model.vision_tower,
+                       tower_inputs=dict(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]),
+                       layers=1)
+    assert_generate_exact(make, inputs, regex=r"language_model\.layers\.\d+\.self_attn$", layers=1)
