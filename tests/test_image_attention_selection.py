@@ -75,6 +75,10 @@ def test_selected_captures_that_cannot_be_placed_are_refused(llava):
     part, hooker = capture(model, inputs, rows=[0, 3])
     with pytest.raises(AttentionHookerError, match="pass call_queries="):
         image_attention(part, tokens, selection=hooker)
+    with pytest.raises(AttentionHookerError, match="call_keys=21, but the map, captured with every key, has 20"):
+        image_attention(part, tokens, call_keys=21)
+    with pytest.raises(AttentionHookerError, match=r"kept heads \[1\], but the map has 2 heads"):
+        image_attention(part, tokens, selection={"selection": {"heads": [1], "rows": None, "keys": None}})
     with pytest.raises(AttentionHookerError, match="keeps 2 of 20 keys, but the map has 20"):
         image_attention(part, tokens, selection={"selection": {"heads": None, "rows": None, "keys": [0, 1]}},
                         call_keys=20)
