@@ -250,7 +250,8 @@ def image_sizes_of(value, family: str, name: str = "image_sizes",
     if out is None or any(h <= 0 or w <= 0 for h, w in out):
         raise AttentionHookerError(
             f"image_token_map: {family}'s {name!r} must be (height, width) pairs of positive sizes, one per image: a "
-            f"(images, 2) tensor, a list of pairs, or per-row lists of pairs; got {value!r:.200}")
+            f"(images, 2) tensor, a list of pairs, or per-row lists of pairs; got "
+            f"{value.tolist() if isinstance(value, torch.Tensor) else value!r:.160}")
     if count is not None and len(out) != count:
         raise AttentionHookerError(f"image_token_map: {family}'s {name!r} gives {len(out)} image size(s), but the "
                                    f"inputs hold {count} image(s)")

@@ -35,6 +35,12 @@ from ..image_tokens import NO_TOKENS_HINT, ImageView, register_image_tokens, tab
 __all__ = ["qwen_vl_image_tokens"]
 
 
+def _shown(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}: {value.tolist()!r:.160}"
+    return f"{value!r:.160}"
+
+
 def _grids(inputs, name: str, family: str = "qwen_vl") -> torch.Tensor:
     """``inputs[name]`` as ``(media, 3)`` long ``(t, h, w)`` rows of positive sizes, empty when absent."""
     grid = inputs.get(name)
@@ -50,7 +56,7 @@ def _grids(inputs, name: str, family: str = "qwen_vl") -> torch.Tensor:
             or value.is_complex() or bool((value <= 0).any()):
         raise AttentionHookerError(
             f"image_token_map: {family}'s {name!r} must be (media, 3) whole numbers (t, h, w) > 0, one row per "
-            f"image or video as the processor writes it; got {grid!r:.200}")
+            f"image or video as the processor writes it; got {_shown(grid)}")
     return value.long()
 
 
