@@ -56,8 +56,13 @@ def test_llava_next_tokens_are_the_patches_that_feed_them_and_row_ends_are_the_n
     inputs, processor, lengths = llava_next_inputs(model)
     tokens = image_token_map(model, inputs, processor=processor)
     assert len(tokens) == sum(lengths)
-    assert [(v.name, v.rows, v.cols) for v in tokens.views] == [
-        ("base", 4, 4), ("tiles", 8, 8), ("base", 4, 4), ("tiles", 2, 8), ("base", 4, 4), ("tiles", 6, 4)]
+    # view 0 is the image itself (its tiles put back), the coarser base look is view 1 (image_tokens' module doc),
+    # though the base's tokens come first in the sequence
+    assert [(v.image, v.index, v.name, v.rows, v.cols) for v in tokens.views] == [
+        (0, 0, "tiles", 8, 8), (0, 1, "base", 4, 4), (1, 0, "tiles", 2, 8), (1, 1, "base", 4, 4),
+        (2, 0, "tiles", 6, 4), (2, 1, "base", 4, 4)]
+    first = [int(tokens.view[tokens.image == i][0]) for i in range(3)]
+    assert [tokens.views[v].name for v in first] == ["base"] * 3
     found = sources_by_perturbation(model, inputs, tower=model.model.vision_tower,
                                     language_model=model.model.language_model, patch=8)
     assert claimed_sources(tokens) == found
@@ -87,6 +92,29 @@ def test_llava_next_tokens_are_the_patches_that_feed_them_and_row_ends_are_the_n
     assert int(inside.sum()) > 100
     torch.testing.assert_close(y[inside], ((top + bottom) / 2)[inside], atol=0.03, rtol=0)
     torch.testing.assert_close(x[inside], ((left + right) / 2)[inside], atol=0.03, rtol=0)
+
+
+def test_llava_next_reads_image_sizes_as_a_tensor_a_list_of_pairs_or_per_row_lists():
+    model = tiny_llava_next()
+    inputs, _, _ = llava_next_inputs(model)
+    want = image_token_map(model, inputs)
+    sizes = [tuple(s) for s in inputs["image_sizes"].tolist()]
+    for given in (sizes, [sizes[:1], sizes[1:]]):
+        got = image_token_map(model, dict(inputs, image_sizes=given))
+        assert got.views == want.views and torch.equal(got.source, want.source)
+        assert torch.equal(got.position, want.position) and torch.equal(got.view, want.view)
+    with pytest.raises(AttentionHookerError, match="'image_sizes' must be .height, width. pairs"):
+        image_token_map(model, dict(inputs, image_sizes=[[40, 40, 3]]))
+
+
+def test_llava_next_says_how_to_read_a_decoding_steps_inputs():
+    model = tiny_llava_next()
+    inputs, _, _ = llava_next_inputs(model)
+    step = dict(inputs, input_ids=torch.tensor([[7], [8]]))  # one new token a row, image fields still there
+    with pytest.raises(AttentionHookerError, match="no image token of llava_next.*build the table from the prompt"):
+        image_token_map(model, step)
+    with pytest.raises(AttentionHookerError, match="no image token of llava_next.*decode-step maps"):
+        image_token_map(model, {"input_ids": step["input_ids"]})
 
 
 def test_llava_next_refuses_what_it_cannot_place():

@@ -65,9 +65,13 @@ def test_onevision_tokens_are_the_patches_that_feed_them_and_row_ends_are_the_ne
     tokens = image_token_map(model, inputs, processor=processor)
     assert len(tokens) == sum(lengths)
     tiles = [(4, 4), (2, 5)] if aspect == "anyres_max_1" else [(8, 8), (4, 8)]
-    assert [(v.image, v.name, v.rows, v.cols) for v in tokens.views] == [
-        (0, "base", 4, 4), (0, "tiles", *tiles[0]), (1, "base", 4, 4), (1, "tiles", *tiles[1]),
-        (2, "image", 4, 4), (3, "image", 4, 4)]
+    # view 0 is the image itself (its tiles put back), the coarser base look is view 1 (image_tokens' module doc)
+    assert [(v.image, v.index, v.name, v.rows, v.cols) for v in tokens.views] == [
+        (0, 0, "tiles", *tiles[0]), (0, 1, "base", 4, 4), (1, 0, "tiles", *tiles[1]), (1, 1, "base", 4, 4),
+        (2, 0, "image", 4, 4), (3, 0, "image", 4, 4)]
+    sizes = [tuple(s) for s in inputs["image_sizes"].tolist()]  # a list of pairs reads as the tensor does
+    listed = image_token_map(model, dict(inputs, image_sizes=sizes), processor=processor)
+    assert listed.views == tokens.views and torch.equal(listed.source, tokens.source)
     found = sources_by_perturbation(model, inputs, tower=model.model.vision_tower,
                                     language_model=model.model.language_model, patch=8)
     assert claimed_sources(tokens) == found

@@ -1,5 +1,5 @@
 """LLaVA-NeXT (``llava_next``): a base view of the whole image, then any-resolution tiles put back, unpadded,
-with a row-end token after each row.
+with a row-end token after each row (in the sequence; as views, the tiles are view 0 and the base view 1).
 
 The image processor (``LlavaNextImageProcessor``) picks, from ``image_grid_pinpoints``, the resolution
 that best fits the image's original size (``image_sizes``), resizes the image into it keeping its aspect
@@ -10,10 +10,11 @@ ratio, pads it evenly on both sides to that resolution and cuts it into square t
 The model turns each crop into ``side x side`` patch features (``side = S / patch_size``, class token
 dropped), then writes, per image:
 
-1. the base's ``side^2`` features in raster order: view ``"base"`` over the whole image;
+1. the base's ``side^2`` features in raster order: view ``"base"`` (index 1) over the whole image;
 2. the tiles' patches put back into one ``(tiles_high * side) x (tiles_wide * side)`` patch grid, with
    the rows (or columns) of patches that are mostly padding removed (``unpad``), row by row, each row
-   followed by one ``image_newline`` token: view ``"tiles"``, whose ``box`` is the part of the image the
+   followed by one ``image_newline`` token: view ``"tiles"`` (index 0: the image itself, its tiles put back, as
+   :class:`~attention_hooker.media.image_tokens.ImageView` defines view 0), whose ``box`` is the part of the image the
    kept patches cover (a kept edge patch may hold a few pixels of padding, so the box may reach a little
    past 0 or 1).
 
@@ -30,7 +31,8 @@ import math
 from typing import List, Sequence, Tuple
 
 from ...errors import AttentionHookerError
-from ..image_tokens import ImageView, register_image_tokens, require, table, tokens_where
+from ..image_tokens import (NO_TOKENS_HINT, ImageView, image_sizes_of, register_image_tokens, require, table,
+                            tokens_where)
 from .paligemma import square_side
 
 __all__ = ["llava_next_image_tokens", "anyres_tiles", "check_square_processor"]
@@ -97,7 +99,8 @@ def check_square_processor(processor, tile: int) -> None:
 @register_image_tokens("llava_next")
 def llava_next_image_tokens(config, inputs, *, processor=None):
     """Image tokens of LLaVA-NeXT, per image: the base view's patches, then the unpadded tiles' patches row by
-    row, each row followed by a row-end token (no source, no cell). See the module doc.
+    row, each row followed by a row-end token (no source, no cell). Views per image: ``"tiles"`` (index 0),
+    then ``"base"`` (index 1), whatever their order in the sequence. See the module doc.
 
     Example:
         >>> import torch
@@ -111,7 +114,7 @@ def llava_next_image_tokens(config, inputs, *, processor=None):
         >>> tokens = image_token_map(config, dict(input_ids=ids, image_sizes=torch.tensor([[30, 60]]),
         ...     pixel_values=torch.zeros(1, 3, 3, 32, 32)))
         >>> [(v.name, v.rows, v.cols) for v in tokens.views], int((tokens.height == 0).sum())
-        ([('base', 4, 4), ('tiles', 4, 8)], 4)
+        ([('tiles', 4, 8), ('base', 4, 4)], 4)
     """
     vision = config.vision_config
     if getattr(config, "vision_feature_select_strategy", "default") != "default":
@@ -122,11 +125,13 @@ def llava_next_image_tokens(config, inputs, *, processor=None):
     tile = int(vision.image_size if not isinstance(vision.image_size, (list, tuple)) else vision.image_size[0])
     patch = tile // side
     check_square_processor(processor, tile)
+    batch, position = tokens_where(inputs["input_ids"], config.image_token_id)
+    if not len(position):
+        raise AttentionHookerError(f"image_token_map: the inputs hold no image token of llava_next{NO_TOKENS_HINT}")
     sizes = require(inputs, "image_sizes", "llava_next", "each image's original (height, width) decides its tiles")
     pixels = require(inputs, "pixel_values", "llava_next", "its shape says where each image's crops are")
-    sizes = [tuple(int(v) for v in s) for s in sizes.reshape(-1, 2).tolist()]
+    sizes = image_sizes_of(sizes, "llava_next")
     crops_per_row = pixels.shape[1] if pixels.dim() == 5 else None
-    batch, position = tokens_where(inputs["input_ids"], config.image_token_id)
     views, rows, sources = [], [], []
     t, crop = 0, 0  # next image token; first crop of this image in the flattened pixel_values
     for image, size in enumerate(sizes):
@@ -135,9 +140,9 @@ def llava_next_image_tokens(config, inputs, *, processor=None):
         tiles_wide = g_cols // side
         cells: List[Tuple[int, int, int, List[int]]] = [(r, c, 1, [crop * side * side + r * side + c])
                                                          for r in range(side) for c in range(side)]
-        base = len(views)
-        views.append(ImageView(image, 0, "base", side, side))
-        views.append(ImageView(image, 1, "tiles", bottom - top, right - left, box))
+        tiles = len(views)
+        views.append(ImageView(image, 0, "tiles", bottom - top, right - left, box))
+        views.append(ImageView(image, 1, "base", side, side))
         for r in range(top, bottom):
             for c in range(left, right):
                 n = 1 + (r // side) * tiles_wide + c // side  # crop of this patch, after the base
@@ -149,7 +154,7 @@ def llava_next_image_tokens(config, inputs, *, processor=None):
                 f"image_token_map: llava_next image {image} (size {size}) needs {len(cells)} image tokens, but "
                 f"input_ids hold only {len(position) - t} more")
         for j, (r, c, extent, units) in enumerate(cells):
-            view = base if j < side * side else base + 1
+            view = tiles + 1 if j < side * side else tiles  # the base's tokens come first in the sequence
             rows.append((int(batch[t + j]), int(position[t + j]), image, view, r, c, extent, extent))
             sources.append(units)
         t += len(cells)

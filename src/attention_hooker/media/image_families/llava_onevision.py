@@ -3,7 +3,8 @@ tiles' grid shrunk (bilinearly) when it holds too many patches, and untiled imag
 
 Per image, as for LLaVA-NeXT (:mod:`.llava_next`): the base view's ``side^2`` patches (no row end), then the
 tiles put back and unpadded, row by row, each row followed by a row-end ``image_newline`` token (a marker:
-no source, no cell). Two differences:
+no source, no cell); as views, the tiles are view 0 (the image itself, its tiles put back) and the base
+view 1, whatever their order in the sequence. Two differences:
 
 * ``vision_aspect_ratio = "anyres_max_N"``: when the unpadded grid of ``h x w`` patches holds more than
   about ``N`` tiles' worth (``ratio = sqrt(h * w / (N * side^2)) > 1.1``), the model resizes it to
@@ -29,7 +30,7 @@ import math
 from typing import List, Tuple
 
 from ...errors import AttentionHookerError
-from ..image_tokens import ImageView, register_image_tokens, require, table, tokens_where
+from ..image_tokens import ImageView, image_sizes_of, register_image_tokens, require, table, tokens_where
 from .llava_next import anyres_tiles, check_square_processor
 from .paligemma import square_side
 
@@ -123,7 +124,7 @@ def llava_onevision_image_tokens(config, inputs, *, processor=None):
         >>> tokens = image_token_map(config, dict(input_ids=ids, image_sizes=torch.tensor([[30, 60]]),
         ...     pixel_values=torch.zeros(1, 3, 3, 32, 32)))
         >>> [(v.name, v.rows, v.cols) for v in tokens.views]
-        [('base', 4, 4), ('tiles', 2, 5)]
+        [('tiles', 2, 5), ('base', 4, 4)]
     """
     if inputs.get("pixel_values_videos") is not None:
         if inputs.get("pixel_values") is not None:
@@ -146,7 +147,7 @@ def llava_onevision_image_tokens(config, inputs, *, processor=None):
     sizes = require(inputs, "image_sizes", "llava_onevision", "each image's original (height, width) decides "
                     "its tiles")
     pixels = require(inputs, "pixel_values", "llava_onevision", "its shape says where each image's crops are")
-    sizes = [tuple(int(v) for v in s) for s in sizes.reshape(-1, 2).tolist()]
+    sizes = image_sizes_of(sizes, "llava_onevision")
     counts = inputs.get("batch_num_images")
     tiled = [True] * len(sizes) if counts is None else [int(n) == 1 for n in counts.reshape(-1).tolist()
                                                          for _ in range(int(n))]
@@ -158,7 +159,8 @@ def llava_onevision_image_tokens(config, inputs, *, processor=None):
     views, rows, sources = [], [], []
     t, crop = 0, 0
     for image, (size, patched) in enumerate(zip(sizes, tiled)):
-        cells: List[Tuple[int, int, int, int, List[int]]] = []  # (view offset, row, col, extent, units)
+        cells: List[Tuple[int, int, int, int, List[int]]] = []  # (view offset, row, col, extent, units), in
+        # sequence order: an image's base (view offset 1) comes before its tiles (view offset 0)
         first = len(views)
         if not patched:  # padded to a square, one crop, a row end after it
             h, w = size
@@ -173,7 +175,7 @@ def llava_onevision_image_tokens(config, inputs, *, processor=None):
                                                                             tile, patch)
             tiles_wide = g_cols // side
             n_crops = 1 + (g_rows // side) * tiles_wide
-            cells += [(0, r, c, 1, [crop * side * side + r * side + c]) for r in range(side) for c in range(side)]
+            cells += [(1, r, c, 1, [crop * side * side + r * side + c]) for r in range(side) for c in range(side)]
             h, w = bottom - top, right - left
             ratio = math.sqrt(h * w / (most * side * side))
             if ratio > 1.1:
@@ -182,12 +184,12 @@ def llava_onevision_image_tokens(config, inputs, *, processor=None):
             else:
                 out_h, out_w = h, w
                 by_row, by_col = [[r] for r in range(h)], [[c] for c in range(w)]
-            views += [ImageView(image, 0, "base", side, side), ImageView(image, 1, "tiles", out_h, out_w, box)]
+            views += [ImageView(image, 0, "tiles", out_h, out_w, box), ImageView(image, 1, "base", side, side)]
             for r in range(out_h):
                 for c in range(out_w):
-                    cells.append((1, r, c, 1, [_tile_unit(top + i, left + j, crop, side, tiles_wide)
+                    cells.append((0, r, c, 1, [_tile_unit(top + i, left + j, crop, side, tiles_wide)
                                                for i in by_row[r] for j in by_col[c]]))
-                cells.append((1, r, out_w, 0, []))
+                cells.append((0, r, out_w, 0, []))
         if t + len(cells) > len(position):
             raise AttentionHookerError(
                 f"image_token_map: llava_onevision image {image} (size {size}) needs {len(cells)} image tokens, but "
