@@ -181,6 +181,61 @@ def test_gemma3_refuses_crops_it_cannot_place():
         ["image"] * 3
 
 
+def test_gemma3_refuses_several_runs_it_cannot_tell_crops_from_images_in():
+    # review finding 6: one image + 2 pan-and-scan crops (3 runs) used to be read as 3 whole images
+    config = tiny_gemma3().config
+    ids = two_rows([3, 0], 4, marks=True)
+    with pytest.raises(AttentionHookerError, match="hold 3 runs of image tokens.*cannot be told from separate"):
+        image_token_map(config, dict(input_ids=ids))
+    # what settles it: the processor (pan and scan off), or num_crops
+    assert [v.name for v in image_token_map(config, dict(input_ids=ids), processor=gemma3_processor()).views] == \
+        ["image"] * 3
+    read = image_token_map(config, dict(input_ids=ids, num_crops=[2], image_sizes=[(24, 72)]))
+    assert [(v.image, v.name) for v in read.views] == [(0, "image"), (0, "crop 0"), (0, "crop 1")]
+    # one run is one whole image: a crop always follows its image
+    assert [v.name for v in image_token_map(config, dict(input_ids=two_rows([1, 0], 4))).views] == ["image"]
+
+
+def test_gemma3_checks_num_crops_against_the_processors_pan_and_scan():
+    config = tiny_gemma3().config
+    ids = torch.tensor([[IMAGE] * 12])
+    # review finding 6 (p5): 2 crops of a 10 x 11 image, which the processor never crops
+    with pytest.raises(AttentionHookerError, match=r"num_crops=\[2\] do not match .* into \[0\] crops"):
+        image_token_map(config, dict(input_ids=ids, num_crops=[2], image_sizes=[(10, 11)]),
+                        processor=gemma3_processor(True))
+    with pytest.raises(AttentionHookerError, match="has do_pan_and_scan off, so it makes none"):
+        image_token_map(config, dict(input_ids=ids, num_crops=[2], image_sizes=[(24, 48)]),
+                        processor=gemma3_processor(False))
+    read = image_token_map(config, dict(input_ids=ids, num_crops=[2], image_sizes=[(24, 48)]),
+                           processor=gemma3_processor(True))
+    assert [v.name for v in read.views] == ["image", "crop 0", "crop 1"]
+
+
+def test_gemma3_pan_and_scan_count_is_the_image_processors():
+    from attention_hooker.media.image_families.gemma3 import pan_and_scan_count
+    processor = gemma3_processor(True)
+    sizes = [(h, w) for h in (8, 9, 15, 16, 24, 33) for w in (8, 10, 17, 20, 30, 40, 41, 50, 64, 90)]
+    sizes += [(w, h) for h, w in sizes]
+    out = processor(images=[torch.zeros(3, h, w) for h, w in sizes], return_tensors="pt")
+    want = [int(n) for n in out["num_crops"]]
+    assert [pan_and_scan_count(h, w, 8, 4, 1.2) for h, w in sizes] == want
+    assert len(set(want)) >= 3  # none, and several counts, are covered
+
+
+def test_gemma3_reads_image_sizes_and_num_crops_as_per_row_lists():
+    # review finding 7 (p6): ragged per-row image_sizes raised ValueError
+    config = tiny_gemma3().config
+    ids = two_rows([2, 2], 4)  # row 0: an image and its one crop; row 1: two whole images
+    flat = image_token_map(config, dict(input_ids=ids, num_crops=[1, 0, 0],
+                                        image_sizes=torch.tensor([(24, 72), (40, 40), (30, 30)])))
+    ragged = image_token_map(config, dict(input_ids=ids, num_crops=[[1], [0, 0]],
+                                          image_sizes=[[(24, 72)], [(40, 40), (30, 30)]]))
+    assert ragged.views == flat.views and torch.equal(ragged.source, flat.source)
+    assert [(v.image, v.name) for v in ragged.views] == [(0, "image"), (0, "crop 0"), (1, "image"), (2, "image")]
+    with pytest.raises(AttentionHookerError, match="gives 2 image size.*hold 3 image"):
+        image_token_map(config, dict(input_ids=ids, num_crops=[1, 0, 0], image_sizes=[[(24, 72)], [(40, 40)]]))
+
+
 def test_gemma3_capture_is_exact_against_eager_for_the_language_model_the_tower_and_generate():
     inputs, _ = gemma3_inputs(pan_and_scan=True)
     tokens = image_token_map(tiny_gemma3().config, inputs)

@@ -14,9 +14,17 @@ whose ``box`` is the part of the image it was cut from; the whole image is view 
 
 The crops cannot be told from separate images by the token ids, and ``Gemma3Processor`` drops its
 image processor's ``num_crops`` from its outputs. So: pass ``num_crops`` (one count per image, from the
-image processor's outputs) and ``image_sizes`` (each image's ``(height, width)`` before processing)
-with the inputs when pan and scan made crops. Without ``num_crops`` every image is taken to have no
-crop, which is refused when the ``processor`` passed says pan and scan is on.
+image processor's outputs; a flat list, a tensor or per-row lists) and ``image_sizes`` (each image's
+``(height, width)`` before processing, in any form :func:`~attention_hooker.media.image_tokens.image_sizes_of`
+reads) with the inputs when pan and scan made crops. Without ``num_crops``:
+
+* one run of image tokens is one whole image (a crop always follows its image's run);
+* several runs are whole images only when the ``processor`` passed has pan and scan off (its own
+  settings: a ``do_pan_and_scan=True`` given at call time is not seen, so pass ``num_crops`` then); with
+  pan and scan on, or no processor, they are refused: crops and images look the same in ``input_ids``.
+
+With ``num_crops`` and a ``processor``, the counts are checked against the processor's settings: none
+when pan and scan is off, and, given ``image_sizes``, exactly :func:`pan_and_scan_count` of each size.
 """
 
 from __future__ import annotations
@@ -27,10 +35,10 @@ from typing import List, Sequence, Tuple
 import torch
 
 from ...errors import AttentionHookerError
-from ..image_tokens import ImageView, register_image_tokens, table, tokens_where
+from ..image_tokens import ImageView, image_sizes_of, register_image_tokens, table, tokens_where
 from .paligemma import square_side
 
-__all__ = ["gemma3_image_tokens", "pan_and_scan_boxes"]
+__all__ = ["gemma3_image_tokens", "pan_and_scan_boxes", "pan_and_scan_count"]
 
 Box = Tuple[float, float, float, float]
 
@@ -62,17 +70,51 @@ def _flat_ints(value, name: str) -> List[int]:
     return out
 
 
-def _sizes(value, images: int) -> List[Tuple[int, int]]:
-    sizes = torch.as_tensor(value).reshape(-1, 2) if not isinstance(value, torch.Tensor) else value.reshape(-1, 2)
-    if sizes.shape[0] != images:
-        raise AttentionHookerError(f"image_token_map: gemma3 got {sizes.shape[0]} image_sizes for {images} images "
-                                   "(one (height, width) per image, before processing)")
-    return [(int(h), int(w)) for h, w in sizes.tolist()]
+def pan_and_scan_count(height: int, width: int, min_crop: int, max_crops: int, min_ratio: float) -> int:
+    """How many pan-and-scan crops Gemma 3's image processor cuts a ``height x width`` image into, with its
+    ``pan_and_scan_min_crop_size``, ``pan_and_scan_max_num_crops`` and ``pan_and_scan_min_ratio_to_activate``:
+    none unless the long side is at least ``min_ratio`` times the short one; else about the aspect ratio
+    (rounded half up), at most ``long / min_crop`` and ``max_crops``, at least 2; none if a crop would be
+    thinner than ``min_crop``.
+
+    Example:
+        >>> pan_and_scan_count(24, 72, 8, 4, 1.2), pan_and_scan_count(40, 44, 8, 4, 1.2)
+        (3, 0)
+    """
+    long, short = (width, height) if width >= height else (height, width)
+    if long / short < min_ratio:
+        return 0
+    n = min(max_crops, max(2, min(int(math.floor(long / short + 0.5)), int(math.floor(long / min_crop)))))
+    return 0 if min(math.ceil(long / n), short) < min_crop else n
 
 
-def _pan_and_scan_on(processor) -> bool:
+def _pan_and_scan_settings(processor):
+    """``None`` when the processor's pan and scan is off, else its ``(min_crop, max_crops, min_ratio)``
+    (entries ``None`` where it does not say)."""
     images = getattr(processor, "image_processor", processor)
-    return bool(getattr(images, "do_pan_and_scan", False))
+    if not getattr(images, "do_pan_and_scan", False):
+        return None
+    return tuple(getattr(images, f"pan_and_scan_{k}", None)
+                 for k in ("min_crop_size", "max_num_crops", "min_ratio_to_activate"))
+
+
+def _check_counts(crops: Sequence[int], sizes, processor) -> None:
+    settings = _pan_and_scan_settings(processor)
+    if settings is None:
+        if any(crops):
+            raise AttentionHookerError(
+                f"image_token_map: gemma3 num_crops={list(crops)} has crops, but the processor passed has "
+                "do_pan_and_scan off, so it makes none; pass the processor that made the inputs")
+        return
+    if sizes is None or None in settings:
+        return
+    want = [pan_and_scan_count(h, w, *settings) for h, w in sizes]
+    if list(crops) != want:
+        raise AttentionHookerError(
+            f"image_token_map: gemma3 num_crops={list(crops)} do not match the processor's pan and scan "
+            f"(min crop {settings[0]}, at most {settings[1]} crops, from aspect ratio {settings[2]}), which cuts "
+            f"images of sizes {sizes} into {want} crops; pass the num_crops, image_sizes and processor that go "
+            "together")
 
 
 @register_image_tokens("gemma3")
@@ -110,11 +152,17 @@ def gemma3_image_tokens(config, inputs, *, processor=None):
             f"mm_tokens_per_image={per_crop} each image (and each pan-and-scan crop) takes")
     runs = len(position) // per_crop
     if inputs.get("num_crops") is None:
-        if processor is not None and _pan_and_scan_on(processor):
+        if processor is not None and _pan_and_scan_settings(processor) is not None:
             raise AttentionHookerError(
                 "image_token_map: gemma3's processor has do_pan_and_scan on, so some of the image token runs may "
                 "be crops of one image; pass the image processor's 'num_crops' (one count per image) and "
                 "'image_sizes' (each image's (height, width) before processing) with the inputs")
+        if processor is None and runs > 1:
+            raise AttentionHookerError(
+                f"image_token_map: gemma3's input_ids hold {runs} runs of image tokens, and pan-and-scan crops "
+                "cannot be told from separate images by the token ids; pass the processor that made the inputs "
+                "(with do_pan_and_scan off, every run is an image), or 'num_crops' (one count per image, zeros "
+                "when pan and scan was off) with the inputs")
         crops: Sequence[int] = [0] * runs
     else:
         crops = _flat_ints(inputs["num_crops"], "num_crops")
@@ -122,8 +170,10 @@ def gemma3_image_tokens(config, inputs, *, processor=None):
         raise AttentionHookerError(
             f"image_token_map: gemma3 num_crops={list(crops)} gives {sum(c + 1 for c in crops)} runs of "
             f"{per_crop} image tokens (each image and each crop), but input_ids hold {runs}")
-    sizes = _sizes(inputs["image_sizes"], len(crops)) if any(crops) and inputs.get("image_sizes") is not None \
-        else None
+    sizes = image_sizes_of(inputs["image_sizes"], "gemma3", count=len(crops)) \
+        if inputs.get("image_sizes") is not None and inputs.get("num_crops") is not None else None
+    if processor is not None and inputs.get("num_crops") is not None:
+        _check_counts(crops, sizes, processor)
     if any(crops) and sizes is None:
         raise AttentionHookerError("image_token_map: gemma3 needs 'image_sizes' (each image's (height, width) before "
                                    "processing) to place its pan-and-scan crops on the image")
