@@ -87,6 +87,43 @@ def test_internvl_refuses_tiles_it_cannot_place():
         image_token_map(config, inputs)
 
 
+def internvl_video_inputs():
+    """Row 0: the 24 x 72 image (3 x 1 tiles + thumbnail), then a 2-frame video; row 1: the 50 x 30 image. As
+    InternVLProcessor lays them out: each frame its own one-crop run, the frames merged into pixel_values
+    with the images' crops in text order, nothing kept that says which runs are frames."""
+    images = internvl_processor()(images=[coordinate_image(*SIZES[1]), coordinate_image(*SIZES[2])],
+                                  return_tensors="pt")
+    frames = transformers.InternVLVideoProcessor(size={"height": 32, "width": 32}, do_sample_frames=False)(
+        videos=[[coordinate_image(40, 56), coordinate_image(40, 56)]], return_tensors="pt")["pixel_values_videos"]
+    assert [int(n) for n in images["num_patches"]] == [4, 3] and tuple(frames.shape[:2]) == (1, 2)
+    pixels = torch.cat([images["pixel_values"][:4], frames[0], images["pixel_values"][4:]])
+    run = lambda n: [START] + [IMAGE] * 4 * n + [END]  # noqa: E731
+    rows = [[1] + run(4) + [5] + run(1) + [6] + run(1), [1, 5] + run(3)]
+    width = max(map(len, rows)) + 2
+    ids = torch.tensor([r + [7 + i % 40 for i in range(width - len(r))] for r in rows])
+    return dict(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids))
+
+
+def test_internvl_reads_video_frames_as_untiled_images_with_image_sizes_for_the_tiled_images_only():
+    # review finding 10: the processor's outputs do not say which runs are frames, so frames are read as
+    # untiled images, exactly placed; image_sizes may count the tiled images only
+    model = tiny_internvl()
+    inputs = internvl_video_inputs()
+    processor = internvl_processor()
+    tokens = image_token_map(model, dict(inputs, image_sizes=[SIZES[1], SIZES[2]]), processor=processor)
+    assert [(v.image, v.name, v.rows, v.cols) for v in tokens.views] == [
+        (0, "tiles", 4, 12), (0, "thumbnail", 4, 4), (1, "image", 4, 4), (2, "image", 4, 4), (3, "tiles", 8, 4),
+        (3, "thumbnail", 4, 4)]
+    found = sources_by_perturbation(model, inputs, tower=model.model.vision_tower,
+                                    language_model=model.model.language_model, patch=8)
+    assert claimed_sources(tokens) == found
+    per_run = image_token_map(model, dict(inputs, image_sizes=[[SIZES[1], (40, 56), (40, 56)], [SIZES[2]]]),
+                              processor=processor)  # one size per run, frames included, per-row lists
+    assert per_run.views == tokens.views and torch.equal(per_run.source, tokens.source)
+    with pytest.raises(AttentionHookerError, match="got 3 image_sizes for 4 runs .* 2 of them tiled.*video frame"):
+        image_token_map(model, dict(inputs, image_sizes=[SIZES[1], (40, 56), SIZES[2]]), processor=processor)
+
+
 def test_internvl_capture_is_exact_against_eager_for_the_language_model_the_tower_and_generate():
     inputs, with_sizes, processor = internvl_inputs()
     model = tiny_internvl()

@@ -16,17 +16,28 @@ cells over the whole image) and ``"thumbnail"`` for a tiled one.
 Reading the tiling. The image tokens of one image are one contiguous run (the processor wraps each
 image's in ``<img> ... </img>``), so a run's length says how many crops its image has. When it has more
 than one, the canvas is recomputed with the processor's own rule from the image's original size: pass
-``image_sizes`` (each image's ``(height, width)``) with the inputs and the ``processor``.
+``image_sizes`` with the inputs and the ``processor``. ``image_sizes`` gives the original
+``(height, width)`` of every run, or of the tiled runs only (those of more than one crop), in order; in any
+form :func:`~attention_hooker.media.image_tokens.image_sizes_of` reads.
+
+Videos. ``InternVLProcessor`` writes each video frame as its own ``<img> ... </img>`` run of one crop (the
+frame resized whole to ``S``) and merges the frames into ``pixel_values`` with the images, in text order;
+its outputs keep nothing that says which runs are frames (``input_ids``, ``pixel_values`` and
+``attention_mask`` only; the ``FrameN:`` text before a run is ordinary text a prompt may hold too). So a
+frame is read as an untiled image: its own ``image`` index and one ``"image"`` view over the whole frame
+(its sources and box are exact; only the name does not say "frame"). Give ``image_sizes`` for the tiled
+images only when the batch holds frames (or one size per run, frames included); any other count is
+refused.
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from ...errors import AttentionHookerError
-from ..image_tokens import ImageView, register_image_tokens, table, tokens_where
+from ..image_tokens import ImageView, image_sizes_of, register_image_tokens, table, tokens_where
 from .paligemma import square_side
 
 __all__ = ["internvl_image_tokens"]
@@ -50,6 +61,22 @@ def _canvas(size: Tuple[int, int], processor, tile: int) -> Tuple[int, int]:
     cols, rows = get_optimal_tiled_canvas(tuple(size), (tile, tile), int(images.min_patches),
                                           int(images.max_patches))
     return int(rows), int(cols)
+
+
+def _sizes_of_tiled(value, crops: Sequence[int]) -> Dict[int, Tuple[int, int]]:
+    """``{run: (height, width)}`` for the runs of more than one crop, from ``image_sizes`` given per run or
+    per tiled run (see the module doc)."""
+    tiled = [i for i, n in enumerate(crops) if n > 1]
+    sizes = image_sizes_of(value, "internvl")
+    if len(sizes) == len(crops):
+        return {i: sizes[i] for i in tiled}
+    if len(sizes) == len(tiled):
+        return dict(zip(tiled, sizes))
+    raise AttentionHookerError(
+        f"image_token_map: internvl got {len(sizes)} image_sizes for {len(crops)} runs of image tokens, "
+        f"{len(tiled)} of them tiled; give one (height, width) per run, or one per tiled run, in order (a video "
+        "frame is a run of its own, read as an untiled image: the processor's outputs do not say which runs are "
+        "frames)")
 
 
 @register_image_tokens("internvl")
@@ -83,31 +110,29 @@ def internvl_image_tokens(config, inputs, *, processor=None):
     per_crop = per_side * per_side
     batch, position = tokens_where(inputs["input_ids"], config.image_token_id)
     runs = _runs(batch, position)
-    sizes = inputs.get("image_sizes")
-    views, rows, sources = [], [], []
-    crop = 0
     for image, (first, length) in enumerate(runs):
         if length % per_crop:
             raise AttentionHookerError(
                 f"image_token_map: internvl image {image} has a run of {length} image tokens, not a multiple of "
                 f"the {per_crop} each crop takes ({per_side} x {per_side} blocks of {k} x {k} patches)")
-        n = length // per_crop
+    crops = [length // per_crop for _, length in runs]
+    tiled = next((i for i, n in enumerate(crops) if n > 1), None)
+    if tiled is not None and (inputs.get("image_sizes") is None or processor is None):
+        raise AttentionHookerError(
+            f"image_token_map: internvl image {tiled} has {crops[tiled]} crops (tiles and a thumbnail); pass "
+            "'image_sizes' (each image's original (height, width)) in the inputs and the processor, to place its "
+            "tiles")
+    sizes = _sizes_of_tiled(inputs["image_sizes"], crops) if tiled is not None else {}
+    views, rows, sources = [], [], []
+    crop = 0
+    for image, ((first, length), n) in enumerate(zip(runs, crops)):
         if n == 1:
             layout = [("image", 1, 1, 0, 0)]
         else:
-            if sizes is None or processor is None:
-                raise AttentionHookerError(
-                    f"image_token_map: internvl image {image} has {n} crops (tiles and a thumbnail); pass "
-                    "'image_sizes' (each image's original (height, width)) in the inputs and the processor, "
-                    "to place its tiles")
-            sizes_list = torch.as_tensor(sizes).reshape(-1, 2).tolist()
-            if len(sizes_list) != len(runs):
-                raise AttentionHookerError(f"image_token_map: internvl got {len(sizes_list)} image_sizes for "
-                                           f"{len(runs)} images (runs of image tokens)")
-            g_rows, g_cols = _canvas(tuple(int(v) for v in sizes_list[image]), processor, tile)
+            g_rows, g_cols = _canvas(sizes[image], processor, tile)
             if g_rows * g_cols + 1 != n:
                 raise AttentionHookerError(
-                    f"image_token_map: internvl image {image} of size {tuple(sizes_list[image])} is cut into "
+                    f"image_token_map: internvl image {image} of size {sizes[image]} is cut into "
                     f"{g_rows} x {g_cols} tiles + a thumbnail by the processor's rule, but its run of image "
                     f"tokens holds {n} crops")
             layout = [("tiles", g_rows, g_cols, r, c) for r in range(g_rows) for c in range(g_cols)]
