@@ -192,8 +192,10 @@ def test_gemma3_refuses_several_runs_it_cannot_tell_crops_from_images_in():
         ["image"] * 3
     read = image_token_map(config, dict(input_ids=ids, num_crops=[2], image_sizes=[(24, 72)]))
     assert [(v.image, v.name) for v in read.views] == [(0, "image"), (0, "crop 0"), (0, "crop 1")]
-    # one run is one whole image: a crop always follows its image
-    assert [v.name for v in image_token_map(config, dict(input_ids=two_rows([1, 0], 4))).views] == ["image"]
+    # one run is one whole image, even with pan and scan on: a crop always follows its image
+    for processor in (None, gemma3_processor(True)):
+        assert [v.name for v in image_token_map(config, dict(input_ids=two_rows([1, 0], 4)),
+                                                processor=processor).views] == ["image"]
 
 
 def test_gemma3_checks_num_crops_against_the_processors_pan_and_scan():

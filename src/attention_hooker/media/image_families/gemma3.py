@@ -18,7 +18,8 @@ image processor's outputs; a flat list, a tensor or per-row lists) and ``image_s
 ``(height, width)`` before processing, in any form :func:`~attention_hooker.media.image_tokens.image_sizes_of`
 reads) with the inputs when pan and scan made crops. Without ``num_crops``:
 
-* one run of image tokens is one whole image (a crop always follows its image's run);
+* one run of image tokens is one whole image, whatever the processor (a crop always follows its image's
+  run);
 * several runs are whole images only when the ``processor`` passed has pan and scan off (its own
   settings: a ``do_pan_and_scan=True`` given at call time is not seen, so pass ``num_crops`` then); with
   pan and scan on, or no processor, they are refused: crops and images look the same in ``input_ids``.
@@ -152,7 +153,7 @@ def gemma3_image_tokens(config, inputs, *, processor=None):
             f"mm_tokens_per_image={per_crop} each image (and each pan-and-scan crop) takes")
     runs = len(position) // per_crop
     if inputs.get("num_crops") is None:
-        if processor is not None and _pan_and_scan_settings(processor) is not None:
+        if runs > 1 and processor is not None and _pan_and_scan_settings(processor) is not None:
             raise AttentionHookerError(
                 "image_token_map: gemma3's processor has do_pan_and_scan on, so some of the image token runs may "
                 "be crops of one image; pass the image processor's 'num_crops' (one count per image) and "
