@@ -117,6 +117,10 @@ def test_internvl_reads_video_frames_as_untiled_images_with_image_sizes_for_the_
     found = sources_by_perturbation(model, inputs, tower=model.model.vision_tower,
                                     language_model=model.model.language_model, patch=8)
     assert claimed_sources(tokens) == found
+    # every token's patches, frames' included, sit at its box's centre (images and frames share mean and std)
+    centres = centres_of_sources(tokens, inputs["pixel_values"], processor.image_mean, processor.image_std)
+    top, left, bottom, right = tokens.boxes().T
+    torch.testing.assert_close(centres, torch.stack([(top + bottom) / 2, (left + right) / 2], 1), atol=0.02, rtol=0)
     per_run = image_token_map(model, dict(inputs, image_sizes=[[SIZES[1], (40, 56), (40, 56)], [SIZES[2]]]),
                               processor=processor)  # one size per run, frames included, per-row lists
     assert per_run.views == tokens.views and torch.equal(per_run.source, tokens.source)
