@@ -12,5 +12,6 @@ from . import paligemma  # noqa: F401
 from . import pixtral  # noqa: F401
 from . import qwen_vl  # noqa: F401
 from . import qwen3_vl  # noqa: F401
+from . import vipllava  # noqa: F401
 
 __all__: list = []
