@@ -6,6 +6,7 @@ from . import idefics3  # noqa: F401
 from . import internvl  # noqa: F401
 from . import llava  # noqa: F401
 from . import llava_next  # noqa: F401
+from . import llava_next_video  # noqa: F401
 from . import llava_onevision  # noqa: F401
 from . import mllama  # noqa: F401
 from . import paligemma  # noqa: F401
