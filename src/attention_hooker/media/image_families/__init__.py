@@ -1,5 +1,6 @@
 """One module per vision-language family, each registering its reader of image tokens."""
 
+from . import aya_vision  # noqa: F401
 from . import blip_2  # noqa: F401
 from . import gemma3  # noqa: F401
 from . import idefics3  # noqa: F401
