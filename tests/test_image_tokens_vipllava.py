@@ -60,7 +60,7 @@ def test_vipllava_tokens_are_the_patches_that_feed_them_and_sit_where_their_pixe
 
 
 def test_vipllava_token_counts_that_do_not_fit_are_refused_by_name():
-    with pytest.raises(AttentionHookerError, match="vipllava has 15 image tokens, not a multiple of the 16"):
+    with pytest.raises(AttentionHookerError, match="15 image tokens, not a multiple of the 16"):
         image_token_map(tiny_vipllava().config, dict(input_ids=torch.tensor([[IMAGE_TOKEN] * 15])))
 
 
