@@ -52,8 +52,9 @@ def inputs_and_processors(model):
     pixel_values_videos = videos(videos=clips, return_tensors="pt")["pixel_values_videos"]
     assert pixel_values_videos.shape == (2, 2, 3, 32, 32)
     with torch.no_grad():
-        lengths = [len(f) for f in model.model.get_image_features(out["pixel_values"], out["image_sizes"],
-                                                                  vision_feature_select_strategy="default").pooler_output]
+        features = model.model.get_image_features(out["pixel_values"], out["image_sizes"],
+                                                  vision_feature_select_strategy="default")
+        lengths = [len(f) for f in features.pooler_output]
     rows = [[1, 5] + [IMAGE] * lengths[0] + [6] + [VIDEO] * 8, [1] + [VIDEO] * 8 + [6] + [IMAGE] * lengths[1]]
     width = max(map(len, rows)) + 2
     ids = torch.tensor([r + [7 + i % 40 for i in range(width - len(r))] for r in rows])
@@ -80,7 +81,7 @@ def test_llava_next_video_tokens_are_the_patches_that_feed_them_and_sit_where_th
         found[key] = {image_units + u for u in units}
     assert claimed_sources(tokens) == found
     # boxes: the video frames' pooled blocks hold their patches' centres (video processor's own mean and std)
-    pixels = torch.cat([inputs["pixel_values"].reshape(-1, 3, 32, 32), inputs["pixel_values_videos"].reshape(-1, 3, 32, 32)])
+    pixels = torch.cat([inputs[name].reshape(-1, 3, 32, 32) for name in ("pixel_values", "pixel_values_videos")])
     in_video = torch.tensor([tokens.views[int(v)].name.startswith("frame") for v in tokens.view])
     kept = tokens.select(in_video)
     centres = centres_of_sources(kept, pixels, videos.image_mean, videos.image_std)

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import AttentionHookerError
-from ..image_tokens import ImageView, register_image_tokens, table, tokens_where
-from .internvl import _canvas
+from ..image_tokens import ImageView, register_image_tokens, table
+from .internvl import tiled_canvas
 from .paligemma import square_side
 
 __all__ = ["aya_vision_image_tokens"]
@@ -110,7 +110,7 @@ def aya_vision_image_tokens(config, inputs, *, processor=None):
                     f"image_token_map: aya_vision image {image} has {n} crops (tiles and a thumbnail); pass "
                     "'image_sizes' (each image's original (height, width)) in the inputs to place its tiles")
             size = tuple(int(v) for v in torch.as_tensor(sizes).reshape(-1, 2)[image].tolist())
-            g_rows, g_cols = _canvas(size, processor, tile)
+            g_rows, g_cols = tiled_canvas(size, processor, tile)
             if g_rows * g_cols + 1 != n:
                 raise AttentionHookerError(
                     f"image_token_map: aya_vision image {image} of size {size} is cut into {g_rows} x {g_cols} tiles "

@@ -40,7 +40,7 @@ from ...errors import AttentionHookerError
 from ..image_tokens import ImageView, image_sizes_of, register_image_tokens, table, tokens_where
 from .paligemma import square_side
 
-__all__ = ["internvl_image_tokens"]
+__all__ = ["internvl_image_tokens", "tiled_canvas"]
 
 
 def _runs(batch: torch.Tensor, position: torch.Tensor) -> List[Tuple[int, int]]:
@@ -54,7 +54,9 @@ def _runs(batch: torch.Tensor, position: torch.Tensor) -> List[Tuple[int, int]]:
     return runs
 
 
-def _canvas(size: Tuple[int, int], processor, tile: int) -> Tuple[int, int]:
+def tiled_canvas(size: Tuple[int, int], processor, tile: int) -> Tuple[int, int]:
+    """``(rows, cols)`` of ``tile``-pixel tiles the GotOcr2 processor cuts an image of ``size`` (height,
+    width) into, by its own rule and its ``min_patches`` / ``max_patches``."""
     from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
     images = getattr(processor, "image_processor", processor)
@@ -129,7 +131,7 @@ def internvl_image_tokens(config, inputs, *, processor=None):
         if n == 1:
             layout = [("image", 1, 1, 0, 0)]
         else:
-            g_rows, g_cols = _canvas(sizes[image], processor, tile)
+            g_rows, g_cols = tiled_canvas(sizes[image], processor, tile)
             if g_rows * g_cols + 1 != n:
                 raise AttentionHookerError(
                     f"image_token_map: internvl image {image} of size {sizes[image]} is cut into "
