@@ -21,6 +21,8 @@ the whole image) and ``"global"`` (the thumbnail, ``P x P``) for a tiled one. A 
 
 from __future__ import annotations
 
+from typing import Callable, Tuple
+
 import torch
 
 from ...errors import AttentionHookerError
@@ -42,7 +44,7 @@ def _marker_ids(processor):
     return int(ids[0]), int(ids[1])
 
 
-def _images(ids: torch.Tensor, token_id: int, start: int, end: int):
+def _images(ids: torch.Tensor, token_id: int, start: int, end: int, family: str):
     """Per image, in reading order: ``(batch row, positions of its image tokens)``."""
     out = []
     for b in range(ids.shape[0]):
@@ -51,17 +53,17 @@ def _images(ids: torch.Tensor, token_id: int, start: int, end: int):
         for p, t in enumerate(row):
             if t == start:
                 if opened is not None:
-                    raise AttentionHookerError(f"image_token_map: aya_vision row {b} opens an image at {p} inside "
+                    raise AttentionHookerError(f"image_token_map: {family} row {b} opens an image at {p} inside "
                                                f"the image opened at {opened}")
                 opened = p
             elif t == end:
                 if opened is None:
-                    raise AttentionHookerError(f"image_token_map: aya_vision row {b} closes an image at {p} that "
+                    raise AttentionHookerError(f"image_token_map: {family} row {b} closes an image at {p} that "
                                                "was never opened")
                 out.append((b, [q for q in range(opened + 1, p) if row[q] == token_id]))
                 opened = None
         if opened is not None:
-            raise AttentionHookerError(f"image_token_map: aya_vision row {b} leaves the image opened at {opened} "
+            raise AttentionHookerError(f"image_token_map: {family} row {b} leaves the image opened at {opened} "
                                        "unclosed")
     return out
 
@@ -78,19 +80,30 @@ def aya_vision_image_tokens(config, inputs, *, processor=None):
             f"vision_feature_select_strategy='full' only (got {vision.model_type!r}, "
             f"{getattr(config, 'vision_feature_select_strategy', None)!r}): otherwise a crop's features are not the "
             "square patch grid the pixel shuffle assumes")
+    return marked_tile_tokens("aya_vision", config, inputs, _marker_ids(processor),
+                              lambda size, tile: tiled_canvas(size, processor, tile))
+
+
+def marked_tile_tokens(family: str, config, inputs, markers: Tuple[int, int],
+                       canvas: Callable[[Tuple[int, int], int], Tuple[int, int]]):
+    """The table of pixel-shuffled ``k x k`` blocks (``k = config.downsample_factor``) of square crops, tiles
+    in raster order then a global thumbnail, each image's tokens between the ``markers`` ``(start id, end
+    id)``; ``canvas((height, width), tile)`` gives a tiled image's ``(rows, cols)`` by its processor's rule.
+    Aya Vision's layout (module doc), shared with families that copy it."""
+    vision = config.vision_config
     patches = square_side(vision)
     tile = int(vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size)
     k = int(config.downsample_factor)
     if patches % k:
-        raise AttentionHookerError(f"image_token_map: aya_vision's downsample_factor {k} does not divide the "
+        raise AttentionHookerError(f"image_token_map: {family}'s downsample_factor {k} does not divide the "
                                    f"{patches} patches of a side")
     per_side = patches // k
     per_crop = per_side * per_side
     ids = inputs["input_ids"]
-    images = _images(ids, config.image_token_id, *_marker_ids(processor))
+    images = _images(ids, config.image_token_id, *markers, family)
     counted = int((ids == int(config.image_token_id)).sum())
     if sum(len(p) for _, p in images) != counted:
-        raise AttentionHookerError(f"image_token_map: aya_vision has {counted} image tokens, but only "
+        raise AttentionHookerError(f"image_token_map: {family} has {counted} image tokens, but only "
                                    f"{sum(len(p) for _, p in images)} between image start and end markers")
     sizes = inputs.get("image_sizes")
     views, rows, sources = [], [], []
@@ -98,7 +111,7 @@ def aya_vision_image_tokens(config, inputs, *, processor=None):
     for image, (b, positions) in enumerate(images):
         if not positions or len(positions) % per_crop:
             raise AttentionHookerError(
-                f"image_token_map: aya_vision image {image} has {len(positions)} image tokens, not a positive "
+                f"image_token_map: {family} image {image} has {len(positions)} image tokens, not a positive "
                 f"multiple of the {per_crop} each crop takes ({per_side} x {per_side} blocks of {k} x {k} patches)")
         n = len(positions) // per_crop
         if n == 1:
@@ -107,13 +120,13 @@ def aya_vision_image_tokens(config, inputs, *, processor=None):
         else:
             if sizes is None:
                 raise AttentionHookerError(
-                    f"image_token_map: aya_vision image {image} has {n} crops (tiles and a thumbnail); pass "
+                    f"image_token_map: {family} image {image} has {n} crops (tiles and a thumbnail); pass "
                     "'image_sizes' (each image's original (height, width)) in the inputs to place its tiles")
             size = tuple(int(v) for v in torch.as_tensor(sizes).reshape(-1, 2)[image].tolist())
-            g_rows, g_cols = tiled_canvas(size, processor, tile)
+            g_rows, g_cols = canvas(size, tile)
             if g_rows * g_cols + 1 != n:
                 raise AttentionHookerError(
-                    f"image_token_map: aya_vision image {image} of size {size} is cut into {g_rows} x {g_cols} tiles "
+                    f"image_token_map: {family} image {image} of size {size} is cut into {g_rows} x {g_cols} tiles "
                     f"+ a thumbnail by the processor's rule, but it has {n} crops of image tokens")
             layout = [(0, r, c) for r in range(g_rows) for c in range(g_cols)] + [(1, 0, 0)]
             views.append(ImageView(image, 0, "tiles", g_rows * patches, g_cols * patches))
@@ -127,4 +140,4 @@ def aya_vision_image_tokens(config, inputs, *, processor=None):
                 sources.append([crop * patches * patches + (r * k + dr) * patches + c * k + dc
                                 for dr in range(k) for dc in range(k)])
             crop += 1
-    return table("aya_vision", "sequence", rows, sources, tile // patches, views)
+    return table(family, "sequence", rows, sources, tile // patches, views)
