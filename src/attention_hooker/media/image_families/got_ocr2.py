@@ -58,7 +58,7 @@ def got_ocr2_image_tokens(config, inputs, *, processor=None):
     vision = config.vision_config
     patches = square_side(vision)
     tile = int(vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size)
-    per_side = -(-(-(-patches // 2)) // 2)
+    per_side = (patches + _STRIDE - 1) // _STRIDE  # ceil(ceil(P / 2) / 2) = ceil(P / 4)
     per_crop = per_side * per_side
     batch, position = tokens_where(inputs["input_ids"], config.image_token_id)
     runs = _runs(batch, position)
