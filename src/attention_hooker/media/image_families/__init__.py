@@ -3,6 +3,7 @@
 from . import aya_vision  # noqa: F401
 from . import blip_2  # noqa: F401
 from . import cohere2_vision  # noqa: F401
+from . import colpali  # noqa: F401
 from . import gemma3  # noqa: F401
 from . import got_ocr2  # noqa: F401
 from . import idefics3  # noqa: F401
