@@ -12,6 +12,7 @@ from . import llava  # noqa: F401
 from . import llava_next  # noqa: F401
 from . import llava_next_video  # noqa: F401
 from . import llava_onevision  # noqa: F401
+from . import mistral3  # noqa: F401
 from . import mllama  # noqa: F401
 from . import paligemma  # noqa: F401
 from . import pixtral  # noqa: F401
