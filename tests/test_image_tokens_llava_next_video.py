@@ -71,8 +71,8 @@ def test_llava_next_video_tokens_are_the_patches_that_feed_them_and_sit_where_th
     assert len(tokens) == sum(lengths) + 16
     # numbered in token order: A, video 0 (row 0), video 1, B (row 1)
     assert [(v.image, v.name, v.rows, v.cols) for v in tokens.views] == [
-        (0, "base", 4, 4), (0, "tiles", 8, 8), (1, "frame 0", 4, 4), (1, "frame 1", 4, 4),
-        (2, "frame 0", 4, 4), (2, "frame 1", 4, 4), (3, "base", 4, 4), (3, "tiles", 2, 8)]
+        (0, "tiles", 8, 8), (0, "base", 4, 4), (1, "frame 0", 4, 4), (1, "frame 1", 4, 4),
+        (2, "frame 0", 4, 4), (2, "frame 1", 4, 4), (3, "tiles", 2, 8), (3, "base", 4, 4)]
     oracle = dict(tower=model.model.vision_tower, language_model=model.model.language_model, patch=8)
     found = sources_by_perturbation(model, inputs, **oracle)
     image_units = inputs["pixel_values"].reshape(-1, 3, 32, 32).shape[0] * 16

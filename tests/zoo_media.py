@@ -272,7 +272,7 @@ def _eager_twin_weights(model, inputs) -> List[torch.Tensor]:
     """The weights ``(batch, heads, query, key)`` each unreported attention module (:data:`UNREPORTED`)
     returns itself on the eager implementation: a copy of ``model`` (same weights) switched to eager, run on
     the same inputs."""
-    pattern = UNREPORTED.get(getattr(model.config, "model_type", None))
+    pattern = UNREPORTED.get(getattr(getattr(model, "config", None), "model_type", None))
     if pattern is None:
         return []
     eager = copy.deepcopy(model)
