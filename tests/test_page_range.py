@@ -115,7 +115,7 @@ def test_the_row_mode_colours_each_querys_largest_brightest(browser, tmp_path): 
         head = view.page.eval_on_selector("#ah-matrix", read)
         view.page.select_option("#ah-norm", "row")
         row = view.page.eval_on_selector("#ah-matrix", read)
-        legend = view.page.inner_text(".ah-legend")
+        legend = view.page.inner_text("#ah-matrix-legend")
         assert view.errors == []
     finally:
         view.close()
