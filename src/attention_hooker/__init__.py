@@ -33,6 +33,10 @@ _EXPORTS = {
     "align_tokens": "analysis.speech_alignment", "TokenAlignment": "analysis.speech_alignment",
     "audio_frames": "media.audio_frames", "AudioFrames": "media.audio_frames",
     "plot_token_alignment": "views.speech",
+    "image_token_map": "media.image_tokens", "ImageTokens": "media.image_tokens", "ImageView": "media.image_tokens",
+    "image_token_families": "media.image_tokens", "image_attention": "analysis.image_attention",
+    "ImageAttention": "analysis.image_attention", "image_attention_through_queries": "analysis.query_image_attention",
+    "QueryChainAttention": "analysis.query_image_attention", "plot_image_attention": "views.image_overlay",
 }
 
 
@@ -56,6 +60,15 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "TransformerAttentionHooker",
+    "image_token_map",
+    "ImageTokens",
+    "ImageView",
+    "image_token_families",
+    "image_attention",
+    "ImageAttention",
+    "image_attention_through_queries",
+    "QueryChainAttention",
+    "plot_image_attention",
     "remove_hooks",
     "AttentionValues",
     "AttentionHookerError",
