@@ -165,3 +165,22 @@ def test_the_overlay_rows_are_each_generation_step_s_eager_attention_on_the_imag
         expected = attentions[0][0, :, -1, :prompt][:, at_image].double()  # (heads, 16 image tokens)
         torch.testing.assert_close(result.weights[:, step], expected, atol=1e-6, rtol=0)
     assert run.query_labels[0].endswith(f"-> {run.capture.tokens[0][prompt]!r}")
+
+
+def test_families_whose_boxes_are_on_the_original_image_get_an_overlay_whatever_their_processor_resizes():
+    """Qwen's min/max-pixels and Idefics3's longest-edge resizes were refused by processed_region, so no overlay
+    and no page image were drawn, although their readers' boxes are already fractions of the original image;
+    and LLaVA-NeXT's do_pad (padding the crop count) was taken for a square pad, pushing boxes off the image."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from attention_hooker.cli.vision_language import image_region
+    from attention_hooker.media.image_tokens import ImageView, table
+
+    tokens = table("demo", "sequence", [(0, 1, 0, 0, 0, 0, 1, 1)], [[0]], 8, [ImageView(0, 0, "image", 1, 1)])
+    picture = SimpleNamespace(height=20, width=72)
+    unmodelled = SimpleNamespace(do_resize=True, size={"longest_edge": 32}, do_center_crop=False, do_pad=True)
+    run = SimpleNamespace(tokens=tokens, picture=picture, notes=[])
+    assert image_region(run, unmodelled) == (0.0, 0.0, 1.0, 1.0) and run.notes == []
+    processed = SimpleNamespace(tokens=dataclasses.replace(tokens, frame="processed"), picture=picture, notes=[])
+    assert image_region(processed, unmodelled) is None and "no image overlay" in processed.notes[0]

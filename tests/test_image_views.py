@@ -3,6 +3,8 @@ pixel against hand-placed boxes and against the eager model's own attentions."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -74,7 +76,7 @@ def test_a_token_covering_two_by_two_cells_splits_its_weight_over_them():
 
 
 def test_boxes_go_where_the_processor_took_them_from_in_the_original_image():
-    tokens = grid_tokens()
+    tokens = dataclasses.replace(grid_tokens(), frame="processed")  # boxes of the square the processor made
     region = (0.0, 0.25, 1.0, 0.75)  # the center crop of a 40 x 80 image
     amap = image_weight_map([1.0, 0, 0, 0], tokens, [0], (40, 80), region=region)
     assert np.isnan(amap[:, :20]).all() and np.isnan(amap[:, 60:]).all()  # cropped off: the bare image
@@ -173,7 +175,7 @@ def test_the_page_carries_the_image_inline_and_each_token_s_key_and_box():
     tiles = [ImageView(0, 0, "left tile", 1, 1, (0, 0, 1, .5)), ImageView(0, 1, "right tile", 1, 1, (0, .5, 1, 1)),
              ImageView(0, 2, "global", 2, 2)]
     entries = [(0, 1, 0, 0, 0, 0, 1, 1), (0, 2, 0, 1, 0, 0, 1, 1), (0, 3, 0, 2, 0, 0, 2, 2)]
-    tokens = table("demo", "sequence", entries, [[0], [1], [2]], 8, tiles)
+    tokens = dataclasses.replace(table("demo", "sequence", entries, [[0], [1], [2]], 8, tiles), frame="processed")
     picture = Image.new("RGB", (40, 20), (10, 200, 30))
     meta = image_page_meta(picture, tokens, keys=5, region=(0.0, 0.25, 1.0, 0.75))
     assert meta["positions"] == [1, 2, 3] and meta["cells"] == [1, 1, 4]
@@ -289,3 +291,31 @@ def test_hovering_a_word_on_the_page_lights_its_patches_with_its_weights_in_chro
             assert errors == [] and requests == []
         finally:
             browser.close()
+
+
+def test_a_region_is_refused_for_boxes_already_on_the_original_image():
+    """LLaVA-NeXT's, Qwen's, Idefics3's boxes (and LLaVA's given image_sizes) are fractions of the original
+    image: a processor's crop region applied to them would shrink the picture towards the middle."""
+    from attention_hooker.views.page.image_meta import image_page_meta
+
+    tokens = grid_tokens()
+    assert tokens.frame == "image"
+    with pytest.raises(AttentionHookerError, match="already fractions of the original image"):
+        image_weight_map([1.0, 0, 0, 0], tokens, [0], (40, 80), region=(0.0, 0.25, 1.0, 0.75))
+    with pytest.raises(AttentionHookerError, match="already fractions of the original image"):
+        image_page_meta(np.zeros((40, 80, 3)), tokens, keys=6, region=(0.0, 0.25, 1.0, 0.75))
+    amap = image_weight_map([1.0, 0, 0, 0], tokens, [0], (40, 80), region=(0.0, 0.0, 1.0, 1.0))
+    assert (amap[:20, :40] == 1).all()
+
+
+def test_tokens_that_cover_no_cell_are_drawn_nowhere_and_leave_the_scale_finite():
+    """A row-end marker (LLaVA-NeXT's newline: no cell) with weight divided 0/0 into an infinite map, and the
+    page divided by its 0 cells."""
+    from attention_hooker.views.page.image_meta import image_page_meta
+
+    entries = [(0, 1 + k, 0, 0, k // 2, k % 2, 1, 1) for k in range(4)] + [(0, 5, 0, 0, 1, 2, 0, 0)]  # + a marker
+    tokens = table("demo", "sequence", entries, [[k] for k in range(4)] + [[]], 8, [ImageView(0, 0, "image", 2, 2)])
+    amap = image_weight_map([0.1, 0.0, 0.0, 0.0, 0.5], tokens, [0], (8, 8))
+    assert np.isfinite(amap).all() and amap.max() == pytest.approx(0.1)
+    meta = image_page_meta(np.zeros((8, 8, 3)), tokens, keys=7)
+    assert meta["positions"] == [1, 2, 3, 4] and 0 not in meta["cells"]

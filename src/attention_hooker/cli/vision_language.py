@@ -150,10 +150,15 @@ def capture_image_text(loaded: LoadedModel, image_path, text: str, *, layers: Op
 
 
 def image_region(run: ImageTextRun, processor):
-    """Where the processor took the model's image from in the original (fractions), or ``None`` with a
-    note when its resizing is not modelled (then no overlay and no image on the page)."""
+    """Where the processor took the model's image from in the original (fractions): the whole image where the
+    reader's boxes are already fractions of the original image (``tokens.frame == "image"``: every family
+    whose processor only resizes, or whose reader puts tiles back); else (a square the processor cropped or
+    padded) from its settings, or ``None`` with a note when its resizing is not modelled (then no overlay and
+    no image on the page)."""
     from ..views.image_overlay import processed_region
 
+    if run.tokens.frame == "image":
+        return (0.0, 0.0, 1.0, 1.0)
     try:
         return processed_region(processor, (run.picture.height, run.picture.width))
     except AttentionHookerError as err:

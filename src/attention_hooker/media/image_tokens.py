@@ -88,6 +88,11 @@ class ImageTokens:
             (the prompt's length for ``"sequence"``; the cross-attention key count for ``"cross"``), or
             ``None`` where unknown; :func:`~attention_hooker.analysis.image_attention.image_attention` checks
             maps against it.
+        frame: what the boxes are fractions of: ``"image"``, the original image (every family whose processor
+            only resizes, or whose reader puts tiles back and crops padding away), or ``"processed"``, the
+            square the processor made and handed over, where the reader was not told how that square sits
+            in the original (LLaVA's center crop or pad without ``image_sizes``): place those boxes with
+            :func:`~attention_hooker.views.image_overlay.processed_region`.
     """
 
     family: str
@@ -104,6 +109,7 @@ class ImageTokens:
     patch: int
     views: Tuple[ImageView, ...]
     keys: Optional[int] = None
+    frame: str = "image"
 
     def __len__(self) -> int:
         return int(self.position.numel())
@@ -135,7 +141,7 @@ class ImageTokens:
         """The tokens where the boolean ``keep`` (n,) is true (views kept as they are)."""
         return ImageTokens(self.family, self.axis, *(t[keep] for t in (
             self.batch, self.position, self.image, self.view, self.row, self.col, self.height, self.width,
-            self.source)), self.patch, self.views, self.keys)
+            self.source)), self.patch, self.views, self.keys, self.frame)
 
     def in_row(self, batch: int) -> "ImageTokens":
         """The image tokens of batch row ``batch`` (``views`` kept whole: see :attr:`views`)."""

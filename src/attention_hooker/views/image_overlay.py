@@ -31,7 +31,7 @@ from ..media.image_tokens import ImageTokens
 from .plot import color_norm, colormap_named, figure_class, save_figure
 from .vit import image_array
 
-__all__ = ["image_panels", "image_weight_map", "overlay_rgb", "plot_image_attention", "processed_region"]
+__all__ = ["check_region", "image_panels", "image_weight_map", "overlay_rgb", "plot_image_attention", "processed_region"]
 
 Box = Tuple[float, float, float, float]
 
@@ -106,11 +106,12 @@ def image_weight_map(weights, tokens: ImageTokens, views: Sequence[int], size: T
                                    "one weight per token of the table (one batch row)")
     height, width = int(size[0]), int(size[1])
     out = np.full((height, width), np.nan)
-    top0, left0, bottom0, right0 = (float(x) for x in region)
+    top0, left0, bottom0, right0 = check_region(tokens, region, "image_weight_map")
     rh, rw = bottom0 - top0, right0 - left0
     boxes = tokens.boxes().numpy()
     cells = (tokens.height * tokens.width).numpy()
-    on = np.isin(tokens.view.numpy(), list(views))
+    # a token that covers no cell (a row-end marker, a query token of a view without cells) is on no pixel
+    on = np.isin(tokens.view.numpy(), list(views)) & (cells > 0)
     for k in np.nonzero(on)[0]:
         top, left, bottom, right = boxes[k]
         r0, r1 = _pixel_span(top0 + top * rh, top0 + bottom * rh, height)
@@ -127,6 +128,19 @@ def overlay_rgb(picture: np.ndarray, amap: np.ndarray, *, norm, cmap: str = "inf
     colours = colormap_named(cmap)(norm(np.nan_to_num(amap, nan=0.0)))[..., :3]
     blended = (1 - alpha) * picture + alpha * colours
     return np.where(np.isfinite(amap)[..., None], blended, picture)
+
+
+def check_region(tokens: ImageTokens, region: Optional[Box], where: str) -> Box:
+    """``region`` as four floats (default: the whole image), refused where the table's boxes are already
+    fractions of the original image (``tokens.frame == "image"``) and ``region`` is not the whole image: the
+    processor's crop would be applied twice."""
+    box = (0.0, 0.0, 1.0, 1.0) if region is None else tuple(float(x) for x in region)
+    if tokens.frame == "image" and box != (0.0, 0.0, 1.0, 1.0):
+        raise AttentionHookerError(
+            f"{where}: the {tokens.family} table's boxes are already fractions of the original image (its reader "
+            f"placed them: image_sizes given, or a family whose processor only resizes or tiles), so region={box} "
+            "would apply the processor's crop twice; leave region out")
+    return box
 
 
 def processed_region(processor, size: Tuple[int, int]) -> Box:

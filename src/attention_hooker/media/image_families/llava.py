@@ -27,6 +27,8 @@ square images.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Optional, Tuple
 
 from ...errors import AttentionHookerError
@@ -107,7 +109,7 @@ def llava_image_tokens(config, inputs, *, processor=None):
                 "the first patch of the batch's joined patch sequence, which leaves the images' token counts "
                 "unequal to their sizes; only 'full' (as pixtral checkpoints use) has a layout here")
         rows, sources, views = pixtral_layout("llava", inputs, config.image_token_id, _int(vision.patch_size))
-        return table("llava", "sequence", rows, sources, _int(vision.patch_size), views)
+        return table("llava", "sequence", rows, sources, _int(vision.patch_size), views)  # each image whole
     if tower not in _CLASS_TOKEN_TOWERS + _NO_CLASS_TOKEN_TOWERS:
         raise AttentionHookerError(
             f"image_token_map: llava with a {tower!r} vision tower has no reader here (its class token and grid "
@@ -148,7 +150,9 @@ def llava_image_tokens(config, inputs, *, processor=None):
             r, c = divmod(patch, side)
             rows.append((b, p, image, main, r, c, 1, 1))
             sources.append([image * side * side + patch])
-    return table("llava", "sequence", rows, sources, _int(vision.patch_size), views)
+    tokens = table("llava", "sequence", rows, sources, _int(vision.patch_size), views)
+    # without the original sizes, the boxes are fractions of the square the processor handed over
+    return tokens if inputs.get("image_sizes") is not None else dataclasses.replace(tokens, frame="processed")
 
 
 def _boxes(inputs, processor: Optional[object], count: int):

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 from ...errors import AttentionHookerError
 from ...media.image_tokens import ImageTokens
-from ..image_overlay import image_panels
+from ..image_overlay import check_region, image_panels
 
 __all__ = ["image_page_meta"]
 
@@ -83,7 +83,12 @@ def image_page_meta(picture, tokens: ImageTokens, *, keys: int, image: int = 0, 
     if int(row.position.max()) >= keys:
         raise AttentionHookerError(f"image_page_meta: image tokens reach position {int(row.position.max())}, past "
                                    f"the {keys} keys given")
-    top0, left0, bottom0, right0 = region or (0.0, 0.0, 1.0, 1.0)
+    top0, left0, bottom0, right0 = check_region(tokens, region, "image_page_meta")
+    covered = row.height * row.width > 0  # row-end markers and cell-less query tokens are on no patch
+    if not bool(covered.any()):
+        raise AttentionHookerError(f"image_page_meta: no token of image {image} covers a patch (its tokens stand for "
+                                   "no part of the image: BLIP-2's query tokens; use image_attention_through_queries)")
+    row = row.select(covered)
     h, w = bottom0 - top0, right0 - left0
     boxes = [[round(top0 + t * h, 6), round(left0 + l * w, 6), round(top0 + b * h, 6), round(left0 + r * w, 6)]
              for t, l, b, r in row.boxes().tolist()]
