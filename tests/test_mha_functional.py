@@ -118,3 +118,27 @@ def test_calls_whose_map_cannot_be_the_one_used_are_refused_with_the_reason(case
     assert "" not in hooker.values
     reason = hooker.report()[""].reason
     assert ("is_causal=True" if case.startswith("causal") else "keep_grad") in reason
+
+
+@pytest.mark.parametrize("call", [dict(), dict(need_weights=False)], ids=["asks for weights", "asks for none"])
+def test_knocking_out_a_head_of_a_module_calling_the_function_itself_equals_the_hand_computation(call):
+    """WavLM's attention calls F.multi_head_attention_forward itself: a knock-out acts on that call's heads."""
+    from attention_hooker import HeadIntervention
+
+    torch.manual_seed(0)
+    module = FunctionalAttention(**call).eval()
+    x, bias = torch.randn(2, 5, E), torch.randn(2 * H, 5, 5)
+    with torch.no_grad():
+        with HeadIntervention(module).knock_out("", heads=[1]):
+            out, returned = module(x, bias)
+        weights = by_hand(module, x, bias)  # (B, H, L, L)
+        v = module.v(x).view(2, 5, H, E // H).transpose(1, 2)  # (B, H, L, d)
+        heads = weights @ v
+        heads[:, 1] = 0
+        expected = module.out(heads.transpose(1, 2).reshape(2, 5, E))
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out, module(x, bias)[0], atol=1e-4)
+        if call.get("need_weights") is False:
+            assert returned is None  # the caller gets what it asked for
+        else:
+            torch.testing.assert_close(returned, weights.mean(1), atol=1e-6, rtol=1e-5)
