@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import torch
 
-__all__ = ["tracing_state_active", "in_backward", "softmax_last_dim_into", "function_mode_stack",
+__all__ = ["tracing_state_active", "in_backward", "softmax_last_dim_into", "log_softmax_last_dim_into", "function_mode_stack",
            "take_mode_out", "REFCOUNTS_SUPPORTED", "refcount", "tensor_use_count", "storage_use_count",
            "caller_frame", "frame_local", "no_function_modes"]
 
@@ -39,6 +39,12 @@ def softmax_last_dim_into(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim of a contiguous CPU tensor, written over it
     (``aten._softmax.out``: the CPU kernel reads each element before writing it)."""
     return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+
+
+def log_softmax_last_dim_into(scores: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last dim of a contiguous CPU tensor, written over it
+    (``aten._log_softmax.out``, read before written as the softmax is)."""
+    return torch.ops.aten._log_softmax.out(scores, -1, False, out=scores)
 
 
 def function_mode_stack() -> List[Any]:

@@ -10,6 +10,7 @@ import torch
 from .._checks import index_list, non_negative_int
 from ..errors import AttentionHookerError
 from .core import check_attention, mean_over_queries, query_mask_of, real_rows, row_mask
+from .row_statistics import block_row_statistics
 
 __all__ = ["head_entropy", "mean_attention_distance", "sink_share", "HeadStatsAccumulator"]
 
@@ -259,43 +260,39 @@ class _PartialStats:
         self._sums: Optional[Dict[str, torch.Tensor]] = None
         self._count = 0.0
         self._sinks: Optional[list] = None  # the sink key positions, resolved against this call's keys once
+        self.n_key: Optional[int] = None  # the call's keys, when blocks may be narrower (told by the reduction)
 
     def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
         """:meth:`write`, telling the call's number of query rows."""
         self._n_query = n_query
         self.write(rows, block)
 
-    def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:
+    takes_narrow_blocks = True  # a causal tile's keys after its last row are zeros: left out
+    wants_log_probabilities = True  # the entropy from log(block): a product, not a log per weight
+
+    def write(self, rows: torch.Tensor, block: torch.Tensor, log_block: Optional[torch.Tensor] = None) -> None:
         """Adds the query rows ``rows`` (absolute, ``(r,)``) of the call: ``block`` is
-        ``(batch, heads, r, key)`` probabilities."""
+        ``(batch, heads, r, width)`` probabilities, the call's keys from ``width`` on zeros;
+        ``log_block``, when given, its log (0 where ``block`` is 0)."""
         if self._n_query is None:
             self._n_query = block.shape[2]
         n_query = self._n_query
-        # Per-row quantities in the block's own dtype (one fused pass each over the block);
+        # Per-row quantities in the block's own dtype (one pass each over the block);
         # only the (batch, heads, rows) results are summed in float64.
         a = block if block.is_floating_point() and block.dtype not in (torch.float16, torch.bfloat16) else block.float()
-        batch, heads, _, n_key = a.shape
+        if log_block is not None and log_block.dtype != a.dtype:
+            log_block = log_block.to(a.dtype)
+        batch, heads = a.shape[:2]
+        n_key = self.n_key if self.n_key is not None else a.shape[3]
         rows = rows.to(a.device)
         mask = self._mask if self._mask is not None and self._mask.shape[-1] == n_query else None
         real = real_rows(mask, rows, n_query, batch, a.device)  # (B, r)
-        per_row = {"entropy": torch.special.entr(a).sum(-1), "first_token_share": a[..., 0]}  # each (B, H, r)
-        if n_query == n_key:
-            keys = torch.arange(n_key, device=a.device, dtype=a.dtype)
-            distance = (rows.to(a.dtype)[:, None] - keys[None, :]).abs()  # (r, K)
-            per_row["distance"] = torch.einsum("bhrk,rk->bhr", a, distance)
-        else:
-            per_row["distance"] = torch.full(a.shape[:3], math.nan, dtype=a.dtype, device=a.device)
-        if self._owner.sink_positions is not None:
-            if self._sinks is None:
-                self._sinks = list(index_list(self._owner.sink_positions, "sink_positions", length=n_key,
-                                              where=f"the keys of layer {self._name!r}", allow_negative=True,
-                                              noun="key position"))
-            per_row["sink_share"] = a[..., self._sinks].sum(-1)
-        if mask is not None and n_query == n_key:
-            last = mask.to(a.device).sum(-1) - 1  # (B,) each row's last real token
-            per_row["last_token_share"] = a.gather(-1, last[:, None, None, None].expand(batch, heads, len(rows), 1))[..., 0]
-        else:
-            per_row["last_token_share"] = a[..., -1]
+        if self._owner.sink_positions is not None and self._sinks is None:
+            self._sinks = list(index_list(self._owner.sink_positions, "sink_positions", length=n_key,
+                                          where=f"the keys of layer {self._name!r}", allow_negative=True,
+                                          noun="key position"))
+        last = mask.to(a.device).sum(-1) - 1 if mask is not None and n_query == n_key else None  # (B,)
+        per_row = block_row_statistics(a, rows, n_query, n_key, log_a=log_block, sinks=self._sinks, last=last)
         weights = real[:, None, :]  # (B, 1, r)
         sums = {k: (v.double() * weights).sum((0, 2)).cpu() for k, v in per_row.items()}  # (H,)
         if self._sums is None:

@@ -25,7 +25,6 @@ is reused. (The counters are private APIs, each behind one function of
 
 from __future__ import annotations
 
-import functools
 import mmap
 import threading
 import weakref
@@ -35,7 +34,8 @@ import torch
 
 from .._torch_private import REFCOUNTS_SUPPORTED, refcount, storage_use_count, tensor_use_count
 
-__all__ = ["SpareBuffers", "unreachable_tensors", "Arena", "Allocation", "empty"]
+__all__ = ["SpareBuffers", "unreachable_tensors", "Arena", "Allocation", "empty", "zero_pages", "ComputedBuffer",
+           "PAGED_BYTES"]
 
 
 
@@ -212,9 +212,66 @@ def _mapped_chunk(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 
+PAGED_BYTES = 64 * 2**20
+"""CPU tensors of this many bytes or more are mapped pages of their own (:func:`zero_pages`)."""
+
+
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """``torch.empty`` in the ``allocate(shape, dtype, device)`` form the in-memory keeper takes."""
+    """``torch.empty`` in the ``allocate(shape, dtype, device)`` form the in-memory keeper takes;
+    a large CPU tensor is mapped pages of its own (:func:`zero_pages`: faulted in 2 MiB pages)."""
+    if torch.device(device).type == "cpu" and _nbytes(shape, dtype) >= PAGED_BYTES:
+        return zero_pages(shape, dtype)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def zero_pages(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor on fresh anonymous pages: every element is zero (the kernel maps zero pages)
+    and nothing is written until it is used, so that what is never written costs nothing.
+
+    The pages are advised as transparent huge pages where the system offers them: filling a
+    large attention matrix then takes one fault per 2 MiB instead of one per 4 KiB (on this
+    project's CPU machine a 4 GiB layer is written about 10% faster). The memory goes back to
+    the system when the last tensor on it is freed (a ``torch.frombuffer`` of the mapping)."""
+    nbytes = _nbytes(shape, dtype)
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    pages = mmap.mmap(-1, nbytes)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            pages.madvise(advice)
+        except (OSError, ValueError):  # no transparent huge pages here: 4 KiB pages it is
+            pass
+    return torch.frombuffer(pages, dtype=dtype).view(tuple(shape))
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    nbytes = torch.empty((), dtype=dtype).element_size()
+    for n in shape:
+        nbytes *= int(n)
+    return nbytes
+
+
+class ComputedBuffer:
+    """``buffer(shape, dtype, device)`` for one call computed straight into what is stored: a
+    spare tensor of that shape when there is one, else a fresh one (``fresh``; a large CPU one
+    on :func:`zero_pages`). After each call, :attr:`zeroed` says whether the tensor it gave is
+    known to hold zeros only (fresh pages), so that a causal map's upper triangle need not be
+    written. One per call of a layer: the answer is about the tensor this object just gave."""
+
+    def __init__(self, spares: "SpareBuffers", fresh):
+        self._spares, self._fresh = spares, fresh
+        self.zeroed = False
+
+    def __call__(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        self.zeroed = False
+        return self._spares.take(shape, dtype, device, fresh=self._fresh_tensor)
+
+    def _fresh_tensor(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        if self._fresh is empty and torch.device(device).type == "cpu" and _nbytes(shape, dtype) >= PAGED_BYTES:
+            self.zeroed = True
+            return zero_pages(shape, dtype)
+        return self._fresh(shape, dtype, device)
 
 
 class Allocation:
@@ -230,10 +287,10 @@ class Allocation:
         layer's earlier call (generation steps lie side by side), else ``torch.empty``."""
         return self.arena.empty if repeated else empty
 
-    def buffer(self, repeated: bool):
+    def buffer(self, repeated: bool) -> ComputedBuffer:
         """``buffer(shape, dtype, device)`` for a call computed straight into what is stored:
         a spare tensor of that shape when there is one, else :meth:`for_call`'s."""
-        return functools.partial(self.spares.take, fresh=self.for_call(repeated))
+        return ComputedBuffer(self.spares, self.for_call(repeated))
 
     def recycle(self, tensors: List[torch.Tensor]) -> None:
         """After a ``clear()`` while the hooks are on: the tensors nobody reaches become the

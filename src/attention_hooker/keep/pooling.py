@@ -73,8 +73,11 @@ def block_labels(tokens: Sequence[str], size: int) -> List[str]:
 
 
 class _PooledCall:
+    takes_narrow_blocks = True  # a causal tile's keys after its last row are zeros: left out
+
     def __init__(self, owner: PooledAttention, name: str, n_query: Optional[int] = None):
         self._owner, self._name, self._n_query = owner, name, n_query
+        self.n_key: Optional[int] = None  # the call's keys, when blocks may be narrower (told by the reduction)
         self._pooled: Optional[torch.Tensor] = None  # (B, H, Pq, Pk): sums or maxima
         self._counts: Optional[torch.Tensor] = None  # (Pq, Pk) cells per block (mean)
 
@@ -85,31 +88,30 @@ class _PooledCall:
 
     def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:
         """Adds query rows ``rows`` (absolute, ``(r,)``) of the call: ``block`` is
-        ``(batch, heads, r, key)``."""
+        ``(batch, heads, r, width)``, the call's keys from ``width`` on zeros."""
         if self._n_query is None:
             self._n_query = block.shape[2]
         n_query = self._n_query
-        a = block.float()
-        batch, heads, _, n_key = a.shape
+        a = block if block.dtype == torch.float32 else block.float()
+        batch, heads, _, width = a.shape
+        n_key = self.n_key if self.n_key is not None else width
         size = self._owner.size
         p_query, p_key = block_count(n_query, size), block_count(n_key, size)
         rows = rows.to(a.device)
-        key_block = block_of(torch.arange(n_key, device=a.device), n_key, size)  # (K,)
         row_block = block_of(rows, n_query, size)  # (r,)
         mean = self._owner.how == "mean"
         if self._pooled is None:
             fill = 0.0 if mean else float("-inf")
             self._pooled = torch.full((batch, heads, p_query, p_key), fill, dtype=torch.float32, device=a.device)
             self._counts = torch.zeros(p_query, p_key, dtype=torch.float32, device=a.device)
-        by_key = torch.full((batch, heads, a.shape[2], p_key), 0.0 if mean else float("-inf"), device=a.device)
+        by_key = _pooled_keys(a, n_key, p_key, mean)  # (B, H, r, Pk)
         if mean:
-            by_key.index_add_(3, key_block, a)  # (B, H, r, Pk)
             self._pooled.index_add_(2, row_block, by_key)
-            key_sizes = torch.bincount(key_block, minlength=p_key).float()  # (Pk,)
+            key_sizes = torch.bincount(block_of(torch.arange(n_key, device=a.device), n_key, size),
+                                       minlength=p_key).float()  # (Pk,)
             row_sizes = torch.bincount(row_block, minlength=p_query).float()  # (Pq,)
             self._counts += row_sizes[:, None] * key_sizes[None, :]
         else:
-            by_key.scatter_reduce_(3, key_block.expand_as(a), a, "amax")
             index = row_block[None, None, :, None].expand(batch, heads, len(rows), p_key)
             self._pooled.scatter_reduce_(2, index, by_key, "amax")
 
@@ -192,3 +194,30 @@ class _KeysCall:
 
     def discard(self) -> None:
         self._received, self._top = None, []
+
+
+def _pooled_keys(a: torch.Tensor, n_key: int, p_key: int, mean: bool) -> torch.Tensor:
+    """``(batch, heads, r, p_key)``: each key block's sum (``mean``) or largest weight of a block
+    ``a`` ``(batch, heads, r, width)`` of a call with ``n_key`` keys, those from ``width`` on zeros.
+
+    Blocks of equal length (``p_key`` divides ``n_key``) are reduced along a reshaped last axis,
+    one read of the block; otherwise each key is added to its block (``index_add``)."""
+    batch, heads, r, width = a.shape
+    zeros_after = width < n_key  # the keys after width: zeros (weights of narrow tiles, >= 0)
+    if n_key % p_key == 0:
+        length = n_key // p_key
+        whole, rest = divmod(width, length)
+        out = a.new_zeros(batch, heads, r, p_key) if zeros_after or rest else a.new_empty(batch, heads, r, p_key)
+        reduce = torch.sum if mean else torch.amax
+        if whole:
+            out[..., :whole] = reduce(a[..., :whole * length].unflatten(-1, (whole, length)), dim=-1)
+        if rest:  # a block cut by width: its other keys are zeros
+            part = reduce(a[..., whole * length:], dim=-1)
+            out[..., whole] = part if mean else part.clamp(min=0.0)
+        return out
+    key_block = block_of(torch.arange(width, device=a.device), n_key, p_key)
+    if mean:
+        return a.new_zeros(batch, heads, r, p_key).index_add_(3, key_block, a)
+    out = torch.full((batch, heads, r, p_key), 0.0 if zeros_after else float("-inf"), device=a.device)
+    return out.scatter_reduce_(3, key_block.expand_as(a), a, "amax")
+

@@ -70,7 +70,17 @@ NO_SOURCES = CallSources()
 
 @runtime_checkable
 class CallWriter(Protocol):
-    """One call of one layer on its way into a keeper, a block of query rows at a time."""
+    """One call of one layer on its way into a keeper, a block of query rows at a time.
+
+    Two optional attributes let a writer take blocks in a cheaper form (read by the sdpa
+    route, :class:`~attention_hooker.capture.routes.sdpa.TileNeeds`):
+
+    - ``takes_narrow_blocks = True``: a block may be ``(batch, heads, r, width)`` with
+      ``width`` below the call's keys; the keys after ``width`` are zeros (a causal mask's).
+      An accumulator's writer with it is told the call's keys in ``n_key`` by the reduction.
+    - ``wants_log_probabilities = True``: ``write(rows, block, log_block=...)`` may also give
+      ``log(block)``, 0 wherever ``block`` is 0.
+    """
 
     def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:
         """Takes the query rows ``rows`` ``(r,)`` of the call: ``block`` is ``(batch, heads, r, keys)``."""

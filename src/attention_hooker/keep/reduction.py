@@ -39,7 +39,10 @@ class Reduction:
             raise AttentionHookerError(
                 f"layer {layer!r} stores {sources.kind}, not attention probabilities over tokens: its head "
                 "statistics would not mean what they say; leave the layer out (layer_regex=) of the reduction")
-        return self.accumulator.partial(layer, self.padding_mask, n_query=shape[2])
+        writer = self.accumulator.partial(layer, self.padding_mask, n_query=shape[2])
+        if getattr(writer, "takes_narrow_blocks", False):
+            writer.n_key = shape[3]  # blocks may stop before the last key: the call's keys are told
+        return writer
 
     def begin_forward(self) -> None:
         """Nothing to do: each call is reduced on its own."""

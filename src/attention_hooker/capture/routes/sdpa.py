@@ -9,17 +9,18 @@ for the function. The real kernel still produces the model's output.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from ..heads import declared_heads
 from ...selection import Selection
-from ..._torch_private import softmax_last_dim_into
+from ..._torch_private import log_softmax_last_dim_into, softmax_last_dim_into
+from ...keep.allocator import zero_pages
 from ...errors import AttentionHookerError
 
 __all__ = ["SDPA_FUNCTIONS", "sdpa_attention_weights", "parse_sdpa_call", "as_4d", "packed_query_groups",
-           "unpack_query_groups"]
+           "unpack_query_groups", "TileNeeds"]
 
 SDPA_FUNCTIONS = frozenset({torch.nn.functional.scaled_dot_product_attention})
 
@@ -183,10 +184,42 @@ def sdpa_attention_weights(
         return weights if key_index is None else weights.index_select(3, key_index)
     if key_index is not None and store_as is None and tile_sink is None:
         store_as = (query.dtype, q.device)  # the kept keys of each tile, written as they come
+    if store_as is None and tile_sink is None and _whole_bytes(q, k, mask) > WHOLE_BYTES and q.device.type == "cpu":
+        store_as = (query.dtype, q.device)  # a large map: computed in cache-sized tiles, written once in place
     if store_as is not None or tile_sink is not None:
-        return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or TILE_BYTES, row_index,
-                                 tile_sink, buffer, key_index)
+        return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or _tile_bytes(q.device),
+                                 row_index, tile_sink, buffer, key_index)
     return _weights(q, k, mask, is_causal, scale_factor, buffer, query.dtype, row_index)
+
+
+class TileNeeds(NamedTuple):
+    """What a ``tile_sink`` takes, told by its ``begin(shape)`` before the first tile (a sink
+    without ``begin`` takes neither).
+
+    Attributes:
+        narrow: a tile may stop at the last key a causal mask leaves to its rows: ``(batch,
+            heads, r, width)`` with ``width`` <= the call's keys, every key after it zero. Keys
+            that every row of a tile masks are then never computed.
+        log_probabilities: the sink is called as ``tile_sink(tile, rows, shape, log_tile)``
+            with ``log_tile`` = ``log(tile)`` (the log-softmax the tile was computed from),
+            ``0`` wherever ``tile`` is ``0``: statistics such as the entropy then cost a
+            product instead of a logarithm per weight.
+    """
+
+    narrow: bool = False
+    log_probabilities: bool = False
+
+
+def _whole_bytes(q, k, mask) -> int:
+    """Bytes of the call's whole ``(batch, heads, query, key)`` map in float32."""
+    batch = max(q.shape[0], k.shape[0], 1 if mask is None else mask.shape[0])
+    return batch * q.shape[1] * q.shape[2] * k.shape[2] * 4
+
+
+def _tile_bytes(device: torch.device) -> int:
+    """Working scores of one tile: :data:`TILE_BYTES` on the CPU (a few tiles fit its caches), 64
+    times that on an accelerator (fewer, larger launches)."""
+    return TILE_BYTES if device.type == "cpu" else TILE_BYTES * 64
 
 
 def _checked_mask(attn_mask, q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
@@ -222,17 +255,55 @@ def _keep_heads(q, k, mask, heads: Optional[Tuple[int, ...]]):
     return q, k, mask
 
 
-def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, row_index) -> torch.Tensor:
+def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, row_index, low: int = 0) -> torch.Tensor:
     """``softmax(q k^T * scale + bias)`` for the query rows ``row_index`` (absolute, one
     per row of ``q``) of the call: ``(B, H, rows, S)`` in ``dtype``; ``mask`` already
-    holds only these rows."""
+    holds only these rows. ``low``: a key index no row of ``row_index`` is after (with
+    ``is_causal``, only the keys from ``low + 1`` on are compared against the rows)."""
+    scores, mask, empty_rows = _masked_scores(q, k, mask, is_causal, scale_factor, buffer, row_index, low)
+    weights = _softmax_last_dim(scores)  # (B, H, L, S)
+    if empty_rows:
+        weights = weights.nan_to_num_(nan=0.0)
+    return weights.to(dtype) if weights.dtype != dtype else weights
+
+
+def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_buffer, row_index, low: int = 0):
+    """``(weights, log_weights)`` of :func:`_weights` (float32 or float64, ``(B, H, rows, S)``):
+    the log-softmax of the scores, then its exponential, with ``log_weights`` 0 wherever the
+    weight is 0 (a masked key, a row with every key masked), so that ``weights * log_weights``
+    is finite everywhere."""
+    scores, mask, empty_rows = _masked_scores(q, k, mask, is_causal, scale_factor, log_buffer, row_index, low)
+    if scores.device.type == "cpu" and scores.is_contiguous():
+        log_weights = log_softmax_last_dim_into(scores)
+    else:
+        log_weights = torch.log_softmax(scores, dim=-1)
+    weights = torch.exp(log_weights, out=buffer(tuple(log_weights.shape), log_weights.dtype, log_weights.device))
+    if empty_rows:
+        weights.nan_to_num_(nan=0.0)
+        log_weights.nan_to_num_(nan=0.0)
+    if is_causal and low + 1 < k.shape[2]:
+        log_weights[..., low + 1:].masked_fill_(_above_diagonal(row_index, low + 1, k.shape[2]), 0.0)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            _in_place_if_fits(log_weights, mask, lambda s, m: s.masked_fill_(~m, 0.0),
+                              lambda s, m: s.masked_fill(~m, 0.0))
+        else:
+            log_weights.clamp_(min=torch.finfo(log_weights.dtype).min)  # -inf where a float mask held -inf
+    return weights, log_weights
+
+
+def _above_diagonal(row_index, first: int, source: int) -> torch.Tensor:
+    """``(rows, source - first)``: keys ``first ..`` a top-left causal mask hides from each row."""
+    return torch.arange(first, source, device=row_index.device)[None, :] > row_index[:, None]
+
+
+def _masked_scores(q, k, mask, is_causal: bool, scale_factor: float, buffer, row_index, low: int):
+    """``(scores, mask, empty_rows)``: ``scale * q k^T`` with the causal mask (from key ``low + 1``
+    on) and ``mask`` applied, the mask as applied, and whether some row may have every key masked."""
     source = k.shape[2]
     scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, rows, S), float32 for half inputs
-
-    above_diagonal = None  # (rows, S): keys a top-left causal mask hides
-    if is_causal:
-        above_diagonal = torch.arange(source, device=q.device)[None, :] > row_index[:, None]
-        scores.masked_fill_(above_diagonal, float("-inf"))
+    if is_causal and low + 1 < source:
+        scores[..., low + 1:].masked_fill_(_above_diagonal(row_index, low + 1, source), float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = _in_place_if_fits(scores, mask, lambda s, m: s.masked_fill_(~m, float("-inf")),
@@ -240,26 +311,39 @@ def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, ro
         else:
             mask = mask.to(scores.dtype)
             scores = _in_place_if_fits(scores, mask, torch.Tensor.add_, torch.add)
-
-    weights = _softmax_last_dim(scores)  # (B, H, L, S)
-    if _may_have_empty_rows(mask, above_diagonal):
-        weights = weights.nan_to_num_(nan=0.0)
-    return weights.to(dtype) if weights.dtype != dtype else weights
+    empty_rows = mask is not None and _may_have_empty_rows(
+        mask, _above_diagonal(row_index, 0, source) if is_causal else None)
+    return scores, mask, empty_rows
 
 
 def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as, tile_bytes: int,
                       row_index, tile_sink=None, buffer=None, key_index=None) -> Optional[torch.Tensor]:
     """The weights ``(B, H, L, S)`` in ``store_as = (dtype, device)``, computed a block of
     query rows at a time: each row's softmax only needs its own scores, so a tile of
-    rows is exact on its own. Working memory: one tile of float32 (or float64) scores."""
+    rows is exact on its own. Working memory: one tile of float32 (or float64) scores,
+    sized to stay in the caches, copied once into its place (converted on the way).
+
+    Under a causal mask, a tile's keys after its last row are zeros: they are never
+    computed, and never written where the stored tensor is known to be zeros already
+    (fresh pages: ``buffer.zeroed``, or the tensor made here), nor handed to a sink
+    whose ``begin`` says it takes narrow tiles (:class:`TileNeeds`)."""
     batch = max(q.shape[0], k.shape[0], 1 if mask is None else mask.shape[0])
     length, source = q.shape[2], k.shape[2]
     kept = source if key_index is None else len(key_index)
-    out = None
+    shape = (batch, q.shape[1], length, kept)  # (B, H, L, S or the kept keys)
+    out, zeroed, needs = None, False, TileNeeds()
     if tile_sink is None:
         dtype, device = store_as
-        shape = (batch, q.shape[1], length, kept)  # (B, H, L, S or the kept keys)
-        out = buffer(shape, dtype, device) if buffer is not None else torch.empty(shape, dtype=dtype, device=device)
+        if buffer is not None:
+            out = buffer(shape, dtype, device)
+            zeroed = bool(getattr(buffer, "zeroed", False))
+        elif torch.device(device).type == "cpu":
+            out, zeroed = zero_pages(shape, dtype), True
+        else:
+            out = torch.empty(shape, dtype=dtype, device=device)
+    elif length and hasattr(tile_sink, "begin"):
+        needs = tile_sink.begin(shape)
+    narrow = is_causal and key_index is None and (tile_sink is None or needs.narrow)
     if q.dtype in _HALF:  # scores and softmax in float32, as the kernels compute them
         q, k = q.float(), k.float()
     work = q.dtype
@@ -267,21 +351,44 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     rows = max(1, min(length, tile_bytes // row_bytes))
     # One working tensor for every tile (fresh memory per tile costs page faults on each).
     scratch = torch.empty(batch * q.shape[1] * rows * source, dtype=work, device=q.device)
+    log_scratch = (torch.empty(scratch.shape, dtype=work, device=q.device) if needs.log_probabilities else None)
 
     def tile_buffer(shape, tile_dtype, tile_device):
         return scratch[: math.prod(shape)].view(shape)
 
+    def log_tile_buffer(shape, tile_dtype, tile_device):
+        return log_scratch[: math.prod(shape)].view(shape)
+
+    row_list = row_index.tolist()
+    whole_mask = mask is not None and mask.shape[3] == source and mask.shape[3] > 1
     for first in range(0, length, rows):
         last = min(length, first + rows)
+        tile_rows = row_list[first:last]
+        width = min(source, max(tile_rows) + 1) if narrow else source  # keys after width: masked for every row
         tile_mask = mask if mask is None or mask.shape[2] == 1 else mask[:, :, first:last]
-        tile = _weights(q[:, :, first:last], k, tile_mask, is_causal, scale_factor, tile_buffer, work,
-                        row_index[first:last])
+        if whole_mask and width < source:
+            tile_mask = tile_mask[..., :width]
+        low = min(tile_rows) if is_causal else 0
+        part = k if width == source else k[:, :, :width]
+        log_tile = None
+        if needs.log_probabilities:
+            tile, log_tile = _log_weights(q[:, :, first:last], part, tile_mask, is_causal, scale_factor, tile_buffer,
+                                          log_tile_buffer, row_index[first:last], low)
+        else:
+            tile = _weights(q[:, :, first:last], part, tile_mask, is_causal, scale_factor, tile_buffer, work,
+                            row_index[first:last], low)
         if key_index is not None:
             tile = tile.index_select(3, key_index)  # (B, H, rows, kept keys)
+            log_tile = None if log_tile is None else log_tile.index_select(3, key_index)
         if tile_sink is not None:
-            tile_sink(tile, row_index[first:last], (batch, q.shape[1], length, kept))
-        else:
-            out[:, :, first:last].copy_(tile)  # (B, H, rows, S), converted to the stored dtype on the way
+            if log_tile is not None:
+                tile_sink(tile, row_index[first:last], shape, log_tile)
+            else:
+                tile_sink(tile, row_index[first:last], shape)
+            continue
+        out[:, :, first:last, :width].copy_(tile)  # (B, H, rows, width), converted to the stored dtype on the way
+        if width < kept and not zeroed:
+            out[:, :, first:last, width:].zero_()
     return out
 
 
@@ -409,7 +516,8 @@ def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> t
 
 _HALF = (torch.float16, torch.bfloat16)
 _EVERYTHING = Selection()
-TILE_BYTES = 16 * 2**20  # working scores of one tile of query rows (store_as, tile_sink)
+TILE_BYTES = 4 * 2**20  # working scores of one tile of query rows on the CPU (store_as, tile_sink, large maps)
+WHOLE_BYTES = 16 * 2**20  # a CPU map larger than this (in float32) is computed in tiles, straight into its place
 _MAX_BATCH_LOOP = 64  # beyond this many items, one copy costs less than the per-item calls
 
 

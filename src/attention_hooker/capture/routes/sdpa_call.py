@@ -15,7 +15,7 @@ from ...keep.protocol import CallSources, GradientSource
 from ..inputs import channel_attention_refusal, folded_batch_refusal
 from ..batching import at_positions
 from ..heads import declared_heads
-from .sdpa import as_4d, packed_query_groups, parse_sdpa_call, sdpa_attention_weights, unpack_query_groups
+from .sdpa import TileNeeds, as_4d, packed_query_groups, parse_sdpa_call, sdpa_attention_weights, unpack_query_groups
 
 __all__ = ["handle_sdpa"]
 
@@ -269,25 +269,40 @@ def _decode_steps(call: dict, query: torch.Tensor, key: torch.Tensor, mask: torc
 def _keep_in_tiles(session, call: dict, layer: str) -> None:
     """The keepers take the selected weights a tile of query rows at a time, as computed."""
     router = session.router
-    stored_dtype = router.policy.dtype or call["query"].dtype
-    writer, whole = None, None
-
-    def tile_sink(tile, rows, shape):  # tile (B, h, r, keys) of the call's (B, h, rows, keys)
-        nonlocal writer, whole
-        if writer is None:  # a keeper that writes the call needs its whole shape first
-            writer, whole = router.begin_call(layer, shape, stored_dtype), tuple(shape)
-        writer.write(rows, tile)
-
+    sink = _TileSink(router, layer, router.policy.dtype or call["query"].dtype)
     try:
         with torch.no_grad():
-            _weights(call, layer, selection=router.policy.selection, tile_sink=tile_sink)
+            _weights(call, layer, selection=router.policy.selection, tile_sink=sink)
     except BaseException:
-        if writer is not None:
-            writer.discard()  # a keeper's file of the call goes too
+        if sink.writer is not None:
+            sink.writer.discard()  # a keeper's file of the call goes too
         raise
-    if writer is None:  # a call without query rows: nothing to write, but a call of the layer all the same
-        writer, whole = _NO_ROWS, ()
-    session.keep(layer, writer, whole)
+    if sink.writer is None:  # a call without query rows: nothing to write, but a call of the layer all the same
+        session.keep(layer, _NO_ROWS, ())
+        return
+    session.keep(layer, sink.writer, sink.shape)
+
+
+class _TileSink:
+    """Hands each tile of a call to the keepers' writer, begun before the first tile (a keeper
+    that writes the call needs its whole shape first), and says what the writer takes: narrow
+    tiles (a causal tile's keys after its last row left out: they are zeros) and the log of each
+    tile (``takes_narrow_blocks``, ``wants_log_probabilities``; see :class:`.sdpa.TileNeeds`)."""
+
+    def __init__(self, router, layer: str, dtype: torch.dtype):
+        self._router, self._layer, self._dtype = router, layer, dtype
+        self.writer, self.shape = None, ()
+
+    def begin(self, shape) -> TileNeeds:
+        self.writer, self.shape = self._router.begin_call(self._layer, tuple(shape), self._dtype), tuple(shape)
+        return TileNeeds(narrow=bool(getattr(self.writer, "takes_narrow_blocks", False)),
+                         log_probabilities=bool(getattr(self.writer, "wants_log_probabilities", False)))
+
+    def __call__(self, tile: torch.Tensor, rows: torch.Tensor, shape, log_tile: Optional[torch.Tensor] = None) -> None:
+        if log_tile is None:
+            self.writer.write(rows, tile)  # tile (B, h, r, keys) of the call's (B, h, rows, keys)
+        else:
+            self.writer.write(rows, tile, log_block=log_tile)
 
 
 class _NoRows:

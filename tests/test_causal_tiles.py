@@ -1,0 +1,235 @@
+"""Tiles of a causal call: the keys after a tile's last row are never computed, large CPU maps are
+computed in cache-sized tiles straight into their place, and the reductions take narrow tiles
+(and each tile's log) -- all equal to the reference formula and to the full maps (issue 22)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from attention_hooker import HeadStatsAccumulator, PooledAttention, TransformerAttentionHooker
+from attention_hooker.analysis.row_statistics import block_row_statistics
+from attention_hooker.capture.routes import sdpa
+from attention_hooker.capture.routes.sdpa import sdpa_attention_weights
+from attention_hooker.keep.allocator import ComputedBuffer, SpareBuffers, empty, zero_pages
+
+
+def _reference(q, k, mask=None, is_causal=False, rows=None):
+    """``softmax(q k^T / sqrt(d) + bias)`` by hand, float64, kv heads repeated; fully masked rows 0."""
+    q, k = q.double(), k.double()
+    if k.shape[1] < q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if is_causal:
+        scores = scores.masked_fill(torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).triu(1), -math.inf)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.double()
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)
+    return weights if rows is None else weights[:, :, rows]
+
+
+def _widths(monkeypatch) -> list:
+    """The keys of every ``q k^T`` the sdpa route takes from now on."""
+    seen, original = [], sdpa._scaled_scores
+
+    def spy(q, k, *args):
+        seen.append(k.shape[2])
+        return original(q, k, *args)
+
+    monkeypatch.setattr(sdpa, "_scaled_scores", spy)
+    return seen
+
+
+def test_a_causal_tile_never_computes_the_keys_after_its_last_row(monkeypatch):
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+    widths = _widths(monkeypatch)
+    got = sdpa_attention_weights(q, k, is_causal=True, store_as=(torch.float32, torch.device("cpu")),
+                                 tile_bytes=4 * 2 * 32 * 4)  # 4 rows of (1 item, 2 heads, 32 keys) float32
+    assert widths == [4, 8, 12, 16, 20, 24, 28, 32]
+    torch.testing.assert_close(got.double(), _reference(q, k, is_causal=True), atol=1e-6, rtol=0)
+
+
+def test_a_large_cpu_map_is_computed_in_tiles_straight_into_fresh_zero_pages(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(sdpa, "WHOLE_BYTES", 1)  # every map counts as large
+    q, k = torch.randn(1, 2, 48, 8), torch.randn(1, 2, 48, 8)
+    widths = _widths(monkeypatch)
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 8 * 2 * 48 * 4)  # 8 rows per tile
+    got = sdpa_attention_weights(q, k, is_causal=True)
+    assert widths == [8, 16, 24, 32, 40, 48], "one whole-map product instead of tiles"
+    torch.testing.assert_close(got.double(), _reference(q, k, is_causal=True), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["causal", "causal_rows", "causal_gqa_batch", "causal_bool_mask",
+                                  "causal_float_mask", "longer_keys", "half_query", "empty_rows"])
+def test_weights_in_tiles_equal_the_reference_on_a_buffer_full_of_garbage(case):
+    torch.manual_seed(1)
+    batch, heads, kv_heads, length, keys = 1, 2, 2, 24, 24
+    mask, rows, dtype, store = None, None, torch.float32, torch.float32
+    if case == "causal_gqa_batch":
+        batch, heads, kv_heads = 2, 4, 2
+    if case == "longer_keys":
+        keys = 40  # top-left aligned: row i sees keys 0..i
+    q = torch.randn(batch, heads, length, 8)
+    k = torch.randn(batch, kv_heads, keys, 8)
+    if case == "causal_rows":
+        rows = [17, 3, 9, 23]
+    if case in ("causal_bool_mask", "empty_rows"):
+        mask = torch.rand(batch, 1, length, keys) > 0.3
+        if case == "empty_rows":
+            mask[:, :, 5] = False  # a row with every key masked: zeros
+    if case == "causal_float_mask":
+        mask = torch.where(torch.rand(batch, 1, length, keys) > 0.3, 0.0, -math.inf)
+        mask[..., 0] = 0.0
+    if case == "half_query":
+        dtype, store = torch.float16, torch.float16
+        q, k = q.half(), k.half()
+    garbage = SpareBuffers()
+    shape = (batch, heads, length if rows is None else len(rows), keys)
+    garbage.offer([torch.full(shape, float("nan"), dtype=store)])
+    buffer = ComputedBuffer(garbage, empty)
+    got = sdpa_attention_weights(q, k, mask, is_causal=True, rows=rows, buffer=buffer, store_as=(store, q.device),
+                                 tile_bytes=1)
+    assert not buffer.zeroed and not torch.isnan(got).any(), "the masked keys of a reused tensor were not zeroed"
+    want = _reference(q.float(), k.float(), mask, is_causal=True, rows=rows)
+    torch.testing.assert_close(got.double(), want, atol=1e-3 if dtype == torch.float16 else 1e-6, rtol=0)
+
+
+def test_fresh_buffers_say_they_are_zero_and_reused_ones_do_not(monkeypatch):
+    from attention_hooker.keep import allocator
+
+    monkeypatch.setattr(allocator, "PAGED_BYTES", 1)
+    spares = SpareBuffers()
+    buffer = ComputedBuffer(spares, empty)
+    fresh = buffer((2, 3), torch.float32, "cpu")
+    assert buffer.zeroed and torch.equal(fresh, torch.zeros(2, 3))
+    spares.offer([torch.ones(2, 3)])
+    reused = buffer((2, 3), torch.float32, "cpu")
+    assert not buffer.zeroed and torch.equal(reused, torch.ones(2, 3))
+    page = zero_pages((4, 5), torch.float16)
+    assert page.dtype == torch.float16 and torch.equal(page, torch.zeros(4, 5, dtype=torch.float16))
+
+
+class _CausalAttention(nn.Module):
+    """One causal sdpa layer (grouped kv heads); ``mask`` replaces the causal flag when given."""
+
+    def __init__(self, dim=16, heads=4, kv_heads=2):
+        super().__init__()
+        self.num_heads, self.kv_heads = heads, kv_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * (dim // heads))
+
+    def forward(self, x, mask=None):
+        b, t, d = x.shape
+        e = d // self.num_heads
+        q = self.q(x).view(b, t, self.num_heads, e).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, self.kv_heads, e).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                         enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, t, d)
+
+
+def _both_ways(model, x, reducer_of, monkeypatch, padding_mask=None):
+    with torch.no_grad(), TransformerAttentionHooker(model) as full:
+        model(x)
+    widths = _widths(monkeypatch)
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)  # one query row per tile
+    reducer = reducer_of()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        hooker.reduce_into(reducer, padding_mask=padding_mask)
+        model(x)
+    return full.values, reducer, widths
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_statistics_from_narrow_tiles_and_their_logs_equal_those_of_the_full_maps(padded, monkeypatch):
+    import numpy as np
+
+    torch.manual_seed(2)
+    model = _CausalAttention().eval()
+    x = torch.randn(2, 40, 16)
+    padding = None
+    if padded:
+        padding = torch.ones(2, 40, dtype=torch.long)
+        padding[1, 31:] = 0
+    values, reduced, widths = _both_ways(
+        model, x, lambda: HeadStatsAccumulator(sink_positions=[0, 5, -1]), monkeypatch, padding)
+    reduced.add_input(2)
+    assert widths == list(range(1, 41)), "each row's tile stops at its own key"
+    expected = HeadStatsAccumulator(sink_positions=[0, 5, -1])
+    expected.update(values, padding_mask=padding)
+    want, got = expected.result(), reduced.result()
+    for key in expected.STATISTICS:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("size,how", [(8, "mean"), (8, "max"), (7, "mean"), (7, "max"), (64, "max")])
+def test_pooled_maps_from_narrow_tiles_equal_the_pooled_full_maps(size, how, monkeypatch):
+    torch.manual_seed(3)
+    model = _CausalAttention().eval()
+    x = torch.randn(1, 40, 16)
+    values, pooled, widths = _both_ways(model, x, lambda: PooledAttention(size=size, how=how), monkeypatch)
+    assert widths == list(range(1, 41))
+    full = values[""][0]  # (1, 4, 40, 40)
+    blocks = min(size, 40)
+    index = torch.arange(40) * blocks // 40
+    expected = torch.zeros(1, 4, blocks, blocks)
+    for i in range(blocks):
+        for j in range(blocks):
+            cell = full[:, :, index == i][:, :, :, index == j]
+            expected[:, :, i, j] = cell.mean((-1, -2)) if how == "mean" else cell.amax((-1, -2))
+    torch.testing.assert_close(pooled.values[""][0], expected, atol=1e-6, rtol=0)
+
+
+def test_a_stream_beside_statistics_takes_whole_tiles_and_the_statistics_their_logs(tmp_path, monkeypatch):
+    import numpy as np
+
+    from attention_hooker import load
+
+    torch.manual_seed(4)
+    model = _CausalAttention().eval()
+    x = torch.randn(1, 24, 16)
+    with torch.no_grad(), TransformerAttentionHooker(model) as full:
+        model(x)
+    widths = _widths(monkeypatch)
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
+    stats = HeadStatsAccumulator()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, hooker.stream_to(tmp_path / "cap") as stream:
+        hooker.reduce_into(stats)
+        model(x)
+    stats.add_input(1)
+    assert set(widths) == {24}, "a stream takes whole rows, so the tiles beside it are whole too"
+    torch.testing.assert_close(load(tmp_path / "cap").values[""][0], full.values[""][0], atol=1e-6, rtol=0)
+    expected = HeadStatsAccumulator()
+    expected.update(full.values)
+    np.testing.assert_allclose(stats.result()["entropy"], expected.result()["entropy"], rtol=1e-5)
+    del stream
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_block_row_statistics_equal_their_definitions(data):
+    n_key = data.draw(st.integers(2, 30))
+    n_rows = data.draw(st.integers(1, 6))
+    rows = data.draw(st.lists(st.integers(0, n_key - 1), min_size=n_rows, max_size=n_rows))
+    width = data.draw(st.integers(max(rows) + 1, n_key))
+    seed = data.draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    full = torch.zeros(2, 3, n_rows, n_key, dtype=torch.float64)
+    full[..., :width] = torch.softmax(torch.randn(2, 3, n_rows, width, dtype=torch.float64), -1)
+    block = full[..., :width]
+    rows_t = torch.tensor(rows)
+    last = torch.tensor([n_key - 1, data.draw(st.integers(0, n_key - 1))])
+    got = block_row_statistics(block, rows_t, n_key, n_key, log_a=block.log(), sinks=[0, n_key - 1], last=last)
+    distance = (full * (rows_t[:, None] - torch.arange(n_key)[None, :]).abs()).sum(-1)
+    torch.testing.assert_close(got["distance"], distance)
+    torch.testing.assert_close(got["entropy"], torch.special.entr(full).sum(-1))
+    torch.testing.assert_close(got["sink_share"], full[..., 0] + full[..., -1])
+    torch.testing.assert_close(got["last_token_share"], full[torch.arange(2), :, :, last])
+    torch.testing.assert_close(got["first_token_share"], full[..., 0])
