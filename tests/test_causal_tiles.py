@@ -187,7 +187,7 @@ def test_pooled_maps_from_narrow_tiles_equal_the_pooled_full_maps(size, how, mon
     torch.testing.assert_close(pooled.values[""][0], expected, atol=1e-6, rtol=0)
 
 
-def test_a_stream_beside_statistics_takes_whole_tiles_and_the_statistics_their_logs(tmp_path, monkeypatch):
+def test_a_stream_beside_statistics_writes_narrow_tiles_whose_zeros_it_never_writes(tmp_path, monkeypatch):
     import numpy as np
 
     from attention_hooker import load
@@ -200,16 +200,36 @@ def test_a_stream_beside_statistics_takes_whole_tiles_and_the_statistics_their_l
     widths = _widths(monkeypatch)
     monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
     stats = HeadStatsAccumulator()
-    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, hooker.stream_to(tmp_path / "cap") as stream:
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, \
+            hooker.stream_to(tmp_path / "cap", shard_bytes=1):  # the call gets a file of its own
         hooker.reduce_into(stats)
         model(x)
     stats.add_input(1)
-    assert set(widths) == {24}, "a stream takes whole rows, so the tiles beside it are whole too"
+    assert widths == list(range(1, 25)), "the stream and the statistics both take narrow tiles"
     torch.testing.assert_close(load(tmp_path / "cap").values[""][0], full.values[""][0], atol=1e-6, rtol=0)
     expected = HeadStatsAccumulator()
     expected.update(full.values)
     np.testing.assert_allclose(stats.result()["entropy"], expected.result()["entropy"], rtol=1e-5)
-    del stream
+
+
+def test_a_keeper_that_takes_whole_rows_beside_a_narrow_one_gets_whole_tiles(tmp_path, monkeypatch):
+    from attention_hooker import KeyReductions, load
+
+    torch.manual_seed(5)
+    model = _CausalAttention().eval()
+    x = torch.randn(1, 24, 16)
+    with torch.no_grad(), TransformerAttentionHooker(model) as full:
+        model(x)
+    widths = _widths(monkeypatch)
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
+    keys = KeyReductions(top=2)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, \
+            hooker.stream_to(tmp_path / "cap", shard_bytes=1):
+        hooker.reduce_into(keys)
+        model(x)
+    assert set(widths) == {24}
+    torch.testing.assert_close(keys.received[""][0], full.values[""][0].sum(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(load(tmp_path / "cap").values[""][0], full.values[""][0], atol=1e-6, rtol=0)
 
 
 @settings(max_examples=60, deadline=None)

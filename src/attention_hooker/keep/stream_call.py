@@ -33,6 +33,8 @@ class StreamedCall:
         layer: the layer whose call it is.
     """
 
+    takes_narrow_blocks = True  # a causal tile's zeros after its last row's key are never written
+
     def __init__(self, owner, layer: str):
         self._owner, self._layer = owner, layer
         self._shape: Optional[Tuple[int, ...]] = None
@@ -71,25 +73,38 @@ class StreamedCall:
 
     def _add(self, block: torch.Tensor) -> None:
         first, last = self._row, self._row + block.shape[2]
-        if last > self._shape[2] or tuple(block.shape[:2]) != self._shape[:2] or block.shape[3] != self._shape[3]:
+        if last > self._shape[2] or tuple(block.shape[:2]) != self._shape[:2] or block.shape[3] > self._shape[3]:
             self.discard()
             raise AttentionHookerError(
                 f"a block {tuple(block.shape)} at row {first} does not fit the call {self._shape} of {self._layer!r}")
+        width = block.shape[3]  # the keys after it are zeros (a narrow block)
         if self._buffer is not None:
-            self._buffer[:, :, first:last].copy_(block.detach())
+            self._buffer[:, :, first:last, :width].copy_(block.detach())
+            if width < self._shape[3]:
+                self._buffer[:, :, first:last, width:].zero_()
         elif self._file is not None:
             self._write_rows(block.detach().to("cpu", self._dtype), first)
         self._row = last
 
     def _write_rows(self, block: torch.Tensor, first: int) -> None:
+        """Writes rows ``first ..`` of each item and head: one write per item and head, or, for a
+        narrow block, one per row, of its first ``width`` keys only. The call's file was reserved
+        whole (it reads zeros where nothing is written), so a causal map's zeros are never written."""
         name, data_offset, fd = self._file
         _, heads, n_rows, n_key = self._shape
         row_bytes = n_key * block.element_size()
         block = block.contiguous()
+        width_bytes = block.shape[3] * block.element_size()
         try:
             for b in range(block.shape[0]):
                 for h in range(block.shape[1]):
-                    os.pwrite(fd, raw_bytes(block[b, h]), data_offset + ((b * heads + h) * n_rows + first) * row_bytes)
+                    start = data_offset + ((b * heads + h) * n_rows + first) * row_bytes
+                    data = raw_bytes(block[b, h])
+                    if width_bytes == row_bytes:
+                        os.pwrite(fd, data, start)
+                        continue
+                    for i in range(block.shape[2]):
+                        os.pwrite(fd, data[i * width_bytes:(i + 1) * width_bytes], start + i * row_bytes)
         except OSError as err:
             self.discard()
             raise self._owner.disk.error(f"writing rows {first}-{first + block.shape[2] - 1} of a call of layer "

@@ -128,7 +128,8 @@ class CaptureFolder:
 
     def open_call_file(self, name: str, header: dict, nbytes: int, what: str) -> tuple:
         """A call's own file under this writer's temporary name: header written, ``nbytes``
-        reserved (no "disk full" halfway through the call).
+        reserved (no "disk full" halfway through the call), reading as zeros until written (the
+        zeros of a causal map are never written).
 
         Returns:
             ``(file descriptor, data offset)``.
@@ -142,7 +143,9 @@ class CaptureFolder:
         try:
             os.write(fd, encoded)
             if hasattr(os, "posix_fallocate") and nbytes:
-                os.posix_fallocate(fd, len(encoded), nbytes)
+                os.posix_fallocate(fd, len(encoded), nbytes)  # reads as zeros until written
+            else:
+                os.ftruncate(fd, len(encoded) + nbytes)  # a hole: zeros too
         except OSError as err:
             os.close(fd)
             remove_quietly(path)
