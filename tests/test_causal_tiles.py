@@ -253,3 +253,42 @@ def test_block_row_statistics_equal_their_definitions(data):
     torch.testing.assert_close(got["sink_share"], full[..., 0] + full[..., -1])
     torch.testing.assert_close(got["last_token_share"], full[torch.arange(2), :, :, last])
     torch.testing.assert_close(got["first_token_share"], full[..., 0])
+
+
+def test_large_stored_tensors_on_fresh_pages_are_plain_private_tensors_reused_after_clear():
+    import os
+
+    from attention_hooker.keep.allocator import unreachable_tensors
+
+    stored = {"layer": [zero_pages((256, 1024), torch.float32)]}  # held by the store alone
+    assert len(unreachable_tensors(stored)) == 1, "a tensor on fresh pages must be reusable as a spare"
+    page = stored["layer"][0]
+    assert page._base is None and page.is_contiguous() and page.shape == (256, 1024)
+    pid = os.fork()
+    if pid == 0:  # the child writes; a private mapping keeps it from the parent's tensor
+        page[0, 0] = 42.0
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert float(page[0, 0]) == 0.0, "a write in a forked child reached the parent's tensor (a shared mapping)"
+
+
+def test_the_log_handed_beside_a_tile_is_zero_wherever_its_weight_is_zero_under_a_float_mask():
+    torch.manual_seed(6)
+    q, k = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., 2] = -math.inf
+    mask[..., 4] = torch.finfo(torch.float32).min
+    logs = []
+
+    class Sink:
+        def begin(self, shape):
+            return sdpa.TileNeeds(narrow=True, log_probabilities=True)
+
+        def __call__(self, tile, rows, shape, log_tile):
+            logs.append((tile.clone(), log_tile.clone()))
+
+    sdpa_attention_weights(q, k, mask, is_causal=True, tile_sink=Sink(), tile_bytes=1)
+    for tile, log_tile in logs:
+        assert torch.isfinite(log_tile).all()
+        assert (log_tile[tile == 0] == 0).all()
+        torch.testing.assert_close(log_tile[tile > 0].exp(), tile[tile > 0])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch

@@ -97,7 +97,7 @@ def sdpa_attention_weights(
     where: str = "the attention",
     store_as: Optional[Tuple[torch.dtype, torch.device]] = None,
     tile_bytes: Optional[int] = None,
-    tile_sink: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+    tile_sink: Optional[Callable[..., None]] = None,
     selection: Optional[Selection] = None,
 ) -> Optional[torch.Tensor]:
     """Attention probabilities of one ``scaled_dot_product_attention`` call.
@@ -139,12 +139,14 @@ def sdpa_attention_weights(
             device (float16 storage of a float32 or half model, CPU storage of a GPU
             model). ``buffer``, when given, then gives the tensor returned.
         tile_bytes: the working memory of one tile, with ``store_as``
-            (:data:`TILE_BYTES` when ``None``).
+            (``None``: :data:`TILE_BYTES` on the CPU, 64 times that on an accelerator).
         tile_sink: instead of returning the weights, hand each tile to
             ``tile_sink(tile, rows, shape)`` (``(batch, heads, r, key)`` in the working
             dtype, valid during the call only; its absolute query rows ``(r,)``; and the
             whole call's ``(batch, heads, rows, key)``) and return ``None``: nothing
-            larger than a tile is ever held.
+            larger than a tile is ever held. A sink with a ``begin(shape)`` method is
+            told the call's shape first and answers with :class:`TileNeeds` whether it
+            takes narrow causal tiles and each tile's log (then passed as a 4th argument).
         selection: ``heads``, ``rows`` and ``keys`` as one
             :class:`~attention_hooker.selection.Selection` (a capture's), instead of them.
 
@@ -188,7 +190,7 @@ def sdpa_attention_weights(
         store_as = (query.dtype, q.device)  # a large map: computed in cache-sized tiles, written once in place
     if store_as is not None or tile_sink is not None:
         return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or _tile_bytes(q.device),
-                                 row_index, tile_sink, buffer, key_index)
+                                 row_index, tile_sink, buffer, key_index, kept.rows)
     return _weights(q, k, mask, is_causal, scale_factor, buffer, query.dtype, row_index)
 
 
@@ -258,8 +260,8 @@ def _keep_heads(q, k, mask, heads: Optional[Tuple[int, ...]]):
 def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, row_index, low: int = 0) -> torch.Tensor:
     """``softmax(q k^T * scale + bias)`` for the query rows ``row_index`` (absolute, one
     per row of ``q``) of the call: ``(B, H, rows, S)`` in ``dtype``; ``mask`` already
-    holds only these rows. ``low``: a key index no row of ``row_index`` is after (with
-    ``is_causal``, only the keys from ``low + 1`` on are compared against the rows)."""
+    holds only these rows. ``low``: no row of ``row_index`` is before it (with ``is_causal``,
+    keys up to ``low`` are seen by every row; only those from ``low + 1`` on are compared)."""
     scores, mask, empty_rows = _masked_scores(q, k, mask, is_causal, scale_factor, buffer, row_index, low)
     weights = _softmax_last_dim(scores)  # (B, H, L, S)
     if empty_rows:
@@ -287,8 +289,8 @@ def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_b
         if mask.dtype == torch.bool:
             _in_place_if_fits(log_weights, mask, lambda s, m: s.masked_fill_(~m, 0.0),
                               lambda s, m: s.masked_fill(~m, 0.0))
-        else:
-            log_weights.clamp_(min=torch.finfo(log_weights.dtype).min)  # -inf where a float mask held -inf
+        else:  # -inf where a float mask held -inf (or very negative where it held finfo.min)
+            log_weights.masked_fill_(weights == 0, 0.0)
     return weights, log_weights
 
 
@@ -317,7 +319,8 @@ def _masked_scores(q, k, mask, is_causal: bool, scale_factor: float, buffer, row
 
 
 def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as, tile_bytes: int,
-                      row_index, tile_sink=None, buffer=None, key_index=None) -> Optional[torch.Tensor]:
+                      row_index, tile_sink=None, buffer=None, key_index=None,
+                      host_rows=None) -> Optional[torch.Tensor]:
     """The weights ``(B, H, L, S)`` in ``store_as = (dtype, device)``, computed a block of
     query rows at a time: each row's softmax only needs its own scores, so a tile of
     rows is exact on its own. Working memory: one tile of float32 (or float64) scores,
@@ -359,7 +362,7 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     def log_tile_buffer(shape, tile_dtype, tile_device):
         return log_scratch[: math.prod(shape)].view(shape)
 
-    row_list = row_index.tolist()
+    row_list = list(range(length)) if host_rows is None else list(host_rows)  # no device sync per tile
     whole_mask = mask is not None and mask.shape[3] == source and mask.shape[3] > 1
     for first in range(0, length, rows):
         last = min(length, first + rows)
