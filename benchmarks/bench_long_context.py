@@ -16,8 +16,9 @@ Modes, for one forward of batch 1 on the sdpa model (2 layers, 4 query heads, 2 
 - last_row:    our capture of the last query row only (``rows="last"``)
 - stats:       per-head statistics reduced tile by tile (``hooker.reduce_into``), no matrix kept
 - pooled:      each map pooled to 512 x 512 blocks tile by tile (``PooledAttention``)
-- stream:      the full capture written to disk as it is computed (``hooker.stream_to``), float32;
-               the folder (``--stream-dir``, default a temporary one) is emptied after each round
+- stream:      the full capture written to disk as it is computed (``hooker.stream_to``), float32,
+               timed until every byte is on the disk (``os.sync()``); the folder (``--stream-dir``,
+               default a temporary one) is removed after each round, outside the timing
 
 Each (mode, length) runs in a fresh process, so that its peak resident memory
 (``ru_maxrss``) is its own: shown as the peak over the plain forward's peak, next
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -92,12 +94,11 @@ def child(mode: str, length: int, rounds: int, stream_dir=None, device: str = "c
             import tempfile
 
             folder = tempfile.mkdtemp(dir=stream_dir)
-            try:
-                with TransformerAttentionHooker(model) as hooker, hooker.stream_to(folder, overwrite=True) as stream:
-                    out = model(ids)
-                kept = stream.written
-            finally:
-                shutil.rmtree(folder)
+            cleanup.append(lambda: shutil.rmtree(folder))  # after the clock stops: removing is not capturing
+            with TransformerAttentionHooker(model) as hooker, hooker.stream_to(folder, overwrite=True) as stream:
+                out = model(ids)
+            os.sync()  # the clock includes the disk: every byte written is on it
+            kept = stream.written
             return out
         if options is None:
             return model(ids)
@@ -106,7 +107,7 @@ def child(mode: str, length: int, rounds: int, stream_dir=None, device: str = "c
         kept = hooker.values.nbytes
         return out
 
-    seconds = []
+    seconds, cleanup = [], []
     for i in range(rounds + 1):
         start = time.perf_counter()
         out = forward()
@@ -115,6 +116,8 @@ def child(mode: str, length: int, rounds: int, stream_dir=None, device: str = "c
         if i:
             seconds.append(time.perf_counter() - start)
         del out
+        while cleanup:
+            cleanup.pop()()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
     return {"mode": mode, "length": length, "seconds": statistics.median(seconds), "peak_mb": peak_kb / 1024,

@@ -41,10 +41,10 @@ def softmax_last_dim_into(scores: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
 
 
-def log_softmax_last_dim_into(scores: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the last dim of a contiguous CPU tensor, written over it
-    (``aten._log_softmax.out``, read before written as the softmax is)."""
-    return torch.ops.aten._log_softmax.out(scores, -1, False, out=scores)
+def log_softmax_last_dim_into(scores: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last dim of a contiguous CPU tensor, written into ``out``
+    (``aten._log_softmax.out``: no fresh tensor per call)."""
+    return torch.ops.aten._log_softmax.out(scores, -1, False, out=out)
 
 
 def function_mode_stack() -> List[Any]:

@@ -9,7 +9,7 @@ import torch
 from .._checks import index_list, non_negative_int
 from ..errors import AttentionHookerError
 from .core import check_attention, mean_over_queries, query_mask_of, real_rows, row_mask
-from .row_statistics import block_row_statistics
+from .row_statistics import CallRowStatistics
 
 __all__ = ["head_entropy", "mean_attention_distance", "sink_share", "HeadStatsAccumulator"]
 
@@ -256,9 +256,7 @@ class _PartialStats:
     def __init__(self, owner: HeadStatsAccumulator, name: str, padding_mask=None, n_query: Optional[int] = None):
         self._owner, self._name, self._n_query = owner, name, n_query
         self._mask = row_mask(padding_mask)  # (B, T) or None
-        self._sums: Optional[Dict[str, torch.Tensor]] = None
-        self._count = 0.0
-        self._sinks: Optional[list] = None  # the sink key positions, resolved against this call's keys once
+        self._rows: Optional[CallRowStatistics] = None  # the per-row values of this call, as blocks come
         self.n_key: Optional[int] = None  # the call's keys, when blocks may be narrower (told by the reduction)
 
     def add(self, block: torch.Tensor, rows: torch.Tensor, n_query: int) -> None:
@@ -275,38 +273,41 @@ class _PartialStats:
         ``log_block``, when given, its log (0 where ``block`` is 0)."""
         if self._n_query is None:
             self._n_query = block.shape[2]
-        n_query = self._n_query
-        # Per-row quantities in the block's own dtype (one pass each over the block);
-        # only the (batch, heads, rows) results are summed in float64.
+        # Per-row quantities in the block's own dtype (one pass each over the block), kept per
+        # row; they are summed in float64 over the real rows once, at commit.
         a = block if block.is_floating_point() and block.dtype not in (torch.float16, torch.bfloat16) else block.float()
         if log_block is not None and log_block.dtype != a.dtype:
             log_block = log_block.to(a.dtype)
-        batch, heads = a.shape[:2]
-        n_key = self.n_key if self.n_key is not None else a.shape[3]
-        rows = rows.to(a.device)
+        if self._rows is None:
+            self._rows = self._begin(a)
+        self._rows.add(a, rows, log_block)
+
+    def _begin(self, a: torch.Tensor) -> CallRowStatistics:
+        n_query, n_key = self._n_query, self.n_key if self.n_key is not None else a.shape[3]
+        sinks = None
+        if self._owner.sink_positions is not None:
+            sinks = list(index_list(self._owner.sink_positions, "sink_positions", length=n_key,
+                                    where=f"the keys of layer {self._name!r}", allow_negative=True,
+                                    noun="key position"))
         mask = self._mask if self._mask is not None and self._mask.shape[-1] == n_query else None
-        real = real_rows(mask, rows, n_query, batch, a.device)  # (B, r)
-        if self._owner.sink_positions is not None and self._sinks is None:
-            self._sinks = list(index_list(self._owner.sink_positions, "sink_positions", length=n_key,
-                                          where=f"the keys of layer {self._name!r}", allow_negative=True,
-                                          noun="key position"))
         last = mask.to(a.device).sum(-1) - 1 if mask is not None and n_query == n_key else None  # (B,)
-        per_row = block_row_statistics(a, rows, n_query, n_key, log_a=log_block, sinks=self._sinks, last=last)
-        weights = real[:, None, :]  # (B, 1, r)
-        sums = {k: (v.double() * weights).sum((0, 2)).cpu() for k, v in per_row.items()}  # (H,)
-        if self._sums is None:
-            self._sums = sums
-        else:
-            for k in sums:
-                self._sums[k] += sums[k]
-        self._count += float(real.sum())
+        return CallRowStatistics((a.shape[0], a.shape[1], n_query, n_key), a.dtype, a.device, sinks=sinks, last=last)
 
     def commit(self) -> None:
         """Merges this call into the accumulator (a call refused after its tiles is dropped instead)."""
-        if self._sums is not None:
-            self._owner._merge(self._name, self._sums, self._count)
-            self._sums = None
+        if self._rows is None:
+            return
+        call, self._rows = self._rows, None
+        batch = next(iter(call.values.values())).shape[0]
+        mask = self._mask if self._mask is not None and self._mask.shape[-1] == self._n_query else None
+        real = real_rows(mask, torch.arange(self._n_query), self._n_query, batch, call.written.device)  # (B, L)
+        real = real * call.written.to(real.dtype)[None, :]  # rows never written do not count
+        sums = {k: (v.double() * real[:, None, :]).sum((0, 2)).cpu()
+                for k, v in call.values.items()}  # (H,)
+        if "sink_share" in self._owner.STATISTICS and "sink_share" not in sums:
+            sums["sink_share"] = torch.zeros_like(sums["entropy"])
+        self._owner._merge(self._name, sums, float(real.sum()))
 
     def discard(self) -> None:
         """Drops this call (its layer call was refused or cut short); safe twice."""
-        self._sums, self._count = None, 0.0
+        self._rows = None

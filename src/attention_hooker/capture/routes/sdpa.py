@@ -270,16 +270,20 @@ def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, ro
 
 
 def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_buffer, row_index, low: int = 0):
-    """``(weights, log_weights)`` of :func:`_weights` (float32 or float64, ``(B, H, rows, S)``):
-    the log-softmax of the scores, then its exponential, with ``log_weights`` 0 wherever the
-    weight is 0 (a masked key, a row with every key masked), so that ``weights * log_weights``
-    is finite everywhere."""
-    scores, mask, empty_rows = _masked_scores(q, k, mask, is_causal, scale_factor, log_buffer, row_index, low)
+    """``(weights, log_weights)`` of :func:`_weights` (float32 or float64, ``(B, H, rows, S)``),
+    with ``log_weights`` 0 wherever the weight is 0 (a masked key, a row with every key
+    masked), so that ``weights * log_weights`` is finite everywhere.
+
+    Both come from the scores by the library's own kernels (log-softmax, then softmax in place):
+    the exponential of very negative log-weights gives subnormal floats, which ``torch.exp``
+    computes ten times slower than the softmax kernel does (seen at 32k keys)."""
+    scores, mask, empty_rows = _masked_scores(q, k, mask, is_causal, scale_factor, buffer, row_index, low)
+    log_weights = log_buffer(tuple(scores.shape), scores.dtype, scores.device)
     if scores.device.type == "cpu" and scores.is_contiguous():
-        log_weights = log_softmax_last_dim_into(scores)
+        log_softmax_last_dim_into(scores, log_weights)
     else:
-        log_weights = torch.log_softmax(scores, dim=-1)
-    weights = torch.exp(log_weights, out=buffer(tuple(log_weights.shape), log_weights.dtype, log_weights.device))
+        log_weights.copy_(torch.log_softmax(scores, dim=-1))
+    weights = _softmax_last_dim(scores)
     if empty_rows:
         weights.nan_to_num_(nan=0.0)
         log_weights.nan_to_num_(nan=0.0)
@@ -349,6 +353,9 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     narrow = is_causal and key_index is None and (tile_sink is None or needs.narrow)
     if q.dtype in _HALF:  # scores and softmax in float32, as the kernels compute them
         q, k = q.float(), k.float()
+    # Laid out (batch, heads, positions, dim) once: a tile's product would otherwise copy the keys
+    # of a transposed projection (or of grouped heads) again for every tile.
+    q, k = q.contiguous(), k.contiguous()
     work = q.dtype
     row_bytes = max(1, batch * q.shape[1] * source * torch.finfo(work).bits // 8)
     rows = max(1, min(length, tile_bytes // row_bytes))
