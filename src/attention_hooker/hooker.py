@@ -80,6 +80,16 @@ class TransformerAttentionHooker:
             :func:`attention_hooker.window_index.dense_values`) gives the dense map on demand,
             and ``save()`` keeps the index. Not with ``rows=``/``keys=`` (slots are not
             tokens), ``reduce_into()`` or ``stream_to()``.
+        output_from: what gives the model the output of an ``F.scaled_dot_product_attention``
+            call. ``"kernel"`` (the default): the call's own kernel, so the model returns
+            bitwise what it returns without capture, while the weights are recomputed beside
+            it. ``"weights"``: the captured weights times the call's values, as eager
+            attention and the peers compute it, so the weights are computed once instead of
+            twice (faster where the kernel is no faster than eager attention: short inputs
+            on the CPU); the model's outputs then equal the kernel's within float tolerance,
+            not bitwise. It applies to calls whose whole map is kept as computed (no
+            ``heads=``/``rows=``/``keys=``, no ``dtype=``/``device=`` conversion, no dropout,
+            no streaming or reduction); every other call still runs its kernel.
 
     Attributes:
         values: ``{layer_name: [tensor per call]}``, each ``(batch, heads, query, key)``,
@@ -116,11 +126,12 @@ class TransformerAttentionHooker:
         wrapper_names: bool = False,
         keep_values: bool = False,
         windows: str = "dense",
+        output_from: str = "kernel",
     ):
         check_module(model)
         policy = StoragePolicy.build(
             device=device, dtype=dtype, heads=heads, max_calls=max_calls, keep=keep, keep_grad=keep_grad, rows=rows,
-            keys=keys, keep_values=keep_values, windows=windows,
+            keys=keys, keep_values=keep_values, windows=windows, output_from=output_from,
         )
         self.model = model
         self.layer_regex = layer_regex

@@ -212,8 +212,10 @@ def _mapped_chunk(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=torch.uint8)
 
 
-PAGED_BYTES = 64 * 2**20
-"""CPU tensors of this many bytes or more are mapped pages of their own (:func:`zero_pages`)."""
+PAGED_BYTES = 32 * 2**20
+"""CPU tensors of this many bytes or more are mapped pages of their own (:func:`zero_pages`). Below it
+glibc may hand back memory it already has (its mmap threshold grows up to 32 MiB), which is faster
+still than fresh huge pages; above it every ``torch.empty`` is fresh 4 KiB pages."""
 
 
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:

@@ -49,6 +49,8 @@ def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
         return output
     if router.policy.keep_grad and torch.is_grad_enabled():
         return _with_grad(session, func, args, kwargs, call, layer, groups)
+    if router.policy.output_from == "weights" and _output_from_weights_applies(scope, router, call, groups):
+        return _output_from_weights(session, call, layer, args, kwargs)
     output = func(*args, **kwargs)
     if scope.windows is not None:  # windowed (Swin): the whole per-window map, placed at the image's tokens
         with torch.no_grad():  # by the session, then selected by the router (rows are tokens, not window slots)
@@ -159,7 +161,33 @@ def _stored_as(router, query: torch.Tensor):
     return router.policy.dtype or query.dtype, router.policy.device or query.device
 
 
-def _keep_whole(session, call: dict, layer: str, router=None) -> None:
+def _output_from_weights_applies(scope, router, call: dict, groups: int) -> bool:
+    """Whether the call's output may come from its weights (``output_from="weights"``): its whole
+    map is computed at once and kept as computed (every head, row and key, in the query's dtype
+    and on its device), without dropout, outside autograd."""
+    query, selection = call["query"], router.policy.selection
+    return (not call["dropout_p"] and groups == 1 and scope.windows is None and not router.takes_tiles
+            and selection.heads is None and selection.rows is None and selection.keys is None
+            and not torch.is_grad_enabled() and query.dim() == 4 and call["value"].dim() == 4
+            and router.memory.stores_as_computed(query.dtype, query.device))
+
+
+def _output_from_weights(session, call: dict, layer: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Keeps the call's weights (as :func:`_keep_whole`) and gives the model ``weights @ value``
+    ``(batch, heads, query, value dim)`` in the kernel's dtype: kv heads serve their group of
+    query heads without a repeated copy of the values."""
+    weights = _keep_whole(session, call, layer)  # (B, H, L, S), in the query's dtype
+    value = as_4d(call["value"])  # (B, Hk, S, Ev)
+    batch, heads, length, source = weights.shape
+    kv_heads = value.shape[1]
+    grouped = weights.reshape(batch, kv_heads, (heads // kv_heads) * length, source)  # heads h*g..h*g+g-1 of kv head h
+    output = torch.matmul(grouped, value.to(weights.dtype) if value.dtype != weights.dtype else value)
+    output = output.reshape(batch, heads, length, value.shape[-1]).to(call["query"].dtype)
+    given = parse_sdpa_call(args, kwargs)["query"]
+    return output.reshape(tuple(given.shape[:-1]) + (value.shape[-1],))
+
+
+def _keep_whole(session, call: dict, layer: str, router=None) -> torch.Tensor:
     """Only the selected heads, rows and keys are computed, straight into the tensor that is
     stored (a spare one when there is one). Stored in another dtype or device, they are
     computed in tiles of query rows written into it: no whole layer in the working dtype
@@ -173,6 +201,7 @@ def _keep_whole(session, call: dict, layer: str, router=None) -> None:
     writer = router.begin_call(layer, weights.shape, weights.dtype, CallSources(value=value))
     writer.write(torch.arange(weights.shape[2]), weights)
     session.keep(layer, writer, tuple(weights.shape), router if router is not session.router else None)
+    return weights
 
 
 def _keep_requests(session, scope, call: dict, layer: str, groups: int) -> None:
