@@ -10,13 +10,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from attention_hooker import HeadStatsAccumulator, PooledAttention, TransformerAttentionHooker
 from attention_hooker.analysis.row_statistics import block_row_statistics
 from attention_hooker.capture.routes import sdpa
 from attention_hooker.capture.routes.sdpa import sdpa_attention_weights
 from attention_hooker.keep.allocator import ComputedBuffer, SpareBuffers, empty, zero_pages
+from test_long_context import _CausalSdpaAttention as _CausalAttention  # one causal sdpa layer, grouped kv heads
 
 
 def _reference(q, k, mask=None, is_causal=False, rows=None):
@@ -116,25 +116,6 @@ def test_fresh_buffers_say_they_are_zero_and_reused_ones_do_not(monkeypatch):
     assert page.dtype == torch.float16 and torch.equal(page, torch.zeros(4, 5, dtype=torch.float16))
 
 
-class _CausalAttention(nn.Module):
-    """One causal sdpa layer (grouped kv heads); ``mask`` replaces the causal flag when given."""
-
-    def __init__(self, dim=16, heads=4, kv_heads=2):
-        super().__init__()
-        self.num_heads, self.kv_heads = heads, kv_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * kv_heads * (dim // heads))
-
-    def forward(self, x, mask=None):
-        b, t, d = x.shape
-        e = d // self.num_heads
-        q = self.q(x).view(b, t, self.num_heads, e).transpose(1, 2)
-        k, v = self.kv(x).view(b, t, 2, self.kv_heads, e).permute(2, 0, 3, 1, 4)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                         enable_gqa=True)
-        return out.transpose(1, 2).reshape(b, t, d)
-
-
 def _both_ways(model, x, reducer_of, monkeypatch, padding_mask=None):
     with torch.no_grad(), TransformerAttentionHooker(model) as full:
         model(x)
@@ -187,18 +168,25 @@ def test_pooled_maps_from_narrow_tiles_equal_the_pooled_full_maps(size, how, mon
     torch.testing.assert_close(pooled.values[""][0], expected, atol=1e-6, rtol=0)
 
 
-def test_a_stream_beside_statistics_writes_narrow_tiles_whose_zeros_it_never_writes(tmp_path, monkeypatch):
-    import numpy as np
-
-    from attention_hooker import load
-
-    torch.manual_seed(4)
+def _causal_call_tiled_by_rows(seed: int, monkeypatch):
+    """``(model, x, full, widths)``: a causal layer, its input of 24 tokens, a full capture of it,
+    and the key widths of every product from now on, one query row per tile."""
+    torch.manual_seed(seed)
     model = _CausalAttention().eval()
     x = torch.randn(1, 24, 16)
     with torch.no_grad(), TransformerAttentionHooker(model) as full:
         model(x)
     widths = _widths(monkeypatch)
     monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
+    return model, x, full, widths
+
+
+def test_a_stream_beside_statistics_writes_narrow_tiles_whose_zeros_it_never_writes(tmp_path, monkeypatch):
+    import numpy as np
+
+    from attention_hooker import load
+
+    model, x, full, widths = _causal_call_tiled_by_rows(4, monkeypatch)
     stats = HeadStatsAccumulator()
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker, \
             hooker.stream_to(tmp_path / "cap", shard_bytes=1):  # the call gets a file of its own
@@ -215,13 +203,7 @@ def test_a_stream_beside_statistics_writes_narrow_tiles_whose_zeros_it_never_wri
 def test_a_keeper_that_takes_whole_rows_beside_a_narrow_one_gets_whole_tiles(tmp_path, monkeypatch):
     from attention_hooker import KeyReductions, load
 
-    torch.manual_seed(5)
-    model = _CausalAttention().eval()
-    x = torch.randn(1, 24, 16)
-    with torch.no_grad(), TransformerAttentionHooker(model) as full:
-        model(x)
-    widths = _widths(monkeypatch)
-    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
+    model, x, full, widths = _causal_call_tiled_by_rows(5, monkeypatch)
     keys = KeyReductions(top=2)
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker, \
             hooker.stream_to(tmp_path / "cap", shard_bytes=1):
