@@ -3,9 +3,10 @@
 Run by hand (not part of the test suite):
 
     python benchmarks/bench_long_context.py [--lengths 4096 8192] [--modes plain full_fp32 ...] [--rounds 3]
-                                            [--device cuda --dtype bfloat16]
+                                            [--device cuda --dtype bfloat16] [--window 1024]
 
-Modes, for one forward of batch 1 on the sdpa model (2 layers, 4 query heads, 2 kv heads):
+Modes, for one forward of batch 1 on the sdpa model (2 layers, 4 query heads, 2 kv heads; with ``--window N``
+a Mistral of the same sizes whose layers see a causal sliding window of N keys, given to sdpa as a mask):
 
 - plain:       the model alone (the reference)
 - hf_eager:    the peer: the eager model with output_attentions=True
@@ -46,18 +47,21 @@ import warnings
 MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "full_on_device", "head0", "last_row", "stats", "pooled", "stream")
 
 
-def _model(implementation: str, device: str = "cpu", dtype: str = "float32"):
+def _model(implementation: str, device: str = "cpu", dtype: str = "float32", window: int = 0):
     import torch
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536)
+    sizes = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536)
+    # --window: the same sizes as a Mistral whose layers see a sliding window of keys (an explicit mask)
+    config = transformers.MistralConfig(**sizes, sliding_window=window) if window else transformers.LlamaConfig(**sizes)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
     return model.to(device, getattr(torch, dtype))
 
 
-def child(mode: str, length: int, rounds: int, stream_dir=None, device: str = "cpu", dtype: str = "float32") -> dict:
+def child(mode: str, length: int, rounds: int, stream_dir=None, device: str = "cpu", dtype: str = "float32",
+          window: int = 0) -> dict:
     """One mode at one length, in this process: seconds per forward, peak RSS (and the GPU's peak), bytes kept."""
     import torch
 
@@ -65,7 +69,7 @@ def child(mode: str, length: int, rounds: int, stream_dir=None, device: str = "c
 
     warnings.simplefilter("ignore", AttentionCaptureWarning)
     torch.set_grad_enabled(False)
-    model = _model("eager" if mode == "hf_eager" else "sdpa", device, dtype)
+    model = _model("eager" if mode == "hf_eager" else "sdpa", device, dtype, window)
     ids = torch.randint(3, 250, (1, length), device=device)
     cuda = torch.device(device).type == "cuda"
     options = {"full_fp32": {}, "full_fp16": {"dtype": torch.float16},
@@ -133,15 +137,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="the model's dtype (default float32)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="a Mistral of the same sizes whose layers see this many keys (a sliding window)")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.rounds, args.stream_dir, args.device,
-                               args.dtype)))
+                               args.dtype, args.window)))
         return
     modes = ["plain"] + [m for m in args.modes if m != "plain"]
     gpu = args.device != "cpu"
-    print(f"device {args.device}, model dtype {args.dtype}, {args.rounds} rounds (medians)")
+    print(f"device {args.device}, model dtype {args.dtype}, {args.rounds} rounds (medians)"
+          + (f", sliding window of {args.window} keys" if args.window else ""))
     print("| tokens | mode | time / plain | peak RSS over plain |" + (" GPU peak over plain |" if gpu else "")
           + " kept (stream: written) |")
     print("|---|---|---|---|---|" + ("---|" if gpu else ""))
@@ -149,7 +156,7 @@ def main() -> None:
         plain = None
         for mode in modes:
             command = [sys.executable, __file__, "--child", mode, str(length), "--rounds", str(args.rounds),
-                       "--device", args.device, "--dtype", args.dtype]
+                       "--device", args.device, "--dtype", args.dtype, "--window", str(args.window)]
             if args.stream_dir:
                 command += ["--stream-dir", args.stream_dir]
             run = subprocess.run(command, capture_output=True, text=True)

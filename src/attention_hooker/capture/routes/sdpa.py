@@ -371,35 +371,101 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
 
     row_list = list(range(length)) if host_rows is None else list(host_rows)  # no device sync per tile
     whole_mask = mask is not None and mask.shape[3] == source and mask.shape[3] > 1
-    for first in range(0, length, rows):
+    starts = list(range(0, length, rows))
+    # Keys a mask hides from every row of a tile (a sliding window's, a chunk's, padding's): never computed.
+    bands = _key_bands(mask, starts, rows, length) if whole_mask and key_index is None else None
+    assembled = _Assembly(scratch, log_scratch) if bands is not None and tile_sink is not None else None
+    for index, first in enumerate(starts):
         last = min(length, first + rows)
         tile_rows = row_list[first:last]
         width = min(source, max(tile_rows) + 1) if narrow else source  # keys after width: masked for every row
+        lo, hi = (0, width) if bands is None else (bands[index][0], min(width, bands[index][1]))
+        lo = min(lo, hi)  # lo == hi: every key of every row masked (zeros)
         tile_mask = mask if mask is None or mask.shape[2] == 1 else mask[:, :, first:last]
-        if whole_mask and width < source:
-            tile_mask = tile_mask[..., :width]
-        low = min(tile_rows) if is_causal else 0
-        part = k if width == source else k[:, :, :width]
+        if whole_mask and (lo > 0 or hi < source):
+            tile_mask = tile_mask[..., lo:hi]
+        # Key positions from lo on: a causal mask compares each row with the keys' positions in the band.
+        tile_index = row_index[first:last] if lo == 0 else row_index[first:last] - lo
+        low = max(min(tile_rows) - lo, -1) if is_causal else 0
+        part = k if lo == 0 and hi == source else k[:, :, lo:hi]
         log_tile = None
-        if needs.log_probabilities:
+        if hi == lo:
+            tile = scratch[: batch * q.shape[1] * (last - first) * 0].view(batch, q.shape[1], last - first, 0)
+            log_tile = tile if needs.log_probabilities else None
+        elif needs.log_probabilities:
             tile, log_tile = _log_weights(q[:, :, first:last], part, tile_mask, is_causal, scale_factor, tile_buffer,
-                                          log_tile_buffer, row_index[first:last], low)
+                                          log_tile_buffer, tile_index, low)
         else:
             tile = _weights(q[:, :, first:last], part, tile_mask, is_causal, scale_factor, tile_buffer, work,
-                            row_index[first:last], low)
+                            tile_index, low)
         if key_index is not None:
             tile = tile.index_select(3, key_index)  # (B, H, rows, kept keys)
             log_tile = None if log_tile is None else log_tile.index_select(3, key_index)
         if tile_sink is not None:
+            if assembled is not None and (lo > 0 or hi < width):  # the band with its zeros, from key 0
+                tile, log_tile = assembled(tile, log_tile, lo, width if needs.narrow else source)
             if log_tile is not None:
                 tile_sink(tile, row_index[first:last], shape, log_tile)
             else:
                 tile_sink(tile, row_index[first:last], shape)
             continue
-        out[:, :, first:last, :width].copy_(tile)  # (B, H, rows, width), converted to the stored dtype on the way
-        if width < kept and not zeroed:
-            out[:, :, first:last, width:].zero_()
+        out[:, :, first:last, lo:hi].copy_(tile)  # (B, H, rows, hi - lo), converted to the stored dtype on the way
+        if not zeroed:
+            if lo > 0:
+                out[:, :, first:last, :lo].zero_()
+            if hi < kept:
+                out[:, :, first:last, hi:].zero_()
     return out
+
+
+class _Assembly:
+    """A tile of keys ``lo .. lo + n`` (a band a mask leaves to a tile's rows) laid out from key 0 in
+    buffers of their own, zeros around it, for sinks that take tiles from the first key on."""
+
+    def __init__(self, scratch: torch.Tensor, log_scratch: Optional[torch.Tensor]):
+        self._tile = torch.empty_like(scratch)
+        self._log = None if log_scratch is None else torch.empty_like(log_scratch)
+
+    def __call__(self, tile: torch.Tensor, log_tile: Optional[torch.Tensor], lo: int, width: int):
+        """``(tile, log_tile)`` as ``(B, H, rows, width)``: the band at keys ``lo ..``, zeros elsewhere."""
+        shape = tuple(tile.shape[:3]) + (width,)
+        placed = self._place(self._tile, shape, tile, lo)
+        return placed, (None if log_tile is None else self._place(self._log, shape, log_tile, lo))
+
+    @staticmethod
+    def _place(buffer: torch.Tensor, shape, band: torch.Tensor, lo: int) -> torch.Tensor:
+        whole = buffer[: math.prod(shape)].view(shape).zero_()
+        whole[..., lo:lo + band.shape[3]].copy_(band)
+        return whole
+
+
+def _key_bands(mask: torch.Tensor, starts: Sequence[int], rows: int, length: int) -> Optional[list]:
+    """``[(lo, hi)]`` per tile of query rows (tile ``i``: rows ``starts[i] ..`` up to ``rows`` of them):
+    the keys before ``lo`` and from ``hi`` on are masked for every row of the tile in every batch item
+    and head (``False`` in a bool mask, ``-inf`` in a float one; ``finfo.min`` is a score, not a mask).
+    ``None`` when no tile loses a key. Read from the mask a tile at a time (no ``(L, S)`` copy of it),
+    with one transfer to the host for the whole call.
+
+    Args:
+        mask: ``(B|1, H|1, L|1, S)``, its rows those of the tiles.
+    """
+    source = mask.shape[3]
+    per_row = mask.shape[2] > 1
+    seen = []
+    for first in starts if per_row else starts[:1]:
+        part = mask[:, :, first:min(length, first + rows)] if per_row else mask
+        allowed = part if part.dtype == torch.bool else ~torch.isneginf(part)
+        seen.append(allowed.reshape(-1, source).any(0))  # (S,): a key some row of the tile may see
+    seen = torch.stack(seen)  # (tiles, S)
+    keys = torch.arange(source, device=mask.device)
+    lo = torch.where(seen, keys, source).amin(1)  # first key seen (S when none)
+    hi = torch.where(seen, keys + 1, 0).amax(1)  # after the last key seen (0 when none)
+    bounds = torch.stack([lo, hi], 1).tolist()
+    if not per_row:
+        bounds = bounds * len(starts)
+    if all(lo == 0 and hi == source for lo, hi in bounds):
+        return None
+    return [(lo, hi) if lo < hi else (0, 0) for lo, hi in bounds]
 
 
 def _check_inputs(query, key, attn_mask) -> None:

@@ -1,0 +1,210 @@
+"""Tiles under an explicit mask that hides whole ranges of keys from every row of a tile (a sliding
+window, chunked attention, left padding): only the keys the mask leaves to the tile are computed, and
+the maps, statistics, pooled maps and streams equal the reference formula and the full maps (issue 22,
+part 2: "causal and sliding-window tiles that are fully masked are never computed")."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attention_hooker import HeadStatsAccumulator, PooledAttention, TransformerAttentionHooker, load
+from attention_hooker.capture.routes import sdpa
+from attention_hooker.capture.routes.sdpa import sdpa_attention_weights
+from attention_hooker.keep.allocator import ComputedBuffer, SpareBuffers, empty
+from test_causal_tiles import _reference, _widths
+from test_long_context import _CausalSdpaAttention
+
+CPU = torch.device("cpu")
+
+
+def _window(length: int, window: int, keys: int = None, batch: int = 1) -> torch.Tensor:
+    """``(batch, 1, length, keys)`` bool: row ``i`` sees keys ``i - window + 1 .. i`` (a causal sliding window)."""
+    keys = length if keys is None else keys
+    rows, cols = torch.arange(length)[:, None], torch.arange(keys)[None, :]
+    return ((cols <= rows) & (cols > rows - window)).expand(batch, 1, length, keys).clone()
+
+
+def test_a_tile_under_a_sliding_window_computes_only_the_keys_its_rows_see(monkeypatch):
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+    mask = _window(32, 6)
+    widths = _widths(monkeypatch)
+    got = sdpa_attention_weights(q, k, mask, store_as=(torch.float32, CPU), tile_bytes=4 * 2 * 32 * 4)  # 4 rows a tile
+    # Tile 0 (rows 0-3) sees keys 0-3, tile 1 keys 0-7; every later tile its 4 rows and the 5 keys before them.
+    assert widths == [4, 8] + [9] * 6, f"the whole row of 32 keys was computed for each tile: {widths}"
+    torch.testing.assert_close(got.double(), _reference(q, k, mask), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["window", "window_causal", "float_window", "chunks", "batch_union", "gqa",
+                                  "rows", "half", "empty_tile", "left_padding", "finfo_min", "longer_keys"])
+@pytest.mark.parametrize("fresh", [False, True])
+def test_banded_tiles_equal_the_reference(case, fresh):
+    torch.manual_seed(1)
+    batch, heads, kv_heads, length, keys, window = 2, 4, 4, 40, 40, 7
+    is_causal, rows, dtype = False, None, torch.float32
+    if case == "gqa":
+        kv_heads = 2
+    if case == "longer_keys":
+        keys = 56  # keys beyond the rows: the window still bounds each tile
+    mask = _window(length, window, keys, batch)
+    if case == "window_causal":
+        is_causal = True
+        mask = _window(length, window, keys, batch)
+    if case == "float_window":
+        mask = torch.where(mask, 0.0, -math.inf) + torch.randn(batch, 1, length, keys).clamp(-1, 1)
+    if case == "chunks":  # chunked attention: rows see their own chunk of 8 only
+        chunk = torch.arange(length) // 8
+        mask = (chunk[:, None] == chunk[None, :]).expand(batch, 1, length, keys).clone()
+    if case == "batch_union":  # item 1's window is wider: a tile computes the keys either item sees
+        mask[1] = _window(length, 15, keys)[0]
+    if case == "rows":
+        rows = [33, 2, 19, 18, 39, 0]
+    if case == "half":
+        dtype = torch.float16
+    if case == "empty_tile":
+        mask[:, :, 8:16] = False  # a whole tile of rows with every key masked: zeros
+    if case == "left_padding":  # (batch, 1, 1, keys): the first 10 keys are padding in every item
+        mask = torch.ones(batch, 1, 1, keys, dtype=torch.bool)
+        mask[..., :10] = False
+    if case == "finfo_min":  # a very negative score is not a mask: nothing is skipped, rows stay as computed
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+    q = torch.randn(batch, heads, length, 8, dtype=dtype)
+    k = torch.randn(batch, kv_heads, keys, 8, dtype=dtype)
+    shape = (batch, heads, length if rows is None else len(rows), keys)
+    buffer = None  # fresh zero pages: the keys outside the bands are never written
+    if not fresh:  # a reused tensor full of NaN: they must be zeroed
+        spares = SpareBuffers()
+        spares.offer([torch.full(shape, float("nan"), dtype=dtype)])
+        buffer = ComputedBuffer(spares, empty)
+    got = sdpa_attention_weights(q, k, mask, is_causal=is_causal, rows=rows, buffer=buffer, store_as=(dtype, CPU),
+                                 tile_bytes=1 if case != "half" else 8 * heads * keys * 4 * batch)
+    assert not torch.isnan(got).any(), "keys outside a tile's band were left as the reused buffer held them"
+    want = _reference(q.float(), k.float(), mask, is_causal=is_causal, rows=rows)
+    torch.testing.assert_close(got.double(), want, atol=1e-3 if dtype == torch.float16 else 1e-6, rtol=0)
+
+
+def test_the_bands_are_read_once_per_tile_from_the_mask_and_left_alone_where_nothing_is_skipped():
+    mask = _window(12, 3)
+    assert sdpa._key_bands(mask, [0, 4, 8], 4, 12) == [(0, 4), (2, 8), (6, 12)]
+    assert sdpa._key_bands(torch.ones(1, 1, 12, 12, dtype=torch.bool), [0, 4, 8], 4, 12) is None
+    float_mask = torch.where(mask, 0.0, -math.inf)
+    assert sdpa._key_bands(float_mask, [0, 4, 8], 4, 12) == [(0, 4), (2, 8), (6, 12)]
+    none_seen = mask.clone()
+    none_seen[:, :, 4:8] = False
+    assert sdpa._key_bands(none_seen, [0, 4, 8], 4, 12)[1] == (0, 0)
+    padding = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    padding[0, ..., :3] = False
+    padding[1, ..., :5] = False
+    assert sdpa._key_bands(padding, [0, 4, 8], 4, 12) == [(3, 12)] * 3, "the keys masked in every item"
+
+
+class _WindowedAttention(_CausalSdpaAttention):
+    """One sdpa layer under a causal sliding window given as an explicit bool mask (as Hugging Face's
+    sliding-window layers pass theirs)."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(self, x, mask=None):
+        return super().forward(x, _window(x.shape[1], self.window, batch=x.shape[0]))
+
+
+def _windowed_both_ways(seed: int, reducer_of, monkeypatch, window: int = 5, length: int = 40):
+    torch.manual_seed(seed)
+    model = _WindowedAttention(window).eval()
+    x = torch.randn(2, length, 16)
+    with torch.no_grad(), TransformerAttentionHooker(model) as full:
+        model(x)
+    widths = _widths(monkeypatch)
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)  # one query row per tile
+    reducer = reducer_of()
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        hooker.reduce_into(reducer)
+        model(x)
+    return full.values[""][0], reducer, widths
+
+
+def test_statistics_under_a_sliding_window_take_banded_tiles_and_equal_those_of_the_full_maps(monkeypatch):
+    full, stats, widths = _windowed_both_ways(7, lambda: HeadStatsAccumulator(sink_positions=[0, -1]), monkeypatch)
+    stats.add_input(2)
+    assert max(widths) == 5, f"a row's tile computed more than its window of 5 keys: {sorted(set(widths))}"
+    expected = HeadStatsAccumulator(sink_positions=[0, -1])
+    expected.update({"": [full]})
+    want, got = expected.result(), stats.result()
+    for key in expected.STATISTICS:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("size,how", [(8, "mean"), (7, "max")])
+def test_pooled_maps_under_a_sliding_window_equal_the_pooled_full_maps(size, how, monkeypatch):
+    full, pooled, widths = _windowed_both_ways(8, lambda: PooledAttention(size=size, how=how), monkeypatch)
+    assert max(widths) == 5
+    index = torch.arange(40) * size // 40
+    expected = torch.zeros(2, 4, size, size)
+    for i in range(size):
+        for j in range(size):
+            cell = full[:, :, index == i][:, :, :, index == j]
+            expected[:, :, i, j] = cell.mean((-1, -2)) if how == "mean" else cell.amax((-1, -2))
+    torch.testing.assert_close(pooled.values[""][0], expected, atol=1e-6, rtol=0)
+
+
+def test_a_stream_under_a_sliding_window_equals_the_full_capture(tmp_path, monkeypatch):
+    torch.manual_seed(9)
+    model = _WindowedAttention(6).eval()
+    x = torch.randn(2, 30, 16)
+    with torch.no_grad(), TransformerAttentionHooker(model) as full:
+        model(x)
+    widths = _widths(monkeypatch)
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, \
+            hooker.stream_to(tmp_path / "cap", shard_bytes=1):  # the call gets a file of its own
+        model(x)
+    assert max(widths) == 6
+    torch.testing.assert_close(load(tmp_path / "cap").values[""][0], full.values[""][0], atol=1e-6, rtol=0)
+
+
+def test_a_large_map_under_a_sliding_window_is_stored_from_its_bands(monkeypatch):
+    torch.manual_seed(10)
+    model = _WindowedAttention(4).eval()
+    x = torch.randn(1, 48, 16)
+    with torch.no_grad(), TransformerAttentionHooker(model) as again:  # the map computed whole
+        model(2 * x)
+    monkeypatch.setattr(sdpa, "WHOLE_BYTES", 1)  # every map counts as large: tiles straight into place
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 8 * 4 * 48 * 4)  # 8 rows a tile
+    widths = _widths(monkeypatch)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(x)
+        hooker.clear()  # the next call reuses this one's tensor: keys outside the bands must be zeroed again
+        model(2 * x)
+    assert widths == [8] + [11] * 5 + [8] + [11] * 5
+    torch.testing.assert_close(hooker.values[""][0], again.values[""][0], atol=1e-6, rtol=0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_banded_tiles_equal_the_reference_on_random_masks(data):
+    length = data.draw(st.integers(1, 24))
+    keys = data.draw(st.integers(1, 24))
+    batch = data.draw(st.integers(1, 2))
+    lo = data.draw(st.lists(st.integers(0, keys), min_size=length, max_size=length))
+    span = data.draw(st.lists(st.integers(0, keys), min_size=length, max_size=length))
+    is_causal = data.draw(st.booleans())
+    as_float = data.draw(st.booleans())
+    tile_rows = data.draw(st.integers(1, 8))
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    cols = torch.arange(keys)[None, :]
+    start, end = torch.tensor(lo)[:, None], torch.tensor(lo)[:, None] + torch.tensor(span)[:, None]
+    mask = ((cols >= start) & (cols < end)).expand(batch, 1, length, keys).clone()  # each row: one band of keys
+    if as_float:
+        mask = torch.where(mask, 0.0, -math.inf)
+    q, k = torch.randn(batch, 2, length, 4), torch.randn(batch, 2, keys, 4)
+    got = sdpa_attention_weights(q, k, mask, is_causal=is_causal, store_as=(torch.float32, CPU),
+                                 tile_bytes=tile_rows * batch * 2 * keys * 4)
+    torch.testing.assert_close(got.double(), _reference(q, k, mask, is_causal=is_causal), atol=1e-6, rtol=0)
