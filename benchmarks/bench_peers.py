@@ -5,7 +5,7 @@ Run by hand (not part of the test suite), after making the peers' environments o
     benchmarks/peers_setup.sh /work/peers
     HF_HUB_OFFLINE=1 python benchmarks/bench_peers.py [--rounds 15] [--repeat 0] [--sizes 1x128,8x128,1x512]
                                                       [--only gpt2|vit] [--peers /work/peers] [--threads 2]
-                                                      [--no-memory]
+                                                      [--no-memory | --memory-only]
 
 A full default run takes roughly 25 minutes on 2 idle threads of a slow VM (GPT-2 (1, 128) at 0.8 s a
 forward), and over twice that beside a busy test suite (estimated; ``--rounds 3 --repeat 3`` took 38 minutes there).
@@ -53,7 +53,8 @@ forwards in that worker (1 to 5), so that the large works do not take hours. A r
 
 Memory (GPT-2 at (1, 512)): each contender in three fresh processes; the peak RSS (``ru_maxrss``,
 its high-water mark reset through ``/proc/self/clear_refs`` once the model is loaded and one plain
-forward of it ran) over the RSS at that point, median of the three.
+forward of it ran) minus the RSS at that point, in MB, median of the three (and the median ratio of the
+two). ``--memory-only`` measures only this row.
 
 A peer environment that is missing is reported in one line and its columns are left empty.
 """
@@ -545,7 +546,9 @@ def bench_work(work: str, size: tuple, folder: Path, environments: dict, args) -
 
 
 def bench_memory(folder: Path, environments: dict, args) -> dict:
-    """{contender: median peak/base RSS} for GPT-2 at MEMORY_SIZE, each in fresh processes."""
+    """{contender: (median peak - base RSS in MB, median peak/base)} for GPT-2 at MEMORY_SIZE, each in
+    fresh processes. The added megabytes are what compares: each contender's base differs (its imports,
+    its own copy of the model), so a ratio over it favours whoever loads more."""
     inputs = _inputs(folder, "gpt2", MEMORY_SIZE)
     results = {}
     for name in CONTENDERS["gpt2"]:
@@ -553,7 +556,7 @@ def bench_memory(folder: Path, environments: dict, args) -> dict:
             continue
         config = {"work": "gpt2", "folder": str(folder / "gpt2"), "inputs": str(inputs), "contender": name,
                   "threads": args.threads}
-        ratios = []
+        ratios, added = [], []
         for _ in range(MEMORY_PROCESSES):
             done = subprocess.run([environments[ENVIRONMENT[name]], __file__, "--memory", json.dumps(config)],
                                   capture_output=True, text=True, env=_worker_env(args.threads), check=False)
@@ -564,8 +567,9 @@ def bench_memory(folder: Path, environments: dict, args) -> dict:
                 break
             answer = json.loads(lines[-1])
             ratios.append(answer["peak"] / answer["base"])
+            added.append((answer["peak"] - answer["base"]) / 1024)
         else:
-            results[name] = statistics.median(ratios)
+            results[name] = (statistics.median(added), statistics.median(ratios))
     return results
 
 
@@ -604,8 +608,10 @@ def print_report(rows: list, memory: dict, args) -> None:
         cells = []
         for _, names in COLUMNS:
             values = [memory.get(name) for name in names if name in memory]
-            cells.append(" / ".join(f"{v:.2f}x" if isinstance(v, float) else str(v) for v in values))
-        print(f"| peak RSS / RSS after load, GPT-2 small {MEMORY_SIZE} | | " + " | ".join(cells) + " |")
+            cells.append(" / ".join(f"+{v[0]:.0f} MB ({v[1]:.2f}x)" if isinstance(v, tuple) else str(v)
+                                    for v in values))
+        print(f"| peak RSS over the RSS after load (and their ratio), GPT-2 small {MEMORY_SIZE} | | "
+              + " | ".join(cells) + " |")
     print()
     for (work, size), results in rows:
         print(f"{_row_title(work, size)}: {_versus_best(results)}")
@@ -641,6 +647,7 @@ def main() -> None:
     parser.add_argument("--peers", type=Path, default=Path("/work/peers"), help="folder with the tl4 and tl3 venvs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory row")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory row (no timing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -655,16 +662,16 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as name:
         folder = Path(name)
-        _save_models(folder, works)
+        _save_models(folder, ["gpt2"] if args.memory_only else works)
         rows = []
-        for work in works:
+        for work in [] if args.memory_only else works:
             for size in args.sizes if work == "gpt2" else [(VIT_BATCH, 224)]:
                 print(f"{_row_title(work, size)} ...", file=sys.stderr, flush=True)
                 row_started = time.perf_counter()
                 rows.append(((work, size), bench_work(work, size, folder, environments, args)))
                 print(f"    {time.perf_counter() - row_started:.0f} s", file=sys.stderr, flush=True)
         memory = {}
-        if "gpt2" in works and not args.no_memory:
+        if ("gpt2" in works or args.memory_only) and not args.no_memory:
             print("memory ...", file=sys.stderr, flush=True)
             memory = bench_memory(folder, environments, args)
     print_report(rows, memory, args)
