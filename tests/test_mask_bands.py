@@ -89,6 +89,17 @@ def test_banded_tiles_equal_the_reference(case, fresh):
     torch.testing.assert_close(got.double(), want, atol=1e-3 if dtype == torch.float16 else 1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("how", ["store", "sink"])
+def test_a_call_without_query_rows_under_a_mask_of_keys_is_empty(how):
+    q, k = torch.randn(1, 2, 0, 4), torch.randn(1, 2, 5, 4)
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    mask[..., :2] = False
+    tiles = []
+    got = sdpa_attention_weights(q, k, mask, store_as=(torch.float32, CPU) if how == "store" else None,
+                                 tile_sink=(lambda *a: tiles.append(a)) if how == "sink" else None, tile_bytes=1)
+    assert tiles == [] and (got is None if how == "sink" else got.shape == (1, 2, 0, 5))
+
+
 def test_the_bands_are_read_once_per_tile_from_the_mask_and_left_alone_where_nothing_is_skipped():
     mask = _window(12, 3)
     assert sdpa._key_bands(mask, [0, 4, 8], 4, 12) == [(0, 4), (2, 8), (6, 12)]

@@ -373,7 +373,7 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     whole_mask = mask is not None and mask.shape[3] == source and mask.shape[3] > 1
     starts = list(range(0, length, rows))
     # Keys a mask hides from every row of a tile (a sliding window's, a chunk's, padding's): never computed.
-    bands = _key_bands(mask, starts, rows, length) if whole_mask and key_index is None else None
+    bands = _key_bands(mask, starts, rows, length) if whole_mask and key_index is None and length else None
     assembled = _Assembly(scratch, log_scratch) if bands is not None and tile_sink is not None else None
     for index, first in enumerate(starts):
         last = min(length, first + rows)
@@ -423,11 +423,16 @@ class _Assembly:
     buffers of their own, zeros around it, for sinks that take tiles from the first key on."""
 
     def __init__(self, scratch: torch.Tensor, log_scratch: Optional[torch.Tensor]):
-        self._tile = torch.empty_like(scratch)
-        self._log = None if log_scratch is None else torch.empty_like(log_scratch)
+        self._like = scratch
+        self._tile: Optional[torch.Tensor] = None  # made at the first band (the size of scratch)
+        self._log: Optional[torch.Tensor] = None
+        self._with_log = log_scratch is not None
 
     def __call__(self, tile: torch.Tensor, log_tile: Optional[torch.Tensor], lo: int, width: int):
         """``(tile, log_tile)`` as ``(B, H, rows, width)``: the band at keys ``lo ..``, zeros elsewhere."""
+        if self._tile is None:
+            self._tile = torch.empty_like(self._like)
+            self._log = torch.empty_like(self._like) if self._with_log else None
         shape = tuple(tile.shape[:3]) + (width,)
         placed = self._place(self._tile, shape, tile, lo)
         return placed, (None if log_tile is None else self._place(self._log, shape, log_tile, lo))
