@@ -301,8 +301,11 @@ def test_run_stream_writes_the_whole_capture_and_refuses_a_second_one_without_ov
     args = ["run", "--model", str(saved_models["llama"]), "--text", text, "--out", str(tmp_path / "o"),
             "--stream", str(folder)]
     assert main(args) == 0
-    out = capsys.readouterr().out
-    assert f"went to {folder}" in out
+    captured = capsys.readouterr()
+    assert f"went to {folder}" in captured.out
+    # the plan, before the model ran: the bytes from the configuration, the disk's measured speed, the time
+    assert f"streaming about " in captured.err and f"to {folder}" in captured.err
+    assert "the disk writes" in captured.err and "of writing" in captured.err
     expected, tokens = _llama_capture(saved_models, text)
     streamed = load(folder)
     assert streamed.tokens == tokens and list(streamed.values) == list(expected)

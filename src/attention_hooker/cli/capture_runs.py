@@ -5,6 +5,7 @@ Every user mistake raises :class:`CommandError` with one readable sentence.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 import torch
@@ -237,6 +238,7 @@ def _capture_long(loaded: LoadedModel, hooker, enc, source: List[str], *, rows, 
             rows_kept = length if query_tokens is None else len(query_tokens)
             written = hooker.stream_to(stream, overwrite=overwrite,
                                        expected_bytes=_planned_bytes(loaded, hooker, rows_kept, length))
+            print(written.plan().describe(), file=sys.stderr, flush=True)  # before the model runs
         loaded.model(**enc, **no_logits(loaded))
     if written is not None:
         written.close(tokens=source)

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -41,6 +42,7 @@ from ..io.format import INDEX_NAME, mapped_tensors, read_index
 from ..errors import AttentionHookerError
 from .folder_lock import FolderLock
 from .protocol import NO_SOURCES, CallSources
+from .disk_speed import StreamPlan, write_speed
 from .stream_call import StreamedCall
 from .stream_folder import SAFETENSORS_DTYPES, CaptureFolder, format_bytes
 from .stream_units import Unit, Written, index_of
@@ -114,6 +116,7 @@ class StreamedCapture:
         self._rolled_back: List[str] = []  # layers of calls rolled back, for on_roll_back
         self._files = 0
         self._planned = False
+        self._planned_bytes: Optional[int] = None if expected_bytes is None else int(expected_bytes)
         self.dtypes: set = set()  # of the calls written, for the index
         # {layer: MapKind} of the layers whose calls are another kind of map than probabilities over tokens
         # (one kind per layer: a family's calls are all of its kind); written in every index from then on
@@ -199,6 +202,29 @@ class StreamedCapture:
                 self._list(unit)
         finally:
             self._count_out_rolled_back()
+
+    def plan(self) -> "StreamPlan":
+        """What this capture is expected to write, the folder's free space, and the time the disk needs
+        for it at its measured speed (the first plan on a filesystem writes a 64 MiB probe there).
+
+        Example:
+            >>> import tempfile
+            >>> from torch import nn
+            >>> from attention_hooker import TransformerAttentionHooker
+            >>> model = nn.TransformerEncoder(
+            ...     nn.TransformerEncoderLayer(d_model=16, nhead=4, batch_first=True), num_layers=2)
+            >>> with TransformerAttentionHooker(model) as hooker:
+            ...     stream = hooker.stream_to(tempfile.mkdtemp(), expected_bytes=2**30)
+            ...     plan = stream.plan()
+            ...     stream.close()
+            >>> plan.bytes, plan.seconds is None or plan.seconds > 0
+            (1073741824, True)
+        """
+        try:
+            free = shutil.disk_usage(self.folder).free
+        except OSError:
+            free = 0
+        return StreamPlan(self.folder, self._planned_bytes, free, write_speed(self.folder))
 
     def check_plan(self, planned: int, how: str) -> None:
         """Refuses when ``planned`` bytes (plus a margin) do not fit the folder's free space.
@@ -431,6 +457,8 @@ class StreamedCapture:
                 return
             self._planned = True
             planned = nbytes * self._hooked_layers * self._calls_per_layer
+            if self._planned_bytes is None:
+                self._planned_bytes = planned
         self.check_plan(planned, f" ({format_bytes(nbytes)} per call x {self._hooked_layers} hooked layers"
                                  f" x {self._calls_per_layer} call(s) each)")
 
