@@ -52,8 +52,8 @@ forwards in that worker (1 to 5), so that the large works do not take hours. A r
 ``--rounds`` rounds and the quartiles. One untimed call of everything comes before the first round.
 
 Memory (GPT-2 at (1, 512)): each contender in three fresh processes; the peak RSS (``ru_maxrss``,
-its high-water mark reset through ``/proc/self/clear_refs`` once the model is loaded and one plain
-forward of it ran) minus the RSS at that point, in MB, median of the three (and the median ratio of the
+its high-water mark reset through ``/proc/self/clear_refs`` once the model is loaded, one plain
+forward of it ran and the C heap gave back what that forward freed, ``malloc_trim``) minus the RSS at that point, in MB, median of the three (and the median ratio of the
 two). ``--memory-only`` measures only this row.
 
 A peer environment that is missing is reported in one line and its columns are left empty.
@@ -359,6 +359,21 @@ def _rss_kb() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def _trim_heap() -> None:
+    """Gives the C heap's free memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Without it the base RSS holds whatever the plain forward freed but glibc kept (its logits, its
+    activations), and a contender whose work happens to reuse those holes shows a smaller peak over
+    that base than one whose work does not: a difference of heap layout, not of the work."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def memory_main(config: dict) -> None:
     """A memory process: one contender's model, one plain forward, then two calls of its work.
 
@@ -370,6 +385,7 @@ def memory_main(config: dict) -> None:
     with torch.no_grad():
         plain, run = BUILDERS[config["contender"]](config["work"], config["folder"])
         plain(x)
+        _trim_heap()  # the base is memory in use: what the plain forward freed is given back first
         base = _rss_kb()
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # resets the peak RSS to the current RSS
