@@ -41,8 +41,22 @@ def test_a_tile_under_a_sliding_window_computes_only_the_keys_its_rows_see(monke
     torch.testing.assert_close(got.double(), _reference(q, k, mask), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("fill", [None, -math.inf, torch.finfo(torch.float32).min])
+def test_an_explicit_causal_mask_stops_each_tile_at_its_last_rows_key_as_is_causal_does(fill, monkeypatch):
+    torch.manual_seed(11)
+    q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+    mask = _window(32, 32)  # causal: row i sees keys 0..i
+    if fill is not None:  # float masks, as legacy code builds them (finfo.min) or -inf
+        mask = torch.where(mask, 0.0, fill)
+    widths = _widths(monkeypatch)
+    got = sdpa_attention_weights(q, k, mask, store_as=(torch.float32, CPU), tile_bytes=4 * 2 * 32 * 4)
+    assert widths == [4, 8, 12, 16, 20, 24, 28, 32]
+    torch.testing.assert_close(got.double(), _reference(q, k, mask), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("case", ["window", "window_causal", "float_window", "chunks", "batch_union", "gqa",
-                                  "rows", "half", "empty_tile", "left_padding", "finfo_min", "longer_keys"])
+                                  "rows", "half", "empty_tile", "left_padding", "finfo_min", "finfo_min_uniform_row",
+                                  "finfo_min_causal", "half_finfo_min", "nan_in_mask", "longer_keys"])
 @pytest.mark.parametrize("fresh", [False, True])
 def test_banded_tiles_equal_the_reference(case, fresh):
     torch.manual_seed(1)
@@ -72,8 +86,21 @@ def test_banded_tiles_equal_the_reference(case, fresh):
     if case == "left_padding":  # (batch, 1, 1, keys): the first 10 keys are padding in every item
         mask = torch.ones(batch, 1, 1, keys, dtype=torch.bool)
         mask[..., :10] = False
-    if case == "finfo_min":  # a very negative score is not a mask: nothing is skipped, rows stay as computed
+    if case == "finfo_min":  # finfo.min masks as legacy code builds them: their keys weigh exactly 0, skipped
         mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+    if case == "finfo_min_uniform_row":  # a row with every key at finfo.min is uniform over all of them
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+        mask[:, :, 9] = torch.finfo(torch.float32).min
+    if case == "finfo_min_causal":  # is_causal leaves some rows only finfo.min keys: uniform over keys 0..i
+        is_causal = True
+        mask = torch.where(torch.arange(keys)[None, :] > torch.arange(length)[:, None], 0.0,
+                           torch.finfo(torch.float32).min).expand(batch, 1, length, keys).clone()
+    if case == "half_finfo_min":  # a float16 model's mask, at float16's lowest
+        dtype = torch.float16
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float16).min).half()
+    if case == "nan_in_mask":  # a NaN in the mask makes its row NaN (not weights), as the formula does
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+        mask[:, :, 20, 3] = float("nan")
     q = torch.randn(batch, heads, length, 8, dtype=dtype)
     k = torch.randn(batch, kv_heads, keys, 8, dtype=dtype)
     shape = (batch, heads, length if rows is None else len(rows), keys)
@@ -84,8 +111,12 @@ def test_banded_tiles_equal_the_reference(case, fresh):
         buffer = ComputedBuffer(spares, empty)
     got = sdpa_attention_weights(q, k, mask, is_causal=is_causal, rows=rows, buffer=buffer, store_as=(dtype, CPU),
                                  tile_bytes=1 if case != "half" else 8 * heads * keys * 4 * batch)
-    assert not torch.isnan(got).any(), "keys outside a tile's band were left as the reused buffer held them"
     want = _reference(q.float(), k.float(), mask, is_causal=is_causal, rows=rows)
+    if case == "nan_in_mask":
+        assert torch.isnan(got[:, :, 20]).any(-1).all(), "a NaN in the mask left its row looking like weights"
+        assert not torch.isnan(got[:, :, :20]).any()
+        got, want = got[:, :, :20], want[:, :, :20]
+    assert not torch.isnan(got).any(), "keys outside a tile's band were left as the reused buffer held them"
     torch.testing.assert_close(got.double(), want, atol=1e-3 if dtype == torch.float16 else 1e-6, rtol=0)
 
 
@@ -106,6 +137,10 @@ def test_the_bands_are_read_once_per_tile_from_the_mask_and_left_alone_where_not
     assert sdpa._key_bands(torch.ones(1, 1, 12, 12, dtype=torch.bool), [0, 4, 8], 4, 12) is None
     float_mask = torch.where(mask, 0.0, -math.inf)
     assert sdpa._key_bands(float_mask, [0, 4, 8], 4, 12) == [(0, 4), (2, 8), (6, 12)]
+    legacy = torch.where(mask, 0.0, torch.finfo(torch.float32).min)  # finfo.min for masked keys
+    assert sdpa._key_bands(legacy, [0, 4, 8], 4, 12) == [(0, 4), (2, 8), (6, 12)]
+    legacy[..., 5, :] = torch.finfo(torch.float32).min  # row 5: every key at finfo.min, uniform: tile 1 whole
+    assert sdpa._key_bands(legacy, [0, 4, 8], 4, 12) == [(0, 4), (0, 12), (6, 12)]
     none_seen = mask.clone()
     none_seen[:, :, 4:8] = False
     assert sdpa._key_bands(none_seen, [0, 4, 8], 4, 12)[1] == (0, 0)
@@ -207,14 +242,14 @@ def test_banded_tiles_equal_the_reference_on_random_masks(data):
     lo = data.draw(st.lists(st.integers(0, keys), min_size=length, max_size=length))
     span = data.draw(st.lists(st.integers(0, keys), min_size=length, max_size=length))
     is_causal = data.draw(st.booleans())
-    as_float = data.draw(st.booleans())
+    as_float = data.draw(st.sampled_from([None, -math.inf, torch.finfo(torch.float32).min]))
     tile_rows = data.draw(st.integers(1, 8))
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
     cols = torch.arange(keys)[None, :]
     start, end = torch.tensor(lo)[:, None], torch.tensor(lo)[:, None] + torch.tensor(span)[:, None]
     mask = ((cols >= start) & (cols < end)).expand(batch, 1, length, keys).clone()  # each row: one band of keys
-    if as_float:
-        mask = torch.where(mask, 0.0, -math.inf)
+    if as_float is not None:  # -inf, or finfo.min (a row of only those is uniform, not zeros)
+        mask = torch.where(mask, 0.0, as_float)
     q, k = torch.randn(batch, 2, length, 4), torch.randn(batch, 2, keys, 4)
     got = sdpa_attention_weights(q, k, mask, is_causal=is_causal, store_as=(torch.float32, CPU),
                                  tile_bytes=tile_rows * batch * 2 * keys * 4)

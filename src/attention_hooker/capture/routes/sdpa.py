@@ -373,7 +373,8 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     whole_mask = mask is not None and mask.shape[3] == source and mask.shape[3] > 1
     starts = list(range(0, length, rows))
     # Keys a mask hides from every row of a tile (a sliding window's, a chunk's, padding's): never computed.
-    bands = _key_bands(mask, starts, rows, length) if whole_mask and key_index is None and length else None
+    bands = (_key_bands(mask, starts, rows, length, very_negative=not is_causal)
+             if whole_mask and key_index is None and length else None)
     assembled = _Assembly(scratch, log_scratch) if bands is not None and tile_sink is not None else None
     for index, first in enumerate(starts):
         last = min(length, first + rows)
@@ -444,23 +445,41 @@ class _Assembly:
         return whole
 
 
-def _key_bands(mask: torch.Tensor, starts: Sequence[int], rows: int, length: int) -> Optional[list]:
+def _key_bands(mask: torch.Tensor, starts: Sequence[int], rows: int, length: int,
+               very_negative: bool = True) -> Optional[list]:
     """``[(lo, hi)]`` per tile of query rows (tile ``i``: rows ``starts[i] ..`` up to ``rows`` of them):
     the keys before ``lo`` and from ``hi`` on are masked for every row of the tile in every batch item
-    and head (``False`` in a bool mask, ``-inf`` in a float one; ``finfo.min`` is a score, not a mask).
-    ``None`` when no tile loses a key. Read from the mask a tile at a time (no ``(L, S)`` copy of it),
-    with one transfer to the host for the whole call.
+    and head. ``None`` when no tile loses a key. Read from the mask a tile at a time (no ``(L, S)``
+    copy of it), with one transfer to the host for the whole call.
+
+    Masked: ``False`` in a bool mask, ``-inf`` in a float one, and a float mask's very negative
+    values (at most half its dtype's lowest, as ``finfo.min`` masks hold): their weight underflows
+    to exactly 0 beside any other key. A row whose every key is very negative is not masked but
+    uniform (its softmax sees equal scores), so a tile holding such a row skips its ``-inf`` keys only.
 
     Args:
         mask: ``(B|1, H|1, L|1, S)``, its rows those of the tiles.
+        very_negative: whether very negative values count as masked (``False`` beside ``is_causal``,
+            which may leave a row only such keys where the mask alone does not).
     """
     source = mask.shape[3]
     per_row = mask.shape[2] > 1
     seen = []
     for first in starts if per_row else starts[:1]:
         part = mask[:, :, first:min(length, first + rows)] if per_row else mask
-        allowed = part if part.dtype == torch.bool else ~torch.isneginf(part)
-        seen.append(allowed.reshape(-1, source).any(0))  # (S,): a key some row of the tile may see
+        if part.dtype == torch.bool:
+            seen.append(part.reshape(-1, source).any(0))  # (S,): a key some row of the tile may see
+            continue
+        if not very_negative:
+            seen.append(~torch.isneginf(part).reshape(-1, source).all(0))
+            continue
+        very = part <= torch.finfo(part.dtype).min / 2  # -inf or finfo.min-like (NaN is not)
+        strict = ~very.reshape(-1, source).all(0)
+        uniform_row = very.all(-1).any()  # a row left only very negative keys is uniform over them
+        if part.device.type == "cpu":  # decided here (no transfer to wait for): the -inf keys only, when so
+            seen.append(~torch.isneginf(part).reshape(-1, source).all(0) if uniform_row else strict)
+        else:  # decided on the device: no transfer per tile
+            seen.append(torch.where(uniform_row, ~torch.isneginf(part).reshape(-1, source).all(0), strict))
     seen = torch.stack(seen)  # (tiles, S)
     keys = torch.arange(source, device=mask.device)
     lo = torch.where(seen, keys, source).amin(1)  # first key seen (S when none)
