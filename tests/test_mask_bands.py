@@ -201,19 +201,37 @@ def test_pooled_maps_under_a_sliding_window_equal_the_pooled_full_maps(size, how
     torch.testing.assert_close(pooled.values[""][0], expected, atol=1e-6, rtol=0)
 
 
-def test_a_stream_under_a_sliding_window_equals_the_full_capture(tmp_path, monkeypatch):
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_a_stream_under_a_sliding_window_writes_only_each_rows_window(tmp_path, monkeypatch, with_stats):
+    from attention_hooker.keep import stream_call
+
     torch.manual_seed(9)
     model = _WindowedAttention(6).eval()
     x = torch.randn(2, 30, 16)
     with torch.no_grad(), TransformerAttentionHooker(model) as full:
         model(x)
     widths = _widths(monkeypatch)
+    written, pwrite = [], stream_call.os.pwrite
+    monkeypatch.setattr(stream_call.os, "pwrite", lambda fd, data, offset: written.append(len(data)) or
+                        pwrite(fd, data, offset))
     monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
+    stats = HeadStatsAccumulator()
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker, \
             hooker.stream_to(tmp_path / "cap", shard_bytes=1):  # the call gets a file of its own
+        if with_stats:  # beside statistics (which take each tile from key 0): the zeros before a band too
+            hooker.reduce_into(stats)
         model(x)
     assert max(widths) == 6
     torch.testing.assert_close(load(tmp_path / "cap").values[""][0], full.values[""][0], atol=1e-6, rtol=0)
+    window_bytes = 2 * 4 * sum(min(6, row + 1) for row in range(30)) * 4  # items x heads x keys seen x float32
+    if with_stats:
+        stats.add_input(2)
+        expected = HeadStatsAccumulator()
+        expected.update(full.values)
+        np.testing.assert_allclose(stats.result()["entropy"], expected.result()["entropy"], rtol=1e-5)
+        assert sum(written) == 2 * 4 * sum(range(1, 31)) * 4, "each row from key 0 to its own"
+    else:
+        assert sum(written) == window_bytes, "the stream wrote zeros outside the rows' windows"
 
 
 def test_a_large_map_under_a_sliding_window_is_stored_from_its_bands(monkeypatch):
@@ -254,3 +272,35 @@ def test_banded_tiles_equal_the_reference_on_random_masks(data):
     got = sdpa_attention_weights(q, k, mask, is_causal=is_causal, store_as=(torch.float32, CPU),
                                  tile_bytes=tile_rows * batch * 2 * keys * 4)
     torch.testing.assert_close(got.double(), _reference(q, k, mask, is_causal=is_causal), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("narrow,bands,log", [(True, True, False), (True, True, True), (True, False, True),
+                                              (False, False, False)])
+def test_a_sink_gets_each_band_as_it_says_it_takes_them(narrow, bands, log):
+    torch.manual_seed(12)
+    q, k = torch.randn(2, 2, 24, 4), torch.randn(2, 2, 24, 4)
+    mask = _window(24, 5, batch=2)
+    rebuilt, logs = torch.zeros(2, 2, 24, 24), torch.zeros(2, 2, 24, 24)
+    got_first_keys = []
+
+    class Sink:
+        def begin(self, shape):
+            return sdpa.TileNeeds(narrow=narrow, log_probabilities=log, bands=bands)
+
+        def __call__(self, tile, rows, shape, log_tile=None, first_key=0):
+            got_first_keys.append(first_key)
+            if not narrow:
+                assert tile.shape[3] == 24, "a sink that takes whole rows got a narrow tile"
+            if not bands:
+                assert first_key == 0
+            rebuilt[:, :, rows, first_key:first_key + tile.shape[3]] = tile
+            if log_tile is not None:
+                logs[:, :, rows, first_key:first_key + tile.shape[3]] = log_tile
+
+    sdpa_attention_weights(q, k, mask, tile_sink=Sink(), tile_bytes=3 * 2 * 2 * 24 * 4)  # 3 rows a tile
+    want = _reference(q, k, mask)
+    torch.testing.assert_close(rebuilt.double(), want, atol=1e-6, rtol=0)
+    assert (max(got_first_keys) > 0) == bands, "bands were handed to a sink that takes none, or none to one that does"
+    if log:
+        assert (logs[want == 0] == 0).all()
+        torch.testing.assert_close(logs[want > 0].double().exp(), want[want > 0], atol=1e-6, rtol=0)

@@ -80,6 +80,9 @@ class CallWriter(Protocol):
       An accumulator's writer with it is told the call's keys in ``n_key`` by the reduction.
     - ``wants_log_probabilities = True``: ``write(rows, block, log_block=...)`` may also give
       ``log(block)``, 0 wherever ``block`` is 0.
+    - ``takes_key_bands = True`` (with ``takes_narrow_blocks``): ``write(rows, block, first_key=lo)``
+      may give a block ``(batch, heads, r, width)`` of the keys ``lo .. lo + width - 1`` only; every
+      other key of those rows is zero (a sliding window's, a chunk's: keys a mask hides from all of them).
     """
 
     def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:

@@ -187,21 +187,24 @@ class Router:
 
 class Fanout:
     """One call handed to several keepers at once (a stream to disk and a pooled map for pictures).
-    It takes narrow blocks when every writer does, and the log of each block when one of them
-    wants it (handed to those only)."""
+    It takes narrow blocks (and key bands) when every writer does, and the log of each block when
+    one of them wants it (handed to those only)."""
 
     def __init__(self, writers: list):
         self.writers = writers
         self.takes_narrow_blocks = all(getattr(w, "takes_narrow_blocks", False) for w in writers)
         self._wants_log = [bool(getattr(w, "wants_log_probabilities", False)) for w in writers]
         self.wants_log_probabilities = any(self._wants_log)
+        self.takes_key_bands = self.takes_narrow_blocks and all(getattr(w, "takes_key_bands", False) for w in writers)
 
-    def write(self, rows: torch.Tensor, block: torch.Tensor, log_block: Optional[torch.Tensor] = None) -> None:
+    def write(self, rows: torch.Tensor, block: torch.Tensor, log_block: Optional[torch.Tensor] = None,
+              first_key: int = 0) -> None:
+        band = {"first_key": first_key} if first_key else {}  # given only to writers that take bands (all, then)
         for writer, wants_log in zip(self.writers, self._wants_log):
             if wants_log and log_block is not None:
-                writer.write(rows, block, log_block=log_block)
+                writer.write(rows, block, log_block=log_block, **band)
             else:
-                writer.write(rows, block)
+                writer.write(rows, block, **band)
 
     def commit(self) -> None:
         _each(self.writers, lambda writer: writer.commit())

@@ -34,6 +34,7 @@ class StreamedCall:
     """
 
     takes_narrow_blocks = True  # a causal tile's zeros after its last row's key are never written
+    takes_key_bands = True  # nor those before a sliding window's first key
 
     def __init__(self, owner, layer: str):
         self._owner, self._layer = owner, layer
@@ -65,36 +66,41 @@ class StreamedCall:
         else:
             self._buffer = torch.empty(self._shape, dtype=self._dtype)
 
-    def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:
-        """Writes the next ``block`` ``(batch, heads, r, key)`` of query rows."""
+    def write(self, rows: torch.Tensor, block: torch.Tensor, first_key: int = 0) -> None:
+        """Writes the next ``block`` ``(batch, heads, r, width)`` of query rows: keys ``first_key ..
+        first_key + width - 1`` of them, every other key zero."""
         del rows  # rows arrive in order; the stored shape was given to begin()
         with self._owner.failing_forward():
-            self._add(block)
+            self._add(block, int(first_key))
 
-    def _add(self, block: torch.Tensor) -> None:
+    def _add(self, block: torch.Tensor, lo: int) -> None:
         first, last = self._row, self._row + block.shape[2]
-        if last > self._shape[2] or tuple(block.shape[:2]) != self._shape[:2] or block.shape[3] > self._shape[3]:
+        if (last > self._shape[2] or tuple(block.shape[:2]) != self._shape[:2] or lo < 0
+                or lo + block.shape[3] > self._shape[3]):
             self.discard()
             raise AttentionHookerError(
-                f"a block {tuple(block.shape)} at row {first} does not fit the call {self._shape} of {self._layer!r}")
-        width = block.shape[3]  # the keys after it are zeros (a narrow block)
+                f"a block {tuple(block.shape)} at row {first}, key {lo} does not fit the call {self._shape} of "
+                f"{self._layer!r}")
+        hi = lo + block.shape[3]  # the keys outside lo .. hi are zeros (a narrow block, a band)
         if self._buffer is not None:
-            self._buffer[:, :, first:last, :width].copy_(block.detach())
-            if width < self._shape[3]:
-                self._buffer[:, :, first:last, width:].zero_()
+            self._buffer[:, :, first:last, lo:hi].copy_(block.detach())
+            self._buffer[:, :, first:last, :lo].zero_()
+            self._buffer[:, :, first:last, hi:].zero_()
         elif self._file is not None:
-            self._write_rows(block.detach().to("cpu", self._dtype), first)
+            self._write_rows(block.detach().to("cpu", self._dtype), first, lo)
         self._row = last
 
-    def _write_rows(self, block: torch.Tensor, first: int) -> None:
+    def _write_rows(self, block: torch.Tensor, first: int, lo: int = 0) -> None:
         """Writes rows ``first ..`` of each item and head: one write per item and head, or, for a
-        narrow block, one per row, of its first ``width`` keys only. The call's file was reserved
-        whole (it reads zeros where nothing is written), so a causal map's zeros are never written."""
+        narrow block or a band, one per row, of its keys ``lo .. lo + width - 1`` only. The call's file
+        was reserved whole (it reads zeros where nothing is written), so a causal map's zeros (and a
+        sliding window's) are never written."""
         name, data_offset, fd = self._file
         _, heads, n_rows, n_key = self._shape
         row_bytes = n_key * block.element_size()
         block = block.contiguous()
         width_bytes = block.shape[3] * block.element_size()
+        skip = lo * block.element_size()
         try:
             for b in range(block.shape[0]):
                 for h in range(block.shape[1]):
@@ -103,8 +109,10 @@ class StreamedCall:
                     if width_bytes == row_bytes:
                         os.pwrite(fd, data, start)
                         continue
+                    if not width_bytes:
+                        continue
                     for i in range(block.shape[2]):
-                        os.pwrite(fd, data[i * width_bytes:(i + 1) * width_bytes], start + i * row_bytes)
+                        os.pwrite(fd, data[i * width_bytes:(i + 1) * width_bytes], start + i * row_bytes + skip)
         except OSError as err:
             self.discard()
             raise self._owner.disk.error(f"writing rows {first}-{first + block.shape[2] - 1} of a call of layer "

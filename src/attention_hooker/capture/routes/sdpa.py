@@ -202,6 +202,9 @@ class TileNeeds(NamedTuple):
         narrow: a tile may stop at the last key a causal mask leaves to its rows: ``(batch,
             heads, r, width)`` with ``width`` <= the call's keys, every key after it zero. Keys
             that every row of a tile masks are then never computed.
+        bands: (with ``narrow``) a tile may hold only the keys ``lo .. lo + width - 1`` that a mask
+            leaves to its rows (a sliding window's): the sink is then called with ``first_key=lo``
+            (when ``lo`` > 0), every other key of those rows zero.
         log_probabilities: the sink is called as ``tile_sink(tile, rows, shape, log_tile)``
             with ``log_tile`` = ``log(tile)`` (the log-softmax the tile was computed from),
             ``0`` wherever ``tile`` is ``0``: statistics such as the entropy then cost a
@@ -210,6 +213,7 @@ class TileNeeds(NamedTuple):
 
     narrow: bool = False
     log_probabilities: bool = False
+    bands: bool = False
 
 
 def _whole_bytes(q, k, mask) -> int:
@@ -375,7 +379,8 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     # Keys a mask hides from every row of a tile (a sliding window's, a chunk's, padding's): never computed.
     bands = (_key_bands(mask, starts, rows, length, very_negative=not is_causal)
              if whole_mask and key_index is None and length else None)
-    assembled = _Assembly(scratch, log_scratch) if bands is not None and tile_sink is not None else None
+    assembled = (_Assembly(scratch, log_scratch) if bands is not None and tile_sink is not None
+                 and not (needs.narrow and needs.bands) else None)
     for index, first in enumerate(starts):
         last = min(length, first + rows)
         tile_rows = row_list[first:last]
@@ -403,12 +408,15 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
             tile = tile.index_select(3, key_index)  # (B, H, rows, kept keys)
             log_tile = None if log_tile is None else log_tile.index_select(3, key_index)
         if tile_sink is not None:
-            if assembled is not None and (lo > 0 or hi < width):  # the band with its zeros, from key 0
-                tile, log_tile = assembled(tile, log_tile, lo, width if needs.narrow else source)
+            if assembled is not None:  # the band with its zeros, from key 0 (to its last key, when narrow)
+                full = max(hi, 1) if needs.narrow else source
+                if lo > 0 or hi < full:
+                    tile, log_tile = assembled(tile, log_tile, lo, full)
+            band = {"first_key": lo} if lo and assembled is None else {}  # a sink that takes bands
             if log_tile is not None:
-                tile_sink(tile, row_index[first:last], shape, log_tile)
+                tile_sink(tile, row_index[first:last], shape, log_tile, **band)
             else:
-                tile_sink(tile, row_index[first:last], shape)
+                tile_sink(tile, row_index[first:last], shape, **band)
             continue
         out[:, :, first:last, lo:hi].copy_(tile)  # (B, H, rows, hi - lo), converted to the stored dtype on the way
         if not zeroed:

@@ -315,8 +315,9 @@ def _keep_in_tiles(session, call: dict, layer: str) -> None:
 class _TileSink:
     """Hands each tile of a call to the keepers' writer, begun before the first tile (a keeper
     that writes the call needs its whole shape first), and says what the writer takes: narrow
-    tiles (a causal tile's keys after its last row left out: they are zeros) and the log of each
-    tile (``takes_narrow_blocks``, ``wants_log_probabilities``; see :class:`.sdpa.TileNeeds`)."""
+    tiles (a causal tile's keys after its last row left out: they are zeros), key bands (a sliding
+    window's keys alone) and the log of each tile (``takes_narrow_blocks``, ``takes_key_bands``,
+    ``wants_log_probabilities``; see :class:`.sdpa.TileNeeds`)."""
 
     def __init__(self, router, layer: str, dtype: torch.dtype):
         self._router, self._layer, self._dtype = router, layer, dtype
@@ -324,14 +325,18 @@ class _TileSink:
 
     def begin(self, shape) -> TileNeeds:
         self.writer, self.shape = self._router.begin_call(self._layer, tuple(shape), self._dtype), tuple(shape)
-        return TileNeeds(narrow=bool(getattr(self.writer, "takes_narrow_blocks", False)),
-                         log_probabilities=bool(getattr(self.writer, "wants_log_probabilities", False)))
+        narrow = bool(getattr(self.writer, "takes_narrow_blocks", False))
+        return TileNeeds(narrow=narrow,
+                         log_probabilities=bool(getattr(self.writer, "wants_log_probabilities", False)),
+                         bands=narrow and bool(getattr(self.writer, "takes_key_bands", False)))
 
-    def __call__(self, tile: torch.Tensor, rows: torch.Tensor, shape, log_tile: Optional[torch.Tensor] = None) -> None:
+    def __call__(self, tile: torch.Tensor, rows: torch.Tensor, shape, log_tile: Optional[torch.Tensor] = None,
+                 first_key: int = 0) -> None:
+        band = {"first_key": first_key} if first_key else {}  # tile: keys first_key .. of the rows, others 0
         if log_tile is None:
-            self.writer.write(rows, tile)  # tile (B, h, r, keys) of the call's (B, h, rows, keys)
+            self.writer.write(rows, tile, **band)  # tile (B, h, r, keys) of the call's (B, h, rows, keys)
         else:
-            self.writer.write(rows, tile, log_block=log_tile)
+            self.writer.write(rows, tile, log_block=log_tile, **band)
 
 
 class _NoRows:
