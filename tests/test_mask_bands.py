@@ -98,7 +98,7 @@ def test_banded_tiles_equal_the_reference(case, fresh):
     if case == "half_finfo_min":  # a float16 model's mask, at float16's lowest
         dtype = torch.float16
         mask = torch.where(mask, 0.0, torch.finfo(torch.float16).min).half()
-    if case == "nan_in_mask":  # a NaN in the mask makes its row NaN (not weights), as the formula does
+    if case == "nan_in_mask":  # a NaN in the mask makes its whole row NaN (not weights), as the formula does
         mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
         mask[:, :, 20, 3] = float("nan")
     q = torch.randn(batch, heads, length, 8, dtype=dtype)
@@ -113,11 +113,25 @@ def test_banded_tiles_equal_the_reference(case, fresh):
                                  tile_bytes=1 if case != "half" else 8 * heads * keys * 4 * batch)
     want = _reference(q.float(), k.float(), mask, is_causal=is_causal, rows=rows)
     if case == "nan_in_mask":
-        assert torch.isnan(got[:, :, 20]).any(-1).all(), "a NaN in the mask left its row looking like weights"
+        assert torch.isnan(got[:, :, 20]).all(), "a NaN in the mask left some of its row looking like weights"
         assert not torch.isnan(got[:, :, :20]).any()
         got, want = got[:, :, :20], want[:, :, :20]
     assert not torch.isnan(got).any(), "keys outside a tile's band were left as the reused buffer held them"
     torch.testing.assert_close(got.double(), want, atol=1e-3 if dtype == torch.float16 else 1e-6, rtol=0)
+
+
+def test_float16_masks_near_their_lowest_are_scores_not_masks():
+    # (the review: -32752 and -32736 are half of float16's lowest and just above; they differ by 16, a
+    # difference of scores any row may hold: neither weighs 0)
+    q, k = torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4)
+    mask = torch.tensor([[-32752.0, -32736.0], [-32752.0, -32736.0]], dtype=torch.float16)[None, None]
+    got = sdpa_attention_weights(q, k, mask, store_as=(torch.float32, CPU), tile_bytes=1)
+    torch.testing.assert_close(got.double(), _reference(q, k, mask), atol=1e-6, rtol=0)
+    standard = torch.tensor([[torch.finfo(torch.float16).min, 0.0, 0.0]] * 2, dtype=torch.float16)[None, None]
+    q, k = torch.ones(1, 1, 2, 1) * 300, torch.tensor([0.0, -300.0, -300.0]).view(1, 1, 3, 1)  # scores 0, -90000
+    got = sdpa_attention_weights(q.half(), k.half(), standard, store_as=(torch.float32, CPU), tile_bytes=1)
+    torch.testing.assert_close(got.double(), _reference(q, k, standard), atol=1e-6, rtol=0)
+    assert got[0, 0, 0, 0] == 1.0, "a float16 finfo.min key was skipped while it carried the row's weight"
 
 
 @pytest.mark.parametrize("how", ["store", "sink"])

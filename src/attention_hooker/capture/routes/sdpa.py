@@ -377,7 +377,7 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     whole_mask = mask is not None and mask.shape[3] == source and mask.shape[3] > 1
     starts = list(range(0, length, rows))
     # Keys a mask hides from every row of a tile (a sliding window's, a chunk's, padding's): never computed.
-    bands = (_key_bands(mask, starts, rows, length, very_negative=not is_causal)
+    bands = (_key_bands(mask, starts, rows, length, very_negative=not is_causal and work != torch.float64)
              if whole_mask and key_index is None and length else None)
     assembled = (_Assembly(scratch, log_scratch) if bands is not None and tile_sink is not None
                  and not (needs.narrow and needs.bands) else None)
@@ -460,15 +460,18 @@ def _key_bands(mask: torch.Tensor, starts: Sequence[int], rows: int, length: int
     and head. ``None`` when no tile loses a key. Read from the mask a tile at a time (no ``(L, S)``
     copy of it), with one transfer to the host for the whole call.
 
-    Masked: ``False`` in a bool mask, ``-inf`` in a float one, and a float mask's very negative
-    values (at most half its dtype's lowest, as ``finfo.min`` masks hold): their weight underflows
-    to exactly 0 beside any other key. A row whose every key is very negative is not masked but
-    uniform (its softmax sees equal scores), so a tile holding such a row skips its ``-inf`` keys only.
+    Masked: ``False`` in a bool mask, ``-inf`` in a float one, and float values at most
+    :data:`_VERY_NEGATIVE` (float32's and bfloat16's ``finfo.min``, as legacy masks hold) in a tile
+    whose every row has a key at least :data:`_CLEARLY_ABOVE`: their weight underflows to exactly 0
+    beside that key (their difference is over 9e37). Otherwise (a row left only very negative keys is
+    uniform over them, not masked) only ``-inf`` keys are skipped. A tile whose mask holds a NaN is
+    computed whole, so that its row is NaN throughout, as the formula has it.
 
     Args:
         mask: ``(B|1, H|1, L|1, S)``, its rows those of the tiles.
-        very_negative: whether very negative values count as masked (``False`` beside ``is_causal``,
-            which may leave a row only such keys where the mask alone does not).
+        very_negative: whether very negative values may count as masked (``False`` beside
+            ``is_causal``, which may leave a row only such keys where the mask alone does not, and
+            for float64 scores, whose range reaches past the bounds).
     """
     source = mask.shape[3]
     per_row = mask.shape[2] > 1
@@ -476,18 +479,15 @@ def _key_bands(mask: torch.Tensor, starts: Sequence[int], rows: int, length: int
     for first in starts if per_row else starts[:1]:
         part = mask[:, :, first:min(length, first + rows)] if per_row else mask
         if part.dtype == torch.bool:
-            seen.append(part.reshape(-1, source).any(0))  # (S,): a key some row of the tile may see
+            seen.append(part.any(dim=(0, 1, 2)))  # (S,): a key some row of the tile may see
             continue
-        if not very_negative:
-            seen.append(~torch.isneginf(part).reshape(-1, source).all(0))
-            continue
-        very = part <= torch.finfo(part.dtype).min / 2  # -inf or finfo.min-like (NaN is not)
-        strict = ~very.reshape(-1, source).all(0)
-        uniform_row = very.all(-1).any()  # a row left only very negative keys is uniform over them
-        if part.device.type == "cpu":  # decided here (no transfer to wait for): the -inf keys only, when so
-            seen.append(~torch.isneginf(part).reshape(-1, source).all(0) if uniform_row else strict)
-        else:  # decided on the device: no transfer per tile
-            seen.append(torch.where(uniform_row, ~torch.isneginf(part).reshape(-1, source).all(0), strict))
+        # Two reads of the mask: each key's highest value over the tile's rows, each row's highest.
+        column_max, row_max = part.amax(dim=(0, 1, 2)), part.amax(-1)  # (S,), (B|1, H|1, r)
+        skip_very = (row_max >= _CLEARLY_ABOVE).all() & very_negative  # every row keeps a key far above
+        bound = torch.where(skip_very, _VERY_NEGATIVE, -math.inf)  # keys at most this weigh 0 everywhere
+        kept = ~(column_max <= bound)  # (a NaN column is kept)
+        # A NaN in the mask makes its row NaN: such a tile is computed whole, as the formula has it.
+        seen.append(kept | torch.isnan(row_max).any())
     seen = torch.stack(seen)  # (tiles, S)
     keys = torch.arange(source, device=mask.device)
     lo = torch.where(seen, keys, source).amin(1)  # first key seen (S when none)
@@ -626,6 +626,9 @@ _HALF = (torch.float16, torch.bfloat16)
 _EVERYTHING = Selection()
 TILE_BYTES = 4 * 2**20  # working scores of one tile of query rows on the CPU (store_as, tile_sink, large maps)
 WHOLE_BYTES = 16 * 2**20  # a CPU map larger than this (in float32) is computed in tiles, straight into its place
+# A float mask's value at most _VERY_NEGATIVE, beside a key of its row at least _CLEARLY_ABOVE, weighs
+# exactly 0 in float32 scores (exp of less than -9e37): such keys are skipped like -inf ones (_key_bands).
+_VERY_NEGATIVE, _CLEARLY_ABOVE = -1e38, -1e30
 _MAX_BATCH_LOOP = 64  # beyond this many items, one copy costs less than the per-item calls
 
 
