@@ -34,64 +34,86 @@ def write_speed(folder) -> Optional[float]:
     cannot be measured (the folder is missing or not writable, or the disk lacks the probe's space).
 
     Measured once per filesystem in this process (the first call writes :data:`PROBE_BYTES` there
-    and removes them; later calls answer from memory)."""
+    and removes them; later calls answer from memory). A failure is not remembered: another
+    folder on the same disk, or the same one once space is freed, is measured again."""
     try:
         device = os.stat(folder).st_dev
     except OSError:
         return None
     with _lock:
-        if device not in _measured:
-            _measured[device] = _probe(os.fspath(folder))
-        return _measured[device]
+        if device in _measured:
+            return _measured[device]
+    speed = _probe(os.fspath(folder))
+    if speed is not None:
+        with _lock:
+            _measured.setdefault(device, speed)
+    return speed
 
 
 def _probe(folder: str) -> Optional[float]:
     try:
         if shutil.disk_usage(folder).free < 4 * PROBE_BYTES:
             return None  # the probe would take space the capture needs
+        block = mmap.mmap(-1, _BLOCK)  # page-aligned: O_DIRECT refuses unaligned buffers
     except OSError:
         return None
-    path = os.path.join(folder, f".write-speed-{os.getpid()}-{secrets.token_hex(4)}.probe")
-    block = mmap.mmap(-1, _BLOCK)  # page-aligned: O_DIRECT refuses unaligned buffers
-    block.write(b"\x5a" * _BLOCK)  # written pages: a zero page could be deduplicated on the way
     try:
+        block.write(b"\x5a" * _BLOCK)  # written pages: a zero page could be deduplicated on the way
         for direct in (True, False):
             try:
-                return _timed_write(path, block, direct)
+                return _timed_write(folder, block, direct)
             except OSError as err:
                 if not direct or err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
                     return None  # no space, not writable: no figure
-            finally:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
         return None
     finally:
         block.close()
 
 
-def _timed_write(path: str, block: mmap.mmap, direct: bool) -> float:
+def _timed_write(folder: str, block: mmap.mmap, direct: bool) -> float:
     """Seconds to put :data:`PROBE_BYTES` on the disk through ``O_DIRECT`` (or the cache and an
-    ``fsync``), as bytes per second."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    ``fsync``), as bytes per second. The probe is a file without a name where the system makes
+    them (``O_TMPFILE``: nothing is left behind, even by a process killed meanwhile), else a named
+    one, removed."""
+    flags = os.O_WRONLY
     if direct:
-        flags |= getattr(os, "O_DIRECT", 0)
         if not getattr(os, "O_DIRECT", 0):
             raise OSError(errno.EOPNOTSUPP, "no O_DIRECT here")
-    fd = os.open(path, flags, 0o600)
+        flags |= os.O_DIRECT
+    fd, path = _open_probe(folder, flags)
     try:
-        view = memoryview(block)
-        start = time.perf_counter()
-        for _ in range(PROBE_BYTES // _BLOCK):
-            done = 0
-            while done < _BLOCK:
-                done += os.write(fd, view[done:])
-        os.fsync(fd)
-        seconds = time.perf_counter() - start
+        with memoryview(block) as view:
+            start = time.perf_counter()
+            for _ in range(PROBE_BYTES // _BLOCK):
+                done = 0
+                while done < _BLOCK:
+                    done += os.write(fd, view[done:])
+            os.fsync(fd)
+            seconds = time.perf_counter() - start
     finally:
         os.close(fd)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
     return PROBE_BYTES / max(seconds, 1e-9)
+
+
+def _open_probe(folder: str, flags: int):
+    """``(fd, path)`` of a new probe file in ``folder``: unnamed (``path`` None) where the
+    filesystem offers ``O_TMPFILE``, else named and to be removed."""
+    unnamed = getattr(os, "O_TMPFILE", 0)
+    if unnamed:
+        try:
+            return os.open(folder, flags | unnamed, 0o600), None
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.ENOTSUP, errno.EINVAL):
+                raise
+            if err.errno == errno.EINVAL and flags & getattr(os, "O_DIRECT", 0):
+                raise  # O_DIRECT refused: the caller measures through the cache instead
+    path = os.path.join(folder, f".write-speed-{os.getpid()}-{secrets.token_hex(4)}.probe")
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), path
 
 
 class StreamPlan(NamedTuple):
@@ -101,7 +123,7 @@ class StreamPlan(NamedTuple):
         folder: where it writes.
         bytes: the bytes of attention it will write (``None`` until they are known: given as
             ``expected_bytes``, or from the first call's size x the hooked layers x the calls each).
-        free_bytes: the folder's free space now.
+        free_bytes: the folder's free space now (``None``: could not be read).
         write_speed: the disk's measured speed, bytes per second (``None``: not measured).
         seconds: ``bytes / write_speed``: the time the disk needs for it, at the least (the model's
             forward and the weights' computation overlap it, or come on top).
@@ -109,7 +131,7 @@ class StreamPlan(NamedTuple):
 
     folder: str
     bytes: Optional[int]
-    free_bytes: int
+    free_bytes: Optional[int]
     write_speed: Optional[float]
 
     @property
@@ -121,7 +143,7 @@ class StreamPlan(NamedTuple):
     def describe(self) -> str:
         """One line: what, where, the disk's speed and the time it needs for it."""
         size = "an unknown size until the first call" if self.bytes is None else f"about {_bytes(self.bytes)}"
-        free = f"{_bytes(self.free_bytes)} free"
+        free = "free space unknown" if self.free_bytes is None else f"{_bytes(self.free_bytes)} free"
         if self.write_speed is None:
             return f"streaming {size} to {self.folder} ({free}; the disk's speed could not be measured)"
         speed = f"the disk writes {_bytes(self.write_speed)}/s (measured)"

@@ -223,7 +223,7 @@ class StreamedCapture:
         try:
             free = shutil.disk_usage(self.folder).free
         except OSError:
-            free = 0
+            free = None
         return StreamPlan(self.folder, self._planned_bytes, free, write_speed(self.folder))
 
     def check_plan(self, planned: int, how: str) -> None:
