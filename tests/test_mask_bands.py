@@ -318,3 +318,51 @@ def test_a_sink_gets_each_band_as_it_says_it_takes_them(narrow, bands, log):
     if log:
         assert (logs[want == 0] == 0).all()
         torch.testing.assert_close(logs[want > 0].double().exp(), want[want > 0], atol=1e-6, rtol=0)
+
+
+def _sliding_models():
+    """Hugging Face decoders whose sdpa layers get explicit sliding-window or chunked masks (tiny)."""
+    import transformers
+
+    sizes = dict(vocab_size=100, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, pad_token_id=0)
+    return {
+        "mistral": (transformers.MistralConfig, dict(sizes, sliding_window=5)),
+        "qwen2": (transformers.Qwen2Config, dict(sizes, use_sliding_window=True, sliding_window=5, max_window_layers=0,
+                                                 layer_types=["sliding_attention", "full_attention"])),
+        "gemma3": (transformers.Gemma3TextConfig, dict(sizes, head_dim=8, sliding_window=5,
+                                                       layer_types=["sliding_attention", "full_attention"])),
+        "llama4_chunked": (transformers.Llama4TextConfig, dict(sizes, head_dim=8, attention_chunk_size=6,
+                                                               no_rope_layers=[1, 1], num_local_experts=1,
+                                                               intermediate_size_mlp=32, use_qk_norm=False)),
+    }
+
+
+@pytest.mark.parametrize("family", sorted(_sliding_models()))
+def test_hugging_face_sliding_and_chunked_layers_through_band_tiles_equal_eager(family, monkeypatch):
+    """Oracle: the eager model's output_attentions, with left padding; the sdpa capture forced into
+    tiles of 3 rows, so that the bands of the real masks decide what each tile computes."""
+    import transformers
+
+    config_class, kwargs = _sliding_models()[family]
+    config = config_class(**kwargs)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(3, 100, (2, 19))
+    attention = torch.ones(2, 19, dtype=torch.long)
+    attention[1, :4] = 0  # left padding
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=attention, output_attentions=True).attentions
+    model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(sdpa, "WHOLE_BYTES", 1)  # every map computed in tiles straight into place
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 3 * 2 * 4 * 19 * 4)  # 3 rows of (2 items, 4 heads, 19 keys)
+    widths = _widths(monkeypatch)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
+        model(input_ids=ids, attention_mask=attention)
+    assert len(hooker.values) == len(expected) == 2
+    for (got,), want in zip(hooker.values.values(), expected):
+        # The padding's own query rows see no key: eager spreads them evenly over finfo.min scores, the
+        # sdpa route gives zeros (as before tiles had bands); every real row must be equal.
+        torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[1, :, 4:], want[1, :, 4:], atol=1e-6, rtol=0)
+    assert min(widths) < 19, f"no tile of a sliding or chunked layer skipped a key: {sorted(set(widths))}"
