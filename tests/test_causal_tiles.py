@@ -157,15 +157,20 @@ def test_pooled_maps_from_narrow_tiles_equal_the_pooled_full_maps(size, how, mon
     x = torch.randn(1, 40, 16)
     values, pooled, widths = _both_ways(model, x, lambda: PooledAttention(size=size, how=how), monkeypatch)
     assert widths == list(range(1, 41))
-    full = values[""][0]  # (1, 4, 40, 40)
-    blocks = min(size, 40)
-    index = torch.arange(40) * blocks // 40
-    expected = torch.zeros(1, 4, blocks, blocks)
+    expected = _pooled_by_hand(values[""][0], min(size, 40), how)  # of (1, 4, 40, 40)
+    torch.testing.assert_close(pooled.values[""][0], expected, atol=1e-6, rtol=0)
+
+
+def _pooled_by_hand(full: torch.Tensor, blocks: int, how: str) -> torch.Tensor:
+    """``(batch, heads, blocks, blocks)``: the mean or max of each block of ``full``'s square maps, cell by cell."""
+    batch, heads, n = full.shape[:3]
+    index = torch.arange(n) * blocks // n
+    expected = torch.zeros(batch, heads, blocks, blocks)
     for i in range(blocks):
         for j in range(blocks):
             cell = full[:, :, index == i][:, :, :, index == j]
             expected[:, :, i, j] = cell.mean((-1, -2)) if how == "mean" else cell.amax((-1, -2))
-    torch.testing.assert_close(pooled.values[""][0], expected, atol=1e-6, rtol=0)
+    return expected
 
 
 def _causal_call_tiled_by_rows(seed: int, monkeypatch):

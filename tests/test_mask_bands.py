@@ -17,7 +17,7 @@ from attention_hooker import HeadStatsAccumulator, PooledAttention, TransformerA
 from attention_hooker.capture.routes import sdpa
 from attention_hooker.capture.routes.sdpa import sdpa_attention_weights
 from attention_hooker.keep.allocator import ComputedBuffer, SpareBuffers, empty
-from test_causal_tiles import _reference, _widths
+from test_causal_tiles import _both_ways, _pooled_by_hand, _reference, _widths
 from test_long_context import _CausalSdpaAttention
 
 CPU = torch.device("cpu")
@@ -177,18 +177,11 @@ class _WindowedAttention(_CausalSdpaAttention):
 
 
 def _windowed_both_ways(seed: int, reducer_of, monkeypatch, window: int = 5, length: int = 40):
+    """``(full map, reducer, widths)``: a windowed layer captured whole, then reduced one row per tile."""
     torch.manual_seed(seed)
-    model = _WindowedAttention(window).eval()
-    x = torch.randn(2, length, 16)
-    with torch.no_grad(), TransformerAttentionHooker(model) as full:
-        model(x)
-    widths = _widths(monkeypatch)
-    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)  # one query row per tile
-    reducer = reducer_of()
-    with torch.no_grad(), TransformerAttentionHooker(model) as hooker:
-        hooker.reduce_into(reducer)
-        model(x)
-    return full.values[""][0], reducer, widths
+    values, reducer, widths = _both_ways(_WindowedAttention(window).eval(), torch.randn(2, length, 16), reducer_of,
+                                         monkeypatch)
+    return values[""][0], reducer, widths
 
 
 def test_statistics_under_a_sliding_window_take_banded_tiles_and_equal_those_of_the_full_maps(monkeypatch):
@@ -206,13 +199,7 @@ def test_statistics_under_a_sliding_window_take_banded_tiles_and_equal_those_of_
 def test_pooled_maps_under_a_sliding_window_equal_the_pooled_full_maps(size, how, monkeypatch):
     full, pooled, widths = _windowed_both_ways(8, lambda: PooledAttention(size=size, how=how), monkeypatch)
     assert max(widths) == 5
-    index = torch.arange(40) * size // 40
-    expected = torch.zeros(2, 4, size, size)
-    for i in range(size):
-        for j in range(size):
-            cell = full[:, :, index == i][:, :, :, index == j]
-            expected[:, :, i, j] = cell.mean((-1, -2)) if how == "mean" else cell.amax((-1, -2))
-    torch.testing.assert_close(pooled.values[""][0], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pooled.values[""][0], _pooled_by_hand(full, size, how), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("with_stats", [False, True])
