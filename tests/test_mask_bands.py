@@ -202,6 +202,31 @@ def test_pooled_maps_under_a_sliding_window_equal_the_pooled_full_maps(size, how
     torch.testing.assert_close(pooled.values[""][0], _pooled_by_hand(full, size, how), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("shard_bytes", [1, None])
+def test_a_stream_of_tiles_whose_rows_see_no_key_writes_their_zeros(tmp_path, monkeypatch, shard_bytes):
+    # (the review: a band of no key reached the stream as a (B, H, r, 0) block, and a call with a file of
+    # its own failed with a TypeError on turning it into bytes)
+    torch.manual_seed(13)
+    model = _WindowedAttention(4).eval()
+
+    def forward(x, mask=None):
+        window = _window(x.shape[1], 4, batch=x.shape[0])
+        window[:, :, 5:9] = False  # rows 5-8 see no key
+        return _CausalSdpaAttention.forward(model, x, window)
+
+    model.forward = forward
+    x = torch.randn(2, 16, 16)
+    with torch.no_grad(), TransformerAttentionHooker(model) as full:
+        model(x)
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
+    with torch.no_grad(), TransformerAttentionHooker(model) as hooker, \
+            hooker.stream_to(tmp_path / "cap", **({"shard_bytes": shard_bytes} if shard_bytes else {})):
+        model(x)
+    streamed = load(tmp_path / "cap").values[""][0]
+    torch.testing.assert_close(streamed, full.values[""][0], atol=1e-6, rtol=0)
+    assert not streamed[:, :, 5:9].any()
+
+
 @pytest.mark.parametrize("with_stats", [False, True])
 def test_a_stream_under_a_sliding_window_writes_only_each_rows_window(tmp_path, monkeypatch, with_stats):
     from attention_hooker.keep import stream_call

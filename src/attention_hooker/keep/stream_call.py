@@ -101,6 +101,8 @@ class StreamedCall:
         block = block.contiguous()
         width_bytes = block.shape[3] * block.element_size()
         skip = lo * block.element_size()
+        if not width_bytes:  # rows whose every key is masked: the reserved file's zeros are theirs
+            return
         try:
             for b in range(block.shape[0]):
                 for h in range(block.shape[1]):
@@ -108,8 +110,6 @@ class StreamedCall:
                     data = raw_bytes(block[b, h])
                     if width_bytes == row_bytes:
                         os.pwrite(fd, data, start)
-                        continue
-                    if not width_bytes:
                         continue
                     for i in range(block.shape[2]):
                         os.pwrite(fd, data[i * width_bytes:(i + 1) * width_bytes], start + i * row_bytes + skip)
