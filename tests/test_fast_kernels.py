@@ -182,3 +182,44 @@ def test_last_row_of_a_long_input_under_flash_equals_a_hand_softmax_of_q_and_k()
     want = logits.softmax(-1).cpu()
     torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=0)
     assert torch.allclose(got.float().sum(-1), torch.ones(1, 4, 1), atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_sliding_window_tiles_under_each_kernel_equal_eager_and_stream_only_the_window(backend, tmp_path,
+                                                                                       monkeypatch):
+    """A Mistral's sliding-window mask through band tiles (their keys read from the mask on the model's
+    device), on each kernel: the maps equal eager's, statistics equal those of the maps, and a stream
+    equals the maps; the model's output stays bitwise its own."""
+    from attention_hooker.capture.routes import sdpa
+
+    config = transformers.MistralConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval().to(DEVICE)
+    ids = torch.randint(3, 250, (2, 96), device=DEVICE)
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_attentions=True).attentions
+    model.set_attn_implementation("sdpa")
+    kernel = BACKENDS[backend]
+    plain = _run_plain(model, dict(input_ids=ids), kernel).logits
+    monkeypatch.setattr(sdpa, "WHOLE_BYTES", 1)  # tiles of 8 rows, straight into place
+    monkeypatch.setattr(sdpa, "TILE_BYTES", 8 * 2 * 4 * 96 * 4)
+    monkeypatch.setattr(sdpa, "_tile_bytes", lambda device: 8 * 2 * 4 * 96 * 4)
+    stats = HeadStatsAccumulator()
+    with torch.no_grad(), sdpa_kernel([kernel]), TransformerAttentionHooker(model) as hooker:
+        assert torch.equal(model(input_ids=ids).logits, plain), "the model's output changed under capture"
+    with torch.no_grad(), sdpa_kernel([kernel]), TransformerAttentionHooker(model) as reducing, \
+            reducing.stream_to(tmp_path / "s", shard_bytes=1):
+        reducing.reduce_into(stats)
+        model(input_ids=ids)
+    streamed = load(tmp_path / "s").values
+    for (name, calls), want in zip(hooker.values.items(), expected):
+        torch.testing.assert_close(calls[0], want.cpu(), atol=2e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(streamed[name][0], calls[0], atol=1e-6, rtol=0)
+        assert not calls[0][:, :, 40:, :24].any(), "keys outside the window carry weight"
+    want_stats = HeadStatsAccumulator()
+    want_stats.update({n: c[:1] for n, c in hooker.values.items()})
+    stats.add_input(2)
+    for key in ("entropy", "distance"):
+        torch.testing.assert_close(torch.as_tensor(stats.result()[key]), torch.as_tensor(want_stats.result()[key]),
+                                   rtol=1e-4, atol=1e-5)
