@@ -227,8 +227,8 @@ def test_a_stream_of_tiles_whose_rows_see_no_key_writes_their_zeros(tmp_path, mo
     assert not streamed[:, :, 5:9].any()
 
 
-@pytest.mark.parametrize("with_stats", [False, True])
-def test_a_stream_under_a_sliding_window_writes_only_each_rows_window(tmp_path, monkeypatch, with_stats):
+@pytest.mark.parametrize("beside", [None, "pooled", "stats"])
+def test_a_stream_under_a_sliding_window_writes_only_each_rows_window(tmp_path, monkeypatch, beside):
     from attention_hooker.keep import stream_call
 
     torch.manual_seed(9)
@@ -241,23 +241,26 @@ def test_a_stream_under_a_sliding_window_writes_only_each_rows_window(tmp_path, 
     monkeypatch.setattr(stream_call.os, "pwrite", lambda fd, data, offset: written.append(len(data)) or
                         pwrite(fd, data, offset))
     monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
-    stats = HeadStatsAccumulator()
+    reducer = {None: None, "pooled": PooledAttention(size=7), "stats": HeadStatsAccumulator()}[beside]
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker, \
             hooker.stream_to(tmp_path / "cap", shard_bytes=1):  # the call gets a file of its own
-        if with_stats:  # beside statistics (which take each tile from key 0): the zeros before a band too
-            hooker.reduce_into(stats)
+        if reducer is not None:  # as `attention-hooker run --stream` pools beside its stream
+            hooker.reduce_into(reducer)
         model(x)
     assert max(widths) == 6
     torch.testing.assert_close(load(tmp_path / "cap").values[""][0], full.values[""][0], atol=1e-6, rtol=0)
     window_bytes = 2 * 4 * sum(min(6, row + 1) for row in range(30)) * 4  # items x heads x keys seen x float32
-    if with_stats:
-        stats.add_input(2)
+    if beside == "stats":  # statistics take each tile from key 0: the zeros before a band are written too
+        reducer.add_input(2)
         expected = HeadStatsAccumulator()
         expected.update(full.values)
-        np.testing.assert_allclose(stats.result()["entropy"], expected.result()["entropy"], rtol=1e-5)
+        np.testing.assert_allclose(reducer.result()["entropy"], expected.result()["entropy"], rtol=1e-5)
         assert sum(written) == 2 * 4 * sum(range(1, 31)) * 4, "each row from key 0 to its own"
-    else:
-        assert sum(written) == window_bytes, "the stream wrote zeros outside the rows' windows"
+        return
+    if beside == "pooled":  # pooled maps take bands: the stream beside them still writes windows only
+        torch.testing.assert_close(reducer.values[""][0], _pooled_by_hand(full.values[""][0], 7, "mean"),
+                                   atol=1e-6, rtol=0)
+    assert sum(written) == window_bytes, "the stream wrote zeros outside the rows' windows"
 
 
 def test_a_large_map_under_a_sliding_window_is_stored_from_its_bands(monkeypatch):
@@ -378,3 +381,22 @@ def test_hugging_face_sliding_and_chunked_layers_through_band_tiles_equal_eager(
         torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
         torch.testing.assert_close(got[1, :, 4:], want[1, :, 4:], atol=1e-6, rtol=0)
     assert min(widths) < 19, f"no tile of a sliding or chunked layer skipped a key: {sorted(set(widths))}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_pooled_blocks_of_a_band_equal_those_of_its_row_laid_out_whole(data):
+    from attention_hooker.keep.pooling import _pooled_keys
+
+    n_key = data.draw(st.integers(1, 40))
+    p_key = data.draw(st.sampled_from(sorted({d for d in range(1, n_key + 1) if n_key % d == 0} | {min(7, n_key)})))
+    lo = data.draw(st.integers(0, n_key))
+    width = data.draw(st.integers(0, n_key - lo))
+    mean = data.draw(st.booleans())
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    band = torch.rand(2, 3, 4, width)
+    whole = torch.zeros(2, 3, 4, n_key)
+    whole[..., lo:lo + width] = band
+    got = _pooled_keys(band, n_key, p_key, mean, lo)
+    want = _pooled_keys(whole, n_key, p_key, mean)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

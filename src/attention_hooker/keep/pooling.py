@@ -74,6 +74,7 @@ def block_labels(tokens: Sequence[str], size: int) -> List[str]:
 
 class _PooledCall:
     takes_narrow_blocks = True  # a causal tile's keys after its last row are zeros: left out
+    takes_key_bands = True  # and a sliding window's before its first key
 
     def __init__(self, owner: PooledAttention, name: str, n_query: Optional[int] = None):
         self._owner, self._name, self._n_query = owner, name, n_query
@@ -86,9 +87,9 @@ class _PooledCall:
         self._n_query = n_query
         self.write(rows, block)
 
-    def write(self, rows: torch.Tensor, block: torch.Tensor) -> None:
+    def write(self, rows: torch.Tensor, block: torch.Tensor, first_key: int = 0) -> None:
         """Adds query rows ``rows`` (absolute, ``(r,)``) of the call: ``block`` is
-        ``(batch, heads, r, width)``, the call's keys from ``width`` on zeros."""
+        ``(batch, heads, r, width)``, the call's keys ``first_key .. first_key + width - 1``, the others zeros."""
         if self._n_query is None:
             self._n_query = block.shape[2]
         n_query = self._n_query
@@ -104,7 +105,7 @@ class _PooledCall:
             fill = 0.0 if mean else float("-inf")
             self._pooled = torch.full((batch, heads, p_query, p_key), fill, dtype=torch.float32, device=a.device)
             self._counts = torch.zeros(p_query, p_key, dtype=torch.float32, device=a.device)
-        by_key = _pooled_keys(a, n_key, p_key, mean)  # (B, H, r, Pk)
+        by_key = _pooled_keys(a, n_key, p_key, mean, int(first_key))  # (B, H, r, Pk)
         if mean:
             self._pooled.index_add_(2, row_block, by_key)
             key_sizes = torch.bincount(block_of(torch.arange(n_key, device=a.device), n_key, size),
@@ -196,28 +197,36 @@ class _KeysCall:
         self._received, self._top = None, []
 
 
-def _pooled_keys(a: torch.Tensor, n_key: int, p_key: int, mean: bool) -> torch.Tensor:
+def _pooled_keys(a: torch.Tensor, n_key: int, p_key: int, mean: bool, lo: int = 0) -> torch.Tensor:
     """``(batch, heads, r, p_key)``: each key block's sum (``mean``) or largest weight of a block
-    ``a`` ``(batch, heads, r, width)`` of a call with ``n_key`` keys, those from ``width`` on zeros.
+    ``a`` ``(batch, heads, r, width)`` holding the keys ``lo .. lo + width - 1`` of a call with ``n_key``
+    keys, every other key zero (weights of narrow tiles or of a band, >= 0).
 
     Blocks of equal length (``p_key`` divides ``n_key``) are reduced along a reshaped last axis,
-    one read of the block; otherwise each key is added to its block (``index_add``)."""
+    one read of the block (the at most two blocks the band cuts, one by one); otherwise each key is
+    added to its block (``index_add``)."""
     batch, heads, r, width = a.shape
-    zeros_after = width < n_key  # the keys after width: zeros (weights of narrow tiles, >= 0)
+    if width == 0:  # rows that see no key
+        return a.new_zeros(batch, heads, r, p_key)
+    hi = lo + width
+    zeros_outside = lo > 0 or hi < n_key
     if n_key % p_key == 0:
         length = n_key // p_key
-        whole, rest = divmod(width, length)
-        out = a.new_zeros(batch, heads, r, p_key) if zeros_after or rest else a.new_empty(batch, heads, r, p_key)
+        first_whole, end_whole = -(-lo // length), hi // length  # blocks wholly inside the band
+        cut = [b for b in (lo // length, end_whole) if b < p_key and b * length < hi
+               and (b * length < lo or (b + 1) * length > hi)]  # blocks the band cuts
+        out = (a.new_zeros(batch, heads, r, p_key) if zeros_outside or cut
+               else a.new_empty(batch, heads, r, p_key))
         reduce = torch.sum if mean else torch.amax
-        if whole:
-            out[..., :whole] = reduce(a[..., :whole * length].unflatten(-1, (whole, length)), dim=-1)
-        if rest:  # a block cut by width: its other keys are zeros
-            part = reduce(a[..., whole * length:], dim=-1)
-            out[..., whole] = part if mean else part.clamp(min=0.0)
+        if first_whole < end_whole:
+            whole = a[..., first_whole * length - lo:end_whole * length - lo]
+            out[..., first_whole:end_whole] = reduce(whole.unflatten(-1, (end_whole - first_whole, length)), dim=-1)
+        for block in dict.fromkeys(cut):  # a block cut by the band: its other keys are zeros
+            part = reduce(a[..., max(lo, block * length) - lo:min(hi, (block + 1) * length) - lo], dim=-1)
+            out[..., block] = part if mean else part.clamp(min=0.0)
         return out
-    key_block = block_of(torch.arange(width, device=a.device), n_key, p_key)
+    key_block = block_of(torch.arange(lo, hi, device=a.device), n_key, p_key)
     if mean:
         return a.new_zeros(batch, heads, r, p_key).index_add_(3, key_block, a)
-    out = torch.full((batch, heads, r, p_key), 0.0 if zeros_after else float("-inf"), device=a.device)
+    out = torch.full((batch, heads, r, p_key), 0.0 if zeros_outside else float("-inf"), device=a.device)
     return out.scatter_reduce_(3, key_block.expand_as(a), a, "amax")
-
