@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attention_hooker import HeadStatsAccumulator, PooledAttention, TransformerAttentionHooker, load
+from attention_hooker import HeadStatsAccumulator, KeyReductions, PooledAttention, TransformerAttentionHooker, load
 from attention_hooker.capture.routes import sdpa
 from attention_hooker.capture.routes.sdpa import sdpa_attention_weights
 from attention_hooker.keep.allocator import ComputedBuffer, SpareBuffers, empty
@@ -227,7 +227,7 @@ def test_a_stream_of_tiles_whose_rows_see_no_key_writes_their_zeros(tmp_path, mo
     assert not streamed[:, :, 5:9].any()
 
 
-@pytest.mark.parametrize("beside", [None, "pooled", "stats"])
+@pytest.mark.parametrize("beside", [None, "pooled", "stats", "keys"])
 def test_a_stream_under_a_sliding_window_writes_only_each_rows_window(tmp_path, monkeypatch, beside):
     from attention_hooker.keep import stream_call
 
@@ -241,7 +241,8 @@ def test_a_stream_under_a_sliding_window_writes_only_each_rows_window(tmp_path, 
     monkeypatch.setattr(stream_call.os, "pwrite", lambda fd, data, offset: written.append(len(data)) or
                         pwrite(fd, data, offset))
     monkeypatch.setattr(sdpa, "TILE_BYTES", 1)
-    reducer = {None: None, "pooled": PooledAttention(size=7), "stats": HeadStatsAccumulator()}[beside]
+    reducer = {None: None, "pooled": PooledAttention(size=7), "stats": HeadStatsAccumulator(sink_positions=[0, 9]),
+               "keys": KeyReductions(top=2)}[beside]
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker, \
             hooker.stream_to(tmp_path / "cap", shard_bytes=1):  # the call gets a file of its own
         if reducer is not None:  # as `attention-hooker run --stream` pools beside its stream
@@ -250,14 +251,18 @@ def test_a_stream_under_a_sliding_window_writes_only_each_rows_window(tmp_path, 
     assert max(widths) == 6
     torch.testing.assert_close(load(tmp_path / "cap").values[""][0], full.values[""][0], atol=1e-6, rtol=0)
     window_bytes = 2 * 4 * sum(min(6, row + 1) for row in range(30)) * 4  # items x heads x keys seen x float32
-    if beside == "stats":  # statistics take each tile from key 0: the zeros before a band are written too
-        reducer.add_input(2)
-        expected = HeadStatsAccumulator()
-        expected.update(full.values)
-        np.testing.assert_allclose(reducer.result()["entropy"], expected.result()["entropy"], rtol=1e-5)
-        assert sum(written) == 2 * 4 * sum(range(1, 31)) * 4, "each row from key 0 to its own"
+    if beside == "keys":  # key reductions take whole rows: every tile laid out, zeros and all
+        torch.testing.assert_close(reducer.received[""][0], full.values[""][0].sum(2), atol=1e-5, rtol=0)
+        assert sum(written) == 2 * 4 * 30 * 30 * 4
         return
-    if beside == "pooled":  # pooled maps take bands: the stream beside them still writes windows only
+    if beside == "stats":  # statistics take bands
+        reducer.add_input(2)
+        expected = HeadStatsAccumulator(sink_positions=[0, 9])
+        expected.update(full.values)
+        for key in expected.STATISTICS:
+            np.testing.assert_allclose(reducer.result()[key], expected.result()[key], rtol=1e-5, atol=1e-6,
+                                       err_msg=key)
+    if beside == "pooled":  # pooled maps take bands
         torch.testing.assert_close(reducer.values[""][0], _pooled_by_hand(full.values[""][0], 7, "mean"),
                                    atol=1e-6, rtol=0)
     assert sum(written) == window_bytes, "the stream wrote zeros outside the rows' windows"
@@ -400,3 +405,30 @@ def test_pooled_blocks_of_a_band_equal_those_of_its_row_laid_out_whole(data):
     got = _pooled_keys(band, n_key, p_key, mean, lo)
     want = _pooled_keys(whole, n_key, p_key, mean)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_row_statistics_of_a_band_equal_those_of_its_rows_laid_out_whole(data):
+    from attention_hooker.analysis.row_statistics import block_row_statistics
+
+    n_key = data.draw(st.integers(1, 30))
+    rows = data.draw(st.lists(st.integers(0, n_key - 1), min_size=1, max_size=5, unique=True))
+    lo = data.draw(st.integers(0, n_key))
+    width = data.draw(st.integers(0, n_key - lo))
+    sinks = data.draw(st.lists(st.integers(0, n_key - 1), max_size=3, unique=True)) or None
+    last = torch.tensor([data.draw(st.integers(0, n_key - 1)) for _ in range(2)])
+    with_last = data.draw(st.booleans())
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    whole = torch.zeros(2, 3, len(rows), n_key, dtype=torch.float64)
+    if width:
+        whole[..., lo:lo + width] = torch.softmax(torch.randn(2, 3, len(rows), width, dtype=torch.float64), -1)
+    band = whole[..., lo:lo + width]
+    rows_t = torch.tensor(rows)
+    kwargs = dict(sinks=sinks, last=last if with_last else None)
+    got = block_row_statistics(band, rows_t, n_key, n_key, log_a=band.log().nan_to_num(0.0, neginf=0.0),
+                               first_key=lo, **kwargs)
+    want = block_row_statistics(whole, rows_t, n_key, n_key, **kwargs)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)

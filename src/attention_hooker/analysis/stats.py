@@ -265,11 +265,13 @@ class _PartialStats:
         self.write(rows, block)
 
     takes_narrow_blocks = True  # a causal tile's keys after its last row are zeros: left out
+    takes_key_bands = True  # and a sliding window's before its first key
     wants_log_probabilities = True  # the entropy from log(block): a product, not a log per weight
 
-    def write(self, rows: torch.Tensor, block: torch.Tensor, log_block: Optional[torch.Tensor] = None) -> None:
+    def write(self, rows: torch.Tensor, block: torch.Tensor, log_block: Optional[torch.Tensor] = None,
+              first_key: int = 0) -> None:
         """Adds the query rows ``rows`` (absolute, ``(r,)``) of the call: ``block`` is
-        ``(batch, heads, r, width)`` probabilities, the call's keys from ``width`` on zeros;
+        ``(batch, heads, r, width)`` probabilities of the call's keys ``first_key ..``, the others zeros;
         ``log_block``, when given, its log (0 where ``block`` is 0)."""
         if self._n_query is None:
             self._n_query = block.shape[2]
@@ -280,7 +282,7 @@ class _PartialStats:
             log_block = log_block.to(a.dtype)
         if self._rows is None:
             self._rows = self._begin(a)
-        self._rows.add(a, rows, log_block)
+        self._rows.add(a, rows, log_block, first_key)
 
     def _begin(self, a: torch.Tensor) -> CallRowStatistics:
         n_query, n_key = self._n_query, self.n_key if self.n_key is not None else a.shape[3]
