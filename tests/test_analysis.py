@@ -275,3 +275,18 @@ def test_bertviz_export_renders(minilm_sdpa, minilm_tokenizer):
     assert isinstance(arrays["encoder.layer.0.attention.self"][0], np.ndarray)
     with pytest.raises(AttentionHookerError, match="unknown layer"):
         to_bertviz(hooker, layers=["nope"])
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_the_last_real_tokens_share_is_read_at_the_last_real_position_wherever_the_padding_lies(padding):
+    # (the last review: each item's last real key was taken as its count of real tokens minus one, a
+    # middle token under left padding)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]) if padding == "left" else \
+        torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    last = [4, 4] if padding == "left" else [2, 4]
+    maps = torch.zeros(2, 1, 5, 5)
+    for item in range(2):
+        maps[item, 0, :, last[item]] = 1.0  # every row on its item's last real token
+    stats = HeadStatsAccumulator()
+    stats.update({"layer": [maps]}, padding_mask=mask)
+    torch.testing.assert_close(torch.as_tensor(stats.result()["last_token_share"]).double(), torch.ones(1, 1, dtype=torch.float64))

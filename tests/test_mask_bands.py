@@ -404,7 +404,7 @@ def test_pooled_blocks_of_a_band_equal_those_of_its_row_laid_out_whole(data):
     whole[..., lo:lo + width] = band
     got = _pooled_keys(band, n_key, p_key, mean, lo)
     want = _pooled_keys(whole, n_key, p_key, mean)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)  # sums in another order: float32 rounding
 
 
 @settings(max_examples=200, deadline=None)
@@ -432,3 +432,4 @@ def test_row_statistics_of_a_band_equal_those_of_its_rows_laid_out_whole(data):
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], msg=name)
+

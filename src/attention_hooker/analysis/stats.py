@@ -292,7 +292,7 @@ class _PartialStats:
                                     where=f"the keys of layer {self._name!r}", allow_negative=True,
                                     noun="key position"))
         mask = self._mask if self._mask is not None and self._mask.shape[-1] == n_query else None
-        last = mask.to(a.device).sum(-1) - 1 if mask is not None and n_query == n_key else None  # (B,)
+        last = _last_real(mask.to(a.device)) if mask is not None and n_query == n_key else None  # (B,)
         return CallRowStatistics((a.shape[0], a.shape[1], n_query, n_key), a.dtype, a.device, sinks=sinks, last=last)
 
     def commit(self) -> None:
@@ -313,3 +313,10 @@ class _PartialStats:
     def discard(self) -> None:
         """Drops this call (its layer call was refused or cut short); safe twice."""
         self._rows = None
+
+
+def _last_real(mask: torch.Tensor) -> torch.Tensor:
+    """``(batch,)``: each item's last real position of a ``(batch, tokens)`` mask (-1 when it has none),
+    wherever its padding lies (its count minus one only holds for padding on the right)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask.bool(), positions, -1).amax(-1)
