@@ -396,7 +396,7 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
         part = k if lo == 0 and hi == source else k[:, :, lo:hi]
         log_tile = None
         if hi == lo:
-            tile = scratch[: batch * q.shape[1] * (last - first) * 0].view(batch, q.shape[1], last - first, 0)
+            tile = scratch[:0].view(batch, q.shape[1], last - first, 0)  # every key of every row masked
             log_tile = tile if needs.log_probabilities else None
         elif needs.log_probabilities:
             tile, log_tile = _log_weights(q[:, :, first:last], part, tile_mask, is_causal, scale_factor, tile_buffer,
