@@ -280,3 +280,75 @@ def test_the_log_handed_beside_a_tile_is_zero_wherever_its_weight_is_zero_under_
         assert torch.isfinite(log_tile).all()
         assert (log_tile[tile == 0] == 0).all()
         torch.testing.assert_close(log_tile[tile > 0].exp(), tile[tile > 0])
+
+
+def _called(fn) -> set:
+    """The torch functions ``fn()`` calls (a function mode sees each one)."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = set()
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.add(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_the_causal_mask_is_set_by_a_triangle_not_by_a_broadcast_boolean_fill(tiled):
+    # masked_fill_ with a broadcast (rows, keys) boolean cost 40-60% of the product itself on the
+    # CPU (issue 22: the default capture next to the plain forward); tril_ and a -inf bias cost ~10%.
+    torch.manual_seed(7)
+    q, k = torch.randn(2, 3, 16, 8), torch.randn(2, 3, 16, 8)
+    kwargs = {"store_as": (torch.float32, torch.device("cpu")), "tile_bytes": 4 * 6 * 16 * 4} if tiled else {}
+    seen = _called(lambda: sdpa_attention_weights(q, k, is_causal=True, **kwargs))
+    assert "masked_fill_" not in seen
+    assert "tril_" in seen
+
+
+@pytest.mark.parametrize("path", ["whole", "tiles", "tiles_with_logs", "rows"])
+def test_keys_hidden_by_the_causal_mask_count_for_nothing_even_when_not_finite(path):
+    # The kernel never reads a key after a row's position: a NaN or infinite score there must not
+    # reach the row (an added -inf bias alone would turn +inf or NaN into NaN).
+    torch.manual_seed(8)
+    q, k = torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    k[0, 0, 9] = float("nan")
+    k[0, 1, 5] = float("inf")
+    expected = torch.zeros(1, 2, 12, 12, dtype=torch.float64)
+    finite = _reference(q, k, is_causal=True)
+    expected[0, 0, :9] = finite[0, 0, :9]  # rows before the NaN key never see it
+    expected[0, 1, :5] = finite[0, 1, :5]
+    if path == "whole":
+        got = sdpa_attention_weights(q, k, is_causal=True)
+    elif path == "rows":
+        got = sdpa_attention_weights(q, k, is_causal=True, rows=[1, 3, 4, 8])
+        expected = expected[:, :, [1, 3, 4, 8]]
+    elif path == "tiles":
+        got = sdpa_attention_weights(q, k, is_causal=True, store_as=(torch.float32, torch.device("cpu")),
+                                     tile_bytes=3 * 2 * 12 * 4)
+    else:
+        tiles = []
+
+        class Sink:
+            def begin(self, shape):
+                return sdpa.TileNeeds(narrow=True, log_probabilities=True)
+
+            def __call__(self, tile, rows, shape, log_tile):
+                tiles.append((rows.clone(), tile.clone(), log_tile.clone()))
+
+        sdpa_attention_weights(q, k, is_causal=True, tile_sink=Sink(), tile_bytes=3 * 2 * 12 * 4)
+        got = torch.zeros(1, 2, 12, 12)
+        for rows, tile, log_tile in tiles:
+            got[:, :, rows, :tile.shape[-1]] = tile
+            seen, finite_rows = tile > 0, torch.isfinite(tile).all(-1, keepdim=True)  # rows that saw a NaN: NaN
+            assert (log_tile[~seen & finite_rows] == 0).all()  # 0 after each row's position, whatever the key held
+            torch.testing.assert_close(log_tile[seen].exp(), tile[seen])
+    head0, head1 = got[0, 0], got[0, 1]
+    rows0 = [i for i, r in enumerate([1, 3, 4, 8] if path == "rows" else range(12)) if r < 9]
+    rows1 = [i for i, r in enumerate([1, 3, 4, 8] if path == "rows" else range(12)) if r < 5]
+    torch.testing.assert_close(head0[rows0].double(), expected[0, 0, rows0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(head1[rows1].double(), expected[0, 1, rows1], atol=1e-6, rtol=0)

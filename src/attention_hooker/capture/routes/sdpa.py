@@ -191,7 +191,8 @@ def sdpa_attention_weights(
     if store_as is not None or tile_sink is not None:
         return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or _tile_bytes(q.device),
                                  row_index, tile_sink, buffer, key_index, kept.rows)
-    return _weights(q, k, mask, is_causal, scale_factor, buffer, query.dtype, row_index)
+    return _weights(q, k, mask, is_causal, scale_factor, buffer, query.dtype, row_index,
+                    first_row=0 if kept.rows is None else None)
 
 
 class TileNeeds(NamedTuple):
@@ -261,19 +262,22 @@ def _keep_heads(q, k, mask, heads: Optional[Tuple[int, ...]]):
     return q, k, mask
 
 
-def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, row_index, low: int = 0) -> torch.Tensor:
+def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, row_index, low: int = 0,
+             first_row: Optional[int] = None) -> torch.Tensor:
     """``softmax(q k^T * scale + bias)`` for the query rows ``row_index`` (absolute, one
     per row of ``q``) of the call: ``(B, H, rows, S)`` in ``dtype``; ``mask`` already
     holds only these rows. ``low``: no row of ``row_index`` is before it (with ``is_causal``,
-    keys up to ``low`` are seen by every row; only those from ``low + 1`` on are compared)."""
-    scores, mask, empty_rows = _masked_scores(q, k, mask, is_causal, scale_factor, buffer, row_index, low)
+    keys up to ``low`` are seen by every row; only those from ``low + 1`` on are compared).
+    ``first_row``: where the rows are known on the host to be consecutive, ``row_index[0]``."""
+    scores, mask, empty_rows = _masked_scores(q, k, mask, is_causal, scale_factor, buffer, row_index, low, first_row)
     weights = _softmax_last_dim(scores)  # (B, H, L, S)
     if empty_rows:
         weights = weights.nan_to_num_(nan=0.0)
     return weights.to(dtype) if weights.dtype != dtype else weights
 
 
-def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_buffer, row_index, low: int = 0):
+def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_buffer, row_index, low: int = 0,
+                 first_row: Optional[int] = None):
     """``(weights, log_weights)`` of :func:`_weights` (float32 or float64, ``(B, H, rows, S)``),
     with ``log_weights`` 0 wherever the weight is 0 (a masked key, a row with every key
     masked), so that ``weights * log_weights`` is finite everywhere.
@@ -281,7 +285,7 @@ def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_b
     Both come from the scores by the library's own kernels (log-softmax, then softmax in place):
     the exponential of very negative log-weights gives subnormal floats, which ``torch.exp``
     computes ten times slower than the softmax kernel does (seen at 32k keys)."""
-    scores, mask, empty_rows = _masked_scores(q, k, mask, is_causal, scale_factor, buffer, row_index, low)
+    scores, mask, empty_rows = _masked_scores(q, k, mask, is_causal, scale_factor, buffer, row_index, low, first_row)
     log_weights = log_buffer(tuple(scores.shape), scores.dtype, scores.device)
     if scores.device.type == "cpu" and scores.is_contiguous():
         log_softmax_last_dim_into(scores, log_weights)
@@ -292,7 +296,10 @@ def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_b
         weights.nan_to_num_(nan=0.0)
         log_weights.nan_to_num_(nan=0.0)
     if is_causal and low + 1 < k.shape[2]:
-        log_weights[..., low + 1:].masked_fill_(_above_diagonal(row_index, low + 1, k.shape[2]), 0.0)
+        if first_row is not None:
+            log_weights.tril_(first_row)  # 0 above each row's own position
+        else:
+            log_weights[..., low + 1:].masked_fill_(_above_diagonal(row_index, low + 1, k.shape[2]), 0.0)
     if mask is not None:
         if mask.dtype == torch.bool:
             _in_place_if_fits(log_weights, mask, lambda s, m: s.masked_fill_(~m, 0.0),
@@ -302,18 +309,38 @@ def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_b
     return weights, log_weights
 
 
+def _hide_after_diagonal(scores: torch.Tensor, first_row: int) -> None:
+    """``-inf`` in ``scores`` ``(..., rows, S)`` at every key after its row's position, row ``i``
+    being at ``first_row + i`` (a top-left causal mask), whatever the score held there (NaN or
+    infinite included), as ``masked_fill_`` sets it; the rest unchanged.
+
+    Done as ``tril_`` (zeros after each row's position, a copy of the rest) and the addition of
+    a ``(rows, S)`` bias of ``-inf`` there and ``0`` elsewhere (``x + 0`` is ``x``; ``-0.0``
+    becomes ``0.0``, the same weight): on the CPU two simple passes cost a tenth to a fifth of
+    ``masked_fill_`` with a broadcast boolean mask (0.6 ms against 0.07 ms for 8 x 12 heads of
+    128 x 128 scores)."""
+    rows, source = scores.shape[-2], scores.shape[-1]
+    bias = torch.full((rows, source), float("-inf"), dtype=scores.dtype, device=scores.device).triu_(first_row + 1)
+    scores.tril_(first_row).add_(bias)
+
+
 def _above_diagonal(row_index, first: int, source: int) -> torch.Tensor:
     """``(rows, source - first)``: keys ``first ..`` a top-left causal mask hides from each row."""
     return torch.arange(first, source, device=row_index.device)[None, :] > row_index[:, None]
 
 
-def _masked_scores(q, k, mask, is_causal: bool, scale_factor: float, buffer, row_index, low: int):
+def _masked_scores(q, k, mask, is_causal: bool, scale_factor: float, buffer, row_index, low: int,
+                   first_row: Optional[int] = None):
     """``(scores, mask, empty_rows)``: ``scale * q k^T`` with the causal mask (from key ``low + 1``
-    on) and ``mask`` applied, the mask as applied, and whether some row may have every key masked."""
+    on) and ``mask`` applied, the mask as applied, and whether some row may have every key masked.
+    ``first_row``: ``row_index[0]`` where the rows are known to be consecutive (a faster causal mask)."""
     source = k.shape[2]
     scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, rows, S), float32 for half inputs
     if is_causal and low + 1 < source:
-        scores[..., low + 1:].masked_fill_(_above_diagonal(row_index, low + 1, source), float("-inf"))
+        if first_row is not None:
+            _hide_after_diagonal(scores, first_row)
+        else:
+            scores[..., low + 1:].masked_fill_(_above_diagonal(row_index, low + 1, source), float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = _in_place_if_fits(scores, mask, lambda s, m: s.masked_fill_(~m, float("-inf")),
@@ -393,6 +420,7 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
         # Key positions from lo on: a causal mask compares each row with the keys' positions in the band.
         tile_index = row_index[first:last] if lo == 0 else row_index[first:last] - lo
         low = max(min(tile_rows) - lo, -1) if is_causal else 0
+        first_row = first - lo if host_rows is None else None  # the tile's rows are first .. last - 1
         part = k if lo == 0 and hi == source else k[:, :, lo:hi]
         log_tile = None
         if hi == lo:
@@ -400,10 +428,10 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
             log_tile = tile if needs.log_probabilities else None
         elif needs.log_probabilities:
             tile, log_tile = _log_weights(q[:, :, first:last], part, tile_mask, is_causal, scale_factor, tile_buffer,
-                                          log_tile_buffer, tile_index, low)
+                                          log_tile_buffer, tile_index, low, first_row)
         else:
             tile = _weights(q[:, :, first:last], part, tile_mask, is_causal, scale_factor, tile_buffer, work,
-                            tile_index, low)
+                            tile_index, low, first_row)
         if key_index is not None:
             tile = tile.index_select(3, key_index)  # (B, H, rows, kept keys)
             log_tile = None if log_tile is None else log_tile.index_select(3, key_index)
