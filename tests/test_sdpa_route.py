@@ -121,17 +121,18 @@ def test_rows_left_without_keys_are_zero_and_others_sum_to_one(kind):
 
 
 def test_no_mask_and_no_keys_masked_needs_no_cleanup_pass():
-    from attention_hooker.capture.routes.sdpa import _may_have_empty_rows
+    from attention_hooker.capture.routes.sdpa import _empty_rows
 
     def causal(length, source):
         return torch.ones(length, source, dtype=torch.bool).triu_(1)
 
     mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
-    assert not _may_have_empty_rows(None, causal(9, 3))
-    assert not _may_have_empty_rows(mask, None)
-    assert not _may_have_empty_rows(torch.zeros(1, 1, L, S), causal(L, S))
+    assert _empty_rows(None, causal(9, 3)) is None
+    assert _empty_rows(mask, None) is None
+    assert _empty_rows(torch.zeros(1, 1, L, S), causal(L, S)) is None
     mask[0, 0, 0, 0] = False
-    assert _may_have_empty_rows(mask, causal(L, S))  # causal query 0 had only key 0
+    empty = _empty_rows(mask, causal(L, S))  # causal query 0 had only key 0
+    assert empty.shape == (B, 1, L, 1) and empty[0, 0, 0, 0] and int(empty.sum()) == 1
 
 
 @pytest.mark.parametrize("batch", [3, 70])  # one product per batch item; beyond 64 items, one copy
@@ -303,3 +304,25 @@ def test_grouped_query_weights_equal_the_kernels_without_repeating_the_keys(layo
     torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
     by_repeat = sdpa.sdpa_attention_weights(q, k.repeat_interleave(heads // kv_heads, dim=1), **kwargs, **options)
     torch.testing.assert_close(w, by_repeat, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["whole", "tiles", "differentiable"])
+def test_a_row_with_every_key_masked_is_zero_and_a_nan_row_elsewhere_stays_nan(path):
+    # The kernel gives a fully masked row zeros and a row with a NaN query NaN; zeroing every NaN
+    # once some row was empty showed "attends to nothing" where the model's output was NaN.
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    q[0, 1, 2] = float("nan")
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[0, 0, 3] = False  # row 3 of item 0 sees no key
+    kwargs = {"store_as": (torch.float32, torch.device("cpu")), "tile_bytes": 2 * 2 * 2 * 5 * 4} if path == "tiles" else {}
+    if path == "differentiable":
+        q.requires_grad_(True)
+    weights = sdpa_attention_weights(q, k, mask, **kwargs).detach()
+    out = F.scaled_dot_product_attention(q.detach(), k, v, mask)
+    assert torch.isnan(out[0, 1, 2]).all() and torch.isnan(weights[0, 1, 2]).all()
+    assert (weights[0, :, 3] == 0).all() and (out[0, :, 3] == 0).all()
+    finite = torch.ones(2, 2, 5, dtype=torch.bool)
+    finite[0, 1, 2] = finite[0, :, 3] = False
+    torch.testing.assert_close(weights.sum(-1)[finite], torch.ones(int(finite.sum())))
+    torch.testing.assert_close((weights @ v)[finite], out[finite], atol=1e-6, rtol=0)

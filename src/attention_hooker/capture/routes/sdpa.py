@@ -271,8 +271,8 @@ def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, ro
     ``first_row``: where the rows are known on the host to be consecutive, ``row_index[0]``."""
     scores, mask, empty_rows = _masked_scores(q, k, mask, is_causal, scale_factor, buffer, row_index, low, first_row)
     weights = _softmax_last_dim(scores)  # (B, H, L, S)
-    if empty_rows:
-        weights = weights.nan_to_num_(nan=0.0)
+    if empty_rows is not None:
+        weights = weights.masked_fill_(empty_rows, 0.0)
     return weights.to(dtype) if weights.dtype != dtype else weights
 
 
@@ -292,9 +292,9 @@ def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_b
     else:
         log_weights.copy_(torch.log_softmax(scores, dim=-1))
     weights = _softmax_last_dim(scores)
-    if empty_rows:
-        weights.nan_to_num_(nan=0.0)
-        log_weights.nan_to_num_(nan=0.0)
+    if empty_rows is not None:
+        weights.masked_fill_(empty_rows, 0.0)
+        log_weights.masked_fill_(empty_rows, 0.0)
     if is_causal and low + 1 < k.shape[2]:
         if first_row is not None:
             log_weights.tril_(first_row)  # 0 above each row's own position
@@ -332,7 +332,8 @@ def _above_diagonal(row_index, first: int, source: int) -> torch.Tensor:
 def _masked_scores(q, k, mask, is_causal: bool, scale_factor: float, buffer, row_index, low: int,
                    first_row: Optional[int] = None):
     """``(scores, mask, empty_rows)``: ``scale * q k^T`` with the causal mask (from key ``low + 1``
-    on) and ``mask`` applied, the mask as applied, and whether some row may have every key masked.
+    on) and ``mask`` applied, the mask as applied, and the rows with every key masked
+    (:func:`_empty_rows`: ``(B|1, H|1, L|1, 1)`` booleans, or ``None``).
     ``first_row``: ``row_index[0]`` where the rows are known to be consecutive (a faster causal mask)."""
     source = k.shape[2]
     scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, rows, S), float32 for half inputs
@@ -348,8 +349,7 @@ def _masked_scores(q, k, mask, is_causal: bool, scale_factor: float, buffer, row
         else:
             mask = mask.to(scores.dtype)
             scores = _in_place_if_fits(scores, mask, torch.Tensor.add_, torch.add)
-    empty_rows = mask is not None and _may_have_empty_rows(
-        mask, _above_diagonal(row_index, 0, source) if is_causal else None)
+    empty_rows = None if mask is None else _empty_rows(mask, _above_diagonal(row_index, 0, source) if is_causal else None)
     return scores, mask, empty_rows
 
 
@@ -567,19 +567,23 @@ def _broadcast(a: tuple, b: tuple) -> tuple:
     return tuple(out)
 
 
-def _may_have_empty_rows(mask, above_diagonal) -> bool:
-    """Whether some query row may have every key masked (its softmax is NaN).
+def _empty_rows(mask, above_diagonal) -> Optional[torch.Tensor]:
+    """``(B|1, H|1, L|1, 1)`` booleans: the query rows whose every key is masked (their softmax is
+    NaN; the kernels give them zeros), or ``None`` when no row is.
 
     Decided on the mask, which is at most ``(B, H, L, S)`` booleans and usually
     far smaller than the weights, so that the common case skips a pass over them.
     ``above_diagonal`` is the causal mask's hidden ``(L, S)`` part, or ``None``.
+    Only these rows are set to zero: a NaN anywhere else (a NaN query or key the model
+    produced) stays NaN, as it is in the kernel's output.
     """
     if mask is None:
-        return False  # a top-left causal mask leaves key 0 to every query
+        return None  # a top-left causal mask leaves key 0 to every query
     blocked = ~mask if mask.dtype == torch.bool else torch.isneginf(mask)  # (B|1, H|1, L|1, S)
     if above_diagonal is not None:
         blocked = blocked | above_diagonal
-    return bool(blocked.all(-1).any())
+    empty = blocked.all(-1, keepdim=True)
+    return empty if bool(empty.any()) else None
 
 
 def _differentiable_weights(q, k, mask, is_causal: bool, scale: float, row_index) -> torch.Tensor:
@@ -589,13 +593,15 @@ def _differentiable_weights(q, k, mask, is_causal: bool, scale: float, row_index
     if 1 < k.shape[1] < q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, S, E)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, L, S)
+    above_diagonal = None
     if is_causal:
         above_diagonal = torch.arange(k.shape[2], device=q.device)[None, :] > row_index[:, None]  # (rows, S)
         scores = scores.masked_fill(above_diagonal, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = torch.softmax(scores, dim=-1)
-    return torch.where(torch.isnan(weights), torch.zeros_like(weights), weights)
+    empty = _empty_rows(mask, above_diagonal)
+    return weights if empty is None else weights.masked_fill(empty, 0.0)
 
 
 def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> torch.Tensor:
