@@ -5,7 +5,7 @@ Run by hand (not part of the test suite), after making the peers' environments o
     benchmarks/peers_setup.sh /work/peers
     HF_HUB_OFFLINE=1 python benchmarks/bench_peers.py [--rounds 15] [--repeat 0] [--sizes 1x128,8x128,1x512]
                                                       [--only gpt2|vit] [--peers /work/peers] [--threads 2]
-                                                      [--no-memory | --memory-only]
+                                                      [--warm] [--no-memory | --memory-only]
 
 A full default run takes roughly 25 minutes on 2 idle threads of a slow VM (GPT-2 (1, 128) at 0.8 s a
 forward), and over twice that beside a busy test suite (estimated; ``--rounds 3 --repeat 3`` took 38 minutes there).
@@ -50,6 +50,12 @@ shuffled order; a worker takes its contenders in a shuffled order and times, for
 random order); the default ``--repeat 0`` takes as many calls as make about one second of plain
 forwards in that worker (1 to 5), so that the large works do not take hours. A ratio is contender/plain within one round; the table shows the median over
 ``--rounds`` rounds and the quartiles. One untimed call of everything comes before the first round.
+
+``--warm`` puts one untimed call before every timed block (the plain ones too). Without it, a block's
+first call pays for what the contender before it in the same process did to the C heap: glibc gives
+freed memory back to the system, and the next call faults it in again (ViT-S at batch 8 measured
+25,000-83,000 page faults per call in a mixed order, 5,000-6,000 in a row of the same contender).
+With it, each contender runs as in a loop over a dataset; without it, as after other work.
 
 Memory (GPT-2 at (1, 512)): each contender in three fresh processes; the peak RSS (``ru_maxrss``,
 its high-water mark reset through ``/proc/self/clear_refs`` once the model is loaded, one plain
@@ -275,23 +281,26 @@ def _max_diff(maps, reference) -> float:
     return worst
 
 
-def _block(fn, x, repeat: int) -> float:
-    """Seconds per call over ``repeat`` calls."""
+def _block(fn, x, repeat: int, warm: bool = False) -> float:
+    """Seconds per call over ``repeat`` calls (after one untimed call of ``fn`` when ``warm``)."""
+    if warm:
+        fn(x)
     start = time.perf_counter()
     for _ in range(repeat):
         fn(x)
     return (time.perf_counter() - start) / repeat
 
 
-def _round(plain, runs: dict, x, repeat: int) -> dict:
-    """One round: for each contender in a shuffled order, a plain block and its own block."""
+def _round(plain, runs: dict, x, repeat: int, warm: bool = False) -> dict:
+    """One round: for each contender in a shuffled order, a plain block and its own block (each
+    after one untimed call of what it times, when ``warm``)."""
     times = {}
     order = list(runs)
     random.shuffle(order)
     for name in order:
         pair = [("plain", plain), (name, runs[name])]
         random.shuffle(pair)
-        seconds = {label: _block(fn, x, repeat) for label, fn in pair}
+        seconds = {label: _block(fn, x, repeat, warm) for label, fn in pair}
         times[name] = [seconds["plain"], seconds[name]]
     return times
 
@@ -350,7 +359,7 @@ def worker_main(config: dict) -> None:
             request = json.loads(line)
             if request["cmd"] != "round":
                 break
-            _reply({"times": _round(plain, runs, x, request["repeat"] or auto)})
+            _reply({"times": _round(plain, runs, x, request["repeat"] or auto, request.get("warm", False))})
 
 
 def _rss_kb() -> int:
@@ -540,7 +549,7 @@ def bench_work(work: str, size: tuple, folder: Path, environments: dict, args) -
             random.shuffle(workers)
             for worker in list(workers):
                 try:
-                    times = worker.ask({"cmd": "round", "repeat": args.repeat})["times"]
+                    times = worker.ask({"cmd": "round", "repeat": args.repeat, "warm": args.warm})["times"]
                 except RuntimeError as error:  # its contenders get the reason instead of a ratio
                     results.update({name: {"error": str(error)} for name in worker.names})
                     workers.remove(worker)
@@ -609,6 +618,7 @@ def _row_title(work: str, size: tuple) -> str:
 def print_report(rows: list, memory: dict, args) -> None:
     """The markdown table, the ours/best-peer lines and the memory row."""
     calls = f"{args.repeat} calls" if args.repeat else f"~{BLOCK_SECONDS:g} s of plain calls (1 to {MAX_REPEAT})"
+    calls += ", each block after one untimed call of what it times" if args.warm else ""
     print(f"\n{args.rounds} rounds x {calls} per block, {args.threads} threads, CPU; "
           "each cell: median of contender/plain (quartiles) within its own process\n")
     titles = [title for title, _ in COLUMNS]
@@ -662,6 +672,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["gpt2", "vit"], default=None)
     parser.add_argument("--peers", type=Path, default=Path("/work/peers"), help="folder with the tl4 and tl3 venvs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warm", action="store_true",
+                        help="one untimed call before each timed block: each contender in its own steady state")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory row")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory row (no timing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
