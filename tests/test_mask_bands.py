@@ -433,3 +433,22 @@ def test_row_statistics_of_a_band_equal_those_of_its_rows_laid_out_whole(data):
     for name in want:
         torch.testing.assert_close(got[name], want[name], msg=name)
 
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_a_non_finite_key_a_mask_hides_makes_its_rows_nan_as_in_the_kernel(bad, kind):
+    # The kernels add a mask to the scores (a bool one as 0 / -inf): q.k + (-inf) is NaN when q.k is
+    # infinite or NaN, so every row is NaN in the kernel's output; neither the whole call nor its key
+    # bands may turn that key into a clean 0 (masked_fill_ of -inf, or skipping the key, did).
+    torch.manual_seed(0)
+    q, k, v = torch.ones(1, 1, 8, 4), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4)
+    k[0, 0, 0] = bad  # every row's score at key 0 is not finite; rows 2.. do not see key 0
+    window = _window(8, 2)
+    mask = window if kind == "bool" else torch.zeros(1, 1, 8, 8).masked_fill(~window, -math.inf)
+    kernel_nan = torch.isnan(torch.nn.functional.scaled_dot_product_attention(q, k, v, mask)).any(-1)
+    assert kernel_nan.all()
+    whole = sdpa_attention_weights(q, k, mask)
+    tiled = sdpa_attention_weights(q, k, mask, store_as=(torch.float32, CPU), tile_bytes=2 * 8 * 4)
+    assert torch.equal(torch.isnan(whole).any(-1), kernel_nan)
+    assert torch.equal(torch.isnan(tiled).any(-1), kernel_nan)

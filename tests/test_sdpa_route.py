@@ -326,3 +326,24 @@ def test_a_row_with_every_key_masked_is_zero_and_a_nan_row_elsewhere_stays_nan(p
     finite[0, 1, 2] = finite[0, :, 3] = False
     torch.testing.assert_close(weights.sum(-1)[finite], torch.ones(int(finite.sum())))
     torch.testing.assert_close((weights @ v)[finite], out[finite], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_gradients_through_a_row_that_sees_no_key_are_the_kernels(kind):
+    # The softmax of a row of -inf is NaN; its backward spread NaN to every key's gradient under a
+    # float mask, where the kernel's gradients are finite (that row gets none).
+    torch.manual_seed(0)
+    q0, k0, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    keep = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    keep[0, 0, 2] = False  # query row 2 sees no key
+    mask = keep if kind == "bool" else torch.zeros(1, 1, 4, 4).masked_fill(~keep, float("-inf"))
+    grads = []
+    for weights_of in (lambda q, k: sdpa_attention_weights(q, k, mask) @ v,
+                       lambda q, k: F.scaled_dot_product_attention(q, k, v, mask)):
+        q, k = q0.clone().requires_grad_(True), k0.clone().requires_grad_(True)
+        weights_of(q, k).sum().backward()
+        grads.append((q.grad, k.grad))
+    (ours_q, ours_k), (kernel_q, kernel_k) = grads
+    assert torch.isfinite(ours_q).all() and torch.isfinite(ours_k).all()
+    torch.testing.assert_close(ours_q, kernel_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_k, kernel_k, atol=1e-5, rtol=1e-5)

@@ -334,7 +334,13 @@ def _masked_scores(q, k, mask, is_causal: bool, scale_factor: float, buffer, row
     """``(scores, mask, empty_rows)``: ``scale * q k^T`` with the causal mask (from key ``low + 1``
     on) and ``mask`` applied, the mask as applied, and the rows with every key masked
     (:func:`_empty_rows`: ``(B|1, H|1, L|1, 1)`` booleans, or ``None``).
-    ``first_row``: ``row_index[0]`` where the rows are known to be consecutive (a faster causal mask)."""
+    ``first_row``: ``row_index[0]`` where the rows are known to be consecutive (a faster causal mask).
+
+    A bool mask is applied as the kernels apply it, as ``-inf`` added to the hidden scores: an
+    infinite or NaN score there gives NaN, and its row is NaN, as in the kernel's output (and on
+    the CPU the addition of a ``(B|1, H|1, L|1, S)`` float bias costs a third to a seventh of
+    ``masked_fill_`` with the bool mask). ``is_causal`` hides keys as the flash kernels do: they
+    never read them."""
     source = k.shape[2]
     scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, rows, S), float32 for half inputs
     if is_causal and low + 1 < source:
@@ -344,8 +350,7 @@ def _masked_scores(q, k, mask, is_causal: bool, scale_factor: float, buffer, row
             scores[..., low + 1:].masked_fill_(_above_diagonal(row_index, low + 1, source), float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
-            scores = _in_place_if_fits(scores, mask, lambda s, m: s.masked_fill_(~m, float("-inf")),
-                                       lambda s, m: s.masked_fill(~m, float("-inf")))
+            scores = _in_place_if_fits(scores, _additive(mask, scores.dtype), torch.Tensor.add_, torch.add)
         else:
             mask = mask.to(scores.dtype)
             scores = _in_place_if_fits(scores, mask, torch.Tensor.add_, torch.add)
@@ -404,8 +409,9 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     whole_mask = mask is not None and mask.shape[3] == source and mask.shape[3] > 1
     starts = list(range(0, length, rows))
     # Keys a mask hides from every row of a tile (a sliding window's, a chunk's, padding's): never computed.
+    # Where a query or key value is not finite, a key the mask hides may still make its row NaN: no bands.
     bands = (_key_bands(mask, starts, rows, length, very_negative=not is_causal and work != torch.float64)
-             if whole_mask and key_index is None and length else None)
+             if whole_mask and key_index is None and length and _all_finite(q, k) else None)
     assembled = (_Assembly(scratch, log_scratch) if bands is not None and tile_sink is not None
                  and not (needs.narrow and needs.bands) else None)
     for index, first in enumerate(starts):
@@ -567,6 +573,22 @@ def _broadcast(a: tuple, b: tuple) -> tuple:
     return tuple(out)
 
 
+def _all_finite(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether every value of ``q`` and ``k`` is surely finite: their sum is (a NaN or an infinity
+    never sums to a finite value; a sum too large for its dtype only says "not sure"). One read of
+    each, ten times faster than ``isfinite().all()``, one transfer to the host."""
+    total = q.sum(dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total + k.sum(dtype=total.dtype)))
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as the kernels add it to the scores: a bool mask as ``0`` where ``True`` and ``-inf``
+    where ``False``; a float mask in ``dtype``."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def _empty_rows(mask, above_diagonal) -> Optional[torch.Tensor]:
     """``(B|1, H|1, L|1, 1)`` booleans: the query rows whose every key is masked (their softmax is
     NaN; the kernels give them zeros), or ``None`` when no row is.
@@ -598,10 +620,13 @@ def _differentiable_weights(q, k, mask, is_causal: bool, scale: float, row_index
         above_diagonal = torch.arange(k.shape[2], device=q.device)[None, :] > row_index[:, None]  # (rows, S)
         scores = scores.masked_fill(above_diagonal, float("-inf"))
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    weights = torch.softmax(scores, dim=-1)
+        scores = scores + _additive(mask, scores.dtype)
     empty = _empty_rows(mask, above_diagonal)
-    return weights if empty is None else weights.masked_fill(empty, 0.0)
+    if empty is None:
+        return torch.softmax(scores, dim=-1)
+    # Rows that see no key: zeros, and no gradient through them (the softmax of a row of -inf is NaN,
+    # and its backward would spread NaN to every key); filled before the softmax, then after it.
+    return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
 
 
 def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer) -> torch.Tensor:
