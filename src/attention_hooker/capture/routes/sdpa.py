@@ -297,7 +297,8 @@ def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_b
         log_weights.masked_fill_(empty_rows, 0.0)
     if is_causal and low + 1 < k.shape[2]:
         if first_row is not None:
-            log_weights.tril_(first_row)  # 0 above each row's own position
+            start = _hidden_from(low + 1)
+            log_weights[..., start:].tril_(first_row - start)  # 0 after each row's own position
         else:
             log_weights[..., low + 1:].masked_fill_(_above_diagonal(row_index, low + 1, k.shape[2]), 0.0)
     if mask is not None:
@@ -309,19 +310,28 @@ def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_b
     return weights, log_weights
 
 
-def _hide_after_diagonal(scores: torch.Tensor, first_row: int) -> None:
+def _hide_after_diagonal(scores: torch.Tensor, first_row: int, first_hidden: int) -> None:
     """``-inf`` in ``scores`` ``(..., rows, S)`` at every key after its row's position, row ``i``
     being at ``first_row + i`` (a top-left causal mask), whatever the score held there (NaN or
-    infinite included), as ``masked_fill_`` sets it; the rest unchanged.
+    infinite included), as ``masked_fill_`` sets it; the rest unchanged. No key before
+    ``first_hidden`` is hidden from any row (``first_row + 1``, or less).
 
     Done as ``tril_`` (zeros after each row's position, a copy of the rest) and the addition of
-    a ``(rows, S)`` bias of ``-inf`` there and ``0`` elsewhere (``x + 0`` is ``x``; ``-0.0``
-    becomes ``0.0``, the same weight): on the CPU two simple passes cost a tenth to a fifth of
-    ``masked_fill_`` with a broadcast boolean mask (0.6 ms against 0.07 ms for 8 x 12 heads of
-    128 x 128 scores)."""
-    rows, source = scores.shape[-2], scores.shape[-1]
-    bias = torch.full((rows, source), float("-inf"), dtype=scores.dtype, device=scores.device).triu_(first_row + 1)
-    scores.tril_(first_row).add_(bias)
+    a bias of ``-inf`` there and ``0`` elsewhere (``x + 0`` is ``x``; ``-0.0`` becomes ``0.0``,
+    the same weight): on the CPU two simple passes cost a tenth to a fifth of ``masked_fill_``
+    with a broadcast boolean mask (0.6 ms against 0.07 ms for 8 x 12 heads of 128 x 128 scores).
+    Only the keys from ``first_hidden`` on are touched (a narrow tile's last few), unless that
+    is nearly all of them: a slice is slower than the whole at that size."""
+    start = _hidden_from(first_hidden)
+    part = scores[..., start:] if start else scores
+    rows, keys = part.shape[-2], part.shape[-1]
+    bias = torch.full((rows, keys), float("-inf"), dtype=scores.dtype, device=scores.device).triu_(first_row + 1 - start)
+    part.tril_(first_row - start).add_(bias)
+
+
+def _hidden_from(first_hidden: int) -> int:
+    """Where to start hiding keys: ``first_hidden``, or 0 where it is 0 or 1 (the whole tensor)."""
+    return first_hidden if first_hidden > 1 else 0
 
 
 def _above_diagonal(row_index, first: int, source: int) -> torch.Tensor:
@@ -345,7 +355,7 @@ def _masked_scores(q, k, mask, is_causal: bool, scale_factor: float, buffer, row
     scores = _scaled_scores(q, k, scale_factor, buffer)  # (B, H, rows, S), float32 for half inputs
     if is_causal and low + 1 < source:
         if first_row is not None:
-            _hide_after_diagonal(scores, first_row)
+            _hide_after_diagonal(scores, first_row, low + 1)
         else:
             scores[..., low + 1:].masked_fill_(_above_diagonal(row_index, low + 1, source), float("-inf"))
     if mask is not None:
