@@ -452,3 +452,15 @@ def test_a_non_finite_key_a_mask_hides_makes_its_rows_nan_as_in_the_kernel(bad, 
     tiled = sdpa_attention_weights(q, k, mask, store_as=(torch.float32, CPU), tile_bytes=2 * 8 * 4)
     assert torch.equal(torch.isnan(whole).any(-1), kernel_nan)
     assert torch.equal(torch.isnan(tiled).any(-1), kernel_nan)
+
+
+def test_finite_inputs_whose_score_overflows_at_a_hidden_key_are_computed_whole():
+    # q and k finite, q.k infinite at a key the mask hides from every row of a tile: the kernel's
+    # rows are NaN (inf + -inf), so that key must not be skipped as a band would (found by review).
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4)
+    q[..., 0], k[0, 0, 0, 0] = 4.0, 3e38  # every value (and each one's sum) finite, 4 * 3e38 / 2 is not
+    float_mask = torch.zeros(1, 1, 8, 8).masked_fill(~_window(8, 2), -math.inf)
+    kernel_nan = torch.isnan(torch.nn.functional.scaled_dot_product_attention(q, k, v, float_mask)).any(-1)
+    tiled = sdpa_attention_weights(q, k, float_mask, store_as=(torch.float32, CPU), tile_bytes=2 * 8 * 4)
+    assert kernel_nan.all() and torch.equal(torch.isnan(tiled).any(-1), kernel_nan)

@@ -347,3 +347,21 @@ def test_gradients_through_a_row_that_sees_no_key_are_the_kernels(kind):
     assert torch.isfinite(ours_q).all() and torch.isfinite(ours_k).all()
     torch.testing.assert_close(ours_q, kernel_q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours_k, kernel_k, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["whole", "tiles", "differentiable"])
+def test_a_row_that_sees_no_key_but_holds_a_nan_score_is_nan_as_in_the_kernel(path):
+    # A fully masked row is zeros only when its scores are all -inf: a NaN query there gives the
+    # kernel's output NaN, and the capture said "attends to nothing" (found by review).
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    q[0, 0, 2] = float("nan")
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask[0, 0, 2] = mask[0, 0, 3] = False  # rows 2 (NaN) and 3 (finite) see no key
+    kwargs = {"store_as": (torch.float32, torch.device("cpu")), "tile_bytes": 4 * 8} if path == "tiles" else {}
+    if path == "differentiable":
+        q.requires_grad_(True)
+    weights = sdpa_attention_weights(q, k, mask, **kwargs).detach()
+    kernel = F.scaled_dot_product_attention(q.detach(), k, v, mask)
+    assert torch.isnan(kernel[0, 0, 2]).all() and torch.isnan(weights[0, 0, 2]).all()
+    assert (kernel[0, 0, 3] == 0).all() and (weights[0, 0, 3] == 0).all()

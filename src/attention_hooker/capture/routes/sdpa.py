@@ -342,8 +342,9 @@ def _above_diagonal(row_index, first: int, source: int) -> torch.Tensor:
 def _masked_scores(q, k, mask, is_causal: bool, scale_factor: float, buffer, row_index, low: int,
                    first_row: Optional[int] = None):
     """``(scores, mask, empty_rows)``: ``scale * q k^T`` with the causal mask (from key ``low + 1``
-    on) and ``mask`` applied, the mask as applied, and the rows with every key masked
-    (:func:`_empty_rows`: ``(B|1, H|1, L|1, 1)`` booleans, or ``None``).
+    on) and ``mask`` applied, the mask as applied, and the rows with every key masked whose scores
+    are all ``-inf`` (:func:`_empty_rows`; a NaN score leaves its row NaN, as in the kernel):
+    ``(B|1, H|1, L|1, 1)`` booleans, or ``None``.
     ``first_row``: ``row_index[0]`` where the rows are known to be consecutive (a faster causal mask).
 
     A bool mask is applied as the kernels apply it, as ``-inf`` added to the hidden scores: an
@@ -365,6 +366,8 @@ def _masked_scores(q, k, mask, is_causal: bool, scale_factor: float, buffer, row
             mask = mask.to(scores.dtype)
             scores = _in_place_if_fits(scores, mask, torch.Tensor.add_, torch.add)
     empty_rows = None if mask is None else _empty_rows(mask, _above_diagonal(row_index, 0, source) if is_causal else None)
+    if empty_rows is not None:  # a NaN among a hidden row's scores makes it NaN in the kernel too
+        empty_rows = empty_rows & torch.isneginf(scores).all(-1, keepdim=True)
     return scores, mask, empty_rows
 
 
@@ -419,9 +422,9 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     whole_mask = mask is not None and mask.shape[3] == source and mask.shape[3] > 1
     starts = list(range(0, length, rows))
     # Keys a mask hides from every row of a tile (a sliding window's, a chunk's, padding's): never computed.
-    # Where a query or key value is not finite, a key the mask hides may still make its row NaN: no bands.
+    # Where a score may not be finite, a key the mask hides may still make its row NaN: no bands.
     bands = (_key_bands(mask, starts, rows, length, very_negative=not is_causal and work != torch.float64)
-             if whole_mask and key_index is None and length and _all_finite(q, k) else None)
+             if whole_mask and key_index is None and length and _scores_surely_finite(q, k, scale_factor) else None)
     assembled = (_Assembly(scratch, log_scratch) if bands is not None and tile_sink is not None
                  and not (needs.narrow and needs.bands) else None)
     for index, first in enumerate(starts):
@@ -583,12 +586,14 @@ def _broadcast(a: tuple, b: tuple) -> tuple:
     return tuple(out)
 
 
-def _all_finite(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether every value of ``q`` and ``k`` is surely finite: their sum is (a NaN or an infinity
-    never sums to a finite value; a sum too large for its dtype only says "not sure"). One read of
-    each, ten times faster than ``isfinite().all()``, one transfer to the host."""
-    total = q.sum(dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total + k.sum(dtype=total.dtype)))
+def _scores_surely_finite(q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:
+    """Whether every score ``scale * q_i . k_j`` (and every partial sum of it) is surely finite:
+    by Cauchy-Schwarz each is at most ``sqrt(sum(q^2) * sum(k^2)) * max(1, |scale|)``, read with
+    two dot products (a NaN or an infinity makes the bound NaN or infinite; a bound too large
+    only says "not sure"). ``q`` and ``k`` are float32 or float64, contiguous."""
+    q, k = q.reshape(-1), k.reshape(-1)
+    bound = torch.sqrt(torch.dot(q, q) * torch.dot(k, k)) * max(1.0, abs(scale))
+    return bool(bound < torch.finfo(q.dtype).max)
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -634,6 +639,7 @@ def _differentiable_weights(q, k, mask, is_causal: bool, scale: float, row_index
     empty = _empty_rows(mask, above_diagonal)
     if empty is None:
         return torch.softmax(scores, dim=-1)
+    empty = empty & torch.isneginf(scores.detach()).all(-1, keepdim=True)  # a NaN score: NaN, as in the kernel
     # Rows that see no key: zeros, and no gradient through them (the softmax of a row of -inf is NaN,
     # and its backward would spread NaN to every key); filled before the softmax, then after it.
     return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
