@@ -307,14 +307,15 @@ def test_grouped_query_weights_equal_the_kernels_without_repeating_the_keys(layo
 
 
 @pytest.mark.parametrize("path", ["whole", "tiles", "differentiable"])
-def test_a_row_with_every_key_masked_is_zero_and_a_nan_row_elsewhere_stays_nan(path):
-    # The kernel gives a fully masked row zeros and a row with a NaN query NaN; zeroing every NaN
-    # once some row was empty showed "attends to nothing" where the model's output was NaN.
+def test_a_row_with_every_key_masked_is_zero_unless_a_score_is_nan_and_a_nan_row_elsewhere_stays_nan(path):
+    # The kernel gives a fully masked row zeros, and a row with a NaN query NaN, masked or not;
+    # zeroing every NaN once some row was empty (or every fully masked row) showed "attends to
+    # nothing" where the model's output was NaN (the second case found by review).
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
-    q[0, 1, 2] = float("nan")
+    q[0, 1, 2] = q[1, 0, 4] = float("nan")
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
-    mask[0, 0, 3] = False  # row 3 of item 0 sees no key
+    mask[0, 0, 3] = mask[1, 0, 4] = False  # row 3 of item 0 and row 4 of item 1 see no key
     kwargs = {"store_as": (torch.float32, torch.device("cpu")), "tile_bytes": 2 * 2 * 2 * 5 * 4} if path == "tiles" else {}
     if path == "differentiable":
         q.requires_grad_(True)
@@ -322,8 +323,10 @@ def test_a_row_with_every_key_masked_is_zero_and_a_nan_row_elsewhere_stays_nan(p
     out = F.scaled_dot_product_attention(q.detach(), k, v, mask)
     assert torch.isnan(out[0, 1, 2]).all() and torch.isnan(weights[0, 1, 2]).all()
     assert (weights[0, :, 3] == 0).all() and (out[0, :, 3] == 0).all()
+    assert torch.isnan(out[1, 0, 4]).all() and torch.isnan(weights[1, 0, 4]).all()  # masked, with a NaN query
+    assert (weights[1, 1, 4] == 0).all() and (out[1, 1, 4] == 0).all()  # the same row of the other head
     finite = torch.ones(2, 2, 5, dtype=torch.bool)
-    finite[0, 1, 2] = finite[0, :, 3] = False
+    finite[0, 1, 2] = finite[0, :, 3] = finite[1, :, 4] = False
     torch.testing.assert_close(weights.sum(-1)[finite], torch.ones(int(finite.sum())))
     torch.testing.assert_close((weights @ v)[finite], out[finite], atol=1e-6, rtol=0)
 
@@ -348,20 +351,3 @@ def test_gradients_through_a_row_that_sees_no_key_are_the_kernels(kind):
     torch.testing.assert_close(ours_q, kernel_q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours_k, kernel_k, atol=1e-5, rtol=1e-5)
 
-
-@pytest.mark.parametrize("path", ["whole", "tiles", "differentiable"])
-def test_a_row_that_sees_no_key_but_holds_a_nan_score_is_nan_as_in_the_kernel(path):
-    # A fully masked row is zeros only when its scores are all -inf: a NaN query there gives the
-    # kernel's output NaN, and the capture said "attends to nothing" (found by review).
-    torch.manual_seed(1)
-    q, k, v = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
-    q[0, 0, 2] = float("nan")
-    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
-    mask[0, 0, 2] = mask[0, 0, 3] = False  # rows 2 (NaN) and 3 (finite) see no key
-    kwargs = {"store_as": (torch.float32, torch.device("cpu")), "tile_bytes": 4 * 8} if path == "tiles" else {}
-    if path == "differentiable":
-        q.requires_grad_(True)
-    weights = sdpa_attention_weights(q, k, mask, **kwargs).detach()
-    kernel = F.scaled_dot_product_attention(q.detach(), k, v, mask)
-    assert torch.isnan(kernel[0, 0, 2]).all() and torch.isnan(weights[0, 0, 2]).all()
-    assert (kernel[0, 0, 3] == 0).all() and (weights[0, 0, 3] == 0).all()
