@@ -352,3 +352,26 @@ def test_keys_hidden_by_the_causal_mask_count_for_nothing_even_when_not_finite(p
     rows1 = [i for i, r in enumerate([1, 3, 4, 8] if path == "rows" else range(12)) if r < 5]
     torch.testing.assert_close(head0[rows0].double(), expected[0, 0, rows0], atol=1e-6, rtol=0)
     torch.testing.assert_close(head1[rows1].double(), expected[0, 1, rows1], atol=1e-6, rtol=0)
+
+
+def test_the_log_beside_a_tile_is_zero_at_a_key_whose_score_is_minus_infinity():
+    # A -inf in a key gives its score -inf: weight 0, log -inf, and statistics took 0 * -inf = NaN
+    # for the entropy of every row (left alone by the last stop's review, fixed here).
+    torch.manual_seed(9)
+    q, k = torch.randn(1, 2, 6, 4).abs() + 0.1, torch.randn(1, 2, 6, 4)  # q > 0: q . k = -inf at key 1
+    k[0, :, 1, 0] = -math.inf
+    logs = []
+
+    class Sink:
+        def begin(self, shape):
+            return sdpa.TileNeeds(narrow=True, log_probabilities=True)
+
+        def __call__(self, tile, rows, shape, log_tile):
+            logs.append((tile.clone(), log_tile.clone()))
+
+    sdpa_attention_weights(q, k, is_causal=True, tile_sink=Sink(), tile_bytes=2 * 2 * 6 * 4)
+    for tile, log_tile in logs:
+        assert torch.isfinite(tile).all() and torch.isfinite(log_tile).all()
+        assert (log_tile[tile == 0] == 0).all() and (tile[..., 1:2] == 0).all()
+        torch.testing.assert_close(log_tile[tile > 0].exp(), tile[tile > 0])
+        assert torch.isfinite((tile * log_tile).sum(-1)).all()  # the entropy statistics take

@@ -277,10 +277,11 @@ def _weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, dtype, ro
 
 
 def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_buffer, row_index, low: int = 0,
-                 first_row: Optional[int] = None):
+                 first_row: Optional[int] = None, finite_scores: bool = True):
     """``(weights, log_weights)`` of :func:`_weights` (float32 or float64, ``(B, H, rows, S)``),
     with ``log_weights`` 0 wherever the weight is 0 (a masked key, a row with every key
-    masked), so that ``weights * log_weights`` is finite everywhere.
+    masked, and, where ``finite_scores`` is false, a key whose score is ``-inf``), so that
+    ``weights * log_weights`` is finite wherever the weights are.
 
     Both come from the scores by the library's own kernels (log-softmax, then softmax in place):
     the exponential of very negative log-weights gives subnormal floats, which ``torch.exp``
@@ -305,8 +306,10 @@ def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_b
         if mask.dtype == torch.bool:
             _in_place_if_fits(log_weights, mask, lambda s, m: s.masked_fill_(~m, 0.0),
                               lambda s, m: s.masked_fill(~m, 0.0))
-        else:  # -inf where a float mask held -inf (or very negative where it held finfo.min)
+        elif finite_scores:  # -inf where a float mask held -inf (or very negative where it held finfo.min)
             log_weights.masked_fill_(weights == 0, 0.0)
+    if not finite_scores:  # a -inf score (a -inf in a key) has weight 0 and log -inf, wherever it lies
+        log_weights.masked_fill_(weights == 0, 0.0)
     return weights, log_weights
 
 
@@ -422,9 +425,12 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     whole_mask = mask is not None and mask.shape[3] == source and mask.shape[3] > 1
     starts = list(range(0, length, rows))
     # Keys a mask hides from every row of a tile (a sliding window's, a chunk's, padding's): never computed.
-    # Where a score may not be finite, a key the mask hides may still make its row NaN: no bands.
+    banded = whole_mask and key_index is None and length
+    # Where a score may not be finite, a key the mask hides may still make its row NaN (no bands), and
+    # a -inf score has log -inf beside its weight 0 (set to 0, where the log is handed on).
+    finite = _scores_surely_finite(q, k, scale_factor) if banded or needs.log_probabilities else True
     bands = (_key_bands(mask, starts, rows, length, very_negative=not is_causal and work != torch.float64)
-             if whole_mask and key_index is None and length and _scores_surely_finite(q, k, scale_factor) else None)
+             if banded and finite else None)
     assembled = (_Assembly(scratch, log_scratch) if bands is not None and tile_sink is not None
                  and not (needs.narrow and needs.bands) else None)
     for index, first in enumerate(starts):
@@ -447,7 +453,7 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
             log_tile = tile if needs.log_probabilities else None
         elif needs.log_probabilities:
             tile, log_tile = _log_weights(q[:, :, first:last], part, tile_mask, is_causal, scale_factor, tile_buffer,
-                                          log_tile_buffer, tile_index, low, first_row)
+                                          log_tile_buffer, tile_index, low, first_row, finite)
         else:
             tile = _weights(q[:, :, first:last], part, tile_mask, is_causal, scale_factor, tile_buffer, work,
                             tile_index, low, first_row)
