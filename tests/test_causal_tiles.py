@@ -260,23 +260,28 @@ def test_large_stored_tensors_on_fresh_pages_are_plain_private_tensors_reused_af
     assert float(page[0, 0]) == 0.0, "a write in a forked child reached the parent's tensor (a shared mapping)"
 
 
-def test_the_log_handed_beside_a_tile_is_zero_wherever_its_weight_is_zero_under_a_float_mask():
-    torch.manual_seed(6)
-    q, k = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
-    mask = torch.zeros(1, 1, 6, 6)
-    mask[..., 2] = -math.inf
-    mask[..., 4] = torch.finfo(torch.float32).min
-    logs = []
+def _tiles_with_logs(q, k, mask=None, **kwargs) -> list:
+    """``[(rows, tile, log_tile)]`` of a causal call handed to a sink that takes narrow tiles and their logs."""
+    tiles = []
 
     class Sink:
         def begin(self, shape):
             return sdpa.TileNeeds(narrow=True, log_probabilities=True)
 
         def __call__(self, tile, rows, shape, log_tile):
-            logs.append((tile.clone(), log_tile.clone()))
+            tiles.append((rows.clone(), tile.clone(), log_tile.clone()))
 
-    sdpa_attention_weights(q, k, mask, is_causal=True, tile_sink=Sink(), tile_bytes=1)
-    for tile, log_tile in logs:
+    sdpa_attention_weights(q, k, mask, is_causal=True, tile_sink=Sink(), **kwargs)
+    return tiles
+
+
+def test_the_log_handed_beside_a_tile_is_zero_wherever_its_weight_is_zero_under_a_float_mask():
+    torch.manual_seed(6)
+    q, k = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., 2] = -math.inf
+    mask[..., 4] = torch.finfo(torch.float32).min
+    for _, tile, log_tile in _tiles_with_logs(q, k, mask, tile_bytes=1):
         assert torch.isfinite(log_tile).all()
         assert (log_tile[tile == 0] == 0).all()
         torch.testing.assert_close(log_tile[tile > 0].exp(), tile[tile > 0])
@@ -331,18 +336,8 @@ def test_keys_hidden_by_the_causal_mask_count_for_nothing_even_when_not_finite(p
         got = sdpa_attention_weights(q, k, is_causal=True, store_as=(torch.float32, torch.device("cpu")),
                                      tile_bytes=3 * 2 * 12 * 4)
     else:
-        tiles = []
-
-        class Sink:
-            def begin(self, shape):
-                return sdpa.TileNeeds(narrow=True, log_probabilities=True)
-
-            def __call__(self, tile, rows, shape, log_tile):
-                tiles.append((rows.clone(), tile.clone(), log_tile.clone()))
-
-        sdpa_attention_weights(q, k, is_causal=True, tile_sink=Sink(), tile_bytes=3 * 2 * 12 * 4)
         got = torch.zeros(1, 2, 12, 12)
-        for rows, tile, log_tile in tiles:
+        for rows, tile, log_tile in _tiles_with_logs(q, k, tile_bytes=3 * 2 * 12 * 4):
             got[:, :, rows, :tile.shape[-1]] = tile
             seen, finite_rows = tile > 0, torch.isfinite(tile).all(-1, keepdim=True)  # rows that saw a NaN: NaN
             assert (log_tile[~seen & finite_rows] == 0).all()  # 0 after each row's position, whatever the key held
@@ -360,17 +355,7 @@ def test_the_log_beside_a_tile_is_zero_at_a_key_whose_score_is_minus_infinity():
     torch.manual_seed(9)
     q, k = torch.randn(1, 2, 6, 4).abs() + 0.1, torch.randn(1, 2, 6, 4)  # q > 0: q . k = -inf at key 1
     k[0, :, 1, 0] = -math.inf
-    logs = []
-
-    class Sink:
-        def begin(self, shape):
-            return sdpa.TileNeeds(narrow=True, log_probabilities=True)
-
-        def __call__(self, tile, rows, shape, log_tile):
-            logs.append((tile.clone(), log_tile.clone()))
-
-    sdpa_attention_weights(q, k, is_causal=True, tile_sink=Sink(), tile_bytes=2 * 2 * 6 * 4)
-    for tile, log_tile in logs:
+    for _, tile, log_tile in _tiles_with_logs(q, k, tile_bytes=2 * 2 * 6 * 4):
         assert torch.isfinite(tile).all() and torch.isfinite(log_tile).all()
         assert (log_tile[tile == 0] == 0).all() and (tile[..., 1:2] == 0).all()
         torch.testing.assert_close(log_tile[tile > 0].exp(), tile[tile > 0])
