@@ -302,13 +302,11 @@ def _log_weights(q, k, mask, is_causal: bool, scale_factor: float, buffer, log_b
             log_weights[..., start:].tril_(first_row - start)  # 0 after each row's own position
         else:
             log_weights[..., low + 1:].masked_fill_(_above_diagonal(row_index, low + 1, k.shape[2]), 0.0)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            _in_place_if_fits(log_weights, mask, lambda s, m: s.masked_fill_(~m, 0.0),
-                              lambda s, m: s.masked_fill(~m, 0.0))
-        elif finite_scores:  # -inf where a float mask held -inf (or very negative where it held finfo.min)
-            log_weights.masked_fill_(weights == 0, 0.0)
-    if not finite_scores:  # a -inf score (a -inf in a key) has weight 0 and log -inf, wherever it lies
+    if mask is not None and mask.dtype == torch.bool:
+        _in_place_if_fits(log_weights, mask, lambda s, m: s.masked_fill_(~m, 0.0), lambda s, m: s.masked_fill(~m, 0.0))
+    # -inf where a float mask held -inf (or very negative where it held finfo.min), and where a score was -inf
+    # (a -inf in a key), wherever it lies
+    if not finite_scores or (mask is not None and mask.dtype != torch.bool):
         log_weights.masked_fill_(weights == 0, 0.0)
     return weights, log_weights
 
