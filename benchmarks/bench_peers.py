@@ -5,7 +5,8 @@ Run by hand (not part of the test suite), after making the peers' environments o
     benchmarks/peers_setup.sh /work/peers
     HF_HUB_OFFLINE=1 python benchmarks/bench_peers.py [--rounds 15] [--repeat 0] [--sizes 1x128,8x128,1x512]
                                                       [--only gpt2|vit] [--peers /work/peers] [--threads 2]
-                                                      [--warm] [--no-memory | --memory-only]
+                                                      [--warm] [--allocator default|steady]
+                                                      [--no-memory | --memory-only]
 
 A full default run takes roughly 25 minutes on 2 idle threads of a slow VM (GPT-2 (1, 128) at 0.8 s a
 forward), and over twice that beside a busy test suite (estimated; ``--rounds 3 --repeat 3`` took 38 minutes there).
@@ -57,6 +58,21 @@ freed memory back to the system, and the next call faults it in again (ViT-S at 
 25,000-83,000 page faults per call in a mixed order, 5,000-6,000 in a row of the same contender).
 With it, each contender runs as in a loop over a dataset; without it, as after other work.
 
+Each row also gives the minor page faults per call (``ru_minflt``), of the plain forward and of each
+contender: on this project's CPU machine a fault costs about 2 us, and glibc's heap decides how many
+there are. Its mmap threshold grows with what was freed before, and it gives memory back to the
+system past a trim threshold, so two identical forwards in two processes can differ by tens of
+thousands of faults (ViT-S at batch 8, measured: the plain sdpa model 51,000 per call, the eager one
+4,900 in a process of its own and 52,000 beside other models; 13% of the forward). That is the
+process's history, not the work. ``--allocator steady`` fixes glibc's thresholds in every worker
+(``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``, environment variables glibc reads at
+start; elsewhere they do nothing), so that the figures are the work's: a timing worker keeps every
+byte under 32 MiB it freed for reuse (as ``bench_capture.py --allocator steady`` does; larger tensors, such
+as GPT-2's logits, are mapped and faulted alike for every contender), and a memory
+process maps every allocation of 1 MiB or more on its own and returns it when it is freed (the peak is
+the bytes alive, not the heap's holes). ``--allocator default`` leaves glibc as a user's
+process has it.
+
 Memory (GPT-2 at (1, 512)): each contender in three fresh processes; the peak RSS (``ru_maxrss``,
 its high-water mark reset through ``/proc/self/clear_refs`` once the model is loaded, one plain
 forward of it ran and the C heap gave back what that forward freed, ``malloc_trim``) minus the RSS at that point, in MB, median of the three (and the median ratio of the
@@ -88,6 +104,10 @@ MEMORY_SIZE = (1, 512)
 TOLERANCE = 1e-5
 BLOCK_SECONDS, MAX_REPEAT = 1.0, 5  # --repeat 0: plain calls enough for about a second, 1 to 5
 MEMORY_PROCESSES = 3
+# --allocator steady: glibc's thresholds in the workers' environment (see the module's docstring).
+# Timing: everything under 32 MiB (glibc's largest threshold on 64 bits) from the heap, which never shrinks.
+STEADY_TIMING = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+STEADY_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}  # 1 MiB and over: a mapping of its own, freed at once
 VIT_NAME = "vit_small_patch16_224"
 
 # contender -> environment it runs in ("project" is the interpreter running this driver)
@@ -281,28 +301,38 @@ def _max_diff(maps, reference) -> float:
     return worst
 
 
-def _block(fn, x, repeat: int, warm: bool = False) -> float:
-    """Seconds per call over ``repeat`` calls (after one untimed call of ``fn`` when ``warm``)."""
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel mapped on first touch)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _block(fn, x, repeat: int, warm: bool = False) -> tuple:
+    """``(seconds, minor page faults)`` per call over ``repeat`` calls (after one untimed call of
+    ``fn`` when ``warm``)."""
     if warm:
         fn(x)
-    start = time.perf_counter()
+    faults, start = _minor_faults(), time.perf_counter()
     for _ in range(repeat):
         fn(x)
-    return (time.perf_counter() - start) / repeat
+    return (time.perf_counter() - start) / repeat, (_minor_faults() - faults) / repeat
 
 
-def _round(plain, runs: dict, x, repeat: int, warm: bool = False) -> dict:
+def _round(plain, runs: dict, x, repeat: int, warm: bool = False) -> tuple:
     """One round: for each contender in a shuffled order, a plain block and its own block (each
-    after one untimed call of what it times, when ``warm``)."""
-    times = {}
+    after one untimed call of what it times, when ``warm``).
+
+    Returns ``(times, faults)``: ``{contender: [plain, its own]}`` in seconds and in minor page
+    faults, per call."""
+    times, faults = {}, {}
     order = list(runs)
     random.shuffle(order)
     for name in order:
         pair = [("plain", plain), (name, runs[name])]
         random.shuffle(pair)
-        seconds = {label: _block(fn, x, repeat, warm) for label, fn in pair}
-        times[name] = [seconds["plain"], seconds[name]]
-    return times
+        measured = {label: _block(fn, x, repeat, warm) for label, fn in pair}
+        times[name] = [measured["plain"][0], measured[name][0]]
+        faults[name] = [measured["plain"][1], measured[name][1]]
+    return times, faults
 
 
 def _checked_runs(config: dict, x) -> tuple:
@@ -350,7 +380,7 @@ def worker_main(config: dict) -> None:
     with torch.no_grad():
         plain = _plain(config["work"], config["folder"])
         runs, diffs, errors = _checked_runs(config, x)
-        plain_s = _block(plain, x, 1)  # the untimed warm-up of everything (it sizes the automatic blocks)
+        plain_s = _block(plain, x, 1)[0]  # the untimed warm-up of everything (it sizes the automatic blocks)
         for run in runs.values():
             run(x)
         auto = min(MAX_REPEAT, max(1, round(BLOCK_SECONDS / plain_s)))
@@ -359,7 +389,8 @@ def worker_main(config: dict) -> None:
             request = json.loads(line)
             if request["cmd"] != "round":
                 break
-            _reply({"times": _round(plain, runs, x, request["repeat"] or auto, request.get("warm", False))})
+            times, faults = _round(plain, runs, x, request["repeat"] or auto, request.get("warm", False))
+            _reply({"times": times, "faults": faults})
 
 
 def _rss_kb() -> int:
@@ -407,13 +438,13 @@ def memory_main(config: dict) -> None:
 class Worker:
     """A worker process in one environment, talked to in JSON lines; its stderr goes to a log."""
 
-    def __init__(self, python: str, config: dict, log: Path):
+    def __init__(self, python: str, config: dict, log: Path, malloc: dict | None = None):
         self.log = log
         self.names = config["contenders"]
         self._stderr = log.open("w")
         self.process = subprocess.Popen(
             [python, __file__, "--worker", json.dumps(config)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._stderr, text=True, env=_worker_env(config["threads"]),
+            stderr=self._stderr, text=True, env=_worker_env(config["threads"], malloc),
         )
 
     def answer(self) -> dict:
@@ -442,10 +473,13 @@ class Worker:
         self._stderr.close()
 
 
-def _worker_env(threads: int) -> dict:
-    """The environment of a worker: offline, ``threads`` threads, nothing of this venv's path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(OFFLINE, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+def _worker_env(threads: int, malloc: dict | None = None) -> dict:
+    """The environment of a worker: offline, ``threads`` threads, nothing of this venv's path, and
+    ``malloc``'s glibc settings (``--allocator steady``); glibc's own from the caller's environment are
+    dropped, so that ``--allocator default`` is what a user's process gets."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env.update(OFFLINE, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(malloc or {}))
     return env
 
 
@@ -534,7 +568,8 @@ def bench_work(work: str, size: tuple, folder: Path, environments: dict, args) -
         for environment, names in groups.items():  # "project" first: it writes the reference
             config = {"work": work, "folder": str(folder / work) if work == "gpt2" else str(folder),
                       "inputs": str(inputs), "reference": str(reference), "contenders": names, "threads": args.threads}
-            worker = Worker(environments[environment], config, folder / f"{environment}_{work}.log")
+            worker = Worker(environments[environment], config, folder / f"{environment}_{work}.log",
+                            STEADY_TIMING if args.allocator == "steady" else None)
             try:
                 setup = worker.answer()
             except RuntimeError as error:
@@ -543,30 +578,33 @@ def bench_work(work: str, size: tuple, folder: Path, environments: dict, args) -
                 continue
             results.update({name: {"error": message} for name, message in setup["errors"].items()})
             for name in setup["timed"]:
-                results[name] = {"diff": setup["diffs"][name], "torch": setup["torch"], "samples": []}
+                results[name] = {"diff": setup["diffs"][name], "torch": setup["torch"], "samples": [], "faults": []}
             workers.append(worker)
         for _ in range(args.rounds):
             random.shuffle(workers)
             for worker in list(workers):
                 try:
-                    times = worker.ask({"cmd": "round", "repeat": args.repeat, "warm": args.warm})["times"]
+                    answer = worker.ask({"cmd": "round", "repeat": args.repeat, "warm": args.warm})
                 except RuntimeError as error:  # its contenders get the reason instead of a ratio
                     results.update({name: {"error": str(error)} for name in worker.names})
                     workers.remove(worker)
                     worker.close()
                     continue
-                for name, (plain, own) in times.items():
+                for name, (plain, own) in answer["times"].items():
                     results[name]["samples"].append((plain, own))
+                    results[name]["faults"].append(tuple(answer["faults"][name]))
     finally:
         for worker in workers:
             worker.close()
         reference.unlink(missing_ok=True)
     for result in results.values():
-        samples = result.pop("samples", None)
+        samples, faults = result.pop("samples", None), result.pop("faults", None)
         if samples:
             ratios = [own / plain for plain, own in samples]
             result.update(ratio=statistics.median(ratios), quartiles=_quartiles(ratios),
-                          plain_ms=statistics.median(plain for plain, _ in samples) * 1e3)
+                          plain_ms=statistics.median(plain for plain, _ in samples) * 1e3,
+                          faults=(statistics.median(plain for plain, _ in faults),
+                                  statistics.median(own for _, own in faults)))
     return results
 
 
@@ -584,7 +622,8 @@ def bench_memory(folder: Path, environments: dict, args) -> dict:
         ratios, added = [], []
         for _ in range(MEMORY_PROCESSES):
             done = subprocess.run([environments[ENVIRONMENT[name]], __file__, "--memory", json.dumps(config)],
-                                  capture_output=True, text=True, env=_worker_env(args.threads), check=False)
+                                  capture_output=True, text=True, check=False,
+                                  env=_worker_env(args.threads, STEADY_MEMORY if args.allocator == "steady" else None))
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             if done.returncode or not lines:
                 tail = [line for line in done.stderr.splitlines() if line.strip()] or ["(no output)"]
@@ -619,6 +658,7 @@ def print_report(rows: list, memory: dict, args) -> None:
     """The markdown table, the ours/best-peer lines and the memory row."""
     calls = f"{args.repeat} calls" if args.repeat else f"~{BLOCK_SECONDS:g} s of plain calls (1 to {MAX_REPEAT})"
     calls += ", each block after one untimed call of what it times" if args.warm else ""
+    calls += ", glibc's thresholds fixed (--allocator steady)" if args.allocator == "steady" else ""
     print(f"\n{args.rounds} rounds x {calls} per block, {args.threads} threads, CPU; "
           "each cell: median of contender/plain (quartiles) within its own process\n")
     titles = [title for title, _ in COLUMNS]
@@ -645,6 +685,13 @@ def print_report(rows: list, memory: dict, args) -> None:
     for (work, size), results in rows:  # the check every timed contender passed
         diffs = ", ".join(f"{name} {r['diff']:.1e}" for name, r in results.items() if "diff" in r)
         print(f"max abs diff to ours, {_row_title(work, size)}: {diffs}")
+    print()
+    for (work, size), results in rows:  # what glibc's heap did (see the module's docstring)
+        faults = {name: r["faults"] for name, r in results.items() if "faults" in r}
+        if faults:
+            plain = statistics.median(f[0] for f in faults.values())
+            own = ", ".join(f"{name} {f[1]:,.0f}" for name, f in faults.items())
+            print(f"minor page faults per call, {_row_title(work, size)}: plain {plain:,.0f}; {own}")
 
 
 def _versus_best(results: dict) -> str:
@@ -674,6 +721,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warm", action="store_true",
                         help="one untimed call before each timed block: each contender in its own steady state")
+    parser.add_argument("--allocator", choices=["default", "steady"], default="default",
+                        help="steady: glibc's heap thresholds fixed in every worker, so that page faults and the "
+                             "heap's holes follow the work and not the process's history")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory row")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory row (no timing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
