@@ -165,11 +165,12 @@ WAYS_TO_KEEP = ["dict", "call_list", "all_call_lists", "shallow_copy", "tensor",
 
 @pytest.mark.parametrize("way", WAYS_TO_KEEP)
 @pytest.mark.parametrize("dtype", [None, torch.float16], ids=["as_computed", "float16"])
-def test_clear_never_writes_into_values_the_user_kept(way, dtype):
+@pytest.mark.parametrize("tokens", [5, 300], ids=["small", "pooled_pages"])  # 300: maps on the page pool's pages
+def test_clear_never_writes_into_values_the_user_kept(way, dtype, tokens):
     """Finding 2: `kept = dict(h.values); h.clear(); model(x)` overwrote kept."""
     model = Stack().eval()
     with torch.no_grad(), TransformerAttentionHooker(model, dtype=dtype) as hooker:
-        model(torch.randn(2, 5, 16))
+        model(torch.randn(2, tokens, 16))
         original = hooker.values["blocks.0"][0].clone()
         kept = _kept_by(way, hooker.values)
         snapshot = None if way in ("storage", "dlpack", "weakref", "autograd") else _snapshot(kept)
@@ -177,7 +178,7 @@ def test_clear_never_writes_into_values_the_user_kept(way, dtype):
             hooker.clear()
             if way == "weakref" and isinstance(kept, weakref.ref):
                 kept = kept()  # the user dereferences it after clear(): a strong reference, or None
-            model(torch.randn(2, 5, 16) * 3)
+            model(torch.randn(2, tokens, 16) * 3)
         assert not torch.equal(hooker.values["blocks.0"][0], original)
     if snapshot is not None:
         _assert_same(kept, snapshot)
