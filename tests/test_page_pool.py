@@ -114,6 +114,26 @@ def test_pool_stays_within_its_bytes_and_lets_go_on_release():
     assert held[0].sum().item() == 0.0, "released pages stay valid for the tensors on them"
 
 
+def test_sizes_that_stop_coming_do_not_hold_the_pool():
+    """Review: a full pool of sizes that no longer come (prompts of other lengths) served no new
+    size, while keeping its pages resident. Free mappings are let go for the new size; mappings
+    in use never are."""
+    pool = PagePool()
+    pool.max_bytes = 4 * 2**20
+    in_use = pool.take((2**18,), torch.float32)[0]  # 1 MiB, held by the user
+    pointer = in_use.data_ptr()
+    for _ in range(3):
+        pool.take((2**18 + 1024,), torch.float32)  # 3 more mappings of another size, dropped at once
+    for length in (2**18 + 2048, 2**18 + 4096, 2**18 + 8192):  # new sizes, each dropped before the next
+        tensor, fresh = pool.take((length,), torch.float32)
+        assert tensor is not None and fresh, "a new size is served once free mappings are let go"
+        del tensor
+    assert pool.nbytes <= pool.max_bytes
+    in_use.fill_(5.0)
+    assert in_use.data_ptr() == pointer and bool((in_use == 5.0).all())
+    assert all(pool.take((2**18,), torch.float32)[0].data_ptr() != pointer for _ in range(2)), "still in use"
+
+
 def test_remove_hooks_lets_the_pages_go():
     model = Stack().eval()
     with torch.no_grad(), TransformerAttentionHooker(model) as hooker:

@@ -273,23 +273,23 @@ def _private_pages(nbytes: int) -> mmap.mmap:
 
 def _on_pages(pages: mmap.mmap, shape, dtype: torch.dtype) -> torch.Tensor:
     """A tensor of ``shape`` on the start of ``pages``, its storage exactly its bytes (``torch.save``
-    writes those only); while the storage lives, it holds an export of ``pages`` (a reference)."""
+    writes those only); while the storage lives, it holds a reference to ``pages``."""
     storage = torch.frombuffer(pages, dtype=torch.uint8, count=_nbytes(shape, dtype)).untyped_storage()
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
-def _listed_refs(pages: mmap.mmap) -> int:
-    """References to ``pages`` seen from a loop over the pool's list (compared with
-    :data:`_UNUSED_REFS`, taken the same way)."""
+def _listed_refs(pages) -> int:
+    """References to ``pages`` seen from a loop over a list that holds them (compared with
+    :func:`_unlisted_refs`, taken the same way at the same moment)."""
     return refcount(pages)
 
 
-def _unused_refs() -> int:
-    for pages in [_private_pages(mmap.PAGESIZE)]:
-        return _listed_refs(pages)
-
-
-_UNUSED_REFS = _unused_refs()
+def _unlisted_refs() -> int:
+    """What :func:`_listed_refs` gives for an object that only its list holds. Taken at each use
+    (a few microseconds), not once at import: a tracer or debugger that holds frames' locals
+    while the baseline is taken would otherwise make pages in use look free."""
+    for alone in [object()]:
+        return _listed_refs(alone)
 
 
 class PagePool:
@@ -302,12 +302,14 @@ class PagePool:
     (1, 512): 151 MB of weights per forward, about 37,000 faults, 5-9% of the forward on
     this project's CPU machine). Here each stored tensor of :data:`POOLED_MIN` bytes or more
     lies on pages of its own that the pool keeps: once the last tensor or view on them is
-    gone (no export of the mapping is left: its reference count is back to what the pool's
-    list alone gives), the next call of that size takes them, already faulted in.
+    gone (every storage on the mapping holds a reference to it: its reference count is back to
+    what the pool's list alone gives), the next call of that size takes them, already faulted in.
 
-    The pool keeps at most :attr:`max_bytes` of pages; beyond it a tensor comes from the heap
-    as before. Pages kept stay resident while the hooks are on, even when no weights are
-    stored: :meth:`release` (hooks off) lets them go with the last tensor on them.
+    The pool keeps at most :attr:`max_bytes` of pages. When a new size does not fit, free
+    mappings of other sizes are let go first (sizes that stop coming, as prompts change length,
+    do not hold the pool); beyond that a tensor comes from the heap as before. Pages kept stay
+    resident while the hooks are on, even when no weights are stored: :meth:`release` (hooks
+    off) lets them go with the last tensor on them.
     """
 
     max_bytes = 256 * 2**20
@@ -323,15 +325,38 @@ class PagePool:
         nbytes = _nbytes(shape, dtype)
         size = -nbytes % mmap.PAGESIZE + nbytes
         with self._lock:
+            unused = _unlisted_refs()
             for pages in self._pages.get(size, ()):
-                if _listed_refs(pages) == _UNUSED_REFS:
+                if _listed_refs(pages) == unused:
                     return _on_pages(pages, shape, dtype), False
+            if self._held + size > self.max_bytes:
+                self._let_go_of_free_pages(unused, size)
             if self._held + size > self.max_bytes:
                 return None, False
             pages = _private_pages(size)
             self._pages.setdefault(size, []).append(pages)
             self._held += size
             return _on_pages(pages, shape, dtype), True
+
+    def _let_go_of_free_pages(self, unused: int, needed: int) -> None:
+        """Forgets free mappings (``unused``: their count when only the pool holds them), the
+        largest first, until ``needed`` more bytes fit (each is unmapped as it is dropped)."""
+        # (A plain loop over each list: enumerate's reused tuple would hold one more reference.)
+        free = [(size, pages) for size, mappings in self._pages.items() for pages in mappings
+                if _listed_refs(pages) == unused]
+        free.sort(key=lambda entry: entry[0], reverse=True)
+        dropped = set()
+        for size, pages in free:
+            if self._held + needed <= self.max_bytes:
+                break
+            dropped.add(id(pages))
+            self._held -= size
+        for size in list(self._pages):
+            kept = [pages for pages in self._pages[size] if id(pages) not in dropped]
+            if kept:
+                self._pages[size] = kept
+            else:
+                del self._pages[size]
 
     @property
     def nbytes(self) -> int:
