@@ -211,11 +211,26 @@ class Arena:
             self._chunks.clear()
 
 
+def _private_pages(nbytes: int) -> mmap.mmap:
+    """``nbytes`` of fresh private anonymous memory (zeros until written). Private: shared anonymous
+    memory (mmap's default) is backed by shmem, faulted 4 KiB at a time."""
+    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _on_pages(pages: mmap.mmap, shape, dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+    """A tensor of ``shape`` (``nbytes``) on the start of ``pages``, its storage exactly its bytes
+    (``torch.save`` writes those only); while the storage lives, it holds a reference to ``pages``.
+    A tensor on the storage, not a view of a byte tensor: no ``_base`` (stored tensors with one are
+    never reused as spare buffers), as the arena's tensors are made."""
+    storage = torch.frombuffer(pages, dtype=torch.uint8, count=nbytes).untyped_storage()
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+
+
 def _mapped_chunk(nbytes: int) -> torch.Tensor:
     """``nbytes`` of fresh anonymous pages as a uint8 tensor: outside the C heap, so a
     chunk neither pins the heap nor is pinned by it, and its pages go back to the
     system as soon as the last tensor cut from it is freed."""
-    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=torch.uint8)
+    return torch.frombuffer(_private_pages(nbytes), dtype=torch.uint8)
 
 
 PAGED_BYTES = 32 * 2**20
@@ -245,18 +260,14 @@ def zero_pages(shape, dtype: torch.dtype) -> torch.Tensor:
     nbytes = _nbytes(shape, dtype)
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    # Private pages: shared anonymous memory (mmap's default) is backed by shmem, faulted 4 KiB at a time.
-    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    pages = _private_pages(nbytes)
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is not None:
         try:
             pages.madvise(advice)
         except (OSError, ValueError):  # no transparent huge pages here: 4 KiB pages it is
             pass
-    # A tensor on the mapping's storage, not a view of a byte tensor: no ``_base`` (stored tensors
-    # with one are never reused as spare buffers), as the arena's tensors are made.
-    storage = torch.frombuffer(pages, dtype=torch.uint8).untyped_storage()
-    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+    return _on_pages(pages, shape, dtype, nbytes)
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
@@ -264,18 +275,6 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
     for n in shape:
         nbytes *= int(n)
     return nbytes
-
-
-def _private_pages(nbytes: int) -> mmap.mmap:
-    """``nbytes`` of fresh private anonymous memory (zeros until written)."""
-    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
-def _on_pages(pages: mmap.mmap, shape, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor of ``shape`` on the start of ``pages``, its storage exactly its bytes (``torch.save``
-    writes those only); while the storage lives, it holds a reference to ``pages``."""
-    storage = torch.frombuffer(pages, dtype=torch.uint8, count=_nbytes(shape, dtype)).untyped_storage()
-    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
 def _listed_refs(pages) -> int:
@@ -328,7 +327,7 @@ class PagePool:
             unused = _unlisted_refs()
             for pages in self._pages.get(size, ()):
                 if _listed_refs(pages) == unused:
-                    return _on_pages(pages, shape, dtype), False
+                    return _on_pages(pages, shape, dtype, nbytes), False
             if self._held + size > self.max_bytes:
                 self._let_go_of_free_pages(unused, size)
             if self._held + size > self.max_bytes:
@@ -336,23 +335,18 @@ class PagePool:
             pages = _private_pages(size)
             self._pages.setdefault(size, []).append(pages)
             self._held += size
-            return _on_pages(pages, shape, dtype), True
+            return _on_pages(pages, shape, dtype, nbytes), True
 
     def _let_go_of_free_pages(self, unused: int, needed: int) -> None:
         """Forgets free mappings (``unused``: their count when only the pool holds them), the
         largest first, until ``needed`` more bytes fit (each is unmapped as it is dropped)."""
-        # (A plain loop over each list: enumerate's reused tuple would hold one more reference.)
-        free = [(size, pages) for size, mappings in self._pages.items() for pages in mappings
-                if _listed_refs(pages) == unused]
-        free.sort(key=lambda entry: entry[0], reverse=True)
-        dropped = set()
-        for size, pages in free:
-            if self._held + needed <= self.max_bytes:
-                break
-            dropped.add(id(pages))
-            self._held -= size
-        for size in list(self._pages):
-            kept = [pages for pages in self._pages[size] if id(pages) not in dropped]
+        for size in sorted(self._pages, reverse=True):
+            kept = []
+            for pages in self._pages[size]:  # a plain loop: enumerate's reused tuple would add a reference
+                if self._held + needed > self.max_bytes and _listed_refs(pages) == unused:
+                    self._held -= size
+                else:
+                    kept.append(pages)
             if kept:
                 self._pages[size] = kept
             else:
