@@ -88,7 +88,7 @@ def test_capture_under_each_fast_kernel_equals_eager_output_attentions(arch, dty
     sdpa_model, eager_model = build("sdpa", dtype), build("eager", dtype)
     inputs = _inputs(arch)
     plain = _run_plain(sdpa_model, inputs, kernel)
-    with torch.no_grad(), sdpa_kernel([kernel]), TransformerAttentionHooker(sdpa_model) as hooker:
+    with torch.no_grad(), sdpa_kernel([kernel]), TransformerAttentionHooker(sdpa_model, device="cpu") as hooker:
         captured = sdpa_model(**inputs)
     first = plain.logits if arch == "llama" else plain.last_hidden_state
     again = captured.logits if arch == "llama" else captured.last_hidden_state
@@ -127,7 +127,7 @@ def test_keep_grad_on_cuda_leaves_the_output_bitwise_and_gives_autograds_gradien
 def test_statistics_pooled_maps_and_streaming_on_cuda_equal_the_full_capture(tmp_path):
     model = _llama("sdpa", torch.float16)
     inputs = dict(input_ids=torch.randint(3, 250, (1, 2048), device=DEVICE))
-    with torch.no_grad(), TransformerAttentionHooker(model) as full:
+    with torch.no_grad(), TransformerAttentionHooker(model, device="cpu") as full:  # 32 MiB calls: pinned copies
         model(**inputs)
     expected = HeadStatsAccumulator()
     expected.update({n: c[:1] for n, c in full.values.items()})
@@ -161,7 +161,7 @@ def test_last_row_of_a_long_input_under_flash_equals_a_hand_softmax_of_q_and_k()
     handle_k = attention.k_proj.register_forward_hook(lambda m, a, o: queries.setdefault("k", o))
     try:
         with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]), \
-                TransformerAttentionHooker(model, rows="last") as hooker:
+                TransformerAttentionHooker(model, rows="last", device="cpu") as hooker:
             model(input_ids=ids)
     finally:
         handle.remove()
@@ -206,7 +206,7 @@ def test_sliding_window_tiles_under_each_kernel_equal_eager_and_stream_only_the_
     monkeypatch.setattr(sdpa, "TILE_BYTES", 8 * 2 * 4 * 96 * 4)
     monkeypatch.setattr(sdpa, "_tile_bytes", lambda device: 8 * 2 * 4 * 96 * 4)
     stats = HeadStatsAccumulator()
-    with torch.no_grad(), sdpa_kernel([kernel]), TransformerAttentionHooker(model) as hooker:
+    with torch.no_grad(), sdpa_kernel([kernel]), TransformerAttentionHooker(model, device="cpu") as hooker:
         assert torch.equal(model(input_ids=ids).logits, plain), "the model's output changed under capture"
     with torch.no_grad(), sdpa_kernel([kernel]), TransformerAttentionHooker(model) as reducing, \
             reducing.stream_to(tmp_path / "s", shard_bytes=1):
@@ -223,3 +223,75 @@ def test_sliding_window_tiles_under_each_kernel_equal_eager_and_stream_only_the_
     for key in ("entropy", "distance"):
         torch.testing.assert_close(torch.as_tensor(stats.result()[key]), torch.as_tensor(want_stats.result()[key]),
                                    rtol=1e-4, atol=1e-5)
+
+
+needs_cuda = pytest.mark.skipif(not ON_GPU, reason="device='auto' and pinned copies act on a CUDA device only")
+
+
+@needs_cuda
+def test_auto_keeps_calls_on_the_gpu_within_its_budget_and_the_rest_on_the_cpu_bitwise_equal():
+    """The default device: calls stay on the GPU while they fit the budget (here, one layer's worth),
+    the next goes to the CPU through pinned copies; every value equals ``device=None``'s (bitwise
+    where kept on the GPU)."""
+    model = _llama("sdpa", torch.float32)
+    ids = torch.randint(3, 250, (1, 512), device=DEVICE)
+    with torch.no_grad(), TransformerAttentionHooker(model, device=None) as on_device:
+        plain = model(input_ids=ids).logits
+    with torch.no_grad(), TransformerAttentionHooker(model) as auto:
+        assert torch.equal(model(input_ids=ids).logits, plain)
+    assert all(c[0].device.type == "cuda" for c in auto.values.values())  # 4 MiB calls: far within half the GPU
+    one_call = 4 * 512 * 512 * 4
+    with torch.no_grad(), TransformerAttentionHooker(model) as split:
+        split._router.memory.budget._free_memory = lambda device: 2 * one_call + one_call // 2  # half: 1.25 calls
+        assert torch.equal(model(input_ids=ids).logits, plain)
+    devices = [c[0].device.type for c in split.values.values()]
+    assert devices == ["cuda", "cpu"], devices
+    for name, calls in on_device.values.items():
+        # (the call sent to the CPU is computed in tiles: the same formula, a GEMM of another layout)
+        torch.testing.assert_close(split.values[name][0].cpu(), calls[0].cpu(), rtol=0, atol=1e-6)
+        assert torch.equal(auto.values[name][0], calls[0]), name
+    from attention_hooker import attention_rollout
+
+    # layers on two devices meet on the CPU where they combine
+    torch.testing.assert_close(attention_rollout(split.values).cpu(), attention_rollout(on_device.values).cpu())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_long_capture_to_the_cpu_in_tiles_through_pinned_copies_equals_the_one_kept_on_the_gpu(dtype, monkeypatch):
+    """Tiles of rows computed on the GPU and copied through the two pinned buffers while the next
+    is computed: the stored map equals the map kept on the GPU in the same tiles, bitwise."""
+    from attention_hooker.capture.routes import sdpa
+
+    monkeypatch.setattr(sdpa, "_tile_bytes", lambda device: 8 * 2**20)  # 128 rows a tile, both ways: 32 tiles
+    model = _llama("sdpa", torch.float32)
+    ids = torch.randint(3, 250, (1, 4096), device=DEVICE)
+    with torch.no_grad(), TransformerAttentionHooker(model, device=None, dtype=dtype) as on_device:
+        model(input_ids=ids)
+    with torch.no_grad(), TransformerAttentionHooker(model, device="cpu", dtype=dtype) as on_cpu:
+        model(input_ids=ids)
+    for name, calls in on_device.values.items():
+        got = on_cpu.values[name][0]
+        assert got.device.type == "cpu" and got.dtype == dtype
+        assert torch.equal(got, calls[0].cpu()), name
+
+
+@needs_cuda
+def test_pinned_copies_equal_a_plain_copy_and_the_source_may_be_overwritten_at_once():
+    from attention_hooker.keep.host_copy import HostCopies
+
+    torch.manual_seed(0)
+    whole = torch.zeros(2, 3, 300, 500, dtype=torch.float16)
+    copies = HostCopies(torch.device(DEVICE), staging_bytes=64 * 1024)  # many pieces, two in flight
+    scratch = torch.empty(2, 3, 37, 400, device=DEVICE)
+    kept = []
+    for first in range(0, 300, 37):
+        rows = min(37, 300 - first)
+        tile = scratch[:, :, :rows].normal_()  # the same scratch each time, as the tiles use it
+        kept.append((first, tile.clone()))  # on the device: no synchronisation between the copies
+        copies.copy(whole[:, :, first:first + rows, 50:450], tile)
+    copies.finish()
+    expected = torch.zeros_like(whole)
+    for first, tile in kept:
+        expected[:, :, first:first + tile.shape[2], 50:450] = tile.half().cpu()
+    assert torch.equal(whole, expected)

@@ -140,7 +140,7 @@ def check_flag(value, name: str) -> bool:
     raise AttentionHookerError(f"{name}={value!r} must be True or False")
 
 
-def check_device(device, option: str = "device"):
+def check_device(device, option: str = "device", *, auto: bool = False):
     """A ``torch.device`` that exists on this machine (``None`` passes): the one check of a
     device for the library's options and the command line's ``--device``.
 
@@ -148,6 +148,7 @@ def check_device(device, option: str = "device"):
         device: what was given.
         option: how the message names it: ``"device"`` (``device='cuda:3'``) or a
             command-line flag (``--device 'cuda:3'``).
+        auto: ``"auto"`` passes too, as itself (the hooker's ``device``).
 
     Raises:
         AttentionHookerError: for a value that names no device type, or a device this
@@ -159,10 +160,11 @@ def check_device(device, option: str = "device"):
     """
     import torch
 
-    if device is None:
-        return None
+    if device is None or (auto and isinstance(device, str) and device == "auto"):
+        return device
     shown = f"{option} {device!r}" if option.startswith("-") else f"{option}={device!r}"
-    expected = "expected e.g. 'cpu', 'cuda:0', 'mps'" + ("" if option.startswith("-") else " or None")
+    expected = ("expected e.g. " + ("'auto', " if auto else "") + "'cpu', 'cuda:0', 'mps'"
+                + ("" if option.startswith("-") else " or None"))
     if not isinstance(device, (str, torch.device)) and not is_int(device):
         raise AttentionHookerError(f"{shown} is not a torch device; {expected}")
     try:

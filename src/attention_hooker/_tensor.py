@@ -9,7 +9,32 @@ import numpy as np
 from ._per_window import refuse_per_window
 from .errors import AttentionHookerError
 
-__all__ = ["to_numpy", "as_heads", "as_batched", "require_4d", "values_of", "require_positions"]
+__all__ = ["to_numpy", "as_heads", "as_batched", "require_4d", "values_of", "require_positions", "on_one_device"]
+
+
+def on_one_device(tensors: Sequence) -> list:
+    """``tensors`` (``None`` entries kept) on one device: as they are when they share one, else
+    all on the CPU, where every device's tensors can meet (a capture with ``device="auto"``
+    keeps the calls that passed its GPU budget on the CPU; a model split over GPUs computes its
+    layers on several).
+
+    Example:
+        >>> import torch
+        >>> [t.device.type for t in on_one_device([torch.zeros(1), None, torch.ones(1)]) if t is not None]
+        ['cpu', 'cpu']
+    """
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) <= 1:
+        return list(tensors)
+    from ._map_kinds import kind_of, mark_kind
+
+    moved = []
+    for t in tensors:
+        copy = None if t is None else t.cpu()
+        if copy is not None and copy is not t:
+            mark_kind(copy, kind_of(t))  # a per-window or non-probability map stays marked as one
+        moved.append(copy)
+    return moved
 
 
 def to_numpy(x) -> np.ndarray:

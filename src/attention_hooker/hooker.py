@@ -44,7 +44,13 @@ class TransformerAttentionHooker:
         model: the model (any ``nn.Module``); it is not modified.
         layer_regex: searched (``re.search``) in ``model.named_modules()`` names;
             ``None`` hooks every module in which attention happens.
-        device: where stored tensors go; ``None`` keeps the computing device.
+        device: where stored tensors go. ``"auto"`` (the default): on the computing device
+            while what the hooker keeps there stays within half of the device memory that
+            was free (or the hooker's) when the forward began; the call that would pass it,
+            and every later one until ``clear()``, on the CPU; on the CPU on a machine
+            without an accelerator. A device (``"cpu"``): there. ``None``:
+            the computing device. Copies to the CPU go through pinned, double-buffered
+            buffers that overlap the next tile's compute.
         dtype: stored dtype (``torch.float16`` halves memory); ``None`` keeps it.
         heads: only these head indices are computed and stored.
         max_calls: at most this many calls kept per layer.
@@ -115,7 +121,7 @@ class TransformerAttentionHooker:
         model: nn.Module,
         layer_regex: Optional[str] = None,
         *,
-        device: Union[str, torch.device, None] = "cpu",
+        device: Union[str, torch.device, None] = "auto",
         dtype: Optional[torch.dtype] = None,
         heads: Optional[Sequence[int]] = None,
         max_calls: Optional[int] = None,

@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .._checks import check_probabilities, is_int, one_of
-from .._tensor import as_batched, values_of
+from .._tensor import as_batched, on_one_device, values_of
 from ..errors import AttentionHookerError
 from .core import row_mask
 
@@ -134,7 +134,7 @@ class AttentionComparison(MappingABC):
         width = max(layer.a.shape[1] for layer in self._layers.values())
         rows = [torch.nn.functional.pad(layer.head_distance, (0, width - layer.a.shape[1]), value=math.nan)
                 for layer in self._layers.values()]
-        return torch.stack(rows)
+        return torch.stack(on_one_device(rows)).cpu()  # a small table, read on the host
 
     def ranked_heads(self, top: Optional[int] = None) -> List[HeadDistance]:
         """Every head, most different first (heads without a distance last).

@@ -12,7 +12,7 @@ import torch
 
 from .._checks import check_probabilities
 from .._map_kinds import carried_kind, mark_kind
-from .._tensor import as_batched, require_4d
+from .._tensor import as_batched, on_one_device, require_4d
 from ..errors import AttentionHookerError
 
 __all__ = ["stitch_steps", "layer_sequence"]
@@ -53,7 +53,7 @@ def layer_sequence(
     for i, a in enumerate(attentions):
         if a is not None:
             require_4d(a, f"{where}[{i}]")
-    return attentions
+    return on_one_device(attentions)  # layers that combine meet on one device
 
 
 def to_tensor(a, where: str) -> torch.Tensor:

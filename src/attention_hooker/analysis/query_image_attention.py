@@ -27,6 +27,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 
 from .._checks import check_probabilities
+from .._tensor import on_one_device
 from ..errors import AttentionHookerError
 from ..media.image_tokens import ImageTokens
 
@@ -98,7 +99,7 @@ def _averaged_qformer(maps, layers, heads, images: int):
     if not heads or not all(0 <= x < maps[0].shape[1] for x in heads):
         raise AttentionHookerError(f"image_attention_through_queries: Q-Former heads {heads} out of range for "
                                    f"{maps[0].shape[1]} heads")
-    stacked = torch.stack([maps[x].double() for x in layers])[:, :, heads]  # (L, images, h, Nq, V)
+    stacked = torch.stack(on_one_device([maps[x].double() for x in layers]))[:, :, heads]  # (L, images, h, Nq, V)
     return stacked.mean(dim=(0, 2)), layers, heads  # (images, Nq, V)
 
 

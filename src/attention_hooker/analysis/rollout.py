@@ -7,7 +7,7 @@ from typing import List, Mapping, Optional
 import torch
 
 from .._checks import check_flag, one_of
-from .._tensor import values_of
+from .._tensor import on_one_device, values_of
 from ..errors import AttentionHookerError
 from ..window_index import dense_values
 from .core import FUSIONS, fuse_heads, layer_sequence, square_stack
@@ -122,6 +122,8 @@ def gradient_weighted_rollout(attentions, gradients, *, window_index=None) -> to
     grads = layer_sequence(gradients, where="gradients", allow_missing=True)
     if len(grads) != len(layers):
         raise AttentionHookerError(f"{len(layers)} attention layers but {len(grads)} gradient layers")
+    both = on_one_device(list(layers) + list(grads))  # each layer meets its gradient
+    layers, grads = both[:len(layers)], both[len(layers):]
     relevance = None
     for i, (a, g) in enumerate(zip(layers, grads)):
         if g is None or g.shape != a.shape:

@@ -33,6 +33,7 @@ import torch
 
 from .._checks import check_probabilities, is_int
 from .._map_kinds import refuse_kind
+from .._tensor import on_one_device
 from ..errors import AttentionHookerError
 from ..media.audio_frames import AudioFrames
 from .core import to_tensor
@@ -113,7 +114,7 @@ def cross_attention_steps(calls: Sequence[torch.Tensor]) -> torch.Tensor:
                 f"calls[{i}] is {tuple(c.shape)} but calls[0] is {tuple(first.shape)}: the steps of one "
                 "generation share batch, heads and encoder frames (a capture of one generate() call)")
         check_probabilities(c, f"calls[{i}]")
-    return torch.cat(tensors, dim=2)  # (B, H, Q, K)
+    return torch.cat(on_one_device(tensors), dim=2)  # (B, H, Q, K); device="auto" may keep later steps on the CPU
 
 
 def decoder_cross_attention(values) -> Dict[int, list]:
@@ -425,7 +426,7 @@ def align_tokens(cross_attention, alignment_heads: Sequence[Sequence[int]], *, a
         raise AttentionHookerError(
             f"{rows} decoder row(s) after the {prompt_tokens} prompt tokens; at least 2 are needed (each frame is "
             "standardised over the token rows); generate more tokens")
-    chosen = torch.stack([layers[layer][:, head] for layer, head in pairs], dim=1)  # (B, A, Q, K)
+    chosen = torch.stack(on_one_device([layers[layer][:, head] for layer, head in pairs]), dim=1)  # (B, A, Q, K)
     if beam_indices is not None:
         chosen = _follow_beams(chosen, beam_indices, prompt_tokens)  # (sequences, A, Q', K)
         batch, rows_total = chosen.shape[0], chosen.shape[2]

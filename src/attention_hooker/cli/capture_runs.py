@@ -33,7 +33,7 @@ def capture_image(loaded: LoadedModel, image_path, *, layers: Optional[str] = No
     except (OSError, ValueError) as err:
         raise CommandError(f"cannot read the image {image_path}: {err}") from None
     pixels = to_model_device(loaded, loaded.processor(images=image, return_tensors="pt"))
-    hooker = TransformerAttentionHooker(loaded.model, layers)
+    hooker = TransformerAttentionHooker(loaded.model, layers, device="cpu")
     with torch.no_grad(), hooker:
         loaded.model(**pixels)
     values = dict(hooker.values)
@@ -139,7 +139,7 @@ def capture_text(
         raise CommandError("the text is empty: pass --text with some words")
     long_context = _check_text_options(loaded, rows=rows, pool=pool, stream=stream, generate=generate)
     enc, source, notes = _encode(loaded, text, max_tokens, generate)
-    hooker = TransformerAttentionHooker(loaded.model, layers, rows=rows)
+    hooker = TransformerAttentionHooker(loaded.model, layers, rows=rows, device="cpu")
     if long_context:
         return _capture_long(loaded, hooker, enc, source, rows=rows, pool=pool, stream=stream, overwrite=overwrite,
                              notes=notes)

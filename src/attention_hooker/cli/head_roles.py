@@ -79,9 +79,9 @@ def head_roles(loaded: LoadedModel, text: str, *, layers: Optional[str] = None, 
     repeated = to_model_device(loaded, {"input_ids": torch.cat([half, half], dim=1)})
     forward = ((lambda ids, **kw: model(input_ids=ids, decoder_input_ids=ids, **kw))
                if loaded.kind == "encoder-decoder" else (lambda ids, **kw: model(input_ids=ids, **kw)))
-    with torch.no_grad(), TransformerAttentionHooker(model, layers, keep_values=True) as on_text:
+    with torch.no_grad(), TransformerAttentionHooker(model, layers, keep_values=True, device="cpu") as on_text:
         forward(enc["input_ids"], attention_mask=enc.get("attention_mask"))
-    with torch.no_grad(), TransformerAttentionHooker(model, layers) as on_repeat:
+    with torch.no_grad(), TransformerAttentionHooker(model, layers, device="cpu") as on_repeat:
         forward(repeated["input_ids"])
     importance = _head_importance(loaded, enc, layers, forward)
     knockout = _knockout(loaded, enc, layers, on_plan) if ablate else {}
@@ -139,7 +139,7 @@ def _head_importance(loaded: LoadedModel, enc, layers, forward) -> Dict[str, tor
         return {}  # no language-model head: no loss to differentiate
     model, ids = loaded.model, enc["input_ids"]
     try:
-        with torch.enable_grad(), TransformerAttentionHooker(model, layers, keep_grad=True) as hooker:
+        with torch.enable_grad(), TransformerAttentionHooker(model, layers, keep_grad=True, device="cpu") as hooker:
             out = forward(ids, attention_mask=enc.get("attention_mask"), labels=ids)
             if getattr(out, "loss", None) is None:
                 return {}
@@ -178,7 +178,7 @@ def _retrieval(loaded: LoadedModel, repeated: torch.Tensor, length: int, layers)
     prompt = repeated[:, : length + length // 2]
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
-    with torch.no_grad(), TransformerAttentionHooker(model, layers) as hooker:
+    with torch.no_grad(), TransformerAttentionHooker(model, layers, device="cpu") as hooker:
         ids = model.generate(prompt, max_new_tokens=length - length // 2, do_sample=False, pad_token_id=pad)
     scores = {}
     for name, calls in hooker.values.items():
@@ -197,7 +197,7 @@ def write_head_roles_page(loaded: LoadedModel, text: str, roles: Dict[str, Dict[
     out = prepare_out(out)
     enc = to_model_device(loaded, loaded.tokenizer(text, return_tensors="pt", truncation=True))
     extra = {"decoder_input_ids": enc["input_ids"]} if loaded.kind == "encoder-decoder" else {}
-    with torch.no_grad(), TransformerAttentionHooker(loaded.model, layers) as hooker:
+    with torch.no_grad(), TransformerAttentionHooker(loaded.model, layers, device="cpu") as hooker:
         loaded.model(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"), **extra)
     values = {name: calls for name, calls in hooker.values.items() if name in roles}
     columns = [c for c in ROLE_COLUMNS if c not in ("first_token_share", "confidence")]  # the page has those

@@ -10,7 +10,7 @@ def command(args) -> None:
     from ..hooker import TransformerAttentionHooker
 
     loaded = workflows.load_hf_model(args.model)
-    hooker = TransformerAttentionHooker(loaded.model, args.layers)
+    hooker = TransformerAttentionHooker(loaded.model, args.layers, device="cpu")
     modules = dict(loaded.model.named_modules())
     print(f"{loaded.name} ({loaded.kind}): {len(hooker.hooked_layers)} module(s) hooked")
     for name in hooker.hooked_layers:

@@ -70,7 +70,7 @@ def capture_requests(loaded: LoadedModel, prompts: List[str], generate: int, *, 
                    use_cuda_graph=False)
     fields = getattr(transformers.ContinuousBatchingConfig, "__dataclass_fields__", options)
     cache = transformers.ContinuousBatchingConfig(**{k: v for k, v in options.items() if k in fields})
-    with torch.no_grad(), TransformerAttentionHooker(model, layers) as hooker:
+    with torch.no_grad(), TransformerAttentionHooker(model, layers, device="cpu") as hooker:
         outputs = model.generate_batch(ids, generation_config=config, continuous_batching_config=cache,
                                        progress_bar=False)
     captures = []

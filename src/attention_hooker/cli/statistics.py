@@ -52,7 +52,7 @@ def collect_statistics(loaded: LoadedModel, lines: Sequence[str], *, layers: Opt
     cut = 0
     progress = progress_bar(len(lines), progress_stream, progress_label)
     start = time.perf_counter()
-    with progress, torch.no_grad(), TransformerAttentionHooker(model, layers) as hooker:
+    with progress, torch.no_grad(), TransformerAttentionHooker(model, layers, device="cpu") as hooker:
         for i in range(0, len(lines), batch_size):
             batch = lines[i : i + batch_size]
             lengths = [len(ids) for ids in tokenizer(batch)["input_ids"]]

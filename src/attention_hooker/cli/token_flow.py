@@ -46,7 +46,7 @@ def token_flow(loaded: LoadedModel, text: str, *, into: Sequence[int] = (0, -1),
                            f"or -{n}..-1 from the end)")
     positions = [p % n for p in into]
     extra = {"decoder_input_ids": ids} if loaded.kind == "encoder-decoder" else {}
-    with torch.no_grad(), TransformerAttentionHooker(loaded.model, layers) as hooker:
+    with torch.no_grad(), TransformerAttentionHooker(loaded.model, layers, device="cpu") as hooker:
         loaded.model(input_ids=ids, attention_mask=enc.get("attention_mask"), **extra, **no_logits(loaded))
     square = {name: calls[0] for name, calls in hooker.values.items()
               if calls[0].shape[-1] == calls[0].shape[-2] == n}

@@ -112,7 +112,7 @@ def capture_image_text(loaded: LoadedModel, image_path, text: str, *, layers: Op
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     tokens = image_token_map(loaded.model, enc, processor=processor).in_row(0)  # before any forward: refusals first
     enc = to_model_device(loaded, enc)
-    hooker = TransformerAttentionHooker(loaded.model, layers)
+    hooker = TransformerAttentionHooker(loaded.model, layers, device="cpu")
     prompt = int(enc["input_ids"].shape[-1])
     tokenizer = loaded.tokenizer
     if generate:

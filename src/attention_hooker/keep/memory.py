@@ -5,6 +5,7 @@ Every stored tensor has shape ``(batch, heads, query, key)``.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -15,6 +16,8 @@ from .._torch_private import refcount
 from ..values import AttentionValues
 from .policy import StoragePolicy
 from .allocator import Allocation, empty
+from .device_budget import AUTO, DeviceBudget
+from .host_copy import copy_to_host
 from .protocol import NO_SOURCES, CallSources, GradientSource
 
 __all__ = ["MemoryKeeper"]
@@ -31,10 +34,12 @@ class MemoryKeeper:
         layer_order: every hooked layer name, in model order; ``values`` keeps this order.
         lock: held while a call is added (forwards on several threads keep into one keeper).
         allocation: where stored calls come from (by default, a new one of this keeper's own).
+        budget: what ``device="auto"`` counts against (by default, one of this keeper's own; the
+            requests of a serving engine share the capture's).
     """
 
     def __init__(self, policy: StoragePolicy, layer_order: Sequence[str], lock: threading.RLock,
-                 allocation: Optional[Allocation] = None):
+                 allocation: Optional[Allocation] = None, budget: Optional[DeviceBudget] = None):
         self.policy = policy
         self._rank = {name: i for i, name in enumerate(layer_order)}
         self._lock = lock
@@ -46,6 +51,12 @@ class MemoryKeeper:
         # Spare buffers and the arena (keep/allocator.py); the requests of a serving engine share the
         # capture's, so that their small step calls lie side by side in the same chunks.
         self.allocation = allocation or Allocation()
+        # device="auto": the bytes held on each accelerator (a request's keeper uses the capture's,
+        # whose keeper alone reads the free memory again at each forward)
+        self._owns_budget = budget is None
+        self.budget = budget or DeviceBudget()
+        self._counted: Dict[torch.device, int] = {}  # what this keeper told the budget it holds
+        self._copied_values: Dict[str, list] = {}  # per layer and call: the value vector we copied, or None
 
     def _new_values(self) -> AttentionValues:
         values = AttentionValues()
@@ -58,7 +69,9 @@ class MemoryKeeper:
         return _MemoryCall(self, layer, tuple(shape), sources)
 
     def begin_forward(self) -> None:
-        """Nothing to do: calls in memory are kept one by one."""
+        """Calls in memory are kept one by one; ``device="auto"`` reads the free memory again."""
+        if self._owns_budget:
+            self.budget.begin_forward()
 
     def end_forward(self, *, returned: bool, reason: Optional[str] = None) -> None:
         """Nothing to do: a forward that did not return keeps the calls it made, as ever."""
@@ -78,23 +91,62 @@ class MemoryKeeper:
         return self.allocation.buffer(repeated=bool(dict.get(self.values, layer)))  # no lock: a read
 
     # Placing and forgetting.
-    def stores_as_computed(self, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether weights computed with this dtype and device are stored as they are."""
-        p = self.policy
-        return (p.dtype is None or p.dtype == dtype) and (p.device is None or p.device == device)
+    def target_device(self, computed_on: torch.device, nbytes: int) -> torch.device:
+        """Where a call of ``nbytes`` (as stored) computed on ``computed_on`` is kept."""
+        device = self.policy.device
+        if device is None:
+            return computed_on
+        if isinstance(device, str):  # AUTO
+            return self.budget.target(computed_on, nbytes)
+        return device
 
-    def place(self, tensor: torch.Tensor, allocate: Optional[Callable] = None) -> torch.Tensor:
+    def stored_bytes(self, shape, dtype: torch.dtype) -> int:
+        """Bytes of a call of ``shape`` computed in ``dtype``, as stored; twice that with
+        ``keep_grad`` (its gradient, of the same size, comes beside it)."""
+        return math.prod(shape) * (self.policy.dtype or dtype).itemsize * (2 if self.policy.keep_grad else 1)
+
+    def stores_as_computed(self, dtype: torch.dtype, device: torch.device, shape=()) -> bool:
+        """Whether weights of ``shape`` computed with this dtype and device are stored as they
+        are (``shape`` matters with ``device="auto"`` only)."""
+        p = self.policy
+        if p.dtype is not None and p.dtype != dtype:
+            return False
+        if p.device is None:
+            return True
+        if p.device == AUTO:
+            return self.budget.target(device, self.stored_bytes(shape, dtype)) == device
+        return p.device == device
+
+    def place(self, tensor: torch.Tensor, allocate: Optional[Callable] = None, *,
+              beside: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The tensor on the policy's device and dtype: itself, or a copy (from ``allocate``).
         A view of a larger tensor (a request's block of a packed map) is copied too: kept as
         it is, it would keep all of that tensor alive. (The arena's tensors share a chunk's
-        storage without being views: they are kept as they are.)"""
-        if self.stores_as_computed(tensor.dtype, tensor.device) and (
-                tensor._base is None or tensor._base.untyped_storage().nbytes() <= tensor.nbytes):
-            return tensor
+        storage without being views: they are kept as they are.) ``beside``: a stored call
+        whose device ``device="auto"`` follows (its gradient, its value vectors)."""
         p = self.policy
-        placed = (allocate or empty)(tensor.shape, p.dtype if p.dtype is not None else tensor.dtype,
-                                     p.device if p.device is not None else tensor.device)
-        return placed.copy_(tensor)
+        if beside is not None and p.device == AUTO:
+            device = beside.device
+            as_computed = (p.dtype is None or p.dtype == tensor.dtype) and device == tensor.device
+        else:
+            as_computed = self.stores_as_computed(tensor.dtype, tensor.device, tensor.shape)
+            device = None
+        if as_computed and (tensor._base is None or tensor._base.untyped_storage().nbytes() <= tensor.nbytes):
+            return tensor
+        if device is None:
+            device = self.target_device(tensor.device, self.stored_bytes(tensor.shape, tensor.dtype))
+        placed = (allocate or empty)(tensor.shape, p.dtype if p.dtype is not None else tensor.dtype, device)
+        return copy_to_host(placed, tensor)
+
+    def _count(self, tensor: Optional[torch.Tensor], sign: int = 1, *, call: bool = False) -> None:
+        """Tells the budget (``device="auto"``) of a tensor held, or let go of (``sign=-1``);
+        a ``call`` counts its gradient too with ``keep_grad`` (counted with the call, so that
+        a gradient that backward fills late, twice or never leaves the count as it was)."""
+        if tensor is None or tensor.device.type == "cpu":
+            return
+        nbytes = sign * tensor.nbytes * (2 if call and self.policy.keep_grad else 1)
+        self._counted[tensor.device] = self._counted.get(tensor.device, 0) + nbytes
+        self.budget.kept(tensor.device, nbytes)
 
     def clear(self, *, salvage: Optional[Callable[[dict], list]] = None) -> list:
         """Forgets every stored tensor: ``values`` (and the gradients and value vectors)
@@ -112,12 +164,17 @@ class MemoryKeeper:
         with self._lock:
             old, self.values = self.values, self._new_values()
             self.gradients, self.value_vectors, self.window_index = {}, AttentionValues(), {}
+            self._copied_values = {}
             probe = AttentionValues()  # counted as ``old`` is: one local name
             alone = refcount(old) == refcount(probe)
             salvaged = salvage(old) if salvage is not None and alone else []
             del old, probe  # the arena's chunk is filled again only when nothing reaches its tensors
+            counted, self._counted = self._counted, {}
+            self.budget.released(counted)
         if salvage is not None:
-            self.allocation.recycle(salvaged)
+            # On an accelerator its caching allocator reuses memory without page faults: spares
+            # there would only hold memory that device="auto" counts as free and the model needs.
+            self.allocation.recycle([t for t in salvaged if t.device.type == "cpu"])
         return salvaged
 
     # Adding a committed call (under the lock).
@@ -127,6 +184,7 @@ class MemoryKeeper:
         if calls is None:
             calls = self._insert_layer(name)
         calls.append(stored)
+        self._count(stored, call=True)
         # (batch * windows, heads, N, N), or a map that is not probabilities over tokens: the readers that
         # need those refuse it; a reused buffer loses an old mark
         mark_kind(stored, PER_WINDOW if sources.windows is not None else sources.kind)
@@ -134,25 +192,34 @@ class MemoryKeeper:
             self._watch_gradient(name, stored, graph_tensor, sources.gradient_scale,
                                  kind=PER_WINDOW if sources.windows is not None else sources.kind)
         if p.keep_values:
-            self._add_value(name, sources.value)
+            self._add_value(name, sources.value, stored)
         if sources.windows is not None or name in self.window_index:  # aligned with the layer's calls
             self.window_index.setdefault(name, [None] * (len(calls) - 1)).append(sources.windows)
         if p.max_calls is not None and len(calls) > p.max_calls:
+            self._count(calls[0], -1, call=True)
             del calls[0]  # keep == "last"
             if name in self.window_index:
                 del self.window_index[name][0]
             if p.keep_grad:
                 del self.gradients[name][0]
             if p.keep_values:
+                self._count(self._copied_values[name].pop(0), -1)
                 del self.value_vectors[name][0]
 
-    def _add_value(self, name: str, value: Optional[torch.Tensor]) -> None:
+    def _add_value(self, name: str, value: Optional[torch.Tensor], stored: torch.Tensor) -> None:
         if name not in self.value_vectors:
             self.value_vectors[name] = []
             order = [n for n in self.values if n in self.value_vectors]  # model order, as values
             for n in order:
                 self.value_vectors[n] = self.value_vectors.pop(n)
-        self.value_vectors[name].append(None if value is None else self.place(value.detach()))
+        detached = None if value is None else value.detach()
+        placed = None if value is None else self.place(detached, beside=stored)
+        self.value_vectors[name].append(placed)
+        # Counted when a copy of ours: a value the model's cache holds (a view of a static cache,
+        # the same storage at every step) is the model's memory, not the capture's.
+        copied = placed if placed is not detached else None
+        self._copied_values.setdefault(name, []).append(copied)
+        self._count(copied)
 
     def window_index_copy(self) -> Dict[str, list]:
         """``{layer: [WindowIndex or None per call]}`` in the order of ``values``, copied under the lock
@@ -181,7 +248,7 @@ class MemoryKeeper:
                 grad = to_weights(grad)
             if scale is not None:
                 grad = grad * scale
-            slot[0] = self.place(grad.reshape(stored.shape))
+            slot[0] = self.place(grad.reshape(stored.shape), beside=stored)  # counted with its call
             if kind is not None:
                 mark_kind(slot[0], kind)
 
@@ -221,8 +288,8 @@ class _MemoryCall:
             p = keeper.policy
             self._stored = keeper.allocator(self._layer)(
                 self._shape, p.dtype if p.dtype is not None else block.dtype,
-                p.device if p.device is not None else block.device)
-        self._stored[:, :, self._row:self._row + block.shape[2]].copy_(block)
+                keeper.target_device(block.device, keeper.stored_bytes(self._shape, block.dtype)))
+        copy_to_host(self._stored[:, :, self._row:self._row + block.shape[2]], block)
         self._row += block.shape[2]
 
     def commit(self) -> None:

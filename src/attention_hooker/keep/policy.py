@@ -4,13 +4,14 @@ not go together, in one place."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from .._checks import check_device, check_flag, one_of, positive_int
 from ..errors import AttentionHookerError
 from ..selection import Selection
+from .device_budget import AUTO
 
 __all__ = ["StoragePolicy"]
 
@@ -24,8 +25,10 @@ class StoragePolicy:
     """How captured weights are stored.
 
     Attributes:
-        device: where stored tensors go (``"cpu"`` by default); ``None`` keeps them
-            on the device they were computed on.
+        device: where stored tensors go: ``"auto"`` (the default) keeps them on the device
+            they were computed on while they fit a share of its memory, else on the CPU
+            (:mod:`.device_budget`; the CPU on a machine without an accelerator); a device
+            keeps them there; ``None`` keeps them on the device they were computed on.
         dtype: stored floating dtype (``torch.float16`` halves memory); ``None``
             keeps the dtype the weights were computed in.
         max_calls: how many calls to keep per layer; ``None`` keeps all.
@@ -50,7 +53,7 @@ class StoragePolicy:
             tolerance, not bitwise). See the hooker's ``output_from``.
     """
 
-    device: Optional[torch.device] = torch.device("cpu")
+    device: Union[torch.device, str, None] = AUTO
     dtype: Optional[torch.dtype] = None
     max_calls: Optional[int] = None
     keep: str = "first"
@@ -81,7 +84,7 @@ class StoragePolicy:
         Raises:
             AttentionHookerError: when an option has the wrong type or value.
         """
-        device = check_device(device)
+        device = check_device(device, auto=True)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise AttentionHookerError(
                 f"dtype={dtype!r} is not a floating torch dtype; expected e.g. torch.float16, torch.float32 or None"

@@ -34,11 +34,11 @@ class Router:
             ``max_calls`` count, so that the calls of different requests are never mixed.
     """
 
-    def __init__(self, policy: StoragePolicy, layer_order: Sequence[str], allocation=None):
+    def __init__(self, policy: StoragePolicy, layer_order: Sequence[str], allocation=None, budget=None):
         self.policy = policy
         self.layer_order = list(layer_order)
         self.lock = threading.RLock()  # forwards on several threads keep into the same keepers
-        self.memory = MemoryKeeper(policy, layer_order, self.lock, allocation)
+        self.memory = MemoryKeeper(policy, layer_order, self.lock, allocation, budget)
         # Replaced whole, never changed in place, under its own lock that is never held while
         # a keeper runs: a keeper closing itself detaches while a forward commits into it.
         self._attached: Tuple = ()
@@ -46,7 +46,9 @@ class Router:
         self.calls_seen: Dict[str, int] = {}
         # A request's router: the same policy, layers and allocation (no reference back to this
         # router, which a closure would make a cycle that keeps every call alive until gc runs).
-        self._requests = RequestRouters(functools.partial(Router, policy, self.layer_order, self.memory.allocation))
+        # The requests share the capture's device budget too: together they keep within one share.
+        self._requests = RequestRouters(functools.partial(Router, policy, self.layer_order, self.memory.allocation,
+                                                          self.memory.budget))
 
     @property
     def keepers(self) -> list:
@@ -153,6 +155,7 @@ class Router:
 
     # Forwards and the end.
     def begin_forward(self) -> None:
+        self.memory.begin_forward()  # device="auto" reads the free memory again
         for keeper in self._attached:
             keeper.begin_forward()
         self._requests.begin_forward()  # a request's router takes part at its first call in the forward

@@ -17,6 +17,7 @@ from ..heads import declared_heads
 from ...selection import Selection
 from ..._torch_private import log_softmax_last_dim_into, softmax_last_dim_into
 from ...keep.allocator import zero_pages
+from ...keep.host_copy import DIRECT_BYTES, STAGING_BYTES, HostCopies
 from ...errors import AttentionHookerError
 
 __all__ = ["SDPA_FUNCTIONS", "sdpa_attention_weights", "parse_sdpa_call", "as_4d", "packed_query_groups",
@@ -186,8 +187,11 @@ def sdpa_attention_weights(
         return weights if key_index is None else weights.index_select(3, key_index)
     if key_index is not None and store_as is None and tile_sink is None:
         store_as = (query.dtype, q.device)  # the kept keys of each tile, written as they come
-    if store_as is None and tile_sink is None and _whole_bytes(q, k, mask) > WHOLE_BYTES and q.device.type == "cpu":
-        store_as = (query.dtype, q.device)  # a large map: computed in cache-sized tiles, written once in place
+    if store_as is None and tile_sink is None and _whole_bytes(q, k, mask) > (
+            WHOLE_BYTES if q.device.type == "cpu" else _tile_bytes(q.device)):
+        # A large map: computed in tiles (cache-sized on the CPU), written once in place: the working
+        # memory is one tile, not the scores and the softmax of the whole map beside it.
+        store_as = (query.dtype, q.device)
     if store_as is not None or tile_sink is not None:
         return _weights_in_tiles(q, k, mask, is_causal, scale_factor, store_as, tile_bytes or _tile_bytes(q.device),
                                  row_index, tile_sink, buffer, key_index, kept.rows)
@@ -408,6 +412,12 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     q, k = q.contiguous(), k.contiguous()
     work = q.dtype
     row_bytes = max(1, batch * q.shape[1] * source * torch.finfo(work).bits // 8)
+    # From an accelerator into the CPU: through pinned buffers, a tile per piece, so that the CPU
+    # places tile i - 2 while the device copies tile i - 1 and computes tile i.
+    copies = (HostCopies(q.device) if out is not None and out.device.type == "cpu" and q.device.type == "cuda"
+              and out.numel() * out.element_size() >= DIRECT_BYTES else None)
+    if copies is not None:
+        tile_bytes = min(tile_bytes, STAGING_BYTES)
     rows = max(1, min(length, tile_bytes // row_bytes))
     # One working tensor for every tile (fresh memory per tile costs page faults on each).
     scratch = torch.empty(batch * q.shape[1] * rows * source, dtype=work, device=q.device)
@@ -469,12 +479,17 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
             else:
                 tile_sink(tile, row_index[first:last], shape, **band)
             continue
-        out[:, :, first:last, lo:hi].copy_(tile)  # (B, H, rows, hi - lo), converted to the stored dtype on the way
+        if copies is None:  # (B, H, rows, hi - lo), converted to the stored dtype on the way
+            out[:, :, first:last, lo:hi].copy_(tile)
+        else:  # from an accelerator: through pinned buffers, while the next tile is computed
+            copies.copy(out[:, :, first:last, lo:hi], tile)
         if not zeroed:
             if lo > 0:
                 out[:, :, first:last, :lo].zero_()
             if hi < kept:
                 out[:, :, first:last, hi:].zero_()
+    if copies is not None:
+        copies.finish()
     return out
 
 
@@ -705,6 +720,7 @@ _HALF = (torch.float16, torch.bfloat16)
 _EVERYTHING = Selection()
 TILE_BYTES = 4 * 2**20  # working scores of one tile of query rows on the CPU (store_as, tile_sink, large maps)
 WHOLE_BYTES = 16 * 2**20  # a CPU map larger than this (in float32) is computed in tiles, straight into its place
+# (on an accelerator: a map larger than one tile, _tile_bytes)
 # A float mask's value at most _VERY_NEGATIVE, beside a key of its row at least _CLEARLY_ABOVE, weighs
 # exactly 0 in float32 scores (exp of less than -9e37): such keys are skipped like -inf ones (_key_bands).
 _VERY_NEGATIVE, _CLEARLY_ABOVE = -1e38, -1e30

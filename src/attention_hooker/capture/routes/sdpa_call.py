@@ -11,6 +11,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from ..._torch_private import caller_frame, frame_local
+from ...keep.device_budget import AUTO
+from ...keep.host_copy import copy_to_host
 from ...keep.protocol import CallSources, GradientSource
 from ..inputs import channel_attention_refusal, folded_batch_refusal
 from ..batching import at_positions
@@ -59,7 +61,7 @@ def handle_sdpa(session, func, args: tuple, kwargs: dict) -> Any:
     elif groups > 1:  # packed decode queries: the whole map, unpacked, then selected by the router
         with torch.no_grad():
             weights = _weights(call, layer, buffer=_spare_buffer(router, layer),
-                               store_as=_stored_as(router, call["query"]))  # (B, Hk, groups, S)
+                               store_as=_stored_as(router, call))  # (B, Hk, groups, S)
         session.record(layer, unpack_query_groups(weights, groups), CallSources(value=call["value"]))  # (B, H, 1, S)
     elif router.takes_tiles:  # kept tile by tile: no layer is ever held
         _keep_in_tiles(session, call, layer)
@@ -152,13 +154,30 @@ def _spare_buffer(router, layer: str):
     return router.memory.buffer(layer)
 
 
-def _stored_as(router, query: torch.Tensor):
+def _stored_as(router, call: dict, selection=None, layer: str = ""):
     """``(dtype, device)`` memory stores weights computed from ``query`` in, when that is not
     how they are computed (they are then computed in tiles straight into it: rounded once,
-    no whole map in the working dtype or device); else ``None``."""
-    if router.memory.stores_as_computed(query.dtype, query.device):
+    no whole map in the working dtype or device); else ``None``. ``selection``: what is kept of
+    the call (by default its whole map), which ``device="auto"`` weighs against its budget."""
+    query = call["query"]
+    memory = router.memory
+    shape = _map_shape(call, selection, layer) if router.policy.device == AUTO else ()  # only "auto" weighs it
+    if memory.stores_as_computed(query.dtype, query.device, shape):
         return None
-    return router.policy.dtype or query.dtype, router.policy.device or query.device
+    return router.policy.dtype or query.dtype, memory.target_device(query.device, memory.stored_bytes(shape, query.dtype))
+
+
+def _map_shape(call: dict, selection=None, layer: str = "") -> tuple:
+    """The call's ``(batch, heads, query, key)``: whole, or as ``selection`` keeps it."""
+    query, key, mask = call["query"], call["key"], call["attn_mask"]
+    batch = max(query.shape[0] if query.dim() > 3 else 1, key.shape[0] if key.dim() > 3 else 1,
+                mask.shape[0] if isinstance(mask, torch.Tensor) and mask.dim() > 3 else 1)
+    shape = (query.shape[-3] if query.dim() > 2 else 1, query.shape[-2], key.shape[-2])
+    if selection is not None and not selection.keeps_everything:
+        kept = selection.resolve(*shape, f"layer {layer!r}")
+        shape = tuple(n if chosen is None else len(chosen) for n, chosen in zip(shape, (kept.heads, kept.rows,
+                                                                                        kept.keys)))
+    return (batch,) + shape
 
 
 def _output_from_weights_applies(scope, router, call: dict, groups: int) -> bool:
@@ -169,7 +188,8 @@ def _output_from_weights_applies(scope, router, call: dict, groups: int) -> bool
     return (not call["dropout_p"] and groups == 1 and scope.windows is None and not router.takes_tiles
             and selection.heads is None and selection.rows is None and selection.keys is None
             and not torch.is_grad_enabled() and query.dim() == 4 and call["value"].dim() == 4
-            and router.memory.stores_as_computed(query.dtype, query.device))
+            and router.memory.stores_as_computed(query.dtype, query.device,
+                                                 _map_shape(call) if router.policy.device == AUTO else ()))
 
 
 def _output_from_weights(session, call: dict, layer: str, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -178,6 +198,8 @@ def _output_from_weights(session, call: dict, layer: str, args: tuple, kwargs: d
     query heads without a repeated copy of the values."""
     weights = _keep_whole(session, call, layer)  # (B, H, L, S), in the query's dtype
     value = as_4d(call["value"])  # (B, Hk, S, Ev)
+    if weights.device != value.device:  # device="auto" sent the call away after all (another thread's calls)
+        weights = weights.to(value.device)
     batch, heads, length, source = weights.shape
     kv_heads = value.shape[1]
     grouped = weights.reshape(batch, kv_heads, (heads // kv_heads) * length, source)  # heads h*g..h*g+g-1 of kv head h
@@ -196,7 +218,7 @@ def _keep_whole(session, call: dict, layer: str, router=None) -> torch.Tensor:
     policy = router.policy
     with torch.no_grad():
         weights = _weights(call, layer, selection=policy.selection, buffer=_spare_buffer(router, layer),
-                           store_as=_stored_as(router, call["query"]))  # (B, h, rows, keys)
+                           store_as=_stored_as(router, call, policy.selection, layer))  # (B, h, rows, keys)
     value = as_4d(call["value"]) if policy.keep_values else None
     writer = router.begin_call(layer, weights.shape, weights.dtype, CallSources(value=value))
     writer.write(torch.arange(weights.shape[2]), weights)
@@ -259,8 +281,10 @@ def _keep_part(session, router, layer: str, part: torch.Tensor, sources: CallSou
     would scatter the heap)."""
     kept = router.policy.selection.apply(part, f"layer {layer!r}")
     if not router.takes_tiles:
-        kept = _spare_buffer(router, layer)(tuple(kept.shape), router.policy.dtype or kept.dtype,
-                                            router.policy.device or kept.device).copy_(kept)
+        memory = router.memory
+        placed = _spare_buffer(router, layer)(tuple(kept.shape), router.policy.dtype or kept.dtype,
+                                              memory.target_device(kept.device, memory.stored_bytes(kept.shape, kept.dtype)))
+        kept = copy_to_host(placed, kept)
     writer = router.begin_call(layer, kept.shape, kept.dtype, sources)
     writer.write(torch.arange(kept.shape[2]), kept)
     session.keep(layer, writer, tuple(kept.shape), router)
