@@ -13,6 +13,8 @@ a Mistral of the same sizes whose layers see a causal sliding window of N keys, 
 - full_fp32:   our capture of every layer and head, stored as computed (float32)
 - full_fp16:   the same, stored as float16
 - full_on_device: the full capture kept where it is computed (``device=None``: on the GPU with ``--device cuda``)
+- full_auto:   the full capture with the hooker's default ``device="auto"`` (on the GPU while it fits half of
+               its free memory, beyond it on the CPU; the CPU without ``--device cuda``)
 - head0:       our capture of head 0 only
 - last_row:    our capture of the last query row only (``rows="last"``)
 - stats:       per-head statistics reduced tile by tile (``hooker.reduce_into``), no matrix kept
@@ -27,7 +29,8 @@ to the bytes the capture keeps. Time is the median of ``--rounds`` forwards afte
 one warm-up, shown as a ratio to plain.
 
 With ``--device cuda`` the model and its input live on the GPU (in ``--dtype``, float32 by
-default; eager is the peer there too) and captures are kept on the CPU, the hooker's default;
+default; eager is the peer there too) and captures are kept on the CPU (``device="cpu"``, through
+pinned, double-buffered copies) except in full_on_device and full_auto;
 the table adds the GPU's peak allocated memory over the plain forward's
 (``torch.cuda.max_memory_allocated``), and times wait for the GPU (``synchronize``).
 """
@@ -44,7 +47,8 @@ import sys
 import time
 import warnings
 
-MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "full_on_device", "head0", "last_row", "stats", "pooled", "stream")
+MODES = ("plain", "hf_eager", "full_fp32", "full_fp16", "full_on_device", "full_auto", "head0", "last_row", "stats",
+         "pooled", "stream")
 
 
 def _model(implementation: str, device: str = "cpu", dtype: str = "float32", window: int = 0):
@@ -72,9 +76,9 @@ def child(mode: str, length: int, rounds: int, stream_dir=None, device: str = "c
     model = _model("eager" if mode == "hf_eager" else "sdpa", device, dtype, window)
     ids = torch.randint(3, 250, (1, length), device=device)
     cuda = torch.device(device).type == "cuda"
-    options = {"full_fp32": {}, "full_fp16": {"dtype": torch.float16},
-               "full_on_device": {"device": None}, "head0": {"heads": [0]},
-               "last_row": {"rows": "last"}}.get(mode)
+    options = {"full_fp32": {"device": "cpu"}, "full_fp16": {"dtype": torch.float16, "device": "cpu"},
+               "full_on_device": {"device": None}, "full_auto": {}, "head0": {"heads": [0], "device": "cpu"},
+               "last_row": {"rows": "last", "device": "cpu"}}.get(mode)
     kept = 0
 
     def forward():
@@ -131,7 +135,7 @@ def child(mode: str, length: int, rounds: int, stream_dir=None, device: str = "c
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=[m for m in MODES if m != "full_auto"], choices=MODES)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stream-dir", default=None, help="where the stream mode writes (default: a temporary folder)")
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda")
