@@ -326,3 +326,58 @@ def test_a_copy_is_complete_only_after_finish_and_shapes_must_agree():
 def test_copy_to_host_from_the_cpu_is_a_plain_copy():
     source, target = torch.rand(5, 6), torch.zeros(5, 6, dtype=torch.float64)
     assert copy_to_host(target, source) is target and torch.equal(target, source.double())
+
+
+def test_the_streamed_branch_waits_for_each_piece_before_placing_it(monkeypatch):
+    """The CUDA branch of :class:`HostCopies`, run here with stand-ins for streams, events and
+    pinned memory (the copies themselves happen at once): every piece's event is recorded before it
+    is waited for, each piece is waited for exactly once before the copies are done, the staging
+    buffers are marked as used by the side stream, and every element lands in its place."""
+    import contextlib
+
+    events = []
+
+    class Event:
+        def __init__(self):
+            self.recorded = self.waited = False
+            events.append(self)
+
+        def record(self, stream=None):
+            self.recorded = True
+
+        def synchronize(self):
+            assert self.recorded and not self.waited
+            self.waited = True
+
+    class Stream:
+        def wait_event(self, event):
+            assert event.recorded
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    real_empty = torch.empty
+    pinned = []
+
+    def empty(*shape, pin_memory=False, device=None, **options):
+        pinned.append(pin_memory)
+        return real_empty(*shape, **options)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    marked = []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: marked.append(stream))
+    copies = HostCopies(torch.device("cuda", 0), staging_bytes=4 * 40)  # 40 float32 a piece
+    whole = torch.zeros(3, 50, 10)
+    sources = [torch.rand(3, 10, 8) for _ in range(5)]
+    for i, source in enumerate(sources):  # 5 tiles of 240 floats: 6 pieces of 40 each
+        copies.copy(whole[:, 10 * i:10 * i + 10, 1:9], source)
+    assert len([e for e in events if e.waited]) == 28  # the last two pieces still in flight
+    copies.finish()
+    pieces = [e for e in events if e.waited]
+    assert len(pieces) == 30 and all(e.recorded for e in events)  # 30 pieces, 30 copy events waited for
+    assert pinned.count(True) == 2 and len(marked) == 2  # two pinned buffers; two staging buffers marked
+    expected = torch.zeros_like(whole)
+    for i, source in enumerate(sources):
+        expected[:, 10 * i:10 * i + 10, 1:9] = source
+    assert torch.equal(whole, expected)
