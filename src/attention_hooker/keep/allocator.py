@@ -32,6 +32,7 @@ is reused. (The counters are private APIs, each behind one function of
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import weakref
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -307,8 +308,12 @@ class PagePool:
     The pool keeps at most :attr:`max_bytes` of pages. When a new size does not fit, free
     mappings of other sizes are let go first (sizes that stop coming, as prompts change length,
     do not hold the pool); beyond that a tensor comes from the heap as before. Pages kept stay
-    resident while the hooks are on, even when no weights are stored: :meth:`release` (hooks
-    off) lets them go with the last tensor on them.
+    resident while the hooks are on, even when no weights are stored. :meth:`release` (hooks
+    off) hands them on for :data:`HANDED_ON_SECONDS`: a pool that lacks free pages of a size
+    takes a handed-on mapping of that size once nothing holds it (a hooker made per forward,
+    ``with TransformerAttentionHooker(model) as h: model(x)`` in a loop, or the same hooker
+    set up again, takes the pages the weights before left); after that they go with the last
+    tensor on them.
     """
 
     max_bytes = 256 * 2**20
@@ -316,7 +321,9 @@ class PagePool:
     def __init__(self):
         self._pages: Dict[int, List[mmap.mmap]] = {}  # size in bytes -> mappings of that size
         self._held = 0
-        self._lock = threading.Lock()
+        # Re-entrant: the garbage collector, run by an allocation below, may finalize this pool's own
+        # hooker (unreachable in a cycle while its hooks are on), whose release() takes the lock again.
+        self._lock = threading.RLock()
 
     def take(self, shape, dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], bool]:
         """``(tensor, zeroed)``: a CPU tensor on pages nothing else uses (``zeroed``: fresh, all
@@ -332,6 +339,11 @@ class PagePool:
                 self._let_go_of_free_pages(unused, size)
             if self._held + size > self.max_bytes:
                 return None, False
+            handed = _HANDED_ON.take_free(size)  # a released pool's free pages of this size
+            if handed is not None:
+                self._pages.setdefault(size, []).append(handed)
+                self._held += size
+                return _on_pages(handed, shape, dtype, nbytes), False
             pages = _private_pages(size)
             self._pages.setdefault(size, []).append(pages)
             self._held += size
@@ -358,9 +370,103 @@ class PagePool:
         return self._held
 
     def release(self) -> None:
-        """Forgets every mapping (each is unmapped with the last tensor on it)."""
+        """Hands every mapping on to the next pool made within :data:`HANDED_ON_SECONDS`, then
+        forgets them (each is unmapped with the last tensor on it)."""
         with self._lock:
-            self._pages, self._held = {}, 0
+            pages, self._pages, self._held = self._pages, {}, 0
+        _HANDED_ON.give(pages, self.max_bytes)
+
+
+HANDED_ON_SECONDS = 2.0
+"""How long the pages of released :class:`PagePool` s wait for the next pools (then they go)."""
+
+
+class _HandedOn:
+    """The pages of released pools, free or still held by the user's weights, for the pools that
+    come within :data:`HANDED_ON_SECONDS`: a pool takes a mapping of the size it lacks once
+    nothing else holds it. A timer (a daemon thread named ``attention-hooker-pages``, one at a
+    time, started when pages arrive and none is waiting, never put off) lets every mapping go
+    after that, so a process that stops capturing keeps none resident; a forked child starts
+    with none. Nobody waits for its lock but the timer: a release or a take that finds it busy
+    does without (the pages go, or the pool makes new ones), so no lock is ever waited for while
+    another is held."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pages: Dict[int, List[mmap.mmap]] = {}
+        self._held = 0
+        self._generation = 0  # the timer that lets the present pages go (an older one does nothing)
+        self._waiting = False
+        self._lock = threading.Lock()
+        self.timer: Optional[threading.Timer] = None
+
+    def give(self, pages: Dict[int, List[mmap.mmap]], most: int) -> None:
+        """Keeps ``pages`` (with those given before, up to ``most`` bytes) until the timer goes.
+        Never waits: a release re-entered from a finalizer (the garbage collector running while
+        the lock is held), or racing with another, lets its pages go instead."""
+        if not pages or not self._lock.acquire(blocking=False):
+            return
+        try:
+            for size, mappings in pages.items():
+                for one in mappings:
+                    if self._held + size <= most:
+                        self._pages.setdefault(size, []).append(one)
+                        self._held += size
+            start = bool(self._pages) and not self._waiting
+            if start:
+                self._waiting = True
+                self._generation += 1
+            generation = self._generation
+        finally:
+            self._lock.release()
+        if start:
+            self._start_timer(generation)
+
+    def take_free(self, size: int) -> Optional[mmap.mmap]:
+        """A handed-on mapping of ``size`` bytes that nothing holds any more (the caller's now), or
+        ``None``."""
+        if not self._lock.acquire(blocking=False):  # the caller holds its pool's lock: never wait
+            return None
+        try:
+            mappings = self._pages.get(size)
+            if not mappings:
+                return None
+            unused = _unlisted_refs()
+            for pages in mappings:  # a plain loop: the reference counts are taken as in PagePool.take
+                if _listed_refs(pages) == unused:
+                    mappings.remove(pages)
+                    self._held -= size
+                    return pages
+            return None
+        finally:
+            self._lock.release()
+
+    def let_go(self, generation: Optional[int] = None) -> None:
+        """Forgets every mapping (each is unmapped with the last tensor on it); with
+        ``generation``, only if no newer timer took over."""
+        with self._lock:
+            if generation is not None and generation != self._generation:
+                return
+            old, self._pages, self._held, self._waiting = self._pages, {}, 0, False
+        del old  # unmapped outside the lock
+
+    def _start_timer(self, generation: int) -> None:
+        timer = threading.Timer(HANDED_ON_SECONDS, self.let_go, args=(generation,))
+        timer.daemon = True
+        timer.name = "attention-hooker-pages"
+        try:
+            timer.start()
+        except Exception:  # no new thread (at interpreter shutdown): the pages go now
+            self.let_go(generation)
+            return
+        self.timer = timer
+
+
+_HANDED_ON = _HandedOn()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_HANDED_ON._reset)
 
 
 POOLED_MIN = 256 * 2**10
@@ -423,7 +529,8 @@ class Allocation:
         self.arena.rewind()
 
     def release(self) -> None:
-        """The hooks are off: spares, chunks being filled and pooled pages are let go."""
+        """The hooks are off: spares and chunks being filled are let go, pooled pages handed on
+        (:class:`PagePool`)."""
         self.spares.release()
         self.arena.release()
         self.pages.release()
