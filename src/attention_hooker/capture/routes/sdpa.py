@@ -17,7 +17,7 @@ from ..heads import declared_heads
 from ...selection import Selection
 from ..._torch_private import log_softmax_last_dim_into, softmax_last_dim_into
 from ...keep.allocator import zero_pages
-from ...keep.host_copy import DIRECT_BYTES, STAGING_BYTES, HostCopies
+from ...keep.host_copy import DIRECT_BYTES, HostCopies
 from ...errors import AttentionHookerError
 
 __all__ = ["SDPA_FUNCTIONS", "sdpa_attention_weights", "parse_sdpa_call", "as_4d", "packed_query_groups",
@@ -412,12 +412,11 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     q, k = q.contiguous(), k.contiguous()
     work = q.dtype
     row_bytes = max(1, batch * q.shape[1] * source * torch.finfo(work).bits // 8)
-    # From an accelerator into the CPU: through pinned buffers, a tile per piece, so that the CPU
-    # places tile i - 2 while the device copies tile i - 1 and computes tile i.
+    # From an accelerator into the CPU: through pinned buffers, in pieces, while the device goes on
+    # (the tiles keep their size: a map kept on the CPU is computed in the same tiles as one
+    # streamed or reduced, so that they are equal bitwise).
     copies = (HostCopies(q.device) if out is not None and out.device.type == "cpu" and q.device.type == "cuda"
               and out.numel() * out.element_size() >= DIRECT_BYTES else None)
-    if copies is not None:
-        tile_bytes = min(tile_bytes, STAGING_BYTES)
     rows = max(1, min(length, tile_bytes // row_bytes))
     # One working tensor for every tile (fresh memory per tile costs page faults on each).
     scratch = torch.empty(batch * q.shape[1] * rows * source, dtype=work, device=q.device)
