@@ -284,6 +284,15 @@ def _listed_refs(pages) -> int:
     return refcount(pages)
 
 
+def _free_in(mappings) -> Optional[mmap.mmap]:
+    """The first of ``mappings`` (a pool's list) that only the list holds, or ``None``."""
+    unused = _unlisted_refs()
+    for pages in mappings:  # a plain loop: counted as the baseline is
+        if _listed_refs(pages) == unused:
+            return pages
+    return None
+
+
 def _unlisted_refs() -> int:
     """What :func:`_listed_refs` gives for an object that only its list holds. Taken at each use
     (a few microseconds), not once at import: a tracer or debugger that holds frames' locals
@@ -331,23 +340,20 @@ class PagePool:
         nbytes = _nbytes(shape, dtype)
         size = -nbytes % mmap.PAGESIZE + nbytes
         with self._lock:
-            unused = _unlisted_refs()
-            for pages in self._pages.get(size, ()):
-                if _listed_refs(pages) == unused:
-                    return _on_pages(pages, shape, dtype, nbytes), False
+            pages = _free_in(self._pages.get(size, ()))
+            if pages is not None:
+                return _on_pages(pages, shape, dtype, nbytes), False
             if self._held + size > self.max_bytes:
-                self._let_go_of_free_pages(unused, size)
+                self._let_go_of_free_pages(_unlisted_refs(), size)
             if self._held + size > self.max_bytes:
                 return None, False
-            handed = _HANDED_ON.take_free(size)  # a released pool's free pages of this size
-            if handed is not None:
-                self._pages.setdefault(size, []).append(handed)
-                self._held += size
-                return _on_pages(handed, shape, dtype, nbytes), False
-            pages = _private_pages(size)
+            pages = _HANDED_ON.take_free(size)  # a released pool's free pages of this size
+            fresh = pages is None
+            if fresh:
+                pages = _private_pages(size)
             self._pages.setdefault(size, []).append(pages)
             self._held += size
-            return _on_pages(pages, shape, dtype, nbytes), True
+            return _on_pages(pages, shape, dtype, nbytes), fresh
 
     def _let_go_of_free_pages(self, unused: int, needed: int) -> None:
         """Forgets free mappings (``unused``: their count when only the pool holds them), the
@@ -430,16 +436,12 @@ class _HandedOn:
         if not self._lock.acquire(blocking=False):  # the caller holds its pool's lock: never wait
             return None
         try:
-            mappings = self._pages.get(size)
-            if not mappings:
-                return None
-            unused = _unlisted_refs()
-            for pages in mappings:  # a plain loop: the reference counts are taken as in PagePool.take
-                if _listed_refs(pages) == unused:
-                    mappings.remove(pages)
-                    self._held -= size
-                    return pages
-            return None
+            mappings = self._pages.get(size, [])
+            pages = _free_in(mappings)
+            if pages is not None:
+                mappings.remove(pages)
+                self._held -= size
+            return pages
         finally:
             self._lock.release()
 

@@ -161,14 +161,17 @@ def _stored_as(router, call: dict, selection=None, layer: str = ""):
     the call (by default its whole map), which ``device="auto"`` weighs against its budget."""
     query = call["query"]
     memory = router.memory
-    shape = _map_shape(call, selection, layer) if router.policy.device == AUTO else ()  # only "auto" weighs it
+    shape = _weighed_shape(router, call, selection, layer)
     if memory.stores_as_computed(query.dtype, query.device, shape):
         return None
     return router.policy.dtype or query.dtype, memory.target_device(query.device, memory.stored_bytes(shape, query.dtype))
 
 
-def _map_shape(call: dict, selection=None, layer: str = "") -> tuple:
-    """The call's ``(batch, heads, query, key)``: whole, or as ``selection`` keeps it."""
+def _weighed_shape(router, call: dict, selection=None, layer: str = "") -> tuple:
+    """The call's ``(batch, heads, query, key)``, whole or as ``selection`` keeps it, where
+    ``device="auto"`` weighs it against its budget; ``()`` for every other device (unused)."""
+    if router.policy.device != AUTO:
+        return ()
     query, key, mask = call["query"], call["key"], call["attn_mask"]
     batch = max(query.shape[0] if query.dim() > 3 else 1, key.shape[0] if key.dim() > 3 else 1,
                 mask.shape[0] if isinstance(mask, torch.Tensor) and mask.dim() > 3 else 1)
@@ -188,8 +191,7 @@ def _output_from_weights_applies(scope, router, call: dict, groups: int) -> bool
     return (not call["dropout_p"] and groups == 1 and scope.windows is None and not router.takes_tiles
             and selection.heads is None and selection.rows is None and selection.keys is None
             and not torch.is_grad_enabled() and query.dim() == 4 and call["value"].dim() == 4
-            and router.memory.stores_as_computed(query.dtype, query.device,
-                                                 _map_shape(call) if router.policy.device == AUTO else ()))
+            and router.memory.stores_as_computed(query.dtype, query.device, _weighed_shape(router, call)))
 
 
 def _output_from_weights(session, call: dict, layer: str, args: tuple, kwargs: dict) -> torch.Tensor:
