@@ -66,6 +66,71 @@ def test_a_large_cpu_map_is_computed_in_tiles_straight_into_fresh_zero_pages(mon
     torch.testing.assert_close(got.double(), _reference(q, k, is_causal=True), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["causal", "gqa_batch", "rows", "half", "longer_keys", "garbage_buffer"])
+def test_a_causal_cpu_map_kept_whole_is_computed_in_blocks_of_rows_that_stop_at_their_last_key(case, monkeypatch):
+    """From CAUSAL_BLOCKS_FROM rows on, a causal map below WHOLE_BYTES (one product of every row with
+    every key before) is computed 64 rows at a time, each block only up to its last row's key, and
+    equals the whole computation bitwise."""
+    torch.manual_seed(3)
+    batch, heads, kv_heads, length, keys, rows, dtype = 1, 2, 2, 400, 400, None, torch.float32
+    if case == "gqa_batch":
+        batch, heads, kv_heads = 2, 4, 2
+    if case == "rows":
+        rows = list(range(390, 3, -7))
+    if case == "longer_keys":
+        keys = 450  # top-left aligned: row i sees keys 0..i
+    if case == "half":
+        dtype = torch.float16
+    q = torch.randn(batch, heads, length, 8).to(dtype)
+    k = torch.randn(batch, kv_heads, keys, 8).to(dtype)
+    shape = (batch, heads, length if rows is None else len(rows), keys)
+    buffer = None
+    if case == "garbage_buffer":
+        garbage = SpareBuffers()
+        garbage.offer([torch.full(shape, float("nan"))])
+        buffer = ComputedBuffer(garbage, empty)
+    assert sdpa._whole_bytes(q, k, None) <= sdpa.WHOLE_BYTES
+    widths = _widths(monkeypatch)
+    got = sdpa_attention_weights(q, k, is_causal=True, rows=rows, buffer=buffer)
+    if rows is None:
+        assert widths == list(range(64, 401, 64)) + [400], "one product of every row with every key"
+    else:
+        assert len(widths) == 1, "a selection of a few rows is one block"
+    assert buffer is None or not torch.isnan(got).any(), "the hidden keys of a reused tensor were not zeroed"
+    monkeypatch.setattr(sdpa, "CAUSAL_BLOCKS_FROM", 10**9)  # the whole computation, as before
+    whole = sdpa_attention_weights(q, k, is_causal=True, rows=rows)
+    assert widths[-1] == keys and got.dtype == whole.dtype == dtype
+    assert torch.equal(got, whole)
+    want = _reference(q.float(), k.float(), is_causal=True, rows=rows)
+    torch.testing.assert_close(got.double(), want, atol=1e-3 if dtype == torch.float16 else 1e-6, rtol=0)
+
+
+def test_short_or_uncausal_maps_stay_one_product(monkeypatch):
+    torch.manual_seed(4)
+    widths = _widths(monkeypatch)
+    sdpa_attention_weights(torch.randn(1, 2, 383, 8), torch.randn(1, 2, 383, 8), is_causal=True)
+    sdpa_attention_weights(torch.randn(1, 2, 400, 8), torch.randn(1, 2, 400, 8))
+    assert widths == [383, 400]
+
+
+def test_a_hooked_causal_layer_equals_its_oracle_through_the_blocks(monkeypatch):
+    torch.manual_seed(5)
+    model = _CausalAttention().eval()
+    x = torch.randn(1, 450, 16)
+    widths = _widths(monkeypatch)
+    with torch.no_grad():
+        plain = model(x)
+        with TransformerAttentionHooker(model) as hooker:
+            out = model(x)
+    assert torch.equal(out, plain)
+    assert widths[:2] == [64, 128]
+    ((got,),) = hooker.values.values()  # one layer, one call
+    e = 16 // model.num_heads  # the layer's own projections, by hand
+    q = model.q(x).view(1, 450, model.num_heads, e).transpose(1, 2)
+    k = model.kv(x).view(1, 450, 2, model.kv_heads, e)[:, :, 0].transpose(1, 2)
+    torch.testing.assert_close(got.double(), _reference(q, k, is_causal=True), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("case", ["causal", "causal_rows", "causal_gqa_batch", "causal_bool_mask",
                                   "causal_float_mask", "longer_keys", "half_query", "empty_rows"])
 def test_weights_in_tiles_equal_the_reference_on_a_buffer_full_of_garbage(case):
