@@ -8,6 +8,7 @@ neither the captures nor the modules alive (weak references both ways).
 
 from __future__ import annotations
 
+import _thread
 import threading
 import weakref
 from typing import Iterable, List
@@ -16,7 +17,7 @@ from torch import nn
 
 from .discovery import check_module
 
-__all__ = ["LiveCaptures", "LIVE", "remove_hooks", "take_off", "weakly"]
+__all__ = ["LiveCaptures", "LIVE", "remove_hooks", "take_off", "take_off_aside", "TAKE_OFF_WAIT", "weakly"]
 
 
 class LiveCaptures:
@@ -65,6 +66,37 @@ def take_off(hooks, session, router) -> None:
     waits for its shard; capture.json is final). Holds nothing of the hooker itself."""
     hooks.remove(session.close)
     router.close()
+
+
+TAKE_OFF_WAIT = 1.0  # seconds a finalizer waits for its take-off before it lets it finish on its own
+
+
+def take_off_aside(hooks, session, router) -> None:
+    """:func:`take_off` for the finalizer of a hooker that nobody can reach: on a thread of its own,
+    waited for up to :data:`TAKE_OFF_WAIT` seconds.
+
+    The garbage collector runs finalizers wherever it starts, which is any allocation: also one
+    made by this library while it holds a lock that the take-off needs (a route's, a keeper's,
+    the session's), on the same thread, when the hooker sits in a reference cycle. Inline, the
+    take-off would then wait for its own thread forever. Aside, it waits until that lock is let
+    go, and the finalizer returns after at most the wait. Otherwise it has finished within the
+    wait, as it did inline. The thread is a bare one (``_thread``): starting it takes none of
+    ``threading``'s locks, which the collection may have interrupted too."""
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def run() -> None:
+        try:
+            take_off(hooks, session, router)
+        finally:
+            done.release()
+
+    try:
+        _thread.start_new_thread(run, ())
+    except RuntimeError:  # no new thread to be had (the interpreter shutting down): inline, as before
+        run()
+        return
+    done.acquire(timeout=TAKE_OFF_WAIT)
 
 
 def remove_hooks(model: nn.Module) -> int:

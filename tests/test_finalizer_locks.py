@@ -1,0 +1,181 @@
+"""A hooker that nobody can reach, in a reference cycle with its hooks on, is finalized by the
+garbage collector wherever a collection starts: also inside code of ours that holds a lock its
+take-off needs. Each case forces the collection there (as an allocation under the lock would) and
+must finish; inline, the take-off waited for its own thread forever. Each runs in a process of
+its own, so that a hang fails by a timeout and leaves no lock held in this one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from attention_hooker import TransformerAttentionHooker
+from attention_hooker.capture import live
+
+_HARNESS = '''
+import gc, sys, tempfile, weakref, torch
+from torch import nn
+from attention_hooker import TransformerAttentionHooker
+
+class CollectInside:
+    """A lock that runs one collection while it is held (the first time ``when()`` is true)."""
+    def __init__(self, real, when=lambda: True):
+        self._real, self._when, self.fired = real, when, False
+    def acquire(self, *args, **kwargs):
+        return self._real.acquire(*args, **kwargs)
+    def release(self):
+        self._real.release()
+    def __enter__(self):
+        self._real.acquire()
+        if not self.fired and self._when():
+            self.fired = True
+            gc.collect()
+        return self
+    def __exit__(self, *exc):
+        self._real.release()
+
+def garbage_hooker(model, **options):
+    """A set-up hooker that nobody can reach but a cycle of its own."""
+    hooker = TransformerAttentionHooker(model, **options).setup()
+    hooker.me = hooker
+    return hooker, weakref.ref(hooker)
+
+gc.disable()  # only the forced collection runs
+torch.manual_seed(0)
+model = nn.TransformerEncoder(nn.TransformerEncoderLayer(d_model=16, nhead=4, batch_first=True), num_layers=1).eval()
+x = torch.randn(1, 5, 16)
+'''
+
+_CASES = {
+    # a notebook cell run again: the new hooker's setup subscribes to the MHA route under its lock
+    "routes_lock": '''
+from attention_hooker.capture.routes import mha
+old, ref = garbage_hooker(model)
+del old
+mha._ROUTES_LOCK = CollectInside(mha._ROUTES_LOCK)
+new = TransformerAttentionHooker(model).setup()
+with torch.no_grad():
+    model(x)
+assert ref() is None and mha._ROUTES_LOCK.fired
+assert [len(calls) for calls in new.values.values()] == [1], "the new hooker lost its route"
+''',
+    # the hooker's own forward, copying a call (another dtype) into its arena under the arena's lock
+    "arena_lock": '''
+hooker, ref = garbage_hooker(model, dtype=torch.float16)
+with torch.no_grad():
+    model(x)
+arena = hooker._router.memory.allocation.arena
+del hooker
+arena._lock = CollectInside(arena._lock)
+with torch.no_grad():
+    model(x)
+assert ref() is None and arena._lock.fired
+''',
+    # the sdpa route's buffer takes a spare under the spares' lock
+    "spares_lock": '''
+hooker, ref = garbage_hooker(model)
+memory = hooker._router.memory
+spares = memory.allocation.spares
+buffer = memory.buffer(hooker.hooked_layers[0])
+del hooker
+spares._lock = CollectInside(spares._lock)
+buffer((1, 4, 5, 5), torch.float32, torch.device("cpu"))
+assert ref() is None and spares._lock.fired
+''',
+    # the user closes a stream: its router detaches it under the requests' lock
+    "requests_lock": '''
+hooker, ref = garbage_hooker(model)
+stream = hooker.stream_to(tempfile.mkdtemp())
+requests = hooker._router._requests
+del hooker
+requests._lock = CollectInside(requests._lock)
+stream.close()
+assert ref() is None and requests._lock.fired
+''',
+    # another thread is inside a forward of the hooker while this one switches the capture off
+    "session_lock": '''
+hooker, ref = garbage_hooker(model)
+session = hooker._session
+del hooker
+session._busy.add(-1)  # another thread inside a hooked forward meanwhile
+session._lock = CollectInside(session._lock, when=lambda: sys._getframe(2).f_code.co_name == "_switch_off")
+with torch.no_grad():
+    model(x)
+assert ref() is None and session._lock.fired
+''',
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+def test_a_hooker_collected_under_one_of_our_locks_is_taken_off_without_waiting_for_itself(case):
+    script = _HARNESS + textwrap.dedent(_CASES[case]) + "\nprint('finished')\n"
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{case}: the finalizer's take-off waited for a lock its own thread held (deadlock)")
+    assert done.returncode == 0 and "finished" in done.stdout, done.stderr[-3000:]
+
+
+def _hooked_model():
+    torch.manual_seed(0)
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(d_model=16, nhead=4, batch_first=True), num_layers=1)
+
+
+def _hooks_on(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_an_unreachable_hooker_is_taken_off_before_its_finalizer_returns():
+    model = _hooked_model()
+    before = _hooks_on(model)
+    hooker = TransformerAttentionHooker(model).setup()
+    hooker.me = hooker  # a cycle: only the collector finds it
+    assert _hooks_on(model) > before
+    del hooker
+    import gc
+
+    gc.collect()
+    assert _hooks_on(model) == before, "the hooks were still on when the collection returned"
+
+
+def test_without_a_thread_to_be_had_the_take_off_runs_inline(monkeypatch):
+    model = _hooked_model()
+    before = _hooks_on(model)
+    hooker = TransformerAttentionHooker(model).setup()
+
+    def no_thread(*args):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(live._thread, "start_new_thread", no_thread)
+    del hooker
+    assert _hooks_on(model) == before
+
+
+def test_a_take_off_held_up_by_a_lock_lets_the_finalizer_return_after_the_wait_and_ends_later(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(live, "TAKE_OFF_WAIT", 0.2)
+    held, ended = threading.Lock(), threading.Event()
+
+    class Hooks:
+        def remove(self, close):
+            with held:
+                close()
+
+    class Session:
+        def close(self):
+            pass
+
+    class Router:
+        def close(self):
+            ended.set()
+
+    with held:  # what the collected hooker's take-off needs, held by the thread that collects it
+        live.take_off_aside(Hooks(), Session(), Router())  # returns after the wait instead of never
+        assert not ended.is_set()
+    assert ended.wait(5), "the take-off did not finish once the lock was let go"
