@@ -143,6 +143,13 @@ def test_an_unreachable_hooker_is_taken_off_before_its_finalizer_returns():
     assert _hooks_on(model) == before, "the hooks were still on when the collection returned"
 
 
+def _collecting_here(monkeypatch) -> None:
+    """From now on, finalizers believe a garbage collection runs on this thread."""
+    import _thread
+
+    monkeypatch.setattr(live, "_COLLECTING", [_thread.get_ident()])
+
+
 def test_without_a_thread_to_be_had_the_take_off_runs_inline(monkeypatch):
     model = _hooked_model()
     before = _hooks_on(model)
@@ -151,19 +158,23 @@ def test_without_a_thread_to_be_had_the_take_off_runs_inline(monkeypatch):
     def no_thread(*args):
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
-    monkeypatch.setattr(live._thread, "start_new_thread", no_thread)
+    monkeypatch.setattr(live, "_start_thread", no_thread)
+    _collecting_here(monkeypatch)
     del hooker
     assert _hooks_on(model) == before
 
 
-def test_a_take_off_held_up_by_a_lock_lets_the_finalizer_return_after_the_wait_and_ends_later(monkeypatch):
+def test_a_take_off_held_up_by_a_lock_lets_the_collection_go_on_after_the_wait_and_ends_later(monkeypatch):
     import threading
 
     monkeypatch.setattr(live, "TAKE_OFF_WAIT", 0.2)
-    held, ended = threading.Lock(), threading.Event()
+    monkeypatch.setattr(live.atexit, "register", lambda *args: None)  # not this test process's exit
+    _collecting_here(monkeypatch)
+    held, ended, threads = threading.Lock(), threading.Event(), []
 
     class Hooks:
         def remove(self, close):
+            threads.append(threading.get_ident())
             with held:
                 close()
 
@@ -176,6 +187,77 @@ def test_a_take_off_held_up_by_a_lock_lets_the_finalizer_return_after_the_wait_a
             ended.set()
 
     with held:  # what the collected hooker's take-off needs, held by the thread that collects it
-        live.take_off_aside(Hooks(), Session(), Router())  # returns after the wait instead of never
+        live.finalize_take_off(Hooks(), Session(), Router())  # returns after the wait instead of never
         assert not ended.is_set()
     assert ended.wait(5), "the take-off did not finish once the lock was let go"
+    assert threads != [threading.get_ident()]
+
+
+def test_a_hooker_dropped_by_its_last_reference_is_taken_off_on_its_own_thread_after_an_interrupted_forward():
+    """The notebook case: a forward stopped by Ctrl-C (its closing hooks never ran) leaves its scope and
+    the capture's function mode on this thread; rebinding the name must take both off, here and now."""
+    from tiny_models import Stack
+
+    torch.manual_seed(0)
+    model, x = Stack().eval(), torch.randn(1, 4, 16)
+    modes = torch._C._len_torch_function_stack()
+    before = _hooks_on(model)
+    hooker = TransformerAttentionHooker(model).setup()
+    session = hooker._session
+    fire = [True]
+
+    def interrupt(module, args):
+        if fire[0]:
+            fire[0] = False
+            raise KeyboardInterrupt
+
+    handle = model.blocks[0].out.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        model(x)
+    handle.remove()
+    assert torch._C._len_torch_function_stack() == modes + 1 and session._busy
+    hooker = None  # noqa: F841 - the name rebound: the last reference goes
+    assert _hooks_on(model) == before, "hooks left on the model"
+    assert torch._C._len_torch_function_stack() == modes, "the capture's function mode left on this thread"
+    assert not session._busy and session.closed
+
+
+_SLOW_EXIT = """
+import gc, json, sys, time, torch
+sys.path.insert(0, {tests!r})
+from tiny_models import Stack
+from attention_hooker import TransformerAttentionHooker
+from attention_hooker.capture import live
+from attention_hooker.keep import stream
+
+live.TAKE_OFF_WAIT = 0.2
+flush = stream.StreamedCapture._flush_pending
+def slow(self):  # a slow disk: the last shard takes longer than the collection waits
+    time.sleep(1.5)
+    return flush(self)
+stream.StreamedCapture._flush_pending = slow
+gc.disable()
+model = Stack().eval()
+hooker = TransformerAttentionHooker(model).setup()
+hooker.me = hooker  # only the collector finds it
+hooker.stream_to({folder!r}, overwrite=True)
+with torch.no_grad():
+    model(torch.randn(1, 4, 16))
+del hooker
+start = time.perf_counter()
+gc.collect()
+print("waited", round(time.perf_counter() - start, 2))
+"""
+
+
+def test_a_take_off_still_held_up_at_exit_finishes_its_stream_before_the_process_ends(tmp_path):
+    import json
+    from pathlib import Path
+
+    folder = tmp_path / "capture"
+    script = _SLOW_EXIT.format(tests=str(Path(__file__).parent), folder=str(folder))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) < 1.2, "the collection waited for the whole take-off"
+    manifest = json.loads((folder / "capture.json").read_text())
+    assert manifest["complete"] is True and not (folder / "capture.lock").exists()

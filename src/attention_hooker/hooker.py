@@ -15,7 +15,7 @@ from .capture.coverage import Coverage, CoverageReport
 from .capture.diagnostics import check_hf_implementation, job_rank
 from .capture.forwards import ForwardWatch
 from .capture.hooks import HookHandles, install_layer_hooks
-from .capture.live import LIVE, take_off, take_off_aside, weakly
+from .capture.live import LIVE, finalize_take_off, take_off, watch_collections, weakly
 from .capture.routes.mha import inner_mha_targets
 from .capture.parallel import head_shard
 from .capture.session import CaptureSession
@@ -285,7 +285,8 @@ class TransformerAttentionHooker:
         self._ever_set_up = True
         # Nothing on the model holds this hooker: once nobody can reach it (a notebook cell run
         # again rebinds the name), its hooks come off and it captures no more.
-        self._finalizer = weakref.finalize(self, take_off_aside, self._hooks, self._session, self._router)
+        watch_collections()  # so that the finalizer can tell the collector's call from the last reference's
+        self._finalizer = weakref.finalize(self, finalize_take_off, self._hooks, self._session, self._router)
         self._finalizer.atexit = False  # at exit, as before: nothing is taken off or written
         # Judged at the first forward, not here: `hooker = TransformerAttentionHooker(model).setup()` run
         # again in a notebook sets the new one up while the name still holds the old one.

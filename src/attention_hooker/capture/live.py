@@ -9,6 +9,8 @@ neither the captures nor the modules alive (weak references both ways).
 from __future__ import annotations
 
 import _thread
+import atexit
+import gc
 import threading
 import weakref
 from typing import Iterable, List
@@ -17,7 +19,8 @@ from torch import nn
 
 from .discovery import check_module
 
-__all__ = ["LiveCaptures", "LIVE", "remove_hooks", "take_off", "take_off_aside", "TAKE_OFF_WAIT", "weakly"]
+__all__ = ["LiveCaptures", "LIVE", "remove_hooks", "take_off", "finalize_take_off", "TAKE_OFF_WAIT",
+           "watch_collections", "weakly"]
 
 
 class LiveCaptures:
@@ -68,20 +71,43 @@ def take_off(hooks, session, router) -> None:
     router.close()
 
 
-TAKE_OFF_WAIT = 1.0  # seconds a finalizer waits for its take-off before it lets it finish on its own
+TAKE_OFF_WAIT = 1.0  # seconds a collection waits for a take-off held up before it goes on
+_AT_EXIT_WAIT = 30.0  # seconds the interpreter's exit waits for a take-off still held up then
+_COLLECTING = [None]  # the thread a garbage collection runs on, while one runs (one at a time)
+_WATCHING = threading.Lock()  # taken by set-ups only, never by a finalizer
+_start_thread = _thread.start_new_thread  # a bare thread (tests stand in for it)
 
 
-def take_off_aside(hooks, session, router) -> None:
-    """:func:`take_off` for the finalizer of a hooker that nobody can reach: on a thread of its own,
-    waited for up to :data:`TAKE_OFF_WAIT` seconds.
+def watch_collections() -> None:
+    """Notes from now on which thread a garbage collection runs on (a ``gc.callbacks`` entry of
+    one assignment per phase), so that a hooker's finalizer can tell whether the collector runs
+    it (:func:`finalize_take_off`). Called by every set-up; added once, kept for the process."""
+    with _WATCHING:
+        if _on_collection not in gc.callbacks:
+            gc.callbacks.append(_on_collection)
 
-    The garbage collector runs finalizers wherever it starts, which is any allocation: also one
-    made by this library while it holds a lock that the take-off needs (a route's, a keeper's,
-    the session's), on the same thread, when the hooker sits in a reference cycle. Inline, the
-    take-off would then wait for its own thread forever. Aside, it waits until that lock is let
-    go, and the finalizer returns after at most the wait. Otherwise it has finished within the
-    wait, as it did inline. The thread is a bare one (``_thread``): starting it takes none of
-    ``threading``'s locks, which the collection may have interrupted too."""
+
+def _on_collection(phase: str, info: dict) -> None:
+    _COLLECTING[0] = _thread.get_ident() if phase == "start" else None
+
+
+def finalize_take_off(hooks, session, router) -> None:
+    """The finalizer of a hooker that nobody can reach any more: :func:`take_off`.
+
+    Where the last reference went (a notebook cell rebinding the name), at once, on that thread,
+    which also closes what an interrupted forward left on it (its scopes, its function mode).
+
+    Where the garbage collector finds the hooker (in a reference cycle), on a thread of its own,
+    waited for up to :data:`TAKE_OFF_WAIT` seconds: a collection starts at any allocation, also
+    one made by this library while it holds a lock that the take-off needs (a route's, a
+    keeper's, the session's), and inline the take-off would wait for its own thread forever.
+    Aside, it waits until that lock is let go; one still held up after the wait is waited for at
+    the interpreter's exit (a stream's last shard and ``capture.json``). The thread is a bare
+    one (``_thread``): starting it takes none of ``threading``'s locks, which the collection
+    may have interrupted too."""
+    if _COLLECTING[0] != _thread.get_ident():
+        take_off(hooks, session, router)
+        return
     done = _thread.allocate_lock()
     done.acquire()
 
@@ -92,11 +118,17 @@ def take_off_aside(hooks, session, router) -> None:
             done.release()
 
     try:
-        _thread.start_new_thread(run, ())
+        _start_thread(run, ())
     except RuntimeError:  # no new thread to be had (the interpreter shutting down): inline, as before
         run()
         return
-    done.acquire(timeout=TAKE_OFF_WAIT)
+    if not done.acquire(timeout=TAKE_OFF_WAIT):
+        atexit.register(_wait_at_exit, done)
+
+
+def _wait_at_exit(done) -> None:
+    if done.acquire(timeout=_AT_EXIT_WAIT):
+        done.release()
 
 
 def remove_hooks(model: nn.Module) -> int:
