@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from attention_hooker import HeadStatsAccumulator, PooledAttention, TransformerAttentionHooker
 from attention_hooker.analysis.row_statistics import block_row_statistics
 from attention_hooker.capture.routes import sdpa
-from attention_hooker.capture.routes.sdpa import sdpa_attention_weights
+from attention_hooker.capture.routes.sdpa import CAUSAL_BLOCKS_FROM, sdpa_attention_weights
 from attention_hooker.keep.allocator import ComputedBuffer, SpareBuffers, empty, zero_pages
 from test_long_context import _CausalSdpaAttention as _CausalAttention  # one causal sdpa layer, grouped kv heads
 
@@ -66,36 +66,41 @@ def test_a_large_cpu_map_is_computed_in_tiles_straight_into_fresh_zero_pages(mon
     torch.testing.assert_close(got.double(), _reference(q, k, is_causal=True), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("length", [384, 385, 387, 400, 449])
 @pytest.mark.parametrize("case", ["causal", "gqa_batch", "rows", "half", "longer_keys", "garbage_buffer"])
-def test_a_causal_cpu_map_kept_whole_is_computed_in_blocks_of_rows_that_stop_at_their_last_key(case, monkeypatch):
+def test_a_causal_cpu_map_kept_whole_is_computed_in_blocks_of_rows_that_stop_at_their_last_key(case, length,
+                                                                                                monkeypatch):
     """From CAUSAL_BLOCKS_FROM rows on, a causal map below WHOLE_BYTES (one product of every row with
-    every key before) is computed 64 rows at a time, each block only up to its last row's key, and
-    equals the whole computation bitwise."""
+    every key before) is computed in even blocks of at most 64 rows, each only up to its last row's key,
+    and equals the whole computation bitwise (no block so short that the BLAS takes another kernel)."""
     torch.manual_seed(3)
-    batch, heads, kv_heads, length, keys, rows, dtype = 1, 2, 2, 400, 400, None, torch.float32
+    batch, heads, kv_heads, keys, rows, dtype = 1, 2, 2, length, None, torch.float32
     if case == "gqa_batch":
         batch, heads, kv_heads = 2, 4, 2
     if case == "rows":
-        rows = list(range(390, 3, -7))
+        rows = [r for r in range(2 * length) if r % 7][: CAUSAL_BLOCKS_FROM + length % 7]  # 384-390 rows
+        length = max(rows) + 1
+        keys = length
     if case == "longer_keys":
-        keys = 450  # top-left aligned: row i sees keys 0..i
+        keys = length + 50  # top-left aligned: row i sees keys 0..i
     if case == "half":
         dtype = torch.float16
-    q = torch.randn(batch, heads, length, 8).to(dtype)
-    k = torch.randn(batch, kv_heads, keys, 8).to(dtype)
+    q = torch.randn(batch, heads, length, 64).to(dtype)
+    k = torch.randn(batch, kv_heads, keys, 64).to(dtype)
     shape = (batch, heads, length if rows is None else len(rows), keys)
     buffer = None
     if case == "garbage_buffer":
         garbage = SpareBuffers()
         garbage.offer([torch.full(shape, float("nan"))])
         buffer = ComputedBuffer(garbage, empty)
-    assert sdpa._whole_bytes(q, k, None) <= sdpa.WHOLE_BYTES
+    assert batch * heads * shape[2] * keys * 4 <= sdpa.WHOLE_BYTES
     widths = _widths(monkeypatch)
     got = sdpa_attention_weights(q, k, is_causal=True, rows=rows, buffer=buffer)
-    if rows is None:
-        assert widths == list(range(64, 401, 64)) + [400], "one product of every row with every key"
-    else:
-        assert len(widths) == 1, "a selection of a few rows is one block"
+    computed = list(range(length)) if rows is None else rows
+    per_block = -(-len(computed) // -(-len(computed) // 64))
+    assert per_block >= 48
+    assert widths == [max(computed[first:first + per_block]) + 1 for first in range(0, len(computed), per_block)], (
+        "not one product per block, each up to its last row's key")
     assert buffer is None or not torch.isnan(got).any(), "the hidden keys of a reused tensor were not zeroed"
     monkeypatch.setattr(sdpa, "CAUSAL_BLOCKS_FROM", 10**9)  # the whole computation, as before
     whole = sdpa_attention_weights(q, k, is_causal=True, rows=rows)
@@ -105,12 +110,13 @@ def test_a_causal_cpu_map_kept_whole_is_computed_in_blocks_of_rows_that_stop_at_
     torch.testing.assert_close(got.double(), want, atol=1e-3 if dtype == torch.float16 else 1e-6, rtol=0)
 
 
-def test_short_or_uncausal_maps_stay_one_product(monkeypatch):
+def test_short_uncausal_or_float64_maps_stay_one_product(monkeypatch):
     torch.manual_seed(4)
     widths = _widths(monkeypatch)
     sdpa_attention_weights(torch.randn(1, 2, 383, 8), torch.randn(1, 2, 383, 8), is_causal=True)
     sdpa_attention_weights(torch.randn(1, 2, 400, 8), torch.randn(1, 2, 400, 8))
-    assert widths == [383, 400]
+    sdpa_attention_weights(torch.randn(1, 2, 401, 8).double(), torch.randn(1, 2, 401, 8).double(), is_causal=True)
+    assert widths == [383, 400, 401]
 
 
 def test_a_hooked_causal_layer_equals_its_oracle_through_the_blocks(monkeypatch):
@@ -123,7 +129,7 @@ def test_a_hooked_causal_layer_equals_its_oracle_through_the_blocks(monkeypatch)
         with TransformerAttentionHooker(model) as hooker:
             out = model(x)
     assert torch.equal(out, plain)
-    assert widths[:2] == [64, 128]
+    assert widths[:2] == [57, 114]  # 450 rows in 8 blocks of 57 (the last 51)
     ((got,),) = hooker.values.values()  # one layer, one call
     e = 16 // model.num_heads  # the layer's own projections, by hand
     q = model.q(x).view(1, 450, model.num_heads, e).transpose(1, 2)
