@@ -110,6 +110,36 @@ def test_a_causal_cpu_map_kept_whole_is_computed_in_blocks_of_rows_that_stop_at_
     torch.testing.assert_close(got.double(), want, atol=1e-3 if dtype == torch.float16 else 1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("path", ["blocks", "large_tiles"])
+@pytest.mark.parametrize("where", ["query", "key_seen", "key_hidden", "inf_query"])
+def test_a_row_with_a_nan_score_is_nan_at_every_key_in_tiles_as_in_the_whole_map(path, where, monkeypatch):
+    """A NaN (or infinite) score makes its row NaN at every key of the formula's softmax, also at the keys
+    the causal mask hides: tiles that stop at their last row's key gave zeros there. A NaN key hidden
+    from a row leaves that row alone (the kernels never read it)."""
+    torch.manual_seed(6)
+    q, k = torch.randn(1, 2, 400, 16), torch.randn(1, 2, 400, 16)
+    if where == "query":
+        q[0, 1, 100, 3] = float("nan")
+    elif where == "inf_query":
+        q[0, 0, 70, 0] = float("inf")
+    elif where == "key_seen":
+        k[0, 0, 5, 2] = float("nan")  # seen by every row from 5 on
+    else:
+        k[0, 1, 399, 2] = float("nan")  # hidden from every row but the last
+    if path == "large_tiles":
+        monkeypatch.setattr(sdpa, "WHOLE_BYTES", 1)
+        monkeypatch.setattr(sdpa, "TILE_BYTES", 40 * 2 * 400 * 4)  # 40 rows per tile
+    got = sdpa_attention_weights(q, k, is_causal=True)
+    monkeypatch.setattr(sdpa, "WHOLE_BYTES", 10**12)
+    monkeypatch.setattr(sdpa, "CAUSAL_BLOCKS_FROM", 10**9)  # the whole map, one product
+    whole = sdpa_attention_weights(q, k, is_causal=True)
+    assert torch.isnan(whole).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(whole)), "NaN at other places than in the whole map"
+    assert torch.equal(got.nan_to_num(7.0), whole.nan_to_num(7.0))
+    if where == "key_hidden":
+        assert not torch.isnan(got[0, 1, :399]).any() and torch.isnan(got[0, 1, 399]).all()
+
+
 def test_short_uncausal_or_float64_maps_stay_one_product(monkeypatch):
     torch.manual_seed(4)
     widths = _widths(monkeypatch)

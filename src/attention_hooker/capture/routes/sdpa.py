@@ -459,7 +459,9 @@ def _weights_in_tiles(q, k, mask, is_causal: bool, scale_factor: float, store_as
     banded = whole_mask and key_index is None and length
     # Where a score may not be finite, a key the mask hides may still make its row NaN (no bands), and
     # a -inf score has log -inf beside its weight 0 (set to 0, where the log is handed on).
-    finite = _scores_surely_finite(q, k, scale_factor) if banded or needs.log_probabilities else True
+    finite = _scores_surely_finite(q, k, scale_factor) if banded or needs.log_probabilities or narrow else True
+    # A NaN or infinite score makes its row NaN at every key, as in the whole map: tiles then keep every key.
+    narrow = narrow and finite
     bands = (_key_bands(mask, starts, rows, length, very_negative=not is_causal and work != torch.float64)
              if banded and finite else None)
     assembled = (_Assembly(scratch, log_scratch) if bands is not None and tile_sink is not None
