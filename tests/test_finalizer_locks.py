@@ -145,9 +145,8 @@ def test_an_unreachable_hooker_is_taken_off_before_its_finalizer_returns():
 
 def _collecting_here(monkeypatch) -> None:
     """From now on, finalizers believe a garbage collection runs on this thread."""
-    import _thread
-
-    monkeypatch.setattr(live, "_COLLECTING", [_thread.get_ident()])
+    monkeypatch.setattr(live, "_collecting_here", lambda: True)
+    monkeypatch.setattr(live, "_HELD_UP", [])  # not this test process's exit
 
 
 def test_without_a_thread_to_be_had_the_take_off_runs_inline(monkeypatch):
@@ -168,7 +167,6 @@ def test_a_take_off_held_up_by_a_lock_lets_the_collection_go_on_after_the_wait_a
     import threading
 
     monkeypatch.setattr(live, "TAKE_OFF_WAIT", 0.2)
-    monkeypatch.setattr(live.atexit, "register", lambda *args: None)  # not this test process's exit
     _collecting_here(monkeypatch)
     held, ended, threads = threading.Lock(), threading.Event(), []
 
@@ -261,3 +259,86 @@ def test_a_take_off_still_held_up_at_exit_finishes_its_stream_before_the_process
     assert float(done.stdout.split()[-1]) < 1.2, "the collection waited for the whole take-off"
     manifest = json.loads((folder / "capture.json").read_text())
     assert manifest["complete"] is True and not (folder / "capture.lock").exists()
+
+
+def test_the_collection_watch_comes_first_and_reads_a_skipped_stop_as_over():
+    """CPython skips the gc callback after one that removes itself during a collection: ours is first,
+    and a "stop" that never reached it still reads as over (the count of collections moved on)."""
+    import gc
+
+    TransformerAttentionHooker(_hooked_model()).setup().remove_hooks()
+    assert gc.callbacks[0] is live._on_collection
+    seen = []
+
+    def one_shot(phase, info):
+        seen.append(phase)
+        if phase == "stop":
+            gc.callbacks.remove(one_shot)
+
+    watch = gc.callbacks.pop(0)
+    gc.callbacks[:0] = [one_shot, watch]  # another library's one-shot callback before ours
+    try:
+        gc.collect()  # our "stop" is skipped: the one-shot removed itself just before it
+        assert seen == ["start", "stop"] and live._COLLECTING[0] is not None
+        assert not live._collecting_here()
+    finally:
+        if one_shot in gc.callbacks:
+            gc.callbacks.remove(one_shot)
+        live._COLLECTING[0] = None
+
+
+def test_a_ctrl_c_during_the_collections_wait_reaches_the_main_thread_and_the_exit_still_waits(monkeypatch):
+    import _thread
+    import threading
+
+    _collecting_here(monkeypatch)
+    passed_on, release = [], threading.Event()
+    monkeypatch.setattr(live, "_interrupt_main", lambda: passed_on.append(True))
+
+    class Hooks:
+        def remove(self, close):
+            _thread.interrupt_main()  # Ctrl-C while the collection waits for this take-off
+            release.wait(5)
+
+    class Nothing:
+        def close(self):
+            pass
+
+    assert threading.current_thread() is threading.main_thread()
+    live.finalize_take_off(Hooks(), Nothing(), Nothing())
+    assert passed_on == [True], "the interrupt was swallowed by the finalizer"
+    assert len(live._HELD_UP) == 1, "the exit will not wait for the take-off"
+    release.set()
+
+
+def test_the_exit_waits_for_every_held_up_take_off_within_one_deadline(monkeypatch):
+    import _thread
+    import time
+
+    held = []
+    for _ in range(3):
+        lock = _thread.allocate_lock()
+        lock.acquire()
+        held.append(lock)
+    monkeypatch.setattr(live, "_HELD_UP", list(held))
+    monkeypatch.setattr(live, "_AT_EXIT_WAIT", 0.3)
+    start = time.monotonic()
+    live._wait_at_exit()
+    assert time.monotonic() - start < 0.6 and not live._HELD_UP
+
+
+def test_a_forked_child_waits_for_no_take_off_of_its_parent():
+    import _thread
+    import os
+
+    lock = _thread.allocate_lock()  # a take-off held up in the parent: its thread is not in the child
+    lock.acquire()
+    live._HELD_UP.append(lock)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if not live._HELD_UP else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        live._HELD_UP.remove(lock)
