@@ -86,12 +86,15 @@ _interrupt_main = _thread.interrupt_main
 def watch_collections() -> None:
     """Notes from now on which thread a garbage collection runs on (a ``gc.callbacks`` entry), so
     that a hooker's finalizer can tell whether the collector runs it (:func:`finalize_take_off`).
-    Called by every set-up; added once, first among the callbacks (CPython skips the entry after
-    one that removes itself), and kept for the process."""
+    Called by every set-up: put first among the callbacks (CPython skips the entry after one that
+    removes itself; another library may have put its own first since), and kept for the process."""
     with _WATCHING:
-        if _on_collection not in gc.callbacks:
+        if gc.callbacks[:1] != [_on_collection]:
+            if _on_collection in gc.callbacks:
+                gc.callbacks.remove(_on_collection)
+            else:
+                atexit.register(_wait_at_exit)
             gc.callbacks.insert(0, _on_collection)
-            atexit.register(_wait_at_exit)
 
 
 def _collections() -> int:
