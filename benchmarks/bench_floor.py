@@ -20,6 +20,8 @@ capture must pay on this machine:
                in a capture, so it is not timed here): #22's item 1 on the kernel this machine has
 - causal rows: (causal models) the softmax floor with each block of 128 query rows multiplied
                only with the keys its rows can see: the most that skipping masked keys can save
+- ours:        what the capture's sdpa route computes for each layer (``sdpa_attention_weights``,
+               into one reused buffer, as the capture's page pool gives it): its distance to the floor
 
 Models (as ``bench_peers.py`` runs them): GPT-2 small's ``GPT2LMHeadModel`` (random weights) at (1, 128), (8, 128), (1, 512); timm's ViT-S/16 at batch 8.
 Every figure is the median over interleaved rounds (each variant once per round).
@@ -28,11 +30,14 @@ Every figure is the median over interleaved rounds (each variant once per round)
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+
+from attention_hooker.capture.routes.sdpa import sdpa_attention_weights
 
 ROW_BLOCK = 128  # query rows per block in the "causal rows" variant
 
@@ -81,7 +86,16 @@ def _extra_work(batch: int, heads: int, length: int, dim: int, layers: int, caus
                 s.masked_fill_(hidden[first:last, :last], float("-inf"))
                 torch.softmax(s, -1)
 
-    variants = {"kernel": kernel, "q.k": product, "softmax": softmax, "lse": from_lse}
+    into = torch.empty(batch, heads, length, length)
+
+    def buffer(shape, dtype, device):
+        return into.view(-1)[: math.prod(shape)].view(shape)
+
+    def ours():
+        for _ in range(layers):
+            sdpa_attention_weights(q, k, is_causal=causal, buffer=buffer)
+
+    variants = {"kernel": kernel, "q.k": product, "softmax": softmax, "lse": from_lse, "ours": ours}
     if causal:
         variants["causal rows"] = causal_rows
     return variants
@@ -112,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = ("kernel", "q.k", "softmax", "lse", "causal rows")
+    names = ("kernel", "q.k", "softmax", "lse", "causal rows", "ours")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds (medians); "
           "each variant as ms and as a share of the plain forward")
     print("| work | plain ms | " + " | ".join(names) + " |")
