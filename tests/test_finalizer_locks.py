@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from attention_hooker import TransformerAttentionHooker
-from attention_hooker.capture import live
+from attention_hooker.capture import finalizer
 
 _HARNESS = '''
 import gc, sys, tempfile, weakref, torch
@@ -145,8 +145,8 @@ def test_an_unreachable_hooker_is_taken_off_before_its_finalizer_returns():
 
 def _collecting_here(monkeypatch) -> None:
     """From now on, finalizers believe a garbage collection runs on this thread."""
-    monkeypatch.setattr(live, "_collecting_here", lambda: True)
-    monkeypatch.setattr(live, "_HELD_UP", [])  # not this test process's exit
+    monkeypatch.setattr(finalizer, "_collecting_here", lambda: True)
+    monkeypatch.setattr(finalizer, "_HELD_UP", [])  # not this test process's exit
 
 
 def test_without_a_thread_to_be_had_the_take_off_runs_inline(monkeypatch):
@@ -157,7 +157,7 @@ def test_without_a_thread_to_be_had_the_take_off_runs_inline(monkeypatch):
     def no_thread(*args):
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
-    monkeypatch.setattr(live, "_start_thread", no_thread)
+    monkeypatch.setattr(finalizer, "_start_thread", no_thread)
     _collecting_here(monkeypatch)
     del hooker
     assert _hooks_on(model) == before
@@ -166,7 +166,7 @@ def test_without_a_thread_to_be_had_the_take_off_runs_inline(monkeypatch):
 def test_a_take_off_held_up_by_a_lock_lets_the_collection_go_on_after_the_wait_and_ends_later(monkeypatch):
     import threading
 
-    monkeypatch.setattr(live, "TAKE_OFF_WAIT", 0.2)
+    monkeypatch.setattr(finalizer, "TAKE_OFF_WAIT", 0.2)
     _collecting_here(monkeypatch)
     held, ended, threads = threading.Lock(), threading.Event(), []
 
@@ -185,7 +185,7 @@ def test_a_take_off_held_up_by_a_lock_lets_the_collection_go_on_after_the_wait_a
             ended.set()
 
     with held:  # what the collected hooker's take-off needs, held by the thread that collects it
-        live.finalize_take_off(Hooks(), Session(), Router())  # returns after the wait instead of never
+        finalizer.finalize_take_off(Hooks(), Session(), Router())  # returns after the wait instead of never
         assert not ended.is_set()
     assert ended.wait(5), "the take-off did not finish once the lock was let go"
     assert threads != [threading.get_ident()]
@@ -225,10 +225,10 @@ import gc, json, sys, time, torch
 sys.path.insert(0, {tests!r})
 from tiny_models import Stack
 from attention_hooker import TransformerAttentionHooker
-from attention_hooker.capture import live
+from attention_hooker.capture import finalizer
 from attention_hooker.keep import stream
 
-live.TAKE_OFF_WAIT = 0.2
+finalizer.TAKE_OFF_WAIT = 0.2
 flush = stream.StreamedCapture._flush_pending
 def slow(self):  # a slow disk: the last shard takes longer than the collection waits
     time.sleep(1.5)
@@ -272,7 +272,7 @@ def test_the_collection_watch_comes_first_and_reads_a_skipped_stop_as_over():
     gc.callbacks.insert(0, another_librarys)  # put first after ours was (hypothesis does)
     try:
         TransformerAttentionHooker(_hooked_model()).setup().remove_hooks()
-        assert gc.callbacks[0] is live._on_collection and gc.callbacks.count(live._on_collection) == 1
+        assert gc.callbacks[0] is finalizer._on_collection and gc.callbacks.count(finalizer._on_collection) == 1
     finally:
         gc.callbacks.remove(another_librarys)
     seen = []
@@ -286,12 +286,12 @@ def test_the_collection_watch_comes_first_and_reads_a_skipped_stop_as_over():
     gc.callbacks[:0] = [one_shot, watch]  # another library's one-shot callback before ours
     try:
         gc.collect()  # our "stop" is skipped: the one-shot removed itself just before it
-        assert seen == ["start", "stop"] and live._COLLECTING[0] is not None
-        assert not live._collecting_here()
+        assert seen == ["start", "stop"] and finalizer._COLLECTING[0] is not None
+        assert not finalizer._collecting_here()
     finally:
         if one_shot in gc.callbacks:
             gc.callbacks.remove(one_shot)
-        live._COLLECTING[0] = None
+        finalizer._COLLECTING[0] = None
 
 
 def test_a_ctrl_c_during_the_collections_wait_reaches_the_main_thread_and_the_exit_still_waits(monkeypatch):
@@ -300,7 +300,7 @@ def test_a_ctrl_c_during_the_collections_wait_reaches_the_main_thread_and_the_ex
 
     _collecting_here(monkeypatch)
     passed_on, release = [], threading.Event()
-    monkeypatch.setattr(live, "_interrupt_main", lambda: passed_on.append(True))
+    monkeypatch.setattr(finalizer, "_interrupt_main", lambda: passed_on.append(True))
 
     class Hooks:
         def remove(self, close):
@@ -312,9 +312,9 @@ def test_a_ctrl_c_during_the_collections_wait_reaches_the_main_thread_and_the_ex
             pass
 
     assert threading.current_thread() is threading.main_thread()
-    live.finalize_take_off(Hooks(), Nothing(), Nothing())
+    finalizer.finalize_take_off(Hooks(), Nothing(), Nothing())
     assert passed_on == [True], "the interrupt was swallowed by the finalizer"
-    assert len(live._HELD_UP) == 1, "the exit will not wait for the take-off"
+    assert len(finalizer._HELD_UP) == 1, "the exit will not wait for the take-off"
     release.set()
 
 
@@ -327,11 +327,11 @@ def test_the_exit_waits_for_every_held_up_take_off_within_one_deadline(monkeypat
         lock = _thread.allocate_lock()
         lock.acquire()
         held.append(lock)
-    monkeypatch.setattr(live, "_HELD_UP", list(held))
-    monkeypatch.setattr(live, "_AT_EXIT_WAIT", 0.3)
+    monkeypatch.setattr(finalizer, "_HELD_UP", list(held))
+    monkeypatch.setattr(finalizer, "_AT_EXIT_WAIT", 0.3)
     start = time.monotonic()
-    live._wait_at_exit()
-    assert time.monotonic() - start < 0.6 and not live._HELD_UP
+    finalizer._wait_at_exit()
+    assert time.monotonic() - start < 0.6 and not finalizer._HELD_UP
 
 
 def test_a_forked_child_waits_for_no_take_off_of_its_parent():
@@ -340,12 +340,12 @@ def test_a_forked_child_waits_for_no_take_off_of_its_parent():
 
     lock = _thread.allocate_lock()  # a take-off held up in the parent: its thread is not in the child
     lock.acquire()
-    live._HELD_UP.append(lock)
+    finalizer._HELD_UP.append(lock)
     try:
         pid = os.fork()
         if pid == 0:
-            os._exit(0 if not live._HELD_UP else 1)
+            os._exit(0 if not finalizer._HELD_UP else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
-        live._HELD_UP.remove(lock)
+        finalizer._HELD_UP.remove(lock)

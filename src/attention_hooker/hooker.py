@@ -15,7 +15,8 @@ from .capture.coverage import Coverage, CoverageReport
 from .capture.diagnostics import check_hf_implementation, job_rank
 from .capture.forwards import ForwardWatch
 from .capture.hooks import HookHandles, install_layer_hooks
-from .capture.live import LIVE, finalize_take_off, take_off, watch_collections, weakly
+from .capture.finalizer import finalize_take_off, watch_collections
+from .capture.live import LIVE, take_off, weakly
 from .capture.routes.mha import inner_mha_targets
 from .capture.parallel import head_shard
 from .capture.session import CaptureSession

@@ -745,8 +745,8 @@ _HALF = (torch.float16, torch.bfloat16)
 _EVERYTHING = Selection()
 TILE_BYTES = 4 * 2**20  # working scores of one tile of query rows on the CPU (store_as, tile_sink, large maps)
 WHOLE_BYTES = 16 * 2**20  # a CPU map larger than this (in float32) is computed in tiles, straight into its place
-CAUSAL_BLOCK_ROWS, CAUSAL_BLOCKS_FROM = 64, 384  # a causal CPU map of so many rows or more: in blocks of 64 rows
 # (on an accelerator: a map larger than one tile, _tile_bytes)
+CAUSAL_BLOCK_ROWS, CAUSAL_BLOCKS_FROM = 64, 384  # a causal CPU map of 384 rows or more: in blocks of <= 64 rows
 # A float mask's value at most _VERY_NEGATIVE, beside a key of its row at least _CLEARLY_ABOVE, weighs
 # exactly 0 in float32 scores (exp of less than -9e37): such keys are skipped like -inf ones (_key_bands).
 _VERY_NEGATIVE, _CLEARLY_ABOVE = -1e38, -1e30
