@@ -381,3 +381,28 @@ def test_the_streamed_branch_waits_for_each_piece_before_placing_it(monkeypatch)
     for i, source in enumerate(sources):
         expected[:, 10 * i:10 * i + 10, 1:9] = source
     assert torch.equal(whole, expected)
+
+
+def test_the_calls_of_one_layer_are_weighed_with_those_written_before_them_not_only_committed_ones():
+    """The calls of one layer are committed together when it returns (serving requests, pieced
+    layers): each is counted as soon as it is written, so the next one's place is judged with it,
+    and a call discarded, or let go of by a clear() before its commit, is taken back once."""
+    memory = MemoryKeeper(_policy(), ["a"], threading.RLock())
+    memory.budget = DeviceBudget(free_memory=lambda device: 1000)  # a share of 500 bytes
+    gpu = torch.device("meta")
+    counted = []
+    memory.budget.kept = lambda device, nbytes: counted.append(nbytes)
+    memory.budget.target = lambda device, nbytes: device  # where the calls were computed
+    writers = []
+    for _ in range(3):  # three requests of one layer, written one after the other, none committed yet
+        writer = memory.begin_call("a", (1, 2, 3, 4), torch.float32)
+        writer.write(torch.arange(3), torch.empty(1, 2, 3, 4, device=gpu))
+        writers.append(writer)
+    assert counted == [96, 96, 96], "a written call was not counted before its commit"
+    writers[0].commit()
+    writers[1].discard()
+    assert counted == [96, 96, 96, -96], "a commit counted its call twice, or a discard kept it"
+    memory.clear()
+    writers[2].commit()  # written before the clear, which let its bytes go: counted again
+    assert counted[-1] == 96 and memory._counted == {gpu: 96}
+

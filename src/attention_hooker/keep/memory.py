@@ -177,14 +177,35 @@ class MemoryKeeper:
             self.allocation.recycle([t for t in salvaged if t.device.type == "cpu"])
         return salvaged
 
+    def count_written(self, stored: torch.Tensor) -> dict:
+        """Tells the budget (``device="auto"``) of a call's tensor as soon as it is written, before the
+        call is committed: the calls of one layer are committed together when the layer returns
+        (serving requests, pieced layers), and each must be weighed with those before it. Returns
+        the count it went into, which ``add`` and ``uncount`` compare with the current one (a
+        ``clear()`` in between let it go); ``None`` for a CPU tensor, which is never counted."""
+        if stored.device.type == "cpu":
+            return None
+        with self._lock:
+            self._count(stored, call=True)
+            return self._counted
+
+    def uncount(self, stored: torch.Tensor, book: dict) -> None:
+        """A written call discarded: what :meth:`count_written` told the budget, taken back."""
+        with self._lock:
+            if book is self._counted:
+                self._count(stored, -1, call=True)
+
     # Adding a committed call (under the lock).
-    def add(self, name: str, stored: torch.Tensor, graph_tensor, sources: CallSources) -> None:
+    def add(self, name: str, stored: torch.Tensor, graph_tensor, sources: CallSources,
+            counted_in: Optional[dict] = None) -> None:
+        """``counted_in``: the count :meth:`count_written` put the call into, if any."""
         p = self.policy
         calls = self.values.get(name)
         if calls is None:
             calls = self._insert_layer(name)
         calls.append(stored)
-        self._count(stored, call=True)
+        if counted_in is not self._counted:
+            self._count(stored, call=True)
         # (batch * windows, heads, N, N), or a map that is not probabilities over tokens: the readers that
         # need those refuse it; a reused buffer loses an old mark
         mark_kind(stored, PER_WINDOW if sources.windows is not None else sources.kind)
@@ -273,6 +294,7 @@ class _MemoryCall:
     def __init__(self, keeper: MemoryKeeper, layer: str, shape: Tuple[int, ...], sources: CallSources):
         self._keeper, self._layer, self._shape, self._sources = keeper, layer, shape, sources
         self._stored: Optional[torch.Tensor] = None
+        self._counted_in: Optional[dict] = None  # the budget's count it went into when written
         self._graph_tensor = sources.graph_tensor
         self._row = 0
 
@@ -280,6 +302,7 @@ class _MemoryCall:
         keeper = self._keeper
         if self._stored is None and block.shape[2] == self._shape[2]:
             self._stored = keeper.place(block.detach(), keeper.allocator(self._layer))
+            self._counted_in = keeper.count_written(self._stored)
             if self._graph_tensor is None:
                 self._graph_tensor = block  # its gradient is the weights' (a selection keeps the graph)
             self._row = block.shape[2]
@@ -289,6 +312,7 @@ class _MemoryCall:
             self._stored = keeper.allocator(self._layer)(
                 self._shape, p.dtype if p.dtype is not None else block.dtype,
                 keeper.target_device(block.device, keeper.stored_bytes(self._shape, block.dtype)))
+            self._counted_in = keeper.count_written(self._stored)
         copy_to_host(self._stored[:, :, self._row:self._row + block.shape[2]], block)
         self._row += block.shape[2]
 
@@ -298,7 +322,9 @@ class _MemoryCall:
         stored, self._stored = self._stored, None
         with self._keeper._lock:
             self._keeper.add(self._layer, stored, stored if self._graph_tensor is None else self._graph_tensor,
-                             self._sources)
+                             self._sources, self._counted_in)
 
     def discard(self) -> None:
+        if self._stored is not None and self._counted_in is not None:
+            self._keeper.uncount(self._stored, self._counted_in)
         self._stored = None
