@@ -406,3 +406,83 @@ def test_the_calls_of_one_layer_are_weighed_with_those_written_before_them_not_o
     writers[2].commit()  # written before the clear, which let its bytes go: counted again
     assert counted[-1] == 96 and memory._counted == {gpu: 96}
 
+
+
+def test_value_vectors_copied_for_a_call_count_when_it_is_written_and_go_back_with_a_discard():
+    """With keep_values, a call's copied value vectors (larger than a decode step's weights) are
+    weighed with the next calls of the layer as soon as the call is written, not at its commit."""
+    memory = MemoryKeeper(_policy(keep_values=True), ["a"], threading.RLock())
+    counted = []
+    memory.budget.kept = lambda device, nbytes: counted.append(nbytes)
+    memory.budget.target = lambda device, nbytes: device
+    writer = memory.begin_call("a", (1, 2, 1, 4), torch.float32,
+                               NO_SOURCES._replace(value=torch.zeros(1, 2, 4, 16)))  # a CPU value: copied
+    writer.write(torch.arange(1), torch.empty(1, 2, 1, 4, device="meta"))
+    assert counted == [32, 512], "the value vectors waited for the commit"
+    writer.discard()
+    assert counted == [32, 512, -32, -512] and memory._counted == {torch.device("meta"): 0}
+    again = memory.begin_call("a", (1, 2, 1, 4), torch.float32, NO_SOURCES._replace(value=torch.zeros(1, 2, 4, 16)))
+    again.write(torch.arange(1), torch.empty(1, 2, 1, 4, device="meta"))
+    again.commit()
+    assert counted[-2:] == [32, 512] and len(counted) == 6, "a commit counted them twice"
+    assert memory.value_vectors["a"][0].device.type == "meta"
+
+
+def test_calls_held_by_a_layer_when_its_capture_is_closed_are_discarded_not_left_counted():
+    """remove_hooks() from inside a running layer closes its scope: the call it held (written, so
+    counted) is discarded, not left in the budget until a clear()."""
+    import sys
+
+    from attention_hooker.capture.coverage import Coverage
+    from attention_hooker.capture.session import CaptureSession
+    from attention_hooker.keep.router import Router
+
+    router = Router(_policy(), ["a"])
+    router.memory.budget.target = lambda device, nbytes: device
+    session = CaptureSession(router, Coverage(["a"]))
+
+    def running_layer():  # a live frame: the layer's call is running
+        session.enter(object(), "a", sys._getframe())
+        writer = router.begin_call("a", (1, 2, 4, 4), torch.float32)
+        writer.write(torch.arange(4), torch.empty(1, 2, 4, 4, device="meta"))
+        session.keep("a", writer, (1, 2, 4, 4))
+        assert router.memory._counted == {torch.device("meta"): 128}
+        session.close(lambda: None)
+
+    running_layer()
+    assert dict(router.memory.values) == {} and router.memory._counted == {torch.device("meta"): 0}
+
+
+def test_calls_after_one_whose_commit_failed_are_discarded(monkeypatch):
+    """A layer's calls for three requests (a router each): the first one's keeper fails at its commit;
+    the two after it are never committed, and are discarded, not left counted."""
+    import sys
+
+    from attention_hooker.capture.coverage import Coverage
+    from attention_hooker.capture.session import CaptureSession
+    from attention_hooker.keep.router import Router
+
+    routers = [Router(_policy(), ["a"]) for _ in range(3)]
+    for router in routers:
+        router.memory.budget.target = lambda device, nbytes: device
+    session = CaptureSession(routers[0], Coverage(["a"]))
+    module, commits = object(), []
+
+    def commit(layer, call, router=None):
+        commits.append(call)
+        raise RuntimeError("the first call's keeper failed")
+
+    monkeypatch.setattr(session, "_commit", commit)
+
+    def running_layer():
+        session.enter(module, "a", sys._getframe())
+        for router in routers:
+            writer = router.begin_call("a", (1, 2, 4, 4), torch.float32)
+            writer.write(torch.arange(4), torch.empty(1, 2, 4, 4, device="meta"))
+            session.keep("a", writer, (1, 2, 4, 4), router)
+        session.exit(module)
+
+    with pytest.raises(RuntimeError, match="first call"):
+        running_layer()
+    assert len(commits) == 1
+    assert [router.memory._counted for router in routers[1:]] == [{torch.device("meta"): 0}] * 2

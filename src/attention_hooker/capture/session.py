@@ -77,6 +77,15 @@ class WholeMap(NamedTuple):
         """Nothing was begun in any keeper: nothing to drop."""
 
 
+def _discard(calls) -> None:
+    """Discards each call; one that fails to does not keep the others from it."""
+    for call in calls:
+        try:
+            call.discard()
+        except Exception:  # noqa: BLE001 - a keeper's own error; the rest must still go
+            pass
+
+
 class _Scope:
     __slots__ = ("module", "layer", "frame", "input_shape", "calls", "refusal", "packing", "windows", "pieces",
                  "events_at_enter")
@@ -232,9 +241,13 @@ class CaptureSession:
             self._switch_off(state)
 
     def reset(self) -> None:
-        """Closes every scope of this thread and undoes its mode."""
+        """Closes every scope of this thread and undoes its mode; the calls they hold are discarded
+        (a keeper counted them when they were written)."""
         state = self.thread_state()
+        scopes = list(state.scopes)
         state.scopes.clear()
+        for scope in scopes:
+            _discard(call for _, call, _ in scope.calls)
         state.pending = None
         self._switch_off(state)
 
@@ -575,8 +588,12 @@ class CaptureSession:
                 call.discard()  # a streamed call's file goes too
             self.coverage.refused(layer, refusal)
             return
-        for _, call, router in calls:
-            self._commit(layer, call, router)
+        for index, (_, call, router) in enumerate(calls):
+            try:
+                self._commit(layer, call, router)
+            except BaseException:
+                _discard(rest for _, rest, _ in calls[index + 1:])  # never committed: not held either
+                raise
 
     def _commit(self, layer: str, call, router=None) -> None:
         router = router or self.router

@@ -177,34 +177,50 @@ class MemoryKeeper:
             self.allocation.recycle([t for t in salvaged if t.device.type == "cpu"])
         return salvaged
 
-    def count_written(self, stored: torch.Tensor) -> dict:
-        """Tells the budget (``device="auto"``) of a call's tensor as soon as it is written, before the
-        call is committed: the calls of one layer are committed together when the layer returns
-        (serving requests, pieced layers), and each must be weighed with those before it. Returns
-        the count it went into, which ``add`` and ``uncount`` compare with the current one (a
-        ``clear()`` in between let it go); ``None`` for a CPU tensor, which is never counted."""
-        if stored.device.type == "cpu":
+    def count_written(self, stored: torch.Tensor, value: Optional[torch.Tensor] = None) -> Optional[dict]:
+        """Tells the budget (``device="auto"``) of a call's tensor (and of its value vectors, where
+        we copied them) as soon as it is written, before the call is committed: the calls of one
+        layer are committed together when the layer returns (a serving engine's requests), and each
+        must be weighed with those before it. Returns the count it went into, which ``add`` and
+        ``uncount`` compare with the current one (a ``clear()`` in between let it go); ``None``
+        where nothing was counted (CPU tensors never are)."""
+        if stored.device.type == "cpu" and (value is None or value.device.type == "cpu"):
             return None
         with self._lock:
             self._count(stored, call=True)
+            self._count(value)
             return self._counted
 
-    def uncount(self, stored: torch.Tensor, book: dict) -> None:
+    def uncount(self, stored: torch.Tensor, value: Optional[torch.Tensor], book: dict) -> None:
         """A written call discarded: what :meth:`count_written` told the budget, taken back."""
         with self._lock:
             if book is self._counted:
                 self._count(stored, -1, call=True)
+                self._count(value, -1)
+
+    def place_value(self, value: Optional[torch.Tensor], stored: torch.Tensor):
+        """``(placed, copied)``: a call's value vectors where the call went (``place(beside=)``), and
+        the same tensor where it is a copy of ours, else ``None``: a value the model's cache holds
+        (a view of a static cache, the same storage at every step) is the model's memory, not the
+        capture's, and is not counted."""
+        if value is None:
+            return None, None
+        detached = value.detach()
+        placed = self.place(detached, beside=stored)
+        return placed, (placed if placed is not detached else None)
 
     # Adding a committed call (under the lock).
     def add(self, name: str, stored: torch.Tensor, graph_tensor, sources: CallSources,
-            counted_in: Optional[dict] = None) -> None:
-        """``counted_in``: the count :meth:`count_written` put the call into, if any."""
+            counted_in: Optional[dict] = None, value=(None, None)) -> None:
+        """``counted_in``: the count :meth:`count_written` put the call into, if any; ``value``: its
+        value vectors as :meth:`place_value` placed them (with ``keep_values``)."""
         p = self.policy
         calls = self.values.get(name)
         if calls is None:
             calls = self._insert_layer(name)
         calls.append(stored)
-        if counted_in is not self._counted:
+        counted = counted_in is self._counted
+        if not counted:
             self._count(stored, call=True)
         # (batch * windows, heads, N, N), or a map that is not probabilities over tokens: the readers that
         # need those refuse it; a reused buffer loses an old mark
@@ -213,7 +229,7 @@ class MemoryKeeper:
             self._watch_gradient(name, stored, graph_tensor, sources.gradient_scale,
                                  kind=PER_WINDOW if sources.windows is not None else sources.kind)
         if p.keep_values:
-            self._add_value(name, sources.value, stored)
+            self._add_value(name, *value, counted=counted)
         if sources.windows is not None or name in self.window_index:  # aligned with the layer's calls
             self.window_index.setdefault(name, [None] * (len(calls) - 1)).append(sources.windows)
         if p.max_calls is not None and len(calls) > p.max_calls:
@@ -227,20 +243,17 @@ class MemoryKeeper:
                 self._count(self._copied_values[name].pop(0), -1)
                 del self.value_vectors[name][0]
 
-    def _add_value(self, name: str, value: Optional[torch.Tensor], stored: torch.Tensor) -> None:
+    def _add_value(self, name: str, placed: Optional[torch.Tensor], copied: Optional[torch.Tensor], *,
+                   counted: bool) -> None:
         if name not in self.value_vectors:
             self.value_vectors[name] = []
             order = [n for n in self.values if n in self.value_vectors]  # model order, as values
             for n in order:
                 self.value_vectors[n] = self.value_vectors.pop(n)
-        detached = None if value is None else value.detach()
-        placed = None if value is None else self.place(detached, beside=stored)
         self.value_vectors[name].append(placed)
-        # Counted when a copy of ours: a value the model's cache holds (a view of a static cache,
-        # the same storage at every step) is the model's memory, not the capture's.
-        copied = placed if placed is not detached else None
         self._copied_values.setdefault(name, []).append(copied)
-        self._count(copied)
+        if not counted:
+            self._count(copied)
 
     def window_index_copy(self) -> Dict[str, list]:
         """``{layer: [WindowIndex or None per call]}`` in the order of ``values``, copied under the lock
@@ -294,6 +307,7 @@ class _MemoryCall:
     def __init__(self, keeper: MemoryKeeper, layer: str, shape: Tuple[int, ...], sources: CallSources):
         self._keeper, self._layer, self._shape, self._sources = keeper, layer, shape, sources
         self._stored: Optional[torch.Tensor] = None
+        self._value = (None, None)  # its value vectors, placed beside it (keep_values): (placed, copied)
         self._counted_in: Optional[dict] = None  # the budget's count it went into when written
         self._graph_tensor = sources.graph_tensor
         self._row = 0
@@ -302,7 +316,7 @@ class _MemoryCall:
         keeper = self._keeper
         if self._stored is None and block.shape[2] == self._shape[2]:
             self._stored = keeper.place(block.detach(), keeper.allocator(self._layer))
-            self._counted_in = keeper.count_written(self._stored)
+            self._written()
             if self._graph_tensor is None:
                 self._graph_tensor = block  # its gradient is the weights' (a selection keeps the graph)
             self._row = block.shape[2]
@@ -312,9 +326,16 @@ class _MemoryCall:
             self._stored = keeper.allocator(self._layer)(
                 self._shape, p.dtype if p.dtype is not None else block.dtype,
                 keeper.target_device(block.device, keeper.stored_bytes(self._shape, block.dtype)))
-            self._counted_in = keeper.count_written(self._stored)
+            self._written()
         copy_to_host(self._stored[:, :, self._row:self._row + block.shape[2]], block)
         self._row += block.shape[2]
+
+    def _written(self) -> None:
+        """The stored tensor is made: its value vectors are placed beside it, and both are counted."""
+        keeper = self._keeper
+        if keeper.policy.keep_values:
+            self._value = keeper.place_value(self._sources.value, self._stored)
+        self._counted_in = keeper.count_written(self._stored, self._value[1])
 
     def commit(self) -> None:
         if self._stored is None:
@@ -322,9 +343,9 @@ class _MemoryCall:
         stored, self._stored = self._stored, None
         with self._keeper._lock:
             self._keeper.add(self._layer, stored, stored if self._graph_tensor is None else self._graph_tensor,
-                             self._sources, self._counted_in)
+                             self._sources, self._counted_in, self._value)
 
     def discard(self) -> None:
         if self._stored is not None and self._counted_in is not None:
-            self._keeper.uncount(self._stored, self._counted_in)
+            self._keeper.uncount(self._stored, self._value[1], self._counted_in)
         self._stored = None
