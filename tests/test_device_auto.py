@@ -421,6 +421,7 @@ def test_value_vectors_copied_for_a_call_count_when_it_is_written_and_go_back_wi
     assert counted == [32, 512], "the value vectors waited for the commit"
     writer.discard()
     assert counted == [32, 512, -32, -512] and memory._counted == {torch.device("meta"): 0}
+    assert writer._value == (None, None), "a discarded call still holds its value vectors"
     again = memory.begin_call("a", (1, 2, 1, 4), torch.float32, NO_SOURCES._replace(value=torch.zeros(1, 2, 4, 16)))
     again.write(torch.arange(1), torch.empty(1, 2, 1, 4, device="meta"))
     again.commit()

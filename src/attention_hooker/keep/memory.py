@@ -348,4 +348,4 @@ class _MemoryCall:
     def discard(self) -> None:
         if self._stored is not None and self._counted_in is not None:
             self._keeper.uncount(self._stored, self._value[1], self._counted_in)
-        self._stored = None
+        self._stored, self._value = None, (None, None)  # nothing of it held on
