@@ -96,7 +96,7 @@ class MemoryKeeper:
         device = self.policy.device
         if device is None:
             return computed_on
-        if isinstance(device, str):  # AUTO
+        if device == AUTO:
             return self.budget.target(computed_on, nbytes)
         return device
 

@@ -169,8 +169,9 @@ def _stored_as(router, call: dict, selection=None, layer: str = ""):
 
 def _weighed_shape(router, call: dict, selection=None, layer: str = "") -> tuple:
     """The call's ``(batch, heads, query, key)``, whole or as ``selection`` keeps it, where
-    ``device="auto"`` weighs it against its budget; ``()`` for every other device (unused)."""
-    if router.policy.device != AUTO:
+    ``device="auto"`` weighs it against its budget; ``()`` for every other device, and for a call
+    computed on the CPU, which stays there whatever its size (unused)."""
+    if router.policy.device != AUTO or call["query"].device.type == "cpu":
         return ()
     query, key, mask = call["query"], call["key"], call["attn_mask"]
     batch = max(query.shape[0] if query.dim() > 3 else 1, key.shape[0] if key.dim() > 3 else 1,
